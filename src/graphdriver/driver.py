@@ -1,0 +1,89 @@
+"""The Driver protocol (moby's graphdriver.Driver in snake_case) and the options it takes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from .archive.changes import Change, ChangeKind
+
+__all__ = ["Change", "ChangeKind", "CreateOpts", "DiffGetter", "Driver"]
+
+
+@dataclass(frozen=True)
+class CreateOpts:
+    """Options for create/create_rw: moby's CreateOpts (MountLabel, StorageOpt)."""
+
+    mount_label: str = ""
+    storage_opt: dict[str, str] = field(default_factory=dict)
+
+
+class DiffGetter(Protocol):
+    """Opens the files of a layer by their path inside the layer (for exact tar re-assembly)."""
+
+    def open(self, path: str) -> BinaryIO: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """What every storage driver offers.  Layer ids are caller-chosen (see layers.validate_id)."""
+
+    name: str
+    home: Path
+
+    def status(self) -> list[tuple[str, str]]: ...
+
+    def exists(self, layer_id: str) -> bool: ...
+
+    def create(
+        self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None
+    ) -> None: ...
+
+    def create_rw(
+        self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None
+    ) -> None: ...
+
+    def remove(self, layer_id: str) -> None: ...
+
+    def get(self, layer_id: str, mount_label: str = "") -> Path: ...
+
+    def put(self, layer_id: str) -> None: ...
+
+    def diff(self, layer_id: str, parent: str | None = None) -> BinaryIO: ...
+
+    def changes(self, layer_id: str, parent: str | None = None) -> list[Change]: ...
+
+    def apply_diff(
+        self,
+        layer_id: str,
+        parent: str | None,
+        stream: BinaryIO | int,
+        progress: Callable[[int], None] | None = None,
+    ) -> int: ...
+
+    def diff_size(self, layer_id: str, parent: str | None = None) -> int: ...
+
+    def metadata(self, layer_id: str) -> dict[str, str]: ...
+
+    def cleanup(self) -> None: ...
+
+    def diff_getter(self, layer_id: str) -> DiffGetter: ...
+
+    def layers(self) -> list[str]: ...
+
+    def parent(self, layer_id: str) -> str | None: ...
+
+
+@contextlib.contextmanager
+def mounted(driver: Driver, layer_id: str, mount_label: str = "") -> Iterator[Path]:
+    """``with mounted(d, id) as root:`` — get on entry, put on exit, even on error."""
+    path = driver.get(layer_id, mount_label)
+    try:
+        yield path
+    finally:
+        driver.put(layer_id)

@@ -1,0 +1,100 @@
+"""uid/gid mappings for user-namespaced stores (moby's idtools.IdentityMapping).
+
+A mapping says that ids ``container_id .. container_id+size-1`` inside the layer are stored as
+``host_id ..`` on disk.  Apply maps archive ids to host ids; export and changes map them back.
+An id with no mapping is an error, as in moby (a tar may not name an unmapped owner).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class IDRange:
+    container_id: int
+    host_id: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.container_id < 0 or self.host_id < 0 or self.size <= 0:
+            raise InvalidArgument(f"invalid id range {self.container_id}:{self.host_id}:{self.size}")
+
+
+def _parse_ranges(text: str) -> tuple[IDRange, ...]:
+    ranges = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        fields = part.split(":")
+        if len(fields) != 3 or not all(f.isascii() and f.isdigit() for f in fields):
+            raise InvalidArgument(f"invalid id mapping {part!r}: want CONTAINER:HOST:SIZE")
+        ranges.append(IDRange(int(fields[0]), int(fields[1]), int(fields[2])))
+    return tuple(ranges)
+
+
+def _map(ranges: tuple[IDRange, ...], value: int, to_host: bool, kind: str) -> int:
+    for r in ranges:
+        src, dst = (r.container_id, r.host_id) if to_host else (r.host_id, r.container_id)
+        if src <= value < src + r.size:
+            return dst + (value - src)
+    side = "container" if to_host else "host"
+    raise InvalidArgument(f"{kind} {value} is not mapped from the {side} side")
+
+
+@dataclass(frozen=True)
+class IDMap:
+    """uid and gid ranges; empty ranges mean the identity (the usual, non-namespaced store)."""
+
+    uids: tuple[IDRange, ...] = field(default=())
+    gids: tuple[IDRange, ...] = field(default=())
+
+    @classmethod
+    def parse(cls, uidmap: str = "", gidmap: str = "") -> IDMap:
+        """``IDMap.parse("0:100000:65536", "0:100000:65536")``; gidmap defaults to uidmap."""
+        uids = _parse_ranges(uidmap)
+        gids = _parse_ranges(gidmap) if gidmap else uids
+        return cls(uids, gids)
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.uids and not self.gids
+
+    def to_host(self, uid: int, gid: int) -> tuple[int, int]:
+        if self.is_identity:
+            return uid, gid
+        return (
+            _map(self.uids, uid, True, "uid") if self.uids else uid,
+            _map(self.gids, gid, True, "gid") if self.gids else gid,
+        )
+
+    def to_container(self, uid: int, gid: int) -> tuple[int, int]:
+        if self.is_identity:
+            return uid, gid
+        return (
+            _map(self.uids, uid, False, "uid") if self.uids else uid,
+            _map(self.gids, gid, False, "gid") if self.gids else gid,
+        )
+
+    def root_pair(self) -> tuple[int, int]:
+        """The host ids that container root maps to (owner of new directories)."""
+        return self.to_host(0, 0)
+
+    def to_json(self) -> dict[str, list[list[int]]]:
+        return {
+            "uids": [[r.container_id, r.host_id, r.size] for r in self.uids],
+            "gids": [[r.container_id, r.host_id, r.size] for r in self.gids],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, list[list[int]]]) -> IDMap:
+        return cls(
+            tuple(IDRange(*r) for r in data.get("uids", [])),
+            tuple(IDRange(*r) for r in data.get("gids", [])),
+        )
+
+
+IDENTITY = IDMap()
