@@ -62,7 +62,7 @@ def custom_size(fmt: str, size: float, base: float, abbrs: tuple[str, ...]) -> s
 def human_size_with_precision(size: float, precision: int) -> str:
     """go-units HumanSizeWithPrecision: decimal units, ``%.<precision>g``."""
     scaled, unit = _size_and_unit(size, 1000.0, _DECIMAL_ABBRS)
-    return "%.*g%s" % (precision, scaled, unit)
+    return f"{scaled:.{precision}g}{unit}"
 
 
 def human_size(size: float) -> str:
