@@ -20,7 +20,9 @@ class IDRange:
 
     def __post_init__(self) -> None:
         if self.container_id < 0 or self.host_id < 0 or self.size <= 0:
-            raise InvalidArgument(f"invalid id range {self.container_id}:{self.host_id}:{self.size}")
+            raise InvalidArgument(
+                f"invalid id range {self.container_id}:{self.host_id}:{self.size}"
+            )
 
 
 def _parse_ranges(text: str) -> tuple[IDRange, ...]:

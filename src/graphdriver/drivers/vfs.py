@@ -1,0 +1,63 @@
+"""vfs: every layer is a full copy of its parent's tree (moby's vfs driver).
+
+Works on any filesystem.  A child starts as a copy of its parent made with reflinks where the
+filesystem offers them (btrfs, xfs), else with copy_file_range; hard links, xattrs, owners, modes
+and times are kept.  Diff, changes and diff size come from the shared NaiveDiff.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import NotSupported
+from ..fsutil import copy_tree, fs_name
+from ..layers import REMOVING_SUFFIX, LayerRecord
+from ..store import LayerStore
+
+
+class VFSDriver(LayerStore):
+    name = "vfs"
+
+    def _init_driver(self) -> None:
+        self.dir = self.home / "dir"
+        self.dir.mkdir(exist_ok=True, mode=0o700)
+        if self.default_size:
+            raise NotSupported("vfs: the size option needs filesystem quotas, which vfs lacks here")
+
+    def _layer_paths(self, layer_id: str) -> list[Path]:
+        return [self.dir / layer_id]
+
+    def _disk_ids(self) -> set[str]:
+        return {n for n in os.listdir(self.dir) if not n.endswith(REMOVING_SUFFIX)
+                and not n.startswith(".")}
+
+    def _removing_leftovers(self) -> list[Path]:
+        return [self.dir / n for n in os.listdir(self.dir) if n.endswith(REMOVING_SUFFIX)]
+
+    def _make_layer(self, rec: LayerRecord, parent: LayerRecord | None) -> None:
+        path = self.dir / rec.id
+        os.mkdir(path, 0o755)
+        uid, gid = self.idmap.root_pair()
+        if (uid, gid) != (os.geteuid(), os.getegid()):
+            os.chown(path, uid, gid)
+        if parent is not None:
+            copy_tree(self.dir / parent.id, path)
+
+    def _mount(self, rec: LayerRecord, mount_label: str) -> Path:
+        return self.dir / rec.id
+
+    def _mount_path(self, rec: LayerRecord) -> Path:
+        return self.dir / rec.id
+
+    def _apply_target(self, rec: LayerRecord) -> Path:
+        return self.dir / rec.id
+
+    def _status(self) -> list[tuple[str, str]]:
+        return [("Backing Filesystem", fs_name(self.home))]
+
+    def _metadata(self, rec: LayerRecord) -> dict[str, str]:
+        return {"Dir": str(self.dir / rec.id)}
+
+
+DRIVER = VFSDriver

@@ -1,0 +1,141 @@
+"""Layer ids and layer records: the commit points every driver shares (DESIGN.md rule 1).
+
+A layer exists iff ``meta/<id>/layer.json`` exists and ``meta/<id>/incomplete`` does not.  The
+record is written atomically after the driver's directories are in place, so a crash leaves a
+layer absent or complete; what a crash leaves behind is found and removed by repair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument, StoreCorrupt
+from .fsutil import atomic_write
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+MAX_ID_LEN = 96
+REMOVING_SUFFIX = "-removing"
+RESERVED_IDS = frozenset({"l"})
+
+
+def validate_id(layer_id: object, what: str = "layer id") -> str:
+    """Refuse ids that are not ``[A-Za-z0-9][A-Za-z0-9_.-]*`` (≤ 96 chars) or are reserved."""
+    if not isinstance(layer_id, str) or not layer_id:
+        raise InvalidArgument(f"invalid {what}: empty")
+    if len(layer_id) > MAX_ID_LEN:
+        raise InvalidArgument(f"invalid {what} {layer_id[:20]!r}...: longer than {MAX_ID_LEN}")
+    if not _ID_RE.match(layer_id):
+        raise InvalidArgument(
+            f"invalid {what} {layer_id!r}: use letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit)"
+        )
+    if layer_id in RESERVED_IDS or layer_id.endswith(REMOVING_SUFFIX):
+        raise InvalidArgument(f"invalid {what} {layer_id!r}: reserved")
+    return layer_id
+
+
+@dataclass
+class LayerRecord:
+    """What ``meta/<id>/layer.json`` holds."""
+
+    id: str
+    parent: str | None
+    kind: str  # "ro" (create) or "rw" (create_rw)
+    size_limit: int | None = None
+    created: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def writable(self) -> bool:
+        return self.kind == "rw"
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes, where: Path) -> LayerRecord:
+        try:
+            obj = json.loads(data)
+            rec = cls(
+                id=str(obj["id"]),
+                parent=obj.get("parent"),
+                kind=str(obj.get("kind", "ro")),
+                size_limit=obj.get("size_limit"),
+                created=float(obj.get("created", 0)),
+                extra=dict(obj.get("extra") or {}),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreCorrupt(f"unreadable layer record {where}: {exc}") from None
+        return rec
+
+
+class MetaDir:
+    """The ``meta/`` directory of a driver home: records and incomplete markers."""
+
+    RECORD = "layer.json"
+    INCOMPLETE = "incomplete"
+
+    def __init__(self, home: Path) -> None:
+        self.root = home / "meta"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def dir(self, layer_id: str) -> Path:
+        return self.root / layer_id
+
+    def record_path(self, layer_id: str) -> Path:
+        return self.root / layer_id / self.RECORD
+
+    def read(self, layer_id: str) -> LayerRecord | None:
+        path = self.record_path(layer_id)
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return LayerRecord.from_json(data, path)
+
+    def write(self, record: LayerRecord) -> None:
+        """The commit point of a layer: atomic and durable."""
+        d = self.dir(record.id)
+        d.mkdir(exist_ok=True)
+        atomic_write(self.record_path(record.id), record.to_json())
+
+    def is_incomplete(self, layer_id: str) -> bool:
+        return os.path.lexists(self.root / layer_id / self.INCOMPLETE)
+
+    def mark_incomplete(self, layer_id: str, why: str) -> None:
+        atomic_write(self.root / layer_id / self.INCOMPLETE, f"{why} pid={os.getpid()}\n".encode())
+
+    def clear_incomplete(self, layer_id: str) -> None:
+        (self.root / layer_id / self.INCOMPLETE).unlink(missing_ok=True)
+
+    def exists(self, layer_id: str) -> bool:
+        return self.record_path(layer_id).is_file() and not self.is_incomplete(layer_id)
+
+    def ids(self) -> list[str]:
+        """Every id with a meta directory (complete or not), removing leftovers excluded."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith(".") and not n.endswith(REMOVING_SUFFIX))
+
+    def removing_leftovers(self) -> list[Path]:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return [self.root / n for n in names if n.endswith(REMOVING_SUFFIX)]
+
+    def records(self) -> list[LayerRecord]:
+        out = []
+        for layer_id in self.ids():
+            rec = self.read(layer_id)
+            if rec is not None and not self.is_incomplete(layer_id):
+                out.append(rec)
+        return out

@@ -1,0 +1,81 @@
+"""Mount reference counts, kept in the run root so every process of a store shares them.
+
+One small file per layer (``<runroot>/<store key>/counts/<id>``) holds the count.  Callers change
+a count only while holding that layer's lock, so a read-modify-write needs no lock of its own;
+the file is replaced atomically, so a reader never sees half a number.  The run root is a tmpfs
+cleared at boot; a store reconciles the counts with the mount table when it opens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .fsutil import atomic_write
+
+
+def default_runroot() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/graphdriver")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "graphdriver"
+    return Path(f"/tmp/graphdriver-run-{os.getuid()}")
+
+
+class RefCounts:
+    """Per-layer mount counts of one store (one driver home)."""
+
+    def __init__(self, runroot: Path, home: Path) -> None:
+        key = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
+        self.dir = runroot / key / "counts"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Leave a note of whose counts these are, for a human looking at the run root.
+        note = self.dir.parent / "home"
+        if not note.exists():
+            atomic_write(note, str(home.resolve()).encode() + b"\n", fsync=False)
+
+    def _path(self, layer_id: str) -> Path:
+        return self.dir / layer_id
+
+    def get(self, layer_id: str) -> int:
+        try:
+            text = self._path(layer_id).read_bytes()
+        except FileNotFoundError:
+            return 0
+        try:
+            return max(0, int(text))
+        except ValueError:
+            return 0
+
+    def set(self, layer_id: str, count: int) -> None:
+        if count <= 0:
+            self._path(layer_id).unlink(missing_ok=True)
+        else:
+            atomic_write(self._path(layer_id), b"%d\n" % count, fsync=False)
+
+    def increment(self, layer_id: str) -> int:
+        count = self.get(layer_id) + 1
+        self.set(layer_id, count)
+        return count
+
+    def decrement(self, layer_id: str) -> int:
+        """Lower the count; a put without a get leaves it at zero (harmless)."""
+        count = max(0, self.get(layer_id) - 1)
+        self.set(layer_id, count)
+        return count
+
+    def all(self) -> dict[str, int]:
+        counts = {}
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return {}
+        for name in names:
+            if name.startswith("."):
+                continue
+            count = self.get(name)
+            if count > 0:
+                counts[name] = count
+        return counts
