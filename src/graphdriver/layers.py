@@ -21,7 +21,9 @@ from .fsutil import atomic_write
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 MAX_ID_LEN = 96
 REMOVING_SUFFIX = "-removing"
-RESERVED_IDS = frozenset({"l"})
+# "l" holds overlay's short links; "meta" and "locks" are directories of every home, which
+# overlay2's layout puts beside the layer directories.
+RESERVED_IDS = frozenset({"l", "meta", "locks"})
 
 
 def validate_id(layer_id: object, what: str = "layer id") -> str:
