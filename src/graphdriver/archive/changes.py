@@ -1,12 +1,22 @@
 """Change detection: what differs between a layer's tree and its parent's.
 
-(Stub holding the shared types; the comparison itself lands with the tar engine.)
+- ``changes_dirs(new, old)``: moby's ChangesDirs rules exactly, result sorted by path.
+- ``changes_size(root, changes)``: moby's ChangesSize.
+- ``overlay_changes(upper, lowers)``: the same answer for an overlay layer, read from its upper
+  directory without walking the lowers.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from enum import IntEnum
+from pathlib import Path
 from typing import NamedTuple
+
+from ..errors import from_oserror
+from ..idmap import IDENTITY, IDMap
+from .whiteout import OVERLAY_OPAQUE_XATTR, is_overlay_whiteout
 
 
 class ChangeKind(IntEnum):
@@ -29,3 +39,324 @@ class Change(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.kind.letter} {self.path}"
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison (moby pkg/archive changes.go, changes_linux.go, changes_unix.go)
+# --------------------------------------------------------------------------------------------
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CAP_XATTR = "security.capability"
+_NS = 1_000_000_000
+
+
+def _same_fs_time(a_ns: int, b_ns: int) -> bool:
+    """moby's sameFsTime: equal, or the same second when either has no sub-second part."""
+    return a_ns == b_ns or (
+        a_ns // _NS == b_ns // _NS and (a_ns % _NS == 0 or b_ns % _NS == 0)
+    )
+
+
+def stat_different(old: os.stat_result, new: os.stat_result) -> bool:
+    """moby's statDifferent: mode, uid, gid, rdev; and for non-directories size and mtime."""
+    if (
+        old.st_mode != new.st_mode
+        or old.st_uid != new.st_uid
+        or old.st_gid != new.st_gid
+        or old.st_rdev != new.st_rdev
+    ):
+        return True
+    if stat.S_ISDIR(old.st_mode):
+        return False
+    return old.st_size != new.st_size or not _same_fs_time(old.st_mtime_ns, new.st_mtime_ns)
+
+
+def _capability(path: str) -> bytes:
+    try:
+        return os.getxattr(path, _CAP_XATTR, follow_symlinks=False)
+    except OSError:
+        return b""  # moby ignores the error: no capability
+
+
+def _is_opaque(path: str) -> bool:
+    try:
+        return os.getxattr(path, OVERLAY_OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _scan(fd: int) -> dict[str, os.DirEntry[str]]:
+    with os.scandir(fd) as it:
+        return {e.name: e for e in it}
+
+
+def _sort(changes: list[Change]) -> list[Change]:
+    changes.sort(key=lambda c: os.fsencode(c.path))
+    return changes
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}"
+
+
+def _compare_dirs(
+    new_fd: int,
+    old_fd: int | None,
+    new_root: str,
+    old_root: str,
+    path: str,
+    same_dev: bool,
+    out: list[Change],
+) -> None:
+    """The children half of moby's addChanges for a directory of the new tree.
+
+    *old_fd* is the same directory in the old tree, or None when the old tree has no directory
+    there (absent, or not a directory): then every child is added.
+    """
+    new_children = _scan(new_fd)
+    old_children = _scan(old_fd) if old_fd is not None else {}
+    if same_dev and old_children:
+        # changes_linux.go's walker: a name with the same inode on the same device in both trees
+        # is the same file; it is not collected at all (nor its subtree).
+        for name in [n for n, e in new_children.items() if n in old_children]:
+            if new_children[name].inode() == old_children[name].inode():
+                del new_children[name]
+                del old_children[name]
+
+    for name, entry in new_children.items():
+        child = _join(path, name)
+        try:
+            nst = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        old_entry = old_children.pop(name, None)
+        ost: os.stat_result | None = None
+        if old_entry is not None:
+            try:
+                ost = old_entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                ost = None
+        if ost is None:
+            out.append(Change(child, ChangeKind.ADD))
+            added = True
+        elif stat_different(ost, nst) or _capability(old_root + child) != _capability(
+            new_root + child
+        ):
+            out.append(Change(child, ChangeKind.MODIFY))
+            added = True
+        else:
+            added = False
+        if not stat.S_ISDIR(nst.st_mode):
+            continue
+        start = len(out)
+        child_new = os.open(name, _DIR_FLAGS, dir_fd=new_fd)
+        child_old: int | None = None
+        try:
+            if ost is not None and stat.S_ISDIR(ost.st_mode) and old_fd is not None:
+                child_old = os.open(name, _DIR_FLAGS, dir_fd=old_fd)
+            _compare_dirs(
+                child_new,
+                child_old,
+                new_root,
+                old_root,
+                child,
+                ost is not None and ost.st_dev == nst.st_dev,
+                out,
+            )
+        finally:
+            os.close(child_new)
+            if child_old is not None:
+                os.close(child_old)
+        if len(out) > start and not added:
+            # Something inside changed: the directory itself is listed (moby PR 13590).
+            out.append(Change(child, ChangeKind.MODIFY))
+
+    for name in old_children:
+        out.append(Change(_join(path, name), ChangeKind.DELETE))
+
+
+def changes_dirs(
+    new: str | Path, old: str | Path | None, idmap: IDMap = IDENTITY
+) -> list[Change]:
+    """moby's ChangesDirs(new, old), sorted by path; ``old=None`` lists everything as ADD.
+
+    Ownership is compared as stored on disk (both trees belong to the same store, so *idmap*
+    does not change the outcome; it is accepted for symmetry with the other tar-engine calls).
+    """
+    del idmap
+    new_s, old_s = os.fspath(new), os.fspath(old) if old is not None else ""
+    out: list[Change] = []
+    try:
+        new_fd = os.open(new_s, _DIR_FLAGS)
+    except OSError as exc:
+        raise from_oserror(exc, "changes") from None
+    old_fd: int | None = None
+    try:
+        same_dev = False
+        if old is not None:
+            old_fd = os.open(old_s, _DIR_FLAGS)
+            same_dev = os.fstat(old_fd).st_dev == os.fstat(new_fd).st_dev
+        _compare_dirs(new_fd, old_fd, new_s, old_s, "", same_dev, out)
+    except OSError as exc:
+        raise from_oserror(exc, "changes") from None
+    finally:
+        os.close(new_fd)
+        if old_fd is not None:
+            os.close(old_fd)
+    return _sort(out)
+
+
+def changes_size(root: str | Path, changes: list[Change]) -> int:
+    """moby's ChangesSize: bytes of ADD/MODIFY non-directories, a hard-linked inode once."""
+    base = os.fspath(root)
+    size = 0
+    seen: set[tuple[int, int]] = set()
+    for change in changes:
+        if change.kind == ChangeKind.DELETE:
+            continue
+        try:
+            st = os.lstat(base + change.path)
+        except OSError:
+            continue  # moby logs and goes on
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+        size += st.st_size
+    return size
+
+
+# --------------------------------------------------------------------------------------------
+# Overlay: the upper directory against its lower stack, without walking the lowers
+# --------------------------------------------------------------------------------------------
+
+
+class _Lower(NamedTuple):
+    st: os.stat_result
+    path: str
+    stack: list[str]
+    """The lower directories merged at this path (nearest first), when it is a directory."""
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _lower_lookup(stack: list[str], name: str) -> _Lower | None:
+    """What the merged lower view shows at ``dir/name``, given the directories merged at dir."""
+    for i, d in enumerate(stack):
+        top_path = _join(d, name)
+        top = _lstat(top_path)
+        if top is None:
+            continue
+        if is_overlay_whiteout(top):
+            return None
+        if not stat.S_ISDIR(top.st_mode):
+            return _Lower(top, top_path, [])
+        merged = [top_path]
+        if not _is_opaque(top_path):
+            for below in stack[i + 1 :]:
+                p = _join(below, name)
+                st = _lstat(p)
+                if st is None:
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    break  # a whiteout or a non-directory ends the merge
+                merged.append(p)
+                if _is_opaque(p):
+                    break
+        return _Lower(top, top_path, merged)
+    return None
+
+
+def _lower_names(stack: list[str]) -> list[str]:
+    """Names the merged lower view lists in a directory merged from *stack*."""
+    decided: dict[str, bool] = {}
+    for d in stack:
+        with os.scandir(d) as it:
+            for e in it:
+                if e.name not in decided:
+                    decided[e.name] = not is_overlay_whiteout(e.stat(follow_symlinks=False))
+    return [n for n, present in decided.items() if present]
+
+
+def _compare_upper(
+    upper_fd: int,
+    upper_root: str,
+    path: str,
+    stack: list[str],
+    hidden: bool,
+    out: list[Change],
+) -> None:
+    """Children of an upper directory.  *hidden*: the merged view shows no lower content here
+    (this directory or an ancestor is opaque), so what the lowers have and upper lacks is gone."""
+    present: set[str] = set()
+    for entry in _scan(upper_fd).values():
+        name = entry.name
+        child = _join(path, name)
+        try:
+            ust = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if is_overlay_whiteout(ust):
+            if not hidden and stack and _lower_lookup(stack, name) is not None:
+                out.append(Change(child, ChangeKind.DELETE))
+            continue
+        present.add(name)
+        lower = _lower_lookup(stack, name) if stack else None
+        if lower is None:
+            out.append(Change(child, ChangeKind.ADD))
+            added = True
+        elif stat_different(lower.st, ust) or _capability(lower.path) != _capability(
+            upper_root + child
+        ):
+            out.append(Change(child, ChangeKind.MODIFY))
+            added = True
+        else:
+            added = False
+        if not stat.S_ISDIR(ust.st_mode):
+            continue
+        start = len(out)
+        child_stack = lower.stack if lower is not None else []
+        child_hidden = hidden or _is_opaque(upper_root + child)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=upper_fd)
+        try:
+            _compare_upper(fd, upper_root, child, child_stack, child_hidden, out)
+        finally:
+            os.close(fd)
+        if len(out) > start and not added:
+            out.append(Change(child, ChangeKind.MODIFY))
+    if hidden and stack:
+        for name in _lower_names(stack):
+            if name not in present:
+                out.append(Change(_join(path, name), ChangeKind.DELETE))
+
+
+def overlay_changes(upper: str | Path, lowers: list[Path] | list[str]) -> list[Change]:
+    """Changes of an overlay upper directory against its lowers (nearest first).
+
+    Equal to ``changes_dirs(merged, lower_merged)`` of the mounted views, but reads only the
+    upper tree plus single lookups of its paths in the lowers (and the listing of lower
+    directories that an opaque upper directory hides).  A whiteout is a DELETE only when a
+    lower layer shows something there (moby's OverlayChanges would list every whiteout).
+    """
+    upper_s = os.fspath(upper)
+    stack = [os.fspath(p) for p in lowers]
+    out: list[Change] = []
+    try:
+        fd = os.open(upper_s, _DIR_FLAGS)
+    except OSError as exc:
+        raise from_oserror(exc, "overlay changes") from None
+    try:
+        _compare_upper(fd, upper_s, "", stack, False, out)
+    except OSError as exc:
+        raise from_oserror(exc, "overlay changes") from None
+    finally:
+        os.close(fd)
+    return _sort(out)

@@ -1,0 +1,422 @@
+"""Write layer tars: a whole tree (``write_tree``) or a change list (``write_changes``).
+
+What the entries look like follows moby's pkg/archive (tarAppender.addTarFile):
+- names relative to the root, no "./" prefix, directories with a trailing "/";
+- numeric uid/gid mapped back through the id map, uname/gname empty;
+- mode = permission bits plus setuid/setgid/sticky;
+- mtime truncated to whole seconds, no atime/ctime (moby's FileInfoHeader does this so layer
+  digests are reproducible; ``changes_dirs`` tolerates it with sameFsTime).  So PAX ``mtime`` is
+  only written for times ustar cannot hold (negative or >= 8**11 s);
+- a non-directory whose inode has more than one link is written once with its data; later names
+  of the same inode are hard-link entries pointing at the first name (order = archive order);
+- regular files, directories, symlinks, char/block devices and fifos are written; sockets are
+  skipped (Go's tar cannot represent them; moby logs and skips them);
+- xattrs as PAX ``SCHILY.xattr.*``, except ``trusted.overlay.*`` (overlay's own bookkeeping),
+  ``security.selinux`` (a host label, not layer content) and ``system.*`` (ACLs); a version-3
+  ``security.capability`` is rewritten to version 2 as moby does.
+
+Entries are written in a deterministic order: within each directory sorted by byte name, each
+directory before its contents.  The writer keeps memory constant: headers and small files are
+gathered in one reusable buffer, large files go straight from the file to the output with
+``os.sendfile`` (read/write through a reusable buffer where sendfile cannot be used).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from ..errors import GraphDriverError, InvalidArgument, from_oserror
+from ..idmap import IDENTITY, IDMap
+from .changes import Change, ChangeKind
+from .tarwriter import (
+    BLKTYPE,
+    CHRTYPE,
+    DIRTYPE,
+    END_OF_ARCHIVE,
+    FIFOTYPE,
+    LNKTYPE,
+    REGTYPE,
+    SYMTYPE,
+    TarHeader,
+    encode,
+    padding,
+)
+from .whiteout import (
+    OVERLAY_OPAQUE_XATTR,
+    OVERLAY_XATTR_PREFIX,
+    WHITEOUT_OPAQUE_B,
+    WHITEOUT_PREFIX_B,
+)
+
+Progress = Callable[[int], None]
+"""Called with the total number of bytes written to the output so far."""
+
+WhiteoutFormat = Literal["naive", "overlay"]
+
+_FLUSH_AT = 1 << 20
+_SMALL_FILE = 256 << 10
+_COPY_CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+_CAP_XATTR = "security.capability"
+_SKIPPED_XATTR_PREFIXES = (OVERLAY_XATTR_PREFIX, "security.selinux", "system.")
+
+
+class _TarOut:
+    """The output side: a batching buffer, sendfile for big data, progress reporting."""
+
+    def __init__(self, fd: int, progress: Progress | None) -> None:
+        self.fd = fd
+        self.buf = bytearray()
+        self.progress = progress
+        self.written = 0
+        self.sendfile_ok = True
+        self.chunk: bytearray | None = None
+        self.seen: dict[tuple[int, int], bytes] = {}
+
+    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.written += n
+
+    def flush(self) -> None:
+        if self.buf:
+            self._write_all(self.buf)
+            self.buf.clear()
+            if self.progress is not None:
+                self.progress(self.written)
+
+    def add(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) >= _FLUSH_AT:
+            self.flush()
+
+    def file_data(self, in_fd: int, size: int) -> None:
+        """Exactly *size* bytes of the file, then padding (zeros if the file shrank meanwhile)."""
+        done = 0
+        if size <= _SMALL_FILE:
+            while done < size:
+                data = os.read(in_fd, size - done)
+                if not data:
+                    break
+                self.buf += data
+                done += len(data)
+        else:
+            self.flush()
+            if self.sendfile_ok:
+                done = self._sendfile(in_fd, size)
+            if done < size:
+                done = self._copy(in_fd, done, size)
+        self.buf += bytes(size - done + padding(size))
+        if len(self.buf) >= _FLUSH_AT:
+            self.flush()
+
+    def _sendfile(self, in_fd: int, size: int) -> int:
+        done = 0
+        while done < size:
+            try:
+                n = os.sendfile(self.fd, in_fd, done, size - done)
+            except OSError as exc:
+                if done == 0 and exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    self.sendfile_ok = False
+                    return 0
+                raise
+            if n == 0:
+                break
+            done += n
+            self.written += n
+        if self.progress is not None:
+            self.progress(self.written)
+        return done
+
+    def _copy(self, in_fd: int, done: int, size: int) -> int:
+        if self.chunk is None:
+            self.chunk = bytearray(_COPY_CHUNK)
+        view = memoryview(self.chunk)
+        while done < size:
+            want = min(size - done, len(view))
+            n = os.preadv(in_fd, [view[:want]], done)
+            if n == 0:
+                break
+            self._write_all(view[:n])
+            done += n
+        return done
+
+    def finish(self) -> None:
+        self.add(END_OF_ARCHIVE)
+        self.flush()
+
+
+def _read_xattrs(path: bytes) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT):
+            return {}
+        raise
+    out: dict[str, bytes] = {}
+    for name in names:
+        if name.startswith(_SKIPPED_XATTR_PREFIXES) and name != OVERLAY_OPAQUE_XATTR:
+            continue
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                continue
+            raise
+    cap = out.get(_CAP_XATTR)
+    if cap is not None and len(cap) > 3 and cap[3] == 3:
+        # VFS_CAP_REVISION_3 -> 2: the root uid it names means nothing outside this namespace.
+        out[_CAP_XATTR] = cap[:3] + b"\x02" + cap[4:20]
+    return out
+
+
+def _add_entry(
+    out: _TarOut,
+    dir_fd: int | None,
+    leaf: bytes,
+    full: bytes,
+    name: bytes,
+    st: os.stat_result,
+    idmap: IDMap,
+    overlay: bool,
+) -> bool:
+    """Write one entry; returns True if it is a directory whose contents should follow."""
+    mode = st.st_mode
+    if stat.S_ISSOCK(mode):
+        return False
+    is_dir = stat.S_ISDIR(mode)
+    hdr = TarHeader(
+        name=name + b"/" if is_dir else name,
+        mode=mode & 0o7777,
+        mtime=st.st_mtime_ns // 1_000_000_000,
+    )
+    whiteout = overlay and stat.S_ISCHR(mode) and st.st_rdev == 0
+    xattrs = _read_xattrs(full)
+    opaque = xattrs.pop(OVERLAY_OPAQUE_XATTR, None) == b"y" and is_dir and overlay
+    hdr.xattrs = xattrs
+    base = name.rsplit(b"/", 1)[-1]
+    if whiteout or base.startswith(WHITEOUT_PREFIX_B):
+        hdr.uid, hdr.gid = st.st_uid, st.st_gid
+    else:
+        hdr.uid, hdr.gid = idmap.to_container(st.st_uid, st.st_gid)
+
+    if is_dir:
+        hdr.typeflag = DIRTYPE
+    elif stat.S_ISREG(mode):
+        hdr.typeflag = REGTYPE
+        hdr.size = st.st_size
+    elif stat.S_ISLNK(mode):
+        hdr.typeflag = SYMTYPE
+        hdr.linkname = os.readlink(leaf, dir_fd=dir_fd)
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        hdr.typeflag = CHRTYPE if stat.S_ISCHR(mode) else BLKTYPE
+        hdr.devmajor, hdr.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    elif stat.S_ISFIFO(mode):
+        hdr.typeflag = FIFOTYPE
+    else:
+        return False
+
+    if not is_dir and st.st_nlink > 1:
+        key = (st.st_dev, st.st_ino)
+        first = out.seen.get(key)
+        if first is not None:
+            hdr.typeflag, hdr.linkname, hdr.size = LNKTYPE, first, 0
+        else:
+            out.seen[key] = hdr.name
+
+    if whiteout:
+        head, _, tail = hdr.name.rpartition(b"/")
+        hdr.name = (head + b"/" if head else b"") + WHITEOUT_PREFIX_B + tail
+        hdr.mode, hdr.typeflag, hdr.size = 0o600, REGTYPE, 0
+        hdr.devmajor = hdr.devminor = 0
+
+    out.add(encode(hdr))
+    if hdr.typeflag == REGTYPE and hdr.size > 0:
+        in_fd = os.open(leaf, _FILE_FLAGS, dir_fd=dir_fd)
+        try:
+            out.file_data(in_fd, hdr.size)
+        finally:
+            os.close(in_fd)
+    if opaque:
+        out.add(encode(TarHeader(
+            name=hdr.name + WHITEOUT_OPAQUE_B, typeflag=REGTYPE, mode=hdr.mode & 0o777,
+            uid=hdr.uid, gid=hdr.gid, mtime=hdr.mtime,
+        )))
+    return is_dir
+
+
+def _sorted_entries(fd: int) -> Iterator[tuple[bytes, os.DirEntry[str]]]:
+    with os.scandir(fd) as it:
+        entries = [(os.fsencode(e.name), e) for e in it]
+    entries.sort(key=lambda pair: pair[0])
+    return iter(entries)
+
+
+def write_tree(
+    out_fd: int,
+    root: str | Path,
+    *,
+    whiteout_format: WhiteoutFormat = "naive",
+    idmap: IDMap = IDENTITY,
+    progress: Progress | None = None,
+) -> None:
+    """Write a tar of everything under *root* (not root itself) to *out_fd*.
+
+    ``whiteout_format="overlay"`` converts overlay whiteouts (0/0 character devices) into
+    ``.wh.NAME`` entries and ``trusted.overlay.opaque=y`` directories into a
+    ``DIR/.wh..wh..opq`` entry right after the directory's own entry.
+    """
+    if whiteout_format not in ("naive", "overlay"):
+        raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
+    overlay = whiteout_format == "overlay"
+    root_b = os.fsencode(root)
+    out = _TarOut(out_fd, progress)
+    try:
+        root_fd = os.open(root_b, _DIR_FLAGS)
+    except OSError as exc:
+        raise from_oserror(exc, "export tree") from None
+    stack: list[tuple[int, Iterator[tuple[bytes, os.DirEntry[str]]], bytes]] = []
+    try:
+        stack.append((root_fd, _sorted_entries(root_fd), b""))
+        while stack:
+            fd, entries, prefix = stack[-1]
+            item = next(entries, None)
+            if item is None:
+                stack.pop()
+                if fd != root_fd:
+                    os.close(fd)
+                continue
+            leaf, entry = item
+            name = prefix + leaf
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if _add_entry(out, fd, leaf, root_b + b"/" + name, name, st, idmap, overlay):
+                child = os.open(leaf, _DIR_FLAGS, dir_fd=fd)
+                stack.append((child, _sorted_entries(child), name + b"/"))
+        out.finish()
+    except GraphDriverError:
+        raise
+    except OSError as exc:
+        raise from_oserror(exc, "export tree") from None
+    finally:
+        for fd, _, _ in stack:
+            if fd != root_fd:
+                os.close(fd)
+        os.close(root_fd)
+
+
+def _path_key(change: Change) -> bytes:
+    return os.fsencode(change.path)
+
+
+def write_changes(
+    out_fd: int,
+    root: str | Path,
+    changes: list[Change],
+    *,
+    idmap: IDMap = IDENTITY,
+    progress: Progress | None = None,
+) -> None:
+    """moby's ExportChanges: a tar of *changes* read from *root*, sorted by path.
+
+    ADD/MODIFY write the path itself (a directory without its contents); DELETE writes an
+    empty ``dir/.wh.NAME`` entry (mode 0, owner 0:0, mtime now).  Parent directories are not
+    added.  A path that vanished since the changes were computed is skipped, as moby does.
+    """
+    root_b = os.fsencode(root)
+    out = _TarOut(out_fd, progress)
+    now = int(time.time())
+    try:
+        for change in sorted(changes, key=_path_key):
+            rel = os.fsencode(change.path).strip(b"/")
+            if not rel:
+                continue
+            if change.kind == ChangeKind.DELETE:
+                head, _, tail = rel.rpartition(b"/")
+                name = (head + b"/" if head else b"") + WHITEOUT_PREFIX_B + tail
+                out.add(encode(TarHeader(name=name, typeflag=REGTYPE, mode=0, mtime=now)))
+                continue
+            full = root_b + b"/" + rel
+            try:
+                st = os.lstat(full)
+                _add_entry(out, None, full, full, rel, st, idmap, False)
+            except FileNotFoundError:
+                continue
+        out.finish()
+    except GraphDriverError:
+        raise
+    except OSError as exc:
+        raise from_oserror(exc, "export changes") from None
+
+
+class _PipeReader(io.RawIOBase):
+    """The reading end of a pipe fed by a writer thread; the writer's error surfaces here."""
+
+    def __init__(self, fd: int, thread: threading.Thread, errors: list[BaseException]) -> None:
+        super().__init__()
+        self._fd = fd
+        self._thread = thread
+        self._errors = errors
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        n = os.readv(self._fd, [buffer])
+        if n == 0:
+            self._thread.join()
+            self._raise_error()
+        return n
+
+    def _raise_error(self) -> None:
+        if self._errors:
+            exc = self._errors.pop()
+            if not isinstance(exc, BrokenPipeError):
+                raise exc
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        os.close(self._fd)
+        self._thread.join()
+        self._raise_error()
+
+
+def stream_tar(write: Callable[[int], None]) -> BinaryIO:
+    """Run ``write(fd)`` in a thread writing into a pipe; return the pipe's reading end.
+
+    An exception raised by *write* is raised again by the reader's next read at end of stream,
+    or by close.  Closing the reader early stops the writer (it gets EPIPE), silently.
+    """
+    r_fd, w_fd = os.pipe2(os.O_CLOEXEC)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            write(w_fd)
+        except BaseException as exc:  # re-raised on the reader's side
+            errors.append(exc)
+        finally:
+            os.close(w_fd)
+
+    thread = threading.Thread(target=run, name="graphdriver-tar-writer", daemon=True)
+    thread.start()
+    return io.BufferedReader(_PipeReader(r_fd, thread, errors), 1 << 16)  # type: ignore[return-value]

@@ -1,0 +1,208 @@
+"""Tar header encoding: ustar when the entry fits, PAX extended headers when it does not.
+
+This is the writing counterpart of what Go's archive/tar does for moby's layer tars
+(``Format = FormatPAX``): a plain ustar header whenever every field fits, preceded by a PAX
+``x`` header carrying only what ustar cannot hold — long or non-ASCII names and link targets,
+ids >= 8**7, sizes >= 8**11, times outside ustar's range or with sub-second precision, and
+``SCHILY.xattr.*`` records.  Device numbers too large for octal use the GNU base-256 form.
+uname/gname stay empty (numeric ownership, as moby writes it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BLOCK = 512
+END_OF_ARCHIVE = bytes(2 * BLOCK)
+
+REGTYPE = b"0"
+LNKTYPE = b"1"
+SYMTYPE = b"2"
+CHRTYPE = b"3"
+BLKTYPE = b"4"
+DIRTYPE = b"5"
+FIFOTYPE = b"6"
+PAXTYPE = b"x"
+
+_NAME_MAX = 100
+_PREFIX_MAX = 155
+
+
+@dataclass
+class TarHeader:
+    """One tar entry's metadata.  ``name`` and ``linkname`` are raw bytes (file names are)."""
+
+    name: bytes
+    typeflag: bytes = REGTYPE
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime: int = 0
+    """Seconds since the epoch."""
+    mtime_ns: int | None = None
+    """Sub-second part in nanoseconds; written (as PAX mtime) only when non-zero."""
+    linkname: bytes = b""
+    devmajor: int = 0
+    devminor: int = 0
+    uname: bytes = b""
+    gname: bytes = b""
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+def padding(size: int) -> int:
+    """Bytes of zero padding after *size* bytes of file data."""
+    return -size % BLOCK
+
+
+def _octal(value: int, width: int) -> bytes | None:
+    """``width``-byte octal field (digits + NUL), or None when it does not fit."""
+    if value < 0 or value >= 8 ** (width - 1):
+        return None
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _base256(value: int, width: int) -> bytes:
+    """GNU base-256 numeric field (high bit of the first byte set), for huge device numbers."""
+    if value < 0 or value >= 256 ** (width - 1):
+        raise ValueError(f"number {value} too large for a tar header")
+    return b"\x80" + value.to_bytes(width - 1, "big")
+
+
+def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
+    """(prefix, name) so that prefix + "/" + name == name, each fitting ustar; None if none."""
+    if len(name) <= _NAME_MAX:
+        return b"", name
+    if len(name) > _PREFIX_MAX + 1 + _NAME_MAX:
+        return None
+    # The rightmost slash keeps the prefix short enough; scan from the earliest workable one.
+    start = max(len(name) - _NAME_MAX - 1, 0)
+    i = name.find(b"/", start)
+    while i != -1:
+        if i <= _PREFIX_MAX and 0 < len(name) - i - 1 <= _NAME_MAX:
+            return name[:i], name[i + 1 :]
+        if i > _PREFIX_MAX:
+            return None
+        i = name.find(b"/", i + 1)
+    return None
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(b"%d" % n) + len(body) != n:
+        n = len(b"%d" % n) + len(body)
+    return b"%d" % n + body
+
+
+def _pad_field(value: bytes, width: int) -> bytes:
+    return value + bytes(width - len(value))
+
+
+def _ustar_block(
+    name: bytes,
+    prefix: bytes,
+    typeflag: bytes,
+    mode: bytes,
+    uid: bytes,
+    gid: bytes,
+    size: bytes,
+    mtime: bytes,
+    linkname: bytes,
+    uname: bytes,
+    gname: bytes,
+    devmajor: bytes,
+    devminor: bytes,
+) -> bytes:
+    block = bytearray(BLOCK)
+    block[0:100] = _pad_field(name, 100)
+    block[100:108] = mode
+    block[108:116] = uid
+    block[116:124] = gid
+    block[124:136] = size
+    block[136:148] = mtime
+    block[148:156] = b"        "
+    block[156:157] = typeflag
+    block[157:257] = _pad_field(linkname, 100)
+    block[257:263] = b"ustar\0"
+    block[263:265] = b"00"
+    block[265:297] = _pad_field(uname, 32)
+    block[297:329] = _pad_field(gname, 32)
+    block[329:337] = devmajor
+    block[337:345] = devminor
+    block[345:500] = _pad_field(prefix, 155)
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _format_pax_time(sec: int, nsec: int) -> bytes:
+    if nsec == 0:
+        return b"%d" % sec
+    if sec < 0 and nsec:
+        # -1.25 s is sec=-2, nsec=750000000: PAX writes the signed decimal value.
+        total = sec * 1_000_000_000 + nsec
+        whole, frac = divmod(-total, 1_000_000_000)
+        return (b"-%d.%09d" % (whole, frac)).rstrip(b"0")
+    return (b"%d.%09d" % (sec, nsec)).rstrip(b"0")
+
+
+def encode(h: TarHeader) -> bytes:
+    """The header block(s) for *h*: an optional PAX ``x`` header, then the ustar header."""
+    pax: list[tuple[bytes, bytes]] = []
+
+    split = _split_ustar(h.name) if h.name.isascii() else None
+    if split is None:
+        pax.append((b"path", h.name))
+        prefix, short = b"", _ascii_tail(h.name, _NAME_MAX)
+    else:
+        prefix, short = split
+
+    linkname = h.linkname
+    if len(linkname) > _NAME_MAX or not linkname.isascii():
+        pax.append((b"linkpath", linkname))
+        linkname = _ascii_tail(linkname, _NAME_MAX)
+
+    def numeric(key: bytes, value: int, width: int) -> bytes:
+        field_ = _octal(value, width)
+        if field_ is None:
+            pax.append((key, b"%d" % value))
+            return _octal(0, width) or b""
+        return field_
+
+    uid = numeric(b"uid", h.uid, 8)
+    gid = numeric(b"gid", h.gid, 8)
+    size = numeric(b"size", h.size, 12)
+    nsec = h.mtime_ns or 0
+    mtime = _octal(h.mtime, 12)
+    if mtime is None or nsec:
+        pax.append((b"mtime", _format_pax_time(h.mtime, nsec)))
+        if mtime is None:
+            mtime = _octal(0, 12) or b""
+    devmajor = _octal(h.devmajor, 8) or _base256(h.devmajor, 8)
+    devminor = _octal(h.devminor, 8) or _base256(h.devminor, 8)
+    mode = _octal(h.mode & 0o7777, 8) or b""
+
+    for key in sorted(h.xattrs):
+        pax.append((b"SCHILY.xattr." + key.encode("utf-8", "surrogateescape"), h.xattrs[key]))
+
+    main = _ustar_block(
+        short, prefix, h.typeflag, mode, uid, gid, size, mtime, linkname,
+        h.uname[:32], h.gname[:32], devmajor, devminor,
+    )
+    if not pax:
+        return main
+    body = b"".join(_pax_record(k, v) for k, v in pax)
+    base = h.name.rstrip(b"/").rsplit(b"/", 1)
+    pax_name = b"PaxHeaders.0/" + _ascii_tail(base[-1], 80)
+    zero8 = _octal(0, 8) or b""
+    xhdr = _ustar_block(
+        pax_name, b"", PAXTYPE, _octal(0o644, 8) or b"", zero8, zero8,
+        _octal(len(body), 12) or b"", mtime, b"", b"", b"", zero8, zero8,
+    )
+    return xhdr + body + bytes(padding(len(body))) + main
+
+
+def _ascii_tail(name: bytes, limit: int) -> bytes:
+    """A printable ASCII stand-in for a name that goes in PAX (readers use the PAX record)."""
+    safe = bytes(c if 32 <= c < 127 else 0x5F for c in name)
+    return safe[-limit:]
