@@ -1,0 +1,771 @@
+#!/usr/bin/env python3
+"""Run the benchmark table of issue 7: graphdriver against GNU tar, bsdtar, zstd|tar and
+containers-storage, on the layers built by bench/make_layers.py.
+
+Every row is run ``--runs`` times (interleaved: graphdriver, then each peer, per round), in a
+work directory on tmpfs (``--workdir``, default /dev/shm/graphdriver-bench) and, with
+``--also-ext4``, again on ext4.  Each run's output is removed between runs (not timed).
+graphdriver operations run in a child process (bench/gdtask.py) and report the time of the
+operation alone; peers are timed as whole commands.  Peak RSS is measured for every run over the
+whole process tree: ``ru_maxrss`` from wait4 (the largest single process in the tree, children
+and grandchildren that were waited for included) and a sampled sum of the tree's RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+GDTASK = HERE / "gdtask.py"
+DEFAULT_CACHE = Path("/var/cache/graphdriver-bench")
+DEFAULT_WORKDIR = Path("/dev/shm/graphdriver-bench")
+DEFAULT_EXT4 = Path("/var/tmp/graphdriver-bench")
+NOT_BUILT = 3
+TAR_X = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"]
+TAR_C = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-cpf"]
+BSDTAR_X = ["bsdtar", "--numeric-owner", "--xattrs", "-xpf"]
+BSDTAR_C = ["bsdtar", "--numeric-owner", "--xattrs", "-cf"]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- measuring one command
+
+
+class Unavailable(Exception):
+    """This side cannot run here (tool missing, library part not built)."""
+
+
+class Failed(Exception):
+    """This side ran and failed."""
+
+
+@dataclass
+class Cmd:
+    argv: list[str]
+    internal: bool = False  # the command prints {"seconds": ...} for the timed part
+    ok: tuple[int, ...] = (0,)
+    cwd: Path | None = None
+
+
+@dataclass
+class Sample:
+    seconds: float
+    wall: float
+    rss_kb: int  # the largest peak RSS of one process of the tree
+    sum_kb: int  # peak RSS of the tree's processes added up (parent and children together)
+    ru_maxrss_kb: int  # raw ru_maxrss from wait4 (includes the forking runner's pre-exec size)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _cmdline(pid: int | str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+RUNNER_CMDLINE = _cmdline("self")
+
+
+def _hwm_kb(pid: int) -> int:
+    # A child that has not exec'd yet still shows the runner's memory: skip it.
+    if _cmdline(pid) == RUNNER_CMDLINE:
+        return 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
+class TreeSampler(threading.Thread):
+    """Samples VmHWM (a process's own peak RSS since its exec) of a process and all its
+    descendants every few ms; keeps the largest value seen per process."""
+
+    def __init__(self, pid: int, interval: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.hwm: dict[int, int] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            todo = [self.pid]
+            while todo:
+                p = todo.pop()
+                h = _hwm_kb(p)
+                if h > self.hwm.get(p, 0):
+                    self.hwm[p] = h
+                todo += _children(p)
+            self._halt.wait(self.interval)
+
+    @property
+    def max_kb(self) -> int:
+        return max(self.hwm.values(), default=0)
+
+    @property
+    def sum_kb(self) -> int:
+        return sum(self.hwm.values())
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def gd_env() -> dict[str, str]:
+    env = dict(os.environ)
+    src = str(REPO / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def measure(cmd: Cmd) -> Sample:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                env=gd_env(), cwd=cmd.cwd)
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        sampler.stop()
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace").strip()
+    if proc.returncode == NOT_BUILT and cmd.internal:
+        raise Unavailable("n/a (not built yet)")
+    if proc.returncode not in cmd.ok:
+        last = stderr.splitlines()[-1] if stderr else f"exit {proc.returncode}"
+        raise Failed(f"exit {proc.returncode}: {last[:160]}")
+    seconds = wall
+    rss, total = sampler.max_kb, sampler.sum_kb
+    if cmd.internal:
+        try:
+            info = json.loads(stdout.strip().splitlines()[-1])
+            seconds = float(info["seconds"])
+        except (ValueError, KeyError, IndexError) as exc:
+            raise Failed(f"no timing printed: {stdout[-160:]!r}") from exc
+        own, kids = int(info.get("rss_self_kb", 0)), int(info.get("rss_children_kb", 0))
+        # exact figures from the process itself; the sampler still sees a fork server or
+        # any descendant the process did not wait for
+        rss = max(rss, own, kids)
+        total = max(total, own + kids)
+    return Sample(seconds, wall, rss, total, usage.ru_maxrss)
+
+
+def _peak(values: list[int]) -> int | None:
+    """The largest sampled value; None when every run ended before the first sample."""
+    m = max(values, default=0)
+    return m or None
+
+
+# ---------------------------------------------------------------- store helpers
+
+
+def mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()).rstrip("/") + "/"
+    found: list[str] = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = line.split()[4]
+            mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mnt)
+            if (mnt + "/").startswith(prefix):
+                found.append(mnt)
+    return found
+
+
+def clean_dir(path: Path) -> None:
+    """Unmount whatever is mounted beneath ``path`` (deepest first) and remove it."""
+    if not path.exists():
+        return
+    for _ in range(3):
+        mnts = sorted(set(mounts_under(path)), key=len, reverse=True)
+        if not mnts:
+            break
+        for m in mnts:
+            subprocess.run(["umount", "-l", m], stderr=subprocess.DEVNULL, check=False)
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+
+
+def gd_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(GDTASK), *args]
+
+
+def must_run(argv: Sequence[str], what: str) -> str:
+    r = subprocess.run(list(argv), capture_output=True, text=True, env=gd_env(), check=False)
+    if r.returncode == NOT_BUILT and argv[:2] == [sys.executable, str(GDTASK)]:
+        raise Unavailable("n/a (not built yet)")
+    if r.returncode != 0:
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+        raise Failed(f"{what}: {last[:160]}")
+    return r.stdout
+
+
+class CStorage:
+    """Debian's containers-storage command with its own graph and run roots."""
+
+    def __init__(self, base: Path, driver: str) -> None:
+        self.base = base
+        self.driver = driver
+
+    def argv(self, *args: str) -> list[str]:
+        return ["containers-storage", "--graph", str(self.base / "graph"),
+                "--run", str(self.base / "run"), "--storage-driver", self.driver, *args]
+
+    def shutdown(self) -> None:
+        if (self.base / "graph").exists():
+            subprocess.run(self.argv("shutdown"), capture_output=True, check=False)
+        clean_dir(self.base)
+
+
+def probe_cstorage(workdir: Path) -> str | None:
+    if shutil.which("containers-storage") is None:
+        return None
+    for driver in ("overlay", "vfs"):
+        cs = CStorage(workdir / f"cs-probe-{driver}", driver)
+        try:
+            r = subprocess.run(cs.argv("create-layer", "--id", "probe"), capture_output=True,
+                               check=False)
+            if r.returncode == 0:
+                return driver
+        finally:
+            cs.shutdown()
+    return None
+
+
+def probe_gd(workdir: Path) -> tuple[str, str | None]:
+    """(driver to use, None) or (driver, reason it is unavailable)."""
+    reason = "n/a (not built yet)"
+    for driver in ("overlay", "vfs"):
+        home = workdir / f"gd-probe-{driver}"
+        try:
+            must_run(gd_cmd("probe", driver, str(home)), "probe")
+            return driver, None
+        except Unavailable as exc:
+            return "overlay", str(exc)
+        except Failed as exc:
+            reason = f"n/a ({exc})"
+        finally:
+            clean_dir(home)
+    return "overlay", reason
+
+
+# ---------------------------------------------------------------- the rows
+
+
+@dataclass
+class Side:
+    label: str
+    per_run: Callable[[Path], Cmd]  # untimed set-up in a fresh run dir, returns the timed command
+    once: Callable[[Path], None] | None = None  # untimed set-up in the side's base dir
+    needs: str | None = None  # a program that must exist
+    unavailable: str | None = None
+    after: Callable[[Path], None] | None = None  # tear-down of the base dir
+
+
+@dataclass
+class Workload:
+    name: str
+    gd: list[Side]
+    peers: list[Side]
+    targets: dict[str, str] = field(default_factory=dict)  # peer label -> target ratio
+    best_of: bool = False  # the target is against the fastest peer
+
+
+@dataclass
+class Ctx:
+    cache: Path
+    layers: dict[str, Path]
+    gd_driver: str
+    gd_reason: str | None
+    cs_driver: str | None
+    tool_paths: dict[str, bool]
+
+
+def make_tiny_tar(path: Path, name: str) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        data = f"{name}\n".encode()
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 1_700_000_000
+        import io
+
+        tf.addfile(info, io.BytesIO(data))
+
+
+def build_workloads(ctx: Ctx) -> list[Workload]:
+    L = ctx.layers
+    gdd = ctx.gd_driver
+    cs_drv = ctx.cs_driver
+    gd_label = f"graphdriver {gdd}"
+    cs_label = f"containers-storage {cs_drv or '?'}"
+    wl: list[Workload] = []
+
+    def gd_side(label: str, per_run: Callable[[Path], Cmd],
+                once: Callable[[Path], None] | None = None) -> Side:
+        return Side(label, per_run, once, unavailable=ctx.gd_reason)
+
+    def gd_apply(tar: Path) -> Side:
+        return gd_side(gd_label, lambda d: Cmd(gd_cmd("apply", gdd, str(d / "root"), str(tar)),
+                                                internal=True))
+
+    def engine_apply(tar: Path) -> Side:
+        def per_run(d: Path) -> Cmd:
+            (d / "out").mkdir()
+            return Cmd(gd_cmd("engine-apply", str(tar), str(d / "out")), internal=True)
+
+        return gd_side("graphdriver engine (apply_tar)", per_run)
+
+    def gnutar_x(tar: Path, flags: Sequence[str] = ()) -> Side:
+        def per_run(d: Path) -> Cmd:
+            (d / "out").mkdir()
+            return Cmd([*TAR_X[:-1], *flags, TAR_X[-1], str(tar), "-C", str(d / "out")])
+
+        return Side("GNU tar -x" + (" " + " ".join(flags) if flags else ""), per_run,
+                    needs="tar")
+
+    def zstd_tar_x(tar: Path) -> Side:
+        def per_run(d: Path) -> Cmd:
+            (d / "out").mkdir()
+            x = " ".join(shlex.quote(a) for a in [*TAR_X, "-", "-C", str(d / "out")])
+            return Cmd(["bash", "-c", f"set -o pipefail; zstd -dcq {shlex.quote(str(tar))} | {x}"])
+
+        return Side("zstd -dc | GNU tar -x", per_run, needs="zstd")
+
+    def bsdtar_x(tar: Path) -> Side:
+        def per_run(d: Path) -> Cmd:
+            (d / "out").mkdir()
+            return Cmd([*BSDTAR_X, str(tar), "-C", str(d / "out")])
+
+        return Side("bsdtar -x", per_run, needs="bsdtar")
+
+    def cs_apply(tar: Path) -> Side:
+        def per_run(d: Path) -> Cmd:
+            cs = CStorage(d, cs_drv or "vfs")
+            must_run(cs.argv("create-layer", "--id", "layer"), "create-layer")
+            return Cmd(cs.argv("applydiff", "--file", str(tar), "layer"))
+
+        return Side(f"{cs_label} applydiff", per_run, needs="containers-storage",
+                    unavailable=None if cs_drv else "n/a (containers-storage has no driver here)",
+                    after=lambda d: CStorage(d, cs_drv or "vfs").shutdown())
+
+    # apply rows, uncompressed
+    for key, title in (("rootfs", "apply rootfs (debootstrap minbase)"),
+                       ("npm", "apply many small files (npm tree)")):
+        tar = L[key]
+        wl.append(Workload(title, [gd_apply(tar)],
+                           [cs_apply(tar), gnutar_x(tar), bsdtar_x(tar)],
+                           {cs_apply(tar).label: "<= 0.3", "GNU tar -x": "<= 1.0"}))
+        wl.append(Workload(title + " [engine only]", [engine_apply(tar)], [gnutar_x(tar)],
+                           {"GNU tar -x": "<= 1.0"}))
+    big = L["big"]
+    wl.append(Workload("apply 1 GB in 4 big files", [gd_apply(big), engine_apply(big)],
+                       [gnutar_x(big), bsdtar_x(big)], {"GNU tar -x": "<= 1.0"}))
+
+    # compressed apply rows: the target is against the fastest peer
+    for key, title in (("rootfs", "rootfs"), ("npm", "npm tree")):
+        gz, zst = L[f"{key}.gz"], L[f"{key}.zst"]
+        wl.append(Workload(f"apply {title} gzip", [gd_apply(gz)],
+                           [gnutar_x(gz, ["-z"]), bsdtar_x(gz), cs_apply(gz)],
+                           {"fastest": "<= 0.8"}, best_of=True))
+        wl.append(Workload(f"apply {title} zstd", [gd_apply(zst)],
+                           [zstd_tar_x(zst), bsdtar_x(zst), cs_apply(zst)],
+                           {"fastest": "<= 1.0"}, best_of=True))
+
+    # diff and changes of 10 changes on a 10k-file base
+    base_tar, change_tar = L["small10k-base"], L["small10k-change"]
+    pair = [f"base:-:{base_tar}", f"child:base:{change_tar}"]
+
+    def gd_prepared(driver: str, label: str, op: str) -> Side:
+        def once(d: Path) -> None:
+            must_run(gd_cmd("prepare", driver, str(d / "root"), *pair), "prepare")
+
+        def per_run(d: Path) -> Cmd:
+            args = [op, driver, str(d.parent / "root"), "child"]
+            if op == "diff":
+                args.append(str(d / "out.tar"))
+            return Cmd(gd_cmd(*args), internal=True)
+
+        return gd_side(label, per_run, once)
+
+    def cs_prepared(op: str) -> Side:
+        def once(d: Path) -> None:
+            cs = CStorage(d / "cs", cs_drv or "vfs")
+            must_run(cs.argv("create-layer", "--id", "base"), "create-layer")
+            must_run(cs.argv("applydiff", "--file", str(base_tar), "base"), "applydiff")
+            must_run(cs.argv("create-layer", "--id", "child", "base"), "create-layer")
+            must_run(cs.argv("applydiff", "--file", str(change_tar), "child"), "applydiff")
+
+        def per_run(d: Path) -> Cmd:
+            cs = CStorage(d.parent / "cs", cs_drv or "vfs")
+            if op == "diff":
+                return Cmd(cs.argv("diff", "--uncompressed", "--file", str(d / "out.tar"),
+                                   "child"))
+            return Cmd(cs.argv("changes", "child"))
+
+        return Side(f"{cs_label} {op}", per_run, once, needs="containers-storage",
+                    unavailable=None if cs_drv else "n/a (containers-storage has no driver here)",
+                    after=lambda d: CStorage(d / "cs", cs_drv or "vfs").shutdown())
+
+    for op in ("changes", "diff"):
+        naive = gd_prepared("vfs", "naive (vfs NaiveDiff)", op)
+        wl.append(Workload(f"{op}: 10 changed files on a 10k-file base",
+                           [gd_prepared(gdd, gd_label, op)], [naive, cs_prepared(op)],
+                           {naive.label: "<= 0.1", f"{cs_label} {op}": "<= 1.0"}))
+
+    # export a whole rootfs layer
+    rootfs = L["rootfs"]
+
+    def export_src_once(d: Path) -> None:
+        (d / "src").mkdir()
+        must_run([*TAR_X, str(rootfs), "-C", str(d / "src")], "extract rootfs")
+
+    def gd_export_once(d: Path) -> None:
+        must_run(gd_cmd("prepare", gdd, str(d / "root"), f"rootfs:-:{rootfs}"), "prepare")
+
+    gd_export = gd_side(gd_label + " diff",
+                        lambda d: Cmd(gd_cmd("diff", gdd, str(d.parent / "root"), "rootfs",
+                                             str(d / "out.tar")), internal=True),
+                        gd_export_once)
+    engine_export = gd_side("graphdriver engine (write_tree)",
+                            lambda d: Cmd(gd_cmd("engine-export", str(d.parent / "src"),
+                                                 str(d / "out.tar")), internal=True),
+                            export_src_once)
+    tar_c = Side("GNU tar -c", lambda d: Cmd([*TAR_C, str(d / "out.tar"), "-C",
+                                              str(d.parent / "src"), "."]),
+                 export_src_once, needs="tar")
+    bsd_c = Side("bsdtar -c", lambda d: Cmd([*BSDTAR_C, str(d / "out.tar"), "-C",
+                                             str(d.parent / "src"), "."]),
+                 export_src_once, needs="bsdtar")
+    wl.append(Workload("export a whole rootfs layer", [gd_export, engine_export],
+                       [tar_c, bsd_c], {"GNU tar -c": "<= 1.0"}))
+
+    # mount + unmount a 20-layer chain
+    def chain_tars(d: Path) -> list[Path]:
+        tars = []
+        for i in range(20):
+            t = d / f"l{i}.tar"
+            make_tiny_tar(t, f"layer{i}.txt")
+            tars.append(t)
+        return tars
+
+    def gd_chain_once(d: Path) -> None:
+        tars = chain_tars(d)
+        specs = [f"l{i}:{'-' if i == 0 else f'l{i - 1}'}:{t}" for i, t in enumerate(tars)]
+        must_run(gd_cmd("prepare", gdd, str(d / "root"), *specs), "prepare")
+
+    def cs_chain_once(d: Path) -> None:
+        tars = chain_tars(d)
+        cs = CStorage(d / "cs", cs_drv or "vfs")
+        for i, t in enumerate(tars):
+            parent = [] if i == 0 else [f"l{i - 1}"]
+            must_run(cs.argv("create-layer", "--id", f"l{i}", *parent), "create-layer")
+            must_run(cs.argv("applydiff", "--file", str(t), f"l{i}"), "applydiff")
+
+    def cs_mount(d: Path) -> Cmd:
+        cs = CStorage(d.parent / "cs", cs_drv or "vfs")
+        script = (" ".join(shlex.quote(a) for a in cs.argv("mount", "l19")) + " >/dev/null && "
+                  + " ".join(shlex.quote(a) for a in cs.argv("unmount", "l19")) + " >/dev/null")
+        return Cmd(["bash", "-c", script])
+
+    wl.append(Workload(
+        "mount + unmount a 20-layer chain",
+        [gd_side(gd_label + " get+put (in-process)",
+                 lambda d: Cmd(gd_cmd("mount", gdd, str(d.parent / "root"), "l19"),
+                               internal=True), gd_chain_once)],
+        [Side(f"{cs_label} mount+unmount", cs_mount, cs_chain_once, needs="containers-storage",
+              unavailable=None if cs_drv else "n/a (containers-storage has no driver here)",
+              after=lambda d: CStorage(d / "cs", cs_drv or "vfs").shutdown())],
+        {f"{cs_label} mount+unmount": "<= 1.0"}))
+
+    # start-up of the command
+    def startup_once(d: Path) -> None:
+        r = subprocess.run([sys.executable, "-m", "graphdriver", "--help"], capture_output=True,
+                           env=gd_env(), check=False)
+        if r.returncode != 0:
+            raise Unavailable("n/a (not built yet)")
+
+    wl.append(Workload(
+        "start-up of `graphdriver exists`",
+        [Side("python -m graphdriver exists",
+              lambda d: Cmd([sys.executable, "-m", "graphdriver", "--root", str(d / "root"),
+                             "exists", "nosuch"], ok=(0, 1)), startup_once)],
+        [Side("python -S -c pass", lambda d: Cmd([sys.executable, "-S", "-c", "pass"]))],
+        {"python -S -c pass": "<= 2.0"}))
+    return wl
+
+
+# ---------------------------------------------------------------- running and reporting
+
+
+@dataclass
+class SideResult:
+    label: str
+    samples: list[Sample] = field(default_factory=list)
+    note: str | None = None
+
+    def median(self) -> float | None:
+        return statistics.median(s.seconds for s in self.samples) if self.samples else None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "note": self.note,
+            "median_s": self.median(),
+            "runs_s": [round(s.seconds, 6) for s in self.samples],
+            "wall_s": [round(s.wall, 6) for s in self.samples],
+            "peak_rss_kb": _peak([s.rss_kb for s in self.samples]),
+            "peak_tree_rss_kb": _peak([s.sum_kb for s in self.samples]),
+            "ru_maxrss_kb": max((s.ru_maxrss_kb for s in self.samples), default=None),
+        }
+
+
+def run_workload(w: Workload, workdir: Path, runs: int) -> dict[str, SideResult]:
+    sides = [*w.gd, *w.peers]
+    results = {id(s): SideResult(s.label) for s in sides}
+    bases: dict[int, Path] = {}
+    slug = re.sub(r"[^a-z0-9]+", "-", w.name.lower()).strip("-")[:40]
+    for i, s in enumerate(sides):
+        r = results[id(s)]
+        if s.unavailable:
+            r.note = s.unavailable
+            continue
+        if s.needs and shutil.which(s.needs) is None:
+            r.note = f"n/a ({s.needs} not installed)"
+            continue
+        base = workdir / slug / f"side{i}"
+        clean_dir(base)
+        base.mkdir(parents=True)
+        bases[id(s)] = base
+        if s.once:
+            try:
+                s.once(base)
+            except (Unavailable, Failed) as exc:
+                r.note = str(exc) if isinstance(exc, Unavailable) else f"error: {exc}"
+    try:
+        for _ in range(runs):
+            for s in sides:
+                r = results[id(s)]
+                if r.note:
+                    continue
+                run_dir = bases[id(s)] / "run"
+                clean_dir(run_dir)
+                run_dir.mkdir()
+                try:
+                    r.samples.append(measure(s.per_run(run_dir)))
+                except Unavailable as exc:
+                    r.note = str(exc)
+                except Failed as exc:
+                    r.note = f"error: {exc}"
+                finally:
+                    clean_dir(run_dir)
+    finally:
+        for s in sides:
+            kept = bases.get(id(s))
+            if kept is None:
+                continue
+            if s.after:
+                s.after(kept)
+            clean_dir(kept)
+        clean_dir(workdir / slug)
+    return {s.label: results[id(s)] for s in sides}
+
+
+def fmt_s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def fmt_mb(kb: int | None) -> str:
+    return "-" if kb is None else f"{kb / 1024:.0f}"
+
+
+def table_rows(w: Workload, res: dict[str, SideResult]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    peers = [res[p.label] for p in w.peers]
+    timed = [p for p in peers if p.median() is not None]
+    fastest = min(timed, key=lambda p: p.median() or 0.0) if timed else None
+    for g in (res[s.label] for s in w.gd):
+        for p in peers:
+            gm, pm = g.median(), p.median()
+            ratio = gm / pm if gm is not None and pm else None
+            target = w.targets.get(p.label, "")
+            if w.best_of and p is fastest:
+                target = w.targets.get("fastest", "") + " (fastest)"
+            rows.append({
+                "workload": w.name, "graphdriver": g.label, "peer": p.label,
+                "graphdriver_median_s": gm, "peer_median_s": pm, "ratio": ratio,
+                "target": target, "graphdriver_note": g.note, "peer_note": p.note,
+                "graphdriver_peak_rss_kb": g.as_json()["peak_rss_kb"],
+                "graphdriver_peak_tree_rss_kb": g.as_json()["peak_tree_rss_kb"],
+                "peer_peak_rss_kb": p.as_json()["peak_rss_kb"],
+            })
+    return rows
+
+
+def print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    head = ["workload", "graphdriver", "gd median", "peer", "peer median", "ratio", "target",
+            "gd RSS MB (max/sum)", "peer RSS MB"]
+    lines = [head]
+    for r in rows:
+        gm = r["graphdriver_note"] or fmt_s(r["graphdriver_median_s"])
+        pm = r["peer_note"] or fmt_s(r["peer_median_s"])
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        rss = ("-" if r["graphdriver_peak_rss_kb"] is None else
+               f"{fmt_mb(r['graphdriver_peak_rss_kb'])}/{fmt_mb(r['graphdriver_peak_tree_rss_kb'])}")
+        lines.append([r["workload"], r["graphdriver"], gm, r["peer"], pm, ratio, r["target"], rss,
+                      fmt_mb(r["peer_peak_rss_kb"])])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    print(f"\n## {title}\n")
+    for n, line in enumerate(lines):
+        print("| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(line)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    sys.stdout.flush()
+
+
+def tool_version(argv: list[str]) -> str | None:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (r.stdout or r.stderr).strip()
+    return text.splitlines()[0] if text else None
+
+
+def fs_type(path: Path) -> str:
+    r = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(path)], capture_output=True,
+                       text=True, check=False)
+    return (r.stdout.strip().splitlines() or ["?"])[0]
+
+
+def load_layers(cache: Path) -> dict[str, Path]:
+    manifest = cache / "manifest.json"
+    if not manifest.exists():
+        raise SystemExit(f"{manifest} is missing: run bench/make_layers.py"
+                         f"{' --quick' if cache.name == 'quick' else ''} first")
+    data = json.loads(manifest.read_text())
+    return {k: cache / v["file"] for k, v in data["layers"].items()}
+
+
+def warm(paths: list[Path]) -> None:
+    buf = bytearray(1 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--quick", action="store_true", help="quick layers (CACHE/quick), 1 run")
+    ap.add_argument("--runs", type=int, default=None, help="runs per row (default 5; quick: 1)")
+    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="work dir (tmpfs)")
+    ap.add_argument("--also-ext4", action="store_true", help="run again on an ext4 work dir")
+    ap.add_argument("--ext4-workdir", type=Path, default=DEFAULT_EXT4)
+    ap.add_argument("--only", default=None, help="regex: run only workloads whose name matches")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    args = ap.parse_args(argv)
+
+    cache = args.cache / "quick" if args.quick else args.cache
+    runs = args.runs or (1 if args.quick else 5)
+    layers = load_layers(cache)
+    warm([p for p in layers.values() if p.stat().st_size < (2 << 30)])
+
+    workdirs = [args.workdir] + ([args.ext4_workdir] if args.also_ext4 else [])
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "quick": args.quick, "runs": runs, "cache": str(cache),
+        "machine": {"kernel": platform.release(), "python": platform.python_version(),
+                    "cpus": os.cpu_count()},
+        "tools": {name: tool_version(v) for name, v in {
+            "tar": ["tar", "--version"], "bsdtar": ["bsdtar", "--version"],
+            "zstd": ["zstd", "--version"], "gzip": ["gzip", "--version"],
+            "containers-storage": ["containers-storage", "version"]}.items()},
+        "results": [],
+    }
+    pattern = re.compile(args.only) if args.only else None
+    for workdir in workdirs:
+        made = not workdir.exists()
+        workdir.mkdir(parents=True, exist_ok=True)
+        fs = fs_type(workdir)
+        try:
+            gd_driver, gd_reason = probe_gd(workdir)
+            cs_driver = probe_cstorage(workdir)
+            ctx = Ctx(cache, layers, gd_driver, gd_reason, cs_driver, {})
+            log(f"work dir {workdir} ({fs}); graphdriver driver: {gd_driver}"
+                f"{' ' + gd_reason if gd_reason else ''}; containers-storage driver: "
+                f"{cs_driver or 'none'}; {runs} run(s) per row")
+            rows: list[dict[str, Any]] = []
+            for w in build_workloads(ctx):
+                if pattern and not pattern.search(w.name):
+                    continue
+                log(f"running: {w.name}")
+                res = run_workload(w, workdir, runs)
+                rows += table_rows(w, res)
+                report["results"].append({
+                    "workdir": str(workdir), "fs": fs, "workload": w.name,
+                    "graphdriver_driver": gd_driver, "containers_storage_driver": cs_driver,
+                    "sides": [r.as_json() for r in res.values()],
+                })
+            for r in rows:
+                r["fs"] = fs
+            report.setdefault("table", []).extend(rows)
+            print_table(f"{fs} ({workdir}), medians of {runs} run(s)", rows)
+        finally:
+            if made:
+                clean_dir(workdir)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
