@@ -1,0 +1,835 @@
+"""Apply a layer tar onto a directory (moby's ``UnpackLayer`` semantics), in process.
+
+Every path is resolved beneath the target directory through directory file descriptors, never
+following a symlink the archive itself created; symlinks that were already in the target (a vfs
+layer's copy of its parent's ``/bin -> usr/bin``) are followed *inside* the target, as if it were
+``/``.  A failed apply, whatever the cause (including KeyboardInterrupt), leaves the target as it
+was: an empty target is emptied again; otherwise every replaced or removed path was renamed aside
+into a hidden scratch directory inside the target and is put back, created paths are removed, and
+metadata of merged directories and times of touched directories are restored.
+
+Choices where moby and GNU tar differ (documented here, tested in tests/archive):
+
+- A path whose parent is a regular file (or another non-directory) is an ``InvalidArchive``
+  error, as GNU tar fails ("Not a directory"); a missing parent is created (0755, root).
+- xattrs: as root, failing to set any xattr is a ``NotSupported`` error; when not root,
+  EPERM/ENOTSUP on an xattr, a chown or a device node is skipped and logged (moby's rootless rule).
+- Hard links only link; the link's own header metadata is not applied (GNU tar does the same).
+- Unknown entry types are refused (``InvalidArchive``); volume labels are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO, Literal
+
+from ..errors import (
+    GraphDriverError,
+    InvalidArchive,
+    InvalidArgument,
+    NotSupported,
+    UnsafeArchive,
+    from_oserror,
+)
+from ..idmap import IDENTITY, IDMap
+from . import tarstream as ts
+from .compression import decompress_stream, open_decompressed
+from .pathres import open_beneath, resolve_in_root
+from .tarstream import Recorder, TarEntry, TarReader
+from .whiteout import (
+    OVERLAY_OPAQUE_XATTR,
+    OVERLAY_XATTR_PREFIX,
+    WHITEOUT_LINK_DIR,
+    WHITEOUT_META_PREFIX,
+    WHITEOUT_OPAQUE,
+    WHITEOUT_PREFIX,
+)
+
+log = logging.getLogger(__name__)
+
+SCRATCH_PREFIX = ".graphdriver-apply-"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_CACHE_LIMIT = 256
+_PROGRESS_STEP = 4 << 20
+_PLNK_PREFIX = WHITEOUT_LINK_DIR + "/"
+
+# Set by the confined child (isolate.py): it may chdir (single-threaded, chrooted), which is how
+# xattrs are set on symlinks and device nodes when /proc is not there.
+allow_chdir = False
+
+
+@dataclass
+class ApplyOptions:
+    whiteout_format: Literal["naive", "overlay"] = "naive"
+    idmap: IDMap = IDENTITY
+    recorder: Recorder | None = None
+    progress: Callable[[int], None] | None = None  # bytes read so far, now and then
+    # For apply_confined: the child writes tar-split's raw stream description here (see isolate).
+    tarsplit_fd: int | None = None
+
+
+@dataclass
+class ApplyResult:
+    size: int  # bytes of regular-file data applied (moby's ApplyDiff return value)
+    diff_id: str  # "sha256:<hex>" of the uncompressed stream
+
+
+@dataclass
+class _DirMeta:
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+def _join(parent: str, base: str) -> str:
+    return f"{parent}/{base}" if parent else base
+
+
+def _read_meta(fd: int) -> _DirMeta:
+    st = os.fstat(fd)
+    xattrs: dict[str, bytes] = {}
+    try:
+        for k in os.listxattr(fd):
+            with contextlib.suppress(OSError):
+                xattrs[k] = os.getxattr(fd, k)
+    except OSError:
+        pass
+    return _DirMeta(
+        stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns, xattrs
+    )
+
+
+def _write_meta(fd: int, m: _DirMeta) -> None:
+    os.fchown(fd, m.uid, m.gid)
+    os.fchmod(fd, m.mode)
+    try:
+        current = set(os.listxattr(fd))
+    except OSError:
+        current = set()
+    for k in current - set(m.xattrs):
+        with contextlib.suppress(OSError):
+            os.removexattr(fd, k)
+    for k, v in m.xattrs.items():
+        with contextlib.suppress(OSError):
+            os.setxattr(fd, k, v)
+    os.utime(fd, ns=(m.atime_ns, m.mtime_ns))
+
+
+class _Applier:
+    def __init__(self, root_fd: int, opts: ApplyOptions) -> None:
+        self.root_fd = root_fd
+        self.opts = opts
+        self.overlay = opts.whiteout_format == "overlay"
+        if opts.whiteout_format not in ("naive", "overlay"):
+            raise InvalidArgument(f"unknown whiteout format {opts.whiteout_format!r}")
+        self.idmap = opts.idmap
+        self.euid = os.geteuid()
+        self.egid = os.getegid()
+        self.is_root = self.euid == 0
+        mask = os.umask(0o022)
+        os.umask(mask)
+        self.umask = mask
+        self.root_uid, self.root_gid = opts.idmap.root_pair()
+        with os.scandir(root_fd) as it:
+            self.empty_start = next(iter(it), None) is None
+        self.root_meta = _read_meta(root_fd)
+        # logical dir path -> (fd, real path, setgid)
+        self.cache: dict[str, tuple[int, str, bool]] = {"": (root_fd, "", False)}
+        self.created: set[str] = set()  # real paths this apply created
+        self.mine: set[str] = set()  # real paths the archive put there (created or merged)
+        self.archive_links: set[str] = set()  # symlinks this apply created
+        self.journal: list[tuple[object, ...]] = []
+        self.touched: set[str] = set()
+        self.merged_meta: set[str] = set()
+        self.dir_times: dict[str, tuple[int, int, int | None]] = {}
+        self.scratch = SCRATCH_PREFIX + f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.scratch_fd: int | None = None
+        self.aside_count = 0
+        self.plnk: dict[str, str] = {}
+        self.size = 0
+        self.warned: set[str] = set()
+        self.graveyard: list[int] = []
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def _soft_fail(self, what: str, exc: OSError) -> None:
+        """Not root: EPERM/ENOTSUP on ownership, xattrs or devices is skipped (rootless rule)."""
+        if self.is_root or exc.errno not in (
+            errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES
+        ):
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                raise NotSupported(f"{what}: {exc.strerror}") from None
+            raise from_oserror(exc, what) from None
+        if what not in self.warned:
+            self.warned.add(what)
+            log.debug("not root: skipped %s (%s)", what, exc.strerror)
+
+    def _touch_dir(self, real: str) -> None:
+        """Before changing the contents of a pre-existing directory, remember its times."""
+        if self.empty_start or real in self.touched or real in self.created:
+            return
+        self.touched.add(real)
+        st = os.stat(real or ".", dir_fd=self.root_fd, follow_symlinks=False)
+        self.journal.append(("times", real, st.st_atime_ns, st.st_mtime_ns))
+
+    def _note_new(self, preal: str, real: str) -> None:
+        if not self.empty_start and preal not in self.created:
+            self._touch_dir(preal)
+            self.journal.append(("new", real))
+        self.created.add(real)
+        self.mine.add(real)
+
+    def _clear_cache(self) -> None:
+        """Forget every cached directory.  The fds are closed later (``_bury``), at a point where
+        no caller still holds one of them."""
+        for key, (fd, _, _) in self.cache.items():
+            if key:
+                self.graveyard.append(fd)
+        self.cache = {"": (self.root_fd, "", False)}
+
+    def _bury(self) -> None:
+        for fd in self.graveyard:
+            os.close(fd)
+        self.graveyard.clear()
+
+    def _scratch_fd(self) -> int:
+        if self.scratch_fd is None:
+            self._touch_dir("")
+            os.mkdir(self.scratch, 0o700, dir_fd=self.root_fd)
+            self.scratch_fd = os.open(self.scratch, _DIR_FLAGS, dir_fd=self.root_fd)
+        return self.scratch_fd
+
+    # ---- resolution ----------------------------------------------------------------------------
+    def _dir(self, logical: str, create: bool, name: str) -> tuple[int, str, bool] | None:
+        """The directory *logical* (a normalized relative path) beneath the root."""
+        hit = self.cache.get(logical)
+        if hit is not None:
+            return hit
+        if len(self.cache) > _CACHE_LIMIT:
+            self._clear_cache()
+        # nearest cached ancestor
+        parts = logical.split("/")
+        i = len(parts) - 1
+        while i > 0 and "/".join(parts[:i]) not in self.cache:
+            i -= 1
+        cur_fd, cur_real, cur_sgid = self.cache["/".join(parts[:i])]
+        for j in range(i, len(parts)):
+            comp = parts[j]
+            real = _join(cur_real, comp)
+            try:
+                fd = os.open(comp, _DIR_FLAGS, dir_fd=cur_fd)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                self._mkdir_parent(cur_fd, cur_real, comp)
+                fd = os.open(comp, _DIR_FLAGS, dir_fd=cur_fd)
+            except (NotADirectoryError, OSError) as exc:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                st = os.lstat(comp, dir_fd=cur_fd)
+                if not stat.S_ISLNK(st.st_mode):
+                    if not create:
+                        return None
+                    raise InvalidArchive(
+                        f"cannot create {name!r}: parent {real!r} is not a directory"
+                    ) from None
+                if real in self.archive_links:
+                    raise UnsafeArchive(
+                        f"{name!r} crosses symlink {real!r} created by the archive"
+                    ) from None
+                try:
+                    real = resolve_in_root(self.root_fd, real)
+                    fd = open_beneath(self.root_fd, real, _DIR_FLAGS)
+                except OSError as exc2:
+                    if not create and exc2.errno == errno.ENOENT:
+                        return None
+                    raise InvalidArchive(
+                        f"cannot create {name!r}: symlink {_join(cur_real, comp)!r} does not "
+                        "lead to a directory inside the layer"
+                    ) from None
+                if real.split("/", 1)[0] == self.scratch:
+                    os.close(fd)
+                    raise UnsafeArchive(
+                        f"{name!r} leads into the apply's scratch directory"
+                    ) from None
+            st_mode = os.fstat(fd).st_mode
+            sgid = bool(st_mode & stat.S_ISGID)
+            key = "/".join(parts[: j + 1])
+            self.cache[key] = (fd, real, sgid)
+            cur_fd, cur_real, cur_sgid = fd, real, sgid
+        return cur_fd, cur_real, cur_sgid
+
+    def _mkdir_parent(self, pfd: int, preal: str, base: str) -> None:
+        os.mkdir(base, 0o755, dir_fd=pfd)
+        self._note_new(preal, _join(preal, base))
+        if (self.root_uid, self.root_gid) != (self.euid, self.egid):
+            try:
+                os.chown(base, self.root_uid, self.root_gid, dir_fd=pfd, follow_symlinks=False)
+            except OSError as exc:
+                self._soft_fail(f"chown {base}", exc)
+        if self.umask & 0o755:
+            os.chmod(base, 0o755, dir_fd=pfd)
+
+    # ---- removal -------------------------------------------------------------------------------
+    def _remove(self, pfd: int, preal: str, base: str, st: os.stat_result | None = None) -> None:
+        real = _join(preal, base)
+        if st is None:
+            try:
+                st = os.lstat(base, dir_fd=pfd)
+            except FileNotFoundError:
+                return
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if self.empty_start or real in self.created:
+            if is_dir:
+                self._clear_cache()
+                shutil.rmtree(base, dir_fd=pfd)
+            else:
+                os.unlink(base, dir_fd=pfd)
+        else:
+            self._touch_dir(preal)
+            sfd = self._scratch_fd()
+            self.aside_count += 1
+            aside = str(self.aside_count)
+            if is_dir:
+                self._clear_cache()
+            os.rename(base, aside, src_dir_fd=pfd, dst_dir_fd=sfd)
+            self.journal.append(("moved", real, aside))
+        self.archive_links.discard(real)
+        self.created.discard(real)
+        self.mine.discard(real)
+
+    def _make_room(self, pfd: int, preal: str, base: str, new_is_dir: bool) -> bool:
+        """Something exists at base: True to merge (dir over dir), else it is removed."""
+        st = os.lstat(base, dir_fd=pfd)
+        if new_is_dir and stat.S_ISDIR(st.st_mode):
+            return True
+        self._remove(pfd, preal, base, st)
+        return False
+
+    # ---- whiteouts -----------------------------------------------------------------------------
+    def _whiteout(self, parent: str, target: str, name: str) -> None:
+        if target in ("", ".", "..") or target.startswith(WHITEOUT_META_PREFIX[4:]):
+            raise UnsafeArchive(f"whiteout {name!r} names no removable entry")
+        if self.overlay:
+            hit = self._dir(parent, True, name)
+            assert hit is not None
+            pfd, preal, _ = hit
+            self._remove(pfd, preal, target)
+            os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
+            self._note_new(preal, _join(preal, target))
+            if (self.root_uid, self.root_gid) != (self.euid, self.egid):
+                os.chown(target, self.root_uid, self.root_gid, dir_fd=pfd, follow_symlinks=False)
+            return
+        hit = self._dir(parent, False, name)
+        if hit is None:
+            return
+        pfd, preal, _ = hit
+        self._remove(pfd, preal, target)
+
+    def _opaque(self, parent: str, name: str) -> None:
+        hit = self._dir(parent, self.overlay, name)
+        if hit is None:
+            return
+        dfd, dreal, _ = hit
+        if self.overlay:
+            self._save_dir_meta(dfd, dreal)
+            os.setxattr(dfd, OVERLAY_OPAQUE_XATTR, b"y")
+        self._prune(dfd, dreal)
+
+    def _prune(self, dfd: int, dreal: str) -> None:
+        """Remove what this apply did not put in the directory (moby's unpackedPaths rule)."""
+        with os.scandir(dfd) as it:
+            children = [(d.name, d.is_dir(follow_symlinks=False)) for d in it]
+        for base, is_dir in children:
+            real = _join(dreal, base)
+            if not dreal and base == self.scratch:
+                continue
+            if real in self.mine:
+                if is_dir:
+                    sub = os.open(base, _DIR_FLAGS, dir_fd=dfd)
+                    try:
+                        self._prune(sub, real)
+                    finally:
+                        os.close(sub)
+                continue
+            self._remove(dfd, dreal, base)
+
+    # ---- entries -------------------------------------------------------------------------------
+    def _ids(self, e: TarEntry) -> tuple[int, int]:
+        if self.idmap.is_identity:
+            return e.uid, e.gid
+        try:
+            return self.idmap.to_host(e.uid, e.gid)
+        except InvalidArgument as exc:
+            raise InvalidArchive(f"{e.name!r}: {exc}") from None
+
+    def _check_xattrs(self, e: TarEntry) -> None:
+        if self.overlay:
+            for k in e.xattrs:
+                if k.startswith(OVERLAY_XATTR_PREFIX):
+                    raise UnsafeArchive(f"{e.name!r} carries overlay xattr {k!r}")
+
+    def _set_xattrs_fd(self, fd: int, e: TarEntry) -> None:
+        for k, v in e.xattrs.items():
+            try:
+                os.setxattr(fd, k, v)
+            except OSError as exc:
+                self._soft_fail(f"set xattr {k} on {e.name!r}", exc)
+
+    def _set_xattrs_path(self, pfd: int, base: str, e: TarEntry) -> None:
+        if not e.xattrs:
+            return
+        if os.path.isdir("/proc/self/fd"):
+            path = f"/proc/self/fd/{pfd}/{base}"
+            for k, v in e.xattrs.items():
+                try:
+                    os.setxattr(path, k, v, follow_symlinks=False)
+                except OSError as exc:
+                    self._soft_fail(f"set xattr {k} on {e.name!r}", exc)
+            return
+        if not allow_chdir:
+            raise NotSupported(f"cannot set xattrs on {e.name!r} without /proc")
+        os.fchdir(pfd)
+        for k, v in e.xattrs.items():
+            try:
+                os.setxattr(base, k, v, follow_symlinks=False)
+            except OSError as exc:
+                self._soft_fail(f"set xattr {k} on {e.name!r}", exc)
+
+    def _times(self, e: TarEntry) -> tuple[int, int]:
+        at = e.atime_ns
+        mt = e.mtime_ns
+        return (at if at is not None and at >= mt else mt), mt
+
+    def _chown_path(self, pfd: int, base: str, uid: int, gid: int, sgid: bool, e: TarEntry) -> None:
+        if uid == self.euid and gid == self.egid and not sgid:
+            return
+        try:
+            os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
+        except OSError as exc:
+            self._soft_fail(f"chown {e.name!r}", exc)
+
+    def _regular(self, reader: TarReader, e: TarEntry, pfd: int, preal: str, sgid: bool,
+                 base: str) -> None:
+        mode = e.mode
+        try:
+            fd = os.open(base, _FILE_FLAGS, mode & 0o777, dir_fd=pfd)
+        except FileExistsError:
+            self._make_room(pfd, preal, base, False)
+            fd = os.open(base, _FILE_FLAGS, mode & 0o777, dir_fd=pfd)
+        try:
+            self._note_new(preal, _join(preal, base))
+            if e.data_size:
+                reader.copy_data(e, fd)
+            elif e.sparse is not None and e.size:
+                os.ftruncate(fd, e.size)
+            self.size += e.size
+            uid, gid = self._ids(e) if not self.idmap.is_identity else (e.uid, e.gid)
+            if uid != self.euid or gid != self.egid or sgid:
+                try:
+                    os.fchown(fd, uid, gid)
+                except OSError as exc:
+                    self._soft_fail(f"chown {e.name!r}", exc)
+            if mode & 0o7000 or mode & self.umask:
+                os.fchmod(fd, mode)
+            if e.xattrs:
+                self._set_xattrs_fd(fd, e)
+            at = e.atime_ns
+            mt = e.mtime_ns
+            os.utime(fd, ns=((at if at is not None and at >= mt else mt), mt))
+        finally:
+            os.close(fd)
+
+    def _directory(self, e: TarEntry, parent: str, pfd: int, preal: str, sgid: bool,
+                   base: str) -> None:
+        real = _join(preal, base)
+        mode = e.mode
+        mkmode = mode & 0o777 if self.is_root else (mode & 0o777) | 0o700
+        try:
+            os.mkdir(base, mkmode, dir_fd=pfd)
+            created = True
+        except FileExistsError:
+            if self._make_room(pfd, preal, base, True):
+                created = False
+            else:
+                os.mkdir(base, mkmode, dir_fd=pfd)
+                created = True
+        if created:
+            self._note_new(preal, real)
+        self.mine.add(real)
+        key = _join(parent, base)
+        hit = self.cache.get(key)
+        if hit is None:
+            got = self._dir(key, False, e.name)
+            if got is None:
+                raise InvalidArchive(f"directory {e.name!r} vanished while applying")
+            hit = got
+        self._dir_meta(e, hit[0], real, created, sgid)
+
+    def _dir_meta(self, e: TarEntry, dfd: int, real: str, created: bool, sgid: bool) -> None:
+        if not created:
+            self._save_dir_meta(dfd, real)
+        uid, gid = self._ids(e)
+        if uid != self.euid or gid != self.egid or sgid or not created:
+            try:
+                os.fchown(dfd, uid, gid)
+            except OSError as exc:
+                self._soft_fail(f"chown {e.name!r}", exc)
+        mode = e.mode
+        if self.is_root and (mode & 0o7000 or mode & self.umask or not created or sgid):
+            os.fchmod(dfd, mode)
+        if e.xattrs:
+            self._set_xattrs_fd(dfd, e)
+        # re-insert, so that the last-seen (deeper) directories get their times first (reversed)
+        self.dir_times.pop(real, None)
+        self.dir_times[real] = (*self._times(e), None if self.is_root else mode)
+
+    def _save_dir_meta(self, dfd: int, real: str) -> None:
+        if self.empty_start or real in self.created or real in self.merged_meta:
+            return
+        self.merged_meta.add(real)
+        self.journal.append(("meta", real, _read_meta(dfd)))
+
+    def _symlink(self, e: TarEntry, pfd: int, preal: str, sgid: bool, base: str) -> None:
+        try:
+            os.symlink(e.linkname, base, dir_fd=pfd)
+        except FileExistsError:
+            self._make_room(pfd, preal, base, False)
+            os.symlink(e.linkname, base, dir_fd=pfd)
+        real = _join(preal, base)
+        self._note_new(preal, real)
+        self.archive_links.add(real)
+        uid, gid = self._ids(e)
+        self._chown_path(pfd, base, uid, gid, sgid, e)
+        self._set_xattrs_path(pfd, base, e)
+        os.utime(base, ns=self._times(e), dir_fd=pfd, follow_symlinks=False)
+
+    def _node(self, e: TarEntry, pfd: int, preal: str, sgid: bool, base: str) -> None:
+        if e.type == ts.FIFO:
+            kind = stat.S_IFIFO
+            dev = 0
+        else:
+            kind = stat.S_IFCHR if e.type == ts.CHARDEV else stat.S_IFBLK
+            dev = os.makedev(e.devmajor, e.devminor)
+            if self.overlay and kind == stat.S_IFCHR and dev == 0:
+                raise UnsafeArchive(f"{e.name!r} is an overlay whiteout device inside the archive")
+        for attempt in (0, 1):
+            try:
+                if kind == stat.S_IFIFO:
+                    os.mkfifo(base, e.mode & 0o777, dir_fd=pfd)
+                else:
+                    os.mknod(base, kind | (e.mode & 0o777), dev, dir_fd=pfd)
+                break
+            except FileExistsError:
+                if attempt:
+                    raise
+                self._make_room(pfd, preal, base, False)
+            except PermissionError as exc:
+                self._soft_fail(f"create device {e.name!r}", exc)
+                return
+        self._note_new(preal, _join(preal, base))
+        uid, gid = self._ids(e)
+        self._chown_path(pfd, base, uid, gid, sgid, e)
+        if e.mode & 0o7000 or e.mode & self.umask:
+            os.chmod(base, e.mode, dir_fd=pfd)
+        self._set_xattrs_path(pfd, base, e)
+        os.utime(base, ns=self._times(e), dir_fd=pfd, follow_symlinks=False)
+
+    def _hardlink(self, e: TarEntry, pfd: int, preal: str, base: str) -> None:
+        raw = e.raw_linkname
+        target = ts.clean_name(raw)
+        if not target or target == ".." or target.startswith("../"):
+            raise UnsafeArchive(f"hard link {e.name!r} points outside the layer ({e.linkname!r})")
+        if target.startswith(_PLNK_PREFIX):
+            aside = self.plnk.get(target[len(_PLNK_PREFIX):])
+            if aside is None:
+                raise InvalidArchive(f"hard link {e.name!r} to unknown AUFS link {target!r}")
+            src_fd = self._scratch_fd()
+            src_base = aside
+        else:
+            if target == e.name:
+                return
+            tparent, _, tbase = target.rpartition("/")
+            if tparent.split("/", 1)[0] == self.scratch or target == self.scratch:
+                raise UnsafeArchive(f"hard link {e.name!r} points into the scratch directory")
+            hit = self._dir(tparent, False, e.name)
+            if hit is None:
+                raise InvalidArchive(f"hard link {e.name!r}: target {target!r} does not exist")
+            src_fd, src_base = hit[0], tbase
+        for attempt in (0, 1):
+            try:
+                os.link(src_base, base, src_dir_fd=src_fd, dst_dir_fd=pfd, follow_symlinks=False)
+                break
+            except FileExistsError:
+                if attempt:
+                    raise
+                self._make_room(pfd, preal, base, False)
+            except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+                raise InvalidArchive(
+                    f"hard link {e.name!r} to {target!r}: {exc.strerror}"
+                ) from None
+        self._note_new(preal, _join(preal, base))
+
+    def _plnk_file(self, reader: TarReader, e: TarEntry) -> None:
+        """Regular files under /.wh..wh.plnk are extracted aside to serve as link targets."""
+        sfd = self._scratch_fd()
+        key = e.name[len(_PLNK_PREFIX):]
+        if "/" in key:
+            key = key.rsplit("/", 1)[1]
+        self.aside_count += 1
+        aside = f"plnk-{self.aside_count}"
+        fd = os.open(aside, _FILE_FLAGS, e.mode & 0o777, dir_fd=sfd)
+        try:
+            if e.data_size:
+                reader.copy_data(e, fd)
+            uid, gid = self._ids(e)
+            if uid != self.euid or gid != self.egid:
+                try:
+                    os.fchown(fd, uid, gid)
+                except OSError as exc:
+                    self._soft_fail(f"chown {e.name!r}", exc)
+            os.fchmod(fd, e.mode)
+            if e.xattrs:
+                self._set_xattrs_fd(fd, e)
+            os.utime(fd, ns=self._times(e))
+        finally:
+            os.close(fd)
+        self.plnk[key] = aside
+
+    # ---- main loop -----------------------------------------------------------------------------
+    def run(self, reader: TarReader) -> None:
+        progress = self.opts.progress
+        next_progress = _PROGRESS_STEP
+        cache = self.cache
+        regular = ts.REGULAR_TYPES
+        for e in reader:
+            if self.graveyard:
+                self._bury()
+            if progress is not None and reader.bytes_read >= next_progress:
+                progress(reader.bytes_read)
+                next_progress = reader.bytes_read + _PROGRESS_STEP
+            name = e.name
+            if e.raw_name.startswith(b"/"):
+                raise UnsafeArchive(f"absolute name {e.raw_name.decode(errors='replace')!r}")
+            if name == ".." or name.startswith("../"):
+                raise UnsafeArchive(f"{e.raw_name.decode(errors='replace')!r} leaves the layer")
+            parent, _, base = name.rpartition("/")
+            if not name:
+                if e.type != ts.DIRECTORY:
+                    raise InvalidArchive("the archive's root entry is not a directory")
+                self._check_xattrs(e)
+                self._dir_meta(e, self.root_fd, "", False, False)
+                continue
+            first = name.split("/", 1)[0]
+            if first == self.scratch:
+                raise UnsafeArchive(f"{name!r} names the apply's scratch directory")
+            if name.startswith(WHITEOUT_META_PREFIX) and name != WHITEOUT_OPAQUE:
+                # AUFS metadata at the top; plnk files are kept aside as hard link targets
+                if name.startswith(_PLNK_PREFIX) and e.type in regular:
+                    self._plnk_file(reader, e)
+                continue
+            if base.startswith(WHITEOUT_PREFIX):
+                if base == WHITEOUT_OPAQUE:
+                    self._opaque(parent, name)
+                else:
+                    self._whiteout(parent, base[len(WHITEOUT_PREFIX):], name)
+                continue
+            if e.xattrs:
+                self._check_xattrs(e)
+            hit = cache.get(parent)
+            if hit is None:
+                hit = self._dir(parent, True, name)
+                assert hit is not None
+                cache = self.cache
+            pfd, preal, sgid = hit
+            typ = e.type
+            if typ in regular:
+                self._regular(reader, e, pfd, preal, sgid, base)
+            elif typ == ts.DIRECTORY:
+                self._directory(e, parent, pfd, preal, sgid, base)
+            elif typ == ts.SYMLINK:
+                self._symlink(e, pfd, preal, sgid, base)
+            elif typ == ts.HARDLINK:
+                self._hardlink(e, pfd, preal, base)
+            elif typ in (ts.CHARDEV, ts.BLOCKDEV, ts.FIFO):
+                self._node(e, pfd, preal, sgid, base)
+            elif typ == b"V":
+                continue
+            else:
+                raise InvalidArchive(f"{name!r} has unsupported entry type {typ!r}")
+            cache = self.cache
+        if progress is not None:
+            progress(reader.bytes_read)
+
+    def finish(self) -> None:
+        """Success: directory times (deepest last-seen first), scratch dir gone, fds closed."""
+        self._clear_cache()
+        self._bury()
+        for real, (at, mt, mode) in reversed(self.dir_times.items()):
+            self._set_dir_time(real, at, mt, mode)
+        if self.scratch_fd is not None:
+            os.close(self.scratch_fd)
+            self.scratch_fd = None
+            shutil.rmtree(self.scratch, dir_fd=self.root_fd)
+            if "" in self.dir_times:
+                at, mt, _ = self.dir_times[""]
+                os.utime(self.root_fd, ns=(at, mt))
+
+    def _set_dir_time(self, real: str, at: int, mt: int, mode: int | None) -> None:
+        parent, _, base = real.rpartition("/")
+        if not real:
+            if mode is not None:
+                os.fchmod(self.root_fd, mode)
+            os.utime(self.root_fd, ns=(at, mt))
+            return
+        try:
+            pfd = open_beneath(self.root_fd, parent)
+        except OSError:
+            return
+        try:
+            if mode is not None:
+                os.chmod(base, mode, dir_fd=pfd, follow_symlinks=True)
+            os.utime(base, ns=(at, mt), dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(pfd)
+
+    # ---- rollback ------------------------------------------------------------------------------
+    def rollback(self) -> None:
+        try:
+            self._clear_cache()
+            self._bury()
+        except OSError:
+            pass
+        if self.scratch_fd is not None and self.empty_start:
+            os.close(self.scratch_fd)
+            self.scratch_fd = None
+        if self.empty_start:
+            with os.scandir(self.root_fd) as it:
+                names = [(d.name, d.is_dir(follow_symlinks=False)) for d in it]
+            for base, is_dir in names:
+                if is_dir:
+                    shutil.rmtree(base, dir_fd=self.root_fd)
+                else:
+                    os.unlink(base, dir_fd=self.root_fd)
+            _write_meta(self.root_fd, self.root_meta)
+            return
+        for step in reversed(self.journal):
+            try:
+                self._undo(step)
+            except OSError as exc:  # keep undoing the rest; report what could not be restored
+                log.error("rollback step %r failed: %s", step[:2], exc)
+        if self.scratch_fd is not None:
+            os.close(self.scratch_fd)
+            self.scratch_fd = None
+            shutil.rmtree(self.scratch, dir_fd=self.root_fd, ignore_errors=True)
+        _write_meta(self.root_fd, self.root_meta)
+
+    def _undo(self, step: tuple[object, ...]) -> None:
+        kind, real = step[0], step[1]
+        assert isinstance(real, str)
+        parent, _, base = real.rpartition("/")
+        if kind == "new":
+            try:
+                pfd = open_beneath(self.root_fd, parent)
+            except FileNotFoundError:
+                return
+            try:
+                st = os.lstat(base, dir_fd=pfd)
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(base, dir_fd=pfd)
+                else:
+                    os.unlink(base, dir_fd=pfd)
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(pfd)
+        elif kind == "moved":
+            aside = step[2]
+            assert isinstance(aside, str) and self.scratch_fd is not None
+            pfd = open_beneath(self.root_fd, parent)
+            try:
+                try:
+                    st = os.lstat(base, dir_fd=pfd)
+                    if stat.S_ISDIR(st.st_mode):
+                        shutil.rmtree(base, dir_fd=pfd)
+                    else:
+                        os.unlink(base, dir_fd=pfd)
+                except FileNotFoundError:
+                    pass
+                os.rename(aside, base, src_dir_fd=self.scratch_fd, dst_dir_fd=pfd)
+            finally:
+                os.close(pfd)
+        elif kind == "meta":
+            meta = step[2]
+            assert isinstance(meta, _DirMeta)
+            fd = open_beneath(self.root_fd, real)
+            try:
+                _write_meta(fd, meta)
+            finally:
+                os.close(fd)
+        elif kind == "times":
+            at, mt = step[2], step[3]
+            assert isinstance(at, int) and isinstance(mt, int)
+            fd = open_beneath(self.root_fd, real)
+            try:
+                os.utime(fd, ns=(at, mt))
+            finally:
+                os.close(fd)
+
+
+def _open_target(target: str | os.PathLike[str] | int) -> tuple[int, bool]:
+    if isinstance(target, int):
+        return target, False
+    try:
+        return os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), True
+    except OSError as exc:
+        raise from_oserror(exc, "open apply target") from None
+
+
+def apply_reader(reader: TarReader, root_fd: int, opts: ApplyOptions) -> ApplyResult:
+    """Apply the entries of *reader* beneath *root_fd*; all or nothing."""
+    applier = _Applier(root_fd, opts)
+    try:
+        applier.run(reader)
+        applier.finish()
+    except BaseException as exc:
+        try:
+            applier.rollback()
+        except Exception as rb:  # pragma: no cover - reported, the original error wins
+            log.error("rollback failed: %s", rb)
+        if isinstance(exc, GraphDriverError | KeyboardInterrupt | SystemExit):
+            raise
+        if isinstance(exc, OSError):
+            raise from_oserror(exc, "apply layer") from None
+        raise
+    return ApplyResult(applier.size, reader.diff_id)
+
+
+def apply_tar(
+    source: int | BinaryIO, target: str | os.PathLike[str] | int, opts: ApplyOptions
+) -> ApplyResult:
+    """Apply a (possibly compressed) layer tar onto a directory path or fd, in process."""
+    root_fd, owned = _open_target(target)
+    try:
+        stream = open_decompressed(source) if isinstance(source, int) else decompress_stream(source)
+        try:
+            reader = TarReader(stream, opts.recorder)
+            return apply_reader(reader, root_fd, opts)
+        finally:
+            stream.close()
+    finally:
+        if owned:
+            os.close(root_fd)

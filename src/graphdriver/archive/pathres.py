@@ -1,0 +1,128 @@
+"""Resolving paths beneath a directory file descriptor without ever leaving it.
+
+- :func:`open_beneath` opens a path that must contain no symlink at all, beneath a root fd:
+  ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`` where the kernel has
+  it (Linux >= 5.6, syscall 437), else a component-by-component walk with ``O_NOFOLLOW``.
+- :func:`resolve_in_root` computes where a path really leads when symlinks are followed *as if
+  the root were "/"* (``RESOLVE_IN_ROOT`` semantics: absolute targets are relative to the root,
+  ".." stops at the root).  It returns the symlink-free relative path, which the caller then opens
+  with :func:`open_beneath` (so a race that swaps a component for a symlink fails, never escapes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections import deque
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+_SYS_OPENAT2 = 437
+_MAX_LINKS = 40
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _syscall = _libc.syscall
+    _syscall.restype = ctypes.c_long
+except (OSError, AttributeError):  # pragma: no cover - no libc: use the fallback
+    _libc = None
+
+_have_openat2: bool | None = None if _libc is not None else False
+
+
+def openat2(dir_fd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    """The openat2 system call; OSError(ENOSYS) when the kernel lacks it."""
+    if _libc is None:
+        raise OSError(errno.ENOSYS, "openat2 unavailable")
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = _syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dir_fd),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(fd)
+
+
+def have_openat2() -> bool:
+    global _have_openat2
+    if _have_openat2 is None:
+        try:
+            os.close(openat2(os.open("/", os.O_PATH | os.O_CLOEXEC), ".", os.O_PATH))
+            _have_openat2 = True
+        except OSError as exc:
+            _have_openat2 = exc.errno not in (errno.ENOSYS, errno.EPERM)
+    return _have_openat2
+
+
+def open_beneath(root_fd: int, path: str, flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
+    """Open *path* (relative, symlink-free) beneath *root_fd*; any symlink on the way fails."""
+    if not path or path == ".":
+        return os.open(".", flags | os.O_CLOEXEC, dir_fd=root_fd)
+    if have_openat2():
+        return openat2(
+            root_fd, path, flags, 0, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+        )
+    parts = [p for p in path.split("/") if p and p != "."]
+    if ".." in parts:
+        raise OSError(errno.EXDEV, "path leaves its root", path)
+    cur = root_fd
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            f = (flags if last else os.O_RDONLY | os.O_DIRECTORY) | os.O_NOFOLLOW | os.O_CLOEXEC
+            nxt = os.open(part, f, dir_fd=cur)
+            if cur != root_fd:
+                os.close(cur)
+            cur = nxt
+    except BaseException:
+        if cur != root_fd:
+            os.close(cur)
+        raise
+    return cur
+
+
+def resolve_in_root(root_fd: int, path: str) -> str:
+    """Where *path* leads beneath *root_fd*, following symlinks as if the root were "/".
+
+    A missing component raises FileNotFoundError; ELOOP after 40 links.
+    """
+    parts = deque(p for p in path.split("/") if p and p != ".")
+    real: list[str] = []
+    links = 0
+    while parts:
+        comp = parts.popleft()
+        if comp == "..":
+            if real:
+                real.pop()
+            continue
+        cand = "/".join([*real, comp])
+        try:
+            target = os.readlink(cand, dir_fd=root_fd)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # not a symlink
+                real.append(comp)
+                continue
+            raise
+        links += 1
+        if links > _MAX_LINKS:
+            raise OSError(errno.ELOOP, "too many levels of symbolic links", path)
+        if target.startswith("/"):
+            real = []
+        parts.extendleft(reversed([p for p in target.split("/") if p and p != "."]))
+    return "/".join(real)
