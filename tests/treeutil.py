@@ -1,0 +1,146 @@
+"""Snapshot a directory tree (every fact a layer keeps) so two trees can be compared."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+Entry = tuple[Any, ...]
+
+
+def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return ()
+    out = []
+    for name in sorted(names):
+        if name.startswith("security.selinux"):
+            continue
+        try:
+            out.append((name, os.getxattr(path, name, follow_symlinks=False)))
+        except OSError:
+            continue
+    return tuple(out)
+
+
+def snapshot(root: str | os.PathLike[str], *, mtimes: bool = True,
+             dir_mtimes: bool = False) -> dict[str, Entry]:
+    """path -> (kind, mode, uid, gid, size/target/digest/rdev, mtime, xattrs, link group).
+
+    Hard-link groups are compared by the sorted list of names sharing an inode.
+    """
+    root = os.fspath(root)
+    entries: dict[str, Entry] = {}
+    inodes: dict[tuple[int, int], list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                h = hashlib.sha256()
+                with open(full, "rb") as f:
+                    for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                        h.update(chunk)
+                what: Any = ("f", st.st_size, h.hexdigest())
+                inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+            elif stat.S_ISDIR(mode):
+                what = ("d",)
+            elif stat.S_ISLNK(mode):
+                what = ("l", os.readlink(full))
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                what = ("c" if stat.S_ISCHR(mode) else "b", os.major(st.st_rdev),
+                        os.minor(st.st_rdev))
+            elif stat.S_ISFIFO(mode):
+                what = ("p",)
+            else:
+                what = ("?",)
+            keep_mtime = mtimes and not stat.S_ISLNK(mode) and (dir_mtimes or
+                                                                 not stat.S_ISDIR(mode))
+            entries[rel] = (what, stat.S_IMODE(mode), st.st_uid, st.st_gid,
+                            st.st_mtime_ns if keep_mtime else None, _xattrs(full))
+    for names in inodes.values():
+        if len(names) > 1:
+            group = tuple(sorted(names))
+            for n in names:
+                entries[n] = (*entries[n], group)
+    return entries
+
+
+def diff_snapshots(a: dict[str, Entry], b: dict[str, Entry]) -> list[str]:
+    """Human-readable differences (empty when equal)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k not in a:
+            out.append(f"only in second: {k} {b[k]}")
+        elif k not in b:
+            out.append(f"only in first: {k} {a[k]}")
+        elif a[k] != b[k]:
+            out.append(f"differs: {k}: {a[k]} != {b[k]}")
+    return out
+
+
+# --- building tars for tests ---------------------------------------------------------------
+
+
+class TarBuilder:
+    """Builds a layer tar in memory with tarfile (test data only, not the engine)."""
+
+    def __init__(self, fmt: int = tarfile.PAX_FORMAT) -> None:
+        self.buf = io.BytesIO()
+        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=fmt)
+        self.mtime = int(time.time()) - 3600
+
+    def _info(self, name: str, kind: bytes, mode: int, **kw: Any) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.type = kind
+        ti.mode = mode
+        ti.mtime = kw.pop("mtime", self.mtime)
+        ti.uid = kw.pop("uid", 0)
+        ti.gid = kw.pop("gid", 0)
+        ti.uname = ti.gname = ""
+        for k, v in kw.items():
+            setattr(ti, k, v)
+        return ti
+
+    def dir(self, name: str, mode: int = 0o755, **kw: Any) -> TarBuilder:
+        self.tar.addfile(self._info(name, tarfile.DIRTYPE, mode, **kw))
+        return self
+
+    def file(self, name: str, data: bytes = b"", mode: int = 0o644, **kw: Any) -> TarBuilder:
+        ti = self._info(name, tarfile.REGTYPE, mode, **kw)
+        ti.size = len(data)
+        self.tar.addfile(ti, io.BytesIO(data))
+        return self
+
+    def symlink(self, name: str, target: str, **kw: Any) -> TarBuilder:
+        self.tar.addfile(self._info(name, tarfile.SYMTYPE, 0o777, linkname=target, **kw))
+        return self
+
+    def hardlink(self, name: str, target: str, **kw: Any) -> TarBuilder:
+        self.tar.addfile(self._info(name, tarfile.LNKTYPE, 0o644, linkname=target, **kw))
+        return self
+
+    def whiteout(self, path: str) -> TarBuilder:
+        head, _, base = path.rpartition("/")
+        return self.file(f"{head}/.wh.{base}" if head else f".wh.{base}")
+
+    def opaque(self, dirpath: str) -> TarBuilder:
+        return self.file(f"{dirpath.rstrip('/')}/.wh..wh..opq")
+
+    def bytes(self) -> bytes:
+        self.tar.close()
+        return self.buf.getvalue()
+
+    def write(self, path: Path) -> Path:
+        path.write_bytes(self.bytes())
+        return path
