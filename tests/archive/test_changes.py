@@ -297,3 +297,128 @@ def test_changes_size_counts_hardlinks_once(tmp_path: Path) -> None:
     ]
     assert changes_size(root, changes) == 30
     assert changes_size(root, changes_dirs(root, None)) == 30
+
+
+# --------------------------------------------------------------------------------------------
+# overlay_changes == changes_dirs(merged, lower_merged), on real overlay mounts
+# --------------------------------------------------------------------------------------------
+
+import random  # noqa: E402
+import stat  # noqa: E402
+
+from graphdriver.archive.changes import overlay_changes  # noqa: E402
+
+_NAMES = ("a", "b", "c")
+_MTIMES = (1000 * 10**9, 1000 * 10**9 + 500_000_000, 2000 * 10**9)
+
+
+def _overlay_supported() -> bool:
+    if not IS_ROOT:
+        return False
+    with open("/proc/filesystems") as f:
+        return any(line.split()[-1] == "overlay" for line in f if line.strip())
+
+
+needs_overlay = pytest.mark.skipif(
+    not _overlay_supported(), reason="needs root and overlayfs (0/0 devices, trusted.* xattrs)"
+)
+
+
+def _fill(d: Path, rng: random.Random, depth: int) -> None:
+    for name in _NAMES:
+        p = d / name
+        r = rng.random()
+        if r < 0.25:
+            continue
+        if r < 0.5:
+            p.write_bytes(b"x" * rng.choice((0, 1, 2)))
+            os.chmod(p, rng.choice((0o644, 0o600)))
+            if rng.random() < 0.1:
+                os.chown(p, 1, 1)
+            os.utime(p, ns=(0, rng.choice(_MTIMES)))
+        elif r < 0.6:
+            os.symlink(rng.choice(("x", "yy")), p)
+            os.utime(p, ns=(0, rng.choice(_MTIMES)), follow_symlinks=False)
+        elif r < 0.72:
+            os.mknod(p, 0o600 | stat.S_IFCHR, 0)  # overlay whiteout
+        else:
+            p.mkdir()
+            os.chmod(p, rng.choice((0o755, 0o700)))
+            if rng.random() < 0.2:
+                os.setxattr(p, "trusted.overlay.opaque", b"y")
+            if depth < 3:
+                _fill(p, rng, depth + 1)
+            os.utime(p, ns=(0, rng.choice(_MTIMES)))
+
+
+def _mount(target: Path, options: str) -> None:
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", options, str(target)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _umount(target: Path) -> None:
+    subprocess.run(["umount", str(target)], check=False, capture_output=True)
+
+
+@needs_overlay
+@pytest.mark.parametrize("seed", range(60))
+def test_overlay_changes_equal_changes_of_mounted_views(seed: int) -> None:
+    rng = random.Random(seed)
+    base = Path("/dev/shm") / f"gd-ovl-changes-{os.getpid()}-{seed}"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir()
+    merged, lower_merged = base / "merged", base / "lower_merged"
+    mounted: list[Path] = []
+    try:
+        nlowers = rng.randint(1, 3)
+        lowers = [base / f"l{i}" for i in range(nlowers)]  # nearest first
+        for layer in (*reversed(lowers), base / "upper"):
+            layer.mkdir()
+            _fill(layer, rng, 1)
+        empty, work = base / "empty", base / "work"
+        for p in (empty, work, merged, lower_merged):
+            p.mkdir()
+        want_from_upper = overlay_changes(base / "upper", lowers)
+        lowerdir = ":".join(str(p) for p in lowers)
+        _mount(merged, f"lowerdir={lowerdir},upperdir={base / 'upper'},workdir={work}")
+        mounted.append(merged)
+        _mount(lower_merged, f"lowerdir={lowerdir}:{empty}")
+        mounted.append(lower_merged)
+        expected = changes_dirs(merged, lower_merged)
+        assert want_from_upper == expected
+        assert overlay_changes(base / "upper", [str(p) for p in lowers]) == expected
+    finally:
+        for m in reversed(mounted):
+            _umount(m)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_overlay
+def test_overlay_whiteout_without_lower_is_not_a_change(tmp_path: Path) -> None:
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    _write(lower / "kept")
+    upper.mkdir()
+    os.mknod(upper / "kept", 0o600 | stat.S_IFCHR, 0)
+    os.mknod(upper / "never", 0o600 | stat.S_IFCHR, 0)
+    assert overlay_changes(upper, [lower]) == [Change("/kept", D)]
+
+
+@needs_overlay
+def test_overlay_opaque_dir_deletes_lower_children(tmp_path: Path) -> None:
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    _write(lower / "d" / "old1")
+    _write(lower / "d" / "old2")
+    _write(lower / "d" / "same", "s")
+    shutil.copytree(lower, upper, copy_function=shutil.copy2)
+    os.unlink(upper / "d" / "old1")
+    os.unlink(upper / "d" / "old2")
+    os.utime(upper / "d", ns=(0, os.lstat(lower / "d").st_mtime_ns))
+    os.setxattr(upper / "d", "trusted.overlay.opaque", b"y")
+    assert overlay_changes(upper, [lower]) == [
+        Change("/d", C),
+        Change("/d/old1", D),
+        Change("/d/old2", D),
+    ]

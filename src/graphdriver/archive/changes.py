@@ -90,6 +90,14 @@ def _scan(fd: int) -> dict[str, os.DirEntry[str]]:
         return {e.name: e for e in it}
 
 
+def _entry_stat(entry: os.DirEntry[str]) -> os.stat_result | None:
+    """lstat of a listed name; None when it is not there (moby's walker skips those)."""
+    try:
+        return entry.stat(follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def _sort(changes: list[Change]) -> list[Change]:
     changes.sort(key=lambda c: os.fsencode(c.path))
     return changes
@@ -125,17 +133,14 @@ def _compare_dirs(
 
     for name, entry in new_children.items():
         child = _join(path, name)
-        try:
-            nst = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
+        nst = _entry_stat(entry)
         old_entry = old_children.pop(name, None)
-        ost: os.stat_result | None = None
-        if old_entry is not None:
-            try:
-                ost = old_entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                ost = None
+        ost = _entry_stat(old_entry) if old_entry is not None else None
+        if nst is None:
+            # Listed but not there (gone meanwhile, or an overlay whiteout a readdir shows).
+            if ost is not None:
+                out.append(Change(child, ChangeKind.DELETE))
+            continue
         if ost is None:
             out.append(Change(child, ChangeKind.ADD))
             added = True
@@ -171,8 +176,9 @@ def _compare_dirs(
             # Something inside changed: the directory itself is listed (moby PR 13590).
             out.append(Change(child, ChangeKind.MODIFY))
 
-    for name in old_children:
-        out.append(Change(_join(path, name), ChangeKind.DELETE))
+    for name, entry in old_children.items():
+        if _entry_stat(entry) is not None:
+            out.append(Change(_join(path, name), ChangeKind.DELETE))
 
 
 def changes_dirs(
