@@ -1,0 +1,113 @@
+"""Registry selection, locks, reference counts and ids: the shared machinery on its own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from graphdriver import InvalidArgument, NotSupported, open_driver
+from graphdriver.layers import validate_id
+from graphdriver.locking import FileLock
+from graphdriver.refcount import RefCounts
+from graphdriver.registry import names
+
+
+def test_registry_prefers_overlay_then_vfs_and_never_windowsfilter() -> None:
+    order = names()
+    assert order.index("overlay") < order.index("vfs")
+    assert order[-1] == "windowsfilter"
+
+
+def test_auto_selection_uses_the_home_in_use(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    d = open_driver("vfs", tmp_path / "root", runroot=run)
+    d.create("x")
+    again = open_driver(None, tmp_path / "root", runroot=run)
+    assert again.name == "vfs"
+    assert again.exists("x")
+
+
+def test_two_homes_in_use_is_an_error_that_says_choose(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    open_driver("vfs", tmp_path / "root", runroot=run).create("x")
+    other = tmp_path / "root" / "overlay" / "meta" / "y"
+    other.mkdir(parents=True)
+    with pytest.raises(InvalidArgument, match="--driver"):
+        open_driver(None, tmp_path / "root", runroot=run)
+
+
+def test_auto_selection_on_an_empty_root_picks_a_working_driver(tmp_path: Path) -> None:
+    d = open_driver(None, tmp_path / "root", runroot=tmp_path / "run")
+    assert d.name in ("overlay", "vfs")
+
+
+def test_unknown_driver_and_unknown_option(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="unknown driver"):
+        open_driver("zfs2", tmp_path, runroot=tmp_path / "run")
+    with pytest.raises(InvalidArgument, match="Frob"):
+        open_driver("vfs", tmp_path, {"Frob": "1"}, runroot=tmp_path / "run")
+
+
+def test_size_option_keys_are_case_insensitive_and_vfs_refuses_quotas(tmp_path: Path) -> None:
+    with pytest.raises(NotSupported):
+        open_driver("vfs", tmp_path, {"SIZE": "10G"}, runroot=tmp_path / "run")
+    with pytest.raises(InvalidArgument, match="invalid size"):
+        open_driver("vfs", tmp_path, {"Size": "ten"}, runroot=tmp_path / "run")
+
+
+@pytest.mark.parametrize("good", ["a", "A9", "0" * 64 + "-init", "x.y_z-1", "x" * 96])
+def test_valid_ids(good: str) -> None:
+    assert validate_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "-a", ".a", "_a", "a/b", "a b", "é", "x" * 97, "l", "meta",
+                                 "locks", "a-removing", "a\n"])
+def test_invalid_ids(bad: str) -> None:
+    with pytest.raises(InvalidArgument):
+        validate_id(bad)
+
+
+def test_file_lock_excludes_threads_and_processes(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    held = FileLock(path)
+    held.acquire()
+    other = FileLock(path)
+    assert not other.acquire(blocking=False)
+    code = ("import fcntl,sys,os; fd=os.open(sys.argv[1], os.O_RDWR);"
+            "fcntl.flock(fd, fcntl.LOCK_EX|fcntl.LOCK_NB)")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True)
+    assert proc.returncode != 0  # another process cannot take it either
+    got = threading.Event()
+
+    def waiter() -> None:
+        with FileLock(path):
+            got.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.1)
+    assert not got.is_set()
+    held.release()
+    t.join(5)
+    assert got.is_set()
+
+
+def test_refcounts_are_shared_between_objects_and_never_negative(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    a = RefCounts(tmp_path / "run", home)
+    b = RefCounts(tmp_path / "run", home)
+    assert a.increment("x") == 1
+    assert b.increment("x") == 2
+    assert a.all() == {"x": 2}
+    assert b.decrement("x") == 1
+    assert a.decrement("x") == 0
+    assert a.decrement("x") == 0
+    assert a.all() == {}
+    assert not any(os.scandir(a.dir))
