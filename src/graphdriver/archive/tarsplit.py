@@ -1,0 +1,492 @@
+"""tar-split metadata: record a layer tar's raw bytes while applying it, re-assemble it exactly.
+
+The format is vbatts/tar-split's ``tar/storage``: one JSON document per line, gzip'd on disk
+(Docker keeps it as ``tar-split.json.gz``).  Each line is an entry
+
+    {"type":2,"payload":"<base64 raw bytes>","position":N}                  a segment
+    {"type":1,"name":"a/b","size":5,"payload":"<base64 crc64>","position":N}  a file's data
+
+Segments hold header blocks (with PAX / GNU long-name headers), padding and the trailing bytes
+verbatim; a file entry stands for ``size`` bytes of entry data, to be read back from the stored
+layer by name and checked against the CRC-64 (ISO polynomial, as Go's ``hash/crc64``, big-endian
+8 bytes).  Names that are not valid UTF-8 go to ``name_raw`` (base64) instead of ``name``.  Like
+Go's packer and unpacker, a path may appear only once among the file entries.
+
+Writing: :class:`TarSplitPacker` implements the tar reader's ``Recorder`` hook.  When the CRC of
+a file is not given (the apply runs in a confined child that only sees the structure), the entry
+is written with a ``null`` payload and :func:`finalize_recording` computes the CRCs from the files
+as the apply left them — the very files :func:`assemble` reads back later.  A layer that tar-split
+cannot describe (GNU sparse entries, duplicate paths, files rewritten later in the same archive)
+is marked "not exactly reproducible" with the reason, and its diff falls back to the normal one.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import io
+import json
+import logging
+import os
+import posixpath
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..errors import GraphDriverError, InvalidArchive, NotFound, StoreCorrupt
+
+log = logging.getLogger("graphdriver")
+
+FILE_TYPE = 1
+SEGMENT_TYPE = 2
+
+#: file names inside ``meta/<id>/``
+METADATA_NAME = "tar-split.json.gz"
+UNREPRODUCIBLE_NAME = "tar-split.unreproducible"
+RAW_NAME = "tar-split.raw"
+
+_COPY = 1 << 20
+_MAX_LINE = 64 << 20  # a segment line: the reader flushes at most ~1 MiB of raw bytes at once
+
+# ----- CRC-64/GO-ISO ------------------------------------------------------------------------
+
+_ISO_REFLECTED = 0xD800000000000000
+_MASK = 0xFFFFFFFFFFFFFFFF
+
+
+def _make_table() -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ _ISO_REFLECTED if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_TABLE = _make_table()
+
+
+def _crc64_py(data: bytes | memoryview, crc: int = 0) -> int:
+    table = _TABLE
+    crc ^= _MASK
+    for b in bytes(data):
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ _MASK
+
+
+def _load_fast() -> Callable[[bytes | memoryview, int], int] | None:
+    try:
+        import crcmod  # type: ignore[import-not-found, import-untyped, unused-ignore]
+        import crcmod._crcfunext  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    except ImportError:
+        return None
+    fun = crcmod.mkCrcFun(0x1000000000000001B, initCrc=0, rev=True, xorOut=_MASK)
+
+    def crc64_fast(data: bytes | memoryview, crc: int = 0) -> int:
+        return int(fun(data, crc))
+
+    return crc64_fast
+
+
+_fast = _load_fast()
+
+
+def crc64(data: bytes | memoryview, crc: int = 0) -> int:
+    """CRC-64 with the ISO polynomial as Go's ``hash/crc64`` (continue with the previous value)."""
+    if _fast is not None:
+        return _fast(data, crc)
+    return _crc64_py(data, crc)
+
+
+def crc_bytes(crc: int) -> bytes:
+    """The 8 bytes Go's ``Sum`` gives (big-endian): what a file entry's payload holds."""
+    return crc.to_bytes(8, "big")
+
+
+# ----- entries ------------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    type: int
+    name: bytes = b""
+    size: int = 0
+    payload: bytes | None = None
+    position: int = 0
+
+
+def clean_path(name: bytes) -> bytes:
+    """Go's ``filepath.Clean``, the key of the duplicate-path rule."""
+    if not name:
+        return b"."
+    norm = posixpath.normpath(name)
+    return b"/" + norm.lstrip(b"/") if norm.startswith(b"//") else norm
+
+
+def encode_entry(e: Entry) -> bytes:
+    """One JSON line, field for field as Go's encoder writes ``storage.Entry``."""
+    parts = [f'{{"type":{e.type}']
+    if e.name:
+        try:
+            text = e.name.decode("utf-8")
+        except UnicodeDecodeError:
+            parts.append(f',"name_raw":"{base64.b64encode(e.name).decode()}"')
+        else:
+            quoted = json.dumps(text, ensure_ascii=False)
+            quoted = quoted.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            parts.append(f',"name":{quoted}')
+    if e.size:
+        parts.append(f',"size":{e.size}')
+    if e.payload is None:
+        parts.append(',"payload":null')
+    else:
+        parts.append(f',"payload":"{base64.b64encode(e.payload).decode()}"')
+    parts.append(f',"position":{e.position}}}\n')
+    return "".join(parts).encode("utf-8")
+
+
+def _bad(msg: str) -> InvalidArchive:
+    return InvalidArchive(f"tar-split metadata: {msg}")
+
+
+def decode_entry(line: bytes) -> Entry:
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(f"not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise _bad("an entry is not an object")
+    typ = obj.get("type")
+    if typ not in (FILE_TYPE, SEGMENT_TYPE):
+        raise _bad(f"unknown entry type {typ!r}")
+    name = b""
+    raw = obj.get("name_raw")
+    try:
+        if raw:
+            name = base64.b64decode(raw, validate=True)
+        elif obj.get("name"):
+            name = str(obj["name"]).encode("utf-8", "surrogateescape")
+        payload = obj.get("payload")
+        data = None if payload is None else base64.b64decode(payload, validate=True)
+    except (ValueError, TypeError):
+        raise _bad("bad base64") from None
+    size = obj.get("size", 0)
+    pos = obj.get("position", 0)
+    if not isinstance(size, int) or size < 0 or not isinstance(pos, int):
+        raise _bad("bad size or position")
+    return Entry(typ, name, size, data, pos)
+
+
+def read_entries(stream: BinaryIO) -> Iterator[Entry]:
+    """Entries of a plain (not gzip'd) JSON-lines stream; refuses duplicate paths as Go does."""
+    seen: set[bytes] = set()
+    buf: Any = io.BufferedReader(stream, _COPY) if isinstance(stream, io.RawIOBase) else stream
+    while True:
+        line = buf.readline(_MAX_LINE)
+        if not line:
+            return
+        if not line.endswith(b"\n") and len(line) >= _MAX_LINE:
+            raise _bad("an entry is too long")
+        if not line.strip():
+            continue
+        e = decode_entry(line)
+        if e.type == FILE_TYPE:
+            key = clean_path(e.name)
+            if key in seen:
+                raise _bad(f"duplicate path {e.name.decode('utf-8', 'replace')!r}")
+            seen.add(key)
+        yield e
+
+
+@contextlib.contextmanager
+def open_metadata(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Open tar-split metadata, gzip'd or plain."""
+    f = open(path, "rb")  # noqa: SIM115
+    try:
+        magic = f.read(2)
+        f.seek(0)
+        if magic == b"\x1f\x8b":
+            with gzip.GzipFile(fileobj=f, mode="rb") as gz:
+                yield gz  # type: ignore[misc]
+        else:
+            yield f
+    finally:
+        f.close()
+
+
+# ----- writing ------------------------------------------------------------------------------
+
+
+class TarSplitPacker:
+    """The tar reader's Recorder, writing tar-split JSON lines to *out* (plain, not gzip'd).
+
+    ``file()`` may be given the CRC; if not, ``data()`` may feed the entry's bytes; if neither,
+    the entry gets a ``null`` payload for :func:`finalize_recording` to fill.
+    ``problem`` says why the stream cannot be described exactly (None when it can).
+    """
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._pos = 0
+        self._seen: set[bytes] = set()
+        self._pending: Entry | None = None
+        self._crc: int | None = None
+        self.problem: str | None = None
+        self.bytes_described = 0
+
+    def _emit(self, e: Entry) -> None:
+        e.position = self._pos
+        self._pos += 1
+        self._out.write(encode_entry(e))
+
+    def _flush_pending(self) -> None:
+        e = self._pending
+        if e is None:
+            return
+        self._pending = None
+        if self._crc is not None and e.size > 0:
+            e.payload = crc_bytes(self._crc)
+        self._crc = None
+        self._emit(e)
+
+    def segment(self, raw: bytes) -> None:
+        self._flush_pending()
+        if raw:
+            self.bytes_described += len(raw)
+            self._emit(Entry(SEGMENT_TYPE, payload=bytes(raw)))
+
+    def file(self, name: bytes, size: int, payload_crc64: int | None) -> None:
+        self._flush_pending()
+        key = clean_path(name)
+        if key in self._seen and self.problem is None:
+            self.problem = f"path {name.decode('utf-8', 'replace')!r} appears twice in the archive"
+        self._seen.add(key)
+        self.bytes_described += size
+        e = Entry(FILE_TYPE, bytes(name), size)
+        if payload_crc64 is not None and size > 0:
+            e.payload = crc_bytes(payload_crc64)
+            self._emit(e)
+            return
+        self._pending = e
+        self._crc = None
+
+    def data(self, chunk: bytes | memoryview) -> None:
+        """Bytes of the current file entry's data (optional: lets the CRC come from the stream)."""
+        if self._pending is None:
+            return
+        self._crc = crc64(chunk, self._crc or 0)
+
+    def sparse(self, name: bytes) -> None:
+        """The current entry is a GNU sparse file: tar-split cannot express it."""
+        if self.problem is None:
+            self.problem = f"{name.decode('utf-8', 'replace')!r} is a GNU sparse file"
+
+    def close(self) -> None:
+        self._flush_pending()
+        self._out.flush()
+
+
+@dataclass
+class Disassembly:
+    diff_id: str
+    size: int  # bytes of the tar stream
+    problem: str | None  # why it is not exactly reproducible, or None
+
+
+def disassemble(tar_stream: BinaryIO, meta_out: BinaryIO) -> Disassembly:
+    """Describe a plain tar stream as tar-split JSON lines on *meta_out* (CRCs from the stream).
+
+    Like ``tar-split disasm`` without the output copy; reads its input to EOF.
+    """
+    from .tarstream import TarReader
+
+    packer = TarSplitPacker(meta_out)
+    reader = TarReader(tar_stream, packer)
+    for entry in reader:
+        if entry.sparse is not None:
+            packer.sparse(entry.raw_name)
+        for chunk in reader.chunks():
+            packer.data(chunk)
+    packer.close()
+    return Disassembly(reader.diff_id, reader.bytes_read, packer.problem)
+
+
+# ----- finishing a recording made during an apply --------------------------------------------
+
+
+@dataclass
+class Recording:
+    reproducible: bool
+    reason: str | None = None
+
+
+def _file_crc(root_fd: int, name: bytes, size: int) -> tuple[int | None, str | None]:
+    """CRC of a stored file that must be a regular file of *size* bytes; (None, why) if not."""
+    from .pathres import open_beneath
+
+    path = name.decode("utf-8", "surrogateescape").lstrip("/")
+    shown = name.decode("utf-8", "replace")
+    try:
+        fd = open_beneath(root_fd, path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        return None, f"{shown!r} is not in the layer after the apply ({exc.strerror})"
+    try:
+        st = os.fstat(fd)
+        import stat
+
+        if not stat.S_ISREG(st.st_mode):
+            return None, f"{shown!r} is not a regular file after the apply"
+        if st.st_size != size:
+            return None, (f"{shown!r} has {st.st_size} bytes after the apply, "
+                          f"the archive gave {size} (sparse or rewritten)")
+        crc = 0
+        got = 0
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+            buf = bytearray(_COPY)
+            mv = memoryview(buf)
+            while True:
+                n = f.readinto(mv)
+                if not n:
+                    break
+                crc = crc64(mv[:n], crc)
+                got += n
+        if got != size:
+            return None, f"{shown!r} changed while it was read"
+        return crc, None
+    finally:
+        os.close(fd)
+
+
+def finalize_recording(raw: BinaryIO, root: str | os.PathLike[str] | int, out_path: Path,
+                       problem: str | None = None) -> Recording:
+    """Turn the JSON lines the apply wrote (*raw*) into ``out_path`` (gzip'd), computing missing
+    CRCs from the applied files beneath *root*.  When the layer cannot be reproduced exactly,
+    writes ``tar-split.unreproducible`` (the reason) beside *out_path* instead.
+    """
+    out_path = Path(out_path)
+    marker = out_path.with_name(UNREPRODUCIBLE_NAME)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    root_fd = root if isinstance(root, int) else os.open(root, os.O_RDONLY | os.O_DIRECTORY
+                                                           | os.O_CLOEXEC)
+    reason = problem
+    try:
+        if reason is None:
+            try:
+                with open(tmp, "wb") as f, gzip.GzipFile(
+                    fileobj=f, mode="wb", compresslevel=6, mtime=0
+                ) as gz:
+                    for e in read_entries(raw):
+                        if e.type == FILE_TYPE and e.size > 0 and e.payload is None:
+                            crc, why = _file_crc(root_fd, e.name, e.size)
+                            if crc is None:
+                                reason = why
+                                break
+                            e.payload = crc_bytes(crc)
+                        gz.write(encode_entry(e))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except InvalidArchive as exc:
+                reason = str(exc)
+        if reason is None:
+            os.replace(tmp, out_path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(marker)
+            return Recording(True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out_path)
+        marker.write_text(reason + "\n")
+        return Recording(False, reason)
+    finally:
+        if not isinstance(root, int):
+            os.close(root_fd)
+
+
+def layer_status(meta_dir: Path) -> tuple[bool, str]:
+    """(True, "") if the layer has exact metadata, else (False, why not)."""
+    if (meta_dir / METADATA_NAME).exists():
+        return True, ""
+    marker = meta_dir / UNREPRODUCIBLE_NAME
+    with contextlib.suppress(FileNotFoundError):
+        return False, marker.read_text().strip() or "not exactly reproducible"
+    return False, "no tar-split metadata was recorded (the layer was not made by an apply)"
+
+
+# ----- re-assembly ------------------------------------------------------------------------------
+
+Opener = Callable[[str], BinaryIO]
+
+
+def _write_all(out: int | BinaryIO, data: bytes | memoryview) -> None:
+    if isinstance(out, int):
+        mv = memoryview(data)
+        while mv:
+            mv = mv[os.write(out, mv):]
+    else:
+        out.write(data)
+
+
+def assemble(meta: BinaryIO, open_file: Opener, out: int | BinaryIO, what: str = "layer") -> int:
+    """Write the exact tar described by *meta* (plain JSON lines) to *out*; returns its size.
+
+    File data comes from ``open_file(path)``; a file whose size or CRC differs from what was
+    recorded raises StoreCorrupt (one line), as tar-split's "file integrity checksum failed".
+    """
+    total = 0
+    buf = bytearray(_COPY)
+    mv = memoryview(buf)
+    for e in read_entries(meta):
+        if e.type == SEGMENT_TYPE:
+            if e.payload:
+                _write_all(out, e.payload)
+                total += len(e.payload)
+            continue
+        if e.size == 0:
+            continue
+        shown = e.name.decode("utf-8", "replace")
+        if e.payload is None or len(e.payload) != 8:
+            raise _bad(f"file entry {shown!r} has no checksum")
+        name = e.name.decode("utf-8", "surrogateescape")
+        try:
+            f = open_file(name)
+        except OSError as exc:
+            raise NotFound(f"{what}: {shown!r} is gone ({exc.strerror}); "
+                           "cannot reproduce the diff exactly") from None
+        except GraphDriverError as exc:
+            raise NotFound(f"{what}: {shown!r}: {exc}; cannot reproduce the diff exactly") from None
+        with f:
+            crc = 0
+            left = e.size
+            while left:
+                n = f.readinto(mv[: min(left, _COPY)])  # type: ignore[attr-defined]
+                if not n:
+                    break
+                crc = crc64(mv[:n], crc)
+                _write_all(out, mv[:n])
+                left -= n
+            if left or f.read(1):
+                raise StoreCorrupt(f"{what}: {shown!r} changed size since it was applied; "
+                                   "cannot reproduce the diff exactly")
+        if crc_bytes(crc) != e.payload:
+            raise StoreCorrupt(f"{what}: {shown!r} changed since it was applied (crc64 mismatch); "
+                               "cannot reproduce the diff exactly")
+        total += e.size
+    return total
+
+
+def assemble_layer(meta_dir: Path, open_file: Opener, out: int | BinaryIO,
+                   layer_id: str = "layer") -> int:
+    """Re-assemble a layer's applied tar from ``meta_dir/tar-split.json.gz``."""
+    ok, why = layer_status(meta_dir)
+    if not ok:
+        raise NotFound(f"layer {layer_id} is not exactly reproducible: {why}")
+    with open_metadata(meta_dir / METADATA_NAME) as meta:
+        try:
+            return assemble(meta, open_file, out, f"layer {layer_id}")
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise StoreCorrupt(f"layer {layer_id}: reading its tar-split metadata: {exc}") from None
