@@ -1,0 +1,464 @@
+"""overlay: kernel overlayfs with moby overlay2's on-disk layout.
+
+Layout of the driver home (as ``/var/lib/docker/overlay2``)::
+
+    <id>/diff        the layer's own files (overlay's upper dir while it is writable)
+    <id>/link        its 26-character short id
+    <id>/lower       ``l/A:l/B`` — its ancestors' short links, nearest first (not in base layers)
+    <id>/work        overlay's work dir          (not in base layers)
+    <id>/merged      where the assembled tree is mounted (not in base layers)
+    <id>/committed   written when the layer gets its first child: it then mounts read-only
+    l/<short>        -> ../<id>/diff
+    meta/ locks/     the shared layer records and locks (store.py)
+
+``get`` of a layer without a parent returns its ``diff`` directly.  Any other layer is an overlay
+mounted at ``merged``: lowers are the ancestors' diffs (through the short links), the upper is its
+own ``diff`` — unless the layer is committed, when its ``diff`` becomes the top lower and the
+mount is read-only.  Mounts use the new mount API with one ``lowerdir+`` per layer (mount.py),
+so chains never hit mount(2)'s one-page limit; still, more than 128 lowers are refused as moby
+does, which is also what makes the relative ``l/A:l/B`` fallback fit one page.
+
+Whiteouts are stored in overlay form (0/0 character devices, ``trusted.overlay.opaque=y``).
+Against the recorded parent, ``changes`` reads only the layer's ``diff`` plus lookups in the
+lowers (archive.changes.overlay_changes), ``diff`` is a tar of ``diff`` with whiteouts converted
+back to ``.wh.`` entries (moby overlay2's native Diff) and ``diff_size`` is the size of ``diff``
+(moby's directory.Size); against any other parent the base class's naive comparison is used.
+
+Quotas (quota.py): on btrfs the ``<id>`` directory of a sized writable layer is a subvolume with a
+qgroup limit.  Elsewhere ``<id>/quota.img`` is an ext4 image loop-mounted at ``<id>/quota``; it
+holds ``diff`` and ``work``, and ``<id>/diff`` / ``<id>/work`` are symlinks ``quota/diff`` /
+``quota/work``, so every path above (and ``l/<short>``) stays valid while the image is mounted.
+The image is mounted again lazily whenever the layer (or a child of it) is used.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import quota
+from ..archive.changes import Change
+from ..errors import (
+    GraphDriverError,
+    InvalidArgument,
+    NotSupported,
+    from_oserror,
+)
+from ..fsutil import fs_name, remove_tree, supports_d_type
+from ..layers import REMOVING_SUFFIX, RESERVED_IDS, LayerRecord
+from ..locking import FileLock
+from ..mount import OverlayOptions, is_mounted, mount_overlay, unmount, unmount_all_under
+from ..store import LayerStore
+
+log = logging.getLogger("graphdriver")
+
+MAX_DEPTH = 128
+LINK_DIR = "l"
+SHORT_ID_LEN = 26
+
+
+def _short_id() -> str:
+    return base64.b32encode(secrets.token_bytes(16)).decode()[:SHORT_ID_LEN]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return ""
+
+
+class OverlayDriver(LayerStore):
+    name = "overlay"
+    whiteout_format = "overlay"
+    mounts = True
+    supports_quota = True
+
+    # ----- setup ---------------------------------------------------------------------------
+
+    def _init_driver(self) -> None:
+        self.links = self.home / LINK_DIR
+        with open("/proc/filesystems", encoding="ascii") as f:
+            if not any(line.split()[-1:] == ["overlay"] for line in f if line.strip()):
+                raise NotSupported("overlay: the kernel has no overlayfs (/proc/filesystems)")
+        self.backing_fs = fs_name(self.home)
+        if self.backing_fs == "overlayfs":
+            raise NotSupported(f"overlay: {self.home} is itself on overlayfs")
+        if not supports_d_type(self.home):
+            raise NotSupported(
+                f"overlay: the backing filesystem ({self.backing_fs}) of {self.home} "
+                "does not support d_type"
+            )
+        self.links.mkdir(exist_ok=True, mode=0o700)
+        self.mount_extra: list[str] = []
+        if os.geteuid() != 0:
+            self.mount_extra.append("userxattr")
+        self._probe_mount()
+        self.quota_kind = "btrfs" if self.backing_fs == "btrfs" else "image"
+        self.quota_problem = (quota.btrfs_supported() if self.quota_kind == "btrfs"
+                              else quota.image_supported())
+        if self.default_size:
+            quota.check_size(self.default_size, self.name)
+            if self.quota_problem:
+                raise NotSupported(f"overlay: the size option: {self.quota_problem}")
+
+    def _probe_mount(self) -> None:
+        """One real overlay mount in the home (cached there per kernel, like moby's probes)."""
+        release = os.uname().release
+        cache = self.home / ".overlay-probe"
+        cached = _read_text(cache)
+        if cached.startswith(release + " "):
+            self.mount_extra += [o for o in cached.split()[1:] if o != "-"]
+            return
+        probe = self.home / f".probe-{os.getpid()}"
+        remove_tree(probe)
+        try:
+            for sub in ("l1", "l2", "u", "w", "m"):
+                (probe / sub).mkdir(parents=True)
+            extra = ["index=off"]
+            try:
+                self._probe_once(probe, extra)
+            except OSError:
+                extra = []
+                try:
+                    self._probe_once(probe, extra)
+                except OSError as exc:
+                    raise NotSupported(f"overlay: a test mount in {self.home} failed: "
+                                       f"{exc.strerror or exc}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                unmount_all_under(probe)
+            remove_tree(probe)
+        self.mount_extra += extra
+        tmp = cache.with_name(cache.name + f".{os.getpid()}")
+        tmp.write_text(f"{release} {' '.join(extra) or '-'}\n", encoding="utf-8")
+        os.replace(tmp, cache)
+
+    def _probe_once(self, probe: Path, extra: list[str]) -> None:
+        opts = OverlayOptions(
+            lowers=[str(probe / "l1"), str(probe / "l2")], upper=str(probe / "u"),
+            work=str(probe / "w"), extra=[*self.mount_extra, *extra],
+        )
+        mount_overlay(probe / "m", opts)
+        unmount(probe / "m")
+
+    # ----- paths ---------------------------------------------------------------------------
+
+    def _dir(self, layer_id: str) -> Path:
+        return self.home / layer_id
+
+    def _short(self, layer_id: str) -> str:
+        return _read_text(self._dir(layer_id) / "link")
+
+    def _lowers(self, layer_id: str) -> list[str]:
+        """Short links of the ancestors (``l/A``), nearest first."""
+        text = _read_text(self._dir(layer_id) / "lower")
+        return [p for p in text.split(":") if p] if text else []
+
+    def _layer_paths(self, layer_id: str) -> list[Path]:
+        paths = [self._dir(layer_id)]
+        short = self._short(layer_id)
+        if short and "/" not in short and short not in (".", ".."):
+            paths.insert(0, self.links / short)
+        return paths
+
+    def _disk_ids(self) -> set[str]:
+        out = set()
+        for name in os.listdir(self.home):
+            if name in RESERVED_IDS or name.startswith(".") or name.endswith(REMOVING_SUFFIX):
+                continue
+            if os.path.isdir(self.home / name) and not os.path.islink(self.home / name):
+                out.add(name)
+        return out
+
+    def _removing_leftovers(self) -> list[Path]:
+        out = [self.home / n for n in os.listdir(self.home) if n.endswith(REMOVING_SUFFIX)]
+        for name in os.listdir(self.links):
+            path = self.links / name
+            if name.endswith(REMOVING_SUFFIX):
+                out.append(path)
+                continue
+            # A link whose layer directory is gone (a crash between its steps).
+            target = os.readlink(path) if os.path.islink(path) else ""
+            parts = target.split("/")
+            if len(parts) == 3 and parts[0] == ".." and not os.path.lexists(self.home / parts[1]):
+                out.append(path)
+        return out
+
+    def _destroy(self, path: Path) -> None:
+        """Unmount anything beneath (never follow a mount into another layer), then delete."""
+        try:
+            unmount_all_under(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                quota.unmount_image(path)
+            if quota.is_subvolume(path):
+                for sub in os.listdir(path):
+                    remove_tree(path / sub)
+                quota.btrfs_delete_subvolume(path)
+                return
+            remove_tree(path)
+        except OSError as exc:
+            raise from_oserror(exc, f"overlay: removing {path}") from None
+
+    # ----- create --------------------------------------------------------------------------
+
+    def _make_layer(self, rec: LayerRecord, parent: LayerRecord | None) -> None:
+        d = self._dir(rec.id)
+        lower = ""
+        if parent is not None:
+            pshort = self._short(parent.id)
+            if not pshort:
+                raise GraphDriverError(f"overlay: parent {parent.id} has no short link")
+            plowers = self._lowers(parent.id)
+            if len(plowers) + 1 > MAX_DEPTH:
+                raise InvalidArgument(
+                    f"overlay: layer {rec.id} would have {len(plowers) + 1} lower layers "
+                    f"(max {MAX_DEPTH})"
+                )
+            lower = ":".join([f"{LINK_DIR}/{pshort}", *plowers])
+        size = rec.size_limit if rec.writable else None
+        uid, gid = self.idmap.root_pair()
+        if size:
+            if self.quota_problem:
+                raise NotSupported(f"overlay: size quotas: {self.quota_problem}")
+            quota.check_size(size, self.name)
+        try:
+            if size and self.quota_kind == "btrfs":
+                quota.btrfs_enable_quota(self.home)
+                quota.btrfs_create_subvolume(d)
+                os.chmod(d, 0o700)
+                quota.btrfs_limit(d, size)
+            else:
+                os.mkdir(d, 0o700)
+            if size and self.quota_kind == "image":
+                quota.create_image(d, size, uid, gid)
+                os.symlink(f"{quota.MOUNT_NAME}/diff", d / "diff")
+                os.symlink(f"{quota.MOUNT_NAME}/work", d / "work")
+            else:
+                os.mkdir(d / "diff", 0o755)
+                if (uid, gid) != (os.geteuid(), os.getegid()):
+                    os.chown(d / "diff", uid, gid)
+            short = _short_id()
+            (d / "link").write_text(short, encoding="ascii")
+            if lower:
+                (d / "lower").write_text(lower, encoding="ascii")
+                if not os.path.lexists(d / "work"):
+                    os.mkdir(d / "work", 0o700)
+                os.mkdir(d / "merged", 0o700)
+            os.symlink(f"../{rec.id}/diff", self.links / short)
+        except OSError as exc:
+            raise from_oserror(exc, f"overlay: creating layer {rec.id}") from None
+
+    def _on_first_child(self, parent: LayerRecord) -> None:
+        (self._dir(parent.id) / "committed").write_bytes(b"")
+
+    # ----- quota images --------------------------------------------------------------------
+
+    def _ensure_image(self, layer_id: str) -> None:
+        """Mount the layer's quota image if it has one and it is not mounted (lazy restore)."""
+        d = self._dir(layer_id)
+        if not quota.has_image(d) or is_mounted(quota.image_mount_point(d)):
+            return
+        with FileLock(d / "quota.lock"):
+            try:
+                if quota.mount_image(d):
+                    log.info("overlay: mounted the quota image of %s", layer_id)
+            except OSError as exc:
+                raise from_oserror(exc, f"overlay: mounting the quota image of {layer_id}") \
+                    from None
+
+    def _ensure_chain_images(self, layer_id: str) -> None:
+        self._ensure_image(layer_id)
+        for link in self._lowers(layer_id):
+            target = os.readlink(self.home / link)  # ../<id>/diff
+            self._ensure_image(target.split("/")[1])
+
+    def _diff_dir(self, layer_id: str) -> Path:
+        """The real directory of the layer's files (the image's ``diff`` for a quota layer)."""
+        self._ensure_image(layer_id)
+        d = self._dir(layer_id)
+        if quota.has_image(d):
+            return quota.image_mount_point(d) / "diff"
+        return d / "diff"
+
+    # ----- mounts --------------------------------------------------------------------------
+
+    def _mount(self, rec: LayerRecord, mount_label: str) -> Path:
+        d = self._dir(rec.id)
+        self._ensure_chain_images(rec.id)
+        lowers = self._lowers(rec.id)
+        if not lowers:
+            return self._diff_dir(rec.id)
+        merged = d / "merged"
+        if is_mounted(merged):
+            return merged  # mounted by a process whose count was lost: reuse it
+        committed = os.path.exists(d / "committed")
+        rel = list(lowers)
+        upper = work = None
+        if committed:
+            rel.insert(0, f"{LINK_DIR}/{self._short(rec.id)}")
+        else:
+            diff = self._diff_dir(rec.id)
+            upper = str(diff)
+            work = str(diff.parent / "work")
+        opts = OverlayOptions(
+            lowers=[str(self.home / p) for p in rel],
+            upper=upper, work=work,
+            relative_lowers=rel, relative_to=str(self.home),
+            readonly=committed, extra=list(self.mount_extra),
+            label=mount_label if mount_label and os.path.isdir("/sys/fs/selinux") else "",
+        )
+        try:
+            mount_overlay(merged, opts)
+        except OSError as exc:
+            raise from_oserror(exc, f"overlay: mounting layer {rec.id}") from None
+        return merged
+
+    def _unmount(self, rec: LayerRecord) -> None:
+        merged = self._dir(rec.id) / "merged"
+        while is_mounted(merged):
+            unmount(merged, detach=True)
+
+    def _mount_path(self, rec: LayerRecord) -> Path:
+        if not self._lowers(rec.id):
+            return self._diff_dir(rec.id)
+        return self._dir(rec.id) / "merged"
+
+    def _is_mounted(self, layer_id: str) -> bool:
+        d = self._dir(layer_id)
+        if not self._lowers(layer_id):
+            return not quota.has_image(d) or is_mounted(quota.image_mount_point(d))
+        return is_mounted(d / "merged")
+
+    def _apply_target(self, rec: LayerRecord) -> Path:
+        self._ensure_chain_images(rec.id)
+        return self._diff_dir(rec.id)
+
+    def _cleanup_driver(self) -> None:
+        for name in sorted(self._disk_ids()):
+            d = self._dir(name)
+            with contextlib.suppress(OSError):
+                self._unmount_layer_dir(d)
+        with contextlib.suppress(OSError):
+            unmount_all_under(self.home)
+
+    def _unmount_layer_dir(self, d: Path) -> None:
+        merged = d / "merged"
+        while is_mounted(merged):
+            unmount(merged, detach=True)
+        if quota.has_image(d):
+            quota.unmount_image(d)
+
+    # ----- native diffs --------------------------------------------------------------------
+
+    def _native(self, layer_id: str, parent: str | None) -> bool:
+        return parent == self.record(layer_id).parent
+
+    def _lower_diffs(self, layer_id: str) -> list[Path]:
+        self._ensure_chain_images(layer_id)
+        return [Path(os.path.realpath(self.home / p)) for p in self._lowers(layer_id)]
+
+    def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
+        from ..archive.changes import overlay_changes
+
+        parent = self._resolve_parent(layer_id, parent)
+        if not self._native(layer_id, parent):
+            return super().changes(layer_id, parent)
+        with self.layer_lock(layer_id):
+            return overlay_changes(self._diff_dir(layer_id), self._lower_diffs(layer_id))
+
+    def diff_size(self, layer_id: str, parent: str | None = None) -> int:
+        parent = self._resolve_parent(layer_id, parent)
+        if not self._native(layer_id, parent):
+            return super().diff_size(layer_id, parent)
+        with self.layer_lock(layer_id):
+            try:
+                return directory_size(self._diff_dir(layer_id))
+            except OSError as exc:
+                raise from_oserror(exc, f"overlay: size of layer {layer_id}") from None
+
+    def write_diff(self, out_fd: int, layer_id: str, parent: str | None = None,
+                   progress: Callable[[int], None] | None = None) -> None:
+        from ..archive.export import write_tree
+
+        if not self._native(layer_id, parent):
+            super().write_diff(out_fd, layer_id, parent, progress)
+            return
+        write_tree(out_fd, self._diff_dir(layer_id), whiteout_format="overlay",
+                   idmap=self.idmap, progress=progress)
+
+    # ----- facts ---------------------------------------------------------------------------
+
+    def _status(self) -> list[tuple[str, str]]:
+        if self.quota_problem:
+            quota_text = f"no ({self.quota_problem})"
+        elif self.quota_kind == "btrfs":
+            quota_text = "btrfs qgroups"
+        else:
+            quota_text = "loop-mounted ext4 images"
+        return [
+            ("Backing Filesystem", self.backing_fs),
+            ("Supports d_type", "true"),
+            ("Native Overlay Diff", "true"),
+            ("Size Quotas", quota_text),
+        ]
+
+    def _metadata(self, rec: LayerRecord) -> dict[str, str]:
+        d = self._dir(rec.id)
+        meta = {"UpperDir": str(d / "diff")}
+        lowers = self._lowers(rec.id)
+        if lowers:
+            meta["LowerDir"] = ":".join(
+                str(self.home / os.readlink(self.home / p).removeprefix("../")) for p in lowers
+            )
+            meta["WorkDir"] = str(d / "work")
+            meta["MergedDir"] = str(d / "merged")
+        return meta
+
+
+def directory_size(root: Path) -> int:
+    """moby's directory.Size: bytes of every non-directory under *root*, an inode counted once."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)]
+    try:
+        while stack:
+            fd = stack.pop()
+            try:
+                with os.scandir(fd) as it:
+                    entries = list(it)
+                for e in entries:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        try:
+                            stack.append(os.open(e.name, os.O_RDONLY | os.O_DIRECTORY
+                                                 | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd))
+                        except OSError as exc:
+                            if exc.errno != errno.ENOENT:
+                                raise
+                        continue
+                    if st.st_nlink > 1:
+                        key = (st.st_dev, st.st_ino)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                    total += st.st_size
+            finally:
+                os.close(fd)
+    finally:
+        for fd in stack:
+            os.close(fd)
+    return total
+
+
+DRIVER = OverlayDriver

@@ -1,0 +1,267 @@
+"""Mounting without a ``mount`` subprocess.
+
+Overlay mounts go through the new mount API (``fsopen`` / ``fsconfig`` / ``fsmount`` /
+``move_mount``, Linux 5.2+): every lower directory is passed on its own with ``lowerdir+``
+(Linux 6.8+), so the length of a chain never meets the one-page limit of mount(2)'s option
+string.  Where the kernel lacks that, the classic ``mount(2)`` is used with the lower layers
+named relatively (``l/A:l/B``) from a child process that changes into the driver home first —
+this (threaded) process never calls ``chdir``.
+
+Everything here raises ``OSError`` with the errno the kernel gave; callers turn it into the
+graphdriver error that fits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# Syscall numbers of the new mount API: one table for every architecture (424 and up).
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_FSOPEN = 430
+SYS_FSCONFIG = 431
+SYS_FSMOUNT = 432
+
+FSOPEN_CLOEXEC = 0x1
+FSMOUNT_CLOEXEC = 0x1
+
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+MS_RDONLY = 0x1
+MNT_DETACH = 0x2
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def _check(ret: int, what: str, path: str | None = None) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+    return ret
+
+
+def _read_fs_log(fs_fd: int) -> str:
+    """The messages the filesystem left in the fs context (read(2) on the fsopen fd)."""
+    lines = []
+    for _ in range(16):
+        try:
+            data = os.read(fs_fd, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        lines.append(data.decode(errors="replace").strip())
+    return "; ".join(lines)
+
+
+@dataclass
+class OverlayOptions:
+    """What an overlay mount is made of.  Lower paths are absolute, nearest first."""
+
+    lowers: list[str]
+    upper: str | None = None
+    work: str | None = None
+    #: relative lower names (``l/A``) and the directory they are relative to, for mount(2)
+    relative_lowers: list[str] = field(default_factory=list)
+    relative_to: str | None = None
+    readonly: bool = False
+    extra: list[str] = field(default_factory=list)  # e.g. "index=off", "userxattr"
+    label: str = ""
+
+
+class _Probe:
+    new_api: bool | None = None
+    lowerdir_plus: bool | None = None
+
+
+def have_new_mount_api() -> bool:
+    """Whether ``fsopen`` exists (ENOSYS otherwise) — probed once per process."""
+    if _Probe.new_api is None:
+        fd = _syscall(SYS_FSOPEN, b"overlay", FSOPEN_CLOEXEC)
+        if fd >= 0:
+            os.close(fd)
+            _Probe.new_api = True
+        else:
+            _Probe.new_api = ctypes.get_errno() not in (errno.ENOSYS,)
+    return bool(_Probe.new_api)
+
+
+def _fsconfig(fs_fd: int, cmd: int, key: str | None, value: str | None) -> None:
+    k = key.encode() if key is not None else None
+    v = os.fsencode(value) if value is not None else None
+    if _syscall(SYS_FSCONFIG, fs_fd, cmd, k, v, 0) < 0:
+        err = ctypes.get_errno()
+        detail = _read_fs_log(fs_fd)
+        what = f"fsconfig {key or 'create'}" + (f" ({detail})" if detail else "")
+        raise OSError(err, f"{what}: {os.strerror(err)}", value)
+
+
+def mount_overlay(target: Path, opts: OverlayOptions) -> None:
+    """Mount an overlay at *target*: new mount API with ``lowerdir+``, else mount(2) in a child."""
+    if have_new_mount_api() and _Probe.lowerdir_plus is not False:
+        try:
+            _mount_overlay_new_api(target, opts)
+            _Probe.lowerdir_plus = True
+            return
+        except OSError as exc:
+            # EINVAL on "lowerdir+" means a kernel older than 6.8: fall back, remember it.
+            if exc.errno != errno.EINVAL or "lowerdir+" not in str(exc) or _Probe.lowerdir_plus:
+                raise
+            _Probe.lowerdir_plus = False
+    _mount_overlay_legacy(target, opts)
+
+
+def _mount_overlay_new_api(target: Path, opts: OverlayOptions) -> None:
+    fs_fd = _check(_syscall(SYS_FSOPEN, b"overlay", FSOPEN_CLOEXEC), "fsopen overlay")
+    try:
+        for lower in opts.lowers:
+            _fsconfig(fs_fd, FSCONFIG_SET_STRING, "lowerdir+", lower)
+        if opts.upper is not None and opts.work is not None:
+            _fsconfig(fs_fd, FSCONFIG_SET_STRING, "upperdir", opts.upper)
+            _fsconfig(fs_fd, FSCONFIG_SET_STRING, "workdir", opts.work)
+        for opt in opts.extra:
+            key, eq, value = opt.partition("=")
+            if eq:
+                _fsconfig(fs_fd, FSCONFIG_SET_STRING, key, value)
+            else:
+                _fsconfig(fs_fd, FSCONFIG_SET_FLAG, key, None)
+        if opts.label:
+            _fsconfig(fs_fd, FSCONFIG_SET_STRING, "context", opts.label)
+        _fsconfig(fs_fd, FSCONFIG_CMD_CREATE, None, None)
+        attrs = MOUNT_ATTR_RDONLY if opts.readonly else 0
+        mnt_fd = _syscall(SYS_FSMOUNT, fs_fd, FSMOUNT_CLOEXEC, attrs)
+        if mnt_fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"fsmount overlay: {os.strerror(err)}", str(target))
+        try:
+            _check(
+                _syscall(SYS_MOVE_MOUNT, mnt_fd, b"", -100, os.fsencode(target),
+                         MOVE_MOUNT_F_EMPTY_PATH),
+                "move_mount", str(target),
+            )
+        finally:
+            os.close(mnt_fd)
+    finally:
+        os.close(fs_fd)
+
+
+def legacy_option_string(opts: OverlayOptions) -> str:
+    """The mount(2) data string, naming the lowers relatively (``lowerdir=l/A:l/B,...``)."""
+    lowers = opts.relative_lowers or opts.lowers
+    parts = ["lowerdir=" + ":".join(lowers)]
+    if opts.upper is not None and opts.work is not None:
+        parts += [f"upperdir={opts.upper}", f"workdir={opts.work}"]
+    parts += opts.extra
+    if opts.label:
+        parts.append(f"context={opts.label}")
+    return ",".join(parts)
+
+
+_CHILD = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+target, data, flags = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if libc.mount(b"overlay", os.fsencode(target), b"overlay", flags, os.fsencode(data)) != 0:
+    err = ctypes.get_errno()
+    sys.stderr.write(f"{err}\\n")
+    sys.exit(3)
+"""
+
+
+def _mount_overlay_legacy(target: Path, opts: OverlayOptions) -> None:
+    """mount(2) from a child whose working directory is the driver home (relative lowers)."""
+    data = legacy_option_string(opts)
+    page = os.sysconf("SC_PAGESIZE")
+    if len(data) >= page:
+        raise OSError(errno.E2BIG, f"overlay mount options longer than one page ({len(data)})")
+    flags = MS_RDONLY if opts.readonly else 0
+    cwd = opts.relative_to if opts.relative_lowers else None
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _CHILD, os.fspath(Path(target).absolute()), data,
+         str(flags)],
+        cwd=cwd, capture_output=True, check=False,
+    )
+    if proc.returncode != 0:
+        text = proc.stderr.decode(errors="replace").strip()
+        err = int(text) if text.isdigit() else errno.EIO
+        raise OSError(err, f"mount overlay: {os.strerror(err)}", str(target))
+
+
+def mount(source: str, target: Path, fstype: str, flags: int = 0, data: str = "") -> None:
+    """mount(2) with absolute paths (no working directory involved)."""
+    ret = _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(),
+                      ctypes.c_ulong(flags), os.fsencode(data) if data else None)
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype}: {os.strerror(err)}", str(target))
+
+
+def unmount(target: Path, *, detach: bool = True) -> None:
+    """umount2(2); a target that is not mounted is not an error."""
+    if _libc.umount2(os.fsencode(target), MNT_DETACH if detach else 0) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOENT):
+            return  # not a mount point (any more)
+        raise OSError(err, f"umount: {os.strerror(err)}", str(target))
+
+
+def _unescape(field_: str) -> str:
+    if "\\" not in field_:
+        return field_
+    out, i = [], 0
+    while i < len(field_):
+        if field_[i] == "\\" and field_[i + 1:i + 4].isdigit():
+            out.append(chr(int(field_[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_points() -> list[str]:
+    """Every mount point this process sees, in mount order."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split(" ", 5)
+            if len(fields) >= 5:
+                out.append(_unescape(fields[4]))
+    return out
+
+
+def is_mounted(path: Path | str) -> bool:
+    p = os.fspath(path)
+    return p in mount_points()
+
+
+def unmount_all_under(path: Path | str) -> None:
+    """Detach every mount at or beneath *path*, deepest first (before removing a tree)."""
+    p = os.fspath(path).rstrip("/")
+    prefix = p + "/"
+    found = [mp for mp in mount_points() if mp == p or mp.startswith(prefix)]
+    for mp in sorted(set(found), key=len, reverse=True):
+        unmount(Path(mp), detach=True)
+
+
+def unmount_sequence(targets: Sequence[Path]) -> None:
+    for t in targets:
+        unmount(t)
