@@ -371,6 +371,7 @@ class _PipeReader(io.RawIOBase):
         self._fd = fd
         self._thread = thread
         self._errors = errors
+        self._eof = False
 
     def readable(self) -> bool:
         return True
@@ -381,15 +382,11 @@ class _PipeReader(io.RawIOBase):
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
         n = os.readv(self._fd, [buffer])
         if n == 0:
+            self._eof = True
             self._thread.join()
-            self._raise_error()
+            if self._errors:
+                raise self._errors.pop()
         return n
-
-    def _raise_error(self) -> None:
-        if self._errors:
-            exc = self._errors.pop()
-            if not isinstance(exc, BrokenPipeError):
-                raise exc
 
     def close(self) -> None:
         if self.closed:
@@ -397,7 +394,9 @@ class _PipeReader(io.RawIOBase):
         super().close()
         os.close(self._fd)
         self._thread.join()
-        self._raise_error()
+        # Closed before the end: the writer's failure (EPIPE, most likely) is nobody's concern.
+        if self._errors and self._eof:
+            raise self._errors.pop()
 
 
 def stream_tar(write: Callable[[int], None]) -> BinaryIO:
