@@ -490,3 +490,50 @@ def assemble_layer(meta_dir: Path, open_file: Opener, out: int | BinaryIO,
             return assemble(meta, open_file, out, f"layer {layer_id}")
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise StoreCorrupt(f"layer {layer_id}: reading its tar-split metadata: {exc}") from None
+
+
+# ----- the store's side ---------------------------------------------------------------------
+
+
+def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLike[str],
+                           layer_id: str) -> Recording:
+    """After a successful apply: turn ``meta_dir/tar-split.raw`` (on *raw_fd*) into the layer's
+    ``tar-split.json.gz``, or mark the layer not exactly reproducible (and log why)."""
+    problem = None
+    if (meta_dir / METADATA_NAME).exists() or (meta_dir / UNREPRODUCIBLE_NAME).exists():
+        problem = "more than one archive was applied to this layer"
+    elif os.fstat(raw_fd).st_size == 0:
+        problem = "the apply recorded no tar-split description"
+    os.lseek(raw_fd, 0, os.SEEK_SET)
+    with io.FileIO(raw_fd, "rb", closefd=False) as raw:
+        rec = finalize_recording(raw, target, meta_dir / METADATA_NAME, problem)
+    if not rec.reproducible:
+        log.warning("layer %s is not exactly reproducible (its diff will be a new tar): %s",
+                    layer_id, rec.reason)
+    return rec
+
+
+def exact_available(driver: Any, layer_id: str, parent: str | None = None) -> tuple[bool, str]:
+    """Whether ``driver.diff(layer_id, parent)`` can be the applied tar, byte for byte."""
+    meta = getattr(driver, "meta", None)
+    if meta is None:
+        return False, f"the {driver.name} driver keeps no tar-split metadata"
+    rec = driver.record(layer_id)
+    if parent not in (None, "") and parent != rec.parent:
+        return False, f"asked against {parent}, not the layer's parent"
+    return layer_status(meta.dir(layer_id))
+
+
+def write_exact_diff(driver: Any, layer_id: str, out: int | BinaryIO) -> int:
+    """Re-assemble the tar that was applied to *layer_id* from its stored files (same sha256).
+
+    Raises NotFound when the layer has no usable metadata and StoreCorrupt when a file changed.
+    """
+    ok, why = exact_available(driver, layer_id)
+    if not ok:
+        raise NotFound(f"layer {layer_id} is not exactly reproducible: {why}")
+    getter = driver.diff_getter(layer_id)
+    try:
+        return assemble_layer(driver.meta.dir(layer_id), getter.open, out, layer_id)
+    finally:
+        getter.close()
