@@ -500,13 +500,22 @@ class LayerStore:
                                 idmap=self.idmap, progress=progress)
             opts = self._apply_options(rec, opts)
             self.meta.mark_incomplete(layer_id, "apply")
-            with _as_fd(stream) as fd:
-                try:
-                    result = apply_confined(fd, self._apply_target(rec), opts)
-                except GraphDriverError:
-                    # The engine rolled the layer back to what it was: it is complete again.
-                    self.meta.clear_incomplete(layer_id)
-                    raise
+            raw_fd = self._tarsplit_begin(layer_id, opts)
+            try:
+                with _as_fd(stream) as fd:
+                    try:
+                        result = apply_confined(fd, self._apply_target(rec), opts)
+                    except GraphDriverError:
+                        # The engine rolled the layer back to what it was: it is complete again.
+                        self.meta.clear_incomplete(layer_id)
+                        raise
+                if raw_fd is not None:
+                    self._tarsplit_end(rec, raw_fd)
+            finally:
+                if raw_fd is not None:
+                    os.close(raw_fd)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.meta.dir(layer_id) / "tar-split.raw")
             self._after_apply(rec, result)
             rec.extra["diff_id"] = result.diff_id
             rec.extra["applied_size"] = result.size
@@ -516,6 +525,26 @@ class LayerStore:
 
     def _apply_options(self, rec: LayerRecord, opts: Any) -> Any:
         return opts
+
+    #: record tar-split metadata on apply (issue 6: exact diffs for Docker)
+    record_tarsplit: ClassVar[bool] = True
+
+    def _tarsplit_begin(self, layer_id: str, opts: Any) -> int | None:
+        """Hand the apply a file for the raw stream description (archive/tarsplit.py)."""
+        if not self.record_tarsplit or not hasattr(opts, "tarsplit_fd"):
+            return None
+        from .archive.tarsplit import RAW_NAME
+
+        fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
+                     os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        opts.tarsplit_fd = fd
+        return fd
+
+    def _tarsplit_end(self, rec: LayerRecord, raw_fd: int) -> None:
+        """Keep ``meta/<id>/tar-split.json.gz`` (CRCs from the applied files), or say why not."""
+        from .archive.tarsplit import finish_layer_recording
+
+        finish_layer_recording(self.meta.dir(rec.id), raw_fd, self._apply_target(rec), rec.id)
 
     def _after_apply(self, rec: LayerRecord, result: Any) -> None:
         """Driver bookkeeping after a successful apply (the layer is still incomplete here)."""
