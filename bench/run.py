@@ -701,6 +701,18 @@ def warm(paths: list[Path]) -> None:
                 pass
 
 
+def render(path: Path) -> int:
+    report = json.loads(path.read_text())
+    by_fs: dict[str, list[dict[str, Any]]] = {}
+    for row in report.get("table", []):
+        by_fs.setdefault(row.get("fs", "?"), []).append(row)
+    print(f"{report.get('date', '?')}, {report.get('runs', '?')} run(s) per row, "
+          f"kernel {report.get('machine', {}).get('kernel', '?')}")
+    for fs, rows in by_fs.items():
+        print_table(f"{fs}, medians of {report.get('runs', '?')} run(s)", rows)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -711,7 +723,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ext4-workdir", type=Path, default=DEFAULT_EXT4)
     ap.add_argument("--only", default=None, help="regex: run only workloads whose name matches")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
+                    help="print the tables of an earlier --json file and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        return render(args.render)
 
     cache = args.cache / "quick" if args.quick else args.cache
     runs = args.runs or (1 if args.quick else 5)
