@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("id")
     d.add_argument("-o", "--output", default=None)
     d.add_argument("--parent", "-p", default=None)
+    d.add_argument("--exact", action="store_true",
+                   help="the tar that was applied, byte for byte (from its tar-split metadata)")
     ch = cmd("changes", "list a layer's changes: A (added), C (changed), D (deleted)")
     ch.add_argument("id")
     ch.add_argument("--parent", "-p", default=None)
@@ -96,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("metadata", "driver facts about a layer").add_argument("id")
     cmd("ls", "list layers")
     cmd("cleanup", "unmount every mount of this store and zero the counts")
+    sv = cmd("serve", "serve Docker's graphdriver plugin protocol on a unix socket")
+    sv.add_argument("--socket", default=None,
+                    help="socket path (default /run/docker/plugins/NAME.sock)")
+    sv.add_argument("--name", default="graphdriver",
+                    help="plugin name, as given to dockerd --storage-driver (default graphdriver)")
     return p
 
 
@@ -120,6 +127,12 @@ def _run(args: argparse.Namespace) -> int:
     command = args.command
     if command == "create" and args.size is not None and not args.rw:
         raise UsageError("--size is only for writable layers: add --rw")
+    if command == "serve":
+        from .plugin import serve
+
+        serve(args.socket, args.name, getattr(args, "driver", None), getattr(args, "root", None),
+              getattr(args, "runroot", None), dict(getattr(args, "storage_opt", None) or []))
+        return 0
     driver = _open(args)
     if command == "status":
         status = driver.status()
@@ -233,12 +246,20 @@ def _diff(driver: Any, args: argparse.Namespace) -> int:
     from .progress import ProgressBar
 
     parent = driver._resolve_parent(args.id, args.parent)
+    if args.exact:
+        from .archive.tarsplit import write_exact_diff
+
+        def exact(fd: int, layer_id: str, parent: str | None, progress: Any = None) -> None:
+            write_exact_diff(driver, layer_id, fd)
+        write_diff = exact
+    else:
+        write_diff = driver.write_diff
     if args.output is None:
         if sys.stdout.isatty():
             raise UsageError("refusing to write a tar to a terminal: use -o FILE or a pipe")
         sys.stdout.flush()
         out_fd = sys.stdout.fileno()
-        driver.write_diff(out_fd, args.id, parent)
+        write_diff(out_fd, args.id, parent)
         return 0
     tmp = Path(args.output).with_name(f".{Path(args.output).name}.partial-{os.getpid()}")
     written = [0]
@@ -246,8 +267,7 @@ def _diff(driver: Any, args: argparse.Namespace) -> int:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             with ProgressBar(f"diff {args.id}", None, lambda: written[0]):
-                driver.write_diff(fd, args.id, parent,
-                                  progress=lambda n: written.__setitem__(0, n))
+                write_diff(fd, args.id, parent, progress=lambda n: written.__setitem__(0, n))
         finally:
             os.close(fd)
         os.rename(tmp, args.output)
