@@ -1,0 +1,405 @@
+"""The overlay driver: overlay2's layout, real mounts, native vs naive changes, repair.
+
+Every layer here is built the way Docker builds them: files written into a base layer's ``diff``
+and then through the real merged overlay mount of each writable child, so the upper directories
+hold what the kernel itself made (copy-ups, 0/0 whiteouts, opaque directories).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from graphdriver import InUse, InvalidArgument, open_driver
+from graphdriver.fsutil import is_mountpoint, mount_points_under, umount
+from graphdriver.store import LayerStore
+from tests.conftest import IS_ROOT
+
+pytestmark = pytest.mark.skipif(not IS_ROOT, reason="overlay mounts need root")
+
+Op = Callable[[Path], None]
+
+
+@pytest.fixture
+def ov(store_root: Path, runroot: Path) -> Iterator[Any]:
+    from graphdriver import NotSupported
+
+    try:
+        d = open_driver("overlay", store_root, runroot=runroot)
+    except NotSupported as exc:
+        pytest.skip(f"overlay is not supported here: {exc}")
+    try:
+        yield d
+    finally:
+        d.cleanup()
+        for mp in sorted(mount_points_under(store_root), key=len, reverse=True):
+            try:
+                umount(Path(mp), detach=True)
+            except OSError:
+                pass
+
+
+# ---- building layers ----------------------------------------------------------------------
+
+
+def w(rel: str, data: bytes = b"x", mode: int = 0o644) -> Op:
+    def op(root: Path) -> None:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(data)
+        os.chmod(p, mode)
+    return op
+
+
+def mkdir(rel: str, mode: int = 0o755) -> Op:
+    def op(root: Path) -> None:
+        (root / rel).mkdir(parents=True, exist_ok=True)
+        os.chmod(root / rel, mode)
+    return op
+
+
+def rm(rel: str) -> Op:
+    def op(root: Path) -> None:
+        p = root / rel
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return op
+
+
+def chmod(rel: str, mode: int) -> Op:
+    return lambda root: os.chmod(root / rel, mode)
+
+
+def chown(rel: str, uid: int, gid: int) -> Op:
+    return lambda root: os.chown(root / rel, uid, gid, follow_symlinks=False)
+
+
+def touch(rel: str, mtime: int) -> Op:
+    return lambda root: os.utime(root / rel, (mtime, mtime), follow_symlinks=False)
+
+
+def link(rel: str, target: str) -> Op:
+    return lambda root: os.link(root / target, root / rel)
+
+
+def symlink(rel: str, target: str) -> Op:
+    return lambda root: os.symlink(target, root / rel)
+
+
+def setcap(rel: str, value: bytes) -> Op:
+    return lambda root: os.setxattr(root / rel, "security.capability", value)
+
+
+def mkfifo(rel: str) -> Op:
+    return lambda root: os.mkfifo(root / rel)
+
+
+def append(rel: str, data: bytes) -> Op:
+    def op(root: Path) -> None:
+        with open(root / rel, "ab") as f:
+            f.write(data)
+    return op
+
+
+def rename(a: str, b: str) -> Op:
+    return lambda root: os.rename(root / a, root / b)
+
+
+CAP_V2 = (b"\x01\x00\x00\x02" + b"\x00\x20\x00\x00" + b"\x00\x00\x00\x00" * 3)
+CAP_V2_OTHER = (b"\x01\x00\x00\x02" + b"\x00\x10\x00\x00" + b"\x00\x00\x00\x00" * 3)
+
+BASE: list[Op] = [
+    mkdir("etc"), w("etc/hostname", b"base\n"), w("etc/passwd", b"root:x:0:0\n"),
+    mkdir("bin"), w("bin/sh", b"\x7fELF" + b"s" * 4000, 0o755), link("bin/sh2", "bin/sh"),
+    symlink("bin/sh3", "/bin/sh"),
+    mkdir("a/b/c"), w("a/b/c/deep", b"deep"), w("a/b/keep", b"keep"),
+    mkdir("gone"), w("gone/x", b"x"), mkdir("gone/sub"), w("gone/sub/y", b"y"),
+    mkdir("opq"), w("opq/old1", b"1"), w("opq/old2", b"2"),
+    mkdir("d2f"), w("d2f/inner", b"i"), w("f2d", b"file"),
+    w("caps", b"cap"), w("mode", b"m"), mkdir("dmode"), w("owner", b"o"),
+    w("mtime", b"t"), touch("mtime", 1_600_000_000),
+    mkdir("var/lib"), w("var/lib/db", b"db" * 100),
+]
+
+#: name -> (ops in the middle layer, ops in the top layer)
+SCENARIOS: dict[str, tuple[list[Op], list[Op]]] = {
+    "add": ([w("new", b"n"), mkdir("newdir/sub"), w("newdir/sub/f")],
+            [w("etc/added", b"a"), w("newdir/sub/g")]),
+    "modify": ([w("etc/hostname", b"mid\n")], [append("etc/passwd", b"u:x:1:1\n")]),
+    "delete-file": ([rm("etc/passwd")], [rm("bin/sh3")]),
+    "delete-dir": ([rm("gone")], [rm("a/b/c")]),
+    "delete-then-readd": ([rm("etc/hostname")], [w("etc/hostname", b"again")]),
+    "opaque": ([rm("opq"), mkdir("opq"), w("opq/fresh", b"f")], [w("opq/fresh2")]),
+    "opaque-nested": ([rm("a"), mkdir("a/b"), w("a/b/new")], [rm("a/b/new")]),
+    "dir-to-file": ([rm("d2f"), w("d2f", b"now a file")], [rm("d2f"), mkdir("d2f")]),
+    "file-to-dir": ([rm("f2d"), mkdir("f2d"), w("f2d/inside")], [rm("f2d"), w("f2d", b"f")]),
+    "nested-modify": ([w("a/b/c/deep", b"changed")], [w("a/b/c/deeper", b"x")]),
+    "hardlinks": ([link("bin/sh4", "bin/sh"), w("h1", b"h"), link("h2", "h1")],
+                  [append("bin/sh2", b"more"), link("h3", "h1")]),
+    "chmod-only": ([chmod("mode", 0o600), chmod("dmode", 0o700)], [chmod("etc", 0o750)]),
+    "chown-only": ([chown("owner", 1000, 1000)], [chown("var/lib", 5, 5)]),
+    "mtime-only": ([touch("mtime", 1_700_000_000)], [touch("etc/hostname", 1_500_000_000)]),
+    "capability": ([setcap("caps", CAP_V2)], [setcap("caps", CAP_V2_OTHER)]),
+    "symlinks": ([rm("bin/sh3"), symlink("bin/sh3", "sh2")], [symlink("link2", "a/b")]),
+    "fifo": ([mkfifo("fifo")], [rm("fifo")]),
+    "rename-file": ([rename("etc/hostname", "etc/hn")], [rename("var/lib/db", "db")]),
+    "delete-added": ([w("tmpfile"), mkdir("tmpdir/x")], [rm("tmpfile"), rm("tmpdir")]),
+    "noop": ([], []),
+    "many": ([w(f"many/{i:03d}", b"%d" % i) for i in range(50)] + [rm("etc/passwd")],
+             [rm(f"many/{i:03d}") for i in range(0, 50, 3)] + [w("many/050")]),
+}
+
+
+def build(ov: Any, mid_ops: list[Op], top_ops: list[Op]) -> None:
+    """base (written into diff) <- mid (rw, through the mount) <- top (rw, through the mount)."""
+    ov.create("base")
+    with ov.mounted("base") as root:
+        for op in BASE:
+            op(root)
+    ov.create_rw("mid", "base")
+    with ov.mounted("mid") as root:
+        for op in mid_ops:
+            op(root)
+    ov.create_rw("top", "mid")
+    with ov.mounted("top") as root:
+        for op in top_ops:
+            op(root)
+
+
+def naive_changes(ov: Any, layer_id: str, parent: str) -> list[Any]:
+    """The base class's comparison of the two mounted trees (moby's ChangesDirs)."""
+    return LayerStore.changes(ov, layer_id, parent)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_native_changes_equal_naive(ov: Any, name: str) -> None:
+    mid_ops, top_ops = SCENARIOS[name]
+    build(ov, mid_ops, top_ops)
+    for layer, parent in (("mid", "base"), ("top", "mid")):
+        native = ov.changes(layer)
+        naive = naive_changes(ov, layer, parent)
+        assert [str(c) for c in native] == [str(c) for c in naive], (layer, name)
+    # And against a non-parent the naive comparison is what answers.
+    assert ov.changes("top", "base") == naive_changes(ov, "top", "base")
+
+
+def test_native_changes_seen(ov: Any) -> None:
+    """A sanity check that the scenarios produce the expected kinds (not just equal lists)."""
+    build(ov, SCENARIOS["opaque"][0] + [rm("etc/passwd"), w("etc/hostname", b"m")], [])
+    got = {str(c) for c in ov.changes("mid")}
+    assert {"D /etc/passwd", "C /etc/hostname", "C /etc", "D /opq/old1", "D /opq/old2",
+            "A /opq/fresh", "C /opq"} <= got
+
+
+def test_native_diff_size(ov: Any) -> None:
+    build(ov, [w("new", b"n" * 1000), w("etc/hostname", b"m" * 10), link("new2", "new")], [])
+    assert ov.diff_size("mid") == 1010
+    assert ov.diff_size("base") > 4004  # bin/sh and its hard link count once
+
+
+# ---- layout ------------------------------------------------------------------------------
+
+
+def test_layout_is_overlay2(ov: Any) -> None:
+    ov.create("base")
+    ov.create("mid", "base")
+    ov.create_rw("top", "mid")
+    home = ov.home
+    for lid in ("base", "mid", "top"):
+        d = home / lid
+        short = (d / "link").read_text()
+        assert len(short) == 26 and short.isalnum() and short.isupper() or short.isalnum()
+        assert os.readlink(home / "l" / short) == f"../{lid}/diff"
+        assert (d / "diff").is_dir()
+    assert not (home / "base" / "lower").exists()
+    base_short = (home / "base" / "link").read_text()
+    mid_short = (home / "mid" / "link").read_text()
+    assert (home / "mid" / "lower").read_text() == f"l/{base_short}"
+    assert (home / "top" / "lower").read_text() == f"l/{mid_short}:l/{base_short}"
+    for sub in ("work", "merged"):
+        assert (home / "top" / sub).is_dir()
+    assert (home / "base" / "committed").exists() and (home / "mid" / "committed").exists()
+    assert not (home / "top" / "committed").exists()
+    assert ov._disk_ids() == {"base", "mid", "top"}
+    meta = ov.metadata("top")
+    assert meta["UpperDir"] == str(home / "top" / "diff")
+    assert meta["WorkDir"] == str(home / "top" / "work")
+    assert meta["MergedDir"] == str(home / "top" / "merged")
+    assert meta["LowerDir"] == f"{home}/mid/diff:{home}/base/diff"
+    assert ov.metadata("base") == {"UpperDir": str(home / "base" / "diff")}
+    status = dict(ov.status())
+    assert status["Supports d_type"] == "true" and status["Native Overlay Diff"] == "true"
+    assert status["Backing Filesystem"] and status["Layers"] == "3"
+
+
+def test_get_base_is_diff_child_is_mount(ov: Any) -> None:
+    ov.create("base")
+    assert ov.get("base") == ov.home / "base" / "diff"
+    (ov.home / "base" / "diff" / "f").write_bytes(b"base")
+    ov.put("base")
+    ov.create_rw("rw", "base")
+    root = ov.get("rw")
+    try:
+        assert root == ov.home / "rw" / "merged" and is_mountpoint(root)
+        assert (root / "f").read_bytes() == b"base"
+        (root / "g").write_bytes(b"rw")
+        assert (ov.home / "rw" / "diff" / "g").read_bytes() == b"rw"
+        assert ov.get("rw") == root  # a second get reuses the mount
+        ov.put("rw")
+        assert is_mountpoint(root)
+    finally:
+        ov.put("rw")
+    assert not is_mountpoint(ov.home / "rw" / "merged")
+
+
+def test_committed_layer_mounts_read_only(ov: Any) -> None:
+    ov.create("base")
+    ov.create("img", "base")
+    with ov.mounted("img") as root:
+        (root / "built").write_bytes(b"docker build writes here")  # writable until a child
+    ov.create("child", "img")
+    with ov.mounted("img") as root:
+        assert (root / "built").read_bytes() == b"docker build writes here"
+        with pytest.raises(OSError) as info:
+            (root / "more").write_bytes(b"no")
+        assert info.value.errno == errno.EROFS
+    with ov.mounted("child") as root:
+        assert (root / "built").exists()
+
+
+def test_depth_limit(ov: Any) -> None:
+    ov.create("l0")
+    for i in range(1, 129):
+        ov.create(f"l{i}", f"l{i - 1}")
+    with ov.mounted("l128") as root:
+        assert root.is_dir()
+    with pytest.raises(InvalidArgument, match="max 128"):
+        ov.create("l129", "l128")
+    assert not ov.exists("l129")
+    assert not (ov.home / "l129").exists()
+
+
+def test_remove_drops_dir_and_link(ov: Any) -> None:
+    ov.create("base")
+    ov.create_rw("c", "base")
+    short = (ov.home / "c" / "link").read_text()
+    with ov.mounted("c"), pytest.raises(InUse):
+        ov.remove("c")
+    ov.remove("c")
+    assert not (ov.home / "c").exists()
+    assert not os.path.lexists(ov.home / "l" / short)
+    assert not list(ov.home.glob("*-removing"))
+
+
+def test_repair_never_follows_a_mount_into_a_lower(ov: Any, store_root: Path,
+                                                    runroot: Path) -> None:
+    ov.create("base")
+    (ov.home / "base" / "diff" / "precious").write_bytes(b"keep me")
+    ov.create_rw("c", "base")
+    root = ov.get("c")
+    assert (root / "precious").exists()
+    # A crash before the record of "c" was written: its directory is there, mounted.
+    shutil.rmtree(ov.home / "meta" / "c")
+    reopened = open_driver("overlay", store_root, runroot=runroot)
+    assert not (reopened.home / "c").exists()
+    assert (ov.home / "base" / "diff" / "precious").read_bytes() == b"keep me"
+    assert not mount_points_under(ov.home)
+
+
+def test_reconcile_after_lost_mount(ov: Any, store_root: Path, runroot: Path) -> None:
+    ov.create("base")
+    ov.create("c", "base")
+    ov.get("c")
+    umount(ov.home / "c" / "merged")  # as a reboot would
+    reopened = open_driver("overlay", store_root, runroot=runroot)
+    assert reopened.mount_count("c") == 0
+    with reopened.mounted("c") as root:
+        assert is_mountpoint(root)
+
+
+def test_mount_in_one_process_unmount_in_another(ov: Any, store_root: Path,
+                                                 runroot: Path) -> None:
+    ov.create("base")
+    ov.create("c", "base")
+    code = (
+        "import sys; from graphdriver import open_driver; "
+        f"d = open_driver('overlay', {str(store_root)!r}, runroot={str(runroot)!r}); "
+        "getattr(d, sys.argv[1])('c')"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, "-c", code, "get"], check=True, env=env)
+    assert is_mountpoint(ov.home / "c" / "merged") and ov.mount_count("c") == 1
+    subprocess.run([sys.executable, "-c", code, "put"], check=True, env=env)
+    assert not is_mountpoint(ov.home / "c" / "merged") and ov.mount_count("c") == 0
+
+
+def test_cleanup_unmounts_everything(ov: Any) -> None:
+    ov.create("base")
+    ov.create("a", "base")
+    ov.create_rw("b", "a")
+    ov.get("a")
+    ov.get("b")
+    ov.get("b")
+    ov.cleanup()
+    assert not mount_points_under(ov.home)
+    assert ov.mount_count("b") == 0
+
+
+def test_legacy_mount_relative_lowers(ov: Any) -> None:
+    """The mount(2) fallback (a child that chdirs to the home) mounts the same tree."""
+    from graphdriver import mount as m
+
+    ov.create("l0")
+    (ov.home / "l0" / "diff" / "bottom").write_bytes(b"0")
+    for i in range(1, 128):
+        ov.create(f"l{i}", f"l{i - 1}")
+    ov.create_rw("top", "l127")  # 128 lowers: the deepest chain allowed
+    saved = m._Probe.lowerdir_plus
+    m._Probe.lowerdir_plus = False
+    try:
+        with ov.mounted("top") as root:
+            assert (root / "bottom").read_bytes() == b"0"
+            opts = next(line for line in open("/proc/self/mountinfo") if str(root) in line)
+            assert "lowerdir=l/" in opts
+    finally:
+        m._Probe.lowerdir_plus = saved
+    text = m.legacy_option_string(m.OverlayOptions(
+        lowers=[], relative_lowers=[f"l/{'A' * 26}"] * 128, upper="/" + "u" * 90,
+        work="/" + "w" * 90, extra=["index=off"]))
+    assert len(text) < 4096
+
+
+def test_not_supported_on_overlay(tmp_path: Path, runroot: Path) -> None:
+    """A home that is itself on overlayfs is refused with the reason."""
+    from graphdriver import NotSupported
+    from graphdriver.mount import OverlayOptions, mount_overlay, unmount
+
+    for sub in ("lo1", "lo2", "up", "wk", "mnt"):
+        (tmp_path / sub).mkdir()
+    mount_overlay(tmp_path / "mnt", OverlayOptions(
+        lowers=[str(tmp_path / "lo1"), str(tmp_path / "lo2")], upper=str(tmp_path / "up"),
+        work=str(tmp_path / "wk")))
+    try:
+        with pytest.raises(NotSupported, match="overlay"):
+            open_driver("overlay", tmp_path / "mnt" / "root", runroot=runroot)
+    finally:
+        unmount(tmp_path / "mnt")
+
+
+def test_mode_of_whiteout_is_overlay(ov: Any) -> None:
+    build(ov, [rm("etc/passwd"), rm("opq"), mkdir("opq")], [])
+    st = os.lstat(ov.home / "mid" / "diff" / "etc" / "passwd")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert os.getxattr(ov.home / "mid" / "diff" / "opq", "trusted.overlay.opaque") == b"y"
