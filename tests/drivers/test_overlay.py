@@ -7,8 +7,10 @@ hold what the kernel itself made (copy-ups, 0/0 whiteouts, opaque directories).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -18,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import IS_ROOT
 
 from graphdriver import InUse, InvalidArgument, open_driver
 from graphdriver.fsutil import is_mountpoint, mount_points_under, umount
 from graphdriver.store import LayerStore
-from tests.conftest import IS_ROOT
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="overlay mounts need root")
 
@@ -42,10 +44,8 @@ def ov(store_root: Path, runroot: Path) -> Iterator[Any]:
     finally:
         d.cleanup()
         for mp in sorted(mount_points_under(store_root), key=len, reverse=True):
-            try:
+            with contextlib.suppress(OSError):
                 umount(Path(mp), detach=True)
-            except OSError:
-                pass
 
 
 # ---- building layers ----------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_layout_is_overlay2(ov: Any) -> None:
     for lid in ("base", "mid", "top"):
         d = home / lid
         short = (d / "link").read_text()
-        assert len(short) == 26 and short.isalnum() and short.isupper() or short.isalnum()
+        assert re.fullmatch("[A-Z2-7]{26}", short), short
         assert os.readlink(home / "l" / short) == f"../{lid}/diff"
         assert (d / "diff").is_dir()
     assert not (home / "base" / "lower").exists()
@@ -371,7 +371,8 @@ def test_legacy_mount_relative_lowers(ov: Any) -> None:
     try:
         with ov.mounted("top") as root:
             assert (root / "bottom").read_bytes() == b"0"
-            opts = next(line for line in open("/proc/self/mountinfo") if str(root) in line)
+            mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+            opts = next(line for line in mountinfo if str(root) in line)
             assert "lowerdir=l/" in opts
     finally:
         m._Probe.lowerdir_plus = saved
