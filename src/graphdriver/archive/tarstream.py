@@ -66,52 +66,32 @@ class Recorder(Protocol):
 
 
 class TarEntry:
-    """One member of the archive, after PAX / GNU extensions have been applied."""
+    """One member of the archive, after PAX / GNU extensions have been applied.
 
-    __slots__ = (
-        "atime_ns",
-        "ctime_ns",
-        "data_size",
-        "devmajor",
-        "devminor",
-        "gid",
-        "gname",
-        "linkname",
-        "mode",
-        "mtime_ns",
-        "name",
-        "pax",
-        "raw_linkname",
-        "raw_name",
-        "size",
-        "sparse",
-        "type",
-        "uid",
-        "uname",
-        "xattrs",
-    )
+    Rarely used fields keep class-level defaults (cheap to create one per entry); ``xattrs``,
+    ``pax`` and ``sparse`` are replaced, never mutated in place, when an entry has them.
+    """
 
-    def __init__(self) -> None:
-        self.name = ""
-        self.raw_name = b""
-        self.type = REGULAR
-        self.mode = 0
-        self.uid = 0
-        self.gid = 0
-        self.size = 0  # logical size of the file (the real size for sparse files)
-        self.data_size = 0  # bytes of the entry's data region in the archive
-        self.mtime_ns = 0
-        self.atime_ns: int | None = None
-        self.ctime_ns: int | None = None
-        self.linkname = ""
-        self.raw_linkname = b""
-        self.uname = ""
-        self.gname = ""
-        self.devmajor = 0
-        self.devminor = 0
-        self.xattrs: dict[str, bytes] = {}
-        self.pax: dict[str, str] = {}
-        self.sparse: list[tuple[int, int]] | None = None  # (offset, length) data chunks
+    name: str
+    raw_name: bytes
+    type: bytes
+    mode: int
+    uid: int
+    gid: int
+    size: int  # logical size of the file (the real size for sparse files)
+    data_size: int  # bytes of the entry's data region in the archive
+    mtime_ns: int
+    atime_ns: int | None = None
+    ctime_ns: int | None = None
+    linkname: str = ""
+    raw_linkname: bytes = b""
+    uname: str = ""
+    gname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, bytes] = {}  # noqa: RUF012 - shared empty default, replaced when set
+    pax: dict[str, str] = {}  # noqa: RUF012 - idem
+    sparse: list[tuple[int, int]] | None = None  # (offset, length) data chunks
 
     @property
     def is_regular(self) -> bool:
@@ -127,6 +107,12 @@ def _bad(msg: str) -> InvalidArchive:
 
 def parse_number(field: bytes, what: str) -> int:
     """An octal (NUL/space terminated) or base-256 tar number field."""
+    s = field.rstrip(b"\0 ")
+    if s.isdigit():  # the common case: plain digits, then NULs or spaces
+        try:
+            return int(s, 8)
+        except ValueError:
+            raise _bad(f"{what} field {field!r} is not a number") from None
     if field and field[0] & 0x80:
         if field[0] & 0x40:  # 0xff...: negative, two's complement over the whole field
             return int.from_bytes(field, "big", signed=True)
@@ -282,6 +268,10 @@ class TarReader:
             rem -= n
         self._remaining = 0
         if self._pad:
+            if self._recorder is None and self._end - self._pos >= self._pad:
+                self._pos += self._pad
+                self._pad = 0
+                return
             pad = self._take(self._pad, "padding")
             self._pad = 0
             if self._recorder is not None:
@@ -311,6 +301,16 @@ class TarReader:
         """Write the current entry's file content to *fd* (holes seeked over); returns its size."""
         write = os.write
         if entry.sparse is None:
+            rem = self._remaining
+            pos = self._pos
+            if self._end - pos >= rem:  # all of it is buffered already: one write
+                self._pos = pos + rem
+                self._remaining = 0
+                chunk = self._mv[pos : pos + rem]
+                while chunk:
+                    n = write(fd, chunk)
+                    chunk = chunk[n:]
+                return entry.size
             for chunk in self.chunks():
                 while chunk:
                     n = write(fd, chunk)
@@ -414,7 +414,10 @@ class TarReader:
                     raise _bad("a lone zero block followed by more data")
                 return None
             # checksum: unsigned and signed sums accepted (field counted as spaces)
-            stored = parse_number(blk[148:156], "checksum")
+            f = blk[148:156].rstrip(b"\0 ")
+            stored = int(f, 8) if f.isdigit() and b"8" not in f and b"9" not in f else (
+                parse_number(blk[148:156], "checksum")
+            )
             field_sum = sum(blk[148:156])
             if blk.isascii():
                 total = (zlib.adler32(blk) & 0xFFFF) - 1  # exact: an ASCII block sums < 65521
@@ -428,7 +431,10 @@ class TarReader:
                     if unsigned - 256 * high != stored:
                         raise _bad(f"header checksum mismatch at offset {self.bytes_read}")
             typ = blk[156:157]
-            size = parse_number(blk[124:136], "size")
+            f = blk[124:136].rstrip(b"\0 ")
+            size = int(f, 8) if f.isdigit() and b"8" not in f and b"9" not in f else (
+                parse_number(blk[124:136], "size")
+            )
             if size < 0 or size > MAX_SIZE:
                 raise _bad(f"entry size {size} out of range")
             if typ in (_PAX_LOCAL, _PAX_GLOBAL):
@@ -475,17 +481,26 @@ class TarReader:
         if longname is not None:
             raw_name = longname
         raw_link = longlink if longlink is not None else blk[157:257].split(b"\0", 1)[0]
-        e.mode = parse_number(blk[100:108], "mode") & 0o7777
-        e.uid = parse_number(blk[108:116], "uid")
-        e.gid = parse_number(blk[116:124], "gid")
-        e.mtime_ns = parse_number(blk[136:148], "mtime") * 1_000_000_000
+        # inlined fast path of parse_number for the four fields every entry has
+        try:
+            f = blk[100:108].rstrip(b"\0 ")
+            e.mode = (int(f, 8) if f.isdigit() else parse_number(blk[100:108], "mode")) & 0o7777
+            f = blk[108:116].rstrip(b"\0 ")
+            e.uid = int(f, 8) if f.isdigit() else parse_number(blk[108:116], "uid")
+            f = blk[116:124].rstrip(b"\0 ")
+            e.gid = int(f, 8) if f.isdigit() else parse_number(blk[116:124], "gid")
+            f = blk[136:148].rstrip(b"\0 ")
+            mtime = int(f, 8) if f.isdigit() else parse_number(blk[136:148], "mtime")
+        except ValueError:
+            raise _bad("a numeric header field holds a non-octal digit") from None
+        e.mtime_ns = mtime * 1_000_000_000
         if ustar or gnu:
             e.uname = blk[265:297].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             e.gname = blk[297:329].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             if typ in (CHARDEV, BLOCKDEV):
                 e.devmajor = parse_number(blk[329:337], "devmajor")
                 e.devminor = parse_number(blk[337:345], "devminor")
-        if gnu and typ != _GNU_SPARSE:
+        if gnu and typ != _GNU_SPARSE and blk[345:369] != _ZERO_BLOCK[:24]:
             a = parse_number(blk[345:357], "atime")
             c = parse_number(blk[357:369], "ctime")
             if a:
@@ -518,7 +533,7 @@ class TarReader:
         # apply global then local PAX records
         merged = {**self._global, **pax} if self._global else pax
         if merged:
-            xattrs = e.xattrs
+            xattrs: dict[str, bytes] = {}
             pax_str: dict[str, str] = {}
             for k, v in merged.items():
                 if k.startswith("SCHILY.xattr."):
@@ -553,6 +568,8 @@ class TarReader:
                 elif k == "gname":
                     e.gname = s
             e.pax = pax_str
+            if xattrs:
+                e.xattrs = xattrs
             if "GNU.sparse.major" in pax_str or "GNU.sparse.size" in pax_str or (
                 "GNU.sparse.map" in pax_str
             ):

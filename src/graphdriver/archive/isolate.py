@@ -1,0 +1,310 @@
+"""Run a layer apply in a confined child process (DESIGN.md rule 2).
+
+The parent spawns ``python -m graphdriver.archive.isolate`` by exec (never a bare fork), hands
+it the input file descriptor itself (``pass_fds``: no copy through the parent) and a pipe for
+results.  The child imports and warms up everything it needs (isal, zstandard, lzma, bz2,
+hashlib, json, openat2), then, as root, chroots into the target and applies there; when not root
+it skips the chroot (logged at debug level) and relies on dir-fd resolution alone.
+
+Messages from the child are JSON lines on the result pipe: ``{"progress": n}`` now and then,
+then ``{"ok": {"size": .., "diff_id": ..}}`` or ``{"error": {"class": .., "message": ..}}``; the
+parent re-raises the same :mod:`graphdriver.errors` class with the same one-line message.
+
+A recorder (tar-split, issue 6) works across the boundary: the child writes every recorder call
+as a frame on a second pipe, and a thread in the parent replays the frames into
+``opts.recorder`` (see :func:`replay_recorder_stream`).  A frame is ``b"S"`` + u32 length +
+raw bytes for ``segment()``, or ``b"F"`` + u32 name length + u64 size + i64 crc64 (-1: none) +
+name for ``file()``.  ``opts.tarsplit_fd``, when set and no recorder is given, receives that
+frame stream directly.
+
+SIGINT or SIGTERM to the parent (while it runs ``apply_confined`` in the main thread) stops the
+child, which rolls the target back; the parent then raises :class:`~graphdriver.errors.Interrupted`.
+The child also gets SIGTERM if the parent dies (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .. import errors
+from ..errors import GraphDriverError, Interrupted
+from ..idmap import IDMap
+from .apply import ApplyOptions, ApplyResult
+from .tarstream import Recorder
+
+log = logging.getLogger(__name__)
+
+_SEG = b"S"
+_FILE = b"F"
+_SEG_HDR = struct.Struct("<I")
+_FILE_HDR = struct.Struct("<IQq")
+
+
+class PipeRecorder:
+    """A Recorder that frames its calls onto a file descriptor (the child's side)."""
+
+    def __init__(self, fd: int) -> None:
+        self._out: BinaryIO = os.fdopen(fd, "wb", buffering=1 << 20)
+
+    def segment(self, raw: bytes) -> None:
+        self._out.write(_SEG + _SEG_HDR.pack(len(raw)))
+        self._out.write(raw)
+
+    def file(self, name: bytes, size: int, payload_crc64: int | None) -> None:
+        crc = -1 if payload_crc64 is None else payload_crc64
+        self._out.write(_FILE + _FILE_HDR.pack(len(name), size, crc) + name)
+
+    def close(self) -> None:
+        self._out.close()
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise errors.InvalidArchive("recorder stream from the apply child is truncated")
+    return data
+
+
+def replay_recorder_stream(fd: int, recorder: Recorder) -> None:
+    """Replay the frames of a :class:`PipeRecorder` read from *fd* (then closed) into *recorder*."""
+    with os.fdopen(fd, "rb", buffering=1 << 20) as f:
+        while True:
+            kind = f.read(1)
+            if not kind:
+                return
+            if kind == _SEG:
+                (n,) = _SEG_HDR.unpack(_read_exact(f, _SEG_HDR.size))
+                recorder.segment(_read_exact(f, n))
+            elif kind == _FILE:
+                n, size, crc = _FILE_HDR.unpack(_read_exact(f, _FILE_HDR.size))
+                recorder.file(_read_exact(f, n), size, None if crc < 0 else crc)
+            else:
+                raise errors.InvalidArchive("recorder stream from the apply child is corrupt")
+
+
+def _error_class(name: str) -> type[GraphDriverError]:
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, GraphDriverError):
+        return cls
+    return GraphDriverError
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    pkg_root = str(Path(__file__).resolve().parent.parent.parent)
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + old if old else "")
+    return env
+
+
+def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyResult:
+    """Apply the (possibly compressed) tar read from *source_fd* onto *target* in a child."""
+    res_r, res_w = os.pipe2(os.O_CLOEXEC)
+    rec_r = rec_w = -1
+    replay: threading.Thread | None = None
+    replay_error: list[BaseException] = []
+    if opts.recorder is not None:
+        rec_r, rec_w = os.pipe2(os.O_CLOEXEC)
+    elif opts.tarsplit_fd is not None:
+        rec_w = opts.tarsplit_fd
+    args = {
+        "source_fd": source_fd,
+        "result_fd": res_w,
+        "recorder_fd": rec_w if rec_w >= 0 else None,
+        "target": os.fspath(target),
+        "whiteout_format": opts.whiteout_format,
+        "idmap": opts.idmap.to_json(),
+        "progress": opts.progress is not None,
+        "log_level": logging.getLogger("graphdriver").getEffectiveLevel(),
+    }
+    pass_fds = [source_fd, res_w] + ([rec_w] if rec_w >= 0 else [])
+    old_handlers: dict[signal.Signals, Any] = {}
+    in_main = threading.current_thread() is threading.main_thread()
+    proc: subprocess.Popen[bytes] | None = None
+
+    def _on_signal(signum: int, frame: object) -> None:
+        raise Interrupted(f"interrupted by signal {signum}; the apply was rolled back")
+
+    try:
+        if in_main:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, _on_signal)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "graphdriver.archive.isolate", json.dumps(args)],
+            pass_fds=pass_fds,
+            stdin=subprocess.DEVNULL,
+            env=_child_env(),
+            close_fds=True,
+        )
+        os.close(res_w)
+        res_w = -1
+        if rec_r >= 0:
+            os.close(rec_w)
+            rec_w = -1
+            recorder = opts.recorder
+            assert recorder is not None
+            fd = rec_r
+            rec_r = -1
+
+            def _replay() -> None:
+                try:
+                    replay_recorder_stream(fd, recorder)
+                except BaseException as exc:  # reported after the child is done
+                    replay_error.append(exc)
+
+            replay = threading.Thread(target=_replay, name="recorder-replay", daemon=True)
+            replay.start()
+        outcome: dict[str, Any] | None = None
+        with os.fdopen(res_r, "rb") as results:
+            res_r = -1
+            for line in results:
+                msg = json.loads(line)
+                if "progress" in msg:
+                    if opts.progress is not None:
+                        opts.progress(int(msg["progress"]))
+                    continue
+                outcome = msg
+        rc = proc.wait()
+        if replay is not None:
+            replay.join()
+        if outcome is None:
+            why = f"signal {-rc}" if rc < 0 else f"status {rc}"
+            raise GraphDriverError(f"the apply child exited with {why} without a result")
+        if "error" in outcome:
+            err = outcome["error"]
+            raise _error_class(str(err["class"]))(str(err["message"]))
+        if replay_error:
+            exc = replay_error[0]
+            if isinstance(exc, GraphDriverError):
+                raise exc
+            raise GraphDriverError(f"recorder failed: {exc}")
+        ok = outcome["ok"]
+        return ApplyResult(int(ok["size"]), str(ok["diff_id"]))
+    except BaseException:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # the child rolls back, then exits
+            proc.wait()
+        raise
+    finally:
+        for fd in (res_r, res_w, rec_r):
+            if fd >= 0:
+                os.close(fd)
+        if rec_w >= 0 and rec_w != opts.tarsplit_fd:
+            os.close(rec_w)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+
+# ---- the child -----------------------------------------------------------------------------------
+def _warm_up() -> None:
+    """Import and exercise every decoder before the chroot takes the library files away."""
+    import bz2
+    import gzip
+    import hashlib
+    import io
+    import lzma
+
+    import zstandard
+
+    from . import compression, pathres
+
+    pathres.have_openat2()
+    hashlib.sha256(b"").hexdigest()
+    samples = [
+        gzip.compress(b"x"),
+        zstandard.ZstdCompressor().compress(b"x"),
+        lzma.compress(b"x"),
+        bz2.compress(b"x"),
+    ]
+    for blob in samples:
+        with compression.decompress_stream(io.BytesIO(blob)) as s:
+            s.read()
+
+
+def _set_pdeathsig() -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - best effort
+        pass
+
+
+def _child_main(argv: list[str]) -> int:
+    args = json.loads(argv[0])
+    res = os.fdopen(int(args["result_fd"]), "w", buffering=1)
+    logging.basicConfig(level=int(args.get("log_level", logging.WARNING)), stream=sys.stderr)
+
+    def send(msg: dict[str, Any]) -> None:
+        res.write(json.dumps(msg) + "\n")
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Interrupted(f"interrupted by signal {signum}; the apply was rolled back")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    _set_pdeathsig()
+    if os.getppid() == 1:
+        return 1
+    recorder: PipeRecorder | None = None
+    try:
+        from . import apply as apply_mod
+        from .compression import open_decompressed
+        from .tarstream import TarReader
+
+        _warm_up()
+        target = args["target"]
+        if os.geteuid() == 0:
+            os.chdir(target)
+            os.chroot(".")
+            root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            apply_mod.allow_chdir = True
+        else:
+            log.debug("apply child not root: no chroot, relying on dir-fd resolution")
+            root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if args.get("recorder_fd") is not None:
+            recorder = PipeRecorder(int(args["recorder_fd"]))
+        opts = ApplyOptions(
+            whiteout_format=args["whiteout_format"],
+            idmap=IDMap.from_json(args["idmap"]),
+            recorder=recorder,
+            progress=(lambda n: send({"progress": n})) if args.get("progress") else None,
+        )
+        stream = open_decompressed(int(args["source_fd"]))
+        reader = TarReader(stream, recorder)
+        result = apply_mod.apply_reader(reader, root_fd, opts)
+        if recorder is not None:
+            recorder.close()
+            recorder = None
+        send({"ok": {"size": result.size, "diff_id": result.diff_id}})
+    except GraphDriverError as exc:
+        send({"error": {"class": type(exc).__name__, "message": str(exc)}})
+    except KeyboardInterrupt:
+        msg = "interrupted; the apply was rolled back"
+        send({"error": {"class": "Interrupted", "message": msg}})
+    except OSError as exc:
+        err = errors.from_oserror(exc, "apply layer")
+        send({"error": {"class": type(err).__name__, "message": str(err)}})
+    except Exception as exc:
+        send({"error": {"class": "GraphDriverError", "message": f"apply failed: {exc!r}"}})
+    finally:
+        if recorder is not None:
+            with contextlib.suppress(OSError):
+                recorder.close()
+        res.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
