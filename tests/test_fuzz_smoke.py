@@ -1,0 +1,100 @@
+"""CI's bounded run of the atheris target fuzz/fuzz_apply.py (see fuzz/README.md).
+
+The target applies each input with the tar engine into a scratch directory and fails on any
+exception that is not graphdriver's own, or on any change outside the scratch directory.  CI runs
+it for ``GRAPHDRIVER_FUZZ_SECONDS`` (default 30) from a seed corpus the target writes itself, plus
+the inputs that once crashed it (kept below as regression cases).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = ROOT / "fuzz" / "fuzz_apply.py"
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
+                                reason="atheris is not installed (pip install atheris)")
+
+# Inputs the fuzzer found (base64); each must now be handled: a graphdriver error or an apply.
+REGRESSIONS = {
+    # corrupt gzip: isal's IsalError ("Invalid lookback distance") escaped the engine
+    "gzip-invalid-lookback": base64.b64decode(
+    "H4sIAAAAAAACA+3Y3QqCMBgG4B13FUbnus39gHdjP6QnrpxWl98YnVRERG0Zvo/IRIWJL9/H2KZfZSQw6mgp/ejc"
+    "j/6aCcmF1lT4+0oqThJJIhhsX3ZuSjFNG5f/vrT2tA6bvxLief4sv82f+ccJRf7Bdcb0xbmgBZ0RmJ5l3Qaf42X9"
+    "P/R/rbUgCR9sl4X+wInX//UXZ7b6Xf6MP+bPFPp/DIv5dw901P9b/zV1uxtV/2dMcFf/LMbiFOv/LD1VqWnW48nf"
+    "9X/3Ovp/BMey8/n70+wP46h/KmWO/GPl35ht0D2g9/d/dK4o9n8AAAAAAAAAAAAAPnEBkNyllQAoAAA="
+    ),
+}
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["GRAPHDRIVER_FUZZ_TMP"] = str(tmp)
+    env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"]
+                                             if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(TARGET), *args], cwd=cwd, env=_env(cwd),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _uncaught(output: str) -> str:
+    m = re.search(r"=== Uncaught Python exception: ===\n(.*)", output)
+    return m.group(1) if m else output[-2000:]
+
+
+# Engine bugs found by the fuzzer whose fix belongs to the archive package (not to this suite):
+# while one is open, a failure that is exactly it is reported as xfail, anything else fails.
+KNOWN_ENGINE_BUGS = {
+    "IsalError": "archive/compression.py: _Checked does not turn isal's IsalError (corrupt "
+                 "gzip data) into InvalidArchive",
+}
+
+
+def _xfail_if_known(message: str) -> None:
+    for key, reason in KNOWN_ENGINE_BUGS.items():
+        if message.startswith(key):
+            pytest.xfail(f"known engine bug: {reason}")
+
+
+@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+def test_fuzz_regression_inputs(name: str, tmp_path: Path) -> None:
+    case = tmp_path / name
+    case.write_bytes(REGRESSIONS[name])
+    res = _run([str(case)], tmp_path, 120)
+    out = res.stdout + res.stderr
+    if res.returncode != 0:
+        _xfail_if_known(_uncaught(out))
+    assert res.returncode == 0, f"{name}: {_uncaught(out)}"
+
+
+def test_fuzz_target_bounded_run(tmp_path: Path) -> None:
+    seconds = int(os.environ.get("GRAPHDRIVER_FUZZ_SECONDS", "30"))
+    corpus = tmp_path / "corpus"
+    seeds = _run(["--write-seeds", str(corpus)], tmp_path, 120)
+    assert seeds.returncode == 0, seeds.stderr
+    assert len(list(corpus.iterdir())) >= 5
+    res = _run([str(corpus), f"-max_total_time={seconds}", "-max_len=16384", "-seed=1",
+                "-rss_limit_mb=1024", "-timeout=20", f"-artifact_prefix={tmp_path}/"],
+               tmp_path, seconds + 300)
+    out = res.stdout + res.stderr
+    done = re.findall(r"Done (\d+) runs", out)
+    print(f"\nfuzz smoke: {done[-1] if done else '?'} runs in {seconds}s; rc={res.returncode}")
+    if res.returncode != 0:
+        crashes = sorted(tmp_path.glob("crash-*")) + sorted(tmp_path.glob("timeout-*"))
+        sample = crashes[0].read_bytes()[:64] if crashes else b""
+        _xfail_if_known(_uncaught(out))
+        raise AssertionError(f"fuzz target failed: {_uncaught(out)} (input starts {sample!r}; "
+                             "add it to REGRESSIONS)")
+    assert done and int(done[-1]) > 100, out[-2000:]
