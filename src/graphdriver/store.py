@@ -510,7 +510,7 @@ class LayerStore:
                         self.meta.clear_incomplete(layer_id)
                         raise
                 if raw_fd is not None:
-                    self._tarsplit_end(rec, raw_fd)
+                    self._tarsplit_end(rec, raw_fd, opts.recorder)
             finally:
                 if raw_fd is not None:
                     os.close(raw_fd)
@@ -531,20 +531,22 @@ class LayerStore:
 
     def _tarsplit_begin(self, layer_id: str, opts: Any) -> int | None:
         """Hand the apply a file for the raw stream description (archive/tarsplit.py)."""
-        if not self.record_tarsplit or not hasattr(opts, "tarsplit_fd"):
+        if not self.record_tarsplit or opts.recorder is not None:
             return None
-        from .archive.tarsplit import RAW_NAME
+        from .archive.tarsplit import RAW_NAME, TarSplitPacker
 
         fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
                      os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        opts.tarsplit_fd = fd
+        opts.recorder = TarSplitPacker(os.fdopen(fd, "wb", buffering=1 << 20, closefd=False))
         return fd
 
-    def _tarsplit_end(self, rec: LayerRecord, raw_fd: int) -> None:
+    def _tarsplit_end(self, rec: LayerRecord, raw_fd: int, packer: Any) -> None:
         """Keep ``meta/<id>/tar-split.json.gz`` (CRCs from the applied files), or say why not."""
         from .archive.tarsplit import finish_layer_recording
 
-        finish_layer_recording(self.meta.dir(rec.id), raw_fd, self._apply_target(rec), rec.id)
+        packer.close()
+        finish_layer_recording(self.meta.dir(rec.id), raw_fd, self._apply_target(rec), rec.id,
+                               packer.problem)
 
     def _after_apply(self, rec: LayerRecord, result: Any) -> None:
         """Driver bookkeeping after a successful apply (the layer is still incomplete here)."""
