@@ -496,11 +496,12 @@ def assemble_layer(meta_dir: Path, open_file: Opener, out: int | BinaryIO,
 
 
 def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLike[str],
-                           layer_id: str) -> Recording:
+                           layer_id: str, problem: str | None = None) -> Recording:
     """After a successful apply: turn ``meta_dir/tar-split.raw`` (on *raw_fd*) into the layer's
     ``tar-split.json.gz``, or mark the layer not exactly reproducible (and log why)."""
-    problem = None
-    if (meta_dir / METADATA_NAME).exists() or (meta_dir / UNREPRODUCIBLE_NAME).exists():
+    if problem is not None:
+        pass
+    elif (meta_dir / METADATA_NAME).exists() or (meta_dir / UNREPRODUCIBLE_NAME).exists():
         problem = "more than one archive was applied to this layer"
     elif os.fstat(raw_fd).st_size == 0:
         problem = "the apply recorded no tar-split description"
