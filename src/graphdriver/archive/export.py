@@ -158,9 +158,11 @@ class _TarOut:
         self.flush()
 
 
-def _read_xattrs(path: bytes) -> dict[str, bytes]:
+def _read_xattrs(path: bytes | int) -> dict[str, bytes]:
+    """The exportable xattrs of *path* (not followed) or of an open file descriptor."""
+    follow = isinstance(path, int)  # an fd: the flag must be left at its default
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT):
             return {}
@@ -170,7 +172,7 @@ def _read_xattrs(path: bytes) -> dict[str, bytes]:
         if name.startswith(_SKIPPED_XATTR_PREFIXES) and name != OVERLAY_OPAQUE_XATTR:
             continue
         try:
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
+            out[name] = os.getxattr(path, name, follow_symlinks=follow)
         except OSError as exc:
             if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
                 continue
@@ -203,9 +205,6 @@ def _add_entry(
         mtime=st.st_mtime_ns // 1_000_000_000,
     )
     whiteout = overlay and stat.S_ISCHR(mode) and st.st_rdev == 0
-    xattrs = _read_xattrs(full)
-    opaque = xattrs.pop(OVERLAY_OPAQUE_XATTR, None) == b"y" and is_dir and overlay
-    hdr.xattrs = xattrs
     base = name.rsplit(b"/", 1)[-1]
     if whiteout or base.startswith(WHITEOUT_PREFIX_B):
         hdr.uid, hdr.gid = st.st_uid, st.st_gid
@@ -239,15 +238,21 @@ def _add_entry(
     if whiteout:
         head, _, tail = hdr.name.rpartition(b"/")
         hdr.name = (head + b"/" if head else b"") + WHITEOUT_PREFIX_B + tail
-        hdr.mode, hdr.typeflag, hdr.size = 0o600, REGTYPE, 0
+        hdr.mode, hdr.typeflag, hdr.size, hdr.linkname = 0o600, REGTYPE, 0, b""
         hdr.devmajor = hdr.devminor = 0
 
-    out.add(encode(hdr))
-    if hdr.typeflag == REGTYPE and hdr.size > 0:
-        in_fd = os.open(leaf, _FILE_FLAGS, dir_fd=dir_fd)
-        try:
+    # A file with data is opened first: its xattrs are read through the descriptor.
+    has_data = hdr.typeflag == REGTYPE and hdr.size > 0
+    in_fd = os.open(leaf, _FILE_FLAGS, dir_fd=dir_fd) if has_data else -1
+    try:
+        xattrs = _read_xattrs(in_fd if in_fd >= 0 else full)
+        opaque = xattrs.pop(OVERLAY_OPAQUE_XATTR, None) == b"y" and is_dir and overlay
+        hdr.xattrs = xattrs
+        out.add(encode(hdr))
+        if in_fd >= 0:
             out.file_data(in_fd, hdr.size)
-        finally:
+    finally:
+        if in_fd >= 0:
             os.close(in_fd)
     if opaque:
         out.add(encode(TarHeader(

@@ -95,8 +95,9 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
     return b"%d" % n + body
 
 
-def _pad_field(value: bytes, width: int) -> bytes:
-    return value + bytes(width - len(value))
+_MAGIC = b"ustar\x0000"
+_MAGIC_SUM = sum(_MAGIC)
+_SPACES_SUM = 8 * 0x20
 
 
 def _ustar_block(
@@ -114,25 +115,18 @@ def _ustar_block(
     devmajor: bytes,
     devminor: bytes,
 ) -> bytes:
-    block = bytearray(BLOCK)
-    block[0:100] = _pad_field(name, 100)
-    block[100:108] = mode
-    block[108:116] = uid
-    block[116:124] = gid
-    block[124:136] = size
-    block[136:148] = mtime
-    block[148:156] = b"        "
-    block[156:157] = typeflag
-    block[157:257] = _pad_field(linkname, 100)
-    block[257:263] = b"ustar\0"
-    block[263:265] = b"00"
-    block[265:297] = _pad_field(uname, 32)
-    block[297:329] = _pad_field(gname, 32)
-    block[329:337] = devmajor
-    block[337:345] = devminor
-    block[345:500] = _pad_field(prefix, 155)
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
+    numbers = mode + uid + gid + size + mtime
+    devs = devmajor + devminor
+    # Zero padding adds nothing to the checksum: sum only the parts that carry bytes.
+    chk = (
+        sum(name) + sum(numbers) + _SPACES_SUM + typeflag[0] + sum(linkname) + _MAGIC_SUM
+        + sum(uname) + sum(gname) + sum(devs) + sum(prefix)
+    )
+    return b"".join((
+        name.ljust(100, b"\0"), numbers, b"%06o\0 " % chk, typeflag,
+        linkname.ljust(100, b"\0"), _MAGIC, uname.ljust(32, b"\0"), gname.ljust(32, b"\0"),
+        devs, prefix.ljust(155, b"\0"), bytes(12),
+    ))
 
 
 def _format_pax_time(sec: int, nsec: int) -> bytes:
@@ -146,8 +140,37 @@ def _format_pax_time(sec: int, nsec: int) -> bytes:
     return (b"%d.%09d" % (sec, nsec)).rstrip(b"0")
 
 
+_MAX7 = 8**7
+_MAX11 = 8**11
+
+
 def encode(h: TarHeader) -> bytes:
     """The header block(s) for *h*: an optional PAX ``x`` header, then the ustar header."""
+    name, linkname = h.name, h.linkname
+    if (
+        len(name) <= _NAME_MAX
+        and len(linkname) <= _NAME_MAX
+        and not h.xattrs
+        and not h.mtime_ns
+        and 0 <= h.uid < _MAX7
+        and 0 <= h.gid < _MAX7
+        and 0 <= h.size < _MAX11
+        and 0 <= h.mtime < _MAX11
+        and 0 <= h.devmajor < _MAX7
+        and 0 <= h.devminor < _MAX7
+        and name.isascii()
+        and linkname.isascii()
+    ):
+        # The common case: everything fits one ustar block.
+        return _ustar_block(
+            name, b"", h.typeflag, b"%07o\0" % (h.mode & 0o7777), b"%07o\0" % h.uid,
+            b"%07o\0" % h.gid, b"%011o\0" % h.size, b"%011o\0" % h.mtime, linkname,
+            h.uname[:32], h.gname[:32], b"%07o\0" % h.devmajor, b"%07o\0" % h.devminor,
+        )
+    return _encode_general(h)
+
+
+def _encode_general(h: TarHeader) -> bytes:
     pax: list[tuple[bytes, bytes]] = []
 
     split = _split_ustar(h.name) if h.name.isascii() else None
