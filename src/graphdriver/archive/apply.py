@@ -193,10 +193,11 @@ class _Applier:
     def _clear_cache(self) -> None:
         """Forget every cached directory.  The fds are closed later (``_bury``), at a point where
         no caller still holds one of them."""
+        root = self.cache[""]
         for key, (fd, _, _) in self.cache.items():
             if key:
                 self.graveyard.append(fd)
-        self.cache = {"": (self.root_fd, "", False)}
+        self.cache = {"": root}
 
     def _bury(self) -> None:
         for fd in self.graveyard:
@@ -476,6 +477,8 @@ class _Applier:
                 raise InvalidArchive(f"directory {e.name!r} vanished while applying")
             hit = got
         self._dir_meta(e, hit[0], real, created, sgid)
+        # new files inherit the group of a setgid directory: remember the bit as it is now
+        self.cache[key] = (hit[0], hit[1], bool(e.mode & stat.S_ISGID))
 
     def _dir_meta(self, e: TarEntry, dfd: int, real: str, created: bool, sgid: bool) -> None:
         if not created:
@@ -630,6 +633,8 @@ class _Applier:
                     raise InvalidArchive("the archive's root entry is not a directory")
                 self._check_xattrs(e)
                 self._dir_meta(e, self.root_fd, "", False, False)
+                self.cache[""] = (self.root_fd, "", bool(e.mode & stat.S_ISGID))
+                cache = self.cache
                 continue
             first = name.split("/", 1)[0]
             if first == self.scratch:

@@ -1,0 +1,25 @@
+"""Fixtures for the tar-engine tests (helpers live in tarbuild.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Iterator[Path]:
+    """A scratch directory on tmpfs when there is one (fast, and it has user/trusted xattrs)."""
+    base = Path("/dev/shm")
+    if base.is_dir() and os.access(base, os.W_OK):
+        d = Path(tempfile.mkdtemp(prefix="gd-archive-", dir=base))
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    else:
+        yield tmp_path
