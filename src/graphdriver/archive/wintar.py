@@ -71,6 +71,7 @@ FILE_ATTRIBUTE_REPARSE_POINT = 0x400
 TOP_DIRS = ("Files", "Hives", "UtilityVM")
 TOMBSTONES = "tombstones.txt"
 LINKMETA = "linkmeta.json"
+CROSSLINKS = "crosslinks.json"
 TOMBSTONE_HEADER = b"\xef\xbb\xbfVersion 1.0"
 
 # Files the Windows import process mutates; backed up at import, served from the backup by diff
@@ -97,6 +98,7 @@ _XATTR_NAME_MAX = 255
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE_RW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _MODE_DIR = 0o40000
 _MODE_REG = 0o100000
@@ -194,8 +196,9 @@ def xattrs_to_pax(xattrs: dict[str, bytes]) -> dict[str, bytes]:
 
 def read_win_xattrs(path: int | str) -> dict[str, bytes]:
     """The ``user.mswindows.*`` xattrs of an open fd (or a path; symlinks not followed)."""
+    follow = isinstance(path, int)  # an fd: the flag is not allowed (and means nothing)
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return {}
@@ -204,7 +207,7 @@ def read_win_xattrs(path: int | str) -> dict[str, bytes]:
     for n in names:
         if n.startswith(XATTR_PREFIX):
             with contextlib.suppress(OSError):
-                out[n] = os.getxattr(path, n, follow_symlinks=False)
+                out[n] = os.getxattr(path, n, follow_symlinks=follow)
     return out
 
 
@@ -276,6 +279,16 @@ def read_linkmeta(layer_fd: int) -> dict[str, dict[str, bytes]]:
     return {path: {k: base64.b64decode(v) for k, v in meta.items()} for path, meta in obj.items()}
 
 
+def read_crosslinks(layer_fd: int) -> dict[str, str]:
+    """Names of this layer that are hard links to a parent layer's file -> that file's path."""
+    try:
+        fd = os.open(CROSSLINKS, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=layer_fd)
+    except FileNotFoundError:
+        return {}
+    with os.fdopen(fd, "rb") as f:
+        return {str(k): str(v) for k, v in json.loads(f.read()).items()}
+
+
 def _write_small(dir_fd: int, name: str, data: bytes) -> None:
     tmp = f".{name}.tmp"
     with contextlib.suppress(FileNotFoundError):
@@ -315,6 +328,7 @@ class Importer:
         self.tombstones = read_tombstones(root_fd)
         self._tomb_keys = {fold(t) for t in self.tombstones}
         self.linkmeta = read_linkmeta(root_fd)
+        self.crosslinks = read_crosslinks(root_fd)
         self._dir_times: list[tuple[str, int, int]] = []
         self._last_main: tuple[str, str] | None = None  # (parent dir, stored name)
         for top in ("Files",):
@@ -369,8 +383,9 @@ class Importer:
         prefix = f"{d}/{stored}" if d else stored
         for key in [k for k in self._dirs if k == prefix or k.startswith(prefix + "/")]:
             del self._dirs[key]
-        for key in [k for k in self.linkmeta if k == prefix or k.startswith(prefix + "/")]:
-            del self.linkmeta[key]
+        for table in (self.linkmeta, self.crosslinks):
+            for key in [k for k in table if k == prefix or k.startswith(prefix + "/")]:
+                del table[key]
 
     def _remove(self, d: str, dfd: int, stored: str, with_streams: bool = True) -> None:
         """Remove ``d/stored`` (a tree if a directory) and, for a file, its alternate streams."""
@@ -492,6 +507,9 @@ class Importer:
             new = stored or parts[-1]
             os.link(tname, new, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
             self._index(d).names[fold(new)] = new
+            if r != self.root:
+                # a link into a parent layer: diff writes it back as a link, as it came
+                self.crosslinks[f"{d}/{new}"] = f"{tdir}/{tname}"
             if stat.S_ISLNK(st.st_mode):
                 meta = (self.linkmeta if r == self.root else read_linkmeta(r)).get(
                     f"{tdir}/{tname}")
@@ -544,7 +562,8 @@ class Importer:
                 self.linkmeta[rel] = xattrs
                 os.utime(stored, ns=(atime, entry.mtime_ns), dir_fd=dfd, follow_symlinks=False)
             else:
-                fd = os.open(stored, _NEW_FILE, 0o644, dir_fd=dfd)
+                flags = _NEW_FILE if name not in MUTATED_FILES else _NEW_FILE_RW
+                fd = os.open(stored, flags, 0o644, dir_fd=dfd)
                 self._index(d).names[fold(stored)] = stored
                 try:
                     reader.copy_data(entry, fd)
@@ -612,6 +631,12 @@ class Importer:
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(LINKMETA, dir_fd=self.root)
+        if self.crosslinks:
+            _write_small(self.root, CROSSLINKS,
+                         json.dumps(self.crosslinks, sort_keys=True).encode())
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(CROSSLINKS, dir_fd=self.root)
         for rel, atime, mtime in reversed(self._dir_times):
             try:
                 fd = open_beneath(self.root, rel, _DIR_FLAGS)
@@ -685,6 +710,7 @@ def walk_layer(layer_fd: int) -> Iterator[LayerItem]:
         tombs.setdefault(fold(full.rpartition("/")[0]), []).append(full)
     seen: dict[tuple[int, int], str] = {}
     emitted: set[str] = set()
+    crosslinks = read_crosslinks(layer_fd)
 
     def whiteouts(d: str) -> Iterator[LayerItem]:
         key = fold(d)
@@ -710,6 +736,7 @@ def walk_layer(layer_fd: int) -> Iterator[LayerItem]:
                 link_to = seen.get(key)
                 if link_to is None:
                     seen[key] = rel
+                    link_to = crosslinks.get(rel)
             own = [] if link_to is not None else streams.get(fold(n), [])
             yield LayerItem(rel, "entry", st, own, link_to)
             if stat.S_ISDIR(st.st_mode):

@@ -1,0 +1,661 @@
+"""windowsfilter: Windows container image layers, stored, assembled and diffed on Linux.
+
+moby's ``windowsfilter`` driver (``daemon/graphdriver/windows/windows.go``) asks HCS to do the
+work; this driver keeps the same on-disk layer format and the same semantics, with Linux doing
+what HCS does.  It lets image scanners and CI on Linux store, inspect and re-export Windows layers.
+
+Layout (hcsshim's, plus the shared ``meta/`` and ``locks/`` of every home)::
+
+    <home>/<id>/Files/            the layer's files (the container's C:\\)
+    <home>/<id>/Hives/            registry hives (base layers)
+    <home>/<id>/UtilityVM/Files/  the utility VM image (base layers)
+    <home>/<id>/tombstones.txt    deletions, hcsshim's format ("Version 1.0", one \\path a line)
+    <home>/<id>/layerchain.json   parent layer paths with a Files directory, nearest first
+    <home>/<id>/layerID           optional: the id whose directory really holds the layer
+    <home>/<id>/bcd*.bak          the UtilityVM BCD files as imported (see below)
+    <home>/<id>/linkmeta.json     Windows metadata of symlinks (Linux has no user xattrs on them)
+    <home>/<id>/merged/           while a read-only layer is mounted: its assembled view
+    <home>/<id>/sandbox/          a writable layer's tree (``quota/diff`` when it has a size)
+
+Windows metadata (``MSWINDOWS.*`` PAX records, creation times, sub-second times) is kept in
+``user.mswindows.*`` xattrs of each file and alternate data streams are files named
+``file:stream`` beside their file (archive/wintar.py has the details).  The home must hold
+``user.*`` xattrs: opening a store on a filesystem that cannot is refused (moby refuses ReFS).
+
+Semantics, and where they differ from moby:
+
+- ``create`` makes a read-only layer with an empty ``Files``; ``create_rw`` makes a sandbox: a
+  writable tree that starts as a copy (reflinks where the filesystem has them) of its parent's
+  view.  The chain in ``layerchain.json`` lists only parents with a ``Files`` directory, so a
+  sandbox parent (Docker's ``-init`` layer) is skipped, as in moby.
+- ``size``: storage option keys are case-insensitive; the default sandbox size is "127GB"
+  (RAMInBytes: 127 GiB), recorded in the layer record and reported by ``status`` but not
+  enforced (nothing to pay for on ext4).  An explicit ``--size`` on ``create_rw`` is enforced
+  with quota.py's loop-mounted ext4 image (the Linux counterpart of ``sandbox.vhdx``).
+- ``get`` of a read-only layer gives the merged view of its ``Files`` and its chain's: a tree
+  built under ``<id>/merged`` of hard links to the layers' files, tombstones applied, names
+  matched case-insensitively (nearest layer's spelling wins), alternate streams left out.  moby
+  returns the bare layer folder instead; a merged tree is what a scanner on Linux wants.  The
+  merged tree shares inodes with the layers: it is for reading, writes through it change the
+  layers.  It is removed when the last reference is put.  ``get`` of a sandbox gives the sandbox.
+- ``changes`` of a read-only layer: moby's driver cannot tell an add from a modify, so every path
+  the layer holds is MODIFY and every tombstone DELETE, with paths as the layer stores them
+  (``Files/…``, ``Hives/…``, ``UtilityVM/…``; alternate streams are not separate paths).  The
+  parent argument is ignored, as in moby.
+- ``diff`` of a read-only layer streams the Windows-format tar of the layer (wintar), every
+  entry's PAX records as they were imported.  ``diff_size`` is the bytes of file data in the
+  layer.  For a sandbox, changes/diff/diff_size compare its tree with its parent's view (the
+  shared NaiveDiff; a plain Linux layer tar), since writes made through a mount have no Windows
+  metadata.
+- ``apply_diff`` imports a Windows layer tar into a read-only layer in a child process (moby
+  re-execs ``docker-windows-write-layer``): ``python -m graphdriver.drivers.windowsfilter
+  --import``, handed the input, the staging directory and the parent layers as file
+  descriptors; as root it chroots into the staging directory before reading the tar.  The tar
+  is imported into ``<id>/.staging`` (a hard-link clone of what the layer held), which replaces
+  the layer's directories only on success, so a failed import leaves the layer as it was.  It
+  returns hcsshim's size (bytes of file data, streams not counted).  The BCD files are also
+  copied to ``bcd.bak``/``bcd.log.bak``/``bcd.log1.bak``/``bcd.log2.bak`` and ``diff_getter``
+  serves those paths from the backups, as moby does.
+- ``layerID``: ``resolve_id`` reads ``<id>/layerID`` (or moby's ``layerId`` spelling) to find
+  the directory that holds a layer; ``set_id`` writes ``layerID``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
+
+from .. import errors as _errors
+from .. import quota
+from ..archive.changes import Change, ChangeKind
+from ..archive.pathres import open_beneath
+from ..archive.wintar import (
+    CROSSLINKS,
+    LINKMETA,
+    MUTATED_FILES,
+    TOMBSTONES,
+    TOP_DIRS,
+    XATTR_PREFIX,
+    fold,
+    read_tombstones,
+    walk_layer,
+    write_layer_tar,
+)
+from ..errors import GraphDriverError, InUse, InvalidArgument, NotSupported, from_oserror
+from ..fsutil import atomic_write, copy_tree, fs_name, remove_tree
+from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
+from ..mount import is_mounted
+from ..store import LayerStore, _as_fd, parse_size
+
+DEFAULT_SANDBOX_SIZE = "127GB"
+LAYER_ID_FILE = "layerID"
+LAYER_ID_FILES = ("layerID", "layerId")  # moby writes "layerId" and reads "layerID"
+LAYERCHAIN = "layerchain.json"
+MERGED = "merged"
+SANDBOX = "sandbox"
+STAGING = ".staging"
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LAYER_CONTENT = (*TOP_DIRS, TOMBSTONES, LINKMETA, CROSSLINKS, *MUTATED_FILES.values())
+
+_HOME_NAMES = frozenset({"meta", "locks"})
+
+_SKIP_LINUX_TARS = ("the suite applies Linux layer tars; windowsfilter imports Windows layer tars "
+                    "(entries under Files/, Hives/, UtilityVM/)")
+_SKIP_RO_WRITES = ("writes through the mount of a read-only layer: windowsfilter's read-only "
+                   "view is assembled from the chain for reading; only sandboxes take writes")
+
+
+class WindowsFilterDriver(LayerStore):
+    name = "windowsfilter"
+    supports_quota = True  # an explicit sandbox size, by quota.py's loop-mounted image
+    conformance_skip: ClassVar[dict[str, str]] = {
+        "test_create_base": _SKIP_LINUX_TARS,
+        "test_create_snap": _SKIP_RO_WRITES,
+        "test_create_rw_snap": _SKIP_LINUX_TARS,
+        "test_deep_layer_read": _SKIP_RO_WRITES,
+        "test_diff_apply": _SKIP_LINUX_TARS,
+        "test_changes": _SKIP_LINUX_TARS,
+        "test_diff_size": _SKIP_LINUX_TARS,
+        "test_diff_of_base_is_whole_tree": _SKIP_LINUX_TARS,
+        "test_echo_rounds": _SKIP_LINUX_TARS,
+        "test_rejected_apply_leaves_layer_as_it_was": _SKIP_LINUX_TARS,
+        "test_apply_refused_with_children_or_mounted": _SKIP_LINUX_TARS,
+    }
+
+    # ----- setup ---------------------------------------------------------------------------
+
+    def _init_driver(self) -> None:
+        # moby: the default sandbox size is "127GB" unless the options say otherwise; it is
+        # nominal (recorded, reported), so it is not the base class's enforced default.
+        self.sandbox_size = (self.default_size if self.default_size is not None
+                             else parse_size(DEFAULT_SANDBOX_SIZE, self.name))
+        self.default_size = None
+        probe = self.home / f".xattr-probe-{os.getpid()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.setxattr(fd, XATTR_PREFIX + "probe", b"1")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise NotSupported(
+                f"windowsfilter: {self.home} ({fs_name(self.home)}) cannot hold user.* extended "
+                f"attributes, which keep Windows file metadata: {exc.strerror}"
+            ) from None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+
+    def _dir(self, layer_id: str) -> Path:
+        return self.home / self.resolve_id(layer_id)
+
+    def resolve_id(self, layer_id: str) -> str:
+        """The id whose directory holds the layer (moby's ``layerID`` indirection)."""
+        for name in LAYER_ID_FILES:
+            try:
+                alt = (self.home / layer_id / name).read_text().strip()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise from_oserror(exc, f"windowsfilter: reading {name} of {layer_id}") from None
+            return validate_id(alt, f"{name} of layer {layer_id}")
+        return layer_id
+
+    def set_id(self, layer_id: str, alt_id: str) -> None:
+        """Make ``layer_id``'s directory name ``alt_id`` as the directory that holds the layer."""
+        validate_id(alt_id)
+        atomic_write(self.home / validate_id(layer_id) / LAYER_ID_FILE, alt_id.encode(),
+                     mode=0o600)
+
+    def _layer_paths(self, layer_id: str) -> list[Path]:
+        return [self.home / layer_id]
+
+    def _disk_ids(self) -> set[str]:
+        out = set()
+        for n in os.listdir(self.home):
+            if (n in _HOME_NAMES or n.startswith(".") or n.endswith(REMOVING_SUFFIX)
+                    or not (self.home / n).is_dir()):
+                continue
+            out.add(n)
+        return out
+
+    def _removing_leftovers(self) -> list[Path]:
+        return [self.home / n for n in os.listdir(self.home) if n.endswith(REMOVING_SUFFIX)]
+
+    def _destroy(self, path: Path) -> None:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path) and quota.has_image(path):
+                quota.unmount_image(path)
+            remove_tree(path)
+        except OSError as exc:
+            raise from_oserror(exc, f"windowsfilter: removing {path}") from None
+
+    def _cleanup_driver(self) -> None:
+        for path in self._removing_leftovers():
+            self._destroy(path)
+        for n in self._disk_ids():
+            d = self.home / n
+            if quota.has_image(d):
+                quota.unmount_image(d)
+
+    # ----- create --------------------------------------------------------------------------
+
+    def layer_chain(self, layer_id: str) -> list[Path]:
+        """Directories of the layer's parents that hold a ``Files`` directory, nearest first."""
+        return [d for rec in self.chain(layer_id)[1:]
+                if (d := self._dir(rec.id)).joinpath("Files").is_dir()]
+
+    def _make_layer(self, rec: LayerRecord, parent: LayerRecord | None) -> None:
+        d = self.home / rec.id
+        os.mkdir(d, 0o700)
+        chain: list[Path] = []
+        if parent is not None:
+            pdir = self._dir(parent.id)
+            chain = ([pdir] if (pdir / "Files").is_dir() else []) + self.layer_chain(parent.id)
+        if not rec.writable:
+            os.mkdir(d / "Files", 0o755)
+        else:
+            explicit = rec.size_limit is not None
+            if not explicit:
+                rec.size_limit = self.sandbox_size  # nominal, recorded (moby's default)
+            sandbox = self._make_sandbox(d, rec.size_limit if explicit else None)
+            if parent is not None:
+                if parent.writable:
+                    copy_tree(self._sandbox(parent), sandbox)
+                else:
+                    self._materialize([self._dir(parent.id), *self.layer_chain(parent.id)],
+                                      sandbox, link=False)
+        atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in chain]).encode(), mode=0o600)
+
+    def _make_sandbox(self, d: Path, size: int | None) -> Path:
+        if size is None:
+            os.mkdir(d / SANDBOX, 0o755)
+            return d / SANDBOX
+        problem = quota.image_supported()
+        if problem is not None:
+            raise NotSupported(f"windowsfilter: cannot enforce a sandbox size here: {problem}")
+        quota.check_size(size, self.name)
+        return quota.create_image(d, size) / "diff"
+
+    def _sandbox(self, rec: LayerRecord) -> Path:
+        d = self._dir(rec.id)
+        if quota.has_image(d):
+            mp = quota.image_mount_point(d)
+            if not is_mounted(mp):
+                try:
+                    quota.mount_image(d)
+                except OSError as exc:
+                    raise from_oserror(exc, f"windowsfilter: mounting the sandbox of {rec.id}") \
+                        from None
+            return mp / "diff"
+        return d / SANDBOX
+
+    # ----- the merged view -----------------------------------------------------------------
+
+    def _materialize(self, layers: list[Path], dst: Path, link: bool) -> None:
+        """Build the union of the layers' ``Files`` (nearest first) into the directory ``dst``."""
+        roots: list[int] = []
+        tombs: list[set[str]] = []
+        try:
+            for layer in layers:
+                lfd = os.open(layer, _DIR_FLAGS)
+                try:
+                    tombs.append({fold(t) for t in read_tombstones(lfd)})
+                    roots.append(os.open("Files", _DIR_FLAGS, dir_fd=lfd))
+                finally:
+                    os.close(lfd)
+            dfd = os.open(dst, _DIR_FLAGS)
+            try:
+                _merge_dir(dfd, "", [(i, fd) for i, fd in enumerate(roots)], tombs, link)
+            finally:
+                os.close(dfd)
+        finally:
+            for fd in roots:
+                os.close(fd)
+
+    def _mount(self, rec: LayerRecord, mount_label: str) -> Path:
+        if rec.writable:
+            return self._sandbox(rec)
+        d = self._dir(rec.id)
+        target = d / MERGED
+        tmp = d / (MERGED + ".tmp")
+        for stale in (target, tmp):
+            if os.path.lexists(stale):
+                remove_tree(stale)
+        os.mkdir(tmp, 0o755)
+        try:
+            self._materialize([d, *self.layer_chain(rec.id)], tmp, link=True)
+            os.rename(tmp, target)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        return target
+
+    def _unmount(self, rec: LayerRecord) -> None:
+        if not rec.writable:
+            remove_tree(self._dir(rec.id) / MERGED)
+
+    def _mount_path(self, rec: LayerRecord) -> Path:
+        return self._sandbox(rec) if rec.writable else self._dir(rec.id) / MERGED
+
+    def _is_mounted(self, layer_id: str) -> bool:
+        rec = self.meta.read(layer_id)
+        if rec is None or rec.writable:
+            return True
+        return (self._dir(layer_id) / MERGED).is_dir()
+
+    # ----- facts ---------------------------------------------------------------------------
+
+    def _status(self) -> list[tuple[str, str]]:
+        return [("Windows", ""), ("Backing Filesystem", fs_name(self.home)),
+                ("Default Sandbox Size", str(self.sandbox_size))]
+
+    def _metadata(self, rec: LayerRecord) -> dict[str, str]:
+        return {"dir": str(self._dir(rec.id))}
+
+    @contextlib.contextmanager
+    def _layer_fd(self, rec: LayerRecord) -> Iterator[int]:
+        fd = os.open(self._dir(rec.id), _DIR_FLAGS)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    # ----- changes, diff, size -------------------------------------------------------------
+
+    def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
+        rec = self.record(layer_id)
+        self._resolve_parent(layer_id, parent)
+        if rec.writable:
+            return super().changes(layer_id, parent)
+        out = []
+        with self._layer_fd(rec) as fd:
+            for item in walk_layer(fd):
+                kind = ChangeKind.DELETE if item.kind == "whiteout" else ChangeKind.MODIFY
+                out.append(Change(item.path, kind))
+        return sorted(out)
+
+    def diff_size(self, layer_id: str, parent: str | None = None) -> int:
+        rec = self.record(layer_id)
+        self._resolve_parent(layer_id, parent)
+        if rec.writable:
+            return super().diff_size(layer_id, parent)
+        total = 0
+        with self._layer_fd(rec) as fd:
+            for item in walk_layer(fd):
+                if item.st is not None and item.link_to is None and stat.S_ISREG(item.st.st_mode):
+                    total += item.st.st_size
+        return total
+
+    def write_diff(self, out_fd: int, layer_id: str, parent: str | None = None,
+                   progress: Callable[[int], None] | None = None) -> None:
+        rec = self.record(layer_id)
+        if rec.writable:
+            super().write_diff(out_fd, layer_id, parent, progress)
+            return
+        try:
+            with self._layer_fd(rec) as fd:
+                write_layer_tar(out_fd, fd, progress)
+        except GraphDriverError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise
+            raise from_oserror(exc, f"windowsfilter: diff of {layer_id}") from None
+
+    def diff_getter(self, layer_id: str) -> Any:
+        rec = self.record(layer_id)
+        if rec.writable:
+            return super().diff_getter(layer_id)
+        return LayerFiles(self._dir(rec.id))
+
+    # ----- apply ---------------------------------------------------------------------------
+
+    def apply_diff_result(
+        self,
+        layer_id: str,
+        parent: str | None,
+        stream: BinaryIO | int,
+        progress: Callable[[int], None] | None = None,
+    ) -> Any:
+        from ..archive.apply import ApplyResult
+
+        validate_id(layer_id)
+        with self.layer_lock(layer_id):
+            rec = self.record(layer_id)
+            if parent not in (None, "") and parent != rec.parent:
+                raise InvalidArgument(
+                    f"layer {layer_id} has parent {rec.parent or '(none)'}, not {parent}")
+            kids = self.children(layer_id)
+            if kids:
+                raise InUse(f"cannot apply to layer {layer_id}: it has children ({kids[0]})")
+            if self.refs.get(layer_id) > 0:
+                raise InUse(f"cannot apply to layer {layer_id}: it is mounted")
+            if rec.writable:
+                raise NotSupported(
+                    f"windowsfilter: {layer_id} is a sandbox; Windows layer tars are imported "
+                    "into read-only layers (create without --rw)")
+            d = self._dir(layer_id)
+            parents = self.layer_chain(layer_id)
+            staging = d / STAGING
+            self.meta.mark_incomplete(layer_id, "apply")
+            try:
+                if os.path.lexists(staging):
+                    remove_tree(staging)
+                os.mkdir(staging, 0o700)
+                _clone_layer(d, staging)
+                with _as_fd(stream) as fd:
+                    size, diff_id = _run_import(fd, staging, parents)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    remove_tree(staging)
+                self.meta.clear_incomplete(layer_id)  # the layer is as it was
+                raise
+            # The swap: a crash from here on leaves the layer incomplete (repair removes it).
+            _swap_in(d, staging)
+            atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(),
+                         mode=0o600)
+            rec.extra["diff_id"] = diff_id
+            rec.extra["applied_size"] = size
+            self.meta.write(rec)
+            self.meta.clear_incomplete(layer_id)
+            return ApplyResult(size=size, diff_id=diff_id)
+
+
+class LayerFiles:
+    """DiffGetter of a read-only layer: paths as in its tar (``Files/…``), BCD from backups."""
+
+    def __init__(self, layer_dir: Path) -> None:
+        self._fd = os.open(layer_dir, _DIR_FLAGS)
+
+    def open(self, path: str) -> BinaryIO:
+        rel = path.lstrip("/")
+        bak = MUTATED_FILES.get(rel)
+        if bak is not None:
+            with contextlib.suppress(FileNotFoundError):
+                return os.fdopen(os.open(bak, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                         dir_fd=self._fd), "rb")
+        return os.fdopen(open_beneath(self._fd, rel, os.O_RDONLY), "rb")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# ----- helpers: merge, clone, swap ---------------------------------------------------------
+
+
+def _merge_dir(dst: int, rel: str, sources: list[tuple[int, int]], tombs: list[set[str]],
+               link: bool) -> None:
+    """Union of the ``sources`` directories (layer index, fd; nearest first) into ``dst``."""
+    winners: dict[str, tuple[str, int, int, os.stat_result]] = {}  # key -> name, layer, fd, st
+    below: dict[str, list[tuple[int, int]]] = {}  # key -> lower dirs merged into a winner dir
+    cut: set[str] = set()
+    for layer, fd in sources:
+        for name in sorted(os.listdir(fd), key=os.fsencode):
+            if ":" in name:
+                continue  # alternate data streams are not part of the view
+            key = fold(name)
+            path_key = f"{fold(rel)}/{key}" if rel else key
+            if any(path_key in tombs[j] for j in range(layer)):
+                continue  # deleted by a nearer layer
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if key not in winners:
+                winners[key] = (name, layer, fd, st)
+                below[key] = []
+            elif key not in cut:
+                if stat.S_ISDIR(winners[key][3].st_mode) and stat.S_ISDIR(st.st_mode):
+                    sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    below[key].append((layer, sub))
+                else:
+                    cut.add(key)  # a nearer non-directory hides what is below it
+    try:
+        for key in sorted(winners):
+            name, layer, fd, st = winners[key]
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                os.mkdir(name, 0o755, dir_fd=dst)
+                top = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                sub_dst = os.open(name, _DIR_FLAGS, dir_fd=dst)
+                try:
+                    _copy_win_xattrs(top, sub_dst)
+                    _merge_dir(sub_dst, f"{rel}/{name}" if rel else name,
+                               [(layer, top), *below[key]], tombs, link)
+                    os.utime(sub_dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+                finally:
+                    os.close(top)
+                    os.close(sub_dst)
+            elif stat.S_ISREG(mode):
+                if link:
+                    os.link(name, name, src_dir_fd=fd, dst_dir_fd=dst, follow_symlinks=False)
+                else:
+                    _copy_file(fd, dst, name, st)
+            elif stat.S_ISLNK(mode):
+                os.symlink(os.readlink(name, dir_fd=fd), name, dir_fd=dst)
+                os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst,
+                         follow_symlinks=False)
+    finally:
+        for subs in below.values():
+            for _, sub in subs:
+                os.close(sub)
+
+
+def _copy_win_xattrs(src: int, dst: int) -> None:
+    for n in os.listxattr(src):
+        if n.startswith(XATTR_PREFIX):
+            os.setxattr(dst, n, os.getxattr(src, n))
+
+
+def _copy_file(sdir: int, ddir: int, name: str, st: os.stat_result) -> None:
+    sfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sdir)
+    try:
+        dfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o644, dir_fd=ddir)
+        try:
+            off = 0
+            while off < st.st_size:
+                n = os.copy_file_range(sfd, dfd, st.st_size - off, off, off)
+                if n == 0:
+                    break
+                off += n
+            _copy_win_xattrs(sfd, dfd)
+            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _clone_layer(src: Path, dst: Path) -> None:
+    """Hard-link clone of a layer's content (an import replaces files, never edits them)."""
+    for name in _LAYER_CONTENT:
+        s = src / name
+        if not os.path.lexists(s):
+            continue
+        if s.is_dir() and not s.is_symlink():
+            if name == "Files" and not any(os.scandir(s)) and not _has_win_xattrs(s):
+                continue  # a fresh layer: nothing to clone
+            _link_tree(s, dst / name)
+        else:
+            os.link(s, dst / name, follow_symlinks=False)
+
+
+def _has_win_xattrs(path: Path) -> bool:
+    return any(n.startswith(XATTR_PREFIX) for n in os.listxattr(path))
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    st = os.lstat(src)
+    os.mkdir(dst, 0o755)
+    for n in os.listxattr(src):
+        if n.startswith(XATTR_PREFIX):
+            os.setxattr(dst, n, os.getxattr(src, n))
+    for entry in os.scandir(src):
+        s, d = Path(entry.path), dst / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            _link_tree(s, d)
+        else:
+            os.link(s, d, follow_symlinks=False)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _swap_in(d: Path, staging: Path) -> None:
+    old = d / ".old"
+    if os.path.lexists(old):
+        remove_tree(old)
+    os.mkdir(old, 0o700)
+    for name in _LAYER_CONTENT:
+        if os.path.lexists(d / name):
+            os.rename(d / name, old / name)
+    for name in _LAYER_CONTENT:
+        if os.path.lexists(staging / name):
+            os.rename(staging / name, d / name)
+    if not (d / "Files").is_dir():
+        os.mkdir(d / "Files", 0o755)
+    remove_tree(old)
+    remove_tree(staging)
+
+
+# ----- the import child ----------------------------------------------------------------------
+
+
+def _run_import(in_fd: int, staging: Path, parents: list[Path]) -> tuple[int, str]:
+    """Run the import in a child process (exec'd, so safe from threaded callers)."""
+    fds: list[int] = []
+    try:
+        staging_fd = os.open(staging, _DIR_FLAGS)
+        fds.append(staging_fd)
+        for p in parents:
+            fds.append(os.open(p, _DIR_FLAGS))
+        pkg_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [pkg_root, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+        cmd = [sys.executable, "-m", "graphdriver.drivers.windowsfilter", "--import",
+               str(in_fd), *(str(fd) for fd in fds)]
+        proc = subprocess.run(cmd, pass_fds=(in_fd, *fds), stdin=subprocess.DEVNULL,
+                              capture_output=True, env=env, check=False)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        answer = json.loads(proc.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise GraphDriverError(
+            f"windowsfilter: the import process failed (exit {proc.returncode}): "
+            f"{err[-1] if err else 'no output'}") from None
+    if "error" in answer:
+        cls = getattr(_errors, str(answer["error"]), GraphDriverError)
+        if not (isinstance(cls, type) and issubclass(cls, GraphDriverError)):
+            cls = GraphDriverError
+        raise cls(str(answer.get("message", "import failed")))
+    return int(answer["size"]), str(answer["diff_id"])
+
+
+def _import_main(argv: list[str]) -> int:
+    """``--import IN_FD STAGING_FD [PARENT_FD...]``: prints {"size", "diff_id"} or {"error"}."""
+    from ..archive.compression import open_decompressed
+    from ..archive.tarstream import TarReader
+    from ..archive.wintar import import_layer
+
+    if len(argv) < 3 or argv[0] != "--import":
+        sys.stderr.write("usage: python -m graphdriver.drivers.windowsfilter --import IN ROOT "
+                         "[PARENT...]\n")
+        return 2
+    in_fd, root_fd, *parent_fds = (int(a) for a in argv[1:])
+    try:
+        if os.geteuid() == 0:
+            # Everything is reached through the descriptors: nothing else of the host is needed.
+            with contextlib.suppress(OSError):
+                os.chroot(f"/proc/self/fd/{root_fd}")
+                os.chdir("/")
+        stream = open_decompressed(in_fd)
+        reader = TarReader(stream)
+        size = import_layer(reader, root_fd, parent_fds)
+        reader.drain()
+        answer: dict[str, object] = {"size": size, "diff_id": reader.diff_id}
+    except GraphDriverError as exc:
+        answer = {"error": type(exc).__name__, "message": str(exc)}
+    except OSError as exc:
+        err = from_oserror(exc, "windowsfilter import")
+        answer = {"error": type(err).__name__, "message": str(err)}
+    sys.stdout.write(json.dumps(answer) + "\n")
+    sys.stdout.flush()
+    return 0 if "error" not in answer else 1
+
+
+DRIVER = WindowsFilterDriver
+
+if __name__ == "__main__":
+    sys.exit(_import_main(sys.argv[1:]))
