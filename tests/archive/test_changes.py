@@ -422,3 +422,12 @@ def test_overlay_opaque_dir_deletes_lower_children(tmp_path: Path) -> None:
         Change("/d/old1", D),
         Change("/d/old2", D),
     ]
+
+
+def test_changes_size_counts_symlink_length_as_moby(tmp_path: Path) -> None:
+    """moby's ChangesSize sums Lstat sizes of every non-directory: a symlink counts its target."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "sh3").symlink_to("/bin/sh")
+    os.mkfifo(root / "fifo")
+    assert changes_size(root, changes_dirs(root, None)) == len("/bin/sh")
