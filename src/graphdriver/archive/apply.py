@@ -146,7 +146,9 @@ class _Applier:
             self.empty_start = next(iter(it), None) is None
         self.root_meta = _read_meta(root_fd)
         # logical dir path -> (fd, real path, setgid)
-        self.cache: dict[str, tuple[int, str, bool]] = {"": (root_fd, "", False)}
+        self.cache: dict[str, tuple[int, str, bool]] = {
+            "": (root_fd, "", bool(self.root_meta.mode & stat.S_ISGID))
+        }
         self.created: set[str] = set()  # real paths this apply created
         self.mine: set[str] = set()  # real paths the archive put there (created or merged)
         self.archive_links: set[str] = set()  # symlinks this apply created
@@ -614,7 +616,6 @@ class _Applier:
     def run(self, reader: TarReader) -> None:
         progress = self.opts.progress
         next_progress = _PROGRESS_STEP
-        cache = self.cache
         regular = ts.REGULAR_TYPES
         for e in reader:
             if self.graveyard:
@@ -634,7 +635,6 @@ class _Applier:
                 self._check_xattrs(e)
                 self._dir_meta(e, self.root_fd, "", False, False)
                 self.cache[""] = (self.root_fd, "", bool(e.mode & stat.S_ISGID))
-                cache = self.cache
                 continue
             first = name.split("/", 1)[0]
             if first == self.scratch:
@@ -652,11 +652,10 @@ class _Applier:
                 continue
             if e.xattrs:
                 self._check_xattrs(e)
-            hit = cache.get(parent)
+            hit = self.cache.get(parent)
             if hit is None:
                 hit = self._dir(parent, True, name)
                 assert hit is not None
-                cache = self.cache
             pfd, preal, sgid = hit
             typ = e.type
             if typ in regular:
@@ -673,7 +672,6 @@ class _Applier:
                 continue
             else:
                 raise InvalidArchive(f"{name!r} has unsupported entry type {typ!r}")
-            cache = self.cache
         if progress is not None:
             progress(reader.bytes_read)
 
