@@ -471,7 +471,7 @@ class LayerStore:
         stream: BinaryIO | int,
         progress: Callable[[int], None] | None = None,
     ) -> int:
-        return self.apply_diff_result(layer_id, parent, stream, progress).size
+        return int(self.apply_diff_result(layer_id, parent, stream, progress).size)
 
     def apply_diff_result(
         self,
