@@ -104,7 +104,11 @@ class WinTarBuilder:
 
     def link(self, name: str, target: str, source: WinTarBuilder | None = None) -> WinTarBuilder:
         """A second name of ``target`` (added earlier here, or in ``source``'s layer)."""
-        attrs, t, creation = (source or self).meta[target]
+        meta = (source or self).meta
+        found = meta.get(target) or next(
+            (v for k, v in meta.items() if k.upper() == target.upper()), None)
+        assert found is not None, f"link target {target} was not added"
+        attrs, t, creation = found
         self._next_time()
         info = self._info(name, tarfile.LNKTYPE, t, self._win(attrs, None, creation, None))
         info.linkname = target
