@@ -94,6 +94,98 @@ class _Checked(io.RawIOBase):
         super().close()
 
 
+class _ZstdFrameCheck(io.RawIOBase):
+    """Passes compressed bytes through while walking zstd's frame structure (headers and block
+    sizes only, no decoding), so that a stream cut short is noticed: python-zstandard's reader
+    reports a truncated frame as a clean end of data."""
+
+    _NEED_MAGIC, _NEED_FHD, _NEED_HEADER_REST, _NEED_BLOCK, _IN_DATA, _NEED_SKIP_SIZE = range(6)
+
+    def __init__(self, raw: io.RawIOBase) -> None:
+        super().__init__()
+        self._raw = raw
+        self._pending = bytearray()  # header bytes gathered across reads
+        self._state = self._NEED_MAGIC
+        self._skip = 0  # bytes of block data / checksum / skippable payload still to pass
+        self._last = False
+        self._checksum = False
+        self._header_rest = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = self._raw.readinto(buf)
+        if n is None:
+            return 0
+        if n:
+            self._walk(memoryview(buf).cast("B")[:n])
+        elif self._state != self._NEED_MAGIC or self._pending:
+            raise InvalidArchive("corrupt zstd stream: truncated frame")
+        return n
+
+    def _walk(self, data: memoryview) -> None:
+        i = 0
+        n = len(data)
+        while i < n:
+            if self._skip:
+                take = min(self._skip, n - i)
+                self._skip -= take
+                i += take
+                if self._skip == 0 and self._state == self._IN_DATA:
+                    self._state = self._NEED_BLOCK if not self._last else self._NEED_MAGIC
+                    if self._last and self._checksum:
+                        self._checksum = False
+                        self._skip = 4
+                continue
+            st = self._state
+            want = {self._NEED_MAGIC: 4, self._NEED_FHD: 1, self._NEED_BLOCK: 3,
+                    self._NEED_SKIP_SIZE: 4, self._NEED_HEADER_REST: self._header_rest}.get(st, 0)
+            take = min(want - len(self._pending), n - i)
+            self._pending += data[i : i + take]
+            i += take
+            if len(self._pending) < want:
+                return
+            hdr = bytes(self._pending)
+            self._pending.clear()
+            if st == self._NEED_MAGIC:
+                magic = int.from_bytes(hdr, "little")
+                if magic == 0xFD2FB528:
+                    self._state = self._NEED_FHD
+                elif magic & 0xFFFFFFF0 == 0x184D2A50:
+                    self._state = self._NEED_SKIP_SIZE
+                else:
+                    raise InvalidArchive("corrupt zstd stream: bad frame magic")
+            elif st == self._NEED_SKIP_SIZE:
+                self._skip = int.from_bytes(hdr, "little")
+                self._state = self._NEED_MAGIC
+            elif st == self._NEED_FHD:
+                fhd = hdr[0]
+                single = bool(fhd & 0x20)
+                self._checksum = bool(fhd & 0x04)
+                fcs = (1 if single else 0, 2, 4, 8)[fhd >> 6]
+                did = (0, 1, 2, 4)[fhd & 0x03]
+                self._header_rest = (0 if single else 1) + did + fcs
+                self._last = False
+                self._state = self._NEED_HEADER_REST if self._header_rest else self._NEED_BLOCK
+            elif st == self._NEED_HEADER_REST:
+                self._state = self._NEED_BLOCK
+            elif st == self._NEED_BLOCK:
+                h = int.from_bytes(hdr, "little")
+                self._last = bool(h & 1)
+                btype = (h >> 1) & 3
+                size = h >> 3
+                if btype == 3:
+                    raise InvalidArchive("corrupt zstd stream: reserved block type")
+                self._skip = 1 if btype == 1 else size
+                self._state = self._IN_DATA
+                if self._skip == 0:
+                    self._state = self._NEED_BLOCK if not self._last else self._NEED_MAGIC
+                    if self._last and self._checksum:
+                        self._checksum = False
+                        self._skip = 4
+
+
 def _read_head(fd: int) -> bytes:
     head = b""
     while len(head) < HEAD_SIZE:
@@ -107,7 +199,7 @@ def _read_head(fd: int) -> bytes:
 def _wrap(raw: _PrefixReader, kind: str) -> BinaryIO:
     if kind == "none":
         return raw  # type: ignore[return-value]
-    src = io.BufferedReader(raw, _READ_SIZE)
+    src = io.BufferedReader(_ZstdFrameCheck(raw) if kind == "zstd" else raw, _READ_SIZE)
     inner: BinaryIO | io.BufferedIOBase
     if kind == "gzip":
         inner = igzip_threaded.open(  # type: ignore[no-untyped-call]
