@@ -475,3 +475,21 @@ def test_command_line(tmp_path: Path) -> None:
     run("rm", "up")
     run("rm", "base")
     assert run("ls") == ""
+
+
+def test_exact_diff_from_tar_split(store: Any) -> None:
+    """tar-split recorded at import + the diff getter give back the applied tar byte for byte,
+    even after the import process (on Windows) rewrote the BCD store: it comes from bcd.bak."""
+    from graphdriver.archive.tarsplit import exact_available, write_exact_diff
+
+    make_up(store)
+    (layer_dir(store, "base") / BCD).unlink()
+    (layer_dir(store, "base") / BCD).write_bytes(b"rewritten")
+    for layer_id, data in (("base", base_layer()), ("up", diff_layer())):
+        assert exact_available(store, layer_id) == (True, "")
+        out = io.BytesIO()
+        write_exact_diff(store, layer_id, out)
+        assert out.getvalue() == data
+    # a second archive applied to a layer: no exact diff any more (the new tar is written)
+    apply(store, "up", WinTarBuilder().dir("Files").file("Files/z.txt", b"z").bytes())
+    assert exact_available(store, "up")[0] is False

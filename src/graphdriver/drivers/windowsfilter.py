@@ -77,6 +77,7 @@ from .. import errors as _errors
 from .. import quota
 from ..archive.changes import Change, ChangeKind
 from ..archive.pathres import open_beneath
+from ..archive.tarsplit import RAW_NAME, finish_layer_recording
 from ..archive.wintar import (
     CROSSLINKS,
     LINKMETA,
@@ -408,22 +409,36 @@ class WindowsFilterDriver(LayerStore):
             parents = self.layer_chain(layer_id)
             staging = d / STAGING
             self.meta.mark_incomplete(layer_id, "apply")
+            raw_fd = -1
             try:
-                if os.path.lexists(staging):
-                    remove_tree(staging)
-                os.mkdir(staging, 0o700)
-                _clone_layer(d, staging)
-                with _as_fd(stream) as fd:
-                    size, diff_id = _run_import(fd, staging, parents)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    remove_tree(staging)
-                self.meta.clear_incomplete(layer_id)  # the layer is as it was
-                raise
-            # The swap: a crash from here on leaves the layer incomplete (repair removes it).
-            _swap_in(d, staging)
-            atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(),
-                         mode=0o600)
+                try:
+                    if self.record_tarsplit:  # tar-split: exact diffs for Docker (issue 6)
+                        raw_fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
+                                         os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                         0o600)
+                    if os.path.lexists(staging):
+                        remove_tree(staging)
+                    os.mkdir(staging, 0o700)
+                    _clone_layer(d, staging)
+                    with _as_fd(stream) as fd:
+                        size, diff_id, problem = _run_import(fd, raw_fd, staging, parents)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        remove_tree(staging)
+                    self.meta.clear_incomplete(layer_id)  # the layer is as it was
+                    raise
+                # The swap: a crash from here on leaves the layer incomplete (repair removes it).
+                _swap_in(d, staging)
+                atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(),
+                             mode=0o600)
+                if raw_fd >= 0:
+                    finish_layer_recording(self.meta.dir(layer_id), raw_fd, d, layer_id,
+                                           problem)
+            finally:
+                if raw_fd >= 0:
+                    os.close(raw_fd)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.meta.dir(layer_id) / RAW_NAME)
             rec.extra["diff_id"] = diff_id
             rec.extra["applied_size"] = size
             self.meta.write(rec)
@@ -589,7 +604,8 @@ def _swap_in(d: Path, staging: Path) -> None:
 # ----- the import child ----------------------------------------------------------------------
 
 
-def _run_import(in_fd: int, staging: Path, parents: list[Path]) -> tuple[int, str]:
+def _run_import(in_fd: int, raw_fd: int, staging: Path,
+                parents: list[Path]) -> tuple[int, str, str | None]:
     """Run the import in a child process (exec'd, so safe from threaded callers)."""
     fds: list[int] = []
     try:
@@ -602,8 +618,9 @@ def _run_import(in_fd: int, staging: Path, parents: list[Path]) -> tuple[int, st
         env["PYTHONPATH"] = os.pathsep.join(
             [pkg_root, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
         cmd = [sys.executable, "-m", "graphdriver.drivers.windowsfilter", "--import",
-               str(in_fd), *(str(fd) for fd in fds)]
-        proc = subprocess.run(cmd, pass_fds=(in_fd, *fds), stdin=subprocess.DEVNULL,
+               str(in_fd), str(raw_fd), *(str(fd) for fd in fds)]
+        passed = (in_fd, *fds) if raw_fd < 0 else (in_fd, raw_fd, *fds)
+        proc = subprocess.run(cmd, pass_fds=passed, stdin=subprocess.DEVNULL,
                               capture_output=True, env=env, check=False)
     finally:
         for fd in fds:
@@ -620,20 +637,27 @@ def _run_import(in_fd: int, staging: Path, parents: list[Path]) -> tuple[int, st
         if not (isinstance(cls, type) and issubclass(cls, GraphDriverError)):
             cls = GraphDriverError
         raise cls(str(answer.get("message", "import failed")))
-    return int(answer["size"]), str(answer["diff_id"])
+    problem = answer.get("problem")
+    return int(answer["size"]), str(answer["diff_id"]), None if problem is None else str(problem)
 
 
 def _import_main(argv: list[str]) -> int:
-    """``--import IN_FD STAGING_FD [PARENT_FD...]``: prints {"size", "diff_id"} or {"error"}."""
+    """``--import IN_FD RAW_FD STAGING_FD [PARENT_FD...]``: imports, prints one JSON line.
+
+    RAW_FD (-1: none) receives the tar-split description; the answer is {"size", "diff_id",
+    "problem"} or {"error", "message"}.
+    """
     from ..archive.compression import open_decompressed
+    from ..archive.tarsplit import TarSplitPacker
     from ..archive.tarstream import TarReader
     from ..archive.wintar import import_layer
 
-    if len(argv) < 3 or argv[0] != "--import":
-        sys.stderr.write("usage: python -m graphdriver.drivers.windowsfilter --import IN ROOT "
+    if len(argv) < 4 or argv[0] != "--import":
+        sys.stderr.write("usage: python -m graphdriver.drivers.windowsfilter --import IN RAW ROOT "
                          "[PARENT...]\n")
         return 2
-    in_fd, root_fd, *parent_fds = (int(a) for a in argv[1:])
+    in_fd, raw_fd, root_fd, *parent_fds = (int(a) for a in argv[1:])
+    packer = None if raw_fd < 0 else TarSplitPacker(os.fdopen(raw_fd, "wb", buffering=1 << 20))
     try:
         if os.geteuid() == 0:
             # Everything is reached through the descriptors: nothing else of the host is needed.
@@ -641,10 +665,13 @@ def _import_main(argv: list[str]) -> int:
                 os.chroot(f"/proc/self/fd/{root_fd}")
                 os.chdir("/")
         stream = open_decompressed(in_fd)
-        reader = TarReader(stream)
+        reader = TarReader(stream, recorder=packer)
         size = import_layer(reader, root_fd, parent_fds)
         reader.drain()
         answer: dict[str, object] = {"size": size, "diff_id": reader.diff_id}
+        if packer is not None:
+            packer.close()
+            answer["problem"] = packer.problem
     except GraphDriverError as exc:
         answer = {"error": type(exc).__name__, "message": str(exc)}
     except OSError as exc:
