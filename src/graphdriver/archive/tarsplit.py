@@ -79,6 +79,19 @@ def _crc64_py(data: bytes | memoryview, crc: int = 0) -> int:
 
 
 def _load_fast() -> Callable[[bytes | memoryview, int], int] | None:
+    """A C implementation: anycrc (over 1 GB/s), else crcmod's extension (~120 MB/s)."""
+    try:
+        import anycrc  # type: ignore[import-not-found, import-untyped, unused-ignore]
+
+        model = anycrc.Model("CRC64-GO-ISO")
+        if model.calc(b"123456789") == 0xB90956C775A41001:
+
+            def crc64_anycrc(data: bytes | memoryview, crc: int = 0) -> int:
+                return int(model.calc(data, crc))
+
+            return crc64_anycrc
+    except (ImportError, AttributeError, KeyError, ValueError):
+        pass
     try:
         import crcmod  # type: ignore[import-not-found, import-untyped, unused-ignore]
         import crcmod._crcfunext  # type: ignore[import-not-found, import-untyped, unused-ignore]
