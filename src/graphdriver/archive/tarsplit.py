@@ -112,7 +112,14 @@ def crc64(data: bytes | memoryview, crc: int = 0) -> int:
     """CRC-64 with the ISO polynomial as Go's ``hash/crc64`` (continue with the previous value)."""
     if _fast is not None:
         return _fast(data, crc)
+    global _warned
+    if not _warned and len(data) > (1 << 20):
+        _warned = True
+        log.warning("tar-split: no fast CRC-64 (pip install anycrc); checksums run at ~1 MB/s")
     return _crc64_py(data, crc)
+
+
+_warned = False
 
 
 def crc_bytes(crc: int) -> bytes:
