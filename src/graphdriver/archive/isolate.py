@@ -109,6 +109,8 @@ def _child_env() -> dict[str, str]:
 
 def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyResult:
     """Apply the (possibly compressed) tar read from *source_fd* onto *target* in a child."""
+    # a duplicate of the same open file (shared offset): the child's stdio may not clobber it
+    source_fd = os.dup(source_fd)
     res_r, res_w = os.pipe2(os.O_CLOEXEC)
     rec_r = rec_w = -1
     replay: threading.Thread | None = None
@@ -196,7 +198,7 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
             proc.wait()
         raise
     finally:
-        for fd in (res_r, res_w, rec_r):
+        for fd in (res_r, res_w, rec_r, source_fd):
             if fd >= 0:
                 os.close(fd)
         if rec_w >= 0 and rec_w != opts.tarsplit_fd:

@@ -1,0 +1,230 @@
+"""apply_confined: the apply in an exec'd child, results and errors back over a pipe."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tarbuild import build, diff_snapshots, gnu_tar, make_rich_tree, member, needs_gnu_tar, snapshot
+
+from graphdriver.archive.apply import ApplyOptions, apply_tar
+from graphdriver.archive.isolate import apply_confined
+from graphdriver.errors import InvalidArchive, UnsafeArchive
+
+
+def children() -> list[int]:
+    """Live (non-zombie) child processes of this process."""
+    me = str(os.getpid())
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            out.append(int(pid))
+    return out
+
+
+def confined(data: bytes, target: Path, opts: ApplyOptions | None = None) -> object:
+    r, w = os.pipe()
+    try:
+        # feed through a pipe from a thread: the child reads the fd itself
+        import threading
+
+        def feed() -> None:
+            try:
+                os.write(w, data) if len(data) < 65536 else _write_all(w, data)
+            except BrokenPipeError:
+                pass
+            finally:
+                os.close(w)
+
+        t = threading.Thread(target=feed)
+        t.start()
+        try:
+            return apply_confined(r, target, opts or ApplyOptions())
+        finally:
+            t.join()
+    finally:
+        os.close(r)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+@needs_gnu_tar
+def test_result_and_tree_equal_in_process(work: Path) -> None:
+    make_rich_tree(work / "src", devices=os.geteuid() == 0, xattrs=os.geteuid() == 0)
+    tar = work / "t.tar"
+    gnu_tar("--numeric-owner", "--format=pax", "--xattrs", "--xattrs-include=*", "-czf", tar,
+            "-C", work / "src", ".")
+    a, b = work / "a", work / "b"
+    a.mkdir()
+    b.mkdir()
+    with open(tar, "rb") as f:
+        ra = apply_tar(f.fileno(), a, ApplyOptions())
+    progress: list[int] = []
+    with open(tar, "rb") as f:
+        rb = apply_confined(f.fileno(), b, ApplyOptions(progress=progress.append))
+    assert ra == rb
+    assert progress and progress[-1] > 0
+    assert not diff_snapshots(snapshot(a), snapshot(b))
+    assert children() == []
+
+
+def test_error_class_and_message_come_back(work: Path) -> None:
+    t = work / "t"
+    t.mkdir()
+    (t / "keep").write_text("k")
+    before = snapshot(t)
+    with pytest.raises(UnsafeArchive, match="absolute name '/etc/x'"):
+        confined(build(member("ok", b"1"), member("/etc/x")), t)
+    assert snapshot(t) == before
+    with pytest.raises(InvalidArchive, match="checksum"):
+        confined(build(member("ok", b"1"), member("bad", checksum=7)), t)
+    assert snapshot(t) == before
+    assert children() == []
+
+
+def test_no_escape_through_symlinks(work: Path) -> None:
+    t = work / "t"
+    t.mkdir()
+    outside = work / "canary"
+    outside.write_text("untouched")
+    evil = build(
+        member("esc", type=b"2", linkname=str(work)),
+        member("esc/canary", b"pwned"),
+    )
+    with pytest.raises(UnsafeArchive, match="crosses symlink"):
+        confined(evil, t)
+    assert outside.read_text() == "untouched"
+    assert os.listdir(t) == []
+
+
+def test_recorder_across_the_boundary(work: Path) -> None:
+    data = build(member("a", b"x" * 1000), member("b", b"y" * 3)) + b"trailing junk"
+
+    class Cap:
+        def __init__(self) -> None:
+            self.out = bytearray()
+            self.pos = 0
+            self.names: list[bytes] = []
+
+        def segment(self, raw: bytes) -> None:
+            self.out += raw
+            self.pos += len(raw)
+
+        def file(self, name: bytes, size: int, crc: int | None) -> None:
+            self.names.append(name)
+            self.out += data[self.pos : self.pos + size]
+            self.pos += size
+
+    cap = Cap()
+    t = work / "t"
+    t.mkdir()
+    confined(data, t, ApplyOptions(recorder=cap))
+    assert bytes(cap.out) == data
+    assert cap.names == [b"a", b"b"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the chroot needs root")
+def test_child_runs_chrooted(work: Path) -> None:
+    """A pre-existing absolute symlink is resolved inside the layer, as the chroot sees it."""
+    t = work / "t"
+    (t / "real").mkdir(parents=True)
+    os.symlink("/real", t / "link")
+    confined(build(member("link/file", b"in")), t)
+    assert (t / "real/file").read_bytes() == b"in"
+
+
+SCRIPT = r"""
+import os, sys
+from pathlib import Path
+sys.path[:0] = [{src!r}]
+from graphdriver.archive.apply import ApplyOptions
+from graphdriver.archive.isolate import apply_confined
+from graphdriver.errors import GraphDriverError
+try:
+    apply_confined(0, Path(sys.argv[1]), ApplyOptions())
+except GraphDriverError as exc:
+    print(type(exc).__name__, exc, flush=True)
+    sys.exit(exc.exit_code)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_parent_stops_the_child_and_rolls_back(work: Path, sig: int) -> None:
+    t = work / "t"
+    t.mkdir()
+    (t / "pre").write_text("existing")
+    before = snapshot(t)
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT.format(src=src), str(t)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None
+        first = b"".join(member(f"f{i}", os.urandom(100)) for i in range(50))
+        proc.stdin.write(first)
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not (t / "f49").exists():
+            assert time.monotonic() < deadline, "the apply never started"
+            time.sleep(0.05)
+        kids = _grandchildren(proc.pid)
+        assert kids, "no apply child found"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"Interrupted" in out, (out, err)
+    assert proc.returncode == 130
+    assert snapshot(t) == before
+    for pid in kids:
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
+
+
+def _grandchildren(pid: int) -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as fh:
+                    if fh.read().rsplit(")", 1)[1].split()[1] == str(pid):
+                        out.append(int(p))
+            except OSError:
+                pass
+    return out
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_streams_accepted_by_apply_tar_too() -> None:
+    # sanity of the helper used above: a BytesIO source works in process
+    assert isinstance(io.BytesIO(b""), io.BytesIO)
