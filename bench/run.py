@@ -121,7 +121,7 @@ class TreeSampler(threading.Thread):
     """Samples VmHWM (a process's own peak RSS since its exec) of a process and all its
     descendants every few ms; keeps the largest value seen per process."""
 
-    def __init__(self, pid: int, interval: float = 0.005) -> None:
+    def __init__(self, pid: int, interval: float = 0.002) -> None:
         super().__init__(daemon=True)
         self.pid = pid
         self.interval = interval
@@ -129,6 +129,9 @@ class TreeSampler(threading.Thread):
         self._halt = threading.Event()
 
     def run(self) -> None:
+        # Sample often while the run is young (short commands), then back off so the sampler's
+        # own CPU time does not disturb long runs on a small machine.
+        start = time.monotonic()
         while not self._halt.is_set():
             todo = [self.pid]
             while todo:
@@ -137,7 +140,8 @@ class TreeSampler(threading.Thread):
                 if h > self.hwm.get(p, 0):
                     self.hwm[p] = h
                 todo += _children(p)
-            self._halt.wait(self.interval)
+            age = time.monotonic() - start
+            self._halt.wait(self.interval if age < 0.2 else 0.02 if age < 2 else 0.05)
 
     @property
     def max_kb(self) -> int:
@@ -226,9 +230,10 @@ def clean_dir(path: Path) -> None:
             break
         for m in mnts:
             subprocess.run(["umount", "-l", m], stderr=subprocess.DEVNULL, check=False)
-    shutil.rmtree(path, ignore_errors=True)
+    # rm is several times faster than shutil.rmtree on a 100k-file tree
+    subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
     if path.exists():
-        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def gd_cmd(*args: str) -> list[str]:
@@ -323,7 +328,7 @@ class Ctx:
     gd_driver: str
     gd_reason: str | None
     cs_driver: str | None
-    tool_paths: dict[str, bool]
+    chain_depth: int = 20
 
 
 def make_tiny_tar(path: Path, name: str) -> None:
@@ -484,10 +489,13 @@ def build_workloads(ctx: Ctx) -> list[Workload]:
     wl.append(Workload("export a whole rootfs layer", [gd_export, engine_export],
                        [tar_c, bsd_c], {"GNU tar -c": "<= 1.0"}))
 
-    # mount + unmount a 20-layer chain
+    # mount + unmount a 20-layer chain (5 in quick mode)
+    depth = ctx.chain_depth
+    top = f"l{depth - 1}"
+
     def chain_tars(d: Path) -> list[Path]:
         tars = []
-        for i in range(20):
+        for i in range(depth):
             t = d / f"l{i}.tar"
             make_tiny_tar(t, f"layer{i}.txt")
             tars.append(t)
@@ -503,19 +511,19 @@ def build_workloads(ctx: Ctx) -> list[Workload]:
         cs = CStorage(d / "cs", cs_drv or "vfs")
         for i, t in enumerate(tars):
             parent = [] if i == 0 else [f"l{i - 1}"]
-            must_run(cs.argv("create-layer", "--id", f"l{i}", *parent), "create-layer")
-            must_run(cs.argv("applydiff", "--file", str(t), f"l{i}"), "applydiff")
+            must_run(cs.argv("import-layer", "--id", f"l{i}", "--file", str(t), *parent),
+                     "import-layer")
 
     def cs_mount(d: Path) -> Cmd:
         cs = CStorage(d.parent / "cs", cs_drv or "vfs")
-        script = (" ".join(shlex.quote(a) for a in cs.argv("mount", "l19")) + " >/dev/null && "
-                  + " ".join(shlex.quote(a) for a in cs.argv("unmount", "l19")) + " >/dev/null")
+        script = (" ".join(shlex.quote(a) for a in cs.argv("mount", top)) + " >/dev/null && "
+                  + " ".join(shlex.quote(a) for a in cs.argv("unmount", top)) + " >/dev/null")
         return Cmd(["bash", "-c", script])
 
     wl.append(Workload(
-        "mount + unmount a 20-layer chain",
+        f"mount + unmount a {depth}-layer chain",
         [gd_side(gd_label + " get+put (in-process)",
-                 lambda d: Cmd(gd_cmd("mount", gdd, str(d.parent / "root"), "l19"),
+                 lambda d: Cmd(gd_cmd("mount", gdd, str(d.parent / "root"), top),
                                internal=True), gd_chain_once)],
         [Side(f"{cs_label} mount+unmount", cs_mount, cs_chain_once, needs="containers-storage",
               unavailable=None if cs_drv else "n/a (containers-storage has no driver here)",
@@ -754,7 +762,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             gd_driver, gd_reason = probe_gd(workdir)
             cs_driver = probe_cstorage(workdir)
-            ctx = Ctx(cache, layers, gd_driver, gd_reason, cs_driver, {})
+            ctx = Ctx(cache, layers, gd_driver, gd_reason, cs_driver,
+                      chain_depth=5 if args.quick else 20)
             log(f"work dir {workdir} ({fs}); graphdriver driver: {gd_driver}"
                 f"{' ' + gd_reason if gd_reason else ''}; containers-storage driver: "
                 f"{cs_driver or 'none'}; {runs} run(s) per row")
