@@ -123,7 +123,15 @@ def test_base_layer_round_trip(store: Any) -> None:
     assert store.diff_size("base") == BASE_SIZE
 
 
-def test_gzip_input_and_gnu_tar_reads_the_diff(store: Any, tmp_path: Path) -> None:
+def test_compressed_input_and_gnu_tar_reads_the_diff(store: Any, tmp_path: Path) -> None:
+    import lzma
+
+    import zstandard
+
+    for i, data in enumerate((zstandard.compress(base_layer()), lzma.compress(base_layer()))):
+        store.create(f"c{i}")
+        assert apply(store, f"c{i}", data) == BASE_SIZE
+        assert entries(diff_bytes(store, f"c{i}")) == entries(base_layer())
     store.create("base")
     assert apply(store, "base", gzip.compress(base_layer())) == BASE_SIZE
     out = tmp_path / "out.tar"
