@@ -7,7 +7,6 @@ import io
 import os
 import stat
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +97,7 @@ class TarBuilder:
     def __init__(self, fmt: int = tarfile.PAX_FORMAT) -> None:
         self.buf = io.BytesIO()
         self.tar = tarfile.open(fileobj=self.buf, mode="w", format=fmt)
-        self.mtime = int(time.time()) - 3600
+        self.mtime = 1_700_000_000  # fixed, so the same builder calls make the same bytes
 
     def _info(self, name: str, kind: bytes, mode: int, **kw: Any) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(name)

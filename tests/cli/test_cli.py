@@ -120,8 +120,8 @@ def test_apply_compressed_from_stdin(gd: GD, compress: str) -> None:
         import bz2
 
         data = bz2.compress(data)
-    gd.run("create", "l")
-    assert gd.out("apply", "l", "-", input=data).strip() == "70000"
+    gd.run("create", "layer")
+    assert gd.out("apply", "layer", "-", input=data).strip() == "70000"
 
 
 def test_status_metadata_exists(gd: GD) -> None:
