@@ -1,0 +1,1 @@
+"""Safety suite: crash recovery, many processes, hostile archives, full disk (issue 4)."""
