@@ -431,3 +431,37 @@ def test_changes_size_counts_symlink_length_as_moby(tmp_path: Path) -> None:
     (root / "sh3").symlink_to("/bin/sh")
     os.mkfifo(root / "fifo")
     assert changes_size(root, changes_dirs(root, None)) == len("/bin/sh")
+
+
+def _deep(root: Path, depth: int, content: str) -> None:
+    """root/d/d/.../d/f, built through directory fds (the path is longer than PATH_MAX)."""
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        f = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(f, content.encode())
+        os.close(f)
+    finally:
+        os.close(fd)
+
+
+def test_deep_trees_do_not_hit_the_recursion_limit(tmp_path: Path) -> None:
+    import sys
+
+    depth = sys.getrecursionlimit() + 300
+    old, new = tmp_path / "old", tmp_path / "new"
+    _deep(new, depth, "x")
+    got = changes_dirs(new, None)
+    assert len(got) == depth + 1 and got[-1] == Change("/d" * depth + "/f", A)
+    _deep(old, depth, "longer")
+    got = changes_dirs(new, old)
+    assert len(got) == depth + 1 and all(c.kind == C for c in got)
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    assert overlay_changes(new, [lower]) == changes_dirs(new, None)
+    subprocess.run(["rm", "-rf", str(tmp_path / "old"), str(tmp_path / "new")], check=True)

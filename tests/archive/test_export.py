@@ -416,3 +416,30 @@ def test_bench_write_tree_vs_gnu_tar() -> None:
         assert ratio < 20
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_tree_deeper_than_path_max(tmp_path: Path) -> None:
+    depth = 2500  # "d/" * 2500 is longer than PATH_MAX: only dir fds can reach the bottom
+    root = tmp_path / "deep"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        os.symlink("target", "link", dir_fd=fd)
+        f = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(f, b"bottom")
+        os.close(f)
+    finally:
+        os.close(fd)
+    with stream_tar(lambda out: write_tree(out, root)) as r:
+        data = r.read()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        members = tf.getmembers()
+    assert len(members) == depth + 2
+    assert members[-1].name == "d/" * depth + "link" and members[-1].linkname == "target"
+    assert members[-2].name == "d/" * depth + "f" and members[-2].size == 6
+    subprocess.run(["rm", "-rf", str(root)], check=True)

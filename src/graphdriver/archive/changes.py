@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Generator
 from enum import IntEnum
 from pathlib import Path
 from typing import NamedTuple
@@ -71,6 +72,14 @@ def stat_different(old: os.stat_result, new: os.stat_result) -> bool:
     return old.st_size != new.st_size or not _same_fs_time(old.st_mtime_ns, new.st_mtime_ns)
 
 
+_PROC_FD = os.path.isdir("/proc/self/fd")
+
+
+def _at(dir_fd: int | None, name: str, full: str) -> str:
+    """A short path naming *name* in an open directory (so depth never hits PATH_MAX)."""
+    return f"/proc/self/fd/{dir_fd}/{name}" if _PROC_FD and dir_fd is not None else full
+
+
 def _capability(path: str) -> bytes:
     try:
         return os.getxattr(path, _CAP_XATTR, follow_symlinks=False)
@@ -103,6 +112,27 @@ def _sort(changes: list[Change]) -> list[Change]:
     return changes
 
 
+_Walk = Generator["_Walk", None, None]
+"""A directory's comparison: yields the comparison of each subdirectory to run before it goes on
+(so tree depth costs heap, not Python stack)."""
+
+
+def _drive(top: _Walk) -> None:
+    """Run a directory comparison and every subdirectory comparison it yields, depth first."""
+    stack = [top]
+    try:
+        while stack:
+            try:
+                child = next(stack[-1])
+            except StopIteration:
+                stack.pop()
+                continue
+            stack.append(child)
+    finally:
+        for gen in reversed(stack):
+            gen.close()  # runs their finally blocks: descriptors are closed
+
+
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}"
 
@@ -115,7 +145,7 @@ def _compare_dirs(
     path: str,
     same_dev: bool,
     out: list[Change],
-) -> None:
+) -> _Walk:
     """The children half of moby's addChanges for a directory of the new tree.
 
     *old_fd* is the same directory in the old tree, or None when the old tree has no directory
@@ -144,9 +174,9 @@ def _compare_dirs(
         if ost is None:
             out.append(Change(child, ChangeKind.ADD))
             added = True
-        elif stat_different(ost, nst) or _capability(old_root + child) != _capability(
-            new_root + child
-        ):
+        elif stat_different(ost, nst) or _capability(
+            _at(old_fd, name, old_root + child)
+        ) != _capability(_at(new_fd, name, new_root + child)):
             out.append(Change(child, ChangeKind.MODIFY))
             added = True
         else:
@@ -159,7 +189,7 @@ def _compare_dirs(
         try:
             if ost is not None and stat.S_ISDIR(ost.st_mode) and old_fd is not None:
                 child_old = os.open(name, _DIR_FLAGS, dir_fd=old_fd)
-            _compare_dirs(
+            yield _compare_dirs(
                 child_new,
                 child_old,
                 new_root,
@@ -202,7 +232,7 @@ def changes_dirs(
         if old is not None:
             old_fd = os.open(old_s, _DIR_FLAGS)
             same_dev = os.fstat(old_fd).st_dev == os.fstat(new_fd).st_dev
-        _compare_dirs(new_fd, old_fd, new_s, old_s, "", same_dev, out)
+        _drive(_compare_dirs(new_fd, old_fd, new_s, old_s, "", same_dev, out))
     except OSError as exc:
         raise from_oserror(exc, "changes") from None
     finally:
@@ -299,7 +329,7 @@ def _compare_upper(
     stack: list[str],
     hidden: bool,
     out: list[Change],
-) -> None:
+) -> _Walk:
     """Children of an upper directory.  *hidden*: the merged view shows no lower content here
     (this directory or an ancestor is opaque), so what the lowers have and upper lacks is gone."""
     present: set[str] = set()
@@ -320,7 +350,7 @@ def _compare_upper(
             out.append(Change(child, ChangeKind.ADD))
             added = True
         elif stat_different(lower.st, ust) or _capability(lower.path) != _capability(
-            upper_root + child
+            _at(upper_fd, name, upper_root + child)
         ):
             out.append(Change(child, ChangeKind.MODIFY))
             added = True
@@ -330,10 +360,10 @@ def _compare_upper(
             continue
         start = len(out)
         child_stack = lower.stack if lower is not None else []
-        child_hidden = hidden or _is_opaque(upper_root + child)
+        child_hidden = hidden or _is_opaque(_at(upper_fd, name, upper_root + child))
         fd = os.open(name, _DIR_FLAGS, dir_fd=upper_fd)
         try:
-            _compare_upper(fd, upper_root, child, child_stack, child_hidden, out)
+            yield _compare_upper(fd, upper_root, child, child_stack, child_hidden, out)
         finally:
             os.close(fd)
         if len(out) > start and not added:
@@ -360,7 +390,7 @@ def overlay_changes(upper: str | Path, lowers: list[Path] | list[str]) -> list[C
     except OSError as exc:
         raise from_oserror(exc, "overlay changes") from None
     try:
-        _compare_upper(fd, upper_s, "", stack, False, out)
+        _drive(_compare_upper(fd, upper_s, "", stack, False, out))
     except OSError as exc:
         raise from_oserror(exc, "overlay changes") from None
     finally:

@@ -68,6 +68,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 _CAP_XATTR = "security.capability"
+_PROC_FD = os.path.isdir("/proc/self/fd")
 _SKIPPED_XATTR_PREFIXES = (OVERLAY_XATTR_PREFIX, "security.selinux", "system.")
 
 
@@ -309,7 +310,8 @@ def write_tree(
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            if _add_entry(out, fd, leaf, root_b + b"/" + name, name, st, idmap, overlay):
+            full = b"/proc/self/fd/%d/%s" % (fd, leaf) if _PROC_FD else root_b + b"/" + name
+            if _add_entry(out, fd, leaf, full, name, st, idmap, overlay):
                 child = os.open(leaf, _DIR_FLAGS, dir_fd=fd)
                 stack.append((child, _sorted_entries(child), name + b"/"))
         out.finish()
