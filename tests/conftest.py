@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -53,10 +54,8 @@ def driver(request: pytest.FixtureRequest, store_root: Path, runroot: Path) -> I
         from graphdriver.fsutil import mount_points_under, umount
 
         for mp in sorted(mount_points_under(store_root), key=len, reverse=True):
-            try:
+            with contextlib.suppress(OSError):
                 umount(Path(mp), detach=True)
-            except OSError:
-                pass
 
 
 @pytest.fixture

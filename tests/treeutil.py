@@ -96,7 +96,7 @@ class TarBuilder:
 
     def __init__(self, fmt: int = tarfile.PAX_FORMAT) -> None:
         self.buf = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=fmt)
+        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=fmt)  # noqa: SIM115
         self.mtime = 1_700_000_000  # fixed, so the same builder calls make the same bytes
 
     def _info(self, name: str, kind: bytes, mode: int, **kw: Any) -> tarfile.TarInfo:
