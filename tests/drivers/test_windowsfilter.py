@@ -501,3 +501,32 @@ def test_exact_diff_from_tar_split(store: Any) -> None:
     # a second archive applied to a layer: no exact diff any more (the new tar is written)
     apply(store, "up", WinTarBuilder().dir("Files").file("Files/z.txt", b"z").bytes())
     assert exact_available(store, "up")[0] is False
+
+
+def test_diff_layer_utility_vm_starts_from_the_parents(store: Any) -> None:
+    """hcsshim's initUtilityVM: a diff layer touching UtilityVM gets a clone of its parent's."""
+    make_base(store)
+    store.create("uvm", "base")
+    tar = (
+        WinTarBuilder(base_time_ns=1_740_000_000_000_000_000)
+        .dir("Files")
+        .dir("UtilityVM", sd=None)
+        .whiteout("UtilityVM/Files/EFI/Microsoft/Boot/bcd.log")
+        .file(BCD, b"new BCD store")
+        .bytes()
+    )
+    apply(store, "uvm", tar)
+    d, base = layer_dir(store, "uvm"), layer_dir(store, "base")
+    boot = d / "UtilityVM/Files/EFI/Microsoft/Boot"
+    assert sorted(os.listdir(boot)) == ["BCD"]
+    assert (boot / "BCD").read_bytes() == b"new BCD store"
+    assert (d / "bcd.bak").read_bytes() == b"new BCD store"
+    assert (base / BCD).read_bytes() == b"BCD-store" * 512  # the parent's store untouched
+    assert (base / "UtilityVM/Files/EFI/Microsoft/Boot/BCD.LOG").is_file()
+    assert os.getxattr(d / "UtilityVM/Files/EFI", "user.mswindows.fileattr") == b"16"
+    # the whole utility VM is this layer's now, as on Windows: diff writes it, no tombstone
+    names = [e[0] for e in entries(diff_bytes(store, "uvm"))]
+    assert "UtilityVM/Files/EFI/Microsoft" in names and BCD in names
+    assert not (d / "tombstones.txt").exists()
+    with pytest.raises(InvalidArchive):
+        apply(store, "uvm", WinTarBuilder().dir("Files").whiteout("Hives/Sam_Delta").bytes())

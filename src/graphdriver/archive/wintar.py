@@ -334,6 +334,77 @@ class Importer:
         for top in ("Files",):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(top, 0o755, dir_fd=root_fd)
+        self._has_uvm = _lookup_in(root_fd, "", "UtilityVM") is not None
+
+    # -- the utility VM of a diff layer (hcsshim's initUtilityVM) ------------------------------
+    def _init_uvm(self) -> None:
+        """A diff layer that touches the utility VM starts from a clone of its parent's.
+
+        As hcsshim does (Server 2016 has no layered utility VM): files are hard links to the
+        parent's, directories and symlinks are copies, the BCD files (which the Windows import
+        rewrites) are copied.  A base layer (no parents) writes its utility VM itself.
+        """
+        if self._has_uvm or not self.parents:
+            return
+        self._has_uvm = True
+        top = self._resolve_dir(["UtilityVM"], "UtilityVM", create_top=True)
+        for parent in self.parents:
+            try:
+                sfd = open_beneath(parent, "UtilityVM/Files", _DIR_FLAGS)
+            except OSError:
+                continue
+            try:
+                if _lookup_in(self.root, top, "Files") is None:
+                    dfd = self._open_dir(top)
+                    try:
+                        os.mkdir("Files", 0o755, dir_fd=dfd)
+                    finally:
+                        os.close(dfd)
+                    self._dirs.pop(top, None)
+                dst = open_beneath(self.root, f"{top}/Files", _DIR_FLAGS)
+                try:
+                    _copy_dir_meta(sfd, dst)
+                    self._clone_uvm(sfd, dst, f"{top}/Files", read_linkmeta(parent))
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(sfd)
+            return
+
+    def _clone_uvm(self, sfd: int, dfd: int, rel: str,
+                   linkmeta: dict[str, dict[str, bytes]]) -> None:
+        for n in _sorted_names(sfd):
+            st = os.stat(n, dir_fd=sfd, follow_symlinks=False)
+            path = f"{rel}/{n}"
+            if stat.S_ISDIR(st.st_mode):
+                os.mkdir(n, 0o755, dir_fd=dfd)
+                s2 = os.open(n, _DIR_FLAGS, dir_fd=sfd)
+                d2 = os.open(n, _DIR_FLAGS, dir_fd=dfd)
+                try:
+                    _copy_dir_meta(s2, d2)
+                    self._clone_uvm(s2, d2, path, linkmeta)
+                    os.utime(d2, ns=(st.st_atime_ns, st.st_mtime_ns))
+                finally:
+                    os.close(s2)
+                    os.close(d2)
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(n, dir_fd=sfd), n, dir_fd=dfd)
+                if path in linkmeta:
+                    self.linkmeta[path] = linkmeta[path]
+            elif path.split(":", 1)[0] in MUTATED_FILES:
+                src = os.open(n, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+                try:
+                    out = os.open(n, _NEW_FILE, 0o644, dir_fd=dfd)
+                    try:
+                        _copy_range(src, out, st.st_size)
+                        _set_xattrs(out, read_win_xattrs(src), replace=False)
+                        os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+                    finally:
+                        os.close(out)
+                finally:
+                    os.close(src)
+            elif stat.S_ISREG(st.st_mode):
+                os.link(n, n, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
 
     # -- names --------------------------------------------------------------------------------
     def _index(self, d: str) -> _Dir:
@@ -352,22 +423,33 @@ class Importer:
         try:
             return open_beneath(self.root if root is None else root, d, _DIR_FLAGS)
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+            if exc.errno in (errno.ELOOP, errno.EXDEV):
                 raise UnsafeArchive(f"path {d!r} goes through a symbolic link") from None
+            if exc.errno == errno.ENOTDIR:
+                with contextlib.suppress(OSError):
+                    st = os.stat(d, dir_fd=self.root if root is None else root,
+                                 follow_symlinks=False)
+                    if stat.S_ISLNK(st.st_mode):
+                        raise UnsafeArchive(f"path {d!r} goes through a symbolic link") from None
+                raise _bad(f"path {d!r} goes through a file") from None
             raise
 
     def _lookup(self, d: str, name: str) -> str | None:
         return self._index(d).names.get(fold(name))
 
-    def _resolve_dir(self, parts: list[str], name: str, root: int | None = None) -> str:
-        """The stored spelling of the existing directory ``parts`` (case-insensitive)."""
+    def _resolve_dir(self, parts: list[str], name: str, root: int | None = None,
+                     create_top: bool = False) -> str:
+        """The stored spelling of the existing directory ``parts`` (case-insensitive).
+
+        ``create_top``: a missing top directory (Files, Hives, UtilityVM) is made.
+        """
         if root is not None:
             return _resolve_in(root, parts, name)
         cur = ""
         for part in parts:
             real = self._lookup(cur, part)
             if real is None:
-                if cur == "" and part in TOP_DIRS:
+                if cur == "" and part in TOP_DIRS and create_top:
                     os.mkdir(part, 0o755, dir_fd=self.root)
                     self._index("").names[fold(part)] = part
                     real = part
@@ -447,6 +529,8 @@ class Importer:
         in_uvm = parts[0] == "UtilityVM" and len(parts) >= 3 and parts[1] == "Files"
         if not (in_files or in_uvm) or not target:
             raise _bad(f"invalid tombstone {name}")
+        if in_uvm:
+            self._init_uvm()
         try:
             d = self._resolve_dir(parts[:-1], name)
         except InvalidArchive:
@@ -494,7 +578,7 @@ class Importer:
         if src is None:
             raise _bad(f"failed to find link target for {name!r} -> {target!r}")
         r, tdir, tname = src
-        d = self._resolve_dir(parts[:-1], name)
+        d = self._resolve_dir(parts[:-1], name, create_top=True)
         sfd = self._open_dir(tdir, r)
         dfd = self._open_dir(d)
         try:
@@ -529,12 +613,14 @@ class Importer:
     def _add(self, reader: TarReader, entry: TarEntry, parts: list[str]) -> None:
         name = entry.name
         xattrs = pax_to_xattrs(entry.pax, name)
+        if parts[0] == "UtilityVM":
+            self._init_uvm()
         if len(parts) == 1:  # a top directory itself: its metadata
             if entry.type != DIRECTORY:
                 raise _bad(f"{name} must be a directory")
-            d, stored = "", self._resolve_dir(parts, name)
+            d, stored = "", self._resolve_dir(parts, name, create_top=True)
         else:
-            d = self._resolve_dir(parts[:-1], name)
+            d = self._resolve_dir(parts[:-1], name, create_top=True)
             stored = self._lookup(d, parts[-1]) or parts[-1]
         rel = f"{d}/{stored}" if d else stored
         dfd = self._open_dir(d)
@@ -584,12 +670,7 @@ class Importer:
             os.unlink(bak, dir_fd=self.root)
         out = os.open(bak, _NEW_FILE, 0o644, dir_fd=self.root)
         try:
-            off = 0
-            while off < size:
-                n = os.copy_file_range(fd, out, size - off, off, off)
-                if n == 0:
-                    break
-                off += n
+            _copy_range(fd, out, size)
         finally:
             os.close(out)
 
@@ -646,6 +727,19 @@ class Importer:
                 os.utime(fd, ns=(atime, mtime))
             finally:
                 os.close(fd)
+
+
+def _copy_range(src: int, dst: int, size: int) -> None:
+    off = 0
+    while off < size:
+        n = os.copy_file_range(src, dst, size - off, off, off)
+        if n == 0:
+            break
+        off += n
+
+
+def _copy_dir_meta(src: int, dst: int) -> None:
+    _set_xattrs(dst, read_win_xattrs(src), replace=True)
 
 
 def _resolve_in(root: int, parts: list[str], name: str) -> str:
