@@ -28,7 +28,6 @@ import io
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -341,12 +340,23 @@ def write_changes(
     """moby's ExportChanges: a tar of *changes* read from *root*, sorted by path.
 
     ADD/MODIFY write the path itself (a directory without its contents); DELETE writes an
-    empty ``dir/.wh.NAME`` entry (mode 0, owner 0:0, mtime now).  Parent directories are not
+    empty ``dir/.wh.NAME`` entry (mode 0, owner 0:0).  moby stamps whiteouts with the current
+    time; here they take the mtime of the directory that holds them, so the same layer always
+    exports the same bytes (reproducible digests).  Parent directories are not
     added.  A path that vanished since the changes were computed is skipped, as moby does.
     """
     root_b = os.fsencode(root)
     out = _TarOut(out_fd, progress)
-    now = int(time.time())
+    dir_mtimes: dict[bytes, int] = {}
+
+    def whiteout_mtime(head: bytes) -> int:
+        if head not in dir_mtimes:
+            try:
+                dir_mtimes[head] = os.lstat(root_b + b"/" + head).st_mtime_ns // 1_000_000_000
+            except OSError:
+                dir_mtimes[head] = 0
+        return dir_mtimes[head]
+
     try:
         for change in sorted(changes, key=_path_key):
             rel = os.fsencode(change.path).strip(b"/")
@@ -355,7 +365,8 @@ def write_changes(
             if change.kind == ChangeKind.DELETE:
                 head, _, tail = rel.rpartition(b"/")
                 name = (head + b"/" if head else b"") + WHITEOUT_PREFIX_B + tail
-                out.add(encode(TarHeader(name=name, typeflag=REGTYPE, mode=0, mtime=now)))
+                out.add(encode(TarHeader(name=name, typeflag=REGTYPE, mode=0,
+                                         mtime=whiteout_mtime(head))))
                 continue
             full = root_b + b"/" + rel
             try:
