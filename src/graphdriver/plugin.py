@@ -344,6 +344,19 @@ _JSON_METHODS: dict[str, Callable[[Plugin, dict[str, Any]], dict[str, Any]]] = {
 # ----- HTTP ------------------------------------------------------------------------------------
 
 
+def _read_small(body: ChunkedReader | LimitedReader) -> bytes:
+    """A JSON request body, whole (at most 16 MiB)."""
+    out = bytearray()
+    buf = bytearray(65536)
+    while True:
+        n = body.readinto(buf)
+        if not n:
+            return bytes(out)
+        out += buf[:n]
+        if len(out) > _MAX_JSON:
+            raise InvalidArgument("request body larger than 16 MiB")
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: PluginServer
@@ -414,9 +427,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._apply(plugin, url.query, body)
             return
         try:
-            raw = body.read(_MAX_JSON + 1) if not body.finished else b""
-            if len(raw) > _MAX_JSON or not self._drain(body):
-                raise InvalidArgument("request body too large or broken")
+            raw = _read_small(body)
             req = json.loads(raw) if raw.strip() else {}
             if not isinstance(req, dict):
                 raise InvalidArgument("request body is not a JSON object")
@@ -488,6 +499,7 @@ class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # dockerd opens many connections at once (listen backlog)
 
     def __init__(self, socket_path: str | os.PathLike[str], plugin: Plugin) -> None:
         self.plugin = plugin
@@ -530,6 +542,8 @@ def serve(socket_path: str | os.PathLike[str] | None, name: str = "graphdriver",
         if ready is not None:
             ready(server)
         server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM as the command maps it
+        log.warning("stopping the %s plugin", name)
     finally:
         server.server_close()
 

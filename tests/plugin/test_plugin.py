@@ -249,3 +249,16 @@ def test_concurrent_requests(plugin: tuple[Client, Path], tmp_path: Path) -> Non
     assert status["Layers"] == "6"
     for lid in done:
         client.call("GraphDriver.Remove", ID=lid)
+
+
+def test_bodies_chunked_or_sized(plugin: tuple[Client, Path], tmp_path: Path) -> None:
+    client, _home = plugin
+    body = json.dumps({"ID": "sized"}).encode()
+    status, data = client.raw("GraphDriver.Create", [body[:3], body[3:7], body[7:]],
+                              chunked=True)
+    assert status == 200, data
+    tar = make_layer_tar(tmp_path, "sized", {"x": b"y" * 5000})
+    status, data = client.raw("GraphDriver.ApplyDiff", tar.read_bytes(), query="?id=sized")
+    assert status == 200 and json.loads(data)["Size"] == 5000
+    status, out = client.raw("GraphDriver.Diff", json.dumps({"ID": "sized"}).encode())
+    assert out == tar.read_bytes()
