@@ -32,6 +32,13 @@ How this module keeps that on a Linux filesystem (the windowsfilter driver's lay
 - Windows names are case-insensitive: every path of an entry, whiteout or hard-link target is
   matched against the stored names regardless of case (``fold``), the stored spelling is kept.
 
+A hard link to a parent layer's file (hcsshim links across layers) is a hard link to that
+file's inode; ``crosslinks.json`` at the layer root remembers the name it was given so ``diff``
+writes it back as a link.  A diff layer that touches ``UtilityVM`` starts from a clone of its
+parent's utility VM (hard links; directories, symlinks and the BCD files copied), as hcsshim's
+``initUtilityVM`` does.  The BCD files of an imported layer are also copied to ``bcd.bak``,
+``bcd.log.bak``, ``bcd.log1.bak`` and ``bcd.log2.bak`` at the layer root.
+
 ``diff`` output order is hcsshim's exporter's: the top directories, and inside every directory the
 names sorted bytewise, each directory followed by its alternate streams, then the whiteouts of its
 tombstones, then its contents.  Mode bits are go-winio's: ``0o40000`` for directories,

@@ -14,6 +14,7 @@ Layout (hcsshim's, plus the shared ``meta/`` and ``locks/`` of every home)::
     <home>/<id>/layerID           optional: the id whose directory really holds the layer
     <home>/<id>/bcd*.bak          the UtilityVM BCD files as imported (see below)
     <home>/<id>/linkmeta.json     Windows metadata of symlinks (Linux has no user xattrs on them)
+    <home>/<id>/crosslinks.json   names that are hard links into a parent layer, and their target
     <home>/<id>/merged/           while a read-only layer is mounted: its assembled view
     <home>/<id>/sandbox/          a writable layer's tree (``quota/diff`` when it has a size)
 
@@ -53,7 +54,9 @@ Semantics, and where they differ from moby:
   descriptors; as root it chroots into the staging directory before reading the tar.  The tar
   is imported into ``<id>/.staging`` (a hard-link clone of what the layer held), which replaces
   the layer's directories only on success, so a failed import leaves the layer as it was.  It
-  returns hcsshim's size (bytes of file data, streams not counted).  The BCD files are also
+  returns hcsshim's size (bytes of file data, streams not counted).  The child also records the
+  tar-split description (``meta/<id>/tar-split.json.gz``), so an exact diff re-assembles the
+  applied tar byte for byte from the layer's files.  The BCD files are also
   copied to ``bcd.bak``/``bcd.log.bak``/``bcd.log1.bak``/``bcd.log2.bak`` and ``diff_getter``
   serves those paths from the backups, as moby does.
 - ``layerID``: ``resolve_id`` reads ``<id>/layerID`` (or moby's ``layerId`` spelling) to find
