@@ -150,7 +150,7 @@ class _Applier:
             "": (root_fd, "", bool(self.root_meta.mode & stat.S_ISGID))
         }
         self.created: set[str] = set()  # real paths this apply created
-        self.mine: set[str] = set()  # real paths the archive put there (created or merged)
+        self.merged: set[str] = set()  # pre-existing directories the archive merged into
         self.archive_links: set[str] = set()  # symlinks this apply created
         self.journal: list[tuple[object, ...]] = []
         self.touched: set[str] = set()
@@ -190,7 +190,6 @@ class _Applier:
             self._touch_dir(preal)
             self.journal.append(("new", real))
         self.created.add(real)
-        self.mine.add(real)
 
     def _clear_cache(self) -> None:
         """Forget every cached directory.  The fds are closed later (``_bury``), at a point where
@@ -310,7 +309,7 @@ class _Applier:
             self.journal.append(("moved", real, aside))
         self.archive_links.discard(real)
         self.created.discard(real)
-        self.mine.discard(real)
+        self.merged.discard(real)
 
     def _make_room(self, pfd: int, preal: str, base: str, new_is_dir: bool) -> bool:
         """Something exists at base: True to merge (dir over dir), else it is removed."""
@@ -358,7 +357,7 @@ class _Applier:
             real = _join(dreal, base)
             if not dreal and base == self.scratch:
                 continue
-            if real in self.mine:
+            if real in self.created or real in self.merged:
                 if is_dir:
                     sub = os.open(base, _DIR_FLAGS, dir_fd=dfd)
                     try:
@@ -432,7 +431,11 @@ class _Applier:
             self._make_room(pfd, preal, base, False)
             fd = os.open(base, _FILE_FLAGS, mode & 0o777, dir_fd=pfd)
         try:
-            self._note_new(preal, _join(preal, base))
+            real = f"{preal}/{base}" if preal else base
+            if self.empty_start:
+                self.created.add(real)
+            else:
+                self._note_new(preal, real)
             if e.data_size:
                 reader.copy_data(e, fd)
             elif e.sparse is not None and e.size:
@@ -470,7 +473,8 @@ class _Applier:
                 created = True
         if created:
             self._note_new(preal, real)
-        self.mine.add(real)
+        else:
+            self.merged.add(real)
         key = _join(parent, base)
         hit = self.cache.get(key)
         if hit is None:

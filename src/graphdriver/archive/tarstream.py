@@ -85,13 +85,34 @@ class TarEntry:
     ctime_ns: int | None = None
     linkname: str = ""
     raw_linkname: bytes = b""
-    uname: str = ""
-    gname: str = ""
+    _uname: str | None = None
+    _gname: str | None = None
+    _raw_owner: bytes = b""  # ustar uname + gname fields, decoded only when asked for
     devmajor: int = 0
     devminor: int = 0
     xattrs: dict[str, bytes] = {}  # noqa: RUF012 - shared empty default, replaced when set
     pax: dict[str, str] = {}  # noqa: RUF012 - idem
     sparse: list[tuple[int, int]] | None = None  # (offset, length) data chunks
+
+    @property
+    def uname(self) -> str:
+        if self._uname is None:
+            return self._raw_owner[:32].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        return self._uname
+
+    @uname.setter
+    def uname(self, value: str) -> None:
+        self._uname = value
+
+    @property
+    def gname(self) -> str:
+        if self._gname is None:
+            return self._raw_owner[32:].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        return self._gname
+
+    @gname.setter
+    def gname(self, value: str) -> None:
+        self._gname = value
 
     @property
     def is_regular(self) -> bool:
@@ -384,15 +405,17 @@ class TarReader:
             pass
 
     def __iter__(self) -> Iterator[TarEntry]:
+        rec = self._recorder
         while not self._done:
-            self._skip_current()
+            if self._remaining or self._pad:
+                self._skip_current()
             entry = self._next_header()
             if entry is None:
                 self._finish()
                 return
-            self._flush_segment()
-            if self._recorder is not None:
-                self._recorder.file(entry.raw_name, entry.data_size, None)
+            if rec is not None:
+                self._flush_segment()
+                rec.file(entry.raw_name, entry.data_size, None)
             yield entry
 
     def _next_header(self) -> TarEntry | None:
@@ -495,8 +518,7 @@ class TarReader:
             raise _bad("a numeric header field holds a non-octal digit") from None
         e.mtime_ns = mtime * 1_000_000_000
         if ustar or gnu:
-            e.uname = blk[265:297].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            e.gname = blk[297:329].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            e._raw_owner = blk[265:329]
             if typ in (CHARDEV, BLOCKDEV):
                 e.devmajor = parse_number(blk[329:337], "devmajor")
                 e.devminor = parse_number(blk[337:345], "devminor")
@@ -582,7 +604,12 @@ class TarReader:
             raise _bad("negative size")
         e.type = typ
         e.raw_name = raw_name
-        e.name = clean_name(raw_name)
+        name = raw_name.decode("utf-8", "surrogateescape")
+        if name.startswith((".", "/")) or "/." in name or "//" in name:
+            name = clean_name(raw_name)
+        elif name.endswith("/"):
+            name = name[:-1]
+        e.name = name
         e.raw_linkname = raw_link
         e.linkname = raw_link.decode("utf-8", "surrogateescape")
         e.size = size
