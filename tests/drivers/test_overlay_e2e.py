@@ -1,10 +1,10 @@
 """The overlay driver tried as a new user would, through the command only.
 
 Apply a root filesystem layer (the benchmark cache's debootstrap rootfs with
-GRAPHDRIVER_REAL_ROOTFS=1 — minutes — else a generated tree), create 20 layers on top, mount
-the top in one process and unmount it from another, write through a ``--rw`` layer, list its changes, write its diff, re-apply the diff in a
-second store and get the same tree.  Native diffs (the default) and the naive ones (against an
-explicit parent) are both re-applied and compared.
+GRAPHDRIVER_REAL_ROOTFS=1, which takes minutes; else a generated tree), create 20 layers on top,
+mount the top in one process and unmount it from another, write through a ``--rw`` layer, list
+its changes, write its diff, re-apply the diffs in a second store and get the same tree.  Native
+diffs (the default) and a naive one (against a grandparent) are both re-applied and compared.
 """
 
 from __future__ import annotations
