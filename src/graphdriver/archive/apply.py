@@ -135,6 +135,7 @@ class _Applier:
         if opts.whiteout_format not in ("naive", "overlay"):
             raise InvalidArgument(f"unknown whiteout format {opts.whiteout_format!r}")
         self.idmap = opts.idmap
+        self.identity = opts.idmap.is_identity
         self.euid = os.geteuid()
         self.egid = os.getegid()
         self.is_root = self.euid == 0
@@ -441,7 +442,7 @@ class _Applier:
             elif e.sparse is not None and e.size:
                 os.ftruncate(fd, e.size)
             self.size += e.size
-            uid, gid = self._ids(e) if not self.idmap.is_identity else (e.uid, e.gid)
+            uid, gid = (e.uid, e.gid) if self.identity else self._ids(e)
             if uid != self.euid or gid != self.egid or sgid:
                 try:
                     os.fchown(fd, uid, gid)
@@ -640,8 +641,7 @@ class _Applier:
                 self._dir_meta(e, self.root_fd, "", False, False)
                 self.cache[""] = (self.root_fd, "", bool(e.mode & stat.S_ISGID))
                 continue
-            first = name.split("/", 1)[0]
-            if first == self.scratch:
+            if name.startswith(self.scratch) and name.split("/", 1)[0] == self.scratch:
                 raise UnsafeArchive(f"{name!r} names the apply's scratch directory")
             if name.startswith(WHITEOUT_META_PREFIX) and name != WHITEOUT_OPAQUE:
                 # AUFS metadata at the top; plnk files are kept aside as hard link targets
