@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -426,10 +427,19 @@ def test_mount_reference_counts(store: Any) -> None:
         store.remove("base")
     with pytest.raises(InUse):
         apply(store, "base", diff_layer())
+    if IS_ROOT:  # the view shares inodes with the layer: it is mounted read-only
+        with pytest.raises(OSError) as info:
+            (p1 / "Windows/win.ini").write_bytes(b"changed")
+        assert info.value.errno == errno.EROFS
+        with pytest.raises(OSError):
+            (p1 / "new.txt").write_bytes(b"x")
+        assert (layer_dir(store, "base") / "Files/Windows/win.ini").read_bytes().startswith(b";")
     store.put("base")
     assert p1.is_dir()
     store.put("base")
     assert not p1.exists()
+    assert not any(str(layer_dir(store, "base")) in line
+                   for line in Path("/proc/self/mountinfo").read_text().splitlines())
     store.remove("base")
     assert not (store.home / "base").exists()
 

@@ -37,8 +37,9 @@ Semantics, and where they differ from moby:
   built under ``<id>/merged`` of hard links to the layers' files, tombstones applied, names
   matched case-insensitively (nearest layer's spelling wins), alternate streams left out.  moby
   returns the bare layer folder instead; a merged tree is what a scanner on Linux wants.  The
-  merged tree shares inodes with the layers: it is for reading, writes through it change the
-  layers.  It is removed when the last reference is put.  ``get`` of a sandbox gives the sandbox.
+  merged tree shares inodes with the layers, so as root it is made a read-only bind mount of
+  itself (writes fail with EROFS); without root it is read-only by convention only.  It is
+  removed when the last reference is put.  ``get`` of a sandbox gives the sandbox.
 - ``changes`` of a read-only layer: moby's driver cannot tell an add from a modify, so every path
   the layer holds is MODIFY and every tombstone DELETE, with paths as the layer stores them
   (``Files/…``, ``Hives/…``, ``UtilityVM/…``; alternate streams are not separate paths).  The
@@ -69,6 +70,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import logging
 import os
 import signal
 import stat
@@ -98,8 +100,10 @@ from ..archive.wintar import (
 from ..errors import GraphDriverError, InUse, InvalidArgument, NotSupported, from_oserror
 from ..fsutil import atomic_write, copy_tree, fs_name, remove_tree
 from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
-from ..mount import is_mounted
+from ..mount import MS_RDONLY, is_mounted, mount, unmount_all_under
 from ..store import LayerStore, _as_fd, parse_size
+
+log = logging.getLogger("graphdriver")
 
 DEFAULT_SANDBOX_SIZE = "127GB"
 LAYER_ID_FILE = "layerID"
@@ -200,6 +204,7 @@ class WindowsFilterDriver(LayerStore):
 
     def _destroy(self, path: Path) -> None:
         try:
+            unmount_all_under(os.path.realpath(path))
             if os.path.isdir(path) and not os.path.islink(path) and quota.has_image(path):
                 quota.unmount_image(path)
             remove_tree(path)
@@ -295,6 +300,7 @@ class WindowsFilterDriver(LayerStore):
         d = self._dir(rec.id)
         target = d / MERGED
         tmp = d / (MERGED + ".tmp")
+        unmount_all_under(os.path.realpath(target))
         for stale in (target, tmp):
             if os.path.lexists(stale):
                 remove_tree(stale)
@@ -305,11 +311,14 @@ class WindowsFilterDriver(LayerStore):
         except BaseException:
             remove_tree(tmp)
             raise
+        _protect(target)
         return target
 
     def _unmount(self, rec: LayerRecord) -> None:
         if not rec.writable:
-            remove_tree(self._dir(rec.id) / MERGED)
+            target = self._dir(rec.id) / MERGED
+            unmount_all_under(os.path.realpath(target))
+            remove_tree(target)
 
     def _mount_path(self, rec: LayerRecord) -> Path:
         return self._sandbox(rec) if rec.writable else self._dir(rec.id) / MERGED
@@ -450,6 +459,32 @@ class WindowsFilterDriver(LayerStore):
             self.meta.write(rec)
             self.meta.clear_incomplete(layer_id)
             return ApplyResult(size=size, diff_id=diff_id)
+
+
+_MS_REMOUNT = 0x20
+_MS_BIND = 0x1000
+
+
+def _protect(target: Path) -> None:
+    """Make the merged tree read-only (a read-only bind mount of itself) where we may mount.
+
+    Its files are hard links to the layers' files: the mount keeps a write through the view from
+    changing a layer.  Without the privilege to mount (not root) the tree stays a plain
+    directory, to be read only by convention.
+    """
+    if os.geteuid() != 0:
+        return
+    real = Path(os.path.realpath(target))
+    try:
+        mount(str(real), real, "", _MS_BIND)
+    except OSError as exc:
+        log.debug("windowsfilter: no read-only bind mount of %s: %s", real, exc)
+        return
+    try:
+        mount("", real, "", _MS_REMOUNT | _MS_BIND | MS_RDONLY)
+    except OSError:
+        unmount_all_under(real)
+        raise
 
 
 class LayerFiles:
