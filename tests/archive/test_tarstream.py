@@ -121,7 +121,18 @@ def test_entries_match_tarfile(work: Path, fmt: str) -> None:
     assert got == want
 
 
-def test_sparse_10_map_goes_to_a_segment(work: Path) -> None:
+@needs_gnu_tar
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ["--format=gnu"],  # old GNU 'S' headers with extension blocks
+        ["--format=pax", "--sparse-version=0.0"],
+        ["--format=pax", "--sparse-version=0.1"],
+        ["--format=pax", "--sparse-version=1.0"],  # the map fills blocks of the data region
+    ],
+    ids=["gnu", "pax-0.0", "pax-0.1", "pax-1.0"],
+)
+def test_many_chunk_sparse_files(work: Path, opts: list[str]) -> None:
     src = work / "src"
     src.mkdir()
     with open(src / "s", "wb") as fh:
@@ -129,7 +140,7 @@ def test_sparse_10_map_goes_to_a_segment(work: Path) -> None:
             fh.seek(i * 65536)
             fh.write(b"chunk %d" % i)
     tar = work / "t.tar"
-    gnu_tar("--format=pax", "--sparse", "--sparse-version=1.0", "-cf", tar, "-C", src, ".")
+    gnu_tar(*opts, "--sparse", "-cf", tar, "-C", src, ".")
     data = tar.read_bytes()
     cap = record(data, True)
     assert bytes(cap.out) == data
