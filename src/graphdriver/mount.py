@@ -18,7 +18,6 @@ import errno
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,15 +252,11 @@ def is_mounted(path: Path | str) -> bool:
     return p in mount_points()
 
 
-def unmount_all_under(path: Path | str) -> None:
-    """Detach every mount at or beneath *path*, deepest first (before removing a tree)."""
+def unmount_all_under(path: Path | str, *, include_self: bool = True) -> None:
+    """Detach every mount beneath *path* (and at it, with *include_self*), deepest first."""
     p = os.fspath(path).rstrip("/")
     prefix = p + "/"
-    found = [mp for mp in mount_points() if mp == p or mp.startswith(prefix)]
+    found = [mp for mp in mount_points() if (include_self and mp == p) or mp.startswith(prefix)]
     for mp in sorted(set(found), key=len, reverse=True):
         unmount(Path(mp), detach=True)
 
-
-def unmount_sequence(targets: Sequence[Path]) -> None:
-    for t in targets:
-        unmount(t)

@@ -347,7 +347,7 @@ class OverlayDriver(LayerStore):
             with contextlib.suppress(OSError):
                 self._unmount_layer_dir(d)
         with contextlib.suppress(OSError):
-            unmount_all_under(self.home)
+            unmount_all_under(self.home, include_self=False)
 
     def _unmount_layer_dir(self, d: Path) -> None:
         merged = d / "merged"
@@ -371,18 +371,16 @@ class OverlayDriver(LayerStore):
         parent = self._resolve_parent(layer_id, parent)
         if not self._native(layer_id, parent):
             return super().changes(layer_id, parent)
-        with self.layer_lock(layer_id):
-            return overlay_changes(self._diff_dir(layer_id), self._lower_diffs(layer_id))
+        return overlay_changes(self._diff_dir(layer_id), self._lower_diffs(layer_id))
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         parent = self._resolve_parent(layer_id, parent)
         if not self._native(layer_id, parent):
             return super().diff_size(layer_id, parent)
-        with self.layer_lock(layer_id):
-            try:
-                return directory_size(self._diff_dir(layer_id))
-            except OSError as exc:
-                raise from_oserror(exc, f"overlay: size of layer {layer_id}") from None
+        try:
+            return directory_size(self._diff_dir(layer_id))
+        except OSError as exc:
+            raise from_oserror(exc, f"overlay: size of layer {layer_id}") from None
 
     def write_diff(self, out_fd: int, layer_id: str, parent: str | None = None,
                    progress: Callable[[int], None] | None = None) -> None:
