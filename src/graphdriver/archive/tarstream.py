@@ -51,6 +51,7 @@ _GNU_DUMPDIR = b"D"
 _GNU_VOLHDR = b"V"
 _GNU_MULTIVOL = b"M"
 _ZERO_BLOCK = bytes(BLOCK)
+_ZERO_24 = bytes(24)
 _OCTAL_DIGITS = b"01234567"
 _DEC_DIGITS = b"0123456789"
 # Keys of a global PAX header that must not leak into every later entry.
@@ -496,7 +497,8 @@ class TarReader:
         magic = blk[257:265]
         gnu = magic == b"ustar  \0"
         ustar = not gnu and blk[257:262] == b"ustar"
-        raw_name = blk[0:100].split(b"\0", 1)[0]
+        nul = blk.find(0, 0, 100)
+        raw_name = blk[: nul if nul >= 0 else 100]
         if ustar:
             prefix = blk[345:500].split(b"\0", 1)[0]
             if prefix:
@@ -522,7 +524,7 @@ class TarReader:
             if typ in (CHARDEV, BLOCKDEV):
                 e.devmajor = parse_number(blk[329:337], "devmajor")
                 e.devminor = parse_number(blk[337:345], "devminor")
-        if gnu and typ != _GNU_SPARSE and blk[345:369] != _ZERO_BLOCK[:24]:
+        if gnu and typ != _GNU_SPARSE and blk[345:369] != _ZERO_24:
             a = parse_number(blk[345:357], "atime")
             c = parse_number(blk[357:369], "ctime")
             if a:
