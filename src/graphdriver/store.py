@@ -500,28 +500,43 @@ class LayerStore:
                                 idmap=self.idmap, progress=progress)
             opts = self._apply_options(rec, opts)
             self.meta.mark_incomplete(layer_id, "apply")
-            raw_fd = self._tarsplit_begin(layer_id, opts)
+            raw_fd: int | None = None
             try:
+                raw_fd = self._tarsplit_begin(layer_id, opts)
                 with _as_fd(stream) as fd:
-                    try:
-                        result = apply_confined(fd, self._apply_target(rec), opts)
-                    except GraphDriverError:
-                        # The engine rolled the layer back to what it was: it is complete again.
-                        self.meta.clear_incomplete(layer_id)
-                        raise
-                if raw_fd is not None:
-                    self._tarsplit_end(rec, raw_fd, opts.recorder)
-            finally:
-                if raw_fd is not None:
-                    os.close(raw_fd)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.meta.dir(layer_id) / "tar-split.raw")
-            self._after_apply(rec, result)
-            rec.extra["diff_id"] = result.diff_id
-            rec.extra["applied_size"] = result.size
-            self.meta.write(rec)
-            self.meta.clear_incomplete(layer_id)
+                    result = apply_confined(fd, self._apply_target(rec), opts)
+            except (GraphDriverError, KeyboardInterrupt):
+                # Nothing was applied yet, or the engine rolled the layer back to what it was
+                # (apply_confined stops its child with SIGTERM and waits for the rollback): the
+                # layer is complete again.  A SIGINT/SIGTERM that lands before the engine's own
+                # handlers are in place is a KeyboardInterrupt here, and rolls back the same.
+                self.meta.clear_incomplete(layer_id)
+                self._tarsplit_discard(layer_id, raw_fd)
+                raise
+            except BaseException:
+                self._tarsplit_discard(layer_id, raw_fd)
+                raise
+            # The apply is done: finish the commit even if SIGINT/SIGTERM arrives now (an
+            # interrupt here would leave a fully applied layer incomplete, and repair would
+            # remove it — neither "as before" nor "after").
+            with _signals_deferred():
+                try:
+                    if raw_fd is not None:
+                        self._tarsplit_end(rec, raw_fd, opts.recorder)
+                finally:
+                    self._tarsplit_discard(layer_id, raw_fd)
+                self._after_apply(rec, result)
+                rec.extra["diff_id"] = result.diff_id
+                rec.extra["applied_size"] = result.size
+                self.meta.write(rec)
+                self.meta.clear_incomplete(layer_id)
             return result
+
+    def _tarsplit_discard(self, layer_id: str, raw_fd: int | None) -> None:
+        if raw_fd is not None:
+            os.close(raw_fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.meta.dir(layer_id) / "tar-split.raw")
 
     def _apply_options(self, rec: LayerRecord, opts: Any) -> Any:
         return opts
@@ -587,6 +602,31 @@ class MountedFiles:
             self._closed = True
             os.close(self._root_fd)
             self._store.put(self._id)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done (main thread only; elsewhere a no-op).
+
+    The block is a commit that must not be cut in half; a signal that arrives meanwhile is
+    logged and dropped: the operation it would have interrupted has completed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import signal
+
+    got: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            log.warning("signal %d arrived after the apply was done; the layer was committed",
+                        got[0])
 
 
 @contextlib.contextmanager
