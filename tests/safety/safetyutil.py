@@ -185,8 +185,16 @@ class Layout:
 
 
 def tree(path: Path) -> dict[str, Any]:
-    """A manifest of a tree: every fact a layer keeps (see treeutil.snapshot)."""
-    return snapshot(path)
+    """A manifest of a tree: every fact a layer keeps (see treeutil.snapshot).
+
+    The times of overlay whiteouts (0/0 character devices) are left out: they are made at
+    apply time, and no tar ever carries them back out.
+    """
+    out = snapshot(path)
+    for k, v in out.items():
+        if v[0] == ("c", 0, 0):
+            out[k] = (*v[:4], None, *v[5:])
+    return out
 
 
 def store_tree(root: Path) -> dict[str, Any]:

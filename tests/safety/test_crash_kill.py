@@ -243,9 +243,10 @@ class Harness:
             label = next((name for name, a in allowed.items() if a is not None
                           and a[1] == got[1] and not diff_snapshots(a[0], got[0])), None)
             if label is None:
-                first = next(a for a in allowed.values() if a is not None)
+                why = [f"vs {name} (count {a[1]}): " + "; ".join(diff_snapshots(a[0], got[0])[:3])
+                       for name, a in allowed.items() if a is not None]
                 raise AssertionError(f"{where}: state not allowed (count {got[1]}): "
-                                     + "; ".join(diff_snapshots(first[0], got[0])[:4]))
+                                     + " | ".join(why))
             self.outcomes[f"{op}:{label}"] += 1
             state = allowed[label]
             assert state is not None
@@ -321,7 +322,8 @@ def test_signal_mid_apply_rolls_back(driver_name: str, tmp_path: Path, canary: C
     cli_ok(root, run, driver_name, "apply", "base", str(base_tar))
     rolled_back = 0
     rng = random.Random(sig)
-    for k in range(5):
+    runs = iterations("GRAPHDRIVER_SIGNAL_ITERATIONS", 5)
+    for k in range(runs):
         lid = f"top{k}"
         cli_ok(root, run, driver_name, "create", lid, "--parent", "base")
         before = tree(layout.layer_tree(lid))
@@ -340,7 +342,8 @@ def test_signal_mid_apply_rolls_back(driver_name: str, tmp_path: Path, canary: C
         text = err.decode(errors="replace")
         assert "Traceback" not in text, text
         listing = _listing(root, run, driver_name, via_cli=False)
-        assert lid in listing, f"{sig.name}: layer {lid} is gone after a rolled-back apply"
+        assert lid in listing, (f"{sig.name}: layer {lid} is gone after an interrupted apply "
+                                f"(exit {proc.returncode}: {text.strip()})")
         assert not marker.exists()
         assert not layout.problems(list(listing)), layout.problems(list(listing))
         after = tree(layout.layer_tree(lid))
@@ -353,7 +356,9 @@ def test_signal_mid_apply_rolls_back(driver_name: str, tmp_path: Path, canary: C
         rolled_back += 1
         cli_ok(root, run, driver_name, "rm", lid)
     canary.check()
-    assert rolled_back >= 3, f"{sig.name}: only {rolled_back} of 5 signals landed mid-apply"
+    print(f"\n{sig.name} [{driver_name}]: {rolled_back} of {runs} applies interrupted and "
+          "rolled back, the rest had finished")
+    assert rolled_back >= (runs + 1) // 2, f"{sig.name}: only {rolled_back} of {runs} landed"
 
 
 @pytest.mark.xfail(reason="archive/isolate.py: when the command is SIGKILLed, the apply child "
