@@ -404,3 +404,34 @@ def test_mode_of_whiteout_is_overlay(ov: Any) -> None:
     st = os.lstat(ov.home / "mid" / "diff" / "etc" / "passwd")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
     assert os.getxattr(ov.home / "mid" / "diff" / "opq", "trusted.overlay.opaque") == b"y"
+
+
+# ---- mount.py ----------------------------------------------------------------------------
+
+
+def test_mount_api_errors_and_unmount_of_non_mount(tmp_path: Path) -> None:
+    from graphdriver.mount import OverlayOptions, is_mounted, mount_overlay, unmount
+
+    (tmp_path / "m").mkdir()
+    with pytest.raises(OSError) as info:
+        mount_overlay(tmp_path / "m", OverlayOptions(lowers=[str(tmp_path / "missing"),
+                                                             str(tmp_path / "m")]))
+    assert info.value.errno == errno.ENOENT and "missing" in str(info.value)
+    assert not is_mounted(tmp_path / "m")
+    unmount(tmp_path / "m")  # not mounted: fine
+    unmount(tmp_path / "nowhere")
+
+
+def test_mount_point_with_space_and_unmount_all_under(tmp_path: Path) -> None:
+    from graphdriver.mount import OverlayOptions, is_mounted, mount_overlay, unmount_all_under
+
+    top = tmp_path / "a dir"
+    for sub in ("l1", "l2", "m 1", "m 1/inner"):
+        (top / sub).mkdir(parents=True)
+    (top / "l1" / "inner").mkdir()
+    opts = OverlayOptions(lowers=[str(top / "l1"), str(top / "l2")], readonly=True)
+    mount_overlay(top / "m 1", opts)
+    mount_overlay(top / "m 1" / "inner", opts)
+    assert is_mounted(top / "m 1") and is_mounted(top / "m 1" / "inner")
+    unmount_all_under(top, include_self=False)
+    assert not is_mounted(top / "m 1") and not is_mounted(top / "m 1" / "inner")
