@@ -435,3 +435,20 @@ def test_mount_point_with_space_and_unmount_all_under(tmp_path: Path) -> None:
     assert is_mounted(top / "m 1") and is_mounted(top / "m 1" / "inner")
     unmount_all_under(top, include_self=False)
     assert not is_mounted(top / "m 1") and not is_mounted(top / "m 1" / "inner")
+
+
+def test_home_reached_through_a_symlink(tmp_path: Path, runroot: Path) -> None:
+    (tmp_path / "real").mkdir()
+    os.symlink("real", tmp_path / "alias")
+    d = open_driver("overlay", tmp_path / "alias", runroot=runroot)
+    try:
+        d.create("base")
+        d.create("c", "base")
+        root = d.get("c")
+        assert d.get("c") == root
+        assert len([mp for mp in mount_points_under(tmp_path) if mp.endswith("/c/merged")]) == 1
+        d.put("c")
+        d.put("c")
+        assert not mount_points_under(tmp_path)
+    finally:
+        d.cleanup()
