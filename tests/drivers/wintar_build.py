@@ -156,7 +156,10 @@ def entries(data: bytes) -> list[tuple[str, bytes, int, str, dict[str, str], byt
                 f = tf.extractfile(m)
                 assert f is not None
                 content = f.read()
-            out.append((m.name, m.type, m.size, m.linkname, dict(m.pax_headers), content))
+            pax = dict(m.pax_headers)
+            if "path" in pax:  # tarfile writes directory names with a "/", Go does not
+                pax["path"] = pax["path"].rstrip("/")
+            out.append((m.name, m.type, m.size, m.linkname, pax, content))
     return out
 
 

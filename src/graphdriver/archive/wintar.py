@@ -26,7 +26,8 @@ How this module keeps that on a Linux filesystem (the windowsfilter driver's lay
   unchanged.  Linux refuses ``user.*`` xattrs on symlinks, so a symlink's metadata is kept in the
   sidecar ``linkmeta.json`` at the layer root instead;
 - an alternate data stream is a regular file named ``file:stream`` beside its file (Windows names
-  cannot contain ``:``, so this never collides);
+  cannot contain ``:``, so this never collides); ``user.mswindows.streamindex`` keeps its place
+  among its file's streams, so ``diff`` writes them in the order they came;
 - deletions are ``tombstones.txt`` in hcsshim's format: a UTF-8 BOM and ``Version 1.0``, then one
   ``\\path`` (relative to ``Files``, backslashes) per line;
 - Windows names are case-insensitive: every path of an entry, whiteout or hard-link target is
@@ -98,6 +99,7 @@ _X_MOUNTPOINT = XATTR_PREFIX + "mountpoint"
 _X_EA = XATTR_PREFIX + "xattr."
 _X_CTIME_CREATION = XATTR_PREFIX + "creationtime"
 _X_PAX = XATTR_PREFIX + "pax."
+_X_STREAM_INDEX = XATTR_PREFIX + "streamindex"  # an alternate stream's place after its file
 _TIME_KEYS = ("mtime", "atime", "ctime")
 # Records that describe the tar entry itself, not the file: never stored.
 _STRUCTURAL = frozenset(("path", "linkpath", "size"))
@@ -338,6 +340,7 @@ class Importer:
         self.crosslinks = read_crosslinks(root_fd)
         self._dir_times: list[tuple[str, int, int]] = []
         self._last_main: tuple[str, str] | None = None  # (parent dir, stored name)
+        self._stream_index: dict[tuple[str, str], int] = {}
         for top in ("Files",):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(top, 0o755, dir_fd=root_fd)
@@ -700,7 +703,12 @@ class Importer:
             self._index(d).names[fold(sname)] = sname
             try:
                 reader.copy_data(entry, fd)
-                _set_xattrs(fd, pax_to_xattrs(entry.pax, name), replace=False)
+                key = (d, fold(stored_main))
+                index = self._stream_index.get(key, 0)
+                self._stream_index[key] = index + 1
+                xattrs = pax_to_xattrs(entry.pax, name)
+                xattrs[_X_STREAM_INDEX] = b"%d" % index
+                _set_xattrs(fd, xattrs, replace=False)
                 atime = entry.atime_ns if entry.atime_ns is not None else entry.mtime_ns
                 os.utime(fd, ns=(atime, entry.mtime_ns))
             finally:
@@ -799,6 +807,21 @@ class LayerItem:
     link_to: str | None = None  # an earlier name of the same file (hard link)
 
 
+def _stream_index(dfd: int, name: str) -> int:
+    """Where the import put an alternate stream among its file's (the tar's order)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dfd)
+    except OSError:
+        return 1 << 30
+    try:
+        return int(os.getxattr(fd, _X_STREAM_INDEX))
+    except (OSError, ValueError):
+        return 1 << 30
+    finally:
+        os.close(fd)
+
+
 def _sorted_names(fd: int) -> list[str]:
     return sorted(os.listdir(fd), key=os.fsencode)
 
@@ -826,6 +849,9 @@ def walk_layer(layer_fd: int) -> Iterator[LayerItem]:
         for n in names:
             if ":" in n:
                 streams.setdefault(fold(n.split(":", 1)[0]), []).append(n)
+        for group in streams.values():
+            if len(group) > 1:
+                group.sort(key=lambda n: (_stream_index(dfd, n), os.fsencode(n)))
         for n in names:
             if ":" in n:
                 continue
