@@ -452,3 +452,54 @@ def test_home_reached_through_a_symlink(tmp_path: Path, runroot: Path) -> None:
         assert not mount_points_under(tmp_path)
     finally:
         d.cleanup()
+        for mp in sorted(mount_points_under(tmp_path), key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                umount(Path(mp), detach=True)
+
+
+def _random_ops(rng: Any, root: Path) -> None:
+    """Random edits through a mounted layer: adds, rewrites, deletes, chmods, dir<->file."""
+    names = ["a", "b", "c", "d"]
+    for _ in range(rng.randint(5, 25)):
+        rel = "/".join(rng.choice(names) for _ in range(rng.randint(1, 3)))
+        p = root / rel
+        action = rng.choice(["write", "mkdir", "rm", "chmod", "touch", "link", "symlink"])
+        try:
+            if action == "write":
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(rng.randbytes(rng.randint(0, 64)))
+            elif action == "mkdir":
+                p.mkdir(parents=True, exist_ok=True)
+            elif action == "rm":
+                rm(rel)(root)
+            elif action == "chmod":
+                os.chmod(p, rng.choice([0o600, 0o644, 0o755, 0o700]))
+            elif action == "touch":
+                t = rng.randint(1_000_000_000, 1_700_000_000)
+                os.utime(p, (t, t), follow_symlinks=False)
+            elif action == "link":
+                other = root / rng.choice(names)
+                if other.is_file() and not other.is_symlink():
+                    os.link(other, p)
+            else:
+                os.symlink(rng.choice(names), p)
+        except OSError:
+            pass  # a path the random walk made impossible (ENOENT, EEXIST, ELOOP, ...)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_native_changes_equal_naive_random(ov: Any, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    ov.create("l0")
+    _random_ops(rng, ov.get("l0"))
+    ov.put("l0")
+    for i in range(1, 4):
+        ov.create_rw(f"l{i}", f"l{i - 1}")
+        with ov.mounted(f"l{i}") as root:
+            _random_ops(rng, root)
+    for i in range(1, 4):
+        native = [str(c) for c in ov.changes(f"l{i}")]
+        naive = [str(c) for c in naive_changes(ov, f"l{i}", f"l{i - 1}")]
+        assert native == naive, (seed, i)
