@@ -18,6 +18,7 @@ command rolls back and exits 130.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,10 +36,12 @@ from graphdriver.fsutil import mount_points_under
 from tests.safety.safetyutil import (
     Canary,
     Layout,
+    assert_one_line_error,
     cli,
     cli_ok,
     file_digest,
     gnu_extract,
+    group_members,
     iterations,
     kill_group,
     make_layer_tar,
@@ -382,3 +385,81 @@ def test_killed_apply_child_is_quiet(tmp_path: Path) -> None:
     finally:
         kill_group(proc.pid)
     assert "Traceback" not in err.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _count(path: Path) -> int:
+    return sum(len(d) + len(f) for _, d, f in os.walk(path))
+
+
+def _apply_child(pgid: int, parent: int) -> int | None:
+    """The confined apply child of the command (``-m graphdriver.archive.isolate``)."""
+    for pid in group_members(pgid):
+        if pid == parent:
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"graphdriver.archive.isolate" in cmdline:
+            return pid
+    return None
+
+
+def test_apply_child_killed_leaves_no_half_layer(driver_name: str, tmp_path: Path,
+                                                 canary: Canary) -> None:
+    """The OOM killer (or anyone) SIGKILLs the confined child mid-apply: the command fails with
+    one line, and the layer is absent or as before — never half applied and called complete."""
+    root, run = tmp_path / "store", tmp_path / "run"
+    layout = Layout(root, driver_name)
+    base_tar, big_tar = tmp_path / "base.tar", tmp_path / "big.tar"
+    make_layer_tar(base_tar, seed=7, megabytes=2, files=50)
+    make_layer_tar(big_tar, seed=8, megabytes=24, files=300)
+    cli_ok(root, run, driver_name, "create", "base")
+    cli_ok(root, run, driver_name, "apply", "base", str(base_tar))
+    killed = 0
+    rng = random.Random(11)
+    for k in range(3):
+        lid = f"top{k}"
+        cli_ok(root, run, driver_name, "create", lid, "--parent", "base")
+        before = tree(layout.layer_tree(lid))
+        marker = layout.meta / lid / "incomplete"
+        proc = popen(root, run, driver_name, "apply", lid, str(big_tar))
+        try:
+            child = None
+            deadline = time.monotonic() + 60
+            while child is None and proc.poll() is None and time.monotonic() < deadline:
+                child = _apply_child(proc.pid, proc.pid) if marker.exists() else None
+                time.sleep(0.002)
+            # Kill it once it has written something (the tree has grown), a little later.
+            while (proc.poll() is None and time.monotonic() < deadline
+                   and _count(layout.layer_tree(lid)) <= len(before)):
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.2))
+            if child is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+            _out, err = proc.communicate(timeout=60)
+        finally:
+            kill_group(proc.pid)
+        text = err.decode(errors="replace")
+        listing = _listing(root, run, driver_name, via_cli=True)
+        assert not layout.problems(list(listing)), layout.problems(list(listing))
+        if proc.returncode == 0:
+            continue  # the child had finished
+        killed += 1
+        line = assert_one_line_error(text, "apply child killed")
+        state = "kept" if lid in listing else "absent"
+        print(f"\nchild killed [{driver_name}]: {line}; layer {state}")
+        if lid in listing:
+            after = tree(layout.layer_tree(lid))
+            if diff_snapshots(before, after) and "may be partly applied" in line:
+                pytest.xfail("archive/isolate.py + store.py: when the confined child dies without "
+                             "a result on a non-empty target, the layer is kept as complete "
+                             "although half applied (scratch dir and new files left); isolate "
+                             "must tell the store, which must then keep it incomplete")
+            assert not diff_snapshots(before, after), (
+                f"layer {lid} is listed as complete but half applied: "
+                + "; ".join(diff_snapshots(before, after)[:4]))
+            cli_ok(root, run, driver_name, "rm", lid)
+    canary.check()
+    assert killed > 0, "the child was never killed mid-apply"
