@@ -341,6 +341,7 @@ class Importer:
         self._dir_times: list[tuple[str, int, int]] = []
         self._last_main: tuple[str, str] | None = None  # (parent dir, stored name)
         self._stream_index: dict[tuple[str, str], int] = {}
+        self._cached: tuple[str, int] | None = None  # the last directory opened, kept open
         for top in ("Files",):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(top, 0o755, dir_fd=root_fd)
@@ -430,8 +431,15 @@ class Importer:
         return entry
 
     def _open_dir(self, d: str, root: int | None = None) -> int:
+        """A new descriptor of directory ``d`` beneath the root (the caller closes it).
+
+        Entries come directory by directory, so the last directory of this layer is kept open
+        and handed out as a dup (cheaper than resolving the path again).
+        """
+        if root is None and self._cached is not None and self._cached[0] == d:
+            return os.dup(self._cached[1])
         try:
-            return open_beneath(self.root if root is None else root, d, _DIR_FLAGS)
+            fd = open_beneath(self.root if root is None else root, d, _DIR_FLAGS)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EXDEV):
                 raise UnsafeArchive(f"path {d!r} goes through a symbolic link") from None
@@ -443,6 +451,15 @@ class Importer:
                         raise UnsafeArchive(f"path {d!r} goes through a symbolic link") from None
                 raise _bad(f"path {d!r} goes through a file") from None
             raise
+        if root is None:
+            self._drop_cached()
+            self._cached = (d, os.dup(fd))
+        return fd
+
+    def _drop_cached(self) -> None:
+        if self._cached is not None:
+            os.close(self._cached[1])
+            self._cached = None
 
     def _lookup(self, d: str, name: str) -> str | None:
         return self._index(d).names.get(fold(name))
@@ -469,6 +486,7 @@ class Importer:
         return cur
 
     def _forget(self, d: str, stored: str) -> None:
+        self._drop_cached()  # the removed name may have been (or held) the cached directory
         idx = self._dirs.get(d)
         if idx is not None:
             idx.names.pop(fold(stored), None)
@@ -496,11 +514,14 @@ class Importer:
 
     # -- entries ------------------------------------------------------------------------------
     def apply(self, reader: TarReader, progress: Callable[[int], None] | None = None) -> int:
-        for entry in reader:
-            self._entry(reader, entry)
-            if progress is not None:
-                progress(reader.bytes_read)
-        self.finish()
+        try:
+            for entry in reader:
+                self._entry(reader, entry)
+                if progress is not None:
+                    progress(reader.bytes_read)
+            self.finish()
+        finally:
+            self._drop_cached()
         return self.size
 
     def _split(self, entry: TarEntry) -> list[str]:
@@ -718,6 +739,7 @@ class Importer:
 
     def finish(self) -> None:
         """Write tombstones and symlink metadata, then the directories' times (deepest first)."""
+        self._drop_cached()
         if self.tombstones:
             _write_small(self.root, TOMBSTONES, format_tombstones(self.tombstones))
         if self.linkmeta:
