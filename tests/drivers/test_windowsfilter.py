@@ -540,3 +540,27 @@ def test_diff_layer_utility_vm_starts_from_the_parents(store: Any) -> None:
     assert not (d / "tombstones.txt").exists()
     with pytest.raises(InvalidArchive):
         apply(store, "uvm", WinTarBuilder().dir("Files").whiteout("Hives/Sam_Delta").bytes())
+
+
+def test_sized_sandbox_starts_from_its_parent(store: Any) -> None:
+    """An explicit size: the sandbox is a loop-mounted ext4 image (another filesystem than the
+    layers, so the parent's view is copied across), and writing past it fails."""
+    from graphdriver import quota
+
+    problem = quota.image_supported()
+    if problem is not None:
+        pytest.skip(problem)
+    make_base(store)
+    store.create_rw("sized", "base", CreateOpts(storage_opt={"size": "64M"}))
+    assert store.record("sized").size_limit == 64 << 20
+    with store.mounted("sized") as root:
+        assert (root / "Windows/System32/notepad.exe").read_bytes() == b"MZnotepad" * 1000
+        with pytest.raises(OSError) as info, open(root / "big", "wb") as f:
+            for _ in range(80):
+                f.write(bytes(1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+        assert info.value.errno in (errno.ENOSPC, errno.EDQUOT)
+    store.remove("sized")
+    assert not any(str(store.home) in line
+                   for line in Path("/proc/self/mountinfo").read_text().splitlines())

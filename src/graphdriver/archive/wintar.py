@@ -766,13 +766,29 @@ class Importer:
                 os.close(fd)
 
 
-def _copy_range(src: int, dst: int, size: int) -> None:
+def copy_data(src: int, dst: int, size: int) -> None:
+    """``size`` bytes from the start of ``src`` to ``dst``: copy_file_range (reflinks where the
+    filesystem can), else sendfile (another filesystem: copy_file_range refuses with EXDEV)."""
     off = 0
+    use_range = True
     while off < size:
-        n = os.copy_file_range(src, dst, size - off, off, off)
+        if use_range:
+            try:
+                n = os.copy_file_range(src, dst, size - off, off, off)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                use_range = False
+                continue
+        else:
+            os.lseek(dst, off, os.SEEK_SET)
+            n = os.sendfile(dst, src, off, size - off)
         if n == 0:
             break
         off += n
+
+
+_copy_range = copy_data
 
 
 def _copy_dir_meta(src: int, dst: int) -> None:

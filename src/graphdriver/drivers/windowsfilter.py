@@ -92,6 +92,7 @@ from ..archive.wintar import (
     TOMBSTONES,
     TOP_DIRS,
     XATTR_PREFIX,
+    copy_data,
     fold,
     read_tombstones,
     walk_layer,
@@ -578,12 +579,7 @@ def _copy_file(sdir: int, ddir: int, name: str, st: os.stat_result) -> None:
         dfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                       0o644, dir_fd=ddir)
         try:
-            off = 0
-            while off < st.st_size:
-                n = os.copy_file_range(sfd, dfd, st.st_size - off, off, off)
-                if n == 0:
-                    break
-                off += n
+            copy_data(sfd, dfd, st.st_size)
             _copy_win_xattrs(sfd, dfd)
             os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
