@@ -15,7 +15,7 @@ from tarbuild import build, diff_snapshots, gnu_tar, make_rich_tree, member, nee
 
 from graphdriver.archive.apply import ApplyOptions, apply_tar
 from graphdriver.archive.isolate import apply_confined
-from graphdriver.errors import InvalidArchive, UnsafeArchive
+from graphdriver.errors import GraphDriverError, InvalidArchive, UnsafeArchive
 
 
 def children() -> list[int]:
@@ -185,23 +185,61 @@ def test_signal_to_the_parent_stops_the_child_and_rolls_back(work: Path, sig: in
         first = b"".join(member(f"f{i}", os.urandom(100)) for i in range(50))
         proc.stdin.write(first)
         proc.stdin.flush()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while not (t / "f49").exists():
             assert time.monotonic() < deadline, "the apply never started"
             time.sleep(0.05)
         kids = _grandchildren(proc.pid)
         assert kids, "no apply child found"
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=30)
+        # keep the input open until it is over (communicate() would close it at once, and the
+        # child would finish the apply from the end of its input)
+        proc.wait(timeout=120)
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert b"Interrupted" in out, (out, err)
     assert proc.returncode == 130
-    assert snapshot(t) == before
+    assert snapshot(t) == before, err.decode(errors="replace")
     for pid in kids:
         assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
+
+
+def test_killed_child_leaves_an_empty_target_empty(work: Path) -> None:
+    import threading
+
+    t = work / "t"
+    t.mkdir()
+    r, w = os.pipe()
+    outcome: list[BaseException | object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(apply_confined(r, t, ApplyOptions()))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    th = threading.Thread(target=run)
+    th.start()
+    try:
+        _write_all(w, b"".join(member(f"f{i}", b"z" * 100) for i in range(20)))
+        deadline = time.monotonic() + 30
+        while not (t / "f19").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        (kid,) = children()
+        os.kill(kid, signal.SIGKILL)
+        th.join(30)
+    finally:
+        os.close(w)
+        th.join(30)
+        os.close(r)
+    (exc,) = outcome
+    assert isinstance(exc, GraphDriverError) and "emptied" in str(exc)
+    assert os.listdir(t) == []
+    assert children() == []
 
 
 def _grandchildren(pid: int) -> list[int]:

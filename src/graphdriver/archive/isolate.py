@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -107,8 +108,25 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _empty_dir(target: Path) -> None:
+    """Remove everything beneath *target* (never following symlinks)."""
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with os.scandir(fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        for name, is_dir in entries:
+            if is_dir:
+                shutil.rmtree(name, dir_fd=fd)
+            else:
+                os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyResult:
     """Apply the (possibly compressed) tar read from *source_fd* onto *target* in a child."""
+    with os.scandir(target) as it:
+        was_empty = next(it, None) is None
     # a duplicate of the same open file (shared offset): the child's stdio may not clobber it
     source_fd = os.dup(source_fd)
     res_r, res_w = os.pipe2(os.O_CLOEXEC)
@@ -181,7 +199,15 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
             replay.join()
         if outcome is None:
             why = f"signal {-rc}" if rc < 0 else f"status {rc}"
-            raise GraphDriverError(f"the apply child exited with {why} without a result")
+            if was_empty:
+                _empty_dir(target)  # the child could not roll back; an empty target is easy
+                raise GraphDriverError(
+                    f"the apply child exited with {why} without a result; the target was emptied"
+                )
+            raise GraphDriverError(
+                f"the apply child exited with {why} without a result; the target may be partly "
+                "applied"
+            )
         if "error" in outcome:
             err = outcome["error"]
             raise _error_class(str(err["class"]))(str(err["message"]))
@@ -192,10 +218,12 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
             raise GraphDriverError(f"recorder failed: {exc}")
         ok = outcome["ok"]
         return ApplyResult(int(ok["size"]), str(ok["diff_id"]))
-    except BaseException:
+    except BaseException as exc:
         if proc is not None and proc.poll() is None:
+            log.debug("stopping the apply child %d after %r", proc.pid, exc)
             proc.send_signal(signal.SIGTERM)  # the child rolls back, then exits
             proc.wait()
+            log.debug("apply child %d exited with %s", proc.pid, proc.returncode)
         raise
     finally:
         for fd in (res_r, res_w, rec_r, source_fd):
@@ -249,7 +277,9 @@ def _child_main(argv: list[str]) -> int:
     logging.basicConfig(level=int(args.get("log_level", logging.WARNING)), stream=sys.stderr)
 
     def send(msg: dict[str, Any]) -> None:
-        res.write(json.dumps(msg) + "\n")
+        # the parent may be gone (killed): the rollback has happened, nothing left to tell
+        with contextlib.suppress(OSError, ValueError):
+            res.write(json.dumps(msg) + "\n")
 
     def on_term(signum: int, frame: object) -> None:
         raise Interrupted(f"interrupted by signal {signum}; the apply was rolled back")
@@ -304,7 +334,8 @@ def _child_main(argv: list[str]) -> int:
         if recorder is not None:
             with contextlib.suppress(OSError):
                 recorder.close()
-        res.close()
+        with contextlib.suppress(OSError, ValueError):
+            res.close()
     return 0
 
 
