@@ -779,9 +779,14 @@ def main(argv: list[str] | None = None) -> int:
                     "graphdriver_driver": gd_driver, "containers_storage_driver": cs_driver,
                     "sides": [r.as_json() for r in res.values()],
                 })
-            for r in rows:
-                r["fs"] = fs
-            report.setdefault("table", []).extend(rows)
+                for r in rows[-len(w.gd) * len(w.peers):]:
+                    r["fs"] = fs
+                    report.setdefault("table", []).append(r)
+                    gm = r["graphdriver_note"] or fmt_s(r["graphdriver_median_s"])
+                    pm = r["peer_note"] or fmt_s(r["peer_median_s"])
+                    log(f"  {r['graphdriver']}: {gm} | {r['peer']}: {pm}")
+                if args.json:  # written after every row, so a long run that is cut short
+                    args.json.write_text(json.dumps(report, indent=1) + "\n")  # still has its rows
             print_table(f"{fs} ({workdir}), medians of {runs} run(s)", rows)
         finally:
             if made:
