@@ -117,6 +117,11 @@ def rename(a: str, b: str) -> Op:
     return lambda root: os.rename(root / a, root / b)
 
 
+def move(a: str, b: str) -> Op:
+    """mv: rename, or copy and delete when overlay says EXDEV (a lower dir, redirect_dir=off)."""
+    return lambda root: shutil.move(root / a, root / b)
+
+
 CAP_V2 = (b"\x01\x00\x00\x02" + b"\x00\x20\x00\x00" + b"\x00\x00\x00\x00" * 3)
 CAP_V2_OTHER = (b"\x01\x00\x00\x02" + b"\x00\x10\x00\x00" + b"\x00\x00\x00\x00" * 3)
 
@@ -155,6 +160,8 @@ SCENARIOS: dict[str, tuple[list[Op], list[Op]]] = {
     "symlinks": ([rm("bin/sh3"), symlink("bin/sh3", "sh2")], [symlink("link2", "a/b")]),
     "fifo": ([mkfifo("fifo")], [rm("fifo")]),
     "rename-file": ([rename("etc/hostname", "etc/hn")], [rename("var/lib/db", "db")]),
+    "rename-dir": ([move("a/b", "a/moved"), mkdir("up/x"), move("up", "up2")],
+                   [move("etc", "etc2"), move("a/moved/c", "c")]),
     "delete-added": ([w("tmpfile"), mkdir("tmpdir/x")], [rm("tmpfile"), rm("tmpdir")]),
     "noop": ([], []),
     "many": ([w(f"many/{i:03d}", b"%d" % i) for i in range(50)] + [rm("etc/passwd")],

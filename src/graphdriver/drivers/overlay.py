@@ -112,28 +112,36 @@ class OverlayDriver(LayerStore):
                 raise NotSupported(f"overlay: the size option: {self.quota_problem}")
 
     def _probe_mount(self) -> None:
-        """One real overlay mount in the home (cached there per kernel, like moby's probes)."""
+        """Real test mounts in the home (cached there per kernel, like moby's probes).
+
+        The plain mount must work; then each of ``index=off`` (no inode index: layers are
+        moved between stores), ``redirect_dir=off`` and ``metacopy=off`` (an upper directory
+        then holds every changed path under its own name, which the native diff relies on —
+        a distribution may turn either on by default) is kept when this kernel knows it.
+        """
         release = os.uname().release
-        cache = self.home / ".overlay-probe"
+        cache = self.home / ".overlay-options"
         cached = _read_text(cache)
         if cached.startswith(release + " "):
             self.mount_extra += [o for o in cached.split()[1:] if o != "-"]
             return
         probe = self.home / f".probe-{os.getpid()}"
         remove_tree(probe)
+        extra: list[str] = []
         try:
             for sub in ("l1", "l2", "u", "w", "m"):
                 (probe / sub).mkdir(parents=True)
-            extra = ["index=off"]
             try:
                 self._probe_once(probe, extra)
-            except OSError:
-                extra = []
+            except OSError as exc:
+                raise NotSupported(f"overlay: a test mount in {self.home} failed: "
+                                   f"{exc.strerror or exc}") from None
+            for opt in ("index=off", "redirect_dir=off", "metacopy=off"):
                 try:
-                    self._probe_once(probe, extra)
-                except OSError as exc:
-                    raise NotSupported(f"overlay: a test mount in {self.home} failed: "
-                                       f"{exc.strerror or exc}") from None
+                    self._probe_once(probe, [*extra, opt])
+                except OSError:
+                    continue
+                extra.append(opt)
         finally:
             with contextlib.suppress(OSError):
                 unmount_all_under(probe)
