@@ -15,6 +15,10 @@ Two mechanisms (DESIGN.md "Size quotas"):
   applied to, diffed, or mounted as a lower of a child) — so a reboot or a ``cleanup`` that
   unmounted it costs nothing.  Writing past the limit fails with ENOSPC.
 
+A limit below what the mechanism needs for itself (``MIN_IMAGE_SIZE``, 8 MiB: ext4's own
+metadata) is refused with InvalidArgument — a new writable layer's upper directory is empty, so
+that is all that is "already there" when the limit is set.
+
 No subprocess runs for a loop device or a mount; ``mkfs.ext4`` and ``btrfs`` are run as commands
 (formatting and qgroup administration have no syscall interface).
 """
@@ -269,22 +273,3 @@ def is_subvolume(path: Path) -> bool:
 
 def btrfs_delete_subvolume(path: Path) -> None:
     _run(["btrfs", "subvolume", "delete", os.fspath(path)], "btrfs subvolume delete")
-
-
-def used_bytes(path: Path) -> int:
-    """Bytes of regular files under *path* (a hard-linked inode once): what a quota must hold."""
-    total = 0
-    seen: set[tuple[int, int]] = set()
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-            total += st.st_blocks * 512
-    return total
