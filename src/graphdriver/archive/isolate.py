@@ -17,6 +17,10 @@ raw bytes for ``segment()``, or ``b"F"`` + u32 name length + u64 size + i64 crc6
 name for ``file()``.  ``opts.tarsplit_fd``, when set and no recorder is given, receives that
 frame stream directly.
 
+If the child dies without a result (SIGKILL, OOM), an empty target is emptied by the parent
+(GraphDriverError), while a non-empty one cannot be rolled back: ``StoreCorrupt`` is raised, and
+the caller must keep the layer incomplete.
+
 SIGINT or SIGTERM to the parent (while it runs ``apply_confined`` in the main thread) stops the
 child, which rolls the target back; the parent then raises :class:`~graphdriver.errors.Interrupted`.
 The child also gets SIGTERM if the parent dies (``PR_SET_PDEATHSIG``).
@@ -204,7 +208,8 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
                 raise GraphDriverError(
                     f"the apply child exited with {why} without a result; the target was emptied"
                 )
-            raise GraphDriverError(
+            # no rollback was possible: a distinct class, so the caller keeps the layer incomplete
+            raise errors.StoreCorrupt(
                 f"the apply child exited with {why} without a result; the target may be partly "
                 "applied"
             )
