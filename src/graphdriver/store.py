@@ -23,6 +23,7 @@ from .errors import (
     InvalidArgument,
     NotFound,
     NotSupported,
+    StoreCorrupt,
 )
 from .fsutil import remove_tree
 from .idmap import IDENTITY, IDMap
@@ -505,6 +506,11 @@ class LayerStore:
                 raw_fd = self._tarsplit_begin(layer_id, opts)
                 with _as_fd(stream) as fd:
                     result = apply_confined(fd, self._apply_target(rec), opts)
+            except StoreCorrupt:
+                # The child died without a rollback: the layer stays incomplete, so it no longer
+                # exists, and the next open of the store removes it (DESIGN.md rule 1).
+                self._tarsplit_discard(layer_id, raw_fd)
+                raise
             except (GraphDriverError, KeyboardInterrupt):
                 # Nothing was applied yet, or the engine rolled the layer back to what it was
                 # (apply_confined stops its child with SIGTERM and waits for the rollback): the
