@@ -92,8 +92,25 @@ class TarEntry:
     devmajor: int = 0
     devminor: int = 0
     xattrs: dict[str, bytes] = {}  # noqa: RUF012 - shared empty default, replaced when set
-    pax: dict[str, str] = {}  # noqa: RUF012 - idem
+    _pax_raw: dict[str, bytes] | None = None  # merged PAX records, decoded when ``pax`` is asked
+    _pax: dict[str, str] | None = None
     sparse: list[tuple[int, int]] | None = None  # (offset, length) data chunks
+
+    @property
+    def pax(self) -> dict[str, str]:
+        """PAX records of the entry (global then local), xattr records excepted, as text."""
+        if self._pax is None:
+            raw = self._pax_raw
+            self._pax = {} if raw is None else {
+                k: v.decode("utf-8", "surrogateescape")
+                for k, v in raw.items()
+                if not k.startswith("SCHILY.xattr.")
+            }
+        return self._pax
+
+    @pax.setter
+    def pax(self, value: dict[str, str]) -> None:
+        self._pax = value
 
     @property
     def uname(self) -> str:
@@ -151,13 +168,25 @@ def _decimal(value: str | bytes, what: str) -> int:
     v = value.encode() if isinstance(value, str) else value
     neg = v.startswith(b"-")
     digits = v[1:] if neg else v
-    if not digits or digits.translate(None, _DEC_DIGITS) or len(digits) > 30:
-        raise _bad(f"PAX {what} {value!r} is not a number")
+    if not digits or not digits.isdigit() or len(digits) > 30:
+        shown = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+        raise _bad(f"PAX {what} {shown!r} is not a number")
     n = int(digits)
     return -n if neg else n
 
 
-def _pax_time_ns(value: str, what: str) -> int:
+def _pax_time_ns(value: str | bytes, what: str) -> int:
+    if isinstance(value, bytes):
+        # fast path: "<seconds>.<9 digits>" or "<seconds>", the forms tar writers produce
+        dot = value.find(b".")
+        if dot < 0:
+            if value.isdigit() and len(value) <= 30:
+                return int(value) * 1_000_000_000
+        elif 0 < dot <= 30 and len(value) - dot == 10:
+            digits = value[:dot] + value[dot + 1 :]
+            if digits.isdigit():
+                return int(digits)
+        value = value.decode("utf-8", "surrogateescape")
     whole, _, frac = value.partition(".")
     neg = whole.startswith("-")
     sec = _decimal(whole, what) if whole not in ("", "-") else 0
@@ -183,7 +212,7 @@ def parse_pax(data: bytes) -> list[tuple[str, bytes]]:
         if sp < 0:
             raise _bad("PAX record without a length")
         length_s = data[pos:sp]
-        if not length_s or length_s.translate(None, _DEC_DIGITS):
+        if not length_s.isdigit():
             raise _bad(f"PAX record length {length_s!r} is not a number")
         length = int(length_s)
         end = pos + length
@@ -557,20 +586,24 @@ class TarReader:
         # apply global then local PAX records
         merged = {**self._global, **pax} if self._global else pax
         if merged:
-            xattrs: dict[str, bytes] = {}
-            pax_str: dict[str, str] = {}
+            xattrs: dict[str, bytes] | None = None
             for k, v in merged.items():
-                if k.startswith("SCHILY.xattr."):
+                if k == "mtime":
+                    e.mtime_ns = _pax_time_ns(v, k)
+                elif k == "atime":
+                    e.atime_ns = _pax_time_ns(v, k)
+                elif k == "ctime":
+                    e.ctime_ns = _pax_time_ns(v, k)
+                elif k.startswith("SCHILY.xattr."):
+                    if xattrs is None:
+                        xattrs = {}
                     xattrs[k[13:]] = v
-                    continue
-                s = v.decode("utf-8", "surrogateescape")
-                pax_str[k] = s
-                if k == "path":
+                elif k == "path":
                     raw_name = v
                 elif k == "linkpath":
                     raw_link = v
                 elif k == "size":
-                    size = _decimal(s, k)
+                    size = _decimal(v, k)
                     if size < 0 or size > MAX_SIZE:
                         raise _bad(f"PAX size {size} out of range")
                     if typ in (HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, FIFO):
@@ -578,27 +611,21 @@ class TarReader:
                     else:
                         data_size = size
                 elif k == "uid":
-                    e.uid = _decimal(s, k)
+                    e.uid = _decimal(v, k)
                 elif k == "gid":
-                    e.gid = _decimal(s, k)
-                elif k == "mtime":
-                    e.mtime_ns = _pax_time_ns(s, k)
-                elif k == "atime":
-                    e.atime_ns = _pax_time_ns(s, k)
-                elif k == "ctime":
-                    e.ctime_ns = _pax_time_ns(s, k)
+                    e.gid = _decimal(v, k)
                 elif k == "uname":
-                    e.uname = s
+                    e.uname = v.decode("utf-8", "surrogateescape")
                 elif k == "gname":
-                    e.gname = s
-            e.pax = pax_str
+                    e.gname = v.decode("utf-8", "surrogateescape")
+            e._pax_raw = merged
             if xattrs:
                 e.xattrs = xattrs
-            if "GNU.sparse.major" in pax_str or "GNU.sparse.size" in pax_str or (
-                "GNU.sparse.map" in pax_str
+            if "GNU.sparse.major" in merged or "GNU.sparse.size" in merged or (
+                "GNU.sparse.map" in merged
             ):
                 raw_name, size, data_size = self._pax_sparse(
-                    e, pax_str, sparse00, raw_name, data_size
+                    e, e.pax, sparse00, raw_name, data_size
                 )
         if e.uid < 0 or e.uid > MAX_ID or e.gid < 0 or e.gid > MAX_ID:
             raise _bad(f"uid/gid {e.uid}/{e.gid} out of range")
