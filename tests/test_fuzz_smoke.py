@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import io
 import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,20 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
                                 reason="atheris is not installed (pip install atheris)")
 
 # Inputs the fuzzer found (base64); each must now be handled: a graphdriver error or an apply.
+def _pax_nul_xattr() -> bytes:
+    """A file whose PAX xattr name holds a NUL (as Go's testdata/pax-nul-xattrs.tar)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        ti = tarfile.TarInfo("bad-xattr")
+        ti.size = 1
+        ti.pax_headers = {"SCHILY.xattr.user.a\x00b": "v"}
+        t.addfile(ti, io.BytesIO(b"x"))
+    return buf.getvalue()
+
+
 REGRESSIONS = {
+    # an xattr name with a NUL: os.setxattr's ValueError escaped apply_tar
+    "pax-nul-xattr-name": _pax_nul_xattr(),
     # corrupt gzip: isal's IsalError ("Invalid lookback distance") escaped the engine
     "gzip-invalid-lookback": base64.b64decode(
     "H4sIAAAAAAACA+3Y3QqCMBgG4B13FUbnus39gHdjP6QnrpxWl98YnVRERG0Zvo/IRIWJL9/H2KZfZSQw6mgp/ejc"
@@ -59,6 +74,8 @@ def _uncaught(output: str) -> str:
 KNOWN_ENGINE_BUGS = {
     "IsalError": "archive/compression.py: _Checked does not turn isal's IsalError (corrupt "
                  "gzip data) into InvalidArchive",
+    "ValueError: embedded null byte": "archive/apply.py: an xattr name with a NUL from a PAX "
+                 "record reaches os.setxattr and its ValueError escapes (InvalidArchive wanted)",
 }
 
 

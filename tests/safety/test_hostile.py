@@ -419,8 +419,15 @@ def _max_rss_kib(argv: list[str]) -> tuple[int, int, str]:
 
 
 @pytest.mark.slow
-def test_tar_bomb_200k_entries_bounded_memory(driver_name: str, tmp_path: Path,
-                                              canary: Canary) -> None:
+def test_tar_bomb_200k_entries_bounded_memory(driver_name: str, tmp_path: Path) -> None:
+    """200k entries (~100 MiB of headers): applied with memory that barely grows.
+
+    The engine is the same for every driver, so CI runs it on vfs only (it takes a minute or
+    two); GRAPHDRIVER_SAFETY_FULL=1 runs it on every driver.
+    """
+    if driver_name != "vfs" and not os.environ.get("GRAPHDRIVER_SAFETY_FULL"):
+        pytest.skip("the tar bomb runs on vfs only (GRAPHDRIVER_SAFETY_FULL=1 for all drivers)")
+    canary = Canary(tmp_path)
     root, run = tmp_path / "store", tmp_path / "run"
     small, big = tmp_path / "small.tar", tmp_path / "bomb.tar"
     _bomb(small, 2_000)
