@@ -21,16 +21,27 @@ import hashlib
 import os
 import posixpath
 import zlib
-from collections.abc import Iterator
-from typing import BinaryIO, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, Protocol
 
 from ..errors import InvalidArchive
+
+_native_header: Callable[[bytearray, int, int], tuple[Any, ...] | None] | None = None
+if not os.environ.get("GRAPHDRIVER_NO_NATIVE"):
+    try:
+        from .. import _fastapply
+
+        _native_header = _fastapply.header
+    except ImportError:  # not compiled: the pure-Python parser below does everything
+        pass
 
 BLOCK = 512
 BUFFER_SIZE = 1 << 20
 MAX_META = 1 << 20  # cap on a PAX header, a GNU long name/link, a sparse map
 MAX_SIZE = (1 << 63) - 1
 MAX_ID = (1 << 32) - 1
+# len(".fraction") -> factor to nanoseconds
+_FRAC_SCALE: tuple[int, ...] = tuple(10 ** (10 - i) for i in range(11))
 
 REGULAR = b"0"
 HARDLINK = b"1"
@@ -165,7 +176,7 @@ def parse_number(field: bytes, what: str) -> int:
 
 
 def _decimal(value: str | bytes, what: str) -> int:
-    v = value.encode() if isinstance(value, str) else value
+    v = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
     neg = v.startswith(b"-")
     digits = v[1:] if neg else v
     if not digits or not digits.isdigit() or len(digits) > 30:
@@ -182,10 +193,10 @@ def _pax_time_ns(value: str | bytes, what: str) -> int:
         if dot < 0:
             if value.isdigit() and len(value) <= 30:
                 return int(value) * 1_000_000_000
-        elif 0 < dot <= 30 and len(value) - dot == 10:
+        elif 0 < dot <= 30 and 1 < len(value) - dot <= 10:
             digits = value[:dot] + value[dot + 1 :]
-            if digits.isdigit():
-                return int(digits)
+            if digits.isdigit():  # GNU tar drops trailing zeros of the fraction
+                return int(digits) * _FRAC_SCALE[len(value) - dot]
         value = value.decode("utf-8", "surrogateescape")
     whole, _, frac = value.partition(".")
     neg = whole.startswith("-")
@@ -449,6 +460,58 @@ class TarReader:
             yield entry
 
     def _next_header(self) -> TarEntry | None:
+        native = _native_header
+        if native is not None and not self._global:
+            # only what is buffered: reading ahead could wait on a pipe for bytes that come
+            # after this entry has been applied; a sequence cut by the buffer's end goes the
+            # Python way, which reads exactly what it needs
+            r = native(self._buf, self._pos, self._end)
+            if r is not None:
+                return self._native_entry(r)
+        return self._next_header_py()
+
+    def _native_entry(self, r: tuple[Any, ...]) -> TarEntry:
+        """An entry from the native parser's tuple (see _fastapply.c)."""
+        (consumed, typ, size, data_size, mode, uid, gid, mtime_ns, atime_ns, ctime_ns, raw_name,
+         name, raw_link, link, owner, devmajor, devminor, pax, xattrs) = r
+        pos = self._pos
+        if self._recorder is not None:
+            self._seg += self._mv[pos : pos + consumed]
+        self._pos = pos + consumed
+        e = TarEntry()
+        e.type = typ
+        e.size = size
+        e.data_size = data_size
+        e.mode = mode
+        e.uid = uid
+        e.gid = gid
+        e.mtime_ns = mtime_ns
+        if atime_ns is not None:
+            e.atime_ns = atime_ns
+        if ctime_ns is not None:
+            e.ctime_ns = ctime_ns
+        e.raw_name = raw_name
+        e.name = clean_name(raw_name) if name is None else name
+        e.raw_linkname = raw_link
+        e.linkname = link
+        if owner:
+            e._raw_owner = owner
+        if devmajor or devminor:
+            e.devmajor = devmajor
+            e.devminor = devminor
+        if pax is not None:
+            e._pax_raw = pax
+            if "uname" in pax:
+                e.uname = pax["uname"].decode("utf-8", "surrogateescape")
+            if "gname" in pax:
+                e.gname = pax["gname"].decode("utf-8", "surrogateescape")
+        if xattrs is not None:
+            e.xattrs = xattrs
+        self._remaining = data_size
+        self._pad = -data_size & (BLOCK - 1)
+        return e
+
+    def _next_header_py(self) -> TarEntry | None:
         pax: dict[str, bytes] = {}
         sparse00: list[int] = []
         longname: bytes | None = None

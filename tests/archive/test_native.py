@@ -1,0 +1,140 @@
+"""The optional native header parser (graphdriver._fastapply) against the pure-Python one.
+
+Both must give the same entries, the same diff_id, the same recorder stream and, on broken input,
+the same error: the native parser only ever declines (returns None) and lets Python decide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from graphdriver.archive import tarstream as ts
+from graphdriver.errors import InvalidArchive
+
+native = pytest.importorskip("graphdriver._fastapply", reason="native extension not compiled")
+
+FIELDS = (
+    "name", "raw_name", "type", "mode", "uid", "gid", "size", "data_size", "mtime_ns",
+    "atime_ns", "ctime_ns", "linkname", "raw_linkname", "uname", "gname", "devmajor",
+    "devminor", "xattrs", "pax", "sparse",
+)
+
+
+class _Rec:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def segment(self, raw: bytes) -> None:
+        self.calls.append(("S", bytes(raw)))
+
+    def file(self, name: bytes, size: int, payload_crc64: int | None) -> None:
+        self.calls.append(("F", name, size, payload_crc64))
+
+
+def _read(data: bytes, use_native: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setattr(ts, "_native_header", native.header if use_native else None)
+    rec = _Rec()
+    out: list[Any] = []
+    try:
+        r = ts.TarReader(io.BytesIO(data), rec)
+        for e in r:
+            content = r.read_data(e, 1 << 30) if e.data_size and e.sparse is None else b""
+            out.append((*(getattr(e, k) for k in FIELDS), content))
+        return out, r.diff_id, rec.calls
+    except InvalidArchive as exc:
+        return "error", str(exc)
+
+
+def _both(data: bytes, monkeypatch: pytest.MonkeyPatch) -> Any:
+    a = _read(data, False, monkeypatch)
+    b = _read(data, True, monkeypatch)
+    assert a == b
+    return a
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tree")
+    (root / "d" / "sub").mkdir(parents=True)
+    for i in range(20):
+        (root / "d" / f"f{i}").write_bytes(os.urandom(i * 100))
+    long_dir = root / ("x" * 90) / ("y" * 90)
+    long_dir.mkdir(parents=True)
+    (long_dir / ("z" * 120)).write_text("long")
+    (root / "d" / "link").symlink_to("f1")
+    os.link(root / "d" / "f2", root / "d" / "hard")
+    (root / "d" / "sub" / "exec").write_bytes(b"#!/bin/sh\n")
+    os.chmod(root / "d" / "sub" / "exec", 0o4755)
+    os.mkfifo(root / "d" / "fifo")
+    with contextlib.suppress(OSError):
+        os.setxattr(root / "d" / "f3", "user.test", b"value\nwith newline")
+    (root / ".hidden").write_text("h")
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "oldgnu", "ustar", "pax", "v7", "posix-xattrs"])
+def test_gnu_tar_formats_parse_the_same(fmt: str, tree: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "t.tar"
+    args = ["tar", "-C", str(tree), "-cf", str(out)]
+    if fmt == "posix-xattrs":
+        args[1:1] = ["--format=posix", "--xattrs", "--xattrs-include=*"]
+    else:
+        args[1:1] = [f"--format={fmt}"]
+    proc = subprocess.run([*args, "."], capture_output=True)
+    if proc.returncode:  # ustar/v7 cannot hold some members (long names, fifos): tar skips them
+        assert fmt in ("ustar", "v7"), proc.stderr
+    entries = _both(out.read_bytes(), monkeypatch)
+    assert entries != "error" and len(entries[0]) > 20
+
+
+def test_sparse_global_pax_and_long_names_fall_back(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    sparse = tmp_path / "src" / "sparse"
+    sparse.parent.mkdir()
+    with open(sparse, "wb") as f:
+        f.seek(1 << 20)
+        f.write(b"end")
+    for fmt in ("gnu", "posix"):
+        out = tmp_path / f"{fmt}.tar"
+        subprocess.run(["tar", f"--format={fmt}", "-S", "-C", str(tmp_path / "src"), "-cf",
+                        str(out), "."], check=True)
+        _both(out.read_bytes(), monkeypatch)
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"comment": "global"}) as t:
+        info = tarfile.TarInfo("a" * 300)
+        info.size = 3
+        info.mtime = 1.5
+        t.addfile(info, io.BytesIO(b"abc"))
+    _both(buf.getvalue(), monkeypatch)
+
+
+def test_mutated_headers_give_the_same_result(tree: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "t.tar"
+    subprocess.run(["tar", "--format=posix", "-C", str(tree), "-cf", str(out), "."], check=True)
+    base = out.read_bytes()[: 64 * 1024]
+    rng = random.Random(7)
+    for _ in range(300):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(0, 8192)
+            data[pos] = rng.choice([0, 0x20, 0x30, 0x37, 0x38, 0x2E, 0x2F, 0x0A, 0xFF,
+                                    rng.randrange(256)])
+        _both(bytes(data), monkeypatch)
+
+
+def test_native_declines_short_buffers() -> None:
+    assert native.header(bytearray(1024), 0, 100) is None
+    assert native.header(bytearray(1024), 0, 1024) is None  # zero blocks: Python's end marker
