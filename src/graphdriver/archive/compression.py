@@ -10,18 +10,16 @@ its own thread, overlapping with whatever the caller does with the bytes), zstd 
 
 from __future__ import annotations
 
-import bz2
 import contextlib
 import io
-import lzma
 import os
 from collections.abc import Callable
 from typing import BinaryIO
 
-import zstandard
-from isal import igzip_threaded
-
 from ..errors import InvalidArchive
+
+# The decoders (isal, zstandard, lzma, bz2) are imported by _wrap for the kind a stream needs, so
+# that the confined apply child loads only one of them before its chroot.
 
 _MAGICS: tuple[tuple[bytes, str], ...] = (
     (b"\x1f\x8b\x08", "gzip"),
@@ -70,27 +68,48 @@ class _PrefixReader(io.RawIOBase):
 class _Checked(io.RawIOBase):
     """Wraps a decoder stream so every decoder failure becomes InvalidArchive."""
 
-    def __init__(self, inner: BinaryIO | io.BufferedIOBase, kind: str) -> None:
+    def __init__(
+        self,
+        inner: BinaryIO | io.BufferedIOBase,
+        kind: str,
+        corrupt: tuple[type[BaseException], ...],
+    ) -> None:
         super().__init__()
         self._inner = inner
         self._kind = kind
+        self._corrupt = corrupt  # the exceptions that mean corrupt data for this decoder
+        self._spent = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._spent:
+            return 0
         try:
-            return self._inner.readinto(buf)  # type: ignore[union-attr]
+            n = self._inner.readinto(buf)  # type: ignore[union-attr]
         except InvalidArchive:
+            self._release()
             raise
-        except (OSError, EOFError, ValueError, lzma.LZMAError, zstandard.ZstdError) as exc:
+        except self._corrupt as exc:
+            self._release()
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise  # a real I/O error on the input, not corrupt data
             raise InvalidArchive(f"corrupt {self._kind} stream: {exc}") from None
+        if not n:
+            self._release()
+        return n
 
-    def close(self) -> None:
+    def _release(self) -> None:
+        """Close the decoder at its end or first error, not in a finalizer: isal's threaded reader
+        joins its worker when closed, and a join run by the garbage collector inside another
+        thread's start-up deadlocks (seen with a corrupt stream the caller never closed)."""
+        self._spent = True
         with contextlib.suppress(Exception):
             self._inner.close()
+
+    def close(self) -> None:
+        self._release()
         super().close()
 
 
@@ -201,18 +220,34 @@ def _wrap(raw: _PrefixReader, kind: str) -> BinaryIO:
         return raw  # type: ignore[return-value]
     src = io.BufferedReader(_ZstdFrameCheck(raw) if kind == "zstd" else raw, _READ_SIZE)
     inner: BinaryIO | io.BufferedIOBase
+    corrupt: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError)
     if kind == "gzip":
+        from isal import igzip_threaded
+
         inner = igzip_threaded.open(  # type: ignore[no-untyped-call]
             src, "rb", threads=1, block_size=_READ_SIZE
         )
     elif kind == "zstd":
+        import zstandard
+
         dctx = zstandard.ZstdDecompressor()
         inner = dctx.stream_reader(src, read_size=_READ_SIZE, read_across_frames=True)
+        corrupt += (zstandard.ZstdError,)
     elif kind == "xz":
+        import lzma
+
         inner = lzma.LZMAFile(src, "rb")  # noqa: SIM115 - the caller closes it
+        corrupt += (lzma.LZMAError,)
     else:
+        import bz2
+
         inner = bz2.BZ2File(src, "rb")
-    return _Checked(inner, kind)  # type: ignore[return-value]
+    return _Checked(inner, kind, corrupt)  # type: ignore[return-value]
+
+
+def stream_kind(stream: BinaryIO) -> str:
+    """The compression a stream from :func:`open_decompressed` decodes (``"none"`` if plain)."""
+    return stream._kind if isinstance(stream, _Checked) else "none"
 
 
 def open_decompressed(fd: int) -> BinaryIO:

@@ -105,10 +105,16 @@ def _error_class(name: str) -> type[GraphDriverError]:
 
 
 def _child_env() -> dict[str, str]:
+    """The child runs with ``-S`` (no site: no .pth files, e.g. certifi's, at every apply), so
+    its import path is spelled out: this package's root, then the parent's own path (which holds
+    site-packages for isal and zstandard)."""
     env = dict(os.environ)
     pkg_root = str(Path(__file__).resolve().parent.parent.parent)
-    old = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = pkg_root + (os.pathsep + old if old else "")
+    paths = [pkg_root]
+    for p in sys.path:
+        if p and os.path.isabs(p) and p not in paths and os.path.isdir(p):
+            paths.append(p)
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
@@ -164,7 +170,7 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, _on_signal)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "graphdriver.archive.isolate", json.dumps(args)],
+            [sys.executable, "-S", "-m", "graphdriver.archive.isolate", json.dumps(args)],
             pass_fds=pass_fds,
             stdin=subprocess.DEVNULL,
             env=_child_env(),
@@ -241,27 +247,34 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
 
 
 # ---- the child -----------------------------------------------------------------------------------
-def _warm_up() -> None:
-    """Import and exercise every decoder before the chroot takes the library files away."""
-    import bz2
-    import gzip
+def _warm_up(kind: str) -> None:
+    """Import and exercise what the apply needs (the stream's decoder only) before the chroot
+    takes the library files away."""
     import hashlib
     import io
-    import lzma
-
-    import zstandard
 
     from . import compression, pathres
 
     pathres.have_openat2()
     hashlib.sha256(b"").hexdigest()
-    samples = [
-        gzip.compress(b"x"),
-        zstandard.ZstdCompressor().compress(b"x"),
-        lzma.compress(b"x"),
-        bz2.compress(b"x"),
-    ]
-    for blob in samples:
+    blob = b""
+    if kind == "gzip":
+        from isal import igzip
+
+        blob = igzip.compress(b"x")
+    elif kind == "zstd":
+        import zstandard
+
+        blob = zstandard.ZstdCompressor().compress(b"x")
+    elif kind == "xz":
+        import lzma
+
+        blob = lzma.compress(b"x")
+    elif kind == "bzip2":
+        import bz2
+
+        blob = bz2.compress(b"x")
+    if blob:
         with compression.decompress_stream(io.BytesIO(blob)) as s:
             s.read()
 
@@ -297,10 +310,12 @@ def _child_main(argv: list[str]) -> int:
     recorder: PipeRecorder | None = None
     try:
         from . import apply as apply_mod
-        from .compression import open_decompressed
+        from .compression import open_decompressed, stream_kind
         from .tarstream import TarReader
 
-        _warm_up()
+        # the decoder is chosen (and imported) before the chroot, from the stream's first bytes
+        stream = open_decompressed(int(args["source_fd"]))
+        _warm_up(stream_kind(stream))
         target = args["target"]
         if os.geteuid() == 0:
             os.chdir(target)
@@ -318,7 +333,6 @@ def _child_main(argv: list[str]) -> int:
             recorder=recorder,
             progress=(lambda n: send({"progress": n})) if args.get("progress") else None,
         )
-        stream = open_decompressed(int(args["source_fd"]))
         reader = TarReader(stream, recorder)
         result = apply_mod.apply_reader(reader, root_fd, opts)
         if recorder is not None:
