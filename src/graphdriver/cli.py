@@ -10,7 +10,6 @@ import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 PROG = "graphdriver"
@@ -261,6 +260,8 @@ def _diff(driver: Any, args: argparse.Namespace) -> int:
         out_fd = sys.stdout.fileno()
         write_diff(out_fd, args.id, parent)
         return 0
+    from pathlib import Path
+
     tmp = Path(args.output).with_name(f".{Path(args.output).name}.partial-{os.getpid()}")
     written = [0]
     try:
