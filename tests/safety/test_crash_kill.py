@@ -81,6 +81,7 @@ class Harness:
         self.parents: dict[str, str | None] = {}
         self.counts: dict[str, int] = {}
         self.outcomes: Counter[str] = Counter()
+        self.scale: dict[str, float] = {}
         self.tar1 = tmp / "layer1.tar"
         self.tar2 = tmp / "layer2.tar"
 
@@ -142,7 +143,15 @@ class Harness:
     # -- one killed command -----------------------------------------------------------------
 
     def kill_during(self, rng: random.Random, args: list[str], duration: float) -> str:
-        """Run the command, SIGKILL it after a random delay; return how it ended."""
+        """Run the command, SIGKILL it after a random delay; return how it ended.
+
+        The delay is drawn over the command's calibrated duration, scaled by a factor that
+        adapts (shrinks when commands finish first, grows when kills land before any work),
+        so kills keep landing inside the operation however loaded the machine is.
+        """
+        key = args[0] + ("-child" if "--parent" in args else "")
+        scale = self.scale.get(key, 1.0)
+        duration *= scale
         if rng.random() < 0.1:
             delay = rng.uniform(0, duration)
         else:
@@ -164,6 +173,7 @@ class Harness:
             err = proc.stderr.read().decode(errors="replace")
             proc.stdout.close()
             proc.stderr.close()
+        self.scale[key] = scale * (0.85 if ended == "finished" else 1.03)
         if ended == "finished" and proc.returncode != 0:
             raise AssertionError(f"{args}: failed without being killed: {err}")
         if ended == "finished":
