@@ -1,4 +1,4 @@
-/* Optional native helper of graphdriver's tar reader (archive/tarstream.py).
+/* Optional native helpers of graphdriver's tar engine (archive/tarstream.py, archive/apply.py).
  *
  * header(buf, pos, end) parses the header sequence of the next entry of an uncompressed tar when
  * it is of the common kind: at most one local PAX header ("x") whose records are plain (times,
@@ -16,8 +16,13 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <string.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 #define BLOCK 512
 #define MAX_META (1 << 20)
@@ -392,8 +397,97 @@ error:
     return NULL;
 }
 
+/* create_file(dir_fd, name, perm, data, chown, uid, gid, chmod_mode, atime_ns, mtime_ns)
+ *
+ * One regular file of an apply, as root: openat(O_CREAT|O_EXCL|O_NOFOLLOW), write all of data,
+ * fchown (when chown is true), fchmod (when chmod_mode >= 0), futimens, close.  An error of the
+ * openat raises OSError (nothing was created); an error after it closes the file and returns
+ * (errno, step) so that the caller first records the file as created, then reports.  None when
+ * all went well. */
+static PyObject *create_file(PyObject *self, PyObject *args)
+{
+    int dir_fd, do_chown, fd, err = 0;
+    unsigned int perm;
+    long long uid, gid, chmod_mode, atime_ns, mtime_ns;
+    PyObject *name_obj, *name_bytes = NULL;
+    Py_buffer data;
+    const char *step = NULL;
+    const char *p;
+    Py_ssize_t left;
+    struct timespec ts[2];
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iOIy*pLLLLL", &dir_fd, &name_obj, &perm, &data, &do_chown, &uid,
+                          &gid, &chmod_mode, &atime_ns, &mtime_ns))
+        return NULL;
+    if (!PyUnicode_FSConverter(name_obj, &name_bytes)) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    do {
+        fd = openat(dir_fd, PyBytes_AS_STRING(name_bytes),
+                    O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, perm & 0777);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name_obj);
+        Py_DECREF(name_bytes);
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    Py_DECREF(name_bytes);
+    p = (const char *)data.buf;
+    left = data.len;
+    while (left > 0) {
+        ssize_t n = write(fd, p, (size_t)left);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            err = errno;
+            step = "write";
+            break;
+        }
+        p += n;
+        left -= n;
+    }
+    PyBuffer_Release(&data);
+    if (!step && do_chown && fchown(fd, (uid_t)uid, (gid_t)gid) < 0) {
+        err = errno;
+        step = "chown";
+    }
+    if (!step && chmod_mode >= 0 && fchmod(fd, (mode_t)chmod_mode) < 0) {
+        err = errno;
+        step = "chmod";
+    }
+    if (!step) {
+        ts[0].tv_sec = (time_t)(atime_ns / 1000000000LL);
+        ts[0].tv_nsec = (long)(atime_ns % 1000000000LL);
+        if (ts[0].tv_nsec < 0) {
+            ts[0].tv_sec -= 1;
+            ts[0].tv_nsec += 1000000000L;
+        }
+        ts[1].tv_sec = (time_t)(mtime_ns / 1000000000LL);
+        ts[1].tv_nsec = (long)(mtime_ns % 1000000000LL);
+        if (ts[1].tv_nsec < 0) {
+            ts[1].tv_sec -= 1;
+            ts[1].tv_nsec += 1000000000L;
+        }
+        if (futimens(fd, ts) < 0) {
+            err = errno;
+            step = "utime";
+        }
+    }
+    if (close(fd) < 0 && !step && errno != EINTR) {
+        err = errno;
+        step = "close";
+    }
+    if (step)
+        return Py_BuildValue("(is)", err, step);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"header", header, METH_VARARGS, "Parse the next common-case tar header sequence, or None."},
+    {"create_file", create_file, METH_VARARGS, "Create, fill and finish one regular file."},
     {NULL, NULL, 0, NULL},
 };
 

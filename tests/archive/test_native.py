@@ -138,3 +138,50 @@ def test_mutated_headers_give_the_same_result(tree: Path, tmp_path: Path,
 def test_native_declines_short_buffers() -> None:
     assert native.header(bytearray(1024), 0, 100) is None
     assert native.header(bytearray(1024), 0, 1024) is None  # zero blocks: Python's end marker
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the native create is used as root only")
+@pytest.mark.parametrize("pre_existing", [False, True])
+def test_native_and_python_applies_make_the_same_tree(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pre_existing: bool
+) -> None:
+    from tests.treeutil import snapshot
+
+    from graphdriver.archive.apply import ApplyOptions, apply_tar
+
+    tar = tmp_path / "t.tar"
+    subprocess.run(["tar", "--format=posix", "--xattrs", "--xattrs-include=*", "-C", str(tree),
+                    "-cf", str(tar), "."], check=True)
+    results = []
+    for use_native in (False, True):
+        monkeypatch.setattr(ts, "_native_header", native.header if use_native else None)
+        monkeypatch.setattr(ts, "_native_create", native.create_file if use_native else None)
+        out = tmp_path / f"out-{use_native}"
+        (out / "d").mkdir(parents=True)
+        if pre_existing:  # replaced files go through the FileExistsError path and the journal
+            (out / "d" / "f1").write_text("old")
+            (out / "d" / "sub").mkdir()
+        with open(tar, "rb") as f:
+            res = apply_tar(f.fileno(), out, ApplyOptions())
+        results.append((snapshot(out), res.size, res.diff_id))
+    assert results[0] == results[1]
+
+
+def test_native_create_refuses_an_existing_name(tmp_path: Path) -> None:
+    (tmp_path / "x").write_text("keep")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileExistsError):
+            native.create_file(fd, "x", 0o644, b"new", False, 0, 0, -1, 0, 0)
+        link = tmp_path / "l"
+        link.symlink_to("x")
+        with pytest.raises(FileExistsError):  # O_EXCL: a symlink is never followed
+            native.create_file(fd, "l", 0o644, b"new", False, 0, 0, -1, 0, 0)
+        assert native.create_file(fd, "y", 0o600, b"abc", False, 0, 0, 0o640, 5 * 10**9,
+                                  7 * 10**9 + 5) is None
+    finally:
+        os.close(fd)
+    st = (tmp_path / "y").stat()
+    assert (tmp_path / "x").read_text() == "keep" and (tmp_path / "y").read_bytes() == b"abc"
+    assert st.st_mode & 0o7777 == 0o640 and st.st_mtime_ns == 7 * 10**9 + 5
+    assert st.st_atime_ns == 5 * 10**9

@@ -164,6 +164,9 @@ class _Applier:
         self.size = 0
         self.warned: set[str] = set()
         self.graveyard: list[int] = []
+        # the native create (open, write, chown, chmod, utime, close in one call) is for root
+        # only: a non-root apply skips some failures, which needs each step in Python
+        self.native_create = ts._native_create if self.is_root else None
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _soft_fail(self, what: str, exc: OSError) -> None:
@@ -426,6 +429,12 @@ class _Applier:
     def _regular(self, reader: TarReader, e: TarEntry, pfd: int, preal: str, sgid: bool,
                  base: str) -> None:
         mode = e.mode
+        create = self.native_create
+        if create is not None and e.sparse is None and not e.xattrs:
+            data = reader.take_buffered() if e.data_size else b""
+            if data is not None:
+                self._regular_native(create, e, data, pfd, preal, sgid, base)
+                return
         try:
             fd = os.open(base, _FILE_FLAGS, mode & 0o777, dir_fd=pfd)
         except FileExistsError:
@@ -457,6 +466,35 @@ class _Applier:
             os.utime(fd, ns=((at if at is not None and at >= mt else mt), mt))
         finally:
             os.close(fd)
+
+    def _regular_native(self, create: Callable[..., tuple[int, str] | None], e: TarEntry,
+                        data: memoryview | bytes, pfd: int, preal: str, sgid: bool,
+                        base: str) -> None:
+        """_regular's steps in one native call (the data is in the reader's buffer)."""
+        mode = e.mode
+        uid, gid = (e.uid, e.gid) if self.identity else self._ids(e)
+        at = e.atime_ns
+        mt = e.mtime_ns
+        args = (mode, data, uid != self.euid or gid != self.egid or sgid, uid, gid,
+                mode if mode & 0o7000 or mode & self.umask else -1,
+                at if at is not None and at >= mt else mt, mt)
+        try:
+            failed = create(pfd, base, *args)
+        except FileExistsError:
+            self._make_room(pfd, preal, base, False)
+            failed = create(pfd, base, *args)
+        real = f"{preal}/{base}" if preal else base
+        if self.empty_start:
+            self.created.add(real)
+        else:
+            self._note_new(preal, real)
+        self.size += e.size
+        if failed is not None:
+            err, step = failed
+            exc = OSError(err, os.strerror(err))
+            if step == "chown":
+                self._soft_fail(f"chown {e.name!r}", exc)
+            raise exc
 
     def _directory(self, e: TarEntry, parent: str, pfd: int, preal: str, sgid: bool,
                    base: str) -> None:

@@ -27,12 +27,14 @@ from typing import Any, BinaryIO, Protocol
 from ..errors import InvalidArchive
 
 _native_header: Callable[[bytearray, int, int], tuple[Any, ...] | None] | None = None
+_native_create: Callable[..., tuple[int, str] | None] | None = None  # used by apply.py
 if not os.environ.get("GRAPHDRIVER_NO_NATIVE"):
     try:
         from .. import _fastapply
 
         _native_header = _fastapply.header
-    except ImportError:  # not compiled: the pure-Python parser below does everything
+        _native_create = _fastapply.create_file
+    except ImportError:  # not compiled: the pure-Python code does everything
         pass
 
 BLOCK = 512
@@ -358,6 +360,17 @@ class TarReader:
         if self._remaining > limit:
             raise _bad(f"data of {entry.name!r} exceeds {limit} bytes")
         return b"".join(bytes(c) for c in self.chunks())
+
+    def take_buffered(self) -> memoryview | None:
+        """The current entry's whole data region if it is buffered already (it is then consumed;
+        the view is valid until the reader reads on), else None."""
+        rem = self._remaining
+        pos = self._pos
+        if self._end - pos < rem:
+            return None
+        self._pos = pos + rem
+        self._remaining = 0
+        return self._mv[pos : pos + rem]
 
     def copy_data(self, entry: TarEntry, fd: int) -> int:
         """Write the current entry's file content to *fd* (holes seeked over); returns its size."""
