@@ -191,3 +191,17 @@ def test_diff_refuses_terminal_and_writes_tar(gd: GD, tmp_path: Path) -> None:
     data = gd.run("diff", "a").stdout
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         assert "etc/hostname" in tf.getnames()
+
+
+def test_apply_from_redirected_regular_file(gd: GD, tmp_path: Path) -> None:
+    """stdin may be a regular file (``apply ID < layer.tar``), not only a pipe."""
+    data = TarBuilder().dir("d").file("d/f", b"z" * 4321).bytes()
+    path = tmp_path / "layer.tar"
+    path.write_bytes(data)
+    gd.run("create", "fromfile")
+    with open(path, "rb") as f:
+        proc = subprocess.run([*gd.base, "apply", "fromfile"], stdin=f, capture_output=True,
+                              timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().strip() == "4321"
+    assert "d/f" in gd.out("changes", "fromfile").replace("A /", "")
