@@ -206,7 +206,7 @@ def _add_entry(
     )
     whiteout = overlay and stat.S_ISCHR(mode) and st.st_rdev == 0
     base = name.rsplit(b"/", 1)[-1]
-    if whiteout or base.startswith(WHITEOUT_PREFIX_B):
+    if whiteout or base.startswith(WHITEOUT_PREFIX_B) or idmap.is_identity:
         hdr.uid, hdr.gid = st.st_uid, st.st_gid
     else:
         hdr.uid, hdr.gid = idmap.to_container(st.st_uid, st.st_gid)

@@ -32,20 +32,21 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import struct
-import subprocess
 import sys
-import threading
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .. import errors
 from ..errors import GraphDriverError, Interrupted
 from ..idmap import IDMap
 from .apply import ApplyOptions, ApplyResult
 from .tarstream import Recorder
+
+if TYPE_CHECKING:  # the parent's modules: the child does not import them (start-up time)
+    import subprocess
+    import threading
+    from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _child_env() -> dict[str, str]:
     its import path is spelled out: this package's root, then the parent's own path (which holds
     site-packages for isal and zstandard)."""
     env = dict(os.environ)
-    pkg_root = str(Path(__file__).resolve().parent.parent.parent)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
     paths = [pkg_root]
     for p in sys.path:
         if p and os.path.isabs(p) and p not in paths and os.path.isdir(p):
@@ -120,6 +121,8 @@ def _child_env() -> dict[str, str]:
 
 def _empty_dir(target: Path) -> None:
     """Remove everything beneath *target* (never following symlinks)."""
+    import shutil
+
     fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         with os.scandir(fd) as it:
@@ -135,6 +138,9 @@ def _empty_dir(target: Path) -> None:
 
 def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyResult:
     """Apply the (possibly compressed) tar read from *source_fd* onto *target* in a child."""
+    import subprocess
+    import threading
+
     with os.scandir(target) as it:
         was_empty = next(it, None) is None
     # a duplicate of the same open file (shared offset): the child's stdio may not clobber it

@@ -10,6 +10,7 @@ uname/gname stay empty (numeric ownership, as moby writes it).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 BLOCK = 512
@@ -115,18 +116,15 @@ def _ustar_block(
     devmajor: bytes,
     devminor: bytes,
 ) -> bytes:
-    numbers = mode + uid + gid + size + mtime
-    devs = devmajor + devminor
-    # Zero padding adds nothing to the checksum: sum only the parts that carry bytes.
-    chk = (
-        sum(name) + sum(numbers) + _SPACES_SUM + typeflag[0] + sum(linkname) + _MAGIC_SUM
-        + sum(uname) + sum(gname) + sum(devs) + sum(prefix)
-    )
-    return b"".join((
-        name.ljust(100, b"\0"), numbers, b"%06o\0 " % chk, typeflag,
+    blk = b"".join((
+        name.ljust(100, b"\0"), mode, uid, gid, size, mtime, b"        ", typeflag,
         linkname.ljust(100, b"\0"), _MAGIC, uname.ljust(32, b"\0"), gname.ljust(32, b"\0"),
-        devs, prefix.ljust(155, b"\0"), bytes(12),
+        devmajor, devminor, prefix.ljust(155, b"\0"), bytes(12),
     ))
+    # the checksum counts its own field as spaces; an ASCII block sums below 65521 (512 * 127),
+    # where adler32's low half is exactly 1 + the byte sum
+    chk = (zlib.adler32(blk) & 0xFFFF) - 1 if blk.isascii() else sum(blk)
+    return blk[:148] + b"%06o\0 " % chk + blk[156:]
 
 
 def _format_pax_time(sec: int, nsec: int) -> bytes:
