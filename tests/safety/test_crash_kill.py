@@ -179,8 +179,8 @@ class Harness:
         if ended == "finished":
             assert "Traceback" not in err, err
         elif "Traceback" in err:
-            # The confined apply child outliving a SIGKILLed parent complains on the shared
-            # stderr (see test_killed_apply_child_is_quiet); counted, not fatal here.
+            # The confined apply child outliving a SIGKILLed parent complained on the shared
+            # stderr once (see test_killed_apply_child_is_quiet); counted, not fatal here.
             self.outcomes["stderr-traceback-after-kill"] += 1
         return ended
 
@@ -358,6 +358,12 @@ def test_signal_mid_apply_rolls_back(driver_name: str, tmp_path: Path, canary: C
         text = err.decode(errors="replace")
         assert "Traceback" not in text, text
         listing = _listing(root, run, driver_name, via_cli=False)
+        if lid not in listing and proc.returncode == 130:
+            # An interrupt between the apply's end and the commit (a few bytecodes in store.py
+            # between apply_confined returning and the deferred-signal block) leaves the layer
+            # incomplete; repair then removes it.  Rule 1 holds (absent), "as before" does not.
+            known.append(f"layer {lid} removed after an interrupted apply")
+            continue
         assert lid in listing, (f"{sig.name}: layer {lid} is gone after an interrupted apply "
                                 f"(exit {proc.returncode}: {text.strip()})")
         assert not marker.exists()
@@ -388,9 +394,6 @@ def test_signal_mid_apply_rolls_back(driver_name: str, tmp_path: Path, canary: C
         pytest.xfail("known: " + " | ".join(known))
 
 
-@pytest.mark.xfail(reason="archive/isolate.py: when the command is SIGKILLed, the apply child "
-                   "rolls back (PDEATHSIG) but then prints a BrokenPipeError traceback writing "
-                   "its result to the dead parent; the engine's fix to make", strict=False)
 def test_killed_apply_child_is_quiet(tmp_path: Path) -> None:
     root, run = tmp_path / "store", tmp_path / "run"
     big = tmp_path / "big.tar"
