@@ -859,6 +859,9 @@ def apply_reader(reader: TarReader, root_fd: int, opts: ApplyOptions) -> ApplyRe
             raise
         if isinstance(exc, OSError):
             raise from_oserror(exc, "apply layer") from None
+        if isinstance(exc, ValueError) and "null byte" in str(exc):
+            # a path, link target or xattr name from a PAX record holding a NUL
+            raise InvalidArchive("invalid tar: a name in the archive holds a NUL byte") from None
         raise
     return ApplyResult(applier.size, reader.diff_id)
 

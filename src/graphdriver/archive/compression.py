@@ -205,6 +205,81 @@ class _ZstdFrameCheck(io.RawIOBase):
                         self._skip = 4
 
 
+class _DecodeAhead(io.RawIOBase):
+    """Runs a decoder in its own thread, a few chunks ahead of the reader (zstandard releases the
+    GIL while it decodes), so that decompression overlaps with what the caller does with the
+    bytes -- what isal's threaded reader does for gzip.  Memory: at most ``depth`` chunks.
+    A decoder error is raised by the ``readinto`` that reaches it."""
+
+    def __init__(self, inner: BinaryIO | io.BufferedIOBase, chunk: int, depth: int = 3) -> None:
+        import queue
+        import threading
+
+        super().__init__()
+        self._inner = inner
+        self._chunk = chunk
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(depth)
+        self._full = queue.Full
+        self._stop = threading.Event()
+        self._cur = memoryview(b"")
+        self._eof = False
+        self._thread = threading.Thread(target=self._produce, name="decode-ahead", daemon=True)
+        self._thread.start()
+
+    def readable(self) -> bool:
+        return True
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except self._full:
+                continue
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._inner.read(self._chunk)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # handed to the reader, raised there
+            self._put(exc)
+
+    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+        if not self._cur:
+            if self._eof:
+                return 0
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            if not item:
+                self._eof = True
+                return 0
+            self._cur = memoryview(item)
+        view = memoryview(buf).cast("B")
+        n = min(len(view), len(self._cur))
+        view[:n] = self._cur[:n]
+        self._cur = self._cur[n:]
+        return n
+
+    def close(self) -> None:
+        """Stops the thread without waiting on it for long: it may be blocked reading a pipe
+        that gives nothing more (it is a daemon, and the descriptor is the caller's)."""
+        if self.closed:
+            return
+        self._stop.set()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._thread.join(1.0)
+        if not self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self._inner.close()
+        super().close()
+
+
 def _read_head(fd: int) -> bytes:
     head = b""
     while len(head) < HEAD_SIZE:
@@ -222,16 +297,20 @@ def _wrap(raw: _PrefixReader, kind: str) -> BinaryIO:
     inner: BinaryIO | io.BufferedIOBase
     corrupt: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError)
     if kind == "gzip":
-        from isal import igzip_threaded
+        from isal import igzip_threaded, isal_zlib
 
         inner = igzip_threaded.open(  # type: ignore[no-untyped-call]
             src, "rb", threads=1, block_size=_READ_SIZE
         )
+        isal_error: type[BaseException] = isal_zlib.IsalError  # type: ignore[assignment]
+        corrupt += (isal_error,)  # corrupt data, e.g. "Invalid lookback distance"
     elif kind == "zstd":
         import zstandard
 
         dctx = zstandard.ZstdDecompressor()
-        inner = dctx.stream_reader(src, read_size=_READ_SIZE, read_across_frames=True)
+        inner = _DecodeAhead(  # type: ignore[assignment]
+            dctx.stream_reader(src, read_size=_READ_SIZE, read_across_frames=True), _READ_SIZE
+        )
         corrupt += (zstandard.ZstdError,)
     elif kind == "xz":
         import lzma
