@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -11,6 +10,7 @@ import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("graphdriver")
 
@@ -237,13 +237,27 @@ def is_mountpoint(path: Path) -> bool:
     return any(mp == p for mp, _, _ in mountinfo())
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc_handle: Any = None
+
+
+def _libc() -> Any:
+    """libc through ctypes, loaded on first use (ctypes costs start-up time every command)."""
+    global _libc_handle
+    if _libc_handle is None:
+        import ctypes
+
+        _libc_handle = ctypes.CDLL(None, use_errno=True)
+    return _libc_handle
+
+
 MNT_DETACH = 2
 
 
 def umount(path: Path, *, detach: bool = False) -> None:
     """umount2(2), without a subprocess."""
-    if _libc.umount2(os.fsencode(path), MNT_DETACH if detach else 0) != 0:
+    if _libc().umount2(os.fsencode(path), MNT_DETACH if detach else 0) != 0:
+        import ctypes
+
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(path))
 
@@ -258,21 +272,15 @@ _FS_MAGIC = {
 }
 
 
-class _Statfs(ctypes.Structure):
-    _fields_ = [
-        ("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long), ("f_blocks", ctypes.c_ulong),
-        ("f_bfree", ctypes.c_ulong), ("f_bavail", ctypes.c_ulong), ("f_files", ctypes.c_ulong),
-        ("f_ffree", ctypes.c_ulong), ("f_fsid", ctypes.c_int * 2), ("f_namelen", ctypes.c_long),
-        ("f_frsize", ctypes.c_long), ("f_flags", ctypes.c_long), ("f_spare", ctypes.c_long * 4),
-    ]
-
-
 def fs_magic(path: Path) -> int:
-    buf = _Statfs()
-    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+    """statfs(2)'s f_type (os.statvfs does not report it)."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _libc().statfs(os.fsencode(path), buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(path))
-    return int(buf.f_type) & 0xFFFFFFFF
+    return int.from_bytes(buf.raw[:4], "little")
 
 
 def fs_name(path: Path) -> str:
@@ -293,8 +301,10 @@ def supports_d_type(path: Path) -> bool:
         (probe / "f").touch()
         fd = os.open(probe, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
+            import ctypes
+
             buf = ctypes.create_string_buffer(4096)
-            n = _libc.syscall(_SYS_GETDENTS64, fd, buf, len(buf))
+            n = _libc().syscall(_SYS_GETDENTS64, fd, buf, len(buf))
             if n < 0:
                 return False
             raw, off = buf.raw[:n], 0

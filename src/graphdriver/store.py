@@ -13,9 +13,8 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
-from .driver import Change, CreateOpts
 from .errors import (
     AlreadyExists,
     GraphDriverError,
@@ -30,6 +29,9 @@ from .idmap import IDENTITY, IDMap
 from .layers import REMOVING_SUFFIX, LayerRecord, MetaDir, validate_id
 from .locking import FileLock, LockSet
 from .refcount import RefCounts, default_runroot
+
+if TYPE_CHECKING:
+    from .driver import Change, CreateOpts
 
 log = logging.getLogger("graphdriver")
 
