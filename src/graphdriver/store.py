@@ -556,20 +556,21 @@ class LayerStore:
         """Hand the apply a file for the raw stream description (archive/tarsplit.py)."""
         if not self.record_tarsplit or opts.recorder is not None:
             return None
-        from .archive.tarsplit import RAW_NAME, TarSplitPacker
+        from .archive.tarsplit import RAW_NAME, new_layer_packer
 
         fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
                      os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        opts.recorder = TarSplitPacker(os.fdopen(fd, "wb", buffering=1 << 20, closefd=False))
+        opts.recorder = new_layer_packer(fd)  # final lines, gzip'd, CRCs from the child's reader
         return fd
 
     def _tarsplit_end(self, rec: LayerRecord, raw_fd: int, packer: Any) -> None:
-        """Keep ``meta/<id>/tar-split.json.gz`` (CRCs from the applied files), or say why not."""
+        """Keep ``meta/<id>/tar-split.json.gz`` (the packer's file, once the applied files are
+        checked against it), or say why not."""
         from .archive.tarsplit import finish_layer_recording
 
         packer.close()
         finish_layer_recording(self.meta.dir(rec.id), raw_fd, self._apply_target(rec), rec.id,
-                               packer.problem)
+                               packer.problem, packer)
 
     def _after_apply(self, rec: LayerRecord, result: Any) -> None:
         """Driver bookkeeping after a successful apply (the layer is still incomplete here)."""

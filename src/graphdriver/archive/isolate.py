@@ -14,8 +14,10 @@ A recorder (tar-split, issue 6) works across the boundary: the child writes ever
 as a frame on a second pipe, and a thread in the parent replays the frames into
 ``opts.recorder`` (see :func:`replay_recorder_stream`).  A frame is ``b"S"`` + u32 length +
 raw bytes for ``segment()``, or ``b"F"`` + u32 name length + u64 size + i64 crc64 (-1: none) +
-name for ``file()``.  ``opts.tarsplit_fd``, when set and no recorder is given, receives that
-frame stream directly.
+name for ``file()``, or ``b"C"`` + u64 crc64 for ``file_done()`` (the CRC-64 of the entry's data,
+computed by the child's tar reader as the data goes by; passed on when the recorder has a
+``file_done`` method, dropped otherwise).  ``opts.tarsplit_fd``, when set and no recorder is
+given, receives that frame stream directly.
 
 If the child dies without a result (SIGKILL, OOM), an empty target is emptied by the parent
 (GraphDriverError), while a non-empty one cannot be rolled back: ``StoreCorrupt`` is raised, and
@@ -52,6 +54,9 @@ log = logging.getLogger(__name__)
 
 _SEG = b"S"
 _FILE = b"F"
+_CRC = b"C"
+_CRC_FRAME = struct.Struct("<cQ")
+_U64 = struct.Struct("<Q")
 _SEG_HDR = struct.Struct("<I")
 _FILE_HDR = struct.Struct("<IQq")
 
@@ -70,6 +75,9 @@ class PipeRecorder:
         crc = -1 if payload_crc64 is None else payload_crc64
         self._out.write(_FILE + _FILE_HDR.pack(len(name), size, crc) + name)
 
+    def file_done(self, crc64: int) -> None:
+        self._out.write(_CRC_FRAME.pack(_CRC, crc64))
+
     def close(self) -> None:
         self._out.close()
 
@@ -83,6 +91,7 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
 
 def replay_recorder_stream(fd: int, recorder: Recorder) -> None:
     """Replay the frames of a :class:`PipeRecorder` read from *fd* (then closed) into *recorder*."""
+    file_done = getattr(recorder, "file_done", None)
     with os.fdopen(fd, "rb", buffering=1 << 20) as f:
         while True:
             kind = f.read(1)
@@ -94,6 +103,10 @@ def replay_recorder_stream(fd: int, recorder: Recorder) -> None:
             elif kind == _FILE:
                 n, size, crc = _FILE_HDR.unpack(_read_exact(f, _FILE_HDR.size))
                 recorder.file(_read_exact(f, n), size, None if crc < 0 else crc)
+            elif kind == _CRC:
+                (crc,) = _U64.unpack(_read_exact(f, _U64.size))
+                if file_done is not None:
+                    file_done(crc)
             else:
                 raise errors.InvalidArchive("recorder stream from the apply child is corrupt")
 
@@ -322,6 +335,10 @@ def _child_main(argv: list[str]) -> int:
         # the decoder is chosen (and imported) before the chroot, from the stream's first bytes
         stream = open_decompressed(int(args["source_fd"]))
         _warm_up(stream_kind(stream))
+        if args.get("recorder_fd") is not None:
+            from .tarstream import crc64_function
+
+            crc64_function()  # anycrc is imported before the chroot
         target = args["target"]
         if os.geteuid() == 0:
             os.chdir(target)

@@ -12,12 +12,18 @@ layer by name and checked against the CRC-64 (ISO polynomial, as Go's ``hash/crc
 8 bytes).  Names that are not valid UTF-8 go to ``name_raw`` (base64) instead of ``name``.  Like
 Go's packer and unpacker, a path may appear only once among the file entries.
 
-Writing: :class:`TarSplitPacker` implements the tar reader's ``Recorder`` hook.  When the CRC of
-a file is not given (the apply runs in a confined child that only sees the structure), the entry
-is written with a ``null`` payload and :func:`finalize_recording` computes the CRCs from the files
-as the apply left them — the very files :func:`assemble` reads back later.  A layer that tar-split
-cannot describe (GNU sparse entries, duplicate paths, files rewritten later in the same archive)
-is marked "not exactly reproducible" with the reason, and its diff falls back to the normal one.
+Writing: :class:`TarSplitPacker` implements the tar reader's ``Recorder`` hook, including its
+optional ``file_done(crc)``: the reader (in the confined apply child too, through isolate's
+frames) checksums each entry's data as it goes by, so the packer writes every line in its final
+form — gzip'd as it goes when asked (``compress=True``), which is how the store records: the
+finished file is then renamed into place (:func:`finish_layer_recording`), with no second pass.
+When a recorder is never told a CRC, the entry is written with a ``null`` payload and
+:func:`finalize_recording` computes the CRCs from the files as the apply left them — the very
+files :func:`assemble` reads back later.  Either way every file entry with data is checked
+against the applied layer (a regular file of that size, not the same file as another entry).
+A layer that tar-split cannot describe (GNU sparse entries, duplicate paths, files rewritten
+later in the same archive) is marked "not exactly reproducible" with the reason, and its diff
+falls back to the normal one.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import logging
 import os
 import posixpath
+import stat
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -147,18 +154,27 @@ def clean_path(name: bytes) -> bytes:
     return b"/" + norm.lstrip(b"/") if norm.startswith(b"//") else norm
 
 
+# printable ASCII that Go's encoder writes as it is (no quote, backslash, <, >, &)
+_PLAIN_NAME = bytes(sorted(frozenset(range(0x20, 0x7F)) - frozenset(b'"\\<>&')))
+
+
+def _name_field(name: bytes) -> str:
+    if not name.translate(None, _PLAIN_NAME):
+        return f',"name":"{name.decode("ascii")}"'
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        return f',"name_raw":"{base64.b64encode(name).decode()}"'
+    quoted = json.dumps(text, ensure_ascii=False)
+    quoted = quoted.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return f',"name":{quoted}'
+
+
 def encode_entry(e: Entry) -> bytes:
     """One JSON line, field for field as Go's encoder writes ``storage.Entry``."""
     parts = [f'{{"type":{e.type}']
     if e.name:
-        try:
-            text = e.name.decode("utf-8")
-        except UnicodeDecodeError:
-            parts.append(f',"name_raw":"{base64.b64encode(e.name).decode()}"')
-        else:
-            quoted = json.dumps(text, ensure_ascii=False)
-            quoted = quoted.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-            parts.append(f',"name":{quoted}')
+        parts.append(_name_field(e.name))
     if e.size:
         parts.append(f',"size":{e.size}')
     if e.payload is None:
@@ -242,34 +258,56 @@ def open_metadata(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 
 
 class TarSplitPacker:
-    """The tar reader's Recorder, writing tar-split JSON lines to *out* (plain, not gzip'd).
+    """The tar reader's Recorder, writing tar-split JSON lines to *out*.
 
-    ``file()`` may be given the CRC; if not, ``data()`` may feed the entry's bytes; if neither,
-    the entry gets a ``null`` payload for :func:`finalize_recording` to fill.
-    ``problem`` says why the stream cannot be described exactly (None when it can).
+    Plain lines by default; with ``compress=True`` the lines are gzip'd as they are written (one
+    stream, finished by :meth:`close`).  A file's CRC comes from ``file()``, else from
+    ``file_done()`` (the reader's checksum of the data that went by), else from ``data()`` (the
+    entry's bytes fed by the caller); with none of them the entry gets a ``null`` payload for
+    :func:`finalize_recording` to fill (``missing`` counts those).
+    ``problem`` says why the stream cannot be described exactly (None when it can); ``files``
+    lists (name, size) of the file entries with data, for the check after an apply.
     """
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: BinaryIO, compress: bool = False, level: int = 1) -> None:
         self._out = out
         self._pos = 0
         self._seen: set[bytes] = set()
         self._pending: Entry | None = None
         self._crc: int | None = None
+        self._buf = bytearray()
+        self._z: Any = None
+        if compress:
+            self._z = _gzip_compressor(level)
+        self.compressed = compress
         self.problem: str | None = None
         self.bytes_described = 0
+        self.missing = 0
+        self.files: list[tuple[bytes, int]] = []
 
     def _emit(self, e: Entry) -> None:
         e.position = self._pos
         self._pos += 1
-        self._out.write(encode_entry(e))
+        self._buf += encode_entry(e)
+        if len(self._buf) >= _COPY:
+            self._drain()
+
+    def _drain(self) -> None:
+        if self._buf:
+            data = self._z.compress(self._buf) if self._z is not None else self._buf
+            if data:
+                self._out.write(data)
+            self._buf.clear()
 
     def _flush_pending(self) -> None:
         e = self._pending
         if e is None:
             return
         self._pending = None
-        if self._crc is not None and e.size > 0:
+        if self._crc is not None:
             e.payload = crc_bytes(self._crc)
+        else:
+            self.missing += 1
         self._crc = None
         self._emit(e)
 
@@ -287,12 +325,22 @@ class TarSplitPacker:
         self._seen.add(key)
         self.bytes_described += size
         e = Entry(FILE_TYPE, bytes(name), size)
-        if payload_crc64 is not None and size > 0:
+        if size <= 0:
+            self._emit(e)
+            return
+        self.files.append((e.name, size))
+        if payload_crc64 is not None:
             e.payload = crc_bytes(payload_crc64)
             self._emit(e)
             return
         self._pending = e
         self._crc = None
+
+    def file_done(self, crc64: int) -> None:
+        """The CRC-64 of the current file entry's whole data (from the tar reader)."""
+        if self._pending is not None:
+            self._crc = crc64
+            self._flush_pending()
 
     def data(self, chunk: bytes | memoryview) -> None:
         """Bytes of the current file entry's data (optional: lets the CRC come from the stream)."""
@@ -307,7 +355,21 @@ class TarSplitPacker:
 
     def close(self) -> None:
         self._flush_pending()
+        self._drain()
+        if self._z is not None:
+            self._out.write(self._z.flush())
+            self._z = None
         self._out.flush()
+
+
+def _gzip_compressor(level: int) -> Any:
+    """A gzip-framed deflate compressor: isal's (several times faster) when it is installed."""
+    try:
+        from isal import isal_zlib  # type: ignore[import-not-found, import-untyped, unused-ignore]
+
+        return isal_zlib.compressobj(min(max(level, 0), 3), isal_zlib.DEFLATED, 31)
+    except ImportError:
+        return zlib.compressobj(level, zlib.DEFLATED, 31)
 
 
 @dataclass
@@ -325,12 +387,10 @@ def disassemble(tar_stream: BinaryIO, meta_out: BinaryIO) -> Disassembly:
     from .tarstream import TarReader
 
     packer = TarSplitPacker(meta_out)
-    reader = TarReader(tar_stream, packer)
+    reader = TarReader(tar_stream, packer)  # checksums the data for packer.file_done
     for entry in reader:
         if entry.sparse is not None:
             packer.sparse(entry.raw_name)
-        for chunk in reader.chunks():
-            packer.data(chunk)
     packer.close()
     return Disassembly(reader.diff_id, reader.bytes_read, packer.problem)
 
@@ -344,25 +404,46 @@ class Recording:
     reason: str | None = None
 
 
-def _file_crc(root_fd: int, name: bytes, size: int) -> tuple[int | None, str | None]:
-    """CRC of a stored file that must be a regular file of *size* bytes; (None, why) if not."""
+def _check_file(root_fd: int, name: bytes, size: int, inodes: set[tuple[int, int]],
+                flags: int = os.O_PATH) -> tuple[int | None, str | None]:
+    """Open a stored file that must be a regular file of *size* bytes, and not the same file as
+    an earlier entry's (a later entry wrote through it): (fd, None), or (None, why not)."""
     from .pathres import open_beneath
 
     path = name.decode("utf-8", "surrogateescape").lstrip("/")
     shown = name.decode("utf-8", "replace")
     try:
-        fd = open_beneath(root_fd, path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = open_beneath(root_fd, path, flags | os.O_NOFOLLOW)
     except OSError as exc:
         return None, f"{shown!r} is not in the layer after the apply ({exc.strerror})"
     try:
         st = os.fstat(fd)
-        import stat
+    except BaseException:
+        os.close(fd)
+        raise
+    why = None
+    ino = (st.st_dev, st.st_ino)
+    if not stat.S_ISREG(st.st_mode):
+        why = f"{shown!r} is not a regular file after the apply"
+    elif st.st_size != size:
+        why = (f"{shown!r} has {st.st_size} bytes after the apply, "
+               f"the archive gave {size} (sparse or rewritten)")
+    elif ino in inodes:
+        why = f"{shown!r} is the same file as another entry after the apply (rewritten)"
+    if why is not None:
+        os.close(fd)
+        return None, why
+    inodes.add(ino)
+    return fd, None
 
-        if not stat.S_ISREG(st.st_mode):
-            return None, f"{shown!r} is not a regular file after the apply"
-        if st.st_size != size:
-            return None, (f"{shown!r} has {st.st_size} bytes after the apply, "
-                          f"the archive gave {size} (sparse or rewritten)")
+
+def _file_crc(root_fd: int, name: bytes, size: int,
+              inodes: set[tuple[int, int]]) -> tuple[int | None, str | None]:
+    """CRC of a stored file that must be a regular file of *size* bytes; (None, why) if not."""
+    fd, why = _check_file(root_fd, name, size, inodes, os.O_RDONLY | os.O_NONBLOCK)
+    if fd is None:
+        return None, why
+    try:
         crc = 0
         got = 0
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
@@ -375,53 +456,90 @@ def _file_crc(root_fd: int, name: bytes, size: int) -> tuple[int | None, str | N
                 crc = crc64(mv[:n], crc)
                 got += n
         if got != size:
-            return None, f"{shown!r} changed while it was read"
+            return None, f"{name.decode('utf-8', 'replace')!r} changed while it was read"
         return crc, None
     finally:
         os.close(fd)
 
 
+def _verify_files(root_fd: int, files: list[tuple[bytes, int]]) -> str | None:
+    """Why the applied layer does not hold *files* as recorded (None: it does)."""
+    inodes: set[tuple[int, int]] = set()
+    for name, size in files:
+        fd, why = _check_file(root_fd, name, size, inodes)
+        if fd is None:
+            return why
+        os.close(fd)
+    return None
+
+
+def _mark_unreproducible(out_path: Path, reason: str, *leftovers: Path) -> Recording:
+    for p in (*leftovers, out_path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+    out_path.with_name(UNREPRODUCIBLE_NAME).write_text(reason + "\n")
+    return Recording(False, reason)
+
+
+def _open_root(root: str | os.PathLike[str] | int) -> int:
+    if isinstance(root, int):
+        return root
+    return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
 def finalize_recording(raw: BinaryIO, root: str | os.PathLike[str] | int, out_path: Path,
                        problem: str | None = None) -> Recording:
-    """Turn the JSON lines the apply wrote (*raw*) into ``out_path`` (gzip'd), computing missing
-    CRCs from the applied files beneath *root*.  When the layer cannot be reproduced exactly,
-    writes ``tar-split.unreproducible`` (the reason) beside *out_path* instead.
+    """Turn the JSON lines the apply wrote (*raw*, plain or gzip'd, seekable) into ``out_path``
+    (gzip'd), computing missing CRCs from the applied files beneath *root* and checking the
+    others' files.  When the layer cannot be reproduced exactly, writes
+    ``tar-split.unreproducible`` (the reason) beside *out_path* instead.
     """
     out_path = Path(out_path)
     marker = out_path.with_name(UNREPRODUCIBLE_NAME)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    root_fd = root if isinstance(root, int) else os.open(root, os.O_RDONLY | os.O_DIRECTORY
-                                                           | os.O_CLOEXEC)
+    root_fd = _open_root(root)
     reason = problem
     try:
         if reason is None:
+            inodes: set[tuple[int, int]] = set()
+            magic = raw.read(2)
+            raw.seek(0)
             try:
-                with open(tmp, "wb") as f, gzip.GzipFile(
-                    fileobj=f, mode="wb", compresslevel=6, mtime=0
-                ) as gz:
-                    for e in read_entries(raw):
-                        if e.type == FILE_TYPE and e.size > 0 and e.payload is None:
-                            crc, why = _file_crc(root_fd, e.name, e.size)
-                            if crc is None:
-                                reason = why
-                                break
-                            e.payload = crc_bytes(crc)
-                        gz.write(encode_entry(e))
+                with contextlib.ExitStack() as stack:
+                    src: BinaryIO = raw
+                    if magic == b"\x1f\x8b":
+                        src = stack.enter_context(  # type: ignore[assignment]
+                            gzip.GzipFile(fileobj=raw, mode="rb"))
+                    f = stack.enter_context(open(tmp, "wb"))
+                    packer = TarSplitPacker(f, compress=True, level=_LEVEL)  # type: ignore[arg-type]
+                    for e in read_entries(src):
+                        if e.type == FILE_TYPE and e.size > 0:
+                            if e.payload is None:
+                                crc, why = _file_crc(root_fd, e.name, e.size, inodes)
+                                if crc is None:
+                                    reason = why
+                                    break
+                                e.payload = crc_bytes(crc)
+                            else:
+                                fd, why = _check_file(root_fd, e.name, e.size, inodes)
+                                if fd is None:
+                                    reason = why
+                                    break
+                                os.close(fd)
+                        packer._emit(e)
+                    packer.close()
                     f.flush()
                     os.fsync(f.fileno())
             except InvalidArchive as exc:
                 reason = str(exc)
+            except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+                reason = f"the recording is unreadable ({exc})"
         if reason is None:
             os.replace(tmp, out_path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(marker)
             return Recording(True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(out_path)
-        marker.write_text(reason + "\n")
-        return Recording(False, reason)
+        return _mark_unreproducible(out_path, reason, tmp)
     finally:
         if not isinstance(root, int):
             os.close(root_fd)
@@ -515,19 +633,54 @@ def assemble_layer(meta_dir: Path, open_file: Opener, out: int | BinaryIO,
 # ----- the store's side ---------------------------------------------------------------------
 
 
+#: gzip level of stored metadata (isal's 0-3 / zlib's 1-9): fast, the lines are small and many
+_LEVEL = 1
+
+
+def new_layer_packer(raw_fd: int) -> TarSplitPacker:
+    """The packer an apply records into: final lines, gzip'd, on ``meta/<id>/tar-split.raw``
+    (*raw_fd*, not closed by the packer), for :func:`finish_layer_recording`."""
+    out = io.FileIO(raw_fd, "wb", closefd=False)
+    return TarSplitPacker(out, compress=True, level=_LEVEL)  # type: ignore[arg-type]
+
+
 def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLike[str],
-                           layer_id: str, problem: str | None = None) -> Recording:
+                           layer_id: str, problem: str | None = None,
+                           packer: TarSplitPacker | None = None) -> Recording:
     """After a successful apply: turn ``meta_dir/tar-split.raw`` (on *raw_fd*) into the layer's
-    ``tar-split.json.gz``, or mark the layer not exactly reproducible (and log why)."""
+    ``tar-split.json.gz``, or mark the layer not exactly reproducible (and log why).
+
+    With the (closed) *packer* of :func:`new_layer_packer` that got every CRC, the raw file is
+    already the final metadata: the applied files are only checked (one stat each) and the file
+    is renamed into place.  Otherwise the lines are re-read and missing CRCs computed from files.
+    """
+    if problem is None and packer is not None:
+        problem = packer.problem
     if problem is not None:
         pass
     elif (meta_dir / METADATA_NAME).exists() or (meta_dir / UNREPRODUCIBLE_NAME).exists():
         problem = "more than one archive was applied to this layer"
-    elif os.fstat(raw_fd).st_size == 0:
+    elif os.fstat(raw_fd).st_size == 0 or (packer is not None and packer._pos == 0):
         problem = "the apply recorded no tar-split description"
-    os.lseek(raw_fd, 0, os.SEEK_SET)
-    with io.FileIO(raw_fd, "rb", closefd=False) as raw:
-        rec = finalize_recording(raw, target, meta_dir / METADATA_NAME, problem)
+    out_path = meta_dir / METADATA_NAME
+    if problem is None and packer is not None and packer.compressed and not packer.missing:
+        root_fd = _open_root(target)
+        try:
+            why = _verify_files(root_fd, packer.files)
+        finally:
+            os.close(root_fd)
+        if why is None:
+            os.fsync(raw_fd)
+            os.replace(meta_dir / RAW_NAME, out_path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(meta_dir / UNREPRODUCIBLE_NAME)
+            rec = Recording(True)
+        else:
+            rec = _mark_unreproducible(out_path, why)
+    else:
+        os.lseek(raw_fd, 0, os.SEEK_SET)
+        with io.FileIO(raw_fd, "rb", closefd=False) as raw:
+            rec = finalize_recording(raw, target, out_path, problem)
     if not rec.reproducible:
         log.warning("layer %s is not exactly reproducible (its diff will be a new tar): %s",
                     layer_id, rec.reason)

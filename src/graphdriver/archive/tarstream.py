@@ -9,7 +9,9 @@ Written for speed and for byte-exact accounting rather than for generality:
 - a :class:`Recorder` sees the archive exactly: raw header blocks (with PAX / GNU long-name
   headers and their data), padding and trailing bytes go to ``segment()``, each entry's data
   region is announced by ``file()``.  Concatenating segments and entry data in call order gives
-  back the input stream byte for byte (what tar-split needs).
+  back the input stream byte for byte (what tar-split needs).  A recorder that also has
+  ``file_done(crc64)`` gets, after each entry with data, the CRC-64 (Go's ISO table) of that
+  data, computed as the data passes through the reader (whichever way it is consumed).
 
 Any malformation (bad checksum, truncation, absurd numbers, broken PAX records) raises
 :class:`~graphdriver.errors.InvalidArchive` with one line of explanation.
@@ -72,11 +74,45 @@ _GLOBAL_SKIP = frozenset(("path", "linkpath", "size"))
 
 
 class Recorder(Protocol):
-    """Receives the archive byte-exactly (see the module docstring)."""
+    """Receives the archive byte-exactly (see the module docstring).
+
+    Optional: a ``file_done(crc64: int) -> None`` method (see :class:`CrcRecorder`)."""
 
     def segment(self, raw: bytes) -> None: ...
 
     def file(self, name: bytes, size: int, payload_crc64: int | None) -> None: ...
+
+
+class CrcRecorder(Recorder, Protocol):
+    """A Recorder that also takes each data-carrying entry's CRC-64 once its data has passed."""
+
+    def file_done(self, crc64: int) -> None: ...
+
+
+CrcFunc = Callable[[Any, int], int]
+_crc_func: CrcFunc | None = None
+
+
+def crc64_function() -> CrcFunc:
+    """The CRC-64/GO-ISO function (``crc(data, previous)``): anycrc's when it is installed and
+    right, else tarsplit's.  Call it before a chroot: it imports what it needs."""
+    global _crc_func
+    if _crc_func is None:
+        fn: CrcFunc | None = None
+        try:
+            import anycrc  # type: ignore[import-not-found, import-untyped, unused-ignore]
+
+            model = anycrc.Model("CRC64-GO-ISO")
+            if model.calc(b"123456789") == 0xB90956C775A41001:
+                fn = model.calc
+        except (ImportError, AttributeError, KeyError, ValueError):
+            fn = None
+        if fn is None:
+            from .tarsplit import crc64
+
+            fn = crc64
+        _crc_func = fn
+    return _crc_func
 
 
 class TarEntry:
@@ -280,6 +316,11 @@ class TarReader:
         self._remaining = 0  # data bytes of the current entry not yet consumed
         self._pad = 0  # padding after the current entry's data
         self._seg = bytearray()  # pending raw bytes for the recorder
+        # CRC-64 of the current entry's data for a recorder with file_done (None: not wanted)
+        self._file_done: Callable[[int], None] | None = getattr(recorder, "file_done", None)
+        self._crcf: CrcFunc | None = crc64_function() if self._file_done is not None else None
+        self._crc_on = False  # the current entry's data is being checksummed
+        self._crc = 0
         self._global: dict[str, bytes] = {}
         self._done = False
         self.bytes_read = 0
@@ -324,10 +365,13 @@ class TarReader:
     def _skip_current(self) -> None:
         """Consume what is left of the current entry's data and its padding."""
         rem = self._remaining
+        crcf = self._crcf if self._crc_on else None
         while rem:
             if self._pos == self._end and not self._fill(1):
                 raise _bad("archive truncated in entry data")
             n = min(rem, self._end - self._pos)
+            if crcf is not None:
+                self._crc = crcf(self._mv[self._pos : self._pos + n], self._crc)
             self._pos += n
             rem -= n
         self._remaining = 0
@@ -353,7 +397,10 @@ class TarReader:
             self._pos += n
             self._remaining -= n
             rem -= n
-            yield self._mv[start : start + n]
+            view = self._mv[start : start + n]
+            if self._crc_on:
+                self._crc = self._crcf(view, self._crc)  # type: ignore[misc]
+            yield view
 
     def read_data(self, entry: TarEntry, limit: int = MAX_META) -> bytes:
         """The whole (small) data of the current entry; InvalidArchive beyond *limit*."""
@@ -370,7 +417,10 @@ class TarReader:
             return None
         self._pos = pos + rem
         self._remaining = 0
-        return self._mv[pos : pos + rem]
+        view = self._mv[pos : pos + rem]
+        if self._crc_on:
+            self._crc = self._crcf(view, self._crc)  # type: ignore[misc]
+        return view
 
     def copy_data(self, entry: TarEntry, fd: int) -> int:
         """Write the current entry's file content to *fd* (holes seeked over); returns its size."""
@@ -382,6 +432,8 @@ class TarReader:
                 self._pos = pos + rem
                 self._remaining = 0
                 chunk = self._mv[pos : pos + rem]
+                if self._crc_on:
+                    self._crc = self._crcf(chunk, self._crc)  # type: ignore[misc]
                 while chunk:
                     n = write(fd, chunk)
                     chunk = chunk[n:]
@@ -460,9 +512,13 @@ class TarReader:
 
     def __iter__(self) -> Iterator[TarEntry]:
         rec = self._recorder
+        done = self._file_done
         while not self._done:
             if self._remaining or self._pad:
                 self._skip_current()
+            if self._crc_on:  # the previous entry's data has all gone by
+                self._crc_on = False
+                done(self._crc)  # type: ignore[misc]
             entry = self._next_header()
             if entry is None:
                 self._finish()
@@ -470,6 +526,9 @@ class TarReader:
             if rec is not None:
                 self._flush_segment()
                 rec.file(entry.raw_name, entry.data_size, None)
+                if done is not None and entry.data_size:
+                    self._crc_on = True
+                    self._crc = 0
             yield entry
 
     def _next_header(self) -> TarEntry | None:
