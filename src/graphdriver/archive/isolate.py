@@ -57,6 +57,10 @@ _FILE = b"F"
 _CRC = b"C"
 _CRC_FRAME = struct.Struct("<cQ")
 _U64 = struct.Struct("<Q")
+_REPLAY_BUFFER = 1 << 20
+_REPLAY_MIN = 64 << 10
+#: the recorder pipe's capacity: the child's 1 MiB flushes go in without waiting for the parent
+_PIPE_SIZE = 4 << 20
 _SEG_HDR = struct.Struct("<I")
 _FILE_HDR = struct.Struct("<IQq")
 
@@ -82,33 +86,88 @@ class PipeRecorder:
         self._out.close()
 
 
-def _read_exact(f: BinaryIO, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise errors.InvalidArchive("recorder stream from the apply child is truncated")
-    return data
+def _corrupt(what: str) -> errors.InvalidArchive:
+    return errors.InvalidArchive(f"recorder stream from the apply child is {what}")
 
 
 def replay_recorder_stream(fd: int, recorder: Recorder) -> None:
-    """Replay the frames of a :class:`PipeRecorder` read from *fd* (then closed) into *recorder*."""
+    """Replay the frames of a :class:`PipeRecorder` read from *fd* (then closed) into *recorder*.
+
+    Frames are parsed in place from one large buffer (they are many and small)."""
     file_done = getattr(recorder, "file_done", None)
-    with os.fdopen(fd, "rb", buffering=1 << 20) as f:
+    segment = recorder.segment
+    file = recorder.file
+    seg_size, file_size, crc_size = _SEG_HDR.size, _FILE_HDR.size, _U64.size
+    seg_hdr, file_hdr, u64 = _SEG_HDR.unpack_from, _FILE_HDR.unpack_from, _U64.unpack_from
+    buf = bytearray(_REPLAY_BUFFER)
+    start = end = 0
+    eof = False
+    with open(fd, "rb", buffering=0) as f:
         while True:
-            kind = f.read(1)
-            if not kind:
-                return
-            if kind == _SEG:
-                (n,) = _SEG_HDR.unpack(_read_exact(f, _SEG_HDR.size))
-                recorder.segment(_read_exact(f, n))
-            elif kind == _FILE:
-                n, size, crc = _FILE_HDR.unpack(_read_exact(f, _FILE_HDR.size))
-                recorder.file(_read_exact(f, n), size, None if crc < 0 else crc)
-            elif kind == _CRC:
-                (crc,) = _U64.unpack(_read_exact(f, _U64.size))
-                if file_done is not None:
-                    file_done(crc)
+            avail = end - start
+            # make room for at least one more read; keep an unfinished frame at the front
+            if eof:
+                if not avail:
+                    return
             else:
-                raise errors.InvalidArchive("recorder stream from the apply child is corrupt")
+                if start and (avail < _REPLAY_MIN or end == len(buf)):
+                    buf[:avail] = buf[start:end]
+                    start, end = 0, avail
+                if end < len(buf):
+                    n = f.readinto(memoryview(buf)[end:])
+                    if n:
+                        end += n
+                    else:
+                        eof = True
+                    avail = end - start
+            progressed = False
+            while avail:
+                kind = buf[start]
+                if kind == 0x53:  # "S"
+                    if avail < 1 + seg_size:
+                        break
+                    (n,) = seg_hdr(buf, start + 1)
+                    total = 1 + seg_size + n
+                    if total > avail:
+                        if total > len(buf):
+                            buf.extend(bytes(total - len(buf)))
+                        break
+                    segment(bytes(buf[start + 1 + seg_size : start + total]))
+                elif kind == 0x46:  # "F"
+                    if avail < 1 + file_size:
+                        break
+                    n, size, crc = file_hdr(buf, start + 1)
+                    total = 1 + file_size + n
+                    if total > avail:
+                        if total > len(buf):
+                            buf.extend(bytes(total - len(buf)))
+                        break
+                    name = bytes(buf[start + 1 + file_size : start + total])
+                    file(name, size, None if crc < 0 else crc)
+                elif kind == 0x43:  # "C"
+                    total = 1 + crc_size
+                    if total > avail:
+                        break
+                    if file_done is not None:
+                        file_done(u64(buf, start + 1)[0])
+                else:
+                    raise _corrupt("corrupt")
+                start += total
+                avail -= total
+                progressed = True
+            if eof and avail and not progressed:
+                raise _corrupt("truncated")
+
+
+def _grow_pipe(fd: int) -> None:
+    import fcntl
+
+    for size in (_PIPE_SIZE, 1 << 20):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            continue
 
 
 def _error_class(name: str) -> type[GraphDriverError]:
@@ -164,6 +223,7 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
     replay_error: list[BaseException] = []
     if opts.recorder is not None:
         rec_r, rec_w = os.pipe2(os.O_CLOEXEC)
+        _grow_pipe(rec_w)
     elif opts.tarsplit_fd is not None:
         rec_w = opts.tarsplit_fd
     args = {

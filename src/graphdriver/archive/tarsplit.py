@@ -29,6 +29,7 @@ falls back to the normal one.
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import gzip
 import io
@@ -314,8 +315,15 @@ class TarSplitPacker:
     def segment(self, raw: bytes) -> None:
         self._flush_pending()
         if raw:
+            # encode_entry's line for a segment, without the Entry
             self.bytes_described += len(raw)
-            self._emit(Entry(SEGMENT_TYPE, payload=bytes(raw)))
+            b = self._buf
+            b += b'{"type":2,"payload":"'
+            b += binascii.b2a_base64(raw, newline=False)
+            b += b'","position":%d}\n' % self._pos
+            self._pos += 1
+            if len(b) >= _COPY:
+                self._drain()
 
     def file(self, name: bytes, size: int, payload_crc64: int | None) -> None:
         self._flush_pending()
@@ -463,13 +471,54 @@ def _file_crc(root_fd: int, name: bytes, size: int,
 
 
 def _verify_files(root_fd: int, files: list[tuple[bytes, int]]) -> str | None:
-    """Why the applied layer does not hold *files* as recorded (None: it does)."""
+    """Why the applied layer does not hold *files* as recorded (None: it does).
+
+    The same checks as :func:`_check_file`, at one ``fstatat`` per file: each directory is
+    opened once beneath the root (no symlink on the way), the file looked up in it unfollowed.
+    """
+    from .pathres import open_beneath
+
     inodes: set[tuple[int, int]] = set()
-    for name, size in files:
-        fd, why = _check_file(root_fd, name, size, inodes)
-        if fd is None:
-            return why
-        os.close(fd)
+    cur_dir: str | None = None
+    dir_fd = -1
+    stat_ = os.stat
+    try:
+        for name, size in files:
+            path = name.decode("utf-8", "surrogateescape").lstrip("/")
+            parent, _, base = path.rpartition("/")
+            if base in ("", ".", ".."):
+                fd, why = _check_file(root_fd, name, size, inodes)
+                if fd is None:
+                    return why
+                os.close(fd)
+                continue
+            if parent != cur_dir:
+                if dir_fd >= 0:
+                    os.close(dir_fd)
+                    dir_fd = -1
+                cur_dir = None
+                try:
+                    dir_fd = open_beneath(root_fd, parent, os.O_PATH | os.O_DIRECTORY
+                                          | os.O_NOFOLLOW)
+                except OSError as exc:
+                    shown = name.decode("utf-8", "replace")
+                    return f"{shown!r} is not in the layer after the apply ({exc.strerror})"
+                cur_dir = parent
+            try:
+                st = stat_(base, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError as exc:
+                shown = name.decode("utf-8", "replace")
+                return f"{shown!r} is not in the layer after the apply ({exc.strerror})"
+            ino = (st.st_dev, st.st_ino)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size or ino in inodes:
+                fd, why = _check_file(root_fd, name, size, inodes)  # says which, in words
+                if fd is not None:
+                    os.close(fd)
+                return why or f"{name.decode('utf-8', 'replace')!r} changed during the check"
+            inodes.add(ino)
+    finally:
+        if dir_fd >= 0:
+            os.close(dir_fd)
     return None
 
 
