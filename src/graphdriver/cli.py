@@ -306,9 +306,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: usage error: {exc}\n")
         return 2
     except GraphDriverError as exc:
+        if exc.exit_code == 130:  # Interrupted: as for KeyboardInterrupt below
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.stderr.write(f"{PROG}: {type(exc).__name__}: {exc}\n")
         return 2 if args.command == "exists" else exc.exit_code
     except KeyboardInterrupt:
+        # A second signal on the way out must not turn exit status 130 into death by signal.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.stderr.write(f"{PROG}: interrupted; the operation was rolled back\n")
         return 130
     except BrokenPipeError:

@@ -502,32 +502,33 @@ class LayerStore:
             opts = ApplyOptions(whiteout_format=self.whiteout_format,  # type: ignore[arg-type]
                                 idmap=self.idmap, progress=progress)
             opts = self._apply_options(rec, opts)
-            self.meta.mark_incomplete(layer_id, "apply")
-            raw_fd: int | None = None
-            try:
-                raw_fd = self._tarsplit_begin(layer_id, opts)
-                with _as_fd(stream) as fd:
-                    result = apply_confined(fd, self._apply_target(rec), opts)
-            except StoreCorrupt:
-                # The child died without a rollback: the layer stays incomplete, so it no longer
-                # exists, and the next open of the store removes it (DESIGN.md rule 1).
-                self._tarsplit_discard(layer_id, raw_fd)
-                raise
-            except (GraphDriverError, KeyboardInterrupt):
-                # Nothing was applied yet, or the engine rolled the layer back to what it was
-                # (apply_confined stops its child with SIGTERM and waits for the rollback): the
-                # layer is complete again.  A SIGINT/SIGTERM that lands before the engine's own
-                # handlers are in place is a KeyboardInterrupt here, and rolls back the same.
-                self.meta.clear_incomplete(layer_id)
-                self._tarsplit_discard(layer_id, raw_fd)
-                raise
-            except BaseException:
-                self._tarsplit_discard(layer_id, raw_fd)
-                raise
-            # The apply is done: finish the commit even if SIGINT/SIGTERM arrives now (an
-            # interrupt here would leave a fully applied layer incomplete, and repair would
-            # remove it — neither "as before" nor "after").
+            # SIGINT/SIGTERM are held from here to the commit, except while apply_confined runs:
+            # it installs its own handlers, which stop the child and roll the layer back.  An
+            # interrupt between the apply's end and the commit would otherwise leave a fully
+            # applied layer incomplete, and repair would remove it.
             with _signals_deferred():
+                self.meta.mark_incomplete(layer_id, "apply")
+                raw_fd: int | None = None
+                try:
+                    raw_fd = self._tarsplit_begin(layer_id, opts)
+                    with _as_fd(stream) as fd:
+                        result = apply_confined(fd, self._apply_target(rec), opts)
+                except StoreCorrupt:
+                    # The child died without a rollback: the layer stays incomplete, so it no
+                    # longer exists, and the next open of the store removes it (rule 1).
+                    self._tarsplit_discard(layer_id, raw_fd)
+                    raise
+                except (GraphDriverError, KeyboardInterrupt):
+                    # Nothing was applied yet, or the engine rolled the layer back to what it
+                    # was (apply_confined stops its child with SIGTERM and waits for the
+                    # rollback): the layer is complete again.
+                    self.meta.clear_incomplete(layer_id)
+                    self._tarsplit_discard(layer_id, raw_fd)
+                    raise
+                except BaseException:
+                    self._tarsplit_discard(layer_id, raw_fd)
+                    raise
+                # The apply is done: the commit below runs to its end (signals are still held).
                 try:
                     if raw_fd is not None:
                         self._tarsplit_end(rec, raw_fd, opts.recorder)
@@ -634,7 +635,7 @@ def _signals_deferred() -> Iterator[None]:
         for s, h in old.items():
             signal.signal(s, h)
         if got:
-            log.warning("signal %d arrived after the apply was done; the layer was committed",
+            log.warning("signal %d arrived while the layer was being committed; it was committed",
                         got[0])
 
 
