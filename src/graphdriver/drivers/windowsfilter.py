@@ -684,7 +684,8 @@ def _import_main(argv: list[str]) -> int:
     RAW_FD (-1: none) receives the tar-split description; the answer is {"size", "diff_id",
     "problem"} or {"error", "message"}.
     """
-    from ..archive.compression import open_decompressed
+    from ..archive.compression import open_decompressed, stream_kind
+    from ..archive.isolate import _warm_up
     from ..archive.tarsplit import TarSplitPacker
     from ..archive.tarstream import TarReader
     from ..archive.wintar import import_layer
@@ -698,12 +699,15 @@ def _import_main(argv: list[str]) -> int:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     try:
+        # The decoder the stream needs is imported on first use: open and warm it up while the
+        # library files are still reachable, before the chroot.
+        stream = open_decompressed(in_fd)
+        _warm_up(stream_kind(stream))
         if os.geteuid() == 0:
             # Everything is reached through the descriptors: nothing else of the host is needed.
             with contextlib.suppress(OSError):
                 os.chroot(f"/proc/self/fd/{root_fd}")
                 os.chdir("/")
-        stream = open_decompressed(in_fd)
         reader = TarReader(stream, recorder=packer)
         size = import_layer(reader, root_fd, parent_fds)
         reader.drain()
