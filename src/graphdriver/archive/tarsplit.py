@@ -151,6 +151,9 @@ def clean_path(name: bytes) -> bytes:
     """Go's ``filepath.Clean``, the key of the duplicate-path rule."""
     if not name:
         return b"."
+    if (b"/." not in name and b"//" not in name and name[-1] != 0x2F
+            and name[0] not in (0x2E, 0x2F)):
+        return name  # already clean: no empty, "." or ".." part, not absolute
     norm = posixpath.normpath(name)
     return b"/" + norm.lstrip(b"/") if norm.startswith(b"//") else norm
 
