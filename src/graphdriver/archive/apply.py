@@ -67,6 +67,39 @@ _PLNK_PREFIX = WHITEOUT_LINK_DIR + "/"
 allow_chdir = False
 
 
+class _SignalGate:
+    """Where SIGINT/SIGTERM may land in an apply (the confined child's handlers go through it).
+
+    An interrupt raised between creating a path and writing it into the undo journal would leave
+    that path behind after the rollback; so the gate is closed while an entry is being created
+    (and during the rollback itself), and an interrupt that comes then waits for it to open.  It
+    is open while the reader waits for input and while a file's data is copied.
+    """
+
+    __slots__ = ("closed", "pending")
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.pending: BaseException | None = None
+
+    def interrupt(self, exc: BaseException) -> None:
+        """Raise *exc* now, or when the gate next opens."""
+        if self.closed:
+            if self.pending is None:
+                self.pending = exc
+            return
+        raise exc
+
+    def open(self) -> None:
+        self.closed = False
+        if self.pending is not None:
+            exc, self.pending = self.pending, None
+            raise exc
+
+
+SIGNAL_GATE = _SignalGate()
+
+
 @dataclass
 class ApplyOptions:
     whiteout_format: Literal["naive", "overlay"] = "naive"
@@ -447,7 +480,13 @@ class _Applier:
             else:
                 self._note_new(preal, real)
             if e.data_size:
-                reader.copy_data(e, fd)
+                # the file is in the journal now: an interrupt may land while its data flows
+                gate = SIGNAL_GATE
+                gate.open()
+                try:
+                    reader.copy_data(e, fd)
+                finally:
+                    gate.closed = True
             elif e.sparse is not None and e.size:
                 os.ftruncate(fd, e.size)
             self.size += e.size
@@ -660,62 +699,73 @@ class _Applier:
         progress = self.opts.progress
         next_progress = _PROGRESS_STEP
         regular = ts.REGULAR_TYPES
+        gate = SIGNAL_GATE
         for e in reader:
-            if self.graveyard:
-                self._bury()
+            gate.closed = True
+            try:
+                self._entry(reader, e, regular)
+            finally:
+                gate.closed = False
+            if gate.pending is not None:
+                gate.open()
             if progress is not None and reader.bytes_read >= next_progress:
                 progress(reader.bytes_read)
                 next_progress = reader.bytes_read + _PROGRESS_STEP
-            name = e.name
-            if e.raw_name.startswith(b"/"):
-                raise UnsafeArchive(f"absolute name {e.raw_name.decode(errors='replace')!r}")
-            if name == ".." or name.startswith("../"):
-                raise UnsafeArchive(f"{e.raw_name.decode(errors='replace')!r} leaves the layer")
-            parent, _, base = name.rpartition("/")
-            if not name:
-                if e.type != ts.DIRECTORY:
-                    raise InvalidArchive("the archive's root entry is not a directory")
-                self._check_xattrs(e)
-                self._dir_meta(e, self.root_fd, "", False, False)
-                self.cache[""] = (self.root_fd, "", bool(e.mode & stat.S_ISGID))
-                continue
-            if name.startswith(self.scratch) and name.split("/", 1)[0] == self.scratch:
-                raise UnsafeArchive(f"{name!r} names the apply's scratch directory")
-            if name.startswith(WHITEOUT_META_PREFIX) and name != WHITEOUT_OPAQUE:
-                # AUFS metadata at the top; plnk files are kept aside as hard link targets
-                if name.startswith(_PLNK_PREFIX) and e.type in regular:
-                    self._plnk_file(reader, e)
-                continue
-            if base.startswith(WHITEOUT_PREFIX):
-                if base == WHITEOUT_OPAQUE:
-                    self._opaque(parent, name)
-                else:
-                    self._whiteout(parent, base[len(WHITEOUT_PREFIX):], name)
-                continue
-            if e.xattrs:
-                self._check_xattrs(e)
-            hit = self.cache.get(parent)
-            if hit is None:
-                hit = self._dir(parent, True, name)
-                assert hit is not None
-            pfd, preal, sgid = hit
-            typ = e.type
-            if typ in regular:
-                self._regular(reader, e, pfd, preal, sgid, base)
-            elif typ == ts.DIRECTORY:
-                self._directory(e, parent, pfd, preal, sgid, base)
-            elif typ == ts.SYMLINK:
-                self._symlink(e, pfd, preal, sgid, base)
-            elif typ == ts.HARDLINK:
-                self._hardlink(e, pfd, preal, base)
-            elif typ in (ts.CHARDEV, ts.BLOCKDEV, ts.FIFO):
-                self._node(e, pfd, preal, sgid, base)
-            elif typ == b"V":
-                continue
-            else:
-                raise InvalidArchive(f"{name!r} has unsupported entry type {typ!r}")
         if progress is not None:
             progress(reader.bytes_read)
+
+    def _entry(self, reader: TarReader, e: TarEntry, regular: frozenset[bytes]) -> None:
+        """Apply one entry (with the signal gate closed: see _SignalGate)."""
+        if self.graveyard:
+            self._bury()
+        name = e.name
+        if e.raw_name.startswith(b"/"):
+            raise UnsafeArchive(f"absolute name {e.raw_name.decode(errors='replace')!r}")
+        if name == ".." or name.startswith("../"):
+            raise UnsafeArchive(f"{e.raw_name.decode(errors='replace')!r} leaves the layer")
+        parent, _, base = name.rpartition("/")
+        if not name:
+            if e.type != ts.DIRECTORY:
+                raise InvalidArchive("the archive's root entry is not a directory")
+            self._check_xattrs(e)
+            self._dir_meta(e, self.root_fd, "", False, False)
+            self.cache[""] = (self.root_fd, "", bool(e.mode & stat.S_ISGID))
+            return
+        if name.startswith(self.scratch) and name.split("/", 1)[0] == self.scratch:
+            raise UnsafeArchive(f"{name!r} names the apply's scratch directory")
+        if name.startswith(WHITEOUT_META_PREFIX) and name != WHITEOUT_OPAQUE:
+            # AUFS metadata at the top; plnk files are kept aside as hard link targets
+            if name.startswith(_PLNK_PREFIX) and e.type in regular:
+                self._plnk_file(reader, e)
+            return
+        if base.startswith(WHITEOUT_PREFIX):
+            if base == WHITEOUT_OPAQUE:
+                self._opaque(parent, name)
+            else:
+                self._whiteout(parent, base[len(WHITEOUT_PREFIX):], name)
+            return
+        if e.xattrs:
+            self._check_xattrs(e)
+        hit = self.cache.get(parent)
+        if hit is None:
+            hit = self._dir(parent, True, name)
+            assert hit is not None
+        pfd, preal, sgid = hit
+        typ = e.type
+        if typ in regular:
+            self._regular(reader, e, pfd, preal, sgid, base)
+        elif typ == ts.DIRECTORY:
+            self._directory(e, parent, pfd, preal, sgid, base)
+        elif typ == ts.SYMLINK:
+            self._symlink(e, pfd, preal, sgid, base)
+        elif typ == ts.HARDLINK:
+            self._hardlink(e, pfd, preal, base)
+        elif typ in (ts.CHARDEV, ts.BLOCKDEV, ts.FIFO):
+            self._node(e, pfd, preal, sgid, base)
+        elif typ == b"V":
+            return
+        else:
+            raise InvalidArchive(f"{name!r} has unsupported entry type {typ!r}")
 
     def finish(self) -> None:
         """Success: directory times (deepest last-seen first), scratch dir gone, fds closed."""
@@ -851,10 +901,14 @@ def apply_reader(reader: TarReader, root_fd: int, opts: ApplyOptions) -> ApplyRe
         applier.run(reader)
         applier.finish()
     except BaseException as exc:
+        SIGNAL_GATE.closed = True  # a second signal must not cut the rollback short
         try:
             applier.rollback()
         except Exception as rb:  # pragma: no cover - reported, the original error wins
-            log.error("rollback failed: %s", rb)
+            log.error("rollback failed: %r", rb)
+        finally:
+            SIGNAL_GATE.closed = False
+            SIGNAL_GATE.pending = None  # already stopping
         if isinstance(exc, GraphDriverError | KeyboardInterrupt | SystemExit):
             raise
         if isinstance(exc, OSError):

@@ -379,7 +379,11 @@ def _child_main(argv: list[str]) -> int:
             res.write(json.dumps(msg) + "\n")
 
     def on_term(signum: int, frame: object) -> None:
-        raise Interrupted(f"interrupted by signal {signum}; the apply was rolled back")
+        # Through the apply's gate: never between creating a path and journalling it.
+        from .apply import SIGNAL_GATE
+
+        SIGNAL_GATE.interrupt(
+            Interrupted(f"interrupted by signal {signum}; the apply was rolled back"))
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
