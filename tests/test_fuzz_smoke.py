@@ -95,30 +95,12 @@ def _uncaught(output: str) -> str:
     return m.group(1) if m else output[-2000:]
 
 
-# Engine bugs found by the fuzzer whose fix belongs to the archive package (not to this suite):
-# while one is open, a failure that is exactly it is reported as xfail, anything else fails.
-KNOWN_ENGINE_BUGS = {
-    "IsalError": "archive/compression.py: _Checked does not turn isal's IsalError (corrupt "
-                 "gzip data) into InvalidArchive",
-    "ValueError: embedded null byte": "archive/apply.py: an xattr name with a NUL from a PAX "
-                 "record reaches os.setxattr and its ValueError escapes (InvalidArchive wanted)",
-}
-
-
-def _xfail_if_known(message: str) -> None:
-    for key, reason in KNOWN_ENGINE_BUGS.items():
-        if message.startswith(key):
-            pytest.xfail(f"known engine bug: {reason}")
-
-
 @pytest.mark.parametrize("name", sorted(REGRESSIONS))
 def test_fuzz_regression_inputs(name: str, tmp_path: Path) -> None:
     case = tmp_path / name
     case.write_bytes(REGRESSIONS[name])
     res = _run([str(case)], tmp_path, 120)
     out = res.stdout + res.stderr
-    if res.returncode != 0:
-        _xfail_if_known(_uncaught(out))
     assert res.returncode == 0, f"{name}: {_uncaught(out)}"
 
 
@@ -137,7 +119,6 @@ def test_fuzz_target_bounded_run(tmp_path: Path) -> None:
     if res.returncode != 0:
         crashes = sorted(tmp_path.glob("crash-*")) + sorted(tmp_path.glob("timeout-*"))
         sample = crashes[0].read_bytes()[:64] if crashes else b""
-        _xfail_if_known(_uncaught(out))
         raise AssertionError(f"fuzz target failed: {_uncaught(out)} (input starts {sample!r}; "
                              "add it to REGRESSIONS)")
     assert done and int(done[-1]) > 100, out[-2000:]

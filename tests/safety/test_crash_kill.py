@@ -337,7 +337,6 @@ def test_signal_mid_apply_rolls_back(driver_name: str, tmp_path: Path, canary: C
     cli_ok(root, run, driver_name, "apply", "base", str(base_tar))
     rolled_back = 0
     rng = random.Random(sig)
-    known: list[str] = []
     runs = iterations("GRAPHDRIVER_SIGNAL_ITERATIONS", 5)
     for k in range(runs):
         lid = f"top{k}"
@@ -358,12 +357,6 @@ def test_signal_mid_apply_rolls_back(driver_name: str, tmp_path: Path, canary: C
         text = err.decode(errors="replace")
         assert "Traceback" not in text, text
         listing = _listing(root, run, driver_name, via_cli=False)
-        if lid not in listing and proc.returncode == 130:
-            # An interrupt between the apply's end and the commit (a few bytecodes in store.py
-            # between apply_confined returning and the deferred-signal block) leaves the layer
-            # incomplete; repair then removes it.  Rule 1 holds (absent), "as before" does not.
-            known.append(f"layer {lid} removed after an interrupted apply")
-            continue
         assert lid in listing, (f"{sig.name}: layer {lid} is gone after an interrupted apply "
                                 f"(exit {proc.returncode}: {text.strip()})")
         assert not marker.exists()
@@ -371,27 +364,17 @@ def test_signal_mid_apply_rolls_back(driver_name: str, tmp_path: Path, canary: C
         after = tree(layout.layer_tree(lid))
         if proc.returncode == 0:
             continue  # the signal came after the commit
-        if proc.returncode == -sig and "rolled back" in text:
-            known.append(f"exit by signal {sig.name} after the CLI printed its message")
-        else:
-            assert proc.returncode == 130, f"{sig.name}: exit {proc.returncode}: {text}"
+        assert proc.returncode == 130, f"{sig.name}: exit {proc.returncode}: {text}"
         assert len(text.strip().splitlines()) == 1, text
         left = diff_snapshots(before, after)
-        if left:
-            # The tar engine's rollback (archive/apply.py) missed paths: an intermittent engine
-            # bug, reported as xfail below with what was left (not this suite's fix to make).
-            known.append("not rolled back: " + "; ".join(left[:3]))
+        assert not left, f"{sig.name}: not rolled back: " + "; ".join(left[:3])
         rolled_back += 1
         cli_ok(root, run, driver_name, "rm", lid)
     canary.check()
     print(f"\n{sig.name} [{driver_name}]: {rolled_back} of {runs} applies interrupted and "
-          f"rolled back, the rest had finished; known engine problems seen: {known}")
+          f"rolled back, the rest had finished")
     assert rolled_back >= (runs + 1) // 2, f"{sig.name}: only {rolled_back} of {runs} landed"
-    if known:
-        # Seen intermittently (a few in 100 runs); the fixes belong to the tar engine
-        # (archive/apply.py: a path created just before the interrupt is not in the rollback
-        # journal) and to the command's exit path (exit by the signal instead of 130).
-        pytest.xfail("known: " + " | ".join(known))
+
 
 
 def test_killed_apply_child_is_quiet(tmp_path: Path) -> None:
@@ -479,11 +462,6 @@ def test_apply_child_killed_leaves_no_half_layer(driver_name: str, tmp_path: Pat
         print(f"\nchild killed [{driver_name}]: {line}; layer {state}")
         if lid in listing:
             after = tree(layout.layer_tree(lid))
-            if diff_snapshots(before, after) and "may be partly applied" in line:
-                pytest.xfail("archive/isolate.py + store.py: when the confined child dies without "
-                             "a result on a non-empty target, the layer is kept as complete "
-                             "although half applied (scratch dir and new files left); isolate "
-                             "must tell the store, which must then keep it incomplete")
             assert not diff_snapshots(before, after), (
                 f"layer {lid} is listed as complete but half applied: "
                 + "; ".join(diff_snapshots(before, after)[:4]))
