@@ -329,3 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         err = from_oserror(exc, args.command)
         sys.stderr.write(f"{PROG}: {type(err).__name__}: {err}\n")
         return 2 if args.command == "exists" else 1
+    finally:
+        # The operation is over (done or rolled back): a signal now must not turn the exit
+        # status into death by that signal.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -418,3 +418,57 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+class FedApply:
+    """``graphdriver apply ID -`` fed from a file through a pipe at a steady pace.
+
+    A file on fast tmpfs applies in a blink on an idle machine; fed over ``seconds`` the apply is
+    certainly still running when a test kills or signals it, however fast the machine is.
+    """
+
+    def __init__(self, root: Path, runroot: Path, driver: str, layer_id: str, path: Path,
+                 seconds: float = 2.0) -> None:
+        import threading
+
+        self.proc = subprocess.Popen(
+            cli_argv(root, runroot, driver, "apply", layer_id, "-"), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), start_new_session=True)
+        self.pid = self.proc.pid
+        self._thread = threading.Thread(target=self._feed, args=(path, seconds), daemon=True)
+        self._thread.start()
+
+    def _feed(self, path: Path, seconds: float) -> None:
+        import time
+
+        chunk = 256 << 10
+        stdin = self.proc.stdin
+        assert stdin is not None
+        pause = seconds / max(1, path.stat().st_size // chunk)
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(chunk):
+                    stdin.write(block)
+                    stdin.flush()
+                    time.sleep(pause)
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # the command stopped reading (killed, or refused the input)
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                stdin.close()
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def communicate(self, timeout: float) -> tuple[bytes, bytes]:
+        self.proc.wait(timeout)
+        self._thread.join(timeout)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        return self.proc.stdout.read(), self.proc.stderr.read()

@@ -35,6 +35,7 @@ from graphdriver import open_driver
 from graphdriver.fsutil import mount_points_under
 from tests.safety.safetyutil import (
     Canary,
+    FedApply,
     Layout,
     assert_one_line_error,
     cli,
@@ -343,7 +344,7 @@ def test_signal_mid_apply_rolls_back(driver_name: str, tmp_path: Path, canary: C
         cli_ok(root, run, driver_name, "create", lid, "--parent", "base")
         before = tree(layout.layer_tree(lid))
         marker = layout.meta / lid / "incomplete"
-        proc = popen(root, run, driver_name, "apply", lid, str(big_tar))
+        proc = FedApply(root, run, driver_name, lid, big_tar, seconds=2.0)
         try:
             deadline = time.monotonic() + 60
             while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -433,7 +434,7 @@ def test_apply_child_killed_leaves_no_half_layer(driver_name: str, tmp_path: Pat
         cli_ok(root, run, driver_name, "create", lid, "--parent", "base")
         before = tree(layout.layer_tree(lid))
         marker = layout.meta / lid / "incomplete"
-        proc = popen(root, run, driver_name, "apply", lid, str(big_tar))
+        proc = FedApply(root, run, driver_name, lid, big_tar, seconds=2.0)
         try:
             child = None
             deadline = time.monotonic() + 60

@@ -241,8 +241,17 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
     in_main = threading.current_thread() is threading.main_thread()
     proc: subprocess.Popen[bytes] | None = None
 
+    signals: list[int] = []
+
     def _on_signal(signum: int, frame: object) -> None:
-        raise Interrupted(f"interrupted by signal {signum}; the apply was rolled back")
+        # Do not raise here: the child is told to stop, and its answer says what happened — it
+        # rolled back (an Interrupted error comes back), or it had already finished, in which
+        # case the apply stands (raising now would call a complete apply rolled back).
+        signals.append(signum)
+        if proc is None:
+            raise Interrupted(f"interrupted by signal {signum} before the apply started")
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
 
     try:
         if in_main:
@@ -255,6 +264,8 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
             env=_child_env(),
             close_fds=True,
         )
+        if signals:  # arrived while the child was being spawned
+            proc.send_signal(signal.SIGTERM)
         os.close(res_w)
         res_w = -1
         if rec_r >= 0:
@@ -286,6 +297,10 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
         rc = proc.wait()
         if replay is not None:
             replay.join()
+        if outcome is None and signals and rc == -signal.SIGTERM:
+            # Our SIGTERM killed the child before it had installed its handlers, which it does
+            # before it touches the target: nothing was applied.
+            raise Interrupted(f"interrupted by signal {signals[0]}; nothing was applied")
         if outcome is None:
             why = f"signal {-rc}" if rc < 0 else f"status {rc}"
             if was_empty:
@@ -307,6 +322,9 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
                 raise exc
             raise GraphDriverError(f"recorder failed: {exc}")
         ok = outcome["ok"]
+        if signals:
+            log.warning("signal %d arrived after the apply had finished; the apply stands",
+                        signals[0])
         return ApplyResult(int(ok["size"]), str(ok["diff_id"]))
     except BaseException as exc:
         if proc is not None and proc.poll() is None:
