@@ -489,16 +489,7 @@ class LayerStore:
 
         validate_id(layer_id)
         with self.layer_lock(layer_id):
-            rec = self.record(layer_id)
-            if parent not in (None, "") and parent != rec.parent:
-                raise InvalidArgument(
-                    f"layer {layer_id} has parent {rec.parent or '(none)'}, not {parent}"
-                )
-            kids = self.children(layer_id)
-            if kids:
-                raise InUse(f"cannot apply to layer {layer_id}: it has children ({kids[0]})")
-            if self.refs.get(layer_id) > 0:
-                raise InUse(f"cannot apply to layer {layer_id}: it is mounted")
+            rec = self.applicable_record(layer_id, parent)
             opts = ApplyOptions(whiteout_format=self.whiteout_format,  # type: ignore[arg-type]
                                 idmap=self.idmap, progress=progress)
             opts = self._apply_options(rec, opts)
@@ -540,6 +531,21 @@ class LayerStore:
                 self.meta.write(rec)
                 self.meta.clear_incomplete(layer_id)
             return result
+
+    def applicable_record(self, layer_id: str, parent: str | None) -> LayerRecord:
+        """The record of a layer an apply may write into (caller holds its lock): the parent
+        named matches, and the layer has no children and no mounts."""
+        rec = self.record(layer_id)
+        if parent not in (None, "") and parent != rec.parent:
+            raise InvalidArgument(
+                f"layer {layer_id} has parent {rec.parent or '(none)'}, not {parent}"
+            )
+        kids = self.children(layer_id)
+        if kids:
+            raise InUse(f"cannot apply to layer {layer_id}: it has children ({kids[0]})")
+        if self.refs.get(layer_id) > 0:
+            raise InUse(f"cannot apply to layer {layer_id}: it is mounted")
+        return rec
 
     def _tarsplit_discard(self, layer_id: str, raw_fd: int | None) -> None:
         if raw_fd is not None:

@@ -98,7 +98,7 @@ from ..archive.wintar import (
     walk_layer,
     write_layer_tar,
 )
-from ..errors import GraphDriverError, InUse, InvalidArgument, NotSupported, from_oserror
+from ..errors import GraphDriverError, NotSupported, from_oserror
 from ..fsutil import atomic_write, copy_tree, fs_name, remove_tree
 from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
 from ..mount import MS_RDONLY, is_mounted, mount, unmount_all_under
@@ -408,15 +408,7 @@ class WindowsFilterDriver(LayerStore):
 
         validate_id(layer_id)
         with self.layer_lock(layer_id):
-            rec = self.record(layer_id)
-            if parent not in (None, "") and parent != rec.parent:
-                raise InvalidArgument(
-                    f"layer {layer_id} has parent {rec.parent or '(none)'}, not {parent}")
-            kids = self.children(layer_id)
-            if kids:
-                raise InUse(f"cannot apply to layer {layer_id}: it has children ({kids[0]})")
-            if self.refs.get(layer_id) > 0:
-                raise InUse(f"cannot apply to layer {layer_id}: it is mounted")
+            rec = self.applicable_record(layer_id, parent)
             if rec.writable:
                 raise NotSupported(
                     f"windowsfilter: {layer_id} is a sandbox; Windows layer tars are imported "
