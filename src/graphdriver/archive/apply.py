@@ -842,13 +842,7 @@ class _Applier:
             except FileNotFoundError:
                 return
             try:
-                st = os.lstat(base, dir_fd=pfd)
-                if stat.S_ISDIR(st.st_mode):
-                    shutil.rmtree(base, dir_fd=pfd)
-                else:
-                    os.unlink(base, dir_fd=pfd)
-            except FileNotFoundError:
-                pass
+                _remove_any(pfd, base)
             finally:
                 os.close(pfd)
         elif kind == "moved":
@@ -856,14 +850,7 @@ class _Applier:
             assert isinstance(aside, str) and self.scratch_fd is not None
             pfd = open_beneath(self.root_fd, parent)
             try:
-                try:
-                    st = os.lstat(base, dir_fd=pfd)
-                    if stat.S_ISDIR(st.st_mode):
-                        shutil.rmtree(base, dir_fd=pfd)
-                    else:
-                        os.unlink(base, dir_fd=pfd)
-                except FileNotFoundError:
-                    pass
+                _remove_any(pfd, base)
                 os.rename(aside, base, src_dir_fd=self.scratch_fd, dst_dir_fd=pfd)
             finally:
                 os.close(pfd)
@@ -892,6 +879,18 @@ def _open_target(target: str | os.PathLike[str] | int) -> tuple[int, bool]:
         return os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), True
     except OSError as exc:
         raise from_oserror(exc, "open apply target") from None
+
+
+def _remove_any(dir_fd: int, name: str) -> None:
+    """Remove *name* beneath *dir_fd* whatever it is (a tree, a file, nothing at all)."""
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
 def apply_reader(reader: TarReader, root_fd: int, opts: ApplyOptions) -> ApplyResult:
