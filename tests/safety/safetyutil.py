@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.treeutil import diff_snapshots
+from tests.treeutil import diff_snapshots, snapshot
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 REMOVING = "-removing"
@@ -184,96 +184,10 @@ class Layout:
         return out
 
 
-def _digest(path: str, st: os.stat_result) -> str:
-    """sha256 of a file's data; a sparse file hashes its data extents and their offsets (a
-    different digest than the same bytes stored densely), so a 60 GiB hole (Go's sparse test
-    tars) costs nothing."""
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if st.st_blocks * 512 >= st.st_size:
-            while chunk := os.read(fd, 1 << 20):
-                h.update(chunk)
-            return h.hexdigest()
-        pos = 0
-        while pos < st.st_size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            h.update(b"@%d:" % data)
-            os.lseek(fd, data, os.SEEK_SET)
-            left = hole - data
-            while left > 0:
-                chunk = os.read(fd, min(left, 1 << 20))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
-            pos = hole
-        return "sparse:" + h.hexdigest()
-    finally:
-        os.close(fd)
-
-
-def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return ()
-    out = []
-    for name in sorted(names):
-        if name.startswith("security.selinux"):
-            continue
-        with contextlib.suppress(OSError):
-            out.append((name, os.getxattr(path, name, follow_symlinks=False)))
-    return tuple(out)
-
-
 def manifest(root: Path, *, dir_mtimes: bool = False) -> dict[str, Any]:
-    """path -> (what, mode, uid, gid, mtime, xattrs[, hard-link group]) for a whole tree.
-
-    Like tests/treeutil.snapshot (same shape, so diff_snapshots applies) but sparse-aware, and
-    the times of overlay whiteouts (0/0 character devices, made at apply time) left out.
-    """
-    top = os.fspath(root)
-    entries: dict[str, Any] = {}
-    inodes: dict[tuple[int, int], list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, top)
-            st = os.lstat(full)
-            mode = st.st_mode
-            keep_time = True
-            what: Any
-            if stat.S_ISREG(mode):
-                what = ("f", st.st_size, _digest(full, st))
-                inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
-            elif stat.S_ISDIR(mode):
-                what = ("d",)
-                keep_time = dir_mtimes
-            elif stat.S_ISLNK(mode):
-                what = ("l", os.readlink(full))
-                keep_time = False
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-                what = ("c" if stat.S_ISCHR(mode) else "b", os.major(st.st_rdev),
-                        os.minor(st.st_rdev))
-                keep_time = what != ("c", 0, 0)
-            elif stat.S_ISFIFO(mode):
-                what = ("p",)
-            else:
-                what = ("?",)
-            entries[rel] = (what, stat.S_IMODE(mode), st.st_uid, st.st_gid,
-                            st.st_mtime_ns if keep_time else None, _xattrs(full))
-    for names in inodes.values():
-        if len(names) > 1:
-            group = tuple(sorted(names))
-            for n in names:
-                entries[n] = (*entries[n], group)
-    return entries
+    """tests/treeutil.snapshot, sparse-aware (Go's sparse test tars declare 60 GiB holes) and
+    without the times of overlay whiteouts (0/0 character devices, made at apply time)."""
+    return snapshot(root, dir_mtimes=dir_mtimes, sparse=True, whiteout_mtimes=False)
 
 
 def tree(path: Path) -> dict[str, Any]:
