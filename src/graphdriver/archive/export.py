@@ -37,6 +37,7 @@ from ..idmap import IDENTITY, IDMap
 from .changes import Change, ChangeKind
 from .tarwriter import (
     BLKTYPE,
+    BLOCK,
     CHRTYPE,
     DIRTYPE,
     END_OF_ARCHIVE,
@@ -46,6 +47,7 @@ from .tarwriter import (
     SYMTYPE,
     TarHeader,
     encode,
+    pack_ustar_into,
     padding,
 )
 from .whiteout import (
@@ -60,8 +62,9 @@ Progress = Callable[[int], None]
 
 WhiteoutFormat = Literal["naive", "overlay"]
 
-_FLUSH_AT = 1 << 20
+_BUF_SIZE = 1 << 20
 _SMALL_FILE = 256 << 10
+_ZEROS = memoryview(bytes(_SMALL_FILE + BLOCK))
 _COPY_CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -72,11 +75,17 @@ _SKIPPED_XATTR_PREFIXES = (OVERLAY_XATTR_PREFIX, "security.selinux", "system.")
 
 
 class _TarOut:
-    """The output side: a batching buffer, sendfile for big data, progress reporting."""
+    """The output side: one reusable batching buffer, sendfile for big data, progress reporting.
+
+    Headers are packed and small files read straight into the buffer (no intermediate bytes
+    objects); it is written out whenever the next piece would not fit.
+    """
 
     def __init__(self, fd: int, progress: Progress | None) -> None:
         self.fd = fd
-        self.buf = bytearray()
+        self.buf = bytearray(_BUF_SIZE)
+        self.view = memoryview(self.buf)
+        self.pos = 0
         self.progress = progress
         self.written = 0
         self.sendfile_ok = True
@@ -91,36 +100,73 @@ class _TarOut:
             self.written += n
 
     def flush(self) -> None:
-        if self.buf:
-            self._write_all(self.buf)
-            self.buf.clear()
+        if self.pos:
+            self._write_all(self.view[: self.pos])
+            self.pos = 0
             if self.progress is not None:
                 self.progress(self.written)
 
     def add(self, data: bytes) -> None:
-        self.buf += data
-        if len(self.buf) >= _FLUSH_AT:
+        n = len(data)
+        if self.pos + n > _BUF_SIZE:
             self.flush()
+            if n > _BUF_SIZE:
+                self._write_all(data)
+                if self.progress is not None:
+                    self.progress(self.written)
+                return
+        self.view[self.pos : self.pos + n] = data
+        self.pos += n
+
+    def ustar(
+        self, name: bytes, typeflag: bytes, mode: int, uid: int, gid: int, size: int,
+        mtime: int, linkname: bytes = b"", devmajor: int = 0, devminor: int = 0,
+    ) -> bool:
+        """Pack a plain ustar header in place; False (nothing written) if it needs PAX."""
+        if self.pos + BLOCK > _BUF_SIZE:
+            self.flush()
+        if pack_ustar_into(self.buf, self.pos, name, typeflag, mode, uid, gid, size, mtime,
+                           linkname, devmajor, devminor):
+            self.pos += BLOCK
+            return True
+        return False
 
     def file_data(self, in_fd: int, size: int) -> None:
         """Exactly *size* bytes of the file, then padding (zeros if the file shrank meanwhile)."""
-        done = 0
+        padded = size + padding(size)
         if size <= _SMALL_FILE:
-            while done < size:
-                data = os.read(in_fd, size - done)
-                if not data:
+            if self.pos + padded > _BUF_SIZE:
+                self.flush()
+            pos = self.pos
+            view = self.view
+            end = pos + size
+            while pos < end:
+                n = os.readv(in_fd, [view[pos:end]])
+                if not n:
                     break
-                self.buf += data
-                done += len(data)
-        else:
-            self.flush()
-            if self.sendfile_ok:
-                done = self._sendfile(in_fd, size)
-            if done < size:
-                done = self._copy(in_fd, done, size)
-        self.buf += bytes(size - done + padding(size))
-        if len(self.buf) >= _FLUSH_AT:
-            self.flush()
+                pos += n
+            stop = self.pos + padded
+            if pos < stop:
+                view[pos:stop] = _ZEROS[: stop - pos]
+            self.pos = stop
+            return
+        self.flush()
+        done = 0
+        if self.sendfile_ok:
+            done = self._sendfile(in_fd, size)
+        if done < size:
+            done = self._copy(in_fd, done, size)
+        self.zeros(padded - done)
+
+    def zeros(self, count: int) -> None:
+        """*count* zero bytes (padding, or the part of a file that shrank meanwhile)."""
+        while count:
+            k = min(count, len(_ZEROS))
+            if self.pos + k > _BUF_SIZE:
+                self.flush()
+            self.view[self.pos : self.pos + k] = _ZEROS[:k]
+            self.pos += k
+            count -= k
 
     def _sendfile(self, in_fd: int, size: int) -> int:
         done = 0
@@ -196,68 +242,74 @@ def _add_entry(
 ) -> bool:
     """Write one entry; returns True if it is a directory whose contents should follow."""
     mode = st.st_mode
-    if stat.S_ISSOCK(mode):
-        return False
-    is_dir = stat.S_ISDIR(mode)
-    hdr = TarHeader(
-        name=name + b"/" if is_dir else name,
-        mode=mode & 0o7777,
-        mtime=st.st_mtime_ns // 1_000_000_000,
-    )
-    whiteout = overlay and stat.S_ISCHR(mode) and st.st_rdev == 0
-    base = name.rsplit(b"/", 1)[-1]
-    if whiteout or base.startswith(WHITEOUT_PREFIX_B) or idmap.is_identity:
-        hdr.uid, hdr.gid = st.st_uid, st.st_gid
+    fmt = stat.S_IFMT(mode)
+    is_dir = fmt == stat.S_IFDIR
+    if is_dir:
+        name += b"/"
+    perm = mode & 0o7777
+    mtime = st.st_mtime_ns // 1_000_000_000
+    size = 0
+    linkname = b""
+    devmajor = devminor = 0
+    whiteout = overlay and fmt == stat.S_IFCHR and st.st_rdev == 0
+    if whiteout or idmap.is_identity or name.rpartition(b"/")[2].startswith(WHITEOUT_PREFIX_B):
+        uid, gid = st.st_uid, st.st_gid
     else:
-        hdr.uid, hdr.gid = idmap.to_container(st.st_uid, st.st_gid)
+        uid, gid = idmap.to_container(st.st_uid, st.st_gid)
 
     if is_dir:
-        hdr.typeflag = DIRTYPE
-    elif stat.S_ISREG(mode):
-        hdr.typeflag = REGTYPE
-        hdr.size = st.st_size
-    elif stat.S_ISLNK(mode):
-        hdr.typeflag = SYMTYPE
-        hdr.linkname = os.readlink(leaf, dir_fd=dir_fd)
-    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        hdr.typeflag = CHRTYPE if stat.S_ISCHR(mode) else BLKTYPE
-        hdr.devmajor, hdr.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-    elif stat.S_ISFIFO(mode):
-        hdr.typeflag = FIFOTYPE
-    else:
+        typeflag = DIRTYPE
+    elif fmt == stat.S_IFREG:
+        typeflag = REGTYPE
+        size = st.st_size
+    elif fmt == stat.S_IFLNK:
+        typeflag = SYMTYPE
+        linkname = os.readlink(leaf, dir_fd=dir_fd)
+    elif fmt == stat.S_IFCHR or fmt == stat.S_IFBLK:
+        typeflag = CHRTYPE if fmt == stat.S_IFCHR else BLKTYPE
+        devmajor, devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    elif fmt == stat.S_IFIFO:
+        typeflag = FIFOTYPE
+    else:  # sockets (and anything unknown) are skipped
         return False
 
     if not is_dir and st.st_nlink > 1:
         key = (st.st_dev, st.st_ino)
         first = out.seen.get(key)
         if first is not None:
-            hdr.typeflag, hdr.linkname, hdr.size = LNKTYPE, first, 0
+            typeflag, linkname, size = LNKTYPE, first, 0
         else:
-            out.seen[key] = hdr.name
+            out.seen[key] = name
 
     if whiteout:
-        head, _, tail = hdr.name.rpartition(b"/")
-        hdr.name = (head + b"/" if head else b"") + WHITEOUT_PREFIX_B + tail
-        hdr.mode, hdr.typeflag, hdr.size, hdr.linkname = 0o600, REGTYPE, 0, b""
-        hdr.devmajor = hdr.devminor = 0
+        head, _, tail = name.rpartition(b"/")
+        name = (head + b"/" if head else b"") + WHITEOUT_PREFIX_B + tail
+        perm, typeflag, size, linkname = 0o600, REGTYPE, 0, b""
+        devmajor = devminor = 0
 
     # A file with data is opened first: its xattrs are read through the descriptor.
-    has_data = hdr.typeflag == REGTYPE and hdr.size > 0
-    in_fd = os.open(leaf, _FILE_FLAGS, dir_fd=dir_fd) if has_data else -1
+    in_fd = os.open(leaf, _FILE_FLAGS, dir_fd=dir_fd) if size else -1
     try:
         xattrs = _read_xattrs(in_fd if in_fd >= 0 else full)
-        opaque = xattrs.pop(OVERLAY_OPAQUE_XATTR, None) == b"y" and is_dir and overlay
-        hdr.xattrs = xattrs
-        out.add(encode(hdr))
+        opaque = False
+        if xattrs:
+            opaque = xattrs.pop(OVERLAY_OPAQUE_XATTR, None) == b"y" and is_dir and overlay
+        if xattrs or not out.ustar(name, typeflag, perm, uid, gid, size, mtime, linkname,
+                                   devmajor, devminor):
+            out.add(encode(TarHeader(
+                name=name, typeflag=typeflag, mode=perm, uid=uid, gid=gid, size=size,
+                mtime=mtime, linkname=linkname, devmajor=devmajor, devminor=devminor,
+                xattrs=xattrs,
+            )))
         if in_fd >= 0:
-            out.file_data(in_fd, hdr.size)
+            out.file_data(in_fd, size)
     finally:
         if in_fd >= 0:
             os.close(in_fd)
     if opaque:
         out.add(encode(TarHeader(
-            name=hdr.name + WHITEOUT_OPAQUE_B, typeflag=REGTYPE, mode=hdr.mode & 0o777,
-            uid=hdr.uid, gid=hdr.gid, mtime=hdr.mtime,
+            name=name + WHITEOUT_OPAQUE_B, typeflag=REGTYPE, mode=perm & 0o777,
+            uid=uid, gid=gid, mtime=mtime,
         )))
     return is_dir
 

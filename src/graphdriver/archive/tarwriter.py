@@ -10,6 +10,7 @@ uname/gname stay empty (numeric ownership, as moby writes it).
 
 from __future__ import annotations
 
+import struct
 import zlib
 from dataclasses import dataclass, field
 
@@ -227,3 +228,52 @@ def _ascii_tail(name: bytes, limit: int) -> bytes:
     """A printable ASCII stand-in for a name that goes in PAX (readers use the PAX record)."""
     safe = bytes(c if 32 <= c < 127 else 0x5F for c in name)
     return safe[-limit:]
+
+
+# name, mode, uid, gid, size, mtime, checksum, typeflag, linkname, magic+version, (uname, gname
+# empty), devmajor, devminor, (prefix and padding empty): the layout of a plain ustar block.
+_USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s8s64x8s8s167x")
+_SPACES = b"        "
+
+
+def pack_ustar_into(
+    buf: bytearray,
+    offset: int,
+    name: bytes,
+    typeflag: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    linkname: bytes = b"",
+    devmajor: int = 0,
+    devminor: int = 0,
+) -> bool:
+    """Write one plain ustar block at *offset* of *buf* if the entry fits one; else False.
+
+    Byte for byte what ``encode`` returns for a ``TarHeader`` with these fields, no xattrs, no
+    sub-second time and empty uname/gname; *buf* must have 512 bytes free at *offset*.
+    """
+    if not (
+        len(name) <= _NAME_MAX
+        and len(linkname) <= _NAME_MAX
+        and 0 <= uid < _MAX7
+        and 0 <= gid < _MAX7
+        and 0 <= size < _MAX11
+        and 0 <= mtime < _MAX11
+        and 0 <= devmajor < _MAX7
+        and 0 <= devminor < _MAX7
+        and name.isascii()
+        and linkname.isascii()
+    ):
+        return False
+    _USTAR.pack_into(
+        buf, offset, name, b"%07o" % (mode & 0o7777), b"%07o" % uid, b"%07o" % gid,
+        b"%011o" % size, b"%011o" % mtime, _SPACES, typeflag, linkname, _MAGIC,
+        b"%07o" % devmajor, b"%07o" % devminor,
+    )
+    # every byte is ASCII: adler32's low half is 1 + the byte sum (see _ustar_block)
+    chk = (zlib.adler32(memoryview(buf)[offset : offset + BLOCK]) & 0xFFFF) - 1
+    buf[offset + 148 : offset + 156] = b"%06o\0 " % chk
+    return True
