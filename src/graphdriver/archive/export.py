@@ -23,7 +23,9 @@ gathered in one reusable buffer, large files go straight from the file to the ou
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import io
 import os
 import stat
@@ -469,6 +471,13 @@ class _PipeReader(io.RawIOBase):
             raise self._errors.pop()
 
 
+def _grow_pipe(fd: int) -> None:
+    """Make the pipe hold a whole output batch, so writer and reader hand over less often."""
+    # above the unprivileged limit, or over the user's pipe quota: the default size stays
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _BUF_SIZE)
+
+
 def stream_tar(write: Callable[[int], None]) -> BinaryIO:
     """Run ``write(fd)`` in a thread writing into a pipe; return the pipe's reading end.
 
@@ -476,6 +485,7 @@ def stream_tar(write: Callable[[int], None]) -> BinaryIO:
     or by close.  Closing the reader early stops the writer (it gets EPIPE), silently.
     """
     r_fd, w_fd = os.pipe2(os.O_CLOEXEC)
+    _grow_pipe(w_fd)
     errors: list[BaseException] = []
 
     def run() -> None:
