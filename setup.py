@@ -13,6 +13,12 @@ setup(
             ["src/graphdriver/_fastapply.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
-        )
+        ),
+        Extension(
+            "graphdriver._fastexport",
+            ["src/graphdriver/_fastexport.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall"],
+        ),
     ]
 )
