@@ -5,7 +5,8 @@ Written for speed and for byte-exact accounting rather than for generality:
 - one large reusable buffer; headers are parsed by slicing, entry data is handed out as
   memoryviews into that buffer (no per-chunk copies);
 - every byte read from the input is hashed (``diff_id``), including the end-of-archive blocks and
-  anything after them: the reader always reads its input to EOF;
+  anything after them: the reader always reads its input to EOF; the hashing runs in a thread of
+  its own (:mod:`.digest`), overlapping with whatever the consumer does with the entries;
 - a :class:`Recorder` sees the archive exactly: raw header blocks (with PAX / GNU long-name
   headers and their data), padding and trailing bytes go to ``segment()``, each entry's data
   region is announced by ``file()``.  Concatenating segments and entry data in call order gives
@@ -19,7 +20,6 @@ Any malformation (bad checksum, truncation, absurd numbers, broken PAX records) 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import zlib
@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Protocol
 
 from ..errors import InvalidArchive
+from .digest import BackgroundDigest
 
 _native_header: Callable[[bytearray, int, int], tuple[Any, ...] | None] | None = None
 _native_create: Callable[..., tuple[int, str] | None] | None = None  # used by apply.py
@@ -41,6 +42,10 @@ if not os.environ.get("GRAPHDRIVER_NO_NATIVE"):
 
 BLOCK = 512
 BUFFER_SIZE = 1 << 20
+# One read.  Small enough that what was read is still in the CPU's cache when it is parsed,
+# hashed and written (a 256 KiB readv from the page cache is ~2.5x faster per byte than 1 MiB
+# here); a quarter of the buffer, so the digest thread hashes a region while the next is read.
+_READ = 256 << 10
 MAX_META = 1 << 20  # cap on a PAX header, a GNU long name/link, a sparse map
 MAX_SIZE = (1 << 63) - 1
 MAX_ID = (1 << 32) - 1
@@ -307,7 +312,7 @@ class TarReader:
     ) -> None:
         self._stream = stream
         self._recorder = recorder
-        self._hash = hashlib.sha256() if digest else None
+        self._digest = BackgroundDigest() if digest else None
         self._buf = bytearray(BUFFER_SIZE)
         self._mv = memoryview(self._buf)
         self._pos = 0
@@ -334,24 +339,33 @@ class TarReader:
             return True
         if self._eof:
             return False
-        if need > len(self._buf):
-            self._buf.extend(bytes(need - len(self._buf)))
+        size = len(self._buf)
+        if need > size:
+            if self._digest is not None:
+                self._digest.wait()
+            self._buf.extend(bytes(need - size))
             self._mv.release()
             self._mv = memoryview(self._buf)
-        if self._pos and (self._pos + need > len(self._buf) or avail == 0):
+            size = len(self._buf)
+        # Reads go on at the end while there is room; the front is reused (after the digest
+        # thread is done with it) when what is needed does not fit behind.
+        if self._pos and (self._pos + need > size or (avail == 0 and size - self._end < _READ)):
+            if self._digest is not None:
+                self._digest.wait()
             if avail:
                 self._mv[:avail] = self._mv[self._pos : self._end]
             self._pos = 0
             self._end = avail
         mv = self._mv
         while self._end - self._pos < need:
-            n = self._stream.readinto(mv[self._end :])  # type: ignore[attr-defined]
+            end = self._end
+            n = self._stream.readinto(mv[end : min(end + _READ, size)])  # type: ignore[attr-defined]
             if not n:
                 self._eof = True
                 return False
-            if self._hash is not None:
-                self._hash.update(mv[self._end : self._end + n])
-            self._end += n
+            if self._digest is not None:
+                self._digest.update(mv[end : end + n])
+            self._end = end + n
             self.bytes_read += n
         return True
 
@@ -494,12 +508,12 @@ class TarReader:
                 break
         self._flush_segment()
         self._done = True
-        if self._hash is not None:
-            self._diff_id = "sha256:" + self._hash.hexdigest()
+        if self._digest is not None:
+            self._diff_id = "sha256:" + self._digest.hexdigest()
 
     @property
     def diff_id(self) -> str:
-        if self._hash is None:
+        if self._digest is None:
             raise ValueError("TarReader was created with digest=False")
         if self._diff_id is None:
             raise ValueError("diff_id is known once the archive has been read to its end")

@@ -1,0 +1,115 @@
+"""sha256 of a stream's bytes, computed beside the code that consumes them.
+
+The tar reader hashes every byte it reads (the layer's diffID).  sha256 runs at ~1.4 GB/s here,
+as long as writing the files of a rootfs layer, so hashing inline makes an apply ~30% slower.
+:class:`BackgroundDigest` takes regions of the reader's buffer, in order, and hashes them in a
+thread of its own (hashlib releases the GIL for updates of 2 KiB and more): the hash overlaps
+with parsing and writing.  The caller promises not to overwrite a handed-over region until
+:meth:`BackgroundDigest.wait` has returned; small regions are hashed inline when nothing is
+pending, which keeps the order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import weakref
+from typing import Any
+
+#: below this, a region is hashed inline (if the thread has nothing pending): a hand-off costs
+#: more than hashing a few KiB
+INLINE_BELOW = 64 << 10
+
+
+class BackgroundDigest:
+    """sha256 of the regions passed to :meth:`update`, hashed in order by a worker thread."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._cond = threading.Condition(threading.Lock())
+        self._items: list[memoryview | None] = []
+        self._pending = 0
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def update(self, region: memoryview) -> None:
+        """Hash *region* (later, in order); it must stay unchanged until :meth:`wait` returns."""
+        if self._pending == 0 and len(region) < INLINE_BELOW:
+            self._hash.update(region)
+            return
+        if self._thread is None:
+            self._start()
+        with self._cond:
+            self._items.append(region)
+            self._pending += 1
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Return once every region handed over so far has been hashed (they may be reused)."""
+        if self._pending:
+            with self._cond:
+                while self._pending and self._error is None:
+                    self._cond.wait()
+        if self._error is not None:
+            raise self._error
+
+    def hexdigest(self) -> str:
+        """The digest of everything handed over; stops the worker thread."""
+        self.wait()
+        self.close()
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        """Stop the worker (without waiting for regions still pending)."""
+        if self._thread is not None and not self._stopped:
+            self._stopped = True
+            with self._cond:
+                self._items.append(None)
+                self._cond.notify_all()
+
+    def _start(self) -> None:
+        thread = threading.Thread(
+            target=_work, args=(self._hash, self._cond, self._items, weakref.ref(self)),
+            name="layer-digest", daemon=True)
+        self._thread = thread
+        thread.start()
+        # a digest dropped before its end (an apply that failed) still stops its thread
+        weakref.finalize(self, _stop, self._cond, self._items)
+
+    def _done_one(self) -> None:
+        self._pending -= 1
+
+
+def _stop(cond: threading.Condition, items: list[memoryview | None]) -> None:
+    with cond:
+        items.append(None)
+        cond.notify_all()
+
+
+def _work(h: Any, cond: threading.Condition, items: list[memoryview | None],
+          ref: weakref.ref[BackgroundDigest]) -> None:
+    # the digest is only reached through a weak reference, so that dropping it stops the thread
+    # (its finalizer posts the None that ends this loop)
+    while True:
+        with cond:
+            while not items:
+                cond.wait()
+            region = items.pop(0)
+        if region is None:
+            return
+        try:
+            h.update(region)
+        except BaseException as exc:  # pragma: no cover - hashlib does not fail on bytes
+            digest = ref()
+            if digest is not None:
+                digest._error = exc
+        finally:
+            region.release()
+            del region
+        with cond:
+            digest = ref()
+            if digest is not None:
+                digest._done_one()
+                del digest
+            cond.notify_all()
