@@ -274,6 +274,7 @@ def _add_entry(
     mode = st.st_mode
     fmt = stat.S_IFMT(mode)
     is_dir = fmt == stat.S_IFDIR
+    wh_named = name.rpartition(b"/")[2].startswith(WHITEOUT_PREFIX_B)
     if is_dir:
         name += b"/"
     perm = mode & 0o7777
@@ -282,7 +283,7 @@ def _add_entry(
     linkname = b""
     devmajor = devminor = 0
     whiteout = overlay and fmt == stat.S_IFCHR and st.st_rdev == 0
-    if whiteout or idmap.is_identity or name.rpartition(b"/")[2].startswith(WHITEOUT_PREFIX_B):
+    if whiteout or wh_named or idmap.is_identity:
         uid, gid = st.st_uid, st.st_gid
     else:
         uid, gid = idmap.to_container(st.st_uid, st.st_gid)
