@@ -6,11 +6,17 @@ Every failure is one line on stderr and a non-zero exit: 1 for errors, 2 for bad
 
 from __future__ import annotations
 
-import argparse
 import os
-import signal
 import sys
-from typing import Any
+
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
+    import signal
+    from typing import Any
+else:
+    import _signal as signal  # the same calls, without the enum wrappers (start-up time)
 
 PROG = "graphdriver"
 
@@ -29,19 +35,29 @@ class UsageError(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # one line, exit 2
-        raise UsageError(message)
+def _parser_class() -> type[argparse.ArgumentParser]:
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:  # one line, exit 2
+            raise UsageError(message)
+
+    return _Parser
 
 
 def _storage_opt(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
+        import argparse
+
         raise argparse.ArgumentTypeError(f"storage option {text!r} is not KEY=VALUE")
     return key, value
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    _Parser = _parser_class()
     common = _Parser(add_help=False)
     g = common.add_argument_group("store")
     g.add_argument("--root", default=argparse.SUPPRESS, help="store root (default: "
@@ -103,6 +119,94 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--name", default="graphdriver",
                     help="plugin name, as given to dockerd --storage-driver (default graphdriver)")
     return p
+
+
+# The common commands are parsed without argparse (its import and the parser above cost more
+# than the rest of an ``exists``).  Only argument lists whose meaning is beyond doubt take this
+# path; anything else (help, abbreviations, "--", values that look like options, bad usage) goes
+# to argparse, which then says what it always said.  tests/test_startup.py checks that both give
+# the same namespace.
+
+# command -> (number of positionals, the defaults its subparser sets)
+_FAST_COMMANDS: dict[str, tuple[int, dict[str, object]]] = {
+    "status": (0, {}),
+    "ls": (0, {}),
+    "cleanup": (0, {}),
+    "exists": (1, {}),
+    "rm": (1, {}),
+    "unmount": (1, {}),
+    "metadata": (1, {}),
+    "mount": (1, {"mount_label": ""}),
+    "changes": (1, {"parent": None}),
+    "diff-size": (1, {"parent": None}),
+    "create": (1, {"parent": None, "rw": False, "size": None, "mount_label": ""}),
+}
+_FAST_FLAGS = {"--json": "json", "--debug": "debug"}
+_FAST_VALUES = {"--root": "root", "--runroot": "runroot", "--driver": "driver", "-s": "driver",
+                "--storage-opt": "storage_opt"}
+
+
+class _Args:
+    """The parsed command line (what argparse's Namespace would hold)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        self.__dict__.update(kwargs)
+
+    def __repr__(self) -> str:
+        return f"_Args({', '.join(f'{k}={v!r}' for k, v in sorted(vars(self).items()))})"
+
+
+def _fast_parse(argv: list[str]) -> Any:
+    """The namespace argparse would build for ``argv``, or None to let argparse decide."""
+    before: dict[str, Any] = {}  # global options given before the command
+    after: dict[str, Any] = {}  # ... and after it (the subparser's: they win, as in argparse)
+    command: str | None = None
+    positionals: list[str] = []
+    i, n = 0, len(argv)
+    while i < n:
+        arg = argv[i]
+        i += 1
+        opts = before if command is None else after
+        if arg in _FAST_FLAGS:
+            opts[_FAST_FLAGS[arg]] = True
+            continue
+        if arg[:1] != "-":
+            if command is None:
+                if arg not in _FAST_COMMANDS:
+                    return None
+                command = arg
+            else:
+                positionals.append(arg)
+            continue
+        name, eq, value = arg.partition("=")
+        if eq and name.startswith("--") and name in _FAST_VALUES:
+            pass  # --option=value
+        elif not eq and arg in _FAST_VALUES and i < n and argv[i][:1] not in ("-", ""):
+            name, value = arg, argv[i]
+            i += 1
+        else:
+            return None  # help, an abbreviation, "--", "-", a missing value, -sVALUE ...
+        dest = _FAST_VALUES[name]
+        if dest == "storage_opt":
+            key, sep, val = value.partition("=")
+            if not sep or not key:
+                return None  # argparse words the error
+            opts.setdefault(dest, []).append((key, val))
+        else:
+            opts[dest] = value
+    if command is None:
+        return None
+    count, defaults = _FAST_COMMANDS[command]
+    if len(positionals) != count:
+        return None
+    # argparse: the subparser's namespace (its defaults, the options after the command, the
+    # id) is copied over the top-level one (the options before it and the command).
+    args = _Args(**before)
+    args.__dict__.update(command=command, **defaults)
+    args.__dict__.update(after)
+    if positionals:
+        args.__dict__["id"] = positionals[0]
+    return args
 
 
 def _open(args: argparse.Namespace) -> Any:
@@ -283,12 +387,13 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as exc:
-        sys.stderr.write(f"{PROG}: usage error: {exc}\n")
-        return 2
+    args = _fast_parse(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        try:
+            args = build_parser().parse_args(argv)
+        except UsageError as exc:
+            sys.stderr.write(f"{PROG}: usage error: {exc}\n")
+            return 2
     if getattr(args, "debug", False):
         import logging
 
