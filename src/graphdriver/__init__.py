@@ -11,9 +11,13 @@ The names below are imported on first use (PEP 562), so that ``import graphdrive
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+#: ``typing.TYPE_CHECKING`` for the package's modules, without importing typing (start-up time):
+#: ``from . import TYPE_CHECKING``.  Type checkers treat any name TYPE_CHECKING as true.
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .archive.changes import Change, ChangeKind
     from .driver import CreateOpts, DiffGetter, Driver, mounted
     from .errors import (

@@ -8,9 +8,13 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
 
 log = logging.getLogger("graphdriver")
 

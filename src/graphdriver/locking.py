@@ -11,7 +11,11 @@ import errno
 import fcntl
 import os
 from pathlib import Path
-from types import TracebackType
+
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import TracebackType
 
 
 class FileLock:

@@ -6,8 +6,12 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from types import TracebackType
+
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import TracebackType
 
 
 def _human(n: float) -> str:

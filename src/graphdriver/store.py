@@ -11,10 +11,9 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
+from . import TYPE_CHECKING
 from .errors import (
     AlreadyExists,
     GraphDriverError,
@@ -31,6 +30,9 @@ from .locking import FileLock, LockSet
 from .refcount import RefCounts, default_runroot
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any, BinaryIO, ClassVar
+
     from .driver import Change, CreateOpts
 
 log = logging.getLogger("graphdriver")
