@@ -7,22 +7,56 @@ An id with no mapping is an error, as in moby (a tar may not name an unmapped ow
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from .errors import InvalidArgument
 
+# IDRange and IDMap behave as frozen dataclasses (init, repr, eq, hash, no assignment), written
+# out so that opening a store does not import dataclasses (and inspect) -- start-up time.
 
-@dataclass(frozen=True)
+
+def _no_setattr(self: object, name: str, value: object) -> None:
+    from dataclasses import FrozenInstanceError
+
+    raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+
+def _no_delattr(self: object, name: str) -> None:
+    from dataclasses import FrozenInstanceError
+
+    raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+
 class IDRange:
+    __match_args__ = ("container_id", "host_id", "size")
     container_id: int
     host_id: int
     size: int
 
-    def __post_init__(self) -> None:
+    def __init__(self, container_id: int, host_id: int, size: int) -> None:
+        object.__setattr__(self, "container_id", container_id)
+        object.__setattr__(self, "host_id", host_id)
+        object.__setattr__(self, "size", size)
         if self.container_id < 0 or self.host_id < 0 or self.size <= 0:
             raise InvalidArgument(
                 f"invalid id range {self.container_id}:{self.host_id}:{self.size}"
             )
+
+    def _key(self) -> tuple[int, int, int]:
+        return (self.container_id, self.host_id, self.size)
+
+    def __repr__(self) -> str:
+        return (f"IDRange(container_id={self.container_id!r}, host_id={self.host_id!r}, "
+                f"size={self.size!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    __setattr__ = _no_setattr
+    __delattr__ = _no_delattr
 
 
 def _parse_ranges(text: str) -> tuple[IDRange, ...]:
@@ -47,12 +81,30 @@ def _map(ranges: tuple[IDRange, ...], value: int, to_host: bool, kind: str) -> i
     raise InvalidArgument(f"{kind} {value} is not mapped from the {side} side")
 
 
-@dataclass(frozen=True)
 class IDMap:
     """uid and gid ranges; empty ranges mean the identity (the usual, non-namespaced store)."""
 
-    uids: tuple[IDRange, ...] = field(default=())
-    gids: tuple[IDRange, ...] = field(default=())
+    __match_args__ = ("uids", "gids")
+    uids: tuple[IDRange, ...]
+    gids: tuple[IDRange, ...]
+
+    def __init__(self, uids: tuple[IDRange, ...] = (), gids: tuple[IDRange, ...] = ()) -> None:
+        object.__setattr__(self, "uids", uids)
+        object.__setattr__(self, "gids", gids)
+
+    def __repr__(self) -> str:
+        return f"IDMap(uids={self.uids!r}, gids={self.gids!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.uids, self.gids) == (other.uids, other.gids)  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((self.uids, self.gids))
+
+    __setattr__ = _no_setattr
+    __delattr__ = _no_delattr
 
     @classmethod
     def parse(cls, uidmap: str = "", gidmap: str = "") -> IDMap:

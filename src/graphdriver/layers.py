@@ -7,16 +7,17 @@ layer absent or complete; what a crash leaves behind is found and removed by rep
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
+from . import TYPE_CHECKING
 from .errors import InvalidArgument, StoreCorrupt
 from .fsutil import atomic_write
+
+if TYPE_CHECKING:
+    from typing import Any
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 MAX_ID_LEN = 96
@@ -42,26 +43,76 @@ def validate_id(layer_id: object, what: str = "layer id") -> str:
     return layer_id
 
 
-@dataclass
+_RECORD_FIELDS = ("id", "parent", "kind", "size_limit", "created", "extra")
+_DEFAULT: Any = object()  # "not given": created and extra then take their default_factory
+
+
+def asdict(rec: LayerRecord) -> dict[str, Any]:
+    """``dataclasses.asdict`` of a record: its fields in order, values copied."""
+    from copy import deepcopy
+
+    return {name: deepcopy(getattr(rec, name)) for name in _RECORD_FIELDS}
+
+
 class LayerRecord:
-    """What ``meta/<id>/layer.json`` holds."""
+    """What ``meta/<id>/layer.json`` holds.
+
+    It behaves as a (non-frozen) dataclass of these fields, written out so that opening a store
+    does not import dataclasses (and inspect): start-up time.
+    """
+
+    __match_args__ = ("id", "parent", "kind", "size_limit", "created", "extra")
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
 
     id: str
     parent: str | None
     kind: str  # "ro" (create) or "rw" (create_rw)
-    size_limit: int | None = None
-    created: float = field(default_factory=time.time)
-    extra: dict[str, Any] = field(default_factory=dict)
+    size_limit: int | None
+    created: float
+    extra: dict[str, Any]
+
+    def __init__(
+        self,
+        id: str,
+        parent: str | None,
+        kind: str,
+        size_limit: int | None = None,
+        created: float = _DEFAULT,
+        extra: dict[str, Any] = _DEFAULT,
+    ) -> None:
+        self.id = id
+        self.parent = parent
+        self.kind = kind
+        self.size_limit = size_limit
+        self.created = time.time() if created is _DEFAULT else created
+        self.extra = {} if extra is _DEFAULT else extra
+
+    def _values(self) -> tuple[Any, ...]:
+        return (self.id, self.parent, self.kind, self.size_limit, self.created, self.extra)
+
+    def __repr__(self) -> str:
+        values = zip(_RECORD_FIELDS, self._values(), strict=True)
+        fields = ", ".join(f"{n}={v!r}" for n, v in values)
+        return f"LayerRecord({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
 
     @property
     def writable(self) -> bool:
         return self.kind == "rw"
 
     def to_json(self) -> bytes:
+        import json
+
         return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
 
     @classmethod
     def from_json(cls, data: bytes, where: Path) -> LayerRecord:
+        import json
+
         try:
             obj = json.loads(data)
             rec = cls(

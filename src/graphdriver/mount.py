@@ -16,10 +16,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -71,19 +74,64 @@ def _read_fs_log(fs_fd: int) -> str:
     return "; ".join(lines)
 
 
-@dataclass
+_OPTION_FIELDS = ("lowers", "upper", "work", "relative_lowers", "relative_to", "readonly",
+                  "extra", "label")
+_DEFAULT: Any = object()  # "not given": the list fields then take their default_factory
+
+
 class OverlayOptions:
-    """What an overlay mount is made of.  Lower paths are absolute, nearest first."""
+    """What an overlay mount is made of.  Lower paths are absolute, nearest first.
+
+    It behaves as a (non-frozen) dataclass of these fields, written out so that the overlay
+    driver's commands do not import dataclasses (and inspect): start-up time.
+    """
+
+    __match_args__ = ("lowers", "upper", "work", "relative_lowers", "relative_to", "readonly",
+                      "extra", "label")
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
 
     lowers: list[str]
-    upper: str | None = None
-    work: str | None = None
+    upper: str | None
+    work: str | None
     #: relative lower names (``l/A``) and the directory they are relative to, for mount(2)
-    relative_lowers: list[str] = field(default_factory=list)
-    relative_to: str | None = None
-    readonly: bool = False
-    extra: list[str] = field(default_factory=list)  # e.g. "index=off", "userxattr"
-    label: str = ""
+    relative_lowers: list[str]
+    relative_to: str | None
+    readonly: bool
+    extra: list[str]  # e.g. "index=off", "userxattr"
+    label: str
+
+    def __init__(
+        self,
+        lowers: list[str],
+        upper: str | None = None,
+        work: str | None = None,
+        relative_lowers: list[str] = _DEFAULT,
+        relative_to: str | None = None,
+        readonly: bool = False,
+        extra: list[str] = _DEFAULT,
+        label: str = "",
+    ) -> None:
+        self.lowers = lowers
+        self.upper = upper
+        self.work = work
+        self.relative_lowers = [] if relative_lowers is _DEFAULT else relative_lowers
+        self.relative_to = relative_to
+        self.readonly = readonly
+        self.extra = [] if extra is _DEFAULT else extra
+        self.label = label
+
+    def _values(self) -> tuple[object, ...]:
+        return (self.lowers, self.upper, self.work, self.relative_lowers, self.relative_to,
+                self.readonly, self.extra, self.label)
+
+    def __repr__(self) -> str:
+        values = zip(_OPTION_FIELDS, self._values(), strict=True)
+        return f"OverlayOptions({', '.join(f'{n}={v!r}' for n, v in values)})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
 
 
 class _Probe:
@@ -193,6 +241,8 @@ def _mount_overlay_legacy(target: Path, opts: OverlayOptions) -> None:
         raise OSError(errno.E2BIG, f"overlay mount options longer than one page ({len(data)})")
     flags = MS_RDONLY if opts.readonly else 0
     cwd = opts.relative_to if opts.relative_lowers else None
+    import subprocess
+
     proc = subprocess.run(
         [sys.executable, "-I", "-S", "-c", _CHILD, os.fspath(Path(target).absolute()), data,
          str(flags)],

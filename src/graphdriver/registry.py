@@ -10,22 +10,32 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from . import TYPE_CHECKING
 from .errors import InvalidArgument, NotSupported
 from .idmap import IDENTITY, IDMap
 
-Factory = Callable[..., Any]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    Factory = Callable[..., Any]
 
 
-@dataclass(frozen=True)
 class Registration:
-    name: str
-    module: str  # imported on first use, so the command starts fast
-    priority: int  # higher is preferred
+    """One registered driver (a plain class: dataclasses costs start-up time)."""
+
+    __slots__ = ("module", "name", "priority")
+
+    def __init__(self, name: str, module: str, priority: int) -> None:
+        self.name = name
+        self.module = module  # imported on first use, so the command starts fast
+        self.priority = priority  # higher is preferred
+
+    def __repr__(self) -> str:
+        return (f"Registration(name={self.name!r}, module={self.module!r}, "
+                f"priority={self.priority!r})")
 
 
 _REGISTRY: dict[str, Registration] = {}
