@@ -30,8 +30,6 @@ import errno
 import fcntl
 import os
 import shutil
-import struct
-import subprocess
 import time
 from pathlib import Path
 
@@ -55,6 +53,8 @@ MIN_IMAGE_SIZE = 8 << 20
 
 def _loop_config(backing_fd: int, name: bytes, flags: int) -> bytes:
     """struct loop_config {u32 fd; u32 block_size; struct loop_info64 info; u64 reserved[8]}."""
+    import struct
+
     info = struct.pack(
         "=QQQQQIIII64s64s32s2Q",
         0, 0, 0, 0, 0,  # device, inode, rdevice, offset, sizelimit
@@ -135,6 +135,8 @@ def loop_detach(dev: str) -> None:
 
 
 def _run(cmd: list[str], what: str) -> None:
+    import subprocess
+
     try:
         proc = subprocess.run(cmd, capture_output=True, check=False)
     except FileNotFoundError:

@@ -8,11 +8,19 @@ cleared at boot; a store reconciles the counts with the mount table when it open
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
+from . import TYPE_CHECKING
 from .fsutil import atomic_write
+
+if TYPE_CHECKING:
+    import hashlib
+else:
+    try:  # the same sha256 without loading OpenSSL, which hashlib does (start-up time)
+        import _sha256 as hashlib
+    except ImportError:  # Python 3.12 renamed it
+        import hashlib
 
 
 def default_runroot() -> Path:

@@ -33,18 +33,14 @@ The image is mounted again lazily whenever the layer (or a child of it) is used.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
 import logging
 import os
-import secrets
 import stat
-from collections.abc import Callable
 from pathlib import Path
 
-from .. import quota
-from ..archive.changes import Change
+from .. import TYPE_CHECKING, quota
 from ..errors import (
     GraphDriverError,
     InvalidArgument,
@@ -57,6 +53,11 @@ from ..locking import FileLock
 from ..mount import OverlayOptions, is_mounted, mount_overlay, unmount, unmount_all_under
 from ..store import LayerStore
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..archive.changes import Change
+
 log = logging.getLogger("graphdriver")
 
 MAX_DEPTH = 128
@@ -65,6 +66,9 @@ SHORT_ID_LEN = 26
 
 
 def _short_id() -> str:
+    import base64
+    import secrets
+
     return base64.b32encode(secrets.token_bytes(16)).decode()[:SHORT_ID_LEN]
 
 
