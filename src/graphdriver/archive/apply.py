@@ -24,7 +24,6 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
 import shutil
 import stat
 from collections.abc import Callable
@@ -190,7 +189,7 @@ class _Applier:
         self.touched: set[str] = set()
         self.merged_meta: set[str] = set()
         self.dir_times: dict[str, tuple[int, int, int | None]] = {}
-        self.scratch = SCRATCH_PREFIX + f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.scratch = SCRATCH_PREFIX + f"{os.getpid()}-{os.urandom(6).hex()}"
         self.scratch_fd: int | None = None
         self.aside_count = 0
         self.plnk: dict[str, str] = {}
