@@ -27,7 +27,6 @@ import os
 import shutil
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import BinaryIO, Literal
 
 from ..errors import (
@@ -99,30 +98,79 @@ class _SignalGate:
 SIGNAL_GATE = _SignalGate()
 
 
-@dataclass
+# The three classes below behave as the dataclasses they were (init, repr, eq), written out so
+# that the confined apply child does not import dataclasses (and inspect) at every apply.
 class ApplyOptions:
-    whiteout_format: Literal["naive", "overlay"] = "naive"
-    idmap: IDMap = IDENTITY
-    recorder: Recorder | None = None
-    progress: Callable[[int], None] | None = None  # bytes read so far, now and then
-    # For apply_confined: the child writes tar-split's raw stream description here (see isolate).
-    tarsplit_fd: int | None = None
+    """How an apply runs (keyword arguments; every field has a default)."""
+
+    __slots__ = ("idmap", "progress", "recorder", "tarsplit_fd", "whiteout_format")
+
+    def __init__(
+        self,
+        whiteout_format: Literal["naive", "overlay"] = "naive",
+        idmap: IDMap = IDENTITY,
+        recorder: Recorder | None = None,
+        progress: Callable[[int], None] | None = None,
+        tarsplit_fd: int | None = None,
+    ) -> None:
+        self.whiteout_format = whiteout_format
+        self.idmap = idmap
+        self.recorder = recorder
+        self.progress = progress  # bytes read so far, now and then
+        # For apply_confined: the child writes tar-split's raw stream description here.
+        self.tarsplit_fd = tarsplit_fd
+
+    _FIELDS = ("whiteout_format", "idmap", "recorder", "progress", "tarsplit_fd")
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"ApplyOptions({inner})"
 
 
-@dataclass
 class ApplyResult:
-    size: int  # bytes of regular-file data applied (moby's ApplyDiff return value)
-    diff_id: str  # "sha256:<hex>" of the uncompressed stream
+    """What an apply did: ``size`` (bytes of regular-file data applied, moby's ApplyDiff return
+    value) and ``diff_id`` ("sha256:<hex>" of the uncompressed stream)."""
+
+    __slots__ = ("diff_id", "size")
+
+    def __init__(self, size: int, diff_id: str) -> None:
+        self.size = size
+        self.diff_id = diff_id
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.size, self.diff_id) == (other.size, other.diff_id)  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ApplyResult(size={self.size!r}, diff_id={self.diff_id!r})"
 
 
-@dataclass
 class _DirMeta:
-    mode: int
-    uid: int
-    gid: int
-    atime_ns: int
-    mtime_ns: int
-    xattrs: dict[str, bytes] = field(default_factory=dict)
+    """A directory's own metadata, as read before the apply changed it."""
+
+    __slots__ = ("atime_ns", "gid", "mode", "mtime_ns", "uid", "xattrs")
+
+    def __init__(self, mode: int, uid: int, gid: int, atime_ns: int, mtime_ns: int,
+                 xattrs: dict[str, bytes] | None = None) -> None:
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.atime_ns = atime_ns
+        self.mtime_ns = mtime_ns
+        self.xattrs = {} if xattrs is None else xattrs
 
 
 def _join(parent: str, base: str) -> str:
