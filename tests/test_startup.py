@@ -1,0 +1,209 @@
+"""Start-up of the ``graphdriver`` command (issue 7, start-up row): what a command imports.
+
+Structural, never timed: a real ``python -m graphdriver`` runs in a subprocess (``-S``, the
+package from this tree) and reports ``sys.modules`` at exit; the modules a light command has no
+use for must not be there.  And the hand-written fast path of the command line must build the
+namespace argparse builds, whenever it takes an argument list at all.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from graphdriver.cli import UsageError, _fast_parse, build_parser
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# Run the command as `python -m graphdriver` does, and write sys.modules at exit.
+_RUNNER = """
+import atexit, runpy, sys
+out = sys.argv[1]
+sys.argv = ["graphdriver", *sys.argv[2:]]
+atexit.register(lambda: open(out, "w").write("\\n".join(sorted(sys.modules))))
+runpy.run_module("graphdriver", run_name="__main__", alter_sys=True)
+"""
+
+# What no light command (exists, status, ls, metadata, rm) may import.
+HEAVY = {
+    "argparse",  # the fast path parses these command lines
+    "typing",
+    "dataclasses",
+    "inspect",
+    "subprocess",
+    "_hashlib",  # OpenSSL
+    "secrets",
+    "tarfile",
+    "signal",  # _signal is enough
+    "logging.handlers",
+    "graphdriver.archive",
+    "graphdriver.driver",
+    "graphdriver.plugin",
+    "graphdriver.progress",
+    "graphdriver.units",
+    "isal",
+    "zstandard",
+}
+
+
+def _modules(tmp_path: Path, *args: str) -> tuple[int, set[str]]:
+    out = tmp_path / "modules.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = str(SRC)
+    proc = subprocess.run([sys.executable, "-S", "-c", _RUNNER, str(out), *args],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert out.exists(), proc.stderr
+    return proc.returncode, set(out.read_text().split())
+
+
+def _heavy(mods: set[str]) -> list[str]:
+    return sorted(m for m in mods if m in HEAVY or m.split(".")[0] in HEAVY
+                  or any(m.startswith(h + ".") for h in HEAVY))
+
+
+def _store(tmp_path: Path, driver: str) -> Path:
+    root = tmp_path / "root"
+    for argv in (["create", "base"], ["create", "top", "--parent", "base"]):
+        proc = subprocess.run([sys.executable, "-m", "graphdriver", "--root", str(root),
+                               "--driver", driver, *argv],
+                              env={**os.environ, "PYTHONPATH": str(SRC)},
+                              capture_output=True, text=True, timeout=60, check=False)
+        if proc.returncode != 0:
+            if "NotSupported" in proc.stderr:
+                pytest.skip(f"{driver} does not work here: {proc.stderr.strip()}")
+            raise AssertionError(proc.stderr)
+    return root
+
+
+def _overlay_usable() -> str | None:
+    if os.geteuid() != 0:
+        return "overlay needs root"
+    try:
+        with open("/proc/filesystems", encoding="ascii") as f:
+            if "overlay" not in f.read().split():
+                return "no overlayfs in this kernel"
+    except OSError as exc:
+        return f"/proc/filesystems: {exc}"
+    return None
+
+
+@pytest.mark.parametrize("driver", ["vfs", "overlay"])
+@pytest.mark.parametrize("command", [["exists", "top"], ["exists", "nosuch"], ["status"], ["ls"],
+                                     ["metadata", "top"], ["--json", "ls"], ["rm", "top"]])
+def test_light_commands_import_little(tmp_path: Path, driver: str, command: list[str]) -> None:
+    if driver == "overlay" and (why := _overlay_usable()):
+        pytest.skip(why)
+    root = _store(tmp_path, driver)
+    rc, mods = _modules(tmp_path, "--root", str(root), *command)
+    assert rc == (1 if command == ["exists", "nosuch"] else 0)
+    assert _heavy(mods) == []
+    assert f"graphdriver.drivers.{driver}" in mods  # it did open the store
+    if driver == "vfs":
+        assert "graphdriver.drivers.overlay" not in mods  # the registry imports only the one used
+        assert "graphdriver.mount" not in mods and "graphdriver.quota" not in mods
+
+
+def test_new_root_picks_a_driver_without_heavy_imports(tmp_path: Path) -> None:
+    rc, mods = _modules(tmp_path, "--root", str(tmp_path / "fresh"), "exists", "x")
+    assert rc == 1
+    assert _heavy(mods) == []
+    assert "graphdriver.drivers.windowsfilter" not in mods  # never auto-selected, never imported
+
+
+def test_unusual_command_line_still_goes_through_argparse(tmp_path: Path) -> None:
+    rc, mods = _modules(tmp_path, "--root", str(tmp_path / "r"), "exists", "--", "x")
+    assert "argparse" in mods  # "--" is argparse's business
+    assert rc == 1
+
+
+# ---------------------------------------------------------------- the fast path = argparse
+
+
+def _argparse(argv: list[str]) -> dict[str, object] | None:
+    try:
+        return vars(build_parser().parse_args(argv))
+    except (UsageError, SystemExit):
+        return None
+
+
+FAST = [
+    ["exists", "x"],
+    ["--root", "/r", "exists", "x"],
+    ["--root=/r", "exists", "x", "--json"],
+    ["exists", "x", "--root", "/r", "--runroot", "/run/x", "--driver", "vfs"],
+    ["-s", "overlay", "--storage-opt", "size=1G", "status", "--storage-opt", "a=b"],
+    ["--json", "--debug", "ls"],
+    ["--json", "ls", "--json"],
+    ["--root", "/a", "metadata", "m", "--root", "/b"],
+    ["--root=", "cleanup"],
+    ["mount", "m"],
+    ["unmount", "m"],
+    ["rm", "m"],
+    ["changes", "c"],
+    ["diff-size", "c"],
+    ["create", "n"],
+    ["exists", "ls"],
+    ["--root", "status", "ls"],
+    ["--storage-opt=k=v=w", "exists", "a=b"],
+]
+
+SLOW = [
+    [],
+    ["--help"],
+    ["exists", "--help"],
+    ["exists"],
+    ["exists", "a", "b"],
+    ["exists", "--", "x"],
+    ["exists", "-"],
+    ["exists", "-1"],
+    ["--ro", "/r", "exists", "x"],  # an abbreviation
+    ["--root"],
+    ["--root", "-x", "exists", "x"],
+    ["--root", "", "exists", "x"],
+    ["-s=vfs", "ls"],
+    ["-svfs", "ls"],
+    ["--json=1", "ls"],
+    ["--storage-opt", "nokey", "ls"],
+    ["--storage-opt", "=v", "ls"],
+    ["create", "n", "--rw"],
+    ["create", "n", "-p", "base"],
+    ["mount", "m", "--mount-label", "l"],
+    ["apply", "x"],
+    ["diff", "x"],
+    ["serve"],
+    ["nosuchcommand"],
+]
+
+
+@pytest.mark.parametrize("argv", FAST, ids=" ".join)
+def test_fast_path_takes_common_command_lines(argv: list[str]) -> None:
+    fast = _fast_parse(argv)
+    assert fast is not None
+    assert vars(fast) == _argparse(argv)
+
+
+@pytest.mark.parametrize("argv", SLOW, ids=lambda a: " ".join(a) or "(empty)")
+def test_fast_path_leaves_the_rest_to_argparse(argv: list[str]) -> None:
+    assert _fast_parse(argv) is None
+
+
+_TOKENS = st.sampled_from([
+    "exists", "status", "ls", "rm", "mount", "unmount", "metadata", "cleanup", "create",
+    "changes", "diff-size", "apply", "diff", "--root", "--root=/r", "--runroot", "--driver",
+    "-s", "--storage-opt", "--storage-opt=a=b", "--json", "--debug", "--parent", "-p", "--rw",
+    "--", "-", "-h", "--ro", "a", "b=c", "x=", "", "/tmp/r", "-x", "vfs",
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_TOKENS, max_size=7))
+def test_fast_path_agrees_with_argparse(argv: list[str]) -> None:
+    fast = _fast_parse(argv)
+    if fast is not None:
+        assert vars(fast) == _argparse(argv)
