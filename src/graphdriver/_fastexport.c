@@ -4,7 +4,8 @@
  *     The names in the directory (without "." and ".."), sorted by byte value: the order
  *     write_tree writes a directory's entries in.
  *
- * emit(buf, pos, out_fd, dir_fd, names, start, prefix, overlay) -> (pos, index, written)
+ * emit(buf, pos, out_fd, dir_fd, names, start, prefix, overlay, small_file)
+ *     -> (pos, index, written)
  *     Writes the entries names[start:] of the directory dir_fd (their tar names are prefix + name)
  *     into the bytearray buf from offset pos on, writing buf out to out_fd whenever it is full, as
  *     long as each entry is of the plain kind: a regular file with one link, a symlink, a fifo or
@@ -15,8 +16,8 @@
  *     its index, for the Python writer to handle; index == len(names) when all were written.
  *     pos is the new fill level of buf, written the number of bytes written to out_fd meanwhile.
  *     The bytes are exactly those the Python writer produces for the same entries.  Files of more
- *     than 256 KiB go out with sendfile (or read/write where it cannot be used); smaller ones are
- *     read into buf.  The GIL is released while it works (the output may be a pipe read by
+ *     than small_file bytes go out with sendfile (or read/write where it cannot be used); smaller
+ *     ones are read into buf (small_file + 511 must fit buf).  The GIL is released while it works (the output may be a pipe read by
  *     another Python thread).  Identity id mapping only: the caller checks that.
  */
 #define PY_SSIZE_T_CLEAN
@@ -37,7 +38,6 @@
 
 #define BLOCK 512
 #define NAME_MAX_USTAR 100
-#define SMALL_FILE (256 << 10)
 #define XATTR_LIST 65536
 #define MAX7 (1ULL << 21)  /* 8**7 */
 #define MAX11 (1ULL << 33) /* 8**11 */
@@ -132,6 +132,7 @@ typedef struct {
     size_t cap;
     size_t pos;
     int fd;
+    size_t small_file;
     long long written;
     PyThreadState *ts; /* the saved thread state while the GIL is released */
     int pyerr;         /* a signal handler raised: the exception is pending */
@@ -267,7 +268,7 @@ file_data(Out *o, int in_fd, unsigned long long size)
 {
     size_t pad = (size_t)((BLOCK - size % BLOCK) % BLOCK);
     unsigned long long done = 0;
-    if (size <= SMALL_FILE) {
+    if (size <= o->small_file) {
         if (room(o, (size_t)size + pad) < 0)
             return -1;
         while (done < size) {
@@ -441,18 +442,19 @@ static PyObject *
 emit(PyObject *self, PyObject *args)
 {
     Py_buffer buf, prefix;
-    Py_ssize_t pos, start;
+    Py_ssize_t pos, start, small_file;
     int out_fd, dir_fd, overlay;
     PyObject *names;
-    if (!PyArg_ParseTuple(args, "w*niiO!ny*p:emit", &buf, &pos, &out_fd, &dir_fd, &PyList_Type,
-                          &names, &start, &prefix, &overlay))
+    if (!PyArg_ParseTuple(args, "w*niiO!ny*pn:emit", &buf, &pos, &out_fd, &dir_fd, &PyList_Type,
+                          &names, &start, &prefix, &overlay, &small_file))
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t n = PyList_GET_SIZE(names);
     const char **cnames = NULL;
     char *xlist = NULL;
-    if (pos < 0 || pos > buf.len || buf.len < BLOCK || start < 0) {
-        PyErr_SetString(PyExc_ValueError, "emit: bad buffer position or start index");
+    if (pos < 0 || pos > buf.len || buf.len < BLOCK || start < 0 || small_file < 0 ||
+        small_file > buf.len - BLOCK) {
+        PyErr_SetString(PyExc_ValueError, "emit: bad buffer position, start index or size");
         goto done;
     }
     if (start > n)
@@ -478,7 +480,7 @@ emit(PyObject *self, PyObject *args)
     }
     /* The list keeps the bytes alive; they are immutable, so their pointers hold without the GIL. */
     Py_INCREF(names);
-    Out o = {buf.buf, (size_t)buf.len, (size_t)pos, out_fd, 0, NULL, 0};
+    Out o = {buf.buf, (size_t)buf.len, (size_t)pos, out_fd, (size_t)small_file, 0, NULL, 0};
     char link[NAME_MAX_USTAR + 2];
     Py_ssize_t i = start;
     int rc = DONE_ENTRY, err = 0;

@@ -70,6 +70,9 @@ WhiteoutFormat = Literal["naive", "overlay"]
 
 _BUF_SIZE = 1 << 20
 _SMALL_FILE = 256 << 10
+"""Files up to this size are read into the buffer; bigger ones go out with sendfile."""
+_SMALL_FILE_PIPE = 16 << 10
+"""The same into a pipe: there sendfile moves page references, no copy, worth its syscalls."""
 _ZEROS = memoryview(bytes(_SMALL_FILE + BLOCK))
 _COPY_CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -87,7 +90,7 @@ class _Native(Protocol):
 
     def emit(
         self, buf: bytearray, pos: int, out_fd: int, dir_fd: int, names: list[bytes],
-        start: int, prefix: bytes, overlay: bool, /,
+        start: int, prefix: bytes, overlay: bool, small_file: int, /,
     ) -> tuple[int, int, int]: ...
 
 
@@ -121,6 +124,11 @@ class _TarOut:
         self.sendfile_ok = True
         self.chunk: bytearray | None = None
         self.seen: dict[tuple[int, int], bytes] = {}
+        try:
+            to_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        except OSError:
+            to_pipe = False
+        self.small_file = _SMALL_FILE_PIPE if to_pipe else _SMALL_FILE
 
     def _write_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -164,7 +172,7 @@ class _TarOut:
     def file_data(self, in_fd: int, size: int) -> None:
         """Exactly *size* bytes of the file, then padding (zeros if the file shrank meanwhile)."""
         padded = size + padding(size)
-        if size <= _SMALL_FILE:
+        if size <= self.small_file:
             if self.pos + padded > _BUF_SIZE:
                 self.flush()
             pos = self.pos
@@ -402,7 +410,8 @@ def write_tree(
             fd, names, prefix = d.fd, d.names, d.prefix
             if native is not None and d.index < len(names) and prefix.isascii():
                 out.pos, d.index, wrote = native.emit(
-                    out.buf, out.pos, out_fd, fd, names, d.index, prefix, overlay)
+                    out.buf, out.pos, out_fd, fd, names, d.index, prefix, overlay,
+                    out.small_file)
                 if wrote:
                     out.written += wrote
                     if progress is not None:
