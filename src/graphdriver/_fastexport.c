@@ -5,19 +5,22 @@
  *     write_tree writes a directory's entries in.
  *
  * emit(buf, pos, out_fd, dir_fd, names, start, prefix, overlay, small_file)
- *     -> (pos, index, written)
+ *     -> (pos, index, written, descend)
  *     Writes the entries names[start:] of the directory dir_fd (their tar names are prefix + name)
  *     into the bytearray buf from offset pos on, writing buf out to out_fd whenever it is full, as
- *     long as each entry is of the plain kind: a regular file with one link, a symlink, a fifo or
- *     a device, whose header is one ustar block (ASCII names of at most 100 bytes, numbers that
- *     fit octal), with no exportable xattr.  Sockets and names that vanished since the listing
- *     are skipped.  It stops at the first other entry (a directory, a hard link, an xattr to
- *     write, a long or non-ASCII name, an overlay whiteout when overlay is true, ...) and returns
- *     its index, for the Python writer to handle; index == len(names) when all were written.
- *     pos is the new fill level of buf, written the number of bytes written to out_fd meanwhile.
- *     The bytes are exactly those the Python writer produces for the same entries.  Files of more
- *     than small_file bytes go out with sendfile (or read/write where it cannot be used); smaller
- *     ones are read into buf (small_file + 511 must fit buf).  The GIL is released while it works (the output may be a pipe read by
+ *     long as each entry is of the plain kind: a regular file with one link, a symlink, a fifo,
+ *     a device or a directory (not opaque in overlay format), whose header is one ustar block
+ *     (ASCII names of at most 100 bytes, numbers that fit octal), with no exportable xattr.
+ *     Sockets and names that vanished since the listing are skipped.  It stops at the first
+ *     other entry (a hard link, an xattr to write, a long or non-ASCII name, an overlay whiteout
+ *     or opaque directory when overlay is true, ...) and returns its index, for the Python
+ *     writer to handle; index == len(names) when all were written.  It also returns right after
+ *     writing a directory's header, with descend true and index just past the directory: its
+ *     contents are to be written next.  pos is the new fill level of buf, written the number of
+ *     bytes written to out_fd meanwhile.  The bytes are exactly those the Python writer
+ *     produces for the same entries.  Files of more than small_file bytes go out with sendfile
+ *     (or read/write where it cannot be used); smaller ones are read into buf (small_file + 511
+ *     must fit buf).  The GIL is released while it works (the output may be a pipe read by
  *     another Python thread).  Identity id mapping only: the caller checks that.
  */
 #define PY_SSIZE_T_CLEAN
@@ -213,7 +216,8 @@ octal(char *field, int width, unsigned long long value)
 }
 
 static void
-ustar(char *b, const char *prefix, size_t plen, const char *name, size_t nlen, char typeflag,
+ustar(char *b, const char *prefix, size_t plen, const char *name, size_t nlen, int slash,
+      char typeflag,
       unsigned mode, unsigned long long uid, unsigned long long gid, unsigned long long size,
       unsigned long long mtime, const char *link, size_t llen, unsigned long long major,
       unsigned long long minor)
@@ -221,6 +225,8 @@ ustar(char *b, const char *prefix, size_t plen, const char *name, size_t nlen, c
     memset(b, 0, BLOCK);
     memcpy(b, prefix, plen);
     memcpy(b + plen, name, nlen);
+    if (slash)
+        b[plen + nlen] = '/';
     octal(b + 100, 8, mode & 07777);
     octal(b + 108, 8, uid);
     octal(b + 116, 8, gid);
@@ -247,13 +253,16 @@ is_ascii(const char *s, size_t n)
     return 1;
 }
 
-/* 1 if every name in the xattr list is one write_tree leaves out, 0 if not. */
+/* 1 if every name in the xattr list is one write_tree leaves out, 0 if not.  With
+ * opaque_matters (a directory in overlay format), the opaque marker is not left out. */
 static int
-xattrs_all_skipped(const char *list, ssize_t len)
+xattrs_all_skipped(const char *list, ssize_t len, int opaque_matters)
 {
     const char *p = list, *end = list + len;
     while (p < end) {
         size_t n = strnlen(p, (size_t)(end - p));
+        if (opaque_matters && n == 22 && memcmp(p, "trusted.overlay.opaque", 22) == 0)
+            return 0;
         if (!(strncmp(p, "trusted.overlay.", 16) == 0 || strncmp(p, "security.selinux", 16) == 0 ||
               strncmp(p, "system.", 7) == 0))
             return 0;
@@ -325,9 +334,10 @@ file_data(Out *o, int in_fd, unsigned long long size)
     return zeros(o, (size_t)(size - done) + pad);
 }
 
-enum { DONE_ENTRY = 0, STOP = 1, FAIL = -1 };
+enum { DONE_ENTRY = 0, STOP = 1, DESCEND = 2, FAIL = -1 };
 
-/* One entry: DONE_ENTRY (written or skipped), STOP (Python's turn) or FAIL (errno). */
+/* One entry: DONE_ENTRY (written or skipped), DESCEND (a directory's header written: its
+ * contents come next), STOP (Python's turn) or FAIL (errno). */
 static int
 one_entry(Out *o, int dir_fd, const char *prefix, size_t plen, const char *name, int overlay,
           char *xlist, char *link)
@@ -361,11 +371,14 @@ one_entry(Out *o, int dir_fd, const char *prefix, size_t plen, const char *name,
         typeflag = '6';
         break;
     case S_IFDIR:
-        return STOP;
+        if (plen + nlen + 1 > NAME_MAX_USTAR)
+            return STOP;
+        typeflag = '5';
+        break;
     default:
         return DONE_ENTRY;
     }
-    if (st.st_nlink > 1)
+    if (st.st_nlink > 1 && fmt != S_IFDIR)
         return STOP;
     if (st.st_mtim.tv_sec < 0 || (unsigned long long)st.st_mtim.tv_sec >= MAX11 ||
         (unsigned long long)st.st_uid >= MAX7 || (unsigned long long)st.st_gid >= MAX7)
@@ -410,12 +423,12 @@ one_entry(Out *o, int dir_fd, const char *prefix, size_t plen, const char *name,
             goto fail;
         xlen = 0;
     }
-    if (xlen > 0 && !xattrs_all_skipped(xlist, xlen))
+    if (xlen > 0 && !xattrs_all_skipped(xlist, xlen, overlay && fmt == S_IFDIR))
         goto python;
 
     if (room(o, BLOCK) < 0)
         goto fail;
-    ustar(o->buf + o->pos, prefix, plen, name, nlen, typeflag, st.st_mode, st.st_uid, st.st_gid,
+    ustar(o->buf + o->pos, prefix, plen, name, nlen, fmt == S_IFDIR, typeflag, st.st_mode, st.st_uid, st.st_gid,
           size, (unsigned long long)st.st_mtim.tv_sec, link, llen, major, minor);
     o->pos += BLOCK;
     if (in_fd >= 0) {
@@ -423,7 +436,7 @@ one_entry(Out *o, int dir_fd, const char *prefix, size_t plen, const char *name,
             goto fail;
         close(in_fd);
     }
-    return DONE_ENTRY;
+    return fmt == S_IFDIR ? DESCEND : DONE_ENTRY;
 
 python:
     if (in_fd >= 0)
@@ -461,7 +474,7 @@ emit(PyObject *self, PyObject *args)
         start = n;
     if (!is_ascii(prefix.buf, (size_t)prefix.len)) {
         /* a non-ASCII directory name: its whole contents needs PAX, Python's part */
-        result = Py_BuildValue("nnL", pos, start, 0LL);
+        result = Py_BuildValue("nnLi", pos, start, 0LL, 0);
         goto done;
     }
     cnames = PyMem_Malloc(sizeof(char *) * (size_t)(n - start + 1));
@@ -488,6 +501,10 @@ emit(PyObject *self, PyObject *args)
     for (; i < n; i++) {
         rc = one_entry(&o, dir_fd, prefix.buf, (size_t)prefix.len, cnames[i - start], overlay,
                        xlist, link);
+        if (rc == DESCEND) {
+            i++;
+            break;
+        }
         if (rc != DONE_ENTRY) {
             err = errno;
             break;
@@ -501,7 +518,7 @@ emit(PyObject *self, PyObject *args)
         }
     }
     else {
-        result = Py_BuildValue("nnL", (Py_ssize_t)o.pos, i, o.written);
+        result = Py_BuildValue("nnLi", (Py_ssize_t)o.pos, i, o.written, rc == DESCEND);
     }
     Py_DECREF(names);
 done:

@@ -70,6 +70,9 @@ def _varied_tree(root: Path) -> None:
     deep.mkdir(parents=True)
     (deep / "short").write_bytes(b"split over prefix")
     (deep / ("f" * 90)).write_bytes(b"needs PAX path")
+    (root / ("p" * 99)).mkdir()  # "p" * 99 + "/" fits ustar's 100 bytes
+    (root / ("p" * 99) / "in").write_bytes(b"needs PAX path")
+    (root / ("q" * 100)).mkdir()  # with its slash, one byte too long
     longer = root / ("g" * 200) / ("h" * 200)
     longer.mkdir(parents=True)
     (longer / "x").write_bytes(b"> 255 bytes")
@@ -124,6 +127,13 @@ def _varied_tree(root: Path) -> None:
         opq.mkdir()
         (opq / "kept").write_bytes(b"k")
         os.setxattr(opq, "trusted.overlay.opaque", b"y")
+        not_opq = root / "opaque-n"
+        not_opq.mkdir()
+        os.setxattr(not_opq, "trusted.overlay.opaque", b"n")
+        origin = root / "origin-dir"
+        origin.mkdir()
+        (origin / "f").write_bytes(b"f")
+        os.setxattr(origin, "trusted.overlay.origin", b"skipped")
         (root / "not-opaque-file").write_bytes(b"n")
         os.setxattr(root / "not-opaque-file", "trusted.overlay.opaque", b"y")
         # ids that need PAX
@@ -143,8 +153,8 @@ class _Counting:
         result: list[bytes] = native.list_dir(dir_fd)
         return result
 
-    def emit(self, *args: object) -> tuple[int, int, int]:
-        result: tuple[int, int, int] = native.emit(*args)
+    def emit(self, *args: object) -> tuple[int, int, int, bool]:
+        result: tuple[int, int, int, bool] = native.emit(*args)
         self.handled += result[1] - args[5]  # type: ignore[operator]
         return result
 

@@ -91,7 +91,7 @@ class _Native(Protocol):
     def emit(
         self, buf: bytearray, pos: int, out_fd: int, dir_fd: int, names: list[bytes],
         start: int, prefix: bytes, overlay: bool, small_file: int, /,
-    ) -> tuple[int, int, int]: ...
+    ) -> tuple[int, int, int, bool]: ...
 
 
 def _load_native() -> _Native | None:
@@ -388,8 +388,9 @@ def write_tree(
     ``DIR/.wh..wh..opq`` entry right after the directory's own entry.
 
     With the native helper (``graphdriver._fastexport``, unless ``GRAPHDRIVER_NO_NATIVE`` is
-    set) and an identity id map, runs of plain entries (files with one link, symlinks, devices,
-    fifos; one ustar block, no xattr to write) are written in C; the rest here.  The bytes are
+    set) and an identity id map, runs of plain entries (files with one link, directories,
+    symlinks, devices, fifos; one ustar block, no xattr to write) are written in C; the rest
+    here.  The bytes are
     the same either way.
     """
     if whiteout_format not in ("naive", "overlay"):
@@ -409,13 +410,18 @@ def write_tree(
             d = stack[-1]
             fd, names, prefix = d.fd, d.names, d.prefix
             if native is not None and d.index < len(names) and prefix.isascii():
-                out.pos, d.index, wrote = native.emit(
+                out.pos, d.index, wrote, descend = native.emit(
                     out.buf, out.pos, out_fd, fd, names, d.index, prefix, overlay,
                     out.small_file)
                 if wrote:
                     out.written += wrote
                     if progress is not None:
                         progress(out.written)
+                if descend:  # a directory's header is written: its contents follow
+                    leaf = names[d.index - 1]
+                    child = os.open(leaf, _DIR_FLAGS, dir_fd=fd)
+                    stack.append(_Dir(child, _list_dir(child), prefix + leaf + b"/"))
+                    continue
             if d.index >= len(names):
                 stack.pop()
                 if fd != root_fd:
