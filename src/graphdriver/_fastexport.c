@@ -102,7 +102,7 @@ list_dir(PyObject *self, PyObject *args)
         }
         rewinddir(dir); /* the descriptor is shared with dir_fd: leave its offset at the start */
         closedir(dir);
-        if (!err)
+        if (!err && count > 1)
             qsort(names, count, sizeof(char *), cmp_names);
     }
     Py_END_ALLOW_THREADS
