@@ -139,6 +139,7 @@ typedef struct {
     long long written;
     PyThreadState *ts; /* the saved thread state while the GIL is released */
     int pyerr;         /* a signal handler raised: the exception is pending */
+    int out_err;       /* the failure was writing the output (not about an entry) */
 } Out;
 
 /* EINTR: run the signal handlers (PEP 475); 0 to retry, -1 if one raised. */
@@ -163,6 +164,7 @@ write_all(Out *o, const char *p, size_t n)
         if (w < 0) {
             if (errno == EINTR && interrupted(o) == 0)
                 continue;
+            o->out_err = 1;
             return -1;
         }
         p += w;
@@ -493,7 +495,7 @@ emit(PyObject *self, PyObject *args)
     }
     /* The list keeps the bytes alive; they are immutable, so their pointers hold without the GIL. */
     Py_INCREF(names);
-    Out o = {buf.buf, (size_t)buf.len, (size_t)pos, out_fd, (size_t)small_file, 0, NULL, 0};
+    Out o = {buf.buf, (size_t)buf.len, (size_t)pos, out_fd, (size_t)small_file, 0, NULL, 0, 0};
     char link[NAME_MAX_USTAR + 2];
     Py_ssize_t i = start;
     int rc = DONE_ENTRY, err = 0;
@@ -514,7 +516,10 @@ emit(PyObject *self, PyObject *args)
     if (rc == FAIL) {
         if (!o.pyerr) {
             errno = err;
-            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, PyList_GET_ITEM(names, i));
+            if (o.out_err)
+                PyErr_SetFromErrno(PyExc_OSError);
+            else
+                PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, PyList_GET_ITEM(names, i));
         }
     }
     else {

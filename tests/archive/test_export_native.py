@@ -18,6 +18,7 @@ import pytest
 
 from graphdriver.archive import export
 from graphdriver.archive.export import stream_tar, write_tree
+from graphdriver.errors import NoSpace
 from graphdriver.idmap import IDMap
 
 IS_ROOT = os.geteuid() == 0
@@ -287,3 +288,17 @@ def test_no_native_env_is_respected() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
                          capture_output=True, text=True).stdout.strip()
     assert out == "True"
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_output_error_names_no_entry(shm: Path, use_native: bool) -> None:
+    """A full output is the output's failure, not one of the entries'."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    root = shm / "tree"
+    root.mkdir()
+    (root / "data").write_bytes(os.urandom(2 << 20))
+    (root / "small").write_bytes(b"x" * 5000)
+    with pytest.raises(NoSpace) as info:
+        _export(root, Path("/dev/full"), use_native=use_native)
+    assert "data" not in str(info.value) and "small" not in str(info.value)
