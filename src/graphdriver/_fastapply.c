@@ -14,6 +14,7 @@
  *             devminor, pax|None, xattrs|None)
  * name is None when the raw name needs the full normalization (clean_name in Python).
  */
+#define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
@@ -485,9 +486,349 @@ static PyObject *create_file(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ---- a run of plain files ----------------------------------------------------------------------
+ *
+ * files(buf, pos, end, dirs, euid, egid, umask, seg, crc)
+ *
+ * Applies, as root onto a target that was empty, the run of entries starting at buf[pos] that are
+ * of the plainest kind: one ustar / GNU / v7 header (no PAX, no long name, octal numbers, valid
+ * checksum), a regular file whose data is all buffered, a name that needs no normalization and is
+ * not a whiteout (no component starting with '.', no "//"), in a directory that *dirs* (the
+ * applier's cache: logical path -> (fd, real path, setgid)) holds.  The first entry that is not of
+ * this kind, or whose create finds something in the way (EEXIST) or fails to open, stops the run
+ * untouched: the Python code takes it from there.  Each file is what create_file makes.
+ *
+ * seg is None (no recorder), or the bytes the recorder still has to get before this run's first
+ * header: the tar-split frames of the PipeRecorder (archive/isolate.py) are then built here, in
+ * the order the Python reader makes them (segment, file, and the data's CRC-64 when crc -- the
+ * reader's crc(data, previous) function -- is not None).
+ *
+ * Returns (pos, count, size, created, frames, pad, error): pos is just after the last applied
+ * entry's data, its padding (pad bytes) not consumed; created lists the files' real paths;
+ * frames is bytes or None; error is None or (errno, step, name) for a file that was created but
+ * could not be finished (it is in created). */
+#define FRAME_S 'S'
+#define FRAME_F 'F'
+#define FRAME_C 'C'
+
+static int put(PyObject **out, Py_ssize_t *used, const void *data, Py_ssize_t n)
+{
+    Py_ssize_t have = PyBytes_GET_SIZE(*out);
+    if (*used + n > have) {
+        Py_ssize_t want = have * 2;
+        if (want < *used + n)
+            want = *used + n;
+        if (_PyBytes_Resize(out, want) < 0)
+            return -1;
+    }
+    memcpy(PyBytes_AS_STRING(*out) + *used, data, (size_t)n);
+    *used += n;
+    return 0;
+}
+
+static int put_u32(PyObject **out, Py_ssize_t *used, uint32_t v)
+{
+    return put(out, used, &v, 4); /* little-endian hosts: the "<I" of struct */
+}
+
+static int put_u64(PyObject **out, Py_ssize_t *used, uint64_t v)
+{
+    return put(out, used, &v, 8);
+}
+
+static PyObject *files(PyObject *self, PyObject *args)
+{
+    Py_buffer view, seg;
+    Py_ssize_t pos, end, start;
+    PyObject *dirs, *seg_obj, *created = NULL, *frames = NULL, *error = NULL, *result;
+    PyObject *cur_parent = NULL; /* bytes of the cached parent */
+    int cur_fd = -1, cur_sgid = 0, euid, egid, umask_bits;
+    PyObject *crcf;
+    PyObject *cur_real = NULL;   /* borrowed from the dirs tuple, kept alive by cur_tuple */
+    PyObject *cur_tuple = NULL;
+    Py_ssize_t used = 0, count = 0, last_pad = 0, prev_data_end;
+    unsigned long long total = 0;
+    const unsigned char *buf;
+    int have_seg = 0;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnO!iiiOO", &view, &pos, &end, &PyDict_Type, &dirs, &euid,
+                          &egid, &umask_bits, &seg_obj, &crcf))
+        return NULL;
+    if (pos < 0 || end > view.len || pos > end) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "files: bad buffer bounds");
+        return NULL;
+    }
+    if (seg_obj != Py_None) {
+        if (PyObject_GetBuffer(seg_obj, &seg, PyBUF_SIMPLE) < 0) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        have_seg = 1;
+        frames = PyBytes_FromStringAndSize(NULL, 64 << 10);
+        if (frames == NULL)
+            goto fail;
+    }
+    created = PyList_New(0);
+    if (created == NULL)
+        goto fail;
+    buf = (const unsigned char *)view.buf;
+    start = pos;
+    prev_data_end = pos;
+    for (;;) {
+        const unsigned char *b, *nm, *base;
+        unsigned char joined[256], cname[260];
+        unsigned long long size, mode, uid, gid, mtime, padded;
+        Py_ssize_t nm_n, base_n, parent_n, i, data_at;
+        int gnu, ustar, fd, err = 0, do_chown;
+        const char *step = NULL;
+        unsigned char typ;
+        PyObject *base_str, *real;
+        struct timespec ts[2];
+
+        if (end - pos < BLOCK)
+            break;
+        b = buf + pos;
+        typ = b[156];
+        if (typ != '0' && typ != '7' && typ != 0)
+            break;
+        if (!checksum_ok(b))
+            break;
+        if (octal(b + 124, 12, &size) < 0 || size > MAX_SIZE || octal(b + 100, 8, &mode) < 0 ||
+            octal(b + 108, 8, &uid) < 0 || octal(b + 116, 8, &gid) < 0 ||
+            octal(b + 136, 12, &mtime) < 0 || mtime > 9000000000ULL || uid > MAX_ID ||
+            gid > MAX_ID)
+            break;
+        padded = (size + BLOCK - 1) & ~(unsigned long long)(BLOCK - 1);
+        if ((unsigned long long)(end - pos - BLOCK) < size)
+            break; /* the data is not all buffered */
+        gnu = memcmp(b + 257, "ustar  \0", 8) == 0;
+        ustar = !gnu && memcmp(b + 257, "ustar", 5) == 0;
+        if (gnu) {
+            for (i = 345; i < 369; i++)
+                if (b[i])
+                    break;
+            if (i < 369)
+                break;
+        }
+        nm = b;
+        nm_n = (Py_ssize_t)strnlen((const char *)b, 100);
+        if (ustar && b[345]) {
+            Py_ssize_t pn = (Py_ssize_t)strnlen((const char *)b + 345, 155);
+            memcpy(joined, b + 345, (size_t)pn);
+            joined[pn] = '/';
+            memcpy(joined + pn + 1, b, (size_t)nm_n);
+            nm = joined;
+            nm_n = pn + 1 + nm_n;
+        }
+        /* the name: "./" once at the front, then no component starting with '.' and no "//" */
+        {
+            const unsigned char *s = nm;
+            Py_ssize_t n = nm_n;
+            if (n >= 2 && s[0] == '.' && s[1] == '/') {
+                s += 2;
+                n -= 2;
+            }
+            if (n == 0 || s[0] == '.' || s[0] == '/' || s[n - 1] == '/')
+                break;
+            for (i = 0; i + 1 < n; i++)
+                if (s[i] == '/' && (s[i + 1] == '.' || s[i + 1] == '/'))
+                    break;
+            if (i + 1 < n)
+                break;
+            base = memrchr(s, '/', (size_t)n);
+            base = base ? base + 1 : s;
+            base_n = n - (base - s);
+            parent_n = base == s ? 0 : (base - s) - 1;
+            if (memchr(s, 0, (size_t)n) != NULL)
+                break;
+            /* the parent directory, from the cache */
+            if (cur_parent == NULL || PyBytes_GET_SIZE(cur_parent) != parent_n ||
+                memcmp(PyBytes_AS_STRING(cur_parent), s, (size_t)parent_n) != 0) {
+                PyObject *key, *hit;
+                Py_CLEAR(cur_parent);
+                Py_CLEAR(cur_tuple);
+                key = decode(s, parent_n);
+                if (key == NULL)
+                    goto fail;
+                hit = PyDict_GetItemWithError(dirs, key);
+                Py_DECREF(key);
+                if (hit == NULL) {
+                    if (PyErr_Occurred())
+                        goto fail;
+                    break;
+                }
+                if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) != 3 ||
+                    !PyLong_Check(PyTuple_GET_ITEM(hit, 0)) ||
+                    !PyUnicode_Check(PyTuple_GET_ITEM(hit, 1)))
+                    break;
+                cur_fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(hit, 0));
+                if (cur_fd == -1 && PyErr_Occurred())
+                    goto fail;
+                cur_sgid = PyObject_IsTrue(PyTuple_GET_ITEM(hit, 2));
+                if (cur_sgid < 0)
+                    goto fail;
+                cur_real = PyTuple_GET_ITEM(hit, 1);
+                cur_tuple = Py_NewRef(hit);
+                cur_parent = PyBytes_FromStringAndSize((const char *)s, parent_n);
+                if (cur_parent == NULL)
+                    goto fail;
+            }
+        }
+        memcpy(cname, base, (size_t)base_n);
+        cname[base_n] = 0;
+        data_at = pos + BLOCK;
+        do_chown = uid != (unsigned long long)euid || gid != (unsigned long long)egid || cur_sgid;
+        Py_BEGIN_ALLOW_THREADS
+        do {
+            fd = openat(cur_fd, (const char *)cname,
+                        O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, (mode_t)(mode & 0777));
+        } while (fd < 0 && errno == EINTR);
+        if (fd >= 0) {
+            const unsigned char *p = buf + data_at;
+            unsigned long long left = size;
+            while (left > 0) {
+                ssize_t n = write(fd, p, left > (1ULL << 30) ? (1U << 30) : (size_t)left);
+                if (n < 0) {
+                    if (errno == EINTR)
+                        continue;
+                    err = errno;
+                    step = "write";
+                    break;
+                }
+                p += n;
+                left -= (unsigned long long)n;
+            }
+            if (!step && do_chown && fchown(fd, (uid_t)uid, (gid_t)gid) < 0) {
+                err = errno;
+                step = "chown";
+            }
+            if (!step && ((mode & 07000) || (mode & (unsigned long long)umask_bits)) &&
+                fchmod(fd, (mode_t)(mode & 07777)) < 0) {
+                err = errno;
+                step = "chmod";
+            }
+            if (!step) {
+                ts[0].tv_sec = ts[1].tv_sec = (time_t)mtime;
+                ts[0].tv_nsec = ts[1].tv_nsec = 0;
+                if (futimens(fd, ts) < 0) {
+                    err = errno;
+                    step = "utime";
+                }
+            }
+            if (close(fd) < 0 && !step && errno != EINTR) {
+                err = errno;
+                step = "close";
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (fd < 0)
+            break; /* EEXIST (something in the way) or another error: Python redoes this one */
+        base_str = decode(base, base_n);
+        if (base_str == NULL)
+            goto fail;
+        if (PyUnicode_GET_LENGTH(cur_real) == 0) {
+            real = base_str;
+        } else {
+            real = PyUnicode_FromFormat("%U/%U", cur_real, base_str);
+            Py_DECREF(base_str);
+            if (real == NULL)
+                goto fail;
+        }
+        if (PyList_Append(created, real) < 0) {
+            Py_DECREF(real);
+            goto fail;
+        }
+        if (step) {
+            error = Py_BuildValue("(isN)", err, step, real);
+            if (error == NULL)
+                goto fail;
+        } else {
+            Py_DECREF(real);
+        }
+        if (have_seg) {
+            /* segment: what the recorder had pending (the first time) or the previous entry's
+             * padding, then this header; the file; the data's CRC */
+            const unsigned char *sfrom = buf + prev_data_end;
+            Py_ssize_t sn = pos + BLOCK - prev_data_end;
+            Py_ssize_t pre = count == 0 ? seg.len : 0;
+            unsigned char tag = FRAME_S;
+            if (put(&frames, &used, &tag, 1) < 0 || put_u32(&frames, &used, (uint32_t)(pre + sn)) < 0)
+                goto fail;
+            if (pre && put(&frames, &used, seg.buf, pre) < 0)
+                goto fail;
+            if (put(&frames, &used, sfrom, sn) < 0)
+                goto fail;
+            tag = FRAME_F;
+            if (put(&frames, &used, &tag, 1) < 0 || put_u32(&frames, &used, (uint32_t)nm_n) < 0 ||
+                put_u64(&frames, &used, (uint64_t)size) < 0 ||
+                put_u64(&frames, &used, (uint64_t)-1) < 0 || put(&frames, &used, nm, nm_n) < 0)
+                goto fail;
+            if (crcf != Py_None && size) {
+                uint64_t c;
+                PyObject *mv, *r;
+                mv = PyMemoryView_FromMemory((char *)buf + data_at, (Py_ssize_t)size, PyBUF_READ);
+                if (mv == NULL)
+                    goto fail;
+                r = PyObject_CallFunction(crcf, "Oi", mv, 0);
+                Py_DECREF(mv);
+                if (r == NULL)
+                    goto fail;
+                c = (uint64_t)PyLong_AsUnsignedLongLong(r);
+                Py_DECREF(r);
+                if (c == (uint64_t)-1 && PyErr_Occurred())
+                    goto fail;
+                tag = FRAME_C;
+                if (put(&frames, &used, &tag, 1) < 0 || put_u64(&frames, &used, c) < 0)
+                    goto fail;
+            }
+        }
+        count++;
+        total += size;
+        prev_data_end = data_at + (Py_ssize_t)size;
+        last_pad = (Py_ssize_t)(padded - size);
+        pos = prev_data_end;
+        if (error != NULL)
+            break;
+        /* the next header comes after this entry's padding */
+        if (end - pos < last_pad + BLOCK)
+            break;
+        pos += last_pad;
+    }
+    if (count)
+        pos = prev_data_end;
+    else
+        pos = start;
+    if (have_seg && _PyBytes_Resize(&frames, used) < 0)
+        goto fail;
+    result = Py_BuildValue("(nnKNNnN)", pos, count, total, created,
+                           have_seg ? frames : Py_NewRef(Py_None), count ? last_pad : 0,
+                           error ? error : Py_NewRef(Py_None));
+    if (!have_seg)
+        Py_XDECREF(frames);
+    Py_XDECREF(cur_parent);
+    Py_XDECREF(cur_tuple);
+    if (have_seg)
+        PyBuffer_Release(&seg);
+    PyBuffer_Release(&view);
+    return result;
+fail:
+    Py_XDECREF(created);
+    Py_XDECREF(frames);
+    Py_XDECREF(error);
+    Py_XDECREF(cur_parent);
+    Py_XDECREF(cur_tuple);
+    if (have_seg)
+        PyBuffer_Release(&seg);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"header", header, METH_VARARGS, "Parse the next common-case tar header sequence, or None."},
     {"create_file", create_file, METH_VARARGS, "Create, fill and finish one regular file."},
+    {"files", files, METH_VARARGS, "Apply a run of plain regular files (see the comment)."},
     {NULL, NULL, 0, NULL},
 };
 

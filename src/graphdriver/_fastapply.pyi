@@ -16,3 +16,15 @@ def create_file(
     mtime_ns: int,
     /,
 ) -> tuple[int, str] | None: ...
+def files(
+    buf: bytearray,
+    pos: int,
+    end: int,
+    dirs: dict[str, tuple[int, str, bool]],
+    euid: int,
+    egid: int,
+    umask: int,
+    seg: bytearray | bytes | None,
+    crc: Any,
+    /,
+) -> tuple[int, int, int, list[str], bytes | None, int, tuple[int, str, str] | None]: ...

@@ -747,7 +747,24 @@ class _Applier:
         next_progress = _PROGRESS_STEP
         regular = ts.REGULAR_TYPES
         gate = SIGNAL_GATE
-        for e in reader:
+        # Runs of plain files go through the native loop (one call for many files) when this
+        # apply is the simple case: root, ids as they are, a target that was empty (nothing to
+        # journal: a rollback empties it).
+        native = (self.native_create is not None and self.identity and self.empty_start
+                  and reader.can_apply_files())
+        entries = iter(reader)
+        while True:
+            if native:
+                gate.closed = True
+                try:
+                    self._native_files(reader)
+                finally:
+                    gate.closed = False
+                if gate.pending is not None:
+                    gate.open()
+            e = next(entries, None)
+            if e is None:
+                break
             gate.closed = True
             try:
                 self._entry(reader, e, regular)
@@ -760,6 +777,23 @@ class _Applier:
                 next_progress = reader.bytes_read + _PROGRESS_STEP
         if progress is not None:
             progress(reader.bytes_read)
+
+    def _native_files(self, reader: TarReader) -> None:
+        """A run of plain files in one native call (TarReader.apply_files)."""
+        if self.graveyard:
+            self._bury()
+        count, size, created, error = reader.apply_files(self.cache, self.euid, self.egid,
+                                                         self.umask)
+        if not count:
+            return
+        self.created.update(created)
+        self.size += size
+        if error is not None:  # as _regular_native reports it
+            err, step, real = error
+            exc = OSError(err, os.strerror(err))
+            if step == "chown":
+                self._soft_fail(f"chown {real!r}", exc)
+            raise exc
 
     def _entry(self, reader: TarReader, e: TarEntry, regular: frozenset[bytes]) -> None:
         """Apply one entry (with the signal gate closed: see _SignalGate)."""

@@ -82,6 +82,10 @@ class PipeRecorder:
     def file_done(self, crc64: int) -> None:
         self._out.write(_CRC_FRAME.pack(_CRC, crc64))
 
+    def write_frames(self, frames: bytes) -> None:
+        """Frames already encoded (by the native apply of a run of files, _fastapply.files)."""
+        self._out.write(frames)
+
     def close(self) -> None:
         self._out.close()
 

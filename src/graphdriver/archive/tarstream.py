@@ -31,12 +31,14 @@ from .digest import BackgroundDigest
 
 _native_header: Callable[[bytearray, int, int], tuple[Any, ...] | None] | None = None
 _native_create: Callable[..., tuple[int, str] | None] | None = None  # used by apply.py
+_native_files: Callable[..., tuple[Any, ...]] | None = None
 if not os.environ.get("GRAPHDRIVER_NO_NATIVE"):
     try:
         from .. import _fastapply
 
         _native_header = _fastapply.header
         _native_create = _fastapply.create_file
+        _native_files = _fastapply.files
     except ImportError:  # not compiled: the pure-Python code does everything
         pass
 
@@ -523,6 +525,45 @@ class TarReader:
         """Skip whatever is left of the archive (entries and trailing bytes) up to EOF."""
         for _ in self:
             pass
+
+    def _settle(self) -> None:
+        """Finish the current entry (what ``__iter__`` does before the next header)."""
+        if self._remaining or self._pad:
+            self._skip_current()
+        if self._crc_on:
+            self._crc_on = False
+            self._file_done(self._crc)  # type: ignore[misc]
+
+    def can_apply_files(self) -> bool:
+        """Whether :meth:`apply_files` can work here: the native helper is built, and the
+        recorder, if any, takes raw frames (the confined apply's PipeRecorder)."""
+        rec = self._recorder
+        return _native_files is not None and (rec is None or hasattr(rec, "write_frames"))
+
+    def apply_files(
+        self, dirs: dict[str, tuple[int, str, bool]], euid: int, egid: int, umask: int
+    ) -> tuple[int, int, list[str], tuple[int, str, str] | None]:
+        """Apply natively the run of plain regular files that starts here (see ``files`` in
+        _fastapply.c: root, an empty target, directories from *dirs*); the run ends at the first
+        entry of another kind, which the caller then reads as usual.
+
+        Returns (files applied, their bytes, their real paths, error): error is (errno, step,
+        real path) for the last file, created but not finished.  Call only where the previous
+        entry's data has been consumed (between entries) and when :meth:`can_apply_files`."""
+        if self._global or self._done:
+            return 0, 0, [], None
+        self._settle()
+        rec = self._recorder
+        pos, count, size, created, frames, pad, error = _native_files(  # type: ignore[misc]
+            self._buf, self._pos, self._end, dirs, euid, egid, umask,
+            None if rec is None else self._seg, self._crcf)
+        if count:
+            self._pos = pos
+            self._pad = pad
+            if rec is not None:
+                self._seg.clear()
+                rec.write_frames(frames)  # type: ignore[attr-defined]
+        return count, size, created, error
 
     def __iter__(self) -> Iterator[TarEntry]:
         rec = self._recorder

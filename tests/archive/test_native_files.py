@@ -1,0 +1,171 @@
+"""The native loop for runs of plain files (_fastapply.files, TarReader.apply_files) against the
+pure-Python apply: the same tree, the same size and diffID, and the same recorder frames byte for
+byte (the confined apply's PipeRecorder stream, from which tar-split metadata is written)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tarbuild import build, header, member, pad, pax_member  # type: ignore[import-not-found]
+from tests.treeutil import diff_snapshots, snapshot
+
+from graphdriver.archive import tarstream as ts
+from graphdriver.archive.apply import ApplyOptions, apply_reader
+from graphdriver.archive.isolate import PipeRecorder
+from graphdriver.errors import GraphDriverError
+
+native = pytest.importorskip("graphdriver._fastapply", reason="native extension not compiled")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the native file loop is for root")
+
+
+NATIVE_FILES: list[int] = []
+
+
+def _counting_files(*args: Any) -> Any:
+    result = native.files(*args)
+    NATIVE_FILES.append(result[1])
+    return result
+
+
+def _apply(data: bytes, target: Path, tmp: Path, use_native: bool, record: bool,
+           monkeypatch: pytest.MonkeyPatch) -> tuple[Any, bytes]:
+    monkeypatch.setattr(ts, "_native_files", _counting_files if use_native else None)
+    target.mkdir()
+    frames_path = tmp / f"frames-{use_native}"
+    fd = os.open(frames_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    rec = PipeRecorder(fd) if record else None
+    root = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        reader = ts.TarReader(io.BytesIO(data), rec)
+        try:
+            result: Any = apply_reader(reader, root, ApplyOptions(recorder=rec))
+        except GraphDriverError as exc:
+            result = ("error", type(exc).__name__, str(exc))
+    finally:
+        os.close(root)
+        if rec is not None:
+            rec.close()
+        else:
+            os.close(fd)
+    return result, frames_path.read_bytes()
+
+
+def _same(data: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+          record: bool = True) -> Any:
+    py_result, py_frames = _apply(data, tmp_path / "py", tmp_path, False, record, monkeypatch)
+    nat_result, nat_frames = _apply(data, tmp_path / "nat", tmp_path, True, record, monkeypatch)
+    assert nat_result == py_result
+    assert nat_frames == py_frames
+    assert diff_snapshots(snapshot(tmp_path / "py", dir_mtimes=True),
+                          snapshot(tmp_path / "nat", dir_mtimes=True)) == []
+    return nat_result
+
+
+def _prefixed(name: str, data: bytes = b"", **kw: Any) -> bytes:
+    """A member whose name is split into ustar's prefix (155) and name (100) fields."""
+    cut = name.rindex("/", 0, 156)
+    kw.setdefault("size", len(data))
+    fields = {(345, 500): name[:cut].encode()}
+    return header(name[cut + 1 :], fields=fields, **kw) + pad(data)
+
+
+def _files_tar(seed: int, count: int = 300) -> bytes:
+    """Directories, then runs of files among them (sizes around block edges, odd modes,
+    set-id bits, other owners), a symlink and a hard link now and then, ustar prefix names."""
+    rng = random.Random(seed)
+    parts = [member("a/", type=b"5", mode=0o755), member("a/b/", type=b"5", mode=0o2775, gid=7),
+             member("c/", type=b"5", mode=0o700, uid=5)]
+    deep = "p" * 90 + "/" + "q" * 60
+    parts += [member("c/" + "p" * 90 + "/", type=b"5"),
+              _prefixed("c/" + deep + "/", type=b"5", size=0)]
+    dirs = ["a", "a/b", "c", "c/" + "p" * 90, "c/" + deep, ""]
+    for i in range(count):
+        d = rng.choice(dirs)
+        name = (d + "/" if d else "") + f"f{i}-" + "x" * rng.choice((1, 20, 80))
+        size = rng.choice((0, 1, 511, 512, 513, 4096, 70_000, 300_000))
+        mode = rng.choice((0o644, 0o755, 0o4755, 0o2711, 0o600, 0o777))
+        make = _prefixed if len(name) > 100 else member
+        parts.append(make(name, rng.randbytes(size), mode=mode, uid=rng.choice((0, 0, 1000)),
+                          gid=rng.choice((0, 0, 50)), mtime=1_600_000_000 + i))
+        roll = rng.random()
+        if len(name) > 90:
+            continue
+        if roll < 0.05:
+            parts.append(member(f"{name}.lnk", type=b"2", linkname=name.rsplit("/", 1)[-1]))
+        elif roll < 0.08:
+            parts.append(member(f"{name}.hard", type=b"1", linkname=name))
+        elif roll < 0.10:
+            parts.append(pax_member([("path", name + ".pax"), ("mtime", "1600000000.5")]))
+            parts.append(member("ignored", b"pax data"))
+    return build(*parts)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_runs_of_files_match_the_python_apply(seed: int, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _files_tar(seed)
+    NATIVE_FILES.clear()
+    result = _same(data, tmp_path, monkeypatch)
+    assert sum(NATIVE_FILES) > 200  # most files went through the native loop
+    assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_without_a_recorder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _same(_files_tar(9, 100), tmp_path, monkeypatch, record=False)
+
+
+def test_a_file_in_the_way_and_duplicates_go_the_python_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = build(
+        member("d/", type=b"5"),
+        member("d/f", b"one"),
+        member("d/g", b"two"),
+        member("d/f", b"one again, longer"),  # the same name: EEXIST, Python replaces it
+        member("d/sub", b"a file"),
+        member("d/sub/", type=b"5"),  # a directory over the file
+        member("d/sub/x", b"inside"),
+        member("d/.wh.g"),  # a whiteout in the middle of a run
+        member("d/h", b"after"),
+        member("./d/i", b"dot-slash name"),
+        member("d//j", b"double slash: normalized by Python"),
+    )
+    _same(data, tmp_path, monkeypatch)
+    assert (tmp_path / "nat/d/f").read_bytes() == b"one again, longer"
+    assert (tmp_path / "nat/d/sub/x").read_bytes() == b"inside"
+
+
+def test_truncated_data_and_bad_checksum_fail_the_same_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = build(member("d/", type=b"5"), *(member(f"d/f{i}", b"z" * 700) for i in range(5)))
+    (tmp_path / "t").mkdir()
+    result = _same(good[: 512 * 8 + 100], tmp_path / "t", monkeypatch)
+    assert result[0] == "error"
+    broken = bytearray(build(member("d/", type=b"5"), member("d/a", b"1"), member("d/b", b"2")))
+    broken[3 * 512 + 100] ^= 0x01  # the third header's mode field: its checksum no longer holds
+    (tmp_path / "b").mkdir()
+    result = _same(bytes(broken), tmp_path / "b", monkeypatch)
+    assert result[0] == "error"
+
+
+def test_a_gnu_tar_of_a_real_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    rng = random.Random(5)
+    for d in range(8):
+        sub = src / f"dir{d}" / "inner"
+        sub.mkdir(parents=True)
+        for i in range(40):
+            p = (sub if i % 2 else sub.parent) / f"file{i}"
+            p.write_bytes(rng.randbytes(rng.choice((0, 100, 10_000))))
+            os.chmod(p, rng.choice((0o644, 0o755, 0o600)))
+    out = tmp_path / "layer.tar"
+    subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", src, "-cf", out, "."], check=True)
+    (tmp_path / "w").mkdir()
+    result = _same(out.read_bytes(), tmp_path / "w", monkeypatch)
+    assert result.size == sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
