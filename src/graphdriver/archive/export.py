@@ -16,9 +16,15 @@ What the entries look like follows moby's pkg/archive (tarAppender.addTarFile):
   ``security.capability`` is rewritten to version 2 as moby does.
 
 Entries are written in a deterministic order: within each directory sorted by byte name, each
-directory before its contents.  The writer keeps memory constant: headers and small files are
-gathered in one reusable buffer, large files go straight from the file to the output with
-``os.sendfile`` (read/write through a reusable buffer where sendfile cannot be used).
+directory before its contents.  The writer keeps memory constant: headers are packed and small
+files read straight into one reusable 1 MiB buffer, large files go from the file to the output
+with ``os.sendfile`` (read/write through a reusable buffer where sendfile cannot be used);
+"large" is > 256 KiB into a file, > 16 KiB into a pipe (where sendfile only moves page
+references).  When the optional native helper ``graphdriver._fastexport`` is built (and
+``GRAPHDRIVER_NO_NATIVE`` is not set), ``write_tree`` with an identity id map hands it each
+directory's runs of plain entries (one ustar block, no xattr to write, not a hard link, not an
+overlay whiteout or opaque directory); it writes the same bytes the Python code below does, into
+the same buffer, without holding the GIL.
 """
 
 from __future__ import annotations
