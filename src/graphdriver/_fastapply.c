@@ -507,6 +507,79 @@ static PyObject *create_file(PyObject *self, PyObject *args)
  * entry's data, its padding (pad bytes) not consumed; created lists the files' real paths;
  * frames is bytes or None; error is None or (errno, step, name) for a file that was created but
  * could not be finished (it is in created). */
+/* The records of a local PAX header that the native loop can apply: times, path, size, ids and
+ * names (numeric ids are what an apply uses).  -1 for anything else (xattrs, sparse maps, ...). */
+struct simple_pax {
+    const unsigned char *path;
+    Py_ssize_t path_n;
+    int have_mtime, have_atime, have_size, have_uid, have_gid;
+    long long mtime_ns, atime_ns;
+    unsigned long long size, uid, gid;
+};
+
+static int simple_pax(const unsigned char *d, const unsigned char *dend, struct simple_pax *px)
+{
+    memset(px, 0, sizeof(*px));
+    while (d < dend) {
+        const unsigned char *sp = d, *rec_end, *eq, *key, *val;
+        Py_ssize_t len = 0, keyn, valn;
+        long long ignored;
+        if (*d == 0)
+            return -1;
+        while (sp < dend && sp - d < 18 && *sp >= '0' && *sp <= '9') {
+            len = len * 10 + (*sp - '0');
+            sp++;
+        }
+        if (sp == d || sp >= dend || *sp != ' ' || len <= sp - d + 1)
+            return -1;
+        rec_end = d + len;
+        if (rec_end > dend || rec_end[-1] != '\n')
+            return -1;
+        key = sp + 1;
+        eq = memchr(key, '=', (size_t)(rec_end - 1 - key));
+        if (eq == NULL || eq == key)
+            return -1;
+        keyn = eq - key;
+        val = eq + 1;
+        valn = rec_end - 1 - val;
+        d = rec_end;
+#define KEY(lit) (keyn == (Py_ssize_t)sizeof(lit) - 1 && memcmp(key, lit, sizeof(lit) - 1) == 0)
+        if (KEY("mtime")) {
+            if (pax_time(val, valn, &px->mtime_ns) < 0)
+                return -1;
+            px->have_mtime = 1;
+        } else if (KEY("atime")) {
+            if (pax_time(val, valn, &px->atime_ns) < 0)
+                return -1;
+            px->have_atime = 1;
+        } else if (KEY("ctime")) {
+            if (pax_time(val, valn, &ignored) < 0)
+                return -1;
+        } else if (KEY("path")) {
+            if (valn == 0 || memchr(val, 0, (size_t)valn) != NULL)
+                return -1;
+            px->path = val;
+            px->path_n = valn;
+        } else if (KEY("size")) {
+            if (decimal(val, valn, &px->size) < 0)
+                return -1;
+            px->have_size = 1;
+        } else if (KEY("uid")) {
+            if (decimal(val, valn, &px->uid) < 0 || px->uid > MAX_ID)
+                return -1;
+            px->have_uid = 1;
+        } else if (KEY("gid")) {
+            if (decimal(val, valn, &px->gid) < 0 || px->gid > MAX_ID)
+                return -1;
+            px->have_gid = 1;
+        } else if (!KEY("uname") && !KEY("gname")) {
+            return -1;
+        }
+#undef KEY
+    }
+    return 0;
+}
+
 #define FRAME_S 'S'
 #define FRAME_F 'F'
 #define FRAME_C 'C'
@@ -578,9 +651,12 @@ static PyObject *files(PyObject *self, PyObject *args)
     prev_data_end = pos;
     for (;;) {
         const unsigned char *b, *nm, *base;
-        unsigned char joined[256], cname[260];
+        unsigned char joined[256], cname[4097];
         unsigned long long size, mode, uid, gid, mtime, padded;
-        Py_ssize_t nm_n, base_n, parent_n, i, data_at;
+        long long mtime_ns, atime_ns;
+        Py_ssize_t nm_n, base_n, parent_n, i, data_at, hdr_at;
+        struct simple_pax px;
+        int have_pax;
         int gnu, ustar, fd, err = 0, do_chown;
         const char *step = NULL;
         unsigned char typ;
@@ -590,6 +666,22 @@ static PyObject *files(PyObject *self, PyObject *args)
         if (end - pos < BLOCK)
             break;
         b = buf + pos;
+        hdr_at = pos;
+        have_pax = 0;
+        if (b[156] == 'x') {
+            /* a local PAX header of the simple kind, then the file's own header */
+            unsigned long long psize, ppadded;
+            if (!checksum_ok(b) || octal(b + 124, 12, &psize) < 0 || psize > MAX_META)
+                break;
+            ppadded = (psize + BLOCK - 1) & ~(unsigned long long)(BLOCK - 1);
+            if ((unsigned long long)(end - pos) < BLOCK + ppadded + BLOCK)
+                break;
+            if (simple_pax(b + BLOCK, b + BLOCK + psize, &px) < 0)
+                break;
+            have_pax = 1;
+            hdr_at = pos + BLOCK + (Py_ssize_t)ppadded;
+            b = buf + hdr_at;
+        }
         typ = b[156];
         if (typ != '0' && typ != '7' && typ != 0)
             break;
@@ -597,11 +689,25 @@ static PyObject *files(PyObject *self, PyObject *args)
             break;
         if (octal(b + 124, 12, &size) < 0 || size > MAX_SIZE || octal(b + 100, 8, &mode) < 0 ||
             octal(b + 108, 8, &uid) < 0 || octal(b + 116, 8, &gid) < 0 ||
-            octal(b + 136, 12, &mtime) < 0 || mtime > 9000000000ULL || uid > MAX_ID ||
-            gid > MAX_ID)
+            octal(b + 136, 12, &mtime) < 0 || mtime > 9000000000ULL)
+            break;
+        mtime_ns = (long long)mtime * 1000000000LL;
+        atime_ns = mtime_ns;
+        if (have_pax) {
+            if (px.have_size)
+                size = px.size;
+            if (px.have_uid)
+                uid = px.uid;
+            if (px.have_gid)
+                gid = px.gid;
+            if (px.have_mtime)
+                mtime_ns = px.mtime_ns;
+            atime_ns = px.have_atime && px.atime_ns >= mtime_ns ? px.atime_ns : mtime_ns;
+        }
+        if (uid > MAX_ID || gid > MAX_ID || size > MAX_SIZE)
             break;
         padded = (size + BLOCK - 1) & ~(unsigned long long)(BLOCK - 1);
-        if ((unsigned long long)(end - pos - BLOCK) < size)
+        if ((unsigned long long)(end - hdr_at - BLOCK) < size)
             break; /* the data is not all buffered */
         gnu = memcmp(b + 257, "ustar  \0", 8) == 0;
         ustar = !gnu && memcmp(b + 257, "ustar", 5) == 0;
@@ -622,6 +728,12 @@ static PyObject *files(PyObject *self, PyObject *args)
             nm = joined;
             nm_n = pn + 1 + nm_n;
         }
+        if (have_pax && px.path != NULL) {
+            nm = px.path;
+            nm_n = px.path_n;
+        }
+        if (typ == 0 && nm_n > 0 && nm[nm_n - 1] == '/')
+            break; /* an old-style directory */
         /* the name: "./" once at the front, then no component starting with '.' and no "//" */
         {
             const unsigned char *s = nm;
@@ -676,9 +788,11 @@ static PyObject *files(PyObject *self, PyObject *args)
                     goto fail;
             }
         }
+        if (base_n >= (Py_ssize_t)sizeof(cname))
+            break;
         memcpy(cname, base, (size_t)base_n);
         cname[base_n] = 0;
-        data_at = pos + BLOCK;
+        data_at = hdr_at + BLOCK;
         do_chown = uid != (unsigned long long)euid || gid != (unsigned long long)egid || cur_sgid;
         Py_BEGIN_ALLOW_THREADS
         do {
@@ -710,8 +824,10 @@ static PyObject *files(PyObject *self, PyObject *args)
                 step = "chmod";
             }
             if (!step) {
-                ts[0].tv_sec = ts[1].tv_sec = (time_t)mtime;
-                ts[0].tv_nsec = ts[1].tv_nsec = 0;
+                ts[0].tv_sec = (time_t)(atime_ns / 1000000000LL);
+                ts[0].tv_nsec = (long)(atime_ns % 1000000000LL);
+                ts[1].tv_sec = (time_t)(mtime_ns / 1000000000LL);
+                ts[1].tv_nsec = (long)(mtime_ns % 1000000000LL);
                 if (futimens(fd, ts) < 0) {
                     err = errno;
                     step = "utime";
@@ -751,7 +867,7 @@ static PyObject *files(PyObject *self, PyObject *args)
             /* segment: what the recorder had pending (the first time) or the previous entry's
              * padding, then this header; the file; the data's CRC */
             const unsigned char *sfrom = buf + prev_data_end;
-            Py_ssize_t sn = pos + BLOCK - prev_data_end;
+            Py_ssize_t sn = data_at - prev_data_end;
             Py_ssize_t pre = count == 0 ? seg.len : 0;
             unsigned char tag = FRAME_S;
             if (put(&frames, &used, &tag, 1) < 0 || put_u32(&frames, &used, (uint32_t)(pre + sn)) < 0)

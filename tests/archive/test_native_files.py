@@ -95,6 +95,16 @@ def _files_tar(seed: int, count: int = 300) -> bytes:
         parts.append(make(name, rng.randbytes(size), mode=mode, uid=rng.choice((0, 0, 1000)),
                           gid=rng.choice((0, 0, 50)), mtime=1_600_000_000 + i))
         roll = rng.random()
+        if roll > 0.85:  # GNU tar's posix format: a PAX header with times before every entry
+            frac = rng.choice(("", ".5", ".123456789", ".000000001"))
+            records = [("atime", f"{1_700_000_000 + i}{frac}"), ("ctime", "1700000001.25"),
+                       ("mtime", f"{1_600_000_000 + i}{frac}")]
+            if roll > 0.95:
+                records.append(("uid", "4242"))
+                records.append(("gname", "staff"))
+            if roll > 0.97:
+                records.append(("SCHILY.xattr.user.note", "kept"))  # the Python way
+            parts.insert(len(parts) - 1, pax_member(records))
         if len(name) > 90:
             continue
         if roll < 0.05:
