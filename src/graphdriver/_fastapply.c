@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -941,10 +942,168 @@ fail:
     return NULL;
 }
 
+/* ---- the check of a recorded layer -------------------------------------------------------------
+ *
+ * verify_files(root_fd, files) -> int
+ *
+ * files: a list of (name: bytes, size: int), the regular files with data that tar-split recorded.
+ * Each must be, beneath root_fd, a regular file of that size reached without any symlink on the
+ * way (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS for its directory, then fstatat without
+ * following), and no two of them may be the same inode.  Returns -1 when all of them are, else the
+ * index of the first that is not or whose name needs Python's handling (".", "..", empty base):
+ * tarsplit._verify_files then decides (and says why) the slow way.  -2: openat2 is missing. */
+#include <sys/syscall.h>
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+struct gd_open_how {
+    uint64_t flags, mode, resolve;
+};
+
+struct ino_set {
+    uint64_t *slots; /* pairs (dev, ino + 1); 0 = empty */
+    size_t cap, used;
+};
+
+static int ino_insert(struct ino_set *set, uint64_t dev, uint64_t ino)
+{
+    size_t i;
+    if ((set->used + 1) * 2 > set->cap) {
+        size_t ncap = set->cap ? set->cap * 2 : 1024, k;
+        uint64_t *n = calloc(ncap * 2, sizeof(uint64_t));
+        if (n == NULL)
+            return -1;
+        for (k = 0; k < set->cap; k++) {
+            if (set->slots[2 * k + 1]) {
+                size_t j = (size_t)((set->slots[2 * k] * 0x9E3779B97F4A7C15ULL) ^
+                                    (set->slots[2 * k + 1] * 0xC2B2AE3D27D4EB4FULL)) & (ncap - 1);
+                while (n[2 * j + 1])
+                    j = (j + 1) & (ncap - 1);
+                n[2 * j] = set->slots[2 * k];
+                n[2 * j + 1] = set->slots[2 * k + 1];
+            }
+        }
+        free(set->slots);
+        set->slots = n;
+        set->cap = ncap;
+    }
+    ino += 1;
+    i = (size_t)((dev * 0x9E3779B97F4A7C15ULL) ^ (ino * 0xC2B2AE3D27D4EB4FULL)) & (set->cap - 1);
+    while (set->slots[2 * i + 1]) {
+        if (set->slots[2 * i] == dev && set->slots[2 * i + 1] == ino)
+            return 1; /* seen */
+        i = (i + 1) & (set->cap - 1);
+    }
+    set->slots[2 * i] = dev;
+    set->slots[2 * i + 1] = ino;
+    set->used++;
+    return 0;
+}
+
+static PyObject *verify_files(PyObject *self, PyObject *args)
+{
+    int root_fd, dir_fd = -1, rc;
+    PyObject *list;
+    Py_ssize_t i, n, bad = -1;
+    char cur[4097], path[4097];
+    Py_ssize_t cur_n = -1;
+    struct ino_set seen = {NULL, 0, 0};
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iO!", &root_fd, &PyList_Type, &list))
+        return NULL;
+    n = PyList_GET_SIZE(list);
+    for (i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        const char *name, *base;
+        Py_ssize_t name_n, parent_n, base_n;
+        unsigned long long size;
+        struct stat st;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+            bad = i;
+            break;
+        }
+        size = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 1));
+        if (size == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            bad = i;
+            break;
+        }
+        name = PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 0));
+        name_n = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+        while (name_n && *name == '/') {
+            name++;
+            name_n--;
+        }
+        if (name_n >= (Py_ssize_t)sizeof(path) || memchr(name, 0, (size_t)name_n) != NULL) {
+            bad = i;
+            break;
+        }
+        base = memrchr(name, '/', (size_t)name_n);
+        base = base ? base + 1 : name;
+        base_n = name_n - (base - name);
+        parent_n = base == name ? 0 : (base - name) - 1;
+        if (base_n == 0 || (base_n == 1 && base[0] == '.') ||
+            (base_n == 2 && base[0] == '.' && base[1] == '.')) {
+            bad = i;
+            break;
+        }
+        if (parent_n != cur_n || memcmp(cur, name, (size_t)parent_n) != 0) {
+            struct gd_open_how how;
+            if (dir_fd >= 0)
+                close(dir_fd);
+            dir_fd = -1;
+            cur_n = -1;
+            memcpy(path, name, (size_t)parent_n);
+            path[parent_n] = 0;
+            memset(&how, 0, sizeof(how));
+            how.flags = O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
+            how.resolve = 0x08 | 0x04 | 0x02; /* BENEATH | NO_SYMLINKS | NO_MAGICLINKS */
+            Py_BEGIN_ALLOW_THREADS
+            do {
+                rc = (int)syscall(SYS_openat2, root_fd, parent_n ? path : ".", &how, sizeof(how));
+            } while (rc < 0 && (errno == EINTR || errno == EAGAIN));
+            Py_END_ALLOW_THREADS
+            if (rc < 0) {
+                bad = errno == ENOSYS || errno == EPERM ? -2 : i;
+                break;
+            }
+            dir_fd = rc;
+            memcpy(cur, name, (size_t)parent_n);
+            cur_n = parent_n;
+        }
+        memcpy(path, base, (size_t)base_n);
+        path[base_n] = 0;
+        Py_BEGIN_ALLOW_THREADS
+        rc = fstatat(dir_fd, path, &st, AT_SYMLINK_NOFOLLOW);
+        Py_END_ALLOW_THREADS
+        if (rc < 0 || !S_ISREG(st.st_mode) || (unsigned long long)st.st_size != size) {
+            bad = i;
+            break;
+        }
+        rc = ino_insert(&seen, (uint64_t)st.st_dev, (uint64_t)st.st_ino);
+        if (rc != 0) {
+            if (rc < 0) {
+                free(seen.slots);
+                if (dir_fd >= 0)
+                    close(dir_fd);
+                return PyErr_NoMemory();
+            }
+            bad = i;
+            break;
+        }
+    }
+    free(seen.slots);
+    if (dir_fd >= 0)
+        close(dir_fd);
+    return PyLong_FromSsize_t(bad);
+}
+
 static PyMethodDef methods[] = {
     {"header", header, METH_VARARGS, "Parse the next common-case tar header sequence, or None."},
     {"create_file", create_file, METH_VARARGS, "Create, fill and finish one regular file."},
     {"files", files, METH_VARARGS, "Apply a run of plain regular files (see the comment)."},
+    {"verify_files", verify_files, METH_VARARGS, "Check recorded files after an apply (-1: all good)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -179,3 +179,38 @@ def test_a_gnu_tar_of_a_real_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     (tmp_path / "w").mkdir()
     result = _same(out.read_bytes(), tmp_path / "w", monkeypatch)
     assert result.size == sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+
+
+def test_verify_files_agrees_with_the_python_check(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from graphdriver.archive import tarsplit
+
+    root = tmp_path / "layer"
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "d" / "a").write_bytes(b"12345")
+    (root / "d" / "e" / "b").write_bytes(b"")
+    (root / "top").write_bytes(b"xy")
+    os.link(root / "top", root / "d" / "hard")
+    (root / "link").symlink_to("d")
+    os.mkfifo(root / "fifo")
+    good = [(b"d/a", 5), (b"d/e/b", 0), (b"/top", 2)]
+    cases = {
+        "good": (good, -1),
+        "wrong size": ([*good, (b"d/e/b", 3)], 3),
+        "missing": ([(b"d/nope", 1), *good], 0),
+        "symlink on the way": ([*good[:1], (b"link/a", 5)], 1),
+        "a fifo": ([(b"fifo", 0)], 0),
+        "the same inode twice": ([(b"top", 2), (b"d/hard", 2)], 1),
+        "a dot name": ([(b"d/.", 0)], 0),
+    }
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for what, (files, index) in cases.items():
+            assert native.verify_files(fd, files) == index, what
+            monkeypatch.setenv("GRAPHDRIVER_NO_NATIVE", "1")
+            slow = tarsplit._verify_files(fd, files)
+            monkeypatch.delenv("GRAPHDRIVER_NO_NATIVE")
+            assert tarsplit._verify_files(fd, files) == slow, what
+            assert (slow is None) == (index == -1), what
+    finally:
+        os.close(fd)
