@@ -6,7 +6,6 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -68,6 +67,7 @@ def remove_tree(path: Path) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)
         return
+    import shutil
 
     def retry(func: object, p: str, exc_info: tuple[type[BaseException], BaseException, object],
               ) -> None:
