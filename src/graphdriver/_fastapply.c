@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -1099,10 +1100,256 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(bad);
 }
 
+/* ---- tar-split lines from the apply child's recorder frames -------------------------------------
+ *
+ * pack_frames(buf, start, end, position, seen, files) -> (consumed, lines, position, described,
+ *                                                          missing)
+ *
+ * The frames (archive/isolate.py: S segment, F file, C crc) between start and end, turned into
+ * tar-split JSON lines exactly as TarSplitPacker's segment/file/file_done calls write them, for
+ * the common case only: a file name that is printable ASCII without '"', '\\', '<', '>', '&',
+ * already clean after a leading "./" (relative, no empty, "." or ".." component, no trailing
+ * '/') and whose clean form is not in *seen*
+ * (the set of names so far, which this call extends; *files* gets (name, size) of each file with
+ * data).  It stops before the first frame it does not handle this way -- and before a file whose
+ * CRC frame is not buffered yet -- and the Python packer takes that frame.  Call it only when the
+ * packer has no file waiting for its CRC. */
+static const char b64chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+static int put_b64(PyObject **out, Py_ssize_t *used, const unsigned char *p, Py_ssize_t n)
+{
+    Py_ssize_t need = (n + 2) / 3 * 4, i;
+    char *d;
+    if (*used + need > PyBytes_GET_SIZE(*out)) {
+        Py_ssize_t want = PyBytes_GET_SIZE(*out) * 2;
+        if (want < *used + need)
+            want = *used + need;
+        if (_PyBytes_Resize(out, want) < 0)
+            return -1;
+    }
+    d = PyBytes_AS_STRING(*out) + *used;
+    for (i = 0; i + 3 <= n; i += 3) {
+        unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8) | p[i + 2];
+        *d++ = b64chars[v >> 18];
+        *d++ = b64chars[(v >> 12) & 63];
+        *d++ = b64chars[(v >> 6) & 63];
+        *d++ = b64chars[v & 63];
+    }
+    if (n - i == 1) {
+        unsigned v = (unsigned)p[i] << 16;
+        *d++ = b64chars[v >> 18];
+        *d++ = b64chars[(v >> 12) & 63];
+        *d++ = '=';
+        *d++ = '=';
+    } else if (n - i == 2) {
+        unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8);
+        *d++ = b64chars[v >> 18];
+        *d++ = b64chars[(v >> 12) & 63];
+        *d++ = b64chars[(v >> 6) & 63];
+        *d++ = '=';
+    }
+    *used += need;
+    return 0;
+}
+
+static int put_str(PyObject **out, Py_ssize_t *used, const char *s)
+{
+    return put(out, used, s, (Py_ssize_t)strlen(s));
+}
+
+static int put_num(PyObject **out, Py_ssize_t *used, unsigned long long v)
+{
+    char tmp[24];
+    int n = snprintf(tmp, sizeof(tmp), "%llu", v);
+    return put(out, used, tmp, n);
+}
+
+/* Printable ASCII that Go's JSON encoder writes as it is, and already what filepath.Clean gives:
+ * relative, no empty, "." or ".." component, no trailing '/'. */
+static int plain_clean_name(const unsigned char *s, Py_ssize_t n)
+{
+    Py_ssize_t i, comp = 0;
+    if (n == 0 || s[0] == '/' || s[n - 1] == '/')
+        return 0;
+    for (i = 0; i <= n; i++) {
+        unsigned char c = i < n ? s[i] : '/';
+        if (c == '/') {
+            Py_ssize_t len = i - comp;
+            if (len == 0 || (len == 1 && s[comp] == '.') ||
+                (len == 2 && s[comp] == '.' && s[comp + 1] == '.'))
+                return 0;
+            comp = i + 1;
+            continue;
+        }
+        if (c < 0x20 || c > 0x7E || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&')
+            return 0;
+    }
+    return 1;
+}
+
+static PyObject *pack_frames(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t start, end, p, used = 0;
+    unsigned long long position, described = 0, missing = 0;
+    PyObject *seen, *files, *lines, *result;
+    const unsigned char *buf;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnKO!O!", &view, &start, &end, &position, &PySet_Type, &seen,
+                          &PyList_Type, &files))
+        return NULL;
+    if (start < 0 || end > view.len || start > end) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "pack_frames: bad buffer bounds");
+        return NULL;
+    }
+    /* base64 makes 4 of 3; a line adds < 100 bytes to each ~1 KiB of frames */
+    lines = PyBytes_FromStringAndSize(NULL, (end - start) / 3 * 4 + (end - start) / 8 + 4096);
+    if (lines == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    buf = (const unsigned char *)view.buf;
+    p = start;
+    while (p < end) {
+        unsigned char kind = buf[p];
+        if (kind == 'S') {
+            uint32_t n;
+            if (end - p < 5)
+                break;
+            memcpy(&n, buf + p + 1, 4);
+            if ((Py_ssize_t)n > end - p - 5)
+                break;
+            if (n) {
+                if (put_str(&lines, &used, "{\"type\":2,\"payload\":\"") < 0 ||
+                    put_b64(&lines, &used, buf + p + 5, (Py_ssize_t)n) < 0 ||
+                    put_str(&lines, &used, "\",\"position\":") < 0 ||
+                    put_num(&lines, &used, position) < 0 || put_str(&lines, &used, "}\n") < 0)
+                    goto fail;
+                position++;
+                described += n;
+            }
+            p += 5 + (Py_ssize_t)n;
+        } else if (kind == 'F') {
+            uint32_t name_n;
+            uint64_t size;
+            int64_t crc;
+            Py_ssize_t total, after;
+            const unsigned char *name;
+            int have_crc = 0, rc;
+            uint32_t key_off;
+            Py_ssize_t key_n;
+            uint64_t crc_value = 0;
+            PyObject *key;
+            if (end - p < 21)
+                break;
+            memcpy(&name_n, buf + p + 1, 4);
+            memcpy(&size, buf + p + 5, 8);
+            memcpy(&crc, buf + p + 13, 8);
+            total = 21 + (Py_ssize_t)name_n;
+            if (total > end - p)
+                break;
+            name = buf + p + 21;
+            /* the duplicate key is Go's filepath.Clean of the name: a leading "./" goes */
+            key_off = name_n > 2 && name[0] == '.' && name[1] == '/' ? 2 : 0;
+            key_n = (Py_ssize_t)name_n - key_off;
+            if (key_n > 1 && name[name_n - 1] == '/') /* a directory's trailing '/' goes too */
+                key_n--;
+            if (!plain_clean_name(name + key_off, key_n) ||
+                size > MAX_SIZE)
+                break;
+            after = p + total;
+            if (crc >= 0) {
+                have_crc = 1;
+                crc_value = (uint64_t)crc;
+            } else if (size > 0) {
+                /* the CRC comes in the next frame: it must be here already */
+                if (end - after < 9)
+                    break;
+                if (buf[after] == 'C') {
+                    memcpy(&crc_value, buf + after + 1, 8);
+                    have_crc = 1;
+                    after += 9;
+                }
+            }
+            key = PyBytes_FromStringAndSize((const char *)name + key_off, key_n);
+            if (key == NULL)
+                goto fail;
+            rc = PySet_Contains(seen, key);
+            if (rc != 0) { /* a duplicate (or an error): the Python packer says so */
+                Py_DECREF(key);
+                if (rc < 0)
+                    goto fail;
+                break;
+            }
+            if (PySet_Add(seen, key) < 0) {
+                Py_DECREF(key);
+                goto fail;
+            }
+            if (size > 0) {
+                PyObject *item = Py_BuildValue("(y#K)", (const char *)name, (Py_ssize_t)name_n,
+                                               (unsigned long long)size);
+                if (item == NULL || PyList_Append(files, item) < 0) {
+                    Py_XDECREF(item);
+                    Py_DECREF(key);
+                    goto fail;
+                }
+                Py_DECREF(item);
+            }
+            Py_DECREF(key);
+            described += size;
+            if (put_str(&lines, &used, "{\"type\":1,\"name\":\"") < 0 ||
+                put(&lines, &used, name, (Py_ssize_t)name_n) < 0 || put_str(&lines, &used, "\"") < 0)
+                goto fail;
+            if (size && (put_str(&lines, &used, ",\"size\":") < 0 ||
+                         put_num(&lines, &used, (unsigned long long)size) < 0))
+                goto fail;
+            if (have_crc && size > 0) { /* an empty file's payload is null, CRC or not */
+                unsigned char be[8];
+                int k;
+                for (k = 0; k < 8; k++)
+                    be[k] = (unsigned char)(crc_value >> (56 - 8 * k));
+                if (put_str(&lines, &used, ",\"payload\":\"") < 0 ||
+                    put_b64(&lines, &used, be, 8) < 0 || put_str(&lines, &used, "\"") < 0)
+                    goto fail;
+            } else {
+                if (put_str(&lines, &used, ",\"payload\":null") < 0)
+                    goto fail;
+                if (size > 0)
+                    missing++;
+            }
+            if (put_str(&lines, &used, ",\"position\":") < 0 ||
+                put_num(&lines, &used, position) < 0 || put_str(&lines, &used, "}\n") < 0)
+                goto fail;
+            position++;
+            p = after;
+        } else if (kind == 'C') {
+            /* a CRC with no file waiting for it: the packer ignores it */
+            if (end - p < 9)
+                break;
+            p += 9;
+        } else {
+            break; /* corrupt: the Python side reports it */
+        }
+    }
+    if (_PyBytes_Resize(&lines, used) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    result = Py_BuildValue("(nNKKK)", p - start, lines, position, described, missing);
+    PyBuffer_Release(&view);
+    return result;
+fail:
+    Py_DECREF(lines);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"header", header, METH_VARARGS, "Parse the next common-case tar header sequence, or None."},
     {"create_file", create_file, METH_VARARGS, "Create, fill and finish one regular file."},
     {"files", files, METH_VARARGS, "Apply a run of plain regular files (see the comment)."},
+    {"pack_frames", pack_frames, METH_VARARGS, "Recorder frames to tar-split lines (common case)."},
     {"verify_files", verify_files, METH_VARARGS, "Check recorded files after an apply (-1: all good)."},
     {NULL, NULL, 0, NULL},
 };

@@ -214,3 +214,52 @@ def test_verify_files_agrees_with_the_python_check(tmp_path: Path,
             assert (slow is None) == (index == -1), what
     finally:
         os.close(fd)
+
+
+PACKED: list[int] = []
+
+
+def _replay(frames: Path, use_native: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    import gzip
+
+    from graphdriver.archive import tarsplit
+    from graphdriver.archive.isolate import replay_recorder_stream
+
+    def counting_pack(*args: Any) -> Any:
+        result = native.pack_frames(*args)
+        PACKED.append(result[0])
+        return result
+
+    monkeypatch.setattr(tarsplit, "_native_pack", counting_pack if use_native else None)
+    out = frames.with_suffix(f".{use_native}.gz")
+    out_fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        packer = tarsplit.new_layer_packer(out_fd)
+        replay_recorder_stream(os.open(frames, os.O_RDONLY), packer)
+        packer.close()
+    finally:
+        os.close(out_fd)
+    return (gzip.decompress(out.read_bytes()), packer.files, sorted(packer._seen),
+            packer.problem, packer.missing, packer.bytes_described)
+
+
+@pytest.mark.parametrize("case", ["files", "odd names", "duplicates"])
+def test_tar_split_lines_from_frames_match_the_python_packer(
+        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if case == "files":
+        data = _files_tar(4)
+    elif case == "odd names":
+        data = build(*(member(n, b"data" * i) for i, n in enumerate([
+            "./a/", "./a/x", "a/./y", "a//z", "a/../b", "./.hidden", "a/.bin/", "a/.bin/t",
+            "n<o>&", 'q"uote', "back\\slash", "caf\xe9", b"raw\xff\xfe", "sp ace", "./", "tab\tx",
+        ], start=1)))
+    else:
+        data = build(member("d/", type=b"5"), member("d/f", b"1"), member("d/f", b"22"),
+                     member("./d/g", b""), member("d/g/", type=b"5"), member("e", b"3"))
+    (tmp_path / "w").mkdir()
+    _apply(data, tmp_path / "w" / "t", tmp_path / "w", True, True, monkeypatch)
+    frames = tmp_path / "w" / "frames-True"
+    assert frames.stat().st_size > 0
+    PACKED.clear()
+    assert _replay(frames, True, monkeypatch) == _replay(frames, False, monkeypatch)
+    assert sum(PACKED) > 0  # the native packer took part

@@ -99,6 +99,8 @@ def replay_recorder_stream(fd: int, recorder: Recorder) -> None:
 
     Frames are parsed in place from one large buffer (they are many and small)."""
     file_done = getattr(recorder, "file_done", None)
+    # a packer that turns the common frames into its lines natively (TarSplitPacker.take_frames)
+    take = getattr(recorder, "take_frames", None)
     segment = recorder.segment
     file = recorder.file
     seg_size, file_size, crc_size = _SEG_HDR.size, _FILE_HDR.size, _U64.size
@@ -126,6 +128,13 @@ def replay_recorder_stream(fd: int, recorder: Recorder) -> None:
                     avail = end - start
             progressed = False
             while avail:
+                if take is not None:
+                    took = take(buf, start, end)
+                    if took:
+                        start += took
+                        avail -= took
+                        progressed = True
+                        continue
                 kind = buf[start]
                 if kind == 0x53:  # "S"
                     if avail < 1 + seg_size:

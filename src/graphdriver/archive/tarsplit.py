@@ -347,6 +347,28 @@ class TarSplitPacker:
         self._pending = e
         self._crc = None
 
+    def take_frames(self, buf: bytearray, start: int, end: int) -> int:
+        """Turn the common-case recorder frames of the confined apply child (isolate.py) found
+        in ``buf[start:end]`` into lines natively; returns how many bytes it took (0: the next
+        frame is for the Python methods above).  Same lines as those methods write."""
+        if self._pending is not None or _native_pack is None:
+            return 0
+        took, lines, self._pos, described, missing = _native_pack(
+            buf, start, end, self._pos, self._seen, self.files)
+        if took:
+            self.bytes_described += described
+            self.missing += missing
+            if len(lines) >= _COPY:  # a big batch goes out as it is, without a copy
+                self._drain()
+                out = self._z.compress(lines) if self._z is not None else lines
+                if out:
+                    self._out.write(out)
+            else:
+                self._buf += lines
+                if len(self._buf) >= _COPY:
+                    self._drain()
+        return int(took)
+
     def file_done(self, crc64: int) -> None:
         """The CRC-64 of the current file entry's whole data (from the tar reader)."""
         if self._pending is not None:
@@ -471,6 +493,19 @@ def _file_crc(root_fd: int, name: bytes, size: int,
         return crc, None
     finally:
         os.close(fd)
+
+
+def _load_native_pack() -> Callable[..., tuple[int, bytes, int, int, int]] | None:
+    if os.environ.get("GRAPHDRIVER_NO_NATIVE"):
+        return None
+    try:
+        from .._fastapply import pack_frames
+    except ImportError:
+        return None
+    return pack_frames
+
+
+_native_pack = _load_native_pack()
 
 
 def _native_verify() -> Callable[[int, list[tuple[bytes, int]]], int] | None:
