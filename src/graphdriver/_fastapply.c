@@ -505,10 +505,10 @@ static PyObject *create_file(PyObject *self, PyObject *args)
  * the order the Python reader makes them (segment, file, and the data's CRC-64 when crc -- the
  * reader's crc(data, previous) function -- is not None).
  *
- * Returns (pos, count, size, created, frames, pad, error): pos is just after the last applied
- * entry's data, its padding (pad bytes) not consumed; created lists the files' real paths;
- * frames is bytes or None; error is None or (errno, step, name) for a file that was created but
- * could not be finished (it is in created). */
+ * Returns (pos, count, size, frames, pad, error): pos is just after the last applied entry's
+ * data, its padding (pad bytes) not consumed; frames is bytes or None; error is None or (errno,
+ * step, real path) for the last file, created but not finished.  (What a run created is not
+ * listed: on an empty target everything there is the apply's own.) */
 /* The records of a local PAX header that the native loop can apply: times, path, size, ids and
  * names (numeric ids are what an apply uses).  -1 for anything else (xattrs, sparse maps, ...). */
 struct simple_pax {
@@ -615,7 +615,7 @@ static PyObject *files(PyObject *self, PyObject *args)
 {
     Py_buffer view, seg;
     Py_ssize_t pos, end, start;
-    PyObject *dirs, *seg_obj, *created = NULL, *frames = NULL, *error = NULL, *result;
+    PyObject *dirs, *seg_obj, *frames = NULL, *error = NULL, *result;
     PyObject *cur_parent = NULL; /* bytes of the cached parent */
     int cur_fd = -1, cur_sgid = 0, euid, egid, umask_bits;
     PyObject *crcf;
@@ -645,9 +645,6 @@ static PyObject *files(PyObject *self, PyObject *args)
         if (frames == NULL)
             goto fail;
     }
-    created = PyList_New(0);
-    if (created == NULL)
-        goto fail;
     buf = (const unsigned char *)view.buf;
     start = pos;
     prev_data_end = pos;
@@ -843,27 +840,21 @@ static PyObject *files(PyObject *self, PyObject *args)
         Py_END_ALLOW_THREADS
         if (fd < 0)
             break; /* EEXIST (something in the way) or another error: Python redoes this one */
-        base_str = decode(base, base_n);
-        if (base_str == NULL)
-            goto fail;
-        if (PyUnicode_GET_LENGTH(cur_real) == 0) {
-            real = base_str;
-        } else {
-            real = PyUnicode_FromFormat("%U/%U", cur_real, base_str);
-            Py_DECREF(base_str);
-            if (real == NULL)
+        if (step) { /* created but not finished: its real path goes back with the error */
+            base_str = decode(base, base_n);
+            if (base_str == NULL)
                 goto fail;
-        }
-        if (PyList_Append(created, real) < 0) {
-            Py_DECREF(real);
-            goto fail;
-        }
-        if (step) {
+            if (PyUnicode_GET_LENGTH(cur_real) == 0) {
+                real = base_str;
+            } else {
+                real = PyUnicode_FromFormat("%U/%U", cur_real, base_str);
+                Py_DECREF(base_str);
+                if (real == NULL)
+                    goto fail;
+            }
             error = Py_BuildValue("(isN)", err, step, real);
             if (error == NULL)
                 goto fail;
-        } else {
-            Py_DECREF(real);
         }
         if (have_seg) {
             /* segment: what the recorder had pending (the first time) or the previous entry's
@@ -920,7 +911,7 @@ static PyObject *files(PyObject *self, PyObject *args)
         pos = start;
     if (have_seg && _PyBytes_Resize(&frames, used) < 0)
         goto fail;
-    result = Py_BuildValue("(nnKNNnN)", pos, count, total, created,
+    result = Py_BuildValue("(nnKNnN)", pos, count, total,
                            have_seg ? frames : Py_NewRef(Py_None), count ? last_pad : 0,
                            error ? error : Py_NewRef(Py_None));
     if (!have_seg)
@@ -932,7 +923,6 @@ static PyObject *files(PyObject *self, PyObject *args)
     PyBuffer_Release(&view);
     return result;
 fail:
-    Py_XDECREF(created);
     Py_XDECREF(frames);
     Py_XDECREF(error);
     Py_XDECREF(cur_parent);

@@ -230,7 +230,9 @@ class _Applier:
         self.cache: dict[str, tuple[int, str, bool]] = {
             "": (root_fd, "", bool(self.root_meta.mode & stat.S_ISGID))
         }
-        self.created: set[str] = set()  # real paths this apply created
+        # real paths this apply created, kept when the target was not empty (on an empty one,
+        # everything is the apply's own: 100k names would cost ~15 MB)
+        self.created: set[str] = set()
         self.merged: set[str] = set()  # pre-existing directories the archive merged into
         self.archive_links: set[str] = set()  # symlinks this apply created
         self.journal: list[tuple[object, ...]] = []
@@ -270,7 +272,9 @@ class _Applier:
         self.journal.append(("times", real, st.st_atime_ns, st.st_mtime_ns))
 
     def _note_new(self, preal: str, real: str) -> None:
-        if not self.empty_start and preal not in self.created:
+        if self.empty_start:
+            return  # everything in the target is this apply's own: nothing to track
+        if preal not in self.created:
             self._touch_dir(preal)
             self.journal.append(("new", real))
         self.created.add(real)
@@ -435,6 +439,8 @@ class _Applier:
 
     def _prune(self, dfd: int, dreal: str) -> None:
         """Remove what this apply did not put in the directory (moby's unpackedPaths rule)."""
+        if self.empty_start:
+            return  # all of it is this apply's
         with os.scandir(dfd) as it:
             children = [(d.name, d.is_dir(follow_symlinks=False)) for d in it]
         for base, is_dir in children:
@@ -522,10 +528,7 @@ class _Applier:
             fd = os.open(base, _FILE_FLAGS, mode & 0o777, dir_fd=pfd)
         try:
             real = f"{preal}/{base}" if preal else base
-            if self.empty_start:
-                self.created.add(real)
-            else:
-                self._note_new(preal, real)
+            self._note_new(preal, real)
             if e.data_size:
                 # the file is in the journal now: an interrupt may land while its data flows
                 gate = SIGNAL_GATE
@@ -570,10 +573,7 @@ class _Applier:
             self._make_room(pfd, preal, base, False)
             failed = create(pfd, base, *args)
         real = f"{preal}/{base}" if preal else base
-        if self.empty_start:
-            self.created.add(real)
-        else:
-            self._note_new(preal, real)
+        self._note_new(preal, real)
         self.size += e.size
         if failed is not None:
             err, step = failed
@@ -782,11 +782,9 @@ class _Applier:
         """A run of plain files in one native call (TarReader.apply_files)."""
         if self.graveyard:
             self._bury()
-        count, size, created, error = reader.apply_files(self.cache, self.euid, self.egid,
-                                                         self.umask)
+        count, size, error = reader.apply_files(self.cache, self.euid, self.egid, self.umask)
         if not count:
             return
-        self.created.update(created)
         self.size += size
         if error is not None:  # as _regular_native reports it
             err, step, real = error

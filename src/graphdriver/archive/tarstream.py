@@ -542,19 +542,19 @@ class TarReader:
 
     def apply_files(
         self, dirs: dict[str, tuple[int, str, bool]], euid: int, egid: int, umask: int
-    ) -> tuple[int, int, list[str], tuple[int, str, str] | None]:
+    ) -> tuple[int, int, tuple[int, str, str] | None]:
         """Apply natively the run of plain regular files that starts here (see ``files`` in
         _fastapply.c: root, an empty target, directories from *dirs*); the run ends at the first
         entry of another kind, which the caller then reads as usual.
 
-        Returns (files applied, their bytes, their real paths, error): error is (errno, step,
-        real path) for the last file, created but not finished.  Call only where the previous
-        entry's data has been consumed (between entries) and when :meth:`can_apply_files`."""
+        Returns (files applied, their bytes, error): error is (errno, step, real path) for the
+        last file, created but not finished.  Call only where the previous entry's data has been
+        consumed (between entries) and when :meth:`can_apply_files`."""
         if self._global or self._done:
-            return 0, 0, [], None
+            return 0, 0, None
         self._settle()
         rec = self._recorder
-        pos, count, size, created, frames, pad, error = _native_files(  # type: ignore[misc]
+        pos, count, size, frames, pad, error = _native_files(  # type: ignore[misc]
             self._buf, self._pos, self._end, dirs, euid, egid, umask,
             None if rec is None else self._seg, self._crcf)
         if count:
@@ -563,7 +563,7 @@ class TarReader:
             if rec is not None:
                 self._seg.clear()
                 rec.write_frames(frames)  # type: ignore[attr-defined]
-        return count, size, created, error
+        return count, size, error
 
     def __iter__(self) -> Iterator[TarEntry]:
         rec = self._recorder
