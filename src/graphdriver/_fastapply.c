@@ -935,9 +935,10 @@ fail:
 
 /* ---- the check of a recorded layer -------------------------------------------------------------
  *
- * verify_files(root_fd, files) -> int
+ * verify_files(root_fd, records) -> int
  *
- * files: a list of (name: bytes, size: int), the regular files with data that tar-split recorded.
+ * records: the regular files with data that tar-split recorded, as TarSplitPacker.file_records
+ * holds them (u64 size, u32 name length, the name; native byte order), one after the other.
  * Each must be, beneath root_fd, a regular file of that size reached without any symlink on the
  * way (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS for its directory, then fstatat without
  * following), and no two of them may be the same inode.  Returns -1 when all of them are, else the
@@ -994,34 +995,35 @@ static int ino_insert(struct ino_set *set, uint64_t dev, uint64_t ino)
 static PyObject *verify_files(PyObject *self, PyObject *args)
 {
     int root_fd, dir_fd = -1, rc;
-    PyObject *list;
-    Py_ssize_t i, n, bad = -1;
+    Py_buffer recs;
+    Py_ssize_t i, off, bad = -1;
     char cur[4097], path[4097];
     Py_ssize_t cur_n = -1;
     struct ino_set seen = {NULL, 0, 0};
     (void)self;
-    if (!PyArg_ParseTuple(args, "iO!", &root_fd, &PyList_Type, &list))
+    if (!PyArg_ParseTuple(args, "iy*", &root_fd, &recs))
         return NULL;
-    n = PyList_GET_SIZE(list);
-    for (i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(list, i);
+    for (i = 0, off = 0; off < recs.len; i++) {
         const char *name, *base;
         Py_ssize_t name_n, parent_n, base_n;
         unsigned long long size;
+        uint64_t sz;
+        uint32_t len;
         struct stat st;
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 ||
-            !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+        if (recs.len - off < 12) {
             bad = i;
             break;
         }
-        size = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 1));
-        if (size == (unsigned long long)-1 && PyErr_Occurred()) {
-            PyErr_Clear();
+        memcpy(&sz, (const char *)recs.buf + off, 8);
+        memcpy(&len, (const char *)recs.buf + off + 8, 4);
+        if ((Py_ssize_t)len > recs.len - off - 12) {
             bad = i;
             break;
         }
-        name = PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 0));
-        name_n = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+        size = (unsigned long long)sz;
+        name = (const char *)recs.buf + off + 12;
+        name_n = (Py_ssize_t)len;
+        off += 12 + (Py_ssize_t)len;
         while (name_n && *name == '/') {
             name++;
             name_n--;
@@ -1078,6 +1080,7 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
                 free(seen.slots);
                 if (dir_fd >= 0)
                     close(dir_fd);
+                PyBuffer_Release(&recs);
                 return PyErr_NoMemory();
             }
             bad = i;
@@ -1087,6 +1090,7 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
     free(seen.slots);
     if (dir_fd >= 0)
         close(dir_fd);
+    PyBuffer_Release(&recs);
     return PyLong_FromSsize_t(bad);
 }
 
@@ -1100,8 +1104,8 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
  * the common case only: a file name that is printable ASCII without '"', '\\', '<', '>', '&',
  * already clean after a leading "./" (relative, no empty, "." or ".." component, no trailing
  * '/') and whose clean form is not in *seen*
- * (the set of names so far, which this call extends; *files* gets (name, size) of each file with
- * data).  It stops before the first frame it does not handle this way -- and before a file whose
+ * (the set of hash() of the names so far, which this call extends; *records* gets a record --
+ * size, name length, name -- of each file with data).  It stops before the first frame it does not handle this way -- and before a file whose
  * CRC frame is not buffered yet -- and the Python packer takes that frame.  Call it only when the
  * packer has no file waiting for its CRC. */
 static const char b64chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -1182,11 +1186,11 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
     Py_buffer view;
     Py_ssize_t start, end, p, used = 0;
     unsigned long long position, described = 0, missing = 0;
-    PyObject *seen, *files, *lines, *result;
+    PyObject *seen, *records, *lines, *result;
     const unsigned char *buf;
     (void)self;
     if (!PyArg_ParseTuple(args, "y*nnKO!O!", &view, &start, &end, &position, &PySet_Type, &seen,
-                          &PyList_Type, &files))
+                          &PyByteArray_Type, &records))
         return NULL;
     if (start < 0 || end > view.len || start > end) {
         PyBuffer_Release(&view);
@@ -1262,9 +1266,19 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
                     after += 9;
                 }
             }
-            key = PyBytes_FromStringAndSize((const char *)name + key_off, key_n);
-            if (key == NULL)
-                goto fail;
+            {
+                PyObject *key_bytes = PyBytes_FromStringAndSize((const char *)name + key_off, key_n);
+                Py_hash_t h;
+                if (key_bytes == NULL)
+                    goto fail;
+                h = PyObject_Hash(key_bytes); /* what hash() gives the Python packer's key */
+                Py_DECREF(key_bytes);
+                if (h == -1 && PyErr_Occurred())
+                    goto fail;
+                key = PyLong_FromSsize_t(h);
+                if (key == NULL)
+                    goto fail;
+            }
             rc = PySet_Contains(seen, key);
             if (rc != 0) { /* a duplicate (or an error): the Python packer says so */
                 Py_DECREF(key);
@@ -1276,17 +1290,16 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
                 Py_DECREF(key);
                 goto fail;
             }
-            if (size > 0) {
-                PyObject *item = Py_BuildValue("(y#K)", (const char *)name, (Py_ssize_t)name_n,
-                                               (unsigned long long)size);
-                if (item == NULL || PyList_Append(files, item) < 0) {
-                    Py_XDECREF(item);
-                    Py_DECREF(key);
-                    goto fail;
-                }
-                Py_DECREF(item);
-            }
             Py_DECREF(key);
+            if (size > 0) { /* a record for the check after the apply: size, name length, name */
+                Py_ssize_t at = PyByteArray_GET_SIZE(records);
+                uint64_t sz = (uint64_t)size;
+                if (PyByteArray_Resize(records, at + 12 + (Py_ssize_t)name_n) < 0)
+                    goto fail;
+                memcpy(PyByteArray_AS_STRING(records) + at, &sz, 8);
+                memcpy(PyByteArray_AS_STRING(records) + at + 8, &name_n, 4);
+                memcpy(PyByteArray_AS_STRING(records) + at + 12, name, name_n);
+            }
             described += size;
             if (put_str(&lines, &used, "{\"type\":1,\"name\":\"") < 0 ||
                 put(&lines, &used, name, (Py_ssize_t)name_n) < 0 || put_str(&lines, &used, "\"") < 0)
