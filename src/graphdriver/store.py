@@ -504,7 +504,7 @@ class LayerStore:
                 raw_fd: int | None = None
                 try:
                     raw_fd = self._tarsplit_begin(layer_id, opts)
-                    with _as_fd(stream) as fd:
+                    with as_fd(stream) as fd:
                         result = apply_confined(fd, self._apply_target(rec), opts)
                 except StoreCorrupt:
                     # The child died without a rollback: the layer stays incomplete, so it no
@@ -648,7 +648,7 @@ def _signals_deferred() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _as_fd(stream: BinaryIO | int) -> Iterator[int]:
+def as_fd(stream: BinaryIO | int) -> Iterator[int]:
     """A file descriptor for the stream: its own, or a pipe fed by a thread when it has none."""
     if isinstance(stream, int):
         yield stream

@@ -113,7 +113,7 @@ def _load_native() -> _Native | None:
 _native = _load_native()
 
 
-class _TarOut:
+class TarOut:
     """The output side: one reusable batching buffer, sendfile for big data, progress reporting.
 
     Headers are packed and small files read straight into the buffer (no intermediate bytes
@@ -275,7 +275,7 @@ def _read_xattrs(path: bytes | int) -> dict[str, bytes]:
 
 
 def _add_entry(
-    out: _TarOut,
+    out: TarOut,
     dir_fd: int | None,
     leaf: bytes,
     full: bytes,
@@ -403,7 +403,7 @@ def write_tree(
         raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
     overlay = whiteout_format == "overlay"
     root_b = os.fsencode(root)
-    out = _TarOut(out_fd, progress)
+    out = TarOut(out_fd, progress)
     native = _native if idmap.is_identity and _PROC_FD else None
     try:
         root_fd = os.open(root_b, _DIR_FLAGS)
@@ -477,7 +477,7 @@ def write_changes(
     added.  A path that vanished since the changes were computed is skipped, as moby does.
     """
     root_b = os.fsencode(root)
-    out = _TarOut(out_fd, progress)
+    out = TarOut(out_fd, progress)
     dir_mtimes: dict[bytes, int] = {}
 
     def whiteout_mtime(head: bytes) -> int:

@@ -357,7 +357,7 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
 
 
 # ---- the child -----------------------------------------------------------------------------------
-def _warm_up(kind: str) -> None:
+def warm_up(kind: str) -> None:
     """Import and exercise what the apply needs (the stream's decoder only) before the chroot
     takes the library files away."""
     import hashlib
@@ -445,7 +445,7 @@ def _child_main(argv: list[str]) -> int:
 
         # the decoder is chosen (and imported) before the chroot, from the stream's first bytes
         stream = open_decompressed(int(args["source_fd"]))
-        _warm_up(stream_kind(stream))
+        warm_up(stream_kind(stream))
         if args.get("recorder_fd") is not None:
             from .tarstream import crc64_function
 

@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import GraphDriverError, InvalidArchive, UnsafeArchive, from_oserror
-from .export import _TarOut
+from .export import TarOut
 from .pathres import open_beneath
 from .tarstream import DIRECTORY, HARDLINK, REGULAR_TYPES, SYMLINK, TarEntry, TarReader
 from .whiteout import WHITEOUT_META_PREFIX, WHITEOUT_PREFIX
@@ -1008,7 +1008,7 @@ def _mtime_s(records: dict[str, bytes], st: os.stat_result) -> int:
 def write_layer_tar(out_fd: int, layer_fd: int,
                     progress: Callable[[int], None] | None = None) -> None:
     """Stream the Windows layer tar of the layer directory ``layer_fd`` to ``out_fd``."""
-    out = _TarOut(out_fd, progress)
+    out = TarOut(out_fd, progress)
     linkmeta = read_linkmeta(layer_fd)
     for item in walk_layer(layer_fd):
         name = os.fsencode(item.path)
@@ -1055,7 +1055,7 @@ def write_layer_tar(out_fd: int, layer_fd: int,
     out.finish()
 
 
-def _write_streams(out: _TarOut, layer_fd: int, item: LayerItem, mode: int) -> None:
+def _write_streams(out: TarOut, layer_fd: int, item: LayerItem, mode: int) -> None:
     d = item.path.rpartition("/")[0]
     for sname in item.streams:
         rel = f"{d}/{sname}"

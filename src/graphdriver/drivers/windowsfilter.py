@@ -102,7 +102,7 @@ from ..errors import GraphDriverError, NotSupported, from_oserror
 from ..fsutil import atomic_write, copy_tree, fs_name, remove_tree
 from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
 from ..mount import MS_RDONLY, is_mounted, mount, unmount_all_under
-from ..store import LayerStore, _as_fd, parse_size
+from ..store import LayerStore, as_fd, parse_size
 
 log = logging.getLogger("graphdriver")
 
@@ -428,7 +428,7 @@ class WindowsFilterDriver(LayerStore):
                         remove_tree(staging)
                     os.mkdir(staging, 0o700)
                     _clone_layer(d, staging)
-                    with _as_fd(stream) as fd:
+                    with as_fd(stream) as fd:
                         size, diff_id, problem = _run_import(fd, raw_fd, staging, parents)
                 except BaseException:
                     with contextlib.suppress(OSError):
@@ -677,7 +677,7 @@ def _import_main(argv: list[str]) -> int:
     "problem"} or {"error", "message"}.
     """
     from ..archive.compression import open_decompressed, stream_kind
-    from ..archive.isolate import _warm_up
+    from ..archive.isolate import warm_up
     from ..archive.tarsplit import TarSplitPacker
     from ..archive.tarstream import TarReader
     from ..archive.wintar import import_layer
@@ -694,7 +694,7 @@ def _import_main(argv: list[str]) -> int:
         # The decoder the stream needs is imported on first use: open and warm it up while the
         # library files are still reachable, before the chroot.
         stream = open_decompressed(in_fd)
-        _warm_up(stream_kind(stream))
+        warm_up(stream_kind(stream))
         if os.geteuid() == 0:
             # Everything is reached through the descriptors: nothing else of the host is needed.
             with contextlib.suppress(OSError):
