@@ -1,3 +1,4 @@
+import mmap
 from typing import Any
 
 def header(
@@ -17,7 +18,7 @@ def create_file(
     /,
 ) -> tuple[int, str] | None: ...
 def files(
-    buf: bytearray,
+    buf: bytearray | mmap.mmap,
     pos: int,
     end: int,
     dirs: dict[str, tuple[int, str, bool]],

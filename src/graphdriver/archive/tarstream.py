@@ -20,6 +20,7 @@ Any malformation (bad checksum, truncation, absurd numbers, broken PAX records) 
 
 from __future__ import annotations
 
+import mmap
 import os
 import posixpath
 import zlib
@@ -29,7 +30,7 @@ from typing import Any, BinaryIO, Protocol
 from ..errors import InvalidArchive
 from .digest import BackgroundDigest
 
-_native_header: Callable[[bytearray, int, int], tuple[Any, ...] | None] | None = None
+_native_header: Callable[[Any, int, int], tuple[Any, ...] | None] | None = None
 _native_create: Callable[..., tuple[int, str] | None] | None = None  # used by apply.py
 _native_files: Callable[..., tuple[Any, ...]] | None = None
 if not os.environ.get("GRAPHDRIVER_NO_NATIVE"):
@@ -306,6 +307,15 @@ def _parse_gnu_sparse(blk: bytes, start: int, count: int) -> list[tuple[int, int
     return out
 
 
+def aligned_buffer(size: int) -> mmap.mmap:
+    """*size* bytes of private anonymous memory, page-aligned.
+
+    Where the reader's buffer starts matters a lot here: with a 1 MiB bytearray (malloc puts
+    its data 16 bytes into an mmap'd block) the kernel's copies into and out of it ran at about
+    half speed -- applying the 1 GiB layer took 1.8-2.0 s against 1.0-1.3 s page-aligned."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 class TarReader:
     """Iterate the entries of an uncompressed tar stream; read each entry's data before the next."""
 
@@ -315,7 +325,7 @@ class TarReader:
         self._stream = stream
         self._recorder = recorder
         self._digest = BackgroundDigest() if digest else None
-        self._buf = bytearray(BUFFER_SIZE)
+        self._buf = aligned_buffer(BUFFER_SIZE)
         self._mv = memoryview(self._buf)
         self._pos = 0
         self._end = 0
@@ -345,10 +355,13 @@ class TarReader:
         if need > size:
             if self._digest is not None:
                 self._digest.wait()
-            self._buf.extend(bytes(need - size))
+            bigger = aligned_buffer(need)
+            bigger[:avail] = self._mv[self._pos : self._end]
             self._mv.release()
-            self._mv = memoryview(self._buf)
-            size = len(self._buf)
+            self._buf = bigger
+            self._mv = memoryview(bigger)
+            self._pos, self._end = 0, avail
+            size = need
         # Reads go on at the end while there is room; the front is reused (after the digest
         # thread is done with it) when what is needed does not fit behind.
         if self._pos and (self._pos + need > size or (avail == 0 and size - self._end < _READ)):
