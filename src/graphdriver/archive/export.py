@@ -34,6 +34,7 @@ import errno
 import fcntl
 import importlib
 import io
+import mmap
 import os
 import stat
 import threading
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 
 from ..errors import GraphDriverError, InvalidArgument, from_oserror
 from ..idmap import IDENTITY, IDMap
+from .buffers import aligned_buffer
 from .changes import Change, ChangeKind
 from .tarwriter import (
     BLKTYPE,
@@ -95,7 +97,7 @@ class _Native(Protocol):
     def list_dir(self, dir_fd: int, /) -> list[bytes]: ...
 
     def emit(
-        self, buf: bytearray, pos: int, out_fd: int, dir_fd: int, names: list[bytes],
+        self, buf: bytearray | mmap.mmap, pos: int, out_fd: int, dir_fd: int, names: list[bytes],
         start: int, prefix: bytes, overlay: bool, small_file: int, /,
     ) -> tuple[int, int, int, bool]: ...
 
@@ -122,7 +124,7 @@ class TarOut:
 
     def __init__(self, fd: int, progress: Progress | None) -> None:
         self.fd = fd
-        self.buf = bytearray(_BUF_SIZE)
+        self.buf = aligned_buffer(_BUF_SIZE)  # see buffers.py: aligned copies run ~2x faster
         self.view = memoryview(self.buf)
         self.pos = 0
         self.progress = progress

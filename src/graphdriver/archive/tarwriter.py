@@ -10,6 +10,7 @@ uname/gname stay empty (numeric ownership, as moby writes it).
 
 from __future__ import annotations
 
+import mmap
 import struct
 import zlib
 
@@ -271,7 +272,7 @@ _SPACES = b"        "
 
 
 def pack_ustar_into(
-    buf: bytearray,
+    buf: bytearray | mmap.mmap,
     offset: int,
     name: bytes,
     typeflag: bytes,
