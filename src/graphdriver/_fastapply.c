@@ -151,6 +151,71 @@ static PyObject *fast_name(const unsigned char *s, Py_ssize_t n)
     return decode(s, n);
 }
 
+/* The next "<len> <key>=<value>\n" record of a PAX header's data at *d (advanced past it).
+ * 0 with key/value set; -1 when the record is malformed (the Python parser says how). */
+static int pax_record(const unsigned char **d, const unsigned char *dend,
+                      const unsigned char **key, Py_ssize_t *keyn,
+                      const unsigned char **val, Py_ssize_t *valn)
+{
+    const unsigned char *p = *d, *sp = p, *rec_end, *eq;
+    Py_ssize_t len = 0;
+    if (*p == 0)
+        return -1;
+    while (sp < dend && sp - p < 18 && *sp >= '0' && *sp <= '9') {
+        len = len * 10 + (*sp - '0');
+        sp++;
+    }
+    if (sp == p || sp >= dend || *sp != ' ' || len <= sp - p + 1)
+        return -1;
+    rec_end = p + len;
+    if (rec_end > dend || rec_end[-1] != '\n')
+        return -1;
+    *key = sp + 1;
+    eq = memchr(*key, '=', (size_t)(rec_end - 1 - *key));
+    if (eq == NULL || eq == *key)
+        return -1;
+    *keyn = eq - *key;
+    *val = eq + 1;
+    *valn = rec_end - 1 - *val;
+    *d = rec_end;
+    return 0;
+}
+
+/* The fields of a ustar / GNU / v7 header block that both parsers read. */
+struct plain_header {
+    unsigned long long size, mode, uid, gid, mtime;
+    int gnu, ustar;
+    const unsigned char *name; /* the name field, or *joined* with the ustar prefix */
+    Py_ssize_t name_n;
+};
+
+/* 0, or -1 for what only the Python parser handles (base-256 or bad numbers, GNU atime/ctime). */
+static int plain_fields(const unsigned char *b, unsigned char joined[256], struct plain_header *h)
+{
+    int i;
+    if (octal(b + 124, 12, &h->size) < 0 || h->size > MAX_SIZE || octal(b + 100, 8, &h->mode) < 0 ||
+        octal(b + 108, 8, &h->uid) < 0 || octal(b + 116, 8, &h->gid) < 0 ||
+        octal(b + 136, 12, &h->mtime) < 0 || h->mtime > 9000000000ULL)
+        return -1;
+    h->gnu = memcmp(b + 257, "ustar  \0", 8) == 0;
+    h->ustar = !h->gnu && memcmp(b + 257, "ustar", 5) == 0;
+    if (h->gnu)
+        for (i = 345; i < 369; i++)
+            if (b[i])
+                return -1;
+    h->name = b;
+    h->name_n = (Py_ssize_t)strnlen((const char *)b, 100);
+    if (h->ustar && b[345]) {
+        Py_ssize_t pn = (Py_ssize_t)strnlen((const char *)b + 345, 155);
+        memcpy(joined, b + 345, (size_t)pn);
+        joined[pn] = '/';
+        memcpy(joined + pn + 1, b, (size_t)h->name_n);
+        h->name = joined;
+        h->name_n = pn + 1 + h->name_n;
+    }
+    return 0;
+}
+
 #define FAIL_NONE                                                                                  \
     do {                                                                                           \
         goto none;                                                                                 \
@@ -176,6 +241,7 @@ static PyObject *header(PyObject *self, PyObject *args)
     const unsigned char *nm;
     Py_ssize_t nm_n;
     unsigned char joined[256];
+    struct plain_header ph;
 
     (void)self;
     if (!PyArg_ParseTuple(args, "y*nn", &view, &pos, &end))
@@ -202,30 +268,12 @@ static PyObject *header(PyObject *self, PyObject *args)
         if (pax == NULL)
             goto error;
         while (d < dend) {
-            const unsigned char *sp, *rec_end, *eq, *key, *val;
-            Py_ssize_t len = 0, keyn, valn;
+            const unsigned char *key, *val;
+            Py_ssize_t keyn, valn;
             PyObject *k, *vv;
             int rc;
-            if (*d == 0)
+            if (pax_record(&d, dend, &key, &keyn, &val, &valn) < 0)
                 FAIL_NONE;
-            sp = d;
-            while (sp < dend && sp - d < 18 && *sp >= '0' && *sp <= '9') {
-                len = len * 10 + (*sp - '0');
-                sp++;
-            }
-            if (sp == d || sp >= dend || *sp != ' ' || len <= sp - d + 1)
-                FAIL_NONE;
-            rec_end = d + len;
-            if (rec_end > dend || rec_end[-1] != '\n')
-                FAIL_NONE;
-            key = sp + 1;
-            eq = memchr(key, '=', (size_t)(rec_end - 1 - key));
-            if (eq == NULL || eq == key)
-                FAIL_NONE;
-            keyn = eq - key;
-            val = eq + 1;
-            valn = rec_end - 1 - val;
-            d = rec_end;
 #define KEY(lit) (keyn == (Py_ssize_t)sizeof(lit) - 1 && memcmp(key, lit, sizeof(lit) - 1) == 0)
             if (KEY("mtime")) {
                 long long t;
@@ -295,28 +343,17 @@ static PyObject *header(PyObject *self, PyObject *args)
     default:
         FAIL_NONE;
     }
-    if (octal(b + 124, 12, &size) < 0 || size > MAX_SIZE || octal(b + 100, 8, &mode) < 0 ||
-        octal(b + 108, 8, &uid) < 0 || octal(b + 116, 8, &gid) < 0 ||
-        octal(b + 136, 12, &mtime) < 0 || mtime > 9000000000ULL)
+    if (plain_fields(b, joined, &ph) < 0)
         FAIL_NONE;
-    gnu = memcmp(b + 257, "ustar  \0", 8) == 0;
-    ustar = !gnu && memcmp(b + 257, "ustar", 5) == 0;
-    if (gnu) {
-        int i;
-        for (i = 345; i < 369; i++)
-            if (b[i])
-                FAIL_NONE; /* GNU atime/ctime fields: the Python parser handles them */
-    }
-    nm = b;
-    nm_n = (Py_ssize_t)strnlen((const char *)b, 100);
-    if (ustar && b[345]) {
-        Py_ssize_t pn = (Py_ssize_t)strnlen((const char *)b + 345, 155);
-        memcpy(joined, b + 345, (size_t)pn);
-        joined[pn] = '/';
-        memcpy(joined + pn + 1, b, (size_t)nm_n);
-        nm = joined;
-        nm_n = pn + 1 + nm_n;
-    }
+    size = ph.size;
+    mode = ph.mode;
+    uid = ph.uid;
+    gid = ph.gid;
+    mtime = ph.mtime;
+    gnu = ph.gnu;
+    ustar = ph.ustar;
+    nm = ph.name;
+    nm_n = ph.name_n;
     if (typ == 0)
         typ = (nm_n > 0 && nm[nm_n - 1] == '/') ? '5' : '0';
     if ((ustar || gnu) && (typ == '3' || typ == '4')) {
@@ -523,28 +560,11 @@ static int simple_pax(const unsigned char *d, const unsigned char *dend, struct 
 {
     memset(px, 0, sizeof(*px));
     while (d < dend) {
-        const unsigned char *sp = d, *rec_end, *eq, *key, *val;
-        Py_ssize_t len = 0, keyn, valn;
+        const unsigned char *key, *val;
+        Py_ssize_t keyn, valn;
         long long ignored;
-        if (*d == 0)
+        if (pax_record(&d, dend, &key, &keyn, &val, &valn) < 0)
             return -1;
-        while (sp < dend && sp - d < 18 && *sp >= '0' && *sp <= '9') {
-            len = len * 10 + (*sp - '0');
-            sp++;
-        }
-        if (sp == d || sp >= dend || *sp != ' ' || len <= sp - d + 1)
-            return -1;
-        rec_end = d + len;
-        if (rec_end > dend || rec_end[-1] != '\n')
-            return -1;
-        key = sp + 1;
-        eq = memchr(key, '=', (size_t)(rec_end - 1 - key));
-        if (eq == NULL || eq == key)
-            return -1;
-        keyn = eq - key;
-        val = eq + 1;
-        valn = rec_end - 1 - val;
-        d = rec_end;
 #define KEY(lit) (keyn == (Py_ssize_t)sizeof(lit) - 1 && memcmp(key, lit, sizeof(lit) - 1) == 0)
         if (KEY("mtime")) {
             if (pax_time(val, valn, &px->mtime_ns) < 0)
@@ -655,8 +675,9 @@ static PyObject *files(PyObject *self, PyObject *args)
         long long mtime_ns, atime_ns;
         Py_ssize_t nm_n, base_n, parent_n, i, data_at, hdr_at;
         struct simple_pax px;
+        struct plain_header ph;
         int have_pax;
-        int gnu, ustar, fd, err = 0, do_chown;
+        int fd, err = 0, do_chown;
         const char *step = NULL;
         unsigned char typ;
         PyObject *base_str, *real;
@@ -686,10 +707,13 @@ static PyObject *files(PyObject *self, PyObject *args)
             break;
         if (!checksum_ok(b))
             break;
-        if (octal(b + 124, 12, &size) < 0 || size > MAX_SIZE || octal(b + 100, 8, &mode) < 0 ||
-            octal(b + 108, 8, &uid) < 0 || octal(b + 116, 8, &gid) < 0 ||
-            octal(b + 136, 12, &mtime) < 0 || mtime > 9000000000ULL)
+        if (plain_fields(b, joined, &ph) < 0)
             break;
+        size = ph.size;
+        mode = ph.mode;
+        uid = ph.uid;
+        gid = ph.gid;
+        mtime = ph.mtime;
         mtime_ns = (long long)mtime * 1000000000LL;
         atime_ns = mtime_ns;
         if (have_pax) {
@@ -708,25 +732,8 @@ static PyObject *files(PyObject *self, PyObject *args)
         padded = (size + BLOCK - 1) & ~(unsigned long long)(BLOCK - 1);
         if ((unsigned long long)(end - hdr_at - BLOCK) < size)
             break; /* the data is not all buffered */
-        gnu = memcmp(b + 257, "ustar  \0", 8) == 0;
-        ustar = !gnu && memcmp(b + 257, "ustar", 5) == 0;
-        if (gnu) {
-            for (i = 345; i < 369; i++)
-                if (b[i])
-                    break;
-            if (i < 369)
-                break;
-        }
-        nm = b;
-        nm_n = (Py_ssize_t)strnlen((const char *)b, 100);
-        if (ustar && b[345]) {
-            Py_ssize_t pn = (Py_ssize_t)strnlen((const char *)b + 345, 155);
-            memcpy(joined, b + 345, (size_t)pn);
-            joined[pn] = '/';
-            memcpy(joined + pn + 1, b, (size_t)nm_n);
-            nm = joined;
-            nm_n = pn + 1 + nm_n;
-        }
+        nm = ph.name;
+        nm_n = ph.name_n;
         if (have_pax && px.path != NULL) {
             nm = px.path;
             nm_n = px.path_n;
