@@ -1,7 +1,9 @@
-"""Build of the optional native helper (src/graphdriver/_fastapply.c); the rest is pyproject.toml.
+"""Build of the optional native helpers (src/graphdriver/_fastapply.c for apply and tar-split,
+src/graphdriver/_fastexport.c for export); the rest is pyproject.toml.
 
-The extension is optional: when it cannot be compiled the install goes on and graphdriver uses its
-pure-Python tar parser (also forced at run time with GRAPHDRIVER_NO_NATIVE=1).
+They are optional: when one cannot be compiled the install goes on and graphdriver uses its
+pure-Python code for that part (also forced at run time with GRAPHDRIVER_NO_NATIVE=1; see
+src/graphdriver/archive/native.py).
 """
 
 from setuptools import Extension, setup
@@ -9,16 +11,11 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "graphdriver._fastapply",
-            ["src/graphdriver/_fastapply.c"],
+            f"graphdriver.{name}",
+            [f"src/graphdriver/{name}.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
-        ),
-        Extension(
-            "graphdriver._fastexport",
-            ["src/graphdriver/_fastexport.c"],
-            optional=True,
-            extra_compile_args=["-O2", "-Wall"],
-        ),
+        )
+        for name in ("_fastapply", "_fastexport")
     ]
 )

@@ -437,6 +437,62 @@ error:
     return NULL;
 }
 
+/* A time in ns since the epoch as a timespec (negative times: tv_nsec stays in [0, 1e9)). */
+static void ns_timespec(long long ns, struct timespec *ts)
+{
+    ts->tv_sec = (time_t)(ns / 1000000000LL);
+    ts->tv_nsec = (long)(ns % 1000000000LL);
+    if (ts->tv_nsec < 0) {
+        ts->tv_sec -= 1;
+        ts->tv_nsec += 1000000000L;
+    }
+}
+
+/* The rest of a regular file after its openat: all of data, fchown (when do_chown), fchmod (when
+ * chmod_mode >= 0), futimens, close; fd is closed in every case.  Needs no GIL.  NULL when all
+ * went well, else the name of the step that failed, with its errno in *err. */
+static const char *finish_file(int fd, const unsigned char *p, size_t left, int do_chown,
+                               unsigned long long uid, unsigned long long gid,
+                               long long chmod_mode, long long atime_ns, long long mtime_ns,
+                               int *err)
+{
+    const char *step = NULL;
+    struct timespec ts[2];
+    while (left > 0) {
+        ssize_t n = write(fd, p, left > (1U << 30) ? (1U << 30) : left);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            *err = errno;
+            step = "write";
+            break;
+        }
+        p += n;
+        left -= (size_t)n;
+    }
+    if (!step && do_chown && fchown(fd, (uid_t)uid, (gid_t)gid) < 0) {
+        *err = errno;
+        step = "chown";
+    }
+    if (!step && chmod_mode >= 0 && fchmod(fd, (mode_t)chmod_mode) < 0) {
+        *err = errno;
+        step = "chmod";
+    }
+    if (!step) {
+        ns_timespec(atime_ns, &ts[0]);
+        ns_timespec(mtime_ns, &ts[1]);
+        if (futimens(fd, ts) < 0) {
+            *err = errno;
+            step = "utime";
+        }
+    }
+    if (close(fd) < 0 && !step && errno != EINTR) {
+        *err = errno;
+        step = "close";
+    }
+    return step;
+}
+
 /* create_file(dir_fd, name, perm, data, chown, uid, gid, chmod_mode, atime_ns, mtime_ns)
  *
  * One regular file of an apply, as root: openat(O_CREAT|O_EXCL|O_NOFOLLOW), write all of data,
@@ -452,9 +508,6 @@ static PyObject *create_file(PyObject *self, PyObject *args)
     PyObject *name_obj, *name_bytes = NULL;
     Py_buffer data;
     const char *step = NULL;
-    const char *p;
-    Py_ssize_t left;
-    struct timespec ts[2];
 
     (void)self;
     if (!PyArg_ParseTuple(args, "iOIy*pLLLLL", &dir_fd, &name_obj, &perm, &data, &do_chown, &uid,
@@ -475,51 +528,12 @@ static PyObject *create_file(PyObject *self, PyObject *args)
         return NULL;
     }
     Py_DECREF(name_bytes);
-    p = (const char *)data.buf;
-    left = data.len;
-    while (left > 0) {
-        ssize_t n = write(fd, p, (size_t)left);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            err = errno;
-            step = "write";
-            break;
-        }
-        p += n;
-        left -= n;
-    }
+    Py_BEGIN_ALLOW_THREADS
+    step = finish_file(fd, (const unsigned char *)data.buf, (size_t)data.len, do_chown,
+                       (unsigned long long)uid, (unsigned long long)gid, chmod_mode, atime_ns,
+                       mtime_ns, &err);
+    Py_END_ALLOW_THREADS
     PyBuffer_Release(&data);
-    if (!step && do_chown && fchown(fd, (uid_t)uid, (gid_t)gid) < 0) {
-        err = errno;
-        step = "chown";
-    }
-    if (!step && chmod_mode >= 0 && fchmod(fd, (mode_t)chmod_mode) < 0) {
-        err = errno;
-        step = "chmod";
-    }
-    if (!step) {
-        ts[0].tv_sec = (time_t)(atime_ns / 1000000000LL);
-        ts[0].tv_nsec = (long)(atime_ns % 1000000000LL);
-        if (ts[0].tv_nsec < 0) {
-            ts[0].tv_sec -= 1;
-            ts[0].tv_nsec += 1000000000L;
-        }
-        ts[1].tv_sec = (time_t)(mtime_ns / 1000000000LL);
-        ts[1].tv_nsec = (long)(mtime_ns % 1000000000LL);
-        if (ts[1].tv_nsec < 0) {
-            ts[1].tv_sec -= 1;
-            ts[1].tv_nsec += 1000000000L;
-        }
-        if (futimens(fd, ts) < 0) {
-            err = errno;
-            step = "utime";
-        }
-    }
-    if (close(fd) < 0 && !step && errno != EINTR) {
-        err = errno;
-        step = "close";
-    }
     if (step)
         return Py_BuildValue("(is)", err, step);
     Py_RETURN_NONE;
@@ -530,8 +544,9 @@ static PyObject *create_file(PyObject *self, PyObject *args)
  * files(buf, pos, end, dirs, euid, egid, umask, seg, crc)
  *
  * Applies, as root onto a target that was empty, the run of entries starting at buf[pos] that are
- * of the plainest kind: one ustar / GNU / v7 header (no PAX, no long name, octal numbers, valid
- * checksum), a regular file whose data is all buffered, a name that needs no normalization and is
+ * of the plainest kind: one ustar / GNU / v7 header (octal numbers, valid checksum), optionally
+ * after a local PAX header of simple records (simple_pax: times, path, size, ids, names; no long
+ * name), a regular file whose data is all buffered, a name that needs no normalization and is
  * not a whiteout (no component starting with '.', no "//"), in a directory that *dirs* (the
  * applier's cache: logical path -> (fd, real path, setgid)) holds.  The first entry that is not of
  * this kind, or whose create finds something in the way (EEXIST) or fails to open, stops the run
@@ -681,7 +696,6 @@ static PyObject *files(PyObject *self, PyObject *args)
         const char *step = NULL;
         unsigned char typ;
         PyObject *base_str, *real;
-        struct timespec ts[2];
 
         if (end - pos < BLOCK)
             break;
@@ -805,45 +819,11 @@ static PyObject *files(PyObject *self, PyObject *args)
             fd = openat(cur_fd, (const char *)cname,
                         O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, (mode_t)(mode & 0777));
         } while (fd < 0 && errno == EINTR);
-        if (fd >= 0) {
-            const unsigned char *p = buf + data_at;
-            unsigned long long left = size;
-            while (left > 0) {
-                ssize_t n = write(fd, p, left > (1ULL << 30) ? (1U << 30) : (size_t)left);
-                if (n < 0) {
-                    if (errno == EINTR)
-                        continue;
-                    err = errno;
-                    step = "write";
-                    break;
-                }
-                p += n;
-                left -= (unsigned long long)n;
-            }
-            if (!step && do_chown && fchown(fd, (uid_t)uid, (gid_t)gid) < 0) {
-                err = errno;
-                step = "chown";
-            }
-            if (!step && ((mode & 07000) || (mode & (unsigned long long)umask_bits)) &&
-                fchmod(fd, (mode_t)(mode & 07777)) < 0) {
-                err = errno;
-                step = "chmod";
-            }
-            if (!step) {
-                ts[0].tv_sec = (time_t)(atime_ns / 1000000000LL);
-                ts[0].tv_nsec = (long)(atime_ns % 1000000000LL);
-                ts[1].tv_sec = (time_t)(mtime_ns / 1000000000LL);
-                ts[1].tv_nsec = (long)(mtime_ns % 1000000000LL);
-                if (futimens(fd, ts) < 0) {
-                    err = errno;
-                    step = "utime";
-                }
-            }
-            if (close(fd) < 0 && !step && errno != EINTR) {
-                err = errno;
-                step = "close";
-            }
-        }
+        if (fd >= 0)
+            step = finish_file(fd, buf + data_at, (size_t)size, do_chown, uid, gid,
+                               (mode & 07000) || (mode & (unsigned long long)umask_bits)
+                                   ? (long long)(mode & 07777) : -1,
+                               atime_ns, mtime_ns, &err);
         Py_END_ALLOW_THREADS
         if (fd < 0)
             break; /* EEXIST (something in the way) or another error: Python redoes this one */

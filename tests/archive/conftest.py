@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,3 +24,17 @@ def work(tmp_path: Path) -> Iterator[Path]:
             shutil.rmtree(d, ignore_errors=True)
     else:
         yield tmp_path
+
+
+@pytest.fixture(params=["vfs", "overlay"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A vfs and an overlay store (skipped where the driver cannot work), cleaned up after."""
+    from graphdriver import open_driver
+    from graphdriver.errors import NotSupported
+
+    try:
+        d = open_driver(request.param, tmp_path / "root", runroot=tmp_path / "run")
+    except NotSupported as exc:
+        pytest.skip(f"{request.param}: {exc}")
+    yield d
+    d.cleanup()

@@ -12,23 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from graphdriver import open_driver
 from graphdriver.archive import tarsplit as ts
 from graphdriver.archive.isolate import PipeRecorder, replay_recorder_stream
 from graphdriver.archive.tarstream import TarReader
-from graphdriver.errors import InvalidArchive, NotSupported
+from graphdriver.errors import InvalidArchive
 
 needs_gnu_tar = pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar missing")
-
-
-@pytest.fixture(params=["vfs", "overlay"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> object:
-    try:
-        d = open_driver(request.param, tmp_path / "root", runroot=tmp_path / "run")
-    except NotSupported as exc:
-        pytest.skip(f"{request.param}: {exc}")
-    yield d
-    d.cleanup()
 
 
 def _tar(tmp_path: Path, members: list[tuple[str, bytes | None, str | None]]) -> Path:

@@ -15,22 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from graphdriver import open_driver
 from graphdriver.archive import tarsplit as ts
-from graphdriver.errors import NotFound, NotSupported, StoreCorrupt
+from graphdriver.errors import NotFound, StoreCorrupt
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 needs_gnu_tar = pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar missing")
-
-
-@pytest.fixture(params=["vfs", "overlay"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> object:
-    try:
-        d = open_driver(request.param, tmp_path / "root", runroot=tmp_path / "run")
-    except NotSupported as exc:
-        pytest.skip(f"{request.param}: {exc}")
-    yield d
-    d.cleanup()
 
 
 def gnu_tar(tmp_path: Path, name: str, files: dict[str, bytes], *extra: str) -> Path:

@@ -323,19 +323,25 @@ def test_sigkill_at_random_points(driver_name: str, tmp_path: Path, canary: Cana
         assert killed_mid_apply > 0, f"no kill landed mid-apply in {applies} applies: {h.outcomes}"
 
 
+def _store_with_base(tmp_path: Path, driver_name: str) -> tuple[Path, Path, Layout, Path]:
+    """A store (root, run root, layout) holding layer "base" applied, and a 24 MB layer tar for
+    applies that get interrupted."""
+    root, run = tmp_path / "store", tmp_path / "run"
+    base_tar, big_tar = tmp_path / "base.tar", tmp_path / "big.tar"
+    make_layer_tar(base_tar, seed=7, megabytes=2, files=50)
+    make_layer_tar(big_tar, seed=8, megabytes=24, files=300)
+    cli_ok(root, run, driver_name, "create", "base")
+    cli_ok(root, run, driver_name, "apply", "base", str(base_tar))
+    return root, run, Layout(root, driver_name), big_tar
+
+
 # --- SIGINT / SIGTERM: roll back and exit 130 -------------------------------------------------
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_apply_rolls_back(driver_name: str, tmp_path: Path, canary: Canary,
                                      sig: signal.Signals) -> None:
-    root, run = tmp_path / "store", tmp_path / "run"
-    layout = Layout(root, driver_name)
-    base_tar, big_tar = tmp_path / "base.tar", tmp_path / "big.tar"
-    make_layer_tar(base_tar, seed=7, megabytes=2, files=50)
-    make_layer_tar(big_tar, seed=8, megabytes=24, files=300)
-    cli_ok(root, run, driver_name, "create", "base")
-    cli_ok(root, run, driver_name, "apply", "base", str(base_tar))
+    root, run, layout, big_tar = _store_with_base(tmp_path, driver_name)
     rolled_back = 0
     rng = random.Random(sig)
     runs = iterations("GRAPHDRIVER_SIGNAL_ITERATIONS", 5)
@@ -420,13 +426,7 @@ def test_apply_child_killed_leaves_no_half_layer(driver_name: str, tmp_path: Pat
                                                  canary: Canary) -> None:
     """The OOM killer (or anyone) SIGKILLs the confined child mid-apply: the command fails with
     one line, and the layer is absent or as before — never half applied and called complete."""
-    root, run = tmp_path / "store", tmp_path / "run"
-    layout = Layout(root, driver_name)
-    base_tar, big_tar = tmp_path / "base.tar", tmp_path / "big.tar"
-    make_layer_tar(base_tar, seed=7, megabytes=2, files=50)
-    make_layer_tar(big_tar, seed=8, megabytes=24, files=300)
-    cli_ok(root, run, driver_name, "create", "base")
-    cli_ok(root, run, driver_name, "apply", "base", str(base_tar))
+    root, run, layout, big_tar = _store_with_base(tmp_path, driver_name)
     killed = 0
     rng = random.Random(11)
     for k in range(3):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import importlib
 import io
 import mmap
 import os
@@ -49,6 +48,7 @@ from ..errors import GraphDriverError, InvalidArgument, from_oserror
 from ..idmap import IDENTITY, IDMap
 from .buffers import aligned_buffer
 from .changes import Change, ChangeKind
+from .native import native_module
 from .tarwriter import (
     BLKTYPE,
     BLOCK,
@@ -102,17 +102,7 @@ class _Native(Protocol):
     ) -> tuple[int, int, int, bool]: ...
 
 
-def _load_native() -> _Native | None:
-    if os.environ.get("GRAPHDRIVER_NO_NATIVE"):
-        return None
-    try:
-        module: _Native = importlib.import_module("graphdriver._fastexport")  # type: ignore[assignment]
-    except ImportError:  # not compiled: everything is written by the Python code below
-        return None
-    return module
-
-
-_native = _load_native()
+_native: _Native | None = native_module("_fastexport")  # type: ignore[assignment]
 
 
 class TarOut:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import GraphDriverError, InvalidArchive, NotFound, StoreCorrupt
+from .native import native_module
 
 log = logging.getLogger("graphdriver")
 
@@ -519,35 +520,16 @@ def _file_crc(root_fd: int, name: bytes, size: int,
         os.close(fd)
 
 
-def _load_native_pack() -> Callable[..., tuple[int, bytes, int, int, int]] | None:
-    if os.environ.get("GRAPHDRIVER_NO_NATIVE"):
-        return None
-    try:
-        from .._fastapply import pack_frames
-    except ImportError:
-        return None
-    return pack_frames
-
-
-_native_pack = _load_native_pack()
-
-
-def _native_verify() -> Callable[[int, bytes | bytearray], int] | None:
-    """_fastapply.verify_files (the same checks at ~1 system call per file), if built."""
-    if os.environ.get("GRAPHDRIVER_NO_NATIVE"):
-        return None
-    try:
-        from .._fastapply import verify_files
-    except ImportError:
-        return None
-    return verify_files
+_fastapply = native_module("_fastapply")
+# the native line maker for the apply child's frames (TarSplitPacker.take_frames), if built
+_native_pack: Callable[..., tuple[int, bytes, int, int, int]] | None = (
+    _fastapply.pack_frames if _fastapply else None)
 
 
 def _verify_packed(root_fd: int, packer: TarSplitPacker) -> str | None:
     """_verify_files for what *packer* recorded: natively when built (~1 system call per file);
     anything not plainly right is looked at, and told, the Python way."""
-    native = _native_verify()
-    if native is not None and native(root_fd, packer.file_records) == -1:
+    if _fastapply is not None and _fastapply.verify_files(root_fd, packer.file_records) == -1:
         return None
     return _verify_files(root_fd, packer.files)
 

@@ -29,19 +29,14 @@ from typing import Any, BinaryIO, Protocol
 from ..errors import InvalidArchive
 from .buffers import aligned_buffer
 from .digest import BackgroundDigest
+from .native import native_module
 
-_native_header: Callable[[Any, int, int], tuple[Any, ...] | None] | None = None
-_native_create: Callable[..., tuple[int, str] | None] | None = None  # used by apply.py
-_native_files: Callable[..., tuple[Any, ...]] | None = None
-if not os.environ.get("GRAPHDRIVER_NO_NATIVE"):
-    try:
-        from .. import _fastapply
-
-        _native_header = _fastapply.header
-        _native_create = _fastapply.create_file
-        _native_files = _fastapply.files
-    except ImportError:  # not compiled: the pure-Python code does everything
-        pass
+_fastapply = native_module("_fastapply")
+_native_header: Callable[[Any, int, int], tuple[Any, ...] | None] | None = (
+    _fastapply.header if _fastapply else None)
+_native_create: Callable[..., tuple[int, str] | None] | None = (  # used by apply.py
+    _fastapply.create_file if _fastapply else None)
+_native_files: Callable[..., tuple[Any, ...]] | None = _fastapply.files if _fastapply else None
 
 BLOCK = 512
 BUFFER_SIZE = 1 << 20
@@ -531,7 +526,8 @@ class TarReader:
             pass
 
     def _settle(self) -> None:
-        """Finish the current entry (what ``__iter__`` does before the next header)."""
+        """Finish the current entry: skip what is left of its data and padding, hand its CRC to
+        the recorder (before the next header, and before a native run of files)."""
         if self._remaining or self._pad:
             self._skip_current()
         if self._crc_on:
@@ -573,11 +569,8 @@ class TarReader:
         rec = self._recorder
         done = self._file_done
         while not self._done:
-            if self._remaining or self._pad:
-                self._skip_current()
-            if self._crc_on:  # the previous entry's data has all gone by
-                self._crc_on = False
-                done(self._crc)  # type: ignore[misc]
+            if self._remaining or self._pad or self._crc_on:
+                self._settle()  # the previous entry's data (and its CRC) has all gone by
             entry = self._next_header()
             if entry is None:
                 self._finish()

@@ -1,0 +1,28 @@
+"""The optional compiled helpers of the tar engine: ``graphdriver._fastapply`` (apply: headers,
+runs of plain files, tar-split frames and lines, the after-apply check) and
+``graphdriver._fastexport`` (export).
+
+:func:`native_module` is the one place that decides whether they are used: when built, unless
+``GRAPHDRIVER_NO_NATIVE`` is set (non-empty).  Without them the pure-Python code does the same
+work, byte for byte (the tests compare both paths).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from .. import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+
+def native_module(name: str) -> ModuleType | None:
+    """``graphdriver.<name>`` if it is built and allowed, else None."""
+    if os.environ.get("GRAPHDRIVER_NO_NATIVE"):
+        return None
+    try:
+        return importlib.import_module(f"graphdriver.{name}")
+    except ImportError:  # not compiled: the pure-Python code does everything
+        return None
