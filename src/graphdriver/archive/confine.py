@@ -5,11 +5,11 @@ Every piece of work that reads an untrusted layer stream and writes a layer (app
 this runner (DESIGN.md rule 2; moby's ``reexec`` + chrootarchive's ``goInChroot``).
 
 A job is a function ``job(ctx: ChildContext) -> Callable[[], dict]`` named ``"module:function"``
-in a module under ``graphdriver``.  The child imports that module, then calls the function
-*before* it confines itself: there the job reads its parameters, opens its input and imports and
-warms up everything it will need (the library files are out of reach after the chroot).  The
-function returns the job's body, which the runner calls once confined; the body's dict is the
-result handed back to the parent.
+(any module the child can import; graphdriver's jobs live in ``graphdriver.archive``).  The child
+imports that module, then calls the function *before* it confines itself: there the job reads
+its parameters, opens its input and imports and warms up everything it will need (the library
+files are out of reach after the chroot).  The function returns the job's body, which the
+runner calls once confined; the body's dict is the result handed back to the parent.
 
 The parent (:func:`run_job`):
 
@@ -70,7 +70,6 @@ if TYPE_CHECKING:  # the parent's modules: the child does not import them (start
 log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_PREFIX = "graphdriver."
 
 #: the body of a job, run once the child is confined; its dict is the job's result
 JobBody = Callable[[], dict[str, Any]]
@@ -329,7 +328,7 @@ def _set_pdeathsig() -> None:
 
 def _load_job(name: str) -> Callable[[ChildContext], JobBody]:
     module, _, func = name.partition(":")
-    if not module.startswith(_PREFIX) or not func:
+    if not module or not func:
         raise errors.InvalidArgument(f"not a confined job: {name!r}")
     job = getattr(importlib.import_module(module), func, None)
     if not callable(job):
