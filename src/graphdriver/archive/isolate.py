@@ -84,7 +84,7 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions, *,
 
 
 # ---- the child -----------------------------------------------------------------------------------
-def warm_up(kind: str) -> None:
+def _warm_up(kind: str) -> None:
     """Import and exercise what the apply needs (the stream's decoder only) before the chroot
     takes the library files away."""
     import hashlib
@@ -124,7 +124,7 @@ def open_warm_input(ctx: ChildContext) -> BinaryIO:
     if ctx.input_fd is None:
         raise errors.InvalidArgument("a layer job needs an input stream")
     stream = open_decompressed(ctx.input_fd)
-    warm_up(stream_kind(stream))
+    _warm_up(stream_kind(stream))
     if ctx.recorder is not None:
         from .tarstream import crc64_function
 
