@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from tarbuild import build, diff_snapshots, gnu_tar, make_rich_tree, member, needs_gnu_tar, snapshot
+from tests.childproc import children_of, feed_until_started, is_gone
 
 from graphdriver.archive.apply import ApplyOptions, apply_tar
 from graphdriver.archive.confine import run_job
@@ -28,19 +29,7 @@ from graphdriver.errors import (
 
 def children() -> list[int]:
     """Live (non-zombie) child processes of this process."""
-    me = str(os.getpid())
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == me and fields[0] != "Z":
-            out.append(int(pid))
-    return out
+    return children_of(os.getpid())
 
 
 def confined(data: bytes, target: Path, opts: ApplyOptions | None = None) -> object:
@@ -189,16 +178,8 @@ def test_signal_to_the_parent_stops_the_child_and_rolls_back(work: Path, sig: in
         stderr=subprocess.PIPE,
     )
     try:
-        assert proc.stdin is not None
-        first = b"".join(member(f"f{i}", os.urandom(100)) for i in range(50))
-        proc.stdin.write(first)
-        proc.stdin.flush()
-        deadline = time.monotonic() + 120
-        while not (t / "f49").exists():
-            assert time.monotonic() < deadline, "the apply never started"
-            time.sleep(0.05)
-        kids = _grandchildren(proc.pid)
-        assert kids, "no apply child found"
+        kids = feed_until_started(
+            proc, b"".join(member(f"f{i}", os.urandom(100)) for i in range(50)), t / "f49")
         proc.send_signal(sig)
         # keep the input open until it is over (communicate() would close it at once, and the
         # child would finish the apply from the end of its input)
@@ -211,8 +192,7 @@ def test_signal_to_the_parent_stops_the_child_and_rolls_back(work: Path, sig: in
     assert b"Interrupted" in out, (out, err)
     assert proc.returncode == 130
     assert snapshot(t) == before, err.decode(errors="replace")
-    for pid in kids:
-        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
+    assert all(is_gone(pid) for pid in kids)
 
 
 def test_killed_child_leaves_an_empty_target_empty(work: Path) -> None:
@@ -248,27 +228,6 @@ def test_killed_child_leaves_an_empty_target_empty(work: Path) -> None:
     assert isinstance(exc, GraphDriverError) and "emptied" in str(exc)
     assert os.listdir(t) == []
     assert children() == []
-
-
-def _grandchildren(pid: int) -> list[int]:
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as fh:
-                    if fh.read().rsplit(")", 1)[1].split()[1] == str(pid):
-                        out.append(int(p))
-            except OSError:
-                pass
-    return out
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_streams_accepted_by_apply_tar_too() -> None:
@@ -355,19 +314,12 @@ def test_the_child_of_a_killed_parent_dies_and_rolls_back(work: Path) -> None:
                             stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
     kids: list[int] = []
     try:
-        assert proc.stdin is not None
-        proc.stdin.write(b"".join(member(f"f{i}", os.urandom(100)) for i in range(50)))
-        proc.stdin.flush()
-        deadline = time.monotonic() + 120
-        while not (t / "f49").exists():
-            assert time.monotonic() < deadline, "the apply never started"
-            time.sleep(0.05)
-        kids = _grandchildren(proc.pid)
-        assert kids, "no job child found"
+        kids = feed_until_started(
+            proc, b"".join(member(f"f{i}", os.urandom(100)) for i in range(50)), t / "f49")
         proc.kill()
         proc.wait(timeout=60)
         deadline = time.monotonic() + 60
-        while not all(_is_zombie(pid) for pid in kids):  # reaped by init once it exits
+        while not all(is_gone(pid) for pid in kids):  # reaped by init once it exits
             assert time.monotonic() < deadline, "the child outlived its killed parent"
             time.sleep(0.05)
     finally:

@@ -10,12 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.childproc import feed_until_started, is_gone
+from tests.drivers.test_windowsfilter import store as store  # the fixture
 from tests.drivers.wintar_build import WinTarBuilder, base_layer
 
 from graphdriver import InvalidArchive, open_driver
@@ -39,29 +39,6 @@ print("finished", flush=True)
 """
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Any]:
-    d = open_driver("windowsfilter", tmp_path / "root", runroot=tmp_path / "run")
-    try:
-        yield d
-    finally:
-        d.cleanup()
-
-
-def _children_of(pid: int) -> list[int]:
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[1] == str(pid) and fields[0] != "Z":
-                out.append(int(p))
-    return out
-
-
 def _many_files(n: int) -> bytes:
     b = WinTarBuilder().dir("Files")
     for i in range(n):
@@ -81,14 +58,8 @@ def test_a_signal_during_the_import_rolls_it_back(tmp_path: Path, sig: int) -> N
         line = proc.stdout.readline().decode().split()
         assert line[0] == "dir", line
         layer = Path(line[1])
-        proc.stdin.write(data[:-1024])  # every entry, not the end of the archive
-        proc.stdin.flush()
-        deadline = time.monotonic() + 120
-        while not (layer / ".staging/Files/f49").exists():
-            assert time.monotonic() < deadline, "the import never started"
-            time.sleep(0.05)
-        kids = _children_of(proc.pid)
-        assert kids, "no import child found"
+        # every entry, not the end of the archive
+        kids = feed_until_started(proc, data[:-1024], layer / ".staging/Files/f49")
         proc.send_signal(sig)
         proc.wait(timeout=120)  # the input stays open: the import cannot finish by itself
         out, err = proc.communicate(timeout=60)
@@ -98,7 +69,7 @@ def test_a_signal_during_the_import_rolls_it_back(tmp_path: Path, sig: int) -> N
             proc.wait()
     assert out.startswith(b"Interrupted "), (out, err)
     assert proc.returncode == 130
-    assert all(not Path(f"/proc/{pid}").exists() or _children_of(pid) == [] for pid in kids)
+    assert all(is_gone(pid) for pid in kids)
     assert not (layer / ".staging").exists()
     d = open_driver("windowsfilter", root, runroot=run)
     try:
