@@ -30,9 +30,11 @@ The parent (:func:`run_job`):
   one-line message; a child that dies without an answer is reported by the caller's ``on_death``.
 
 The child sets ``PR_SET_PDEATHSIG`` (SIGTERM: it rolls back if the parent dies) and checks the
-parent it was spawned by is still there.  As root it chroots into the target and refuses to run
-the job when the chroot fails (an error, never a quiet fallback); when not root it relies on
-dir-fd resolution (every path beneath the target fd, :mod:`.pathres`).
+parent it was spawned by is still there.  A signal that comes while the job prepares is held
+until it is done and then stops the job before its body starts (an exception raised inside the
+import of an extension module crashed the child with SIGSEGV).  As root it chroots into the
+target and refuses to run the job when the chroot fails (an error, never a quiet fallback); when
+not root it relies on dir-fd resolution (every path beneath the target fd, :mod:`.pathres`).
 
 Messages from the child are JSON lines on the result pipe: ``{"progress": n}`` now and then,
 then ``{"ok": {...}}`` or ``{"error": {"class": .., "message": ..}}``.
@@ -301,9 +303,13 @@ class ChildContext:
             None if args["frames_fd"] is None else PipeRecorder(int(args["frames_fd"])))
         #: whether the child is chrooted into the target (set when confined)
         self.chrooted = False
-        #: what a SIGTERM/SIGINT does: raise at once (the default, before the job changes
-        #: anything), or a job's own gate (the apply's: never between a change and its journal)
+        #: what a SIGTERM/SIGINT does while the body runs: raise at once (the default), or a
+        #: job's own gate (the apply's: never between a change and its journal).  While the job
+        #: prepares (imports, warm-up) an interrupt waits: one raised inside the import of an
+        #: extension module can crash the interpreter; it is raised before the body starts.
         self.on_interrupt: Callable[[Interrupted], None] = _raise
+        self.preparing = True
+        self.pending: Interrupted | None = None
         self._send = send
         self._want_progress = bool(args["progress"])
 
@@ -364,8 +370,11 @@ def _child_main(argv: list[str]) -> int:
     ctx = ChildContext(args, send)
 
     def on_term(signum: int, frame: object) -> None:
-        ctx.on_interrupt(
-            Interrupted(f"interrupted by signal {signum}; the {args['job']} job was rolled back"))
+        exc = Interrupted(f"interrupted by signal {signum}; the {args['job']} job was rolled back")
+        if ctx.preparing:
+            ctx.pending = ctx.pending or exc
+            return
+        ctx.on_interrupt(exc)
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
@@ -375,6 +384,10 @@ def _child_main(argv: list[str]) -> int:
     try:
         body = _load_job(str(args["job"]))(ctx)
         _confine(ctx, str(args["target"]))
+        ctx.preparing = False
+        if ctx.pending is not None:
+            raise Interrupted(f"interrupted before the {args['job']} job started; nothing was "
+                              "done")
         result = body()
         if ctx.recorder is not None:
             ctx.recorder.close()
