@@ -416,6 +416,7 @@ class WindowsFilterDriver(LayerStore):
             staging = d / STAGING
             self.meta.mark_incomplete(layer_id, "apply")
             raw_fd = -1
+            packer: TarSplitPacker | None = None
             opts = ApplyOptions(progress=progress)
             try:
                 try:
@@ -423,7 +424,7 @@ class WindowsFilterDriver(LayerStore):
                         raw_fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
                                          os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                                          0o600)
-                        opts.recorder = new_layer_packer(raw_fd)
+                        opts.recorder = packer = new_layer_packer(raw_fd)
                     if os.path.lexists(staging):
                         remove_tree(staging)
                     os.mkdir(staging, 0o700)
@@ -439,9 +440,7 @@ class WindowsFilterDriver(LayerStore):
                 _swap_in(d, staging)
                 atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(),
                              mode=0o600)
-                if raw_fd >= 0:
-                    packer = opts.recorder
-                    assert isinstance(packer, TarSplitPacker)
+                if packer is not None:
                     packer.close()
                     finish_layer_recording(self.meta.dir(layer_id), raw_fd, d, layer_id,
                                            packer=packer)
