@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,27 +13,23 @@ from pathlib import Path
 
 import pytest
 from tarbuild import build, diff_snapshots, gnu_tar, make_rich_tree, member, needs_gnu_tar, snapshot
+from tests.childproc import children_of, feed_until_started, is_gone
 
 from graphdriver.archive.apply import ApplyOptions, apply_tar
+from graphdriver.archive.confine import run_job
 from graphdriver.archive.isolate import apply_confined
-from graphdriver.errors import GraphDriverError, InvalidArchive, UnsafeArchive
+from graphdriver.errors import (
+    GraphDriverError,
+    InvalidArchive,
+    InvalidArgument,
+    NoSpace,
+    UnsafeArchive,
+)
 
 
 def children() -> list[int]:
     """Live (non-zombie) child processes of this process."""
-    me = str(os.getpid())
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == me and fields[0] != "Z":
-            out.append(int(pid))
-    return out
+    return children_of(os.getpid())
 
 
 def confined(data: bytes, target: Path, opts: ApplyOptions | None = None) -> object:
@@ -181,16 +178,8 @@ def test_signal_to_the_parent_stops_the_child_and_rolls_back(work: Path, sig: in
         stderr=subprocess.PIPE,
     )
     try:
-        assert proc.stdin is not None
-        first = b"".join(member(f"f{i}", os.urandom(100)) for i in range(50))
-        proc.stdin.write(first)
-        proc.stdin.flush()
-        deadline = time.monotonic() + 120
-        while not (t / "f49").exists():
-            assert time.monotonic() < deadline, "the apply never started"
-            time.sleep(0.05)
-        kids = _grandchildren(proc.pid)
-        assert kids, "no apply child found"
+        kids = feed_until_started(
+            proc, b"".join(member(f"f{i}", os.urandom(100)) for i in range(50)), t / "f49")
         proc.send_signal(sig)
         # keep the input open until it is over (communicate() would close it at once, and the
         # child would finish the apply from the end of its input)
@@ -203,8 +192,7 @@ def test_signal_to_the_parent_stops_the_child_and_rolls_back(work: Path, sig: in
     assert b"Interrupted" in out, (out, err)
     assert proc.returncode == 130
     assert snapshot(t) == before, err.decode(errors="replace")
-    for pid in kids:
-        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
+    assert all(is_gone(pid) for pid in kids)
 
 
 def test_killed_child_leaves_an_empty_target_empty(work: Path) -> None:
@@ -242,27 +230,102 @@ def test_killed_child_leaves_an_empty_target_empty(work: Path) -> None:
     assert children() == []
 
 
-def _grandchildren(pid: int) -> list[int]:
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as fh:
-                    if fh.read().rsplit(")", 1)[1].split()[1] == str(pid):
-                        out.append(int(p))
-            except OSError:
-                pass
-    return out
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def test_streams_accepted_by_apply_tar_too() -> None:
     # sanity of the helper used above: a BytesIO source works in process
     assert isinstance(io.BytesIO(b""), io.BytesIO)
+
+
+# ---- the runner of confined jobs (archive/confine.py) ------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="the chroot and read-only views need root")
+
+
+def _no_death(why: str) -> GraphDriverError:
+    raise AssertionError(f"the job child died: {why}")
+
+
+def test_a_jobs_error_class_and_message_cross_the_boundary(work: Path) -> None:
+    (work / "t").mkdir()
+    with pytest.raises(NoSpace) as info:
+        run_job("confine_jobs:fail", work / "t", {"class": "NoSpace", "message": "full: 0 left"},
+                on_death=_no_death)
+    assert str(info.value) == "full: 0 left"
+    with pytest.raises(InvalidArgument, match="not a confined job"):
+        run_job("confine_jobs", work / "t", {}, on_death=_no_death)
+    assert children() == []
+
+
+@needs_root
+def test_read_only_lowers_reach_the_job_and_cannot_be_written_through(work: Path) -> None:
+    target = work / "t"
+    (target / "inside").mkdir(parents=True)
+    lowers = [work / "l1", work / "l2"]
+    for i, low in enumerate(lowers):
+        (low / "sub").mkdir(parents=True)
+        (low / "f").write_text(f"lower {i}")
+    before = [snapshot(low) for low in lowers]
+    ok = run_job("confine_jobs:lower_probe", target, {}, on_death=_no_death, lowers=lowers)
+    assert ok["chrooted"] is True
+    assert ok["root"] == ["inside"]  # the child's "/" is the target
+    assert [low["f"] for low in ok["lowers"]] == ["lower 0", "lower 1"]
+    for low in ok["lowers"]:
+        assert low["names"] == ["f", "sub"]
+        assert set(low["refused"].values()) == {"EROFS"}, low["refused"]
+    assert [snapshot(low) for low in lowers] == before
+    assert children() == []
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_a_chroot_that_fails_stops_the_job(work: Path) -> None:
+    """Root without CAP_SYS_CHROOT: a real chroot failure, and the apply must not go on."""
+    t = work / "t"
+    t.mkdir()
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    proc = subprocess.run(
+        ["setpriv", "--bounding-set", "-sys_chroot", "--inh-caps", "-sys_chroot", "--",
+         sys.executable, "-c", SCRIPT.format(src=src), str(t)],
+        input=build(member("should-not-exist", b"x")), capture_output=True, timeout=120)
+    out = proc.stdout.decode()
+    assert out.startswith("NotSupported "), (out, proc.stderr)
+    assert "cannot chroot into" in out and "refusing to run unconfined" in out
+    assert proc.returncode != 0
+    assert os.listdir(t) == []
+
+
+KILLED_PARENT = r"""
+import sys
+from pathlib import Path
+sys.path[:0] = [{src!r}]
+from graphdriver.archive.apply import ApplyOptions
+from graphdriver.archive.isolate import apply_confined
+apply_confined(0, Path(sys.argv[1]), ApplyOptions())
+"""
+
+
+def test_the_child_of_a_killed_parent_dies_and_rolls_back(work: Path) -> None:
+    t = work / "t"
+    t.mkdir()
+    (t / "pre").write_text("existing")
+    before = snapshot(t)
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PARENT.format(src=src), str(t)],
+                            stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    kids: list[int] = []
+    try:
+        kids = feed_until_started(
+            proc, b"".join(member(f"f{i}", os.urandom(100)) for i in range(50)), t / "f49")
+        proc.kill()
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while not all(is_gone(pid) for pid in kids):  # reaped by init once it exits
+            assert time.monotonic() < deadline, "the child outlived its killed parent"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
+    assert snapshot(t) == before  # PDEATHSIG is a SIGTERM: the child rolled back

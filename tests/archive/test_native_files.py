@@ -19,7 +19,7 @@ from tests.treeutil import diff_snapshots, snapshot
 
 from graphdriver.archive import tarstream as ts
 from graphdriver.archive.apply import ApplyOptions, apply_reader
-from graphdriver.archive.isolate import PipeRecorder
+from graphdriver.archive.recframes import PipeRecorder
 from graphdriver.errors import GraphDriverError
 
 native = pytest.importorskip("graphdriver._fastapply", reason="native extension not compiled")
@@ -225,7 +225,7 @@ def _replay(frames: Path, use_native: bool, monkeypatch: pytest.MonkeyPatch) -> 
     import gzip
 
     from graphdriver.archive import tarsplit
-    from graphdriver.archive.isolate import replay_recorder_stream
+    from graphdriver.archive.recframes import replay_recorder_stream
 
     def counting_pack(*args: Any) -> Any:
         result = native.pack_frames(*args)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from graphdriver.archive import tarsplit as ts
-from graphdriver.archive.isolate import PipeRecorder, replay_recorder_stream
+from graphdriver.archive.recframes import PipeRecorder, replay_recorder_stream
 from graphdriver.archive.tarstream import TarReader
 from graphdriver.errors import InvalidArchive
 

@@ -29,9 +29,7 @@ the same buffer, without holding the GIL.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import io
 import mmap
 import os
@@ -49,6 +47,7 @@ from ..idmap import IDENTITY, IDMap
 from .buffers import aligned_buffer
 from .changes import Change, ChangeKind
 from .native import native_module
+from .pipes import grow_pipe
 from .tarwriter import (
     BLKTYPE,
     BLOCK,
@@ -540,13 +539,6 @@ class _PipeReader(io.RawIOBase):
             raise self._errors.pop()
 
 
-def _grow_pipe(fd: int) -> None:
-    """Make the pipe hold a whole output batch, so writer and reader hand over less often."""
-    # above the unprivileged limit, or over the user's pipe quota: the default size stays
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _BUF_SIZE)
-
-
 _READER_BUF = 1 << 16
 
 
@@ -573,7 +565,7 @@ def stream_tar(write: Callable[[int], None]) -> BinaryIO:
     (exactly *n* bytes unless the stream ends).
     """
     r_fd, w_fd = os.pipe2(os.O_CLOEXEC)
-    _grow_pipe(w_fd)
+    grow_pipe(w_fd, _BUF_SIZE)  # the pipe holds a whole output batch
     errors: list[BaseException] = []
 
     def run() -> None:

@@ -13,9 +13,9 @@ layer by name and checked against the CRC-64 (ISO polynomial, as Go's ``hash/crc
 Go's packer and unpacker, a path may appear only once among the file entries.
 
 Writing: :class:`TarSplitPacker` implements the tar reader's ``Recorder`` hook, including its
-optional ``file_done(crc)``: the reader (in the confined apply child too, through isolate's
-frames) checksums each entry's data as it goes by, so the packer writes every line in its final
-form — gzip'd as it goes when asked (``compress=True``), which is how the store records: the
+optional ``file_done(crc)``: the reader (in a confined child too, through the frame pipe of
+recframes.py) checksums each entry's data as it goes by, so the packer writes every line in its
+final form — gzip'd as it goes when asked (``compress=True``), which is how the store records: the
 finished file is then renamed into place (:func:`finish_layer_recording`), with no second pass.
 When a recorder is never told a CRC, the entry is written with a ``null`` payload and
 :func:`finalize_recording` computes the CRCs from the files as the apply left them — the very
@@ -373,7 +373,7 @@ class TarSplitPacker:
         return out
 
     def take_frames(self, buf: bytearray, start: int, end: int) -> int:
-        """Turn the common-case recorder frames of the confined apply child (isolate.py) found
+        """Turn the common-case recorder frames of a confined child (recframes.py) found
         in ``buf[start:end]`` into lines natively; returns how many bytes it took (0: the next
         frame is for the Python methods above).  Same lines as those methods write."""
         if self._pending is not None or _native_pack is None:

@@ -49,17 +49,20 @@ Semantics, and where they differ from moby:
   layer.  For a sandbox, changes/diff/diff_size compare its tree with its parent's view (the
   shared NaiveDiff; a plain Linux layer tar), since writes made through a mount have no Windows
   metadata.
-- ``apply_diff`` imports a Windows layer tar into a read-only layer in a child process (moby
-  re-execs ``docker-windows-write-layer``): ``python -m graphdriver.drivers.windowsfilter
-  --import``, handed the input, the staging directory and the parent layers as file
-  descriptors; as root it chroots into the staging directory before reading the tar.  The tar
+- ``apply_diff`` imports a Windows layer tar into a read-only layer in a confined child (moby
+  re-execs ``docker-windows-write-layer``): the import is a job of the runner every layer write
+  goes through (archive/confine.py; the job is archive/winimport.py), handed the input, the
+  staging directory and the parent layers as file descriptors; as root it chroots into the
+  staging directory before reading the tar (or refuses to run), signals stop it and roll it
+  back, and its progress reaches the caller.  This module keeps no child-process code.  The tar
   is imported into ``<id>/.staging`` (a hard-link clone of what the layer held), which replaces
   the layer's directories only on success, so a failed import leaves the layer as it was.  It
-  returns hcsshim's size (bytes of file data, streams not counted).  The child also records the
-  tar-split description (``meta/<id>/tar-split.json.gz``), so an exact diff re-assembles the
-  applied tar byte for byte from the layer's files.  The BCD files are also
-  copied to ``bcd.bak``/``bcd.log.bak``/``bcd.log1.bak``/``bcd.log2.bak`` and ``diff_getter``
-  serves those paths from the backups, as moby does.
+  returns hcsshim's size (bytes of file data, streams not counted).  The child's tar reader
+  also records the tar-split description (``meta/<id>/tar-split.json.gz``, written here from
+  the frames the runner replays), so an exact diff re-assembles the applied tar byte for byte
+  from the layer's files.  The BCD files are also copied to ``bcd.bak``/``bcd.log.bak``/
+  ``bcd.log1.bak``/``bcd.log2.bak`` and ``diff_getter`` serves those paths from the backups,
+  as moby does.
 - ``layerID``: ``resolve_id`` reads ``<id>/layerID`` (or moby's ``layerId`` spelling) to find
   the directory that holds a layer; ``set_id`` writes ``layerID``.
 """
@@ -67,24 +70,21 @@ Semantics, and where they differ from moby:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import logging
 import os
-import signal
 import stat
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
-from .. import errors as _errors
 from .. import quota
+from ..archive.apply import ApplyOptions, ApplyResult
 from ..archive.changes import Change, ChangeKind
 from ..archive.pathres import open_beneath
-from ..archive.tarsplit import RAW_NAME, finish_layer_recording
+from ..archive.tarsplit import RAW_NAME, TarSplitPacker, finish_layer_recording, new_layer_packer
+from ..archive.winimport import import_windows_confined
 from ..archive.wintar import (
     CROSSLINKS,
     LINKMETA,
@@ -103,9 +103,6 @@ from ..fsutil import atomic_write, copy_tree, fs_name, remove_tree
 from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
 from ..mount import MS_RDONLY, is_mounted, mount, unmount_all_under
 from ..store import LayerStore, as_fd, parse_size
-
-if TYPE_CHECKING:
-    from ..archive.apply import ApplyResult
 
 log = logging.getLogger("graphdriver")
 
@@ -402,8 +399,6 @@ class WindowsFilterDriver(LayerStore):
 
     def _apply_locked(self, rec: LayerRecord, stream: BinaryIO | int,
                       progress: Callable[[int], None] | None) -> ApplyResult:
-        from ..archive.apply import ApplyResult
-
         layer_id = rec.id
         if rec.writable:
             raise NotSupported(
@@ -414,18 +409,21 @@ class WindowsFilterDriver(LayerStore):
         staging = d / STAGING
         self.meta.mark_incomplete(layer_id, "apply")
         raw_fd = -1
+        packer: TarSplitPacker | None = None
+        opts = ApplyOptions(progress=progress)
         try:
             try:
                 if self.record_tarsplit:  # tar-split: exact diffs for Docker (issue 6)
                     raw_fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
                                      os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                                      0o600)
+                    opts.recorder = packer = new_layer_packer(raw_fd)
                 if os.path.lexists(staging):
                     remove_tree(staging)
                 os.mkdir(staging, 0o700)
                 _clone_layer(d, staging)
                 with as_fd(stream) as fd:
-                    size, diff_id, problem = _run_import(fd, raw_fd, staging, parents)
+                    result = import_windows_confined(fd, staging, opts, parents=parents)
             except BaseException:
                 with contextlib.suppress(OSError):
                     remove_tree(staging)
@@ -435,15 +433,15 @@ class WindowsFilterDriver(LayerStore):
             _swap_in(d, staging)
             atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(),
                          mode=0o600)
-            if raw_fd >= 0:
+            if packer is not None:
+                packer.close()
                 finish_layer_recording(self.meta.dir(layer_id), raw_fd, d, layer_id,
-                                       problem)
+                                       packer=packer)
         finally:
             if raw_fd >= 0:
                 os.close(raw_fd)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.meta.dir(layer_id) / RAW_NAME)
-        result = ApplyResult(size=size, diff_id=diff_id)
         self._commit_applied(rec, result)
         return result
 
@@ -631,94 +629,4 @@ def _swap_in(d: Path, staging: Path) -> None:
     remove_tree(staging)
 
 
-# ----- the import child ----------------------------------------------------------------------
-
-
-def _run_import(in_fd: int, raw_fd: int, staging: Path,
-                parents: list[Path]) -> tuple[int, str, str | None]:
-    """Run the import in a child process (exec'd, so safe from threaded callers)."""
-    fds: list[int] = []
-    try:
-        staging_fd = os.open(staging, _DIR_FLAGS)
-        fds.append(staging_fd)
-        for p in parents:
-            fds.append(os.open(p, _DIR_FLAGS))
-        pkg_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [pkg_root, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
-        cmd = [sys.executable, "-m", "graphdriver.drivers.windowsfilter", "--import",
-               str(in_fd), str(raw_fd), *(str(fd) for fd in fds)]
-        passed = (in_fd, *fds) if raw_fd < 0 else (in_fd, raw_fd, *fds)
-        proc = subprocess.run(cmd, pass_fds=passed, stdin=subprocess.DEVNULL,
-                              capture_output=True, env=env, check=False)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    try:
-        answer = json.loads(proc.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise GraphDriverError(
-            f"windowsfilter: the import process failed (exit {proc.returncode}): "
-            f"{err[-1] if err else 'no output'}") from None
-    if "error" in answer:
-        cls = getattr(_errors, str(answer["error"]), GraphDriverError)
-        if not (isinstance(cls, type) and issubclass(cls, GraphDriverError)):
-            cls = GraphDriverError
-        raise cls(str(answer.get("message", "import failed")))
-    problem = answer.get("problem")
-    return int(answer["size"]), str(answer["diff_id"]), None if problem is None else str(problem)
-
-
-def _import_main(argv: list[str]) -> int:
-    """``--import IN_FD RAW_FD STAGING_FD [PARENT_FD...]``: imports, prints one JSON line.
-
-    RAW_FD (-1: none) receives the tar-split description; the answer is {"size", "diff_id",
-    "problem"} or {"error", "message"}.
-    """
-    from ..archive.compression import open_decompressed, stream_kind
-    from ..archive.isolate import warm_up
-    from ..archive.tarsplit import TarSplitPacker
-    from ..archive.tarstream import TarReader
-    from ..archive.wintar import import_layer
-
-    if len(argv) < 4 or argv[0] != "--import":
-        sys.stderr.write("usage: python -m graphdriver.drivers.windowsfilter --import IN RAW ROOT "
-                         "[PARENT...]\n")
-        return 2
-    in_fd, raw_fd, root_fd, *parent_fds = (int(a) for a in argv[1:])
-    packer = None if raw_fd < 0 else TarSplitPacker(os.fdopen(raw_fd, "wb", buffering=1 << 20))
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    try:
-        # The decoder the stream needs is imported on first use: open and warm it up while the
-        # library files are still reachable, before the chroot.
-        stream = open_decompressed(in_fd)
-        warm_up(stream_kind(stream))
-        if os.geteuid() == 0:
-            # Everything is reached through the descriptors: nothing else of the host is needed.
-            with contextlib.suppress(OSError):
-                os.chroot(f"/proc/self/fd/{root_fd}")
-                os.chdir("/")
-        reader = TarReader(stream, recorder=packer)
-        size = import_layer(reader, root_fd, parent_fds)
-        reader.drain()
-        answer: dict[str, object] = {"size": size, "diff_id": reader.diff_id}
-        if packer is not None:
-            packer.close()
-            answer["problem"] = packer.problem
-    except GraphDriverError as exc:
-        answer = {"error": type(exc).__name__, "message": str(exc)}
-    except OSError as exc:
-        err = from_oserror(exc, "windowsfilter import")
-        answer = {"error": type(err).__name__, "message": str(err)}
-    sys.stdout.write(json.dumps(answer) + "\n")
-    sys.stdout.flush()
-    return 0 if "error" not in answer else 1
-
-
 DRIVER = WindowsFilterDriver
-
-if __name__ == "__main__":
-    sys.exit(_import_main(sys.argv[1:]))

@@ -1,0 +1,421 @@
+"""The runner of confined jobs: one child process per job, exec'd, chrooted, answering on a pipe.
+
+Every piece of work that reads an untrusted layer stream and writes a layer (apply a Linux layer:
+:mod:`.isolate`; import a Windows layer: :mod:`.winimport`; anything later) runs as a *job* of
+this runner (DESIGN.md rule 2; moby's ``reexec`` + chrootarchive's ``goInChroot``).
+
+A job is a function ``job(ctx: ChildContext) -> Callable[[], dict]`` named ``"module:function"``
+(any module the child can import; graphdriver's jobs live in ``graphdriver.archive``).  The child
+imports that module, then calls the function *before* it confines itself: there the job reads
+its parameters, opens its input and imports and warms up everything it will need (the library
+files are out of reach after the chroot).  The function returns the job's body, which the
+runner calls once confined; the body's dict is the result handed back to the parent.
+
+The parent (:func:`run_job`):
+
+- spawns ``python -S -m graphdriver.archive.confine`` by exec (never a fork of a threaded
+  process), with the file descriptors themselves (``pass_fds``, no copy through the parent): the
+  input stream, the target directory, the result pipe, the recorder frame pipe
+  (:mod:`.recframes`) and the directories of the parent chain ("lowers"), and the job's JSON
+  parameters;
+- opens the lowers read-only: as root each is a detached read-only clone of its mount
+  (:func:`graphdriver.mount.read_only_view`: writes through it fail with EROFS); without the
+  privilege, a plain ``O_RDONLY`` directory fd.  A job that must hard-link the lowers' files
+  into its target (hcsshim's import) asks for ``lowers_linkable``: link(2) cannot cross mounts,
+  so those are plain directory fds of the layers' own mount;
+- forwards SIGINT/SIGTERM (while it runs in the main thread) to the child as SIGTERM, which
+  makes the job roll back; the parent then raises :class:`~graphdriver.errors.Interrupted`;
+- reports the child's progress messages to the caller's callback;
+- returns the job's result, or re-raises the same :mod:`graphdriver.errors` class with the same
+  one-line message; a child that dies without an answer is reported by the caller's ``on_death``.
+
+The child sets ``PR_SET_PDEATHSIG`` (SIGTERM: it rolls back if the parent dies) and checks the
+parent it was spawned by is still there.  A signal that comes while the job prepares is held
+until it is done and then stops the job before its body starts (an exception raised inside the
+import of an extension module crashed the child with SIGSEGV).  As root it chroots into the
+target and refuses to run the job when the chroot fails (an error, never a quiet fallback); when
+not root it relies on dir-fd resolution (every path beneath the target fd, :mod:`.pathres`).
+
+Messages from the child are JSON lines on the result pipe: ``{"progress": n}`` now and then,
+then ``{"ok": {...}}`` or ``{"error": {"class": .., "message": ..}}``.
+
+Owns the process boundary.  Imports :mod:`graphdriver.errors`, :mod:`.recframes` and
+:mod:`.pipes`; the parent side imports :mod:`graphdriver.mount` (read-only views) when it has
+lowers.  It never imports a job module (the child does, by name), a driver, the store, the CLI,
+the plugin or the package root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .. import errors
+from ..errors import GraphDriverError, Interrupted
+from .pipes import grow_pipe
+from .recframes import PIPE_SIZE, PipeRecorder, replay_recorder_stream
+
+if TYPE_CHECKING:  # the parent's modules: the child does not import them (start-up time)
+    import subprocess
+    import threading
+    from pathlib import Path
+
+    from .tarstream import Recorder
+
+log = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+#: the body of a job, run once the child is confined; its dict is the job's result
+JobBody = Callable[[], dict[str, Any]]
+
+
+def _error_class(name: str) -> type[GraphDriverError]:
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, GraphDriverError):
+        return cls
+    return GraphDriverError
+
+
+def _child_env() -> dict[str, str]:
+    """The child runs with ``-S`` (no site: no .pth files, e.g. certifi's, at every job), so
+    its import path is spelled out: this package's root, then the parent's own path (which holds
+    site-packages for isal and zstandard)."""
+    env = dict(os.environ)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+    paths = [pkg_root]
+    for p in sys.path:
+        if p and os.path.isabs(p) and p not in paths and os.path.isdir(p):
+            paths.append(p)
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def _open_lowers(lowers: Sequence[Path], linkable: bool) -> list[int]:
+    fds: list[int] = []
+    try:
+        for path in lowers:
+            fd = os.open(path, _DIR_FLAGS)
+            if linkable or os.geteuid() != 0:
+                fds.append(fd)
+                continue
+            from ..mount import read_only_view
+
+            try:
+                fds.append(read_only_view(fd))
+            except OSError as exc:
+                raise errors.from_oserror(
+                    exc, f"opening {path} read-only for a confined job") from None
+            finally:
+                os.close(fd)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def run_job(
+    job: str,
+    target: Path,
+    params: dict[str, Any],
+    *,
+    on_death: Callable[[str], GraphDriverError],
+    input_fd: int | None = None,
+    lowers: Sequence[Path] = (),
+    lowers_linkable: bool = False,
+    recorder: Recorder | None = None,
+    frames_fd: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the job ``"module:function"`` confined to *target*; return its result.
+
+    *input_fd* is handed to the child as it is (a duplicate sharing its offset); *lowers* are
+    the parent chain's directories, nearest first (read-only, see the module docstring).  A
+    *recorder* gets the calls of the child's ``ctx.recorder`` replayed in a thread; without one,
+    *frames_fd* (if given) receives the frame stream itself.  *on_death* makes the error raised
+    when the child exits without an answer (given why: "signal 9", "status 1").
+    """
+    import subprocess
+    import threading
+
+    fds_to_close: list[int] = []
+    res_r, res_w = os.pipe2(os.O_CLOEXEC)
+    fds_to_close += [res_r, res_w]
+    rec_r = -1
+    rec_w = frames_fd if recorder is None and frames_fd is not None else -1
+    replay: threading.Thread | None = None
+    replay_error: list[BaseException] = []
+    old_handlers: dict[signal.Signals, Any] = {}
+    in_main = threading.current_thread() is threading.main_thread()
+    proc: subprocess.Popen[bytes] | None = None
+    signals: list[int] = []
+
+    def _on_signal(signum: int, frame: object) -> None:
+        # Do not raise here: the child is told to stop, and its answer says what happened — it
+        # rolled back (an Interrupted error comes back), or it had already finished, in which
+        # case the job's work stands (raising now would call a finished job rolled back).
+        signals.append(signum)
+        if proc is None:
+            raise Interrupted(f"interrupted by signal {signum} before the {job} job started")
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    try:
+        # a duplicate of the same open file (shared offset): the child's stdio may not clobber it
+        child_input = -1
+        if input_fd is not None:
+            child_input = os.dup(input_fd)
+            fds_to_close.append(child_input)
+        target_fd = os.open(target, _DIR_FLAGS)
+        fds_to_close.append(target_fd)
+        lower_fds = _open_lowers(lowers, lowers_linkable)
+        fds_to_close += lower_fds
+        if recorder is not None:
+            rec_r, rec_w = os.pipe2(os.O_CLOEXEC)
+            fds_to_close += [rec_r, rec_w]
+            grow_pipe(rec_w, PIPE_SIZE)
+        args = {
+            "job": job,
+            "params": params,
+            "parent_pid": os.getpid(),
+            "input_fd": child_input if child_input >= 0 else None,
+            "target_fd": target_fd,
+            "target": os.fspath(target),
+            "result_fd": res_w,
+            "frames_fd": rec_w if rec_w >= 0 else None,
+            "lower_fds": lower_fds,
+            "progress": progress is not None,
+            "log_level": logging.getLogger("graphdriver").getEffectiveLevel(),
+        }
+        pass_fds = [fd for fd in (child_input, target_fd, res_w, rec_w) if fd >= 0] + lower_fds
+        if in_main:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, _on_signal)
+        proc = subprocess.Popen(
+            [sys.executable, "-S", "-m", "graphdriver.archive.confine", json.dumps(args)],
+            pass_fds=pass_fds,
+            stdin=subprocess.DEVNULL,
+            env=_child_env(),
+            close_fds=True,
+        )
+        if signals:  # arrived while the child was being spawned
+            proc.send_signal(signal.SIGTERM)
+        # the child holds its own copies now; ours would keep the pipes from ending
+        for fd in (res_w, rec_w if recorder is not None else -1, child_input, target_fd,
+                   *lower_fds):
+            if fd >= 0:
+                os.close(fd)
+                fds_to_close.remove(fd)
+        if recorder is not None:
+            fds_to_close.remove(rec_r)
+            replay = _start_replay(rec_r, recorder, replay_error)
+        outcome: dict[str, Any] | None = None
+        fds_to_close.remove(res_r)
+        with os.fdopen(res_r, "rb") as results:
+            for line in results:
+                msg = json.loads(line)
+                if "progress" in msg:
+                    if progress is not None:
+                        progress(int(msg["progress"]))
+                    continue
+                outcome = msg
+        rc = proc.wait()
+        if replay is not None:
+            replay.join()
+        if outcome is None and signals and rc == -signal.SIGTERM:
+            # Our SIGTERM killed the child before it had installed its handlers, which it does
+            # before it touches the target: nothing was done.
+            raise Interrupted(f"interrupted by signal {signals[0]}; nothing was done")
+        if outcome is None:
+            raise on_death(f"signal {-rc}" if rc < 0 else f"status {rc}")
+        if "error" in outcome:
+            err = outcome["error"]
+            raise _error_class(str(err["class"]))(str(err["message"]))
+        if replay_error:
+            exc = replay_error[0]
+            if isinstance(exc, GraphDriverError):
+                raise exc
+            raise GraphDriverError(f"recorder failed: {exc}")
+        if signals:
+            log.warning("signal %d arrived after the %s job had finished; its work stands",
+                        signals[0], job)
+        result: dict[str, Any] = outcome["ok"]
+        return result
+    except BaseException as exc:
+        if proc is not None and proc.poll() is None:
+            log.debug("stopping the %s child %d after %r", job, proc.pid, exc)
+            proc.send_signal(signal.SIGTERM)  # the child rolls back, then exits
+            proc.wait()
+            log.debug("%s child %d exited with %s", job, proc.pid, proc.returncode)
+        raise
+    finally:
+        for fd in fds_to_close:
+            os.close(fd)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+
+def _start_replay(fd: int, recorder: Recorder,
+                  replay_error: list[BaseException]) -> threading.Thread:
+    import threading
+
+    def _replay() -> None:
+        try:
+            replay_recorder_stream(fd, recorder)
+        except BaseException as exc:  # reported after the child is done
+            replay_error.append(exc)
+
+    thread = threading.Thread(target=_replay, name="recorder-replay", daemon=True)
+    thread.start()
+    return thread
+
+
+# ---- the child -----------------------------------------------------------------------------------
+
+
+def _raise(exc: Interrupted) -> None:
+    raise exc
+
+
+class ChildContext:
+    """What a job gets in the child: its parameters and file descriptors, and the runner's
+    services (progress, the recorder, the interrupt hook)."""
+
+    def __init__(self, args: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
+        self.params: dict[str, Any] = args["params"]
+        #: the input stream as handed over by the parent (None: the job has no input)
+        self.input_fd: int | None = args["input_fd"]
+        #: the target directory; once confined as root, also the child's "/"
+        self.target_fd: int = int(args["target_fd"])
+        #: the parent chain's directories, nearest first, read-only unless the job asked for
+        #: linkable ones
+        self.lower_fds: list[int] = [int(fd) for fd in args["lower_fds"]]
+        #: frames the job's recorder calls to the parent (None: no recording wanted)
+        self.recorder: PipeRecorder | None = (
+            None if args["frames_fd"] is None else PipeRecorder(int(args["frames_fd"])))
+        #: whether the child is chrooted into the target (set when confined)
+        self.chrooted = False
+        #: what a SIGTERM/SIGINT does while the body runs: raise at once (the default), or a
+        #: job's own gate (the apply's: never between a change and its journal).  While the job
+        #: prepares (imports, warm-up) an interrupt waits: one raised inside the import of an
+        #: extension module can crash the interpreter; it is raised before the body starts.
+        self.on_interrupt: Callable[[Interrupted], None] = _raise
+        self.preparing = True
+        self.pending: Interrupted | None = None
+        self._send = send
+        self._want_progress = bool(args["progress"])
+
+    @property
+    def progress(self) -> Callable[[int], None] | None:
+        """A callback sending progress to the parent, or None when nobody listens."""
+        if not self._want_progress:
+            return None
+        send = self._send
+        return lambda n: send({"progress": n})
+
+
+def _set_pdeathsig() -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - best effort
+        pass
+
+
+def _load_job(name: str) -> Callable[[ChildContext], JobBody]:
+    module, _, func = name.partition(":")
+    if not module or not func:
+        raise errors.InvalidArgument(f"not a confined job: {name!r}")
+    job = getattr(importlib.import_module(module), func, None)
+    if not callable(job):
+        raise errors.InvalidArgument(f"not a confined job: {name!r}")
+    return job  # type: ignore[no-any-return]
+
+
+def _confine(ctx: ChildContext, target: str) -> None:
+    """As root: chroot into the target, or fail.  Not root: dir-fd resolution only."""
+    if os.geteuid() != 0:
+        log.debug("confined child not root: no chroot, relying on dir-fd resolution")
+        return
+    try:
+        os.fchdir(ctx.target_fd)
+        os.chroot(".")
+    except OSError as exc:
+        raise errors.from_oserror(
+            exc, f"the confined child cannot chroot into {target}; refusing to run unconfined"
+        ) from None
+    ctx.chrooted = True
+
+
+def _child_main(argv: list[str]) -> int:
+    args = json.loads(argv[0])
+    res = os.fdopen(int(args["result_fd"]), "w", buffering=1)
+    logging.basicConfig(level=int(args.get("log_level", logging.WARNING)), stream=sys.stderr)
+
+    def send(msg: dict[str, Any]) -> None:
+        # the parent may be gone (killed): the rollback has happened, nothing left to tell
+        with contextlib.suppress(OSError, ValueError):
+            res.write(json.dumps(msg) + "\n")
+
+    ctx = ChildContext(args, send)
+
+    def on_term(signum: int, frame: object) -> None:
+        exc = Interrupted(f"interrupted by signal {signum}; the {args['job']} job was rolled back")
+        if ctx.preparing:
+            ctx.pending = ctx.pending or exc
+            return
+        ctx.on_interrupt(exc)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    _set_pdeathsig()
+    if os.getppid() != int(args["parent_pid"]):
+        return 1  # the parent died before PDEATHSIG was set: nobody waits for the answer
+    try:
+        body = _load_job(str(args["job"]))(ctx)
+        _confine(ctx, str(args["target"]))
+        ctx.preparing = False
+        if ctx.pending is not None:
+            raise Interrupted(f"interrupted before the {args['job']} job started; nothing was "
+                              "done")
+        result = body()
+        if ctx.recorder is not None:
+            ctx.recorder.close()
+            ctx.recorder = None
+        send({"ok": result})
+    except GraphDriverError as exc:
+        send({"error": {"class": type(exc).__name__, "message": str(exc)}})
+    except KeyboardInterrupt:
+        send({"error": {"class": "Interrupted",
+                        "message": f"interrupted; the {args['job']} job was rolled back"}})
+    except OSError as exc:
+        err = errors.from_oserror(exc, f"{args['job']} job")
+        send({"error": {"class": type(err).__name__, "message": str(err)}})
+    except Exception as exc:
+        send({"error": {"class": "GraphDriverError",
+                        "message": f"{args['job']} job failed: {exc!r}"}})
+    finally:
+        if ctx.recorder is not None:
+            with contextlib.suppress(OSError):
+                ctx.recorder.close()
+        with contextlib.suppress(OSError, ValueError):
+            res.close()
+    return 0
+
+
+if __name__ == "__main__":
+    _status = _child_main(sys.argv[1:])
+    # Nothing is left to do: the result is sent, every file closed.  Skipping the interpreter's
+    # finalization (tens of ms for a big job's objects) lets the parent go on sooner.
+    sys.stderr.flush()
+    os._exit(_status)

@@ -1,0 +1,144 @@
+"""The recorder frame pipe: a tar-split Recorder's calls carried from a confined child.
+
+The child's tar reader records into a :class:`PipeRecorder`, which writes every call as a frame
+on a pipe; a thread in the parent replays the frames into the real recorder
+(:func:`replay_recorder_stream`).  A frame is ``b"S"`` + u32 length + raw bytes for
+``segment()``, or ``b"F"`` + u32 name length + u64 size + i64 crc64 (-1: none) + name for
+``file()``, or ``b"C"`` + u64 crc64 for ``file_done()`` (the CRC-64 of the entry's data, computed
+by the child's tar reader as the data goes by; passed on when the recorder has a ``file_done``
+method, dropped otherwise).
+
+Owns the frame format, both ends.  Imports only :mod:`graphdriver.errors` and the Recorder
+protocol of :mod:`.tarstream`; never the confined-job runner, a driver, the store or the package
+root.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import TYPE_CHECKING, BinaryIO
+
+from .. import errors
+
+if TYPE_CHECKING:
+    from .tarstream import Recorder
+
+_SEG = b"S"
+_FILE = b"F"
+_CRC = b"C"
+_CRC_FRAME = struct.Struct("<cQ")
+_U64 = struct.Struct("<Q")
+_REPLAY_BUFFER = 1 << 20
+_REPLAY_MIN = 64 << 10
+#: the frame pipe's capacity: the child's 1 MiB flushes go in without waiting for the parent
+PIPE_SIZE = 4 << 20
+_SEG_HDR = struct.Struct("<I")
+_FILE_HDR = struct.Struct("<IQq")
+
+
+class PipeRecorder:
+    """A Recorder that frames its calls onto a file descriptor (the child's side)."""
+
+    def __init__(self, fd: int) -> None:
+        self._out: BinaryIO = os.fdopen(fd, "wb", buffering=1 << 20)
+
+    def segment(self, raw: bytes) -> None:
+        self._out.write(_SEG + _SEG_HDR.pack(len(raw)))
+        self._out.write(raw)
+
+    def file(self, name: bytes, size: int, payload_crc64: int | None) -> None:
+        crc = -1 if payload_crc64 is None else payload_crc64
+        self._out.write(_FILE + _FILE_HDR.pack(len(name), size, crc) + name)
+
+    def file_done(self, crc64: int) -> None:
+        self._out.write(_CRC_FRAME.pack(_CRC, crc64))
+
+    def write_frames(self, frames: bytes) -> None:
+        """Frames already encoded (by the native apply of a run of files, _fastapply.files)."""
+        self._out.write(frames)
+
+    def close(self) -> None:
+        self._out.close()
+
+
+def _corrupt(what: str) -> errors.InvalidArchive:
+    return errors.InvalidArchive(f"recorder stream from the apply child is {what}")
+
+
+def replay_recorder_stream(fd: int, recorder: Recorder) -> None:
+    """Replay the frames of a :class:`PipeRecorder` read from *fd* (then closed) into *recorder*.
+
+    Frames are parsed in place from one large buffer (they are many and small)."""
+    file_done = getattr(recorder, "file_done", None)
+    # a packer that turns the common frames into its lines natively (TarSplitPacker.take_frames)
+    take = getattr(recorder, "take_frames", None)
+    segment = recorder.segment
+    file = recorder.file
+    seg_size, file_size, crc_size = _SEG_HDR.size, _FILE_HDR.size, _U64.size
+    seg_hdr, file_hdr, u64 = _SEG_HDR.unpack_from, _FILE_HDR.unpack_from, _U64.unpack_from
+    buf = bytearray(_REPLAY_BUFFER)
+    start = end = 0
+    eof = False
+    with open(fd, "rb", buffering=0) as f:
+        while True:
+            avail = end - start
+            # make room for at least one more read; keep an unfinished frame at the front
+            if eof:
+                if not avail:
+                    return
+            else:
+                if start and (avail < _REPLAY_MIN or end == len(buf)):
+                    buf[:avail] = buf[start:end]
+                    start, end = 0, avail
+                if end < len(buf):
+                    n = f.readinto(memoryview(buf)[end:])
+                    if n:
+                        end += n
+                    else:
+                        eof = True
+                    avail = end - start
+            progressed = False
+            while avail:
+                if take is not None:
+                    took = take(buf, start, end)
+                    if took:
+                        start += took
+                        avail -= took
+                        progressed = True
+                        continue
+                kind = buf[start]
+                if kind == 0x53:  # "S"
+                    if avail < 1 + seg_size:
+                        break
+                    (n,) = seg_hdr(buf, start + 1)
+                    total = 1 + seg_size + n
+                    if total > avail:
+                        if total > len(buf):
+                            buf.extend(bytes(total - len(buf)))
+                        break
+                    segment(bytes(buf[start + 1 + seg_size : start + total]))
+                elif kind == 0x46:  # "F"
+                    if avail < 1 + file_size:
+                        break
+                    n, size, crc = file_hdr(buf, start + 1)
+                    total = 1 + file_size + n
+                    if total > avail:
+                        if total > len(buf):
+                            buf.extend(bytes(total - len(buf)))
+                        break
+                    name = bytes(buf[start + 1 + file_size : start + total])
+                    file(name, size, None if crc < 0 else crc)
+                elif kind == 0x43:  # "C"
+                    total = 1 + crc_size
+                    if total > avail:
+                        break
+                    if file_done is not None:
+                        file_done(u64(buf, start + 1)[0])
+                else:
+                    raise _corrupt("corrupt")
+                start += total
+                avail -= total
+                progressed = True
+            if eof and avail and not progressed:
+                raise _corrupt("truncated")
