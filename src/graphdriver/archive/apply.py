@@ -40,6 +40,7 @@ from ..errors import (
 from ..idmap import IDENTITY, IDMap
 from . import tarstream as ts
 from .compression import decompress_stream, open_decompressed
+from .native import native_module
 from .pathres import open_beneath, resolve_in_root
 from .tarstream import Recorder, TarEntry, TarReader
 from .whiteout import (
@@ -50,6 +51,11 @@ from .whiteout import (
     WHITEOUT_OPAQUE,
     WHITEOUT_PREFIX,
 )
+
+_fastapply = native_module("_fastapply")
+#: ``create_file``: one regular file of a run, created and written in C (as root only)
+_native_create: Callable[..., tuple[int, str] | None] | None = (
+    _fastapply.create_file if _fastapply else None)
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +254,7 @@ class _Applier:
         self.graveyard: list[int] = []
         # the native create (open, write, chown, chmod, utime, close in one call) is for root
         # only: a non-root apply skips some failures, which needs each step in Python
-        self.native_create = ts._native_create if self.is_root else None
+        self.native_create = _native_create if self.is_root else None
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _soft_fail(self, what: str, exc: OSError) -> None:

@@ -425,15 +425,11 @@ def _child_main(argv: list[str]) -> int:
     try:
         from . import apply as apply_mod
         from .compression import open_decompressed, stream_kind
-        from .tarstream import TarReader
+        from .tarstream import TarReader  # imports anycrc (crc64) before the chroot
 
         # the decoder is chosen (and imported) before the chroot, from the stream's first bytes
         stream = open_decompressed(int(args["source_fd"]))
         warm_up(stream_kind(stream))
-        if args.get("recorder_fd") is not None:
-            from .tarstream import crc64_function
-
-            crc64_function()  # anycrc is imported before the chroot
         target = args["target"]
         if os.geteuid() == 0:
             os.chdir(target)

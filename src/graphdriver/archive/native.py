@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
-
-from .. import TYPE_CHECKING
+from typing import TYPE_CHECKING  # the archive package loads typing anyway
 
 if TYPE_CHECKING:
     from types import ModuleType
