@@ -27,7 +27,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 from ..errors import (
     GraphDriverError,
@@ -44,12 +44,12 @@ from .native import native_module
 from .pathres import open_beneath, resolve_in_root
 from .tarstream import Recorder, TarEntry, TarReader
 from .whiteout import (
-    OVERLAY_OPAQUE_XATTR,
-    OVERLAY_XATTR_PREFIX,
+    NAIVE,
     WHITEOUT_LINK_DIR,
     WHITEOUT_META_PREFIX,
     WHITEOUT_OPAQUE,
     WHITEOUT_PREFIX,
+    WhiteoutFormat,
 )
 
 _fastapply = native_module("_fastapply")
@@ -113,7 +113,7 @@ class ApplyOptions:
 
     def __init__(
         self,
-        whiteout_format: Literal["naive", "overlay"] = "naive",
+        whiteout_format: WhiteoutFormat = NAIVE,
         idmap: IDMap = IDENTITY,
         recorder: Recorder | None = None,
         progress: Callable[[int], None] | None = None,
@@ -217,9 +217,10 @@ class _Applier:
     def __init__(self, root_fd: int, opts: ApplyOptions) -> None:
         self.root_fd = root_fd
         self.opts = opts
-        self.overlay = opts.whiteout_format == "overlay"
-        if opts.whiteout_format not in ("naive", "overlay"):
-            raise InvalidArgument(f"unknown whiteout format {opts.whiteout_format!r}")
+        self.whiteouts = opts.whiteout_format
+        if not isinstance(self.whiteouts, WhiteoutFormat):
+            raise InvalidArgument(f"unknown whiteout format {self.whiteouts!r}")
+        self.overlay = self.whiteouts.kept  # whiteouts and opaque markers stay on disk
         self.idmap = opts.idmap
         self.identity = opts.idmap.is_identity
         self.euid = os.geteuid()
@@ -422,7 +423,7 @@ class _Applier:
             assert hit is not None
             pfd, preal, _ = hit
             self._remove(pfd, preal, target)
-            os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
+            self.whiteouts.write_whiteout(pfd, target)
             self._note_new(preal, _join(preal, target))
             if (self.root_uid, self.root_gid) != (self.euid, self.egid):
                 os.chown(target, self.root_uid, self.root_gid, dir_fd=pfd, follow_symlinks=False)
@@ -440,7 +441,7 @@ class _Applier:
         dfd, dreal, _ = hit
         if self.overlay:
             self._save_dir_meta(dfd, dreal)
-            os.setxattr(dfd, OVERLAY_OPAQUE_XATTR, b"y")
+            self.whiteouts.mark_opaque(dfd)
         self._prune(dfd, dreal)
 
     def _prune(self, dfd: int, dreal: str) -> None:
@@ -475,7 +476,7 @@ class _Applier:
     def _check_xattrs(self, e: TarEntry) -> None:
         if self.overlay:
             for k in e.xattrs:
-                if k.startswith(OVERLAY_XATTR_PREFIX):
+                if self.whiteouts.is_private_xattr(k):
                     raise UnsafeArchive(f"{e.name!r} carries overlay xattr {k!r}")
 
     def _set_xattrs_fd(self, fd: int, e: TarEntry) -> None:

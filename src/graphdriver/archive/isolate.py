@@ -44,6 +44,7 @@ from ..errors import GraphDriverError, Interrupted
 from ..idmap import IDMap
 from .apply import ApplyOptions, ApplyResult
 from .tarstream import Recorder
+from .whiteout import FORMATS
 
 if TYPE_CHECKING:  # the parent's modules: the child does not import them (start-up time)
     import subprocess
@@ -244,7 +245,7 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
         "result_fd": res_w,
         "recorder_fd": rec_w if rec_w >= 0 else None,
         "target": os.fspath(target),
-        "whiteout_format": opts.whiteout_format,
+        "whiteout_format": opts.whiteout_format.name,
         "idmap": opts.idmap.to_json(),
         "progress": opts.progress is not None,
         "log_level": logging.getLogger("graphdriver").getEffectiveLevel(),
@@ -442,7 +443,7 @@ def _child_main(argv: list[str]) -> int:
         if args.get("recorder_fd") is not None:
             recorder = PipeRecorder(int(args["recorder_fd"]))
         opts = ApplyOptions(
-            whiteout_format=args["whiteout_format"],
+            whiteout_format=FORMATS[args["whiteout_format"]],
             idmap=IDMap.from_json(args["idmap"]),
             recorder=recorder,
             progress=(lambda n: send({"progress": n})) if args.get("progress") else None,
