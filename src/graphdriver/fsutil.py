@@ -90,8 +90,10 @@ def remove_tree(path: Path) -> None:
 # --- tree copies -------------------------------------------------------------------------------
 
 
-def _copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:
-    """Copy file data: a reflink where the filesystem offers it, else copy_file_range."""
+def copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """The first ``size`` bytes of ``src_fd`` to the start of ``dst_fd`` (whatever their offsets):
+    a reflink where the filesystem offers it, else copy_file_range, else sendfile (another
+    filesystem: copy_file_range refuses with EXDEV).  The one file-copy loop of graphdriver."""
     try:
         fcntl.ioctl(dst_fd, FICLONE, src_fd)
         return
@@ -99,17 +101,24 @@ def _copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:
         if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
                              errno.ENOSYS, errno.EBADF, errno.EPERM):
             raise
-    copied = 0
-    while copied < size:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, min(_COPY_CHUNK, size - copied))
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            n = os.sendfile(dst_fd, src_fd, None, min(_COPY_CHUNK, size - copied))
+    off = 0
+    use_range = True
+    while off < size:
+        chunk = min(_COPY_CHUNK, size - off)
+        if use_range:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, chunk, off, off)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                use_range = False
+                continue
+        else:
+            os.lseek(dst_fd, off, os.SEEK_SET)
+            n = os.sendfile(dst_fd, src_fd, off, chunk)
         if n == 0:
             break
-        copied += n
+        off += n
 
 
 def _copy_xattrs(src: str, dst: str, *, follow: bool) -> None:
@@ -170,7 +179,7 @@ def copy_tree(src: Path, dst: Path) -> None:
                     dfd = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                   | os.O_CLOEXEC, 0o600)
                     try:
-                        _copy_file_data(sfd, dfd, st.st_size)
+                        copy_file_data(sfd, dfd, st.st_size)
                     finally:
                         os.close(dfd)
                 finally:

@@ -61,6 +61,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import GraphDriverError, InvalidArchive, UnsafeArchive, from_oserror
+from ..fsutil import copy_file_data
 from .export import TarOut
 from .pathres import open_beneath
 from .tarstream import DIRECTORY, HARDLINK, REGULAR_TYPES, SYMLINK, TarEntry, TarReader
@@ -407,7 +408,7 @@ class Importer:
                 try:
                     out = os.open(n, _NEW_FILE, 0o644, dir_fd=dfd)
                     try:
-                        _copy_range(src, out, st.st_size)
+                        copy_file_data(src, out, st.st_size)
                         _set_xattrs(out, read_win_xattrs(src), replace=False)
                         os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
                     finally:
@@ -701,7 +702,7 @@ class Importer:
             os.unlink(bak, dir_fd=self.root)
         out = os.open(bak, _NEW_FILE, 0o644, dir_fd=self.root)
         try:
-            _copy_range(fd, out, size)
+            copy_file_data(fd, out, size)
         finally:
             os.close(out)
 
@@ -764,31 +765,6 @@ class Importer:
                 os.utime(fd, ns=(atime, mtime))
             finally:
                 os.close(fd)
-
-
-def copy_data(src: int, dst: int, size: int) -> None:
-    """``size`` bytes from the start of ``src`` to ``dst``: copy_file_range (reflinks where the
-    filesystem can), else sendfile (another filesystem: copy_file_range refuses with EXDEV)."""
-    off = 0
-    use_range = True
-    while off < size:
-        if use_range:
-            try:
-                n = os.copy_file_range(src, dst, size - off, off, off)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                use_range = False
-                continue
-        else:
-            os.lseek(dst, off, os.SEEK_SET)
-            n = os.sendfile(dst, src, off, size - off)
-        if n == 0:
-            break
-        off += n
-
-
-_copy_range = copy_data
 
 
 def _copy_dir_meta(src: int, dst: int) -> None:

@@ -92,14 +92,13 @@ from ..archive.wintar import (
     TOMBSTONES,
     TOP_DIRS,
     XATTR_PREFIX,
-    copy_data,
     fold,
     read_tombstones,
     walk_layer,
     write_layer_tar,
 )
 from ..errors import GraphDriverError, NotSupported, from_oserror
-from ..fsutil import atomic_write, copy_tree, fs_name, remove_tree
+from ..fsutil import atomic_write, copy_file_data, copy_tree, fs_name, remove_tree
 from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
 from ..mount import MS_RDONLY, is_mounted, mount, unmount_all_under
 from ..store import LayerStore, as_fd, parse_size
@@ -571,7 +570,7 @@ def _copy_file(sdir: int, ddir: int, name: str, st: os.stat_result) -> None:
         dfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                       0o644, dir_fd=ddir)
         try:
-            copy_data(sfd, dfd, st.st_size)
+            copy_file_data(sfd, dfd, st.st_size)
             _copy_win_xattrs(sfd, dfd)
             os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
