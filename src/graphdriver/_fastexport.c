@@ -13,7 +13,8 @@
  *     a device or a directory (not opaque), whose header is one ustar block
  *     (ASCII names of at most 100 bytes, numbers that fit octal), with no exportable xattr.
  *     Sockets and names that vanished since the listing are skipped.  It stops at the first
- *     other entry (a hard link, an xattr to write, a long or non-ASCII name, a whiteout device or
+ *     other entry (a hard link, an xattr to write, a long or non-ASCII name, a file that may have
+ *     holes (SPARSE_MIN_HOLES), a whiteout device or
  *     an opaque directory when opaque_xattr is not None, ...) and returns its index, for the Python
  *     writer to handle; index == len(names) when all were written.  It also returns right after
  *     writing a directory's header, with descend true and index just past the directory: its
@@ -259,6 +260,10 @@ is_ascii(const char *s, size_t n)
     return 1;
 }
 
+/* export.py's _SPARSE_MIN_HOLES: a file allocated at least this much below its size may be
+ * written as a PAX sparse entry, which is Python's to decide. */
+#define SPARSE_MIN_HOLES (1ULL << 20)
+
 /* What the whiteout format says (see emit). */
 typedef struct {
     const char *skip; /* overlay's own xattr prefix */
@@ -399,6 +404,8 @@ one_entry(Out *o, int dir_fd, const char *prefix, size_t plen, const char *name,
     unsigned long long size = fmt == S_IFREG ? (unsigned long long)st.st_size : 0;
     if (size >= MAX11)
         return STOP;
+    if (size && (unsigned long long)st.st_blocks * 512 + SPARSE_MIN_HOLES <= size)
+        return STOP; /* it may have holes enough for a sparse entry: Python looks */
     unsigned long long major = 0, minor = 0;
     if (fmt == S_IFCHR || fmt == S_IFBLK) {
         major = major(st.st_rdev);

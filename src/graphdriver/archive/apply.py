@@ -217,6 +217,7 @@ class _Applier:
     def __init__(self, root_fd: int, opts: ApplyOptions) -> None:
         self.root_fd = root_fd
         self.opts = opts
+        self.fs_size: int | None = None  # bytes of the target filesystem, once a sparse file asks
         self.whiteouts = opts.whiteout_format
         if not isinstance(self.whiteouts, WhiteoutFormat):
             raise InvalidArgument(f"unknown whiteout format {self.whiteouts!r}")
@@ -519,9 +520,22 @@ class _Applier:
         except OSError as exc:
             self._soft_fail(f"chown {e.name!r}", exc)
 
+    def _check_sparse_size(self, e: TarEntry) -> None:
+        """A sparse file may claim any size with a few bytes of data: one larger than the whole
+        filesystem it lands on could never be filled in place, and is refused (GNU tar and Go
+        stop only when ftruncate fails, which tmpfs or xfs allow up to 8 EiB)."""
+        if self.fs_size is None:
+            st = os.fstatvfs(self.root_fd)
+            self.fs_size = st.f_blocks * st.f_frsize
+        if e.size > self.fs_size:
+            raise InvalidArchive(f"{e.name!r}: a sparse file of {e.size} bytes, larger than the "
+                                 f"filesystem it is applied to ({self.fs_size} bytes)")
+
     def _regular(self, reader: TarReader, e: TarEntry, pfd: int, preal: str, sgid: bool,
                  base: str) -> None:
         mode = e.mode
+        if e.sparse is not None:
+            self._check_sparse_size(e)
         create = self.native_create
         if create is not None and e.sparse is None and not e.xattrs:
             data = reader.take_buffered() if e.data_size else b""

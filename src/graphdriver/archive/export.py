@@ -73,6 +73,9 @@ Progress = Callable[[int], None]
 _BUF_SIZE = 1 << 20
 _SMALL_FILE = 256 << 10
 """Files up to this size are read into the buffer; bigger ones go out with sendfile."""
+_SPARSE_MIN_HOLES = 1 << 20
+"""A regular file with at least this many bytes of holes is written as a PAX sparse entry
+(``_fastexport.c`` leaves files allocated this much below their size to Python)."""
 _SMALL_FILE_PIPE = 16 << 10
 """The same into a pipe: there sendfile moves page references, no copy, worth its syscalls."""
 _ZEROS = memoryview(bytes(_SMALL_FILE + BLOCK))
@@ -187,7 +190,7 @@ class TarOut:
         if self.sendfile_ok:
             done = self._sendfile(in_fd, size)
         if done < size:
-            done = self._copy(in_fd, done, size)
+            done = self.copy_range(in_fd, done, size)
         self.zeros(padded - done)
 
     def zeros(self, count: int) -> None:
@@ -218,7 +221,9 @@ class TarOut:
             self.progress(self.written)
         return done
 
-    def _copy(self, in_fd: int, done: int, size: int) -> int:
+    def copy_range(self, in_fd: int, done: int, size: int) -> int:
+        """Bytes ``done`` to ``size`` of the file, straight out (the buffer is flushed); returns
+        the offset reached (less than ``size`` if the file shrank meanwhile)."""
         if self.chunk is None:
             self.chunk = bytearray(_COPY_CHUNK)
         view = memoryview(self.chunk)
@@ -329,14 +334,19 @@ def _add_entry(
         opaque = is_dir and whiteouts.is_opaque_value(xattrs)
         if whiteouts.opaque_xattr is not None:
             xattrs.pop(whiteouts.opaque_xattr, None)
-        if xattrs or not out.ustar(name, typeflag, perm, uid, gid, size, mtime, linkname,
-                                   devmajor, devminor):
+        chunks = _data_map(in_fd, size, st) if in_fd >= 0 else None
+        if chunks is not None:
+            _add_sparse(out, in_fd, TarHeader(
+                name=name, mode=perm, uid=uid, gid=gid, size=size, mtime=mtime, xattrs=xattrs,
+            ), chunks)
+        elif xattrs or not out.ustar(name, typeflag, perm, uid, gid, size, mtime, linkname,
+                                     devmajor, devminor):
             out.add(encode(TarHeader(
                 name=name, typeflag=typeflag, mode=perm, uid=uid, gid=gid, size=size,
                 mtime=mtime, linkname=linkname, devmajor=devmajor, devminor=devminor,
                 xattrs=xattrs,
             )))
-        if in_fd >= 0:
+        if in_fd >= 0 and chunks is None:
             out.file_data(in_fd, size)
     finally:
         if in_fd >= 0:
@@ -347,6 +357,57 @@ def _add_entry(
             uid=uid, gid=gid, mtime=mtime,
         )))
     return is_dir
+
+
+def _data_map(fd: int, size: int, st: os.stat_result) -> list[tuple[int, int]] | None:
+    """The data extents (offset, length) of a regular file with at least ``_SPARSE_MIN_HOLES``
+    bytes of holes, ending with ``(size, 0)`` when the file ends in a hole (as GNU tar writes
+    it); None for any other file (written whole, as moby does, so diffIDs stay Docker's)."""
+    if st.st_blocks * 512 + _SPARSE_MIN_HOLES > size:  # the native writer's test too
+        return None
+    chunks: list[tuple[int, int]] = []
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole from off on
+                break
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here
+                return None
+            raise
+        if data >= size:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        chunks.append((data, hole - data))
+        off = hole
+    if size - sum(length for _, length in chunks) < _SPARSE_MIN_HOLES:
+        return None
+    if not chunks or sum(chunks[-1]) < size:
+        chunks.append((size, 0))
+    return chunks
+
+
+def _add_sparse(out: TarOut, fd: int, h: TarHeader, chunks: list[tuple[int, int]]) -> None:
+    """A PAX sparse 1.0 entry (GNU tar's ``--sparse-version=1.0``, read by GNU tar, Go's
+    archive/tar and tarstream): the real name and size in ``GNU.sparse.*`` records, the header
+    named ``DIR/GNUSparseFile.0/BASE``, its data the decimal map padded to a block, then the
+    data extents one after another.  Extents that shrank meanwhile are filled with zeros."""
+    head, _, base = h.name.rpartition(b"/")
+    sparse_map = b"%d\n" % len(chunks) + b"".join(b"%d\n%d\n" % c for c in chunks)
+    sparse_map += bytes(padding(len(sparse_map)))
+    data_size = sum(length for _, length in chunks)
+    h.records = [(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"),
+                 (b"GNU.sparse.name", h.name), (b"GNU.sparse.realsize", b"%d" % h.size)]
+    h.name = (head + b"/" if head else b"") + b"GNUSparseFile.0/" + base
+    h.size = len(sparse_map) + data_size
+    out.add(encode(h))
+    out.add(sparse_map)
+    out.flush()
+    for off, length in chunks:
+        done = out.copy_range(fd, off, off + length)
+        out.zeros(off + length - done)
+    out.zeros(padding(data_size))
 
 
 class _Dir:
