@@ -205,3 +205,56 @@ def test_sparse_entry_larger_than_the_filesystem_is_refused(tmp_path: Path) -> N
               ApplyOptions())
     st = os.stat(target / "ok")
     assert st.st_size == 8 * MIB and st.st_blocks * 512 < MIB
+
+
+def _long_path_tar() -> tuple[bytes, str]:
+    """A layer whose deepest file has a path of more than 4096 bytes (PATH_MAX)."""
+    parts = [f"d{i:03d}" + "x" * 196 for i in range(21)]
+    buf = io.BytesIO()
+    path = ""
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for part in parts:
+            path = f"{path}/{part}" if path else part
+            info = tarfile.TarInfo(path)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(info)
+        info = tarfile.TarInfo(f"{path}/file")
+        info.size = 5
+        tf.addfile(info, io.BytesIO(b"hello"))
+    return buf.getvalue(), f"{path}/file"
+
+
+@pytest.mark.parametrize("driver", ["vfs", "overlay"])
+def test_a_path_over_path_max_that_applies_also_exports(tmp_path: Path, driver: str) -> None:
+    import sys
+
+    if driver == "overlay" and os.geteuid() != 0:
+        pytest.skip("overlay needs root")
+    layer, deepest = _long_path_tar()
+    assert len(deepest.encode()) > 4096
+    (tmp_path / "layer.tar").write_bytes(layer)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+
+    def gd(*args: str | Path, stdin: Path | None = None) -> None:
+        with open(stdin or os.devnull, "rb") as f:
+            proc = subprocess.run([sys.executable, "-m", "graphdriver", "--root",
+                                   tmp_path / "root", "--runroot", tmp_path / "run", "--driver",
+                                   driver, *map(str, args)], stdin=f, env=env,
+                                  capture_output=True, text=True, timeout=120, check=False)
+        if proc.returncode and "NotSupported" in proc.stderr:
+            pytest.skip(proc.stderr.strip())
+        assert proc.returncode == 0, proc.stderr
+        assert "not exactly reproducible" not in proc.stderr
+
+    try:
+        gd("create", "base")
+        gd("apply", "base", stdin=tmp_path / "layer.tar")
+        gd("diff", "base", "-o", tmp_path / "plain.tar")
+        gd("diff", "--exact", "base", "-o", tmp_path / "exact.tar")
+    finally:
+        gd("cleanup")
+    assert (tmp_path / "exact.tar").read_bytes() == layer
+    with tarfile.open(tmp_path / "plain.tar") as tf:
+        member = tf.getmember(deepest)
+        f = tf.extractfile(member)
+        assert f is not None and f.read() == b"hello"
