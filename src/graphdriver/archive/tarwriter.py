@@ -263,6 +263,42 @@ def _encode_general(h: TarHeader) -> bytes:
     return xhdr + body + bytes(padding(len(body))) + main
 
 
+def encode_sorted(name: bytes, typeflag: bytes, mode: int, size: int, mtime: int,
+                  records: dict[str, bytes], linkname: bytes = b"") -> bytes:
+    """A Windows layer tar's header, as go-winio/hcsshim write them with Go's archive/tar: a
+    PAX ``x`` header (named ``DIR/PaxHeaders.0/BASE``) with every record sorted by key, then the
+    ustar block; a name or link target that is not ASCII of at most 100 bytes goes in PAX
+    (``path``/``linkpath``), never in ustar's prefix field; ids are 0, uname/gname empty.  A
+    ``mtime`` outside ustar's range is written as 0 (the exact time rides in the records)."""
+    recs = dict(records)
+    short = name
+    if len(name) > _NAME_MAX or not name.isascii():
+        recs["path"] = name
+        short = _ascii_tail(name, _NAME_MAX)
+    link = linkname
+    if len(linkname) > _NAME_MAX or not linkname.isascii():
+        recs["linkpath"] = linkname
+        link = _ascii_tail(linkname, _NAME_MAX)
+    if size >= _MAX11:
+        recs["size"] = b"%d" % size
+    zero8 = _octal(0, 8) or b""
+    mtime_field = _octal(mtime if 0 <= mtime < _MAX11 else 0, 12) or b""
+    main = _ustar_block(short, b"", typeflag, _octal(mode, 8) or b"", zero8, zero8,
+                        _octal(size if size < _MAX11 else 0, 12) or b"", mtime_field, link,
+                        b"", b"", zero8, zero8)
+    if not recs:
+        return main
+    body = b"".join(_pax_record(k.encode("utf-8", "surrogateescape"), recs[k])
+                    for k in sorted(recs))
+    d, _, base = name.rstrip(b"/").rpartition(b"/")
+    pax_name = (d + b"/" if d else b"") + b"PaxHeaders.0/" + base
+    if len(pax_name) > _NAME_MAX or not pax_name.isascii():
+        pax_name = b"PaxHeaders.0/" + _ascii_tail(base, 80)
+    xhdr = _ustar_block(pax_name, b"", PAXTYPE, _octal(0o644, 8) or b"", zero8, zero8,
+                        _octal(len(body), 12) or b"", mtime_field, b"", b"", b"", zero8, zero8)
+    return xhdr + body + bytes(padding(len(body))) + main
+
+
 def _ascii_tail(name: bytes, limit: int) -> bytes:
     """A printable ASCII stand-in for a name that goes in PAX (readers use the PAX record)."""
     safe = bytes(c if 32 <= c < 127 else 0x5F for c in name)

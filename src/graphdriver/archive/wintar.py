@@ -65,6 +65,7 @@ from ..fsutil import copy_file_data
 from .export import TarOut
 from .pathres import open_beneath
 from .tarstream import DIRECTORY, HARDLINK, REGULAR_TYPES, SYMLINK, TarEntry, TarReader
+from .tarwriter import encode_sorted
 from .whiteout import WHITEOUT_META_PREFIX, WHITEOUT_PREFIX
 
 HDR_FILE_ATTRIBUTES = "MSWINDOWS.fileattr"
@@ -912,68 +913,6 @@ def walk_layer(layer_fd: int) -> Iterator[LayerItem]:
 # ----- export: write a Windows layer tar ---------------------------------------------------
 
 
-def _pax_record(key: bytes, value: bytes) -> bytes:
-    body = b" " + key + b"=" + value + b"\n"
-    n = len(body) + 1
-    while len(b"%d" % n) + len(body) != n:
-        n = len(b"%d" % n) + len(body)
-    return b"%d" % n + body
-
-
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
-
-
-def _block(name: bytes, typeflag: bytes, mode: int, size: int, mtime: int,
-           linkname: bytes) -> bytes:
-    b = bytearray(512)
-    b[0:len(name)] = name
-    b[100:108] = _octal(mode, 8)
-    b[108:116] = _octal(0, 8)
-    b[116:124] = _octal(0, 8)
-    b[124:136] = _octal(size, 12)
-    b[136:148] = _octal(mtime if 0 <= mtime < 8**11 else 0, 12)
-    b[148:156] = b"        "
-    b[156:157] = typeflag
-    b[157:157 + len(linkname)] = linkname
-    b[257:265] = b"ustar\x0000"
-    b[329:337] = _octal(0, 8)
-    b[337:345] = _octal(0, 8)
-    b[148:156] = b"%06o\0 " % sum(b)
-    return bytes(b)
-
-
-def _fits(name: bytes) -> bool:
-    return len(name) <= 100 and name.isascii()
-
-
-def encode_header(name: bytes, typeflag: bytes, mode: int, size: int, mtime: int,
-                  records: dict[str, bytes], linkname: bytes = b"") -> bytes:
-    """A Go-style PAX header: an ``x`` header with the sorted records (if any), then ustar."""
-    recs = dict(records)
-    short = name
-    if not _fits(name):
-        recs["path"] = name
-        short = bytes(c if 32 <= c < 127 else 0x5F for c in name)[-100:]
-    link = linkname
-    if not _fits(linkname):
-        recs["linkpath"] = linkname
-        link = bytes(c if 32 <= c < 127 else 0x5F for c in linkname)[-100:]
-    if size >= 8**11:
-        recs["size"] = b"%d" % size
-    main = _block(short, typeflag, mode, size if size < 8**11 else 0, mtime, link)
-    if not recs:
-        return main
-    body = b"".join(_pax_record(k.encode("utf-8", "surrogateescape"), recs[k])
-                    for k in sorted(recs))
-    d, _, base = name.rstrip(b"/").rpartition(b"/")
-    pax_name = (d + b"/" if d else b"") + b"PaxHeaders.0/" + base
-    if not _fits(pax_name):
-        pax_name = b"PaxHeaders.0/" + bytes(c if 32 <= c < 127 else 0x5F for c in base)[-80:]
-    return _block(pax_name, b"x", 0o644, len(body), mtime, b"") + body + bytes(
-        -len(body) % 512) + main
-
-
 def _mtime_s(records: dict[str, bytes], st: os.stat_result) -> int:
     ns = _time_ns(records.get("mtime"))
     if ns is None:
@@ -990,7 +929,7 @@ def write_layer_tar(out_fd: int, layer_fd: int,
         name = os.fsencode(item.path)
         if item.kind == "whiteout":
             d, _, base = item.path.rpartition("/")
-            out.add(encode_header(os.fsencode(f"{d}/{WHITEOUT_PREFIX}{base}"), b"0", 0, 0, 0, {}))
+            out.add(encode_sorted(os.fsencode(f"{d}/{WHITEOUT_PREFIX}{base}"), b"0", 0, 0, 0, {}))
             continue
         st = item.st
         assert st is not None
@@ -1007,21 +946,21 @@ def write_layer_tar(out_fd: int, layer_fd: int,
         mtime = _mtime_s(records, st)
         if stat.S_ISLNK(st.st_mode):
             dirbit = _MODE_DIR if file_attributes(xattrs) & FILE_ATTRIBUTE_DIRECTORY else 0
-            out.add(encode_header(name, b"2", _MODE_LNK | dirbit, 0, mtime, records,
+            out.add(encode_sorted(name, b"2", _MODE_LNK | dirbit, 0, mtime, records,
                                   os.fsencode(os.readlink(item.path, dir_fd=layer_fd))))
             continue
         try:
             if item.link_to is not None:
                 keep = {k: v for k, v in records.items()
                         if k in (HDR_FILE_ATTRIBUTES, HDR_CREATION_TIME, *_TIME_KEYS)}
-                out.add(encode_header(name, b"1", 0o644, 0, mtime, keep,
+                out.add(encode_sorted(name, b"1", 0o644, 0, mtime, keep,
                                       os.fsencode(item.link_to)))
             elif stat.S_ISDIR(st.st_mode):
-                out.add(encode_header(name, b"5", _MODE_DIR, 0, mtime, records))
+                out.add(encode_sorted(name, b"5", _MODE_DIR, 0, mtime, records))
             else:
                 size = st.st_size
                 mode = _MODE_REG if size else 0
-                out.add(encode_header(name, b"0", mode, size, mtime, records))
+                out.add(encode_sorted(name, b"0", mode, size, mtime, records))
                 out.file_data(fd, size)
                 _write_streams(out, layer_fd, item, mode)
             if stat.S_ISDIR(st.st_mode) and item.streams:
@@ -1039,7 +978,7 @@ def _write_streams(out: TarOut, layer_fd: int, item: LayerItem, mode: int) -> No
         try:
             st = os.fstat(fd)
             records = xattrs_to_pax(read_win_xattrs(fd))
-            out.add(encode_header(os.fsencode(rel), b"0", mode, st.st_size,
+            out.add(encode_sorted(os.fsencode(rel), b"0", mode, st.st_size,
                                   _mtime_s(records, st), records))
             out.file_data(fd, st.st_size)
         finally:
