@@ -1,11 +1,15 @@
-"""What tests ask about mounts, on top of graphdriver.mount's one mountinfo parser."""
+"""What tests ask about mounts, on top of graphdriver.mount (the one mountinfo parser)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from graphdriver.mount import is_mounted as is_mountpoint
 from graphdriver.mount import mount_points
+from graphdriver.mount import unmount as umount
+
+__all__ = ["is_mountpoint", "mount_points_under", "umount"]
 
 
 def mount_points_under(path: Path | str) -> set[str]:

@@ -20,7 +20,7 @@ Layout (hcsshim's, plus the shared ``meta/`` and ``locks/`` of every home)::
 
 Windows metadata (``MSWINDOWS.*`` PAX records, creation times, sub-second times) is kept in
 ``user.mswindows.*`` xattrs of each file and alternate data streams are files named
-``file:stream`` beside their file (archive/wintar.py has the details).  The home must hold
+``file:stream`` beside their file (archive/windows/ has the details).  The home must hold
 ``user.*`` xattrs: opening a store on a filesystem that cannot is refused (moby refuses ReFS).
 
 Semantics, and where they differ from moby:
@@ -44,7 +44,7 @@ Semantics, and where they differ from moby:
   the layer holds is MODIFY and every tombstone DELETE, with paths as the layer stores them
   (``Files/…``, ``Hives/…``, ``UtilityVM/…``; alternate streams are not separate paths).  The
   parent argument is ignored, as in moby.
-- ``diff`` of a read-only layer streams the Windows-format tar of the layer (wintar), every
+- ``diff`` of a read-only layer streams the Windows-format tar of the layer (archive/windows), every
   entry's PAX records as they were imported.  ``diff_size`` is the bytes of file data in the
   layer.  For a sandbox, changes/diff/diff_size compare its tree with its parent's view (the
   shared NaiveDiff; a plain Linux layer tar), since writes made through a mount have no Windows
@@ -85,7 +85,10 @@ from .. import quota
 from ..archive.changes import Change, ChangeKind
 from ..archive.pathres import open_beneath
 from ..archive.tarsplit import RAW_NAME, finish_layer_recording
-from ..archive.wintar import (
+from ..archive.windows.export import write_layer_tar
+from ..archive.windows.layout import walk_layer
+from ..archive.windows.metadata import read_tombstones
+from ..archive.windows.names import (
     CROSSLINKS,
     LINKMETA,
     MUTATED_FILES,
@@ -93,9 +96,6 @@ from ..archive.wintar import (
     TOP_DIRS,
     XATTR_PREFIX,
     fold,
-    read_tombstones,
-    walk_layer,
-    write_layer_tar,
 )
 from ..errors import GraphDriverError, NotSupported, from_oserror
 from ..fsutil import atomic_write, copy_file_data, copy_tree, fs_name, remove_tree
@@ -679,7 +679,7 @@ def _import_main(argv: list[str]) -> int:
     from ..archive.isolate import warm_up
     from ..archive.tarsplit import TarSplitPacker
     from ..archive.tarstream import TarReader
-    from ..archive.wintar import import_layer
+    from ..archive.windows.importer import import_layer
 
     if len(argv) < 4 or argv[0] != "--import":
         sys.stderr.write("usage: python -m graphdriver.drivers.windowsfilter --import IN RAW ROOT "
