@@ -5,7 +5,9 @@ This is the writing counterpart of what Go's archive/tar does for moby's layer t
 ``x`` header carrying only what ustar cannot hold — long or non-ASCII names and link targets,
 ids >= 8**7, sizes >= 8**11, times outside ustar's range or with sub-second precision, and
 ``SCHILY.xattr.*`` records.  Device numbers too large for octal use the GNU base-256 form.
-uname/gname stay empty (numeric ownership, as moby writes it).
+uname/gname stay empty (numeric ownership, as moby writes it).  Windows layer headers have their
+own encoder here (:func:`encode_sorted`, go-winio's layout).  A leaf: imports nothing from
+graphdriver.
 """
 
 from __future__ import annotations
