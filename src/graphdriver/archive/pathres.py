@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 from collections import deque
+from collections.abc import Callable
 
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -84,12 +85,21 @@ def open_beneath(root_fd: int, path: str, flags: int = os.O_RDONLY | os.O_DIRECT
     parts = [p for p in path.split("/") if p and p != "."]
     if ".." in parts:
         raise OSError(errno.EXDEV, "path leaves its root", path)
+
+    def open_part(cur: int, part: str, last: bool) -> int:
+        f = (flags if last else os.O_RDONLY | os.O_DIRECTORY) | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(part, f, dir_fd=cur)
+
+    return _open_chain(root_fd, parts, open_part)
+
+
+def _open_chain(root_fd: int, pieces: list[str], open_one: Callable[[int, str, bool], int]) -> int:
+    """Open each piece beneath the directory the previous one opened (``open_one(dir_fd, piece,
+    is_last)``), closing what is passed; the last piece's fd."""
     cur = root_fd
     try:
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            f = (flags if last else os.O_RDONLY | os.O_DIRECTORY) | os.O_NOFOLLOW | os.O_CLOEXEC
-            nxt = os.open(part, f, dir_fd=cur)
+        for i, piece in enumerate(pieces):
+            nxt = open_one(cur, piece, i == len(pieces) - 1)
             if cur != root_fd:
                 os.close(cur)
             cur = nxt
@@ -109,19 +119,8 @@ def _open_in_pieces(root_fd: int, path: str, flags: int) -> int:
             pieces[-1] += "/" + part
         else:
             pieces.append(part)
-    cur = root_fd
-    try:
-        for i, piece in enumerate(pieces):
-            last = i == len(pieces) - 1
-            nxt = openat2(cur, piece, flags if last else os.O_PATH | os.O_DIRECTORY, 0, _BENEATH)
-            if cur != root_fd:
-                os.close(cur)
-            cur = nxt
-    except BaseException:
-        if cur != root_fd:
-            os.close(cur)
-        raise
-    return cur
+    return _open_chain(root_fd, pieces, lambda cur, piece, last: openat2(
+        cur, piece, flags if last else os.O_PATH | os.O_DIRECTORY, 0, _BENEATH))
 
 
 def resolve_in_root(root_fd: int, path: str) -> str:
