@@ -51,7 +51,7 @@ def driver(request: pytest.FixtureRequest, store_root: Path, runroot: Path) -> I
     finally:
         d.cleanup()
         # Anything still mounted under the root (a failed test) is detached before tmp removal.
-        from graphdriver.fsutil import mount_points_under, umount
+        from tests.mountutil import mount_points_under, umount
 
         for mp in sorted(mount_points_under(store_root), key=len, reverse=True):
             with contextlib.suppress(OSError):

@@ -111,3 +111,19 @@ def test_refcounts_are_shared_between_objects_and_never_negative(tmp_path: Path)
     assert a.decrement("x") == 0
     assert a.all() == {}
     assert not any(os.scandir(a.dir))
+
+
+def test_one_rule_says_which_driver_a_home_belongs_to(tmp_path: Path) -> None:
+    from graphdriver.registry import drivers_using
+
+    home = tmp_path / "home"  # one home for every driver, as a plugin's Init gives
+    (home / "meta").mkdir(parents=True)
+    assert drivers_using(lambda _n: home) == []  # no layer record: nobody's yet
+    (home / "meta" / "layer1").mkdir()
+    assert drivers_using(lambda _n: home) == names()  # records, no layout: any may own them
+    (home / "dir").mkdir()
+    assert drivers_using(lambda _n: home) == ["vfs"]  # vfs's layout
+    (home / "dir").rmdir()
+    (home / "l").mkdir()
+    assert drivers_using(lambda _n: home) == ["overlay"]
+    assert drivers_using(lambda _n: home, ["vfs"]) == []

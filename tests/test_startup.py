@@ -62,8 +62,14 @@ def _modules(tmp_path: Path, *args: str) -> tuple[int, set[str]]:
     return proc.returncode, set(out.read_text().split())
 
 
+# ... except these: the store's class attribute is a whiteout format object (a leaf module that
+# imports os and stat only; the archive package's __init__ is a docstring).
+LIGHT_EXCEPTIONS = {"graphdriver.archive", "graphdriver.archive.whiteout"}
+
+
 def _heavy(mods: set[str]) -> list[str]:
-    return sorted(m for m in mods if m in HEAVY or m.split(".")[0] in HEAVY
+    return sorted(m for m in mods - LIGHT_EXCEPTIONS
+                  if m in HEAVY or m.split(".")[0] in HEAVY
                   or any(m.startswith(h + ".") for h in HEAVY))
 
 

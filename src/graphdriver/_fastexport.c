@@ -4,16 +4,18 @@
  *     The names in the directory (without "." and ".."), sorted by byte value: the order
  *     write_tree writes a directory's entries in.
  *
- * emit(buf, pos, out_fd, dir_fd, names, start, prefix, overlay, small_file)
+ * emit(buf, pos, out_fd, dir_fd, names, start, prefix, skipped_xattr_prefix, opaque_xattr,
+ *      small_file)
  *     -> (pos, index, written, descend)
  *     Writes the entries names[start:] of the directory dir_fd (their tar names are prefix + name)
  *     into the bytearray buf from offset pos on, writing buf out to out_fd whenever it is full, as
  *     long as each entry is of the plain kind: a regular file with one link, a symlink, a fifo,
- *     a device or a directory (not opaque in overlay format), whose header is one ustar block
+ *     a device or a directory (not opaque), whose header is one ustar block
  *     (ASCII names of at most 100 bytes, numbers that fit octal), with no exportable xattr.
  *     Sockets and names that vanished since the listing are skipped.  It stops at the first
- *     other entry (a hard link, an xattr to write, a long or non-ASCII name, an overlay whiteout
- *     or opaque directory when overlay is true, ...) and returns its index, for the Python
+ *     other entry (a hard link, an xattr to write, a long or non-ASCII name, a file that may have
+ *     holes (SPARSE_MIN_HOLES), a whiteout device or
+ *     an opaque directory when opaque_xattr is not None, ...) and returns its index, for the Python
  *     writer to handle; index == len(names) when all were written.  It also returns right after
  *     writing a directory's header, with descend true and index just past the directory: its
  *     contents are to be written next.  pos is the new fill level of buf, written the number of
@@ -22,6 +24,9 @@
  *     (or read/write where it cannot be used); smaller ones are read into buf (small_file + 511
  *     must fit buf).  The GIL is released while it works (the output may be a pipe read by
  *     another Python thread).  Identity id mapping only: the caller checks that.
+ *     skipped_xattr_prefix and opaque_xattr come from the store's WhiteoutFormat (whiteout.py):
+ *     overlay's own xattrs ("trusted.overlay." or "user.overlay.") and its opaque marker (None
+ *     in the naive format, where 0/0 devices are plain devices).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -255,17 +260,28 @@ is_ascii(const char *s, size_t n)
     return 1;
 }
 
+/* export.py's _SPARSE_MIN_HOLES: a file allocated at least this much below its size may be
+ * written as a PAX sparse entry, which is Python's to decide. */
+#define SPARSE_MIN_HOLES (1ULL << 20)
+
+/* What the whiteout format says (see emit). */
+typedef struct {
+    const char *skip; /* overlay's own xattr prefix */
+    size_t skip_len;
+    const char *opaque; /* the opaque marker's xattr name, or NULL: whiteouts are not kept */
+} Whiteouts;
+
 /* 1 if every name in the xattr list is one write_tree leaves out, 0 if not.  With
- * opaque_matters (a directory in overlay format), the opaque marker is not left out. */
+ * opaque_matters (a directory, whiteouts kept), the opaque marker is not left out. */
 static int
-xattrs_all_skipped(const char *list, ssize_t len, int opaque_matters)
+xattrs_all_skipped(const char *list, ssize_t len, const Whiteouts *w, int opaque_matters)
 {
     const char *p = list, *end = list + len;
     while (p < end) {
         size_t n = strnlen(p, (size_t)(end - p));
-        if (opaque_matters && n == 22 && memcmp(p, "trusted.overlay.opaque", 22) == 0)
+        if (opaque_matters && w->opaque && strlen(w->opaque) == n && memcmp(p, w->opaque, n) == 0)
             return 0;
-        if (!(strncmp(p, "trusted.overlay.", 16) == 0 || strncmp(p, "security.selinux", 16) == 0 ||
+        if (!(strncmp(p, w->skip, w->skip_len) == 0 || strncmp(p, "security.selinux", 16) == 0 ||
               strncmp(p, "system.", 7) == 0))
             return 0;
         p += n + 1;
@@ -341,8 +357,8 @@ enum { DONE_ENTRY = 0, STOP = 1, DESCEND = 2, FAIL = -1 };
 /* One entry: DONE_ENTRY (written or skipped), DESCEND (a directory's header written: its
  * contents come next), STOP (Python's turn) or FAIL (errno). */
 static int
-one_entry(Out *o, int dir_fd, const char *prefix, size_t plen, const char *name, int overlay,
-          char *xlist, char *link)
+one_entry(Out *o, int dir_fd, const char *prefix, size_t plen, const char *name,
+          const Whiteouts *w, char *xlist, char *link)
 {
     size_t nlen = strlen(name);
     if (plen + nlen > NAME_MAX_USTAR || !is_ascii(name, nlen))
@@ -362,7 +378,7 @@ one_entry(Out *o, int dir_fd, const char *prefix, size_t plen, const char *name,
         typeflag = '2';
         break;
     case S_IFCHR:
-        if (overlay && st.st_rdev == 0)
+        if (w->opaque && st.st_rdev == 0)
             return STOP; /* a whiteout */
         typeflag = '3';
         break;
@@ -388,6 +404,8 @@ one_entry(Out *o, int dir_fd, const char *prefix, size_t plen, const char *name,
     unsigned long long size = fmt == S_IFREG ? (unsigned long long)st.st_size : 0;
     if (size >= MAX11)
         return STOP;
+    if (size && (unsigned long long)st.st_blocks * 512 + SPARSE_MIN_HOLES <= size)
+        return STOP; /* it may have holes enough for a sparse entry: Python looks */
     unsigned long long major = 0, minor = 0;
     if (fmt == S_IFCHR || fmt == S_IFBLK) {
         major = major(st.st_rdev);
@@ -425,7 +443,7 @@ one_entry(Out *o, int dir_fd, const char *prefix, size_t plen, const char *name,
             goto fail;
         xlen = 0;
     }
-    if (xlen > 0 && !xattrs_all_skipped(xlist, xlen, overlay && fmt == S_IFDIR))
+    if (xlen > 0 && !xattrs_all_skipped(xlist, xlen, w, fmt == S_IFDIR))
         goto python;
 
     if (room(o, BLOCK) < 0)
@@ -457,12 +475,14 @@ static PyObject *
 emit(PyObject *self, PyObject *args)
 {
     Py_buffer buf, prefix;
-    Py_ssize_t pos, start, small_file;
-    int out_fd, dir_fd, overlay;
+    Py_ssize_t pos, start, small_file, skip_len;
+    int out_fd, dir_fd;
     PyObject *names;
-    if (!PyArg_ParseTuple(args, "w*niiO!ny*pn:emit", &buf, &pos, &out_fd, &dir_fd, &PyList_Type,
-                          &names, &start, &prefix, &overlay, &small_file))
+    Whiteouts w;
+    if (!PyArg_ParseTuple(args, "w*niiO!ny*s#zn:emit", &buf, &pos, &out_fd, &dir_fd, &PyList_Type,
+                          &names, &start, &prefix, &w.skip, &skip_len, &w.opaque, &small_file))
         return NULL;
+    w.skip_len = (size_t)skip_len;
     PyObject *result = NULL;
     Py_ssize_t n = PyList_GET_SIZE(names);
     const char **cnames = NULL;
@@ -501,7 +521,7 @@ emit(PyObject *self, PyObject *args)
     int rc = DONE_ENTRY, err = 0;
     o.ts = PyEval_SaveThread();
     for (; i < n; i++) {
-        rc = one_entry(&o, dir_fd, prefix.buf, (size_t)prefix.len, cnames[i - start], overlay,
+        rc = one_entry(&o, dir_fd, prefix.buf, (size_t)prefix.len, cnames[i - start], &w,
                        xlist, link);
         if (rc == DESCEND) {
             i++;

@@ -1,4 +1,5 @@
-"""Filesystem helpers every driver shares: atomic writes, tree copies, tree removal, mounts."""
+"""Filesystem helpers every driver shares: atomic writes, tree copies, tree removal, filesystem
+facts.  Mounts and their table are mount.py's."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 from . import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from typing import Any
 
 log = logging.getLogger("graphdriver")
@@ -90,8 +90,10 @@ def remove_tree(path: Path) -> None:
 # --- tree copies -------------------------------------------------------------------------------
 
 
-def _copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:
-    """Copy file data: a reflink where the filesystem offers it, else copy_file_range."""
+def copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """The first ``size`` bytes of ``src_fd`` to the start of ``dst_fd`` (whatever their offsets):
+    a reflink where the filesystem offers it, else copy_file_range, else sendfile (another
+    filesystem: copy_file_range refuses with EXDEV).  The one file-copy loop of graphdriver."""
     try:
         fcntl.ioctl(dst_fd, FICLONE, src_fd)
         return
@@ -99,17 +101,24 @@ def _copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:
         if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
                              errno.ENOSYS, errno.EBADF, errno.EPERM):
             raise
-    copied = 0
-    while copied < size:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, min(_COPY_CHUNK, size - copied))
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            n = os.sendfile(dst_fd, src_fd, None, min(_COPY_CHUNK, size - copied))
+    off = 0
+    use_range = True
+    while off < size:
+        chunk = min(_COPY_CHUNK, size - off)
+        if use_range:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, chunk, off, off)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                use_range = False
+                continue
+        else:
+            os.lseek(dst_fd, off, os.SEEK_SET)
+            n = os.sendfile(dst_fd, src_fd, off, chunk)
         if n == 0:
             break
-        copied += n
+        off += n
 
 
 def _copy_xattrs(src: str, dst: str, *, follow: bool) -> None:
@@ -170,7 +179,7 @@ def copy_tree(src: Path, dst: Path) -> None:
                     dfd = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                   | os.O_CLOEXEC, 0o600)
                     try:
-                        _copy_file_data(sfd, dfd, st.st_size)
+                        copy_file_data(sfd, dfd, st.st_size)
                     finally:
                         os.close(dfd)
                 finally:
@@ -202,45 +211,6 @@ def _copy_meta(s: str, d: str, st: os.stat_result, *, is_link: bool, times: bool
         os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-# --- mounts ------------------------------------------------------------------------------------
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        c = field[i]
-        if c == "\\" and i + 3 < len(field) + 1 and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
-def mountinfo() -> Iterator[tuple[str, str, str]]:
-    """(mount point, filesystem type, source) of every mount this process sees."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            rfields = right.split()
-            if len(fields) < 5 or len(rfields) < 2:
-                continue
-            yield _unescape_mountinfo(fields[4]), rfields[0], _unescape_mountinfo(rfields[1])
-
-
-def mount_points_under(path: Path) -> set[str]:
-    prefix = str(path).rstrip("/") + "/"
-    return {mp for mp, _, _ in mountinfo() if mp.startswith(prefix) or mp == str(path)}
-
-
-def is_mountpoint(path: Path) -> bool:
-    p = str(path)
-    return any(mp == p for mp, _, _ in mountinfo())
-
-
 _libc_handle: Any = None
 
 
@@ -252,18 +222,6 @@ def _libc() -> Any:
 
         _libc_handle = ctypes.CDLL(None, use_errno=True)
     return _libc_handle
-
-
-MNT_DETACH = 2
-
-
-def umount(path: Path, *, detach: bool = False) -> None:
-    """umount2(2), without a subprocess."""
-    if _libc().umount2(os.fsencode(path), MNT_DETACH if detach else 0) != 0:
-        import ctypes
-
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
 
 
 # --- filesystem facts --------------------------------------------------------------------------

@@ -171,16 +171,12 @@ class Plugin:
     # ----- Init --------------------------------------------------------------------------
 
     def _open(self, home: Path, options: dict[str, str], idmap: IDMap) -> Any:
-        from .registry import driver_class, names
+        from .registry import driver_class, drivers_using, names
 
         if self.driver_name:
             return driver_class(self.driver_name)(home, options, idmap, self.runroot)
-        candidates = names()
-        # A home that already holds a driver's layout keeps that driver.
-        if (home / "dir").is_dir() and "vfs" in candidates:
-            candidates = ["vfs"]
-        elif (home / "l").is_dir() and "overlay" in candidates:
-            candidates = ["overlay"]
+        # A home that already holds a driver's layers keeps that driver (the registry's rule).
+        candidates = drivers_using(lambda _name: home)[:1] or names()
         reasons = []
         for name in candidates:
             try:

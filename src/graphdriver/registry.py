@@ -1,9 +1,10 @@
 """Which drivers exist and which one a root uses (moby's graphdriver.New rules).
 
-Drivers register a name, a factory and a priority.  ``open_driver(None, root)`` picks the driver
-whose home in the root already holds layers (two such homes: the caller must choose), else the
-first driver in priority order that works here.  A driver that raises ``NotSupported`` is skipped;
-any other error while opening is fatal.
+Drivers register a name, a factory, a priority and their layout directory.  One rule says which
+driver a home belongs to (:func:`drivers_using`, also the plugin's): ``open_driver(None, root)``
+picks the driver whose home in the root already holds its layers (two such homes: the caller must
+choose), else the first driver in priority order that works here.  A driver that raises
+``NotSupported`` is skipped; any other error while opening is fatal.
 """
 
 from __future__ import annotations
@@ -26,27 +27,28 @@ if TYPE_CHECKING:
 class Registration:
     """One registered driver (a plain class: dataclasses costs start-up time)."""
 
-    __slots__ = ("module", "name", "priority")
+    __slots__ = ("layout", "module", "name", "priority")
 
-    def __init__(self, name: str, module: str, priority: int) -> None:
+    def __init__(self, name: str, module: str, priority: int, layout: str | None) -> None:
         self.name = name
         self.module = module  # imported on first use, so the command starts fast
         self.priority = priority  # higher is preferred
+        self.layout = layout  # a directory only this driver makes in its home, if any
 
     def __repr__(self) -> str:
         return (f"Registration(name={self.name!r}, module={self.module!r}, "
-                f"priority={self.priority!r})")
+                f"priority={self.priority!r}, layout={self.layout!r})")
 
 
 _REGISTRY: dict[str, Registration] = {}
 
 
-def register(name: str, module: str, priority: int) -> None:
-    _REGISTRY[name] = Registration(name, module, priority)
+def register(name: str, module: str, priority: int, layout: str | None = None) -> None:
+    _REGISTRY[name] = Registration(name, module, priority, layout)
 
 
-register("overlay", "graphdriver.drivers.overlay", 100)
-register("vfs", "graphdriver.drivers.vfs", 10)
+register("overlay", "graphdriver.drivers.overlay", 100, "l")  # overlay2's short links
+register("vfs", "graphdriver.drivers.vfs", 10, "dir")
 register("windowsfilter", "graphdriver.drivers.windowsfilter", 0)  # never auto-selected
 
 
@@ -67,12 +69,29 @@ def driver_class(name: str) -> Any:
     return module.DRIVER
 
 
-def _home_in_use(home: Path) -> bool:
+def _holds_layers(home: Path) -> bool:
     meta = home / "meta"
     try:
         return any(not n.startswith(".") for n in os.listdir(meta))
     except (FileNotFoundError, NotADirectoryError):
         return False
+
+
+def drivers_using(home_of: Callable[[str], Path], candidates: list[str] | None = None) -> list[str]:
+    """The drivers (of *candidates*, default all; priority order) whose home already holds their
+    layers: a layer record in ``meta/`` and no other driver's layout directory (overlay's ``l/``,
+    vfs's ``dir/``) beside it.
+
+    ``home_of(name)`` is where that driver's home would be: ``root / name`` for a store root,
+    the same directory for every name for a plugin's ``Init`` home.
+    """
+    out = []
+    for name in candidates if candidates is not None else names():
+        home = home_of(name)
+        others = (r.layout for r in _REGISTRY.values() if r.name != name and r.layout)
+        if _holds_layers(home) and not any((home / other).is_dir() for other in others):
+            out.append(name)
+    return out
 
 
 def open_driver(
@@ -87,7 +106,7 @@ def open_driver(
     run = Path(runroot) if runroot else None
     if name:
         return driver_class(name)(root / name, options, idmap, run)
-    used = [n for n in names() if _home_in_use(root / n)]
+    used = drivers_using(lambda n: root / n)
     if len(used) > 1:
         raise InvalidArgument(
             f"{root} has layers of several drivers ({', '.join(used)}): choose one with --driver"

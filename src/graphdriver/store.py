@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from . import TYPE_CHECKING
+from .archive.whiteout import NAIVE, WhiteoutFormat
 from .errors import (
     AlreadyExists,
     GraphDriverError,
@@ -84,8 +85,8 @@ class LayerStore:
     create_options: ClassVar[frozenset[str]] = frozenset({"size"})
     #: whether a size limit on writable layers can be enforced here
     supports_quota: ClassVar[bool] = False
-    #: how the apply target stores whiteouts: "naive" (deletes) or "overlay" (0/0 devices)
-    whiteout_format: ClassVar[str] = "naive"
+    #: how the apply target keeps whiteouts (archive/whiteout.py): NAIVE deletes
+    whiteout_format: ClassVar[WhiteoutFormat] = NAIVE
     #: whether get() mounts something (so counts are reconciled with the mount table)
     mounts: ClassVar[bool] = False
 
@@ -681,7 +682,7 @@ class LayerStore:
         from .archive.isolate import apply_confined
 
         layer_id = rec.id
-        opts = ApplyOptions(whiteout_format=self.whiteout_format,  # type: ignore[arg-type]
+        opts = ApplyOptions(whiteout_format=self.whiteout_format,
                             idmap=self.idmap, progress=progress)
         opts = self._apply_options(rec, opts)
         # SIGINT/SIGTERM are held from here to the commit, except while apply_confined runs:

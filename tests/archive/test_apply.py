@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 from tarbuild import build, diff_snapshots, header, member, needs_root, pad, pax_member, snapshot
 
+from graphdriver.archive import whiteout
 from graphdriver.archive.apply import SCRATCH_PREFIX, ApplyOptions, apply_tar
-from graphdriver.errors import InvalidArchive, UnsafeArchive
+from graphdriver.errors import InvalidArchive, InvalidArgument, UnsafeArchive
 
 NAIVE = ApplyOptions()
-OVERLAY = ApplyOptions(whiteout_format="overlay")
+OVERLAY = ApplyOptions(whiteout_format=whiteout.OVERLAY)
+USERXATTR = ApplyOptions(whiteout_format=whiteout.OVERLAY_USERXATTR)
 
 
 def apply(data: bytes, target: Path, opts: ApplyOptions = NAIVE) -> int:
@@ -184,6 +186,35 @@ def test_overlay_refuses_whiteout_devices_and_overlay_xattrs(target: Path) -> No
     assert os.listdir(target) == []
     apply(build(dev), target, NAIVE)  # a vfs layer may hold one
     assert stat.S_ISCHR(os.lstat(target / "w").st_mode)
+
+
+@needs_root
+def test_userxattr_overlay_keeps_whiteouts_in_the_user_namespace(target: Path) -> None:
+    lower(target)
+    apply(build(f("a/.wh.x", b""), d("dir"), f("dir/new"), f("dir/.wh..wh..opq", b"")),
+          target, USERXATTR)
+    st = os.lstat(target / "a/x")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert os.getxattr(target / "dir", "user.overlay.opaque") == b"y"
+    assert "trusted.overlay.opaque" not in os.listxattr(target / "dir")
+    assert sorted(os.listdir(target / "dir")) == ["new"]
+
+
+@needs_root
+def test_userxattr_overlay_refuses_user_overlay_xattrs(target: Path) -> None:
+    xa = build(pax_member([("SCHILY.xattr.user.overlay.opaque", "y")]), d("o"))
+    with pytest.raises(UnsafeArchive, match=r"overlay xattr 'user\.overlay\.opaque'"):
+        apply(xa, target, USERXATTR)
+    assert os.listdir(target) == []
+    xa = build(pax_member([("SCHILY.xattr.trusted.overlay.opaque", "y")]), d("o"))
+    with pytest.raises(UnsafeArchive, match=r"overlay xattr 'trusted\.overlay\.opaque'"):
+        apply(xa, target, OVERLAY)
+    assert os.listdir(target) == []
+
+
+def test_unknown_whiteout_format_refused(target: Path) -> None:
+    with pytest.raises(InvalidArgument, match="unknown whiteout format 'overlay'"):
+        apply(build(f("x")), target, ApplyOptions(whiteout_format="overlay"))  # type: ignore[arg-type]
 
 
 def test_aufs_metadata_skipped_and_plnk_links_resolved(target: Path) -> None:

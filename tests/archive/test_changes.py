@@ -307,6 +307,11 @@ import random  # noqa: E402
 import stat  # noqa: E402
 
 from graphdriver.archive.changes import overlay_changes  # noqa: E402
+from graphdriver.archive.whiteout import (  # noqa: E402
+    OVERLAY,
+    OVERLAY_USERXATTR,
+    WhiteoutFormat,
+)
 
 _NAMES = ("a", "b", "c")
 _MTIMES = (1000 * 10**9, 1000 * 10**9 + 500_000_000, 2000 * 10**9)
@@ -324,7 +329,7 @@ needs_overlay = pytest.mark.skipif(
 )
 
 
-def _fill(d: Path, rng: random.Random, depth: int) -> None:
+def _fill(d: Path, rng: random.Random, depth: int, wf: WhiteoutFormat) -> None:
     for name in _NAMES:
         p = d / name
         r = rng.random()
@@ -345,9 +350,10 @@ def _fill(d: Path, rng: random.Random, depth: int) -> None:
             p.mkdir()
             os.chmod(p, rng.choice((0o755, 0o700)))
             if rng.random() < 0.2:
-                os.setxattr(p, "trusted.overlay.opaque", b"y")
+                assert wf.opaque_xattr is not None
+                os.setxattr(p, wf.opaque_xattr, b"y")
             if depth < 3:
-                _fill(p, rng, depth + 1)
+                _fill(p, rng, depth + 1, wf)
             os.utime(p, ns=(0, rng.choice(_MTIMES)))
 
 
@@ -363,10 +369,16 @@ def _umount(target: Path) -> None:
     subprocess.run(["umount", str(target)], check=False, capture_output=True)
 
 
+_FORMAT_SEEDS = [(OVERLAY, seed) for seed in range(60)] + [
+    (OVERLAY_USERXATTR, seed) for seed in range(20)]  # userxattr: user.overlay.* on tmpfs
+
+
 @needs_overlay
-@pytest.mark.parametrize("seed", range(60))
-def test_overlay_changes_equal_changes_of_mounted_views(seed: int) -> None:
+@pytest.mark.parametrize(("wf", "seed"), _FORMAT_SEEDS, ids=[f"{w.name}-{s}" for w, s in
+                                                           _FORMAT_SEEDS])
+def test_overlay_changes_equal_changes_of_mounted_views(wf: WhiteoutFormat, seed: int) -> None:
     rng = random.Random(seed)
+    extra = ",userxattr" if wf is OVERLAY_USERXATTR else ""
     base = Path("/dev/shm") / f"gd-ovl-changes-{os.getpid()}-{seed}"
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir()
@@ -377,19 +389,19 @@ def test_overlay_changes_equal_changes_of_mounted_views(seed: int) -> None:
         lowers = [base / f"l{i}" for i in range(nlowers)]  # nearest first
         for layer in (*reversed(lowers), base / "upper"):
             layer.mkdir()
-            _fill(layer, rng, 1)
+            _fill(layer, rng, 1, wf)
         empty, work = base / "empty", base / "work"
         for p in (empty, work, merged, lower_merged):
             p.mkdir()
-        want_from_upper = overlay_changes(base / "upper", lowers)
+        want_from_upper = overlay_changes(base / "upper", lowers, wf)
         lowerdir = ":".join(str(p) for p in lowers)
-        _mount(merged, f"lowerdir={lowerdir},upperdir={base / 'upper'},workdir={work}")
+        _mount(merged, f"lowerdir={lowerdir},upperdir={base / 'upper'},workdir={work}{extra}")
         mounted.append(merged)
-        _mount(lower_merged, f"lowerdir={lowerdir}:{empty}")
+        _mount(lower_merged, f"lowerdir={lowerdir}:{empty}{extra}")
         mounted.append(lower_merged)
         expected = changes_dirs(merged, lower_merged)
         assert want_from_upper == expected
-        assert overlay_changes(base / "upper", [str(p) for p in lowers]) == expected
+        assert overlay_changes(base / "upper", [str(p) for p in lowers], wf) == expected
     finally:
         for m in reversed(mounted):
             _umount(m)
@@ -407,7 +419,8 @@ def test_overlay_whiteout_without_lower_is_not_a_change(tmp_path: Path) -> None:
 
 
 @needs_overlay
-def test_overlay_opaque_dir_deletes_lower_children(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wf", [OVERLAY, OVERLAY_USERXATTR], ids=lambda w: w.name)
+def test_overlay_opaque_dir_deletes_lower_children(tmp_path: Path, wf: WhiteoutFormat) -> None:
     lower, upper = tmp_path / "lower", tmp_path / "upper"
     _write(lower / "d" / "old1")
     _write(lower / "d" / "old2")
@@ -416,8 +429,11 @@ def test_overlay_opaque_dir_deletes_lower_children(tmp_path: Path) -> None:
     os.unlink(upper / "d" / "old1")
     os.unlink(upper / "d" / "old2")
     os.utime(upper / "d", ns=(0, os.lstat(lower / "d").st_mtime_ns))
-    os.setxattr(upper / "d", "trusted.overlay.opaque", b"y")
-    assert overlay_changes(upper, [lower]) == [
+    assert wf.opaque_xattr is not None
+    os.setxattr(upper / "d", wf.opaque_xattr, b"y")
+    other = OVERLAY_USERXATTR if wf is OVERLAY else OVERLAY  # the other namespace: not opaque
+    assert overlay_changes(upper, [lower], other) == []  # the lower files still show
+    assert overlay_changes(upper, [lower], wf) == [
         Change("/d", C),
         Change("/d/old1", D),
         Change("/d/old2", D),

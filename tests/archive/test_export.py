@@ -18,6 +18,7 @@ import pytest
 
 from graphdriver.archive.changes import ChangeKind, changes_dirs
 from graphdriver.archive.export import stream_tar, write_changes, write_tree
+from graphdriver.archive.whiteout import OVERLAY, OVERLAY_USERXATTR, WhiteoutFormat
 from graphdriver.errors import InvalidArgument, NotFound
 from graphdriver.idmap import IDMap
 
@@ -262,20 +263,25 @@ def test_idmap_maps_owners_back(tmp_path: Path) -> None:
 
 
 @needs_root
-def test_overlay_whiteout_form_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wf", [OVERLAY, OVERLAY_USERXATTR], ids=lambda w: w.name)
+def test_overlay_whiteout_form_round_trip(tmp_path: Path, wf: WhiteoutFormat) -> None:
     from graphdriver.archive.apply import ApplyOptions, apply_tar
+
+    ns = wf.xattr_prefix  # trusted.overlay. or user.overlay.
+    other = "user.overlay." if ns.startswith("trusted.") else "trusted.overlay."
 
     root = tmp_path / "upper"
     root.mkdir()
     (root / "kept").write_text("k")
     os.mknod(root / "gone", 0o600 | stat.S_IFCHR, 0)
     (root / "opq").mkdir(0o750)
-    os.setxattr(root / "opq", "trusted.overlay.opaque", b"y")
-    os.setxattr(root / "opq", "trusted.overlay.origin", b"junk")
+    os.setxattr(root / "opq", ns + "opaque", b"y")
+    os.setxattr(root / "opq", ns + "origin", b"junk")
+    os.setxattr(root / "kept", other + "origin", b"another namespace: content")
     (root / "opq" / "inner").write_text("i")
     os.mknod(root / "opq" / "gone2", 0o600 | stat.S_IFCHR, 0)
     out = tmp_path / "t.tar"
-    _write_file(out, write_tree, root, whiteout_format="overlay")
+    _write_file(out, write_tree, root, whiteout_format=wf)
     names = _gnu_names(out)
     assert names == [".wh.gone", "kept", "opq/", "opq/.wh..wh..opq", "opq/.wh.gone2", "opq/inner"]
     with tarfile.open(out) as tf:
@@ -283,9 +289,12 @@ def test_overlay_whiteout_form_round_trip(tmp_path: Path) -> None:
     wh = members[".wh.gone"]
     assert wh.isreg() and wh.size == 0 and wh.mode == 0o600
     assert members["opq/.wh..wh..opq"].isreg() and members["opq/.wh..wh..opq"].mode == 0o750
-    assert all(not k.startswith("SCHILY.xattr.trusted.overlay") for m in members.values()
+    assert all(not k.startswith("SCHILY.xattr." + ns) for m in members.values()
                for k in m.pax_headers)
+    assert members["kept"].pax_headers.get("SCHILY.xattr." + other + "origin") == "another " \
+        "namespace: content"
     # naive form keeps the devices as devices and still drops trusted.overlay.*
+    os.removexattr(root / "kept", other + "origin")
     _write_file(tmp_path / "n.tar", write_tree, root)
     with tarfile.open(tmp_path / "n.tar") as tf:
         naive = {m.name: m for m in tf.getmembers()}
@@ -295,8 +304,8 @@ def test_overlay_whiteout_form_round_trip(tmp_path: Path) -> None:
     back = tmp_path / "back"
     back.mkdir()
     with open(out, "rb") as f:
-        apply_tar(f, back, ApplyOptions(whiteout_format="overlay"))
-    assert os.getxattr(back / "opq", "trusted.overlay.opaque") == b"y"
+        apply_tar(f, back, ApplyOptions(whiteout_format=wf))
+    assert os.getxattr(back / "opq", ns + "opaque") == b"y"
     for name in ("gone", "opq/gone2"):
         st = os.lstat(back / name)
         assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0

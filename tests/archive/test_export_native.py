@@ -18,6 +18,7 @@ import pytest
 
 from graphdriver.archive import export
 from graphdriver.archive.export import stream_tar, write_tree
+from graphdriver.archive.whiteout import NAIVE, OVERLAY, OVERLAY_USERXATTR, WhiteoutFormat
 from graphdriver.errors import NoSpace
 from graphdriver.idmap import IDMap
 
@@ -112,6 +113,12 @@ def _varied_tree(root: Path) -> None:
     os.setxattr(root / "small", "user.comment", b"bin\x00ary\xff")
     os.setxattr(many, "user.dir", b"on a dir")
     os.setxattr(root / "empty", "user.e", b"")
+    # the userxattr format's overlay xattrs (overlay's own there, content elsewhere)
+    opq_u = root / "opaque-u"
+    opq_u.mkdir()
+    (opq_u / "kept").write_bytes(b"k")
+    os.setxattr(opq_u, "user.overlay.opaque", b"y")
+    os.setxattr(root / "small", "user.overlay.origin", b"userxattr's own")
     if IS_ROOT:
         os.setxattr(root / "block512", "trusted.overlay.origin", b"skipped")
         os.setxattr(root / "big", "trusted.overlay.redirect", b"skipped too")
@@ -179,8 +186,8 @@ def _export(root: Path, out: Path, *, use_native: bool, counter: _Counting | Non
     return out.read_bytes()
 
 
-@pytest.mark.parametrize("fmt", ["naive", "overlay"])
-def test_native_and_python_paths_write_the_same_bytes(shm: Path, fmt: str) -> None:
+@pytest.mark.parametrize("fmt", [NAIVE, OVERLAY, OVERLAY_USERXATTR], ids=lambda w: w.name)
+def test_native_and_python_paths_write_the_same_bytes(shm: Path, fmt: WhiteoutFormat) -> None:
     root = shm / "tree"
     _varied_tree(root)
     counter = _Counting()
@@ -192,9 +199,17 @@ def test_native_and_python_paths_write_the_same_bytes(shm: Path, fmt: str) -> No
     with tarfile.open(shm / "native.tar") as tf:
         names = tf.getnames()
     assert "many/f299" in names and "sock" not in names
-    assert ("gone" in names) == (fmt == "naive" or not IS_ROOT)
-    if IS_ROOT and fmt == "overlay":
-        assert ".wh.gone" in names and "opaque/.wh..wh..opq" in names
+    assert ("gone" in names) == (fmt is NAIVE or not IS_ROOT)
+    assert ("opaque-u/.wh..wh..opq" in names) == (fmt is OVERLAY_USERXATTR)
+    if IS_ROOT and fmt is not NAIVE:
+        assert ".wh.gone" in names
+        assert ("opaque/.wh..wh..opq" in names) == (fmt is OVERLAY)
+    with tarfile.open(shm / "native.tar") as tf:
+        pax = {m.name: m.pax_headers for m in tf.getmembers()}
+    assert ("SCHILY.xattr.user.overlay.origin" in pax["small"]) == (fmt is not OVERLAY_USERXATTR)
+    if IS_ROOT:  # trusted.overlay.* is content only in the userxattr format
+        assert ("SCHILY.xattr.trusted.overlay.origin" in pax["block512"]) == \
+            (fmt is OVERLAY_USERXATTR)
 
 
 def test_native_output_matches_gnu_tar_listing(shm: Path) -> None:

@@ -147,6 +147,7 @@ def test_native_and_python_applies_make_the_same_tree(
 ) -> None:
     from tests.treeutil import snapshot
 
+    from graphdriver.archive import apply as apply_mod
     from graphdriver.archive.apply import ApplyOptions, apply_tar
 
     tar = tmp_path / "t.tar"
@@ -155,7 +156,8 @@ def test_native_and_python_applies_make_the_same_tree(
     results = []
     for use_native in (False, True):
         monkeypatch.setattr(ts, "_native_header", native.header if use_native else None)
-        monkeypatch.setattr(ts, "_native_create", native.create_file if use_native else None)
+        monkeypatch.setattr(apply_mod, "_native_create",
+                            native.create_file if use_native else None)
         out = tmp_path / f"out-{use_native}"
         (out / "d").mkdir(parents=True)
         if pre_existing:  # replaced files go through the FileExistsError path and the journal

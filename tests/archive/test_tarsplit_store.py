@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from graphdriver.archive import tarsplit as ts
+from graphdriver.archive.crc64 import crc64
 from graphdriver.errors import NotFound, StoreCorrupt
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -142,4 +143,4 @@ def test_stored_metadata_is_gzip_json_lines(store: object, tmp_path: Path) -> No
     assert [e.position for e in entries] == list(range(len(entries)))
     files = [e for e in entries if e.type == ts.FILE_TYPE]
     assert len(files) == 1 and files[0].name == b"f" and files[0].size == 4
-    assert files[0].payload == ts.crc_bytes(ts.crc64(b"data"))
+    assert files[0].payload == ts.crc_bytes(crc64(b"data"))

@@ -162,3 +162,18 @@ def test_pax_record_length_is_self_consistent(size: int) -> None:
 
 def test_regular_typeflag_default() -> None:
     assert encode(TarHeader(name=b"a"))[156:157] == REGTYPE
+
+
+def test_windows_headers_sort_every_record_and_name_the_pax_header_beside_the_entry() -> None:
+    from graphdriver.archive.tarwriter import encode_sorted
+
+    long = b"Files/" + b"d" * 120 + b"/f.txt"
+    blk = encode_sorted(long, b"0", 0o100000, 3, 1_700_000_000,
+                        {"MSWINDOWS.rawsd": b"AQAAgA==", "LIBARCHIVE.creationtime": b"1.5"})
+    assert blk[:100].rstrip(b"\0") == b"PaxHeaders.0/f.txt"  # DIR/PaxHeaders.0/BASE is too long
+    body = blk[512:512 + int(blk[124:135], 8)]
+    keys = [rec.split(b" ", 1)[1].split(b"=", 1)[0] for rec in body.splitlines()]
+    assert keys == sorted(keys) == [b"LIBARCHIVE.creationtime", b"MSWINDOWS.rawsd", b"path"]
+    (m,) = _read(encode_sorted(b"Files/a", b"5", 0o40000, 0, 5, {"MSWINDOWS.fileattr": b"16"}) +
+                 END_OF_ARCHIVE)
+    assert m.name == "Files/a" and m.pax_headers["MSWINDOWS.fileattr"] == "16"

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 from tests.conftest import IS_ROOT
+from tests.mountutil import is_mountpoint, mount_points_under, umount
 
 from graphdriver import InUse, InvalidArgument, open_driver
-from graphdriver.fsutil import is_mountpoint, mount_points_under, umount
 from graphdriver.store import LayerStore
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="overlay mounts need root")

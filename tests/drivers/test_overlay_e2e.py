@@ -21,10 +21,11 @@ from typing import Any
 
 import pytest
 from tests.conftest import IS_ROOT
+from tests.mountutil import mount_points_under
 from tests.treeutil import diff_snapshots, snapshot
 
 from graphdriver import NotSupported, open_driver
-from graphdriver.fsutil import mount_points_under, umount
+from graphdriver.mount import unmount_all_under
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="overlay mounts need root")
 
@@ -60,9 +61,8 @@ def stores(tmp_path: Path) -> Iterator[tuple[GD, GD, Path]]:
         for d in opened:
             with contextlib.suppress(Exception):
                 d.cleanup()
-        for mp in sorted(mount_points_under(tmp_path), key=len, reverse=True):
-            with contextlib.suppress(OSError):
-                umount(Path(mp), detach=True)
+        with contextlib.suppress(OSError):
+            unmount_all_under(tmp_path)
 
 
 def _rootfs(tmp: Path) -> Path:

@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 from tests.conftest import IS_ROOT
+from tests.mountutil import mount_points_under
 
 from graphdriver import CreateOpts, InvalidArgument, NotSupported, open_driver
-from graphdriver.fsutil import fs_name, mount_points_under, umount
+from graphdriver.fsutil import fs_name
+from graphdriver.mount import unmount_all_under
 from graphdriver.quota import loop_attach, loop_detach, loop_devices_of
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="loop devices and mounts need root")
@@ -39,9 +41,8 @@ def _open(root: Path, runroot: Path, **kw: Any) -> Any:
 def _teardown(d: Any, root: Path) -> None:
     with contextlib.suppress(Exception):
         d.cleanup()
-    for mp in sorted(mount_points_under(root), key=len, reverse=True):
-        with contextlib.suppress(OSError):
-            umount(Path(mp), detach=True)
+    with contextlib.suppress(OSError):
+        unmount_all_under(root)
 
 
 @pytest.fixture

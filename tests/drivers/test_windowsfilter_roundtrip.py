@@ -1,4 +1,4 @@
-"""Property test: any go-winio-format layer imported by wintar writes back the same entries.
+"""Property test: any go-winio-format layer imported by archive.windows writes the same entries.
 
 Runs the importer and the writer in-process (the driver runs the same code in its child), on
 random trees: unicode names, every metadata record, alternate streams, hard links, symlinks.
@@ -23,7 +23,9 @@ from tests.drivers.wintar_build import (
 )
 
 from graphdriver.archive.tarstream import TarReader
-from graphdriver.archive.wintar import fold, import_layer, write_layer_tar
+from graphdriver.archive.windows.export import write_layer_tar
+from graphdriver.archive.windows.importer import import_layer
+from graphdriver.archive.windows.names import fold
 
 _names = st.text(alphabet="abcXYZé ü_-.1", min_size=1, max_size=8).filter(
     lambda n: n not in (".", "..") and not n.startswith(".wh."))

@@ -101,7 +101,7 @@ def _pids_mentioning(text: str) -> list[int]:
 
 
 def _unmount_under(path: Path) -> None:
-    from graphdriver.fsutil import mount_points_under, umount
+    from tests.mountutil import mount_points_under, umount
 
     for mp in sorted(mount_points_under(path), key=len, reverse=True):
         with contextlib.suppress(OSError):

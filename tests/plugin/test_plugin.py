@@ -115,11 +115,10 @@ def plugin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Cli
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        from graphdriver.fsutil import mount_points_under, umount
+        from graphdriver.mount import unmount_all_under
 
-        for mp in sorted(mount_points_under(tmp_path), key=len, reverse=True):
-            with contextlib.suppress(OSError):
-                umount(Path(mp), detach=True)
+        with contextlib.suppress(OSError):
+            unmount_all_under(tmp_path)
     assert not sock.exists(), "the socket is removed on exit"
 
 

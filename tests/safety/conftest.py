@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,10 +33,9 @@ def driver_name(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
 
 
 def _umount_under(path: Path) -> None:
-    from graphdriver.fsutil import mount_points_under
+    from graphdriver.mount import unmount_all_under
 
-    for mp in sorted(mount_points_under(path), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+    unmount_all_under(path)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import pytest
 import zstandard
 
 from graphdriver import NotSupported, open_driver
-from graphdriver.fsutil import mount_points_under
+from graphdriver.mount import unmount_all_under
 from tests.safety.conftest import usable_drivers
 from tests.safety.safetyutil import (
     Canary,
@@ -278,8 +278,7 @@ def shared(request: pytest.FixtureRequest,
         yield st, canary
     finally:
         cli(st.root, st.run, name, "cleanup")
-        for mp in sorted(mount_points_under(tmp), key=len, reverse=True):
-            subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+        unmount_all_under(tmp)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from graphdriver.fsutil import mount_points_under
+from tests.mountutil import mount_points_under
 from tests.safety.safetyutil import (
     Canary,
     Layout,

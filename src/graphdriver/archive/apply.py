@@ -27,7 +27,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 from ..errors import (
     GraphDriverError,
@@ -40,16 +40,22 @@ from ..errors import (
 from ..idmap import IDENTITY, IDMap
 from . import tarstream as ts
 from .compression import decompress_stream, open_decompressed
+from .native import native_module
 from .pathres import open_beneath, resolve_in_root
 from .tarstream import Recorder, TarEntry, TarReader
 from .whiteout import (
-    OVERLAY_OPAQUE_XATTR,
-    OVERLAY_XATTR_PREFIX,
+    NAIVE,
     WHITEOUT_LINK_DIR,
     WHITEOUT_META_PREFIX,
     WHITEOUT_OPAQUE,
     WHITEOUT_PREFIX,
+    WhiteoutFormat,
 )
+
+_fastapply = native_module("_fastapply")
+#: ``create_file``: one regular file of a run, created and written in C (as root only)
+_native_create: Callable[..., tuple[int, str] | None] | None = (
+    _fastapply.create_file if _fastapply else None)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +113,7 @@ class ApplyOptions:
 
     def __init__(
         self,
-        whiteout_format: Literal["naive", "overlay"] = "naive",
+        whiteout_format: WhiteoutFormat = NAIVE,
         idmap: IDMap = IDENTITY,
         recorder: Recorder | None = None,
         progress: Callable[[int], None] | None = None,
@@ -211,9 +217,11 @@ class _Applier:
     def __init__(self, root_fd: int, opts: ApplyOptions) -> None:
         self.root_fd = root_fd
         self.opts = opts
-        self.overlay = opts.whiteout_format == "overlay"
-        if opts.whiteout_format not in ("naive", "overlay"):
-            raise InvalidArgument(f"unknown whiteout format {opts.whiteout_format!r}")
+        self.fs_size: int | None = None  # bytes of the target filesystem, once a sparse file asks
+        self.whiteouts = opts.whiteout_format
+        if not isinstance(self.whiteouts, WhiteoutFormat):
+            raise InvalidArgument(f"unknown whiteout format {self.whiteouts!r}")
+        self.overlay = self.whiteouts.kept  # whiteouts and opaque markers stay on disk
         self.idmap = opts.idmap
         self.identity = opts.idmap.is_identity
         self.euid = os.geteuid()
@@ -248,7 +256,7 @@ class _Applier:
         self.graveyard: list[int] = []
         # the native create (open, write, chown, chmod, utime, close in one call) is for root
         # only: a non-root apply skips some failures, which needs each step in Python
-        self.native_create = ts._native_create if self.is_root else None
+        self.native_create = _native_create if self.is_root else None
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _soft_fail(self, what: str, exc: OSError) -> None:
@@ -416,7 +424,7 @@ class _Applier:
             assert hit is not None
             pfd, preal, _ = hit
             self._remove(pfd, preal, target)
-            os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
+            self.whiteouts.write_whiteout(pfd, target)
             self._note_new(preal, _join(preal, target))
             if (self.root_uid, self.root_gid) != (self.euid, self.egid):
                 os.chown(target, self.root_uid, self.root_gid, dir_fd=pfd, follow_symlinks=False)
@@ -434,7 +442,7 @@ class _Applier:
         dfd, dreal, _ = hit
         if self.overlay:
             self._save_dir_meta(dfd, dreal)
-            os.setxattr(dfd, OVERLAY_OPAQUE_XATTR, b"y")
+            self.whiteouts.mark_opaque(dfd)
         self._prune(dfd, dreal)
 
     def _prune(self, dfd: int, dreal: str) -> None:
@@ -469,7 +477,7 @@ class _Applier:
     def _check_xattrs(self, e: TarEntry) -> None:
         if self.overlay:
             for k in e.xattrs:
-                if k.startswith(OVERLAY_XATTR_PREFIX):
+                if self.whiteouts.is_private_xattr(k):
                     raise UnsafeArchive(f"{e.name!r} carries overlay xattr {k!r}")
 
     def _set_xattrs_fd(self, fd: int, e: TarEntry) -> None:
@@ -512,9 +520,22 @@ class _Applier:
         except OSError as exc:
             self._soft_fail(f"chown {e.name!r}", exc)
 
+    def _check_sparse_size(self, e: TarEntry) -> None:
+        """A sparse file may claim any size with a few bytes of data: one larger than the whole
+        filesystem it lands on could never be filled in place, and is refused (GNU tar and Go
+        stop only when ftruncate fails, which tmpfs or xfs allow up to 8 EiB)."""
+        if self.fs_size is None:
+            st = os.fstatvfs(self.root_fd)
+            self.fs_size = st.f_blocks * st.f_frsize
+        if e.size > self.fs_size:
+            raise InvalidArchive(f"{e.name!r}: a sparse file of {e.size} bytes, larger than the "
+                                 f"filesystem it is applied to ({self.fs_size} bytes)")
+
     def _regular(self, reader: TarReader, e: TarEntry, pfd: int, preal: str, sgid: bool,
                  base: str) -> None:
         mode = e.mode
+        if e.sparse is not None:
+            self._check_sparse_size(e)
         create = self.native_create
         if create is not None and e.sparse is None and not e.xattrs:
             data = reader.take_buffered() if e.data_size else b""

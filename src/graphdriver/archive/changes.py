@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from ..errors import from_oserror
 from ..idmap import IDENTITY, IDMap
-from .whiteout import OVERLAY_OPAQUE_XATTR, is_overlay_whiteout
+from .whiteout import OVERLAY, WhiteoutFormat
 
 
 class ChangeKind(IntEnum):
@@ -85,13 +85,6 @@ def _capability(path: str) -> bytes:
         return os.getxattr(path, _CAP_XATTR, follow_symlinks=False)
     except OSError:
         return b""  # moby ignores the error: no capability
-
-
-def _is_opaque(path: str) -> bool:
-    try:
-        return os.getxattr(path, OVERLAY_OPAQUE_XATTR, follow_symlinks=False) == b"y"
-    except OSError:
-        return False
 
 
 def _scan(fd: int) -> dict[str, os.DirEntry[str]]:
@@ -284,19 +277,19 @@ def _lstat(path: str) -> os.stat_result | None:
         return None
 
 
-def _lower_lookup(stack: list[str], name: str) -> _Lower | None:
+def _lower_lookup(stack: list[str], name: str, wf: WhiteoutFormat) -> _Lower | None:
     """What the merged lower view shows at ``dir/name``, given the directories merged at dir."""
     for i, d in enumerate(stack):
         top_path = _join(d, name)
         top = _lstat(top_path)
         if top is None:
             continue
-        if is_overlay_whiteout(top):
+        if wf.is_whiteout(top):
             return None
         if not stat.S_ISDIR(top.st_mode):
             return _Lower(top, top_path, [])
         merged = [top_path]
-        if not _is_opaque(top_path):
+        if not wf.is_opaque(top_path):
             for below in stack[i + 1 :]:
                 p = _join(below, name)
                 st = _lstat(p)
@@ -305,20 +298,20 @@ def _lower_lookup(stack: list[str], name: str) -> _Lower | None:
                 if not stat.S_ISDIR(st.st_mode):
                     break  # a whiteout or a non-directory ends the merge
                 merged.append(p)
-                if _is_opaque(p):
+                if wf.is_opaque(p):
                     break
         return _Lower(top, top_path, merged)
     return None
 
 
-def _lower_names(stack: list[str]) -> list[str]:
+def _lower_names(stack: list[str], wf: WhiteoutFormat) -> list[str]:
     """Names the merged lower view lists in a directory merged from *stack*."""
     decided: dict[str, bool] = {}
     for d in stack:
         with os.scandir(d) as it:
             for e in it:
                 if e.name not in decided:
-                    decided[e.name] = not is_overlay_whiteout(e.stat(follow_symlinks=False))
+                    decided[e.name] = not wf.is_whiteout(e.stat(follow_symlinks=False))
     return [n for n, present in decided.items() if present]
 
 
@@ -329,6 +322,7 @@ def _compare_upper(
     stack: list[str],
     hidden: bool,
     out: list[Change],
+    wf: WhiteoutFormat,
 ) -> _Walk:
     """Children of an upper directory.  *hidden*: the merged view shows no lower content here
     (this directory or an ancestor is opaque), so what the lowers have and upper lacks is gone."""
@@ -340,12 +334,12 @@ def _compare_upper(
             ust = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        if is_overlay_whiteout(ust):
-            if not hidden and stack and _lower_lookup(stack, name) is not None:
+        if wf.is_whiteout(ust):
+            if not hidden and stack and _lower_lookup(stack, name, wf) is not None:
                 out.append(Change(child, ChangeKind.DELETE))
             continue
         present.add(name)
-        lower = _lower_lookup(stack, name) if stack else None
+        lower = _lower_lookup(stack, name, wf) if stack else None
         if lower is None:
             out.append(Change(child, ChangeKind.ADD))
             added = True
@@ -360,22 +354,24 @@ def _compare_upper(
             continue
         start = len(out)
         child_stack = lower.stack if lower is not None else []
-        child_hidden = hidden or _is_opaque(_at(upper_fd, name, upper_root + child))
+        child_hidden = hidden or wf.is_opaque(_at(upper_fd, name, upper_root + child))
         fd = os.open(name, _DIR_FLAGS, dir_fd=upper_fd)
         try:
-            yield _compare_upper(fd, upper_root, child, child_stack, child_hidden, out)
+            yield _compare_upper(fd, upper_root, child, child_stack, child_hidden, out, wf)
         finally:
             os.close(fd)
         if len(out) > start and not added:
             out.append(Change(child, ChangeKind.MODIFY))
     if hidden and stack:
-        for name in _lower_names(stack):
+        for name in _lower_names(stack, wf):
             if name not in present:
                 out.append(Change(_join(path, name), ChangeKind.DELETE))
 
 
-def overlay_changes(upper: str | Path, lowers: list[Path] | list[str]) -> list[Change]:
-    """Changes of an overlay upper directory against its lowers (nearest first).
+def overlay_changes(upper: str | Path, lowers: list[Path] | list[str],
+                    whiteout_format: WhiteoutFormat = OVERLAY) -> list[Change]:
+    """Changes of an overlay upper directory against its lowers (nearest first), whose
+    whiteouts and opaque markers are kept in *whiteout_format*.
 
     Equal to ``changes_dirs(merged, lower_merged)`` of the mounted views, but reads only the
     upper tree plus single lookups of its paths in the lowers (and the listing of lower
@@ -390,7 +386,7 @@ def overlay_changes(upper: str | Path, lowers: list[Path] | list[str]) -> list[C
     except OSError as exc:
         raise from_oserror(exc, "overlay changes") from None
     try:
-        _drive(_compare_upper(fd, upper_s, "", stack, False, out))
+        _drive(_compare_upper(fd, upper_s, "", stack, False, out, whiteout_format))
     except OSError as exc:
         raise from_oserror(exc, "overlay changes") from None
     finally:

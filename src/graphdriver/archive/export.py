@@ -11,9 +11,10 @@ What the entries look like follows moby's pkg/archive (tarAppender.addTarFile):
   of the same inode are hard-link entries pointing at the first name (order = archive order);
 - regular files, directories, symlinks, char/block devices and fifos are written; sockets are
   skipped (Go's tar cannot represent them; moby logs and skips them);
-- xattrs as PAX ``SCHILY.xattr.*``, except ``trusted.overlay.*`` (overlay's own bookkeeping),
-  ``security.selinux`` (a host label, not layer content) and ``system.*`` (ACLs); a version-3
-  ``security.capability`` is rewritten to version 2 as moby does.
+- xattrs as PAX ``SCHILY.xattr.*``, except overlay's own bookkeeping (``trusted.overlay.*``, or
+  ``user.overlay.*`` in the userxattr format), ``security.selinux`` (a host label, not layer
+  content) and ``system.*`` (ACLs); a version-3 ``security.capability`` is rewritten to version 2
+  as moby does.
 
 Entries are written in a deterministic order: within each directory sorted by byte name, each
 directory before its contents.  The writer keeps memory constant: headers are packed and small
@@ -37,7 +38,7 @@ import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -63,21 +64,17 @@ from .tarwriter import (
     pack_ustar_into,
     padding,
 )
-from .whiteout import (
-    OVERLAY_OPAQUE_XATTR,
-    OVERLAY_XATTR_PREFIX,
-    WHITEOUT_OPAQUE_B,
-    WHITEOUT_PREFIX_B,
-)
+from .whiteout import NAIVE, WHITEOUT_OPAQUE_B, WHITEOUT_PREFIX_B, WhiteoutFormat
 
 Progress = Callable[[int], None]
 """Called with the total number of bytes written to the output so far."""
 
-WhiteoutFormat = Literal["naive", "overlay"]
-
 _BUF_SIZE = 1 << 20
 _SMALL_FILE = 256 << 10
 """Files up to this size are read into the buffer; bigger ones go out with sendfile."""
+_SPARSE_MIN_HOLES = 1 << 20
+"""A regular file with at least this many bytes of holes is written as a PAX sparse entry
+(``_fastexport.c`` leaves files allocated this much below their size to Python)."""
 _SMALL_FILE_PIPE = 16 << 10
 """The same into a pipe: there sendfile moves page references, no copy, worth its syscalls."""
 _ZEROS = memoryview(bytes(_SMALL_FILE + BLOCK))
@@ -87,7 +84,8 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 _CAP_XATTR = "security.capability"
 _PROC_FD = os.path.isdir("/proc/self/fd")
-_SKIPPED_XATTR_PREFIXES = (OVERLAY_XATTR_PREFIX, "security.selinux", "system.")
+#: never exported, besides the format's own overlay xattrs (``WhiteoutFormat.xattr_prefix``)
+_SKIPPED_XATTR_PREFIXES = ("security.selinux", "system.")
 
 
 class _Native(Protocol):
@@ -97,7 +95,8 @@ class _Native(Protocol):
 
     def emit(
         self, buf: bytearray | mmap.mmap, pos: int, out_fd: int, dir_fd: int, names: list[bytes],
-        start: int, prefix: bytes, overlay: bool, small_file: int, /,
+        start: int, prefix: bytes, skipped_xattr_prefix: str, opaque_xattr: str | None,
+        small_file: int, /,
     ) -> tuple[int, int, int, bool]: ...
 
 
@@ -190,7 +189,7 @@ class TarOut:
         if self.sendfile_ok:
             done = self._sendfile(in_fd, size)
         if done < size:
-            done = self._copy(in_fd, done, size)
+            done = self.copy_range(in_fd, done, size)
         self.zeros(padded - done)
 
     def zeros(self, count: int) -> None:
@@ -221,7 +220,9 @@ class TarOut:
             self.progress(self.written)
         return done
 
-    def _copy(self, in_fd: int, done: int, size: int) -> int:
+    def copy_range(self, in_fd: int, done: int, size: int) -> int:
+        """Bytes ``done`` to ``size`` of the file, straight out (the buffer is flushed); returns
+        the offset reached (less than ``size`` if the file shrank meanwhile)."""
         if self.chunk is None:
             self.chunk = bytearray(_COPY_CHUNK)
         view = memoryview(self.chunk)
@@ -239,8 +240,9 @@ class TarOut:
         self.flush()
 
 
-def _read_xattrs(path: bytes | int) -> dict[str, bytes]:
-    """The exportable xattrs of *path* (not followed) or of an open file descriptor."""
+def _read_xattrs(path: bytes | int, whiteouts: WhiteoutFormat) -> dict[str, bytes]:
+    """The exportable xattrs of *path* (not followed) or of an open file descriptor, with the
+    format's opaque marker if it has one."""
     follow = isinstance(path, int)  # an fd: the flag must be left at its default
     try:
         names = os.listxattr(path, follow_symlinks=follow)
@@ -250,7 +252,8 @@ def _read_xattrs(path: bytes | int) -> dict[str, bytes]:
         raise
     out: dict[str, bytes] = {}
     for name in names:
-        if name.startswith(_SKIPPED_XATTR_PREFIXES) and name != OVERLAY_OPAQUE_XATTR:
+        if (name.startswith(_SKIPPED_XATTR_PREFIXES) or whiteouts.is_private_xattr(name)) \
+                and name != whiteouts.opaque_xattr:
             continue
         try:
             out[name] = os.getxattr(path, name, follow_symlinks=follow)
@@ -273,7 +276,7 @@ def _add_entry(
     name: bytes,
     st: os.stat_result,
     idmap: IDMap,
-    overlay: bool,
+    whiteouts: WhiteoutFormat,
 ) -> bool:
     """Write one entry; returns True if it is a directory whose contents should follow."""
     mode = st.st_mode
@@ -287,7 +290,7 @@ def _add_entry(
     size = 0
     linkname = b""
     devmajor = devminor = 0
-    whiteout = overlay and fmt == stat.S_IFCHR and st.st_rdev == 0
+    whiteout = whiteouts.is_whiteout(st)
     if whiteout or wh_named or idmap.is_identity:
         uid, gid = st.st_uid, st.st_gid
     else:
@@ -326,18 +329,23 @@ def _add_entry(
     # A file with data is opened first: its xattrs are read through the descriptor.
     in_fd = os.open(leaf, _FILE_FLAGS, dir_fd=dir_fd) if size else -1
     try:
-        xattrs = _read_xattrs(in_fd if in_fd >= 0 else full)
-        opaque = False
-        if xattrs:
-            opaque = xattrs.pop(OVERLAY_OPAQUE_XATTR, None) == b"y" and is_dir and overlay
-        if xattrs or not out.ustar(name, typeflag, perm, uid, gid, size, mtime, linkname,
-                                   devmajor, devminor):
+        xattrs = _read_xattrs(in_fd if in_fd >= 0 else full, whiteouts)
+        opaque = is_dir and whiteouts.is_opaque_value(xattrs)
+        if whiteouts.opaque_xattr is not None:
+            xattrs.pop(whiteouts.opaque_xattr, None)
+        chunks = _data_map(in_fd, size, st) if in_fd >= 0 else None
+        if chunks is not None:
+            _add_sparse(out, in_fd, TarHeader(
+                name=name, mode=perm, uid=uid, gid=gid, size=size, mtime=mtime, xattrs=xattrs,
+            ), chunks)
+        elif xattrs or not out.ustar(name, typeflag, perm, uid, gid, size, mtime, linkname,
+                                     devmajor, devminor):
             out.add(encode(TarHeader(
                 name=name, typeflag=typeflag, mode=perm, uid=uid, gid=gid, size=size,
                 mtime=mtime, linkname=linkname, devmajor=devmajor, devminor=devminor,
                 xattrs=xattrs,
             )))
-        if in_fd >= 0:
+        if in_fd >= 0 and chunks is None:
             out.file_data(in_fd, size)
     finally:
         if in_fd >= 0:
@@ -348,6 +356,57 @@ def _add_entry(
             uid=uid, gid=gid, mtime=mtime,
         )))
     return is_dir
+
+
+def _data_map(fd: int, size: int, st: os.stat_result) -> list[tuple[int, int]] | None:
+    """The data extents (offset, length) of a regular file with at least ``_SPARSE_MIN_HOLES``
+    bytes of holes, ending with ``(size, 0)`` when the file ends in a hole (as GNU tar writes
+    it); None for any other file (written whole, as moby does, so diffIDs stay Docker's)."""
+    if st.st_blocks * 512 + _SPARSE_MIN_HOLES > size:  # the native writer's test too
+        return None
+    chunks: list[tuple[int, int]] = []
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole from off on
+                break
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here
+                return None
+            raise
+        if data >= size:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        chunks.append((data, hole - data))
+        off = hole
+    if size - sum(length for _, length in chunks) < _SPARSE_MIN_HOLES:
+        return None
+    if not chunks or sum(chunks[-1]) < size:
+        chunks.append((size, 0))
+    return chunks
+
+
+def _add_sparse(out: TarOut, fd: int, h: TarHeader, chunks: list[tuple[int, int]]) -> None:
+    """A PAX sparse 1.0 entry (GNU tar's ``--sparse-version=1.0``, read by GNU tar, Go's
+    archive/tar and tarstream): the real name and size in ``GNU.sparse.*`` records, the header
+    named ``DIR/GNUSparseFile.0/BASE``, its data the decimal map padded to a block, then the
+    data extents one after another.  Extents that shrank meanwhile are filled with zeros."""
+    head, _, base = h.name.rpartition(b"/")
+    sparse_map = b"%d\n" % len(chunks) + b"".join(b"%d\n%d\n" % c for c in chunks)
+    sparse_map += bytes(padding(len(sparse_map)))
+    data_size = sum(length for _, length in chunks)
+    h.records = [(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"),
+                 (b"GNU.sparse.name", h.name), (b"GNU.sparse.realsize", b"%d" % h.size)]
+    h.name = (head + b"/" if head else b"") + b"GNUSparseFile.0/" + base
+    h.size = len(sparse_map) + data_size
+    out.add(encode(h))
+    out.add(sparse_map)
+    out.flush()
+    for off, length in chunks:
+        done = out.copy_range(fd, off, off + length)
+        out.zeros(off + length - done)
+    out.zeros(padding(data_size))
 
 
 class _Dir:
@@ -374,15 +433,16 @@ def write_tree(
     out_fd: int,
     root: str | Path,
     *,
-    whiteout_format: WhiteoutFormat = "naive",
+    whiteout_format: WhiteoutFormat = NAIVE,
     idmap: IDMap = IDENTITY,
     progress: Progress | None = None,
 ) -> None:
     """Write a tar of everything under *root* (not root itself) to *out_fd*.
 
-    ``whiteout_format="overlay"`` converts overlay whiteouts (0/0 character devices) into
-    ``.wh.NAME`` entries and ``trusted.overlay.opaque=y`` directories into a
-    ``DIR/.wh..wh..opq`` entry right after the directory's own entry.
+    A format that keeps whiteouts (:data:`~.whiteout.OVERLAY`, ``OVERLAY_USERXATTR``) converts
+    them (0/0 character devices) into ``.wh.NAME`` entries and opaque directories (its
+    ``opaque_xattr`` = ``y``) into a ``DIR/.wh..wh..opq`` entry right after the directory's own
+    entry; its overlay xattrs are never exported.
 
     With the native helper (``graphdriver._fastexport``, unless ``GRAPHDRIVER_NO_NATIVE`` is
     set) and an identity id map, runs of plain entries (files with one link, directories,
@@ -390,9 +450,8 @@ def write_tree(
     here.  The bytes are
     the same either way.
     """
-    if whiteout_format not in ("naive", "overlay"):
+    if not isinstance(whiteout_format, WhiteoutFormat):
         raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
-    overlay = whiteout_format == "overlay"
     root_b = os.fsencode(root)
     out = TarOut(out_fd, progress)
     native = _native if idmap.is_identity and _PROC_FD else None
@@ -408,8 +467,8 @@ def write_tree(
             fd, names, prefix = d.fd, d.names, d.prefix
             if native is not None and d.index < len(names) and prefix.isascii():
                 out.pos, d.index, wrote, descend = native.emit(
-                    out.buf, out.pos, out_fd, fd, names, d.index, prefix, overlay,
-                    out.small_file)
+                    out.buf, out.pos, out_fd, fd, names, d.index, prefix,
+                    whiteout_format.xattr_prefix, whiteout_format.opaque_xattr, out.small_file)
                 if wrote:
                     out.written += wrote
                     if progress is not None:
@@ -432,7 +491,7 @@ def write_tree(
             except FileNotFoundError:
                 continue
             full = b"/proc/self/fd/%d/%s" % (fd, leaf) if _PROC_FD else root_b + b"/" + name
-            if _add_entry(out, fd, leaf, full, name, st, idmap, overlay):
+            if _add_entry(out, fd, leaf, full, name, st, idmap, whiteout_format):
                 child = os.open(leaf, _DIR_FLAGS, dir_fd=fd)
                 stack.append(_Dir(child, _list_dir(child), name + b"/"))
         out.finish()
@@ -493,7 +552,7 @@ def write_changes(
             full = root_b + b"/" + rel
             try:
                 st = os.lstat(full)
-                _add_entry(out, None, full, full, rel, st, idmap, False)
+                _add_entry(out, None, full, full, rel, st, idmap, NAIVE)
             except FileNotFoundError:
                 continue
         out.finish()

@@ -33,6 +33,7 @@ from ..errors import GraphDriverError
 from ..idmap import IDMap
 from .apply import ApplyOptions, ApplyResult
 from .confine import ChildContext, JobBody, run_job
+from .whiteout import FORMATS
 
 if TYPE_CHECKING:  # the parent's modules: the child does not import them (start-up time)
     from collections.abc import Sequence
@@ -76,7 +77,7 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions, *,
             f"the apply child exited with {why} without a result; the target may be partly "
             "applied")
 
-    params = {"whiteout_format": opts.whiteout_format, "idmap": opts.idmap.to_json()}
+    params = {"whiteout_format": opts.whiteout_format.name, "idmap": opts.idmap.to_json()}
     ok = run_job(APPLY_JOB, target, params, on_death=on_death, input_fd=source_fd,
                  lowers=lowers, recorder=opts.recorder, frames_fd=opts.tarsplit_fd,
                  progress=opts.progress)
@@ -126,9 +127,7 @@ def open_warm_input(ctx: ChildContext) -> BinaryIO:
     stream = open_decompressed(ctx.input_fd)
     _warm_up(stream_kind(stream))
     if ctx.recorder is not None:
-        from .tarstream import crc64_function
-
-        crc64_function()
+        from . import crc64  # noqa: F401  (loads anycrc's extension before the chroot)
     return stream
 
 
@@ -144,7 +143,7 @@ def apply_job(ctx: ChildContext) -> JobBody:
     def body() -> dict[str, Any]:
         if ctx.chrooted:
             apply_mod.allow_chdir = True  # single-threaded and chrooted: chdir is safe
-        opts = ApplyOptions(whiteout_format=params["whiteout_format"],
+        opts = ApplyOptions(whiteout_format=FORMATS[params["whiteout_format"]],
                             idmap=IDMap.from_json(params["idmap"]),
                             recorder=ctx.recorder, progress=ctx.progress)
         reader = TarReader(stream, ctx.recorder)

@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 from collections import deque
+from collections.abc import Callable
 
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -23,6 +24,8 @@ RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 
 _SYS_OPENAT2 = 437
+_PATH_MAX = 4096  # bytes of a path a system call takes, its NUL included
+_BENEATH = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 _MAX_LINKS = 40
 
 
@@ -71,22 +74,32 @@ def have_openat2() -> bool:
 
 
 def open_beneath(root_fd: int, path: str, flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
-    """Open *path* (relative, symlink-free) beneath *root_fd*; any symlink on the way fails."""
+    """Open *path* (relative, symlink-free) beneath *root_fd*; any symlink on the way fails.
+    Paths of PATH_MAX bytes or more (a layer may hold them) are opened piece by piece."""
     if not path or path == ".":
         return os.open(".", flags | os.O_CLOEXEC, dir_fd=root_fd)
     if have_openat2():
-        return openat2(
-            root_fd, path, flags, 0, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
-        )
+        if len(os.fsencode(path)) < _PATH_MAX:
+            return openat2(root_fd, path, flags, 0, _BENEATH)
+        return _open_in_pieces(root_fd, path, flags)
     parts = [p for p in path.split("/") if p and p != "."]
     if ".." in parts:
         raise OSError(errno.EXDEV, "path leaves its root", path)
+
+    def open_part(cur: int, part: str, last: bool) -> int:
+        f = (flags if last else os.O_RDONLY | os.O_DIRECTORY) | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(part, f, dir_fd=cur)
+
+    return _open_chain(root_fd, parts, open_part)
+
+
+def _open_chain(root_fd: int, pieces: list[str], open_one: Callable[[int, str, bool], int]) -> int:
+    """Open each piece beneath the directory the previous one opened (``open_one(dir_fd, piece,
+    is_last)``), closing what is passed; the last piece's fd."""
     cur = root_fd
     try:
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            f = (flags if last else os.O_RDONLY | os.O_DIRECTORY) | os.O_NOFOLLOW | os.O_CLOEXEC
-            nxt = os.open(part, f, dir_fd=cur)
+        for i, piece in enumerate(pieces):
+            nxt = open_one(cur, piece, i == len(pieces) - 1)
             if cur != root_fd:
                 os.close(cur)
             cur = nxt
@@ -95,6 +108,19 @@ def open_beneath(root_fd: int, path: str, flags: int = os.O_RDONLY | os.O_DIRECT
             os.close(cur)
         raise
     return cur
+
+
+def _open_in_pieces(root_fd: int, path: str, flags: int) -> int:
+    """open_beneath for a path too long for one system call: pieces shorter than PATH_MAX, each
+    opened with openat2 beneath the directory the previous one opened (so none leaves it)."""
+    pieces: list[str] = []
+    for part in path.split("/"):
+        if pieces and len(os.fsencode(pieces[-1])) + 1 + len(os.fsencode(part)) < _PATH_MAX:
+            pieces[-1] += "/" + part
+        else:
+            pieces.append(part)
+    return _open_chain(root_fd, pieces, lambda cur, piece, last: openat2(
+        cur, piece, flags if last else os.O_PATH | os.O_DIRECTORY, 0, _BENEATH))
 
 
 def resolve_in_root(root_fd: int, path: str) -> str:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import GraphDriverError, InvalidArchive, NotFound, StoreCorrupt
+from .crc64 import crc64
 from .native import native_module
 
 log = logging.getLogger("graphdriver")
@@ -60,76 +61,6 @@ RAW_NAME = "tar-split.raw"
 
 _COPY = 1 << 20
 _MAX_LINE = 64 << 20  # a segment line: the reader flushes at most ~1 MiB of raw bytes at once
-
-# ----- CRC-64/GO-ISO ------------------------------------------------------------------------
-
-_ISO_REFLECTED = 0xD800000000000000
-_MASK = 0xFFFFFFFFFFFFFFFF
-
-
-def _make_table() -> list[int]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ _ISO_REFLECTED if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_TABLE = _make_table()
-
-
-def _crc64_py(data: bytes | memoryview, crc: int = 0) -> int:
-    table = _TABLE
-    crc ^= _MASK
-    for b in bytes(data):
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ _MASK
-
-
-def _load_fast() -> Callable[[bytes | memoryview, int], int] | None:
-    """A C implementation: anycrc (over 1 GB/s), else crcmod's extension (~120 MB/s)."""
-    try:
-        import anycrc  # type: ignore[import-not-found, import-untyped, unused-ignore]
-
-        model = anycrc.Model("CRC64-GO-ISO")
-        if model.calc(b"123456789") == 0xB90956C775A41001:
-
-            def crc64_anycrc(data: bytes | memoryview, crc: int = 0) -> int:
-                return int(model.calc(data, crc))
-
-            return crc64_anycrc
-    except (ImportError, AttributeError, KeyError, ValueError):
-        pass
-    try:
-        import crcmod  # type: ignore[import-not-found, import-untyped, unused-ignore]
-        import crcmod._crcfunext  # type: ignore[import-not-found, import-untyped, unused-ignore]
-    except ImportError:
-        return None
-    fun = crcmod.mkCrcFun(0x1000000000000001B, initCrc=0, rev=True, xorOut=_MASK)
-
-    def crc64_fast(data: bytes | memoryview, crc: int = 0) -> int:
-        return int(fun(data, crc))
-
-    return crc64_fast
-
-
-_fast = _load_fast()
-
-
-def crc64(data: bytes | memoryview, crc: int = 0) -> int:
-    """CRC-64 with the ISO polynomial as Go's ``hash/crc64`` (continue with the previous value)."""
-    if _fast is not None:
-        return _fast(data, crc)
-    global _warned
-    if not _warned and len(data) > (1 << 20):
-        _warned = True
-        log.warning("tar-split: no fast CRC-64 (pip install anycrc); checksums run at ~1 MB/s")
-    return _crc64_py(data, crc)
-
-
-_warned = False
 
 
 def crc_bytes(crc: int) -> bytes:
@@ -428,29 +359,6 @@ def _gzip_compressor(level: int) -> Any:
         return isal_zlib.compressobj(min(max(level, 0), 3), isal_zlib.DEFLATED, 31)
     except ImportError:
         return zlib.compressobj(level, zlib.DEFLATED, 31)
-
-
-@dataclass
-class Disassembly:
-    diff_id: str
-    size: int  # bytes of the tar stream
-    problem: str | None  # why it is not exactly reproducible, or None
-
-
-def disassemble(tar_stream: BinaryIO, meta_out: BinaryIO) -> Disassembly:
-    """Describe a plain tar stream as tar-split JSON lines on *meta_out* (CRCs from the stream).
-
-    Like ``tar-split disasm`` without the output copy; reads its input to EOF.
-    """
-    from .tarstream import TarReader
-
-    packer = TarSplitPacker(meta_out)
-    reader = TarReader(tar_stream, packer)  # checksums the data for packer.file_done
-    for entry in reader:
-        if entry.sparse is not None:
-            packer.sparse(entry.raw_name)
-    packer.close()
-    return Disassembly(reader.diff_id, reader.bytes_read, packer.problem)
 
 
 # ----- finishing a recording made during an apply --------------------------------------------

@@ -28,14 +28,13 @@ from typing import Any, BinaryIO, Protocol
 
 from ..errors import InvalidArchive
 from .buffers import aligned_buffer
+from .crc64 import crc64
 from .digest import BackgroundDigest
 from .native import native_module
 
 _fastapply = native_module("_fastapply")
 _native_header: Callable[[Any, int, int], tuple[Any, ...] | None] | None = (
     _fastapply.header if _fastapply else None)
-_native_create: Callable[..., tuple[int, str] | None] | None = (  # used by apply.py
-    _fastapply.create_file if _fastapply else None)
 _native_files: Callable[..., tuple[Any, ...]] | None = _fastapply.files if _fastapply else None
 
 BLOCK = 512
@@ -93,29 +92,6 @@ class CrcRecorder(Recorder, Protocol):
 
 
 CrcFunc = Callable[[Any, int], int]
-_crc_func: CrcFunc | None = None
-
-
-def crc64_function() -> CrcFunc:
-    """The CRC-64/GO-ISO function (``crc(data, previous)``): anycrc's when it is installed and
-    right, else tarsplit's.  Call it before a chroot: it imports what it needs."""
-    global _crc_func
-    if _crc_func is None:
-        fn: CrcFunc | None = None
-        try:
-            import anycrc  # type: ignore[import-not-found, import-untyped, unused-ignore]
-
-            model = anycrc.Model("CRC64-GO-ISO")
-            if model.calc(b"123456789") == 0xB90956C775A41001:
-                fn = model.calc
-        except (ImportError, AttributeError, KeyError, ValueError):
-            fn = None
-        if fn is None:
-            from .tarsplit import crc64
-
-            fn = crc64
-        _crc_func = fn
-    return _crc_func
 
 
 class TarEntry:
@@ -321,7 +297,7 @@ class TarReader:
         self._seg = bytearray()  # pending raw bytes for the recorder
         # CRC-64 of the current entry's data for a recorder with file_done (None: not wanted)
         self._file_done: Callable[[int], None] | None = getattr(recorder, "file_done", None)
-        self._crcf: CrcFunc | None = crc64_function() if self._file_done is not None else None
+        self._crcf: CrcFunc | None = crc64 if self._file_done is not None else None
         self._crc_on = False  # the current entry's data is being checksummed
         self._crc = 0
         self._global: dict[str, bytes] = {}

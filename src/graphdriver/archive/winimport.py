@@ -6,7 +6,7 @@ an exec'd child, chrooted into the target as root or refusing to run, signals fo
 progress and errors carried back, the tar-split frames replayed into the caller's recorder).
 Before the child confines itself the job opens the input and warms up its decoder
 (:func:`.isolate.open_warm_input`); confined, it imports the tar beneath the target with
-:func:`.wintar.import_layer`.
+:func:`.windows.importer.import_layer`.
 
 The parent chain reaches the job as *linkable* directory fds (plain fds of the layers' own
 mount): hcsshim's import hard-links a parent layer's file into the new layer (AddLink) and
@@ -17,8 +17,8 @@ A SIGTERM (forwarded from the parent) raises :class:`~graphdriver.errors.Interru
 the target is a staging directory the caller removes on any failure, so that is the rollback.
 
 Owns the import job.  Imports :mod:`.confine`, :mod:`.isolate` (the warmed-up input),
-:mod:`.apply` (the options and result types), :mod:`.tarstream` and :mod:`.wintar`; never a
-driver, the store, the CLI, the plugin or the package root.
+:mod:`.apply` (the options and result types), :mod:`.tarstream` and
+:mod:`.windows.importer`; never a driver, the store, the CLI, the plugin or the package root.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def import_job(ctx: ChildContext) -> JobBody:
     """The confined job: import the input Windows layer tar beneath the target."""
     from .isolate import open_warm_input
     from .tarstream import TarReader
-    from .wintar import import_layer
+    from .windows.importer import import_layer
 
     stream = open_warm_input(ctx)
 

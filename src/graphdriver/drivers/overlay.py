@@ -41,6 +41,7 @@ import stat
 from pathlib import Path
 
 from .. import TYPE_CHECKING, quota
+from ..archive.whiteout import OVERLAY
 from ..errors import (
     GraphDriverError,
     InvalidArgument,
@@ -81,7 +82,7 @@ def _read_text(path: Path) -> str:
 
 class OverlayDriver(LayerStore):
     name = "overlay"
-    whiteout_format = "overlay"
+    whiteout_format = OVERLAY
     mounts = True
     supports_quota = True
 
@@ -399,7 +400,8 @@ class OverlayDriver(LayerStore):
         parent = self.resolve_parent(layer_id, parent)
         if not self._native(layer_id, parent):
             return super().changes(layer_id, parent)
-        return overlay_changes(self._diff_dir(layer_id), self._lower_diffs(layer_id))
+        return overlay_changes(self._diff_dir(layer_id), self._lower_diffs(layer_id),
+                               self.whiteout_format)
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         parent = self.resolve_parent(layer_id, parent)
@@ -417,7 +419,7 @@ class OverlayDriver(LayerStore):
         if not self._native(layer_id, parent):
             super().write_diff(out_fd, layer_id, parent, progress)
             return
-        write_tree(out_fd, self._diff_dir(layer_id), whiteout_format="overlay",
+        write_tree(out_fd, self._diff_dir(layer_id), whiteout_format=self.whiteout_format,
                    idmap=self.idmap, progress=progress)
 
     # ----- facts ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ Layout (hcsshim's, plus the shared ``meta/`` and ``locks/`` of every home)::
 
 Windows metadata (``MSWINDOWS.*`` PAX records, creation times, sub-second times) is kept in
 ``user.mswindows.*`` xattrs of each file and alternate data streams are files named
-``file:stream`` beside their file (archive/wintar.py has the details).  The home must hold
+``file:stream`` beside their file (archive/windows/ has the details).  The home must hold
 ``user.*`` xattrs: opening a store on a filesystem that cannot is refused (moby refuses ReFS).
 
 Semantics, and where they differ from moby:
@@ -44,7 +44,7 @@ Semantics, and where they differ from moby:
   the layer holds is MODIFY and every tombstone DELETE, with paths as the layer stores them
   (``Files/…``, ``Hives/…``, ``UtilityVM/…``; alternate streams are not separate paths).  The
   parent argument is ignored, as in moby.
-- ``diff`` of a read-only layer streams the Windows-format tar of the layer (wintar), every
+- ``diff`` of a read-only layer streams the Windows-format tar of the layer (archive/windows), every
   entry's PAX records as they were imported.  ``diff_size`` is the bytes of file data in the
   layer.  For a sandbox, changes/diff/diff_size compare its tree with its parent's view (the
   shared NaiveDiff; a plain Linux layer tar), since writes made through a mount have no Windows
@@ -84,22 +84,21 @@ from ..archive.apply import ApplyOptions, ApplyResult
 from ..archive.changes import Change, ChangeKind
 from ..archive.pathres import open_beneath
 from ..archive.tarsplit import RAW_NAME, TarSplitPacker, finish_layer_recording, new_layer_packer
-from ..archive.winimport import import_windows_confined
-from ..archive.wintar import (
+from ..archive.windows.export import write_layer_tar
+from ..archive.windows.layout import walk_layer
+from ..archive.windows.metadata import read_tombstones
+from ..archive.windows.names import (
     CROSSLINKS,
     LINKMETA,
     MUTATED_FILES,
     TOMBSTONES,
     TOP_DIRS,
     XATTR_PREFIX,
-    copy_data,
     fold,
-    read_tombstones,
-    walk_layer,
-    write_layer_tar,
 )
+from ..archive.winimport import import_windows_confined
 from ..errors import GraphDriverError, NotSupported, from_oserror
-from ..fsutil import atomic_write, copy_tree, fs_name, remove_tree
+from ..fsutil import atomic_write, copy_file_data, copy_tree, fs_name, remove_tree
 from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
 from ..mount import MS_RDONLY, is_mounted, mount, unmount_all_under
 from ..store import LayerStore, as_fd, parse_size
@@ -570,7 +569,7 @@ def _copy_file(sdir: int, ddir: int, name: str, st: os.stat_result) -> None:
         dfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                       0o644, dir_fd=ddir)
         try:
-            copy_data(sfd, dfd, st.st_size)
+            copy_file_data(sfd, dfd, st.st_size)
             _copy_win_xattrs(sfd, dfd)
             os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:

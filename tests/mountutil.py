@@ -1,0 +1,18 @@
+"""What tests ask about mounts, on top of graphdriver.mount (the one mountinfo parser)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from graphdriver.mount import is_mounted as is_mountpoint
+from graphdriver.mount import mount_points
+from graphdriver.mount import unmount as umount
+
+__all__ = ["is_mountpoint", "mount_points_under", "umount"]
+
+
+def mount_points_under(path: Path | str) -> set[str]:
+    """The mount points at *path* or beneath it."""
+    p = os.fspath(path).rstrip("/")
+    return {mp for mp in mount_points() if mp == p or mp.startswith(p + "/")}
