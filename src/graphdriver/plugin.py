@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import socket
-import socketserver
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 from .driver import CreateOpts
 from .errors import GraphDriverError, InvalidArchive, InvalidArgument, NotFound, NotSupported
 from .idmap import IDENTITY, IDMap
+from .serving import DeadlineReader, Limits, UnixServer, serve_until_signalled
 
 log = logging.getLogger("graphdriver.plugin")
 
@@ -359,7 +359,20 @@ def _read_small(body: ChunkedReader | LimitedReader) -> bytes:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: PluginServer
+    server: PluginServer  # type: ignore[assignment]  # ours, not a socketserver
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # replaced by one that keeps the server's time limits
+        limits = self.server.limits
+        self.reader = DeadlineReader(self.connection, limits.body_timeout)
+        self.rfile = io.BufferedReader(self.reader, 65536)
+
+    def handle_one_request(self) -> None:
+        # A request line and headers must arrive whole within the header timeout, counted from
+        # the connection or from the end of the previous answer (an idle keep-alive connection).
+        self.reader.expect_headers(self.server.limits.header_timeout)
+        super().handle_one_request()
 
     def address_string(self) -> str:
         return "unix"
@@ -414,6 +427,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return False
 
     def do_POST(self) -> None:
+        self.reader.expect_body(self.server.limits.body_timeout)
         url = urlsplit(self.path)
         method = url.path.lstrip("/")
         try:
@@ -494,26 +508,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
 
 
-class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """The plugin's HTTP server on a unix socket; one thread per connection."""
+class PluginServer(UnixServer):
+    """The plugin's HTTP server on a unix socket: one thread per connection, bounded, and
+    clients held to the time limits of ``serving.Limits``."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256  # dockerd opens many connections at once (listen backlog)
-
-    def __init__(self, socket_path: str | os.PathLike[str], plugin: Plugin) -> None:
+    def __init__(self, socket_path: str | os.PathLike[str], plugin: Plugin,
+                 limits: Limits | None = None) -> None:
         self.plugin = plugin
-        self.socket_path = Path(socket_path)
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.socket_path.is_socket():
-            self.socket_path.unlink()  # a stale socket of an earlier run
-        super().__init__(str(self.socket_path), _Handler)
-        os.chmod(self.socket_path, 0o660)
+        super().__init__(socket_path, self._connection, limits)
 
-    def server_close(self) -> None:
-        super().server_close()
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+    def _connection(self, conn: socket.socket) -> None:
+        _Handler(conn, "", self)  # type: ignore[arg-type]
 
 
 def default_socket(name: str) -> Path:
@@ -525,8 +530,9 @@ def serve(socket_path: str | os.PathLike[str] | None, name: str = "graphdriver",
           driver_name: str | None = None, root: str | os.PathLike[str] | None = None,
           runroot: str | os.PathLike[str] | None = None,
           options: dict[str, str] | None = None,
-          ready: Callable[[PluginServer], None] | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (KeyboardInterrupt); the socket is removed on the way out."""
+          ready: Callable[[PluginServer], None] | None = None,
+          limits: Limits | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; refuses a socket where a live server answers."""
     from .registry import names
 
     if name in _BUILTIN_DOCKER_DRIVERS:
@@ -536,16 +542,12 @@ def serve(socket_path: str | os.PathLike[str] | None, name: str = "graphdriver",
         raise InvalidArgument(f"unknown driver {driver_name!r} (known: {', '.join(names())})")
     path = Path(socket_path) if socket_path else default_socket(name)
     plugin = Plugin(driver_name, root, runroot, options)
-    server = PluginServer(path, plugin)
+    server = PluginServer(path, plugin, limits)
     log.warning("serving the %s graphdriver plugin on %s", name, path)
-    try:
-        if ready is not None:
-            ready(server)
-        server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:  # SIGINT, or SIGTERM as the command maps it
-        log.warning("stopping the %s plugin", name)
-    finally:
-        server.server_close()
+    if ready is not None:
+        ready(server)
+    serve_until_signalled(server)  # the socket is removed on the way out, if still ours
+    log.warning("stopped the %s plugin", name)
 
 
 _BUILTIN_DOCKER_DRIVERS = frozenset({
