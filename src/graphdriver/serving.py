@@ -73,17 +73,26 @@ def bind_unix(path: Path, backlog: int, mode: int = 0o660) -> tuple[socket.socke
             raise InUse(f"a server is already listening on {path}")
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # stale: left by a server that died
+    # Made ready under a private name, then linked into place: a client never finds the path
+    # before the socket listens, and a server that appeared meanwhile is never replaced.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(str(path))
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        sock.bind(str(tmp))
+        try:
+            os.chmod(tmp, mode)
+            sock.listen(backlog)
+            sock.setblocking(False)
+            os.link(tmp, path)
+        finally:
+            tmp.unlink()
         st = os.stat(path)
-        os.chmod(path, mode)
-        sock.listen(backlog)
-        sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise InUse(f"a server is already listening on {path}") from None
+        if exc.errno == errno.EEXIST:
+            raise InUse(f"another server took {path} while this one started") from None
         raise from_oserror(exc, f"listen on {path}") from None
     return sock, (st.st_dev, st.st_ino)
 
