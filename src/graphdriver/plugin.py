@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 from .driver import CreateOpts
 from .errors import GraphDriverError, InvalidArchive, InvalidArgument, NotFound, NotSupported
 from .idmap import IDENTITY, IDMap
+from .layers import validate_id
 from .serving import DeadlineReader, Limits, UnixServer, serve_until_signalled
 
 log = logging.getLogger("graphdriver.plugin")
@@ -280,7 +281,9 @@ class Plugin:
         d = self._d()
         layer_id = _id(req)
         parent = _str(req, "Parent") or None
-        d._resolve_parent(layer_id, parent)  # NotFound / InvalidArgument for the layer or parent
+        d.record(layer_id)  # NotFound / InvalidArgument for the layer or the parent, before a 200
+        if parent is not None:
+            d.record(validate_id(parent, "parent id"))
         ok, why = exact_available(d, layer_id, parent)
         if ok:
             def exact(out_fd: int) -> None:
