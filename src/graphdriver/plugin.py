@@ -12,8 +12,13 @@ JSON answer (``Err`` on failure, with a non-200 status).  Two calls carry raw ta
   byte (``Capabilities: {"ReproducesExactDiffs": true}``, so Docker keeps no tar-split copy of
   its own and checks the digest on ``docker save``).
 
-Requests arrive concurrently (one thread each); the store's file locks make that safe.  The store
-lives where ``Init``'s ``Home`` says (``<data-root>/<plugin name>``), which wins over ``--root``.
+Requests arrive concurrently (one thread per connection, bounded, each held to the time limits of
+``serving.Limits``: the server survives its clients); the store's file locks make that safe.  The
+store lives where ``Init``'s ``Home`` says (``<data-root>/<plugin name>``), which wins over
+``--root``.  Answers are exact: a field of the wrong JSON type is an ``InvalidArgument`` naming
+it, and a ``Diff`` is checked and its first bytes read before the ``200``.
+
+Front-end row: never imported by the store, the drivers, the tar engine or the helpers.
 """
 
 from __future__ import annotations
