@@ -179,16 +179,20 @@ class UnixServer:
         self._sock, self._ident = bind_unix(self.path, self.limits.backlog)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # stop() may run in a signal handler on this thread
         self._active: dict[socket.socket, threading.Thread] = {}
+        self._closed = False
 
     def stop(self) -> None:
         self._stopping.set()
         self._wake()
 
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"x")
+        with self._lock:  # never after _close: the number may name another file by then
+            if self._closed:
+                return
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"x")
 
     def _wait(self, timeout: float | None, listen: bool) -> bool:
         """Wait for a wake-up, or (if *listen*) a connection; True when one can be accepted."""
@@ -275,8 +279,10 @@ class UnixServer:
         deadline = time.monotonic() + self.limits.stop_grace
         for thread in active.values():
             thread.join(max(0.0, deadline - time.monotonic()))
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._lock:  # threads still serving (past the grace) no longer wake anyone
+            self._closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
 
 def serve_until_signalled(server: UnixServer) -> None:
