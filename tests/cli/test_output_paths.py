@@ -25,7 +25,8 @@ def _gd(tmp_path: Path, *args: str,
     base = [sys.executable, "-m", "graphdriver", "--root", str(tmp_path / "root"),
             "--runroot", str(tmp_path / "run"), "--driver", "vfs"]
     return subprocess.run([*base, *args], capture_output=stdout is None, stdout=stdout,
-                          stderr=subprocess.PIPE if stdout is not None else None, timeout=60)
+                          stderr=subprocess.PIPE if stdout is not None else None, timeout=60,
+                          cwd=tmp_path)  # a wrong "-o -" would make ./- here, not in the tree
 
 
 @pytest.fixture
