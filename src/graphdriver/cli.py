@@ -357,28 +357,14 @@ def _diff(driver: Any, args: argparse.Namespace) -> int:
         write_diff = exact
     else:
         write_diff = driver.write_diff
-    if args.output is None:
-        if sys.stdout.isatty():
-            raise UsageError("refusing to write a tar to a terminal: use -o FILE or a pipe")
-        sys.stdout.flush()
-        out_fd = sys.stdout.fileno()
-        write_diff(out_fd, args.id, parent)
-        return 0
-    from pathlib import Path
+    from .outputs import STDOUT, open_output
 
-    tmp = Path(args.output).with_name(f".{Path(args.output).name}.partial-{os.getpid()}")
+    output = args.output or STDOUT
+    if output == STDOUT and sys.stdout.isatty():
+        raise UsageError("refusing to write a tar to a terminal: use -o FILE or a pipe")
     written = [0]
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            with ProgressBar(f"diff {args.id}", None, lambda: written[0]):
-                write_diff(fd, args.id, parent, progress=lambda n: written.__setitem__(0, n))
-        finally:
-            os.close(fd)
-        os.rename(tmp, args.output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open_output(output) as fd, ProgressBar(f"diff {args.id}", None, lambda: written[0]):
+        write_diff(fd, args.id, parent, progress=lambda n: written.__setitem__(0, n))
     return 0
 
 

@@ -12,8 +12,13 @@ JSON answer (``Err`` on failure, with a non-200 status).  Two calls carry raw ta
   byte (``Capabilities: {"ReproducesExactDiffs": true}``, so Docker keeps no tar-split copy of
   its own and checks the digest on ``docker save``).
 
-Requests arrive concurrently (one thread each); the store's file locks make that safe.  The store
-lives where ``Init``'s ``Home`` says (``<data-root>/<plugin name>``), which wins over ``--root``.
+Requests arrive concurrently (one thread per connection, bounded, each held to the time limits of
+``serving.Limits``: the server survives its clients); the store's file locks make that safe.  The
+store lives where ``Init``'s ``Home`` says (``<data-root>/<plugin name>``), which wins over
+``--root``.  Answers are exact: a field of the wrong JSON type is an ``InvalidArgument`` naming
+it, and a ``Diff`` is checked and its first bytes read before the ``200``.
+
+Front-end row: never imported by the store, the drivers, the tar engine or the helpers.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import json
 import logging
 import os
 import socket
-import socketserver
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +39,8 @@ from urllib.parse import parse_qs, urlsplit
 from .driver import CreateOpts
 from .errors import GraphDriverError, InvalidArchive, InvalidArgument, NotFound, NotSupported
 from .idmap import IDENTITY, IDMap
+from .layers import validate_id
+from .serving import DeadlineReader, Limits, UnixServer, serve_until_signalled
 
 log = logging.getLogger("graphdriver.plugin")
 
@@ -186,7 +192,7 @@ class Plugin:
         raise NotSupported("no driver works here: " + "; ".join(reasons))
 
     def init(self, req: dict[str, Any]) -> dict[str, Any]:
-        home_text = req.get("Home") or ""
+        home_text = _str(req, "Home")
         if home_text:
             home = Path(home_text)
         elif self.root is not None:
@@ -194,12 +200,12 @@ class Plugin:
         else:
             raise InvalidArgument("Init without a Home and no --root given")
         options = dict(self.options)
-        for opt in req.get("Opts") or []:
-            key, sep, value = str(opt).partition("=")
+        for opt in _str_list(req, "Opts"):
+            key, sep, value = opt.partition("=")
             if not sep:
                 raise InvalidArgument(f"storage option {opt!r} is not KEY=VALUE")
             options[key.strip()] = value.strip()
-        idmap = _idmap(req.get("UIDMaps") or [], req.get("GIDMaps") or [])
+        idmap = _idmap(_id_maps(req, "UIDMaps"), _id_maps(req, "GIDMaps"))
         with self._lock:
             if self.driver is not None and Path(self.driver.home) == home:
                 return {}
@@ -220,15 +226,11 @@ class Plugin:
         return {"Capabilities": {"ReproducesExactDiffs": exact}}
 
     def create(self, req: dict[str, Any]) -> dict[str, Any]:
-        opts = CreateOpts(mount_label=req.get("MountLabel") or "",
-                          storage_opt=dict(req.get("StorageOpt") or {}))
-        self._d().create(_id(req), req.get("Parent") or None, opts)
+        self._d().create(_id(req), _str(req, "Parent") or None, _create_opts(req))
         return {}
 
     def create_rw(self, req: dict[str, Any]) -> dict[str, Any]:
-        opts = CreateOpts(mount_label=req.get("MountLabel") or "",
-                          storage_opt=dict(req.get("StorageOpt") or {}))
-        self._d().create_rw(_id(req), req.get("Parent") or None, opts)
+        self._d().create_rw(_id(req), _str(req, "Parent") or None, _create_opts(req))
         return {}
 
     def remove(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +240,7 @@ class Plugin:
         return {}
 
     def get(self, req: dict[str, Any]) -> dict[str, Any]:
-        path = self._d().get(_id(req), req.get("MountLabel") or "")
+        path = self._d().get(_id(req), _str(req, "MountLabel"))
         return {"Dir": str(path)}
 
     def put(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +248,7 @@ class Plugin:
         return {}
 
     def exists(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"Exists": bool(self._d().exists(req.get("ID") or ""))}
+        return {"Exists": bool(self._d().exists(_str(req, "ID")))}
 
     def status(self, req: dict[str, Any]) -> dict[str, Any]:
         d = self._d()
@@ -261,11 +263,11 @@ class Plugin:
         return {}
 
     def changes(self, req: dict[str, Any]) -> dict[str, Any]:
-        changes = self._d().changes(_id(req), req.get("Parent") or None)
+        changes = self._d().changes(_id(req), _str(req, "Parent") or None)
         return {"Changes": [{"Path": c.path, "Kind": int(c.kind)} for c in changes]}
 
     def diff_size(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"Size": int(self._d().diff_size(_id(req), req.get("Parent") or None))}
+        return {"Size": int(self._d().diff_size(_id(req), _str(req, "Parent") or None))}
 
     # ----- streams -----------------------------------------------------------------------
 
@@ -273,53 +275,111 @@ class Plugin:
         size = self._d().apply_diff(layer_id, parent or None, body)
         return {"Size": int(size)}
 
-    def diff_writer(self, req: dict[str, Any]) -> Callable[[BinaryIO], None]:
-        """Check the request, then return what writes the tar (so errors come before a 200)."""
+    def diff_stream(self, req: dict[str, Any]) -> BinaryIO:
+        """The layer's tar: the applied one byte for byte when its tar-split metadata allows,
+        else a new one.  The ids and the parent are checked here, before any answer."""
+        from .archive.export import stream_tar
         from .archive.tarsplit import exact_available, write_exact_diff
 
         d = self._d()
         layer_id = _id(req)
-        parent = req.get("Parent") or None
+        parent = _str(req, "Parent") or None
+        d.record(layer_id)  # NotFound / InvalidArgument for the layer or the parent, before a 200
+        if parent is not None:
+            d.record(validate_id(parent, "parent id"))
         ok, why = exact_available(d, layer_id, parent)
         if ok:
-            def exact(out: BinaryIO) -> None:
-                write_exact_diff(d, layer_id, out)
-            return exact
+            def exact(out_fd: int) -> None:
+                write_exact_diff(d, layer_id, out_fd)
+            return stream_tar(exact)
         log.info("Diff %s: not the applied tar (%s); writing a new one", layer_id, why)
+        stream: BinaryIO = d.diff(layer_id, parent)
+        return stream
 
-        def naive(out: BinaryIO) -> None:
-            stream = d.diff(layer_id, parent)
-            try:
-                buf = bytearray(_CHUNK)
-                mv = memoryview(buf)
-                while True:
-                    n = stream.readinto(mv)  # type: ignore[attr-defined]
-                    if not n:
-                        break
-                    out.write(mv[:n])
-            finally:
-                stream.close()
-        return naive
+
+# ----- request fields: the JSON types Go's encoding/json accepts (null is the zero value) -----
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _wrong_type(name: str, expected: str, value: object) -> InvalidArgument:
+    return InvalidArgument(f"field {name}: expected {expected}, got {_json_type(value)}")
+
+
+def _str(req: dict[str, Any], name: str) -> str:
+    value = req.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _wrong_type(name, "a string", value)
+    return value
+
+
+def _str_list(req: dict[str, Any], name: str) -> list[str]:
+    value = req.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _wrong_type(name, "an array of strings", value)
+    return value
+
+
+def _str_map(req: dict[str, Any], name: str) -> dict[str, str]:
+    value = req.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise _wrong_type(name, "an object of strings", value)
+    return value
+
+
+def _id_maps(req: dict[str, Any], name: str) -> list[tuple[int, int, int]]:
+    """``[{"ContainerID": int, "HostID": int, "Size": int}, ...]`` as (container, host, size)."""
+    value = req.get(name)
+    if value is None:
+        return []
+    keys = ("ContainerID", "HostID", "Size")
+    expected = "an array of {ContainerID, HostID, Size} numbers"
+    if not isinstance(value, list):
+        raise _wrong_type(name, expected, value)
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or not all(type(m.get(k)) is int for k in keys):
+            raise _wrong_type(name, expected, m if not isinstance(m, dict) else
+                              next(m.get(k) for k in keys if type(m.get(k)) is not int))
+        out.append((m["ContainerID"], m["HostID"], m["Size"]))
+    return out
 
 
 def _id(req: dict[str, Any]) -> str:
-    value = req.get("ID")
-    if not isinstance(value, str) or not value:
+    value = _str(req, "ID")
+    if not value:
         raise InvalidArgument("request without an ID")
     return value
 
 
-def _idmap(uids: list[dict[str, int]], gids: list[dict[str, int]]) -> IDMap:
+def _create_opts(req: dict[str, Any]) -> CreateOpts:
+    return CreateOpts(mount_label=_str(req, "MountLabel"), storage_opt=_str_map(req, "StorageOpt"))
+
+
+def _idmap(uids: list[tuple[int, int, int]], gids: list[tuple[int, int, int]]) -> IDMap:
     if not uids and not gids:
         return IDENTITY
 
-    def text(maps: list[dict[str, int]]) -> str:
-        return ",".join(f"{m['ContainerID']}:{m['HostID']}:{m['Size']}" for m in maps)
+    def text(maps: list[tuple[int, int, int]]) -> str:
+        return ",".join(f"{c}:{h}:{n}" for c, h, n in maps)
 
-    try:
-        return IDMap.parse(text(uids), text(gids))
-    except (KeyError, TypeError) as exc:
-        raise InvalidArgument(f"bad UIDMaps/GIDMaps: {exc}") from None
+    return IDMap.parse(text(uids), text(gids))
 
 
 _JSON_METHODS: dict[str, Callable[[Plugin, dict[str, Any]], dict[str, Any]]] = {
@@ -357,7 +417,20 @@ def _read_small(body: ChunkedReader | LimitedReader) -> bytes:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: PluginServer
+    server: PluginServer  # type: ignore[assignment]  # ours, not a socketserver
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # replaced by one that keeps the server's time limits
+        limits = self.server.limits
+        self.reader = DeadlineReader(self.connection, limits.body_timeout)
+        self.rfile = io.BufferedReader(self.reader, 65536)
+
+    def handle_one_request(self) -> None:
+        # A request line and headers must arrive whole within the header timeout, counted from
+        # the connection or from the end of the previous answer (an idle keep-alive connection).
+        self.reader.expect_headers(self.server.limits.header_timeout)
+        super().handle_one_request()
 
     def address_string(self) -> str:
         return "unix"
@@ -412,6 +485,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return False
 
     def do_POST(self) -> None:
+        self.reader.expect_body(self.server.limits.body_timeout)
         url = urlsplit(self.path)
         method = url.path.lstrip("/")
         try:
@@ -473,45 +547,48 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(200, result)
 
     def _diff(self, plugin: Plugin, req: dict[str, Any]) -> None:
-        writer = plugin.diff_writer(req)  # errors here still get a JSON answer
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-tar")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        out = ChunkedWriter(self.wfile)  # type: ignore[arg-type]
+        # Everything that can be known before the status line is: the ids, the parent, and the
+        # first bytes of the tar (the layer opened and mounted, its metadata read).  A failure
+        # there is a JSON error; only a failure later cuts the stream.
+        stream = plugin.diff_stream(req)
         try:
-            writer(out)  # type: ignore[arg-type]
-            out.finish()
-        except Exception as exc:
-            # Too late for a status: end the connection without the final chunk, so the
-            # client sees a truncated body rather than a short tar.
-            log.warning("Diff %s failed after %d bytes: %s", req.get("ID"), out.total, exc)
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.wfile.flush()
-                self.connection.shutdown(socket.SHUT_RDWR)
+            buf = bytearray(_CHUNK)
+            view = memoryview(buf)
+            n = stream.readinto(view)  # type: ignore[attr-defined]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-tar")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            out = ChunkedWriter(self.wfile)  # type: ignore[arg-type]
+            try:
+                while n:
+                    out.write(view[:n])
+                    n = stream.readinto(view)  # type: ignore[attr-defined]
+                out.finish()
+            except Exception as exc:
+                # Too late for a status: end the connection without the final chunk, so the
+                # client sees a truncated body rather than a short tar.
+                log.warning("Diff %s failed after %d bytes: %s", req.get("ID"), out.total, exc)
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+        finally:
+            with contextlib.suppress(Exception):
+                stream.close()
 
 
-class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """The plugin's HTTP server on a unix socket; one thread per connection."""
+class PluginServer(UnixServer):
+    """The plugin's HTTP server on a unix socket: one thread per connection, bounded, and
+    clients held to the time limits of ``serving.Limits``."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256  # dockerd opens many connections at once (listen backlog)
-
-    def __init__(self, socket_path: str | os.PathLike[str], plugin: Plugin) -> None:
+    def __init__(self, socket_path: str | os.PathLike[str], plugin: Plugin,
+                 limits: Limits | None = None) -> None:
         self.plugin = plugin
-        self.socket_path = Path(socket_path)
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.socket_path.is_socket():
-            self.socket_path.unlink()  # a stale socket of an earlier run
-        super().__init__(str(self.socket_path), _Handler)
-        os.chmod(self.socket_path, 0o660)
+        super().__init__(socket_path, self._connection, limits)
 
-    def server_close(self) -> None:
-        super().server_close()
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+    def _connection(self, conn: socket.socket) -> None:
+        _Handler(conn, "", self)  # type: ignore[arg-type]
 
 
 def default_socket(name: str) -> Path:
@@ -523,8 +600,9 @@ def serve(socket_path: str | os.PathLike[str] | None, name: str = "graphdriver",
           driver_name: str | None = None, root: str | os.PathLike[str] | None = None,
           runroot: str | os.PathLike[str] | None = None,
           options: dict[str, str] | None = None,
-          ready: Callable[[PluginServer], None] | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (KeyboardInterrupt); the socket is removed on the way out."""
+          ready: Callable[[PluginServer], None] | None = None,
+          limits: Limits | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; refuses a socket where a live server answers."""
     from .registry import names
 
     if name in _BUILTIN_DOCKER_DRIVERS:
@@ -534,16 +612,12 @@ def serve(socket_path: str | os.PathLike[str] | None, name: str = "graphdriver",
         raise InvalidArgument(f"unknown driver {driver_name!r} (known: {', '.join(names())})")
     path = Path(socket_path) if socket_path else default_socket(name)
     plugin = Plugin(driver_name, root, runroot, options)
-    server = PluginServer(path, plugin)
+    server = PluginServer(path, plugin, limits)
     log.warning("serving the %s graphdriver plugin on %s", name, path)
-    try:
-        if ready is not None:
-            ready(server)
-        server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:  # SIGINT, or SIGTERM as the command maps it
-        log.warning("stopping the %s plugin", name)
-    finally:
-        server.server_close()
+    if ready is not None:
+        ready(server)
+    serve_until_signalled(server)  # the socket is removed on the way out, if still ours
+    log.warning("stopped the %s plugin", name)
 
 
 _BUILTIN_DOCKER_DRIVERS = frozenset({
