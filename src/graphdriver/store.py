@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from typing import Any, BinaryIO, ClassVar
 
-    from .archive.apply import ApplyResult
+    from .archive.apply import ApplyOptions, ApplyResult
     from .driver import Change, CreateOpts
 
 log = logging.getLogger("graphdriver")
@@ -155,6 +155,18 @@ class LayerStore:
     def _apply_target(self, rec: LayerRecord) -> Path:
         """The directory an apply writes into."""
         raise NotImplementedError
+
+    def _apply_stream(self, rec: LayerRecord, fd: int, opts: ApplyOptions) -> ApplyResult:
+        """Apply the layer stream on *fd* into the layer (the one hook of the apply path).
+
+        It either succeeds, or fails with the layer as it was (GraphDriverError, Interrupted),
+        or raises StoreCorrupt when it could not roll back.  The base class owns the rest:
+        the lock, the incomplete marker, signals, tar-split recording (``opts.recorder``) and
+        the commit.  Default: the tar engine in the confined child.
+        """
+        from .archive.isolate import apply_confined
+
+        return apply_confined(fd, self._apply_target(rec), opts)
 
     def _on_first_child(self, parent: LayerRecord) -> None:
         """Called (under the parent's lock) when a layer gets its first child."""
@@ -678,7 +690,6 @@ class LayerStore:
                       progress: Callable[[int], None] | None) -> ApplyResult:
         """The apply and its commit (the caller holds the layer's lock)."""
         from .archive.apply import ApplyOptions
-        from .archive.isolate import apply_confined
 
         layer_id = rec.id
         opts = ApplyOptions(whiteout_format=self.whiteout_format,  # type: ignore[arg-type]
@@ -694,7 +705,7 @@ class LayerStore:
             try:
                 raw_fd = self._tarsplit_begin(layer_id, opts)
                 with as_fd(stream) as fd:
-                    result = apply_confined(fd, self._apply_target(rec), opts)
+                    result = self._apply_stream(rec, fd, opts)
             except StoreCorrupt:
                 # The child died without a rollback: the layer stays incomplete, so it no
                 # longer exists, and the next open of the store removes it (rule 1).

@@ -84,7 +84,6 @@ from .. import errors as _errors
 from .. import quota
 from ..archive.changes import Change, ChangeKind
 from ..archive.pathres import open_beneath
-from ..archive.tarsplit import RAW_NAME, finish_layer_recording
 from ..archive.wintar import (
     CROSSLINKS,
     LINKMETA,
@@ -102,10 +101,11 @@ from ..errors import GraphDriverError, NotSupported, from_oserror
 from ..fsutil import atomic_write, copy_tree, fs_name, remove_tree
 from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
 from ..mount import MS_RDONLY, is_mounted, mount, unmount_all_under
-from ..store import LayerStore, as_fd, parse_size
+from ..store import LayerStore, parse_size
 
 if TYPE_CHECKING:
-    from ..archive.apply import ApplyResult
+    from ..archive.apply import ApplyOptions, ApplyResult
+    from ..archive.tarstream import Recorder
 
 log = logging.getLogger("graphdriver")
 
@@ -227,8 +227,14 @@ class WindowsFilterDriver(LayerStore):
 
     def layer_chain(self, layer_id: str) -> list[Path]:
         """Directories of the layer's parents that hold a ``Files`` directory, nearest first."""
-        return [d for rec in self.chain(layer_id)[1:]
-                if (d := self._dir(rec.id)).joinpath("Files").is_dir()]
+        return self._parent_dirs(self.chain(layer_id)[0])
+
+    def _parent_dirs(self, rec: LayerRecord) -> list[Path]:
+        """``layer_chain`` of *rec* (which may be incomplete: an apply is running)."""
+        if rec.parent is None:
+            return []
+        return [d for r in self.chain(rec.parent)
+                if (d := self._dir(r.id)).joinpath("Files").is_dir()]
 
     def _make_layer(self, rec: LayerRecord, parent: LayerRecord | None) -> None:
         d = self.home / rec.id
@@ -400,52 +406,35 @@ class WindowsFilterDriver(LayerStore):
 
     # ----- apply ---------------------------------------------------------------------------
 
-    def _apply_locked(self, rec: LayerRecord, stream: BinaryIO | int,
-                      progress: Callable[[int], None] | None) -> ApplyResult:
+    def _apply_target(self, rec: LayerRecord) -> Path:
+        return self._dir(rec.id)  # the tar's Files/, Hives/, ... are the layer directory's
+
+    def _apply_stream(self, rec: LayerRecord, fd: int, opts: ApplyOptions) -> ApplyResult:
+        """Import the Windows layer tar on *fd* into a clone of the layer, swapped in on success
+        (a failed import leaves the layer as it was)."""
         from ..archive.apply import ApplyResult
 
-        layer_id = rec.id
         if rec.writable:
             raise NotSupported(
-                f"windowsfilter: {layer_id} is a sandbox; Windows layer tars are imported "
+                f"windowsfilter: {rec.id} is a sandbox; Windows layer tars are imported "
                 "into read-only layers (create without --rw)")
-        d = self._dir(layer_id)
-        parents = self.layer_chain(layer_id)
+        d = self._dir(rec.id)
+        parents = self._parent_dirs(rec)
         staging = d / STAGING
-        self.meta.mark_incomplete(layer_id, "apply")
-        raw_fd = -1
         try:
-            try:
-                if self.record_tarsplit:  # tar-split: exact diffs for Docker (issue 6)
-                    raw_fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
-                                     os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                                     0o600)
-                if os.path.lexists(staging):
-                    remove_tree(staging)
-                os.mkdir(staging, 0o700)
-                _clone_layer(d, staging)
-                with as_fd(stream) as fd:
-                    size, diff_id, problem = _run_import(fd, raw_fd, staging, parents)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    remove_tree(staging)
-                self.meta.clear_incomplete(layer_id)  # the layer is as it was
-                raise
-            # The swap: a crash from here on leaves the layer incomplete (repair removes it).
-            _swap_in(d, staging)
-            atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(),
-                         mode=0o600)
-            if raw_fd >= 0:
-                finish_layer_recording(self.meta.dir(layer_id), raw_fd, d, layer_id,
-                                       problem)
-        finally:
-            if raw_fd >= 0:
-                os.close(raw_fd)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.meta.dir(layer_id) / RAW_NAME)
-        result = ApplyResult(size=size, diff_id=diff_id)
-        self._commit_applied(rec, result)
-        return result
+            if os.path.lexists(staging):
+                remove_tree(staging)
+            os.mkdir(staging, 0o700)
+            _clone_layer(d, staging)
+            size, diff_id = _run_import(fd, opts.recorder, staging, parents)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                remove_tree(staging)
+            raise
+        # The swap: a crash from here on leaves the layer incomplete.
+        _swap_in(d, staging)
+        atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(), mode=0o600)
+        return ApplyResult(size=size, diff_id=diff_id)
 
     def _quota_available(self) -> bool:
         return quota.image_supported() is None
@@ -634,24 +623,50 @@ def _swap_in(d: Path, staging: Path) -> None:
 # ----- the import child ----------------------------------------------------------------------
 
 
-def _run_import(in_fd: int, raw_fd: int, staging: Path,
-                parents: list[Path]) -> tuple[int, str, str | None]:
-    """Run the import in a child process (exec'd, so safe from threaded callers)."""
+def _run_import(in_fd: int, recorder: Recorder | None, staging: Path,
+                parents: list[Path]) -> tuple[int, str]:
+    """Run the import in a child process (exec'd, so safe from threaded callers); its tar-split
+    calls come back as isolate's recorder frames and are replayed into *recorder*."""
+    import threading
+
+    from ..archive.isolate import replay_recorder_stream
+
     fds: list[int] = []
+    rec_r = rec_w = -1
+    replay_error: list[BaseException] = []
+    replay: threading.Thread | None = None
     try:
         staging_fd = os.open(staging, _DIR_FLAGS)
         fds.append(staging_fd)
         for p in parents:
             fds.append(os.open(p, _DIR_FLAGS))
+        if recorder is not None:
+            rec_r, rec_w = os.pipe2(os.O_CLOEXEC)
+            rec = recorder
+
+            def _replay() -> None:
+                try:
+                    replay_recorder_stream(rec_r, rec)
+                except BaseException as exc:  # reported after the child
+                    replay_error.append(exc)
+
+            replay = threading.Thread(target=_replay, name="recorder-replay", daemon=True)
+            replay.start()
         pkg_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [pkg_root, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
         cmd = [sys.executable, "-m", "graphdriver.drivers.windowsfilter", "--import",
-               str(in_fd), str(raw_fd), *(str(fd) for fd in fds)]
-        passed = (in_fd, *fds) if raw_fd < 0 else (in_fd, raw_fd, *fds)
-        proc = subprocess.run(cmd, pass_fds=passed, stdin=subprocess.DEVNULL,
-                              capture_output=True, env=env, check=False)
+               str(in_fd), str(rec_w), *(str(fd) for fd in fds)]
+        passed = (in_fd, *fds) if rec_w < 0 else (in_fd, rec_w, *fds)
+        try:
+            proc = subprocess.run(cmd, pass_fds=passed, stdin=subprocess.DEVNULL,
+                                  capture_output=True, env=env, check=False)
+        finally:
+            if rec_w >= 0:
+                os.close(rec_w)
+            if replay is not None:
+                replay.join()
     finally:
         for fd in fds:
             os.close(fd)
@@ -667,28 +682,28 @@ def _run_import(in_fd: int, raw_fd: int, staging: Path,
         if not (isinstance(cls, type) and issubclass(cls, GraphDriverError)):
             cls = GraphDriverError
         raise cls(str(answer.get("message", "import failed")))
-    problem = answer.get("problem")
-    return int(answer["size"]), str(answer["diff_id"]), None if problem is None else str(problem)
+    if replay_error:
+        raise GraphDriverError(f"windowsfilter: recording tar-split: {replay_error[0]}")
+    return int(answer["size"]), str(answer["diff_id"])
 
 
 def _import_main(argv: list[str]) -> int:
-    """``--import IN_FD RAW_FD STAGING_FD [PARENT_FD...]``: imports, prints one JSON line.
+    """``--import IN_FD REC_FD STAGING_FD [PARENT_FD...]``: imports, prints one JSON line.
 
-    RAW_FD (-1: none) receives the tar-split description; the answer is {"size", "diff_id",
-    "problem"} or {"error", "message"}.
+    REC_FD (-1: none) receives the tar-split recorder frames (archive/isolate.py's format); the
+    answer is {"size", "diff_id"} or {"error", "message"}.
     """
     from ..archive.compression import open_decompressed, stream_kind
-    from ..archive.isolate import warm_up
-    from ..archive.tarsplit import TarSplitPacker
-    from ..archive.tarstream import TarReader
+    from ..archive.isolate import PipeRecorder, warm_up
+    from ..archive.tarstream import TarReader, crc64_function
     from ..archive.wintar import import_layer
 
     if len(argv) < 4 or argv[0] != "--import":
         sys.stderr.write("usage: python -m graphdriver.drivers.windowsfilter --import IN RAW ROOT "
                          "[PARENT...]\n")
         return 2
-    in_fd, raw_fd, root_fd, *parent_fds = (int(a) for a in argv[1:])
-    packer = None if raw_fd < 0 else TarSplitPacker(os.fdopen(raw_fd, "wb", buffering=1 << 20))
+    in_fd, rec_fd, root_fd, *parent_fds = (int(a) for a in argv[1:])
+    packer = None if rec_fd < 0 else PipeRecorder(rec_fd)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     try:
@@ -696,6 +711,8 @@ def _import_main(argv: list[str]) -> int:
         # library files are still reachable, before the chroot.
         stream = open_decompressed(in_fd)
         warm_up(stream_kind(stream))
+        if packer is not None:
+            crc64_function()  # the recorder's CRCs: imported before the chroot
         if os.geteuid() == 0:
             # Everything is reached through the descriptors: nothing else of the host is needed.
             with contextlib.suppress(OSError):
@@ -707,7 +724,6 @@ def _import_main(argv: list[str]) -> int:
         answer: dict[str, object] = {"size": size, "diff_id": reader.diff_id}
         if packer is not None:
             packer.close()
-            answer["problem"] = packer.problem
     except GraphDriverError as exc:
         answer = {"error": type(exc).__name__, "message": str(exc)}
     except OSError as exc:
