@@ -350,7 +350,7 @@ def _diff(driver: Any, args: argparse.Namespace) -> int:
 
     parent = driver.resolve_parent(args.id, args.parent)
     if args.exact:
-        from .archive.tarsplit import write_exact_diff
+        from .exactdiff import write_exact_diff
 
         def exact(fd: int, layer_id: str, parent: str | None, progress: Any = None) -> None:
             write_exact_diff(driver, layer_id, fd)

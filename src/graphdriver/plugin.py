@@ -279,7 +279,7 @@ class Plugin:
 
     def diff_writer(self, req: dict[str, Any]) -> Callable[[BinaryIO], None]:
         """Check the request, then return what writes the tar (so errors come before a 200)."""
-        from .archive.tarsplit import exact_available, write_exact_diff
+        from .exactdiff import exact_available, write_exact_diff
 
         d = self._d()
         layer_id = _id(req)

@@ -96,7 +96,9 @@ class LayerStore:
         idmap: IDMap = IDENTITY,
         runroot: Path | None = None,
     ) -> None:
-        self.home = Path(home)
+        # Absolute and resolved once, here: mount points are matched against mountinfo, counts
+        # are keyed by it, and a relative home would change meaning with the working directory.
+        self.home = Path(os.path.realpath(home))
         self.options = normalize_options(options, self.driver_options, self.name)
         self.idmap = idmap
         self.default_size: int | None = None
@@ -770,7 +772,7 @@ class LayerStore:
         """Hand the apply a file for the raw stream description (archive/tarsplit.py)."""
         if not self.record_tarsplit or opts.recorder is not None:
             return None
-        from .archive.tarsplit import RAW_NAME, new_layer_packer
+        from .exactdiff import RAW_NAME, new_layer_packer
 
         fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
                      os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -780,11 +782,11 @@ class LayerStore:
     def _tarsplit_end(self, rec: LayerRecord, raw_fd: int, packer: Any) -> None:
         """Keep ``meta/<id>/tar-split.json.gz`` (the packer's file, once the applied files are
         checked against it), or say why not."""
-        from .archive.tarsplit import finish_layer_recording
+        from .exactdiff import finish_layer_recording
 
         packer.close()
         finish_layer_recording(self.meta.dir(rec.id), raw_fd, self._apply_target(rec), rec.id,
-                               packer.problem, packer)
+                               packer)
 
     def _after_apply(self, rec: LayerRecord, result: Any) -> None:
         """Driver bookkeeping after a successful apply (the layer is still incomplete here)."""

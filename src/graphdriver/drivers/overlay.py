@@ -88,8 +88,6 @@ class OverlayDriver(LayerStore):
     # ----- setup ---------------------------------------------------------------------------
 
     def _init_driver(self) -> None:
-        # Mount points are matched against /proc/self/mountinfo, which shows resolved paths.
-        self.home = Path(os.path.realpath(self.home))
         self.links = self.home / LINK_DIR
         with open("/proc/filesystems", encoding="ascii") as f:
             if not any(line.split()[-1:] == ["overlay"] for line in f if line.strip()):
