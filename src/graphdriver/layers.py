@@ -7,6 +7,7 @@ layer absent or complete; what a crash leaves behind is found and removed by rep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -51,6 +52,9 @@ MADE_BY = frozenset({"user", "image", "snapshotter"})
 STAGING_PREFIX = ".staging-"
 #: what a staged layer's incomplete marker says once its target id is known: "commit <id>"
 COMMIT_INTENT = "commit"
+#: an apply's marker: "apply" until the commit decision, then "apply-commit" (the commit point)
+APPLY_INTENT = "apply"
+APPLY_COMMIT = "apply-commit"
 _DEFAULT: Any = object()  # "not given": created and extra then take their default_factory
 
 
@@ -180,6 +184,19 @@ class MetaDir:
         d = self.dir(in_dir or record.id)
         d.mkdir(exist_ok=True)
         atomic_write(d / self.RECORD, record.to_json())
+
+    NEXT = "layer.json.next"
+
+    def write_next(self, record: LayerRecord) -> None:
+        """The record an apply will commit, beside the current one until then."""
+        atomic_write(self.dir(record.id) / self.NEXT, record.to_json())
+
+    def promote_next(self, layer_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.dir(layer_id) / self.NEXT, self.record_path(layer_id))
+
+    def drop_next(self, layer_id: str) -> None:
+        (self.dir(layer_id) / self.NEXT).unlink(missing_ok=True)
 
     def is_incomplete(self, layer_id: str) -> bool:
         return os.path.lexists(self.root / layer_id / self.INCOMPLETE)

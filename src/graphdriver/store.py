@@ -22,11 +22,13 @@ from .errors import (
     InvalidArgument,
     NotFound,
     NotSupported,
-    StoreCorrupt,
+    from_oserror,
 )
 from .fsutil import remove_tree
 from .idmap import IDENTITY, IDMap
 from .layers import (
+    APPLY_COMMIT,
+    APPLY_INTENT,
     COMMIT_INTENT,
     MADE_BY,
     REMOVING_SUFFIX,
@@ -507,11 +509,27 @@ class LayerStore:
                     rec = self.meta.read(layer_id)
                     if rec is not None and not self.meta.is_incomplete(layer_id):
                         continue
-                    why = "interrupted apply" if rec is not None else "no layer record"
+                    if rec is not None and self._repair_apply(rec):
+                        continue
+                    why = "interrupted commit" if rec is not None else "no layer record"
                     self._destroy_layer(layer_id, reason=why)
                 finally:
                     lock.release()
         self._reconcile_counts()
+
+    def _repair_apply(self, rec: LayerRecord) -> bool:
+        """An interrupted apply to a committed layer: finished when it had passed its commit
+        point, else rolled back from its journal; never deleted.  False: not an apply."""
+        reason = self.meta.incomplete_reason(rec.id)
+        if reason == APPLY_COMMIT:
+            log.warning("repair: finishing the committed apply to layer %s", rec.id)
+            self._finish_apply(rec)
+            return True
+        if reason != APPLY_INTENT or not self.apply_journal:
+            return False
+        log.warning("repair: rolling back the interrupted apply to layer %s", rec.id)
+        self._roll_back_apply(rec)
+        return True
 
     def _repair_staged(self, staged_id: str) -> None:
         """Remove a staging layer a crash left, and its half-renamed target (its marker says)."""
@@ -697,49 +715,104 @@ class LayerStore:
         opts = ApplyOptions(whiteout_format=self.whiteout_format,  # type: ignore[arg-type]
                             idmap=self.idmap, progress=progress)
         opts = self._apply_options(rec, opts)
+        opts.journal = self.apply_journal
         # SIGINT/SIGTERM are held from here to the commit, except while apply_confined runs:
-        # it installs its own handlers, which stop the child and roll the layer back.  An
-        # interrupt between the apply's end and the commit would otherwise leave a fully
-        # applied layer incomplete, and repair would remove it.
+        # it installs its own handlers, which stop the child and roll the layer back.
         with _signals_deferred():
-            self.meta.mark_incomplete(layer_id, "apply")
+            try:
+                self.meta.mark_incomplete(layer_id, APPLY_INTENT)
+            except OSError as exc:
+                self.meta.clear_incomplete(layer_id)
+                raise from_oserror(exc, f"apply to layer {layer_id}") from None
             raw_fd: int | None = None
+            applied = False
             try:
                 raw_fd = self._tarsplit_begin(layer_id, opts)
                 with as_fd(stream) as fd:
                     result = self._apply_stream(rec, fd, opts)
-            except StoreCorrupt:
-                # The child died without a rollback: the layer stays incomplete, so it no
-                # longer exists, and the next open of the store removes it (rule 1).
-                self._tarsplit_discard(layer_id, raw_fd)
-                raise
-            except (GraphDriverError, KeyboardInterrupt):
-                # Nothing was applied yet, or the engine rolled the layer back to what it
-                # was (apply_confined stops its child with SIGTERM and waits for the
-                # rollback): the layer is complete again.
-                self.meta.clear_incomplete(layer_id)
-                self._tarsplit_discard(layer_id, raw_fd)
-                raise
-            except BaseException:
-                self._tarsplit_discard(layer_id, raw_fd)
-                raise
-            # The apply is done: the commit below runs to its end (signals are still held).
-            try:
+                applied = True
+                # as_fd has checked the transport (a pump that failed after a clean entry
+                # boundary raised there): everything below may still roll the apply back.
                 if raw_fd is not None:
                     self._tarsplit_end(rec, raw_fd, opts.recorder)
-            finally:
+                self._decide_apply(rec, result)
+            except BaseException as exc:
                 self._tarsplit_discard(layer_id, raw_fd)
-            self._after_apply(rec, result)
-            self._commit_applied(rec, result)
+                self._roll_back_apply(rec, applied)
+                if isinstance(exc, OSError):
+                    raise from_oserror(exc, f"apply to layer {layer_id}") from None
+                raise
+            self._tarsplit_discard(layer_id, raw_fd)
+            self._finish_apply(rec)
         return result
 
-    def _commit_applied(self, rec: LayerRecord, result: ApplyResult) -> None:
-        """The commit point of an apply: the record with the new diffID, then the marker goes."""
+    #: whether the apply hook keeps an undo journal (ApplyOptions.journal) for the store to
+    #: commit or roll back; a driver whose hook swaps the layer in whole says False
+    apply_journal: ClassVar[bool] = True
+
+    def _decide_apply(self, rec: LayerRecord, result: ApplyResult) -> None:
+        """The commit decision: the new record beside the old, then the marker says "commit"."""
         rec.diff_id = result.diff_id
         rec.extra.pop("diff_id", None)  # where records before the field kept it
         rec.extra["applied_size"] = result.size
-        self.meta.write(rec)
+        self.meta.write_next(rec)
+        self.meta.mark_incomplete(rec.id, APPLY_COMMIT)  # the commit point
+
+    def _finish_apply(self, rec: LayerRecord) -> None:
+        """After the commit point (also repair's way on): the new record in place, the journal
+        dropped, the marker gone."""
+        self.meta.promote_next(rec.id)
+        if self.apply_journal:
+            from .archive.apply import commit_journal
+
+            with self._target_fd(rec) as root_fd:
+                commit_journal(root_fd)
         self.meta.clear_incomplete(rec.id)
+
+    def _roll_back_apply(self, rec: LayerRecord, applied: bool = True) -> None:
+        """Before the commit point: the layer as it was before the apply, the marker gone.
+
+        When the rollback itself fails the marker stays, and the next open's repair tries again.
+        Without a journal, a hook that failed left the layer as it was; one that succeeded
+        cannot be undone here (*applied*): the marker stays.
+        """
+        layer_id = rec.id
+        try:
+            self.meta.drop_next(layer_id)
+            self._undo_tarsplit(layer_id)
+            if self.apply_journal:
+                from .archive.apply import rollback_journal
+
+                with self._target_fd(rec) as root_fd:
+                    rollback_journal(root_fd)
+            elif applied:
+                return  # not undoable here: the marker stays (repair)
+            self.meta.clear_incomplete(layer_id)
+        except (OSError, GraphDriverError) as exc:
+            log.error("rolling back the apply to layer %s failed (repair will retry): %s",
+                      layer_id, exc)
+
+    @contextlib.contextmanager
+    def _target_fd(self, rec: LayerRecord) -> Iterator[int]:
+        fd = os.open(self._apply_target(rec), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _undo_tarsplit(self, layer_id: str) -> None:
+        """Remove the tar-split files the rolled-back apply wrote (newer than its marker)."""
+        from .archive.tarsplit import METADATA_NAME, UNREPRODUCIBLE_NAME
+
+        d = self.meta.dir(layer_id)
+        try:
+            since = os.stat(d / MetaDir.INCOMPLETE).st_mtime_ns
+        except FileNotFoundError:
+            return
+        for name in (METADATA_NAME, UNREPRODUCIBLE_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(d / name).st_mtime_ns >= since:
+                    os.unlink(d / name)
 
     def applicable_record(self, layer_id: str, parent: str | None) -> LayerRecord:
         """The record of a layer an apply may write into (caller holds its lock): the parent
@@ -787,9 +860,6 @@ class LayerStore:
         packer.close()
         finish_layer_recording(self.meta.dir(rec.id), raw_fd, self._apply_target(rec), rec.id,
                                packer)
-
-    def _after_apply(self, rec: LayerRecord, result: Any) -> None:
-        """Driver bookkeeping after a successful apply (the layer is still incomplete here)."""
 
     # ----- facts ---------------------------------------------------------------------------
 

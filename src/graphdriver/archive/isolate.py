@@ -247,6 +247,7 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
         "whiteout_format": opts.whiteout_format,
         "idmap": opts.idmap.to_json(),
         "progress": opts.progress is not None,
+        "journal": opts.journal,
         "log_level": logging.getLogger("graphdriver").getEffectiveLevel(),
     }
     pass_fds = [source_fd, res_w] + ([rec_w] if rec_w >= 0 else [])
@@ -450,6 +451,7 @@ def _child_main(argv: list[str]) -> int:
             idmap=IDMap.from_json(args["idmap"]),
             recorder=recorder,
             progress=(lambda n: send({"progress": n})) if args.get("progress") else None,
+            journal=bool(args.get("journal")),
         )
         reader = TarReader(stream, recorder)
         result = apply_mod.apply_reader(reader, root_fd, opts)

@@ -132,6 +132,7 @@ class WindowsFilterDriver(LayerStore):
     name = "windowsfilter"
     supports_quota = True  # an explicit sandbox size, by quota.py's loop-mounted image
     mounts = True  # get() builds <id>/merged: counts are checked against it when a store opens
+    apply_journal = False  # the import is swapped in whole (a clone of the layer, then a swap)
     conformance_skip: ClassVar[dict[str, str]] = {
         "test_create_base": _SKIP_LINUX_TARS,
         "test_create_snap": _SKIP_RO_WRITES,
