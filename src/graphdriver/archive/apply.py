@@ -24,7 +24,6 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import stat
 from collections.abc import Callable
 from typing import Any, BinaryIO, Literal
@@ -37,6 +36,7 @@ from ..errors import (
     UnsafeArchive,
     from_oserror,
 )
+from ..fsutil import remove_beneath
 from ..idmap import IDENTITY, IDMap
 from . import tarstream as ts
 from .compression import decompress_stream, open_decompressed
@@ -413,7 +413,7 @@ class _Applier:
         if self.empty_start or real in self.created:
             if is_dir:
                 self._clear_cache()
-                shutil.rmtree(base, dir_fd=pfd)
+                remove_beneath(pfd, base)
             else:
                 os.unlink(base, dir_fd=pfd)
         else:
@@ -896,7 +896,7 @@ class _Applier:
         if self.scratch_fd is not None:
             os.close(self.scratch_fd)
             self.scratch_fd = None
-            shutil.rmtree(self.scratch, dir_fd=self.root_fd)
+            remove_beneath(self.root_fd, self.scratch)
             if "" in self.dir_times:
                 at, mt, _ = self.dir_times[""]
                 os.utime(self.root_fd, ns=(at, mt))
@@ -944,7 +944,7 @@ class _Applier:
             os.close(self.scratch_fd)
             self.scratch_fd = None
             with contextlib.suppress(OSError):
-                _remove_any(self.root_fd, self.scratch)
+                remove_beneath(self.root_fd, self.scratch)
         _write_meta(self.root_fd, self.root_meta)
 
 
@@ -966,7 +966,7 @@ def _undo(root_fd: int, scratch_fd: int | None, step: tuple[object, ...]) -> Non
         except FileNotFoundError:
             return
         try:
-            _remove_any(pfd, base)
+            remove_beneath(pfd, base)
         finally:
             os.close(pfd)
     elif kind == "moved":
@@ -976,7 +976,7 @@ def _undo(root_fd: int, scratch_fd: int | None, step: tuple[object, ...]) -> Non
             return  # logged before the move, which never happened
         pfd = open_beneath(root_fd, parent)
         try:
-            _remove_any(pfd, base)
+            remove_beneath(pfd, base)
             os.rename(aside, base, src_dir_fd=scratch_fd, dst_dir_fd=pfd)
         finally:
             os.close(pfd)
@@ -1010,7 +1010,7 @@ def _empty_dir(dir_fd: int) -> None:
     with os.scandir(dir_fd) as it:
         names = [d.name for d in it]
     for base in names:
-        _remove_any(dir_fd, base)
+        remove_beneath(dir_fd, base)
 
 
 # ---- the journal kept on disk (ApplyOptions.journal) -------------------------------------------
@@ -1079,7 +1079,7 @@ def commit_journal(root_fd: int) -> None:
     the root's times as the apply left them."""
     for scratch in kept_journals(root_fd):
         lines = _read_journal(root_fd, scratch)
-        _remove_any(root_fd, scratch)
+        remove_beneath(root_fd, scratch)
         done = [ln for ln in lines if ln and ln[0] == "done"]
         if done:
             os.utime(root_fd, ns=(int(done[-1][1]), int(done[-1][2])))
@@ -1092,7 +1092,7 @@ def rollback_journal(root_fd: int) -> bool:
     for scratch in kept_journals(root_fd):
         lines = _read_journal(root_fd, scratch)
         if not lines or lines[0][0] != "start":
-            _remove_any(root_fd, scratch)
+            remove_beneath(root_fd, scratch)
             continue
         found = True
         empty_start, root_meta = bool(lines[0][1]), _meta_from(lines[0][2])
@@ -1106,7 +1106,7 @@ def rollback_journal(root_fd: int) -> bool:
                         _undo_step(root_fd, sfd, _step_from(line))
             finally:
                 os.close(sfd)
-            _remove_any(root_fd, scratch)
+            remove_beneath(root_fd, scratch)
         _write_meta(root_fd, root_meta)
     return found
 
@@ -1118,18 +1118,6 @@ def _open_target(target: str | os.PathLike[str] | int) -> tuple[int, bool]:
         return os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), True
     except OSError as exc:
         raise from_oserror(exc, "open apply target") from None
-
-
-def _remove_any(dir_fd: int, name: str) -> None:
-    """Remove *name* beneath *dir_fd* whatever it is (a tree, a file, nothing at all)."""
-    try:
-        st = os.lstat(name, dir_fd=dir_fd)
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(name, dir_fd=dir_fd)
-        else:
-            os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
 
 
 def apply_reader(reader: TarReader, root_fd: int, opts: ApplyOptions) -> ApplyResult:
