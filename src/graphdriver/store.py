@@ -22,6 +22,7 @@ from .errors import (
     InvalidArgument,
     NotFound,
     NotSupported,
+    StoreCorrupt,
     from_oserror,
 )
 from .fsutil import remove_tree
@@ -223,6 +224,10 @@ class LayerStore:
     def layers(self) -> list[str]:
         return [rec.id for rec in self.meta.records()]
 
+    def broken_layers(self) -> dict[str, str]:
+        """Layers whose record is unreadable (id -> why): listed apart, removable with rm."""
+        return self.meta.broken()
+
     def children(self, layer_id: str) -> list[str]:
         return [rec.id for rec in self.meta.records() if rec.parent == layer_id]
 
@@ -310,7 +315,12 @@ class LayerStore:
     def remove(self, layer_id: str) -> None:
         validate_id(layer_id)
         with self.layer_lock(layer_id):
-            rec = self.meta.read(layer_id)
+            try:
+                rec = self.meta.read(layer_id)
+            except StoreCorrupt as exc:
+                # A broken record (quarantined): the layer can still be removed.
+                log.warning("removing broken layer %s: %s", layer_id, exc)
+                rec = LayerRecord(id=layer_id, parent=None, kind="ro")
             if rec is None:
                 raise NotFound(f"layer {layer_id} does not exist")
             if self.refs.get(layer_id) > 0:
@@ -494,11 +504,16 @@ class LayerStore:
             for staged_id in self.meta.staged_ids():
                 self._repair_staged(staged_id)
             meta_ids = set(self.meta.ids())
+            broken = self.meta.broken()
+            for layer_id, why in sorted(broken.items()):
+                log.warning("layer %s is broken and quarantined (rm removes it): %s", layer_id, why)
             for layer_id in sorted(meta_ids | self._disk_ids()):
+                if layer_id in broken:
+                    continue
                 try:
                     rec = self.meta.read(layer_id)
                 except GraphDriverError:
-                    rec = None
+                    continue  # broken since: left alone
                 if rec is not None and not self.meta.is_incomplete(layer_id):
                     continue
                 lock = self.layer_lock(layer_id)
@@ -506,7 +521,10 @@ class LayerStore:
                     continue  # a live writer is creating or applying it
                 try:
                     # Re-check under the lock: the writer may have committed meanwhile.
-                    rec = self.meta.read(layer_id)
+                    try:
+                        rec = self.meta.read(layer_id)
+                    except GraphDriverError:
+                        continue
                     if rec is not None and not self.meta.is_incomplete(layer_id):
                         continue
                     if rec is not None and self._repair_apply(rec):
