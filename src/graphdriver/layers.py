@@ -55,6 +55,8 @@ STAGING_PREFIX = ".staging-"
 COMMIT_INTENT = "commit"
 #: an apply's marker: "apply" until the commit decision, then "apply-commit" (the commit point)
 APPLY_INTENT = "apply"
+#: a create's marker, written (with the record) before the driver makes anything
+CREATE_INTENT = "create"
 APPLY_COMMIT = "apply-commit"
 _DEFAULT: Any = object()  # "not given": created and extra then take their default_factory
 

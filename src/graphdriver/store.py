@@ -20,17 +20,19 @@ from .errors import (
     InUse,
     InvalidArchive,
     InvalidArgument,
+    NotAStore,
     NotFound,
     NotSupported,
     StoreCorrupt,
     from_oserror,
 )
-from .fsutil import remove_tree
+from .fsutil import atomic_write, remove_tree
 from .idmap import IDENTITY, IDMap
 from .layers import (
     APPLY_COMMIT,
     APPLY_INTENT,
     COMMIT_INTENT,
+    CREATE_INTENT,
     MADE_BY,
     REMOVING_SUFFIX,
     STAGING_PREFIX,
@@ -49,6 +51,12 @@ if TYPE_CHECKING:
     from .driver import Change, CreateOpts
 
 log = logging.getLogger("graphdriver")
+
+#: written first in every home a store makes; its absence means "made by someone else"
+STORE_MARKER = ".graphdriver-store"
+STORE_FORMAT = 1
+#: where repair moves what it cannot explain
+LOST_FOUND = ".lost+found"
 
 
 def normalize_options(
@@ -107,15 +115,79 @@ class LayerStore:
         self.default_size: int | None = None
         if "size" in self.options:
             self.default_size = parse_size(self.options["size"], self.name)
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (self.home / "locks").mkdir(exist_ok=True, mode=0o700)
-        self.meta = MetaDir(self.home)
-        self.runroot = Path(runroot) if runroot else default_runroot()
-        self.refs = RefCounts(self.runroot, self.home)
-        self._mount_cache: dict[str, Path] = {}
-        self._cache_lock = threading.Lock()
-        self._init_driver()
+        made = self._open_home()
+        try:
+            (self.home / "locks").mkdir(exist_ok=True, mode=0o700)
+            self.meta = MetaDir(self.home)
+            self.runroot = Path(runroot) if runroot else default_runroot()
+            self.refs = RefCounts(self.runroot, self.home)
+            self._mount_cache: dict[str, Path] = {}
+            self._cache_lock = threading.Lock()
+            self._init_driver()
+        except BaseException:
+            if made:  # a probe that fails leaves nothing behind (auto-selection tries the next)
+                remove_tree(self.home)
+            raise
         self.repair()
+
+    # ----- the home: made, adopted or refused (DESIGN.md "On-disk layout") -------------------
+
+    #: entries of a home that are graphdriver's own besides layer directories and meta/locks
+    home_names: ClassVar[frozenset[str]] = frozenset()
+
+    def _open_home(self) -> bool:
+        """Make the home (marker first), accept it (marker), adopt it (every entry ours), or
+        refuse it (NotAStore).  True when this open made it."""
+        marker = self.home / STORE_MARKER
+        try:
+            names = os.listdir(self.home)
+        except FileNotFoundError:
+            names = None
+        except NotADirectoryError:
+            raise NotAStore(f"not a graphdriver store: {self.home} is not a directory") from None
+        if names is not None and STORE_MARKER in names:
+            if not os.path.isdir(self.home / "meta"):
+                raise StoreCorrupt(f"{self.home}: its meta/ directory is missing; refusing to "
+                                   "open (nothing was removed)")
+            return False
+        if names is not None and any(n != "lost+found" or not _empty(self.home / n)
+                                     for n in names):
+            self._adopt(names)
+            return False
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._write_marker(marker)
+        return names is None
+
+    def _adopt(self, names: list[str]) -> None:
+        """A home made by an earlier version (or a Docker plugin home): adopted only when every
+        entry is graphdriver's own layout."""
+        meta = self.home / "meta"
+        try:
+            ids = set(os.listdir(meta))
+        except OSError as exc:
+            raise NotAStore(f"not a graphdriver store: {self.home} has no readable meta/ "
+                            f"({exc.strerror}); refusing to touch it") from None
+        own = {"meta", "locks", ".lock", "lost+found"} | self.home_names
+        strangers = [n for n in names if n not in own and n not in ids
+                     and not n.endswith(REMOVING_SUFFIX) and not n.startswith(".probe-")
+                     and not self._looks_like_layer(self.home / n)]
+        if strangers:
+            raise NotAStore(f"not a graphdriver store: {self.home} holds "
+                            f"{', '.join(sorted(strangers)[:3])}; use an empty directory")
+        log.info("adopting %s as a graphdriver store (made by an earlier version)", self.home)
+        self._write_marker(self.home / STORE_MARKER)
+
+    def _looks_like_layer(self, path: Path) -> bool:
+        """Whether a home entry without a record is a layer directory of this driver's layout
+        (a crash's leftover, which repair handles)."""
+        return False
+
+    def _write_marker(self, marker: Path) -> None:
+        import json
+
+        namespace = "trusted" if os.geteuid() == 0 else "user"
+        atomic_write(marker, json.dumps({"format": STORE_FORMAT, "driver": self.name,
+                                         "xattr_namespace": namespace}).encode() + b"\n")
 
     # ----- hooks a driver implements -------------------------------------------------------
 
@@ -297,15 +369,18 @@ class LayerStore:
         # Whatever an earlier crash left under this id goes first (we hold its lock).
         self._destroy_layer(rec.id, reason="leftover of an interrupted create")
         try:
-            if staged:
-                with self.store_lock():
-                    self.meta.write(rec)
+            # The intent record first: repair removes what it shows the store was making.
+            self.meta.dir(rec.id).mkdir(exist_ok=True)
+            if not staged:
+                self.meta.mark_incomplete(rec.id, CREATE_INTENT)
+            with self.store_lock():
+                self.meta.write(rec)
             self._make_layer(rec, parent_rec)
             if parent_rec is not None and not self.children(parent_rec.id):
                 self._on_first_child(parent_rec)
             if not staged:
                 with self.store_lock():
-                    self.meta.write(rec)  # the commit point
+                    self.meta.clear_incomplete(rec.id)  # the commit point
         except BaseException:
             self._destroy_layer(rec.id, reason=None)
             raise
@@ -529,11 +604,33 @@ class LayerStore:
                         continue
                     if rec is not None and self._repair_apply(rec):
                         continue
-                    why = "interrupted commit" if rec is not None else "no layer record"
-                    self._destroy_layer(layer_id, reason=why)
+                    if self.meta.is_incomplete(layer_id):
+                        self._destroy_layer(layer_id, reason="interrupted create or commit")
+                    else:
+                        self._quarantine(layer_id)
                 finally:
                     lock.release()
         self._reconcile_counts()
+
+    def _quarantine(self, layer_id: str) -> None:
+        """What repair cannot explain (no intent record shows the store made it) is moved to
+        ``.lost+found/``, never deleted."""
+        import time
+
+        lost = self.home / LOST_FOUND
+        lost.mkdir(exist_ok=True, mode=0o700)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        paths = [p for p in self._layer_paths(layer_id) if os.path.lexists(p)]
+        meta_dir = self.meta.dir(layer_id)
+        if os.path.lexists(meta_dir):
+            paths.append(meta_dir)
+        for path in paths:
+            where = lost / f"{path.parent.name}-{path.name}-{stamp}"
+            log.warning("repair: %s has no layer record; moved to %s", path, where)
+            try:
+                os.rename(path, where)
+            except OSError as exc:
+                log.error("repair: moving %s to %s failed (skipped): %s", path, where, exc)
 
     def _repair_apply(self, rec: LayerRecord) -> bool:
         """An interrupted apply to a committed layer: finished when it had passed its commit
@@ -934,6 +1031,13 @@ def _check_made_by(made_by: str) -> str:
 
 
 _MAX_HOLDER = 512
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+    except OSError:
+        return False
 
 
 def _valid_id(layer_id: str) -> bool:

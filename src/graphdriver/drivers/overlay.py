@@ -72,6 +72,16 @@ def _short_id() -> str:
     return base64.b32encode(secrets.token_bytes(16)).decode()[:SHORT_ID_LEN]
 
 
+def _valid_name(name: str) -> bool:
+    from ..layers import validate_id
+
+    try:
+        validate_id(name)
+    except InvalidArgument:
+        return False
+    return True
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8").strip()
@@ -81,6 +91,7 @@ def _read_text(path: Path) -> str:
 
 class OverlayDriver(LayerStore):
     name = "overlay"
+    home_names = frozenset({LINK_DIR, ".overlay-options"})
     whiteout_format = "overlay"
     mounts = True
     supports_quota = True
@@ -284,6 +295,9 @@ class OverlayDriver(LayerStore):
 
     def _quota_available(self) -> bool:
         return self.quota_problem is None
+
+    def _looks_like_layer(self, path: Path) -> bool:
+        return _valid_name(path.name) and os.path.lexists(path / "diff")
 
     # ----- quota images --------------------------------------------------------------------
 

@@ -440,6 +440,9 @@ class WindowsFilterDriver(LayerStore):
     def _quota_available(self) -> bool:
         return quota.image_supported() is None
 
+    def _looks_like_layer(self, path: Path) -> bool:
+        return os.path.isfile(path / LAYERCHAIN)
+
     def _freeze(self, rec: LayerRecord) -> None:
         raise NotSupported(f"windowsfilter: {rec.id} is a sandbox; a sandbox cannot become a "
                            "read-only layer in place")
