@@ -45,6 +45,14 @@ def validate_id(layer_id: object, what: str = "layer id") -> str:
     return layer_id
 
 
+def is_valid_id(layer_id: str) -> bool:
+    try:
+        validate_id(layer_id)
+    except InvalidArgument:
+        return False
+    return True
+
+
 _RECORD_FIELDS = ("id", "parent", "kind", "size_limit", "created", "extra", "made_by", "holders",
                   "diff_id")
 #: who made a layer: a user's create, the image store's pull/commit, or the snapshotter

@@ -38,6 +38,7 @@ from .layers import (
     STAGING_PREFIX,
     LayerRecord,
     MetaDir,
+    is_valid_id,
     validate_id,
 )
 from .locking import FileLock, LockSet
@@ -281,7 +282,7 @@ class LayerStore:
     # ----- reading -------------------------------------------------------------------------
 
     def exists(self, layer_id: str) -> bool:
-        return _valid_id(layer_id) and self.meta.exists(layer_id)
+        return is_valid_id(layer_id) and self.meta.exists(layer_id)
 
     def record(self, layer_id: str) -> LayerRecord:
         validate_id(layer_id)
@@ -653,7 +654,7 @@ class LayerStore:
             return  # its commit_new_layer is still running
         try:
             words = self.meta.incomplete_reason(staged_id).split()
-            if len(words) == 2 and words[0] == COMMIT_INTENT and _valid_id(words[1]) \
+            if len(words) == 2 and words[0] == COMMIT_INTENT and is_valid_id(words[1]) \
                     and not os.path.lexists(self.meta.dir(words[1])):
                 target = self.layer_lock(words[1])
                 if target.acquire(blocking=False):
@@ -1038,14 +1039,6 @@ def _empty(path: Path) -> bool:
         return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
     except OSError:
         return False
-
-
-def _valid_id(layer_id: str) -> bool:
-    try:
-        validate_id(layer_id)
-    except InvalidArgument:
-        return False
-    return True
 
 
 def _validate_holder(holder: object) -> str:

@@ -48,7 +48,7 @@ from ..errors import (
     from_oserror,
 )
 from ..fsutil import fs_name, remove_tree, supports_d_type
-from ..layers import REMOVING_SUFFIX, RESERVED_IDS, LayerRecord
+from ..layers import REMOVING_SUFFIX, RESERVED_IDS, LayerRecord, is_valid_id
 from ..locking import FileLock
 from ..mount import OverlayOptions, is_mounted, mount_overlay, unmount, unmount_all_under
 from ..store import LayerStore
@@ -70,16 +70,6 @@ def _short_id() -> str:
     import secrets
 
     return base64.b32encode(secrets.token_bytes(16)).decode()[:SHORT_ID_LEN]
-
-
-def _valid_name(name: str) -> bool:
-    from ..layers import validate_id
-
-    try:
-        validate_id(name)
-    except InvalidArgument:
-        return False
-    return True
 
 
 def _read_text(path: Path) -> str:
@@ -297,7 +287,7 @@ class OverlayDriver(LayerStore):
         return self.quota_problem is None
 
     def _looks_like_layer(self, path: Path) -> bool:
-        return _valid_name(path.name) and os.path.lexists(path / "diff")
+        return is_valid_id(path.name) and os.path.lexists(path / "diff")
 
     # ----- quota images --------------------------------------------------------------------
 
