@@ -215,6 +215,9 @@ class LayerStore:
         """Destroy one of a layer's paths (already renamed aside, or an orphan)."""
         remove_tree(path)
 
+    def _detach(self, path: Path) -> None:
+        """Undo the driver's mounts beneath one of a layer's paths (default: it mounts none)."""
+
     def _mount(self, rec: LayerRecord, mount_label: str) -> Path:
         """Make the layer's assembled tree available; called when its count goes 0 -> 1."""
         raise NotImplementedError
@@ -381,6 +384,7 @@ class LayerStore:
                 self._on_first_child(parent_rec)
             if not staged:
                 with self.store_lock():
+                    self.meta.write(rec)  # as the driver completed it (e.g. a nominal size)
                     self.meta.clear_incomplete(rec.id)  # the commit point
         except BaseException:
             self._destroy_layer(rec.id, reason=None)
@@ -629,6 +633,7 @@ class LayerStore:
             where = lost / f"{path.parent.name}-{path.name}-{stamp}"
             log.warning("repair: %s has no layer record; moved to %s", path, where)
             try:
+                self._detach(path)  # our mounts beneath are not data: they go, the files stay
                 os.rename(path, where)
             except OSError as exc:
                 log.error("repair: moving %s to %s failed (skipped): %s", path, where, exc)

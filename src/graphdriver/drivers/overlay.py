@@ -208,9 +208,7 @@ class OverlayDriver(LayerStore):
     def _destroy(self, path: Path) -> None:
         """Unmount anything beneath (never follow a mount into another layer), then delete."""
         try:
-            unmount_all_under(path)
-            if os.path.isdir(path) and not os.path.islink(path):
-                quota.unmount_image(path)
+            self._detach(path)
             if quota.is_subvolume(path):
                 for sub in os.listdir(path):
                     remove_tree(path / sub)
@@ -219,6 +217,11 @@ class OverlayDriver(LayerStore):
             remove_tree(path)
         except OSError as exc:
             raise from_oserror(exc, f"overlay: removing {path}") from None
+
+    def _detach(self, path: Path) -> None:
+        unmount_all_under(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            quota.unmount_image(path)
 
     # ----- create --------------------------------------------------------------------------
 

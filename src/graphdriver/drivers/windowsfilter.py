@@ -209,12 +209,15 @@ class WindowsFilterDriver(LayerStore):
 
     def _destroy(self, path: Path) -> None:
         try:
-            unmount_all_under(os.path.realpath(path))
-            if os.path.isdir(path) and not os.path.islink(path) and quota.has_image(path):
-                quota.unmount_image(path)
+            self._detach(path)
             remove_tree(path)
         except OSError as exc:
             raise from_oserror(exc, f"windowsfilter: removing {path}") from None
+
+    def _detach(self, path: Path) -> None:
+        unmount_all_under(os.path.realpath(path))
+        if os.path.isdir(path) and not os.path.islink(path) and quota.has_image(path):
+            quota.unmount_image(path)
 
     def _cleanup_driver(self) -> None:
         for path in self._removing_leftovers():
