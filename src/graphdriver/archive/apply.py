@@ -264,7 +264,7 @@ class _Applier:
         sfd = self._scratch_fd()
         self.journal_fd = os.open(JOURNAL_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                                   | os.O_APPEND | os.O_CLOEXEC, 0o600, dir_fd=sfd)
-        self._write_journal(["start", self.empty_start, _meta_json(self.root_meta)])
+        self._write_journal(["start", self.empty_start, _meta_json(self.root_meta), os.getpid()])
 
     def _write_journal(self, line: list[object]) -> None:
         import json
@@ -1074,6 +1074,24 @@ def _read_journal(root_fd: int, scratch: str) -> list[list[Any]]:
         return lines
 
 
+def _wait_gone(pid: int, seconds: float = 60.0) -> None:
+    """Wait while *pid* is a live graphdriver process (an apply child rolling back)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"graphdriver" not in f.read():
+                    return
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                    return
+        except OSError:
+            return
+        time.sleep(0.05)
+
+
 def commit_journal(root_fd: int) -> None:
     """The apply is committed: drop the kept journal and the moved-aside paths, and put back
     the root's times as the apply left them."""
@@ -1091,6 +1109,14 @@ def rollback_journal(root_fd: int) -> bool:
     found = False
     for scratch in kept_journals(root_fd):
         lines = _read_journal(root_fd, scratch)
+        if lines and lines[0][0] == "start" and len(lines[0]) > 3 and lines[-1][0] != "done":
+            # The applier may still be rolling back itself (its parent died: SIGTERM); wait
+            # for it, then undo whatever it left.
+            _wait_gone(int(lines[0][3]))
+            if _missing(root_fd, scratch):
+                found = True
+                continue
+            lines = _read_journal(root_fd, scratch)
         if not lines or lines[0][0] != "start":
             remove_beneath(root_fd, scratch)
             continue
