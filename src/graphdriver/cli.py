@@ -300,11 +300,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if command == "ls":
         ids = driver.layers()
+        broken = driver.broken_layers()
         if as_json:
             _print_json([{"id": i, "parent": driver.parent(i), "mounts": driver.mount_count(i)}
-                         for i in ids])
+                         for i in ids] + [{"id": i, "broken": why} for i, why in broken.items()])
         else:
             sys.stdout.write("".join(f"{i}\n" for i in ids))
+            sys.stdout.write("".join(f"{i} (broken: {why})\n" for i, why in broken.items()))
         return 0
     if command == "cleanup":
         driver.cleanup()
@@ -350,7 +352,7 @@ def _diff(driver: Any, args: argparse.Namespace) -> int:
 
     parent = driver.resolve_parent(args.id, args.parent)
     if args.exact:
-        from .archive.tarsplit import write_exact_diff
+        from .exactdiff import write_exact_diff
 
         def exact(fd: int, layer_id: str, parent: str | None, progress: Any = None) -> None:
             write_exact_diff(driver, layer_id, fd)

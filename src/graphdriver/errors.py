@@ -81,3 +81,9 @@ def from_oserror(exc: OSError, what: str) -> GraphDriverError:
     if exc.errno in (_errno.EPERM, _errno.EACCES, _errno.ENOTSUP, _errno.EOPNOTSUPP, _errno.ENODEV):
         return NotSupported(msg)
     return GraphDriverError(msg)
+
+
+class NotAStore(GraphDriverError):
+    """A home that graphdriver did not make and cannot adopt (it holds someone else's files)."""
+
+    exit_code = 2

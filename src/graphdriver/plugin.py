@@ -279,7 +279,7 @@ class Plugin:
         """The layer's tar: the applied one byte for byte when its tar-split metadata allows,
         else a new one.  The ids and the parent are checked here, before any answer."""
         from .archive.export import stream_tar
-        from .archive.tarsplit import exact_available, write_exact_diff
+        from .exactdiff import exact_available, write_exact_diff
 
         d = self._d()
         layer_id = _id(req)

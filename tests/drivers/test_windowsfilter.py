@@ -498,7 +498,7 @@ def test_command_line(tmp_path: Path) -> None:
 def test_exact_diff_from_tar_split(store: Any) -> None:
     """tar-split recorded at import + the diff getter give back the applied tar byte for byte,
     even after the import process (on Windows) rewrote the BCD store: it comes from bcd.bak."""
-    from graphdriver.archive.tarsplit import exact_available, write_exact_diff
+    from graphdriver.exactdiff import exact_available, write_exact_diff
 
     make_up(store)
     (layer_dir(store, "base") / BCD).unlink()

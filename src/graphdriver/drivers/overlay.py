@@ -49,7 +49,7 @@ from ..errors import (
     from_oserror,
 )
 from ..fsutil import fs_name, remove_tree, supports_d_type
-from ..layers import REMOVING_SUFFIX, RESERVED_IDS, LayerRecord
+from ..layers import REMOVING_SUFFIX, RESERVED_IDS, LayerRecord, is_valid_id
 from ..locking import FileLock
 from ..mount import OverlayOptions, is_mounted, mount_overlay, unmount, unmount_all_under
 from ..store import LayerStore
@@ -82,6 +82,7 @@ def _read_text(path: Path) -> str:
 
 class OverlayDriver(LayerStore):
     name = "overlay"
+    home_names = frozenset({LINK_DIR, ".overlay-options"})
     whiteout_format = OVERLAY
     mounts = True
     supports_quota = True
@@ -89,8 +90,6 @@ class OverlayDriver(LayerStore):
     # ----- setup ---------------------------------------------------------------------------
 
     def _init_driver(self) -> None:
-        # Mount points are matched against /proc/self/mountinfo, which shows resolved paths.
-        self.home = Path(os.path.realpath(self.home))
         self.links = self.home / LINK_DIR
         with open("/proc/filesystems", encoding="ascii") as f:
             if not any(line.split()[-1:] == ["overlay"] for line in f if line.strip()):
@@ -210,9 +209,7 @@ class OverlayDriver(LayerStore):
     def _destroy(self, path: Path) -> None:
         """Unmount anything beneath (never follow a mount into another layer), then delete."""
         try:
-            unmount_all_under(path)
-            if os.path.isdir(path) and not os.path.islink(path):
-                quota.unmount_image(path)
+            self._detach(path)
             if quota.is_subvolume(path):
                 for sub in os.listdir(path):
                     remove_tree(path / sub)
@@ -221,6 +218,11 @@ class OverlayDriver(LayerStore):
             remove_tree(path)
         except OSError as exc:
             raise from_oserror(exc, f"overlay: removing {path}") from None
+
+    def _detach(self, path: Path) -> None:
+        unmount_all_under(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            quota.unmount_image(path)
 
     # ----- create --------------------------------------------------------------------------
 
@@ -287,6 +289,9 @@ class OverlayDriver(LayerStore):
 
     def _quota_available(self) -> bool:
         return self.quota_problem is None
+
+    def _looks_like_layer(self, path: Path) -> bool:
+        return is_valid_id(path.name) and os.path.lexists(path / "diff")
 
     # ----- quota images --------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from ..store import LayerStore
 
 class VFSDriver(LayerStore):
     name = "vfs"
+    home_names = frozenset({"dir"})
 
     def _init_driver(self) -> None:
         self.dir = self.home / "dir"
