@@ -526,13 +526,17 @@ class Importer:
 
     def _split(self, entry: TarEntry) -> list[str]:
         name = entry.name
+        shown = entry.raw_name.decode("utf-8", "replace")  # as in the tar: "./x", not "x"
         if "\\" in name:
-            raise _bad(f"{name!r}: backslash in an entry name")
+            raise _bad(f"{shown!r}: backslash in an entry name")
         parts = name.split("/")
         if not name or any(p in ("", ".", "..") for p in parts):
-            raise UnsafeArchive(f"entry {name!r} leaves the layer")
+            if ".." in parts:
+                raise UnsafeArchive(f"entry {shown!r} leaves the layer")
+            raise _bad(f"entry {shown!r}: a Windows layer holds only entries under Files/, "
+                       "Hives/ and UtilityVM/ (no root entry, no ./ prefix)")
         if parts[0] not in TOP_DIRS:
-            raise _bad(f"entry {name!r} is outside Files/, Hives/ and UtilityVM/")
+            raise _bad(f"entry {shown!r} is outside Files/, Hives/ and UtilityVM/")
         return parts
 
     def _entry(self, reader: TarReader, entry: TarEntry) -> None:
