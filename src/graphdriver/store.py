@@ -274,6 +274,7 @@ class LayerStore:
             for path in [*aside, meta_aside]:
                 self._destroy(path)
             self._forget_mount(layer_id)
+            log.debug("removed layer %s", layer_id)
 
     def _rename_aside(self, layer_id: str) -> list[Path]:
         aside = []
@@ -364,6 +365,7 @@ class LayerStore:
                 path = self._mount_path(rec)
             else:
                 path = self._mount(rec, mount_label)
+                log.debug("mounted layer %s at %s", layer_id, path)
                 count = 0
             self.refs.set(layer_id, count + 1)
             with self._cache_lock:
@@ -379,6 +381,7 @@ class LayerStore:
             rec = self.meta.read(layer_id)
             if count == 1 and rec is not None:
                 self._unmount(rec)
+                log.debug("unmounted layer %s", layer_id)
             self.refs.set(layer_id, count - 1)
             if count == 1:
                 self._forget_mount(layer_id)

@@ -90,6 +90,14 @@ class PipeRecorder:
         self._out.close()
 
 
+def _signame(signum: int) -> str:
+    """"SIGINT", "SIGTERM": how a signal is named in messages."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def _corrupt(what: str) -> errors.InvalidArchive:
     return errors.InvalidArchive(f"recorder stream from the apply child is {what}")
 
@@ -262,7 +270,7 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
         # case the apply stands (raising now would call a complete apply rolled back).
         signals.append(signum)
         if proc is None:
-            raise Interrupted(f"interrupted by signal {signum} before the apply started")
+            raise Interrupted(f"interrupted by {_signame(signum)} before the apply started")
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
 
@@ -313,7 +321,7 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
         if outcome is None and signals and rc == -signal.SIGTERM:
             # Our SIGTERM killed the child before it had installed its handlers, which it does
             # before it touches the target: nothing was applied.
-            raise Interrupted(f"interrupted by signal {signals[0]}; nothing was applied")
+            raise Interrupted(f"interrupted by {_signame(signals[0])}; nothing was applied")
         if outcome is None:
             why = f"signal {-rc}" if rc < 0 else f"status {rc}"
             if was_empty:
@@ -328,6 +336,10 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
             )
         if "error" in outcome:
             err = outcome["error"]
+            if err["class"] == "Interrupted" and signals:
+                # the child always gets SIGTERM; say which signal the user sent
+                raise Interrupted(f"interrupted by {_signame(signals[0])}; the apply was rolled "
+                                  "back")
             raise _error_class(str(err["class"]))(str(err["message"]))
         if replay_error:
             exc = replay_error[0]
@@ -336,8 +348,8 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions) -> ApplyRes
             raise GraphDriverError(f"recorder failed: {exc}")
         ok = outcome["ok"]
         if signals:
-            log.warning("signal %d arrived after the apply had finished; the apply stands",
-                        signals[0])
+            log.warning("%s arrived after the apply had finished; the apply stands",
+                        _signame(signals[0]))
         return ApplyResult(int(ok["size"]), str(ok["diff_id"]))
     except BaseException as exc:
         if proc is not None and proc.poll() is None:
@@ -414,7 +426,7 @@ def _child_main(argv: list[str]) -> int:
         from .apply import SIGNAL_GATE
 
         SIGNAL_GATE.interrupt(
-            Interrupted(f"interrupted by signal {signum}; the apply was rolled back"))
+            Interrupted(f"interrupted by {_signame(signum)}; the apply was rolled back"))
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)

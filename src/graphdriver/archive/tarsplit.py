@@ -45,7 +45,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import GraphDriverError, InvalidArchive, NotFound, StoreCorrupt
+from ..errors import (
+    ExactDiffUnavailable,
+    GraphDriverError,
+    InvalidArchive,
+    NotFound,
+    StoreCorrupt,
+)
 from .native import native_module
 
 log = logging.getLogger("graphdriver")
@@ -665,7 +671,7 @@ def layer_status(meta_dir: Path) -> tuple[bool, str]:
     marker = meta_dir / UNREPRODUCIBLE_NAME
     with contextlib.suppress(FileNotFoundError):
         return False, marker.read_text().strip() or "not exactly reproducible"
-    return False, "no tar-split metadata was recorded (the layer was not made by an apply)"
+    return False, "the layer was not made by applying an archive"
 
 
 # ----- re-assembly ------------------------------------------------------------------------------
@@ -735,7 +741,8 @@ def assemble_layer(meta_dir: Path, open_file: Opener, out: int | BinaryIO,
     """Re-assemble a layer's applied tar from ``meta_dir/tar-split.json.gz``."""
     ok, why = layer_status(meta_dir)
     if not ok:
-        raise NotFound(f"layer {layer_id} is not exactly reproducible: {why}")
+        raise ExactDiffUnavailable(f"layer {layer_id}: the archive it was made from cannot be "
+                                   f"reproduced byte for byte ({why})")
     with open_metadata(meta_dir / METADATA_NAME) as meta:
         try:
             return assemble(meta, open_file, out, f"layer {layer_id}")
@@ -774,7 +781,7 @@ def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLik
     elif (meta_dir / METADATA_NAME).exists() or (meta_dir / UNREPRODUCIBLE_NAME).exists():
         problem = "more than one archive was applied to this layer"
     elif os.fstat(raw_fd).st_size == 0 or (packer is not None and packer._pos == 0):
-        problem = "the apply recorded no tar-split description"
+        problem = "the apply recorded no description of the archive"
     out_path = meta_dir / METADATA_NAME
     if problem is None and packer is not None and packer.compressed and not packer.missing:
         root_fd = _open_root(target)
@@ -804,7 +811,7 @@ def exact_available(driver: Any, layer_id: str, parent: str | None = None) -> tu
     """Whether ``driver.diff(layer_id, parent)`` can be the applied tar, byte for byte."""
     meta = getattr(driver, "meta", None)
     if meta is None:
-        return False, f"the {driver.name} driver keeps no tar-split metadata"
+        return False, f"the {driver.name} driver keeps no record of applied archives"
     rec = driver.record(layer_id)
     if parent not in (None, "") and parent != rec.parent:
         return False, f"asked against {parent}, not the layer's parent"
@@ -814,11 +821,16 @@ def exact_available(driver: Any, layer_id: str, parent: str | None = None) -> tu
 def write_exact_diff(driver: Any, layer_id: str, out: int | BinaryIO) -> int:
     """Re-assemble the tar that was applied to *layer_id* from its stored files (same sha256).
 
-    Raises NotFound when the layer has no usable metadata and StoreCorrupt when a file changed.
+    Raises ExactDiffUnavailable (a NotFound) when the layer has no usable metadata and
+    StoreCorrupt when a file changed.
     """
     ok, why = exact_available(driver, layer_id)
     if not ok:
-        raise NotFound(f"layer {layer_id} is not exactly reproducible: {why}")
+        meta = getattr(driver, "meta", None)
+        log.debug("layer %s: no tar-split metadata (%s) to re-assemble from: %s", layer_id,
+                  meta.dir(layer_id) / METADATA_NAME if meta is not None else "none", why)
+        raise ExactDiffUnavailable(f"layer {layer_id}: the archive it was made from cannot be "
+                                   f"reproduced byte for byte ({why}); a plain diff still works")
     getter = driver.diff_getter(layer_id)
     try:
         return assemble_layer(driver.meta.dir(layer_id), getter.open, out, layer_id)
