@@ -38,7 +38,6 @@ from pathlib import Path
 from .errors import GraphDriverError, InvalidArgument, NotSupported
 from .fsutil import fs_name
 from .mount import is_mounted, mount, unmount
-from .units import human_bytes
 
 # ----- loop devices -------------------------------------------------------------------------
 
@@ -174,6 +173,8 @@ def has_image(layer_dir: Path) -> bool:
 
 def check_size(size: int, what: str) -> None:
     if size < MIN_LIMIT:
+        from .units import human_bytes
+
         raise InvalidArgument(f"{what}: a size limit of {human_bytes(size)} is below the minimum "
                               f"of {human_bytes(MIN_LIMIT)} for a layer quota")
 
@@ -255,7 +256,7 @@ def create_image(layer_dir: Path, limit: int, uid: int = 0, gid: int = 0) -> Pat
         share = _USABLE_SHARE if size // 50 < _RESERVE_CAP else _USABLE_SHARE + 0.02
         size = -(-int(size - excess / share) // _BLOCK) * _BLOCK
     else:
-        raise GraphDriverError(f"quota image: cannot size an ext4 image for {human_bytes(limit)}")
+        raise GraphDriverError(f"quota image: cannot size an ext4 image for {limit} bytes")
     for sub in ("diff", "work"):
         os.mkdir(target / sub, 0o755 if sub == "diff" else 0o700)
         if (uid, gid) != (0, 0):
