@@ -124,7 +124,7 @@ class LayerRecord:
                 extra=dict(obj.get("extra") or {}),
             )
         except (ValueError, KeyError, TypeError) as exc:
-            raise StoreCorrupt(f"unreadable layer record {where}: {exc}") from None
+            raise StoreCorrupt(f"unreadable layer record {where}: {exc}") from exc
         return rec
 
 

@@ -141,8 +141,8 @@ def _run(cmd: list[str], what: str) -> None:
 
     try:
         proc = subprocess.run(cmd, capture_output=True, check=False)
-    except FileNotFoundError:
-        raise NotSupported(f"{what}: {cmd[0]} is not installed") from None
+    except FileNotFoundError as exc:
+        raise NotSupported(f"{what}: {cmd[0]} is not installed") from exc
     if proc.returncode != 0:
         msg = proc.stderr.decode(errors="replace").strip().splitlines()
         raise GraphDriverError(f"{what}: {cmd[0]} failed: {msg[-1] if msg else proc.returncode}")

@@ -66,7 +66,7 @@ def driver_class(name: str) -> Any:
         module = importlib.import_module(reg.module)
     except ModuleNotFoundError as exc:
         if exc.name == reg.module:
-            raise NotSupported(f"driver {name} is not built into this graphdriver") from None
+            raise NotSupported(f"driver {name} is not built into this graphdriver") from exc
         raise
     return module.DRIVER
 

@@ -58,7 +58,7 @@ def parse_size(value: str, who: str) -> int:
     try:
         size = ram_in_bytes(value)
     except GraphDriverError as exc:
-        raise InvalidArgument(f"{who}: invalid size {value!r}: {exc}") from None
+        raise InvalidArgument(f"{who}: invalid size {value!r}: {exc}") from exc
     if size < 0:
         raise InvalidArgument(f"{who}: invalid size {value!r}: negative")
     return size

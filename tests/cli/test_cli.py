@@ -79,7 +79,7 @@ def test_examples_round_trip(gd: GD, tmp_path: Path) -> None:
 
     assert result["diffID"] == "sha256:" + hashlib.sha256(raw).hexdigest()
     assert result["size"] == len(b"Welcome to the example upper layer.\n") + 12 + 25
-    assert gd.out("ls").split() == ["base", "top"]
+    assert gd.out("ls", "-q").split() == ["base", "top"]
     changes = gd.out("changes", "top").splitlines()
     assert "D /etc/os-release" in changes
     assert "C /etc/motd" in changes
@@ -136,7 +136,9 @@ def test_status_metadata_exists(gd: GD) -> None:
     assert gd.run("exists", "b", ok=False).returncode == 1
     assert gd.run("exists", "bad/id", ok=False).returncode == 1
     listing = json.loads(gd.out("--json", "ls"))
-    assert listing == [{"id": "a", "parent": None, "mounts": 0}]
+    assert len(listing) == 1 and listing[0]["created"].endswith("Z")
+    assert {k: v for k, v in listing[0].items() if k != "created"} == {
+        "id": "a", "parent": None, "kind": "ro", "size": None, "limit": None, "mounts": 0}
 
 
 def test_bad_input_one_line_and_no_half_layer(gd: GD, tmp_path: Path) -> None:
@@ -154,7 +156,7 @@ def test_bad_input_one_line_and_no_half_layer(gd: GD, tmp_path: Path) -> None:
     gd.fails("apply", "e", "-", input=corrupt)
     garbage = b"this is not a tar archive at all" * 40
     gd.fails("apply", "e", "-", input=garbage)
-    assert gd.out("ls").split() == ["a", "e"]
+    assert gd.out("ls", "-q").split() == ["a", "e"]
     mnt = Path(gd.out("mount", "e").strip())
     assert os.listdir(mnt) == []
     gd.run("unmount", "e")
@@ -171,7 +173,7 @@ def test_rm_refused_while_mounted_or_with_children(gd: GD) -> None:
     gd.run("unmount", "c")
     gd.run("rm", "c")
     gd.run("rm", "p")
-    assert gd.out("ls") == ""
+    assert gd.out("ls", "-q") == ""
 
 
 def test_cleanup_zeroes_counts(gd: GD) -> None:

@@ -202,8 +202,8 @@ def parse_number(field: bytes, what: str) -> int:
     if s.isdigit():  # the common case: plain digits, then NULs or spaces
         try:
             return int(s, 8)
-        except ValueError:
-            raise _bad(f"{what} field {field!r} is not a number") from None
+        except ValueError as exc:
+            raise _bad(f"{what} field {field!r} is not a number") from exc
     if field and field[0] & 0x80:
         if field[0] & 0x40:  # 0xff...: negative, two's complement over the whole field
             return int.from_bytes(field, "big", signed=True)
@@ -745,8 +745,8 @@ class TarReader:
             e.gid = int(f, 8) if f.isdigit() else parse_number(blk[116:124], "gid")
             f = blk[136:148].rstrip(b"\0 ")
             mtime = int(f, 8) if f.isdigit() else parse_number(blk[136:148], "mtime")
-        except ValueError:
-            raise _bad("a numeric header field holds a non-octal digit") from None
+        except ValueError as exc:
+            raise _bad("a numeric header field holds a non-octal digit") from exc
         e.mtime_ns = mtime * 1_000_000_000
         if ustar or gnu:
             e._raw_owner = blk[265:329]

@@ -131,8 +131,8 @@ def _bad(msg: str) -> InvalidArchive:
 def _b64decode(value: str, key: str, name: str) -> bytes:
     try:
         return binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
-    except (binascii.Error, UnicodeEncodeError, ValueError):
-        raise _bad(f"{name}: {key} is not base64") from None
+    except (binascii.Error, UnicodeEncodeError, ValueError) as exc:
+        raise _bad(f"{name}: {key} is not base64") from exc
 
 
 def _check_pax_time(value: str, key: str, name: str) -> None:
@@ -442,14 +442,14 @@ class Importer:
             fd = open_beneath(self.root if root is None else root, d, _DIR_FLAGS)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EXDEV):
-                raise UnsafeArchive(f"path {d!r} goes through a symbolic link") from None
+                raise UnsafeArchive(f"path {d!r} goes through a symbolic link") from exc
             if exc.errno == errno.ENOTDIR:
                 with contextlib.suppress(OSError):
                     st = os.stat(d, dir_fd=self.root if root is None else root,
                                  follow_symlinks=False)
                     if stat.S_ISLNK(st.st_mode):
-                        raise UnsafeArchive(f"path {d!r} goes through a symbolic link") from None
-                raise _bad(f"path {d!r} goes through a file") from None
+                        raise UnsafeArchive(f"path {d!r} goes through a symbolic link") from exc
+                raise _bad(f"path {d!r} goes through a file") from exc
             raise
         if root is None:
             self._drop_cached()
@@ -832,7 +832,7 @@ def import_layer(stream_reader: TarReader, root_fd: int, parent_fds: list[int],
     except GraphDriverError:
         raise
     except OSError as exc:
-        raise from_oserror(exc, "importing the Windows layer") from None
+        raise from_oserror(exc, "importing the Windows layer") from exc
 
 
 # ----- walking a stored layer (diff, changes, size) -------------------------------------------

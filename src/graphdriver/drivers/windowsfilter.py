@@ -162,7 +162,7 @@ class WindowsFilterDriver(LayerStore):
             raise NotSupported(
                 f"windowsfilter: {self.home} ({fs_name(self.home)}) cannot hold user.* extended "
                 f"attributes, which keep Windows file metadata: {exc.strerror}"
-            ) from None
+            ) from exc
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink()
@@ -178,7 +178,7 @@ class WindowsFilterDriver(LayerStore):
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
-                raise from_oserror(exc, f"windowsfilter: reading {name} of {layer_id}") from None
+                raise from_oserror(exc, f"windowsfilter: reading {name} of {layer_id}") from exc
             return validate_id(alt, f"{name} of layer {layer_id}")
         return layer_id
 
@@ -210,7 +210,7 @@ class WindowsFilterDriver(LayerStore):
                 quota.unmount_image(path)
             remove_tree(path)
         except OSError as exc:
-            raise from_oserror(exc, f"windowsfilter: removing {path}") from None
+            raise from_oserror(exc, f"windowsfilter: removing {path}") from exc
 
     def _cleanup_driver(self) -> None:
         for path in self._removing_leftovers():
@@ -268,7 +268,7 @@ class WindowsFilterDriver(LayerStore):
                     quota.mount_image(d)
                 except OSError as exc:
                     raise from_oserror(exc, f"windowsfilter: mounting the sandbox of {rec.id}") \
-                        from None
+                        from exc
             return mp / "diff"
         return d / SANDBOX
 
@@ -387,7 +387,7 @@ class WindowsFilterDriver(LayerStore):
         except OSError as exc:
             if exc.errno == errno.EPIPE:
                 raise
-            raise from_oserror(exc, f"windowsfilter: diff of {layer_id}") from None
+            raise from_oserror(exc, f"windowsfilter: diff of {layer_id}") from exc
 
     def diff_getter(self, layer_id: str) -> Any:
         rec = self.record(layer_id)
@@ -656,11 +656,11 @@ def _run_import(in_fd: int, raw_fd: int, staging: Path,
             os.close(fd)
     try:
         answer = json.loads(proc.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
-    except (ValueError, IndexError):
+    except (ValueError, IndexError) as exc:
         err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         raise GraphDriverError(
             f"windowsfilter: the import process failed (exit {proc.returncode}): "
-            f"{err[-1] if err else 'no output'}") from None
+            f"{err[-1] if err else 'no output'}") from exc
     if "error" in answer:
         cls = getattr(_errors, str(answer["error"]), GraphDriverError)
         if not (isinstance(cls, type) and issubclass(cls, GraphDriverError)):
