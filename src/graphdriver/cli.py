@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "graphdriver COMMAND --help"))
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}",
                    help="print the version and exit")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser,
+                           help="what to do (graphdriver COMMAND --help: its arguments)")
     sub.required = True
 
     def cmd(name: str, help_: str, *examples: str) -> argparse.ArgumentParser:
@@ -316,8 +317,13 @@ def _fast_parse(argv: list[str]) -> Any:
 def _store_exists(root: str, driver: str | None) -> bool:
     from .registry import ALIASES, names
 
-    candidates = [ALIASES.get(driver, driver)] if driver else names()
-    return any(os.path.isdir(os.path.join(root, name, "meta")) for name in candidates)
+    for name in [ALIASES.get(driver, driver)] if driver else names():
+        try:
+            os.stat(os.path.join(root, name, "meta"))  # EACCES: PermissionDenied, as it is
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        return True
+    return False
 
 
 def _open(args: argparse.Namespace) -> Any:
@@ -455,7 +461,7 @@ def _open_input(path: str, prog: str) -> tuple[int, bool]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise from_oserror(exc, f"opening {path}") from exc
+        raise from_oserror(exc, path) from exc
     if stat_mod.S_ISDIR(os.fstat(fd).st_mode):
         os.close(fd)
         raise InvalidArgument(f"{path} is a directory, not a layer tar")

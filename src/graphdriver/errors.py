@@ -12,6 +12,7 @@ Imports nothing of graphdriver (every module imports this one).
 from __future__ import annotations
 
 import errno as _errno
+import os
 
 
 class GraphDriverError(Exception):
@@ -90,7 +91,8 @@ def from_oserror(exc: OSError, what: str) -> GraphDriverError:
     if isinstance(exc, GraphDriverError):
         return exc
     reason = exc.strerror or str(exc)
-    where = f" ({exc.filename})" if exc.filename else ""
+    named = exc.filename is not None and os.fsdecode(exc.filename) in what
+    where = f" ({exc.filename})" if exc.filename and not named else ""
     msg = f"{what}: {reason}{where}"
     if exc.errno in (_errno.ENOSPC, _errno.EDQUOT):
         return NoSpace(msg)

@@ -106,7 +106,7 @@ class Harness:
         gnu_ref = tree(ref)
         # Calibration: uninterrupted runs give the timings and the expected trees.
         t0 = time.monotonic()
-        cli_ok(self.root, self.run, self.driver, "ls")
+        cli_ok(self.root, self.run, self.driver, "cleanup")
         self.t_start = time.monotonic() - t0
         t0 = time.monotonic()
         cli_ok(self.root, self.run, self.driver, "create", "cal1")
