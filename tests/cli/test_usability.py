@@ -76,8 +76,10 @@ def test_ls_is_a_table_with_parents(gd: GD) -> None:
     assert rows["ctr"].split()[1:4] == ["app", "rw", "-"]
     assert rows["ctr"].split()[-1] == "1"
     # columns line up (docker's tabwriter: three spaces after the widest cell)
-    assert len({line.index("PARENT") for line in lines[:1]} | {len(r.split()[0]) for r in []}) == 1
-    assert all(line[lines[0].index("KIND"):].split()[0] in ("KIND", "ro", "rw") for line in lines)
+    for column in ("PARENT", "KIND", "SIZE", "CREATED", "MOUNTS"):
+        at = lines[0].index(column)
+        assert all(line[at - 3:at] == "   " and line[at] != " " for line in lines), column
+    assert lines[0].index("PARENT") == len("base") + 3
 
 
 def test_ls_quiet_format_json_and_tree(gd: GD) -> None:
@@ -149,7 +151,8 @@ def test_read_only_commands_on_no_store_create_nothing(tmp_path: Path) -> None:
                  ["changes", "x"], ["diff", "x"], ["diff-size", "x"]):
         proc = command("--root", str(root), "--runroot", str(tmp_path / "run"), *args)
         assert proc.returncode == (2 if args[0] == "exists" else 1), (args, proc.stderr)
-        assert proc.stderr.decode().strip() == f"graphdriver: NotFound: no graphdriver store at {root}"
+        err = proc.stderr.decode().strip()
+        assert err == f"graphdriver: NotFound: no graphdriver store at {root}"
         assert not root.exists()
 
 
@@ -203,7 +206,8 @@ def test_every_argument_has_help_and_every_command_examples() -> None:
 
 
 def test_usage_errors_point_at_the_command_help_and_abbreviations_are_refused() -> None:
-    for args, where in ((["ls", "--tre"], "graphdriver ls"), (["--ro", "/x", "ls"], "graphdriver ls"),
+    for args, where in ((["ls", "--tre"], "graphdriver ls"),
+                        (["--ro", "/x", "ls"], "graphdriver ls"),
                         (["exists"], "graphdriver exists"), (["frobnicate"], "graphdriver"),
                         (["create", "x", "--size", "1G"], "graphdriver create")):
         proc = command(*args)
@@ -334,11 +338,10 @@ def test_size_8m_holds_8_mib_of_file_data(gd: GD) -> None:
         os.sync()
         (root / "eight").unlink()
         os.sync()
-        with pytest.raises(OSError, match="No space left"):
-            with open(root / "nine", "wb") as f:
-                f.write(b"\1" * (9 * MiB))
-                f.flush()
-                os.fsync(f.fileno())
+        with pytest.raises(OSError, match="No space left"), open(root / "nine", "wb") as f:
+            f.write(b"\1" * (9 * MiB))
+            f.flush()
+            os.fsync(f.fileno())
     finally:
         gd.run("unmount", "q")
 
