@@ -351,3 +351,29 @@ def test_permission_denied_says_what_to_do(tmp_path: Path) -> None:
     assert err.startswith("graphdriver: PermissionDenied: permission denied: "), err
     assert err.endswith("(graphdriver needs root, or a user namespace: see README)\n"), err
     assert "NotSupported" not in err and err.count("\n") == 1
+
+
+def test_windowsfilter_names_dot_prefixed_entries(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    def tar(*names: str) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                data = b"" if name.endswith("/") else b"hi\n"
+                info.type = tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    g = GD(tmp_path / "root", tmp_path / "run", "windowsfilter")
+    proc = g.run("create", "w", ok=False)
+    if proc.returncode != 0:
+        pytest.skip(proc.stderr.decode().strip())
+    err = g.fails("apply", "w", "-", input=tar("./", "./Files/", "./Files/a"))
+    assert "entry './'" in err and "Files/, Hives/ and UtilityVM/" in err
+    err = g.fails("apply", "w", "-", input=tar("./etc/", "./etc/passwd"))
+    assert "entry './etc/'" in err and "outside Files/" in err
+    assert g.out("apply", "w", "-", input=tar("Files/", "Files/a")).strip() == "3"  # from stdin

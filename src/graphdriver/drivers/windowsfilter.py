@@ -637,6 +637,9 @@ def _run_import(in_fd: int, raw_fd: int, staging: Path,
                 parents: list[Path]) -> tuple[int, str, str | None]:
     """Run the import in a child process (exec'd, so safe from threaded callers)."""
     fds: list[int] = []
+    # stdin (``apply ID -``) would be replaced by the child's own fd 0: hand it a copy
+    copy = os.dup(in_fd) if in_fd < 3 else -1
+    in_fd = in_fd if copy < 0 else copy
     try:
         staging_fd = os.open(staging, _DIR_FLAGS)
         fds.append(staging_fd)
@@ -654,6 +657,8 @@ def _run_import(in_fd: int, raw_fd: int, staging: Path,
     finally:
         for fd in fds:
             os.close(fd)
+        if copy >= 0:
+            os.close(copy)
     try:
         answer = json.loads(proc.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
     except (ValueError, IndexError) as exc:
