@@ -253,6 +253,22 @@ def test_interrupt_names_its_signal(gd: GD, sig: signal.Signals) -> None:
     assert gd.out("changes", "a") == ""
 
 
+def test_interrupted_import_leaves_no_layer(gd: GD) -> None:
+    data = TarBuilder().file("big", b"x" * (8 * MiB)).bytes()
+    proc = subprocess.Popen([*gd.base, "import", "half", "-"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(data[: 2 * MiB])
+    proc.stdin.flush()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    proc.stdin.close()
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 130 and "interrupted by SIGINT" in err, err
+    assert gd.run("exists", "half", ok=False).returncode == 1
+
+
 def test_completions_and_man_page_come_from_the_parser() -> None:
     commands = ["status", "create", "import", "apply", "diff", "ls", "inspect", "rm", "exists"]
     for shell in ("bash", "zsh", "fish"):
