@@ -90,12 +90,13 @@ class PipeRecorder:
         self._out.close()
 
 
+#: names for messages, looked up without the enum machinery (it runs in signal handlers)
+_SIGNAL_NAMES = {int(signal.SIGINT): "SIGINT", int(signal.SIGTERM): "SIGTERM"}
+
+
 def _signame(signum: int) -> str:
     """"SIGINT", "SIGTERM": how a signal is named in messages."""
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
+    return _SIGNAL_NAMES.get(signum) or f"signal {signum}"
 
 
 def _corrupt(what: str) -> errors.InvalidArchive:
