@@ -34,7 +34,7 @@ from .archive.tarsplit import (
     open_metadata,
     verify_packed,
 )
-from .errors import NotFound, StoreCorrupt
+from .errors import ExactDiffUnavailable, StoreCorrupt
 
 if TYPE_CHECKING:
     from typing import BinaryIO
@@ -69,7 +69,7 @@ def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLik
     elif (meta_dir / METADATA_NAME).exists() or (meta_dir / UNREPRODUCIBLE_NAME).exists():
         problem = "more than one archive was applied to this layer"
     elif os.fstat(raw_fd).st_size == 0 or packer.lines == 0:
-        problem = "the apply recorded no tar-split description"
+        problem = "the apply recorded no description of the archive"
     out_path = meta_dir / METADATA_NAME
     if problem is None and packer.compressed and not packer.missing:
         root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -102,7 +102,7 @@ def layer_status(meta_dir: Path) -> tuple[bool, str]:
     marker = meta_dir / UNREPRODUCIBLE_NAME
     with contextlib.suppress(FileNotFoundError):
         return False, marker.read_text().strip() or "not exactly reproducible"
-    return False, "no tar-split metadata was recorded (the layer was not made by an apply)"
+    return False, "the layer was not made by applying an archive"
 
 
 def assemble_layer(meta_dir: Path, open_file: Opener, out: int | BinaryIO,
@@ -110,12 +110,13 @@ def assemble_layer(meta_dir: Path, open_file: Opener, out: int | BinaryIO,
     """Re-assemble a layer's applied tar from ``meta_dir/tar-split.json.gz``."""
     ok, why = layer_status(meta_dir)
     if not ok:
-        raise NotFound(f"layer {layer_id} is not exactly reproducible: {why}")
+        raise ExactDiffUnavailable(f"layer {layer_id}: the archive it was made from cannot be "
+                                   f"reproduced byte for byte ({why})")
     with open_metadata(meta_dir / METADATA_NAME) as meta:
         try:
             return assemble(meta, open_file, out, f"layer {layer_id}")
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            raise StoreCorrupt(f"layer {layer_id}: reading its tar-split metadata: {exc}") from None
+            raise StoreCorrupt(f"layer {layer_id}: reading its tar-split metadata: {exc}") from exc
 
 
 def exact_available(driver: LayerStore, layer_id: str,
@@ -130,11 +131,15 @@ def exact_available(driver: LayerStore, layer_id: str,
 def write_exact_diff(driver: LayerStore, layer_id: str, out: int | BinaryIO) -> int:
     """Re-assemble the tar that was applied to *layer_id* from its stored files (same sha256).
 
-    Raises NotFound when the layer has no usable metadata and StoreCorrupt when a file changed.
+    Raises ExactDiffUnavailable (a NotFound) when the layer has no usable metadata and
+    StoreCorrupt when a file changed.
     """
     ok, why = exact_available(driver, layer_id)
     if not ok:
-        raise NotFound(f"layer {layer_id} is not exactly reproducible: {why}")
+        log.debug("layer %s: no tar-split metadata (%s) to re-assemble from: %s", layer_id,
+                  driver.meta.dir(layer_id) / METADATA_NAME, why)
+        raise ExactDiffUnavailable(f"layer {layer_id}: the archive it was made from cannot be "
+                                   f"reproduced byte for byte ({why}); a plain diff still works")
     getter = driver.diff_getter(layer_id)
     try:
         return assemble_layer(driver.meta.dir(layer_id), getter.open, out, layer_id)

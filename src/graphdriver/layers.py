@@ -168,7 +168,7 @@ class LayerRecord:
             if not all(isinstance(h, str) for h in rec.holders):
                 raise TypeError("holders: not all strings")
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise StoreCorrupt(f"unreadable layer record {where}: {exc}") from None
+            raise StoreCorrupt(f"unreadable layer record {where}: {exc}") from exc
         return rec
 
 
@@ -205,13 +205,13 @@ class MetaDir:
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            raise StoreCorrupt(f"unreadable layer record {path}: {exc.strerror}") from None
+            raise StoreCorrupt(f"unreadable layer record {path}: {exc.strerror}") from exc
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise StoreCorrupt(f"unreadable layer record {path}: not a regular file")
             data = os.read(fd, self.MAX_RECORD + 1)
         except OSError as exc:
-            raise StoreCorrupt(f"unreadable layer record {path}: {exc.strerror}") from None
+            raise StoreCorrupt(f"unreadable layer record {path}: {exc.strerror}") from exc
         finally:
             os.close(fd)
         if len(data) > self.MAX_RECORD:

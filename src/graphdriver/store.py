@@ -81,7 +81,7 @@ def parse_size(value: str, who: str) -> int:
     try:
         size = ram_in_bytes(value)
     except GraphDriverError as exc:
-        raise InvalidArgument(f"{who}: invalid size {value!r}: {exc}") from None
+        raise InvalidArgument(f"{who}: invalid size {value!r}: {exc}") from exc
     if size < 0:
         raise InvalidArgument(f"{who}: invalid size {value!r}: negative")
     return size
@@ -145,8 +145,8 @@ class LayerStore:
             names = os.listdir(self.home)
         except FileNotFoundError:
             names = None
-        except NotADirectoryError:
-            raise NotAStore(f"not a graphdriver store: {self.home} is not a directory") from None
+        except NotADirectoryError as exc:
+            raise NotAStore(f"not a graphdriver store: {self.home} is not a directory") from exc
         if names is not None and STORE_MARKER in names:
             if not os.path.isdir(self.home / "meta"):
                 raise StoreCorrupt(f"{self.home}: its meta/ directory is missing; refusing to "
@@ -168,7 +168,7 @@ class LayerStore:
             ids = set(os.listdir(meta))
         except OSError as exc:
             raise NotAStore(f"not a graphdriver store: {self.home} has no readable meta/ "
-                            f"({exc.strerror}); refusing to touch it") from None
+                            f"({exc.strerror}); refusing to touch it") from exc
         own = {"meta", "locks", ".lock", "lost+found"} | self.home_names
         strangers = [n for n in names if n not in own and n not in ids
                      and not n.endswith(REMOVING_SUFFIX) and not n.startswith(".probe-")
@@ -420,6 +420,7 @@ class LayerStore:
             for path in [*aside, meta_aside]:
                 self._destroy(path)
             self._forget_mount(layer_id)
+            log.debug("removed layer %s", layer_id)
 
     # ----- holders, staged commits, freezing (the image store's and snapshotter's API) --------
 
@@ -700,6 +701,7 @@ class LayerStore:
                 path = self._mount_path(rec)
             else:
                 path = self._mount(rec, mount_label)
+                log.debug("mounted layer %s at %s", layer_id, path)
                 count = 0
             self.refs.set(layer_id, count + 1)
             with self._cache_lock:
@@ -715,6 +717,7 @@ class LayerStore:
             rec = self.meta.read(layer_id)
             if count == 1 and rec is not None:
                 self._unmount(rec)
+                log.debug("unmounted layer %s", layer_id)
             self.refs.set(layer_id, count - 1)
             if count == 1:
                 self._forget_mount(layer_id)
@@ -845,7 +848,7 @@ class LayerStore:
                 self.meta.mark_incomplete(layer_id, APPLY_INTENT)
             except OSError as exc:
                 self.meta.clear_incomplete(layer_id)
-                raise from_oserror(exc, f"apply to layer {layer_id}") from None
+                raise from_oserror(exc, f"apply to layer {layer_id}") from exc
             raw_fd: int | None = None
             applied = False
             try:
@@ -862,7 +865,7 @@ class LayerStore:
                 self._tarsplit_discard(layer_id, raw_fd)
                 self._roll_back_apply(rec, applied)
                 if isinstance(exc, OSError):
-                    raise from_oserror(exc, f"apply to layer {layer_id}") from None
+                    raise from_oserror(exc, f"apply to layer {layer_id}") from exc
                 raise
             self._tarsplit_discard(layer_id, raw_fd)
             self._finish_apply(rec)

@@ -18,7 +18,7 @@ import pytest
 from graphdriver import exactdiff as ed
 from graphdriver.archive import tarsplit as ts
 from graphdriver.archive.crc64 import crc64
-from graphdriver.errors import NotFound, StoreCorrupt
+from graphdriver.errors import ExactDiffUnavailable, StoreCorrupt
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 needs_gnu_tar = pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar missing")
@@ -114,7 +114,7 @@ def test_sparse_layer_not_reproducible_but_diffable(store: object, tmp_path: Pat
         d.apply_diff("s", None, f)  # type: ignore[attr-defined]
     ok, why = ed.exact_available(d, "s")
     assert not ok and "hole" in why
-    with pytest.raises(NotFound, match="not exactly reproducible"):
+    with pytest.raises(ExactDiffUnavailable, match="cannot be reproduced byte for byte"):
         ed.write_exact_diff(d, "s", open(os.devnull, "wb"))  # noqa: SIM115
     r = gd(tmp_path, d.name, "diff", "s")  # type: ignore[attr-defined]
     assert r.returncode == 0 and len(r.stdout) > 0
@@ -124,7 +124,7 @@ def test_layer_without_apply_has_no_exact_diff(store: object) -> None:
     d: object = store
     d.create("empty")  # type: ignore[attr-defined]
     ok, why = ed.exact_available(d, "empty")
-    assert not ok and "not made by an apply" in why
+    assert not ok and "not made by applying an archive" in why
 
 
 def test_stored_metadata_is_gzip_json_lines(store: object, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def test_broken_record_quarantines_one_layer(driver_name: str, tmp_path: Path, h
     with again.mounted("other"):
         pass
     listing = cli_ok(root, run, driver_name, "ls")
-    assert "mid (broken:" in listing and "other\n" in listing
+    assert "mid (broken:" in listing and re.search(r"^other\s", listing, re.M)
     again.remove("leaf")  # the child is still reachable
     res = cli(root, run, driver_name, "rm", "mid")
     assert res.returncode == 0, res.stderr

@@ -294,9 +294,9 @@ class _Applier:
         if self.is_root or exc.errno not in (
             errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES
         ):
-            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-                raise NotSupported(f"{what}: {exc.strerror}") from None
-            raise from_oserror(exc, what) from None
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):  # EPERM: PermissionDenied
+                raise NotSupported(f"{what}: {exc.strerror}") from exc
+            raise from_oserror(exc, what) from exc
         if what not in self.warned:
             self.warned.add(what)
             log.debug("not root: skipped %s (%s)", what, exc.strerror)
@@ -371,11 +371,11 @@ class _Applier:
                         return None
                     raise InvalidArchive(
                         f"cannot create {name!r}: parent {real!r} is not a directory"
-                    ) from None
+                    ) from exc
                 if real in self.archive_links:
                     raise UnsafeArchive(
                         f"{name!r} crosses symlink {real!r} created by the archive"
-                    ) from None
+                    ) from exc
                 try:
                     real = resolve_in_root(self.root_fd, real)
                     fd = open_beneath(self.root_fd, real, _DIR_FLAGS)
@@ -385,12 +385,12 @@ class _Applier:
                     raise InvalidArchive(
                         f"cannot create {name!r}: symlink {_join(cur_real, comp)!r} does not "
                         "lead to a directory inside the layer"
-                    ) from None
+                    ) from exc2
                 if real.split("/", 1)[0] == self.scratch:
                     os.close(fd)
                     raise UnsafeArchive(
                         f"{name!r} leads into the apply's scratch directory"
-                    ) from None
+                    ) from exc
             st_mode = os.fstat(fd).st_mode
             sgid = bool(st_mode & stat.S_ISGID)
             key = "/".join(parts[: j + 1])
@@ -502,7 +502,7 @@ class _Applier:
         try:
             return self.idmap.to_host(e.uid, e.gid)
         except InvalidArgument as exc:
-            raise InvalidArchive(f"{e.name!r}: {exc}") from None
+            raise InvalidArchive(f"{e.name!r}: {exc}") from exc
 
     def _check_xattrs(self, e: TarEntry) -> None:
         if self.overlay:
@@ -763,7 +763,7 @@ class _Applier:
             except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
                 raise InvalidArchive(
                     f"hard link {e.name!r} to {target!r}: {exc.strerror}"
-                ) from None
+                ) from exc
         self._note_new(preal, _join(preal, base))
 
     def _plnk_file(self, reader: TarReader, e: TarEntry) -> None:
@@ -1164,7 +1164,7 @@ def _open_target(target: str | os.PathLike[str] | int) -> tuple[int, bool]:
     try:
         return os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), True
     except OSError as exc:
-        raise from_oserror(exc, "open apply target") from None
+        raise from_oserror(exc, "open apply target") from exc
 
 
 def apply_reader(reader: TarReader, root_fd: int, opts: ApplyOptions) -> ApplyResult:
@@ -1185,10 +1185,10 @@ def apply_reader(reader: TarReader, root_fd: int, opts: ApplyOptions) -> ApplyRe
         if isinstance(exc, GraphDriverError | KeyboardInterrupt | SystemExit):
             raise
         if isinstance(exc, OSError):
-            raise from_oserror(exc, "apply layer") from None
+            raise from_oserror(exc, "apply layer") from exc
         if isinstance(exc, ValueError) and "null byte" in str(exc):
             # a path, link target or xattr name from a PAX record holding a NUL
-            raise InvalidArchive("invalid tar: a name in the archive holds a NUL byte") from None
+            raise InvalidArchive("invalid tar: a name in the archive holds a NUL byte") from exc
         raise
     return ApplyResult(applier.size, reader.diff_id)
 

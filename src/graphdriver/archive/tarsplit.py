@@ -131,7 +131,7 @@ def decode_entry(line: bytes) -> Entry:
     try:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise _bad(f"not JSON ({exc})") from None
+        raise _bad(f"not JSON ({exc})") from exc
     if not isinstance(obj, dict):
         raise _bad("an entry is not an object")
     typ = obj.get("type")
@@ -146,8 +146,8 @@ def decode_entry(line: bytes) -> Entry:
             name = str(obj["name"]).encode("utf-8", "surrogateescape")
         payload = obj.get("payload")
         data = None if payload is None else base64.b64decode(payload, validate=True)
-    except (ValueError, TypeError):
-        raise _bad("bad base64") from None
+    except (ValueError, TypeError) as exc:
+        raise _bad("bad base64") from exc
     size = obj.get("size", 0)
     pos = obj.get("position", 0)
     if not isinstance(size, int) or size < 0 or not isinstance(pos, int):
@@ -612,9 +612,9 @@ def assemble(meta: BinaryIO, open_file: Opener, out: int | BinaryIO, what: str =
             f = open_file(name)
         except OSError as exc:
             raise NotFound(f"{what}: {shown!r} is gone ({exc.strerror}); "
-                           "cannot reproduce the diff exactly") from None
+                           "cannot reproduce the diff exactly") from exc
         except GraphDriverError as exc:
-            raise NotFound(f"{what}: {shown!r}: {exc}; cannot reproduce the diff exactly") from None
+            raise NotFound(f"{what}: {shown!r}: {exc}; cannot reproduce the diff exactly") from exc
         with f:
             crc = 0
             left = e.size

@@ -178,8 +178,8 @@ def parse_number(field: bytes, what: str) -> int:
     if s.isdigit():  # the common case: plain digits, then NULs or spaces
         try:
             return int(s, 8)
-        except ValueError:
-            raise _bad(f"{what} field {field!r} is not a number") from None
+        except ValueError as exc:
+            raise _bad(f"{what} field {field!r} is not a number") from exc
     if field and field[0] & 0x80:
         if field[0] & 0x40:  # 0xff...: negative, two's complement over the whole field
             return int.from_bytes(field, "big", signed=True)
@@ -302,6 +302,7 @@ class TarReader:
         self._crc = 0
         self._global: dict[str, bytes] = {}
         self._done = False
+        self._first = True  # no entry read yet: bad bytes here mean "not a tar archive"
         self.bytes_read = 0
         self._diff_id: str | None = None
 
@@ -450,6 +451,8 @@ class TarReader:
         if not self._fill(BLOCK):
             if self._end - self._pos == 0:
                 return None
+            if self._first:
+                raise InvalidArchive("not a tar archive (truncated: shorter than one tar header)")
             raise _bad("archive truncated in a header")
         blk = bytes(self._mv[self._pos : self._pos + BLOCK])
         self._pos += BLOCK
@@ -557,6 +560,7 @@ class TarReader:
                 if done is not None and entry.data_size:
                     self._crc_on = True
                     self._crc = 0
+            self._first = False
             yield entry
 
     def _next_header(self) -> TarEntry | None:
@@ -611,6 +615,31 @@ class TarReader:
         self._pad = -data_size & (BLOCK - 1)
         return e
 
+    def _check_header_sum(self, blk: bytes) -> None:
+        """The header checksum (unsigned and signed sums accepted, the field counted as spaces):
+        what tells a tar header from other bytes, so a bad first header is "not a tar archive"."""
+        try:
+            f = blk[148:156].rstrip(b"\0 ")
+            stored = int(f, 8) if f.isdigit() and b"8" not in f and b"9" not in f else (
+                parse_number(blk[148:156], "checksum")
+            )
+            field_sum = sum(blk[148:156])
+            if blk.isascii():
+                total = (zlib.adler32(blk) & 0xFFFF) - 1  # exact: an ASCII block sums < 65521
+                if total - field_sum + 256 != stored:
+                    raise _bad(f"header checksum mismatch at offset {self.bytes_read}")
+            else:
+                unsigned = sum(blk) - field_sum + 256
+                if unsigned != stored:
+                    high = sum(1 for b in blk if b & 0x80)
+                    high -= sum(1 for b in blk[148:156] if b & 0x80)
+                    if unsigned - 256 * high != stored:
+                        raise _bad(f"header checksum mismatch at offset {self.bytes_read}")
+        except InvalidArchive as exc:
+            if self._first:
+                raise InvalidArchive(f"not a tar archive ({exc})") from exc
+            raise
+
     def _next_header_py(self) -> TarEntry | None:
         pax: dict[str, bytes] = {}
         sparse00: list[int] = []
@@ -629,23 +658,7 @@ class TarReader:
                 if nxt is not None and nxt != _ZERO_BLOCK:
                     raise _bad("a lone zero block followed by more data")
                 return None
-            # checksum: unsigned and signed sums accepted (field counted as spaces)
-            f = blk[148:156].rstrip(b"\0 ")
-            stored = int(f, 8) if f.isdigit() and b"8" not in f and b"9" not in f else (
-                parse_number(blk[148:156], "checksum")
-            )
-            field_sum = sum(blk[148:156])
-            if blk.isascii():
-                total = (zlib.adler32(blk) & 0xFFFF) - 1  # exact: an ASCII block sums < 65521
-                if total - field_sum + 256 != stored:
-                    raise _bad(f"header checksum mismatch at offset {self.bytes_read}")
-            else:
-                unsigned = sum(blk) - field_sum + 256
-                if unsigned != stored:
-                    high = sum(1 for b in blk if b & 0x80)
-                    high -= sum(1 for b in blk[148:156] if b & 0x80)
-                    if unsigned - 256 * high != stored:
-                        raise _bad(f"header checksum mismatch at offset {self.bytes_read}")
+            self._check_header_sum(blk)
             typ = blk[156:157]
             f = blk[124:136].rstrip(b"\0 ")
             size = int(f, 8) if f.isdigit() and b"8" not in f and b"9" not in f else (
@@ -708,8 +721,8 @@ class TarReader:
             e.gid = int(f, 8) if f.isdigit() else parse_number(blk[116:124], "gid")
             f = blk[136:148].rstrip(b"\0 ")
             mtime = int(f, 8) if f.isdigit() else parse_number(blk[136:148], "mtime")
-        except ValueError:
-            raise _bad("a numeric header field holds a non-octal digit") from None
+        except ValueError as exc:
+            raise _bad("a numeric header field holds a non-octal digit") from exc
         e.mtime_ns = mtime * 1_000_000_000
         if ustar or gnu:
             e._raw_owner = blk[265:329]

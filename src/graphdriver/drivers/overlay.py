@@ -139,7 +139,7 @@ class OverlayDriver(LayerStore):
                 self._probe_once(probe, extra)
             except OSError as exc:
                 raise NotSupported(f"overlay: a test mount in {self.home} failed: "
-                                   f"{exc.strerror or exc}") from None
+                                   f"{exc.strerror or exc}") from exc
             for opt in ("index=off", "redirect_dir=off", "metacopy=off"):
                 try:
                     self._probe_once(probe, [*extra, opt])
@@ -217,7 +217,7 @@ class OverlayDriver(LayerStore):
                 return
             remove_tree(path)
         except OSError as exc:
-            raise from_oserror(exc, f"overlay: removing {path}") from None
+            raise from_oserror(exc, f"overlay: removing {path}") from exc
 
     def _detach(self, path: Path) -> None:
         unmount_all_under(path)
@@ -271,7 +271,7 @@ class OverlayDriver(LayerStore):
                 os.mkdir(d / "merged", 0o700)
             os.symlink(f"../{rec.id}/diff", self.links / short)
         except OSError as exc:
-            raise from_oserror(exc, f"overlay: creating layer {rec.id}") from None
+            raise from_oserror(exc, f"overlay: creating layer {rec.id}") from exc
 
     def _on_first_child(self, parent: LayerRecord) -> None:
         (self._dir(parent.id) / "committed").write_bytes(b"")
@@ -306,7 +306,7 @@ class OverlayDriver(LayerStore):
                     log.info("overlay: mounted the quota image of %s", layer_id)
             except OSError as exc:
                 raise from_oserror(exc, f"overlay: mounting the quota image of {layer_id}") \
-                    from None
+                    from exc
 
     def _ensure_chain_images(self, layer_id: str) -> None:
         self._ensure_image(layer_id)
@@ -352,7 +352,7 @@ class OverlayDriver(LayerStore):
         try:
             mount_overlay(merged, opts)
         except OSError as exc:
-            raise from_oserror(exc, f"overlay: mounting layer {rec.id}") from None
+            raise from_oserror(exc, f"overlay: mounting layer {rec.id}") from exc
         return merged
 
     def _unmount(self, rec: LayerRecord) -> None:
@@ -415,7 +415,7 @@ class OverlayDriver(LayerStore):
         try:
             return directory_size(self._diff_dir(layer_id))
         except OSError as exc:
-            raise from_oserror(exc, f"overlay: size of layer {layer_id}") from None
+            raise from_oserror(exc, f"overlay: size of layer {layer_id}") from exc
 
     def write_diff(self, out_fd: int, layer_id: str, parent: str | None = None,
                    progress: Callable[[int], None] | None = None) -> None:

@@ -161,7 +161,7 @@ class WindowsFilterDriver(LayerStore):
             raise NotSupported(
                 f"windowsfilter: {self.home} ({fs_name(self.home)}) cannot hold user.* extended "
                 f"attributes, which keep Windows file metadata: {exc.strerror}"
-            ) from None
+            ) from exc
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink()
@@ -177,7 +177,7 @@ class WindowsFilterDriver(LayerStore):
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
-                raise from_oserror(exc, f"windowsfilter: reading {name} of {layer_id}") from None
+                raise from_oserror(exc, f"windowsfilter: reading {name} of {layer_id}") from exc
             return validate_id(alt, f"{name} of layer {layer_id}")
         return layer_id
 
@@ -207,7 +207,7 @@ class WindowsFilterDriver(LayerStore):
             self._detach(path)
             remove_tree(path)
         except OSError as exc:
-            raise from_oserror(exc, f"windowsfilter: removing {path}") from None
+            raise from_oserror(exc, f"windowsfilter: removing {path}") from exc
 
     def _detach(self, path: Path) -> None:
         unmount_all_under(os.path.realpath(path))
@@ -276,7 +276,7 @@ class WindowsFilterDriver(LayerStore):
                     quota.mount_image(d)
                 except OSError as exc:
                     raise from_oserror(exc, f"windowsfilter: mounting the sandbox of {rec.id}") \
-                        from None
+                        from exc
             return mp / "diff"
         return d / SANDBOX
 
@@ -395,7 +395,7 @@ class WindowsFilterDriver(LayerStore):
         except OSError as exc:
             if exc.errno == errno.EPIPE:
                 raise
-            raise from_oserror(exc, f"windowsfilter: diff of {layer_id}") from None
+            raise from_oserror(exc, f"windowsfilter: diff of {layer_id}") from exc
 
     def diff_getter(self, layer_id: str) -> Any:
         rec = self.record(layer_id)
