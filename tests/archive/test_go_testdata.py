@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +33,8 @@ import pytest
 from tarbuild import build, header, member, pad, pax_member, pax_records
 
 from graphdriver.archive import tarstream as ts
-from graphdriver.errors import InvalidArchive
+from graphdriver.archive.apply import SCRATCH_PREFIX, ApplyOptions, apply_tar
+from graphdriver.errors import GraphDriverError, InvalidArchive
 
 GODUMP = Path(__file__).with_name("godump") / "main.go"
 _HEADER_ONLY = frozenset(b"123456")  # types whose size field carries no data (Go's rule)
@@ -368,3 +370,72 @@ def test_unparsable_gnu_times_are_ignored(path: str) -> None:
 def test_global_pax_records_do_not_reach_entries(path: str) -> None:
     got = [(e.name, e.uid, e.mtime_ns) for e in _entries(CRAFTED["pax-global-ignored"]())]
     assert got == [("f", 0, 1_600_000_000 * 10**9), ("g", 0, 1_600_000_000 * 10**9)]
+
+
+# ---- the engine applies what Go reads, refuses what Go refuses -------------------------------
+def _applied_matches(root: Path, go: dict[str, Any]) -> None:
+    """Each name's last entry, as Go read it, is what the tree holds (files: content, size,
+    mode, owner, mtime; symlinks: target; directories: kind)."""
+    last: dict[bytes, dict[str, Any]] = {}
+    for e in go["entries"]:
+        if e["typeflag"] != ord("g"):
+            name = ts.clean_name(bytes.fromhex(e["name"])).encode("utf-8", "surrogateescape")
+            last[name] = e
+    for name, e in last.items():
+        p = os.path.join(bytes(root), name)
+        st = os.lstat(p)
+        typ = chr(e["typeflag"])
+        if typ in "07S":
+            assert stat.S_ISREG(st.st_mode), name
+            assert (st.st_size, stat.S_IMODE(st.st_mode)) == (e["size"], e["mode"] & 0o7777), name
+            if os.geteuid() == 0:
+                assert (st.st_uid, st.st_gid) == (e["uid"], e["gid"]), name
+            assert st.st_mtime_ns == e["mtime"], name
+            if e["extents"] in ([], [[0, e["size"]]]):
+                with open(p, "rb") as f:
+                    assert hashlib.file_digest(f, "sha256").hexdigest() == e["sha256"], name
+        elif typ == "2":
+            assert os.readlink(p) == bytes.fromhex(e["linkname"]), name
+        elif typ in "5D":
+            assert stat.S_ISDIR(st.st_mode), name
+
+
+@needs_go
+@pytest.mark.parametrize("name", _corpus())
+def test_go_testdata_applies(name: str, work: Path, go_testdata: dict[str, Any]) -> None:
+    """Through the real engine (in process, both drivers' whiteout forms are the same here):
+    what Go reads applies and gives Go's files; what Go refuses is refused in one line; nothing
+    is written beside the target."""
+    assert TESTDATA is not None
+    target = work / "layer"
+    target.mkdir()
+    canary = work / "canary"
+    canary.mkdir()
+    (canary / "keep").write_bytes(b"canary")
+    go = go_testdata[name]
+    try:
+        apply_tar(io.BytesIO((TESTDATA / name).read_bytes()), target, ApplyOptions())
+    except GraphDriverError as exc:
+        assert go["error"] is not None, f"Go reads {name}, the apply refused it: {exc}"
+        assert isinstance(exc, InvalidArchive) and "\n" not in str(exc)
+        assert not os.listdir(target)
+    else:
+        assert go["error"] is None, f"Go refuses {name} ({go['error']}), the apply took it"
+        _applied_matches(target, go)
+    assert sorted(os.listdir(work)) == ["canary", "layer"]
+    assert os.listdir(canary) == ["keep"] and (canary / "keep").read_bytes() == b"canary"
+    assert not [n for n in os.listdir(target) if n.startswith(SCRATCH_PREFIX)]
+
+
+@pytest.mark.parametrize("lower", [False, True], ids=["alone", "over-a-lower-file"])
+def test_hard_link_to_itself_is_refused(lower: bool, work: Path) -> None:
+    """Go reads it; Docker's link(2) onto the path it has just removed fails; so do we."""
+    target = work / "layer"
+    target.mkdir()
+    if lower:
+        (target / "h").write_bytes(b"lower")
+    with pytest.raises(InvalidArchive, match="names itself"):
+        apply_tar(io.BytesIO(CRAFTED["hardlink-to-itself"]()), target, ApplyOptions())
+    assert os.listdir(target) == (["h"] if lower else [])
+    if lower:
+        assert (target / "h").read_bytes() == b"lower"
