@@ -235,17 +235,6 @@ def parse_number(field: bytes, what: str) -> int:
     return v - (1 << 64) if v >> 63 else v  # Go's int64(uint64)
 
 
-def _field(blk: bytes, start: int, end: int, what: str) -> int:
-    """parse_number of blk[start:end], with the common case (digits, then NULs or spaces) first."""
-    f = blk[start:end].rstrip(b"\0 ")
-    if f.isdigit():
-        try:
-            return int(f, 8)
-        except ValueError:
-            pass  # an 8 or a 9: parse_number says what is wrong
-    return parse_number(blk[start:end], what)
-
-
 def _checksum_ok(blk: bytes) -> bool:
     """The stored checksum (octal only) is the unsigned or the signed sum of the block, the
     checksum field counted as spaces."""
@@ -289,24 +278,38 @@ def _parse_header(blk: bytes, offset: int) -> _Header:
     if not _checksum_ok(blk):
         raise _bad(f"header checksum mismatch at offset {offset}")
     fmt = _format(blk)
-    name = _cstr(blk[:100])
-    size = _field(blk, 124, 136, "size")
-    mode = _field(blk, 100, 108, "mode")
-    uid = _field(blk, 108, 116, "uid")
-    gid = _field(blk, 116, 124, "gid")
-    mtime = _field(blk, 136, 148, "mtime")
+    end = blk.find(0, 0, 100)
+    name = blk[: end if end >= 0 else 100]
     devmajor = devminor = 0
     atime = ctime = None
+    # the common case inline: digits, then NULs or spaces (an 8 or a 9 raises ValueError)
+    try:
+        f = blk[124:136].rstrip(b"\0 ")
+        size = int(f, 8) if f.isdigit() else parse_number(blk[124:136], "size")
+        f = blk[100:108].rstrip(b"\0 ")
+        mode = int(f, 8) if f.isdigit() else parse_number(blk[100:108], "mode")
+        f = blk[108:116].rstrip(b"\0 ")
+        uid = int(f, 8) if f.isdigit() else parse_number(blk[108:116], "uid")
+        f = blk[116:124].rstrip(b"\0 ")
+        gid = int(f, 8) if f.isdigit() else parse_number(blk[116:124], "gid")
+        f = blk[136:148].rstrip(b"\0 ")
+        mtime = int(f, 8) if f.isdigit() else parse_number(blk[136:148], "mtime")
+        if fmt != _V7:
+            f = blk[329:337].rstrip(b"\0 ")
+            devmajor = int(f, 8) if f.isdigit() else parse_number(blk[329:337], "devmajor")
+            f = blk[337:345].rstrip(b"\0 ")
+            devminor = int(f, 8) if f.isdigit() else parse_number(blk[337:345], "devminor")
+    except ValueError:
+        raise _bad("a numeric header field holds a non-octal digit") from None
     if fmt != _V7:
-        devmajor = _field(blk, 329, 337, "devmajor")
-        devminor = _field(blk, 337, 345, "devminor")
         prefix = b""
         if fmt == _USTAR:
-            prefix = _cstr(blk[345:500])
+            end = blk.find(0, 345, 500)
+            prefix = blk[345 : end if end >= 0 else 500]
         elif fmt == _STAR:
             prefix = _cstr(blk[345:476])
-            atime = _field(blk, 476, 488, "atime")
-            ctime = _field(blk, 488, 500, "ctime")
+            atime = parse_number(blk[476:488], "atime")
+            ctime = parse_number(blk[488:500], "ctime")
         elif blk[345:369] != _ZERO_24:
             try:
                 atime = parse_number(blk[345:357], "atime") if blk[345] else None
@@ -318,8 +321,9 @@ def _parse_header(blk: bytes, offset: int) -> _Header:
                     prefix = b""
         if prefix:
             name = prefix + b"/" + name
-    return (fmt, name, _cstr(blk[157:257]), size, mode, uid, gid, mtime, devmajor, devminor,
-            atime, ctime)
+    end = blk.find(0, 157, 257)
+    return (fmt, name, blk[157 : end if end >= 0 else 257], size, mode, uid, gid, mtime,
+            devmajor, devminor, atime, ctime)
 
 
 def _pax_int(value: bytes, what: str) -> int:
