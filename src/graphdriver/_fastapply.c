@@ -204,7 +204,8 @@ static int plain_fields(const unsigned char *b, unsigned char joined[256], struc
     if (h->ustar && memcmp(b + 508, "tar\0", 4) == 0)
         return -1; /* STAR: another prefix, and times */
     h->devmajor = h->devminor = 0;
-    if ((h->gnu || h->ustar) && (octal(b + 329, 8, &h->devmajor) < 0 || octal(b + 337, 8, &h->devminor) < 0))
+    if ((h->gnu || h->ustar) &&
+        (octal(b + 329, 8, &h->devmajor) < 0 || octal(b + 337, 8, &h->devminor) < 0))
         return -1;
     if (h->gnu)
         for (i = 345; i < 369; i++)
