@@ -403,9 +403,9 @@ def _applied_matches(root: Path, go: dict[str, Any]) -> None:
 @needs_go
 @pytest.mark.parametrize("name", _corpus())
 def test_go_testdata_applies(name: str, work: Path, go_testdata: dict[str, Any]) -> None:
-    """Through the real engine (in process, both drivers' whiteout forms are the same here):
-    what Go reads applies and gives Go's files; what Go refuses is refused in one line; nothing
-    is written beside the target."""
+    """Through the real engine (in process): what Go reads applies and gives Go's files, unless
+    an apply rule refuses it (in one line, the target left empty); what Go refuses is refused in
+    one InvalidArchive line; nothing is written beside the target."""
     assert TESTDATA is not None
     target = work / "layer"
     target.mkdir()
@@ -416,9 +416,13 @@ def test_go_testdata_applies(name: str, work: Path, go_testdata: dict[str, Any])
     try:
         apply_tar(io.BytesIO((TESTDATA / name).read_bytes()), target, ApplyOptions())
     except GraphDriverError as exc:
-        assert go["error"] is not None, f"Go reads {name}, the apply refused it: {exc}"
-        assert isinstance(exc, InvalidArchive) and "\n" not in str(exc)
+        assert "\n" not in str(exc)
         assert not os.listdir(target)
+        if go["error"] is None:  # only an apply rule may refuse it (a sparse file larger
+            # than the filesystem, ...), never the reader
+            assert not str(exc).startswith("invalid tar:"), f"Go reads {name}; we: {exc}"
+        else:
+            assert isinstance(exc, InvalidArchive)
     else:
         assert go["error"] is None, f"Go refuses {name} ({go['error']}), the apply took it"
         _applied_matches(target, go)
