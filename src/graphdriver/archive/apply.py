@@ -743,8 +743,8 @@ class _Applier:
             src_fd = self._scratch_fd()
             src_base = aside
         else:
-            if target == e.name:
-                return
+            if target == e.name:  # moby's link(2) onto the removed path fails: refuse it too
+                raise InvalidArchive(f"hard link {e.name!r} names itself")
             tparent, _, tbase = target.rpartition("/")
             if tparent.split("/", 1)[0] == self.scratch or target == self.scratch:
                 raise UnsafeArchive(f"hard link {e.name!r} points into the scratch directory")

@@ -48,6 +48,7 @@ the plugin or the package root.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import json
 import logging
@@ -364,9 +365,10 @@ def _confine(ctx: ChildContext, target: str) -> None:
         os.fchdir(ctx.target_fd)
         os.chroot(".")
     except OSError as exc:
-        raise errors.from_oserror(
-            exc, f"the confined child cannot chroot into {target}; refusing to run unconfined"
-        ) from exc
+        cls = errors.PermissionDenied if exc.errno in (errno.EPERM, errno.EACCES) else \
+            errors.NotSupported
+        raise cls(f"the confined child cannot chroot into {target} ({exc.strerror}); refusing "
+                  "to run unconfined") from exc
     ctx.chrooted = True
 
 
