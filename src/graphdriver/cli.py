@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="socket path (default /run/docker/plugins/NAME.sock)")
     sv.add_argument("--name", default="graphdriver",
                     help="plugin name, as given to dockerd --storage-driver (default graphdriver)")
+    cmd("snapshotter", "serve containerd's snapshots service (proxy plugin) on a unix socket"
+        ).add_argument("--address", required=True, help="socket path")
     return p
 
 
@@ -237,6 +239,9 @@ def _run(args: argparse.Namespace) -> int:
               getattr(args, "runroot", None), dict(getattr(args, "storage_opt", None) or []))
         return 0
     driver = _open(args)
+    if command == "snapshotter":
+        from .snapshotter.command import run
+        return run(driver, args.address)
     if command == "status":
         status = driver.status()
         if as_json:
