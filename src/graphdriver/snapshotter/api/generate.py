@@ -19,7 +19,7 @@ PROTOS = ("mount.proto", "snapshots.proto")
 
 
 def main() -> int:
-    import grpc_tools
+    import grpc_tools  # type: ignore[import-untyped]
     from grpc_tools import protoc  # type: ignore[import-untyped]
 
     include = Path(grpc_tools.__file__).parent / "_proto"
