@@ -1,4 +1,4 @@
-"""containerd 1.6's List filter syntax (filters.py), case by case, as containerd's parser reads it."""
+"""containerd 1.6's List filter syntax (filters.py), case by case, as containerd reads it."""
 
 from __future__ import annotations
 

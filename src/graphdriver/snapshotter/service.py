@@ -100,7 +100,7 @@ class Snapshots:
                 parent_layer = prow.layer
             layer = LAYER_PREFIX + secrets.token_hex(16)
             # A view is never written: no quota image for it (size 0 = no limit).
-            opts = CreateOpts(made_by=MADE_BY,  # type: ignore[call-arg]
+            opts = CreateOpts(made_by=MADE_BY,
                               storage_opt={"size": "0"} if kind == VIEW else {})
             self.driver.create_rw(layer, parent_layer, opts)
             try:
