@@ -135,9 +135,11 @@ class Daemons:
                                         ctd_log))
         wait_listening(work / "containerd.sock", self.procs[-1], ctd_log)
 
+    def ctr_args(self, *args: str) -> list[str]:
+        return [CTR, "--address", str(self.work / "containerd.sock"), "-n", self.namespace, *args]
+
     def ctr(self, *args: str, timeout: float = 180) -> str:
-        return self.ns.run([CTR, "--address", str(self.work / "containerd.sock"),
-                            "-n", self.namespace, *args], timeout=timeout)
+        return self.ns.run(self.ctr_args(*args), timeout=timeout)
 
     def graphdriver(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "graphdriver", "--root", str(self.work / "gd"),
