@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import secrets
+import sqlite3
 import stat
 import threading
 import time
@@ -306,6 +307,8 @@ def _call(context: grpc.ServicerContext, fn: Callable[[], R]) -> R:
 
         err = from_oserror(exc, "snapshotter")
         context.abort(_status(err), str(err))
+    except sqlite3.Error as exc:  # e.g. the database locked by someone else past the timeout
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"snapshotter records: {exc}")
 
 
 class Servicer(snapshots_pb2_grpc.SnapshotsServicer):
