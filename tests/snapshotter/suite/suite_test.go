@@ -56,7 +56,16 @@ func newSnapshotter(ctx context.Context, root string) (snapshots.Snapshotter, fu
 		}
 		stop = func() error {
 			_ = cmd.Process.Signal(syscall.SIGTERM)
-			return cmd.Wait()
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case err := <-done:
+				return err
+			case <-time.After(30 * time.Second):
+				_ = cmd.Process.Kill()
+				<-done
+				return fmt.Errorf("the snapshotter did not stop within 30s of SIGTERM")
+			}
 		}
 	case "overlay":
 		sn, err := overlay.NewSnapshotter(filepath.Join(root, "overlayfs"))
