@@ -1,10 +1,10 @@
 // containerd's snapshotter conformance suite (snapshots/testsuite of containerd 1.6) run over
 // gRPC through containerd's own proxy client (snapshots/proxy), against either
 //
-//   -backend=graphdriver  a `graphdriver snapshotter` process started per case, its store in the
-//                         case's fresh root (-command is the command line before "snapshotter")
-//   -backend=overlay      containerd's overlayfs snapshotter in this process, served through
-//                         contrib/snapshotservice on a unix socket (proves the harness)
+//	-backend=graphdriver  a `graphdriver snapshotter` process started per case, its store in the
+//	                      case's fresh root (-command is the command line before "snapshotter")
+//	-backend=overlay      containerd's overlayfs snapshotter in this process, served through
+//	                      contrib/snapshotservice on a unix socket (proves the harness)
 //
 // Built offline in GOPATH mode from Debian's golang-github-containerd-containerd-dev
 // (tests/snapshotter/test_conformance.py does it); needs root (the suite mounts).
