@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("man", "print the manual page (roff), generated from this parser",
         "graphdriver man > /usr/local/share/man/man1/graphdriver.1",
         "graphdriver man | man -l -")
+    cmd("snapshotter", "serve containerd's snapshots service (proxy plugin) on a unix socket",
+        "graphdriver --driver overlay snapshotter --address /run/graphdriver/snapshotter.sock"
+        ).add_argument("--address", required=True, help="socket path")
     return p
 
 
@@ -372,6 +375,10 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(manpage(build_parser()))
         return 0
     driver = _open(args)
+    if command == "snapshotter":
+        from .snapshotter.command import run
+
+        return run(driver, args.address)
     handler = _COMMANDS.get(command)
     if handler is None:
         raise UsageError(f"unknown command {command!r}")
@@ -782,7 +789,7 @@ _COMMANDS = {
     "cleanup": _cleanup,
 }
 
-_OTHER_COMMANDS = frozenset({"serve", "completion", "man"})
+_OTHER_COMMANDS = frozenset({"serve", "completion", "man", "snapshotter"})
 
 # ----- main ---------------------------------------------------------------------------------
 

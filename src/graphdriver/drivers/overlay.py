@@ -333,27 +333,46 @@ class OverlayDriver(LayerStore):
         merged = d / "merged"
         if is_mounted(merged):
             return merged  # mounted by a process whose count was lost: reuse it
-        committed = os.path.exists(d / "committed")
-        rel = list(lowers)
-        upper = work = None
-        if committed:
-            rel.insert(0, f"{LINK_DIR}/{self._short(rec.id)}")
-        else:
-            diff = self._diff_dir(rec.id)
-            upper = str(diff)
-            work = str(diff.parent / "work")
-        opts = OverlayOptions(
-            lowers=[str(self.home / p) for p in rel],
-            upper=upper, work=work,
-            relative_lowers=rel, relative_to=str(self.home),
-            readonly=committed, extra=list(self.mount_extra),
-            label=mount_label if mount_label and os.path.isdir("/sys/fs/selinux") else "",
-        )
+        opts = self._overlay_options(rec.id, readonly=os.path.exists(d / "committed"))
+        opts.label = mount_label if mount_label and os.path.isdir("/sys/fs/selinux") else ""
         try:
             mount_overlay(merged, opts)
         except OSError as exc:
             raise from_oserror(exc, f"overlay: mounting layer {rec.id}") from exc
         return merged
+
+    def _overlay_options(self, layer_id: str, readonly: bool) -> OverlayOptions:
+        """The overlay that assembles a layer with lowers: its ancestors' short links (absolute,
+        nearest first) under its own ``diff`` as the upper — or, read-only, as the top lower."""
+        rel = self._lowers(layer_id)
+        upper = work = None
+        if readonly:
+            rel.insert(0, f"{LINK_DIR}/{self._short(layer_id)}")
+        else:
+            diff = self._diff_dir(layer_id)
+            upper = str(diff)
+            work = str(diff.parent / "work")
+        return OverlayOptions(
+            lowers=[str(self.home / p) for p in rel], upper=upper, work=work,
+            relative_lowers=rel, relative_to=str(self.home),
+            readonly=readonly, extra=list(self.mount_extra),
+        )
+
+    def mount_spec(self, layer_id: str, readonly: bool = False) -> tuple[str, str, list[str]]:
+        """How another process mounts the layer's tree: (type, source, options) as containerd's
+        overlayfs snapshotter returns them — a ``bind`` of ``diff`` for a layer without lowers
+        (``ro`` when *readonly*), else an ``overlay`` with ``lowerdir`` (absolute short links,
+        so 128 fit one page) and, unless *readonly*, ``upperdir``/``workdir``."""
+        self.record(layer_id)
+        self._ensure_chain_images(layer_id)
+        if not self._lowers(layer_id):
+            return "bind", str(self._diff_dir(layer_id)), ["ro" if readonly else "rw", "rbind"]
+        opts = self._overlay_options(layer_id, readonly)
+        options = list(opts.extra)
+        if opts.upper is not None:
+            options += [f"workdir={opts.work}", f"upperdir={opts.upper}"]
+        options.append("lowerdir=" + ":".join(opts.lowers))
+        return "overlay", "overlay", options
 
     def _unmount(self, rec: LayerRecord) -> None:
         merged = self._dir(rec.id) / "merged"

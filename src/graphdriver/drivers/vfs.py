@@ -54,6 +54,11 @@ class VFSDriver(LayerStore):
     def _apply_target(self, rec: LayerRecord) -> Path:
         return self.dir / rec.id
 
+    def mount_spec(self, layer_id: str, readonly: bool = False) -> tuple[str, str, list[str]]:
+        """How another process mounts the layer's tree: (type, source, options), a bind of it."""
+        self.record(layer_id)
+        return "bind", str(self.dir / layer_id), ["ro" if readonly else "rw", "rbind"]
+
     def _status(self) -> list[tuple[str, str]]:
         return [("Backing Filesystem", fs_name(self.home))]
 
