@@ -133,7 +133,10 @@ class RegistryClient:
         for scheme in schemes:
             url = f"{scheme}://{self.host}"
             try:
-                resp = self._send_retrying("GET", f"{url}/v2/", {})
+                # HTTPS that may be refused is tried once: a plain-HTTP registry answers its
+                # handshake with garbage, and retrying that only wastes seconds.
+                once = scheme == "https" and len(schemes) > 1
+                resp = self._send_retrying("GET", f"{url}/v2/", {}, once=once)
             except RegistryError as exc:
                 last = exc
                 continue
@@ -202,12 +205,12 @@ class RegistryClient:
 
     def _send_retrying(self, method: str, url: str, headers: dict[str, str],
                        content: bytes | Iterator[bytes] | None = None,
-                       stream: bool = False) -> httpx.Response:
+                       stream: bool = False, once: bool = False) -> httpx.Response:
         """One request with retries on connection errors, 429 and 5xx (Retry-After honoured).
 
         A body given as an iterator cannot be re-sent: such a request is tried once.
         """
-        attempts = self.retries + 1 if not isinstance(content, Iterator) else 1
+        attempts = 1 if once or isinstance(content, Iterator) else self.retries + 1
         for attempt in range(attempts):
             try:
                 req = self.http.build_request(method, url, headers=headers, content=content)
