@@ -20,7 +20,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlencode, urljoin
@@ -435,6 +435,8 @@ class BlobReader(io.RawIOBase):
         self._pending = b""
         self._resumes = 0
         self._verified = False
+        #: called with the bytes read so far (progress display)
+        self.on_bytes: Callable[[int], None] | None = None
 
     def readable(self) -> bool:
         return True
@@ -517,6 +519,8 @@ class BlobReader(io.RawIOBase):
         view[:n] = chunk
         self._hash.update(chunk)
         self.offset += n
+        if self.on_bytes is not None:
+            self.on_bytes(self.offset)
         return n
 
     def _finish(self) -> None:
