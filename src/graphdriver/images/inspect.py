@@ -86,7 +86,7 @@ def ls_rows(store: ImageStore) -> list[dict[str, Any]]:
         base = {"ID": image.id[7:19], "Id": image.id, "CreatedAt": created,
                 "CreatedSince": ago(created), "Size": human_size(image.record.size),
                 "VirtualSize": image.record.size}
-        tags = store.meta.tags_of(image.id)
+        tags: list[str | None] = [*store.meta.tags_of(image.id)]
         for t in tags or [None]:
             if t is None:
                 rows.append({"Repository": "<none>", "Tag": "<none>", **base})
