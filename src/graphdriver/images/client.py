@@ -30,7 +30,7 @@ import httpx
 from ..errors import InvalidArchive, NotFound, RegistryError, Unauthorized
 from . import mediatypes as mt
 from .auth import Credentials
-from .manifest import Descriptor, check_digest, sha256_digest
+from .manifest import Descriptor, DigestCheck, check_digest, sha256_digest
 
 log = logging.getLogger("graphdriver.images")
 
@@ -427,8 +427,7 @@ class BlobReader(io.RawIOBase):
         self.client = client
         self.repo = repo
         self.desc = desc
-        algo = desc.digest.partition(":")[0]
-        self._hash = hashlib.new(algo)
+        self._check = DigestCheck(desc.digest, desc.size, f"blob {desc.digest}")
         self.offset = 0
         self._resp: httpx.Response | None = None
         self._chunks: Iterator[bytes] | None = None
@@ -512,12 +511,12 @@ class BlobReader(io.RawIOBase):
         if len(chunk) > len(view):
             chunk, self._pending = chunk[:len(view)], chunk[len(view):]
         n = len(chunk)
-        if self.offset + n > self.desc.size:
+        try:
+            self._check.update(chunk)
+        except InvalidArchive:
             self._drop()
-            raise InvalidArchive(f"blob {self.desc.digest}: more than the {self.desc.size} bytes "
-                                 "its descriptor says")
+            raise
         view[:n] = chunk
-        self._hash.update(chunk)
         self.offset += n
         if self.on_bytes is not None:
             self.on_bytes(self.offset)
@@ -525,12 +524,7 @@ class BlobReader(io.RawIOBase):
 
     def _finish(self) -> None:
         self._drop()
-        if self.offset != self.desc.size:
-            raise InvalidArchive(f"blob {self.desc.digest}: truncated ({self.offset} of "
-                                 f"{self.desc.size} bytes)")
-        got = f"{self._hash.name}:{self._hash.hexdigest()}"
-        if got != self.desc.digest:
-            raise InvalidArchive(f"blob {self.desc.digest}: digest mismatch (got {got})")
+        self._check.finish()
         self._verified = True
 
     def drain_and_verify(self) -> None:

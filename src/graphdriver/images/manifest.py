@@ -69,6 +69,31 @@ def check_digest(data: bytes, digest: str, what: str) -> None:
         raise InvalidArchive(f"{what}: digest mismatch (expected {digest}, got {got})")
 
 
+class DigestCheck:
+    """A blob's digest and size, checked as its bytes stream by (``update``) and at its end."""
+
+    def __init__(self, digest: str, size: int | None, what: str) -> None:
+        self.digest = digest
+        self.size = size
+        self.what = what
+        self.hash = hashlib.new(digest.partition(":")[0])
+        self.count = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self.count += len(chunk)
+        if self.size is not None and self.count > self.size:
+            raise InvalidArchive(f"{self.what}: more than the {self.size} bytes its descriptor "
+                                 "says")
+        self.hash.update(chunk)
+
+    def finish(self) -> None:
+        if self.size is not None and self.count != self.size:
+            raise InvalidArchive(f"{self.what}: truncated ({self.count} of {self.size} bytes)")
+        got = f"{self.hash.name}:{self.hash.hexdigest()}"
+        if got != self.digest:
+            raise InvalidArchive(f"{self.what}: digest mismatch (got {got})")
+
+
 def chain_ids(diff_ids: list[str]) -> list[str]:
     """The OCI chain IDs: ChainID(L0) = DiffID(L0),
     ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, cast
 
 from ..errors import GraphDriverError, Interrupted, InvalidArchive
 from . import auth, platform, reference
+from .bundle import spool_file
 from .client import BlobReader, RegistryClient
 from .display import LayerDisplay
 from .manifest import (
@@ -58,13 +59,7 @@ class Spool:
 
     def __init__(self, tmp: Path, blob: BlobReader) -> None:
         self.blob = blob
-        try:
-            self.fd = os.open(tmp, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        except OSError:  # a filesystem without O_TMPFILE
-            import tempfile
-
-            self.fd, name = tempfile.mkstemp(dir=tmp)
-            os.unlink(name)
+        self.fd = spool_file(tmp)
         self.cond = threading.Condition()
         self.written = 0
         self.done = False

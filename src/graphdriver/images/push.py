@@ -15,18 +15,15 @@ Owns the push's plan; imports the client, ImageStore and the tar-split re-assemb
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
-import threading
 from dataclasses import dataclass
-from typing import Any
 
-from ..errors import GraphDriverError, InvalidArchive, InvalidArgument
+from ..errors import InvalidArgument
 from . import auth, reference
 from . import mediatypes as mt
 from .client import RegistryClient
 from .display import LayerDisplay
+from .layertar import LayerTarReader
 from .manifest import Descriptor, ImageManifest, build_manifest, parse, sha256_digest
 from .metadata import BlobSource
 from .store import Image, ImageStore
@@ -48,74 +45,6 @@ def compression_of(media_type: str) -> str:
     if media_type.endswith(("gzip", ".tar.gzip")):
         return "gzip"
     return "none"
-
-
-class _CompressingReader(io.RawIOBase):
-    """Reads the exact layer tar from a writer thread, hashes it (the diffID, checked at the
-    end) and hands out compressed bytes."""
-
-    def __init__(self, store: ImageStore, layer_id: str, diff_id: str, compression: str) -> None:
-        super().__init__()
-        from ..archive.tarsplit import write_exact_diff
-
-        self.diff_id = diff_id
-        self.hash = hashlib.sha256()
-        self.rfd, wfd = os.pipe2(os.O_CLOEXEC)
-        self.error: list[BaseException] = []
-
-        def produce() -> None:
-            try:
-                write_exact_diff(store.driver, layer_id, wfd)
-            except BaseException as exc:  # reported at EOF
-                self.error.append(exc)
-            finally:
-                os.close(wfd)
-
-        self.thread = threading.Thread(target=produce, name="graphdriver-push-tar", daemon=True)
-        self.thread.start()
-        self.compressor: Any
-        if compression == "zstd":
-            import zstandard
-
-            self.compressor = zstandard.ZstdCompressor(level=3).compressobj()
-        else:
-            from isal import isal_zlib
-
-            self.compressor = isal_zlib.compressobj(3, isal_zlib.DEFLATED, 16 + 15)
-        self.pending = b""
-        self.eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        while not self.pending and not self.eof:
-            raw = os.read(self.rfd, 1 << 20)
-            if raw:
-                self.hash.update(raw)
-                self.pending = self.compressor.compress(raw)
-                continue
-            self.eof = True
-            self.thread.join()
-            if self.error:
-                exc = self.error[0]
-                raise exc if isinstance(exc, GraphDriverError) else GraphDriverError(str(exc))
-            got = "sha256:" + self.hash.hexdigest()
-            if got != self.diff_id:
-                raise InvalidArchive(f"the layer re-assembled to diffID {got}, not {self.diff_id}")
-            self.pending = self.compressor.flush()
-        n = min(len(view), len(self.pending))
-        view[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
-        return n
-
-    def close(self) -> None:
-        if self.rfd >= 0:
-            os.close(self.rfd)
-            self.rfd = -1
-            self.thread.join()
-        super().close()
 
 
 class Pusher:
@@ -156,7 +85,7 @@ class Pusher:
             self.display.set(key, "Layer already exists", force=True)
             return found
         self.display.set(key, "Pushing", force=True)
-        reader = _CompressingReader(self.store, layer_id, diff_id, self.opts.compression)
+        reader = LayerTarReader(self.store, layer_id, diff_id, self.opts.compression)
         try:
             digest, size = self.client.upload_blob(self.dest.path, reader)  # type: ignore[arg-type]
         finally:
