@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("create", "create a layer")
     c.add_argument("id")
     c.add_argument("--parent", "-p", default=None)
+    c.add_argument("--image", default=None, help="a --rw layer on top of this image")
     c.add_argument("--rw", action="store_true", help="a writable (container) layer")
     c.add_argument("--size", default=None, help="size limit of a --rw layer (e.g. 10G)")
     c.add_argument("--mount-label", default="")
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="socket path (default /run/docker/plugins/NAME.sock)")
     sv.add_argument("--name", default="graphdriver",
                     help="plugin name, as given to dockerd --storage-driver (default graphdriver)")
+    from .images.command import add_parser
+
+    add_parser(sub, [common])
     return p
 
 
@@ -139,7 +143,7 @@ _FAST_COMMANDS: dict[str, tuple[int, dict[str, object]]] = {
     "mount": (1, {"mount_label": ""}),
     "changes": (1, {"parent": None}),
     "diff-size": (1, {"parent": None}),
-    "create": (1, {"parent": None, "rw": False, "size": None, "mount_label": ""}),
+    "create": (1, {"parent": None, "image": None, "rw": False, "size": None, "mount_label": ""}),
 }
 _FAST_FLAGS = {"--json": "json", "--debug": "debug"}
 _FAST_VALUES = {"--root": "root", "--runroot": "runroot", "--driver": "driver", "-s": "driver",
@@ -247,12 +251,22 @@ def _run(args: argparse.Namespace) -> int:
             for key, value in status:
                 print(f"{key}: {value}")
         return 0
+    if command == "image":
+        from .images.command import run
+
+        return run(args, driver)
     if command == "create":
         from .driver import CreateOpts
 
         storage = {"size": args.size} if args.size is not None else {}
         opts = CreateOpts(mount_label=args.mount_label, storage_opt=storage)
-        if args.rw:
+        if getattr(args, "image", None) is not None:
+            from .images.command import create_from_image
+
+            if args.parent or not args.rw:
+                raise UsageError("--image needs --rw and excludes --parent")
+            create_from_image(driver, args.id, args.image, opts)
+        elif args.rw:
             driver.create_rw(args.id, args.parent, opts)
         else:
             driver.create(args.id, args.parent, opts)
