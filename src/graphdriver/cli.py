@@ -362,7 +362,7 @@ def _apply(driver: Any, args: argparse.Namespace, as_json: bool) -> int:
 def _diff(driver: Any, args: argparse.Namespace) -> int:
     from .progress import ProgressBar
 
-    parent = driver._resolve_parent(args.id, args.parent)
+    parent = driver.resolve_parent(args.id, args.parent)
     if args.exact:
         from .archive.tarsplit import write_exact_diff
 

@@ -6,9 +6,15 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 from .archive.changes import Change, ChangeKind
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from .archive.apply import ApplyResult
+    from .layers import LayerRecord
 
 __all__ = ["Change", "ChangeKind", "CreateOpts", "DiffGetter", "Driver"]
 
@@ -19,6 +25,8 @@ class CreateOpts:
 
     mount_label: str = ""
     storage_opt: dict[str, str] = field(default_factory=dict)
+    #: who makes the layer: "user", "image" or "snapshotter" (kept in its record)
+    made_by: str = "user"
 
 
 class DiffGetter(Protocol):
@@ -77,6 +85,55 @@ class Driver(Protocol):
     def layers(self) -> list[str]: ...
 
     def parent(self, layer_id: str) -> str | None: ...
+
+    def children(self, layer_id: str) -> list[str]: ...
+
+    def record(self, layer_id: str) -> LayerRecord: ...
+
+    def resolve_parent(self, layer_id: str, parent: str | None) -> str | None: ...
+
+    def mounted(self, layer_id: str, mount_label: str = "") -> contextlib.AbstractContextManager[
+        Path]: ...
+
+    def mount_count(self, layer_id: str) -> int: ...
+
+    def apply_diff_result(
+        self,
+        layer_id: str,
+        parent: str | None,
+        stream: BinaryIO | int,
+        progress: Callable[[int], None] | None = None,
+    ) -> ApplyResult: ...
+
+    def write_diff(self, out_fd: int, layer_id: str, parent: str | None = None,
+                   progress: Callable[[int], None] | None = None) -> None: ...
+
+    def hold(self, layer_id: str, holder: str) -> None: ...
+
+    def release(self, layer_id: str, holder: str) -> None: ...
+
+    def commit_new_layer(
+        self,
+        parent: str | None,
+        stream: BinaryIO | int,
+        *,
+        layer_id_for: Callable[[str], str],
+        made_by: str,
+        expected_diff_id: str | None = None,
+        holder: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[str, ApplyResult]: ...
+
+    def freeze(self, layer_id: str) -> None: ...
+
+    def capabilities(self) -> dict[str, bool]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Driver: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
 
 
 @contextlib.contextmanager

@@ -43,7 +43,14 @@ def validate_id(layer_id: object, what: str = "layer id") -> str:
     return layer_id
 
 
-_RECORD_FIELDS = ("id", "parent", "kind", "size_limit", "created", "extra")
+_RECORD_FIELDS = ("id", "parent", "kind", "size_limit", "created", "extra", "made_by", "holders",
+                  "diff_id")
+#: who made a layer: a user's create, the image store's pull/commit, or the snapshotter
+MADE_BY = frozenset({"user", "image", "snapshotter"})
+#: the id prefix of a layer being staged by commit_new_layer (no valid layer id starts so)
+STAGING_PREFIX = ".staging-"
+#: what a staged layer's incomplete marker says once its target id is known: "commit <id>"
+COMMIT_INTENT = "commit"
 _DEFAULT: Any = object()  # "not given": created and extra then take their default_factory
 
 
@@ -61,7 +68,8 @@ class LayerRecord:
     does not import dataclasses (and inspect): start-up time.
     """
 
-    __match_args__ = ("id", "parent", "kind", "size_limit", "created", "extra")
+    __match_args__ = ("id", "parent", "kind", "size_limit", "created", "extra", "made_by",
+                      "holders", "diff_id")
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
 
     id: str
@@ -70,6 +78,9 @@ class LayerRecord:
     size_limit: int | None
     created: float
     extra: dict[str, Any]
+    made_by: str  # "user" (default), "image" or "snapshotter"
+    holders: list[str]  # sorted, unique: "image:sha256:<hex>", "snapshot:<name>", ...
+    diff_id: str | None  # "sha256:<hex>" of the uncompressed tar last applied
 
     def __init__(
         self,
@@ -79,6 +90,9 @@ class LayerRecord:
         size_limit: int | None = None,
         created: float = _DEFAULT,
         extra: dict[str, Any] = _DEFAULT,
+        made_by: str = "user",
+        holders: list[str] = _DEFAULT,
+        diff_id: str | None = None,
     ) -> None:
         self.id = id
         self.parent = parent
@@ -86,9 +100,12 @@ class LayerRecord:
         self.size_limit = size_limit
         self.created = time.time() if created is _DEFAULT else created
         self.extra = {} if extra is _DEFAULT else extra
+        self.made_by = made_by
+        self.holders = [] if holders is _DEFAULT else holders
+        self.diff_id = diff_id
 
     def _values(self) -> tuple[Any, ...]:
-        return (self.id, self.parent, self.kind, self.size_limit, self.created, self.extra)
+        return tuple(getattr(self, name) for name in _RECORD_FIELDS)
 
     def __repr__(self) -> str:
         values = zip(_RECORD_FIELDS, self._values(), strict=True)
@@ -115,15 +132,21 @@ class LayerRecord:
 
         try:
             obj = json.loads(data)
+            extra = dict(obj.get("extra") or {})
+            # Records written before diff_id was a field kept it in extra.
+            diff_id = obj.get("diff_id", extra.get("diff_id"))
             rec = cls(
                 id=str(obj["id"]),
                 parent=obj.get("parent"),
                 kind=str(obj.get("kind", "ro")),
                 size_limit=obj.get("size_limit"),
                 created=float(obj.get("created", 0)),
-                extra=dict(obj.get("extra") or {}),
+                extra=extra,
+                made_by=str(obj.get("made_by", "user")),
+                holders=sorted({str(h) for h in obj.get("holders") or []}),
+                diff_id=None if diff_id is None else str(diff_id),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise StoreCorrupt(f"unreadable layer record {where}: {exc}") from None
         return rec
 
@@ -152,11 +175,11 @@ class MetaDir:
             return None
         return LayerRecord.from_json(data, path)
 
-    def write(self, record: LayerRecord) -> None:
-        """The commit point of a layer: atomic and durable."""
-        d = self.dir(record.id)
+    def write(self, record: LayerRecord, in_dir: str | None = None) -> None:
+        """The commit point of a layer: atomic and durable (*in_dir*: a staged layer's dir)."""
+        d = self.dir(in_dir or record.id)
         d.mkdir(exist_ok=True)
-        atomic_write(self.record_path(record.id), record.to_json())
+        atomic_write(d / self.RECORD, record.to_json())
 
     def is_incomplete(self, layer_id: str) -> bool:
         return os.path.lexists(self.root / layer_id / self.INCOMPLETE)
@@ -177,6 +200,34 @@ class MetaDir:
         except FileNotFoundError:
             return []
         return sorted(n for n in names if not n.startswith(".") and not n.endswith(REMOVING_SUFFIX))
+
+    def incomplete_reason(self, layer_id: str) -> str:
+        """The marker's first word and argument ("apply", "commit <id>"), "" if unreadable."""
+        try:
+            text = (self.root / layer_id / self.INCOMPLETE).read_text(errors="replace")
+        except OSError:
+            return ""
+        return " ".join(w for w in text.split() if not w.startswith("pid="))
+
+    def staged_ids(self) -> list[str]:
+        """Layers being staged by commit_new_layer (or left by a crash while staged)."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names
+                      if n.startswith(STAGING_PREFIX) and not n.endswith(REMOVING_SUFFIX))
+
+    def staged_children(self, layer_id: str) -> list[str]:
+        out = []
+        for staged in self.staged_ids():
+            try:
+                rec = self.read(staged)
+            except StoreCorrupt:
+                continue
+            if rec is not None and rec.parent == layer_id:
+                out.append(staged)
+        return out
 
     def removing_leftovers(self) -> list[Path]:
         try:

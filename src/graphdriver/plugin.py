@@ -219,7 +219,9 @@ class Plugin:
     # ----- JSON methods ----------------------------------------------------------------
 
     def capabilities(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"Capabilities": {"ReproducesExactDiffs": True}}
+        # Before Init: what every driver of this package does (tar-split is recorded on apply).
+        exact = self.driver is None or self.driver.capabilities()["reproduces_exact_diffs"]
+        return {"Capabilities": {"ReproducesExactDiffs": exact}}
 
     def create(self, req: dict[str, Any]) -> dict[str, Any]:
         opts = CreateOpts(mount_label=req.get("MountLabel") or "",

@@ -18,6 +18,7 @@ from .errors import (
     AlreadyExists,
     GraphDriverError,
     InUse,
+    InvalidArchive,
     InvalidArgument,
     NotFound,
     NotSupported,
@@ -25,7 +26,15 @@ from .errors import (
 )
 from .fsutil import remove_tree
 from .idmap import IDENTITY, IDMap
-from .layers import REMOVING_SUFFIX, LayerRecord, MetaDir, validate_id
+from .layers import (
+    COMMIT_INTENT,
+    MADE_BY,
+    REMOVING_SUFFIX,
+    STAGING_PREFIX,
+    LayerRecord,
+    MetaDir,
+    validate_id,
+)
 from .locking import FileLock, LockSet
 from .refcount import RefCounts, default_runroot
 
@@ -33,6 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from typing import Any, BinaryIO, ClassVar
 
+    from .archive.apply import ApplyResult
     from .driver import Change, CreateOpts
 
 log = logging.getLogger("graphdriver")
@@ -149,6 +159,19 @@ class LayerStore:
     def _on_first_child(self, parent: LayerRecord) -> None:
         """Called (under the parent's lock) when a layer gets its first child."""
 
+    def _rename_layer(self, old_id: str, new_id: str) -> None:
+        """Rename a (staged, never mounted) layer's paths from *old_id* to *new_id*."""
+        for path in self._layer_paths(old_id):
+            if path.name == old_id and os.path.lexists(path):
+                os.rename(path, path.with_name(new_id))
+
+    def _freeze(self, rec: LayerRecord) -> None:
+        """Driver work for making writable layer *rec* read-only in place (default: none)."""
+
+    def _quota_available(self) -> bool:
+        """Whether a size limit given at create_rw is enforced here."""
+        return self.supports_quota
+
     def _status(self) -> list[tuple[str, str]]:
         return []
 
@@ -169,11 +192,7 @@ class LayerStore:
     # ----- reading -------------------------------------------------------------------------
 
     def exists(self, layer_id: str) -> bool:
-        try:
-            validate_id(layer_id)
-        except InvalidArgument:
-            return False
-        return self.meta.exists(layer_id)
+        return _valid_id(layer_id) and self.meta.exists(layer_id)
 
     def record(self, layer_id: str) -> LayerRecord:
         validate_id(layer_id)
@@ -192,8 +211,9 @@ class LayerStore:
         return [rec.id for rec in self.meta.records() if rec.parent == layer_id]
 
     def chain(self, layer_id: str) -> list[LayerRecord]:
-        """The layer and its ancestors, nearest first."""
-        out = [self.record(layer_id)]
+        """The layer (a staged one too) and its ancestors, nearest first."""
+        staged = self.meta.read(layer_id) if layer_id.startswith(STAGING_PREFIX) else None
+        out = [staged or self.record(layer_id)]
         seen = {layer_id}
         while out[-1].parent is not None:
             pid = out[-1].parent
@@ -212,7 +232,7 @@ class LayerStore:
             raise InvalidArgument(
                 f"{self.name}: storage options are supported only for writable layers (--rw)"
             )
-        self._create(layer_id, parent, "ro", None)
+        self._create(layer_id, parent, "ro", None, _made_by(opts))
 
     def create_rw(
         self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None
@@ -222,35 +242,52 @@ class LayerStore:
         size = parse_size(storage["size"], self.name) if "size" in storage else self.default_size
         if size is not None and size > 0 and "size" in storage and not self.supports_quota:
             raise NotSupported(f"{self.name}: size quotas are not supported on {self.home}")
-        self._create(layer_id, parent, "rw", size or None)
+        self._create(layer_id, parent, "rw", size or None, _made_by(opts))
 
-    def _create(self, layer_id: str, parent: str | None, kind: str, size: int | None) -> None:
+    def _create(self, layer_id: str, parent: str | None, kind: str, size: int | None,
+                made_by: str) -> None:
         validate_id(layer_id)
-        if parent is not None and parent != "":
-            validate_id(parent, "parent id")
-        else:
-            parent = None
+        parent = self._parent_arg(parent)
         locks = [self._lock_path(layer_id)] + ([self._lock_path(parent)] if parent else [])
         with LockSet(locks):
             if self.meta.read(layer_id) is not None and not self.meta.is_incomplete(layer_id):
                 raise AlreadyExists(f"layer {layer_id} already exists")
-            parent_rec = None
-            if parent is not None:
-                if not self.meta.exists(parent):
-                    raise NotFound(f"parent layer {parent} does not exist")
-                parent_rec = self.record(parent)
-            # Whatever an earlier crash left under this id goes first (we hold its lock).
-            self._destroy_layer(layer_id, reason="leftover of an interrupted create")
-            rec = LayerRecord(id=layer_id, parent=parent, kind=kind, size_limit=size)
-            try:
-                self._make_layer(rec, parent_rec)
-                if parent_rec is not None and not self.children(parent_rec.id):
-                    self._on_first_child(parent_rec)
+            rec = LayerRecord(id=layer_id, parent=parent, kind=kind, size_limit=size,
+                              made_by=made_by)
+            self._create_locked(rec, staged=False)
+
+    @staticmethod
+    def _parent_arg(parent: str | None) -> str | None:
+        if parent is not None and parent != "":
+            return validate_id(parent, "parent id")
+        return None
+
+    def _create_locked(self, rec: LayerRecord, staged: bool) -> None:
+        """Make the layer of *rec* (the caller holds its lock and its parent's).
+
+        A staged layer (commit_new_layer) gets its record first, as the intent record that
+        lets repair remove it and that keeps its parent from being removed meanwhile.
+        """
+        parent_rec = None
+        if rec.parent is not None:
+            if not self.meta.exists(rec.parent):
+                raise NotFound(f"parent layer {rec.parent} does not exist")
+            parent_rec = self.record(rec.parent)
+        # Whatever an earlier crash left under this id goes first (we hold its lock).
+        self._destroy_layer(rec.id, reason="leftover of an interrupted create")
+        try:
+            if staged:
+                with self.store_lock():
+                    self.meta.write(rec)
+            self._make_layer(rec, parent_rec)
+            if parent_rec is not None and not self.children(parent_rec.id):
+                self._on_first_child(parent_rec)
+            if not staged:
                 with self.store_lock():
                     self.meta.write(rec)  # the commit point
-            except BaseException:
-                self._destroy_layer(layer_id, reason=None)
-                raise
+        except BaseException:
+            self._destroy_layer(rec.id, reason=None)
+            raise
 
     # ----- remove --------------------------------------------------------------------------
 
@@ -262,8 +299,10 @@ class LayerStore:
                 raise NotFound(f"layer {layer_id} does not exist")
             if self.refs.get(layer_id) > 0:
                 raise InUse(f"layer {layer_id} is mounted ({self.refs.get(layer_id)} references)")
+            if rec.holders:
+                raise InUse(f"layer {layer_id} is held by {', '.join(rec.holders[:5])}")
             with self.store_lock():
-                kids = self.children(layer_id)
+                kids = self.children(layer_id) + self.meta.staged_children(layer_id)
                 if kids:
                     raise InUse(f"layer {layer_id} has children: {', '.join(kids[:5])}")
                 # Rename every directory aside first, then drop the record (DESIGN.md rule 1).
@@ -274,6 +313,128 @@ class LayerStore:
             for path in [*aside, meta_aside]:
                 self._destroy(path)
             self._forget_mount(layer_id)
+
+    # ----- holders, staged commits, freezing (the image store's and snapshotter's API) --------
+
+    def hold(self, layer_id: str, holder: str) -> None:
+        """Add *holder* to the layer's holders (idempotent); ``remove`` refuses while any."""
+        validate_id(layer_id)
+        _validate_holder(holder)
+        with self.layer_lock(layer_id):
+            self._hold_locked(self.record(layer_id), holder)
+
+    def _hold_locked(self, rec: LayerRecord, holder: str) -> None:
+        if holder not in rec.holders:
+            rec.holders = sorted({*rec.holders, holder})
+            self.meta.write(rec)
+
+    def release(self, layer_id: str, holder: str) -> None:
+        """Drop *holder* from the layer's holders; a missing layer or holder is a no-op."""
+        validate_id(layer_id)
+        _validate_holder(holder)
+        with self.layer_lock(layer_id):
+            rec = self.meta.read(layer_id)
+            if rec is None or self.meta.is_incomplete(layer_id) or holder not in rec.holders:
+                return
+            rec.holders = [h for h in rec.holders if h != holder]
+            self.meta.write(rec)
+
+    def freeze(self, layer_id: str) -> None:
+        """Make a writable layer read-only in place (no file is copied); refused while mounted."""
+        validate_id(layer_id)
+        with self.layer_lock(layer_id):
+            rec = self.record(layer_id)
+            if self.refs.get(layer_id) > 0:
+                raise InUse(f"cannot freeze layer {layer_id}: it is mounted")
+            if not rec.writable:
+                return
+            self._freeze(rec)
+            rec.kind = "ro"
+            self.meta.write(rec)
+
+    def capabilities(self) -> dict[str, bool]:
+        """What this store can do here: exact diffs (tar-split), enforced size quotas."""
+        return {"reproduces_exact_diffs": self.record_tarsplit, "quota": self._quota_available()}
+
+    def commit_new_layer(
+        self,
+        parent: str | None,
+        stream: BinaryIO | int,
+        *,
+        layer_id_for: Callable[[str], str],
+        made_by: str,
+        expected_diff_id: str | None = None,
+        holder: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[str, ApplyResult]:
+        """Apply *stream* into a hidden staging layer on *parent*, then commit it under
+        ``layer_id_for(diff_id)``: the id is known only once the diff is hashed.
+
+        An existing complete layer of that id with the same parent, maker and diffID is reused
+        (the staging is discarded, *holder* added); any other existing layer is AlreadyExists.
+        A crash leaves the layer absent or complete; repair removes staging leftovers.
+        """
+        _check_made_by(made_by)
+        if holder is not None:
+            _validate_holder(holder)
+        parent = self._parent_arg(parent)
+        import secrets
+
+        staging_id = STAGING_PREFIX + secrets.token_hex(16)
+        rec = LayerRecord(id=staging_id, parent=parent, kind="ro", made_by=made_by)
+        parent_locks = [self._lock_path(parent)] if parent else []
+        staging_lock = FileLock(self._lock_path(staging_id))
+        with staging_lock:
+            try:
+                with LockSet(parent_locks):
+                    self._create_locked(rec, staged=True)
+                result = self._apply_locked(rec, stream, progress)
+                if expected_diff_id is not None and result.diff_id != expected_diff_id:
+                    raise InvalidArchive(f"the layer's diffID is {result.diff_id}, "
+                                         f"not the expected {expected_diff_id}")
+                layer_id = validate_id(layer_id_for(result.diff_id))
+                with LockSet([self._lock_path(layer_id), *parent_locks]):
+                    if self.meta.exists(layer_id):
+                        self._reuse(self.record(layer_id), rec, holder)
+                        self._destroy_layer(staging_id, reason=None)
+                    else:
+                        self._promote(rec, layer_id, holder)
+            except BaseException:
+                self._destroy_layer(staging_id, reason=None)
+                raise
+            finally:
+                # Nobody waits on a staging lock (repair only tries it): its file can go.
+                staging_lock.path.unlink(missing_ok=True)
+        return layer_id, result
+
+    def _reuse(self, existing: LayerRecord, staged: LayerRecord, holder: str | None) -> None:
+        if (existing.parent, existing.made_by, existing.diff_id) != \
+                (staged.parent, staged.made_by, staged.diff_id):
+            raise AlreadyExists(f"layer {existing.id} already exists with other content "
+                                f"(parent {existing.parent or '(none)'}, made by "
+                                f"{existing.made_by}, diffID {existing.diff_id})")
+        if holder is not None:
+            self._hold_locked(existing, holder)
+
+    def _promote(self, staged: LayerRecord, layer_id: str, holder: str | None) -> None:
+        """Rename the staging layer to *layer_id* and commit it (caller holds both locks).
+
+        The staging marker names the target first, so repair can remove a half-renamed layer;
+        the final record is written inside the staging directory, which is then renamed; the
+        marker's removal is the commit point.
+        """
+        from .layers import asdict
+
+        self._destroy_layer(layer_id, reason="leftover of an interrupted create")
+        fields = asdict(staged)
+        fields.update(id=layer_id, holders=[holder] if holder else [])
+        final = LayerRecord(**fields)
+        self.meta.mark_incomplete(staged.id, f"{COMMIT_INTENT} {layer_id}")
+        self.meta.write(final, in_dir=staged.id)
+        self._rename_layer(staged.id, layer_id)
+        os.rename(self.meta.dir(staged.id), self.meta.dir(layer_id))
+        self.meta.clear_incomplete(layer_id)  # the commit point
+        staged.id = layer_id
 
     def _rename_aside(self, layer_id: str) -> list[Path]:
         aside = []
@@ -314,6 +475,8 @@ class LayerStore:
             for path in self.meta.removing_leftovers() + self._removing_leftovers():
                 log.warning("repair: destroying %s (interrupted removal)", path)
                 self._destroy(path)
+            for staged_id in self.meta.staged_ids():
+                self._repair_staged(staged_id)
             meta_ids = set(self.meta.ids())
             for layer_id in sorted(meta_ids | self._disk_ids()):
                 try:
@@ -335,6 +498,25 @@ class LayerStore:
                 finally:
                     lock.release()
         self._reconcile_counts()
+
+    def _repair_staged(self, staged_id: str) -> None:
+        """Remove a staging layer a crash left, and its half-renamed target (its marker says)."""
+        lock = self.layer_lock(staged_id)
+        if not lock.acquire(blocking=False):
+            return  # its commit_new_layer is still running
+        try:
+            words = self.meta.incomplete_reason(staged_id).split()
+            if len(words) == 2 and words[0] == COMMIT_INTENT and _valid_id(words[1]) \
+                    and not os.path.lexists(self.meta.dir(words[1])):
+                target = self.layer_lock(words[1])
+                if target.acquire(blocking=False):
+                    try:
+                        self._destroy_layer(words[1], reason=f"interrupted commit of {staged_id}")
+                    finally:
+                        target.release()
+            self._destroy_layer(staged_id, reason="staging leftover of an interrupted commit")
+        finally:
+            lock.release()
 
     def _reconcile_counts(self) -> None:
         for layer_id, count in self.refs.all().items():
@@ -417,7 +599,8 @@ class LayerStore:
 
     # ----- diffs: NaiveDiff (moby's fsdiff.go) ---------------------------------------------
 
-    def _resolve_parent(self, layer_id: str, parent: str | None) -> str | None:
+    def resolve_parent(self, layer_id: str, parent: str | None) -> str | None:
+        """The parent a diff is taken against: None = the layer's own, "" = none, else checked."""
         rec = self.record(layer_id)
         if parent is None:
             return rec.parent
@@ -430,7 +613,7 @@ class LayerStore:
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         from .archive.changes import changes_dirs
 
-        parent = self._resolve_parent(layer_id, parent)
+        parent = self.resolve_parent(layer_id, parent)
         with self.mounted(layer_id) as root:
             if parent is None:
                 return changes_dirs(root, None, self.idmap)
@@ -448,7 +631,7 @@ class LayerStore:
         """A tar of the layer's changes, streamed from a writer thread (not buffered)."""
         from .archive.export import stream_tar
 
-        parent = self._resolve_parent(layer_id, parent)
+        parent = self.resolve_parent(layer_id, parent)
 
         def write(out_fd: int) -> None:
             self.write_diff(out_fd, layer_id, parent)
@@ -484,55 +667,66 @@ class LayerStore:
         parent: str | None,
         stream: BinaryIO | int,
         progress: Callable[[int], None] | None = None,
-    ) -> Any:
+    ) -> ApplyResult:
         """Apply a layer tar (plain or compressed) in a confined child; returns ApplyResult."""
-        from .archive.apply import ApplyOptions
-        from .archive.isolate import apply_confined
-
         validate_id(layer_id)
         with self.layer_lock(layer_id):
             rec = self.applicable_record(layer_id, parent)
-            opts = ApplyOptions(whiteout_format=self.whiteout_format,  # type: ignore[arg-type]
-                                idmap=self.idmap, progress=progress)
-            opts = self._apply_options(rec, opts)
-            # SIGINT/SIGTERM are held from here to the commit, except while apply_confined runs:
-            # it installs its own handlers, which stop the child and roll the layer back.  An
-            # interrupt between the apply's end and the commit would otherwise leave a fully
-            # applied layer incomplete, and repair would remove it.
-            with _signals_deferred():
-                self.meta.mark_incomplete(layer_id, "apply")
-                raw_fd: int | None = None
-                try:
-                    raw_fd = self._tarsplit_begin(layer_id, opts)
-                    with as_fd(stream) as fd:
-                        result = apply_confined(fd, self._apply_target(rec), opts)
-                except StoreCorrupt:
-                    # The child died without a rollback: the layer stays incomplete, so it no
-                    # longer exists, and the next open of the store removes it (rule 1).
-                    self._tarsplit_discard(layer_id, raw_fd)
-                    raise
-                except (GraphDriverError, KeyboardInterrupt):
-                    # Nothing was applied yet, or the engine rolled the layer back to what it
-                    # was (apply_confined stops its child with SIGTERM and waits for the
-                    # rollback): the layer is complete again.
-                    self.meta.clear_incomplete(layer_id)
-                    self._tarsplit_discard(layer_id, raw_fd)
-                    raise
-                except BaseException:
-                    self._tarsplit_discard(layer_id, raw_fd)
-                    raise
-                # The apply is done: the commit below runs to its end (signals are still held).
-                try:
-                    if raw_fd is not None:
-                        self._tarsplit_end(rec, raw_fd, opts.recorder)
-                finally:
-                    self._tarsplit_discard(layer_id, raw_fd)
-                self._after_apply(rec, result)
-                rec.extra["diff_id"] = result.diff_id
-                rec.extra["applied_size"] = result.size
-                self.meta.write(rec)
+            return self._apply_locked(rec, stream, progress)
+
+    def _apply_locked(self, rec: LayerRecord, stream: BinaryIO | int,
+                      progress: Callable[[int], None] | None) -> ApplyResult:
+        """The apply and its commit (the caller holds the layer's lock)."""
+        from .archive.apply import ApplyOptions
+        from .archive.isolate import apply_confined
+
+        layer_id = rec.id
+        opts = ApplyOptions(whiteout_format=self.whiteout_format,  # type: ignore[arg-type]
+                            idmap=self.idmap, progress=progress)
+        opts = self._apply_options(rec, opts)
+        # SIGINT/SIGTERM are held from here to the commit, except while apply_confined runs:
+        # it installs its own handlers, which stop the child and roll the layer back.  An
+        # interrupt between the apply's end and the commit would otherwise leave a fully
+        # applied layer incomplete, and repair would remove it.
+        with _signals_deferred():
+            self.meta.mark_incomplete(layer_id, "apply")
+            raw_fd: int | None = None
+            try:
+                raw_fd = self._tarsplit_begin(layer_id, opts)
+                with as_fd(stream) as fd:
+                    result = apply_confined(fd, self._apply_target(rec), opts)
+            except StoreCorrupt:
+                # The child died without a rollback: the layer stays incomplete, so it no
+                # longer exists, and the next open of the store removes it (rule 1).
+                self._tarsplit_discard(layer_id, raw_fd)
+                raise
+            except (GraphDriverError, KeyboardInterrupt):
+                # Nothing was applied yet, or the engine rolled the layer back to what it
+                # was (apply_confined stops its child with SIGTERM and waits for the
+                # rollback): the layer is complete again.
                 self.meta.clear_incomplete(layer_id)
-            return result
+                self._tarsplit_discard(layer_id, raw_fd)
+                raise
+            except BaseException:
+                self._tarsplit_discard(layer_id, raw_fd)
+                raise
+            # The apply is done: the commit below runs to its end (signals are still held).
+            try:
+                if raw_fd is not None:
+                    self._tarsplit_end(rec, raw_fd, opts.recorder)
+            finally:
+                self._tarsplit_discard(layer_id, raw_fd)
+            self._after_apply(rec, result)
+            self._commit_applied(rec, result)
+        return result
+
+    def _commit_applied(self, rec: LayerRecord, result: ApplyResult) -> None:
+        """The commit point of an apply: the record with the new diffID, then the marker goes."""
+        rec.diff_id = result.diff_id
+        rec.extra.pop("diff_id", None)  # where records before the field kept it
+        rec.extra["applied_size"] = result.size
+        self.meta.write(rec)
+        self.meta.clear_incomplete(rec.id)
 
     def applicable_record(self, layer_id: str, parent: str | None) -> LayerRecord:
         """The record of a layer an apply may write into (caller holds its lock): the parent
@@ -598,6 +792,12 @@ class LayerStore:
     def close(self) -> None:
         """Release what this object holds in memory (mounts stay: they are counted on disk)."""
 
+    def __enter__(self) -> LayerStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class MountedFiles:
     """A DiffGetter over the mounted tree: opens files by their path inside the layer."""
@@ -620,6 +820,36 @@ class MountedFiles:
             self._closed = True
             os.close(self._root_fd)
             self._store.put(self._id)
+
+
+def _made_by(opts: CreateOpts | None) -> str:
+    return _check_made_by(opts.made_by if opts is not None else "user")
+
+
+def _check_made_by(made_by: str) -> str:
+    if made_by not in MADE_BY:
+        raise InvalidArgument(f"invalid made_by {made_by!r}: one of {', '.join(sorted(MADE_BY))}")
+    return made_by
+
+
+_MAX_HOLDER = 512
+
+
+def _valid_id(layer_id: str) -> bool:
+    try:
+        validate_id(layer_id)
+    except InvalidArgument:
+        return False
+    return True
+
+
+def _validate_holder(holder: object) -> str:
+    """A holder is one printable line such as ``image:sha256:<hex>`` or ``snapshot:<name>``."""
+    if not isinstance(holder, str) or not holder or len(holder) > _MAX_HOLDER \
+            or not holder.isprintable():
+        raise InvalidArgument(f"invalid holder {str(holder)[:40]!r}: one printable line of at "
+                              f"most {_MAX_HOLDER} characters")
+    return holder
 
 
 @contextlib.contextmanager

@@ -102,7 +102,7 @@ def test_base_layer_round_trip(store: Any) -> None:
     # entries, their order, PAX records and contents come back as they went in
     assert entries(diff_bytes(store, "base")) == entries(data)
     rec = store.record("base")
-    assert rec.extra["diff_id"] == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert rec.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
     d = layer_dir(store, "base")
     win = d / "Files/Windows"
     assert os.getxattr(win, "user.mswindows.fileattr") == b"20"

@@ -273,6 +273,20 @@ class OverlayDriver(LayerStore):
     def _on_first_child(self, parent: LayerRecord) -> None:
         (self._dir(parent.id) / "committed").write_bytes(b"")
 
+    def _rename_layer(self, old_id: str, new_id: str) -> None:
+        """Rename the layer directory, then point its short link at the new name."""
+        short = self._short(old_id)
+        os.rename(self._dir(old_id), self._dir(new_id))
+        if short:
+            tmp = self.links / f".{short}.{os.getpid()}"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.symlink(f"../{new_id}/diff", tmp)
+            os.replace(tmp, self.links / short)
+
+    def _quota_available(self) -> bool:
+        return self.quota_problem is None
+
     # ----- quota images --------------------------------------------------------------------
 
     def _ensure_image(self, layer_id: str) -> None:
@@ -382,13 +396,13 @@ class OverlayDriver(LayerStore):
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         from ..archive.changes import overlay_changes
 
-        parent = self._resolve_parent(layer_id, parent)
+        parent = self.resolve_parent(layer_id, parent)
         if not self._native(layer_id, parent):
             return super().changes(layer_id, parent)
         return overlay_changes(self._diff_dir(layer_id), self._lower_diffs(layer_id))
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
-        parent = self._resolve_parent(layer_id, parent)
+        parent = self.resolve_parent(layer_id, parent)
         if not self._native(layer_id, parent):
             return super().diff_size(layer_id, parent)
         try:

@@ -78,7 +78,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from .. import errors as _errors
 from .. import quota
@@ -103,6 +103,9 @@ from ..fsutil import atomic_write, copy_tree, fs_name, remove_tree
 from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
 from ..mount import MS_RDONLY, is_mounted, mount, unmount_all_under
 from ..store import LayerStore, as_fd, parse_size
+
+if TYPE_CHECKING:
+    from ..archive.apply import ApplyResult
 
 log = logging.getLogger("graphdriver")
 
@@ -351,7 +354,7 @@ class WindowsFilterDriver(LayerStore):
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         rec = self.record(layer_id)
-        self._resolve_parent(layer_id, parent)
+        self.resolve_parent(layer_id, parent)
         if rec.writable:
             return super().changes(layer_id, parent)
         out = []
@@ -363,7 +366,7 @@ class WindowsFilterDriver(LayerStore):
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         rec = self.record(layer_id)
-        self._resolve_parent(layer_id, parent)
+        self.resolve_parent(layer_id, parent)
         if rec.writable:
             return super().diff_size(layer_id, parent)
         total = 0
@@ -397,61 +400,59 @@ class WindowsFilterDriver(LayerStore):
 
     # ----- apply ---------------------------------------------------------------------------
 
-    def apply_diff_result(
-        self,
-        layer_id: str,
-        parent: str | None,
-        stream: BinaryIO | int,
-        progress: Callable[[int], None] | None = None,
-    ) -> Any:
+    def _apply_locked(self, rec: LayerRecord, stream: BinaryIO | int,
+                      progress: Callable[[int], None] | None) -> ApplyResult:
         from ..archive.apply import ApplyResult
 
-        validate_id(layer_id)
-        with self.layer_lock(layer_id):
-            rec = self.applicable_record(layer_id, parent)
-            if rec.writable:
-                raise NotSupported(
-                    f"windowsfilter: {layer_id} is a sandbox; Windows layer tars are imported "
-                    "into read-only layers (create without --rw)")
-            d = self._dir(layer_id)
-            parents = self.layer_chain(layer_id)
-            staging = d / STAGING
-            self.meta.mark_incomplete(layer_id, "apply")
-            raw_fd = -1
+        layer_id = rec.id
+        if rec.writable:
+            raise NotSupported(
+                f"windowsfilter: {layer_id} is a sandbox; Windows layer tars are imported "
+                "into read-only layers (create without --rw)")
+        d = self._dir(layer_id)
+        parents = self.layer_chain(layer_id)
+        staging = d / STAGING
+        self.meta.mark_incomplete(layer_id, "apply")
+        raw_fd = -1
+        try:
             try:
-                try:
-                    if self.record_tarsplit:  # tar-split: exact diffs for Docker (issue 6)
-                        raw_fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
-                                         os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                                         0o600)
-                    if os.path.lexists(staging):
-                        remove_tree(staging)
-                    os.mkdir(staging, 0o700)
-                    _clone_layer(d, staging)
-                    with as_fd(stream) as fd:
-                        size, diff_id, problem = _run_import(fd, raw_fd, staging, parents)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        remove_tree(staging)
-                    self.meta.clear_incomplete(layer_id)  # the layer is as it was
-                    raise
-                # The swap: a crash from here on leaves the layer incomplete (repair removes it).
-                _swap_in(d, staging)
-                atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(),
-                             mode=0o600)
-                if raw_fd >= 0:
-                    finish_layer_recording(self.meta.dir(layer_id), raw_fd, d, layer_id,
-                                           problem)
-            finally:
-                if raw_fd >= 0:
-                    os.close(raw_fd)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.meta.dir(layer_id) / RAW_NAME)
-            rec.extra["diff_id"] = diff_id
-            rec.extra["applied_size"] = size
-            self.meta.write(rec)
-            self.meta.clear_incomplete(layer_id)
-            return ApplyResult(size=size, diff_id=diff_id)
+                if self.record_tarsplit:  # tar-split: exact diffs for Docker (issue 6)
+                    raw_fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
+                                     os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                     0o600)
+                if os.path.lexists(staging):
+                    remove_tree(staging)
+                os.mkdir(staging, 0o700)
+                _clone_layer(d, staging)
+                with as_fd(stream) as fd:
+                    size, diff_id, problem = _run_import(fd, raw_fd, staging, parents)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    remove_tree(staging)
+                self.meta.clear_incomplete(layer_id)  # the layer is as it was
+                raise
+            # The swap: a crash from here on leaves the layer incomplete (repair removes it).
+            _swap_in(d, staging)
+            atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(),
+                         mode=0o600)
+            if raw_fd >= 0:
+                finish_layer_recording(self.meta.dir(layer_id), raw_fd, d, layer_id,
+                                       problem)
+        finally:
+            if raw_fd >= 0:
+                os.close(raw_fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.meta.dir(layer_id) / RAW_NAME)
+        result = ApplyResult(size=size, diff_id=diff_id)
+        self._commit_applied(rec, result)
+        return result
+
+    def _quota_available(self) -> bool:
+        return quota.image_supported() is None
+
+    def _freeze(self, rec: LayerRecord) -> None:
+        raise NotSupported(f"windowsfilter: {rec.id} is a sandbox; a sandbox cannot become a "
+                           "read-only layer in place")
 
 
 _MS_REMOUNT = 0x20
