@@ -143,7 +143,9 @@ def write_tree(root: Path, files: dict[str, bytes]) -> None:
 
 def umoci_image(tools: Tools, layout: Path, tag: str, layers: list[dict[str, bytes]],
                 base: str | None = None) -> None:
-    """An OCI layout image made by umoci: each dict of files becomes one layer."""
+    """An OCI layout image made by umoci: each dict of files becomes one layer (unpack, write,
+    repack).  (``umoci insert`` here writes tars without their end padding, which every tar
+    reader refuses, so it is not used.)"""
     if not (layout / "index.json").exists():
         tools.umoci("init", "--layout", str(layout))
     if base is None:
@@ -151,10 +153,12 @@ def umoci_image(tools: Tools, layout: Path, tag: str, layers: list[dict[str, byt
     else:
         tools.umoci("tag", "--image", f"{layout}:{base}", tag)
     for i, files in enumerate(layers):
-        src = tools.dir / f"src-{tag}-{i}"
-        shutil.rmtree(src, ignore_errors=True)
-        write_tree(src, files)
-        tools.umoci("insert", "--rootless", "--image", f"{layout}:{tag}", str(src), "/")
+        bundle = tools.dir / f"bundle-{tag}-{i}"
+        shutil.rmtree(bundle, ignore_errors=True)
+        tools.umoci("unpack", "--rootless", "--image", f"{layout}:{tag}", str(bundle))
+        write_tree(bundle / "rootfs", files)
+        tools.umoci("repack", "--image", f"{layout}:{tag}", str(bundle))
+        shutil.rmtree(bundle)
 
 
 def push_layout(tools: Tools, layout: Path, tag: str, registry: Registry, repo: str) -> str:

@@ -79,8 +79,10 @@ class MetadataStore:
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = home / "images.db"
         self._db = self._connect()
-        with self.transaction() as db:
-            db.executescript(SCHEMA)
+        try:
+            self._db.executescript(SCHEMA)  # idempotent; executescript commits by itself
+        except sqlite3.DatabaseError as exc:
+            raise GraphDriverError(f"image metadata {self.path}: {exc}") from None
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -106,10 +108,13 @@ class MetadataStore:
             raise GraphDriverError(f"image metadata {self.path}: {exc}") from None
         try:
             yield db
+            db.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            db.execute("ROLLBACK")
+            raise GraphDriverError(f"image metadata {self.path}: {exc}") from None
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     # ----- reading -------------------------------------------------------------------------
 
