@@ -101,9 +101,12 @@ class TarBundle(Bundle):
 
     def _index(self) -> None:
         try:
-            with os.fdopen(os.dup(self.fd), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            with os.fdopen(os.dup(self.fd), "rb") as f:
+                f.seek(0)
+                tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 - closed below
                 for m in tar:
                     self.members[_clean(m.name)] = m
+                tar.close()
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise InvalidArchive(f"not a readable image archive (tar): {exc}") from None
         if not self.members:
