@@ -329,7 +329,7 @@ def test_multi_platform_index(gd: GD, registry: Registry, tools: Tools,
             tools.umoci("config", "--image", f"{layout}:{tag}", "--os", os_,
                         "--architecture", arch)
             ref = push_layout(tools, layout, tag, registry, "e2e/multi")
-            data, ctype, digest = client.get_manifest("e2e/multi", ref.rsplit(":", 1)[1])
+            data, _, digest = client.get_manifest("e2e/multi", ref.rsplit(":", 1)[1])
             entries.append({"mediaType": mt.OCI_MANIFEST, "digest": digest, "size": len(data),
                             "platform": {"os": os_, "architecture": arch}})
         index = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_INDEX,

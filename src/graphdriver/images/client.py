@@ -16,6 +16,7 @@ import hashlib
 import io
 import ipaddress
 import logging
+import os
 import re
 import ssl
 import threading
@@ -51,6 +52,11 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def _proxy_configured() -> bool:
+    names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+    return any(os.environ.get(n) or os.environ.get(n.lower()) for n in names)
 
 
 def tls_context(host: str, cert_dirs: tuple[Path, ...] = CERT_DIRS) -> ssl.SSLContext:
@@ -99,8 +105,10 @@ class RegistryClient:
         verify: ssl.SSLContext | bool = tls_context(host, cert_dirs)
         if insecure:
             verify = False
+        # httpx reads proxies (and more) from the environment only when asked: building those
+        # transports costs ~0.15 s, so it is asked only when a proxy variable is set.
         self.http = httpx.Client(verify=verify, timeout=httpx.Timeout(timeout, connect=15.0),
-                                 follow_redirects=True,
+                                 follow_redirects=True, trust_env=_proxy_configured(),
                                  headers={"User-Agent": "graphdriver/0.1"},
                                  limits=httpx.Limits(max_connections=16))
         self._base: str | None = None
