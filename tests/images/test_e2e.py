@@ -4,6 +4,7 @@ private docker-registry on loopback, with images made by umoci and skopeo, on ov
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import signal
@@ -114,8 +115,14 @@ def test_pull_mount_matches_umoci(gd: GD, pushed: dict[str, str], tools: Tools,
     assert Path(gd.out("image", "mount", pushed["app"])) == path  # counted, same path
     want = tree(umoci_tree(tools, base_layout, "app", tmp_path / "ref"))
     assert tree(path) == want
+    with pytest.raises(OSError) as exc:
+        (path / "written").write_text("no")  # the image's view is read-only
+    assert exc.value.errno == errno.EROFS
     gd.run("image", "unmount", pushed["app"])
     gd.run("image", "unmount", pushed["app"])
+    assert gd.layers()  # nothing mounted any more: the layers can be listed and removed
+    assert not [m for m in Path("/proc/self/mountinfo").read_text().splitlines()
+                if str(gd.root) in m]
     info = json.loads(gd.out("image", "inspect", pushed["app"]))[0]
     assert info["Id"] == image_id and len(info["RootFS"]["Layers"]) == 3
     assert info["RepoTags"] == [pushed["app"]]
@@ -152,6 +159,33 @@ def test_push_to_second_repository_mounts_blobs(gd: GD, pushed: dict[str, str],
     assert [layer["digest"] for layer in got["layers"]] == \
         [layer["digest"] for layer in src["layers"]]
     assert got["config"]["digest"] == src["config"]["digest"]
+
+
+def test_concurrent_pulls_of_one_image(gd: GD, pushed: dict[str, str]) -> None:
+    procs = [subprocess.Popen([*gd.base, "image", "pull", "-q", pushed["app"]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1] for o in outs]
+    assert len({o[0] for o in outs}) == 1
+    assert len(gd.images()) == 1 and len(gd.layers()) == 3
+
+
+def test_zstd_push_is_an_oci_manifest_skopeo_reads(gd: GD, pushed: dict[str, str],
+                                                   registry: Registry, tools: Tools,
+                                                   base_layout: Path, tmp_path: Path) -> None:
+    from graphdriver.images import mediatypes as mt
+
+    gd.run("image", "pull", "-q", pushed["app"])
+    dest = f"{registry.host}/e2e/zstd-{gd.driver}:1"
+    gd.run("image", "push", "-q", "--compression", "zstd", pushed["app"], dest)
+    got = json.loads(tools.skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{dest}"))
+    assert got["mediaType"] == mt.OCI_MANIFEST
+    assert {layer["mediaType"] for layer in got["layers"]} == {mt.OCI_LAYER_ZSTD}
+    fresh = GD(tmp_path / "fresh", gd.driver)
+    fresh.run("image", "pull", "-q", dest)
+    want = tree(umoci_tree(tools, base_layout, "app", tmp_path / "ref"))
+    assert tree(Path(fresh.out("image", "mount", dest))) == want
+    fresh.run("image", "unmount", dest)
 
 
 def test_commit_push_pull_on_a_fresh_store(gd: GD, pushed: dict[str, str], registry: Registry,

@@ -24,6 +24,8 @@ from .metadata import BlobSource, ImageRecord, MetadataStore
 from .platform import check_os
 
 MADE_BY = "image"
+MS_BIND = 0x1000
+MS_REMOUNT = 0x20
 
 
 def holder_for(image_id: str) -> str:
@@ -234,15 +236,50 @@ class ImageStore:
     # ----- mounts ------------------------------------------------------------------------------
 
     def mount(self, text: str) -> Path:
+        """The image's root filesystem, read-only, reference counted (the driver's count).
+
+        The first mount makes the view read-only: a per-mount read-only flag on the driver's
+        own mount (overlay), or a read-only bind mount of the layer's directory where the
+        driver does not mount (vfs), which the last unmount removes.
+        """
+        from ..mount import MS_RDONLY, is_mounted, mount
+
         image = self.resolve(text)
-        if image.top_layer is None:
+        top = image.top_layer
+        if top is None:
             raise InvalidArgument(f"image {image.id[7:19]} has no layers to mount")
-        return Path(self.driver.get(image.top_layer))
+        path = Path(self.driver.get(top))
+        if self.driver.mount_count(top) == 1:
+            try:
+                if not is_mounted(path):
+                    mount(str(path), path, "", MS_BIND)
+                mount("", path, "", MS_BIND | MS_REMOUNT | MS_RDONLY)
+            except BaseException:
+                self._unmount_bind(top)
+                self.driver.put(top)
+                raise
+        return path
 
     def unmount(self, text: str) -> None:
-        image = self.resolve(text)
-        if image.top_layer is not None:
-            self.driver.put(image.top_layer)
+        top = self.resolve(text).top_layer
+        if top is None:
+            return
+        if self.driver.mount_count(top) == 1:
+            self._unmount_bind(top)
+        self.driver.put(top)
+
+    def _unmount_bind(self, layer_id: str) -> None:
+        """Remove the bind mount ``mount`` made where the driver itself does not mount."""
+        from ..mount import is_mounted, unmount
+
+        if getattr(self.driver, "mounts", True):
+            return
+        path = Path(self.driver.get(layer_id))  # where it is: the layer's own directory
+        try:
+            if is_mounted(path):
+                unmount(path)
+        finally:
+            self.driver.put(layer_id)
 
     def create_container_layer(self, layer_id: str, text: str, opts: Any = None) -> None:
         """A writable layer on top of an image (``create ID --rw --image REF``)."""
