@@ -385,8 +385,17 @@ def test_multi_platform_index(gd: GD, registry: Registry, tools: Tools,
     assert "linux/s390x" in gd.fails("image", "pull", "--platform", "linux/s390x", ref)
 
 
-@pytest.mark.parametrize("when", [0.3, 0.8, 1.5])
-def test_kill_9_during_pull_commit_push(gd: GD, pushed: dict[str, str], registry: Registry,
+@pytest.fixture(scope="session")
+def big_pushed(registry: Registry, tools: Tools) -> str:
+    """Three layers of 16 MiB random data: a pull, commit or push that takes a while."""
+    layout = tools.dir / "big-layout"
+    umoci_image(tools, layout, "big", [{f"data/{i}.bin": os.urandom(16 << 20)}
+                                       for i in range(3)])
+    return push_layout(tools, layout, "big", registry, "e2e/big")
+
+
+@pytest.mark.parametrize("when", [0.4, 0.9, 1.6])
+def test_kill_9_during_pull_commit_push(gd: GD, big_pushed: str, registry: Registry,
                                         when: float) -> None:
     def killed(*args: str) -> None:
         proc = subprocess.Popen([*gd.base, *args], stdout=subprocess.DEVNULL,
@@ -403,17 +412,17 @@ def test_kill_9_during_pull_commit_push(gd: GD, pushed: dict[str, str], registry
             gd.out("image", "mount", short)
             gd.run("image", "unmount", short)
 
-    killed("image", "pull", pushed["app"])
+    killed("image", "pull", big_pushed)
     consistent()
-    gd.run("image", "pull", "-q", pushed["app"])  # the retry completes what was cut
+    gd.run("image", "pull", "-q", big_pushed)  # the retry completes what was cut
     consistent()
-    gd.run("create", "ctr", "--rw", "--image", pushed["app"])
+    gd.run("create", "ctr", "--rw", "--image", big_pushed)
     root = Path(gd.out("mount", "ctr"))
     (root / "big.bin").write_bytes(os.urandom(8 << 20))
     gd.run("unmount", "ctr")
     killed("image", "commit", "ctr", "local/committed:1")
     consistent()
-    killed("image", "push", pushed["app"], f"{registry.host}/e2e/killed:{gd.driver}")
+    killed("image", "push", big_pushed, f"{registry.host}/e2e/killed:{gd.driver}")
     consistent()
     gd.run("image", "prune")
     consistent()
