@@ -343,6 +343,15 @@ class CuttingProxy:
         self.sock.close()
 
 
+def htpasswd_auth(workdir: Path, user: str, password: str) -> dict[str, Any]:
+    """The registry's ``auth: htpasswd`` section for one user (bcrypt, apache2-utils)."""
+    need("htpasswd")
+    path = workdir / "htpasswd"
+    subprocess.run(["htpasswd", "-Bbc", str(path), user, password], check=True,
+                   capture_output=True)
+    return {"htpasswd": {"realm": "graphdriver-test", "path": str(path)}}
+
+
 @contextlib.contextmanager
 def registry_running(workdir: Path, auth: dict[str, Any] | None = None) -> Iterator[Registry]:
     reg = Registry(workdir, auth)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from tests.images.regutil import (
     TokenServer,
     free_port,
     gz_layer,
-    need,
+    htpasswd_auth,
     registry_running,
 )
 
@@ -109,11 +108,7 @@ def test_registry_down_is_one_error() -> None:
 
 
 def test_basic_auth(tmp_path: Path) -> None:
-    need("htpasswd")
-    htpasswd = tmp_path / "htpasswd"
-    subprocess.run(["htpasswd", "-Bbc", str(htpasswd), "alice", "secret"], check=True,
-                   capture_output=True)
-    auth = {"htpasswd": {"realm": "basic-realm", "path": str(htpasswd)}}
+    auth = htpasswd_auth(tmp_path, "alice", "secret")
     with registry_running(tmp_path / "reg", auth) as reg:
         with RegistryClient(reg.host) as anon, pytest.raises(Unauthorized, match="401"):
             anon.get_manifest("private/app", "v1")

@@ -25,7 +25,7 @@ from tests.images.regutil import (
     TokenServer,
     Tools,
     free_port,
-    need,
+    htpasswd_auth,
     push_layout,
     registry_running,
     umoci_image,
@@ -299,11 +299,7 @@ def test_bad_inputs_are_one_line_and_leave_nothing(gd: GD, tools: Tools, base_la
 
 def test_basic_auth_and_bearer_token_pulls(gd: GD, tools: Tools, base_layout: Path,
                                            tmp_path: Path) -> None:
-    need("htpasswd")
-    htpasswd = tmp_path / "htpasswd"
-    subprocess.run(["htpasswd", "-Bbc", str(htpasswd), "alice", "pw1"], check=True,
-                   capture_output=True)
-    auth = {"htpasswd": {"realm": "r", "path": str(htpasswd)}}
+    auth = htpasswd_auth(tmp_path, "alice", "pw1")
     with registry_running(tmp_path / "basic", auth) as reg:
         tools.auth_file.write_text(json.dumps({"auths": {reg.host: {
             "auth": base64.b64encode(b"alice:pw1").decode()}}}))
