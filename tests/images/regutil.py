@@ -42,7 +42,8 @@ def free_port() -> int:
 class Registry:
     """One docker-registry process; ``host`` is ``127.0.0.1:PORT``."""
 
-    def __init__(self, workdir: Path, auth: dict[str, Any] | None = None) -> None:
+    def __init__(self, workdir: Path, auth: dict[str, Any] | None = None,
+                 extra_yaml: str = "") -> None:
         need("docker-registry")
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,8 @@ class Registry:
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.dir / 'storage'}\n"
             "  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n  secret: graphdriver-test\n" + auth_yaml)
+            f"http:\n  addr: 127.0.0.1:{self.port}\n  secret: graphdriver-test\n" + auth_yaml
+            + extra_yaml)
         self.log = open(self.dir / "registry.log", "wb")  # noqa: SIM115 - closed in stop
         self.proc = subprocess.Popen(["docker-registry", "serve", str(config)],
                                      stdout=self.log, stderr=subprocess.STDOUT,
@@ -353,8 +355,9 @@ def htpasswd_auth(workdir: Path, user: str, password: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def registry_running(workdir: Path, auth: dict[str, Any] | None = None) -> Iterator[Registry]:
-    reg = Registry(workdir, auth)
+def registry_running(workdir: Path, auth: dict[str, Any] | None = None,
+                     extra_yaml: str = "") -> Iterator[Registry]:
+    reg = Registry(workdir, auth, extra_yaml)
     try:
         yield reg
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import io
 import json
 import os
 import signal
@@ -422,3 +423,54 @@ def test_kill_9_during_pull_commit_push(gd: GD, big_pushed: str, registry: Regis
     consistent()
     gd.run("image", "prune")
     consistent()
+
+
+def test_foreign_layers_are_followed_on_pull_and_never_pushed(gd: GD, tmp_path: Path) -> None:
+    import functools
+    import http.server
+    import threading
+
+    from graphdriver.images import mediatypes as mt
+    from graphdriver.images.client import RegistryClient
+    from graphdriver.images.manifest import Descriptor, build_manifest, sha256_digest
+    from tests.images.regutil import gz_layer
+
+    served = tmp_path / "served"
+    served.mkdir()
+    foreign_blob, foreign_diff = gz_layer({"base/foreign.txt": b"from a URL\n"})
+    (served / "layer.tar.gz").write_bytes(foreign_blob)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    # distribution accepts layer URLs only from an allow list
+    urls_ok = "validation:\n  manifests:\n    urls:\n      allow:\n        - '^http://127\\.0\\.0\\.1:'\n"
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/layer.tar.gz"
+        own_blob, own_diff = gz_layer({"app/own.txt": b"pushed\n"})
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers",
+                                        "diff_ids": [foreign_diff, own_diff]}}).encode()
+        foreign = Descriptor(mt.DOCKER_FOREIGN_LAYER, sha256_digest(foreign_blob),
+                             len(foreign_blob), (url,))
+        with registry_running(tmp_path / "reg", extra_yaml=urls_ok) as registry, \
+                RegistryClient(registry.host) as client:
+            own = Descriptor(mt.DOCKER_LAYER_GZIP, *client.upload_blob("e2e/foreign",
+                                                                       io.BytesIO(own_blob)))
+            cdigest, csize = client.upload_blob("e2e/foreign", io.BytesIO(config))
+            data = build_manifest(mt.DOCKER_MANIFEST, Descriptor(mt.DOCKER_CONFIG, cdigest,
+                                                                 csize), [foreign, own])
+            client.put_manifest("e2e/foreign", "1", data, mt.DOCKER_MANIFEST)
+            ref = f"{registry.host}/e2e/foreign:1"
+            gd.run("image", "pull", "-q", ref)
+            root = Path(gd.out("image", "mount", ref))
+            assert (root / "base" / "foreign.txt").read_text() == "from a URL\n"
+            gd.run("image", "unmount", ref)
+            gd.run("image", "push", "-q", ref, f"{registry.host}/e2e/foreign-copy:1")
+            pushed, _, _ = client.get_manifest("e2e/foreign-copy", "1")
+            layers = json.loads(pushed)["layers"]
+            assert layers[0]["urls"] == [url] and layers[0]["digest"] == foreign.digest
+            assert not client.blob_exists("e2e/foreign-copy", foreign.digest)
+            assert client.blob_exists("e2e/foreign-copy", layers[1]["digest"])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
