@@ -2,10 +2,11 @@
 layers — several blobs downloading at once while the layers are applied in order.
 
 The first layer the store lacks is streamed from the network straight into the apply (no copy);
-the ones after it are prefetched by worker threads into unlinked spool files that the apply reads
-while they grow.  Every blob's digest and size are checked after its diff is hashed and before
-its layer's commit point; a download cut mid-blob resumes with a Range request (client.py).  A
-failed pull leaves no image and no tag; layers it committed completely stay, held by nothing,
+the next few (``parallel``) are prefetched by worker threads into unlinked spool files that the
+apply reads while they grow, each closed (and so deleted) once its layer is applied: a window of
+downloads ahead of the apply, never a copy of the whole image.  Every blob's digest and size
+are checked after its diff is hashed and before its layer's commit point; a download cut
+mid-blob resumes with a Range request (client.py).  A failed pull leaves no image and no tag; layers it committed completely stay, held by nothing,
 as a cache for the retry (``image prune`` removes them).
 
 Owns the pull's plan and its concurrency; imports the client, the metadata and ImageStore of this
@@ -167,16 +168,24 @@ class Puller:
                    is None]
         for s in steps:
             self.display.set(s.key, "Waiting" if s in missing else "Already exists")
+        # The first missing layer streams straight into its apply; the next `parallel` ones
+        # download meanwhile into spool files, each deleted once applied (a window, not a copy
+        # of the whole image).
         spools: dict[int, Spool] = {}
         with ThreadPoolExecutor(max(1, self.opts.parallel),
                                 thread_name_prefix="graphdriver-pull") as pool:
             try:
-                for s in missing[1:]:
-                    spool = Spool(self.store.tmp, self._blob(s))
-                    spools[id(s)] = spool
-                    pool.submit(spool.run)
-                for s in missing:
-                    self._apply(s, spools.get(id(s)))
+                for j, s in enumerate(missing):
+                    for ahead in missing[j + 1:j + 1 + max(1, self.opts.parallel)]:
+                        if id(ahead) not in spools:
+                            spools[id(ahead)] = spool = Spool(self.store.tmp, self._blob(ahead))
+                            pool.submit(spool.run)
+                    current = spools.pop(id(s), None)
+                    try:
+                        self._apply(s, current)
+                    finally:
+                        if current is not None:
+                            current.close()
             finally:
                 for spool in spools.values():
                     spool.cancelled = True
