@@ -6,8 +6,9 @@ the next few (``parallel``) are prefetched by worker threads into unlinked spool
 apply reads while they grow, each closed (and so deleted) once its layer is applied: a window of
 downloads ahead of the apply, never a copy of the whole image.  Every blob's digest and size
 are checked after its diff is hashed and before its layer's commit point; a download cut
-mid-blob resumes with a Range request (client.py).  A failed pull leaves no image and no tag; layers it committed completely stay, held by nothing,
-as a cache for the retry (``image prune`` removes them).
+mid-blob resumes with a Range request (client.py).  A failed pull leaves no image and no tag;
+layers it committed completely stay, held by nothing, as a cache for the retry (``image
+prune`` removes them).
 
 Owns the pull's plan and its concurrency; imports the client, the metadata and ImageStore of this
 package; never a driver module, never ``cli``.
