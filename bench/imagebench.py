@@ -10,10 +10,12 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -130,7 +132,9 @@ class BenchContainerd:
 
     def __init__(self, base: Path) -> None:
         base.mkdir(parents=True, exist_ok=True)
-        self.socket = base / "containerd.sock"
+        # a unix socket path must fit 108 bytes: a short directory of its own
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="gdc-"))
+        self.socket = self.socket_dir / "sock"
         config = base / "config.toml"
         config.write_text(
             "version = 2\n"
@@ -159,3 +163,4 @@ class BenchContainerd:
 
     def stop(self) -> None:
         _stop(self.proc)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
