@@ -474,3 +474,21 @@ def test_foreign_layers_are_followed_on_pull_and_never_pushed(gd: GD, tmp_path: 
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_tag_and_rm_follow_docker(gd: GD, pushed: dict[str, str]) -> None:
+    image_id = gd.out("image", "pull", "-q", pushed["base"])
+    gd.run("image", "tag", pushed["base"], "example.com/other:2")
+    gd.run("image", "tag", image_id[7:19], "plain")  # an ID prefix names a local image
+    tags = json.loads(gd.out("image", "inspect", "plain"))[0]["RepoTags"]
+    assert sorted(tags) == sorted([pushed["base"], "example.com/other:2", "plain:latest"])
+    assert gd.out("image", "rm", "example.com/other:2") == "Untagged: example.com/other:2"
+    assert "--force" in gd.fails("image", "rm", image_id)  # an ID with several tags
+    assert "ambiguous" not in gd.fails("image", "rm", "sha256:" + "0" * 64)
+    err = gd.run("create", "c", "--rw", "--image", "plain", "--parent", "x", ok=False)
+    assert err.returncode == 2 and b"--image" in err.stderr
+    out = gd.out("image", "rm", "--force", image_id).splitlines()
+    assert out[-1] == f"Deleted: {image_id}" and len(out) == 3
+    assert gd.images() == [] and all(not layer["holders"] for layer in gd.layers())
+    assert gd.out("image", "ls") .splitlines()[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID",
+                                                              "CREATED", "SIZE"]
