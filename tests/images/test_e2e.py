@@ -492,3 +492,18 @@ def test_tag_and_rm_follow_docker(gd: GD, pushed: dict[str, str]) -> None:
     assert gd.images() == [] and all(not layer["holders"] for layer in gd.layers())
     assert gd.out("image", "ls") .splitlines()[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID",
                                                               "CREATED", "SIZE"]
+
+
+def test_sigint_during_pull_is_one_line_and_no_image(gd: GD, big_pushed: str) -> None:
+    proc = subprocess.Popen([*gd.base, "image", "pull", big_pushed], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    time.sleep(0.8)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the pull finished before the signal")
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert proc.returncode == 130 and len(lines) == 1, err
+    assert gd.images() == []
+    assert all(not layer["holders"] for layer in gd.layers())
+    assert gd.out("image", "pull", "-q", big_pushed).startswith("sha256:")

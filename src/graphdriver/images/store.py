@@ -70,6 +70,11 @@ class ImageStore:
         with FileLock(self.home / "gc.lock", shared=True):
             yield
 
+    def _images_lock(self) -> FileLock:
+        """Serialises the two-step changes (hold + commit, delete + release) between
+        processes."""
+        return FileLock(self.home / "images.lock")
+
     # ----- resolving ---------------------------------------------------------------------------
 
     def resolve(self, text: str) -> Image:
@@ -156,12 +161,13 @@ class ImageStore:
         """Hold the image's layers, then commit its record: returns the image ID."""
         check_os(config.os, self.driver.name)
         layers = [hex_of(c) for c in self._chain(config)]
-        for layer_id in layers:
-            self.driver.hold(layer_id, holder_for(config.id))
-        size = sum(self.layer_size(layer_id) for layer_id in layers)
-        rec = ImageRecord(config.id, config.raw, manifest, manifest_type, layers, size,
-                          time.time())
-        self.meta.add_image(rec, tags or [], repo_digests or [], blobs or [])
+        with self._images_lock():  # an rm of this image cannot fall between hold and commit
+            for layer_id in layers:
+                self.driver.hold(layer_id, holder_for(config.id))
+            size = sum(self.layer_size(layer_id) for layer_id in layers)
+            rec = ImageRecord(config.id, config.raw, manifest, manifest_type, layers, size,
+                              time.time())
+            self.meta.add_image(rec, tags or [], repo_digests or [], blobs or [])
         return config.id
 
     @staticmethod
@@ -180,22 +186,23 @@ class ImageStore:
     def remove(self, text: str, *, force: bool = False) -> list[str]:
         """``image rm``: untag a tag, and drop the image with its last tag; returns what went
         (``Untagged: ...`` / ``Deleted: ...`` lines as docker prints them)."""
-        out: list[str] = []
-        image_id = self._resolve_id(text)
-        is_tag = not reference.looks_like_id(text)
-        if is_tag:
-            ref = reference.parse(text)
-            if not ref.digest:
-                tags = self.meta.tags_of(image_id)
-                if len(tags) > 1 or str(ref) not in tags:
-                    self.meta.untag(str(ref))
-                    return [f"Untagged: {ref.familiar()}"]
-        image = self.resolve(image_id)
-        self._refuse_if_used(image)
-        out += [f"Untagged: {reference.parse(t).familiar()}" for t in self.meta.tags_of(image_id)]
-        self.meta.remove_image(image_id, force=force or is_tag)
-        for layer_id in image.record.layers:
-            self.driver.release(layer_id, holder_for(image_id))
+        with self._images_lock():
+            image_id = self._resolve_id(text)
+            is_tag = not reference.looks_like_id(text)
+            if is_tag:
+                ref = reference.parse(text)
+                if not ref.digest:
+                    tags = self.meta.tags_of(image_id)
+                    if len(tags) > 1 or str(ref) not in tags:
+                        self.meta.untag(str(ref))
+                        return [f"Untagged: {ref.familiar()}"]
+            image = self.resolve(image_id)
+            self._refuse_if_used(image)
+            out = [f"Untagged: {reference.parse(t).familiar()}"
+                   for t in self.meta.tags_of(image_id)]
+            self.meta.remove_image(image_id, force=force or is_tag)
+            for layer_id in image.record.layers:
+                self.driver.release(layer_id, holder_for(image_id))
         out.append(f"Deleted: {image_id}")
         return out
 
@@ -212,7 +219,7 @@ class ImageStore:
         returns their ids.  Holders naming images that do not exist (a crash between hold and
         commit) are released first."""
         removed: list[str] = []
-        with FileLock(self.home / "gc.lock"):
+        with FileLock(self.home / "gc.lock"), self._images_lock():
             known = {r.id for r in self.meta.images()}
             for layer_id in self.driver.layers():
                 rec = self.driver.record(layer_id)
