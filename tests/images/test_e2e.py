@@ -499,7 +499,7 @@ def test_sigint_during_pull_is_one_line_and_no_image(gd: GD, big_pushed: str) ->
                             stderr=subprocess.PIPE)
     time.sleep(0.8)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the pull finished before the signal")
     lines = [line for line in err.decode().splitlines() if line.strip()]
