@@ -558,6 +558,7 @@ def build_workloads(ctx: Ctx) -> list[Workload]:
         [Side("python -S -c pass", lambda d: Cmd([sys.executable, "-S", "-c", "pass"])),
          Side("python -c pass", lambda d: Cmd([sys.executable, "-c", "pass"]))],
         {"python -S -c pass": "<= 2.0"}))
+    wl.append(image_pull_workload(ctx))
     return wl + containerd_workloads(ctx)
 
 
@@ -634,6 +635,71 @@ def containerd_workloads(ctx: Ctx) -> list[Workload]:
                  [cycle_side("overlayfs", "containerd + built-in overlayfs")],
                  {"containerd + built-in overlayfs": "<= 1.5"}),
     ]
+
+
+def image_pull_workload(ctx: Ctx) -> Workload:
+    """``image pull`` of a two-layer gzip image (Debian rootfs + npm tree) from a private
+    docker-registry on loopback: graphdriver (the command, start-up included) against podman
+    (private --root/--runroot, overlay) and ctr (a private containerd, overlayfs snapshotter);
+    skopeo copy to a directory is the download alone (the network floor)."""
+    from imagebench import BenchContainerd, BenchRegistry
+
+    layers = [ctx.layers["rootfs.gz"], ctx.layers["npm.gz"]]
+    server: dict[str, Any] = {}
+
+    def registry(d: Path) -> None:
+        if shutil.which("docker-registry") is None:
+            raise Unavailable("n/a (docker-registry not installed)")
+        try:
+            server["reg"] = BenchRegistry.get(d.parent.parent, layers)
+        except (RuntimeError, OSError) as exc:
+            raise Failed(f"the bench registry: {exc}") from exc
+
+    def ref() -> str:
+        return str(server["reg"].ref)
+
+    def gd_pull(d: Path) -> Cmd:
+        return Cmd([sys.executable, "-m", "graphdriver", "--root", str(d / "root"), "--runroot",
+                    str(d / "run"), "--driver", ctx.gd_driver, "image", "pull", "-q", ref()])
+
+    def podman_pull(d: Path) -> Cmd:
+        # podman refuses a run root longer than 50 characters: a short one beside the work dir
+        runroot = Path(tempfile.mkdtemp(prefix="gdpr-", dir="/dev/shm" if Path("/dev/shm")
+                                        .is_dir() else None))
+        (d / "runroot").symlink_to(runroot)  # removed with the run dir; the target by atexit
+        import atexit
+
+        atexit.register(shutil.rmtree, runroot, True)
+        return Cmd(["podman", "--root", str(d / "root"), "--runroot", str(runroot),
+                    "--storage-driver", "overlay", "--tmpdir", str(d / "tmp"),
+                    "pull", "-q", "--tls-verify=false", ref()])
+
+    def ctr_once(d: Path) -> None:
+        registry(d)
+        try:
+            server["ctr"] = BenchContainerd.get(d / "containerd")
+        except (RuntimeError, OSError) as exc:
+            raise Failed(f"the bench containerd: {exc}") from exc
+
+    def ctr_pull(d: Path) -> Cmd:
+        server["ctr"].reset(ref())  # the previous run's image, content and snapshots
+        return Cmd(server["ctr"].argv("images", "pull", "--plain-http", ref()))
+
+    def skopeo_copy(d: Path) -> Cmd:
+        policy = d / "policy.json"
+        policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+        (d / "tmp").mkdir()
+        return Cmd(["skopeo", "--policy", str(policy), "--tmpdir", str(d / "tmp"), "copy", "-q",
+                    "--src-tls-verify=false", f"docker://{ref()}", f"dir:{d / 'out'}"])
+
+    return Workload(
+        "image pull (rootfs + npm tree, gzip, local registry)",
+        [Side(f"graphdriver {ctx.gd_driver} image pull", gd_pull, registry,
+              unavailable=ctx.gd_reason)],
+        [Side("podman pull (overlay)", podman_pull, registry, needs="podman"),
+         Side("ctr image pull (overlayfs)", ctr_pull, ctr_once, needs="ctr"),
+         Side("skopeo copy to dir (download only)", skopeo_copy, registry, needs="skopeo")],
+        {"podman pull (overlay)": "<= 0.7", "ctr image pull (overlayfs)": "<= 0.7"})
 
 
 # ---------------------------------------------------------------- running and reporting

@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
             "graphdriver create ctr --parent app --rw --size 10G")
     layer_id(c, "the new layer's id")
     parent_opt(c, "the layer it is made on (default: none, a base layer)")
+    c.add_argument("--image", default=None, metavar="REF",
+                   help="a --rw layer on top of this image (excludes --parent)")
     c.add_argument("--rw", action="store_true", help="a writable (container) layer")
     c.add_argument("--size", default=None, metavar="SIZE",
                    help="size limit of a --rw layer, e.g. 10G (at least 8M)")
@@ -210,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("snapshotter", "serve containerd's snapshots service (proxy plugin) on a unix socket",
         "graphdriver --driver overlay snapshotter --address /run/graphdriver/snapshotter.sock"
         ).add_argument("--address", required=True, help="socket path")
+    from .images.command import add_parser
+
+    add_parser(sub, [common])
     return p
 
 
@@ -232,7 +237,7 @@ _FAST_COMMANDS: dict[str, tuple[int, dict[str, object]]] = {
     "mount": (1, {"mount_label": ""}),
     "changes": (1, {"parent": None}),
     "diff-size": (1, {"parent": None}),
-    "create": (1, {"parent": None, "rw": False, "size": None, "mount_label": ""}),
+    "create": (1, {"parent": None, "image": None, "rw": False, "size": None, "mount_label": ""}),
 }
 _FAST_FLAGS = {"--json": "json", "--debug": "debug"}
 _FAST_VALUES = {"--root": "root", "--runroot": "runroot", "--driver": "driver", "-s": "driver",
@@ -379,6 +384,10 @@ def _run(args: argparse.Namespace) -> int:
         from .snapshotter.command import run
 
         return run(driver, args.address)
+    if command == "image":
+        from .images.command import run as run_image
+
+        return run_image(args, driver)
     handler = _COMMANDS.get(command)
     if handler is None:
         raise UsageError(f"unknown command {command!r}")
@@ -402,7 +411,13 @@ def _create(driver: Any, args: argparse.Namespace, as_json: bool) -> int:
 
     storage = {"size": args.size} if args.size is not None else {}
     opts = CreateOpts(mount_label=args.mount_label, storage_opt=storage)
-    if args.rw:
+    if getattr(args, "image", None) is not None:
+        from .images.command import create_from_image
+
+        if args.parent or not args.rw:
+            raise UsageError("--image needs --rw and excludes --parent", f"{PROG} create")
+        create_from_image(driver, args.id, args.image, opts)
+    elif args.rw:
         driver.create_rw(args.id, args.parent, opts)
     else:
         driver.create(args.id, args.parent, opts)
@@ -789,7 +804,7 @@ _COMMANDS = {
     "cleanup": _cleanup,
 }
 
-_OTHER_COMMANDS = frozenset({"serve", "completion", "man", "snapshotter"})
+_OTHER_COMMANDS = frozenset({"serve", "completion", "man", "snapshotter", "image"})
 
 # ----- main ---------------------------------------------------------------------------------
 

@@ -73,6 +73,14 @@ class NoSpace(GraphDriverError, OSError):
     """The filesystem or the layer's quota is full."""
 
 
+class RegistryError(GraphDriverError):
+    """A registry could not be reached, refused a request or answered something unusable."""
+
+
+class Unauthorized(RegistryError):
+    """A registry answered 401 or 403: credentials missing, wrong or insufficient."""
+
+
 class Interrupted(GraphDriverError):
     """SIGINT or SIGTERM arrived; the operation was rolled back."""
 

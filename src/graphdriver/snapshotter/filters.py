@@ -58,8 +58,8 @@ class _Scanner:
         if quote in ('"', "'"):
             try:
                 value = ast.literal_eval(body)
-            except (ValueError, SyntaxError):
-                raise self.fail(f"invalid quoted string {body}") from None
+            except (ValueError, SyntaxError) as exc:
+                raise self.fail(f"invalid quoted string {body}") from exc
             return str(value)
         return body[1:-1].replace("\\" + quote, quote)
 
@@ -104,7 +104,7 @@ def parse(text: str) -> list[Selector]:
                 try:
                     re.compile(value)
                 except re.error as exc:
-                    raise scan.fail(f"invalid regular expression {value!r}: {exc}") from None
+                    raise scan.fail(f"invalid regular expression {value!r}: {exc}") from exc
         selectors.append((tuple(path), op, value))
         nxt = scan.peek()
         if nxt == "":
