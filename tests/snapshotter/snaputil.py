@@ -86,7 +86,7 @@ def served(root: Path, driver: str, extra: tuple[str, ...] = ()) -> Iterator[Ser
 
 
 def unmount_under(root: Path) -> None:
-    from graphdriver.fsutil import mount_points_under, umount
+    from tests.mountutil import mount_points_under, umount
 
     for mp in sorted(mount_points_under(root), key=len, reverse=True):
         with contextlib.suppress(OSError):

@@ -74,7 +74,7 @@ def test_containerd_runs_a_container_on_the_graphdriver_snapshotter(
     d.ctr("snapshots", "--snapshotter", "graphdriver", "view", "look", "layer-1")
     info = json.loads(d.ctr("snapshots", "--snapshotter", "graphdriver", "info", "layer-1"))
     assert (info["Kind"], info["Parent"]) == ("Committed", base)
-    layers = d.graphdriver("--driver", "overlay", "ls").stdout.split()
+    layers = d.graphdriver("--driver", "overlay", "ls", "-q").stdout.split()
     assert len(layers) == 3
     refused = d.graphdriver("--driver", "overlay", "rm", layers[0])
     assert refused.returncode != 0 and ("held" in refused.stderr or "children" in refused.stderr)
@@ -87,4 +87,4 @@ def test_containerd_runs_a_container_on_the_graphdriver_snapshotter(
     while d.ctr("snapshots", "--snapshotter", "graphdriver", "ls").splitlines()[1:]:
         assert time.monotonic() < deadline, "containerd's GC left snapshots"
         time.sleep(0.2)
-    assert d.graphdriver("--driver", "overlay", "ls").stdout.split() == []
+    assert d.graphdriver("--driver", "overlay", "ls", "-q").stdout.split() == []

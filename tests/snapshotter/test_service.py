@@ -255,7 +255,7 @@ def test_the_store_stays_usable_from_the_command(server: Served) -> None:
     driver = driver_name(s)
     prepare(s, "a")
     layer = layer_of(s, "a")
-    ls = graphdriver(s.root, driver, "ls")
+    ls = graphdriver(s.root, driver, "ls", "-q")
     assert ls.returncode == 0 and layer in ls.stdout.split()
     rm = graphdriver(s.root, driver, "rm", layer)
     assert rm.returncode != 0 and len(rm.stderr.strip().splitlines()) == 1
@@ -267,7 +267,7 @@ def test_the_store_stays_usable_from_the_command(server: Served) -> None:
     commit(s, "c", "a")
     assert open_store(s).record(layer).kind == "ro"  # frozen in place: the same layer
     s.stub.Remove(pb.RemoveSnapshotRequest(key="c"))
-    assert layer not in graphdriver(s.root, driver, "ls").stdout.split()
+    assert layer not in graphdriver(s.root, driver, "ls", "-q").stdout.split()
 
 
 def test_kill9_between_layer_and_row_is_repaired(server: Served) -> None:
