@@ -804,7 +804,8 @@ class LayerStore:
                 return
             with self.mounted(parent) as proot:
                 changes = changes_dirs(root, proot, self.idmap)
-            write_changes(out_fd, root, changes, idmap=self.idmap, progress=progress)
+                write_changes(out_fd, root, changes, idmap=self.idmap, progress=progress,
+                              parent_root=proot)
 
     def apply_diff(
         self,
