@@ -314,6 +314,9 @@ def _copy_entry(sfd: int, dfd: int, name: str, st: os.stat_result,
                         follow_symlinks=False)
             finally:
                 os.close(first_dir)
+            if copied is not None and stat.S_ISREG(mode):  # a link changes the inode's ctime
+                done = os.lstat(name, dir_fd=dfd)
+                copied.extend((done.st_ino, done.st_ctime_ns))
             return
         links[key] = (tuple(here), name)
     if stat.S_ISREG(mode):

@@ -8,6 +8,22 @@ was: an empty target is emptied again; otherwise every replaced or removed path 
 into a hidden scratch directory inside the target and is put back, created paths are removed, and
 metadata of merged directories and times of touched directories are restored.
 
+The OCI changeset rules (image-spec layer.md; tests/archive/test_layer_rules.py and
+tests/conformance/test_layer_semantics.py), where moby differs:
+
+- A whiteout hides only what the layers below have: this layer's own ``x`` stays, whatever the
+  order of ``x`` and ``.wh.x``; when that own ``x`` is a directory it becomes opaque (the lower
+  ``x`` is still hidden).  A directory created over a whiteout this layer wrote (deleted and
+  re-created in one layer) is opaque.
+- With the lower layers known (``ApplyOptions.lower_fds``, an overlay layer's parent chain): a
+  whiteout with nothing below to hide is not written; a directory the layer does not list but
+  needs is made as overlayfs' copy-up makes it (the lower directory's owner, mode, times,
+  xattrs); an opaque marker at the root, which overlayfs ignores there, whites out each lower
+  entry instead.
+- A directory the layer does not list keeps its times (vfs: its copy in the target).
+- An entry over an existing directory replaces its attributes, xattrs included.
+- The root's own entry (``./``) sets the target's mode, owner, times and xattrs.
+
 Choices where moby and GNU tar differ (documented here, tested in tests/archive):
 
 - A path whose parent is a regular file (or another non-directory) is an ``InvalidArchive``

@@ -8,8 +8,8 @@
 Beyond moby: a regular file whose size and mtime agree is still compared by content where it may
 have been rewritten (issue 15 rule 8): in an overlay upper (it is there, so it was written), and
 in a tree copied from the old one (vfs) unless it is the very copy made then (its inode and
-ctime as recorded at the copy, ``unchanged_copies``); such a tree's mtimes are compared to the
-nanosecond (both sides hold the same times, nothing was truncated by a tar).
+ctime as recorded at the copy, ``unchanged_copies``); such a tree's non-directory mtimes are
+compared to the nanosecond (both sides hold the same times, nothing was truncated by a tar).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def _compare_dirs(
         elif stat_different(ost, nst) or _capability(
             _at(old_fd, name, old_root + child)
         ) != _capability(_at(new_fd, name, new_root + child)) or (
-            copies is not None and (
+            copies is not None and not stat.S_ISDIR(nst.st_mode) and (
                 ost.st_mtime_ns != nst.st_mtime_ns
                 or ((nst.st_ino, nst.st_ctime_ns) not in copies and _rewritten(
                     ost, nst, _at(old_fd, name, old_root + child),

@@ -428,6 +428,15 @@ def _root_facts(root: bytes | int, whiteouts: WhiteoutFormat) -> tuple[int, int,
     return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _read_xattrs(root, whiteouts)
 
 
+def _maps_back(idmap: IDMap, uid: int, gid: int) -> bool:
+    """Whether a host owner has a container owner in *idmap*."""
+    try:
+        idmap.to_container(uid, gid)
+    except InvalidArgument:
+        return False
+    return True
+
+
 def _add_root(out: TarOut, root_fd: int, root_b: bytes, idmap: IDMap,
               whiteouts: WhiteoutFormat) -> None:
     st = os.fstat(root_fd)
@@ -451,7 +460,8 @@ def write_tree(
     progress: Progress | None = None,
 ) -> None:
     """Write a tar of everything under *root* to *out_fd*; root itself (``./``) only when its
-    mode, owner or xattrs are not a fresh layer's (0755, the id map's root, none).
+    mode, owner or xattrs are not a fresh layer's (0755, the id map's root, none) and its owner
+    maps into the container (a directory that is no layer's root is left out).
 
     A format that keeps whiteouts (:data:`~.whiteout.OVERLAY`, ``OVERLAY_USERXATTR``) converts
     them (0/0 character devices) into ``.wh.NAME`` entries and opaque directories (its
@@ -475,7 +485,8 @@ def write_tree(
         raise from_oserror(exc, "export tree") from None
     stack: list[_Dir] = []
     try:
-        if _root_facts(root_fd, whiteout_format) != (0o755, *idmap.root_pair(), {}):
+        facts = _root_facts(root_fd, whiteout_format)
+        if facts != (0o755, *idmap.root_pair(), {}) and _maps_back(idmap, facts[1], facts[2]):
             _add_root(out, root_fd, root_b, idmap, whiteout_format)
         stack.append(_Dir(root_fd, _list_dir(root_fd), b""))
         while stack:

@@ -75,20 +75,14 @@ class LowerView:
             self.stacks[sub] = stack = merged
         return stack
 
-    def lookup(self, path: str) -> tuple[int, os.stat_result] | None:
-        """The layer fd and the lstat of what the merged view shows at *path*, or None."""
-        parent, _, base = path.rpartition("/")
+    def exists(self, path: str) -> bool:
+        """Whether the merged view shows anything at *path*."""
+        parent = path.rpartition("/")[0]
         for layer in self._stack(parent):
             st = _lstat(self.fds[layer], path)
-            if st is None:
-                continue
-            if self.whiteouts.is_whiteout(st):
-                return None
-            return self.fds[layer], st
-        return None
-
-    def exists(self, path: str) -> bool:
-        return self.lookup(path) is not None
+            if st is not None:
+                return not self.whiteouts.is_whiteout(st)
+        return False
 
     def names(self, path: str) -> list[str]:
         """The names the merged view lists in directory *path*."""

@@ -18,7 +18,6 @@ from ..fsutil import atomic_write, copy_tree, fs_name
 from ..layers import REMOVING_SUFFIX, LayerRecord
 from ..store import LayerStore
 
-
 COPIED_FILES = "copied-files"
 
 
