@@ -43,13 +43,13 @@ def default_runroot() -> Path:
     private = Path(f"/tmp/graphdriver-run-{host_uid()}")
     try:
         os.mkdir(private, 0o700)
-    except FileExistsError:
+    except FileExistsError as exc:
         st = os.lstat(private)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
             from .errors import PermissionDenied
 
             raise PermissionDenied(f"{private} is not a private directory of yours; set "
-                                   "XDG_RUNTIME_DIR or --runroot") from None
+                                   "XDG_RUNTIME_DIR or --runroot") from exc
     if not _warned:
         _warned.append(True)
         log.warning("XDG_RUNTIME_DIR is not set: the run root is %s", private)
