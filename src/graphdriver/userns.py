@@ -136,8 +136,10 @@ def _start_pause(runroot: Path) -> int:
             mapped = _map_subordinate_ids(pid)
             to_child.write(b"mapped\n" if mapped else b"self\n")
             to_child.flush()
-            if from_child.readline() != b"ready\n":
-                raise NotSupported(f"cannot map ids in the new user namespace (process {pid})")
+            answer = from_child.readline()
+            if answer != b"ready\n":
+                raise NotSupported("cannot map ids in the new user namespace: "
+                                   f"{answer.decode(errors='replace').strip() or 'it died'}")
     except BrokenPipeError as exc:
         raise NotSupported("cannot make a user namespace: the child died") from exc
     from .fsutil import atomic_write
@@ -150,13 +152,13 @@ def _start_pause(runroot: Path) -> int:
 def _pause_child(to_parent_w: int, to_child_r: int) -> None:
     """In the pause process: unshare, let the parent map (or map itself), then pause."""
     out = os.fdopen(to_parent_w, "wb", buffering=0)
+    uid, gid = os.geteuid(), os.getegid()  # as the parent namespace sees them
     try:
         _libc_call("unshare", _CLONE_NEWUSER | _CLONE_NEWNS)
         out.write(f"pid {os.getpid()}\n".encode())
         with os.fdopen(to_child_r, "rb") as from_parent:
             how = from_parent.readline()
         if how == b"self\n":
-            uid, gid = os.geteuid(), os.getegid()  # as the parent namespace sees them
             with open("/proc/self/setgroups", "w", encoding="ascii") as f:
                 f.write("deny")
             with open("/proc/self/uid_map", "w", encoding="ascii") as f:

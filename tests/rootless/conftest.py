@@ -9,6 +9,7 @@ root, with the interpreter's prefix bind-mounted at a path the user can reach.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -116,17 +117,18 @@ def _userns_problem() -> str | None:
     return None
 
 
-@pytest.fixture(scope="package")
-def user() -> Iterator[User]:
+@contextlib.contextmanager
+def _made_user(prefix: str, subordinate_ids: bool) -> Iterator[User]:
+    """A new user (with or without subordinate ids), removed afterwards with all it left."""
     if os.geteuid() != 0:
         pytest.skip("making a test user needs root")
-    for tool in ("useradd", "userdel", "runuser", "unshare"):
+    for tool in ("useradd", "userdel", "usermod", "runuser", "unshare"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     problem = _userns_problem()
     if problem:
         pytest.skip(problem)
-    name = f"gdrl{os.getpid()}"
+    name = f"{prefix}{os.getpid()}"
     made = subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name],
                           capture_output=True, text=True, check=False)
     if made.returncode != 0:
@@ -137,9 +139,18 @@ def user() -> Iterator[User]:
     scratch.chmod(0o755)
     u: User | None = None
     try:
-        if subprocess.run(["grep", "-q", f"^{name}:", "/etc/subuid"], check=False).returncode:
+        listed = subprocess.run(["grep", "-q", f"^{name}:", "/etc/subuid"],
+                                check=False).returncode == 0
+        if subordinate_ids and not listed:
             subprocess.run(["usermod", "--add-subuids", "200000-265535", "--add-subgids",
                             "200000-265535", name], check=True)
+        elif not subordinate_ids and listed:
+            for file, flag in (("/etc/subuid", "--del-subuids"), ("/etc/subgid", "--del-subgids")):
+                for line in Path(file).read_text().splitlines():
+                    who, start, count = line.split(":")
+                    if who == name:
+                        last = int(start) + int(count) - 1
+                        subprocess.run(["usermod", flag, f"{start}-{last}", name], check=True)
         u = User(name, scratch)
         probe = u.run("unshare", "--user", "true")
         if probe.returncode != 0:
@@ -152,3 +163,16 @@ def user() -> Iterator[User]:
         subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
         shutil.rmtree(f"/tmp/graphdriver-run-{u.uid if u else -1}", ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture(scope="package")
+def user() -> Iterator[User]:
+    """A user with subordinate ids (what Debian's useradd gives)."""
+    with _made_user("gdrl", subordinate_ids=True) as u:
+        yield u
+
+
+@pytest.fixture
+def user_without_subids() -> Iterator[User]:
+    with _made_user("gdrn", subordinate_ids=False) as u:
+        yield u

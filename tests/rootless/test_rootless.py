@@ -114,3 +114,17 @@ def test_conformance_suite_as_user(user: User, driver: str) -> None:
     out = proc.stdout.decode()
     assert proc.returncode == 0, out[-3000:] + proc.stderr.decode()[-2000:]
     assert " passed" in out and "failed" not in out
+
+
+def test_without_subordinate_ids_files_become_the_users(user_without_subids: User) -> None:
+    u = user_without_subids
+    root = f"{u.home}/store"
+    tar = TarBuilder().dir("etc", uid=1000, gid=1000).file("etc/a", b"a", uid=1000, gid=1000)
+    proc = u.gd("--root", root, "--driver", "vfs", "import", "base",
+                str(u.give(u.home / "base.tar", tar.bytes())))
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "only your own id is mapped" in err and "stored as yours" in err
+    assert (Path(root) / "vfs/dir/base/etc/a").stat().st_uid == u.uid
+    again = u.gd("--root", root, "exists", "base")  # the namespace is made once: warned once
+    assert again.returncode == 0 and "only your own id" not in again.stderr.decode()
