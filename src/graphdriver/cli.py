@@ -395,13 +395,12 @@ def _run(args: argparse.Namespace) -> int:
 def _enter_namespace(args: argparse.Namespace) -> None:
     """An ordinary user: join the store's user and mount namespace (DESIGN.md rule 7) -- except
     for a mount, which would die with this process's view of it: that one is refused."""
+    from .errors import NotSupported
     from .userns import needs_namespace
 
     if not needs_namespace():
         return
     if args.command == "mount":
-        from .errors import NotSupported
-
         raise NotSupported("rootless, a mount lives in the store's user namespace: run it inside "
                            "`graphdriver unshare` (e.g. graphdriver unshare sh -c 'ls "
                            "\"$(graphdriver mount ID)\"')")
@@ -411,7 +410,15 @@ def _enter_namespace(args: argparse.Namespace) -> None:
     from .userns import enter
 
     runroot = getattr(args, "runroot", None)
-    enter(Path(runroot) if runroot else default_runroot())
+    try:
+        enter(Path(runroot) if runroot else default_runroot())
+    except NotSupported as exc:
+        if args.command == "unshare":
+            raise
+        import logging
+
+        # vfs works without a namespace (files then all become the user's)
+        logging.getLogger("graphdriver").warning("%s; going on without one", exc)
 
 
 def _unshare(args: argparse.Namespace) -> int:
