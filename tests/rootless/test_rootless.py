@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,17 @@ def test_without_subordinate_ids_files_become_the_users(user_without_subids: Use
     assert (Path(root) / "vfs/dir/base/etc/a").stat().st_uid == u.uid
     again = u.gd("--root", root, "exists", "base")  # the namespace is made once: warned once
     assert again.returncode == 0 and "only your own id" not in again.stderr.decode()
+
+
+def test_roots_overlay_store_refused_in_one_line(user: User) -> None:
+    root = user.home / "roots"
+    made = subprocess.run([sys.executable, "-m", "graphdriver", "--root", str(root), "--runroot",
+                           str(user.home / "roots-run"), "--driver", "overlay", "create", "a"],
+                          capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"overlay does not work here as root: {made.stderr.strip()}")
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(root)], check=True)
+    proc = user.gd("--root", str(root), "--driver", "overlay", "ls")
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.count("\n") == 1, err
+    assert "NotSupported" in err and "made by root" in err
