@@ -32,7 +32,9 @@ def default_root() -> str:
     env = os.environ.get("GRAPHDRIVER_ROOT")
     if env:
         return env
-    if os.geteuid() == 0:
+    from .idmap import real_root
+
+    if real_root():
         return "/var/lib/graphdriver"
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
     return os.path.join(xdg, "graphdriver")
@@ -206,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
              "graphdriver completion bash > /etc/bash_completion.d/graphdriver",
              "graphdriver completion fish > ~/.config/fish/completions/graphdriver.fish")
     co.add_argument("shell", choices=("bash", "zsh", "fish"), help="the shell")
+    un = cmd("unshare", "run a command (default: your shell) inside the store's user and mount "
+             "namespace, where rootless mounts live (Podman's unshare); for ordinary users",
+             "graphdriver unshare", "graphdriver unshare sh -c 'ls \"$(graphdriver mount ctr)\"'",
+             "graphdriver unshare python -m pytest tests/conformance")
+    un.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",
+                    help="the command and its arguments (default: $SHELL)")
     cmd("man", "print the manual page (roff), generated from this parser",
         "graphdriver man > /usr/local/share/man/man1/graphdriver.1",
         "graphdriver man | man -l -")
@@ -381,6 +389,12 @@ def _run(args: argparse.Namespace) -> int:
 
         sys.stdout.write(manpage(build_parser()))
         return 0
+    handler = _COMMANDS.get(command)
+    if handler is None and command not in ("unshare", "snapshotter", "image"):
+        raise UsageError(f"unknown command {command!r}")
+    _enter_namespace(args)
+    if command == "unshare":
+        return _unshare(args)
     driver = _open(args)
     if command == "snapshotter":
         from .snapshotter.command import run
@@ -390,10 +404,55 @@ def _run(args: argparse.Namespace) -> int:
         from .images.command import run as run_image
 
         return run_image(args, driver)
-    handler = _COMMANDS.get(command)
-    if handler is None:
-        raise UsageError(f"unknown command {command!r}")
+    assert handler is not None
     return handler(driver, args, bool(getattr(args, "json", False)))
+
+
+def _enter_namespace(args: argparse.Namespace) -> None:
+    """An ordinary user: join the store's user and mount namespace (DESIGN.md rule 7) -- except
+    for a mount, which would die with this process's view of it: that one is refused."""
+    from .errors import NotSupported
+    from .userns import needs_namespace
+
+    if not needs_namespace():
+        return
+    if args.command == "mount":
+        raise NotSupported("rootless, a mount lives in the store's user namespace: run it inside "
+                           "`graphdriver unshare` (e.g. graphdriver unshare sh -c 'ls "
+                           "\"$(graphdriver mount ID)\"')")
+    from pathlib import Path
+
+    from .refcount import default_runroot
+    from .userns import enter
+
+    runroot = getattr(args, "runroot", None)
+    try:
+        enter(Path(runroot) if runroot else default_runroot())
+    except NotSupported as exc:
+        if args.command == "unshare":
+            raise
+        import logging
+
+        # vfs works without a namespace (files then all become the user's)
+        logging.getLogger("graphdriver").warning("%s; going on without one", exc)
+
+
+def _unshare(args: argparse.Namespace) -> int:
+    """Run the command (or the user's shell) in the namespace joined above."""
+    from .idmap import real_root
+
+    if real_root():
+        raise UsageError("unshare is for ordinary users: as root, mounts are made in your own "
+                         "namespace", f"{PROG} unshare")
+    argv = list(args.cmd) or [os.environ.get("SHELL") or "/bin/sh"]
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        from .errors import from_oserror
+
+        raise from_oserror(exc, f"unshare: {argv[0]}") from exc
+    return 127  # not reached: exec replaced this process
 
 
 def _status(driver: Any, args: argparse.Namespace, as_json: bool) -> int:
@@ -806,7 +865,7 @@ _COMMANDS = {
     "cleanup": _cleanup,
 }
 
-_OTHER_COMMANDS = frozenset({"serve", "completion", "man", "snapshotter", "image"})
+_OTHER_COMMANDS = frozenset({"serve", "completion", "man", "snapshotter", "image", "unshare"})
 
 # ----- main ---------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 from . import TYPE_CHECKING
+from .idmap import real_root
 
 if TYPE_CHECKING:
     from array import array
@@ -201,7 +202,7 @@ def _copy_xattrs(src: str | int, dst: str | int, *, follow: bool) -> None:
         except OSError as exc:
             if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA):
                 continue
-            if exc.errno == errno.EPERM and os.geteuid() != 0:
+            if exc.errno == errno.EPERM and not real_root():
                 continue  # trusted.* / security.* need root; an unprivileged copy loses them
             raise
 
@@ -350,7 +351,7 @@ def _copy_meta(s: str, d: str, st: os.stat_result, *, is_link: bool) -> None:
     try:
         os.chown(d, st.st_uid, st.st_gid, follow_symlinks=False)
     except PermissionError:
-        if os.geteuid() == 0:
+        if real_root():
             raise
     _copy_xattrs(s, d, follow=False)
     if not is_link:
@@ -363,7 +364,7 @@ def _copy_meta_fd(sfd: int, dfd: int, st: os.stat_result) -> None:
     try:
         os.fchown(dfd, st.st_uid, st.st_gid)
     except PermissionError:
-        if os.geteuid() == 0:
+        if real_root():
             raise
     _copy_xattrs(sfd, dfd, follow=True)
     os.fchmod(dfd, stat.S_IMODE(st.st_mode))

@@ -3,11 +3,56 @@
 A mapping says that ids ``container_id .. container_id+size-1`` inside the layer are stored as
 ``host_id ..`` on disk.  Apply maps archive ids to host ids; export and changes map them back.
 An id with no mapping is an error, as in moby (a tar may not name an unmapped owner).
+
+Also the facts of the user namespace this process runs in (DESIGN.md rule 7): whether it is the
+real root (euid 0 in the initial namespace) or rootless — read from ``/proc/self/uid_map``, never
+from the euid alone, which is 0 inside ``unshare -Ur`` too.  Imports only ``errors``.
 """
 
 from __future__ import annotations
 
+import os
+
 from .errors import InvalidArgument
+
+#: the uid_map of the initial user namespace: every id, as itself
+_INITIAL_MAP = [(0, 0, 4294967295)]
+
+
+def namespace_uid_map(pid: str = "self") -> list[tuple[int, int, int]]:
+    """``(inside, outside, count)`` lines of a process's ``/proc/PID/uid_map``."""
+    try:
+        with open(f"/proc/{pid}/uid_map", encoding="ascii") as f:
+            text = f.read()
+    except FileNotFoundError:  # no /proc, or no user namespaces: the initial namespace
+        return list(_INITIAL_MAP)
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 3:
+            out.append((int(fields[0]), int(fields[1]), int(fields[2])))
+    return out
+
+
+def in_user_namespace() -> bool:
+    """Whether this process runs in a user namespace other than the initial one."""
+    return namespace_uid_map() != _INITIAL_MAP
+
+
+def real_root() -> bool:
+    """euid 0 in the initial user namespace: the one who may use loop devices and
+    ``trusted.*`` xattrs.  Anything else is rootless."""
+    return os.geteuid() == 0 and not in_user_namespace()
+
+
+def host_uid() -> int:
+    """The euid as the initial namespace sees it (one level of mapping: the namespaces
+    graphdriver makes are children of the initial one)."""
+    euid = os.geteuid()
+    for inside, outside, count in namespace_uid_map():
+        if inside <= euid < inside + count:
+            return outside + (euid - inside)
+    return euid
 
 # IDRange and IDMap behave as frozen dataclasses (init, repr, eq, hash, no assignment), written
 # out so that opening a store does not import dataclasses (and inspect) -- start-up time.

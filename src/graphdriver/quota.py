@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .errors import GraphDriverError, InvalidArgument, NotSupported
 from .fsutil import fs_name
+from .idmap import real_root
 from .mount import is_mounted, mount, unmount
 
 # ----- loop devices -------------------------------------------------------------------------
@@ -150,8 +151,8 @@ def _run(cmd: list[str], what: str) -> None:
 
 def image_supported() -> str | None:
     """None when the image mechanism works here, else the reason it does not."""
-    if os.geteuid() != 0:
-        return "size quotas need root (loop devices and mounts)"
+    if not real_root():
+        return "size limits need root (loop devices): not available rootless"
     if not os.path.exists("/dev/loop-control"):
         return "no /dev/loop-control (loop module missing)"
     if shutil.which("mkfs.ext4") is None:
@@ -306,8 +307,8 @@ def is_btrfs(path: Path) -> bool:
 
 
 def btrfs_supported() -> str | None:
-    if os.geteuid() != 0:
-        return "btrfs qgroups need root"
+    if not real_root():
+        return "size limits need root (btrfs qgroups): not available rootless"
     if shutil.which("btrfs") is None:
         return "the btrfs command is not installed (btrfs-progs)"
     return None

@@ -27,13 +27,33 @@ else:
         import hashlib
 
 
+_warned: list[bool] = []  # the fallback run root is named once a process
+
+
 def default_runroot() -> Path:
-    if os.geteuid() == 0:
+    """``/run/graphdriver`` for the real root; rootless ``$XDG_RUNTIME_DIR/graphdriver``, else
+    a private directory in /tmp (with a warning: it does not go away at logout)."""
+    from .idmap import host_uid, real_root
+
+    if real_root():
         return Path("/run/graphdriver")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "graphdriver"
-    return Path(f"/tmp/graphdriver-run-{os.getuid()}")
+    private = Path(f"/tmp/graphdriver-run-{host_uid()}")
+    try:
+        os.mkdir(private, 0o700)
+    except FileExistsError as exc:
+        st = os.lstat(private)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            from .errors import PermissionDenied
+
+            raise PermissionDenied(f"{private} is not a private directory of yours; set "
+                                   "XDG_RUNTIME_DIR or --runroot") from exc
+    if not _warned:
+        _warned.append(True)
+        log.warning("XDG_RUNTIME_DIR is not set: the run root is %s", private)
+    return private
 
 
 class RefCounts:

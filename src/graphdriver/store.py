@@ -28,7 +28,7 @@ from .errors import (
     from_oserror,
 )
 from .fsutil import atomic_write, remove_tree
-from .idmap import IDENTITY, IDMap
+from .idmap import IDENTITY, IDMap, real_root
 from .layers import (
     APPLY_COMMIT,
     APPLY_INTENT,
@@ -98,7 +98,7 @@ class LayerStore:
     #: whether a size limit on writable layers can be enforced here
     supports_quota: ClassVar[bool] = False
     #: how the apply target keeps whiteouts (archive/whiteout.py): NAIVE deletes
-    whiteout_format: ClassVar[WhiteoutFormat] = NAIVE
+    whiteout_format: WhiteoutFormat = NAIVE
     #: whether get() mounts something (so counts are reconciled with the mount table)
     mounts: ClassVar[bool] = False
 
@@ -187,9 +187,24 @@ class LayerStore:
     def _write_marker(self, marker: Path) -> None:
         import json
 
-        namespace = "trusted" if os.geteuid() == 0 else "user"
+        namespace = "trusted" if real_root() else "user"
         atomic_write(marker, json.dumps({"format": STORE_FORMAT, "driver": self.name,
                                          "xattr_namespace": namespace}).encode() + b"\n")
+
+    def _xattr_namespace(self) -> str:
+        """The xattr namespace the marker records ("trusted" as root, "user" rootless); a
+        marker without one (an older store) was made by root."""
+        import json
+
+        try:
+            data = json.loads((self.home / STORE_MARKER).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise StoreCorrupt(f"{self.home}: unreadable store marker {STORE_MARKER}") from exc
+        namespace = data.get("xattr_namespace", "trusted") if isinstance(data, dict) else None
+        if namespace not in ("trusted", "user"):
+            raise StoreCorrupt(f"{self.home}: the store marker has an unknown xattr namespace "
+                               f"{namespace!r}")
+        return str(namespace)
 
     # ----- hooks a driver implements -------------------------------------------------------
 

@@ -31,7 +31,8 @@ from tests.conftest import IS_ROOT
 from tests.drivers.wintar_build import WinTarBuilder
 from tests.treeutil import TarBuilder
 
-pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the conformance suite runs as root")
+pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the conformance suite runs as root "
+                                "(or rootless inside `graphdriver unshare`)")
 
 
 def layer_tar(d: Any, content: bytes = b"hello\n") -> bytes:

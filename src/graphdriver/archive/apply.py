@@ -53,7 +53,7 @@ from ..errors import (
     from_oserror,
 )
 from ..fsutil import remove_beneath
-from ..idmap import IDENTITY, IDMap
+from ..idmap import IDENTITY, IDMap, real_root
 from . import tarstream as ts
 from .compression import decompress_stream, open_decompressed
 from .lowerview import LowerView
@@ -75,6 +75,10 @@ _native_create: Callable[..., tuple[int, str] | None] | None = (
     _fastapply.create_file if _fastapply else None)
 
 log = logging.getLogger(__name__)
+
+#: the real root (not a user namespace's): read at import, before the confined child chroots
+#: away from /proc
+_REAL_ROOT = real_root()
 
 SCRATCH_PREFIX = ".graphdriver-apply-"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -259,7 +263,7 @@ class _Applier:
         self.identity = opts.idmap.is_identity
         self.euid = os.geteuid()
         self.egid = os.getegid()
-        self.is_root = self.euid == 0
+        self.is_root = _REAL_ROOT
         mask = os.umask(0o022)
         os.umask(mask)
         self.umask = mask
@@ -318,10 +322,13 @@ class _Applier:
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _soft_fail(self, what: str, exc: OSError) -> None:
-        """Not root: EPERM/ENOTSUP on ownership, xattrs or devices is skipped (rootless rule)."""
-        if self.is_root or exc.errno not in (
+        """Not root: EPERM/ENOTSUP on ownership, xattrs or devices is skipped (rootless rule),
+        and so is EINVAL on a chown (an owner the user namespace does not map: without
+        subordinate ids the file stays the user's)."""
+        unmapped = exc.errno == errno.EINVAL and what.startswith("chown ")
+        if self.is_root or (not unmapped and exc.errno not in (
             errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES
-        ):
+        )):
             if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):  # EPERM: PermissionDenied
                 raise NotSupported(f"{what}: {exc.strerror}") from exc
             raise from_oserror(exc, what) from exc

@@ -18,7 +18,9 @@ mount is read-only.  Mounts use the new mount API with one ``lowerdir+`` per lay
 so chains never hit mount(2)'s one-page limit; still, more than 128 lowers are refused as moby
 does, which is also what makes the relative ``l/A:l/B`` fallback fit one page.
 
-Whiteouts are stored in overlay form (0/0 character devices, ``trusted.overlay.opaque=y``).
+Whiteouts are stored in overlay form (0/0 character devices, ``trusted.overlay.opaque=y``; in a
+store made rootless, whose marker records the ``user`` namespace, ``user.overlay.opaque=y`` and
+every mount has ``userxattr``).
 Against the recorded parent, ``changes`` reads only the layer's ``diff`` plus lookups in the
 lowers (archive.changes.overlay_changes), ``diff`` is a tar of ``diff`` with whiteouts converted
 back to ``.wh.`` entries (moby overlay2's native Diff) and ``diff_size`` is the size of ``diff``
@@ -41,7 +43,7 @@ import stat
 from pathlib import Path
 
 from .. import TYPE_CHECKING, quota
-from ..archive.whiteout import OVERLAY
+from ..archive.whiteout import OVERLAY, OVERLAY_USERXATTR
 from ..errors import (
     GraphDriverError,
     InvalidArgument,
@@ -49,6 +51,7 @@ from ..errors import (
     from_oserror,
 )
 from ..fsutil import fs_name, remove_tree, supports_d_type
+from ..idmap import real_root
 from ..layers import REMOVING_SUFFIX, RESERVED_IDS, LayerRecord, is_valid_id
 from ..locking import FileLock
 from ..mount import OverlayOptions, is_mounted, mount_overlay, unmount, unmount_all_under
@@ -105,8 +108,13 @@ class OverlayDriver(LayerStore):
             )
         self.links.mkdir(exist_ok=True, mode=0o700)
         self.mount_extra: list[str] = []
-        if os.geteuid() != 0:
+        if self._xattr_namespace() == "user":  # made rootless (DESIGN.md rule 7)
+            self.whiteout_format = OVERLAY_USERXATTR
             self.mount_extra.append("userxattr")
+        elif not real_root():
+            raise NotSupported(f"overlay: {self.home} was made by root (trusted.overlay "
+                               "xattrs, which only root can read); use it as root, or use "
+                               "another --root")
         self._probe_mount()
         self.quota_kind = "btrfs" if self.backing_fs == "btrfs" else "image"
         self.quota_problem = (quota.btrfs_supported() if self.quota_kind == "btrfs"

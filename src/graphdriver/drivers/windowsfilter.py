@@ -98,6 +98,7 @@ from ..archive.windows.names import (
 from ..archive.winimport import import_windows_confined
 from ..errors import GraphDriverError, NotSupported, from_oserror
 from ..fsutil import atomic_write, copy_file_data, copy_tree, fs_name, remove_tree
+from ..idmap import real_root
 from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
 from ..mount import MS_RDONLY, is_mounted, mount, unmount_all_under
 from ..store import LayerStore, parse_size
@@ -455,7 +456,7 @@ def _protect(target: Path) -> None:
     changing a layer.  Without the privilege to mount (not root) the tree stays a plain
     directory, to be read only by convention.
     """
-    if os.geteuid() != 0:
+    if not real_root():
         return
     real = Path(os.path.realpath(target))
     try:
