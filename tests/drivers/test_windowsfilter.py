@@ -277,21 +277,30 @@ def _raw_entries(*infos: tarfile.TarInfo) -> bytes:
 
 def test_reapply_keeps_what_the_layer_held(store: Any) -> None:
     make_base(store)
-    more = (
-        WinTarBuilder(base_time_ns=1_730_000_000_000_000_000)
-        .dir("Files")
-        .whiteout("Files/EMPTY.TXT")
-        .file("Files/added.txt", b"added")
-        .bytes()
-    )
-    assert apply(store, "base", more) == 5
+    apply(store, "base", WinTarBuilder(base_time_ns=1_730_000_000_000_000_000)
+          .dir("Files").file("Files/added.txt", b"added").bytes())
     d = layer_dir(store, "base")
-    assert not (d / "Files/empty.txt").exists()
     assert (d / "Files/added.txt").read_bytes() == b"added"
     assert (d / "Files/Windows/System32/kernel32.dll").is_file()
     assert (d / "bcd.bak").is_file()
-    # the layer's own file was deleted: the tombstone keeps its stored spelling
-    assert (d / "tombstones.txt").read_bytes().endswith(b"\\empty.txt\n")
+    # a diff layer re-applied: its own file deleted, the tombstone keeps the stored spelling
+    # (a base layer cannot have deletions: hcsshim's baseLayerWriter refuses them)
+    store.create("up", "base")
+    apply(store, "up", diff_layer())
+    more = (
+        WinTarBuilder(base_time_ns=1_730_000_000_000_000_000)
+        .dir("Files")
+        .dir("Files/app")
+        .whiteout("Files/app/APP.EXE")
+        .file("Files/app/added.txt", b"added")
+        .bytes()
+    )
+    assert apply(store, "up", more) == 5
+    u = layer_dir(store, "up")
+    assert not (u / "Files/app/app.exe").exists()
+    assert not (u / "Files/app/app.exe:meta").exists()
+    assert (u / "Files/app/app2.exe").is_file()
+    assert (u / "tombstones.txt").read_bytes().endswith(b"\\app\\app.exe\n")
 
 
 # ---- failures ---------------------------------------------------------------------------

@@ -29,10 +29,14 @@ Semantics, and where they differ from moby:
   writable tree that starts as a copy (reflinks where the filesystem has them) of its parent's
   view.  The chain in ``layerchain.json`` lists only parents with a ``Files`` directory, so a
   sandbox parent (Docker's ``-init`` layer) is skipped, as in moby.
-- ``size``: storage option keys are case-insensitive; the default sandbox size is "127GB"
-  (RAMInBytes: 127 GiB), recorded in the layer record and reported by ``status`` but not
-  enforced (nothing to pay for on ext4).  An explicit ``--size`` on ``create_rw`` is enforced
-  with quota.py's loop-mounted ext4 image (the Linux counterpart of ``sandbox.vhdx``).
+- ``size``: storage option keys are case-insensitive; the built-in default sandbox size is
+  "127GB" (RAMInBytes: 127 GiB), recorded in the layer record and reported by ``status`` but
+  not enforced (nothing to pay for on ext4).  A default the store is opened with
+  (``--storage-opt size=``) and an explicit ``--size`` on ``create_rw`` are enforced with
+  quota.py's loop-mounted ext4 image (the Linux counterpart of ``sandbox.vhdx``).
+- the home is made absolute when the store opens: ``layerchain.json`` holds absolute paths (as
+  hcsshim needs) and a quota image's mount point is found in mountinfo with a relative
+  ``--root`` too.
 - ``get`` of a read-only layer gives the merged view of its ``Files`` and its chain's: a tree
   built under ``<id>/merged`` of hard links to the layers' files, tombstones applied, names
   matched case-insensitively (nearest layer's spelling wins), alternate streams left out.  moby
@@ -64,7 +68,10 @@ Semantics, and where they differ from moby:
   ``bcd.log1.bak``/``bcd.log2.bak`` and ``diff_getter`` serves those paths from the backups,
   as moby does.
 - ``layerID``: ``resolve_id`` reads ``<id>/layerID`` (or moby's ``layerId`` spelling) to find
-  the directory that holds a layer; ``set_id`` writes ``layerID``.
+  the directory that holds a layer; ``set_id`` writes ``layerID``.  Mounts are counted per
+  resolved id, as moby's ``Get``/``Put`` do: an alias shares its target's view and count.
+- the diff getter matches a path as NTFS does: exactly, or else regardless of case where each
+  directory on the way holds one match (a tar naming ``Files/dir/a`` after ``Files/Dir``).
 """
 
 from __future__ import annotations
@@ -145,11 +152,14 @@ class WindowsFilterDriver(LayerStore):
     # ----- setup ---------------------------------------------------------------------------
 
     def _init_driver(self) -> None:
-        # moby: the default sandbox size is "127GB" unless the options say otherwise; it is
-        # nominal (recorded, reported), so it is not the base class's enforced default.
+        # hcsshim needs absolute layer paths (layerchain.json), and mountinfo holds absolute
+        # mount points (a sandbox's quota image): the home is made absolute once, here.
+        self.home = Path(os.path.abspath(self.home))
+        # moby: the default sandbox size is "127GB" unless the options say otherwise.  The
+        # built-in 127GB is nominal (recorded, reported); a size the store was configured with
+        # (--storage-opt size=) stays the base class's default, enforced like an explicit one.
         self.sandbox_size = (self.default_size if self.default_size is not None
                              else parse_size(DEFAULT_SANDBOX_SIZE, self.name))
-        self.default_size = None
         probe = self.home / f".xattr-probe-{os.getpid()}"
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -186,6 +196,25 @@ class WindowsFilterDriver(LayerStore):
         validate_id(alt_id)
         atomic_write(self.home / validate_id(layer_id) / LAYER_ID_FILE, alt_id.encode(),
                      mode=0o600)
+
+    def get(self, layer_id: str, mount_label: str = "") -> Path:
+        """Mounts are counted per resolved id (moby's ``Get`` counts ``resolveID(id)``): an
+        alias made by ``layerID`` shares its target's view and count."""
+        return super().get(self._counted_id(layer_id), mount_label)
+
+    def put(self, layer_id: str) -> None:
+        super().put(self._counted_id(layer_id))
+
+    def mount_count(self, layer_id: str) -> int:
+        return super().mount_count(self._counted_id(layer_id))
+
+    def _counted_id(self, layer_id: str) -> str:
+        """The id whose count a mount of ``layer_id`` takes: its ``layerID`` target when that
+        is a layer of this store, else itself."""
+        rid = self.resolve_id(validate_id(layer_id))
+        if rid != layer_id and self.meta.read(rid) is not None:
+            return rid
+        return layer_id
 
     def _layer_paths(self, layer_id: str) -> list[Path]:
         return [self.home / layer_id]
@@ -491,7 +520,33 @@ class LayerFiles:
             with contextlib.suppress(FileNotFoundError):
                 return os.fdopen(os.open(bak, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                          dir_fd=self._fd), "rb")
-        return os.fdopen(open_beneath(self._fd, rel, os.O_RDONLY), "rb")
+        try:
+            return os.fdopen(open_beneath(self._fd, rel, os.O_RDONLY), "rb")
+        except FileNotFoundError:
+            folded = self._fold_path(rel)
+            if folded is None:
+                raise
+            return os.fdopen(open_beneath(self._fd, folded, os.O_RDONLY), "rb")
+
+    def _fold_path(self, rel: str) -> str | None:
+        """``rel`` as the layer spells it, matched name by name as NTFS does (regardless of
+        case) where each directory holds exactly one match; None where it does not."""
+        found: list[str] = []
+        for part in rel.split("/"):
+            try:
+                dfd = open_beneath(self._fd, "/".join(found), _DIR_FLAGS) if found else (
+                    os.dup(self._fd))
+            except OSError:
+                return None
+            try:
+                key = fold(part)
+                matches = [n for n in os.listdir(dfd) if fold(n) == key]
+            finally:
+                os.close(dfd)
+            if len(matches) != 1:
+                return None
+            found.append(matches[0])
+        return "/".join(found)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -75,6 +75,7 @@ class Importer:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(top, 0o755, dir_fd=root_fd)
         self._has_uvm = _lookup_in(root_fd, "", "UtilityVM") is not None
+        self._name_max = os.fpathconf(root_fd, "PC_NAME_MAX")
 
     # -- the utility VM of a diff layer (hcsshim's initUtilityVM) ------------------------------
     def _init_uvm(self) -> None:
@@ -262,7 +263,24 @@ class Importer:
             raise UnsafeArchive(f"entry {name!r} leaves the layer")
         if parts[0] not in TOP_DIRS:
             raise bad_archive(f"entry {name!r} is outside Files/, Hives/ and UtilityVM/")
+        for part in parts:
+            size = len(part.encode("utf-8", "surrogateescape"))
+            if size > self._name_max:
+                raise bad_archive(
+                    f"{name[:60]!r}...: a name of {size} bytes does not fit this filesystem "
+                    f"(NAME_MAX {self._name_max}; NTFS allows 255 UTF-16 units)")
         return parts
+
+    def _check_uvm_entry(self, name: str, parts: list[str]) -> None:
+        """hcsshim's legacyLayerWriter: in a diff layer, an entry under ``UtilityVM`` (other
+        than a deletion) comes after the ``UtilityVM`` entry and lies under ``UtilityVM/Files``.
+        """
+        if not self.parents or len(parts) == 1:
+            return
+        if not self._has_uvm:
+            raise bad_archive(f"{name}: missing UtilityVM directory (no UtilityVM entry before it)")
+        if parts[1] != "Files":
+            raise bad_archive(f"{name}: invalid UtilityVM layer (outside UtilityVM/Files)")
 
     def _entry(self, reader: TarReader, entry: TarEntry) -> None:
         parts = self._split(entry)
@@ -270,7 +288,10 @@ class Importer:
         if base.startswith(WHITEOUT_PREFIX):
             self._last_main = None
             self._whiteout(entry.name, parts)
-        elif entry.type == HARDLINK:
+            return
+        if parts[0] == "UtilityVM":
+            self._check_uvm_entry(entry.name, parts)
+        if entry.type == HARDLINK:
             self._last_main = None
             self._hardlink(entry, parts)
         elif ":" in base:
@@ -289,6 +310,8 @@ class Importer:
         in_uvm = parts[0] == "UtilityVM" and len(parts) >= 3 and parts[1] == "Files"
         if not (in_files or in_uvm) or not target:
             raise bad_archive(f"invalid tombstone {name}")
+        if not self.parents:
+            raise bad_archive(f"{name}: a base layer cannot have deletions (it has no parent)")
         if in_uvm:
             self._init_uvm()
         try:
@@ -302,6 +325,8 @@ class Importer:
             finally:
                 os.close(dfd)
             target = stored
+        elif in_uvm:
+            raise bad_archive(f"{name}: deletes a UtilityVM path that does not exist")
         if in_files:
             rel_dir = (d.split("/", 1)[1] if d and "/" in d else "") if d is not None else (
                 "/".join(parts[1:-1]))

@@ -22,6 +22,7 @@ from .names import (
     HDR_SECURITY_DESCRIPTOR,
     LINKMETA,
     NEW_FILE,
+    SPARSE_PREFIX,
     STRUCTURAL_KEYS,
     TIME_KEYS,
     TOMBSTONE_HEADER,
@@ -61,8 +62,8 @@ def pax_to_xattrs(pax: dict[str, str], name: str) -> dict[str, bytes]:
     """The ``user.mswindows.*`` xattrs that keep an entry's PAX records (validated as go-winio)."""
     out: dict[str, bytes] = {}
     for key, value in pax.items():
-        if key in STRUCTURAL_KEYS:
-            continue
+        if key in STRUCTURAL_KEYS or key.startswith(SPARSE_PREFIX):
+            continue  # they describe the tar entry (its name, size, encoding), not the file
         raw = value.encode("utf-8", "surrogateescape")
         if key == HDR_FILE_ATTRIBUTES:
             if not value.isascii() or not value.isdigit() or int(value) > 0xFFFFFFFF:

@@ -43,6 +43,7 @@ X_STREAM_INDEX = XATTR_PREFIX + "streamindex"  # an alternate stream's place aft
 TIME_KEYS = ("mtime", "atime", "ctime")
 # Records that describe the tar entry itself, not the file: never stored.
 STRUCTURAL_KEYS = frozenset(("path", "linkpath", "size"))
+SPARSE_PREFIX = "GNU.sparse."  # the sparse encoding of an entry's data: never stored either
 XATTR_NAME_MAX = 255
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
