@@ -238,3 +238,25 @@ def test_name_over_name_max_is_one_clear_line(store: Any) -> None:
     with pytest.raises(InvalidArchive, match="NAME_MAX") as info:
         apply(store, "n", WinTarBuilder().dir("Files").file(f"Files/{long}", b"x").bytes())
     assert "\n" not in str(info.value) and len(str(info.value)) < 200
+
+
+# ---- Windows metadata of any size NTFS allows ----------------------------------------------
+
+
+def test_large_security_descriptor_and_eas_round_trip(store: Any) -> None:
+    """A 60 KiB security descriptor and two 30 KiB EAs on one file: more than ext4 keeps in an
+    inode's xattrs (one block); stored in side files, written back exactly."""
+    big_sd = bytes(range(256)) * 240
+    eas = {"$BIG.ONE": b"\x01" * 30_000, "$BIG.TWO": b"\x02" * 30_000}
+    data = (WinTarBuilder().dir("Files", sd=big_sd)
+            .file("Files/big.txt", b"content", sd=big_sd, eas=eas)
+            .file("Files/small.txt", b"s").bytes())
+    store.create("m")
+    apply(store, "m", data)
+    assert entries(diff_bytes(store, "m")) == entries(data)
+    store.create("up", "m")
+    apply(store, "up", WinTarBuilder().dir("Files").link("Files/again.txt", "Files/big.txt",
+                                                        source=WinTarBuilder().file(
+                                                            "Files/big.txt", b"")).bytes())
+    out = {e[0]: e for e in entries(diff_bytes(store, "up"))}
+    assert out["Files/again.txt"][3] == "Files/big.txt"

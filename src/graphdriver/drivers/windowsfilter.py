@@ -15,6 +15,7 @@ Layout (hcsshim's, plus the shared ``meta/`` and ``locks/`` of every home)::
     <home>/<id>/bcd*.bak          the UtilityVM BCD files as imported (see below)
     <home>/<id>/linkmeta.json     Windows metadata of symlinks (Linux has no user xattrs on them)
     <home>/<id>/crosslinks.json   names that are hard links into a parent layer, and their target
+    <home>/<id>/winmeta/          Windows metadata values too large for xattrs, by sha256
     <home>/<id>/merged/           while a read-only layer is mounted: its assembled view
     <home>/<id>/sandbox/          a writable layer's tree (``quota/diff`` when it has a size)
 
@@ -98,6 +99,7 @@ from ..archive.windows.names import (
     CROSSLINKS,
     LINKMETA,
     MUTATED_FILES,
+    SIDE_DIR,
     TOMBSTONES,
     TOP_DIRS,
     XATTR_PREFIX,
@@ -121,7 +123,8 @@ SANDBOX = "sandbox"
 STAGING = ".staging"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_LAYER_CONTENT = (*TOP_DIRS, TOMBSTONES, LINKMETA, CROSSLINKS, *MUTATED_FILES.values())
+_LAYER_CONTENT = (*TOP_DIRS, TOMBSTONES, LINKMETA, CROSSLINKS, SIDE_DIR,
+                  *MUTATED_FILES.values())
 
 _HOME_NAMES = frozenset({"meta", "locks"})
 

@@ -49,7 +49,7 @@ def write_layer_tar(out_fd: int, layer_fd: int,
         else:
             fd = open_beneath(layer_fd, item.path, os.O_RDONLY | os.O_NONBLOCK)
             try:
-                xattrs = read_win_xattrs(fd)
+                xattrs = read_win_xattrs(fd, layer_fd)
             except BaseException:
                 os.close(fd)
                 raise
@@ -88,7 +88,7 @@ def _write_streams(out: TarOut, layer_fd: int, item: LayerItem, mode: int) -> No
         fd = open_beneath(layer_fd, rel, os.O_RDONLY | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
-            records = xattrs_to_pax(read_win_xattrs(fd))
+            records = xattrs_to_pax(read_win_xattrs(fd, layer_fd))
             out.add(encode_sorted(os.fsencode(rel), b"0", mode, st.st_size,
                                   _mtime_s(records, st), records))
             out.file_data(fd, st.st_size)

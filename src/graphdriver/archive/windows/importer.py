@@ -21,6 +21,7 @@ from ..tarstream import DIRECTORY, HARDLINK, REGULAR_TYPES, SYMLINK, TarEntry, T
 from ..whiteout import WHITEOUT_META_PREFIX, WHITEOUT_PREFIX
 from .layout import sorted_names
 from .metadata import (
+    adopt_side_files,
     bad_archive,
     format_tombstones,
     pax_to_xattrs,
@@ -106,6 +107,7 @@ class Importer:
                 try:
                     _copy_dir_meta(sfd, dst)
                     self._clone_uvm(sfd, dst, f"{top}/Files", read_linkmeta(parent))
+                    adopt_side_files(parent, self.root)
                 finally:
                     os.close(dst)
             finally:
@@ -379,6 +381,7 @@ class Importer:
             if r != self.root:
                 # a link into a parent layer: diff writes it back as a link, as it came
                 self.crosslinks[f"{d}/{new}"] = f"{tdir}/{tname}"
+                adopt_side_files(r, self.root)
             if stat.S_ISLNK(st.st_mode):
                 meta = (self.linkmeta if r == self.root else read_linkmeta(r)).get(
                     f"{tdir}/{tname}")
@@ -423,7 +426,7 @@ class Importer:
                     self._index(d).names[fold(stored)] = stored
                 fd = os.open(stored, DIR_FLAGS, dir_fd=dfd)
                 try:
-                    set_win_xattrs(fd, xattrs, replace=True)
+                    set_win_xattrs(fd, xattrs, replace=True, layer_fd=self.root)
                 finally:
                     os.close(fd)
                 self._dir_times.append((rel, atime, entry.mtime_ns))
@@ -438,7 +441,7 @@ class Importer:
                 self._index(d).names[fold(stored)] = stored
                 try:
                     reader.copy_data(entry, fd)
-                    set_win_xattrs(fd, xattrs, replace=False)
+                    set_win_xattrs(fd, xattrs, replace=False, layer_fd=self.root)
                     os.utime(fd, ns=(atime, entry.mtime_ns))
                     bak = MUTATED_FILES.get(name)
                     if bak is not None:
@@ -484,7 +487,7 @@ class Importer:
                 self._stream_index[key] = index + 1
                 xattrs = pax_to_xattrs(entry.pax, name)
                 xattrs[X_STREAM_INDEX] = b"%d" % index
-                set_win_xattrs(fd, xattrs, replace=False)
+                set_win_xattrs(fd, xattrs, replace=False, layer_fd=self.root)
                 atime = entry.atime_ns if entry.atime_ns is not None else entry.mtime_ns
                 os.utime(fd, ns=(atime, entry.mtime_ns))
             finally:

@@ -97,7 +97,7 @@ def walk_layer(layer_fd: int) -> Iterator[LayerItem]:
             continue
         try:
             st = os.fstat(fd)
-            if os.listdir(fd) or X_FILEATTR in read_win_xattrs(fd):
+            if os.listdir(fd) or X_FILEATTR in read_win_xattrs(fd, layer_fd):
                 yield LayerItem(top, "entry", st)
             if top == "Files":
                 yield from whiteouts(top)
