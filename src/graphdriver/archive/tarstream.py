@@ -105,6 +105,7 @@ class TarEntry:
     raw_name: bytes
     type: bytes
     mode: int
+    type_bits: int = 0  # the file-type bits of the header's mode (S_IFMT; go-winio writes them)
     uid: int
     gid: int
     size: int  # logical size of the file (the real size for sparse files)
@@ -582,7 +583,9 @@ class TarReader:
         e.type = typ
         e.size = size
         e.data_size = data_size
-        e.mode = mode
+        e.mode = mode & 0o7777
+        if mode > 0o7777:
+            e.type_bits = mode & 0o170000
         e.uid = uid
         e.gid = gid
         e.mtime_ns = mtime_ns
@@ -701,7 +704,10 @@ class TarReader:
         # inlined fast path of parse_number for the four fields every entry has
         try:
             f = blk[100:108].rstrip(b"\0 ")
-            e.mode = (int(f, 8) if f.isdigit() else parse_number(blk[100:108], "mode")) & 0o7777
+            mode = int(f, 8) if f.isdigit() else parse_number(blk[100:108], "mode")
+            e.mode = mode & 0o7777
+            if mode > 0o7777:
+                e.type_bits = mode & 0o170000
             f = blk[108:116].rstrip(b"\0 ")
             e.uid = int(f, 8) if f.isdigit() else parse_number(blk[108:116], "uid")
             f = blk[116:124].rstrip(b"\0 ")

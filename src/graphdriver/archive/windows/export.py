@@ -21,6 +21,7 @@ from .names import (
     MODE_LNK,
     MODE_REG,
     TIME_KEYS,
+    X_EMPTY_MODE,
 )
 
 
@@ -40,7 +41,8 @@ def write_layer_tar(out_fd: int, layer_fd: int,
         name = os.fsencode(item.path)
         if item.kind == "whiteout":
             d, _, base = item.path.rpartition("/")
-            out.add(encode_sorted(os.fsencode(f"{d}/{WHITEOUT_PREFIX}{base}"), b"0", 0, 0, 0, {}))
+            out.add(encode_sorted(os.fsencode(f"{d}/{WHITEOUT_PREFIX}{base}"), b"0", 0, 0, 0, {},
+                                  ustar_ok=True))
             continue
         st = item.st
         assert st is not None
@@ -70,7 +72,7 @@ def write_layer_tar(out_fd: int, layer_fd: int,
                 out.add(encode_sorted(name, b"5", MODE_DIR, 0, mtime, records))
             else:
                 size = st.st_size
-                mode = MODE_REG if size else 0
+                mode = MODE_REG if size or X_EMPTY_MODE in xattrs else 0
                 out.add(encode_sorted(name, b"0", mode, size, mtime, records))
                 out.file_data(fd, size)
                 _write_streams(out, layer_fd, item, mode)

@@ -36,11 +36,13 @@ from .names import (
     CROSSLINKS,
     DIR_FLAGS,
     LINKMETA,
+    MODE_REG,
     MUTATED_FILES,
     NEW_FILE,
     NEW_FILE_RW,
     TOMBSTONES,
     TOP_DIRS,
+    X_EMPTY_MODE,
     X_STREAM_INDEX,
     fold,
 )
@@ -441,6 +443,8 @@ class Importer:
                 self._index(d).names[fold(stored)] = stored
                 try:
                     reader.copy_data(entry, fd)
+                    if entry.size == 0 and entry.type_bits == MODE_REG:
+                        xattrs[X_EMPTY_MODE] = b"1"  # go-winio saw a data stream: keep its mode
                     set_win_xattrs(fd, xattrs, replace=False, layer_fd=self.root)
                     os.utime(fd, ns=(atime, entry.mtime_ns))
                     bak = MUTATED_FILES.get(name)

@@ -41,6 +41,7 @@ X_EA = XATTR_PREFIX + "xattr."
 X_CTIME_CREATION = XATTR_PREFIX + "creationtime"
 X_PAX = XATTR_PREFIX + "pax."
 X_SIDE = XATTR_PREFIX + "side"  # JSON: xattr name -> sha256 of its value in SIDE_DIR
+X_EMPTY_MODE = XATTR_PREFIX + "emptymode"  # an empty file's tar mode when it was MODE_REG
 X_STREAM_INDEX = XATTR_PREFIX + "streamindex"  # an alternate stream's place after its file
 TIME_KEYS = ("mtime", "atime", "ctime")
 # Records that describe the tar entry itself, not the file: never stored.
