@@ -105,11 +105,21 @@ from ..archive.windows.names import (
     XATTR_PREFIX,
     fold,
 )
+from ..archive.windows.sandbox import sandbox_size, walk_sandbox, write_sandbox_tar
+from ..archive.windows.view import Source, ViewConflict, build_view
 from ..archive.winimport import import_windows_confined
 from ..errors import GraphDriverError, NotSupported, from_oserror
 from ..fsutil import atomic_write, copy_file_data, copy_tree, fs_name, remove_tree
 from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
-from ..mount import MS_RDONLY, is_mounted, mount, unmount_all_under
+from ..mount import (
+    MS_RDONLY,
+    OverlayOptions,
+    is_mounted,
+    mount,
+    mount_overlay,
+    unmount,
+    unmount_all_under,
+)
 from ..store import LayerStore, as_fd, parse_size
 
 log = logging.getLogger("graphdriver")
@@ -120,6 +130,10 @@ LAYER_ID_FILES = ("layerID", "layerId")  # moby writes "layerId" and reads "laye
 LAYERCHAIN = "layerchain.json"
 MERGED = "merged"
 SANDBOX = "sandbox"
+UPPER = "upper"  # a copy-on-write sandbox's upper directory
+WORK = "work"
+EMPTY = "empty"  # the lower directory of a copy-on-write sandbox without a parent
+COW_MARK = "cow"  # present in a copy-on-write sandbox's directory
 STAGING = ".staging"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -271,14 +285,99 @@ class WindowsFilterDriver(LayerStore):
             explicit = rec.size_limit is not None
             if not explicit:
                 rec.size_limit = self.sandbox_size  # nominal, recorded (moby's default)
-            sandbox = self._make_sandbox(d, rec.size_limit if explicit else None)
-            if parent is not None:
-                if parent.writable:
-                    copy_tree(self._sandbox(parent), sandbox)
-                else:
-                    self._materialize([self._dir(parent.id), *self.layer_chain(parent.id)],
-                                      sandbox, link=False)
+            size = rec.size_limit if explicit else None
+            why_copy = self._why_not_cow(parent)
+            if why_copy is None:
+                self._make_cow_sandbox(d, size)
+            else:
+                log.debug("windowsfilter: sandbox %s is a copy: %s", rec.id, why_copy)
+                sandbox = self._make_sandbox(d, size)
+                if parent is not None:
+                    if parent.writable:
+                        copy_tree(self._sandbox(parent), sandbox)
+                    else:
+                        self._materialize([self._dir(parent.id), *self.layer_chain(parent.id)],
+                                          sandbox, link=False)
         atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in chain]).encode(), mode=0o600)
+
+    # ----- copy-on-write sandboxes (overlayfs over the layers' views) ------------------------
+
+    def _why_not_cow(self, parent: LayerRecord | None) -> str | None:
+        """Why a sandbox on ``parent`` must be a copy (None: it is an overlay).  Builds the
+        views of the chain's layers that have none yet (once per layer)."""
+        if os.geteuid() != 0:
+            return "overlay mounts and whiteouts need root"
+        if parent is not None and parent.writable and not self._is_cow(parent):
+            return f"its parent {parent.id} is a copy"
+        chain = [r for r in (self.chain(parent.id) if parent is not None else [])
+                 if not r.writable]
+        dirs = [self._dir(r.id) for r in chain]
+        try:
+            for i, layer in enumerate(dirs):
+                if (layer / "Files").is_dir():
+                    build_view(layer, [p for p in dirs[i + 1:] if (p / "Files").is_dir()])
+        except ViewConflict as exc:
+            return str(exc)
+        return None
+
+    def _make_cow_sandbox(self, d: Path, size: int | None) -> None:
+        if size is None:
+            os.mkdir(d / UPPER, 0o755)
+            os.mkdir(d / WORK, 0o700)
+        else:
+            self._make_sandbox(d, size)  # the image's diff/ and work/
+        os.mkdir(d / MERGED, 0o755)
+        atomic_write(d / COW_MARK, b"", mode=0o600)
+
+    def _is_cow(self, rec: LayerRecord) -> bool:
+        return rec.writable and (self._dir(rec.id) / COW_MARK).exists()
+
+    def _upper(self, rec: LayerRecord) -> Path:
+        """A copy-on-write sandbox's upper directory (the quota image's diff/ when sized)."""
+        d = self._dir(rec.id)
+        return self._sandbox(rec) if quota.has_image(d) else d / UPPER
+
+    def _sources(self, rec: LayerRecord) -> list[Source]:
+        """The lower layers of a copy-on-write sandbox, nearest first."""
+        out: list[Source] = []
+        for r in self.chain(rec.id)[1:]:
+            d = self._dir(r.id)
+            if r.writable:
+                if not self._is_cow(r):
+                    out.append(Source(self._sandbox(r), None, None))  # a whole tree
+                    break
+                out.append(Source(self._upper(r), None, None))
+            elif (d / "Files").is_dir():
+                lowers = [p for p in self.layer_chain(r.id)]
+                out.append(Source(d / "Files", build_view(d, lowers), d))
+        return out
+
+    def _mount_cow(self, rec: LayerRecord, mount_label: str) -> Path:
+        d = self._dir(rec.id)
+        merged = d / MERGED
+        if is_mounted(merged):
+            return merged
+        lowers: list[str] = []
+        for src in self._sources(rec):
+            if src.whiteouts is not None:
+                lowers.append(str(src.whiteouts))
+            lowers.append(str(src.files))
+        upper = self._upper(rec)
+        if not lowers:  # no parent: the lower is the empty view of nothing
+            empty = d / EMPTY
+            empty.mkdir(exist_ok=True)
+            lowers.append(str(empty))
+        home = str(self.home)
+        opts = OverlayOptions(
+            lowers=lowers, upper=str(upper), work=str(upper.parent / WORK),
+            relative_lowers=[os.path.relpath(p, home) for p in lowers], relative_to=home,
+            extra=["index=off", "redirect_dir=off", "metacopy=off"],
+            label=mount_label if mount_label and os.path.isdir("/sys/fs/selinux") else "")
+        try:
+            mount_overlay(merged, opts)
+        except OSError as exc:
+            raise from_oserror(exc, f"windowsfilter: mounting sandbox {rec.id}") from None
+        return merged
 
     def _make_sandbox(self, d: Path, size: int | None) -> Path:
         if size is None:
@@ -327,6 +426,8 @@ class WindowsFilterDriver(LayerStore):
                 os.close(fd)
 
     def _mount(self, rec: LayerRecord, mount_label: str) -> Path:
+        if self._is_cow(rec):
+            return self._mount_cow(rec, mount_label)
         if rec.writable:
             return self._sandbox(rec)
         d = self._dir(rec.id)
@@ -347,16 +448,24 @@ class WindowsFilterDriver(LayerStore):
         return target
 
     def _unmount(self, rec: LayerRecord) -> None:
-        if not rec.writable:
+        if self._is_cow(rec):
+            merged = self._dir(rec.id) / MERGED
+            while is_mounted(merged):
+                unmount(merged, detach=True)
+        elif not rec.writable:
             target = self._dir(rec.id) / MERGED
             unmount_all_under(os.path.realpath(target))
             remove_tree(target)
 
     def _mount_path(self, rec: LayerRecord) -> Path:
-        return self._sandbox(rec) if rec.writable else self._dir(rec.id) / MERGED
+        if rec.writable and not self._is_cow(rec):
+            return self._sandbox(rec)
+        return self._dir(rec.id) / MERGED
 
     def _is_mounted(self, layer_id: str) -> bool:
         rec = self.meta.read(layer_id)
+        if rec is not None and self._is_cow(rec):
+            return is_mounted(self._dir(layer_id) / MERGED)
         if rec is None or rec.writable:
             return True
         return (self._dir(layer_id) / MERGED).is_dir()
@@ -383,6 +492,11 @@ class WindowsFilterDriver(LayerStore):
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         rec = self.record(layer_id)
         self.resolve_parent(layer_id, parent)
+        if self._is_cow(rec):
+            kinds = {"A": ChangeKind.ADD, "C": ChangeKind.MODIFY}
+            return [Change(item.path, ChangeKind.DELETE if item.kind == "whiteout"
+                           else kinds[item.change])
+                    for item in walk_sandbox(self._upper(rec), self._sources(rec), layer_id)]
         if rec.writable:
             return super().changes(layer_id, parent)
         out = []
@@ -395,6 +509,8 @@ class WindowsFilterDriver(LayerStore):
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         rec = self.record(layer_id)
         self.resolve_parent(layer_id, parent)
+        if self._is_cow(rec):
+            return sandbox_size(self._upper(rec), self._sources(rec), layer_id)
         if rec.writable:
             return super().diff_size(layer_id, parent)
         total = 0
@@ -407,10 +523,14 @@ class WindowsFilterDriver(LayerStore):
     def write_diff(self, out_fd: int, layer_id: str, parent: str | None = None,
                    progress: Callable[[int], None] | None = None) -> None:
         rec = self.record(layer_id)
-        if rec.writable:
+        if rec.writable and not self._is_cow(rec):
             super().write_diff(out_fd, layer_id, parent, progress)
             return
         try:
+            if rec.writable:
+                write_sandbox_tar(out_fd, self._upper(rec), self._sources(rec), layer_id,
+                                  progress)
+                return
             with self._layer_fd(rec) as fd:
                 write_layer_tar(out_fd, fd, progress)
         except GraphDriverError:
@@ -422,6 +542,8 @@ class WindowsFilterDriver(LayerStore):
 
     def diff_getter(self, layer_id: str) -> Any:
         rec = self.record(layer_id)
+        if self._is_cow(rec):
+            return SandboxFiles(self._upper(rec))
         if rec.writable:
             return super().diff_getter(layer_id)
         return LayerFiles(self._dir(rec.id))
@@ -508,6 +630,25 @@ def _protect(target: Path) -> None:
     except OSError:
         unmount_all_under(real)
         raise
+
+
+class SandboxFiles:
+    """DiffGetter of a copy-on-write sandbox: ``Files/…`` paths read from its upper directory
+    (the files its diff carries)."""
+
+    def __init__(self, upper: Path) -> None:
+        self._fd = os.open(upper, _DIR_FLAGS)
+
+    def open(self, path: str) -> BinaryIO:
+        rel = path.lstrip("/")
+        if rel.startswith("Files/"):
+            rel = rel[len("Files/"):]
+        return os.fdopen(open_beneath(self._fd, rel, os.O_RDONLY), "rb")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class LayerFiles:
