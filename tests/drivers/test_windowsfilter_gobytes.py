@@ -10,20 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.drivers.gowin import ATTR_ARCHIVE, ATTR_DIRECTORY, ATTR_HIDDEN, GoLayer, build_tool
+from tests.drivers.gowin import ATTR_ARCHIVE, ATTR_DIRECTORY, ATTR_HIDDEN, GoLayer
 
 from graphdriver import open_driver
 
 LONG_DIR = "Program Files (x86)/Common Files/Microsoft Shared/VisualStudio/Shell/Extensions"
 ACCENTED = "R\u00e9sum\u00e9 \u30d5\u30a1\u30a4\u30eb.txt"
-
-
-@pytest.fixture(scope="session")
-def gowintar(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tool = build_tool(tmp_path_factory.mktemp("gowintar"))
-    if isinstance(tool, str):
-        pytest.skip(tool)
-    return tool
 
 
 @pytest.fixture
