@@ -1,6 +1,8 @@
 """Windows container layer tars (go-winio backuptar semantics), one job per module: ``names``
 (keys, file and xattr names, ``fold``), ``metadata`` (PAX records <-> xattrs, the layer-root
-files), ``layout`` (walking a stored layer), ``importer`` (apply) and ``export`` (diff).
+files), ``layout`` (walking a stored layer), ``importer`` (apply), ``export`` (diff),
+``defaults`` (the records of a file made on Linux), ``view`` (a stored layer as overlayfs lower
+layers) and ``sandbox`` (a copy-on-write sandbox's diff as a Windows layer).
 The archive package's rules hold: nothing here imports drivers/, store, cli, plugin or the
 package root.
 

@@ -10,7 +10,8 @@ BuildKit's ``winlayers``):
   as ``.wh.NAME`` entries, then its contents, names sorted bytewise;
 - every entry carries ``MSWINDOWS.fileattr``, ``MSWINDOWS.rawsd`` and
   ``LIBARCHIVE.creationtime``: a path the lower layers hold (modified) keeps the lower file's
-  records byte for byte (its security descriptor, attributes, EAs, creation time), and its
+  records byte for byte (its security descriptor, attributes, EAs, creation time; a record the
+  lower file lacks gets the default below), and its
   alternate data streams follow it as they are below (or as the sandbox rewrote them); a new
   path gets :mod:`.defaults`; times are the sandbox file's, as Go's archive/tar writes them
   (``atime``/``ctime`` always, ``mtime`` when it has a fraction);
@@ -33,7 +34,16 @@ from ..tarwriter import encode_sorted
 from ..whiteout import WHITEOUT_PREFIX
 from .defaults import new_file_records, pax_time
 from .metadata import read_linkmeta, read_win_xattrs, xattrs_to_pax
-from .names import DIR_FLAGS, MODE_DIR, MODE_LNK, MODE_REG, TIME_KEYS, fold
+from .names import (
+    DIR_FLAGS,
+    HDR_RAW_SECURITY_DESCRIPTOR,
+    HDR_SECURITY_DESCRIPTOR,
+    MODE_DIR,
+    MODE_LNK,
+    MODE_REG,
+    TIME_KEYS,
+    fold,
+)
 from .view import OPAQUE_XATTR, Source, is_whiteout, lookup, lower_names
 
 
@@ -168,11 +178,13 @@ def item_records(item: SandboxItem) -> dict[str, bytes]:
     assert st is not None
     rel = item.path[len("Files/"):] if item.path != "Files" else ""
     is_link = stat.S_ISLNK(st.st_mode)
+    kind = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if is_link else "file"
+    records = new_file_records(kind, st.st_mtime_ns)
     if item.lower is not None:
-        records = _lower_records(item.lower, rel, is_link)
-    else:
-        kind = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if is_link else "file"
-        records = new_file_records(kind, st.st_mtime_ns)
+        lower = _lower_records(item.lower, rel, is_link)
+        if HDR_SECURITY_DESCRIPTOR in lower:  # the legacy SDDL form stands for a rawsd
+            del records[HDR_RAW_SECURITY_DESCRIPTOR]
+        records.update(lower)  # what the lower file had, defaults only where it had nothing
     return {**records, **_times(st)}
 
 
