@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,12 @@ from tests.drivers.wintar_build import (
     SD_DEFAULT,
     SD_OTHER,
     WinTarBuilder,
+    apply,
     base_layer,
+    diff_bytes,
     diff_layer,
     entries,
+    snapshot,
 )
 
 from graphdriver import (
@@ -44,42 +46,8 @@ IS_ROOT = os.geteuid() == 0
 BCD = "UtilityVM/Files/EFI/Microsoft/Boot/BCD"
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Any]:
-    d = open_driver("windowsfilter", tmp_path / "root", runroot=tmp_path / "run")
-    try:
-        yield d
-    finally:
-        d.cleanup()
-
-
-def apply(d: Any, layer_id: str, data: bytes) -> int:
-    return int(d.apply_diff(layer_id, None, io.BytesIO(data)))
-
-
-def diff_bytes(d: Any, layer_id: str) -> bytes:
-    with d.diff(layer_id) as f:
-        return bytes(f.read())
-
-
 def layer_dir(d: Any, layer_id: str) -> Path:
     return Path(d.metadata(layer_id)["dir"])
-
-
-def snapshot(root: Path) -> dict[str, Any]:
-    """Every name under root with its type, content and user.mswindows xattrs."""
-    out: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for n in dirnames + filenames:
-            p = Path(dirpath, n)
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = ("l", os.readlink(p))
-            elif p.is_dir():
-                out[rel] = ("d", sorted(os.listxattr(p)))
-            else:
-                out[rel] = ("f", p.read_bytes(), {x: os.getxattr(p, x) for x in os.listxattr(p)})
-    return out
 
 
 def make_base(d: Any) -> None:

@@ -3,38 +3,25 @@
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.drivers.wintar_build import WinTarBuilder, base_layer, diff_layer, entries
+from tests.drivers.wintar_build import (
+    WinTarBuilder,
+    apply,
+    base_layer,
+    diff_bytes,
+    diff_layer,
+    entries,
+)
 from tests.mountutil import mount_points_under
 
 from graphdriver import CreateOpts, InvalidArchive, open_driver
 from graphdriver.mount import mount_points
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Any]:
-    d = open_driver("windowsfilter", tmp_path / "root", runroot=tmp_path / "run")
-    try:
-        yield d
-    finally:
-        d.cleanup()
-
-
-def apply(d: Any, layer_id: str, data: bytes) -> int:
-    return int(d.apply_diff(layer_id, None, io.BytesIO(data)))
-
-
-def diff_bytes(d: Any, layer_id: str) -> bytes:
-    with d.diff(layer_id) as f:
-        return bytes(f.read())
 
 
 def make_base(d: Any, layer_id: str = "base") -> None:

@@ -5,26 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from tests.drivers.gowin import ATTR_ARCHIVE, ATTR_DIRECTORY, ATTR_HIDDEN, GoLayer
-
-from graphdriver import open_driver
 
 LONG_DIR = "Program Files (x86)/Common Files/Microsoft Shared/VisualStudio/Shell/Extensions"
 ACCENTED = "R\u00e9sum\u00e9 \u30d5\u30a1\u30a4\u30eb.txt"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Any]:
-    d = open_driver("windowsfilter", tmp_path / "root", runroot=tmp_path / "run")
-    try:
-        yield d
-    finally:
-        d.cleanup()
 
 
 def round_trip(d: Any, layer_id: str, parent: str | None, data: bytes) -> bytes:

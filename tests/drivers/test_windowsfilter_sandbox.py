@@ -17,14 +17,14 @@ import os
 import re
 import stat
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.drivers.gowin import ATTR_ARCHIVE, ATTR_DIRECTORY, ATTR_HIDDEN, GoLayer
+from tests.drivers.wintar_build import snapshot
 
-from graphdriver import ChangeKind, CreateOpts, InvalidArgument, open_driver
+from graphdriver import ChangeKind, CreateOpts, InvalidArgument
 from graphdriver.archive.windows.defaults import DIRECTORY_SD, FILE_SD
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="copy-on-write sandboxes need root "
@@ -33,15 +33,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="copy-on-write sandbox
 SD_APP = b"\x01\x00\x04\x80" + bytes(range(40))  # any descriptor: it must come back verbatim
 # go-winio/hcsshim: a creation time is "sec[.frac]" without trailing zeros (formatPAXTime)
 PAX_TIME = re.compile(r"^-?\d+(\.\d*[1-9])?$")
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Any]:
-    d = open_driver("windowsfilter", tmp_path / "root", runroot=tmp_path / "run")
-    try:
-        yield d
-    finally:
-        d.cleanup()
 
 
 def base_layer() -> GoLayer:
@@ -74,21 +65,6 @@ def delta_layer() -> GoLayer:
 def records_of(data: bytes) -> dict[str, tuple[tarfile.TarInfo, dict[str, str]]]:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
         return {m.name: (m, dict(m.pax_headers)) for m in tf}
-
-
-def tree(root: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for n in dirnames + filenames:
-            p = Path(dirpath, n)
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = ("l", os.readlink(p))
-            elif p.is_dir():
-                out[rel] = ("d",)
-            else:
-                out[rel] = ("f", p.read_bytes())
-    return out
 
 
 def check_windows_layer(data: bytes) -> list[tarfile.TarInfo]:
@@ -157,7 +133,7 @@ def test_sandbox_round_trip(store: Any, gowintar: Path) -> None:
         os.mkdir(root / "Tools")
         (root / "Tools/tool.exe").write_bytes(b"MZtool")
         (root / "Windows/win.ini").write_bytes(b"; rewritten\r\n")
-        view = tree(root)
+        view = snapshot(root, xattrs=False)
 
     changes = {c.path: c.kind for c in store.changes("ctr")}
     assert changes == {
@@ -210,7 +186,7 @@ def test_sandbox_round_trip(store: Any, gowintar: Path) -> None:
     store.create("img", "up")
     assert store.apply_diff("img", None, io.BytesIO(data)) == store.diff_size("ctr")
     with store.mounted("img") as merged:
-        assert tree(merged) == view
+        assert snapshot(merged, xattrs=False) == view
     img = Path(store.metadata("img")["dir"]) / "Files/Program Files/App"
     assert (img / "app.exe:meta").read_bytes() == b"m" * 10
 
