@@ -174,6 +174,70 @@ def op_win_sandbox(home: str, parent: str) -> None:
     d.cleanup()
 
 
+def _containerd_snapshots(address: str) -> Any:
+    import grpc
+
+    from graphdriver.snapshotter.api import snapshots_pb2_grpc
+
+    return snapshots_pb2_grpc.SnapshotsStub(grpc.insecure_channel(f"unix:{address}"))
+
+
+def _mount_all(mounts: Any, target: Path) -> None:
+    """What containerd's mount.All does with a snapshot's mounts (one mount each here)."""
+    from graphdriver.mount import mount
+
+    for m in mounts:
+        if m.type == "bind":
+            mount(m.source, target, "", 0x1000 | 0x4000)  # MS_BIND | MS_REC
+        else:
+            mount(m.source, target, m.type, 0, ",".join(m.options))
+
+
+GC_ROOT = {"containerd.io/gc.root": "bench"}  # containerd's GC keeps these
+
+
+def op_ctd_chain(address: str, namespace: str, snapshotter: str, depth: str, work: str) -> None:
+    """Commit a chain of snapshots through containerd's snapshots service, one file each."""
+    from graphdriver.mount import unmount
+    from graphdriver.snapshotter.api import snapshots_pb2 as pb
+
+    stub, md = _containerd_snapshots(address), (("containerd-namespace", namespace),)
+    target = Path(work) / "m"
+    target.mkdir(exist_ok=True)
+    parent = ""
+    t0 = time.perf_counter()
+    for i in range(int(depth)):
+        r = stub.Prepare(pb.PrepareSnapshotRequest(snapshotter=snapshotter, key=f"tmp-{i}",
+                                                   parent=parent, labels=GC_ROOT), metadata=md)
+        _mount_all(r.mounts, target)
+        (target / f"layer{i}.txt").write_text(f"{i}\n")
+        unmount(target, detach=False)
+        stub.Commit(pb.CommitSnapshotRequest(snapshotter=snapshotter, name=f"chain-{i}",
+                                             key=f"tmp-{i}", labels=GC_ROOT), metadata=md)
+        parent = f"chain-{i}"
+    done(t0, top=parent)
+
+
+def op_ctd_cycle(address: str, namespace: str, snapshotter: str, parent: str, count: str,
+                 work: str) -> None:
+    """Prepare + mount + unmount + remove active snapshots on *parent*, one after another."""
+    from graphdriver.mount import unmount
+    from graphdriver.snapshotter.api import snapshots_pb2 as pb
+
+    stub, md = _containerd_snapshots(address), (("containerd-namespace", namespace),)
+    target = Path(work) / "m"
+    target.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    for i in range(int(count)):
+        r = stub.Prepare(pb.PrepareSnapshotRequest(snapshotter=snapshotter, key=f"cycle-{i}",
+                                                   parent=parent, labels=GC_ROOT), metadata=md)
+        _mount_all(r.mounts, target)
+        unmount(target, detach=False)
+        stub.Remove(pb.RemoveSnapshotRequest(snapshotter=snapshotter, key=f"cycle-{i}"),
+                    metadata=md)
+    done(t0)
+
+
 OPS: dict[str, Callable[..., None]] = {
     "probe": op_probe,
     "apply": op_apply,
@@ -184,6 +248,8 @@ OPS: dict[str, Callable[..., None]] = {
     "engine-export": op_engine_export,
     "mount": op_mount,
     "win-sandbox": op_win_sandbox,
+    "ctd-chain": op_ctd_chain,
+    "ctd-cycle": op_ctd_cycle,
 }
 
 

@@ -14,6 +14,7 @@ and grandchildren that were waited for included) and a sampled sum of the tree's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -560,7 +561,148 @@ def build_workloads(ctx: Ctx) -> list[Workload]:
         [Side("python -S -c pass", lambda d: Cmd([sys.executable, "-S", "-c", "pass"])),
          Side("python -c pass", lambda d: Cmd([sys.executable, "-c", "pass"]))],
         {"python -S -c pass": "<= 2.0"}))
-    return wl
+    wl.append(image_pull_workload(ctx))
+    return wl + containerd_workloads(ctx)
+
+
+def containerd_workloads(ctx: Ctx) -> list[Workload]:
+    """containerd 1.6 with graphdriver's snapshotter (overlay driver, a proxy plugin: one gRPC
+    hop away) beside its built-in ``overlayfs`` snapshotter (in-process), each side with a
+    private containerd of its own (tests/snapshotter/ctdutil.py: a private mount namespace,
+    stopped by PID).  Rows: ``ctr images import`` + unpack of the Debian rootfs image (made from
+    rootfs.tar by skopeo; the image is removed, with containerd's GC, between runs), and 100 ×
+    prepare + mount + unmount + remove of an active snapshot on a 20-layer chain (5 in quick
+    mode), called through containerd's snapshots service as ctr would (bench/gdtask.py)."""
+    sys.path.insert(0, str(REPO))
+    from tests.snapshotter.ctdutil import Daemons, image_archive, why_not
+
+    image_ref = "docker.io/gdbench/debian:1"
+    running: dict[Path, Daemons] = {}
+    cycles = 100
+
+    def start(d: Path) -> Daemons:
+        try:
+            running[d] = Daemons(d / "c", "overlay")
+        except (AssertionError, OSError, subprocess.SubprocessError) as exc:
+            raise Failed(f"containerd: {exc}") from None
+        return running[d]
+
+    def stop(d: Path) -> None:
+        if d in running:
+            running.pop(d).close()
+
+    def side(label: str, per_run: Callable[[Path], Cmd], once: Callable[[Path], None]) -> Side:
+        return Side(label, per_run, once, unavailable=why_not() and f"n/a ({why_not()})",
+                    after=stop)
+
+    def import_side(snapshotter: str, label: str) -> Side:
+        def once(d: Path) -> None:
+            (d / "c").mkdir()
+            image_archive(ctx.layers["rootfs"], d / "image.tar", image_ref)
+            start(d)
+
+        def per_run(run: Path) -> Cmd:
+            daemons = running[run.parent]
+            with contextlib.suppress(AssertionError):  # the previous run's image, and its GC
+                daemons.ctr("images", "rm", "--sync", image_ref)
+            return Cmd(daemons.ns.argv(daemons.ctr_args(
+                "images", "import", "--snapshotter", snapshotter, str(run.parent / "image.tar"))))
+
+        return side(label, per_run, once)
+
+    depth = ctx.chain_depth
+
+    def cycle_side(snapshotter: str, label: str) -> Side:
+        def once(d: Path) -> None:
+            (d / "c").mkdir()
+            daemons = start(d)
+            must_run(daemons.ns.argv(gd_cmd("ctd-chain", str(daemons.work / "containerd.sock"),
+                                            daemons.namespace, snapshotter, str(depth),
+                                            str(d))), "chain")
+
+        def per_run(run: Path) -> Cmd:
+            daemons = running[run.parent]
+            return Cmd(daemons.ns.argv(gd_cmd(
+                "ctd-cycle", str(daemons.work / "containerd.sock"), daemons.namespace,
+                snapshotter, f"chain-{depth - 1}", str(cycles), str(run))), internal=True)
+
+        return side(label, per_run, once)
+
+    return [
+        Workload("containerd: ctr images import + unpack of the Debian rootfs image",
+                 [import_side("graphdriver", "containerd + graphdriver snapshotter (overlay)")],
+                 [import_side("overlayfs", "containerd + built-in overlayfs")],
+                 {"containerd + built-in overlayfs": "<= 1.5"}),
+        Workload(f"containerd: {cycles} x prepare + mount + remove on a {depth}-layer chain",
+                 [cycle_side("graphdriver", "containerd + graphdriver snapshotter (overlay)")],
+                 [cycle_side("overlayfs", "containerd + built-in overlayfs")],
+                 {"containerd + built-in overlayfs": "<= 1.5"}),
+    ]
+
+
+def image_pull_workload(ctx: Ctx) -> Workload:
+    """``image pull`` of a two-layer gzip image (Debian rootfs + npm tree) from a private
+    docker-registry on loopback: graphdriver (the command, start-up included) against podman
+    (private --root/--runroot, overlay) and ctr (a private containerd, overlayfs snapshotter);
+    skopeo copy to a directory is the download alone (the network floor)."""
+    from imagebench import BenchContainerd, BenchRegistry
+
+    layers = [ctx.layers["rootfs.gz"], ctx.layers["npm.gz"]]
+    server: dict[str, Any] = {}
+
+    def registry(d: Path) -> None:
+        if shutil.which("docker-registry") is None:
+            raise Unavailable("n/a (docker-registry not installed)")
+        try:
+            server["reg"] = BenchRegistry.get(d.parent.parent, layers)
+        except (RuntimeError, OSError) as exc:
+            raise Failed(f"the bench registry: {exc}") from exc
+
+    def ref() -> str:
+        return str(server["reg"].ref)
+
+    def gd_pull(d: Path) -> Cmd:
+        return Cmd([sys.executable, "-m", "graphdriver", "--root", str(d / "root"), "--runroot",
+                    str(d / "run"), "--driver", ctx.gd_driver, "image", "pull", "-q", ref()])
+
+    def podman_pull(d: Path) -> Cmd:
+        # podman refuses a run root longer than 50 characters: a short one beside the work dir
+        runroot = Path(tempfile.mkdtemp(prefix="gdpr-", dir="/dev/shm" if Path("/dev/shm")
+                                        .is_dir() else None))
+        (d / "runroot").symlink_to(runroot)  # removed with the run dir; the target by atexit
+        import atexit
+
+        atexit.register(shutil.rmtree, runroot, True)
+        return Cmd(["podman", "--root", str(d / "root"), "--runroot", str(runroot),
+                    "--storage-driver", "overlay", "--tmpdir", str(d / "tmp"),
+                    "pull", "-q", "--tls-verify=false", ref()])
+
+    def ctr_once(d: Path) -> None:
+        registry(d)
+        try:
+            server["ctr"] = BenchContainerd.get(d / "containerd")
+        except (RuntimeError, OSError) as exc:
+            raise Failed(f"the bench containerd: {exc}") from exc
+
+    def ctr_pull(d: Path) -> Cmd:
+        server["ctr"].reset(ref())  # the previous run's image, content and snapshots
+        return Cmd(server["ctr"].argv("images", "pull", "--plain-http", ref()))
+
+    def skopeo_copy(d: Path) -> Cmd:
+        policy = d / "policy.json"
+        policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+        (d / "tmp").mkdir()
+        return Cmd(["skopeo", "--policy", str(policy), "--tmpdir", str(d / "tmp"), "copy", "-q",
+                    "--src-tls-verify=false", f"docker://{ref()}", f"dir:{d / 'out'}"])
+
+    return Workload(
+        "image pull (rootfs + npm tree, gzip, local registry)",
+        [Side(f"graphdriver {ctx.gd_driver} image pull", gd_pull, registry,
+              unavailable=ctx.gd_reason)],
+        [Side("podman pull (overlay)", podman_pull, registry, needs="podman"),
+         Side("ctr image pull (overlayfs)", ctr_pull, ctr_once, needs="ctr"),
+         Side("skopeo copy to dir (download only)", skopeo_copy, registry, needs="skopeo")],
+        {"podman pull (overlay)": "<= 0.7", "ctr image pull (overlayfs)": "<= 0.7"})
 
 
 def make_windows_layer(path: Path, files: int, total: int) -> None:

@@ -7,15 +7,16 @@ gd=${GRAPHDRIVER:-graphdriver}
 
 # Start over if an earlier run left the example layers behind.
 for id in hello-copy hello hello-base; do
-    if $gd exists "$id"; then
-        while $gd ls --json | grep -q "\"id\": \"$id\", \"mounts\": [1-9]"; do $gd unmount "$id"; done
+    if $gd exists "$id" 2>/dev/null; then
+        while $gd ls --format '{{.ID}} {{.Mounts}}' | grep -qx "$id [1-9][0-9]*"; do
+            $gd unmount "$id"
+        done
         $gd rm "$id"
     fi
 done
 
+echo "imported $($gd import hello-base "$here/hello-base.tar.gz") bytes as hello-base"
 $gd status
-$gd create hello-base
-echo "applied $($gd apply hello-base "$here/hello-base.tar.gz") bytes to hello-base"
 $gd create hello --parent hello-base
 $gd --json apply hello "$here/hello-upper.tar.gz"
 root=$($gd mount hello)
@@ -36,3 +37,4 @@ else
 fi
 $gd unmount hello
 $gd ls
+$gd ls --tree

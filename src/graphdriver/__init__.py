@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         UnsafeArchive,
     )
     from .idmap import IDMap
+    from .images.store import ImageStore
     from .registry import open_driver
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ _LAZY = {
     "StoreCorrupt": "errors",
     "UnsafeArchive": "errors",
     "IDMap": "idmap",
+    "ImageStore": "images.store",
     "open_driver": "registry",
 }
 
@@ -67,6 +69,7 @@ __all__ = [
     "Driver",
     "GraphDriverError",
     "IDMap",
+    "ImageStore",
     "InUse",
     "InvalidArchive",
     "InvalidArgument",

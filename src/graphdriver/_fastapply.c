@@ -183,13 +183,15 @@ static int pax_record(const unsigned char **d, const unsigned char *dend,
 
 /* The fields of a ustar / GNU / v7 header block that both parsers read. */
 struct plain_header {
-    unsigned long long size, mode, uid, gid, mtime;
+    unsigned long long size, mode, uid, gid, mtime, devmajor, devminor;
     int gnu, ustar;
     const unsigned char *name; /* the name field, or *joined* with the ustar prefix */
     Py_ssize_t name_n;
 };
 
-/* 0, or -1 for what only the Python parser handles (base-256 or bad numbers, GNU atime/ctime). */
+/* 0, or -1 for what only the Python parser handles (base-256 or bad numbers, GNU atime/ctime,
+ * STAR headers).  Every number field of the block is checked, as Go's reader checks them: the
+ * device numbers of a ustar / GNU header whatever its type. */
 static int plain_fields(const unsigned char *b, unsigned char joined[256], struct plain_header *h)
 {
     int i;
@@ -198,7 +200,13 @@ static int plain_fields(const unsigned char *b, unsigned char joined[256], struc
         octal(b + 136, 12, &h->mtime) < 0 || h->mtime > 9000000000ULL)
         return -1;
     h->gnu = memcmp(b + 257, "ustar  \0", 8) == 0;
-    h->ustar = !h->gnu && memcmp(b + 257, "ustar", 5) == 0;
+    h->ustar = memcmp(b + 257, "ustar\0", 6) == 0;
+    if (h->ustar && memcmp(b + 508, "tar\0", 4) == 0)
+        return -1; /* STAR: another prefix, and times */
+    h->devmajor = h->devminor = 0;
+    if ((h->gnu || h->ustar) &&
+        (octal(b + 329, 8, &h->devmajor) < 0 || octal(b + 337, 8, &h->devminor) < 0))
+        return -1;
     if (h->gnu)
         for (i = 345; i < 369; i++)
             if (b[i])
@@ -214,6 +222,18 @@ static int plain_fields(const unsigned char *b, unsigned char joined[256], struc
         h->name_n = pn + 1 + h->name_n;
     }
     return 0;
+}
+
+/* A local PAX header's own block: a valid checksum, numbers that parse (Go reads them all) and a
+ * data size within MAX_META.  1 when it is so, with its size in *psize. */
+static int pax_block_ok(const unsigned char *b, unsigned long long *psize)
+{
+    unsigned char joined[256];
+    struct plain_header ph;
+    if (!checksum_ok(b) || plain_fields(b, joined, &ph) < 0 || ph.size > MAX_META)
+        return 0;
+    *psize = ph.size;
+    return 1;
 }
 
 #define FAIL_NONE                                                                                  \
@@ -257,7 +277,7 @@ static PyObject *header(PyObject *self, PyObject *args)
     if (b[156] == 'x') {
         unsigned long long psize, padded;
         const unsigned char *d, *dend;
-        if (octal(b + 124, 12, &psize) < 0 || psize > MAX_META)
+        if (!pax_block_ok(b, &psize))
             FAIL_NONE;
         padded = (psize + BLOCK - 1) & ~(unsigned long long)(BLOCK - 1);
         if ((unsigned long long)(end - pos) < BLOCK + padded + BLOCK)
@@ -275,6 +295,11 @@ static PyObject *header(PyObject *self, PyObject *args)
             if (pax_record(&d, dend, &key, &keyn, &val, &valn) < 0)
                 FAIL_NONE;
 #define KEY(lit) (keyn == (Py_ssize_t)sizeof(lit) - 1 && memcmp(key, lit, sizeof(lit) - 1) == 0)
+            /* NULs: Go refuses them in keys and in the values of the ustar string fields */
+            if (memchr(key, 0, (size_t)keyn) != NULL ||
+                ((KEY("path") || KEY("linkpath") || KEY("uname") || KEY("gname")) &&
+                 memchr(val, 0, (size_t)valn) != NULL))
+                FAIL_NONE;
             if (KEY("mtime")) {
                 long long t;
                 if (pax_time(val, valn, &t) < 0)
@@ -289,11 +314,11 @@ static PyObject *header(PyObject *self, PyObject *args)
                 if (pax_time(val, valn, &ctime_ns) < 0)
                     FAIL_NONE;
                 have_ctime = 1;
-            } else if (KEY("path")) {
-                pax_path = val;
+            } else if (KEY("path")) { /* an empty value keeps the header's (Go's mergePAX) */
+                pax_path = valn ? val : NULL;
                 pax_path_n = valn;
             } else if (KEY("linkpath")) {
-                pax_link = val;
+                pax_link = valn ? val : NULL;
                 pax_link_n = valn;
             } else if (KEY("size")) {
                 if (decimal(val, valn, &pax_size) < 0)
@@ -352,25 +377,21 @@ static PyObject *header(PyObject *self, PyObject *args)
     mtime = ph.mtime;
     gnu = ph.gnu;
     ustar = ph.ustar;
+    devmajor = ph.devmajor;
+    devminor = ph.devminor;
     nm = ph.name;
     nm_n = ph.name_n;
-    if (typ == 0)
+    if (pax_path != NULL) {
+        nm = pax_path;
+        nm_n = pax_path_n;
+    }
+    if (typ == 0) /* the old regular type: a directory if its final name ends in '/' */
         typ = (nm_n > 0 && nm[nm_n - 1] == '/') ? '5' : '0';
-    if ((ustar || gnu) && (typ == '3' || typ == '4')) {
-        if (octal(b + 329, 8, &devmajor) < 0 || octal(b + 337, 8, &devminor) < 0)
-            FAIL_NONE;
-    }
+    if (have_pax_size)
+        size = pax_size;
     data_size = size;
-    if (typ == '1' || typ == '2' || typ == '3' || typ == '4' || typ == '5' || typ == '6') {
-        data_size = typ == '5' ? size : 0;
-        size = 0;
-    }
-    if (have_pax_size) {
-        if (typ == '1' || typ == '2' || typ == '3' || typ == '4' || typ == '6')
-            size = 0;
-        else
-            data_size = size = pax_size;
-    }
+    if (typ != '0' && typ != '7') /* types whose size carries no data (Go's header-only) */
+        data_size = size = 0;
     if (have_pax_uid)
         uid = pax_uid;
     if (have_pax_gid)
@@ -382,10 +403,6 @@ static PyObject *header(PyObject *self, PyObject *args)
         PyObject *m = PyDict_GetItemString(pax, "mtime");
         if (m != NULL)
             pax_time((const unsigned char *)PyBytes_AS_STRING(m), PyBytes_GET_SIZE(m), &mtime_ns);
-    }
-    if (pax_path != NULL) {
-        nm = pax_path;
-        nm_n = pax_path_n;
     }
     raw_name = PyBytes_FromStringAndSize((const char *)nm, nm_n);
     if (raw_name == NULL)
@@ -611,6 +628,8 @@ static int simple_pax(const unsigned char *d, const unsigned char *dend, struct 
             px->have_gid = 1;
         } else if (!KEY("uname") && !KEY("gname")) {
             return -1;
+        } else if (memchr(val, 0, (size_t)valn) != NULL) {
+            return -1; /* a NUL in a user or group name: Go refuses it */
         }
 #undef KEY
     }
@@ -705,7 +724,7 @@ static PyObject *files(PyObject *self, PyObject *args)
         if (b[156] == 'x') {
             /* a local PAX header of the simple kind, then the file's own header */
             unsigned long long psize, ppadded;
-            if (!checksum_ok(b) || octal(b + 124, 12, &psize) < 0 || psize > MAX_META)
+            if (!pax_block_ok(b, &psize))
                 break;
             ppadded = (psize + BLOCK - 1) & ~(unsigned long long)(BLOCK - 1);
             if ((unsigned long long)(end - pos) < BLOCK + ppadded + BLOCK)

@@ -59,32 +59,97 @@ def is_empty_dir(path: Path) -> bool:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a tree (or a file) that may contain read-only dirs; missing is fine."""
+    """Remove a tree (or a file) that may contain read-only dirs; missing is fine.
+
+    Iterative and fd-based (:func:`remove_beneath`): any depth the kernel allows."""
+    parent = os.open(os.path.dirname(os.path.abspath(path)) or "/",
+                     os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        st = os.lstat(path)
+        remove_beneath(parent, os.path.basename(os.path.abspath(path)))
+    finally:
+        os.close(parent)
+
+
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def remove_beneath(parent_fd: int, name: str) -> None:
+    """Remove *name* (a tree, a file, or nothing) beneath the directory *parent_fd*.
+
+    One directory fd is open at a time, whatever the depth: the walk goes down by name and
+    back up by ``..``, checking that ``..`` is the directory it came from (device and inode).
+    A directory that refuses an unlink (no write permission, when not root) is opened up.
+    """
+    try:
+        st = os.lstat(name, dir_fd=parent_fd)
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
+        _unlink_at(parent_fd, name)
         return
-    import shutil
+    fd = os.open(name, _DIR_OPEN, dir_fd=parent_fd)
+    path: list[tuple[str, int, int]] = []  # names walked down, with their parent's identity
+    try:
+        while True:
+            child = _first_subdir_emptying(fd)
+            if child is not None:
+                here = os.fstat(fd)
+                try:
+                    sub = os.open(child, _DIR_OPEN, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                os.close(fd)
+                fd = sub
+                path.append((child, here.st_dev, here.st_ino))
+                continue
+            if not path:
+                break
+            child, dev, ino = path.pop()
+            up = os.open("..", _DIR_OPEN, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                raise OSError(errno.EXDEV, "a directory moved while its tree was removed", child)
+            _rmdir_at(fd, child)
+    finally:
+        os.close(fd)
+    _rmdir_at(parent_fd, name)
 
-    def retry(func: object, p: str, exc_info: tuple[type[BaseException], BaseException, object],
-              ) -> None:
-        exc = exc_info[1]
-        if isinstance(exc, FileNotFoundError):
-            return
-        if isinstance(exc, PermissionError):
-            # A directory without write permission (possible when not root): open it up and retry.
-            os.chmod(os.path.dirname(p), 0o700)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p)
-            else:
-                os.unlink(p)
-            return
-        raise exc
 
-    shutil.rmtree(path, onerror=retry)  # onexc is 3.12+; onerror works on 3.11 and later
+def _first_subdir_emptying(fd: int) -> str | None:
+    """Unlink every non-directory in *fd*; return one subdirectory's name (None: it is empty)."""
+    with os.scandir(fd) as it:
+        entries = list(it)
+    for e in entries:
+        try:
+            is_dir = e.is_dir(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if is_dir:
+            return e.name
+        _unlink_at(fd, e.name)
+    return None
+
+
+def _unlink_at(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        os.chmod(dir_fd, 0o700)  # not root: a read-only directory; open it up and retry
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _rmdir_at(dir_fd: int, name: str) -> None:
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        os.chmod(dir_fd, 0o700)
+        os.rmdir(name, dir_fd=dir_fd)
 
 
 # --- tree copies -------------------------------------------------------------------------------
@@ -121,7 +186,7 @@ def copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:
         off += n
 
 
-def _copy_xattrs(src: str, dst: str, *, follow: bool) -> None:
+def _copy_xattrs(src: str | int, dst: str | int, *, follow: bool) -> None:
     try:
         names = os.listxattr(src, follow_symlinks=follow)
     except OSError as exc:
@@ -146,59 +211,132 @@ def copy_tree(src: Path, dst: Path) -> None:
     Keeps types, modes (incl. setuid/sticky), owners, nanosecond times, xattrs, devices, fifos,
     sockets' absence (as tar would) and hard links (files sharing an inode in ``src`` share one
     in ``dst``).  Data moves by reflink where possible, else copy_file_range, never through
-    Python buffers.  Directory times are set after their contents.
+    Python buffers.  Directory times are set after their contents.  Iterative and fd-based, two
+    directory fds open whatever the depth (down by name, up by a checked ``..``).
     """
-    links: dict[tuple[int, int], str] = {}
-    dirs: list[tuple[str, os.stat_result]] = []
-    root_st = os.lstat(src)
-    _copy_meta(str(src), str(dst), root_st, is_link=False)
-    dirs.append((str(dst), root_st))
-    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
-        rel = os.path.relpath(dirpath, src)
-        target_dir = str(dst) if rel == "." else os.path.join(dst, rel)
-        for name in dirnames + filenames:
-            s = os.path.join(dirpath, name)
-            d = os.path.join(target_dir, name)
-            st = os.lstat(s)
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):
-                os.mkdir(d, 0o700)
-                _copy_meta(s, d, st, is_link=False, times=False)
-                dirs.append((d, st))
-                continue
-            if st.st_nlink > 1 and not stat.S_ISDIR(mode):
-                key = (st.st_dev, st.st_ino)
-                first = links.get(key)
-                if first is not None:
-                    os.link(first, d, follow_symlinks=False)
-                    continue
-                links[key] = d
-            if stat.S_ISREG(mode):
-                sfd = os.open(s, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    droot = os.open(dst, _DIR_OPEN)
+    sfd = os.open(src, _DIR_OPEN)
+    dfd = os.dup(droot)
+    # first copy of each multiply-linked inode: its directory (names below dst) and name
+    links: dict[tuple[int, int], tuple[tuple[str, ...], str]] = {}
+    here: list[str] = []
+    try:
+        root_st = os.fstat(sfd)
+        _copy_meta_fd(sfd, dfd, root_st)
+        frames: list[tuple[list[str], os.stat_result]] = [(_names(sfd), root_st)]
+        parents: list[tuple[tuple[int, int], tuple[int, int]]] = []
+        while frames:
+            pending, dir_st = frames[-1]
+            down = None
+            while pending:
+                name = pending.pop()
+                st = os.lstat(name, dir_fd=sfd)
+                if stat.S_ISDIR(st.st_mode):
+                    down = (name, st)
+                    break
+                _copy_entry(sfd, dfd, name, st, links, here, droot)
+            if down is not None:
+                name, st = down
+                os.mkdir(name, 0o700, dir_fd=dfd)
+                ids = (_ident(sfd), _ident(dfd))
+                nsfd = os.open(name, _DIR_OPEN, dir_fd=sfd)
                 try:
-                    dfd = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                  | os.O_CLOEXEC, 0o600)
-                    try:
-                        copy_file_data(sfd, dfd, st.st_size)
-                    finally:
-                        os.close(dfd)
-                finally:
-                    os.close(sfd)
-                _copy_meta(s, d, st, is_link=False)
-            elif stat.S_ISLNK(mode):
-                os.symlink(os.readlink(s), d)
-                _copy_meta(s, d, st, is_link=True)
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
-                os.mknod(d, mode, st.st_rdev)
-                _copy_meta(s, d, st, is_link=False)
-            elif stat.S_ISSOCK(mode):
-                continue  # sockets are not layer content (tar skips them too)
-        # names were handled above; os.walk descends into dirnames itself
-    for d, st in reversed(dirs):
-        os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+                    ndfd = os.open(name, _DIR_OPEN, dir_fd=dfd)
+                except BaseException:
+                    os.close(nsfd)
+                    raise
+                os.close(sfd)
+                os.close(dfd)
+                sfd, dfd = nsfd, ndfd
+                _copy_meta_fd(sfd, dfd, st)
+                frames.append((_names(sfd), st))
+                parents.append(ids)
+                here.append(name)
+                continue
+            os.utime(dfd, ns=(dir_st.st_atime_ns, dir_st.st_mtime_ns))
+            frames.pop()
+            if not frames:
+                break
+            s_id, d_id = parents.pop()
+            here.pop()
+            sfd = _up(sfd, s_id)
+            dfd = _up(dfd, d_id)
+    finally:
+        for fd in {sfd, dfd, droot}:
+            os.close(fd)
 
 
-def _copy_meta(s: str, d: str, st: os.stat_result, *, is_link: bool, times: bool = True) -> None:
+def _names(fd: int) -> list[str]:
+    names = os.listdir(fd)
+    names.sort(reverse=True)  # popped from the end: copied in name order
+    return names
+
+
+def _ident(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _up(fd: int, expect: tuple[int, int]) -> int:
+    """The parent of directory *fd* (closed), checked to be the one the walk came down from."""
+    up = os.open("..", _DIR_OPEN, dir_fd=fd)
+    os.close(fd)
+    if _ident(up) != expect:
+        os.close(up)
+        raise OSError(errno.EXDEV, "a directory moved while its tree was copied")
+    return up
+
+
+def _open_below(root: int, names: tuple[str, ...]) -> int:
+    fd = os.dup(root)
+    for name in names:
+        sub = os.open(name, _DIR_OPEN, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    return fd
+
+
+def _copy_entry(sfd: int, dfd: int, name: str, st: os.stat_result,
+                links: dict[tuple[int, int], tuple[tuple[str, ...], str]], here: list[str],
+                droot: int) -> None:
+    mode = st.st_mode
+    if st.st_nlink > 1:
+        key = (st.st_dev, st.st_ino)
+        first = links.get(key)
+        if first is not None:
+            first_dir = _open_below(droot, first[0])
+            try:
+                os.link(first[1], name, src_dir_fd=first_dir, dst_dir_fd=dfd,
+                        follow_symlinks=False)
+            finally:
+                os.close(first_dir)
+            return
+        links[key] = (tuple(here), name)
+    if stat.S_ISREG(mode):
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+        try:
+            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            try:
+                copy_file_data(src, out, st.st_size)
+                _copy_meta_fd(src, out, st)
+                os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(out)
+        finally:
+            os.close(src)
+        return
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
+        os.mknod(name, mode, st.st_rdev, dir_fd=dfd)
+    else:
+        return  # sockets are not layer content (tar skips them too)
+    _copy_meta(f"/proc/self/fd/{sfd}/{name}", f"/proc/self/fd/{dfd}/{name}", st,
+               is_link=stat.S_ISLNK(mode))
+
+
+def _copy_meta(s: str, d: str, st: os.stat_result, *, is_link: bool) -> None:
     try:
         os.chown(d, st.st_uid, st.st_gid, follow_symlinks=False)
     except PermissionError:
@@ -207,8 +345,18 @@ def _copy_meta(s: str, d: str, st: os.stat_result, *, is_link: bool, times: bool
     _copy_xattrs(s, d, follow=False)
     if not is_link:
         os.chmod(d, stat.S_IMODE(st.st_mode))
-    if times:
-        os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _copy_meta_fd(sfd: int, dfd: int, st: os.stat_result) -> None:
+    """Owner, xattrs and mode of an open directory or file (times: the caller's)."""
+    try:
+        os.fchown(dfd, st.st_uid, st.st_gid)
+    except PermissionError:
+        if os.geteuid() == 0:
+            raise
+    _copy_xattrs(sfd, dfd, follow=True)
+    os.fchmod(dfd, stat.S_IMODE(st.st_mode))
 
 
 _libc_handle: Any = None

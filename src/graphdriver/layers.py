@@ -7,8 +7,10 @@ layer absent or complete; what a crash leaves behind is found and removed by rep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import stat
 import time
 from pathlib import Path
 
@@ -43,6 +45,14 @@ def validate_id(layer_id: object, what: str = "layer id") -> str:
     return layer_id
 
 
+def is_valid_id(layer_id: str) -> bool:
+    try:
+        validate_id(layer_id)
+    except InvalidArgument:
+        return False
+    return True
+
+
 _RECORD_FIELDS = ("id", "parent", "kind", "size_limit", "created", "extra", "made_by", "holders",
                   "diff_id")
 #: who made a layer: a user's create, the image store's pull/commit, or the snapshotter
@@ -51,6 +61,11 @@ MADE_BY = frozenset({"user", "image", "snapshotter"})
 STAGING_PREFIX = ".staging-"
 #: what a staged layer's incomplete marker says once its target id is known: "commit <id>"
 COMMIT_INTENT = "commit"
+#: an apply's marker: "apply" until the commit decision, then "apply-commit" (the commit point)
+APPLY_INTENT = "apply"
+#: a create's marker, written (with the record) before the driver makes anything
+CREATE_INTENT = "create"
+APPLY_COMMIT = "apply-commit"
 _DEFAULT: Any = object()  # "not given": created and extra then take their default_factory
 
 
@@ -132,23 +147,35 @@ class LayerRecord:
 
         try:
             obj = json.loads(data)
-            extra = dict(obj.get("extra") or {})
+            if not isinstance(obj, dict):
+                raise TypeError("not a JSON object")
+            extra = obj.get("extra") or {}
             # Records written before diff_id was a field kept it in extra.
-            diff_id = obj.get("diff_id", extra.get("diff_id"))
+            diff_id = obj.get("diff_id", extra.get("diff_id") if isinstance(extra, dict) else None)
             rec = cls(
-                id=str(obj["id"]),
-                parent=obj.get("parent"),
-                kind=str(obj.get("kind", "ro")),
-                size_limit=obj.get("size_limit"),
-                created=float(obj.get("created", 0)),
-                extra=extra,
-                made_by=str(obj.get("made_by", "user")),
-                holders=sorted({str(h) for h in obj.get("holders") or []}),
-                diff_id=None if diff_id is None else str(diff_id),
+                id=_typed(obj.get("id"), str, "id"),
+                parent=_typed(obj.get("parent"), (str, type(None)), "parent"),
+                kind=_typed(obj.get("kind", "ro"), str, "kind"),
+                size_limit=_typed(obj.get("size_limit"), (int, type(None)), "size_limit"),
+                created=float(_typed(obj.get("created", 0), (int, float), "created")),
+                extra=_typed(extra, dict, "extra"),
+                made_by=_typed(obj.get("made_by", "user"), str, "made_by"),
+                holders=sorted(set(_typed(obj.get("holders") or [], list, "holders"))),
+                diff_id=_typed(diff_id, (str, type(None)), "diff_id"),
             )
+            if rec.kind not in ("ro", "rw") or rec.made_by not in MADE_BY:
+                raise ValueError(f"kind {rec.kind!r} / made_by {rec.made_by!r}")
+            if not all(isinstance(h, str) for h in rec.holders):
+                raise TypeError("holders: not all strings")
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise StoreCorrupt(f"unreadable layer record {where}: {exc}") from None
+            raise StoreCorrupt(f"unreadable layer record {where}: {exc}") from exc
         return rec
+
+
+def _typed(value: Any, types: type | tuple[type, ...], field: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise TypeError(f"{field}: {type(value).__name__} is not the type expected")
+    return value
 
 
 class MetaDir:
@@ -167,19 +194,63 @@ class MetaDir:
     def record_path(self, layer_id: str) -> Path:
         return self.root / layer_id / self.RECORD
 
+    MAX_RECORD = 1 << 20
+
     def read(self, layer_id: str) -> LayerRecord | None:
+        """The record (None: none); StoreCorrupt when it cannot be read or does not belong here
+        (another id, itself as parent): that one layer is broken."""
         path = self.record_path(layer_id)
         try:
-            data = path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return LayerRecord.from_json(data, path)
+        except OSError as exc:
+            raise StoreCorrupt(f"unreadable layer record {path}: {exc.strerror}") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StoreCorrupt(f"unreadable layer record {path}: not a regular file")
+            data = os.read(fd, self.MAX_RECORD + 1)
+        except OSError as exc:
+            raise StoreCorrupt(f"unreadable layer record {path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        if len(data) > self.MAX_RECORD:
+            raise StoreCorrupt(f"unreadable layer record {path}: larger than 1 MiB")
+        rec = LayerRecord.from_json(data, path)
+        if rec.id != layer_id and not layer_id.startswith(STAGING_PREFIX):
+            raise StoreCorrupt(f"layer record {path} names layer {rec.id!r}")
+        if rec.parent is not None and (rec.parent == rec.id or rec.parent == layer_id):
+            raise StoreCorrupt(f"layer record {path} names the layer as its own parent")
+        return rec
+
+    def broken(self) -> dict[str, str]:
+        """Layers whose record is unreadable or does not belong (id -> why): quarantined."""
+        out = {}
+        for layer_id in self.ids():
+            try:
+                self.read(layer_id)
+            except StoreCorrupt as exc:
+                out[layer_id] = str(exc)
+        return out
 
     def write(self, record: LayerRecord, in_dir: str | None = None) -> None:
         """The commit point of a layer: atomic and durable (*in_dir*: a staged layer's dir)."""
         d = self.dir(in_dir or record.id)
         d.mkdir(exist_ok=True)
         atomic_write(d / self.RECORD, record.to_json())
+
+    NEXT = "layer.json.next"
+
+    def write_next(self, record: LayerRecord) -> None:
+        """The record an apply will commit, beside the current one until then."""
+        atomic_write(self.dir(record.id) / self.NEXT, record.to_json())
+
+    def promote_next(self, layer_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.dir(layer_id) / self.NEXT, self.record_path(layer_id))
+
+    def drop_next(self, layer_id: str) -> None:
+        (self.dir(layer_id) / self.NEXT).unlink(missing_ok=True)
 
     def is_incomplete(self, layer_id: str) -> bool:
         return os.path.lexists(self.root / layer_id / self.INCOMPLETE)
@@ -237,9 +308,13 @@ class MetaDir:
         return [self.root / n for n in names if n.endswith(REMOVING_SUFFIX)]
 
     def records(self) -> list[LayerRecord]:
+        """The complete layers' records; a broken one is left out (see ``broken``)."""
         out = []
         for layer_id in self.ids():
-            rec = self.read(layer_id)
+            try:
+                rec = self.read(layer_id)
+            except StoreCorrupt:
+                continue
             if rec is not None and not self.is_incomplete(layer_id):
                 out.append(rec)
         return out

@@ -41,7 +41,7 @@ def open_output(path: str | os.PathLike[str]) -> Iterator[int]:
     except FileNotFoundError:
         st = None
     except OSError as exc:
-        raise from_oserror(exc, f"output {text}") from None
+        raise from_oserror(exc, f"output {text}") from exc
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise InvalidArgument(f"output {text} is a directory")
     if st is None or stat.S_ISREG(st.st_mode):
@@ -67,7 +67,7 @@ def _write_into(text: str, target: str, st: os.stat_result) -> Iterator[int]:
         else:
             fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
-        raise from_oserror(exc, f"output {text}") from None
+        raise from_oserror(exc, f"output {text}") from exc
     try:
         yield fd
     finally:
@@ -82,7 +82,7 @@ def _replace_atomically(text: str, target: str, st: os.stat_result | None) -> It
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     except OSError as exc:
-        raise from_oserror(exc, f"output {text}") from None
+        raise from_oserror(exc, f"output {text}") from exc
     try:
         try:
             if st is not None:  # keep the mode of the file it replaces
@@ -95,5 +95,5 @@ def _replace_atomically(text: str, target: str, st: os.stat_result | None) -> It
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise from_oserror(exc, f"output {text}") from None
+            raise from_oserror(exc, f"output {text}") from exc
         raise

@@ -77,8 +77,8 @@ class ChunkedReader(io.RawIOBase):
             text = self._line().split(b";", 1)[0].strip()
             try:
                 size = int(text, 16)
-            except ValueError:
-                raise InvalidArchive(f"request body: bad chunk size {text[:20]!r}") from None
+            except ValueError as exc:
+                raise InvalidArchive(f"request body: bad chunk size {text[:20]!r}") from exc
             if size < 0:
                 raise InvalidArchive("request body: negative chunk size")
             if size == 0:
@@ -279,7 +279,7 @@ class Plugin:
         """The layer's tar: the applied one byte for byte when its tar-split metadata allows,
         else a new one.  The ids and the parent are checked here, before any answer."""
         from .archive.export import stream_tar
-        from .archive.tarsplit import exact_available, write_exact_diff
+        from .exactdiff import exact_available, write_exact_diff
 
         d = self._d()
         layer_id = _id(req)
@@ -445,8 +445,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         try:
             n = int(length) if length else 0
-        except ValueError:
-            raise InvalidArgument(f"bad Content-Length {length!r}") from None
+        except ValueError as exc:
+            raise InvalidArgument(f"bad Content-Length {length!r}") from exc
         return LimitedReader(self.rfile, max(n, 0))  # type: ignore[arg-type]
 
     def _send_json(self, status: int, obj: dict[str, Any]) -> None:

@@ -1,4 +1,7 @@
-"""A one-line progress bar on a terminal (stderr), for long applies and diffs."""
+"""A one-line progress bar on a terminal (stderr), for long applies and diffs.
+
+Owns the drawing only; never imports the store, drivers or the archive engine.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +11,11 @@ import threading
 import time
 
 from . import TYPE_CHECKING
+from .units import human_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class ProgressBar:
@@ -44,14 +40,14 @@ class ProgressBar:
         except OSError:
             return
         elapsed = max(time.monotonic() - self._start, 1e-6)
-        rate = _human(done / elapsed) + "/s"
+        rate = human_bytes(done / elapsed) + "/s"
         if self.total:
             frac = min(1.0, done / self.total)
             width = 30
             bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-            line = f"{self.label} [{bar}] {frac * 100:5.1f}% {_human(done)} {rate}"
+            line = f"{self.label} [{bar}] {frac * 100:5.1f}% {human_bytes(done)} {rate}"
         else:
-            line = f"{self.label} {_human(done)} {rate}"
+            line = f"{self.label} {human_bytes(done)} {rate}"
         sys.stderr.write("\r" + line[:200] + ("\n" if final else "\x1b[K"))
         sys.stderr.flush()
 

@@ -5,19 +5,21 @@ Two mechanisms (DESIGN.md "Size quotas"):
 - **btrfs** (the store is on btrfs): the layer directory ``<id>`` is a subvolume and its qgroup
   gets the limit (``btrfs quota enable`` once, ``btrfs qgroup limit SIZE <id>``).  Writing past
   it fails with EDQUOT.  The subvolume is deleted with the layer.
-- **image** (anywhere else): a sparse file ``<id>/quota.img`` of exactly the limit, formatted
-  ext4 (``mkfs.ext4 -q -m 0``), attached to a free loop device (``LOOP_CTL_GET_FREE`` +
-  ``LOOP_CONFIGURE`` ioctls, with autoclear so the device is released by the last unmount) and
-  mounted at ``<id>/quota``.  It holds the layer's upper directory ``quota/diff`` and overlay's
-  ``quota/work`` (overlay wants both on one filesystem); ``<id>/diff`` and ``<id>/work`` are
-  relative symlinks to them, so ``l/<short> -> ../<id>/diff`` and every path the rest of the
-  store uses keep working.  The image is mounted lazily — whenever the layer is used (mounted,
-  applied to, diffed, or mounted as a lower of a child) — so a reboot or a ``cleanup`` that
-  unmounted it costs nothing.  Writing past the limit fails with ENOSPC.
+- **image** (anywhere else): a sparse file ``<id>/quota.img``, formatted ext4 (``mkfs.ext4 -m 0``,
+  4 KiB blocks, no resize reserve), sized so that its free space is the limit: ext4 keeps a
+  journal, inode tables and a reserve of its own (an 8 MiB image holds under 4 MiB), so the image
+  is the limit plus that overhead, checked with ``statvfs`` after formatting and corrected (one
+  more format) when the estimate was off. It is attached to a free loop device
+  (``LOOP_CTL_GET_FREE`` + ``LOOP_CONFIGURE`` ioctls, with autoclear so the device is released by
+  the last unmount) and mounted at ``<id>/quota``. It holds the layer's upper directory
+  ``quota/diff`` and overlay's ``quota/work`` (overlay wants both on one filesystem);
+  ``<id>/diff`` and ``<id>/work`` are relative symlinks to them, so ``l/<short> -> ../<id>/diff``
+  and every path the rest of the store uses keep working. The image is mounted lazily — whenever
+  the layer is used (mounted, applied to, diffed, or mounted as a lower of a child) — so a reboot
+  or a ``cleanup`` that unmounted it costs nothing. Writing past the limit fails with ENOSPC.
 
-A limit below what the mechanism needs for itself (``MIN_IMAGE_SIZE``, 8 MiB: ext4's own
-metadata) is refused with InvalidArgument — a new writable layer's upper directory is empty, so
-that is all that is "already there" when the limit is set.
+A limit below ``MIN_LIMIT`` (8 MiB) is refused with InvalidArgument: a quota smaller than that
+would cost more in ext4 metadata than it holds.
 
 No subprocess runs for a loop device or a mount; ``mkfs.ext4`` and ``btrfs`` are run as commands
 (formatting and qgroup administration have no syscall interface).
@@ -47,8 +49,8 @@ _LO_NAME_SIZE = 64
 
 IMAGE_NAME = "quota.img"
 MOUNT_NAME = "quota"
-#: an ext4 image smaller than this has no room left for a layer after its own metadata
-MIN_IMAGE_SIZE = 8 << 20
+#: the smallest size limit a writable layer may have
+MIN_LIMIT = 8 << 20
 
 
 def _loop_config(backing_fd: int, name: bytes, flags: int) -> bytes:
@@ -139,8 +141,8 @@ def _run(cmd: list[str], what: str) -> None:
 
     try:
         proc = subprocess.run(cmd, capture_output=True, check=False)
-    except FileNotFoundError:
-        raise NotSupported(f"{what}: {cmd[0]} is not installed") from None
+    except FileNotFoundError as exc:
+        raise NotSupported(f"{what}: {cmd[0]} is not installed") from exc
     if proc.returncode != 0:
         msg = proc.stderr.decode(errors="replace").strip().splitlines()
         raise GraphDriverError(f"{what}: {cmd[0]} failed: {msg[-1] if msg else proc.returncode}")
@@ -170,28 +172,91 @@ def has_image(layer_dir: Path) -> bool:
 
 
 def check_size(size: int, what: str) -> None:
-    if size < MIN_IMAGE_SIZE:
-        raise InvalidArgument(
-            f"{what}: size {size} is below the minimum of {MIN_IMAGE_SIZE} bytes for a layer quota"
-        )
+    if size < MIN_LIMIT:
+        from .units import human_bytes
+
+        raise InvalidArgument(f"{what}: a size limit of {human_bytes(size)} is below the minimum "
+                              f"of {human_bytes(MIN_LIMIT)} for a layer quota")
 
 
-def create_image(layer_dir: Path, size: int, uid: int = 0, gid: int = 0) -> Path:
-    """Make ``<layer_dir>/quota.img`` (sparse, *size* bytes, ext4), mount it, make diff/ and work/.
+# ----- sizing the image ------------------------------------------------------------------------
 
-    Returns the mount point.  ``<layer_dir>/diff`` and ``work`` are left to the caller (symlinks).
+_BLOCK = 4096
+_INODE_SIZE = 256
+_BYTES_PER_INODE = 16384
+#: free space beyond the limit, for the layer's own directories (diff/, work/) and extent blocks
+_SLACK = 64 << 10
+#: ext4's own reserve: 2% of the blocks, at most 4096 of them
+_RESERVE_CAP = 4096 * _BLOCK
+#: the share of an image's bytes left free after inode tables and ext4's 2% reserve
+_USABLE_SHARE = 1 - _INODE_SIZE / _BYTES_PER_INODE - 0.02
+#: how far above limit + slack the free space may end up before the image is made again
+_TOLERANCE = 256 << 10
+
+
+def _journal_mib(limit: int) -> int:
+    """The journal mkfs.ext4 would pick for a filesystem of about *limit* bytes (4 KiB blocks).
+
+    Given explicitly (``-J size=``), so that the overhead grows smoothly with the image size.
     """
-    image = image_path(layer_dir)
-    fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    blocks = limit // _BLOCK
+    for below, mib in ((32768, 4), (262144, 16), (524288, 32), (4 << 20, 64)):
+        if blocks < below:
+            return mib
+    return 128
+
+
+def _image_estimate(limit: int, journal: int) -> int:
+    """An image size whose ext4 leaves about ``limit + _SLACK`` bytes free: the journal, one
+    inode per 16 KiB, ext4's reserve (2% of the blocks, at most 16 MiB), bitmaps and group
+    descriptors come on top (aiming at the middle of the tolerance)."""
+    want = limit + _SLACK + _TOLERANCE // 2 + (journal << 20)
+    size = int(want / (1 - _INODE_SIZE / _BYTES_PER_INODE))
+    size += min(size // 50, _RESERVE_CAP) + size // 4096  # the last: bitmaps, descriptors
+    return -(-size // _BLOCK) * _BLOCK
+
+
+def _format(image: Path, size: int, journal_mib: int, uid: int, gid: int) -> None:
+    fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
-    _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", f"root_owner={uid}:{gid}",
-          "-L", "graphdriver", os.fspath(image)], "quota image")
+    _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-b", str(_BLOCK), "-I", str(_INODE_SIZE),
+          "-i", str(_BYTES_PER_INODE), "-J", f"size={journal_mib}", "-O", "^resize_inode",
+          "-E", f"root_owner={uid}:{gid}", "-L", "graphdriver", os.fspath(image)], "quota image")
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def create_image(layer_dir: Path, limit: int, uid: int = 0, gid: int = 0) -> Path:
+    """Make ``<layer_dir>/quota.img`` (sparse, ext4, *limit* bytes free), mount it, make diff/ and
+    work/.  Returns the mount point.  ``<layer_dir>/diff`` and ``work`` are left to the caller
+    (symlinks).
+    """
+    image = image_path(layer_dir)
+    if os.path.lexists(image):
+        raise GraphDriverError(f"quota image {image} exists already")
     target = image_mount_point(layer_dir)
     target.mkdir(mode=0o700, exist_ok=True)
-    mount_image(layer_dir)
+    journal = _journal_mib(limit)
+    size = _image_estimate(limit, journal)
+    for _attempt in range(4):
+        _format(image, size, journal, uid, gid)
+        mount_image(layer_dir)
+        # The directories made below and the file data itself come out of the slack.
+        excess = _free_bytes(target) - (limit + _SLACK)
+        if 0 <= excess <= _TOLERANCE:
+            break
+        unmount_image(layer_dir)
+        # Each byte added to the image brings its share of inode table and reserve with it.
+        share = _USABLE_SHARE if size // 50 < _RESERVE_CAP else _USABLE_SHARE + 0.02
+        size = -(-int(size - excess / share) // _BLOCK) * _BLOCK
+    else:
+        raise GraphDriverError(f"quota image: cannot size an ext4 image for {limit} bytes")
     for sub in ("diff", "work"):
         os.mkdir(target / sub, 0o755 if sub == "diff" else 0o700)
         if (uid, gid) != (0, 0):

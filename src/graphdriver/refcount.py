@@ -8,11 +8,15 @@ cleared at boot; a store reconciles the counts with the mount table when it open
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from pathlib import Path
 
 from . import TYPE_CHECKING
 from .fsutil import atomic_write
+
+log = logging.getLogger("graphdriver")
 
 if TYPE_CHECKING:
     import hashlib
@@ -48,20 +52,47 @@ class RefCounts:
         return self.dir / layer_id
 
     def get(self, layer_id: str) -> int:
+        """The count; a count file that is not a regular file (a FIFO, a directory, a link) is
+        replaced by nothing (0) rather than followed, blocked on or failed over."""
+        path = self._path(layer_id)
         try:
-            text = self._path(layer_id).read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
+            return 0
+        except OSError:  # a symlink (ELOOP), something unreadable
+            self._replace(path)
+            return 0
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                text = b""
+                bad = True
+            else:
+                text = os.read(fd, 64)
+                bad = False
+        finally:
+            os.close(fd)
+        if bad:
+            self._replace(path)
             return 0
         try:
             return max(0, int(text))
         except ValueError:
             return 0
 
+    def _replace(self, path: Path) -> None:
+        from .fsutil import remove_tree
+
+        log.warning("mount count %s was not a regular file: replaced", path)
+        remove_tree(path)
+
     def set(self, layer_id: str, count: int) -> None:
+        path = self._path(layer_id)
+        if os.path.lexists(path) and not path.is_symlink() and not path.is_file():
+            self._replace(path)
         if count <= 0:
-            self._path(layer_id).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         else:
-            atomic_write(self._path(layer_id), b"%d\n" % count, fsync=False)
+            atomic_write(path, b"%d\n" % count, fsync=False)
 
     def increment(self, layer_id: str) -> int:
         count = self.get(layer_id) + 1

@@ -52,19 +52,23 @@ register("vfs", "graphdriver.drivers.vfs", 10, "dir")
 register("windowsfilter", "graphdriver.drivers.windowsfilter", 0)  # never auto-selected
 
 
+#: other names of registered drivers (Docker calls overlay "overlay2")
+ALIASES = {"overlay2": "overlay"}
+
+
 def names() -> list[str]:
     return [r.name for r in sorted(_REGISTRY.values(), key=lambda r: -r.priority)]
 
 
 def driver_class(name: str) -> Any:
-    reg = _REGISTRY.get(name)
+    reg = _REGISTRY.get(ALIASES.get(name, name))
     if reg is None:
         raise InvalidArgument(f"unknown driver {name!r} (known: {', '.join(names())})")
     try:
         module = importlib.import_module(reg.module)
     except ModuleNotFoundError as exc:
         if exc.name == reg.module:
-            raise NotSupported(f"driver {name} is not built into this graphdriver") from None
+            raise NotSupported(f"driver {name} is not built into this graphdriver") from exc
         raise
     return module.DRIVER
 
@@ -105,6 +109,7 @@ def open_driver(
     root = Path(root)
     run = Path(runroot) if runroot else None
     if name:
+        name = ALIASES.get(name, name)
         return driver_class(name)(root / name, options, idmap, run)
     used = drivers_using(lambda n: root / n)
     if len(used) > 1:

@@ -92,8 +92,8 @@ def bind_unix(path: Path, backlog: int, mode: int = 0o660) -> tuple[socket.socke
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EEXIST:
-            raise InUse(f"another server took {path} while this one started") from None
-        raise from_oserror(exc, f"listen on {path}") from None
+            raise InUse(f"another server took {path} while this one started") from exc
+        raise from_oserror(exc, f"listen on {path}") from exc
     return sock, (st.st_dev, st.st_ino)
 
 

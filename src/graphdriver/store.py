@@ -21,19 +21,25 @@ from .errors import (
     InUse,
     InvalidArchive,
     InvalidArgument,
+    NotAStore,
     NotFound,
     NotSupported,
     StoreCorrupt,
+    from_oserror,
 )
-from .fsutil import remove_tree
+from .fsutil import atomic_write, remove_tree
 from .idmap import IDENTITY, IDMap
 from .layers import (
+    APPLY_COMMIT,
+    APPLY_INTENT,
     COMMIT_INTENT,
+    CREATE_INTENT,
     MADE_BY,
     REMOVING_SUFFIX,
     STAGING_PREFIX,
     LayerRecord,
     MetaDir,
+    is_valid_id,
     validate_id,
 )
 from .locking import FileLock, LockSet
@@ -43,10 +49,16 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from typing import Any, BinaryIO, ClassVar
 
-    from .archive.apply import ApplyResult
+    from .archive.apply import ApplyOptions, ApplyResult
     from .driver import Change, CreateOpts
 
 log = logging.getLogger("graphdriver")
+
+#: written first in every home a store makes; its absence means "made by someone else"
+STORE_MARKER = ".graphdriver-store"
+STORE_FORMAT = 1
+#: where repair moves what it cannot explain
+LOST_FOUND = ".lost+found"
 
 
 def normalize_options(
@@ -69,7 +81,7 @@ def parse_size(value: str, who: str) -> int:
     try:
         size = ram_in_bytes(value)
     except GraphDriverError as exc:
-        raise InvalidArgument(f"{who}: invalid size {value!r}: {exc}") from None
+        raise InvalidArgument(f"{who}: invalid size {value!r}: {exc}") from exc
     if size < 0:
         raise InvalidArgument(f"{who}: invalid size {value!r}: negative")
     return size
@@ -97,21 +109,87 @@ class LayerStore:
         idmap: IDMap = IDENTITY,
         runroot: Path | None = None,
     ) -> None:
-        self.home = Path(home)
+        # Absolute and resolved once, here: mount points are matched against mountinfo, counts
+        # are keyed by it, and a relative home would change meaning with the working directory.
+        self.home = Path(os.path.realpath(home))
         self.options = normalize_options(options, self.driver_options, self.name)
         self.idmap = idmap
         self.default_size: int | None = None
         if "size" in self.options:
             self.default_size = parse_size(self.options["size"], self.name)
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (self.home / "locks").mkdir(exist_ok=True, mode=0o700)
-        self.meta = MetaDir(self.home)
-        self.runroot = Path(runroot) if runroot else default_runroot()
-        self.refs = RefCounts(self.runroot, self.home)
-        self._mount_cache: dict[str, Path] = {}
-        self._cache_lock = threading.Lock()
-        self._init_driver()
+        made = self._open_home()
+        try:
+            (self.home / "locks").mkdir(exist_ok=True, mode=0o700)
+            self.meta = MetaDir(self.home)
+            self.runroot = Path(runroot) if runroot else default_runroot()
+            self.refs = RefCounts(self.runroot, self.home)
+            self._mount_cache: dict[str, Path] = {}
+            self._cache_lock = threading.Lock()
+            self._init_driver()
+        except BaseException:
+            if made:  # a probe that fails leaves nothing behind (auto-selection tries the next)
+                remove_tree(self.home)
+            raise
         self.repair()
+
+    # ----- the home: made, adopted or refused (DESIGN.md "On-disk layout") -------------------
+
+    #: entries of a home that are graphdriver's own besides layer directories and meta/locks
+    home_names: ClassVar[frozenset[str]] = frozenset()
+
+    def _open_home(self) -> bool:
+        """Make the home (marker first), accept it (marker), adopt it (every entry ours), or
+        refuse it (NotAStore).  True when this open made it."""
+        marker = self.home / STORE_MARKER
+        try:
+            names = os.listdir(self.home)
+        except FileNotFoundError:
+            names = None
+        except NotADirectoryError as exc:
+            raise NotAStore(f"not a graphdriver store: {self.home} is not a directory") from exc
+        if names is not None and STORE_MARKER in names:
+            if not os.path.isdir(self.home / "meta"):
+                raise StoreCorrupt(f"{self.home}: its meta/ directory is missing; refusing to "
+                                   "open (nothing was removed)")
+            return False
+        if names is not None and any(n != "lost+found" or not _empty(self.home / n)
+                                     for n in names):
+            self._adopt(names)
+            return False
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._write_marker(marker)
+        return names is None
+
+    def _adopt(self, names: list[str]) -> None:
+        """A home made by an earlier version (or a Docker plugin home): adopted only when every
+        entry is graphdriver's own layout."""
+        meta = self.home / "meta"
+        try:
+            ids = set(os.listdir(meta))
+        except OSError as exc:
+            raise NotAStore(f"not a graphdriver store: {self.home} has no readable meta/ "
+                            f"({exc.strerror}); refusing to touch it") from exc
+        own = {"meta", "locks", ".lock", "lost+found"} | self.home_names
+        strangers = [n for n in names if n not in own and n not in ids
+                     and not n.endswith(REMOVING_SUFFIX) and not n.startswith(".probe-")
+                     and not self._looks_like_layer(self.home / n)]
+        if strangers:
+            raise NotAStore(f"not a graphdriver store: {self.home} holds "
+                            f"{', '.join(sorted(strangers)[:3])}; use an empty directory")
+        log.info("adopting %s as a graphdriver store (made by an earlier version)", self.home)
+        self._write_marker(self.home / STORE_MARKER)
+
+    def _looks_like_layer(self, path: Path) -> bool:
+        """Whether a home entry without a record is a layer directory of this driver's layout
+        (a crash's leftover, which repair handles)."""
+        return False
+
+    def _write_marker(self, marker: Path) -> None:
+        import json
+
+        namespace = "trusted" if os.geteuid() == 0 else "user"
+        atomic_write(marker, json.dumps({"format": STORE_FORMAT, "driver": self.name,
+                                         "xattr_namespace": namespace}).encode() + b"\n")
 
     # ----- hooks a driver implements -------------------------------------------------------
 
@@ -138,6 +216,9 @@ class LayerStore:
         """Destroy one of a layer's paths (already renamed aside, or an orphan)."""
         remove_tree(path)
 
+    def _detach(self, path: Path) -> None:
+        """Undo the driver's mounts beneath one of a layer's paths (default: it mounts none)."""
+
     def _mount(self, rec: LayerRecord, mount_label: str) -> Path:
         """Make the layer's assembled tree available; called when its count goes 0 -> 1."""
         raise NotImplementedError
@@ -156,6 +237,18 @@ class LayerStore:
     def _apply_target(self, rec: LayerRecord) -> Path:
         """The directory an apply writes into."""
         raise NotImplementedError
+
+    def _apply_stream(self, rec: LayerRecord, fd: int, opts: ApplyOptions) -> ApplyResult:
+        """Apply the layer stream on *fd* into the layer (the one hook of the apply path).
+
+        It either succeeds, or fails with the layer as it was (GraphDriverError, Interrupted),
+        or raises StoreCorrupt when it could not roll back.  The base class owns the rest:
+        the lock, the incomplete marker, signals, tar-split recording (``opts.recorder``) and
+        the commit.  Default: the tar engine in the confined child.
+        """
+        from .archive.isolate import apply_confined
+
+        return apply_confined(fd, self._apply_target(rec), opts)
 
     def _on_first_child(self, parent: LayerRecord) -> None:
         """Called (under the parent's lock) when a layer gets its first child."""
@@ -193,7 +286,7 @@ class LayerStore:
     # ----- reading -------------------------------------------------------------------------
 
     def exists(self, layer_id: str) -> bool:
-        return _valid_id(layer_id) and self.meta.exists(layer_id)
+        return is_valid_id(layer_id) and self.meta.exists(layer_id)
 
     def record(self, layer_id: str) -> LayerRecord:
         validate_id(layer_id)
@@ -207,6 +300,10 @@ class LayerStore:
 
     def layers(self) -> list[str]:
         return [rec.id for rec in self.meta.records()]
+
+    def broken_layers(self) -> dict[str, str]:
+        """Layers whose record is unreadable (id -> why): listed apart, removable with rm."""
+        return self.meta.broken()
 
     def children(self, layer_id: str) -> list[str]:
         return [rec.id for rec in self.meta.records() if rec.parent == layer_id]
@@ -277,15 +374,19 @@ class LayerStore:
         # Whatever an earlier crash left under this id goes first (we hold its lock).
         self._destroy_layer(rec.id, reason="leftover of an interrupted create")
         try:
-            if staged:
-                with self.store_lock():
-                    self.meta.write(rec)
+            # The intent record first: repair removes what it shows the store was making.
+            self.meta.dir(rec.id).mkdir(exist_ok=True)
+            if not staged:
+                self.meta.mark_incomplete(rec.id, CREATE_INTENT)
+            with self.store_lock():
+                self.meta.write(rec)
             self._make_layer(rec, parent_rec)
             if parent_rec is not None and not self.children(parent_rec.id):
                 self._on_first_child(parent_rec)
             if not staged:
                 with self.store_lock():
-                    self.meta.write(rec)  # the commit point
+                    self.meta.write(rec)  # as the driver completed it (e.g. a nominal size)
+                    self.meta.clear_incomplete(rec.id)  # the commit point
         except BaseException:
             self._destroy_layer(rec.id, reason=None)
             raise
@@ -295,7 +396,12 @@ class LayerStore:
     def remove(self, layer_id: str) -> None:
         validate_id(layer_id)
         with self.layer_lock(layer_id):
-            rec = self.meta.read(layer_id)
+            try:
+                rec = self.meta.read(layer_id)
+            except StoreCorrupt as exc:
+                # A broken record (quarantined): the layer can still be removed.
+                log.warning("removing broken layer %s: %s", layer_id, exc)
+                rec = LayerRecord(id=layer_id, parent=None, kind="ro")
             if rec is None:
                 raise NotFound(f"layer {layer_id} does not exist")
             if self.refs.get(layer_id) > 0:
@@ -314,6 +420,7 @@ class LayerStore:
             for path in [*aside, meta_aside]:
                 self._destroy(path)
             self._forget_mount(layer_id)
+            log.debug("removed layer %s", layer_id)
 
     # ----- holders, staged commits, freezing (the image store's and snapshotter's API) --------
 
@@ -479,11 +586,16 @@ class LayerStore:
             for staged_id in self.meta.staged_ids():
                 self._repair_staged(staged_id)
             meta_ids = set(self.meta.ids())
+            broken = self.meta.broken()
+            for layer_id, why in sorted(broken.items()):
+                log.warning("layer %s is broken and quarantined (rm removes it): %s", layer_id, why)
             for layer_id in sorted(meta_ids | self._disk_ids()):
+                if layer_id in broken:
+                    continue
                 try:
                     rec = self.meta.read(layer_id)
                 except GraphDriverError:
-                    rec = None
+                    continue  # broken since: left alone
                 if rec is not None and not self.meta.is_incomplete(layer_id):
                     continue
                 lock = self.layer_lock(layer_id)
@@ -491,14 +603,56 @@ class LayerStore:
                     continue  # a live writer is creating or applying it
                 try:
                     # Re-check under the lock: the writer may have committed meanwhile.
-                    rec = self.meta.read(layer_id)
+                    try:
+                        rec = self.meta.read(layer_id)
+                    except GraphDriverError:
+                        continue
                     if rec is not None and not self.meta.is_incomplete(layer_id):
                         continue
-                    why = "interrupted apply" if rec is not None else "no layer record"
-                    self._destroy_layer(layer_id, reason=why)
+                    if rec is not None and self._repair_apply(rec):
+                        continue
+                    if self.meta.is_incomplete(layer_id):
+                        self._destroy_layer(layer_id, reason="interrupted create or commit")
+                    else:
+                        self._quarantine(layer_id)
                 finally:
                     lock.release()
         self._reconcile_counts()
+
+    def _quarantine(self, layer_id: str) -> None:
+        """What repair cannot explain (no intent record shows the store made it) is moved to
+        ``.lost+found/``, never deleted."""
+        import time
+
+        lost = self.home / LOST_FOUND
+        lost.mkdir(exist_ok=True, mode=0o700)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        paths = [p for p in self._layer_paths(layer_id) if os.path.lexists(p)]
+        meta_dir = self.meta.dir(layer_id)
+        if os.path.lexists(meta_dir):
+            paths.append(meta_dir)
+        for path in paths:
+            where = lost / f"{path.parent.name}-{path.name}-{stamp}"
+            log.warning("repair: %s has no layer record; moved to %s", path, where)
+            try:
+                self._detach(path)  # our mounts beneath are not data: they go, the files stay
+                os.rename(path, where)
+            except OSError as exc:
+                log.error("repair: moving %s to %s failed (skipped): %s", path, where, exc)
+
+    def _repair_apply(self, rec: LayerRecord) -> bool:
+        """An interrupted apply to a committed layer: finished when it had passed its commit
+        point, else rolled back from its journal; never deleted.  False: not an apply."""
+        reason = self.meta.incomplete_reason(rec.id)
+        if reason == APPLY_COMMIT:
+            log.warning("repair: finishing the committed apply to layer %s", rec.id)
+            self._finish_apply(rec)
+            return True
+        if reason != APPLY_INTENT or not self.apply_journal:
+            return False
+        log.warning("repair: rolling back the interrupted apply to layer %s", rec.id)
+        self._roll_back_apply(rec)
+        return True
 
     def _repair_staged(self, staged_id: str) -> None:
         """Remove a staging layer a crash left, and its half-renamed target (its marker says)."""
@@ -507,7 +661,7 @@ class LayerStore:
             return  # its commit_new_layer is still running
         try:
             words = self.meta.incomplete_reason(staged_id).split()
-            if len(words) == 2 and words[0] == COMMIT_INTENT and _valid_id(words[1]) \
+            if len(words) == 2 and words[0] == COMMIT_INTENT and is_valid_id(words[1]) \
                     and not os.path.lexists(self.meta.dir(words[1])):
                 target = self.layer_lock(words[1])
                 if target.acquire(blocking=False):
@@ -547,6 +701,7 @@ class LayerStore:
                 path = self._mount_path(rec)
             else:
                 path = self._mount(rec, mount_label)
+                log.debug("mounted layer %s at %s", layer_id, path)
                 count = 0
             self.refs.set(layer_id, count + 1)
             with self._cache_lock:
@@ -562,6 +717,7 @@ class LayerStore:
             rec = self.meta.read(layer_id)
             if count == 1 and rec is not None:
                 self._unmount(rec)
+                log.debug("unmounted layer %s", layer_id)
             self.refs.set(layer_id, count - 1)
             if count == 1:
                 self._forget_mount(layer_id)
@@ -679,55 +835,109 @@ class LayerStore:
                       progress: Callable[[int], None] | None) -> ApplyResult:
         """The apply and its commit (the caller holds the layer's lock)."""
         from .archive.apply import ApplyOptions
-        from .archive.isolate import apply_confined
 
         layer_id = rec.id
         opts = ApplyOptions(whiteout_format=self.whiteout_format,
                             idmap=self.idmap, progress=progress)
         opts = self._apply_options(rec, opts)
+        opts.journal = self.apply_journal
         # SIGINT/SIGTERM are held from here to the commit, except while apply_confined runs:
-        # it installs its own handlers, which stop the child and roll the layer back.  An
-        # interrupt between the apply's end and the commit would otherwise leave a fully
-        # applied layer incomplete, and repair would remove it.
+        # it installs its own handlers, which stop the child and roll the layer back.
         with _signals_deferred():
-            self.meta.mark_incomplete(layer_id, "apply")
+            try:
+                self.meta.mark_incomplete(layer_id, APPLY_INTENT)
+            except OSError as exc:
+                self.meta.clear_incomplete(layer_id)
+                raise from_oserror(exc, f"apply to layer {layer_id}") from exc
             raw_fd: int | None = None
+            applied = False
             try:
                 raw_fd = self._tarsplit_begin(layer_id, opts)
                 with as_fd(stream) as fd:
-                    result = apply_confined(fd, self._apply_target(rec), opts)
-            except StoreCorrupt:
-                # The child died without a rollback: the layer stays incomplete, so it no
-                # longer exists, and the next open of the store removes it (rule 1).
-                self._tarsplit_discard(layer_id, raw_fd)
-                raise
-            except (GraphDriverError, KeyboardInterrupt):
-                # Nothing was applied yet, or the engine rolled the layer back to what it
-                # was (apply_confined stops its child with SIGTERM and waits for the
-                # rollback): the layer is complete again.
-                self.meta.clear_incomplete(layer_id)
-                self._tarsplit_discard(layer_id, raw_fd)
-                raise
-            except BaseException:
-                self._tarsplit_discard(layer_id, raw_fd)
-                raise
-            # The apply is done: the commit below runs to its end (signals are still held).
-            try:
+                    result = self._apply_stream(rec, fd, opts)
+                applied = True
+                # as_fd has checked the transport (a pump that failed after a clean entry
+                # boundary raised there): everything below may still roll the apply back.
                 if raw_fd is not None:
                     self._tarsplit_end(rec, raw_fd, opts.recorder)
-            finally:
+                self._decide_apply(rec, result)
+            except BaseException as exc:
                 self._tarsplit_discard(layer_id, raw_fd)
-            self._after_apply(rec, result)
-            self._commit_applied(rec, result)
+                self._roll_back_apply(rec, applied)
+                if isinstance(exc, OSError):
+                    raise from_oserror(exc, f"apply to layer {layer_id}") from exc
+                raise
+            self._tarsplit_discard(layer_id, raw_fd)
+            self._finish_apply(rec)
         return result
 
-    def _commit_applied(self, rec: LayerRecord, result: ApplyResult) -> None:
-        """The commit point of an apply: the record with the new diffID, then the marker goes."""
+    #: whether the apply hook keeps an undo journal (ApplyOptions.journal) for the store to
+    #: commit or roll back; a driver whose hook swaps the layer in whole says False
+    apply_journal: ClassVar[bool] = True
+
+    def _decide_apply(self, rec: LayerRecord, result: ApplyResult) -> None:
+        """The commit decision: the new record beside the old, then the marker says "commit"."""
         rec.diff_id = result.diff_id
         rec.extra.pop("diff_id", None)  # where records before the field kept it
         rec.extra["applied_size"] = result.size
-        self.meta.write(rec)
+        self.meta.write_next(rec)
+        self.meta.mark_incomplete(rec.id, APPLY_COMMIT)  # the commit point
+
+    def _finish_apply(self, rec: LayerRecord) -> None:
+        """After the commit point (also repair's way on): the new record in place, the journal
+        dropped, the marker gone."""
+        self.meta.promote_next(rec.id)
+        if self.apply_journal:
+            from .archive.apply import commit_journal
+
+            with self._target_fd(rec) as root_fd:
+                commit_journal(root_fd)
         self.meta.clear_incomplete(rec.id)
+
+    def _roll_back_apply(self, rec: LayerRecord, applied: bool = True) -> None:
+        """Before the commit point: the layer as it was before the apply, the marker gone.
+
+        When the rollback itself fails the marker stays, and the next open's repair tries again.
+        Without a journal, a hook that failed left the layer as it was; one that succeeded
+        cannot be undone here (*applied*): the marker stays.
+        """
+        layer_id = rec.id
+        try:
+            self.meta.drop_next(layer_id)
+            self._undo_tarsplit(layer_id)
+            if self.apply_journal:
+                from .archive.apply import rollback_journal
+
+                with self._target_fd(rec) as root_fd:
+                    rollback_journal(root_fd)
+            elif applied:
+                return  # not undoable here: the marker stays (repair)
+            self.meta.clear_incomplete(layer_id)
+        except (OSError, GraphDriverError) as exc:
+            log.error("rolling back the apply to layer %s failed (repair will retry): %s",
+                      layer_id, exc)
+
+    @contextlib.contextmanager
+    def _target_fd(self, rec: LayerRecord) -> Iterator[int]:
+        fd = os.open(self._apply_target(rec), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _undo_tarsplit(self, layer_id: str) -> None:
+        """Remove the tar-split files the rolled-back apply wrote (newer than its marker)."""
+        from .archive.tarsplit import METADATA_NAME, UNREPRODUCIBLE_NAME
+
+        d = self.meta.dir(layer_id)
+        try:
+            since = os.stat(d / MetaDir.INCOMPLETE).st_mtime_ns
+        except FileNotFoundError:
+            return
+        for name in (METADATA_NAME, UNREPRODUCIBLE_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(d / name).st_mtime_ns >= since:
+                    os.unlink(d / name)
 
     def applicable_record(self, layer_id: str, parent: str | None) -> LayerRecord:
         """The record of a layer an apply may write into (caller holds its lock): the parent
@@ -760,7 +970,7 @@ class LayerStore:
         """Hand the apply a file for the raw stream description (archive/tarsplit.py)."""
         if not self.record_tarsplit or opts.recorder is not None:
             return None
-        from .archive.tarsplit import RAW_NAME, new_layer_packer
+        from .exactdiff import RAW_NAME, new_layer_packer
 
         fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
                      os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -770,14 +980,11 @@ class LayerStore:
     def _tarsplit_end(self, rec: LayerRecord, raw_fd: int, packer: Any) -> None:
         """Keep ``meta/<id>/tar-split.json.gz`` (the packer's file, once the applied files are
         checked against it), or say why not."""
-        from .archive.tarsplit import finish_layer_recording
+        from .exactdiff import finish_layer_recording
 
         packer.close()
         finish_layer_recording(self.meta.dir(rec.id), raw_fd, self._apply_target(rec), rec.id,
-                               packer.problem, packer)
-
-    def _after_apply(self, rec: LayerRecord, result: Any) -> None:
-        """Driver bookkeeping after a successful apply (the layer is still incomplete here)."""
+                               packer)
 
     # ----- facts ---------------------------------------------------------------------------
 
@@ -836,12 +1043,11 @@ def _check_made_by(made_by: str) -> str:
 _MAX_HOLDER = 512
 
 
-def _valid_id(layer_id: str) -> bool:
+def _empty(path: Path) -> bool:
     try:
-        validate_id(layer_id)
-    except InvalidArgument:
+        return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+    except OSError:
         return False
-    return True
 
 
 def _validate_holder(holder: object) -> str:

@@ -3,6 +3,8 @@
 - ``ram_in_bytes("127GB") == 127 * 2**30``: binary multiples (RAMInBytes, used for ``size=``).
 - ``from_human_size("32kB") == 32000``: decimal multiples (FromHumanSize).
 - ``human_size(n)`` / ``bytes_size(n)``: "2.746MB" / "2.619MiB" (HumanSize / BytesSize).
+- ``human_bytes(n)``: "2.6 MiB", what the command prints (tables, messages, progress).
+- ``human_duration(seconds)``: "About an hour" (HumanDuration), the command's CREATED column.
 
 The parser follows go-units' split exactly: the number is everything up to the last digit, dot or
 space (a single space between number and suffix is dropped), the suffix is at most three bytes,
@@ -73,6 +75,44 @@ def human_size(size: float) -> str:
 def bytes_size(size: float) -> str:
     """go-units BytesSize: ``bytes_size(3.42 * GiB) == "3.42GiB"``."""
     return custom_size("%.4g%s", size, 1024.0, _BINARY_ABBRS)
+
+
+def human_bytes(size: float) -> str:
+    """What the command prints for a size: ``human_bytes(8 * MiB) == "8 MiB"``, ``"1.5 GiB"``,
+    ``"512 B"`` (binary units, at most one decimal, a space before the unit)."""
+    scaled, unit = _size_and_unit(float(size), 1024.0, _BINARY_ABBRS)
+    if unit == "B":
+        return f"{int(size)} B"
+    text = f"{scaled:.1f}".removesuffix(".0")
+    return f"{text} {unit}"
+
+
+def human_duration(seconds: float) -> str:
+    """go-units HumanDuration: "Less than a second", "About a minute", "3 hours", "2 weeks"."""
+    secs = int(seconds)
+    if secs < 1:
+        return "Less than a second"
+    if secs == 1:
+        return "1 second"
+    if secs < 60:
+        return f"{secs} seconds"
+    minutes = secs // 60
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = round(seconds / 3600)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(seconds / 3600) // 24 // 365} years"
 
 
 def from_human_size(size: str) -> int:

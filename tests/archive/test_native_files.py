@@ -224,6 +224,7 @@ PACKED: list[int] = []
 def _replay(frames: Path, use_native: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
     import gzip
 
+    from graphdriver import exactdiff
     from graphdriver.archive import tarsplit
     from graphdriver.archive.recframes import replay_recorder_stream
 
@@ -236,7 +237,7 @@ def _replay(frames: Path, use_native: bool, monkeypatch: pytest.MonkeyPatch) -> 
     out = frames.with_suffix(f".{use_native}.gz")
     out_fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        packer = tarsplit.new_layer_packer(out_fd)
+        packer = exactdiff.new_layer_packer(out_fd)
         replay_recorder_stream(os.open(frames, os.O_RDONLY), packer)
         packer.close()
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from graphdriver import exactdiff as ed
 from graphdriver.archive import tarsplit as ts
 from graphdriver.archive.crc64 import crc64
 from graphdriver.archive.recframes import PipeRecorder, replay_recorder_stream
@@ -60,9 +61,9 @@ def test_stored_crcs_come_from_the_stream_and_reassemble(store: object, tmp_path
     assert crcs == {b"d/big": ts.crc_bytes(crc64(big)),
                     b"d/small": ts.crc_bytes(crc64(b"abc"))}
     out = io.BytesIO()
-    ts.write_exact_diff(store, "a", out)
+    ed.write_exact_diff(store, "a", out)
     assert hashlib.sha256(out.getvalue()).digest() == hashlib.sha256(tar.read_bytes()).digest()
-    assert not (meta / ts.RAW_NAME).exists()
+    assert not (meta / ed.RAW_NAME).exists()
 
 
 def test_file_deleted_later_in_the_archive_is_not_reproducible(store: object,
@@ -74,7 +75,7 @@ def test_file_deleted_later_in_the_archive_is_not_reproducible(store: object,
     d.create("top", "base")  # type: ignore[attr-defined]
     with open(tar, "rb") as f:
         d.apply_diff("top", "base", f)  # type: ignore[attr-defined]
-    ok, why = ts.exact_available(d, "top")
+    ok, why = ed.exact_available(d, "top")
     assert not ok and ("twice" in why or "regular file" in why), why
 
 
@@ -84,7 +85,7 @@ def test_file_whited_out_later_is_not_reproducible(store: object, tmp_path: Path
     d.create("w")  # type: ignore[attr-defined]
     with open(tar, "rb") as f:
         d.apply_diff("w", None, f)  # type: ignore[attr-defined]
-    ok, why = ts.exact_available(d, "w")
+    ok, why = ed.exact_available(d, "w")
     # vfs: the file is gone; overlay: it is a whiteout device
     assert not ok and ("not in the layer" in why or "not a regular file" in why), why
 
@@ -118,7 +119,7 @@ def test_file_written_through_a_symlinked_dir_is_not_reproducible(tmp_path: Path
 def test_second_apply_and_sparse_verdicts_kept(store: object, tmp_path: Path) -> None:
     tar = _tar(tmp_path, [("f", b"one", None)])
     _apply(store, "s", tar)
-    assert ts.exact_available(store, "s")[0]
+    assert ed.exact_available(store, "s")[0]
 
 
 def test_frames_replayed_across_buffer_boundaries(tmp_path: Path) -> None:
@@ -251,15 +252,15 @@ def test_packer_without_crcs_falls_back_to_reading_files(tmp_path: Path) -> None
     layer = tmp_path / "layer"
     layer.mkdir()
     (layer / "f").write_bytes(b"hello")
-    raw_fd = os.open(meta / ts.RAW_NAME, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    raw_fd = os.open(meta / ed.RAW_NAME, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        packer = ts.new_layer_packer(raw_fd)
+        packer = ed.new_layer_packer(raw_fd)
         packer.segment(b"H" * 512)
         packer.file(b"f", 5, None)  # never told the CRC (an old-style recorder stream)
         packer.segment(b"\0" * 507)
         packer.close()
         assert packer.missing == 1
-        rec = ts.finish_layer_recording(meta, raw_fd, layer, "x", None, packer)
+        rec = ed.finish_layer_recording(meta, raw_fd, layer, "x", packer)
     finally:
         os.close(raw_fd)
     assert rec.reproducible, rec.reason
@@ -267,12 +268,12 @@ def test_packer_without_crcs_falls_back_to_reading_files(tmp_path: Path) -> None
         files = [e for e in ts.read_entries(m) if e.type == ts.FILE_TYPE]
     assert files[0].payload == ts.crc_bytes(crc64(b"hello"))
     # the same again: a second apply to the layer is refused
-    raw_fd = os.open(meta / ts.RAW_NAME, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    raw_fd = os.open(meta / ed.RAW_NAME, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        packer = ts.new_layer_packer(raw_fd)
+        packer = ed.new_layer_packer(raw_fd)
         packer.file(b"f", 5, 1)
         packer.close()
-        rec = ts.finish_layer_recording(meta, raw_fd, layer, "x", None, packer)
+        rec = ed.finish_layer_recording(meta, raw_fd, layer, "x", packer)
     finally:
         os.close(raw_fd)
     assert not rec.reproducible and "more than one archive" in str(rec.reason)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from graphdriver import exactdiff as ed
 from graphdriver.archive import tarsplit as ts
 from graphdriver.archive.crc64 import crc64
-from graphdriver.errors import NotFound, StoreCorrupt
+from graphdriver.errors import ExactDiffUnavailable, StoreCorrupt
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 needs_gnu_tar = pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar missing")
@@ -60,7 +61,7 @@ def test_apply_records_and_diff_exact_reproduces(store: object, tmp_path: Path) 
     name = d.name  # type: ignore[attr-defined]
     for layer, tar in (("base", base), ("top", top)):
         assert (d.meta.dir(layer) / ts.METADATA_NAME).exists()  # type: ignore[attr-defined]
-        assert not (d.meta.dir(layer) / ts.RAW_NAME).exists()  # type: ignore[attr-defined]
+        assert not (d.meta.dir(layer) / ed.RAW_NAME).exists()  # type: ignore[attr-defined]
         r = gd(tmp_path, name, "diff", "--exact", layer)
         assert r.returncode == 0, r.stderr
         assert sha(r.stdout) == sha(tar.read_bytes())
@@ -89,7 +90,7 @@ def test_changed_layer_fails_in_one_line(store: object, tmp_path: Path) -> None:
     target = d._apply_target(d.record("lay")) / "f"  # type: ignore[attr-defined]
     target.write_bytes(b"ORIGINAL")
     with pytest.raises(StoreCorrupt, match="changed since it was applied"):
-        ts.write_exact_diff(d, "lay", open(os.devnull, "wb"))  # noqa: SIM115
+        ed.write_exact_diff(d, "lay", open(os.devnull, "wb"))  # noqa: SIM115
     r = gd(tmp_path, d.name, "diff", "--exact", "lay", "-o", str(tmp_path / "x.tar"))  # type: ignore[attr-defined]
     assert r.returncode != 0
     err = r.stderr.decode().strip()
@@ -111,10 +112,10 @@ def test_sparse_layer_not_reproducible_but_diffable(store: object, tmp_path: Pat
     d.create("s")  # type: ignore[attr-defined]
     with open(tar, "rb") as f:
         d.apply_diff("s", None, f)  # type: ignore[attr-defined]
-    ok, why = ts.exact_available(d, "s")
+    ok, why = ed.exact_available(d, "s")
     assert not ok and "hole" in why
-    with pytest.raises(NotFound, match="not exactly reproducible"):
-        ts.write_exact_diff(d, "s", open(os.devnull, "wb"))  # noqa: SIM115
+    with pytest.raises(ExactDiffUnavailable, match="cannot be reproduced byte for byte"):
+        ed.write_exact_diff(d, "s", open(os.devnull, "wb"))  # noqa: SIM115
     r = gd(tmp_path, d.name, "diff", "s")  # type: ignore[attr-defined]
     assert r.returncode == 0 and len(r.stdout) > 0
 
@@ -122,8 +123,8 @@ def test_sparse_layer_not_reproducible_but_diffable(store: object, tmp_path: Pat
 def test_layer_without_apply_has_no_exact_diff(store: object) -> None:
     d: object = store
     d.create("empty")  # type: ignore[attr-defined]
-    ok, why = ts.exact_available(d, "empty")
-    assert not ok and "not made by an apply" in why
+    ok, why = ed.exact_available(d, "empty")
+    assert not ok and "not made by applying an archive" in why
 
 
 def test_stored_metadata_is_gzip_json_lines(store: object, tmp_path: Path) -> None:

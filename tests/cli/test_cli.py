@@ -8,62 +8,15 @@ import json
 import lzma
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 import zstandard
 
+from tests.cli.conftest import EXAMPLES, GD
 from tests.conftest import IS_ROOT
 from tests.treeutil import TarBuilder, diff_snapshots, snapshot
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-class GD:
-    """Runs ``python -m graphdriver`` against one store."""
-
-    def __init__(self, root: Path, runroot: Path, driver: str) -> None:
-        self.base = [sys.executable, "-m", "graphdriver", "--root", str(root),
-                     "--runroot", str(runroot), "--driver", driver]
-
-    def run(self, *args: str, input: bytes | None = None, ok: bool = True,
-            ) -> subprocess.CompletedProcess[bytes]:
-        proc = subprocess.run([*self.base, *args], input=input, capture_output=True, timeout=120)
-        if ok and proc.returncode != 0:
-            raise AssertionError(f"{args} failed ({proc.returncode}): {proc.stderr.decode()}")
-        return proc
-
-    def out(self, *args: str, **kw: Any) -> str:
-        return self.run(*args, **kw).stdout.decode()
-
-    def fails(self, *args: str, input: bytes | None = None, code: int | None = None) -> str:
-        proc = self.run(*args, input=input, ok=False)
-        assert proc.returncode != 0, f"{args} should have failed"
-        if code is not None:
-            assert proc.returncode == code, proc.stderr
-        err = proc.stderr.decode()
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1, f"want one line on stderr, got: {err!r}"
-        assert "Traceback" not in err
-        return lines[0]
-
-
-@pytest.fixture(params=["vfs", "overlay"])
-def gd(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    from graphdriver import NotSupported, open_driver
-
-    root, run = tmp_path / "root", tmp_path / "run"
-    try:
-        d = open_driver(request.param, root, runroot=run)
-    except NotSupported as exc:
-        pytest.skip(f"{request.param}: {exc}")
-    g = GD(root, run, request.param)
-    yield g
-    d.cleanup()
-
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the command tests run as root")
 
@@ -79,7 +32,7 @@ def test_examples_round_trip(gd: GD, tmp_path: Path) -> None:
 
     assert result["diffID"] == "sha256:" + hashlib.sha256(raw).hexdigest()
     assert result["size"] == len(b"Welcome to the example upper layer.\n") + 12 + 25
-    assert gd.out("ls").split() == ["base", "top"]
+    assert gd.out("ls", "-q").split() == ["base", "top"]
     changes = gd.out("changes", "top").splitlines()
     assert "D /etc/os-release" in changes
     assert "C /etc/motd" in changes
@@ -136,7 +89,9 @@ def test_status_metadata_exists(gd: GD) -> None:
     assert gd.run("exists", "b", ok=False).returncode == 1
     assert gd.run("exists", "bad/id", ok=False).returncode == 1
     listing = json.loads(gd.out("--json", "ls"))
-    assert listing == [{"id": "a", "parent": None, "mounts": 0}]
+    assert len(listing) == 1 and listing[0]["created"].endswith("Z")
+    assert {k: v for k, v in listing[0].items() if k != "created"} == {
+        "id": "a", "parent": None, "kind": "ro", "size": None, "limit": None, "mounts": 0}
 
 
 def test_bad_input_one_line_and_no_half_layer(gd: GD, tmp_path: Path) -> None:
@@ -154,7 +109,7 @@ def test_bad_input_one_line_and_no_half_layer(gd: GD, tmp_path: Path) -> None:
     gd.fails("apply", "e", "-", input=corrupt)
     garbage = b"this is not a tar archive at all" * 40
     gd.fails("apply", "e", "-", input=garbage)
-    assert gd.out("ls").split() == ["a", "e"]
+    assert gd.out("ls", "-q").split() == ["a", "e"]
     mnt = Path(gd.out("mount", "e").strip())
     assert os.listdir(mnt) == []
     gd.run("unmount", "e")
@@ -171,7 +126,7 @@ def test_rm_refused_while_mounted_or_with_children(gd: GD) -> None:
     gd.run("unmount", "c")
     gd.run("rm", "c")
     gd.run("rm", "p")
-    assert gd.out("ls") == ""
+    assert gd.out("ls", "-q") == ""
 
 
 def test_cleanup_zeroes_counts(gd: GD) -> None:

@@ -375,6 +375,12 @@ def test_repair_on_open(driver: Any, store_root: Path, runroot: Path, tmp_path: 
     assert not driver.exists("halfapplied")
     leftovers_before = set(os.listdir(driver.home))
     reopened = open_driver(driver.name, store_root, runroot=runroot)
+    if driver.apply_journal:
+        # an interrupted apply is rolled back (here: nothing had been applied), never deleted
+        assert reopened.layers() == ["halfapplied", "keep"]
+        with reopened.mounted("halfapplied") as root:
+            assert os.listdir(root) == []
+        reopened.remove("halfapplied")
     assert reopened.layers() == ["keep"]
     for layer_id in ("norecord", "halfapplied"):
         assert not reopened.exists(layer_id)

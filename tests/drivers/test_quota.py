@@ -116,7 +116,7 @@ def test_image_quota_limits_writes_and_rm_releases(ext_store: Any) -> None:
     d.create_rw("c", "base", CreateOpts(storage_opt={"size": "48M"}))
     layer = d.home / "c"
     image = layer / "quota.img"
-    assert image.is_file() and os.stat(image).st_size == 48 * MiB
+    assert image.is_file() and os.stat(image).st_size > 48 * MiB  # the limit + ext4's own
     assert os.stat(image).st_blocks * 512 < 48 * MiB  # sparse
     assert os.readlink(layer / "diff") == "quota/diff"
     assert loop_devices_of(image), "the image is attached to a loop device"
@@ -171,8 +171,21 @@ def test_image_remounted_lazily_after_cleanup(ext_store: Any, tmp_path: Path,
     assert not loop_devices_of(image)
 
 
+@pytest.mark.parametrize("limit_mib", [8, 100])
+def test_image_quota_holds_exactly_the_limit_of_file_data(ext_store: Any, limit_mib: int) -> None:
+    """``--size 8M`` holds 8 MiB of file data (ext4's journal and inode tables come on top), and
+    not a MiB more."""
+    d = ext_store
+    d.create_rw("q", None, CreateOpts(storage_opt={"size": f"{limit_mib}M"}))
+    with d.mounted("q") as root:
+        assert fill(root, "exact", limit_mib) == limit_mib
+        (root / "exact").unlink()
+        os.sync()
+        assert_full(root, "over", limit_mib + 1)
+
+
 def test_image_quota_refuses_tiny_size(ext_store: Any) -> None:
-    with pytest.raises(InvalidArgument, match="minimum"):
+    with pytest.raises(InvalidArgument, match="size limit of 1 MiB is below the minimum of 8 MiB"):
         ext_store.create_rw("t", None, CreateOpts(storage_opt={"size": "1M"}))
     assert not ext_store.exists("t") and not (ext_store.home / "t").exists()
 

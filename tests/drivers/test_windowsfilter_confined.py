@@ -92,7 +92,8 @@ def test_progress_of_an_import_reaches_the_callback(store: Any) -> None:
 def test_an_import_error_keeps_its_class_and_message(store: Any) -> None:
     store.create("layer1")
     evil = WinTarBuilder().dir("Files").file("Files/../escape", b"x").bytes()
-    with pytest.raises(InvalidArchive, match=r"^invalid Windows layer: entry 'escape' is outside"):
+    with pytest.raises(InvalidArchive,
+                       match=r"^invalid Windows layer: entry 'Files/\.\./escape' is outside"):
         store.apply_diff("layer1", None, io.BytesIO(evil))
     assert os.listdir(Path(store.metadata("layer1")["dir"]) / "Files") == []
 
@@ -107,7 +108,7 @@ def test_a_chroot_that_fails_stops_the_import(tmp_path: Path) -> None:
          sys.executable, "-c", IMPORT_FROM_STDIN.format(src=SRC), str(root), str(run)],
         input=base_layer(), capture_output=True, timeout=120)
     lines = proc.stdout.decode().splitlines()
-    assert lines[-1].startswith("NotSupported "), (lines, proc.stderr)
+    assert lines[-1].startswith("PermissionDenied "), (lines, proc.stderr)
     assert "cannot chroot into" in lines[-1]
     assert proc.returncode != 0
     layer = Path(lines[0].split()[1])

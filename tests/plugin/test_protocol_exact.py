@@ -95,9 +95,6 @@ def _tar_without_end(path: Path) -> bytes:
     return path.read_bytes()[:end]
 
 
-@pytest.mark.xfail(strict=True, reason="the plugin's reader raises (it answers an error), but the "
-                   "store still commits before it checks the transport's error: the store "
-                   "helper's fix (issue 12); remove this mark when it lands")
 def test_apply_body_cut_at_an_entry_boundary_rolls_back(
         plugin: tuple[base.Client, Path], tmp_path: Path) -> None:
     client, _home = plugin

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a
 
 
 def _healthy(root: Path, run: Path, driver: str) -> list[str]:
-    listing = cli_ok(root, run, driver, "ls").split()
+    listing = cli_ok(root, run, driver, "ls", "-q").split()
     problems = Layout(root, driver).problems(listing)
     assert not problems, "; ".join(problems)
     return listing

@@ -501,7 +501,7 @@ def test_go_testdata_corpus(name: str, store: Store, canary: Canary) -> None:
                if layer_rel not in d and f"meta/{LAYER}/layer.json" not in d
                and f"meta/{LAYER}/tar-split." not in d]  # issue 6: the layer's tar-split
     assert not outside, f"{name}: changed outside the layer: {outside[:5]}"
-    listing = cli_ok(store.root, store.run, store.driver, "ls").split()
+    listing = cli_ok(store.root, store.run, store.driver, "ls", "-q").split()
     assert LAYER in listing
     assert not store.layout.problems(listing), store.layout.problems(listing)
     if res.returncode != 0:

@@ -47,7 +47,7 @@ def test_eight_processes_mixed_operations(driver_name: str, tmp_path: Path,
         make_layer_tar(tar, seed=100 + k, megabytes=1, files=30, prefix=f"t{k}")
         gnu_extract(tar, tmp_path / f"ref{k}")
         refs.append(tree(tmp_path / f"ref{k}"))
-    cli_ok(root, run, driver_name, "ls")  # create the store once, before the race
+    cli_ok(root, run, driver_name, "cleanup")  # create the store once, before the race
     outs = [tmp_path / f"w{w}.json" for w in range(WORKERS)]
     procs = [subprocess.Popen([sys.executable, str(WORKER), driver_name, str(root), str(run),
                                str(w), str(seconds), "1", str(outs[w]), *map(str, tars)],

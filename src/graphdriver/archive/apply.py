@@ -24,10 +24,9 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import stat
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import (
     GraphDriverError,
@@ -37,6 +36,7 @@ from ..errors import (
     UnsafeArchive,
     from_oserror,
 )
+from ..fsutil import remove_beneath
 from ..idmap import IDENTITY, IDMap
 from . import tarstream as ts
 from .compression import decompress_stream, open_decompressed
@@ -109,7 +109,7 @@ SIGNAL_GATE = _SignalGate()
 class ApplyOptions:
     """How an apply runs (keyword arguments; every field has a default)."""
 
-    __slots__ = ("idmap", "progress", "recorder", "tarsplit_fd", "whiteout_format")
+    __slots__ = ("idmap", "journal", "progress", "recorder", "tarsplit_fd", "whiteout_format")
 
     def __init__(
         self,
@@ -118,6 +118,7 @@ class ApplyOptions:
         recorder: Recorder | None = None,
         progress: Callable[[int], None] | None = None,
         tarsplit_fd: int | None = None,
+        journal: bool = False,
     ) -> None:
         self.whiteout_format = whiteout_format
         self.idmap = idmap
@@ -125,8 +126,12 @@ class ApplyOptions:
         self.progress = progress  # bytes read so far, now and then
         # For apply_confined: the child writes tar-split's raw stream description here.
         self.tarsplit_fd = tarsplit_fd
+        # Keep the undo journal on disk (in the scratch directory, JOURNAL_NAME) as it grows,
+        # and leave it there on success: the caller commits (commit_journal) or rolls back
+        # (rollback_journal) later, e.g. after its own steps failed or after a crash.
+        self.journal = journal
 
-    _FIELDS = ("whiteout_format", "idmap", "recorder", "progress", "tarsplit_fd")
+    _FIELDS = ("whiteout_format", "idmap", "recorder", "progress", "tarsplit_fd", "journal")
 
     def _fields(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self._FIELDS)
@@ -244,6 +249,7 @@ class _Applier:
         self.merged: set[str] = set()  # pre-existing directories the archive merged into
         self.archive_links: set[str] = set()  # symlinks this apply created
         self.journal: list[tuple[object, ...]] = []
+        self.journal_fd = -1
         self.touched: set[str] = set()
         self.merged_meta: set[str] = set()
         self.dir_times: dict[str, tuple[int, int, int | None]] = {}
@@ -257,6 +263,30 @@ class _Applier:
         # the native create (open, write, chown, chmod, utime, close in one call) is for root
         # only: a non-root apply skips some failures, which needs each step in Python
         self.native_create = _native_create if self.is_root else None
+        if opts.journal:
+            self._open_journal()
+
+    # ---- the undo journal on disk --------------------------------------------------------------
+    def _open_journal(self) -> None:
+        """The scratch directory now, with the journal's first line: the start state."""
+        sfd = self._scratch_fd()
+        self.journal_fd = os.open(JOURNAL_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                  | os.O_APPEND | os.O_CLOEXEC, 0o600, dir_fd=sfd)
+        self._write_journal(["start", self.empty_start, _meta_json(self.root_meta), os.getpid()])
+
+    def _write_journal(self, line: list[object]) -> None:
+        import json
+
+        data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.journal_fd, view):]
+
+    def _log(self, step: tuple[object, ...]) -> None:
+        """One undo step: in memory, and on disk when the journal is kept."""
+        self.journal.append(step)
+        if self.journal_fd >= 0:
+            self._write_journal(_step_json(step))
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _soft_fail(self, what: str, exc: OSError) -> None:
@@ -264,9 +294,9 @@ class _Applier:
         if self.is_root or exc.errno not in (
             errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES
         ):
-            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-                raise NotSupported(f"{what}: {exc.strerror}") from None
-            raise from_oserror(exc, what) from None
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):  # EPERM: PermissionDenied
+                raise NotSupported(f"{what}: {exc.strerror}") from exc
+            raise from_oserror(exc, what) from exc
         if what not in self.warned:
             self.warned.add(what)
             log.debug("not root: skipped %s (%s)", what, exc.strerror)
@@ -277,14 +307,14 @@ class _Applier:
             return
         self.touched.add(real)
         st = os.stat(real or ".", dir_fd=self.root_fd, follow_symlinks=False)
-        self.journal.append(("times", real, st.st_atime_ns, st.st_mtime_ns))
+        self._log(("times", real, st.st_atime_ns, st.st_mtime_ns))
 
     def _note_new(self, preal: str, real: str) -> None:
         if self.empty_start:
             return  # everything in the target is this apply's own: nothing to track
         if preal not in self.created:
             self._touch_dir(preal)
-            self.journal.append(("new", real))
+            self._log(("new", real))
         self.created.add(real)
 
     def _clear_cache(self) -> None:
@@ -341,11 +371,11 @@ class _Applier:
                         return None
                     raise InvalidArchive(
                         f"cannot create {name!r}: parent {real!r} is not a directory"
-                    ) from None
+                    ) from exc
                 if real in self.archive_links:
                     raise UnsafeArchive(
                         f"{name!r} crosses symlink {real!r} created by the archive"
-                    ) from None
+                    ) from exc
                 try:
                     real = resolve_in_root(self.root_fd, real)
                     fd = open_beneath(self.root_fd, real, _DIR_FLAGS)
@@ -355,12 +385,12 @@ class _Applier:
                     raise InvalidArchive(
                         f"cannot create {name!r}: symlink {_join(cur_real, comp)!r} does not "
                         "lead to a directory inside the layer"
-                    ) from None
+                    ) from exc2
                 if real.split("/", 1)[0] == self.scratch:
                     os.close(fd)
                     raise UnsafeArchive(
                         f"{name!r} leads into the apply's scratch directory"
-                    ) from None
+                    ) from exc
             st_mode = os.fstat(fd).st_mode
             sgid = bool(st_mode & stat.S_ISGID)
             key = "/".join(parts[: j + 1])
@@ -391,7 +421,7 @@ class _Applier:
         if self.empty_start or real in self.created:
             if is_dir:
                 self._clear_cache()
-                shutil.rmtree(base, dir_fd=pfd)
+                remove_beneath(pfd, base)
             else:
                 os.unlink(base, dir_fd=pfd)
         else:
@@ -401,8 +431,8 @@ class _Applier:
             aside = str(self.aside_count)
             if is_dir:
                 self._clear_cache()
+            self._log(("moved", real, aside))  # first: an undo of a move not made is a no-op
             os.rename(base, aside, src_dir_fd=pfd, dst_dir_fd=sfd)
-            self.journal.append(("moved", real, aside))
         self.archive_links.discard(real)
         self.created.discard(real)
         self.merged.discard(real)
@@ -472,7 +502,7 @@ class _Applier:
         try:
             return self.idmap.to_host(e.uid, e.gid)
         except InvalidArgument as exc:
-            raise InvalidArchive(f"{e.name!r}: {exc}") from None
+            raise InvalidArchive(f"{e.name!r}: {exc}") from exc
 
     def _check_xattrs(self, e: TarEntry) -> None:
         if self.overlay:
@@ -654,7 +684,7 @@ class _Applier:
         if self.empty_start or real in self.created or real in self.merged_meta:
             return
         self.merged_meta.add(real)
-        self.journal.append(("meta", real, _read_meta(dfd)))
+        self._log(("meta", real, _read_meta(dfd)))
 
     def _symlink(self, e: TarEntry, pfd: int, preal: str, sgid: bool, base: str) -> None:
         try:
@@ -713,8 +743,8 @@ class _Applier:
             src_fd = self._scratch_fd()
             src_base = aside
         else:
-            if target == e.name:
-                return
+            if target == e.name:  # moby's link(2) onto the removed path fails: refuse it too
+                raise InvalidArchive(f"hard link {e.name!r} names itself")
             tparent, _, tbase = target.rpartition("/")
             if tparent.split("/", 1)[0] == self.scratch or target == self.scratch:
                 raise UnsafeArchive(f"hard link {e.name!r} points into the scratch directory")
@@ -733,7 +763,7 @@ class _Applier:
             except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
                 raise InvalidArchive(
                     f"hard link {e.name!r} to {target!r}: {exc.strerror}"
-                ) from None
+                ) from exc
         self._note_new(preal, _join(preal, base))
 
     def _plnk_file(self, reader: TarReader, e: TarEntry) -> None:
@@ -873,10 +903,21 @@ class _Applier:
         self._bury()
         for real, (at, mt, mode) in reversed(self.dir_times.items()):
             self._set_dir_time(real, at, mt, mode)
+        if self.journal_fd >= 0:
+            # The caller commits or rolls back; the root's final times are restored then.
+            st = os.fstat(self.root_fd)
+            self._write_journal(["done", st.st_atime_ns, st.st_mtime_ns])
+            os.fsync(self.journal_fd)
+            os.close(self.journal_fd)
+            self.journal_fd = -1
+            if self.scratch_fd is not None:
+                os.close(self.scratch_fd)
+                self.scratch_fd = None
+            return
         if self.scratch_fd is not None:
             os.close(self.scratch_fd)
             self.scratch_fd = None
-            shutil.rmtree(self.scratch, dir_fd=self.root_fd)
+            remove_beneath(self.root_fd, self.scratch)
             if "" in self.dir_times:
                 at, mt, _ = self.dir_times[""]
                 os.utime(self.root_fd, ns=(at, mt))
@@ -908,68 +949,213 @@ class _Applier:
             self._bury()
         except OSError:
             pass
+        if self.journal_fd >= 0:
+            os.close(self.journal_fd)
+            self.journal_fd = -1
         if self.scratch_fd is not None and self.empty_start:
             os.close(self.scratch_fd)
             self.scratch_fd = None
         if self.empty_start:
-            with os.scandir(self.root_fd) as it:
-                names = [(d.name, d.is_dir(follow_symlinks=False)) for d in it]
-            for base, is_dir in names:
-                if is_dir:
-                    shutil.rmtree(base, dir_fd=self.root_fd)
-                else:
-                    os.unlink(base, dir_fd=self.root_fd)
+            _empty_dir(self.root_fd)
             _write_meta(self.root_fd, self.root_meta)
             return
         for step in reversed(self.journal):
-            try:
-                self._undo(step)
-            except OSError as exc:  # keep undoing the rest; report what could not be restored
-                log.error("rollback step %r failed: %s", step[:2], exc)
+            _undo_step(self.root_fd, self.scratch_fd, step)
         if self.scratch_fd is not None:
             os.close(self.scratch_fd)
             self.scratch_fd = None
-            shutil.rmtree(self.scratch, dir_fd=self.root_fd, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_beneath(self.root_fd, self.scratch)
         _write_meta(self.root_fd, self.root_meta)
 
-    def _undo(self, step: tuple[object, ...]) -> None:
-        kind, real = step[0], step[1]
-        assert isinstance(real, str)
-        parent, _, base = real.rpartition("/")
-        if kind == "new":
+
+def _undo_step(root_fd: int, scratch_fd: int | None, step: tuple[object, ...]) -> None:
+    """Undo one journal step; a step that fails is logged and the rest still undone."""
+    try:
+        _undo(root_fd, scratch_fd, step)
+    except OSError as exc:  # keep undoing the rest; report what could not be restored
+        log.error("rollback step %r failed: %s", step[:2], exc)
+
+
+def _undo(root_fd: int, scratch_fd: int | None, step: tuple[object, ...]) -> None:
+    kind, real = step[0], step[1]
+    assert isinstance(real, str)
+    parent, _, base = real.rpartition("/")
+    if kind == "new":
+        try:
+            pfd = open_beneath(root_fd, parent)
+        except FileNotFoundError:
+            return
+        try:
+            remove_beneath(pfd, base)
+        finally:
+            os.close(pfd)
+    elif kind == "moved":
+        aside = step[2]
+        assert isinstance(aside, str)
+        if scratch_fd is None or _missing(scratch_fd, aside):
+            return  # logged before the move, which never happened
+        pfd = open_beneath(root_fd, parent)
+        try:
+            remove_beneath(pfd, base)
+            os.rename(aside, base, src_dir_fd=scratch_fd, dst_dir_fd=pfd)
+        finally:
+            os.close(pfd)
+    elif kind == "meta":
+        meta = step[2]
+        assert isinstance(meta, _DirMeta)
+        fd = open_beneath(root_fd, real)
+        try:
+            _write_meta(fd, meta)
+        finally:
+            os.close(fd)
+    elif kind == "times":
+        at, mt = step[2], step[3]
+        assert isinstance(at, int) and isinstance(mt, int)
+        fd = open_beneath(root_fd, real)
+        try:
+            os.utime(fd, ns=(at, mt))
+        finally:
+            os.close(fd)
+
+
+def _missing(dir_fd: int, name: str) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return True
+    return False
+
+
+def _empty_dir(dir_fd: int) -> None:
+    with os.scandir(dir_fd) as it:
+        names = [d.name for d in it]
+    for base in names:
+        remove_beneath(dir_fd, base)
+
+
+# ---- the journal kept on disk (ApplyOptions.journal) -------------------------------------------
+
+JOURNAL_NAME = "journal"
+
+
+def _meta_json(m: _DirMeta) -> list[object]:
+    return [m.mode, m.uid, m.gid, m.atime_ns, m.mtime_ns, {k: v.hex() for k, v in m.xattrs.items()}]
+
+
+def _meta_from(obj: list[Any]) -> _DirMeta:
+    mode, uid, gid, at, mt, xattrs = obj
+    return _DirMeta(int(mode), int(uid), int(gid), int(at), int(mt),
+                    {str(k): bytes.fromhex(v) for k, v in dict(xattrs).items()})
+
+
+def _step_json(step: tuple[object, ...]) -> list[object]:
+    if step[0] == "meta":
+        assert isinstance(step[2], _DirMeta)
+        return ["meta", step[1], _meta_json(step[2])]
+    return list(step)
+
+
+def _step_from(obj: list[Any]) -> tuple[object, ...]:
+    kind = obj[0]
+    if kind == "meta":
+        return ("meta", str(obj[1]), _meta_from(obj[2]))
+    if kind == "times":
+        return ("times", str(obj[1]), int(obj[2]), int(obj[3]))
+    if kind == "moved":
+        return ("moved", str(obj[1]), str(obj[2]))
+    if kind == "new":
+        return ("new", str(obj[1]))
+    raise ValueError(f"unknown journal step {kind!r}")
+
+
+def kept_journals(root_fd: int) -> list[str]:
+    """The scratch directories beneath *root_fd* that hold a kept journal (oldest apply first
+    does not matter: an apply runs under the layer's lock, so there is at most one)."""
+    with os.scandir(root_fd) as it:
+        return sorted(d.name for d in it
+                      if d.name.startswith(SCRATCH_PREFIX) and d.is_dir(follow_symlinks=False))
+
+
+def _read_journal(root_fd: int, scratch: str) -> list[list[Any]]:
+    import json
+
+    try:
+        fd = os.open(f"{scratch}/{JOURNAL_NAME}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=root_fd)
+    except FileNotFoundError:
+        return []
+    with os.fdopen(fd, "rb") as f:
+        lines = []
+        for raw in f:
             try:
-                pfd = open_beneath(self.root_fd, parent)
-            except FileNotFoundError:
-                return
+                lines.append(json.loads(raw))
+            except ValueError:
+                break  # a line cut by a crash: the step it describes was not taken yet
+        return lines
+
+
+def _wait_gone(pid: int, seconds: float = 60.0) -> None:
+    """Wait while *pid* is a live graphdriver process (an apply child rolling back)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"graphdriver" not in f.read():
+                    return
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                    return
+        except OSError:
+            return
+        time.sleep(0.05)
+
+
+def commit_journal(root_fd: int) -> None:
+    """The apply is committed: drop the kept journal and the moved-aside paths, and put back
+    the root's times as the apply left them."""
+    for scratch in kept_journals(root_fd):
+        lines = _read_journal(root_fd, scratch)
+        remove_beneath(root_fd, scratch)
+        done = [ln for ln in lines if ln and ln[0] == "done"]
+        if done:
+            os.utime(root_fd, ns=(int(done[-1][1]), int(done[-1][2])))
+
+
+def rollback_journal(root_fd: int) -> bool:
+    """Undo an apply from its kept journal (after the child finished or died); False when there
+    was no journal (nothing was applied)."""
+    found = False
+    for scratch in kept_journals(root_fd):
+        lines = _read_journal(root_fd, scratch)
+        if lines and lines[0][0] == "start" and len(lines[0]) > 3 and lines[-1][0] != "done":
+            # The applier may still be rolling back itself (its parent died: SIGTERM); wait
+            # for it, then undo whatever it left.
+            _wait_gone(int(lines[0][3]))
+            if _missing(root_fd, scratch):
+                found = True
+                continue
+            lines = _read_journal(root_fd, scratch)
+        if not lines or lines[0][0] != "start":
+            remove_beneath(root_fd, scratch)
+            continue
+        found = True
+        empty_start, root_meta = bool(lines[0][1]), _meta_from(lines[0][2])
+        if empty_start:
+            _empty_dir(root_fd)
+        else:
+            sfd = os.open(scratch, _DIR_FLAGS, dir_fd=root_fd)
             try:
-                _remove_any(pfd, base)
+                for line in reversed(lines[1:]):
+                    if line[0] != "done":
+                        _undo_step(root_fd, sfd, _step_from(line))
             finally:
-                os.close(pfd)
-        elif kind == "moved":
-            aside = step[2]
-            assert isinstance(aside, str) and self.scratch_fd is not None
-            pfd = open_beneath(self.root_fd, parent)
-            try:
-                _remove_any(pfd, base)
-                os.rename(aside, base, src_dir_fd=self.scratch_fd, dst_dir_fd=pfd)
-            finally:
-                os.close(pfd)
-        elif kind == "meta":
-            meta = step[2]
-            assert isinstance(meta, _DirMeta)
-            fd = open_beneath(self.root_fd, real)
-            try:
-                _write_meta(fd, meta)
-            finally:
-                os.close(fd)
-        elif kind == "times":
-            at, mt = step[2], step[3]
-            assert isinstance(at, int) and isinstance(mt, int)
-            fd = open_beneath(self.root_fd, real)
-            try:
-                os.utime(fd, ns=(at, mt))
-            finally:
-                os.close(fd)
+                os.close(sfd)
+            remove_beneath(root_fd, scratch)
+        _write_meta(root_fd, root_meta)
+    return found
 
 
 def _open_target(target: str | os.PathLike[str] | int) -> tuple[int, bool]:
@@ -978,19 +1164,7 @@ def _open_target(target: str | os.PathLike[str] | int) -> tuple[int, bool]:
     try:
         return os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), True
     except OSError as exc:
-        raise from_oserror(exc, "open apply target") from None
-
-
-def _remove_any(dir_fd: int, name: str) -> None:
-    """Remove *name* beneath *dir_fd* whatever it is (a tree, a file, nothing at all)."""
-    try:
-        st = os.lstat(name, dir_fd=dir_fd)
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(name, dir_fd=dir_fd)
-        else:
-            os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
+        raise from_oserror(exc, "open apply target") from exc
 
 
 def apply_reader(reader: TarReader, root_fd: int, opts: ApplyOptions) -> ApplyResult:
@@ -1011,10 +1185,10 @@ def apply_reader(reader: TarReader, root_fd: int, opts: ApplyOptions) -> ApplyRe
         if isinstance(exc, GraphDriverError | KeyboardInterrupt | SystemExit):
             raise
         if isinstance(exc, OSError):
-            raise from_oserror(exc, "apply layer") from None
+            raise from_oserror(exc, "apply layer") from exc
         if isinstance(exc, ValueError) and "null byte" in str(exc):
             # a path, link target or xattr name from a PAX record holding a NUL
-            raise InvalidArchive("invalid tar: a name in the archive holds a NUL byte") from None
+            raise InvalidArchive("invalid tar: a name in the archive holds a NUL byte") from exc
         raise
     return ApplyResult(applier.size, reader.diff_id)
 

@@ -218,7 +218,7 @@ def changes_dirs(
     try:
         new_fd = os.open(new_s, _DIR_FLAGS)
     except OSError as exc:
-        raise from_oserror(exc, "changes") from None
+        raise from_oserror(exc, "changes") from exc
     old_fd: int | None = None
     try:
         same_dev = False
@@ -227,7 +227,7 @@ def changes_dirs(
             same_dev = os.fstat(old_fd).st_dev == os.fstat(new_fd).st_dev
         _drive(_compare_dirs(new_fd, old_fd, new_s, old_s, "", same_dev, out))
     except OSError as exc:
-        raise from_oserror(exc, "changes") from None
+        raise from_oserror(exc, "changes") from exc
     finally:
         os.close(new_fd)
         if old_fd is not None:
@@ -384,11 +384,11 @@ def overlay_changes(upper: str | Path, lowers: list[Path] | list[str],
     try:
         fd = os.open(upper_s, _DIR_FLAGS)
     except OSError as exc:
-        raise from_oserror(exc, "overlay changes") from None
+        raise from_oserror(exc, "overlay changes") from exc
     try:
         _drive(_compare_upper(fd, upper_s, "", stack, False, out, whiteout_format))
     except OSError as exc:
-        raise from_oserror(exc, "overlay changes") from None
+        raise from_oserror(exc, "overlay changes") from exc
     finally:
         os.close(fd)
     return _sort(out)

@@ -95,7 +95,7 @@ class _Checked(io.RawIOBase):
             self._release()
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise  # a real I/O error on the input, not corrupt data
-            raise InvalidArchive(f"corrupt {self._kind} stream: {exc}") from None
+            raise InvalidArchive(f"corrupt {self._kind} stream: {exc}") from exc
         if not n:
             self._release()
         return n

@@ -48,6 +48,7 @@ the plugin or the package root.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import json
 import logging
@@ -112,7 +113,7 @@ def _open_lowers(lowers: Sequence[Path], linkable: bool) -> list[int]:
                 fds.append(read_only_view(fd))
             except OSError as exc:
                 raise errors.from_oserror(
-                    exc, f"opening {path} read-only for a confined job") from None
+                    exc, f"opening {path} read-only for a confined job") from exc
             finally:
                 os.close(fd)
     except BaseException:
@@ -164,7 +165,7 @@ def run_job(
         # case the job's work stands (raising now would call a finished job rolled back).
         signals.append(signum)
         if proc is None:
-            raise Interrupted(f"interrupted by signal {signum} before the {job} job started")
+            raise Interrupted(f"interrupted by {signame(signum)} before the {job} job started")
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
 
@@ -233,11 +234,15 @@ def run_job(
         if outcome is None and signals and rc == -signal.SIGTERM:
             # Our SIGTERM killed the child before it had installed its handlers, which it does
             # before it touches the target: nothing was done.
-            raise Interrupted(f"interrupted by signal {signals[0]}; nothing was done")
+            raise Interrupted(f"interrupted by {signame(signals[0])}; nothing was done")
         if outcome is None:
             raise on_death(f"signal {-rc}" if rc < 0 else f"status {rc}")
         if "error" in outcome:
             err = outcome["error"]
+            if err["class"] == "Interrupted" and signals:
+                # the child always gets SIGTERM; say which signal the user sent
+                raise Interrupted(f"interrupted by {signame(signals[0])}; the {job} job was "
+                                  "rolled back")
             raise _error_class(str(err["class"]))(str(err["message"]))
         if replay_error:
             exc = replay_error[0]
@@ -245,8 +250,8 @@ def run_job(
                 raise exc
             raise GraphDriverError(f"recorder failed: {exc}")
         if signals:
-            log.warning("signal %d arrived after the %s job had finished; its work stands",
-                        signals[0], job)
+            log.warning("%s arrived after the %s job had finished; its work stands",
+                        signame(signals[0]), job)
         result: dict[str, Any] = outcome["ok"]
         return result
     except BaseException as exc:
@@ -279,6 +284,15 @@ def _start_replay(fd: int, recorder: Recorder,
 
 
 # ---- the child -----------------------------------------------------------------------------------
+
+
+#: names for messages, looked up without the enum machinery (it runs in signal handlers)
+_SIGNAL_NAMES = {int(signal.SIGINT): "SIGINT", int(signal.SIGTERM): "SIGTERM"}
+
+
+def signame(signum: int) -> str:
+    """"SIGINT", "SIGTERM": how a signal is named in messages."""
+    return _SIGNAL_NAMES.get(signum) or f"signal {signum}"
 
 
 def _raise(exc: Interrupted) -> None:
@@ -351,9 +365,10 @@ def _confine(ctx: ChildContext, target: str) -> None:
         os.fchdir(ctx.target_fd)
         os.chroot(".")
     except OSError as exc:
-        raise errors.from_oserror(
-            exc, f"the confined child cannot chroot into {target}; refusing to run unconfined"
-        ) from None
+        cls = errors.PermissionDenied if exc.errno in (errno.EPERM, errno.EACCES) else \
+            errors.NotSupported
+        raise cls(f"the confined child cannot chroot into {target} ({exc.strerror}); refusing "
+                  "to run unconfined") from exc
     ctx.chrooted = True
 
 
@@ -370,7 +385,8 @@ def _child_main(argv: list[str]) -> int:
     ctx = ChildContext(args, send)
 
     def on_term(signum: int, frame: object) -> None:
-        exc = Interrupted(f"interrupted by signal {signum}; the {args['job']} job was rolled back")
+        exc = Interrupted(f"interrupted by {signame(signum)}; the {args['job']} job was "
+                          "rolled back")
         if ctx.preparing:
             ctx.pending = ctx.pending or exc
             return

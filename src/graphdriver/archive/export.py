@@ -458,7 +458,7 @@ def write_tree(
     try:
         root_fd = os.open(root_b, _DIR_FLAGS)
     except OSError as exc:
-        raise from_oserror(exc, "export tree") from None
+        raise from_oserror(exc, "export tree") from exc
     stack: list[_Dir] = []
     try:
         stack.append(_Dir(root_fd, _list_dir(root_fd), b""))
@@ -498,7 +498,7 @@ def write_tree(
     except GraphDriverError:
         raise
     except OSError as exc:
-        raise from_oserror(exc, "export tree") from None
+        raise from_oserror(exc, "export tree") from exc
     finally:
         for d in stack:
             if d.fd != root_fd:
@@ -559,7 +559,7 @@ def write_changes(
     except GraphDriverError:
         raise
     except OSError as exc:
-        raise from_oserror(exc, "export changes") from None
+        raise from_oserror(exc, "export changes") from exc
 
 
 class _PipeReader(io.RawIOBase):

@@ -77,7 +77,8 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions, *,
             f"the apply child exited with {why} without a result; the target may be partly "
             "applied")
 
-    params = {"whiteout_format": opts.whiteout_format.name, "idmap": opts.idmap.to_json()}
+    params = {"whiteout_format": opts.whiteout_format.name, "idmap": opts.idmap.to_json(),
+              "journal": opts.journal}
     ok = run_job(APPLY_JOB, target, params, on_death=on_death, input_fd=source_fd,
                  lowers=lowers, recorder=opts.recorder, frames_fd=opts.tarsplit_fd,
                  progress=opts.progress)
@@ -145,7 +146,8 @@ def apply_job(ctx: ChildContext) -> JobBody:
             apply_mod.allow_chdir = True  # single-threaded and chrooted: chdir is safe
         opts = ApplyOptions(whiteout_format=FORMATS[params["whiteout_format"]],
                             idmap=IDMap.from_json(params["idmap"]),
-                            recorder=ctx.recorder, progress=ctx.progress)
+                            recorder=ctx.recorder, progress=ctx.progress,
+                            journal=bool(params.get("journal")))
         reader = TarReader(stream, ctx.recorder)
         result = apply_mod.apply_reader(reader, ctx.target_fd, opts)
         return {"size": result.size, "diff_id": result.diff_id}

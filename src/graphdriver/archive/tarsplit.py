@@ -16,7 +16,7 @@ Writing: :class:`TarSplitPacker` implements the tar reader's ``Recorder`` hook, 
 optional ``file_done(crc)``: the reader (in a confined child too, through the frame pipe of
 recframes.py) checksums each entry's data as it goes by, so the packer writes every line in its
 final form — gzip'd as it goes when asked (``compress=True``), which is how the store records: the
-finished file is then renamed into place (:func:`finish_layer_recording`), with no second pass.
+finished file is then renamed into place (graphdriver.exactdiff), with no second pass.
 When a recorder is never told a CRC, the entry is written with a ``null`` payload and
 :func:`finalize_recording` computes the CRCs from the files as the apply left them — the very
 files :func:`assemble` reads back later.  Either way every file entry with data is checked
@@ -57,7 +57,8 @@ SEGMENT_TYPE = 2
 #: file names inside ``meta/<id>/``
 METADATA_NAME = "tar-split.json.gz"
 UNREPRODUCIBLE_NAME = "tar-split.unreproducible"
-RAW_NAME = "tar-split.raw"
+#: gzip level of stored metadata (isal's 0-3 / zlib's 1-9): fast, the lines are small and many
+METADATA_LEVEL = 1
 
 _COPY = 1 << 20
 _MAX_LINE = 64 << 20  # a segment line: the reader flushes at most ~1 MiB of raw bytes at once
@@ -130,7 +131,7 @@ def decode_entry(line: bytes) -> Entry:
     try:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise _bad(f"not JSON ({exc})") from None
+        raise _bad(f"not JSON ({exc})") from exc
     if not isinstance(obj, dict):
         raise _bad("an entry is not an object")
     typ = obj.get("type")
@@ -145,8 +146,8 @@ def decode_entry(line: bytes) -> Entry:
             name = str(obj["name"]).encode("utf-8", "surrogateescape")
         payload = obj.get("payload")
         data = None if payload is None else base64.b64decode(payload, validate=True)
-    except (ValueError, TypeError):
-        raise _bad("bad base64") from None
+    except (ValueError, TypeError) as exc:
+        raise _bad("bad base64") from exc
     size = obj.get("size", 0)
     pos = obj.get("position", 0)
     if not isinstance(size, int) or size < 0 or not isinstance(pos, int):
@@ -229,6 +230,11 @@ class TarSplitPacker:
         # the file entries with data, for the check after an apply: records of _FILE_RECORD
         # (size, name length) and the name, in one buffer (a list of tuples cost ~200 B each)
         self.file_records = bytearray()
+
+    @property
+    def lines(self) -> int:
+        """How many lines (entries) were written so far."""
+        return self._pos
 
     def _emit(self, e: Entry) -> None:
         e.position = self._pos
@@ -434,7 +440,7 @@ _native_pack: Callable[..., tuple[int, bytes, int, int, int]] | None = (
     _fastapply.pack_frames if _fastapply else None)
 
 
-def _verify_packed(root_fd: int, packer: TarSplitPacker) -> str | None:
+def verify_packed(root_fd: int, packer: TarSplitPacker) -> str | None:
     """_verify_files for what *packer* recorded: natively when built (~1 system call per file);
     anything not plainly right is looked at, and told, the Python way."""
     if _fastapply is not None and _fastapply.verify_files(root_fd, packer.file_records) == -1:
@@ -494,7 +500,7 @@ def _verify_files(root_fd: int, files: list[tuple[bytes, int]]) -> str | None:
     return None
 
 
-def _mark_unreproducible(out_path: Path, reason: str, *leftovers: Path) -> Recording:
+def mark_unreproducible(out_path: Path, reason: str, *leftovers: Path) -> Recording:
     for p in (*leftovers, out_path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
@@ -532,7 +538,8 @@ def finalize_recording(raw: BinaryIO, root: str | os.PathLike[str] | int, out_pa
                         src = stack.enter_context(  # type: ignore[assignment]
                             gzip.GzipFile(fileobj=raw, mode="rb"))
                     f = stack.enter_context(open(tmp, "wb"))
-                    packer = TarSplitPacker(f, compress=True, level=_LEVEL)  # type: ignore[arg-type]
+                    packer = TarSplitPacker(f, compress=True,  # type: ignore[arg-type]
+                                            level=METADATA_LEVEL)
                     for e in read_entries(src):
                         if e.type == FILE_TYPE and e.size > 0:
                             if e.payload is None:
@@ -560,20 +567,10 @@ def finalize_recording(raw: BinaryIO, root: str | os.PathLike[str] | int, out_pa
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(marker)
             return Recording(True)
-        return _mark_unreproducible(out_path, reason, tmp)
+        return mark_unreproducible(out_path, reason, tmp)
     finally:
         if not isinstance(root, int):
             os.close(root_fd)
-
-
-def layer_status(meta_dir: Path) -> tuple[bool, str]:
-    """(True, "") if the layer has exact metadata, else (False, why not)."""
-    if (meta_dir / METADATA_NAME).exists():
-        return True, ""
-    marker = meta_dir / UNREPRODUCIBLE_NAME
-    with contextlib.suppress(FileNotFoundError):
-        return False, marker.read_text().strip() or "not exactly reproducible"
-    return False, "no tar-split metadata was recorded (the layer was not made by an apply)"
 
 
 # ----- re-assembly ------------------------------------------------------------------------------
@@ -615,9 +612,9 @@ def assemble(meta: BinaryIO, open_file: Opener, out: int | BinaryIO, what: str =
             f = open_file(name)
         except OSError as exc:
             raise NotFound(f"{what}: {shown!r} is gone ({exc.strerror}); "
-                           "cannot reproduce the diff exactly") from None
+                           "cannot reproduce the diff exactly") from exc
         except GraphDriverError as exc:
-            raise NotFound(f"{what}: {shown!r}: {exc}; cannot reproduce the diff exactly") from None
+            raise NotFound(f"{what}: {shown!r}: {exc}; cannot reproduce the diff exactly") from exc
         with f:
             crc = 0
             left = e.size
@@ -636,99 +633,3 @@ def assemble(meta: BinaryIO, open_file: Opener, out: int | BinaryIO, what: str =
                                "cannot reproduce the diff exactly")
         total += e.size
     return total
-
-
-def assemble_layer(meta_dir: Path, open_file: Opener, out: int | BinaryIO,
-                   layer_id: str = "layer") -> int:
-    """Re-assemble a layer's applied tar from ``meta_dir/tar-split.json.gz``."""
-    ok, why = layer_status(meta_dir)
-    if not ok:
-        raise NotFound(f"layer {layer_id} is not exactly reproducible: {why}")
-    with open_metadata(meta_dir / METADATA_NAME) as meta:
-        try:
-            return assemble(meta, open_file, out, f"layer {layer_id}")
-        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            raise StoreCorrupt(f"layer {layer_id}: reading its tar-split metadata: {exc}") from None
-
-
-# ----- the store's side ---------------------------------------------------------------------
-
-
-#: gzip level of stored metadata (isal's 0-3 / zlib's 1-9): fast, the lines are small and many
-_LEVEL = 1
-
-
-def new_layer_packer(raw_fd: int) -> TarSplitPacker:
-    """The packer an apply records into: final lines, gzip'd, on ``meta/<id>/tar-split.raw``
-    (*raw_fd*, not closed by the packer), for :func:`finish_layer_recording`."""
-    out = io.FileIO(raw_fd, "wb", closefd=False)
-    return TarSplitPacker(out, compress=True, level=_LEVEL)  # type: ignore[arg-type]
-
-
-def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLike[str],
-                           layer_id: str, problem: str | None = None,
-                           packer: TarSplitPacker | None = None) -> Recording:
-    """After a successful apply: turn ``meta_dir/tar-split.raw`` (on *raw_fd*) into the layer's
-    ``tar-split.json.gz``, or mark the layer not exactly reproducible (and log why).
-
-    With the (closed) *packer* of :func:`new_layer_packer` that got every CRC, the raw file is
-    already the final metadata: the applied files are only checked (one stat each) and the file
-    is renamed into place.  Otherwise the lines are re-read and missing CRCs computed from files.
-    """
-    if problem is None and packer is not None:
-        problem = packer.problem
-    if problem is not None:
-        pass
-    elif (meta_dir / METADATA_NAME).exists() or (meta_dir / UNREPRODUCIBLE_NAME).exists():
-        problem = "more than one archive was applied to this layer"
-    elif os.fstat(raw_fd).st_size == 0 or (packer is not None and packer._pos == 0):
-        problem = "the apply recorded no tar-split description"
-    out_path = meta_dir / METADATA_NAME
-    if problem is None and packer is not None and packer.compressed and not packer.missing:
-        root_fd = _open_root(target)
-        try:
-            why = _verify_packed(root_fd, packer)
-        finally:
-            os.close(root_fd)
-        if why is None:
-            os.fsync(raw_fd)
-            os.replace(meta_dir / RAW_NAME, out_path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(meta_dir / UNREPRODUCIBLE_NAME)
-            rec = Recording(True)
-        else:
-            rec = _mark_unreproducible(out_path, why)
-    else:
-        os.lseek(raw_fd, 0, os.SEEK_SET)
-        with io.FileIO(raw_fd, "rb", closefd=False) as raw:
-            rec = finalize_recording(raw, target, out_path, problem)
-    if not rec.reproducible:
-        log.warning("layer %s is not exactly reproducible (its diff will be a new tar): %s",
-                    layer_id, rec.reason)
-    return rec
-
-
-def exact_available(driver: Any, layer_id: str, parent: str | None = None) -> tuple[bool, str]:
-    """Whether ``driver.diff(layer_id, parent)`` can be the applied tar, byte for byte."""
-    meta = getattr(driver, "meta", None)
-    if meta is None:
-        return False, f"the {driver.name} driver keeps no tar-split metadata"
-    rec = driver.record(layer_id)
-    if parent not in (None, "") and parent != rec.parent:
-        return False, f"asked against {parent}, not the layer's parent"
-    return layer_status(meta.dir(layer_id))
-
-
-def write_exact_diff(driver: Any, layer_id: str, out: int | BinaryIO) -> int:
-    """Re-assemble the tar that was applied to *layer_id* from its stored files (same sha256).
-
-    Raises NotFound when the layer has no usable metadata and StoreCorrupt when a file changed.
-    """
-    ok, why = exact_available(driver, layer_id)
-    if not ok:
-        raise NotFound(f"layer {layer_id} is not exactly reproducible: {why}")
-    getter = driver.diff_getter(layer_id)
-    try:
-        return assemble_layer(driver.meta.dir(layer_id), getter.open, out, layer_id)
-    finally:
-        getter.close()

@@ -1,4 +1,12 @@
-"""A streaming tar reader: GNU, PAX (local and global), ustar and v7 headers, sparse files.
+"""A streaming tar reader: GNU, PAX, ustar, STAR and v7 headers, sparse files.
+
+It reads headers as Go's ``archive/tar`` reads them (Go's reader is Docker's, so a layer means
+here what it means there; tests/archive/test_go_testdata.py holds the two side by side): every
+number field must parse, except a GNU header's atime/ctime; the last local PAX header and GNU
+long name before an entry count, an empty PAX value keeps the header's field; global PAX headers
+are checked and skipped, their records reach no entry; an input that ends after an extended
+header or inside the last entry's padding simply ends.  It never imports upward (no driver, no
+store); it owns only the reading of tar streams.
 
 Written for speed and for byte-exact accounting rather than for generality:
 
@@ -70,9 +78,10 @@ _GNU_MULTIVOL = b"M"
 _ZERO_BLOCK = bytes(BLOCK)
 _ZERO_24 = bytes(24)
 _OCTAL_DIGITS = b"01234567"
-_DEC_DIGITS = b"0123456789"
-# Keys of a global PAX header that must not leak into every later entry.
-_GLOBAL_SKIP = frozenset(("path", "linkpath", "size"))
+# Types whose size field carries no data (Go's isHeaderOnlyType)
+_HEADER_ONLY = frozenset((HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO))
+# Header layouts (Go's formats): v7, ustar (and PAX), GNU, and STAR
+_V7, _USTAR, _GNU, _STAR = range(4)
 
 
 class Recorder(Protocol):
@@ -173,85 +182,201 @@ def _bad(msg: str) -> InvalidArchive:
     return InvalidArchive(f"invalid tar: {msg}")
 
 
+def _cstr(field: bytes) -> bytes:
+    """A C string field: up to its first NUL (Go's parseString)."""
+    nul = field.find(0)
+    return field if nul < 0 else field[:nul]
+
+
 def parse_number(field: bytes, what: str) -> int:
-    """An octal (NUL/space terminated) or base-256 tar number field."""
-    s = field.rstrip(b"\0 ")
-    if s.isdigit():  # the common case: plain digits, then NULs or spaces
-        try:
-            return int(s, 8)
-        except ValueError:
-            raise _bad(f"{what} field {field!r} is not a number") from None
+    """A numeric header field as Go's parseNumeric reads it: base-256 when the first byte has its
+    high bit set (two's complement), else octal between spaces and NULs, cut at an inner NUL."""
     if field and field[0] & 0x80:
-        if field[0] & 0x40:  # 0xff...: negative, two's complement over the whole field
-            return int.from_bytes(field, "big", signed=True)
-        return int.from_bytes(bytes((field[0] & 0x7F,)) + field[1:], "big")
-    s = field.split(b"\0", 1)[0].strip(b" ")
+        inv = 0xFF if field[0] & 0x40 else 0
+        x = (field[0] ^ inv) & 0x7F
+        for c in field[1:]:
+            if x >> 56:
+                raise _bad(f"{what} field {field!r} overflows")
+            x = x << 8 | (c ^ inv)
+        if x >> 63:
+            raise _bad(f"{what} field {field!r} overflows")
+        return ~x if inv else x
+    s = _cstr(field.strip(b" \0"))
     if not s:
         return 0
     if s.translate(None, _OCTAL_DIGITS):
         raise _bad(f"{what} field {field!r} is not a number")
-    return int(s, 8)
+    v = int(s, 8)
+    if v >> 64:
+        raise _bad(f"{what} field {field!r} overflows")
+    return v - (1 << 64) if v >> 63 else v  # Go's int64(uint64)
 
 
-def _decimal(value: str | bytes, what: str) -> int:
-    v = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-    neg = v.startswith(b"-")
-    digits = v[1:] if neg else v
-    if not digits or not digits.isdigit() or len(digits) > 30:
-        shown = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
-        raise _bad(f"PAX {what} {shown!r} is not a number")
-    n = int(digits)
-    return -n if neg else n
+def _checksum_ok(blk: bytes) -> bool:
+    """The stored checksum (octal only) is the unsigned or the signed sum of the block, the
+    checksum field counted as spaces."""
+    f = blk[148:156].rstrip(b"\0 ")
+    if f.isdigit() and b"8" not in f and b"9" not in f:
+        stored = int(f, 8)
+    else:
+        s = _cstr(blk[148:156].strip(b" \0"))
+        if s.translate(None, _OCTAL_DIGITS):
+            return False
+        stored = int(s, 8) if s else 0
+    field_sum = sum(blk[148:156])
+    if blk.isascii():
+        return (zlib.adler32(blk) & 0xFFFF) - 1 - field_sum + 256 == stored  # < 65521: exact
+    unsigned = sum(blk) - field_sum + 256
+    if unsigned == stored:
+        return True
+    high = sum(1 for b in blk if b & 0x80) - sum(1 for b in blk[148:156] if b & 0x80)
+    return unsigned - 256 * high == stored
 
 
-def _pax_time_ns(value: str | bytes, what: str) -> int:
-    if isinstance(value, bytes):
-        # fast path: "<seconds>.<9 digits>" or "<seconds>", the forms tar writers produce
-        dot = value.find(b".")
-        if dot < 0:
-            if value.isdigit() and len(value) <= 30:
-                return int(value) * 1_000_000_000
-        elif 0 < dot <= 30 and 1 < len(value) - dot <= 10:
-            digits = value[:dot] + value[dot + 1 :]
-            if digits.isdigit():  # GNU tar drops trailing zeros of the fraction
-                return int(digits) * _FRAC_SCALE[len(value) - dot]
-        value = value.decode("utf-8", "surrogateescape")
-    whole, _, frac = value.partition(".")
-    neg = whole.startswith("-")
-    sec = _decimal(whole, what) if whole not in ("", "-") else 0
-    if frac:
-        if not frac.isascii() or not frac.isdigit():
-            raise _bad(f"PAX {what} {value!r} is not a time")
-        ns = int((frac + "000000000")[:9])
-        return sec * 1_000_000_000 - ns if neg else sec * 1_000_000_000 + ns
-    return sec * 1_000_000_000
+def _format(blk: bytes) -> int:
+    """Which header layout the block has, by its magic (Go's getFormat)."""
+    magic = blk[257:263]
+    if magic == b"ustar\0":
+        return _STAR if blk[508:512] == b"tar\0" else _USTAR
+    if magic == b"ustar " and blk[263:265] == b" \0":
+        return _GNU
+    return _V7
 
 
-def parse_pax(data: bytes) -> list[tuple[str, bytes]]:
-    """PAX records ``"%d %s=%s\\n"`` in order (keys may repeat: GNU sparse 0.0)."""
-    out: list[tuple[str, bytes]] = []
+# (format, name, linkname, size, mode, uid, gid, mtime, devmajor, devminor, atime, ctime)
+_Header = tuple[int, bytes, bytes, int, int, int, int, int, int, int, int | None, int | None]
+
+
+def _parse_header(blk: bytes, offset: int) -> _Header:
+    """Every field of one header block, as Go's readHeader reads them: each number must parse
+    (InvalidArchive otherwise), except a GNU header's atime and ctime, which an entry's meaning
+    does not depend on: when either does not parse, both are dropped and the field is taken, as
+    Go does for archives of its writers before 1.8, for a ustar prefix if it is ASCII."""
+    if not _checksum_ok(blk):
+        raise _bad(f"header checksum mismatch at offset {offset}")
+    fmt = _format(blk)
+    end = blk.find(0, 0, 100)
+    name = blk[: end if end >= 0 else 100]
+    devmajor = devminor = 0
+    atime = ctime = None
+    # the common case inline: digits, then NULs or spaces (an 8 or a 9 raises ValueError)
+    try:
+        f = blk[124:136].rstrip(b"\0 ")
+        size = int(f, 8) if f.isdigit() else parse_number(blk[124:136], "size")
+        f = blk[100:108].rstrip(b"\0 ")
+        mode = int(f, 8) if f.isdigit() else parse_number(blk[100:108], "mode")
+        f = blk[108:116].rstrip(b"\0 ")
+        uid = int(f, 8) if f.isdigit() else parse_number(blk[108:116], "uid")
+        f = blk[116:124].rstrip(b"\0 ")
+        gid = int(f, 8) if f.isdigit() else parse_number(blk[116:124], "gid")
+        f = blk[136:148].rstrip(b"\0 ")
+        mtime = int(f, 8) if f.isdigit() else parse_number(blk[136:148], "mtime")
+        if fmt != _V7:
+            f = blk[329:337].rstrip(b"\0 ")
+            devmajor = int(f, 8) if f.isdigit() else parse_number(blk[329:337], "devmajor")
+            f = blk[337:345].rstrip(b"\0 ")
+            devminor = int(f, 8) if f.isdigit() else parse_number(blk[337:345], "devminor")
+    except ValueError as exc:
+        raise _bad("a numeric header field holds a non-octal digit") from exc
+    if fmt != _V7:
+        prefix = b""
+        if fmt == _USTAR:
+            end = blk.find(0, 345, 500)
+            prefix = blk[345 : end if end >= 0 else 500]
+        elif fmt == _STAR:
+            prefix = _cstr(blk[345:476])
+            atime = parse_number(blk[476:488], "atime")
+            ctime = parse_number(blk[488:500], "ctime")
+        elif blk[345:369] != _ZERO_24:
+            try:
+                atime = parse_number(blk[345:357], "atime") if blk[345] else None
+                ctime = parse_number(blk[357:369], "ctime") if blk[357] else None
+            except InvalidArchive:
+                atime = ctime = None
+                prefix = _cstr(blk[345:500])
+                if not prefix.isascii():
+                    prefix = b""
+        if prefix:
+            name = prefix + b"/" + name
+    end = blk.find(0, 157, 257)
+    return (fmt, name, blk[157 : end if end >= 0 else 257], size, mode, uid, gid, mtime,
+            devmajor, devminor, atime, ctime)
+
+
+def _pax_int(value: bytes, what: str) -> int:
+    """A decimal PAX value as Go's strconv.ParseInt(v, 10, 64) reads it (a sign may lead)."""
+    digits = value[1:] if value[:1] in (b"+", b"-") else value
+    digits = digits.lstrip(b"0") or b"0" if digits.isdigit() else b""
+    if not digits or len(digits) > 19:
+        raise _bad(f"PAX {what} {value!r} is not a number")
+    n = -int(digits) if value[:1] == b"-" else int(digits)
+    if not -(1 << 63) <= n < 1 << 63:
+        raise _bad(f"PAX {what} {value!r} is out of range")
+    return n
+
+
+def _pax_time_ns(value: bytes, what: str) -> int:
+    """A PAX time, "<seconds>[.<fraction>]" (Go's parsePAXTime: a fraction beyond nanoseconds is
+    cut, a negative time counts its fraction down)."""
+    dot = value.find(b".")
+    if dot < 0:
+        if value.isdigit() and len(value) <= 18:  # the common forms first
+            return int(value) * 1_000_000_000
+        return _pax_int(value, what) * 1_000_000_000
+    if 0 < dot <= 18 and 1 < len(value) - dot <= 10:
+        digits = value[:dot] + value[dot + 1 :]
+        if digits.isdigit():  # GNU tar drops trailing zeros of the fraction
+            return int(digits) * _FRAC_SCALE[len(value) - dot]
+    sec = _pax_int(value[:dot], what)
+    frac = value[dot + 1 :]
+    if not frac:
+        return sec * 1_000_000_000
+    if not frac.isdigit():
+        raise _bad(f"PAX {what} {value!r} is not a time")
+    ns = int((frac + b"00000000")[:9])
+    return sec * 1_000_000_000 - ns if value[:1] == b"-" else sec * 1_000_000_000 + ns
+
+
+# PAX keys whose values are C strings elsewhere: Go refuses a NUL in them
+_PAX_STRINGS = frozenset(("path", "linkpath", "uname", "gname"))
+
+
+def parse_pax(data: bytes) -> dict[str, bytes]:
+    """The records ``"%d %s=%s\\n"`` of a PAX header, as Go's parsePAX reads them: a later record
+    replaces an earlier one of the same key; GNU sparse 0.0's repeated offset/numbytes records
+    become one ``GNU.sparse.map``.  Anything else than records (NUL padding included) is refused,
+    as are NULs in a key or in a path, link path, user or group name."""
+    out: dict[str, bytes] = {}
+    sparse_map: list[bytes] = []
     pos = 0
     n = len(data)
     while pos < n:
-        if data[pos] == 0:
-            if data[pos:].strip(b"\0"):
-                raise _bad("PAX header has data after NUL padding")
-            break
-        sp = data.find(b" ", pos, pos + 21)
+        sp = data.find(b" ", pos)
         if sp < 0:
             raise _bad("PAX record without a length")
         length_s = data[pos:sp]
-        if not length_s.isdigit():
+        digits = length_s[1:] if length_s[:1] == b"+" else length_s
+        digits = digits.lstrip(b"0") or b"0" if digits.isdigit() else b""
+        if not digits or len(digits) > 19:
             raise _bad(f"PAX record length {length_s!r} is not a number")
-        length = int(length_s)
-        end = pos + length
-        if length <= sp - pos + 1 or end > n or data[end - 1] != 0x0A:
+        end = pos + int(digits)
+        if end - pos < 5 or end > n or end <= sp + 1 or data[end - 1] != 0x0A:
             raise _bad("PAX record length does not match its record")
-        key, eq, value = data[sp + 1 : end - 1].partition(b"=")
-        if not eq or not key:
+        rkey, eq, value = data[sp + 1 : end - 1].partition(b"=")
+        if not eq or not rkey:
             raise _bad("PAX record without a key")
-        out.append((key.decode("utf-8", "surrogateescape"), value))
+        key = rkey.decode("utf-8", "surrogateescape")
+        if 0 in (value if key in _PAX_STRINGS else rkey):
+            raise _bad(f"PAX record {key!r} holds a NUL")
+        if key == "GNU.sparse.offset" or key == "GNU.sparse.numbytes":
+            if (key == "GNU.sparse.offset") == bool(len(sparse_map) % 2) or 0x2C in value:
+                raise _bad("GNU sparse 0.0 records out of order")
+            sparse_map.append(value)
+        else:
+            out[key] = value
         pos = end
+    if sparse_map:
+        out["GNU.sparse.map"] = b",".join(sparse_map)
     return out
 
 
@@ -301,8 +426,8 @@ class TarReader:
         self._crcf: CrcFunc | None = crc64 if self._file_done is not None else None
         self._crc_on = False  # the current entry's data is being checksummed
         self._crc = 0
-        self._global: dict[str, bytes] = {}
         self._done = False
+        self._first = True  # no entry read yet: bad bytes here mean "not a tar archive"
         self.bytes_read = 0
         self._diff_id: str | None = None
 
@@ -372,10 +497,12 @@ class TarReader:
                 self._pos += self._pad
                 self._pad = 0
                 return
-            pad = self._take(self._pad, "padding")
-            self._pad = 0
+            # an input that ends inside the last entry's padding ends there (Go reads it so)
+            n = self._pad if self._fill(self._pad) else self._end - self._pos
             if self._recorder is not None:
-                self._seg += pad
+                self._seg += self._mv[self._pos : self._pos + n]
+            self._pos += n
+            self._pad = 0
 
     # ---- data access ---------------------------------------------------------------------------
     def chunks(self, limit: int | None = None) -> Iterator[memoryview]:
@@ -451,6 +578,8 @@ class TarReader:
         if not self._fill(BLOCK):
             if self._end - self._pos == 0:
                 return None
+            if self._first:
+                raise InvalidArchive("not a tar archive (truncated: shorter than one tar header)")
             raise _bad("archive truncated in a header")
         blk = bytes(self._mv[self._pos : self._pos + BLOCK])
         self._pos += BLOCK
@@ -527,7 +656,7 @@ class TarReader:
         Returns (files applied, their bytes, error): error is (errno, step, real path) for the
         last file, created but not finished.  Call only where the previous entry's data has been
         consumed (between entries) and when :meth:`can_apply_files`."""
-        if self._global or self._done:
+        if self._done:
             return 0, 0, None
         self._settle()
         rec = self._recorder
@@ -558,11 +687,12 @@ class TarReader:
                 if done is not None and entry.data_size:
                     self._crc_on = True
                     self._crc = 0
+            self._first = False
             yield entry
 
     def _next_header(self) -> TarEntry | None:
         native = _native_header
-        if native is not None and not self._global:
+        if native is not None:
             # only what is buffered: reading ahead could wait on a pipe for bytes that come
             # after this entry has been applied; a sequence cut by the buffer's end goes the
             # Python way, which reads exactly what it needs
@@ -604,9 +734,9 @@ class TarReader:
             e.devminor = devminor
         if pax is not None:
             e._pax_raw = pax
-            if "uname" in pax:
+            if pax.get("uname"):  # an empty value keeps the header's name (Go's mergePAX)
                 e.uname = pax["uname"].decode("utf-8", "surrogateescape")
-            if "gname" in pax:
+            if pax.get("gname"):
                 e.gname = pax["gname"].decode("utf-8", "surrogateescape")
         if xattrs is not None:
             e.xattrs = xattrs
@@ -615,191 +745,130 @@ class TarReader:
         return e
 
     def _next_header_py(self) -> TarEntry | None:
-        pax: dict[str, bytes] = {}
-        sparse00: list[int] = []
+        """The next entry, its extended headers applied as Go's reader applies them: the last
+        local PAX header and the last GNU long name / long link name before it count; a global
+        PAX header is checked and skipped, and drops what came before it (Go hands it out as an
+        entry of its own; neither Go nor Docker applies its records to later entries)."""
+        pax: dict[str, bytes] | None = None
         longname: bytes | None = None
         longlink: bytes | None = None
         while True:
             blk = self._read_block()
             if blk is None:
-                if pax or longname is not None or longlink is not None:
-                    raise _bad("archive ends after an extended header")
-                return None  # no end-of-archive marker: accepted, as Go's reader does
+                return None  # the end, even right after extended headers (as Go reads it)
             if blk == _ZERO_BLOCK:
-                if pax or longname is not None or longlink is not None:
-                    raise _bad("end-of-archive marker after an extended header")
                 nxt = self._read_block()
                 if nxt is not None and nxt != _ZERO_BLOCK:
                     raise _bad("a lone zero block followed by more data")
                 return None
-            # checksum: unsigned and signed sums accepted (field counted as spaces)
-            f = blk[148:156].rstrip(b"\0 ")
-            stored = int(f, 8) if f.isdigit() and b"8" not in f and b"9" not in f else (
-                parse_number(blk[148:156], "checksum")
-            )
-            field_sum = sum(blk[148:156])
-            if blk.isascii():
-                total = (zlib.adler32(blk) & 0xFFFF) - 1  # exact: an ASCII block sums < 65521
-                if total - field_sum + 256 != stored:
-                    raise _bad(f"header checksum mismatch at offset {self.bytes_read}")
-            else:
-                unsigned = sum(blk) - field_sum + 256
-                if unsigned != stored:
-                    high = sum(1 for b in blk if b & 0x80)
-                    high -= sum(1 for b in blk[148:156] if b & 0x80)
-                    if unsigned - 256 * high != stored:
-                        raise _bad(f"header checksum mismatch at offset {self.bytes_read}")
+            try:
+                h = _parse_header(blk, self.bytes_read)
+            except InvalidArchive as exc:
+                if self._first:  # bad bytes before any entry: not a tar at all
+                    raise InvalidArchive(f"not a tar archive ({exc})") from exc
+                raise
             typ = blk[156:157]
-            f = blk[124:136].rstrip(b"\0 ")
-            size = int(f, 8) if f.isdigit() and b"8" not in f and b"9" not in f else (
-                parse_number(blk[124:136], "size")
-            )
-            if size < 0 or size > MAX_SIZE:
+            size = h[3]
+            if size < 0 and typ not in _HEADER_ONLY:
                 raise _bad(f"entry size {size} out of range")
-            if typ in (_PAX_LOCAL, _PAX_GLOBAL):
-                records = parse_pax(self._meta_data(size, "PAX header"))
-                if typ == _PAX_GLOBAL:
-                    for k, v in records:
-                        if k not in _GLOBAL_SKIP and not k.startswith("GNU.sparse."):
-                            self._global[k] = v
-                    continue
-                for k, v in records:
-                    if k == "GNU.sparse.offset" or k == "GNU.sparse.numbytes":
-                        sparse00.append(_decimal(v, k))
-                    pax[k] = v
-                continue
-            if typ == _GNU_LONGNAME:
-                longname = self._meta_data(size, "GNU long name").split(b"\0", 1)[0]
-                continue
-            if typ == _GNU_LONGLINK:
-                longlink = self._meta_data(size, "GNU long link name").split(b"\0", 1)[0]
-                continue
-            if typ == _GNU_MULTIVOL:
+            if typ == _PAX_LOCAL:
+                pax = parse_pax(self._meta_data(size, "PAX header"))
+            elif typ == _PAX_GLOBAL:
+                parse_pax(self._meta_data(size, "global PAX header"))
+                pax = longname = longlink = None
+            elif typ == _GNU_LONGNAME:
+                longname = _cstr(self._meta_data(size, "GNU long name"))
+            elif typ == _GNU_LONGLINK:
+                longlink = _cstr(self._meta_data(size, "GNU long link name"))
+            elif typ == _GNU_MULTIVOL:
                 raise _bad("multi-volume archives are not supported")
-            return self._make_entry(blk, typ, size, pax, sparse00, longname, longlink)
+            else:
+                return self._make_entry(blk, h, typ, pax, longname, longlink)
 
     def _make_entry(
         self,
         blk: bytes,
+        h: _Header,
         typ: bytes,
-        size: int,
-        pax: dict[str, bytes],
-        sparse00: list[int],
+        pax: dict[str, bytes] | None,
         longname: bytes | None,
         longlink: bytes | None,
     ) -> TarEntry:
         e = TarEntry()
-        magic = blk[257:265]
-        gnu = magic == b"ustar  \0"
-        ustar = not gnu and blk[257:262] == b"ustar"
-        nul = blk.find(0, 0, 100)
-        raw_name = blk[: nul if nul >= 0 else 100]
-        if ustar:
-            prefix = blk[345:500].split(b"\0", 1)[0]
-            if prefix:
-                raw_name = prefix + b"/" + raw_name
-        if longname is not None:
-            raw_name = longname
-        raw_link = longlink if longlink is not None else blk[157:257].split(b"\0", 1)[0]
-        # inlined fast path of parse_number for the four fields every entry has
-        try:
-            f = blk[100:108].rstrip(b"\0 ")
-            mode = int(f, 8) if f.isdigit() else parse_number(blk[100:108], "mode")
-            e.mode = mode & 0o7777
-            if mode > 0o7777:
-                e.type_bits = mode & 0o170000
-            f = blk[108:116].rstrip(b"\0 ")
-            e.uid = int(f, 8) if f.isdigit() else parse_number(blk[108:116], "uid")
-            f = blk[116:124].rstrip(b"\0 ")
-            e.gid = int(f, 8) if f.isdigit() else parse_number(blk[116:124], "gid")
-            f = blk[136:148].rstrip(b"\0 ")
-            mtime = int(f, 8) if f.isdigit() else parse_number(blk[136:148], "mtime")
-        except ValueError:
-            raise _bad("a numeric header field holds a non-octal digit") from None
+        (fmt, raw_name, raw_link, size, mode, uid, gid, mtime, devmajor, devminor, atime,
+         ctime) = h
+        e.mode = mode & 0o7777
+        if mode > 0o7777:
+            e.type_bits = mode & 0o170000
+        e.uid = uid
+        e.gid = gid
         e.mtime_ns = mtime * 1_000_000_000
-        if ustar or gnu:
+        if fmt != _V7:
             e._raw_owner = blk[265:329]
-            if typ in (CHARDEV, BLOCKDEV):
-                e.devmajor = parse_number(blk[329:337], "devmajor")
-                e.devminor = parse_number(blk[337:345], "devminor")
-        if gnu and typ != _GNU_SPARSE and blk[345:369] != _ZERO_24:
-            a = parse_number(blk[345:357], "atime")
-            c = parse_number(blk[357:369], "ctime")
-            if a:
-                e.atime_ns = a * 1_000_000_000
-            if c:
-                e.ctime_ns = c * 1_000_000_000
-        if typ == b"\0" or typ == b"":
-            typ = DIRECTORY if raw_name.endswith(b"/") else REGULAR
-        data_size = size
-        if typ in (HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO):
-            data_size = 0 if typ != DIRECTORY else size  # GNU may give dirs a size; skip it
-            size = 0
-        if typ == _GNU_DUMPDIR:
-            typ = DIRECTORY
-            size = 0
-        if typ == _GNU_SPARSE:
-            chunks = _parse_gnu_sparse(blk, 386, 4)
-            extended = blk[482]
-            while extended:
-                ext = self._read_block()
-                if ext is None:
-                    raise _bad("archive truncated in a GNU sparse header")
-                chunks += _parse_gnu_sparse(ext, 0, 21)
-                extended = ext[504]
-                if len(chunks) > MAX_META // 24:
-                    raise _bad("GNU sparse map too large")
-            e.sparse = chunks
-            size = parse_number(blk[483:495], "sparse real size")
-            typ = REGULAR
-        # apply global then local PAX records
-        merged = {**self._global, **pax} if self._global else pax
-        if merged:
+            if devmajor or devminor:
+                e.devmajor = devmajor
+                e.devminor = devminor
+        if atime is not None:
+            e.atime_ns = atime * 1_000_000_000
+        if ctime is not None:
+            e.ctime_ns = ctime * 1_000_000_000
+        if pax:
+            # Go's mergePAX: an empty value keeps the header's field; xattr records are kept
+            # whatever their value (moby sets each SCHILY.xattr record it finds)
             xattrs: dict[str, bytes] | None = None
-            for k, v in merged.items():
-                if k == "mtime":
+            for k, v in pax.items():
+                if k.startswith("SCHILY.xattr."):
+                    if xattrs is None:
+                        xattrs = {}
+                    xattrs[k[13:]] = v
+                elif not v:
+                    continue
+                elif k == "mtime":
                     e.mtime_ns = _pax_time_ns(v, k)
                 elif k == "atime":
                     e.atime_ns = _pax_time_ns(v, k)
                 elif k == "ctime":
                     e.ctime_ns = _pax_time_ns(v, k)
-                elif k.startswith("SCHILY.xattr."):
-                    if xattrs is None:
-                        xattrs = {}
-                    xattrs[k[13:]] = v
                 elif k == "path":
                     raw_name = v
                 elif k == "linkpath":
                     raw_link = v
                 elif k == "size":
-                    size = _decimal(v, k)
-                    if size < 0 or size > MAX_SIZE:
-                        raise _bad(f"PAX size {size} out of range")
-                    if typ in (HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, FIFO):
-                        size = 0
-                    else:
-                        data_size = size
+                    size = _pax_int(v, k)
                 elif k == "uid":
-                    e.uid = _decimal(v, k)
+                    e.uid = _pax_int(v, k)
                 elif k == "gid":
-                    e.gid = _decimal(v, k)
+                    e.gid = _pax_int(v, k)
                 elif k == "uname":
                     e.uname = v.decode("utf-8", "surrogateescape")
                 elif k == "gname":
                     e.gname = v.decode("utf-8", "surrogateescape")
-            e._pax_raw = merged
+            e._pax_raw = pax
             if xattrs:
                 e.xattrs = xattrs
-            if "GNU.sparse.major" in merged or "GNU.sparse.size" in merged or (
-                "GNU.sparse.map" in merged
-            ):
-                raw_name, size, data_size = self._pax_sparse(
-                    e, e.pax, sparse00, raw_name, data_size
-                )
+        if longname:
+            raw_name = longname
+        if longlink:
+            raw_link = longlink
+        if typ == b"\0":
+            typ = DIRECTORY if raw_name.endswith(b"/") else REGULAR
+        data_size = 0 if typ in _HEADER_ONLY else size
+        if data_size < 0 or data_size > MAX_SIZE:
+            raise _bad(f"entry size {size} out of range")
+        if typ == _GNU_SPARSE:
+            if fmt != _GNU:
+                raise _bad("a GNU sparse entry without a GNU header")
+            size, e.sparse = self._read_gnu_sparse_map(blk)
+            typ = REGULAR
+        elif pax is not None:
+            raw_name, size, data_size = self._pax_sparse(e, typ, pax, raw_name, size, data_size)
+        if typ in _HEADER_ONLY:
+            size = 0
+        elif typ == _GNU_DUMPDIR:
+            typ = DIRECTORY
+            size = 0
         if e.uid < 0 or e.uid > MAX_ID or e.gid < 0 or e.gid > MAX_ID:
             raise _bad(f"uid/gid {e.uid}/{e.gid} out of range")
-        if size < 0 or data_size < 0:
-            raise _bad("negative size")
         e.type = typ
         e.raw_name = raw_name
         name = raw_name.decode("utf-8", "surrogateescape")
@@ -818,32 +887,59 @@ class TarReader:
             self._check_sparse(e)
         return e
 
+    def _read_gnu_sparse_map(self, blk: bytes) -> tuple[int, list[tuple[int, int]]]:
+        """Old GNU sparse: the real size and the map, in the header and its extension blocks."""
+        size = parse_number(blk[483:495], "sparse real size")
+        chunks = _parse_gnu_sparse(blk, 386, 4)
+        extended = blk[482]
+        while extended:
+            ext = self._read_block()
+            if ext is None:
+                raise _bad("archive truncated in a GNU sparse header")
+            chunks += _parse_gnu_sparse(ext, 0, 21)
+            extended = ext[504]
+            if len(chunks) > MAX_META // 24:
+                raise _bad("GNU sparse map too large")
+        return size, chunks
+
     def _pax_sparse(
         self,
         e: TarEntry,
-        pax: dict[str, str],
-        sparse00: list[int],
+        typ: bytes,
+        pax: dict[str, bytes],
         raw_name: bytes,
+        size: int,
         data_size: int,
     ) -> tuple[bytes, int, int]:
-        major = pax.get("GNU.sparse.major")
-        real = pax.get("GNU.sparse.realsize") or pax.get("GNU.sparse.size")
-        if real is None:
-            raise _bad("PAX sparse entry without a real size")
-        size = _decimal(real, "GNU.sparse.realsize")
-        if "GNU.sparse.name" in pax:
-            raw_name = pax["GNU.sparse.name"].encode("utf-8", "surrogateescape")
+        """GNU sparse files in PAX records (0.0, 0.1, 1.0), recognised as Go recognises them; an
+        entry that is not one comes back as it was."""
+        major = pax.get("GNU.sparse.major", b"")
+        minor = pax.get("GNU.sparse.minor", b"")
+        if major == b"0" and minor in (b"0", b"1"):
+            v1 = False
+        elif major == b"1" and minor == b"0":
+            v1 = True
+        elif major or minor or not pax.get("GNU.sparse.map"):
+            return raw_name, size, data_size  # not sparse, or a version nobody knows
+        else:
+            v1 = False  # 0.0 and 0.1 name no version: a map says which
+        if typ in _HEADER_ONLY:
+            raise _bad(f"a sparse map on an entry of type {typ!r}")
+        raw_name = pax.get("GNU.sparse.name") or raw_name
+        real = pax.get("GNU.sparse.size") or pax.get("GNU.sparse.realsize")
+        if real:
+            size = _pax_int(real, "GNU.sparse.realsize")
         nums: list[int]
-        if major == "1":
+        if v1:
             nums, used = self._read_sparse10_map(data_size)
             data_size -= used
-        elif "GNU.sparse.map" in pax:
-            text = pax["GNU.sparse.map"]
-            nums = [_decimal(x, "GNU.sparse.map") for x in text.split(",")] if text else []
         else:
-            nums = sparse00
-        if len(nums) % 2:
-            raise _bad("odd number of values in a sparse map")
+            count = _pax_int(pax.get("GNU.sparse.numblocks", b""), "GNU.sparse.numblocks")
+            text = pax.get("GNU.sparse.map", b"")
+            parts = text.split(b",") if text else []
+            if count < 0 or len(parts) != 2 * count:
+                raise _bad("GNU.sparse.map does not hold GNU.sparse.numblocks entries")
+            nums = [_pax_int(x, "GNU.sparse.map") for x in parts]
         e.sparse = [(nums[i], nums[i + 1]) for i in range(0, len(nums), 2)]
         return raw_name, size, data_size
 
@@ -856,7 +952,8 @@ class TarReader:
         text = bytearray()
         used = 0
         want: int | None = None
-        while True:
+        lines = 0
+        while want is None or lines < 1 + 2 * want:
             if data_size - used < BLOCK:
                 raise _bad("sparse map larger than its entry")
             blk = self._take(BLOCK, "sparse map")
@@ -864,19 +961,20 @@ class TarReader:
                 self._seg += blk
             used += BLOCK
             text += blk
+            lines += blk.count(b"\n")
             if len(text) > MAX_META:
                 raise _bad("sparse map too large")
-            complete = text.split(b"\n")[:-1]
-            if want is None and complete:
-                want = _decimal(bytes(complete[0]), "sparse map count")
-                if want < 0 or want > MAX_META:
+            if want is None and lines:
+                want = _pax_int(bytes(text[: text.index(b"\n")]), "sparse map count")
+                if want < 0:
                     raise _bad("sparse map count out of range")
-            if want is not None and len(complete) >= 1 + 2 * want:
-                nums = [_decimal(bytes(x), "sparse map") for x in complete[1 : 1 + 2 * want]]
-                return nums, used
+        tokens = bytes(text).split(b"\n", 1 + 2 * want)[1 : 1 + 2 * want]
+        return [_pax_int(x, "sparse map") for x in tokens], used
 
     def _check_sparse(self, e: TarEntry) -> None:
         assert e.sparse is not None
+        if e.size < 0:
+            raise _bad(f"sparse file {e.name!r} of negative size")
         total = 0
         last = 0
         for off, length in e.sparse:

@@ -49,7 +49,7 @@ from ..errors import (
     from_oserror,
 )
 from ..fsutil import fs_name, remove_tree, supports_d_type
-from ..layers import REMOVING_SUFFIX, RESERVED_IDS, LayerRecord
+from ..layers import REMOVING_SUFFIX, RESERVED_IDS, LayerRecord, is_valid_id
 from ..locking import FileLock
 from ..mount import OverlayOptions, is_mounted, mount_overlay, unmount, unmount_all_under
 from ..store import LayerStore
@@ -82,6 +82,7 @@ def _read_text(path: Path) -> str:
 
 class OverlayDriver(LayerStore):
     name = "overlay"
+    home_names = frozenset({LINK_DIR, ".overlay-options"})
     whiteout_format = OVERLAY
     mounts = True
     supports_quota = True
@@ -89,8 +90,6 @@ class OverlayDriver(LayerStore):
     # ----- setup ---------------------------------------------------------------------------
 
     def _init_driver(self) -> None:
-        # Mount points are matched against /proc/self/mountinfo, which shows resolved paths.
-        self.home = Path(os.path.realpath(self.home))
         self.links = self.home / LINK_DIR
         with open("/proc/filesystems", encoding="ascii") as f:
             if not any(line.split()[-1:] == ["overlay"] for line in f if line.strip()):
@@ -140,7 +139,7 @@ class OverlayDriver(LayerStore):
                 self._probe_once(probe, extra)
             except OSError as exc:
                 raise NotSupported(f"overlay: a test mount in {self.home} failed: "
-                                   f"{exc.strerror or exc}") from None
+                                   f"{exc.strerror or exc}") from exc
             for opt in ("index=off", "redirect_dir=off", "metacopy=off"):
                 try:
                     self._probe_once(probe, [*extra, opt])
@@ -210,9 +209,7 @@ class OverlayDriver(LayerStore):
     def _destroy(self, path: Path) -> None:
         """Unmount anything beneath (never follow a mount into another layer), then delete."""
         try:
-            unmount_all_under(path)
-            if os.path.isdir(path) and not os.path.islink(path):
-                quota.unmount_image(path)
+            self._detach(path)
             if quota.is_subvolume(path):
                 for sub in os.listdir(path):
                     remove_tree(path / sub)
@@ -220,7 +217,12 @@ class OverlayDriver(LayerStore):
                 return
             remove_tree(path)
         except OSError as exc:
-            raise from_oserror(exc, f"overlay: removing {path}") from None
+            raise from_oserror(exc, f"overlay: removing {path}") from exc
+
+    def _detach(self, path: Path) -> None:
+        unmount_all_under(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            quota.unmount_image(path)
 
     # ----- create --------------------------------------------------------------------------
 
@@ -269,7 +271,7 @@ class OverlayDriver(LayerStore):
                 os.mkdir(d / "merged", 0o700)
             os.symlink(f"../{rec.id}/diff", self.links / short)
         except OSError as exc:
-            raise from_oserror(exc, f"overlay: creating layer {rec.id}") from None
+            raise from_oserror(exc, f"overlay: creating layer {rec.id}") from exc
 
     def _on_first_child(self, parent: LayerRecord) -> None:
         (self._dir(parent.id) / "committed").write_bytes(b"")
@@ -288,6 +290,9 @@ class OverlayDriver(LayerStore):
     def _quota_available(self) -> bool:
         return self.quota_problem is None
 
+    def _looks_like_layer(self, path: Path) -> bool:
+        return is_valid_id(path.name) and os.path.lexists(path / "diff")
+
     # ----- quota images --------------------------------------------------------------------
 
     def _ensure_image(self, layer_id: str) -> None:
@@ -301,7 +306,7 @@ class OverlayDriver(LayerStore):
                     log.info("overlay: mounted the quota image of %s", layer_id)
             except OSError as exc:
                 raise from_oserror(exc, f"overlay: mounting the quota image of {layer_id}") \
-                    from None
+                    from exc
 
     def _ensure_chain_images(self, layer_id: str) -> None:
         self._ensure_image(layer_id)
@@ -328,27 +333,46 @@ class OverlayDriver(LayerStore):
         merged = d / "merged"
         if is_mounted(merged):
             return merged  # mounted by a process whose count was lost: reuse it
-        committed = os.path.exists(d / "committed")
-        rel = list(lowers)
-        upper = work = None
-        if committed:
-            rel.insert(0, f"{LINK_DIR}/{self._short(rec.id)}")
-        else:
-            diff = self._diff_dir(rec.id)
-            upper = str(diff)
-            work = str(diff.parent / "work")
-        opts = OverlayOptions(
-            lowers=[str(self.home / p) for p in rel],
-            upper=upper, work=work,
-            relative_lowers=rel, relative_to=str(self.home),
-            readonly=committed, extra=list(self.mount_extra),
-            label=mount_label if mount_label and os.path.isdir("/sys/fs/selinux") else "",
-        )
+        opts = self._overlay_options(rec.id, readonly=os.path.exists(d / "committed"))
+        opts.label = mount_label if mount_label and os.path.isdir("/sys/fs/selinux") else ""
         try:
             mount_overlay(merged, opts)
         except OSError as exc:
-            raise from_oserror(exc, f"overlay: mounting layer {rec.id}") from None
+            raise from_oserror(exc, f"overlay: mounting layer {rec.id}") from exc
         return merged
+
+    def _overlay_options(self, layer_id: str, readonly: bool) -> OverlayOptions:
+        """The overlay that assembles a layer with lowers: its ancestors' short links (absolute,
+        nearest first) under its own ``diff`` as the upper — or, read-only, as the top lower."""
+        rel = self._lowers(layer_id)
+        upper = work = None
+        if readonly:
+            rel.insert(0, f"{LINK_DIR}/{self._short(layer_id)}")
+        else:
+            diff = self._diff_dir(layer_id)
+            upper = str(diff)
+            work = str(diff.parent / "work")
+        return OverlayOptions(
+            lowers=[str(self.home / p) for p in rel], upper=upper, work=work,
+            relative_lowers=rel, relative_to=str(self.home),
+            readonly=readonly, extra=list(self.mount_extra),
+        )
+
+    def mount_spec(self, layer_id: str, readonly: bool = False) -> tuple[str, str, list[str]]:
+        """How another process mounts the layer's tree: (type, source, options) as containerd's
+        overlayfs snapshotter returns them — a ``bind`` of ``diff`` for a layer without lowers
+        (``ro`` when *readonly*), else an ``overlay`` with ``lowerdir`` (absolute short links,
+        so 128 fit one page) and, unless *readonly*, ``upperdir``/``workdir``."""
+        self.record(layer_id)
+        self._ensure_chain_images(layer_id)
+        if not self._lowers(layer_id):
+            return "bind", str(self._diff_dir(layer_id)), ["ro" if readonly else "rw", "rbind"]
+        opts = self._overlay_options(layer_id, readonly)
+        options = list(opts.extra)
+        if opts.upper is not None:
+            options += [f"workdir={opts.work}", f"upperdir={opts.upper}"]
+        options.append("lowerdir=" + ":".join(opts.lowers))
+        return "overlay", "overlay", options
 
     def _unmount(self, rec: LayerRecord) -> None:
         merged = self._dir(rec.id) / "merged"
@@ -410,7 +434,7 @@ class OverlayDriver(LayerStore):
         try:
             return directory_size(self._diff_dir(layer_id))
         except OSError as exc:
-            raise from_oserror(exc, f"overlay: size of layer {layer_id}") from None
+            raise from_oserror(exc, f"overlay: size of layer {layer_id}") from exc
 
     def write_diff(self, out_fd: int, layer_id: str, parent: str | None = None,
                    progress: Callable[[int], None] | None = None) -> None:

@@ -18,6 +18,7 @@ from ..store import LayerStore
 
 class VFSDriver(LayerStore):
     name = "vfs"
+    home_names = frozenset({"dir"})
 
     def _init_driver(self) -> None:
         self.dir = self.home / "dir"
@@ -52,6 +53,11 @@ class VFSDriver(LayerStore):
 
     def _apply_target(self, rec: LayerRecord) -> Path:
         return self.dir / rec.id
+
+    def mount_spec(self, layer_id: str, readonly: bool = False) -> tuple[str, str, list[str]]:
+        """How another process mounts the layer's tree: (type, source, options), a bind of it."""
+        self.record(layer_id)
+        return "bind", str(self.dir / layer_id), ["ro" if readonly else "rw", "rbind"]
 
     def _status(self) -> list[tuple[str, str]]:
         return [("Backing Filesystem", fs_name(self.home))]

@@ -91,7 +91,6 @@ from .. import quota
 from ..archive.apply import ApplyOptions, ApplyResult
 from ..archive.changes import Change, ChangeKind
 from ..archive.pathres import open_beneath
-from ..archive.tarsplit import RAW_NAME, TarSplitPacker, finish_layer_recording, new_layer_packer
 from ..archive.windows.export import write_layer_tar
 from ..archive.windows.layout import walk_layer
 from ..archive.windows.metadata import read_tombstones
@@ -120,7 +119,7 @@ from ..mount import (
     unmount,
     unmount_all_under,
 )
-from ..store import LayerStore, as_fd, parse_size
+from ..store import LayerStore, parse_size
 
 log = logging.getLogger("graphdriver")
 
@@ -152,6 +151,7 @@ class WindowsFilterDriver(LayerStore):
     name = "windowsfilter"
     supports_quota = True  # an explicit sandbox size, by quota.py's loop-mounted image
     mounts = True  # get() builds <id>/merged: counts are checked against it when a store opens
+    apply_journal = False  # the import is swapped in whole (a clone of the layer, then a swap)
     conformance_skip: ClassVar[dict[str, str]] = {
         "test_create_base": _SKIP_LINUX_TARS,
         "test_create_snap": _SKIP_RO_WRITES,
@@ -188,7 +188,7 @@ class WindowsFilterDriver(LayerStore):
             raise NotSupported(
                 f"windowsfilter: {self.home} ({fs_name(self.home)}) cannot hold user.* extended "
                 f"attributes, which keep Windows file metadata: {exc.strerror}"
-            ) from None
+            ) from exc
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink()
@@ -204,7 +204,7 @@ class WindowsFilterDriver(LayerStore):
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
-                raise from_oserror(exc, f"windowsfilter: reading {name} of {layer_id}") from None
+                raise from_oserror(exc, f"windowsfilter: reading {name} of {layer_id}") from exc
             return validate_id(alt, f"{name} of layer {layer_id}")
         return layer_id
 
@@ -250,12 +250,15 @@ class WindowsFilterDriver(LayerStore):
 
     def _destroy(self, path: Path) -> None:
         try:
-            unmount_all_under(os.path.realpath(path))
-            if os.path.isdir(path) and not os.path.islink(path) and quota.has_image(path):
-                quota.unmount_image(path)
+            self._detach(path)
             remove_tree(path)
         except OSError as exc:
-            raise from_oserror(exc, f"windowsfilter: removing {path}") from None
+            raise from_oserror(exc, f"windowsfilter: removing {path}") from exc
+
+    def _detach(self, path: Path) -> None:
+        unmount_all_under(os.path.realpath(path))
+        if os.path.isdir(path) and not os.path.islink(path) and quota.has_image(path):
+            quota.unmount_image(path)
 
     def _cleanup_driver(self) -> None:
         for path in self._removing_leftovers():
@@ -269,8 +272,14 @@ class WindowsFilterDriver(LayerStore):
 
     def layer_chain(self, layer_id: str) -> list[Path]:
         """Directories of the layer's parents that hold a ``Files`` directory, nearest first."""
-        return [d for rec in self.chain(layer_id)[1:]
-                if (d := self._dir(rec.id)).joinpath("Files").is_dir()]
+        return self._parent_dirs(self.chain(layer_id)[0])
+
+    def _parent_dirs(self, rec: LayerRecord) -> list[Path]:
+        """``layer_chain`` of *rec* (which may be incomplete: an apply is running)."""
+        if rec.parent is None:
+            return []
+        return [d for r in self.chain(rec.parent)
+                if (d := self._dir(r.id)).joinpath("Files").is_dir()]
 
     def _make_layer(self, rec: LayerRecord, parent: LayerRecord | None) -> None:
         d = self.home / rec.id
@@ -398,7 +407,7 @@ class WindowsFilterDriver(LayerStore):
                     quota.mount_image(d)
                 except OSError as exc:
                     raise from_oserror(exc, f"windowsfilter: mounting the sandbox of {rec.id}") \
-                        from None
+                        from exc
             return mp / "diff"
         return d / SANDBOX
 
@@ -538,7 +547,7 @@ class WindowsFilterDriver(LayerStore):
         except OSError as exc:
             if exc.errno == errno.EPIPE:
                 raise
-            raise from_oserror(exc, f"windowsfilter: diff of {layer_id}") from None
+            raise from_oserror(exc, f"windowsfilter: diff of {layer_id}") from exc
 
     def diff_getter(self, layer_id: str) -> Any:
         rec = self.record(layer_id)
@@ -550,56 +559,39 @@ class WindowsFilterDriver(LayerStore):
 
     # ----- apply ---------------------------------------------------------------------------
 
-    def _apply_locked(self, rec: LayerRecord, stream: BinaryIO | int,
-                      progress: Callable[[int], None] | None) -> ApplyResult:
-        layer_id = rec.id
+    def _apply_target(self, rec: LayerRecord) -> Path:
+        return self._dir(rec.id)  # the tar's Files/, Hives/, ... are the layer directory's
+
+    def _apply_stream(self, rec: LayerRecord, fd: int, opts: ApplyOptions) -> ApplyResult:
+        """Import the Windows layer tar on *fd* into a clone of the layer, swapped in on success
+        (a failed import leaves the layer as it was)."""
         if rec.writable:
             raise NotSupported(
-                f"windowsfilter: {layer_id} is a sandbox; Windows layer tars are imported "
+                f"windowsfilter: {rec.id} is a sandbox; Windows layer tars are imported "
                 "into read-only layers (create without --rw)")
-        d = self._dir(layer_id)
-        parents = self.layer_chain(layer_id)
+        d = self._dir(rec.id)
+        parents = self._parent_dirs(rec)
         staging = d / STAGING
-        self.meta.mark_incomplete(layer_id, "apply")
-        raw_fd = -1
-        packer: TarSplitPacker | None = None
-        opts = ApplyOptions(progress=progress)
         try:
-            try:
-                if self.record_tarsplit:  # tar-split: exact diffs for Docker (issue 6)
-                    raw_fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
-                                     os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                                     0o600)
-                    opts.recorder = packer = new_layer_packer(raw_fd)
-                if os.path.lexists(staging):
-                    remove_tree(staging)
-                os.mkdir(staging, 0o700)
-                _clone_layer(d, staging)
-                with as_fd(stream) as fd:
-                    result = import_windows_confined(fd, staging, opts, parents=parents)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    remove_tree(staging)
-                self.meta.clear_incomplete(layer_id)  # the layer is as it was
-                raise
-            # The swap: a crash from here on leaves the layer incomplete (repair removes it).
-            _swap_in(d, staging)
-            atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(),
-                         mode=0o600)
-            if packer is not None:
-                packer.close()
-                finish_layer_recording(self.meta.dir(layer_id), raw_fd, d, layer_id,
-                                       packer=packer)
-        finally:
-            if raw_fd >= 0:
-                os.close(raw_fd)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.meta.dir(layer_id) / RAW_NAME)
-        self._commit_applied(rec, result)
+            if os.path.lexists(staging):
+                remove_tree(staging)
+            os.mkdir(staging, 0o700)
+            _clone_layer(d, staging)
+            result = import_windows_confined(fd, staging, opts, parents=parents)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                remove_tree(staging)
+            raise
+        # The swap: a crash from here on leaves the layer incomplete.
+        _swap_in(d, staging)
+        atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(), mode=0o600)
         return result
 
     def _quota_available(self) -> bool:
         return quota.image_supported() is None
+
+    def _looks_like_layer(self, path: Path) -> bool:
+        return os.path.isfile(path / LAYERCHAIN)
 
     def _freeze(self, rec: LayerRecord) -> None:
         raise NotSupported(f"windowsfilter: {rec.id} is a sandbox; a sandbox cannot become a "

@@ -176,14 +176,14 @@ class Importer:
             fd = open_beneath(self.root if root is None else root, d, DIR_FLAGS)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EXDEV):
-                raise UnsafeArchive(f"path {d!r} goes through a symbolic link") from None
+                raise UnsafeArchive(f"path {d!r} goes through a symbolic link") from exc
             if exc.errno == errno.ENOTDIR:
                 with contextlib.suppress(OSError):
                     st = os.stat(d, dir_fd=self.root if root is None else root,
                                  follow_symlinks=False)
                     if stat.S_ISLNK(st.st_mode):
-                        raise UnsafeArchive(f"path {d!r} goes through a symbolic link") from None
-                raise bad_archive(f"path {d!r} goes through a file") from None
+                        raise UnsafeArchive(f"path {d!r} goes through a symbolic link") from exc
+                raise bad_archive(f"path {d!r} goes through a file") from exc
             raise
         if root is None:
             self._drop_cached()
@@ -260,18 +260,22 @@ class Importer:
 
     def _split(self, entry: TarEntry) -> list[str]:
         name = entry.name
+        shown = entry.raw_name.decode("utf-8", "replace")  # as in the tar: "./x", not "x"
         if "\\" in name:
-            raise bad_archive(f"{name!r}: backslash in an entry name")
+            raise bad_archive(f"{shown!r}: backslash in an entry name")
         parts = name.split("/")
         if not name or any(p in ("", ".", "..") for p in parts):
-            raise UnsafeArchive(f"entry {name!r} leaves the layer")
+            if ".." in parts:
+                raise UnsafeArchive(f"entry {shown!r} leaves the layer")
+            raise bad_archive(f"entry {shown!r}: a Windows layer holds only entries under Files/, "
+                              "Hives/ and UtilityVM/ (no root entry, no ./ prefix)")
         if parts[0] not in TOP_DIRS:
-            raise bad_archive(f"entry {name!r} is outside Files/, Hives/ and UtilityVM/")
+            raise bad_archive(f"entry {shown!r} is outside Files/, Hives/ and UtilityVM/")
         for part in parts:
             size = len(part.encode("utf-8", "surrogateescape"))
             if size > self._name_max:
                 raise bad_archive(
-                    f"{name[:60]!r}...: a name of {size} bytes does not fit this filesystem "
+                    f"{shown[:60]!r}...: a name of {size} bytes does not fit this filesystem "
                     f"(NAME_MAX {self._name_max}; NTFS allows 255 UTF-16 units)")
         return parts
 
@@ -565,4 +569,4 @@ def import_layer(stream_reader: TarReader, root_fd: int, parent_fds: list[int],
     except GraphDriverError:
         raise
     except OSError as exc:
-        raise from_oserror(exc, "importing the Windows layer") from None
+        raise from_oserror(exc, "importing the Windows layer") from exc

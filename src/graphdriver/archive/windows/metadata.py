@@ -50,8 +50,8 @@ def bad_archive(msg: str) -> InvalidArchive:
 def _b64decode(value: str, key: str, name: str) -> bytes:
     try:
         return binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
-    except (binascii.Error, UnicodeEncodeError, ValueError):
-        raise bad_archive(f"{name}: {key} is not base64") from None
+    except (binascii.Error, UnicodeEncodeError, ValueError) as exc:
+        raise bad_archive(f"{name}: {key} is not base64") from exc
 
 
 def _check_pax_time(value: str, key: str, name: str) -> None:

@@ -1,0 +1,147 @@
+"""Exact diffs: the store's side of tar-split (the files under ``meta/<id>/``).
+
+An apply records the tar's raw description into ``meta/<id>/tar-split.raw`` (the packer of
+:func:`new_layer_packer`); :func:`finish_layer_recording` turns it into ``tar-split.json.gz`` or
+marks the layer ``tar-split.unreproducible`` with the reason; :func:`write_exact_diff`
+re-assembles the applied tar byte for byte from the layer's files.  The format, the packer and
+the re-assembly of a description are archive/tarsplit.py's.
+
+Owns: the per-layer tar-split files.  Never imports: drivers/, cli, plugin (it is handed a
+driver); archive/ never imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import logging
+import os
+import zlib
+from pathlib import Path
+
+from . import TYPE_CHECKING
+from .archive.tarsplit import (
+    METADATA_LEVEL,
+    METADATA_NAME,
+    UNREPRODUCIBLE_NAME,
+    Opener,
+    Recording,
+    TarSplitPacker,
+    assemble,
+    finalize_recording,
+    mark_unreproducible,
+    open_metadata,
+    verify_packed,
+)
+from .errors import ExactDiffUnavailable, StoreCorrupt
+
+if TYPE_CHECKING:
+    from typing import BinaryIO
+
+    from .store import LayerStore
+
+log = logging.getLogger("graphdriver")
+
+#: where an apply records the raw description (in ``meta/<id>/``) until it is finished
+RAW_NAME = "tar-split.raw"
+
+
+def new_layer_packer(raw_fd: int) -> TarSplitPacker:
+    """The packer an apply records into: final lines, gzip'd, on ``meta/<id>/tar-split.raw``
+    (*raw_fd*, not closed by the packer), for :func:`finish_layer_recording`."""
+    out = io.FileIO(raw_fd, "wb", closefd=False)
+    return TarSplitPacker(out, compress=True, level=METADATA_LEVEL)  # type: ignore[arg-type]
+
+
+def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLike[str],
+                           layer_id: str, packer: TarSplitPacker) -> Recording:
+    """After a successful apply: turn ``meta_dir/tar-split.raw`` (on *raw_fd*) into the layer's
+    ``tar-split.json.gz``, or mark the layer not exactly reproducible (and log why).
+
+    When the (closed) *packer* got every CRC, the raw file is already the final metadata: the
+    applied files are only checked (one stat each) and the file is renamed into place.
+    Otherwise the lines are re-read and missing CRCs computed from the files.
+    """
+    problem = packer.problem
+    if problem is not None:
+        pass
+    elif (meta_dir / METADATA_NAME).exists() or (meta_dir / UNREPRODUCIBLE_NAME).exists():
+        problem = "more than one archive was applied to this layer"
+    elif os.fstat(raw_fd).st_size == 0 or packer.lines == 0:
+        problem = "the apply recorded no description of the archive"
+    out_path = meta_dir / METADATA_NAME
+    if problem is None and packer.compressed and not packer.missing:
+        root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            why = verify_packed(root_fd, packer)
+        finally:
+            os.close(root_fd)
+        if why is None:
+            os.fsync(raw_fd)
+            os.replace(meta_dir / RAW_NAME, out_path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(meta_dir / UNREPRODUCIBLE_NAME)
+            rec = Recording(True)
+        else:
+            rec = mark_unreproducible(out_path, why)
+    else:
+        os.lseek(raw_fd, 0, os.SEEK_SET)
+        with io.FileIO(raw_fd, "rb", closefd=False) as raw:
+            rec = finalize_recording(raw, target, out_path, problem)
+    if not rec.reproducible:
+        log.warning("layer %s is not exactly reproducible (its diff will be a new tar): %s",
+                    layer_id, rec.reason)
+    return rec
+
+
+def layer_status(meta_dir: Path) -> tuple[bool, str]:
+    """(True, "") if the layer has exact metadata, else (False, why not)."""
+    if (meta_dir / METADATA_NAME).exists():
+        return True, ""
+    marker = meta_dir / UNREPRODUCIBLE_NAME
+    with contextlib.suppress(FileNotFoundError):
+        return False, marker.read_text().strip() or "not exactly reproducible"
+    return False, "the layer was not made by applying an archive"
+
+
+def assemble_layer(meta_dir: Path, open_file: Opener, out: int | BinaryIO,
+                   layer_id: str = "layer") -> int:
+    """Re-assemble a layer's applied tar from ``meta_dir/tar-split.json.gz``."""
+    ok, why = layer_status(meta_dir)
+    if not ok:
+        raise ExactDiffUnavailable(f"layer {layer_id}: the archive it was made from cannot be "
+                                   f"reproduced byte for byte ({why})")
+    with open_metadata(meta_dir / METADATA_NAME) as meta:
+        try:
+            return assemble(meta, open_file, out, f"layer {layer_id}")
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise StoreCorrupt(f"layer {layer_id}: reading its tar-split metadata: {exc}") from exc
+
+
+def exact_available(driver: LayerStore, layer_id: str,
+                    parent: str | None = None) -> tuple[bool, str]:
+    """Whether ``driver.diff(layer_id, parent)`` can be the applied tar, byte for byte."""
+    rec = driver.record(layer_id)
+    if parent not in (None, "") and parent != rec.parent:
+        return False, f"asked against {parent}, not the layer's parent"
+    return layer_status(driver.meta.dir(layer_id))
+
+
+def write_exact_diff(driver: LayerStore, layer_id: str, out: int | BinaryIO) -> int:
+    """Re-assemble the tar that was applied to *layer_id* from its stored files (same sha256).
+
+    Raises ExactDiffUnavailable (a NotFound) when the layer has no usable metadata and
+    StoreCorrupt when a file changed.
+    """
+    ok, why = exact_available(driver, layer_id)
+    if not ok:
+        log.debug("layer %s: no tar-split metadata (%s) to re-assemble from: %s", layer_id,
+                  driver.meta.dir(layer_id) / METADATA_NAME, why)
+        raise ExactDiffUnavailable(f"layer {layer_id}: the archive it was made from cannot be "
+                                   f"reproduced byte for byte ({why}); a plain diff still works")
+    getter = driver.diff_getter(layer_id)
+    try:
+        return assemble_layer(driver.meta.dir(layer_id), getter.open, out, layer_id)
+    finally:
+        getter.close()
