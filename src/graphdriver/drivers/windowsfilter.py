@@ -385,7 +385,7 @@ class WindowsFilterDriver(LayerStore):
         try:
             mount_overlay(merged, opts)
         except OSError as exc:
-            raise from_oserror(exc, f"windowsfilter: mounting sandbox {rec.id}") from None
+            raise from_oserror(exc, f"windowsfilter: mounting sandbox {rec.id}") from exc
         return merged
 
     def _make_sandbox(self, d: Path, size: int | None) -> Path:

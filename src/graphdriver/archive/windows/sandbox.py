@@ -33,6 +33,7 @@ from ..export import TarOut
 from ..tarwriter import encode_sorted
 from ..whiteout import WHITEOUT_PREFIX
 from .defaults import new_file_records, pax_time
+from .layout import stream_index
 from .metadata import read_linkmeta, read_win_xattrs, xattrs_to_pax
 from .names import (
     DIR_FLAGS,
@@ -122,13 +123,18 @@ def _streams(d: Path, present: list[str], n: str, lower: tuple[Source, os.stat_r
     out: dict[str, tuple[str, Path, Source | None]] = {}
     if lower is not None and lower[0].layer is not None:
         ldir = lower[0].files / rel if rel else lower[0].files
-        for s in os.listdir(ldir):
-            if s.startswith(n + ":"):
-                out[s[len(n):]] = (s[len(n):], ldir / s, lower[0])
-    for s in present:
+        dfd = os.open(ldir, DIR_FLAGS)
+        try:  # in the order they were imported, as the layer's own diff writes them
+            below = sorted((s for s in os.listdir(dfd) if s.startswith(n + ":")),
+                           key=lambda s: (stream_index(dfd, s), os.fsencode(s)))
+        finally:
+            os.close(dfd)
+        for s in below:
+            out[s[len(n):]] = (s[len(n):], ldir / s, lower[0])
+    for s in sorted(present, key=os.fsencode):
         if s.startswith(n + ":"):
             out[s[len(n):]] = (s[len(n):], d / s, None)
-    return [out[k] for k in sorted(out, key=os.fsencode)]
+    return list(out.values())
 
 
 def _refuse_case_twins(rel: str, names: list[str], below: list[str], name: str) -> None:
