@@ -327,10 +327,12 @@ def _store_exists(root: str, driver: str | None) -> bool:
 
     for name in [ALIASES.get(driver, driver)] if driver else names():
         try:
-            os.stat(os.path.join(root, name, "meta"))  # EACCES: PermissionDenied, as it is
+            # EACCES: PermissionDenied, as it is
+            entries = [e for e in os.listdir(os.path.join(root, name)) if e != "lost+found"]
         except (FileNotFoundError, NotADirectoryError):
             continue
-        return True
+        if entries:  # a store, or something else the store refuses to open ("not a ... store")
+            return True
     return False
 
 

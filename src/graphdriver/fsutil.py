@@ -13,6 +13,7 @@ from pathlib import Path
 from . import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from array import array
     from typing import Any
 
 log = logging.getLogger("graphdriver")
@@ -205,8 +206,11 @@ def _copy_xattrs(src: str | int, dst: str | int, *, follow: bool) -> None:
             raise
 
 
-def copy_tree(src: Path, dst: Path) -> None:
+def copy_tree(src: Path, dst: Path, copied: array[int] | None = None) -> None:
     """Copy the contents of ``src`` into the existing directory ``dst``, exactly.
+
+    *copied*, when given, gets each copied regular file's inode number and ctime (ns), two
+    items a file: what the copy looked like, to tell later which files were changed since.
 
     Keeps types, modes (incl. setuid/sticky), owners, nanosecond times, xattrs, devices, fifos,
     sockets' absence (as tar would) and hard links (files sharing an inode in ``src`` share one
@@ -234,7 +238,7 @@ def copy_tree(src: Path, dst: Path) -> None:
                 if stat.S_ISDIR(st.st_mode):
                     down = (name, st)
                     break
-                _copy_entry(sfd, dfd, name, st, links, here, droot)
+                _copy_entry(sfd, dfd, name, st, links, here, droot, copied)
             if down is not None:
                 name, st = down
                 os.mkdir(name, 0o700, dir_fd=dfd)
@@ -298,7 +302,7 @@ def _open_below(root: int, names: tuple[str, ...]) -> int:
 
 def _copy_entry(sfd: int, dfd: int, name: str, st: os.stat_result,
                 links: dict[tuple[int, int], tuple[tuple[str, ...], str]], here: list[str],
-                droot: int) -> None:
+                droot: int, copied: array[int] | None = None) -> None:
     mode = st.st_mode
     if st.st_nlink > 1:
         key = (st.st_dev, st.st_ino)
@@ -310,6 +314,9 @@ def _copy_entry(sfd: int, dfd: int, name: str, st: os.stat_result,
                         follow_symlinks=False)
             finally:
                 os.close(first_dir)
+            if copied is not None and stat.S_ISREG(mode):  # a link changes the inode's ctime
+                done = os.lstat(name, dir_fd=dfd)
+                copied.extend((done.st_ino, done.st_ctime_ns))
             return
         links[key] = (tuple(here), name)
     if stat.S_ISREG(mode):
@@ -321,6 +328,9 @@ def _copy_entry(sfd: int, dfd: int, name: str, st: os.stat_result,
                 copy_file_data(src, out, st.st_size)
                 _copy_meta_fd(src, out, st)
                 os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+                if copied is not None:
+                    done = os.fstat(out)
+                    copied.extend((done.st_ino, done.st_ctime_ns))
             finally:
                 os.close(out)
         finally:

@@ -775,7 +775,13 @@ class LayerStore:
             if parent is None:
                 return changes_dirs(root, None, self.idmap)
             with self.mounted(parent) as proot:
-                return changes_dirs(root, proot, self.idmap)
+                return changes_dirs(root, proot, self.idmap,
+                                    self._unchanged_copies(layer_id, parent))
+
+    def _unchanged_copies(self, layer_id: str, parent: str) -> frozenset[tuple[int, int]] | None:
+        """When the layer's tree began as a copy of *parent*'s: its regular files as copied,
+        (inode, ctime ns) pairs (archive.changes.changes_dirs); else None."""
+        return None
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         from .archive.changes import changes_size
@@ -806,8 +812,10 @@ class LayerStore:
                 write_tree(out_fd, root, idmap=self.idmap, progress=progress)
                 return
             with self.mounted(parent) as proot:
-                changes = changes_dirs(root, proot, self.idmap)
-            write_changes(out_fd, root, changes, idmap=self.idmap, progress=progress)
+                changes = changes_dirs(root, proot, self.idmap,
+                                       self._unchanged_copies(layer_id, parent))
+                write_changes(out_fd, root, changes, idmap=self.idmap, progress=progress,
+                              parent_root=proot)
 
     def apply_diff(
         self,

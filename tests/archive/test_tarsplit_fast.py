@@ -79,15 +79,27 @@ def test_file_deleted_later_in_the_archive_is_not_reproducible(store: object,
     assert not ok and ("twice" in why or "regular file" in why), why
 
 
-def test_file_whited_out_later_is_not_reproducible(store: object, tmp_path: Path) -> None:
+def test_file_whited_out_in_its_own_layer_stays_reproducible(store: object,
+                                                             tmp_path: Path) -> None:
+    """OCI layer.md: a whiteout hides only lower layers, so the layer's own ``f`` stays and the
+    layer reproduces exactly (issue 15 rule 1)."""
     tar = _tar(tmp_path, [("f", b"data", None), (".wh.f", b"", None)])
     d = store
     d.create("w")  # type: ignore[attr-defined]
     with open(tar, "rb") as f:
         d.apply_diff("w", None, f)  # type: ignore[attr-defined]
     ok, why = ed.exact_available(d, "w")
-    # vfs: the file is gone; overlay: it is a whiteout device
-    assert not ok and ("not in the layer" in why or "not a regular file" in why), why
+    assert ok, why
+
+
+def test_file_replaced_later_is_not_reproducible(store: object, tmp_path: Path) -> None:
+    tar = _tar(tmp_path, [("f", b"data", None), ("f", None, None)])
+    d = store
+    d.create("w")  # type: ignore[attr-defined]
+    with open(tar, "rb") as f:
+        d.apply_diff("w", None, f)  # type: ignore[attr-defined]
+    ok, why = ed.exact_available(d, "w")
+    assert not ok and ("twice" in why or "not a regular file" in why), why
 
 
 def test_file_written_through_a_symlinked_dir_is_not_reproducible(tmp_path: Path) -> None:

@@ -556,3 +556,26 @@ def test_native_and_naive_diffs_reapply_to_the_same_tree(ov: Any, name: str, tmp
         for mp in sorted(mount_points_under(tmp_path / "two"), key=len, reverse=True):
             with contextlib.suppress(OSError):
                 umount(Path(mp), detach=True)
+
+
+def test_kernel_ignores_opaque_on_a_layer_root(tmp_path: Path) -> None:
+    """Why an opaque root is written as whiteouts (issue 15 rule 3): a raw overlay mount shows
+    the lower layer's files although the layer above has ``trusted.overlay.opaque=y`` on its
+    root."""
+    from graphdriver.mount import OverlayOptions, mount_overlay, unmount
+
+    for sub in ("low", "mid", "up", "work", "m"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "low" / "below").write_bytes(b"b")
+    (tmp_path / "mid" / "above").write_bytes(b"a")
+    os.setxattr(tmp_path / "mid", "trusted.overlay.opaque", b"y")
+    try:
+        mount_overlay(tmp_path / "m", OverlayOptions(
+            lowers=[str(tmp_path / "mid"), str(tmp_path / "low")], upper=str(tmp_path / "up"),
+            work=str(tmp_path / "work")))
+    except OSError as exc:
+        pytest.skip(f"overlay mount failed: {exc}")
+    try:
+        assert sorted(os.listdir(tmp_path / "m")) == ["above", "below"]
+    finally:
+        unmount(tmp_path / "m")

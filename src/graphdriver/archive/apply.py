@@ -8,6 +8,22 @@ was: an empty target is emptied again; otherwise every replaced or removed path 
 into a hidden scratch directory inside the target and is put back, created paths are removed, and
 metadata of merged directories and times of touched directories are restored.
 
+The OCI changeset rules (image-spec layer.md; tests/archive/test_layer_rules.py and
+tests/conformance/test_layer_semantics.py), where moby differs:
+
+- A whiteout hides only what the layers below have: this layer's own ``x`` stays, whatever the
+  order of ``x`` and ``.wh.x``; when that own ``x`` is a directory it becomes opaque (the lower
+  ``x`` is still hidden).  A directory created over a whiteout this layer wrote (deleted and
+  re-created in one layer) is opaque.
+- With the lower layers known (``ApplyOptions.lower_fds``, an overlay layer's parent chain): a
+  whiteout with nothing below to hide is not written; a directory the layer does not list but
+  needs is made as overlayfs' copy-up makes it (the lower directory's owner, mode, times,
+  xattrs); an opaque marker at the root, which overlayfs ignores there, whites out each lower
+  entry instead.
+- A directory the layer does not list keeps its times (vfs: its copy in the target).
+- An entry over an existing directory replaces its attributes, xattrs included.
+- The root's own entry (``./``) sets the target's mode, owner, times and xattrs.
+
 Choices where moby and GNU tar differ (documented here, tested in tests/archive):
 
 - A path whose parent is a regular file (or another non-directory) is an ``InvalidArchive``
@@ -25,7 +41,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 from ..errors import (
@@ -40,6 +56,7 @@ from ..fsutil import remove_beneath
 from ..idmap import IDENTITY, IDMap
 from . import tarstream as ts
 from .compression import decompress_stream, open_decompressed
+from .lowerview import LowerView
 from .native import native_module
 from .pathres import open_beneath, resolve_in_root
 from .tarstream import Recorder, TarEntry, TarReader
@@ -109,7 +126,8 @@ SIGNAL_GATE = _SignalGate()
 class ApplyOptions:
     """How an apply runs (keyword arguments; every field has a default)."""
 
-    __slots__ = ("idmap", "journal", "progress", "recorder", "tarsplit_fd", "whiteout_format")
+    __slots__ = ("idmap", "journal", "lower_fds", "progress", "recorder", "tarsplit_fd",
+                 "whiteout_format")
 
     def __init__(
         self,
@@ -119,6 +137,7 @@ class ApplyOptions:
         progress: Callable[[int], None] | None = None,
         tarsplit_fd: int | None = None,
         journal: bool = False,
+        lower_fds: Sequence[int] | None = None,
     ) -> None:
         self.whiteout_format = whiteout_format
         self.idmap = idmap
@@ -130,8 +149,13 @@ class ApplyOptions:
         # and leave it there on success: the caller commits (commit_journal) or rolls back
         # (rollback_journal) later, e.g. after its own steps failed or after a crash.
         self.journal = journal
+        # A format that keeps whiteouts: read-only fds of the layers below (nearest first), or
+        # None when they are unknown (then every whiteout is kept, and every implicit parent
+        # is a plain 0755 directory).
+        self.lower_fds = lower_fds
 
-    _FIELDS = ("whiteout_format", "idmap", "recorder", "progress", "tarsplit_fd", "journal")
+    _FIELDS = ("whiteout_format", "idmap", "recorder", "progress", "tarsplit_fd", "journal",
+               "lower_fds")
 
     def _fields(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self._FIELDS)
@@ -227,6 +251,10 @@ class _Applier:
         if not isinstance(self.whiteouts, WhiteoutFormat):
             raise InvalidArgument(f"unknown whiteout format {self.whiteouts!r}")
         self.overlay = self.whiteouts.kept  # whiteouts and opaque markers stay on disk
+        # what the layers below show (overlay with known lowers only; vfs has them in the target)
+        self.lowers = (LowerView(opts.lower_fds, self.whiteouts)
+                       if self.overlay and opts.lower_fds is not None else None)
+        self.whited: set[str] = set()  # whiteouts this apply wrote (overlay)
         self.idmap = opts.idmap
         self.identity = opts.idmap.is_identity
         self.euid = os.geteuid()
@@ -391,16 +419,27 @@ class _Applier:
                     raise UnsafeArchive(
                         f"{name!r} leads into the apply's scratch directory"
                     ) from exc
-            st_mode = os.fstat(fd).st_mode
-            sgid = bool(st_mode & stat.S_ISGID)
+            st = os.fstat(fd)
+            if not self.empty_start and real not in self.created:
+                # a directory the layer does not list keeps its times (an entry may set them)
+                self.dir_times.setdefault(real, (st.st_atime_ns, st.st_mtime_ns, None))
+            sgid = bool(st.st_mode & stat.S_ISGID)
             key = "/".join(parts[: j + 1])
             self.cache[key] = (fd, real, sgid)
             cur_fd, cur_real, cur_sgid = fd, real, sgid
         return cur_fd, cur_real, cur_sgid
 
     def _mkdir_parent(self, pfd: int, preal: str, base: str) -> None:
+        real = _join(preal, base)
+        lower_fd = self.lowers.open_dir(real) if self.lowers is not None else None
+        if lower_fd is not None:
+            try:
+                self._copy_up_dir(pfd, preal, base, lower_fd)
+            finally:
+                os.close(lower_fd)
+            return
         os.mkdir(base, 0o755, dir_fd=pfd)
-        self._note_new(preal, _join(preal, base))
+        self._note_new(preal, real)
         if (self.root_uid, self.root_gid) != (self.euid, self.egid):
             try:
                 os.chown(base, self.root_uid, self.root_gid, dir_fd=pfd, follow_symlinks=False)
@@ -408,6 +447,31 @@ class _Applier:
                 self._soft_fail(f"chown {base}", exc)
         if self.umask & 0o755:
             os.chmod(base, 0o755, dir_fd=pfd)
+
+    def _copy_up_dir(self, pfd: int, preal: str, base: str, lower_fd: int) -> None:
+        """A directory the layer does not list, made in the upper as overlayfs' copy-up makes
+        it: the lower directory's owner, mode, times and xattrs (not overlayfs' own)."""
+        real = _join(preal, base)
+        meta = _read_meta(lower_fd)
+        os.mkdir(base, 0o700, dir_fd=pfd)
+        self._note_new(preal, real)
+        dfd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            try:
+                os.fchown(dfd, meta.uid, meta.gid)
+            except OSError as exc:
+                self._soft_fail(f"chown {real!r}", exc)
+            os.fchmod(dfd, meta.mode)
+            for k, v in meta.xattrs.items():
+                if self.whiteouts.is_private_xattr(k):
+                    continue
+                try:
+                    os.setxattr(dfd, k, v)
+                except OSError as exc:
+                    self._soft_fail(f"set xattr {k} on {real!r}", exc)
+        finally:
+            os.close(dfd)
+        self.dir_times[real] = (meta.atime_ns, meta.mtime_ns, None)
 
     # ---- removal -------------------------------------------------------------------------------
     def _remove(self, pfd: int, preal: str, base: str, st: os.stat_result | None = None) -> None:
@@ -436,6 +500,7 @@ class _Applier:
         self.archive_links.discard(real)
         self.created.discard(real)
         self.merged.discard(real)
+        self.whited.discard(real)
 
     def _make_room(self, pfd: int, preal: str, base: str, new_is_dir: bool) -> bool:
         """Something exists at base: True to merge (dir over dir), else it is removed."""
@@ -446,26 +511,64 @@ class _Applier:
         return False
 
     # ---- whiteouts -----------------------------------------------------------------------------
+    def _own(self, real: str) -> bool:
+        """Whether the path (there now) is this layer's own entry: this apply put it there."""
+        return self.empty_start or real in self.created
+
     def _whiteout(self, parent: str, target: str, name: str) -> None:
+        """OCI layer.md: a whiteout hides only what the layers below have; this layer's own
+        entry stays (in either order), and its own directory there becomes opaque."""
         if target in ("", ".", "..") or target.startswith(WHITEOUT_META_PREFIX[4:]):
             raise UnsafeArchive(f"whiteout {name!r} names no removable entry")
-        if self.overlay:
+        hit = self._dir(parent, False, name)
+        if hit is not None:
+            pfd, preal, _ = hit
+            real = _join(preal, target)
+            try:
+                st: os.stat_result | None = os.lstat(target, dir_fd=pfd)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (self._own(real) or real in self.merged):
+                if stat.S_ISDIR(st.st_mode):
+                    self._hide_below(pfd, real, target)
+                return
+        if not self.overlay:
+            if hit is not None:
+                self._remove(hit[0], hit[1], target)
+            return
+        real = _join(hit[1] if hit is not None else parent, target)
+        if self.lowers is not None and not self.lowers.exists(real):
+            if hit is not None:  # nothing below to hide: no whiteout, only what was here goes
+                self._remove(hit[0], hit[1], target)
+            return
+        if hit is None:
             hit = self._dir(parent, True, name)
             assert hit is not None
-            pfd, preal, _ = hit
-            self._remove(pfd, preal, target)
-            self.whiteouts.write_whiteout(pfd, target)
-            self._note_new(preal, _join(preal, target))
-            if (self.root_uid, self.root_gid) != (self.euid, self.egid):
-                os.chown(target, self.root_uid, self.root_gid, dir_fd=pfd, follow_symlinks=False)
-            return
-        hit = self._dir(parent, False, name)
-        if hit is None:
-            return
         pfd, preal, _ = hit
         self._remove(pfd, preal, target)
+        self.whiteouts.write_whiteout(pfd, target)
+        self._note_new(preal, real)
+        self.whited.add(real)
+        if (self.root_uid, self.root_gid) != (self.euid, self.egid):
+            os.chown(target, self.root_uid, self.root_gid, dir_fd=pfd, follow_symlinks=False)
+
+    def _hide_below(self, pfd: int, real: str, base: str) -> None:
+        """This layer's directory *real* hides what the layers below had there (it is opaque)."""
+        dfd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            if self.overlay:
+                if self.lowers is not None and not self.lowers.exists(real):
+                    return
+                self._save_dir_meta(dfd, real)
+                self.whiteouts.mark_opaque(dfd)
+            self._prune(dfd, real)
+        finally:
+            os.close(dfd)
 
     def _opaque(self, parent: str, name: str) -> None:
+        if self.overlay and self.lowers is not None and not parent:
+            self._opaque_root()
+            return
         hit = self._dir(parent, self.overlay, name)
         if hit is None:
             return
@@ -474,6 +577,27 @@ class _Applier:
             self._save_dir_meta(dfd, dreal)
             self.whiteouts.mark_opaque(dfd)
         self._prune(dfd, dreal)
+
+    def _opaque_root(self) -> None:
+        """An opaque marker at the layer's root: overlayfs ignores the opaque xattr on a layer's
+        root, so each lower entry is whited out (this layer's own directories become opaque)."""
+        assert self.lowers is not None
+        self._prune(self.root_fd, "")
+        for base in sorted(self.lowers.names("")):
+            if base == self.scratch:
+                continue
+            try:
+                st = os.lstat(base, dir_fd=self.root_fd)
+            except FileNotFoundError:
+                self.whiteouts.write_whiteout(self.root_fd, base)
+                self._note_new("", base)
+                self.whited.add(base)
+                if (self.root_uid, self.root_gid) != (self.euid, self.egid):
+                    os.chown(base, self.root_uid, self.root_gid, dir_fd=self.root_fd,
+                             follow_symlinks=False)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                self._hide_below(self.root_fd, base, base)
 
     def _prune(self, dfd: int, dreal: str) -> None:
         """Remove what this apply did not put in the directory (moby's unpackedPaths rule)."""
@@ -638,6 +762,8 @@ class _Applier:
         real = _join(preal, base)
         mode = e.mode
         mkmode = mode & 0o777 if self.is_root else (mode & 0o777) | 0o700
+        # deleted and re-created in this layer: the new directory hides the old contents
+        replaces_whiteout = real in self.whited
         try:
             os.mkdir(base, mkmode, dir_fd=pfd)
             created = True
@@ -659,6 +785,8 @@ class _Applier:
                 raise InvalidArchive(f"directory {e.name!r} vanished while applying")
             hit = got
         self._dir_meta(e, hit[0], real, created, sgid)
+        if replaces_whiteout and created:
+            self.whiteouts.mark_opaque(hit[0])
         # new files inherit the group of a setgid directory: remember the bit as it is now
         self.cache[key] = (hit[0], hit[1], bool(e.mode & stat.S_ISGID))
 
@@ -674,11 +802,29 @@ class _Applier:
         mode = e.mode
         if self.is_root and (mode & 0o7000 or mode & self.umask or not created or sgid):
             os.fchmod(dfd, mode)
+        if not created:
+            self._drop_xattrs(dfd, e)
         if e.xattrs:
             self._set_xattrs_fd(dfd, e)
         # re-insert, so that the last-seen (deeper) directories get their times first (reversed)
         self.dir_times.pop(real, None)
         self.dir_times[real] = (*self._times(e), None if self.is_root else mode)
+
+    def _drop_xattrs(self, dfd: int, e: TarEntry) -> None:
+        """An entry over an existing directory replaces its attributes: xattrs the entry does
+        not carry go (overlayfs' own, such as an opaque marker, stay)."""
+        try:
+            names = os.listxattr(dfd)
+        except OSError:
+            return
+        for k in names:
+            if k in e.xattrs or self.whiteouts.is_private_xattr(k) or k.startswith(
+                    "security.selinux"):
+                continue
+            try:
+                os.removexattr(dfd, k)
+            except OSError as exc:
+                self._soft_fail(f"remove xattr {k} from {e.name!r}", exc)
 
     def _save_dir_meta(self, dfd: int, real: str) -> None:
         if self.empty_start or real in self.created or real in self.merged_meta:

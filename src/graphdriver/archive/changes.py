@@ -4,6 +4,12 @@
 - ``changes_size(root, changes)``: moby's ChangesSize.
 - ``overlay_changes(upper, lowers)``: the same answer for an overlay layer, read from its upper
   directory without walking the lowers.
+
+Beyond moby: a regular file whose size and mtime agree is still compared by content where it may
+have been rewritten (issue 15 rule 8): in an overlay upper (it is there, so it was written), and
+in a tree copied from the old one (vfs) unless it is the very copy made then (its inode and
+ctime as recorded at the copy, ``unchanged_copies``); such a tree's non-directory mtimes are
+compared to the nanosecond (both sides hold the same times, nothing was truncated by a tar).
 """
 
 from __future__ import annotations
@@ -80,6 +86,31 @@ def _at(dir_fd: int | None, name: str, full: str) -> str:
     return f"/proc/self/fd/{dir_fd}/{name}" if _PROC_FD and dir_fd is not None else full
 
 
+def same_content(a: str, b: str) -> bool:
+    """Whether two regular files of the same size hold the same bytes."""
+    fa = os.open(a, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fb = os.open(b, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            while True:
+                ca = os.read(fa, 1 << 20)
+                cb = os.read(fb, 1 << 20)
+                if ca != cb:
+                    return False
+                if not ca:
+                    return True
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
+
+
+def _rewritten(old: os.stat_result, new: os.stat_result, old_path: str, new_path: str) -> bool:
+    """Two regular files alike by stat (size, mtime): whether the new one's bytes differ."""
+    return (stat.S_ISREG(new.st_mode) and stat.S_ISREG(old.st_mode) and new.st_size > 0
+            and not same_content(old_path, new_path))
+
+
 def _capability(path: str) -> bytes:
     try:
         return os.getxattr(path, _CAP_XATTR, follow_symlinks=False)
@@ -138,6 +169,7 @@ def _compare_dirs(
     path: str,
     same_dev: bool,
     out: list[Change],
+    copies: frozenset[tuple[int, int]] | None = None,
 ) -> _Walk:
     """The children half of moby's addChanges for a directory of the new tree.
 
@@ -169,7 +201,12 @@ def _compare_dirs(
             added = True
         elif stat_different(ost, nst) or _capability(
             _at(old_fd, name, old_root + child)
-        ) != _capability(_at(new_fd, name, new_root + child)):
+        ) != _capability(_at(new_fd, name, new_root + child)) or (
+            copies is not None and not stat.S_ISDIR(nst.st_mode) and (
+                ost.st_mtime_ns != nst.st_mtime_ns
+                or ((nst.st_ino, nst.st_ctime_ns) not in copies and _rewritten(
+                    ost, nst, _at(old_fd, name, old_root + child),
+                    _at(new_fd, name, new_root + child))))):
             out.append(Change(child, ChangeKind.MODIFY))
             added = True
         else:
@@ -190,6 +227,7 @@ def _compare_dirs(
                 child,
                 ost is not None and ost.st_dev == nst.st_dev,
                 out,
+                copies,
             )
         finally:
             os.close(child_new)
@@ -205,9 +243,14 @@ def _compare_dirs(
 
 
 def changes_dirs(
-    new: str | Path, old: str | Path | None, idmap: IDMap = IDENTITY
+    new: str | Path, old: str | Path | None, idmap: IDMap = IDENTITY,
+    unchanged_copies: frozenset[tuple[int, int]] | None = None,
 ) -> list[Change]:
     """moby's ChangesDirs(new, old), sorted by path; ``old=None`` lists everything as ADD.
+
+    *unchanged_copies*: *new* began as a copy of *old*, and these (inode, ctime ns) pairs are
+    its regular files as copied; mtimes are then compared to the nanosecond, and a file alike
+    by stat but not in the set is compared by content.
 
     Ownership is compared as stored on disk (both trees belong to the same store, so *idmap*
     does not change the outcome; it is accepted for symmetry with the other tar-engine calls).
@@ -225,7 +268,8 @@ def changes_dirs(
         if old is not None:
             old_fd = os.open(old_s, _DIR_FLAGS)
             same_dev = os.fstat(old_fd).st_dev == os.fstat(new_fd).st_dev
-        _drive(_compare_dirs(new_fd, old_fd, new_s, old_s, "", same_dev, out))
+        _drive(_compare_dirs(new_fd, old_fd, new_s, old_s, "", same_dev, out,
+                             unchanged_copies))
     except OSError as exc:
         raise from_oserror(exc, "changes") from exc
     finally:
@@ -345,7 +389,7 @@ def _compare_upper(
             added = True
         elif stat_different(lower.st, ust) or _capability(lower.path) != _capability(
             _at(upper_fd, name, upper_root + child)
-        ):
+        ) or _rewritten(lower.st, ust, lower.path, _at(upper_fd, name, upper_root + child)):
             out.append(Change(child, ChangeKind.MODIFY))
             added = True
         else:

@@ -421,6 +421,28 @@ class _Dir:
         self.prefix = prefix
 
 
+def _root_facts(root: bytes | int, whiteouts: WhiteoutFormat) -> tuple[int, int, int, dict[
+        str, bytes]]:
+    """What a layer root's own ``./`` entry carries besides times: mode, owner, xattrs."""
+    st = os.fstat(root) if isinstance(root, int) else os.lstat(root)
+    return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _read_xattrs(root, whiteouts)
+
+
+def _maps_back(idmap: IDMap, uid: int, gid: int) -> bool:
+    """Whether a host owner has a container owner in *idmap*."""
+    try:
+        idmap.to_container(uid, gid)
+    except InvalidArgument:
+        return False
+    return True
+
+
+def _add_root(out: TarOut, root_fd: int, root_b: bytes, idmap: IDMap,
+              whiteouts: WhiteoutFormat) -> None:
+    st = os.fstat(root_fd)
+    _add_entry(out, None, root_b, root_b, b".", st, idmap, whiteouts)
+
+
 def _list_dir(fd: int) -> list[bytes]:
     if _native is not None:
         return _native.list_dir(fd)
@@ -437,7 +459,9 @@ def write_tree(
     idmap: IDMap = IDENTITY,
     progress: Progress | None = None,
 ) -> None:
-    """Write a tar of everything under *root* (not root itself) to *out_fd*.
+    """Write a tar of everything under *root* to *out_fd*; root itself (``./``) only when its
+    mode, owner or xattrs are not a fresh layer's (0755, the id map's root, none) and its owner
+    maps into the container (a directory that is no layer's root is left out).
 
     A format that keeps whiteouts (:data:`~.whiteout.OVERLAY`, ``OVERLAY_USERXATTR``) converts
     them (0/0 character devices) into ``.wh.NAME`` entries and opaque directories (its
@@ -461,6 +485,9 @@ def write_tree(
         raise from_oserror(exc, "export tree") from exc
     stack: list[_Dir] = []
     try:
+        facts = _root_facts(root_fd, whiteout_format)
+        if facts != (0o755, *idmap.root_pair(), {}) and _maps_back(idmap, facts[1], facts[2]):
+            _add_root(out, root_fd, root_b, idmap, whiteout_format)
         stack.append(_Dir(root_fd, _list_dir(root_fd), b""))
         while stack:
             d = stack[-1]
@@ -517,8 +544,10 @@ def write_changes(
     *,
     idmap: IDMap = IDENTITY,
     progress: Progress | None = None,
+    parent_root: str | Path | None = None,
 ) -> None:
-    """moby's ExportChanges: a tar of *changes* read from *root*, sorted by path.
+    """moby's ExportChanges: a tar of *changes* read from *root*, sorted by path; first the
+    root's own ``./`` entry when its mode, owner or xattrs differ from *parent_root*'s.
 
     ADD/MODIFY write the path itself (a directory without its contents); DELETE writes an
     empty ``dir/.wh.NAME`` entry (mode 0, owner 0:0).  moby stamps whiteouts with the current
@@ -539,6 +568,13 @@ def write_changes(
         return dir_mtimes[head]
 
     try:
+        if parent_root is not None and _root_facts(root_b, NAIVE) != _root_facts(
+                os.fsencode(parent_root), NAIVE):
+            fd = os.open(root_b, _DIR_FLAGS)
+            try:
+                _add_root(out, fd, root_b, idmap, NAIVE)
+            finally:
+                os.close(fd)
         for change in sorted(changes, key=_path_key):
             rel = os.fsencode(change.path).strip(b"/")
             if not rel:

@@ -60,10 +60,11 @@ def _empty_dir(target: Path) -> None:
 
 
 def apply_confined(source_fd: int, target: Path, opts: ApplyOptions, *,
-                   lowers: Sequence[Path] = ()) -> ApplyResult:
+                   lowers: Sequence[Path] | None = None) -> ApplyResult:
     """Apply the (possibly compressed) tar read from *source_fd* onto *target* in a confined
-    child.  *lowers* (the parent chain's directories, nearest first) reach the child as
-    read-only directory fds."""
+    child.  *lowers* (the parent chain's directories, nearest first: an overlay layer's) reach
+    the child as read-only directory fds, and the apply reads them (``ApplyOptions.lower_fds``);
+    None: unknown."""
     with os.scandir(target) as it:
         was_empty = next(it, None) is None
 
@@ -78,9 +79,9 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions, *,
             "applied")
 
     params = {"whiteout_format": opts.whiteout_format.name, "idmap": opts.idmap.to_json(),
-              "journal": opts.journal}
+              "journal": opts.journal, "lowers": lowers is not None}
     ok = run_job(APPLY_JOB, target, params, on_death=on_death, input_fd=source_fd,
-                 lowers=lowers, recorder=opts.recorder, frames_fd=opts.tarsplit_fd,
+                 lowers=lowers or (), recorder=opts.recorder, frames_fd=opts.tarsplit_fd,
                  progress=opts.progress)
     return ApplyResult(int(ok["size"]), str(ok["diff_id"]))
 
@@ -147,7 +148,8 @@ def apply_job(ctx: ChildContext) -> JobBody:
         opts = ApplyOptions(whiteout_format=FORMATS[params["whiteout_format"]],
                             idmap=IDMap.from_json(params["idmap"]),
                             recorder=ctx.recorder, progress=ctx.progress,
-                            journal=bool(params.get("journal")))
+                            journal=bool(params.get("journal")),
+                            lower_fds=ctx.lower_fds if params.get("lowers") else None)
         reader = TarReader(stream, ctx.recorder)
         result = apply_mod.apply_reader(reader, ctx.target_fd, opts)
         return {"size": result.size, "diff_id": result.diff_id}

@@ -57,6 +57,7 @@ from ..store import LayerStore
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ..archive.apply import ApplyOptions, ApplyResult
     from ..archive.changes import Change
 
 log = logging.getLogger("graphdriver")
@@ -393,6 +394,13 @@ class OverlayDriver(LayerStore):
     def _apply_target(self, rec: LayerRecord) -> Path:
         self._ensure_chain_images(rec.id)
         return self._diff_dir(rec.id)
+
+    def _apply_stream(self, rec: LayerRecord, fd: int, opts: ApplyOptions) -> ApplyResult:
+        """The tar engine's apply, with the parent chain's diffs read-only beside it: whiteouts
+        with nothing to hide, implicit parents and an opaque root depend on them."""
+        from ..archive.isolate import apply_confined
+
+        return apply_confined(fd, self._apply_target(rec), opts, lowers=self._lower_diffs(rec.id))
 
     def _cleanup_driver(self) -> None:
         for name in sorted(self._disk_ids()):

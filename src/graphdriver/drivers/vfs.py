@@ -2,18 +2,23 @@
 
 Works on any filesystem.  A child starts as a copy of its parent made with reflinks where the
 filesystem offers them (btrfs, xfs), else with copy_file_range; hard links, xattrs, owners, modes
-and times are kept.  Diff, changes and diff size come from the shared NaiveDiff.
+and times are kept.  Diff, changes and diff size come from the shared NaiveDiff; against its own
+parent, a layer's regular files as copied (inode and ctime, ``meta/<id>/copied-files``) tell
+which files alike by size and mtime may still have been rewritten (compared by content then).
 """
 
 from __future__ import annotations
 
 import os
+from array import array
 from pathlib import Path
 
 from ..errors import NotSupported
-from ..fsutil import copy_tree, fs_name
+from ..fsutil import atomic_write, copy_tree, fs_name
 from ..layers import REMOVING_SUFFIX, LayerRecord
 from ..store import LayerStore
+
+COPIED_FILES = "copied-files"
 
 
 class VFSDriver(LayerStore):
@@ -43,7 +48,20 @@ class VFSDriver(LayerStore):
         if (uid, gid) != (os.geteuid(), os.getegid()):
             os.chown(path, uid, gid)
         if parent is not None:
-            copy_tree(self.dir / parent.id, path)
+            copied: array[int] = array("q")
+            copy_tree(self.dir / parent.id, path, copied)
+            atomic_write(self.meta.dir(rec.id) / COPIED_FILES, copied.tobytes(), fsync=False)
+
+    def _unchanged_copies(self, layer_id: str, parent: str) -> frozenset[tuple[int, int]] | None:
+        if parent != self.record(layer_id).parent:
+            return None
+        copied: array[int] = array("q")
+        try:
+            with open(self.meta.dir(layer_id) / COPIED_FILES, "rb") as f:
+                copied.frombytes(f.read())
+        except (FileNotFoundError, ValueError):
+            return None  # made before the record was kept: the plain comparison
+        return frozenset(zip(copied[::2], copied[1::2], strict=True))
 
     def _mount(self, rec: LayerRecord, mount_label: str) -> Path:
         return self.dir / rec.id

@@ -16,64 +16,104 @@ from typing import Any
 from ..errors import InvalidArgument
 
 
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "".join(f"  {line}\n" for line in lines)
+
+
 def add_parser(subparsers: Any, parents: list[Any]) -> None:
-    p = subparsers.add_parser("image", help="pull, push, load, save, commit images",
-                              description="the image store", parents=parents)
-    sub = p.add_subparsers(dest="image_command", metavar="IMAGE_COMMAND",
-                           parser_class=type(p))
+    p = subparsers.add_parser(
+        "image", help="pull, push, load, save, commit images", parents=parents,
+        description="the image store: images as records over this store's layers",
+        epilog=_examples("graphdriver image pull localhost:5000/library/busybox",
+                         "graphdriver image ls", "graphdriver image IMAGE_COMMAND --help"))
+    sub = p.add_subparsers(dest="image_command", metavar="IMAGE_COMMAND", parser_class=type(p),
+                           help="what to do (graphdriver image IMAGE_COMMAND --help)")
     sub.required = True
 
-    def cmd(name: str, help_: str) -> Any:
-        return sub.add_parser(name, help=help_, description=help_, parents=parents)
+    def cmd(name: str, help_: str, *examples: str) -> Any:
+        return sub.add_parser(name, help=help_, description=help_, parents=parents,
+                              epilog=_examples(*examples))
+
+    def refs(c: Any, what: str = "images: references (busybox, host:port/repo:tag, "
+             "repo@sha256:...) or IDs") -> None:
+        c.add_argument("refs", nargs="+", metavar="REF", help=what)
 
     def registry_opts(c: Any) -> None:
-        c.add_argument("--creds", default=None, metavar="USER:PASS")
+        c.add_argument("--creds", default=None, metavar="USER:PASS",
+                       help="registry credentials (default: REGISTRY_AUTH_FILE, then "
+                       "DOCKER_CONFIG/~/.docker/config.json, else anonymous)")
         c.add_argument("--insecure", action="store_true",
                        help="allow plain HTTP and unverified TLS to this registry")
-        c.add_argument("-q", "--quiet", action="store_true")
+        c.add_argument("-q", "--quiet", action="store_true", help="print only the result")
 
-    c = cmd("pull", "pull an image from a registry; prints its ID")
-    c.add_argument("ref")
-    c.add_argument("--platform", default=None, metavar="OS/ARCH[/VARIANT]")
+    c = cmd("pull", "pull an image from a registry; prints its ID",
+            "graphdriver image pull localhost:5000/library/debian:12",
+            "graphdriver image pull --platform linux/arm64 registry.example:5000/app:1")
+    c.add_argument("ref", metavar="REF", help="the image reference")
+    c.add_argument("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
+                   help="which image of a multi-platform index (default: the driver's)")
     registry_opts(c)
-    c = cmd("push", "push an image to a registry")
-    c.add_argument("ref")
-    c.add_argument("dest", nargs="?", default=None)
-    c.add_argument("--compression", default="gzip", choices=["gzip", "zstd"])
+    c = cmd("push", "push an image to a registry",
+            "graphdriver image push localhost:5000/app:1",
+            "graphdriver image push app:1 localhost:5000/team/app:1 --compression zstd")
+    c.add_argument("ref", metavar="REF", help="the local image")
+    c.add_argument("dest", nargs="?", default=None, metavar="DEST-REF",
+                   help="where to push it (default: REF)")
+    c.add_argument("--compression", default="gzip", choices=["gzip", "zstd"],
+                   help="how new layer blobs are compressed (default gzip)")
     registry_opts(c)
-    c = cmd("load", "load images from a docker-archive or an OCI layout (tar or directory)")
-    c.add_argument("input", nargs="?", default="-")
-    c.add_argument("-i", "--input", dest="input_opt", default=None)
-    c.add_argument("-q", "--quiet", action="store_true")
-    c = cmd("save", "save images to a docker-archive or an OCI layout")
-    c.add_argument("refs", nargs="+")
-    c.add_argument("-o", "--output", default=None)
+    c = cmd("load", "load images from a docker-archive or an OCI layout (tar or directory)",
+            "graphdriver image load busybox.tar", "skopeo copy ... | graphdriver image load -")
+    c.add_argument("input", nargs="?", default="-", metavar="FILE|DIR|-",
+                   help="the archive (gzip, xz, zstd accepted) or layout directory; - is stdin")
+    c.add_argument("-i", "--input", dest="input_opt", default=None, metavar="FILE",
+                   help="the archive, as docker load -i takes it")
+    c.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    c = cmd("save", "save images to a docker-archive or an OCI layout",
+            "graphdriver image save busybox -o busybox.tar",
+            "graphdriver image save app:1 app:2 --format oci-dir -o ./layout")
+    refs(c)
+    c.add_argument("-o", "--output", default=None, metavar="FILE|DIR",
+                   help="where to write (default: standard output; a directory for oci-dir)")
     c.add_argument("--format", dest="archive_format", default="docker-archive",
-                   choices=["docker-archive", "oci-archive", "oci-dir"])
-    c = cmd("ls", "list images")
-    c.add_argument("-q", "--quiet", action="store_true")
-    c.add_argument("-f", "--format", dest="template", default=None)
-    c = cmd("inspect", "JSON about images, with docker image inspect's keys")
-    c.add_argument("refs", nargs="+")
-    c.add_argument("-f", "--format", dest="template", default=None)
-    c = cmd("tag", "name an image")
-    c.add_argument("source")
-    c.add_argument("target")
-    c = cmd("history", "an image's history entries")
-    c.add_argument("ref")
-    c = cmd("rm", "remove tags and images")
-    c.add_argument("refs", nargs="+")
-    c.add_argument("-f", "--force", action="store_true")
-    cmd("prune", "remove layers the image store made that nothing holds")
-    cmd("mount", "mount an image's root filesystem read-only; prints its path").add_argument(
-        "ref")
-    cmd("unmount", "drop one mount of an image").add_argument("ref")
-    c = cmd("commit", "commit a container layer as a new image; prints its ID")
-    c.add_argument("layer")
-    c.add_argument("ref", nargs="?", default=None)
-    c.add_argument("-m", "--message", default="")
-    c.add_argument("-a", "--author", default="")
-    c.add_argument("-c", "--change", action="append", default=[])
+                   choices=["docker-archive", "oci-archive", "oci-dir"],
+                   help="the archive format (default docker-archive)")
+    c = cmd("ls", "list images", "graphdriver image ls", "graphdriver image ls -q")
+    c.add_argument("-q", "--quiet", action="store_true", help="image IDs only")
+    c.add_argument("-f", "--format", dest="template", default=None, metavar="TEMPLATE",
+                   help="a Go-style template, e.g. '{{.Repository}}:{{.Tag}}'")
+    c = cmd("inspect", "JSON about images, with docker image inspect's keys",
+            "graphdriver image inspect busybox", "graphdriver image inspect -f '{{.Id}}' busybox")
+    refs(c)
+    c.add_argument("-f", "--format", dest="template", default=None, metavar="TEMPLATE",
+                   help="a Go-style template, e.g. '{{.Id}}'")
+    c = cmd("tag", "name an image", "graphdriver image tag busybox localhost:5000/busybox:1")
+    c.add_argument("source", metavar="SRC", help="the image")
+    c.add_argument("target", metavar="DST", help="the new name")
+    c = cmd("history", "an image's history entries", "graphdriver image history busybox")
+    c.add_argument("ref", metavar="REF", help="the image")
+    c = cmd("rm", "remove tags and images", "graphdriver image rm busybox",
+            "graphdriver image rm --force sha256:0123456789ab")
+    refs(c)
+    c.add_argument("-f", "--force", action="store_true",
+                   help="remove an image given by ID with all its tags")
+    cmd("prune", "remove layers the image store made that nothing holds",
+        "graphdriver image prune")
+    cmd("mount", "mount an image's root filesystem read-only; prints its path",
+        "ls $(graphdriver image mount busybox)").add_argument("ref", metavar="REF",
+                                                                help="the image")
+    cmd("unmount", "drop one mount of an image", "graphdriver image unmount busybox"
+        ).add_argument("ref", metavar="REF", help="the image")
+    c = cmd("commit", "commit a container layer as a new image; prints its ID",
+            "graphdriver image commit ctr localhost:5000/app:2 -m 'add config'",
+            "graphdriver image commit ctr app:2 -c 'CMD [\"/app\"]' -c 'ENV A=1'")
+    c.add_argument("layer", metavar="ID", help="the container layer (create ID --rw --image REF)")
+    c.add_argument("ref", nargs="?", default=None, metavar="REF", help="the new image's name")
+    c.add_argument("-m", "--message", default="", help="the history entry's comment")
+    c.add_argument("-a", "--author", default="", help="the image's author")
+    c.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                   help="CMD, ENTRYPOINT, ENV, LABEL, WORKDIR or USER, as docker commit takes "
+                   "them (repeatable)")
 
 
 def _print_json(obj: object) -> None:

@@ -1,0 +1,259 @@
+"""The OCI layer changeset rules (image-spec layer.md), the same on every driver (issue 15).
+
+Each test builds layers from tars and looks at the assembled tree through ``mounted``; none
+depends on how a driver keeps whiteouts on disk.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from graphdriver import ChangeKind
+from tests.conftest import IS_ROOT
+from tests.treeutil import TarBuilder, diff_snapshots, snapshot
+
+pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the conformance suite runs as root")
+
+T0 = 1_600_000_000
+
+
+@pytest.fixture(autouse=True)
+def _linux_layers(driver: Any) -> None:
+    if driver.name == "windowsfilter":
+        pytest.skip("windowsfilter: Windows layer tars (Files/, Hives/) follow their own rules")
+
+
+def apply(d: Any, layer_id: str, parent: str | None, data: bytes) -> None:
+    d.create(layer_id, parent)
+    d.apply_diff(layer_id, None, io.BytesIO(data))
+
+
+def listing(d: Any, layer_id: str) -> dict[str, Any]:
+    """Every path of the assembled tree; each one lstat-able (no phantom readdir names)."""
+    with d.mounted(layer_id) as root:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                st = os.lstat(os.path.join(dirpath, name))  # FileNotFoundError: a phantom
+                assert not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0), name
+        return snapshot(root)
+
+
+def lower_tar() -> bytes:
+    return (TarBuilder().dir("x").file("x/old", b"old").file("f", b"lower f")
+            .dir("o").file("o/a", b"a").file("o/b", b"b").dir("keep").file("keep/k", b"k")
+            .bytes())
+
+
+# ---- rule 1: a whiteout hides only what lies below --------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["entry-first", "whiteout-first"])
+def test_whiteout_keeps_the_layers_own_file(driver: Any, order: str) -> None:
+    apply(driver, "base", None, lower_tar())
+    t = TarBuilder()
+    if order == "entry-first":
+        t.file("f", b"mine").whiteout("f")
+    else:
+        t.whiteout("f").file("f", b"mine")
+    apply(driver, "top", "base", t.bytes())
+    with driver.mounted("top") as root:
+        assert (root / "f").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("order", ["entry-first", "whiteout-first"])
+def test_whiteout_keeps_own_dir_and_makes_it_opaque(driver: Any, order: str) -> None:
+    apply(driver, "base", None, lower_tar())
+    t = TarBuilder()
+    if order == "entry-first":
+        t.dir("x").file("x/new", b"n").whiteout("x")
+    else:
+        t.whiteout("x").dir("x").file("x/new", b"n")
+    apply(driver, "top", "base", t.bytes())
+    with driver.mounted("top") as root:
+        assert sorted(os.listdir(root / "x")) == ["new"]
+    # what the layer's diff says rebuilds the same tree
+    with driver.diff("top") as s:
+        data = s.read()
+    apply(driver, "copy", "base", data)
+    assert diff_snapshots(listing(driver, "top"), listing(driver, "copy")) == []
+
+
+def test_whiteout_in_a_base_layer_keeps_its_own_file(driver: Any) -> None:
+    apply(driver, "base", None, TarBuilder().file("x", b"mine").whiteout("x").bytes())
+    with driver.mounted("base") as root:
+        assert (root / "x").read_bytes() == b"mine"
+
+
+# ---- rule 2: deleted and re-created in one layer ----------------------------------------------
+
+
+def test_dir_deleted_and_recreated_hides_old_contents(driver: Any) -> None:
+    apply(driver, "base", None, lower_tar())
+    apply(driver, "top", "base", TarBuilder().whiteout("o").dir("o").file("o/c", b"c").bytes())
+    with driver.mounted("top") as root:
+        assert sorted(os.listdir(root / "o")) == ["c"]
+    apply(driver, "child", "top", TarBuilder().file("o/d", b"d").bytes())
+    with driver.mounted("child") as root:
+        assert sorted(os.listdir(root / "o")) == ["c", "d"]
+
+
+# ---- rule 3: an opaque marker at the layer's root ---------------------------------------------
+
+
+def test_opaque_root_hides_everything_below(driver: Any) -> None:
+    apply(driver, "base", None, lower_tar())
+    apply(driver, "top", "base",
+          TarBuilder().opaque(".").file("n", b"n").dir("keep").file("keep/new", b"k2").bytes())
+    got = listing(driver, "top")
+    assert sorted(got) == ["keep", "keep/new", "n"]
+    apply(driver, "child", "top", TarBuilder().file("c", b"c").bytes())
+    assert sorted(listing(driver, "child")) == ["c", "keep", "keep/new", "n"]
+    assert {c.path for c in driver.changes("top") if c.kind == ChangeKind.DELETE} >= {
+        "/f", "/o", "/x"}
+
+
+# ---- rule 4: whiteouts with nothing to hide ---------------------------------------------------
+
+
+def test_whiteouts_with_nothing_to_hide_leave_no_trace(driver: Any) -> None:
+    apply(driver, "base", None,
+          TarBuilder().whiteout("ghost").dir("d").whiteout("d/ghost2").file("d/f", b"f").bytes())
+    assert sorted(listing(driver, "base")) == ["d", "d/f"]
+    apply(driver, "top", "base",
+          TarBuilder().whiteout("nothing").whiteout("new/nothing").file("g", b"g").bytes())
+    assert sorted(listing(driver, "top")) == ["d", "d/f", "g"]
+
+
+# ---- rule 5: implicit parents keep the lower directory ----------------------------------------
+
+
+def test_implicit_parent_keeps_lower_metadata(driver: Any) -> None:
+    apply(driver, "base", None, TarBuilder()
+          .dir("usr", mode=0o751, uid=3, gid=4, mtime=T0)
+          .dir("usr/share", mode=0o750, uid=5, gid=6, mtime=T0 + 1, pax_headers={
+              "SCHILY.xattr.user.note": "kept"})
+          .dir("usr/share/doc", mode=0o2775, uid=7, gid=8, mtime=T0 + 2)
+          .file("usr/share/doc/README", b"r").bytes())
+    with driver.mounted("base") as root:
+        before = snapshot(root, dir_mtimes=True)
+    apply(driver, "top", "base", TarBuilder().file("usr/share/doc/pkg/copyright", b"c")
+          .whiteout("usr/share/doc/README").bytes())
+    with driver.mounted("top") as root:
+        after = snapshot(root, dir_mtimes=True)
+    for path in ("usr", "usr/share", "usr/share/doc"):
+        assert after[path] == before[path], path
+
+
+# ---- rule 6: an entry over an existing path replaces its attributes ---------------------------
+
+
+def test_dir_entry_replaces_lower_xattrs(driver: Any) -> None:
+    apply(driver, "base", None, TarBuilder().dir("d", pax_headers={
+        "SCHILY.xattr.user.old": "1"}).file("d/f", b"f").bytes())
+    apply(driver, "top", "base", TarBuilder().dir("d", mode=0o700, uid=9, pax_headers={
+        "SCHILY.xattr.user.new": "2"}).bytes())
+    with driver.mounted("top") as root:
+        assert os.listxattr(root / "d") == ["user.new"]
+        st = os.lstat(root / "d")
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o700, 9)
+        assert (root / "d/f").read_bytes() == b"f"
+
+
+# ---- rule 7: the layer root's own entry -------------------------------------------------------
+
+
+def test_root_entry_applies_and_round_trips(driver: Any) -> None:
+    apply(driver, "base", None, TarBuilder().file("f", b"f").bytes())
+    root_entry = TarBuilder().dir("./", mode=0o710, uid=11, gid=12, mtime=T0, pax_headers={
+        "SCHILY.xattr.user.root": "r"}).file("g", b"g").bytes()
+    apply(driver, "top", "base", root_entry)
+    with driver.mounted("top") as root:
+        st = os.lstat(root)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) == (
+            0o710, 11, 12, T0 * 1_000_000_000)
+        assert os.getxattr(root, "user.root") == b"r"
+        want = os.lstat(root), os.listxattr(root)
+    with driver.diff("top") as s:
+        data = s.read()
+    apply(driver, "copy", "base", data)
+    with driver.mounted("copy") as root:
+        st = os.lstat(root)
+        w = want[0]
+        assert (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (
+            w.st_mode, w.st_uid, w.st_gid, w.st_mtime_ns)
+        assert os.listxattr(root) == want[1]
+
+
+# ---- rule 8: changes see every changed file ---------------------------------------------------
+
+
+def test_changes_see_a_same_size_same_mtime_rewrite(driver: Any) -> None:
+    apply(driver, "base", None, TarBuilder().file("f", b"aaaa").file("g", b"gggg").bytes())
+    driver.create_rw("ctr", "base")
+    with driver.mounted("ctr") as root:
+        st = os.lstat(root / "f")
+        (root / "f").write_bytes(b"bbbb")
+        os.utime(root / "f", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert [(c.path, c.kind) for c in driver.changes("ctr")] == [("/f", ChangeKind.MODIFY)]
+    with driver.diff("ctr") as s, tarfile.open(fileobj=s, mode="r|") as t:
+        assert [m.name for m in t] == ["f"]
+
+
+# ---- done when: a Dockerfile-style sequence, as GNU tar with the spec's rules would build it ---
+
+
+def _gnu_tar_extract(layers: list[bytes], dest: Path, tmp: Path, gnu_tar: str) -> None:
+    """Each layer in order: its whiteouts remove what the layers below left (spec), then GNU tar
+    extracts the layer's own entries."""
+    for i, data in enumerate(layers):
+        path = tmp / f"layer{i}.tar"
+        path.write_bytes(data)
+        with tarfile.open(path) as t:
+            names = [m.name.rstrip("/") for m in t]
+        for name in names:
+            head, _, base = name.rpartition("/")
+            if base == ".wh..wh..opq" and (dest / head).is_dir():
+                for child in (dest / head).iterdir():
+                    subprocess.run(["rm", "-rf", str(child)], check=True)
+            elif base.startswith(".wh.") and base != ".wh..wh..opq":
+                subprocess.run(["rm", "-rf", str(dest / head / base[4:])], check=True)
+        subprocess.run([gnu_tar, "--numeric-owner", "--xattrs", "--xattrs-include=*",
+                        "--exclude=.wh.*", "-xpf", str(path), "-C", str(dest)], check=True)
+
+
+def test_dockerfile_sequence_matches_gnu_tar(driver: Any, tmp_path: Path, gnu_tar: str) -> None:
+    base = (TarBuilder().dir("o").file("o/old", b"old").dir("usr", mtime=T0)
+            .dir("usr/share", mtime=T0).dir("usr/share/doc", mode=0o755, mtime=T0)
+            .file("usr/share/doc/base", b"b").bytes())
+    apply(driver, "base", None, base)
+    # RUN rm -rf /o && mkdir /o, committed from a container
+    driver.create_rw("ctr1", "base")
+    with driver.mounted("ctr1") as root:
+        subprocess.run(["rm", "-rf", str(root / "o")], check=True)
+        (root / "o").mkdir()
+        (root / "o" / "new").write_bytes(b"new")
+        os.utime(root / "o" / "new", ns=(T0 * 10**9, T0 * 10**9))
+    with driver.diff("ctr1") as s:
+        rm_mkdir = s.read()
+    # RUN apt-get install: files under the existing /usr/share/doc
+    apt = TarBuilder().dir("usr/share/doc/pkg").file("usr/share/doc/pkg/copyright", b"c").bytes()
+    # the same shape written by hand, as other builders emit it
+    by_hand = TarBuilder().whiteout("o").dir("o").file("o/again", b"a").bytes()
+    apply(driver, "l1", "base", rm_mkdir)
+    apply(driver, "l2", "l1", apt)
+    apply(driver, "l3", "l2", by_hand)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    _gnu_tar_extract([base, rm_mkdir, apt, by_hand], ref, tmp_path, gnu_tar)
+    assert diff_snapshots(snapshot(ref), listing(driver, "l3")) == []
+    with driver.mounted("l3") as root:
+        assert sorted(os.listdir(root / "o")) == ["again"]
+        assert sorted(os.listdir(root / "usr/share/doc")) == ["base", "pkg"]
