@@ -161,6 +161,19 @@ def op_mount(driver: str, home: str, lid: str) -> None:
     d.cleanup()
 
 
+def op_win_sandbox(home: str, parent: str) -> None:
+    """Create a windowsfilter sandbox on ``parent`` and mount it (the timed part)."""
+    d = open_store("windowsfilter", home)
+    lid = f"sandbox{os.getpid()}"
+    t0 = time.perf_counter()
+    d.create_rw(lid, parent)
+    root = d.get(lid)
+    done(t0, entries=len(os.listdir(root)))
+    d.put(lid)
+    d.remove(lid)
+    d.cleanup()
+
+
 def _containerd_snapshots(address: str) -> Any:
     import grpc
 
@@ -234,6 +247,7 @@ OPS: dict[str, Callable[..., None]] = {
     "changes": op_changes,
     "engine-export": op_engine_export,
     "mount": op_mount,
+    "win-sandbox": op_win_sandbox,
     "ctd-chain": op_ctd_chain,
     "ctd-cycle": op_ctd_cycle,
 }

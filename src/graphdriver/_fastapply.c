@@ -429,7 +429,7 @@ static PyObject *header(PyObject *self, PyObject *args)
     {
         char tb = (char)typ;
         result = Py_BuildValue(
-            "(ny#KKKKKLNNNNNNNKKNN)", consumed, &tb, (Py_ssize_t)1, size, data_size, mode & 07777,
+            "(ny#KKKKKLNNNNNNNKKNN)", consumed, &tb, (Py_ssize_t)1, size, data_size, mode & 0177777,
             uid, gid, mtime_ns, have_atime ? PyLong_FromLongLong(atime_ns) : Py_NewRef(Py_None),
             have_ctime ? PyLong_FromLongLong(ctime_ns) : Py_NewRef(Py_None), raw_name, name,
             raw_link, link, owner, devmajor, devminor, pax ? pax : Py_NewRef(Py_None),

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,12 @@ from tests.drivers.wintar_build import (
     SD_DEFAULT,
     SD_OTHER,
     WinTarBuilder,
+    apply,
     base_layer,
+    diff_bytes,
     diff_layer,
     entries,
+    snapshot,
 )
 
 from graphdriver import (
@@ -44,42 +46,8 @@ IS_ROOT = os.geteuid() == 0
 BCD = "UtilityVM/Files/EFI/Microsoft/Boot/BCD"
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Any]:
-    d = open_driver("windowsfilter", tmp_path / "root", runroot=tmp_path / "run")
-    try:
-        yield d
-    finally:
-        d.cleanup()
-
-
-def apply(d: Any, layer_id: str, data: bytes) -> int:
-    return int(d.apply_diff(layer_id, None, io.BytesIO(data)))
-
-
-def diff_bytes(d: Any, layer_id: str) -> bytes:
-    with d.diff(layer_id) as f:
-        return bytes(f.read())
-
-
 def layer_dir(d: Any, layer_id: str) -> Path:
     return Path(d.metadata(layer_id)["dir"])
-
-
-def snapshot(root: Path) -> dict[str, Any]:
-    """Every name under root with its type, content and user.mswindows xattrs."""
-    out: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for n in dirnames + filenames:
-            p = Path(dirpath, n)
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = ("l", os.readlink(p))
-            elif p.is_dir():
-                out[rel] = ("d", sorted(os.listxattr(p)))
-            else:
-                out[rel] = ("f", p.read_bytes(), {x: os.getxattr(p, x) for x in os.listxattr(p)})
-    return out
 
 
 def make_base(d: Any) -> None:
@@ -277,21 +245,30 @@ def _raw_entries(*infos: tarfile.TarInfo) -> bytes:
 
 def test_reapply_keeps_what_the_layer_held(store: Any) -> None:
     make_base(store)
-    more = (
-        WinTarBuilder(base_time_ns=1_730_000_000_000_000_000)
-        .dir("Files")
-        .whiteout("Files/EMPTY.TXT")
-        .file("Files/added.txt", b"added")
-        .bytes()
-    )
-    assert apply(store, "base", more) == 5
+    apply(store, "base", WinTarBuilder(base_time_ns=1_730_000_000_000_000_000)
+          .dir("Files").file("Files/added.txt", b"added").bytes())
     d = layer_dir(store, "base")
-    assert not (d / "Files/empty.txt").exists()
     assert (d / "Files/added.txt").read_bytes() == b"added"
     assert (d / "Files/Windows/System32/kernel32.dll").is_file()
     assert (d / "bcd.bak").is_file()
-    # the layer's own file was deleted: the tombstone keeps its stored spelling
-    assert (d / "tombstones.txt").read_bytes().endswith(b"\\empty.txt\n")
+    # a diff layer re-applied: its own file deleted, the tombstone keeps the stored spelling
+    # (a base layer cannot have deletions: hcsshim's baseLayerWriter refuses them)
+    store.create("up", "base")
+    apply(store, "up", diff_layer())
+    more = (
+        WinTarBuilder(base_time_ns=1_730_000_000_000_000_000)
+        .dir("Files")
+        .dir("Files/app")
+        .whiteout("Files/app/APP.EXE")
+        .file("Files/app/added.txt", b"added")
+        .bytes()
+    )
+    assert apply(store, "up", more) == 5
+    u = layer_dir(store, "up")
+    assert not (u / "Files/app/app.exe").exists()
+    assert not (u / "Files/app/app.exe:meta").exists()
+    assert (u / "Files/app/app2.exe").is_file()
+    assert (u / "tombstones.txt").read_bytes().endswith(b"\\app\\app.exe\n")
 
 
 # ---- failures ---------------------------------------------------------------------------
@@ -396,22 +373,26 @@ def test_layer_id_indirection(store: Any) -> None:
 
 
 def test_sandbox(store: Any) -> None:
+    """A sandbox is a writable view of its image; its diff is a Windows layer (issue 17)."""
+    if not IS_ROOT:
+        pytest.skip("copy-on-write sandboxes need root (overlay mounts, whiteout devices)")
     make_up(store)
     store.create_rw("ctr", "up")
     with store.mounted("ctr") as root:
         assert (root / "app/app.exe").read_bytes() == b"MZapp" * 300
-        # a copy: writing it never touches the image layers
-        assert os.stat(root / "app/app.exe").st_ino != os.stat(
-            layer_dir(store, "up") / "Files/app/app.exe").st_ino
+        assert not (root / "app/app.exe:meta").exists()  # streams are not part of the view
         (root / "app/app.exe").write_bytes(b"patched")
         (root / "new.txt").write_text("new")
         (root / "empty.txt").unlink()
     changes = [(c.path, c.kind) for c in store.changes("ctr")]
-    assert changes == [("/app", ChangeKind.MODIFY), ("/app/app.exe", ChangeKind.MODIFY),
-                       ("/empty.txt", ChangeKind.DELETE), ("/new.txt", ChangeKind.ADD)]
+    assert changes == [("Files", ChangeKind.MODIFY), ("Files/empty.txt", ChangeKind.DELETE),
+                       ("Files/app", ChangeKind.MODIFY), ("Files/app/app.exe", ChangeKind.MODIFY),
+                       ("Files/new.txt", ChangeKind.ADD)]
     names = [e[0] for e in entries(diff_bytes(store, "ctr"))]
-    assert names == ["app/", "app/app.exe", ".wh.empty.txt", "new.txt"] or sorted(names) == sorted(
-        ["app", "app/app.exe", ".wh.empty.txt", "new.txt"])
+    assert names == ["Files", "Files/.wh.empty.txt", "Files/app", "Files/app/app.exe",
+                     "Files/app/app.exe:Zone.Identifier", "Files/app/app.exe:meta",
+                     "Files/new.txt"]
+    assert store.diff_size("ctr") == len(b"patched") + len(b"new")
     assert (layer_dir(store, "up") / "Files/app/app.exe").read_bytes() == b"MZapp" * 300
     with pytest.raises(NotSupported):
         apply(store, "ctr", diff_layer())

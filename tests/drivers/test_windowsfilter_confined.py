@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 from tests.childproc import feed_until_started, is_gone
-from tests.drivers.test_windowsfilter import store as store  # the fixture
 from tests.drivers.wintar_build import WinTarBuilder, base_layer
 
 from graphdriver import InvalidArchive, open_driver

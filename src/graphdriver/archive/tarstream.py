@@ -114,6 +114,7 @@ class TarEntry:
     raw_name: bytes
     type: bytes
     mode: int
+    type_bits: int = 0  # the file-type bits of the header's mode (S_IFMT; go-winio writes them)
     uid: int
     gid: int
     size: int  # logical size of the file (the real size for sparse files)
@@ -712,7 +713,9 @@ class TarReader:
         e.type = typ
         e.size = size
         e.data_size = data_size
-        e.mode = mode
+        e.mode = mode & 0o7777
+        if mode > 0o7777:
+            e.type_bits = mode & 0o170000
         e.uid = uid
         e.gid = gid
         e.mtime_ns = mtime_ns
@@ -795,6 +798,8 @@ class TarReader:
         (fmt, raw_name, raw_link, size, mode, uid, gid, mtime, devmajor, devminor, atime,
          ctime) = h
         e.mode = mode & 0o7777
+        if mode > 0o7777:
+            e.type_bits = mode & 0o170000
         e.uid = uid
         e.gid = gid
         e.mtime_ns = mtime * 1_000_000_000

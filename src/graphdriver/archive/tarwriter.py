@@ -266,39 +266,71 @@ def _encode_general(h: TarHeader) -> bytes:
 
 
 def encode_sorted(name: bytes, typeflag: bytes, mode: int, size: int, mtime: int,
-                  records: dict[str, bytes], linkname: bytes = b"") -> bytes:
-    """A Windows layer tar's header, as go-winio/hcsshim write them with Go's archive/tar: a
-    PAX ``x`` header (named ``DIR/PaxHeaders.0/BASE``) with every record sorted by key, then the
-    ustar block; a name or link target that is not ASCII of at most 100 bytes goes in PAX
-    (``path``/``linkpath``), never in ustar's prefix field; ids are 0, uname/gname empty.  A
-    ``mtime`` outside ustar's range is written as 0 (the exact time rides in the records)."""
+                  records: dict[str, bytes], linkname: bytes = b"",
+                  ustar_ok: bool = False) -> bytes:
+    """A Windows layer tar's header, byte for byte as Go's archive/tar writes the headers
+    go-winio and hcsshim build (``Format: tar.FormatPAX``): a PAX ``x`` header with every record
+    sorted by key, then the ustar block.  The ``x`` header is Go's ``writeRawFile``: named
+    ``DIR/PaxHeaders.0/BASE`` made ASCII and cut to its first 100 bytes, mode, ids and mtime 0,
+    device fields left empty.  A name or link target that is not ASCII of at most 100 bytes goes
+    in PAX (``path``/``linkpath``) and the block keeps its ASCII characters, the first 100.
+    ``ustar_ok``: the header had no format chosen (hcsshim's whiteouts), so a long ASCII name
+    that ustar's prefix field can take is split there as Go does, without PAX.  Ids are 0,
+    uname/gname empty; a ``mtime`` outside ustar's range is written as 0 (the exact time rides in
+    the records)."""
     recs = dict(records)
-    short = name
+    short, prefix = name, b""
     if len(name) > _NAME_MAX or not name.isascii():
-        recs["path"] = name
-        short = _ascii_tail(name, _NAME_MAX)
+        split = _go_split_ustar(name) if ustar_ok and not recs else None
+        if split is None:
+            recs["path"] = name
+            short = _go_ascii(name)[:_NAME_MAX]
+        else:
+            prefix, short = split
     link = linkname
     if len(linkname) > _NAME_MAX or not linkname.isascii():
         recs["linkpath"] = linkname
-        link = _ascii_tail(linkname, _NAME_MAX)
+        link = _go_ascii(linkname)[:_NAME_MAX]
     if size >= _MAX11:
         recs["size"] = b"%d" % size
     zero8 = _octal(0, 8) or b""
+    zero12 = _octal(0, 12) or b""
     mtime_field = _octal(mtime if 0 <= mtime < _MAX11 else 0, 12) or b""
-    main = _ustar_block(short, b"", typeflag, _octal(mode, 8) or b"", zero8, zero8,
+    main = _ustar_block(short, prefix, typeflag, _octal(mode, 8) or b"", zero8, zero8,
                         _octal(size if size < _MAX11 else 0, 12) or b"", mtime_field, link,
                         b"", b"", zero8, zero8)
     if not recs:
         return main
     body = b"".join(_pax_record(k.encode("utf-8", "surrogateescape"), recs[k])
                     for k in sorted(recs))
-    d, _, base = name.rstrip(b"/").rpartition(b"/")
-    pax_name = (d + b"/" if d else b"") + b"PaxHeaders.0/" + base
-    if len(pax_name) > _NAME_MAX or not pax_name.isascii():
-        pax_name = b"PaxHeaders.0/" + _ascii_tail(base, 80)
-    xhdr = _ustar_block(pax_name, b"", PAXTYPE, _octal(0o644, 8) or b"", zero8, zero8,
-                        _octal(len(body), 12) or b"", mtime_field, b"", b"", b"", zero8, zero8)
+    d, _, base = name.rpartition(b"/")
+    pax_name = _go_ascii((d + b"/" if d else b"") + b"PaxHeaders.0/" + base)[:_NAME_MAX]
+    empty8 = bytes(8)
+    xhdr = _ustar_block(pax_name.rstrip(b"/"), b"", PAXTYPE, zero8, zero8, zero8,
+                        _octal(len(body), 12) or b"", zero12, b"", b"", b"", empty8, empty8)
     return xhdr + body + bytes(padding(len(body))) + main
+
+
+def _go_ascii(name: bytes) -> bytes:
+    """Go's ``toASCII``: the name without its non-ASCII characters (and NULs)."""
+    return name if name.isascii() and b"\0" not in name else bytes(
+        c for c in name if 0 < c < 0x80)
+
+
+def _go_split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
+    """Go's ``splitUSTARPath``: (prefix, name) at the last slash within the prefix's reach."""
+    length = len(name)
+    if length <= _NAME_MAX or not name.isascii():
+        return None
+    if length > _PREFIX_MAX + 1:
+        length = _PREFIX_MAX + 1
+    elif name[length - 1:length] == b"/":
+        length -= 1
+    i = name.rfind(b"/", 0, length)
+    suffix = len(name) - i - 1
+    if i <= 0 or suffix > _NAME_MAX or suffix == 0 or i > _PREFIX_MAX:
+        return None
+    return name[:i], name[i + 1:]
 
 
 def _ascii_tail(name: bytes, limit: int) -> bytes:

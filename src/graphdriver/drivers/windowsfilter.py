@@ -15,6 +15,7 @@ Layout (hcsshim's, plus the shared ``meta/`` and ``locks/`` of every home)::
     <home>/<id>/bcd*.bak          the UtilityVM BCD files as imported (see below)
     <home>/<id>/linkmeta.json     Windows metadata of symlinks (Linux has no user xattrs on them)
     <home>/<id>/crosslinks.json   names that are hard links into a parent layer, and their target
+    <home>/<id>/winmeta/          Windows metadata values too large for xattrs, by sha256
     <home>/<id>/merged/           while a read-only layer is mounted: its assembled view
     <home>/<id>/sandbox/          a writable layer's tree (``quota/diff`` when it has a size)
 
@@ -29,10 +30,14 @@ Semantics, and where they differ from moby:
   writable tree that starts as a copy (reflinks where the filesystem has them) of its parent's
   view.  The chain in ``layerchain.json`` lists only parents with a ``Files`` directory, so a
   sandbox parent (Docker's ``-init`` layer) is skipped, as in moby.
-- ``size``: storage option keys are case-insensitive; the default sandbox size is "127GB"
-  (RAMInBytes: 127 GiB), recorded in the layer record and reported by ``status`` but not
-  enforced (nothing to pay for on ext4).  An explicit ``--size`` on ``create_rw`` is enforced
-  with quota.py's loop-mounted ext4 image (the Linux counterpart of ``sandbox.vhdx``).
+- ``size``: storage option keys are case-insensitive; the built-in default sandbox size is
+  "127GB" (RAMInBytes: 127 GiB), recorded in the layer record and reported by ``status`` but
+  not enforced (nothing to pay for on ext4).  A default the store is opened with
+  (``--storage-opt size=``) and an explicit ``--size`` on ``create_rw`` are enforced with
+  quota.py's loop-mounted ext4 image (the Linux counterpart of ``sandbox.vhdx``).
+- the home is made absolute when the store opens: ``layerchain.json`` holds absolute paths (as
+  hcsshim needs) and a quota image's mount point is found in mountinfo with a relative
+  ``--root`` too.
 - ``get`` of a read-only layer gives the merged view of its ``Files`` and its chain's: a tree
   built under ``<id>/merged`` of hard links to the layers' files, tombstones applied, names
   matched case-insensitively (nearest layer's spelling wins), alternate streams left out.  moby
@@ -64,7 +69,10 @@ Semantics, and where they differ from moby:
   ``bcd.log1.bak``/``bcd.log2.bak`` and ``diff_getter`` serves those paths from the backups,
   as moby does.
 - ``layerID``: ``resolve_id`` reads ``<id>/layerID`` (or moby's ``layerId`` spelling) to find
-  the directory that holds a layer; ``set_id`` writes ``layerID``.
+  the directory that holds a layer; ``set_id`` writes ``layerID``.  Mounts are counted per
+  resolved id, as moby's ``Get``/``Put`` do: an alias shares its target's view and count.
+- the diff getter matches a path as NTFS does: exactly, or else regardless of case where each
+  directory on the way holds one match (a tar naming ``Files/dir/a`` after ``Files/Dir``).
 """
 
 from __future__ import annotations
@@ -90,17 +98,28 @@ from ..archive.windows.names import (
     CROSSLINKS,
     LINKMETA,
     MUTATED_FILES,
+    SIDE_DIR,
     TOMBSTONES,
     TOP_DIRS,
     XATTR_PREFIX,
     fold,
 )
+from ..archive.windows.sandbox import sandbox_size, walk_sandbox, write_sandbox_tar
+from ..archive.windows.view import Source, ViewConflict, build_view
 from ..archive.winimport import import_windows_confined
 from ..errors import GraphDriverError, NotSupported, from_oserror
 from ..fsutil import atomic_write, copy_file_data, copy_tree, fs_name, remove_tree
 from ..idmap import real_root
 from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
-from ..mount import MS_RDONLY, is_mounted, mount, unmount_all_under
+from ..mount import (
+    MS_RDONLY,
+    OverlayOptions,
+    is_mounted,
+    mount,
+    mount_overlay,
+    unmount,
+    unmount_all_under,
+)
 from ..store import LayerStore, parse_size
 
 log = logging.getLogger("graphdriver")
@@ -111,10 +130,15 @@ LAYER_ID_FILES = ("layerID", "layerId")  # moby writes "layerId" and reads "laye
 LAYERCHAIN = "layerchain.json"
 MERGED = "merged"
 SANDBOX = "sandbox"
+UPPER = "upper"  # a copy-on-write sandbox's upper directory
+WORK = "work"
+EMPTY = "empty"  # the lower directory of a copy-on-write sandbox without a parent
+COW_MARK = "cow"  # present in a copy-on-write sandbox's directory
 STAGING = ".staging"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_LAYER_CONTENT = (*TOP_DIRS, TOMBSTONES, LINKMETA, CROSSLINKS, *MUTATED_FILES.values())
+_LAYER_CONTENT = (*TOP_DIRS, TOMBSTONES, LINKMETA, CROSSLINKS, SIDE_DIR,
+                  *MUTATED_FILES.values())
 
 _HOME_NAMES = frozenset({"meta", "locks"})
 
@@ -146,11 +170,14 @@ class WindowsFilterDriver(LayerStore):
     # ----- setup ---------------------------------------------------------------------------
 
     def _init_driver(self) -> None:
-        # moby: the default sandbox size is "127GB" unless the options say otherwise; it is
-        # nominal (recorded, reported), so it is not the base class's enforced default.
+        # hcsshim needs absolute layer paths (layerchain.json), and mountinfo holds absolute
+        # mount points (a sandbox's quota image): the home is made absolute once, here.
+        self.home = Path(os.path.abspath(self.home))
+        # moby: the default sandbox size is "127GB" unless the options say otherwise.  The
+        # built-in 127GB is nominal (recorded, reported); a size the store was configured with
+        # (--storage-opt size=) stays the base class's default, enforced like an explicit one.
         self.sandbox_size = (self.default_size if self.default_size is not None
                              else parse_size(DEFAULT_SANDBOX_SIZE, self.name))
-        self.default_size = None
         probe = self.home / f".xattr-probe-{os.getpid()}"
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -187,6 +214,25 @@ class WindowsFilterDriver(LayerStore):
         validate_id(alt_id)
         atomic_write(self.home / validate_id(layer_id) / LAYER_ID_FILE, alt_id.encode(),
                      mode=0o600)
+
+    def get(self, layer_id: str, mount_label: str = "") -> Path:
+        """Mounts are counted per resolved id (moby's ``Get`` counts ``resolveID(id)``): an
+        alias made by ``layerID`` shares its target's view and count."""
+        return super().get(self._counted_id(layer_id), mount_label)
+
+    def put(self, layer_id: str) -> None:
+        super().put(self._counted_id(layer_id))
+
+    def mount_count(self, layer_id: str) -> int:
+        return super().mount_count(self._counted_id(layer_id))
+
+    def _counted_id(self, layer_id: str) -> str:
+        """The id whose count a mount of ``layer_id`` takes: its ``layerID`` target when that
+        is a layer of this store, else itself."""
+        rid = self.resolve_id(validate_id(layer_id))
+        if rid != layer_id and self.meta.read(rid) is not None:
+            return rid
+        return layer_id
 
     def _layer_paths(self, layer_id: str) -> list[Path]:
         return [self.home / layer_id]
@@ -249,14 +295,99 @@ class WindowsFilterDriver(LayerStore):
             explicit = rec.size_limit is not None
             if not explicit:
                 rec.size_limit = self.sandbox_size  # nominal, recorded (moby's default)
-            sandbox = self._make_sandbox(d, rec.size_limit if explicit else None)
-            if parent is not None:
-                if parent.writable:
-                    copy_tree(self._sandbox(parent), sandbox)
-                else:
-                    self._materialize([self._dir(parent.id), *self.layer_chain(parent.id)],
-                                      sandbox, link=False)
+            size = rec.size_limit if explicit else None
+            why_copy = self._why_not_cow(parent)
+            if why_copy is None:
+                self._make_cow_sandbox(d, size)
+            else:
+                log.debug("windowsfilter: sandbox %s is a copy: %s", rec.id, why_copy)
+                sandbox = self._make_sandbox(d, size)
+                if parent is not None:
+                    if parent.writable:
+                        copy_tree(self._sandbox(parent), sandbox)
+                    else:
+                        self._materialize([self._dir(parent.id), *self.layer_chain(parent.id)],
+                                          sandbox, link=False)
         atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in chain]).encode(), mode=0o600)
+
+    # ----- copy-on-write sandboxes (overlayfs over the layers' views) ------------------------
+
+    def _why_not_cow(self, parent: LayerRecord | None) -> str | None:
+        """Why a sandbox on ``parent`` must be a copy (None: it is an overlay).  Builds the
+        views of the chain's layers that have none yet (once per layer)."""
+        if os.geteuid() != 0:
+            return "overlay mounts and whiteouts need root"
+        if parent is not None and parent.writable and not self._is_cow(parent):
+            return f"its parent {parent.id} is a copy"
+        chain = [r for r in (self.chain(parent.id) if parent is not None else [])
+                 if not r.writable]
+        dirs = [self._dir(r.id) for r in chain]
+        try:
+            for i, layer in enumerate(dirs):
+                if (layer / "Files").is_dir():
+                    build_view(layer, [p for p in dirs[i + 1:] if (p / "Files").is_dir()])
+        except ViewConflict as exc:
+            return str(exc)
+        return None
+
+    def _make_cow_sandbox(self, d: Path, size: int | None) -> None:
+        if size is None:
+            os.mkdir(d / UPPER, 0o755)
+            os.mkdir(d / WORK, 0o700)
+        else:
+            self._make_sandbox(d, size)  # the image's diff/ and work/
+        os.mkdir(d / MERGED, 0o755)
+        atomic_write(d / COW_MARK, b"", mode=0o600)
+
+    def _is_cow(self, rec: LayerRecord) -> bool:
+        return rec.writable and (self._dir(rec.id) / COW_MARK).exists()
+
+    def _upper(self, rec: LayerRecord) -> Path:
+        """A copy-on-write sandbox's upper directory (the quota image's diff/ when sized)."""
+        d = self._dir(rec.id)
+        return self._sandbox(rec) if quota.has_image(d) else d / UPPER
+
+    def _sources(self, rec: LayerRecord) -> list[Source]:
+        """The lower layers of a copy-on-write sandbox, nearest first."""
+        out: list[Source] = []
+        for r in self.chain(rec.id)[1:]:
+            d = self._dir(r.id)
+            if r.writable:
+                if not self._is_cow(r):
+                    out.append(Source(self._sandbox(r), None, None))  # a whole tree
+                    break
+                out.append(Source(self._upper(r), None, None))
+            elif (d / "Files").is_dir():
+                lowers = [p for p in self.layer_chain(r.id)]
+                out.append(Source(d / "Files", build_view(d, lowers), d))
+        return out
+
+    def _mount_cow(self, rec: LayerRecord, mount_label: str) -> Path:
+        d = self._dir(rec.id)
+        merged = d / MERGED
+        if is_mounted(merged):
+            return merged
+        lowers: list[str] = []
+        for src in self._sources(rec):
+            if src.whiteouts is not None:
+                lowers.append(str(src.whiteouts))
+            lowers.append(str(src.files))
+        upper = self._upper(rec)
+        if not lowers:  # no parent: the lower is the empty view of nothing
+            empty = d / EMPTY
+            empty.mkdir(exist_ok=True)
+            lowers.append(str(empty))
+        home = str(self.home)
+        opts = OverlayOptions(
+            lowers=lowers, upper=str(upper), work=str(upper.parent / WORK),
+            relative_lowers=[os.path.relpath(p, home) for p in lowers], relative_to=home,
+            extra=["index=off", "redirect_dir=off", "metacopy=off"],
+            label=mount_label if mount_label and os.path.isdir("/sys/fs/selinux") else "")
+        try:
+            mount_overlay(merged, opts)
+        except OSError as exc:
+            raise from_oserror(exc, f"windowsfilter: mounting sandbox {rec.id}") from exc
+        return merged
 
     def _make_sandbox(self, d: Path, size: int | None) -> Path:
         if size is None:
@@ -305,6 +436,8 @@ class WindowsFilterDriver(LayerStore):
                 os.close(fd)
 
     def _mount(self, rec: LayerRecord, mount_label: str) -> Path:
+        if self._is_cow(rec):
+            return self._mount_cow(rec, mount_label)
         if rec.writable:
             return self._sandbox(rec)
         d = self._dir(rec.id)
@@ -325,16 +458,24 @@ class WindowsFilterDriver(LayerStore):
         return target
 
     def _unmount(self, rec: LayerRecord) -> None:
-        if not rec.writable:
+        if self._is_cow(rec):
+            merged = self._dir(rec.id) / MERGED
+            while is_mounted(merged):
+                unmount(merged, detach=True)
+        elif not rec.writable:
             target = self._dir(rec.id) / MERGED
             unmount_all_under(os.path.realpath(target))
             remove_tree(target)
 
     def _mount_path(self, rec: LayerRecord) -> Path:
-        return self._sandbox(rec) if rec.writable else self._dir(rec.id) / MERGED
+        if rec.writable and not self._is_cow(rec):
+            return self._sandbox(rec)
+        return self._dir(rec.id) / MERGED
 
     def _is_mounted(self, layer_id: str) -> bool:
         rec = self.meta.read(layer_id)
+        if rec is not None and self._is_cow(rec):
+            return is_mounted(self._dir(layer_id) / MERGED)
         if rec is None or rec.writable:
             return True
         return (self._dir(layer_id) / MERGED).is_dir()
@@ -361,6 +502,11 @@ class WindowsFilterDriver(LayerStore):
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         rec = self.record(layer_id)
         self.resolve_parent(layer_id, parent)
+        if self._is_cow(rec):
+            kinds = {"A": ChangeKind.ADD, "C": ChangeKind.MODIFY}
+            return [Change(item.path, ChangeKind.DELETE if item.kind == "whiteout"
+                           else kinds[item.change])
+                    for item in walk_sandbox(self._upper(rec), self._sources(rec), layer_id)]
         if rec.writable:
             return super().changes(layer_id, parent)
         out = []
@@ -373,6 +519,8 @@ class WindowsFilterDriver(LayerStore):
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         rec = self.record(layer_id)
         self.resolve_parent(layer_id, parent)
+        if self._is_cow(rec):
+            return sandbox_size(self._upper(rec), self._sources(rec), layer_id)
         if rec.writable:
             return super().diff_size(layer_id, parent)
         total = 0
@@ -385,10 +533,14 @@ class WindowsFilterDriver(LayerStore):
     def write_diff(self, out_fd: int, layer_id: str, parent: str | None = None,
                    progress: Callable[[int], None] | None = None) -> None:
         rec = self.record(layer_id)
-        if rec.writable:
+        if rec.writable and not self._is_cow(rec):
             super().write_diff(out_fd, layer_id, parent, progress)
             return
         try:
+            if rec.writable:
+                write_sandbox_tar(out_fd, self._upper(rec), self._sources(rec), layer_id,
+                                  progress)
+                return
             with self._layer_fd(rec) as fd:
                 write_layer_tar(out_fd, fd, progress)
         except GraphDriverError:
@@ -400,6 +552,8 @@ class WindowsFilterDriver(LayerStore):
 
     def diff_getter(self, layer_id: str) -> Any:
         rec = self.record(layer_id)
+        if self._is_cow(rec):
+            return SandboxFiles(self._upper(rec))
         if rec.writable:
             return super().diff_getter(layer_id)
         return LayerFiles(self._dir(rec.id))
@@ -471,6 +625,25 @@ def _protect(target: Path) -> None:
         raise
 
 
+class SandboxFiles:
+    """DiffGetter of a copy-on-write sandbox: ``Files/…`` paths read from its upper directory
+    (the files its diff carries)."""
+
+    def __init__(self, upper: Path) -> None:
+        self._fd = os.open(upper, _DIR_FLAGS)
+
+    def open(self, path: str) -> BinaryIO:
+        rel = path.lstrip("/")
+        if rel.startswith("Files/"):
+            rel = rel[len("Files/"):]
+        return os.fdopen(open_beneath(self._fd, rel, os.O_RDONLY), "rb")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class LayerFiles:
     """DiffGetter of a read-only layer: paths as in its tar (``Files/…``), BCD from backups."""
 
@@ -484,7 +657,33 @@ class LayerFiles:
             with contextlib.suppress(FileNotFoundError):
                 return os.fdopen(os.open(bak, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                          dir_fd=self._fd), "rb")
-        return os.fdopen(open_beneath(self._fd, rel, os.O_RDONLY), "rb")
+        try:
+            return os.fdopen(open_beneath(self._fd, rel, os.O_RDONLY), "rb")
+        except FileNotFoundError:
+            folded = self._fold_path(rel)
+            if folded is None:
+                raise
+            return os.fdopen(open_beneath(self._fd, folded, os.O_RDONLY), "rb")
+
+    def _fold_path(self, rel: str) -> str | None:
+        """``rel`` as the layer spells it, matched name by name as NTFS does (regardless of
+        case) where each directory holds exactly one match; None where it does not."""
+        found: list[str] = []
+        for part in rel.split("/"):
+            try:
+                dfd = open_beneath(self._fd, "/".join(found), _DIR_FLAGS) if found else (
+                    os.dup(self._fd))
+            except OSError:
+                return None
+            try:
+                key = fold(part)
+                matches = [n for n in os.listdir(dfd) if fold(n) == key]
+            finally:
+                os.close(dfd)
+            if len(matches) != 1:
+                return None
+            found.append(matches[0])
+        return "/".join(found)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -1,6 +1,8 @@
 """Windows container layer tars (go-winio backuptar semantics), one job per module: ``names``
 (keys, file and xattr names, ``fold``), ``metadata`` (PAX records <-> xattrs, the layer-root
-files), ``layout`` (walking a stored layer), ``importer`` (apply) and ``export`` (diff).
+files), ``layout`` (walking a stored layer), ``importer`` (apply), ``export`` (diff),
+``defaults`` (the records of a file made on Linux), ``view`` (a stored layer as overlayfs lower
+layers) and ``sandbox`` (a copy-on-write sandbox's diff as a Windows layer).
 The archive package's rules hold: nothing here imports drivers/, store, cli, plugin or the
 package root.
 
@@ -29,7 +31,9 @@ How this module keeps that on a Linux filesystem (the windowsfilter driver's lay
   ``xattr.<name>`` (binary EA value), ``creationtime``, ``mtime``/``atime``/``ctime`` (the PAX
   strings verbatim) and ``pax.<key>`` for any other record, so ``diff`` writes every record back
   unchanged.  Linux refuses ``user.*`` xattrs on symlinks, so a symlink's metadata is kept in the
-  sidecar ``linkmeta.json`` at the layer root instead;
+  sidecar ``linkmeta.json`` at the layer root instead.  A value the filesystem has no room for
+  (ext4 keeps one block of xattrs per inode; NTFS allows 64 KiB security descriptors and EAs)
+  is kept in ``winmeta/<sha256>`` at the layer root and named in ``user.mswindows.side``;
 - an alternate data stream is a regular file named ``file:stream`` beside its file (Windows names
   cannot contain ``:``, so this never collides); ``user.mswindows.streamindex`` keeps its place
   among its file's streams, so ``diff`` writes them in the order they came;

@@ -21,6 +21,7 @@ from .names import (
     MODE_LNK,
     MODE_REG,
     TIME_KEYS,
+    X_EMPTY_MODE,
 )
 
 
@@ -40,7 +41,8 @@ def write_layer_tar(out_fd: int, layer_fd: int,
         name = os.fsencode(item.path)
         if item.kind == "whiteout":
             d, _, base = item.path.rpartition("/")
-            out.add(encode_sorted(os.fsencode(f"{d}/{WHITEOUT_PREFIX}{base}"), b"0", 0, 0, 0, {}))
+            out.add(encode_sorted(os.fsencode(f"{d}/{WHITEOUT_PREFIX}{base}"), b"0", 0, 0, 0, {},
+                                  ustar_ok=True))
             continue
         st = item.st
         assert st is not None
@@ -49,7 +51,7 @@ def write_layer_tar(out_fd: int, layer_fd: int,
         else:
             fd = open_beneath(layer_fd, item.path, os.O_RDONLY | os.O_NONBLOCK)
             try:
-                xattrs = read_win_xattrs(fd)
+                xattrs = read_win_xattrs(fd, layer_fd)
             except BaseException:
                 os.close(fd)
                 raise
@@ -70,7 +72,7 @@ def write_layer_tar(out_fd: int, layer_fd: int,
                 out.add(encode_sorted(name, b"5", MODE_DIR, 0, mtime, records))
             else:
                 size = st.st_size
-                mode = MODE_REG if size else 0
+                mode = MODE_REG if size or X_EMPTY_MODE in xattrs else 0
                 out.add(encode_sorted(name, b"0", mode, size, mtime, records))
                 out.file_data(fd, size)
                 _write_streams(out, layer_fd, item, mode)
@@ -88,7 +90,7 @@ def _write_streams(out: TarOut, layer_fd: int, item: LayerItem, mode: int) -> No
         fd = open_beneath(layer_fd, rel, os.O_RDONLY | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
-            records = xattrs_to_pax(read_win_xattrs(fd))
+            records = xattrs_to_pax(read_win_xattrs(fd, layer_fd))
             out.add(encode_sorted(os.fsencode(rel), b"0", mode, st.st_size,
                                   _mtime_s(records, st), records))
             out.file_data(fd, st.st_size)

@@ -21,6 +21,7 @@ from ..tarstream import DIRECTORY, HARDLINK, REGULAR_TYPES, SYMLINK, TarEntry, T
 from ..whiteout import WHITEOUT_META_PREFIX, WHITEOUT_PREFIX
 from .layout import sorted_names
 from .metadata import (
+    adopt_side_files,
     bad_archive,
     format_tombstones,
     pax_to_xattrs,
@@ -35,11 +36,13 @@ from .names import (
     CROSSLINKS,
     DIR_FLAGS,
     LINKMETA,
+    MODE_REG,
     MUTATED_FILES,
     NEW_FILE,
     NEW_FILE_RW,
     TOMBSTONES,
     TOP_DIRS,
+    X_EMPTY_MODE,
     X_STREAM_INDEX,
     fold,
 )
@@ -75,6 +78,7 @@ class Importer:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(top, 0o755, dir_fd=root_fd)
         self._has_uvm = _lookup_in(root_fd, "", "UtilityVM") is not None
+        self._name_max = os.fpathconf(root_fd, "PC_NAME_MAX")
 
     # -- the utility VM of a diff layer (hcsshim's initUtilityVM) ------------------------------
     def _init_uvm(self) -> None:
@@ -105,6 +109,7 @@ class Importer:
                 try:
                     _copy_dir_meta(sfd, dst)
                     self._clone_uvm(sfd, dst, f"{top}/Files", read_linkmeta(parent))
+                    adopt_side_files(parent, self.root)
                 finally:
                     os.close(dst)
             finally:
@@ -266,7 +271,24 @@ class Importer:
                               "Hives/ and UtilityVM/ (no root entry, no ./ prefix)")
         if parts[0] not in TOP_DIRS:
             raise bad_archive(f"entry {shown!r} is outside Files/, Hives/ and UtilityVM/")
+        for part in parts:
+            size = len(part.encode("utf-8", "surrogateescape"))
+            if size > self._name_max:
+                raise bad_archive(
+                    f"{shown[:60]!r}...: a name of {size} bytes does not fit this filesystem "
+                    f"(NAME_MAX {self._name_max}; NTFS allows 255 UTF-16 units)")
         return parts
+
+    def _check_uvm_entry(self, name: str, parts: list[str]) -> None:
+        """hcsshim's legacyLayerWriter: in a diff layer, an entry under ``UtilityVM`` (other
+        than a deletion) comes after the ``UtilityVM`` entry and lies under ``UtilityVM/Files``.
+        """
+        if not self.parents or len(parts) == 1:
+            return
+        if not self._has_uvm:
+            raise bad_archive(f"{name}: missing UtilityVM directory (no UtilityVM entry before it)")
+        if parts[1] != "Files":
+            raise bad_archive(f"{name}: invalid UtilityVM layer (outside UtilityVM/Files)")
 
     def _entry(self, reader: TarReader, entry: TarEntry) -> None:
         parts = self._split(entry)
@@ -274,7 +296,10 @@ class Importer:
         if base.startswith(WHITEOUT_PREFIX):
             self._last_main = None
             self._whiteout(entry.name, parts)
-        elif entry.type == HARDLINK:
+            return
+        if parts[0] == "UtilityVM":
+            self._check_uvm_entry(entry.name, parts)
+        if entry.type == HARDLINK:
             self._last_main = None
             self._hardlink(entry, parts)
         elif ":" in base:
@@ -293,6 +318,8 @@ class Importer:
         in_uvm = parts[0] == "UtilityVM" and len(parts) >= 3 and parts[1] == "Files"
         if not (in_files or in_uvm) or not target:
             raise bad_archive(f"invalid tombstone {name}")
+        if not self.parents:
+            raise bad_archive(f"{name}: a base layer cannot have deletions (it has no parent)")
         if in_uvm:
             self._init_uvm()
         try:
@@ -306,6 +333,8 @@ class Importer:
             finally:
                 os.close(dfd)
             target = stored
+        elif in_uvm:
+            raise bad_archive(f"{name}: deletes a UtilityVM path that does not exist")
         if in_files:
             rel_dir = (d.split("/", 1)[1] if d and "/" in d else "") if d is not None else (
                 "/".join(parts[1:-1]))
@@ -358,6 +387,7 @@ class Importer:
             if r != self.root:
                 # a link into a parent layer: diff writes it back as a link, as it came
                 self.crosslinks[f"{d}/{new}"] = f"{tdir}/{tname}"
+                adopt_side_files(r, self.root)
             if stat.S_ISLNK(st.st_mode):
                 meta = (self.linkmeta if r == self.root else read_linkmeta(r)).get(
                     f"{tdir}/{tname}")
@@ -402,7 +432,7 @@ class Importer:
                     self._index(d).names[fold(stored)] = stored
                 fd = os.open(stored, DIR_FLAGS, dir_fd=dfd)
                 try:
-                    set_win_xattrs(fd, xattrs, replace=True)
+                    set_win_xattrs(fd, xattrs, replace=True, layer_fd=self.root)
                 finally:
                     os.close(fd)
                 self._dir_times.append((rel, atime, entry.mtime_ns))
@@ -417,7 +447,9 @@ class Importer:
                 self._index(d).names[fold(stored)] = stored
                 try:
                     reader.copy_data(entry, fd)
-                    set_win_xattrs(fd, xattrs, replace=False)
+                    if entry.size == 0 and entry.type_bits == MODE_REG:
+                        xattrs[X_EMPTY_MODE] = b"1"  # go-winio saw a data stream: keep its mode
+                    set_win_xattrs(fd, xattrs, replace=False, layer_fd=self.root)
                     os.utime(fd, ns=(atime, entry.mtime_ns))
                     bak = MUTATED_FILES.get(name)
                     if bak is not None:
@@ -463,7 +495,7 @@ class Importer:
                 self._stream_index[key] = index + 1
                 xattrs = pax_to_xattrs(entry.pax, name)
                 xattrs[X_STREAM_INDEX] = b"%d" % index
-                set_win_xattrs(fd, xattrs, replace=False)
+                set_win_xattrs(fd, xattrs, replace=False, layer_fd=self.root)
                 atime = entry.atime_ns if entry.atime_ns is not None else entry.mtime_ns
                 os.utime(fd, ns=(atime, entry.mtime_ns))
             finally:

@@ -23,7 +23,7 @@ class LayerItem:
     link_to: str | None = None  # an earlier name of the same file (hard link)
 
 
-def _stream_index(dfd: int, name: str) -> int:
+def stream_index(dfd: int, name: str) -> int:
     """Where the import put an alternate stream among its file's (the tar's order)."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
@@ -67,7 +67,7 @@ def walk_layer(layer_fd: int) -> Iterator[LayerItem]:
                 streams.setdefault(fold(n.split(":", 1)[0]), []).append(n)
         for group in streams.values():
             if len(group) > 1:
-                group.sort(key=lambda n: (_stream_index(dfd, n), os.fsencode(n)))
+                group.sort(key=lambda n: (stream_index(dfd, n), os.fsencode(n)))
         for n in names:
             if ":" in n:
                 continue
@@ -97,7 +97,7 @@ def walk_layer(layer_fd: int) -> Iterator[LayerItem]:
             continue
         try:
             st = os.fstat(fd)
-            if os.listdir(fd) or X_FILEATTR in read_win_xattrs(fd):
+            if os.listdir(fd) or X_FILEATTR in read_win_xattrs(fd, layer_fd):
                 yield LayerItem(top, "entry", st)
             if top == "Files":
                 yield from whiteouts(top)

@@ -8,12 +8,14 @@ import base64
 import binascii
 import contextlib
 import errno
+import hashlib
 import json
 import os
 
 from ...errors import GraphDriverError, InvalidArchive
 from .names import (
     CROSSLINKS,
+    DIR_FLAGS,
     HDR_CREATION_TIME,
     HDR_EA_PREFIX,
     HDR_FILE_ATTRIBUTES,
@@ -22,6 +24,8 @@ from .names import (
     HDR_SECURITY_DESCRIPTOR,
     LINKMETA,
     NEW_FILE,
+    SIDE_DIR,
+    SPARSE_PREFIX,
     STRUCTURAL_KEYS,
     TIME_KEYS,
     TOMBSTONE_HEADER,
@@ -33,6 +37,7 @@ from .names import (
     X_PAX,
     X_RAWSD,
     X_SD,
+    X_SIDE,
     XATTR_NAME_MAX,
     XATTR_PREFIX,
 )
@@ -61,8 +66,8 @@ def pax_to_xattrs(pax: dict[str, str], name: str) -> dict[str, bytes]:
     """The ``user.mswindows.*`` xattrs that keep an entry's PAX records (validated as go-winio)."""
     out: dict[str, bytes] = {}
     for key, value in pax.items():
-        if key in STRUCTURAL_KEYS:
-            continue
+        if key in STRUCTURAL_KEYS or key.startswith(SPARSE_PREFIX):
+            continue  # they describe the tar entry (its name, size, encoding), not the file
         raw = value.encode("utf-8", "surrogateescape")
         if key == HDR_FILE_ATTRIBUTES:
             if not value.isascii() or not value.isdigit() or int(value) > 0xFFFFFFFF:
@@ -117,8 +122,13 @@ def xattrs_to_pax(xattrs: dict[str, bytes]) -> dict[str, bytes]:
     return out
 
 
-def read_win_xattrs(path: int | str) -> dict[str, bytes]:
-    """The ``user.mswindows.*`` xattrs of an open fd (or a path; symlinks not followed)."""
+def read_win_xattrs(path: int | str, layer_fd: int | None = None) -> dict[str, bytes]:
+    """The ``user.mswindows.*`` xattrs of an open fd (or a path; symlinks not followed).
+
+    With ``layer_fd`` (the layer's root), values kept in side files are read back in place of
+    the ``user.mswindows.side`` reference; without it the reference is returned as it is (to be
+    copied to another file of a layer holding the same side files).
+    """
     follow = isinstance(path, int)  # an fd: the flag is not allowed (and means nothing)
     try:
         names = os.listxattr(path, follow_symlinks=follow)
@@ -131,16 +141,99 @@ def read_win_xattrs(path: int | str) -> dict[str, bytes]:
         if n.startswith(XATTR_PREFIX):
             with contextlib.suppress(OSError):
                 out[n] = os.getxattr(path, n, follow_symlinks=follow)
+    if layer_fd is not None and X_SIDE in out:
+        for n, digest in _side_refs(out.pop(X_SIDE)).items():
+            out[n] = _read_side_file(layer_fd, digest)
     return out
 
 
-def set_win_xattrs(fd: int, xattrs: dict[str, bytes], replace: bool) -> None:
+def set_win_xattrs(fd: int, xattrs: dict[str, bytes], replace: bool,
+                   layer_fd: int | None = None) -> None:
+    """Set the xattrs on ``fd``; with ``layer_fd``, a value the filesystem has no room for (an
+    NTFS security descriptor or EA may be up to 64 KiB, ext4 keeps one block of xattrs) goes to
+    a side file ``winmeta/<sha256>`` of the layer, named in ``user.mswindows.side``."""
     if replace:
         for n in os.listxattr(fd):
             if n.startswith(XATTR_PREFIX) and n not in xattrs:
                 os.removexattr(fd, n)
+    side = _side_refs(xattrs[X_SIDE]) if X_SIDE in xattrs else {}
+    direct: list[str] = []
     for n, v in xattrs.items():
-        os.setxattr(fd, n, v)
+        if n == X_SIDE:
+            continue
+        try:
+            os.setxattr(fd, n, v)
+            direct.append(n)
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM or layer_fd is None:
+                raise
+            side[n] = _write_side_file(layer_fd, v)
+    if not side:
+        return
+    # The reference itself needs room: move the largest values out until it fits.
+    direct.sort(key=lambda n: len(xattrs[n]))
+    while True:
+        try:
+            os.setxattr(fd, X_SIDE, json.dumps(side, sort_keys=True).encode())
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM or not direct or layer_fd is None:
+                raise
+        n = direct.pop()
+        side[n] = _write_side_file(layer_fd, xattrs[n])
+        os.removexattr(fd, n)
+
+
+_NO_ROOM = (errno.ENOSPC, errno.E2BIG, errno.ERANGE)
+
+
+def _side_refs(raw: bytes) -> dict[str, str]:
+    return {str(k): str(v) for k, v in json.loads(raw).items()}
+
+
+def _write_side_file(layer_fd: int, value: bytes) -> str:
+    digest = hashlib.sha256(value).hexdigest()
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(SIDE_DIR, 0o700, dir_fd=layer_fd)
+    dfd = os.open(SIDE_DIR, DIR_FLAGS, dir_fd=layer_fd)
+    try:
+        try:
+            os.stat(digest, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            write_small_file(dfd, digest, value)
+    finally:
+        os.close(dfd)
+    return digest
+
+
+def _read_side_file(layer_fd: int, digest: str) -> bytes:
+    if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise GraphDriverError(f"windowsfilter: bad side-file reference {digest[:70]!r}")
+    fd = os.open(f"{SIDE_DIR}/{digest}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=layer_fd)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def adopt_side_files(src_layer_fd: int, dst_layer_fd: int) -> None:
+    """Hard-link the side files of ``src_layer_fd`` into ``dst_layer_fd`` (files the new layer
+    shares with a parent, hard links or cloned metadata, keep their references)."""
+    try:
+        sfd = os.open(SIDE_DIR, DIR_FLAGS, dir_fd=src_layer_fd)
+    except FileNotFoundError:
+        return
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(SIDE_DIR, 0o700, dir_fd=dst_layer_fd)
+        dfd = os.open(SIDE_DIR, DIR_FLAGS, dir_fd=dst_layer_fd)
+        try:
+            for n in os.listdir(sfd):
+                with contextlib.suppress(FileExistsError):
+                    os.link(n, n, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
 
 
 def file_attributes(xattrs: dict[str, bytes]) -> int:

@@ -20,6 +20,7 @@ TOP_DIRS = ("Files", "Hives", "UtilityVM")
 TOMBSTONES = "tombstones.txt"
 LINKMETA = "linkmeta.json"
 CROSSLINKS = "crosslinks.json"
+SIDE_DIR = "winmeta"  # xattr values too large for the filesystem, by sha256
 TOMBSTONE_HEADER = b"\xef\xbb\xbfVersion 1.0"
 
 # Files the Windows import process mutates; backed up at import, served from the backup by diff
@@ -39,10 +40,13 @@ X_MOUNTPOINT = XATTR_PREFIX + "mountpoint"
 X_EA = XATTR_PREFIX + "xattr."
 X_CTIME_CREATION = XATTR_PREFIX + "creationtime"
 X_PAX = XATTR_PREFIX + "pax."
+X_SIDE = XATTR_PREFIX + "side"  # JSON: xattr name -> sha256 of its value in SIDE_DIR
+X_EMPTY_MODE = XATTR_PREFIX + "emptymode"  # an empty file's tar mode when it was MODE_REG
 X_STREAM_INDEX = XATTR_PREFIX + "streamindex"  # an alternate stream's place after its file
 TIME_KEYS = ("mtime", "atime", "ctime")
 # Records that describe the tar entry itself, not the file: never stored.
 STRUCTURAL_KEYS = frozenset(("path", "linkpath", "size"))
+SPARSE_PREFIX = "GNU.sparse."  # the sparse encoding of an entry's data: never stored either
 XATTR_NAME_MAX = 255
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
