@@ -156,7 +156,11 @@ class LayerStore:
                                      for n in names):
             self._adopt(names)
             return False
+        # The marker goes last: a process that opens the home meanwhile and finds the marker
+        # finds meta/ and locks/ beside it (one that finds them without it adopts the home).
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name in ("meta", "locks"):
+            (self.home / name).mkdir(exist_ok=True, mode=0o700)
         self._write_marker(marker)
         return names is None
 
@@ -172,6 +176,7 @@ class LayerStore:
         own = {"meta", "locks", ".lock", "lost+found"} | self.home_names
         strangers = [n for n in names if n not in own and n not in ids
                      and not n.endswith(REMOVING_SUFFIX) and not n.startswith(".probe-")
+                     and not n.startswith(f".{STORE_MARKER}.tmp-")  # another opener's marker
                      and not self._looks_like_layer(self.home / n)]
         if strangers:
             raise NotAStore(f"not a graphdriver store: {self.home} holds "
