@@ -118,6 +118,13 @@ def remove_beneath(parent_fd: int, name: str) -> None:
     _rmdir_at(parent_fd, name)
 
 
+def empty_beneath(dir_fd: int) -> None:
+    """Remove everything inside the directory *dir_fd* (trees at any depth, no symlink followed);
+    the directory itself stays."""
+    for name in _names(dir_fd):
+        remove_beneath(dir_fd, name)
+
+
 def _first_subdir_emptying(fd: int) -> str | None:
     """Unlink every non-directory in *fd*; return one subdirectory's name (None: it is empty)."""
     with os.scandir(fd) as it:

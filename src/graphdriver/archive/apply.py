@@ -52,7 +52,7 @@ from ..errors import (
     UnsafeArchive,
     from_oserror,
 )
-from ..fsutil import remove_beneath
+from ..fsutil import empty_beneath, remove_beneath
 from ..idmap import IDENTITY, IDMap
 from . import tarstream as ts
 from .compression import decompress_stream, open_decompressed
@@ -354,6 +354,14 @@ class _Applier:
                 self.graveyard.append(fd)
         self.cache = {"": root}
 
+    def _evict_oldest(self) -> None:
+        """Forget the older half of the cached directories (the root stays): the newest are
+        the parents of what comes next, so a tree of any depth opens each directory once."""
+        keys = list(self.cache)
+        for key in keys[:len(keys) // 2]:
+            if key:
+                self.graveyard.append(self.cache.pop(key)[0])
+
     def _bury(self) -> None:
         for fd in self.graveyard:
             os.close(fd)
@@ -373,13 +381,17 @@ class _Applier:
         if hit is not None:
             return hit
         if len(self.cache) > _CACHE_LIMIT:
-            self._clear_cache()
-        # nearest cached ancestor
+            self._evict_oldest()
+        # nearest cached ancestor (the parent, in a tar listed parents first)
         parts = logical.split("/")
         i = len(parts) - 1
-        while i > 0 and "/".join(parts[:i]) not in self.cache:
+        ancestor = logical
+        while i > 0:
+            ancestor = ancestor[:ancestor.rfind("/")]
+            if ancestor in self.cache:
+                break
             i -= 1
-        cur_fd, cur_real, cur_sgid = self.cache["/".join(parts[:i])]
+        cur_fd, cur_real, cur_sgid = self.cache[ancestor if i else ""]
         for j in range(i, len(parts)):
             comp = parts[j]
             real = _join(cur_real, comp)
@@ -1102,7 +1114,7 @@ class _Applier:
             os.close(self.scratch_fd)
             self.scratch_fd = None
         if self.empty_start:
-            _empty_dir(self.root_fd)
+            empty_beneath(self.root_fd)
             _write_meta(self.root_fd, self.root_meta)
             return
         for step in reversed(self.journal):
@@ -1171,13 +1183,6 @@ def _missing(dir_fd: int, name: str) -> bool:
     except FileNotFoundError:
         return True
     return False
-
-
-def _empty_dir(dir_fd: int) -> None:
-    with os.scandir(dir_fd) as it:
-        names = [d.name for d in it]
-    for base in names:
-        remove_beneath(dir_fd, base)
 
 
 # ---- the journal kept on disk (ApplyOptions.journal) -------------------------------------------
@@ -1290,7 +1295,7 @@ def rollback_journal(root_fd: int) -> bool:
         found = True
         empty_start, root_meta = bool(lines[0][1]), _meta_from(lines[0][2])
         if empty_start:
-            _empty_dir(root_fd)
+            empty_beneath(root_fd)
         else:
             sfd = os.open(scratch, _DIR_FLAGS, dir_fd=root_fd)
             try:
