@@ -3,15 +3,20 @@ iterative, fd-based walkers (issue 12, third item; RecursionError before)."""
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
 from graphdriver import open_driver
 from graphdriver.fsutil import copy_tree, remove_tree
+from tests.safety.safetyutil import cli
 
 DEPTH = 2000
+COMMAND_SECONDS = 30  # a few seconds each here; generous for a loaded CI machine
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the drivers' stores)")
 
 
@@ -83,3 +88,85 @@ def test_deep_layer_through_the_store(driver_name: str, tmp_path: Path) -> None:
     again = open_driver(driver_name, root, runroot=run)  # the store still opens
     assert again.layers() == []
     again.cleanup()
+
+
+def write_deep_tar(path: Path, top: str, depth: int = DEPTH, *, then_refused: bool = False) -> None:
+    """A layer tar of ``TOP/d/d/.../d/f`` (*depth* directories below TOP), parents listed first;
+    *then_refused*: one more entry after it that every apply refuses (an absolute name)."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        name = top
+        tar.addfile(_dir_info(name))
+        for _ in range(depth):
+            name += "/d"
+            tar.addfile(_dir_info(name))
+        body = b"deep\n"
+        info = tarfile.TarInfo(name + "/f")
+        info.size, info.mode, info.mtime = len(body), 0o644, 1_600_000_000
+        tar.addfile(info, io.BytesIO(body))
+        if then_refused:
+            info = tarfile.TarInfo("/etc/refused")
+            info.size, info.mtime = 0, 1_600_000_000
+            tar.addfile(info, io.BytesIO(b""))
+
+
+def _dir_info(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_600_000_000
+    return info
+
+
+def timed_cli(root: Path, run: Path, driver: str, *args: str, ok: bool = True) -> str:
+    """The command, which must finish in a few seconds (150 s per deep apply before)."""
+    started = time.monotonic()
+    res = cli(root, run, driver, *args, timeout=120)
+    took = time.monotonic() - started
+    assert (res.returncode == 0) == ok, f"{' '.join(args)}: rc={res.returncode} {res.stderr}"
+    assert took < COMMAND_SECONDS, f"{' '.join(args)} took {took:.1f} s at depth {DEPTH}"
+    return res.stdout
+
+
+def test_deep_layer_through_the_command(driver_name: str, tmp_path: Path) -> None:
+    """apply, import, create --parent, diff, changes, diff-size, mount, rm of a 2000-level tar,
+    and a refused apply at that depth that rolls back: each command in seconds, on each driver."""
+    root, run = tmp_path / "store", tmp_path / "run"
+    deep_tar, refused_tar = tmp_path / "deep.tar", tmp_path / "refused.tar"
+    write_deep_tar(deep_tar, "t")
+    write_deep_tar(refused_tar, "u", then_refused=True)
+    timed_cli(root, run, driver_name, "create", "a")
+    timed_cli(root, run, driver_name, "apply", "a", str(deep_tar))
+    timed_cli(root, run, driver_name, "import", "b", str(deep_tar))
+    timed_cli(root, run, driver_name, "create", "--parent", "a", "c")
+    timed_cli(root, run, driver_name, "diff", "a", "-o", str(tmp_path / "a.tar"))
+    for layer in ("a", "b"):
+        listed = timed_cli(root, run, driver_name, "changes", layer).splitlines()
+        assert len(listed) == DEPTH + 2 and listed[0] == "A /t", listed[:3]
+        assert int(timed_cli(root, run, driver_name, "diff-size", layer)) == 5
+    with tarfile.open(tmp_path / "a.tar") as exported:
+        assert len(exported.getmembers()) == DEPTH + 2
+    before = timed_cli(root, run, driver_name, "changes", "a")
+    # refused at depth: onto a layer with content (the undo journal) and as a new layer
+    timed_cli(root, run, driver_name, "apply", "a", str(refused_tar), ok=False)
+    assert timed_cli(root, run, driver_name, "changes", "a") == before
+    timed_cli(root, run, driver_name, "import", "r", str(refused_tar), ok=False)
+    assert timed_cli(root, run, driver_name, "exists", "r", ok=False) == ""
+    merged = Path(timed_cli(root, run, driver_name, "mount", "c").strip())
+    assert deepest_file(merged / "t") == b"deep\n"
+    timed_cli(root, run, driver_name, "unmount", "c")
+    timed_cli(root, run, driver_name, "rm", "c", "a", "b")
+    assert timed_cli(root, run, driver_name, "ls", "-q") == ""
+
+
+def deepest_file(top: Path, depth: int = DEPTH) -> bytes:
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        out = os.open("f", os.O_RDONLY, dir_fd=fd)
+        try:
+            return os.read(out, 100)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
