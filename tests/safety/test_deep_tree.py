@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from graphdriver import open_driver
+from graphdriver.archive.changes import Change, ChangeKind, changes_size
 from graphdriver.fsutil import copy_tree, remove_tree
 from tests.safety.safetyutil import cli
 
@@ -170,3 +171,23 @@ def deepest_file(top: Path, depth: int = DEPTH) -> bytes:
             os.close(out)
     finally:
         os.close(fd)
+
+
+def test_changes_size_past_path_max(tmp_path: Path) -> None:
+    """diff-size counts a file whose full path is longer than PATH_MAX (it was skipped)."""
+    name, depth = "d" * 100, 50  # 5050 bytes of path
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        out = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, b"deep\n")
+        os.close(out)
+    finally:
+        os.close(fd)
+    deep = "/" + "/".join([name] * depth)
+    listed = [Change(deep + "/f", ChangeKind.ADD), Change(deep, ChangeKind.ADD)]
+    assert changes_size(tmp_path, listed) == 5
