@@ -39,13 +39,23 @@ def make_deep(root: Path, depth: int = DEPTH) -> None:
         os.close(fd)
 
 
-def deepest(root: Path, depth: int = DEPTH) -> os.stat_result:
+def descend(root: Path, depth: int = DEPTH) -> int:
+    """An fd of ``root/d/d/.../d``, *depth* levels down, opened one name at a time."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for _ in range(depth):
             sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def deepest(root: Path, depth: int = DEPTH) -> os.stat_result:
+    fd = descend(root, depth)
+    try:
         assert os.readlink("link", dir_fd=fd) == "f"
         assert os.stat("hard", dir_fd=fd).st_ino == os.stat("f", dir_fd=fd).st_ino
         return os.stat("f", dir_fd=fd)
@@ -158,12 +168,8 @@ def test_deep_layer_through_the_command(driver_name: str, tmp_path: Path) -> Non
 
 
 def deepest_file(top: Path, depth: int = DEPTH) -> bytes:
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    fd = descend(top, depth)
     try:
-        for _ in range(depth):
-            sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = sub
         out = os.open("f", os.O_RDONLY, dir_fd=fd)
         try:
             return os.read(out, 100)
