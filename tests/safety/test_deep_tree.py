@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import tarfile
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from graphdriver import open_driver
+from graphdriver.archive.apply import ApplyOptions, apply_tar
 from graphdriver.archive.changes import Change, ChangeKind, changes_size
 from graphdriver.fsutil import copy_tree, remove_tree
 from tests.safety.safetyutil import cli
@@ -197,3 +199,29 @@ def test_changes_size_past_path_max(tmp_path: Path) -> None:
     deep = "/" + "/".join([name] * depth)
     listed = [Change(deep + "/f", ChangeKind.ADD), Change(deep, ChangeKind.ADD)]
     assert changes_size(tmp_path, listed) == 5
+
+
+def test_apply_into_a_deep_tree_with_few_descriptors(tmp_path: Path) -> None:
+    """A tar whose first entry lies 2000 directories down in an existing tree applies under a
+    1024-descriptor limit (each directory on the way was held open before: EMFILE)."""
+    deep_tar, into_tar, target = tmp_path / "deep.tar", tmp_path / "into.tar", tmp_path / "t"
+    write_deep_tar(deep_tar, "t")
+    with tarfile.open(into_tar, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("t" + "/d" * DEPTH + "/g")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"new"))
+    target.mkdir()
+    with open(deep_tar, "rb") as src:
+        apply_tar(src, target, ApplyOptions())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, soft), hard))
+    try:
+        with open(into_tar, "rb") as src:
+            apply_tar(src, target, ApplyOptions())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    fd = descend(target / "t")
+    try:
+        assert os.stat("g", dir_fd=fd).st_size == 3
+    finally:
+        os.close(fd)

@@ -392,53 +392,63 @@ class _Applier:
                 break
             i -= 1
         cur_fd, cur_real, cur_sgid = self.cache[ancestor if i else ""]
-        for j in range(i, len(parts)):
-            comp = parts[j]
-            real = _join(cur_real, comp)
-            try:
-                fd = os.open(comp, _DIR_FLAGS, dir_fd=cur_fd)
-            except FileNotFoundError:
-                if not create:
-                    return None
-                self._mkdir_parent(cur_fd, cur_real, comp)
-                fd = os.open(comp, _DIR_FLAGS, dir_fd=cur_fd)
-            except (NotADirectoryError, OSError) as exc:
-                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
-                    raise
-                st = os.lstat(comp, dir_fd=cur_fd)
-                if not stat.S_ISLNK(st.st_mode):
+        cached = True  # whether cur_fd is the cache's (else this walk closes it)
+        try:
+            for j in range(i, len(parts)):
+                comp = parts[j]
+                real = _join(cur_real, comp)
+                try:
+                    fd = os.open(comp, _DIR_FLAGS, dir_fd=cur_fd)
+                except FileNotFoundError:
                     if not create:
                         return None
-                    raise InvalidArchive(
-                        f"cannot create {name!r}: parent {real!r} is not a directory"
-                    ) from exc
-                if real in self.archive_links:
-                    raise UnsafeArchive(
-                        f"{name!r} crosses symlink {real!r} created by the archive"
-                    ) from exc
-                try:
-                    real = resolve_in_root(self.root_fd, real)
-                    fd = open_beneath(self.root_fd, real, _DIR_FLAGS)
-                except OSError as exc2:
-                    if not create and exc2.errno == errno.ENOENT:
-                        return None
-                    raise InvalidArchive(
-                        f"cannot create {name!r}: symlink {_join(cur_real, comp)!r} does not "
-                        "lead to a directory inside the layer"
-                    ) from exc2
-                if real.split("/", 1)[0] == self.scratch:
-                    os.close(fd)
-                    raise UnsafeArchive(
-                        f"{name!r} leads into the apply's scratch directory"
-                    ) from exc
-            st = os.fstat(fd)
-            if not self.empty_start and real not in self.created:
-                # a directory the layer does not list keeps its times (an entry may set them)
-                self.dir_times.setdefault(real, (st.st_atime_ns, st.st_mtime_ns, None))
-            sgid = bool(st.st_mode & stat.S_ISGID)
-            key = "/".join(parts[: j + 1])
-            self.cache[key] = (fd, real, sgid)
-            cur_fd, cur_real, cur_sgid = fd, real, sgid
+                    self._mkdir_parent(cur_fd, cur_real, comp)
+                    fd = os.open(comp, _DIR_FLAGS, dir_fd=cur_fd)
+                except (NotADirectoryError, OSError) as exc:
+                    if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    st = os.lstat(comp, dir_fd=cur_fd)
+                    if not stat.S_ISLNK(st.st_mode):
+                        if not create:
+                            return None
+                        raise InvalidArchive(
+                            f"cannot create {name!r}: parent {real!r} is not a directory"
+                        ) from exc
+                    if real in self.archive_links:
+                        raise UnsafeArchive(
+                            f"{name!r} crosses symlink {real!r} created by the archive"
+                        ) from exc
+                    try:
+                        real = resolve_in_root(self.root_fd, real)
+                        fd = open_beneath(self.root_fd, real, _DIR_FLAGS)
+                    except OSError as exc2:
+                        if not create and exc2.errno == errno.ENOENT:
+                            return None
+                        raise InvalidArchive(
+                            f"cannot create {name!r}: symlink {_join(cur_real, comp)!r} does not "
+                            "lead to a directory inside the layer"
+                        ) from exc2
+                    if real.split("/", 1)[0] == self.scratch:
+                        os.close(fd)
+                        raise UnsafeArchive(
+                            f"{name!r} leads into the apply's scratch directory"
+                        ) from exc
+                st = os.fstat(fd)
+                if not self.empty_start and real not in self.created:
+                    # a directory the layer does not list keeps its times (an entry may set them)
+                    self.dir_times.setdefault(real, (st.st_atime_ns, st.st_mtime_ns, None))
+                sgid = bool(st.st_mode & stat.S_ISGID)
+                # the last directory is cached; those before it while there is room (a 2000-level
+                # path opened at once holds one uncached fd at a time, not 2000)
+                keep = j == len(parts) - 1 or len(self.cache) < _CACHE_LIMIT
+                if keep:
+                    self.cache["/".join(parts[: j + 1])] = (fd, real, sgid)
+                if not cached:
+                    os.close(cur_fd)
+                cur_fd, cur_real, cur_sgid, cached = fd, real, sgid, keep
+        finally:
+            if not cached:
+                os.close(cur_fd)
         return cur_fd, cur_real, cur_sgid
 
     def _mkdir_parent(self, pfd: int, preal: str, base: str) -> None:
