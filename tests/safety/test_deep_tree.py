@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import resource
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from graphdriver import open_driver
 from graphdriver.archive.apply import ApplyOptions, apply_tar
 from graphdriver.archive.changes import Change, ChangeKind, changes_size
 from graphdriver.fsutil import copy_tree, remove_tree
-from tests.safety.safetyutil import cli
+from tests.safety.safetyutil import cli, cli_argv, cli_env
 
 DEPTH = 2000
 COMMAND_SECONDS = 30  # a few seconds each here; generous for a loaded CI machine
@@ -225,3 +226,35 @@ def test_apply_into_a_deep_tree_with_few_descriptors(tmp_path: Path) -> None:
         assert os.stat("g", dir_fd=fd).st_size == 3
     finally:
         os.close(fd)
+        remove_tree(target)  # pytest's own clean-up recurses
+
+
+def _soft_fd_limit_1024() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+
+def test_deep_walks_under_the_usual_soft_fd_limit(driver_name: str, tmp_path: Path) -> None:
+    """changes, diff and diff-size of a 2000-level layer with a soft limit of 1024 open files
+    (a walk holds a directory fd per level, two when it compares: EMFILE before)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 3 * DEPTH:
+        pytest.skip(f"the hard limit of open files ({hard}) is below what the walk needs")
+    root, run, deep_tar = tmp_path / "store", tmp_path / "run", tmp_path / "deep.tar"
+    write_deep_tar(deep_tar, "t")
+    timed_cli(root, run, driver_name, "import", "a", str(deep_tar))
+    timed_cli(root, run, driver_name, "create", "--parent", "a", "c")
+    outputs = {}
+    for args in (("changes", "a"), ("changes", "c"), ("diff-size", "a"),
+                 ("diff", "a", "-o", str(tmp_path / "a.tar"))):
+        res = subprocess.run(cli_argv(root, run, driver_name, *args), capture_output=True,
+                             text=True, env=cli_env(), timeout=120, check=False,
+                             preexec_fn=_soft_fd_limit_1024)
+        assert res.returncode == 0, f"{' '.join(args)}: {res.stderr}"
+        outputs[args[0], args[1]] = res.stdout
+    assert len(outputs["changes", "a"].splitlines()) == DEPTH + 2
+    assert outputs["changes", "c"] == ""
+    assert int(outputs["diff-size", "a"]) == 5
+    with tarfile.open(tmp_path / "a.tar") as exported:
+        assert len(exported.getmembers()) == DEPTH + 2
+    timed_cli(root, run, driver_name, "rm", "c", "a")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import from_oserror
+from ..fsutil import raise_open_files_limit
 from ..idmap import IDENTITY, IDMap
 from .pathres import open_beneath
 from .whiteout import OVERLAY, WhiteoutFormat
@@ -257,6 +258,7 @@ def changes_dirs(
     does not change the outcome; it is accepted for symmetry with the other tar-engine calls).
     """
     del idmap
+    raise_open_files_limit()  # two directory fds per level
     new_s, old_s = os.fspath(new), os.fspath(old) if old is not None else ""
     out: list[Change] = []
     try:
@@ -459,6 +461,7 @@ def overlay_changes(upper: str | Path, lowers: list[Path] | list[str],
     directories that an opaque upper directory hides).  A whiteout is a DELETE only when a
     lower layer shows something there (moby's OverlayChanges would list every whiteout).
     """
+    raise_open_files_limit()  # a directory fd per level
     upper_s = os.fspath(upper)
     stack = [os.fspath(p) for p in lowers]
     out: list[Change] = []
