@@ -7,6 +7,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import stat
 from pathlib import Path
 
@@ -117,6 +118,25 @@ def remove_beneath(parent_fd: int, name: str) -> None:
     finally:
         os.close(fd)
     _rmdir_at(parent_fd, name)
+
+
+def empty_beneath(dir_fd: int) -> None:
+    """Remove everything inside the directory *dir_fd* (trees at any depth, no symlink followed);
+    the directory itself stays."""
+    for name in _names(dir_fd):
+        remove_beneath(dir_fd, name)
+
+
+def raise_open_files_limit() -> None:
+    """Lift this process's soft limit of open files to its hard limit, as Go's runtime does at
+    start: a tree walk holds a directory fd per level (two when it compares trees), and the
+    usual soft limit of 1024 is less than a 2000-level layer needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:  # a hard limit above the kernel's nr_open
+            log.debug("open files limit stays %d: %s", soft, exc)
 
 
 def _first_subdir_emptying(fd: int) -> str | None:

@@ -52,7 +52,7 @@ from ..errors import (
     UnsafeArchive,
     from_oserror,
 )
-from ..fsutil import remove_beneath
+from ..fsutil import empty_beneath, remove_beneath
 from ..idmap import IDENTITY, IDMap, real_root
 from . import tarstream as ts
 from .compression import decompress_stream, open_decompressed
@@ -361,6 +361,14 @@ class _Applier:
                 self.graveyard.append(fd)
         self.cache = {"": root}
 
+    def _evict_oldest(self) -> None:
+        """Forget the older half of the cached directories (the root stays): the newest are
+        the parents of what comes next, so a tree of any depth opens each directory once."""
+        keys = list(self.cache)
+        for key in keys[:len(keys) // 2]:
+            if key:
+                self.graveyard.append(self.cache.pop(key)[0])
+
     def _bury(self) -> None:
         for fd in self.graveyard:
             os.close(fd)
@@ -380,60 +388,74 @@ class _Applier:
         if hit is not None:
             return hit
         if len(self.cache) > _CACHE_LIMIT:
-            self._clear_cache()
-        # nearest cached ancestor
+            self._evict_oldest()
+        # nearest cached ancestor (the parent, in a tar listed parents first)
         parts = logical.split("/")
         i = len(parts) - 1
-        while i > 0 and "/".join(parts[:i]) not in self.cache:
+        ancestor = logical
+        while i > 0:
+            ancestor = ancestor[:ancestor.rfind("/")]
+            if ancestor in self.cache:
+                break
             i -= 1
-        cur_fd, cur_real, cur_sgid = self.cache["/".join(parts[:i])]
-        for j in range(i, len(parts)):
-            comp = parts[j]
-            real = _join(cur_real, comp)
-            try:
-                fd = os.open(comp, _DIR_FLAGS, dir_fd=cur_fd)
-            except FileNotFoundError:
-                if not create:
-                    return None
-                self._mkdir_parent(cur_fd, cur_real, comp)
-                fd = os.open(comp, _DIR_FLAGS, dir_fd=cur_fd)
-            except (NotADirectoryError, OSError) as exc:
-                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
-                    raise
-                st = os.lstat(comp, dir_fd=cur_fd)
-                if not stat.S_ISLNK(st.st_mode):
+        cur_fd, cur_real, cur_sgid = self.cache[ancestor if i else ""]
+        cached = True  # whether cur_fd is the cache's (else this walk closes it)
+        try:
+            for j in range(i, len(parts)):
+                comp = parts[j]
+                real = _join(cur_real, comp)
+                try:
+                    fd = os.open(comp, _DIR_FLAGS, dir_fd=cur_fd)
+                except FileNotFoundError:
                     if not create:
                         return None
-                    raise InvalidArchive(
-                        f"cannot create {name!r}: parent {real!r} is not a directory"
-                    ) from exc
-                if real in self.archive_links:
-                    raise UnsafeArchive(
-                        f"{name!r} crosses symlink {real!r} created by the archive"
-                    ) from exc
-                try:
-                    real = resolve_in_root(self.root_fd, real)
-                    fd = open_beneath(self.root_fd, real, _DIR_FLAGS)
-                except OSError as exc2:
-                    if not create and exc2.errno == errno.ENOENT:
-                        return None
-                    raise InvalidArchive(
-                        f"cannot create {name!r}: symlink {_join(cur_real, comp)!r} does not "
-                        "lead to a directory inside the layer"
-                    ) from exc2
-                if real.split("/", 1)[0] == self.scratch:
-                    os.close(fd)
-                    raise UnsafeArchive(
-                        f"{name!r} leads into the apply's scratch directory"
-                    ) from exc
-            st = os.fstat(fd)
-            if not self.empty_start and real not in self.created:
-                # a directory the layer does not list keeps its times (an entry may set them)
-                self.dir_times.setdefault(real, (st.st_atime_ns, st.st_mtime_ns, None))
-            sgid = bool(st.st_mode & stat.S_ISGID)
-            key = "/".join(parts[: j + 1])
-            self.cache[key] = (fd, real, sgid)
-            cur_fd, cur_real, cur_sgid = fd, real, sgid
+                    self._mkdir_parent(cur_fd, cur_real, comp)
+                    fd = os.open(comp, _DIR_FLAGS, dir_fd=cur_fd)
+                except (NotADirectoryError, OSError) as exc:
+                    if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    st = os.lstat(comp, dir_fd=cur_fd)
+                    if not stat.S_ISLNK(st.st_mode):
+                        if not create:
+                            return None
+                        raise InvalidArchive(
+                            f"cannot create {name!r}: parent {real!r} is not a directory"
+                        ) from exc
+                    if real in self.archive_links:
+                        raise UnsafeArchive(
+                            f"{name!r} crosses symlink {real!r} created by the archive"
+                        ) from exc
+                    try:
+                        real = resolve_in_root(self.root_fd, real)
+                        fd = open_beneath(self.root_fd, real, _DIR_FLAGS)
+                    except OSError as exc2:
+                        if not create and exc2.errno == errno.ENOENT:
+                            return None
+                        raise InvalidArchive(
+                            f"cannot create {name!r}: symlink {_join(cur_real, comp)!r} does not "
+                            "lead to a directory inside the layer"
+                        ) from exc2
+                    if real.split("/", 1)[0] == self.scratch:
+                        os.close(fd)
+                        raise UnsafeArchive(
+                            f"{name!r} leads into the apply's scratch directory"
+                        ) from exc
+                st = os.fstat(fd)
+                if not self.empty_start and real not in self.created:
+                    # a directory the layer does not list keeps its times (an entry may set them)
+                    self.dir_times.setdefault(real, (st.st_atime_ns, st.st_mtime_ns, None))
+                sgid = bool(st.st_mode & stat.S_ISGID)
+                # the last directory is cached; those before it while there is room (a 2000-level
+                # path opened at once holds one uncached fd at a time, not 2000)
+                keep = j == len(parts) - 1 or len(self.cache) < _CACHE_LIMIT
+                if keep:
+                    self.cache["/".join(parts[: j + 1])] = (fd, real, sgid)
+                if not cached:
+                    os.close(cur_fd)
+                cur_fd, cur_real, cur_sgid, cached = fd, real, sgid, keep
+        finally:
+            if not cached:
+                os.close(cur_fd)
         return cur_fd, cur_real, cur_sgid
 
     def _mkdir_parent(self, pfd: int, preal: str, base: str) -> None:
@@ -1109,7 +1131,7 @@ class _Applier:
             os.close(self.scratch_fd)
             self.scratch_fd = None
         if self.empty_start:
-            _empty_dir(self.root_fd)
+            empty_beneath(self.root_fd)
             _write_meta(self.root_fd, self.root_meta)
             return
         for step in reversed(self.journal):
@@ -1178,13 +1200,6 @@ def _missing(dir_fd: int, name: str) -> bool:
     except FileNotFoundError:
         return True
     return False
-
-
-def _empty_dir(dir_fd: int) -> None:
-    with os.scandir(dir_fd) as it:
-        names = [d.name for d in it]
-    for base in names:
-        remove_beneath(dir_fd, base)
 
 
 # ---- the journal kept on disk (ApplyOptions.journal) -------------------------------------------
@@ -1297,7 +1312,7 @@ def rollback_journal(root_fd: int) -> bool:
         found = True
         empty_start, root_meta = bool(lines[0][1]), _meta_from(lines[0][2])
         if empty_start:
-            _empty_dir(root_fd)
+            empty_beneath(root_fd)
         else:
             sfd = os.open(scratch, _DIR_FLAGS, dir_fd=root_fd)
             try:

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import from_oserror
+from ..fsutil import raise_open_files_limit
 from ..idmap import IDENTITY, IDMap
+from .pathres import open_beneath
 from .whiteout import OVERLAY, WhiteoutFormat
 
 
@@ -256,6 +258,7 @@ def changes_dirs(
     does not change the outcome; it is accepted for symmetry with the other tar-engine calls).
     """
     del idmap
+    raise_open_files_limit()  # two directory fds per level
     new_s, old_s = os.fspath(new), os.fspath(old) if old is not None else ""
     out: list[Change] = []
     try:
@@ -281,25 +284,61 @@ def changes_dirs(
 
 def changes_size(root: str | Path, changes: list[Change]) -> int:
     """moby's ChangesSize: bytes of ADD/MODIFY non-directories, a hard-linked inode once."""
-    base = os.fspath(root)
     size = 0
     seen: set[tuple[int, int]] = set()
-    for change in changes:
-        if change.kind == ChangeKind.DELETE:
-            continue
-        try:
-            st = os.lstat(base + change.path)
-        except OSError:
-            continue  # moby logs and goes on
-        if stat.S_ISDIR(st.st_mode):
-            continue
-        if st.st_nlink > 1:
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
+    try:
+        parents = _ParentDirs(root)
+    except OSError as exc:
+        raise from_oserror(exc, "diff size") from exc
+    with parents:
+        for change in changes:
+            if change.kind == ChangeKind.DELETE:
                 continue
-            seen.add(key)
-        size += st.st_size
+            st = parents.lstat(change.path)
+            if st is None or stat.S_ISDIR(st.st_mode):
+                continue
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+            size += st.st_size
     return size
+
+
+class _ParentDirs:
+    """lstat of paths beneath a root at any depth: through the parent directory's fd (opened
+    beneath the root, in pieces past PATH_MAX), the last parent kept open for its siblings."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root_fd = os.open(root, _DIR_FLAGS)
+        self.parent = ""
+        self.parent_fd = self.root_fd
+
+    def __enter__(self) -> _ParentDirs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._drop()
+        os.close(self.root_fd)
+
+    def _drop(self) -> None:
+        if self.parent_fd != self.root_fd:
+            os.close(self.parent_fd)
+        self.parent, self.parent_fd = "", self.root_fd
+
+    def lstat(self, path: str) -> os.stat_result | None:
+        """None when it cannot be read (moby logs and goes on)."""
+        parent, _, name = path.strip("/").rpartition("/")
+        try:
+            if parent != self.parent:
+                self._drop()
+                if parent:
+                    self.parent_fd = open_beneath(self.root_fd, parent)
+                    self.parent = parent
+            return os.lstat(name, dir_fd=self.parent_fd)
+        except OSError:
+            return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +461,7 @@ def overlay_changes(upper: str | Path, lowers: list[Path] | list[str],
     directories that an opaque upper directory hides).  A whiteout is a DELETE only when a
     lower layer shows something there (moby's OverlayChanges would list every whiteout).
     """
+    raise_open_files_limit()  # a directory fd per level
     upper_s = os.fspath(upper)
     stack = [os.fspath(p) for p in lowers]
     out: list[Change] = []

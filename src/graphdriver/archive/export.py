@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 from ..errors import GraphDriverError, InvalidArgument, from_oserror
+from ..fsutil import raise_open_files_limit
 from ..idmap import IDENTITY, IDMap
 from .buffers import aligned_buffer
 from .changes import Change, ChangeKind
@@ -476,6 +477,7 @@ def write_tree(
     """
     if not isinstance(whiteout_format, WhiteoutFormat):
         raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
+    raise_open_files_limit()  # a directory fd per level
     root_b = os.fsencode(root)
     out = TarOut(out_fd, progress)
     native = _native if idmap.is_identity and _PROC_FD else None
@@ -555,6 +557,7 @@ def write_changes(
     exports the same bytes (reproducible digests).  Parent directories are not
     added.  A path that vanished since the changes were computed is skipped, as moby does.
     """
+    raise_open_files_limit()  # a directory fd per level
     root_b = os.fsencode(root)
     out = TarOut(out_fd, progress)
     dir_mtimes: dict[bytes, int] = {}

@@ -19,8 +19,9 @@ the caller must keep the layer incomplete.  SIGINT or SIGTERM to the parent (whi
 then raises :class:`~graphdriver.errors.Interrupted`.
 
 Owns the apply job.  Imports :mod:`.confine`, :mod:`.apply`, :mod:`.compression`,
-:mod:`.pathres`, :mod:`.tarstream` and the helpers :mod:`graphdriver.errors` and
-:mod:`graphdriver.idmap`; never a driver, the store, the CLI, the plugin or the package root.
+:mod:`.pathres`, :mod:`.tarstream` and the helpers :mod:`graphdriver.errors`,
+:mod:`graphdriver.fsutil` and :mod:`graphdriver.idmap`; never a driver, the store, the CLI, the
+plugin or the package root.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .. import errors
 from ..errors import GraphDriverError
+from ..fsutil import empty_beneath
 from ..idmap import IDMap
 from .apply import ApplyOptions, ApplyResult
 from .confine import ChildContext, JobBody, run_job
@@ -43,18 +45,10 @@ APPLY_JOB = "graphdriver.archive.isolate:apply_job"
 
 
 def _empty_dir(target: Path) -> None:
-    """Remove everything beneath *target* (never following symlinks)."""
-    import shutil
-
+    """Remove everything beneath *target* (never following symlinks, at any depth)."""
     fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        with os.scandir(fd) as it:
-            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-        for name, is_dir in entries:
-            if is_dir:
-                shutil.rmtree(name, dir_fd=fd)
-            else:
-                os.unlink(name, dir_fd=fd)
+        empty_beneath(fd)
     finally:
         os.close(fd)
 
