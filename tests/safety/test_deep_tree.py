@@ -3,12 +3,14 @@ iterative, fd-based walkers (issue 12, third item; RecursionError before)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import resource
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,20 @@ from tests.safety.safetyutil import cli, cli_argv, cli_env
 DEPTH = 2000
 COMMAND_SECONDS = 30  # a few seconds each here; generous for a loaded CI machine
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the drivers' stores)")
+
+
+@pytest.fixture(autouse=True)
+def _remove_deep_trees(tmp_path: Path) -> Iterator[None]:
+    """pytest's own removal of old temporary directories recurses: leave no deep tree to it."""
+    yield
+    from tests.mountutil import mount_points_under, umount
+
+    for mp in sorted(mount_points_under(tmp_path), key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            umount(Path(mp), detach=True)
+    for entry in list(tmp_path.iterdir()):
+        with contextlib.suppress(OSError):
+            remove_tree(entry)
 
 
 def make_deep(root: Path, depth: int = DEPTH) -> None:
