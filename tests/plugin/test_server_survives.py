@@ -80,10 +80,20 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
 
 
 def _activate(sock: Path, timeout: float) -> dict[str, object]:
-    """One Plugin.Activate on a fresh connection, answered within *timeout* seconds."""
+    """One Plugin.Activate on a fresh connection, answered within *timeout* seconds.  A full
+    listen queue (EAGAIN: closed clients not yet accepted and dropped) is retried until then, as
+    a client that dials again would."""
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        s.connect(str(sock))
+        while True:
+            try:
+                s.connect(str(sock))
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
         s.sendall(b"POST /Plugin.Activate HTTP/1.1\r\nHost: \r\nContent-Length: 0\r\n"
                   b"Connection: close\r\n\r\n")
         data = b""
