@@ -63,12 +63,15 @@ def _sparse_digest(path: str, st: os.stat_result) -> str:
 
 
 def snapshot(root: str | os.PathLike[str], *, mtimes: bool = True, dir_mtimes: bool = False,
-             sparse: bool = False, whiteout_mtimes: bool = True) -> dict[str, Entry]:
+             sparse: bool = False, whiteout_mtimes: bool = True,
+             metadata: bool = True) -> dict[str, Entry]:
     """path -> (kind, mode, uid, gid, size/target/digest/rdev, mtime, xattrs, link group).
 
     Hard-link groups are compared by the sorted list of names sharing an inode.  ``sparse``
     hashes only the data extents of sparse files (see _sparse_digest); ``whiteout_mtimes=False``
-    leaves out the times of 0/0 character devices (overlay whiteouts, made at apply time).
+    leaves out the times of 0/0 character devices (overlay whiteouts, made at apply time);
+    ``metadata=False`` keeps only kinds, contents, link targets and hard-link groups (no mode,
+    owner or xattrs: what a format without Unix metadata, a Windows layer, carries).
     """
     root = os.fspath(root)
     entries: dict[str, Entry] = {}
@@ -105,8 +108,11 @@ def snapshot(root: str | os.PathLike[str], *, mtimes: bool = True, dir_mtimes: b
             keep_mtime = (mtimes and not stat.S_ISLNK(mode)
                           and (dir_mtimes or not stat.S_ISDIR(mode))
                           and (whiteout_mtimes or what != ("c", 0, 0)))
-            entries[rel] = (what, stat.S_IMODE(mode), st.st_uid, st.st_gid,
-                            st.st_mtime_ns if keep_mtime else None, _xattrs(full))
+            if metadata:
+                entries[rel] = (what, stat.S_IMODE(mode), st.st_uid, st.st_gid,
+                                st.st_mtime_ns if keep_mtime else None, _xattrs(full))
+            else:
+                entries[rel] = (what, st.st_mtime_ns if keep_mtime else None)
     for names in inodes.values():
         if len(names) > 1:
             group = tuple(sorted(names))
