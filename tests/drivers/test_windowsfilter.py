@@ -27,6 +27,7 @@ from tests.drivers.wintar_build import (
     diff_layer,
     entries,
 )
+from tests.treeutil import snapshot
 
 from graphdriver import (
     ChangeKind,
@@ -64,22 +65,6 @@ def diff_bytes(d: Any, layer_id: str) -> bytes:
 
 def layer_dir(d: Any, layer_id: str) -> Path:
     return Path(d.metadata(layer_id)["dir"])
-
-
-def snapshot(root: Path) -> dict[str, Any]:
-    """Every name under root with its type, content and user.mswindows xattrs."""
-    out: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for n in dirnames + filenames:
-            p = Path(dirpath, n)
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = ("l", os.readlink(p))
-            elif p.is_dir():
-                out[rel] = ("d", sorted(os.listxattr(p)))
-            else:
-                out[rel] = ("f", p.read_bytes(), {x: os.getxattr(p, x) for x in os.listxattr(p)})
-    return out
 
 
 def make_base(d: Any) -> None:
