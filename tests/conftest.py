@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 
 from graphdriver import NotSupported, open_driver
 from graphdriver.registry import names
+from tests.mountutil import detach_mounts_under
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (chown, devices, trusted xattrs)")
@@ -39,23 +39,26 @@ def open_or_skip(name: str, root: Path, runroot: Path, **kw: Any) -> Any:
         pytest.skip(f"{name} is not supported here: {exc}")
 
 
+@pytest.fixture
+def mount_cleanup() -> Iterator[Callable[[Path], None]]:
+    """``mount_cleanup(root)``: whatever is still mounted under root when the test and the
+    fixtures using this one are done (a failed test) is detached before tmp removal."""
+    roots: list[Path] = []
+    yield roots.append
+    for root in reversed(roots):
+        detach_mounts_under(root)
+
+
 @pytest.fixture(params=names())
-def driver(request: pytest.FixtureRequest, store_root: Path, runroot: Path) -> Iterator[Any]:
+def driver(request: pytest.FixtureRequest, store_root: Path, runroot: Path,
+           mount_cleanup: Callable[[Path], None]) -> Iterator[Any]:
     """A fresh store of each registered driver; every mount is undone afterwards."""
+    mount_cleanup(store_root)
     d = open_or_skip(request.param, store_root, runroot)
-    skip = getattr(d, "conformance_skip", {}).get(request.node.originalname)
-    if skip:
-        pytest.skip(f"{d.name}: {skip}")
     try:
         yield d
     finally:
         d.cleanup()
-        # Anything still mounted under the root (a failed test) is detached before tmp removal.
-        from tests.mountutil import mount_points_under, umount
-
-        for mp in sorted(mount_points_under(store_root), key=len, reverse=True):
-            with contextlib.suppress(OSError):
-                umount(Path(mp), detach=True)
 
 
 @pytest.fixture

@@ -63,50 +63,62 @@ def _sparse_digest(path: str, st: os.stat_result) -> str:
 
 
 def snapshot(root: str | os.PathLike[str], *, mtimes: bool = True, dir_mtimes: bool = False,
-             sparse: bool = False, whiteout_mtimes: bool = True) -> dict[str, Entry]:
+             sparse: bool = False, whiteout_mtimes: bool = True, metadata: bool = True,
+             with_root: bool = False) -> dict[str, Entry]:
     """path -> (kind, mode, uid, gid, size/target/digest/rdev, mtime, xattrs, link group).
 
     Hard-link groups are compared by the sorted list of names sharing an inode.  ``sparse``
     hashes only the data extents of sparse files (see _sparse_digest); ``whiteout_mtimes=False``
-    leaves out the times of 0/0 character devices (overlay whiteouts, made at apply time).
+    leaves out the times of 0/0 character devices (overlay whiteouts, made at apply time);
+    ``metadata=False`` keeps only kinds, contents, link targets and hard-link groups (no mode,
+    owner or xattrs: what a format without Unix metadata, a Windows layer, carries);
+    ``with_root`` adds the root directory itself as ``"."``.
     """
     root = os.fspath(root)
     entries: dict[str, Entry] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
+
+    def record(full: str, rel: str) -> None:
+        st = os.lstat(full)
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            if sparse:
+                digest = _sparse_digest(full, st)
+            else:
+                h = hashlib.sha256()
+                with open(full, "rb") as f:
+                    for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                        h.update(chunk)
+                digest = h.hexdigest()
+            what: Any = ("f", st.st_size, digest)
+            inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+        elif stat.S_ISDIR(mode):
+            what = ("d",)
+        elif stat.S_ISLNK(mode):
+            what = ("l", os.readlink(full))
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            what = ("c" if stat.S_ISCHR(mode) else "b", os.major(st.st_rdev),
+                    os.minor(st.st_rdev))
+        elif stat.S_ISFIFO(mode):
+            what = ("p",)
+        else:
+            what = ("?",)
+        keep_mtime = (mtimes and not stat.S_ISLNK(mode)
+                      and (dir_mtimes or not stat.S_ISDIR(mode))
+                      and (whiteout_mtimes or what != ("c", 0, 0)))
+        if metadata:
+            entries[rel] = (what, stat.S_IMODE(mode), st.st_uid, st.st_gid,
+                            st.st_mtime_ns if keep_mtime else None, _xattrs(full))
+        else:
+            entries[rel] = (what, st.st_mtime_ns if keep_mtime else None)
+
+    if with_root:
+        record(root, ".")
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(dirnames + filenames):
             full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            st = os.lstat(full)
-            mode = st.st_mode
-            if stat.S_ISREG(mode):
-                if sparse:
-                    digest = _sparse_digest(full, st)
-                else:
-                    h = hashlib.sha256()
-                    with open(full, "rb") as f:
-                        for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                            h.update(chunk)
-                    digest = h.hexdigest()
-                what: Any = ("f", st.st_size, digest)
-                inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
-            elif stat.S_ISDIR(mode):
-                what = ("d",)
-            elif stat.S_ISLNK(mode):
-                what = ("l", os.readlink(full))
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-                what = ("c" if stat.S_ISCHR(mode) else "b", os.major(st.st_rdev),
-                        os.minor(st.st_rdev))
-            elif stat.S_ISFIFO(mode):
-                what = ("p",)
-            else:
-                what = ("?",)
-            keep_mtime = (mtimes and not stat.S_ISLNK(mode)
-                          and (dir_mtimes or not stat.S_ISDIR(mode))
-                          and (whiteout_mtimes or what != ("c", 0, 0)))
-            entries[rel] = (what, stat.S_IMODE(mode), st.st_uid, st.st_gid,
-                            st.st_mtime_ns if keep_mtime else None, _xattrs(full))
+            record(full, os.path.relpath(full, root))
     for names in inodes.values():
         if len(names) > 1:
             group = tuple(sorted(names))

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import stat
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.treeutil import snapshot as tree_snapshot
 
 BLOCK = 512
 
@@ -115,64 +114,10 @@ def build(*parts: bytes) -> bytes:
 
 
 # ---- snapshots -------------------------------------------------------------------------------
-def snapshot(
-    root: str | os.PathLike[str], *, times: bool = True, skip: Iterable[str] = ()
-) -> dict[str, Any]:
+def snapshot(root: str | os.PathLike[str]) -> dict[str, Any]:
     """Everything apply is responsible for, per path (root included as "."): type, mode, owner,
-    size, content hash, mtime, symlink target, rdev, xattrs, hard-link group."""
-    root = Path(root)
-    skipped = set(skip)
-    out: dict[str, Any] = {}
-    inodes: dict[tuple[int, int], str] = {}
-    paths: list[str] = ["."]
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        dirnames.sort()
-        for n in sorted(dirnames + filenames):
-            p = n if rel == "." else f"{rel}/{n}"
-            if p.split("/", 1)[0] in skipped:
-                continue
-            paths.append(p)
-    for p in sorted(paths):
-        full = root / p
-        st = os.lstat(full)
-        rec: dict[str, Any] = {
-            "type": stat.S_IFMT(st.st_mode),
-            "mode": stat.S_IMODE(st.st_mode),
-            "uid": st.st_uid,
-            "gid": st.st_gid,
-        }
-        if times and not stat.S_ISLNK(st.st_mode):
-            rec["mtime"] = st.st_mtime_ns
-        if stat.S_ISREG(st.st_mode):
-            rec["size"] = st.st_size
-            rec["sha256"] = hashlib.sha256(full.read_bytes()).hexdigest()
-            key = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1:
-                rec["link_group"] = inodes.setdefault(key, p)
-        elif stat.S_ISLNK(st.st_mode):
-            rec["target"] = os.readlink(full)
-        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            rec["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
-        try:
-            names = os.listxattr(full, follow_symlinks=False)
-        except OSError:
-            names = []
-        rec["xattrs"] = {
-            k: os.getxattr(full, k, follow_symlinks=False)
-            for k in sorted(names)
-            if not k.startswith("security.selinux")
-        }
-        out[p] = rec
-    return out
-
-
-def diff_snapshots(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    lines = []
-    for p in sorted(set(a) | set(b)):
-        if a.get(p) != b.get(p):
-            lines.append(f"{p}: {a.get(p)} != {b.get(p)}")
-    return lines
+    content, mtime (directories' too), symlink target, rdev, xattrs, hard-link group."""
+    return tree_snapshot(root, dir_mtimes=True, with_root=True)
 
 
 # ---- GNU tar and a rich source tree --------------------------------------------------------

@@ -8,7 +8,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from tarbuild import build, diff_snapshots, header, member, needs_root, pad, pax_member, snapshot
+from tarbuild import build, header, member, needs_root, pad, pax_member, snapshot
+from tests.treeutil import diff_snapshots
 
 from graphdriver.archive import whiteout
 from graphdriver.archive.apply import SCRATCH_PREFIX, ApplyOptions, apply_tar

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from tarbuild import (
-    diff_snapshots,
     gnu_extract,
     gnu_tar,
     make_rich_tree,
@@ -17,6 +16,7 @@ from tarbuild import (
     needs_root,
     snapshot,
 )
+from tests.treeutil import diff_snapshots
 
 from graphdriver.archive.apply import ApplyOptions, apply_tar
 

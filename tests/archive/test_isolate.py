@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tarbuild import build, diff_snapshots, gnu_tar, make_rich_tree, member, needs_gnu_tar, snapshot
+from tarbuild import build, gnu_tar, make_rich_tree, member, needs_gnu_tar, snapshot
 from tests.childproc import children_of, feed_until_started, is_gone
+from tests.treeutil import diff_snapshots
 
 from graphdriver.archive.apply import ApplyOptions, apply_tar
 from graphdriver.archive.confine import run_job

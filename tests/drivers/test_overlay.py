@@ -7,7 +7,6 @@ hold what the kernel itself made (copy-ups, 0/0 whiteouts, opaque directories).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
@@ -32,9 +31,10 @@ Op = Callable[[Path], None]
 
 
 @pytest.fixture
-def ov(store_root: Path, runroot: Path) -> Iterator[Any]:
+def ov(store_root: Path, runroot: Path, mount_cleanup: Callable[[Path], None]) -> Iterator[Any]:
     from graphdriver import NotSupported
 
+    mount_cleanup(store_root)
     try:
         d = open_driver("overlay", store_root, runroot=runroot)
     except NotSupported as exc:
@@ -43,9 +43,6 @@ def ov(store_root: Path, runroot: Path) -> Iterator[Any]:
         yield d
     finally:
         d.cleanup()
-        for mp in sorted(mount_points_under(store_root), key=len, reverse=True):
-            with contextlib.suppress(OSError):
-                umount(Path(mp), detach=True)
 
 
 # ---- building layers ----------------------------------------------------------------------
@@ -444,7 +441,9 @@ def test_mount_point_with_space_and_unmount_all_under(tmp_path: Path) -> None:
     assert not is_mounted(top / "m 1") and not is_mounted(top / "m 1" / "inner")
 
 
-def test_home_reached_through_a_symlink(tmp_path: Path, runroot: Path) -> None:
+def test_home_reached_through_a_symlink(tmp_path: Path, runroot: Path,
+                                        mount_cleanup: Callable[[Path], None]) -> None:
+    mount_cleanup(tmp_path)
     (tmp_path / "real").mkdir()
     os.symlink("real", tmp_path / "alias")
     d = open_driver("overlay", tmp_path / "alias", runroot=runroot)
@@ -459,9 +458,6 @@ def test_home_reached_through_a_symlink(tmp_path: Path, runroot: Path) -> None:
         assert not mount_points_under(tmp_path)
     finally:
         d.cleanup()
-        for mp in sorted(mount_points_under(tmp_path), key=len, reverse=True):
-            with contextlib.suppress(OSError):
-                umount(Path(mp), detach=True)
 
 
 def _random_ops(rng: Any, root: Path) -> None:
@@ -523,10 +519,12 @@ def _unlinked(snap: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_native_and_naive_diffs_reapply_to_the_same_tree(ov: Any, name: str, tmp_path: Path,
-                                                         runroot: Path) -> None:
+def test_native_and_naive_diffs_reapply_to_the_same_tree(
+        ov: Any, name: str, tmp_path: Path, runroot: Path,
+        mount_cleanup: Callable[[Path], None]) -> None:
     from tests.treeutil import diff_snapshots, snapshot
 
+    mount_cleanup(tmp_path / "two")
     build(ov, *SCENARIOS[name])
     two = open_driver("overlay", tmp_path / "two", runroot=runroot)
     try:
@@ -553,9 +551,6 @@ def test_native_and_naive_diffs_reapply_to_the_same_tree(ov: Any, name: str, tmp
                     (name, layer, "naive")
     finally:
         two.cleanup()
-        for mp in sorted(mount_points_under(tmp_path / "two"), key=len, reverse=True):
-            with contextlib.suppress(OSError):
-                umount(Path(mp), detach=True)
 
 
 def test_kernel_ignores_opaque_on_a_layer_root(tmp_path: Path) -> None:

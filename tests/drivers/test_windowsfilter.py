@@ -29,6 +29,7 @@ from tests.drivers.wintar_build import (
     entries,
     snapshot,
 )
+from tests.treeutil import snapshot
 
 from graphdriver import (
     ChangeKind,

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.mountutil import detach_mounts_under
+
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"  # Debian's client: another one may stand first on PATH
@@ -100,14 +102,6 @@ def _pids_mentioning(text: str) -> list[int]:
     return out
 
 
-def _unmount_under(path: Path) -> None:
-    from tests.mountutil import mount_points_under, umount
-
-    for mp in sorted(mount_points_under(path), key=len, reverse=True):
-        with contextlib.suppress(OSError):
-            umount(Path(mp), detach=True)
-
-
 class Dockerd:
     """A private dockerd; ``docker(...)`` runs Debian's client against it."""
 
@@ -170,7 +164,7 @@ class Dockerd:
         # The containerd (and shims) this dockerd spawned for its exec root, if any outlived it.
         for pid in _pids_mentioning(str(self.exec_root)):
             _stop_pid(pid, 10)
-        _unmount_under(self.base)
+        detach_mounts_under(self.base)
 
 
 class Plugin:
@@ -267,7 +261,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     try:
         yield base
     finally:
-        _unmount_under(base)
+        detach_mounts_under(base)
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +279,7 @@ def graphdriver_docker(workdir: Path) -> Iterator[tuple[Dockerd, Plugin]]:
             daemon.stop()
         finally:
             plugin.stop()
-            _unmount_under(base)
+            detach_mounts_under(base)
 
 
 # ----- tests -------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tests.mountutil import detach_mounts_under
+
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
@@ -82,15 +84,9 @@ def served(root: Path, driver: str, extra: tuple[str, ...] = ()) -> Iterator[Ser
     finally:
         if s.proc.poll() is None:
             s.stop()
-        unmount_under(root)
+        detach_mounts_under(root)
 
 
-def unmount_under(root: Path) -> None:
-    from tests.mountutil import mount_points_under, umount
-
-    for mp in sorted(mount_points_under(root), key=len, reverse=True):
-        with contextlib.suppress(OSError):
-            umount(Path(mp), detach=True)
 
 
 def graphdriver(root: Path, driver: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -21,8 +21,9 @@ import pytest
 from graphdriver import open_driver
 from graphdriver.snapshotter.api import snapshots_pb2 as pb
 from tests.conftest import IS_ROOT, open_or_skip
+from tests.mountutil import detach_mounts_under
 
-from .snaputil import Served, graphdriver, served, unmount_under
+from .snaputil import Served, graphdriver, served
 
 NF = grpc.StatusCode.NOT_FOUND
 EXISTS = grpc.StatusCode.ALREADY_EXISTS
@@ -165,7 +166,7 @@ def test_128_parents_mount_from_the_returned_options(server: Served, tmp_path: P
     try:
         assert os.listdir(target) == []
     finally:
-        unmount_under(target)
+        detach_mounts_under(target)
 
 
 def test_containerd_error_codes(server: Served) -> None:

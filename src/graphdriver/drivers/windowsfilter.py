@@ -85,7 +85,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO
 
 from .. import quota
 from ..archive.apply import ApplyOptions, ApplyResult
@@ -142,30 +142,12 @@ _LAYER_CONTENT = (*TOP_DIRS, TOMBSTONES, LINKMETA, CROSSLINKS, SIDE_DIR,
 
 _HOME_NAMES = frozenset({"meta", "locks"})
 
-_SKIP_LINUX_TARS = ("the suite applies Linux layer tars; windowsfilter imports Windows layer tars "
-                    "(entries under Files/, Hives/, UtilityVM/)")
-_SKIP_RO_WRITES = ("writes through the mount of a read-only layer: windowsfilter's read-only "
-                   "view is assembled from the chain for reading; only sandboxes take writes")
-
 
 class WindowsFilterDriver(LayerStore):
     name = "windowsfilter"
     supports_quota = True  # an explicit sandbox size, by quota.py's loop-mounted image
     mounts = True  # get() builds <id>/merged: counts are checked against it when a store opens
     apply_journal = False  # the import is swapped in whole (a clone of the layer, then a swap)
-    conformance_skip: ClassVar[dict[str, str]] = {
-        "test_create_base": _SKIP_LINUX_TARS,
-        "test_create_snap": _SKIP_RO_WRITES,
-        "test_create_rw_snap": _SKIP_LINUX_TARS,
-        "test_deep_layer_read": _SKIP_RO_WRITES,
-        "test_diff_apply": _SKIP_LINUX_TARS,
-        "test_changes": _SKIP_LINUX_TARS,
-        "test_diff_size": _SKIP_LINUX_TARS,
-        "test_diff_of_base_is_whole_tree": _SKIP_LINUX_TARS,
-        "test_echo_rounds": _SKIP_LINUX_TARS,
-        "test_rejected_apply_leaves_layer_as_it_was": _SKIP_LINUX_TARS,
-        "test_apply_refused_with_children_or_mounted": _SKIP_LINUX_TARS,
-    }
 
     # ----- setup ---------------------------------------------------------------------------
 
