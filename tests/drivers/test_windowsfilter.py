@@ -27,7 +27,6 @@ from tests.drivers.wintar_build import (
     diff_bytes,
     diff_layer,
     entries,
-    snapshot,
 )
 from tests.treeutil import snapshot
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from tests.drivers.gowin import ATTR_ARCHIVE, ATTR_DIRECTORY, ATTR_HIDDEN, GoLayer
-from tests.drivers.wintar_build import snapshot
+from tests.treeutil import snapshot
 
 from graphdriver import ChangeKind, CreateOpts, InvalidArgument
 from graphdriver.archive.windows.defaults import DIRECTORY_SD, FILE_SD
@@ -133,7 +133,7 @@ def test_sandbox_round_trip(store: Any, gowintar: Path) -> None:
         os.mkdir(root / "Tools")
         (root / "Tools/tool.exe").write_bytes(b"MZtool")
         (root / "Windows/win.ini").write_bytes(b"; rewritten\r\n")
-        view = snapshot(root, xattrs=False)
+        view = snapshot(root, metadata=False, mtimes=False)
 
     changes = {c.path: c.kind for c in store.changes("ctr")}
     assert changes == {
@@ -186,7 +186,7 @@ def test_sandbox_round_trip(store: Any, gowintar: Path) -> None:
     store.create("img", "up")
     assert store.apply_diff("img", None, io.BytesIO(data)) == store.diff_size("ctr")
     with store.mounted("img") as merged:
-        assert snapshot(merged, xattrs=False) == view
+        assert snapshot(merged, metadata=False, mtimes=False) == view
     img = Path(store.metadata("img")["dir"]) / "Files/Program Files/App"
     assert (img / "app.exe:meta").read_bytes() == b"m" * 10
 

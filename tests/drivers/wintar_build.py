@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import tarfile
-from pathlib import Path
 from typing import Any
 
 FILE_ATTRIBUTE_READONLY = 0x1
@@ -243,19 +241,3 @@ def diff_bytes(d: Any, layer_id: str) -> bytes:
         return bytes(f.read())
 
 
-def snapshot(root: Path, xattrs: bool = True) -> dict[str, Any]:
-    """Every name under root with its type and content (and its user.mswindows xattrs)."""
-    out: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for n in dirnames + filenames:
-            p = Path(dirpath, n)
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = ("l", os.readlink(p))
-            elif p.is_dir():
-                out[rel] = ("d", sorted(os.listxattr(p)) if xattrs else [])
-            elif xattrs:
-                out[rel] = ("f", p.read_bytes(), {x: os.getxattr(p, x) for x in os.listxattr(p)})
-            else:
-                out[rel] = ("f", p.read_bytes())
-    return out
