@@ -117,8 +117,8 @@ class LayerFormat:
     #: symlinks count their target's length in diff_size (moby's ChangesSize; hcsshim counts
     #: file data only)
     symlinks_sized: bool
-    #: a writable layer made on a read-only one shares its hard-link groups (windowsfilter's
-    #: sandbox copies each name of the view on its own)
+    #: a writable layer made on a read-only one shares its hard-link groups (both drivers'
+    #: copy-on-write sandboxes do; a full copy of a view would not)
     sandbox_keeps_hardlinks: bool
 
 
@@ -128,7 +128,7 @@ LINUX = LayerFormat(tar=Layer.linux_tar, unix_metadata=True, stored=lambda p: p,
 WINDOWS = LayerFormat(tar=Layer.windows_tar, unix_metadata=False,
                       stored=lambda p: f"{WINDOWS_ROOT}/{p}" if p else WINDOWS_ROOT,
                       added=ChangeKind.MODIFY, writable_layers=False, symlinks_sized=False,
-                      sandbox_keeps_hardlinks=False)
+                      sandbox_keeps_hardlinks=True)
 
 
 def layer_format(driver: Any) -> LayerFormat:

@@ -486,9 +486,10 @@ class WindowsFilterDriver(LayerStore):
         self.resolve_parent(layer_id, parent)
         if self._is_cow(rec):
             kinds = {"A": ChangeKind.ADD, "C": ChangeKind.MODIFY}
-            return [Change(item.path, ChangeKind.DELETE if item.kind == "whiteout"
-                           else kinds[item.change])
-                    for item in walk_sandbox(self._upper(rec), self._sources(rec), layer_id)]
+            return sorted(Change(item.path, ChangeKind.DELETE if item.kind == "whiteout"
+                                 else kinds[item.change])
+                          for item in walk_sandbox(self._upper(rec), self._sources(rec),
+                                                   layer_id))
         if rec.writable:
             return super().changes(layer_id, parent)
         out = []
