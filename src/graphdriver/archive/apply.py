@@ -345,12 +345,26 @@ class _Applier:
         self._log(("times", real, st.st_atime_ns, st.st_mtime_ns))
 
     def _note_new(self, preal: str, real: str) -> None:
-        if self.empty_start:
-            return  # everything in the target is this apply's own: nothing to track
+        if self.empty_start or real in self.created:
+            return  # everything in the target is this apply's own, or this path is noted
         if preal not in self.created:
             self._touch_dir(preal)
             self._log(("new", real))
         self.created.add(real)
+
+    def _clear_for_new(self, pfd: int, preal: str, base: str) -> None:
+        """Write-ahead for a path about to be created in a target that held something: what is
+        there goes aside (journalled), then the new path is journalled *before* it exists, so a
+        kill between the create and the journal line cannot leave an unrecorded path behind."""
+        if self.empty_start:
+            return
+        try:
+            os.lstat(base, dir_fd=pfd)
+        except FileNotFoundError:
+            pass
+        else:
+            self._make_room(pfd, preal, base, False)
+        self._note_new(preal, _join(preal, base))
 
     def _clear_cache(self) -> None:
         """Forget every cached directory.  The fds are closed later (``_bury``), at a point where
@@ -725,6 +739,7 @@ class _Applier:
             if data is not None:
                 self._regular_native(create, e, data, pfd, preal, sgid, base)
                 return
+        self._clear_for_new(pfd, preal, base)
         try:
             fd = os.open(base, _FILE_FLAGS, mode & 0o777, dir_fd=pfd)
         except FileExistsError:
@@ -771,6 +786,7 @@ class _Applier:
         args = (mode, data, uid != self.euid or gid != self.egid or sgid, uid, gid,
                 mode if mode & 0o7000 or mode & self.umask else -1,
                 at if at is not None and at >= mt else mt, mt)
+        self._clear_for_new(pfd, preal, base)
         try:
             failed = create(pfd, base, *args)
         except FileExistsError:
@@ -862,6 +878,7 @@ class _Applier:
         self._log(("meta", real, _read_meta(dfd)))
 
     def _symlink(self, e: TarEntry, pfd: int, preal: str, sgid: bool, base: str) -> None:
+        self._clear_for_new(pfd, preal, base)
         try:
             os.symlink(e.linkname, base, dir_fd=pfd)
         except FileExistsError:
