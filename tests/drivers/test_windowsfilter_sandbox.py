@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.drivers.gowin import ATTR_ARCHIVE, ATTR_DIRECTORY, ATTR_HIDDEN, GoLayer
+from tests.drivers.gowin import (
+    ATTR_ARCHIVE,
+    ATTR_DIRECTORY,
+    ATTR_HIDDEN,
+    ATTR_REPARSE,
+    GoLayer,
+)
 from tests.treeutil import snapshot
 
 from graphdriver import ChangeKind, CreateOpts, InvalidArgument
@@ -103,6 +109,9 @@ def check_windows_layer(data: bytes) -> list[tarfile.TarInfo]:
         if m.isdir():
             assert attrs & ATTR_DIRECTORY and m.mode == 0o40000, name
             last_dir_for_whiteouts = name
+        elif m.issym():  # go-winio: a reparse point's entry (cISLNK), REPARSE_POINT kept
+            assert attrs & ATTR_REPARSE and m.mode & 0o170000 == 0o120000 and m.linkname, name
+            last_dir_for_whiteouts = None
         else:
             assert m.type == tarfile.REGTYPE and not attrs & ATTR_DIRECTORY, name
             assert m.mode == (0o100000 if m.size else m.mode), name

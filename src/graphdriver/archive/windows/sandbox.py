@@ -12,9 +12,14 @@ BuildKit's ``winlayers``):
   ``LIBARCHIVE.creationtime``: a path the lower layers hold (modified) keeps the lower file's
   records byte for byte (its security descriptor, attributes, EAs, creation time; a record the
   lower file lacks gets the default below), and its
-  alternate data streams follow it as they are below (or as the sandbox rewrote them); a new
+  alternate data streams follow it as they are below (or as the sandbox rewrote them), with
+  the file's times as go-winio writes a stream's header; a new
   path gets :mod:`.defaults`; times are the sandbox file's, as Go's archive/tar writes them
-  (``atime``/``ctime`` always, ``mtime`` when it has a fraction);
+  (``atime``/``ctime`` always, ``mtime`` when it has a fraction).  Writing the diff must not
+  change it: the sandbox's directories are listed and its files read with ``O_NOATIME`` (a
+  second diff, e.g. after ``image commit`` read the first, gives the same bytes), and a
+  symbolic link's access time is its modification time (reading a link sets its access time,
+  and no flag prevents that);
 - a deletion (an overlayfs whiteout, or the lower contents of an opaque directory) is a ``.wh.``
   entry; a path whose type changed is a deletion plus an addition, and so is a rename;
 - two names of one directory that differ only in case cannot both exist on Windows: refused.
@@ -58,6 +63,26 @@ class SandboxItem:
     streams: list[tuple[str, Path, Source | None]] = field(default_factory=list)
 
 
+_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def _open_quietly(path: Path, flags: int) -> int:
+    """Open a sandbox file or directory without changing its access time, which its diff
+    carries (``O_NOATIME`` needs the file's owner or root: others open it plainly)."""
+    try:
+        return os.open(path, flags | _NOATIME)
+    except PermissionError:
+        return os.open(path, flags)
+
+
+def _list_quietly(path: Path) -> list[str]:
+    fd = _open_quietly(path, DIR_FLAGS)
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
 def _opaque(path: Path) -> bool:
     try:
         return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
@@ -79,7 +104,7 @@ def _walk_dir(upper: Path, sources: list[Source], rel: str, hidden: bool,
     d = upper / rel if rel else upper
     opaque = bool(rel) and _opaque(d)
     hidden = hidden or opaque
-    names = sorted(os.listdir(d), key=os.fsencode)
+    names = sorted(_list_quietly(d), key=os.fsencode)
     stats = {n: os.lstat(d / n) for n in names}
     gone: set[str] = {n for n in names if is_whiteout(stats[n])}
     present = [n for n in names if n not in gone]
@@ -151,7 +176,8 @@ def _refuse_case_twins(rel: str, names: list[str], below: list[str], name: str) 
 
 
 def _times(st: os.stat_result) -> dict[str, bytes]:
-    out = {"atime": pax_time(st.st_atime_ns), "ctime": pax_time(st.st_ctime_ns)}
+    atime = st.st_mtime_ns if stat.S_ISLNK(st.st_mode) else st.st_atime_ns
+    out = {"atime": pax_time(atime), "ctime": pax_time(st.st_ctime_ns)}
     if st.st_mtime_ns % 1_000_000_000:
         out["mtime"] = pax_time(st.st_mtime_ns)
     return out
@@ -216,7 +242,7 @@ def write_sandbox_tar(out_fd: int, upper: Path, sources: list[Source], name: str
             out.add(encode_sorted(bname, b"2", MODE_LNK, 0, mtime, records,
                                   os.fsencode(os.readlink(full))))
         else:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = _open_quietly(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 size = os.fstat(fd).st_size
                 out.add(encode_sorted(bname, b"0", MODE_REG, size, mtime, records))
@@ -230,17 +256,18 @@ def write_sandbox_tar(out_fd: int, upper: Path, sources: list[Source], name: str
 
 def _write_stream(out: TarOut, name: bytes, path: Path, src: Source | None,
                   main: os.stat_result) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = _open_quietly(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
+        records: dict[str, bytes] = {}
         if src is not None and src.layer is not None:
             lfd = os.open(src.layer, DIR_FLAGS)
             try:
-                records = xattrs_to_pax(read_win_xattrs(fd, lfd))
+                records = {k: v for k, v in xattrs_to_pax(read_win_xattrs(fd, lfd)).items()
+                           if k not in TIME_KEYS}
             finally:
                 os.close(lfd)
-        else:
-            records = _times(main)
+        records.update(_times(main))  # go-winio: a stream carries its file's times
         out.add(encode_sorted(name, b"0", MODE_REG, st.st_size, main.st_mtime_ns // 10**9,
                               records))
         out.file_data(fd, st.st_size)
