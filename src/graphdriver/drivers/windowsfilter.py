@@ -26,10 +26,11 @@ Windows metadata (``MSWINDOWS.*`` PAX records, creation times, sub-second times)
 
 Semantics, and where they differ from moby:
 
-- ``create`` makes a read-only layer with an empty ``Files``; ``create_rw`` makes a sandbox: a
-  writable tree that starts as a copy (reflinks where the filesystem has them) of its parent's
-  view.  The chain in ``layerchain.json`` lists only parents with a ``Files`` directory, so a
-  sandbox parent (Docker's ``-init`` layer) is skipped, as in moby.
+- ``create`` makes a read-only layer with an empty ``Files``; ``create_rw`` makes a sandbox: as
+  root a copy-on-write overlay of its parent's layers' views (nothing of the image copied), else
+  a writable tree that starts as a copy (reflinks where the filesystem has them) of its
+  parent's view.  The chain in ``layerchain.json`` lists only parents with a ``Files``
+  directory, so a sandbox parent (Docker's ``-init`` layer) is skipped, as in moby.
 - ``size``: storage option keys are case-insensitive; the built-in default sandbox size is
   "127GB" (RAMInBytes: 127 GiB), recorded in the layer record and reported by ``status`` but
   not enforced (nothing to pay for on ext4).  A default the store is opened with
@@ -51,9 +52,11 @@ Semantics, and where they differ from moby:
   parent argument is ignored, as in moby.
 - ``diff`` of a read-only layer streams the Windows-format tar of the layer (archive/windows), every
   entry's PAX records as they were imported.  ``diff_size`` is the bytes of file data in the
-  layer.  For a sandbox, changes/diff/diff_size compare its tree with its parent's view (the
-  shared NaiveDiff; a plain Linux layer tar), since writes made through a mount have no Windows
-  metadata.
+  layer.  A copy-on-write sandbox's changes/diff/diff_size come from its upper directory, and
+  its diff is a Windows layer (archive/windows/sandbox.py: lower files' records kept, new
+  files BuildKit's defaults; never ``Hives/``, which only a running Windows registry changes);
+  a copied sandbox compares its tree with its parent's view (the shared NaiveDiff; a plain
+  Linux layer tar).
 - ``apply_diff`` imports a Windows layer tar into a read-only layer in a confined child (moby
   re-execs ``docker-windows-write-layer``): the import is a job of the runner every layer write
   goes through (archive/confine.py; the job is archive/winimport.py), handed the input, the
