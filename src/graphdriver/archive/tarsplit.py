@@ -475,15 +475,22 @@ def _verify_files(root_fd: int, files: list[tuple[bytes, int]],
     cur_dir: str | None = None
     dir_fd = -1
     stat_ = os.stat
+
+    def look_at(name: bytes, size: int) -> str | None:
+        """:func:`_check_file`'s word on one entry (None: it is right), its file closed."""
+        fd, why = _check_file(root_fd, name, size, inodes, resolve=resolve)
+        if fd is not None:
+            os.close(fd)
+        return why
+
     try:
         for name, size in files:
             path = name.decode("utf-8", "surrogateescape").lstrip("/")
             parent, _, base = path.rpartition("/")
             if base in ("", ".", ".."):
-                fd, why = _check_file(root_fd, name, size, inodes)
-                if fd is None:
+                why = look_at(name, size)
+                if why is not None:
                     return why
-                os.close(fd)
                 continue
             if parent != cur_dir:
                 if dir_fd >= 0:
@@ -494,26 +501,22 @@ def _verify_files(root_fd: int, files: list[tuple[bytes, int]],
                     dir_fd = open_beneath(root_fd, parent, os.O_PATH | os.O_DIRECTORY
                                           | os.O_NOFOLLOW)
                 except OSError:
-                    fd, why = _check_file(root_fd, name, size, inodes, resolve=resolve)
-                    if fd is None:
+                    why = look_at(name, size)  # not there as written: resolved, or why not
+                    if why is not None:
                         return why
-                    os.close(fd)
                     continue
                 cur_dir = parent
             try:
                 st = stat_(base, dir_fd=dir_fd, follow_symlinks=False)
             except OSError:
-                fd, why = _check_file(root_fd, name, size, inodes, resolve=resolve)
-                if fd is None:
+                why = look_at(name, size)
+                if why is not None:
                     return why
-                os.close(fd)
                 continue
             ino = (st.st_dev, st.st_ino)
             if not stat.S_ISREG(st.st_mode) or st.st_size != size or ino in inodes:
-                fd, why = _check_file(root_fd, name, size, inodes)  # says which, in words
-                if fd is not None:
-                    os.close(fd)
-                return why or f"{name.decode('utf-8', 'replace')!r} changed during the check"
+                return look_at(name, size) or (  # says which, in words
+                    f"{name.decode('utf-8', 'replace')!r} changed during the check")
             inodes.add(ino)
     finally:
         if dir_fd >= 0:
