@@ -27,6 +27,7 @@ from .archive.tarsplit import (
     UNREPRODUCIBLE_NAME,
     Opener,
     Recording,
+    Resolver,
     TarSplitPacker,
     assemble,
     finalize_recording,
@@ -55,9 +56,12 @@ def new_layer_packer(raw_fd: int) -> TarSplitPacker:
 
 
 def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLike[str],
-                           layer_id: str, packer: TarSplitPacker) -> Recording:
+                           layer_id: str, packer: TarSplitPacker,
+                           resolve: Resolver | None = None) -> Recording:
     """After a successful apply: turn ``meta_dir/tar-split.raw`` (on *raw_fd*) into the layer's
     ``tar-split.json.gz``, or mark the layer not exactly reproducible (and log why).
+    *resolve* finds a recorded name the layer spells otherwise (archive/tarsplit.py's
+    ``Resolver``: windowsfilter matches names as NTFS does).
 
     When the (closed) *packer* got every CRC, the raw file is already the final metadata: the
     applied files are only checked (one stat each) and the file is renamed into place.
@@ -74,7 +78,7 @@ def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLik
     if problem is None and packer.compressed and not packer.missing:
         root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            why = verify_packed(root_fd, packer)
+            why = verify_packed(root_fd, packer, resolve)
         finally:
             os.close(root_fd)
         if why is None:
@@ -88,7 +92,7 @@ def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLik
     else:
         os.lseek(raw_fd, 0, os.SEEK_SET)
         with io.FileIO(raw_fd, "rb", closefd=False) as raw:
-            rec = finalize_recording(raw, target, out_path, problem)
+            rec = finalize_recording(raw, target, out_path, problem, resolve)
     if not rec.reproducible:
         log.warning("layer %s is not exactly reproducible (its diff will be a new tar): %s",
                     layer_id, rec.reason)

@@ -242,3 +242,34 @@ def test_rewritten_in_same_archive_is_not_reproducible(tmp_path: Path) -> None:
     assert not rec.reproducible
     assert not (tmp_path / ts.METADATA_NAME).exists()
     assert "twice" in (tmp_path / ts.UNREPRODUCIBLE_NAME).read_text()
+
+
+def test_a_resolver_finds_names_the_tree_spells_otherwise(tmp_path: Path) -> None:
+    """A store that matches names as another filesystem does hands the check a Resolver: a
+    recorded name found through it is checked (CRC filled in) and kept as it was recorded."""
+    tree = tmp_path / "tree"
+    (tree / "Dir").mkdir(parents=True)
+    (tree / "Dir" / "a.txt").write_bytes(b"payload")
+    raw = io.BytesIO()
+    packer = ts.TarSplitPacker(raw)
+    packer.file(b"dir/A.TXT", 7, None)  # no CRC: finalize computes it from the file it finds
+    packer.close()
+
+    def resolve(root_fd: int, path: str) -> str | None:
+        return {"dir/A.TXT": "Dir/a.txt"}.get(path)
+
+    out = tmp_path / ts.METADATA_NAME
+    raw.seek(0)
+    assert not ts.finalize_recording(raw, tree, out).reproducible  # exact names only
+    raw.seek(0)
+    assert ts.finalize_recording(raw, tree, out, resolve=resolve).reproducible
+    with ts.open_metadata(out) as meta:
+        (entry,) = ts.read_entries(meta)
+    assert entry.name == b"dir/A.TXT" and entry.payload == ts.crc_bytes(crc64(b"payload"))
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        packer.close()
+        assert ts.verify_packed(fd, packer) is not None
+        assert ts.verify_packed(fd, packer, resolve) is None
+    finally:
+        os.close(fd)

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.drivers.gowin import ATTR_ARCHIVE, ATTR_DIRECTORY, ATTR_HIDDEN, GoLayer
+from tests.drivers.gowin import (
+    ATTR_ARCHIVE,
+    ATTR_DIRECTORY,
+    ATTR_HIDDEN,
+    ATTR_REPARSE,
+    GoLayer,
+)
 from tests.treeutil import snapshot
 
 from graphdriver import ChangeKind, CreateOpts, InvalidArgument
@@ -103,6 +109,10 @@ def check_windows_layer(data: bytes) -> list[tarfile.TarInfo]:
         if m.isdir():
             assert attrs & ATTR_DIRECTORY and m.mode == 0o40000, name
             last_dir_for_whiteouts = name
+        elif m.issym():  # go-winio: a reparse point's entry (cISLNK), REPARSE_POINT kept
+            assert attrs & ATTR_REPARSE and m.linkname, name
+            assert m.mode == (0o160000 if attrs & ATTR_DIRECTORY else 0o120000), name
+            last_dir_for_whiteouts = None
         else:
             assert m.type == tarfile.REGTYPE and not attrs & ATTR_DIRECTORY, name
             assert m.mode == (0o100000 if m.size else m.mode), name
@@ -227,3 +237,39 @@ def test_sized_cow_sandbox(store: Any, gowintar: Path) -> None:
                 os.fsync(f.fileno())
         assert err.value.errno in (errno.ENOSPC, errno.EDQUOT)
     assert stat.S_ISREG(os.lstat(Path(store.metadata("sized")["dir"]) / "quota.img").st_mode)
+
+
+def test_new_symlinks_get_the_attributes_hcsshim_exports(store: Any, gowintar: Path) -> None:
+    """go-winio's header of a symlink hcsshim exported: REPARSE_POINT (1024), and with
+    DIRECTORY (1040, mode bits of both) for a link to a directory; hcsshim's importer hands the
+    attributes on as they are (BuildKit's none would be read as 0)."""
+    store.create("base")
+    store.apply_diff("base", None, io.BytesIO(base_layer().tar(gowintar)))
+    store.create_rw("ctr", "base")
+    with store.mounted("ctr") as root:
+        os.symlink("Program Files", root / "to-dir")  # a directory of a lower layer only
+        os.symlink("/Program Files/App/", root / "Windows/abs-dir")
+        os.symlink("old.log", root / "to-file")
+        os.symlink("nowhere", root / "dangling")
+        os.symlink("C:\\Windows", root / "windows-form")
+        os.symlink("../..", root / "Windows/outside")
+        os.symlink("..", root / "Windows/to-root")
+    with store.diff("ctr") as f:
+        data = f.read()
+    check_windows_layer(data)
+    got = records_of(data)
+    want = {"to-dir": 1040, "Windows/abs-dir": 1040, "Windows/to-root": 1040, "to-file": 1024,
+            "dangling": 1024, "windows-form": 1024, "Windows/outside": 1024}
+    for name, attrs in want.items():
+        info, pax = got[f"Files/{name}"]
+        assert int(pax["MSWINDOWS.fileattr"]) == attrs, name
+        assert info.mode == (0o160000 if attrs & ATTR_DIRECTORY else 0o120000), name
+        sd = DIRECTORY_SD if attrs & ATTR_DIRECTORY else FILE_SD
+        assert base64.b64decode(pax["MSWINDOWS.rawsd"]) == sd, name
+    store.create("img", "base")
+    store.apply_diff("img", None, io.BytesIO(data))
+    with store.diff("img") as f:
+        again = records_of(f.read())
+    for name in want:
+        assert again[f"Files/{name}"][1] == got[f"Files/{name}"][1], name
+        assert again[f"Files/{name}"][0].mode == got[f"Files/{name}"][0].mode, name

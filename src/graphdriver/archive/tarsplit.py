@@ -21,6 +21,9 @@ When a recorder is never told a CRC, the entry is written with a ``null`` payloa
 :func:`finalize_recording` computes the CRCs from the files as the apply left them — the very
 files :func:`assemble` reads back later.  Either way every file entry with data is checked
 against the applied layer (a regular file of that size, not the same file as another entry).
+A store whose names are matched as another filesystem matches them (windowsfilter: NTFS, regardless
+of case) hands the check a :data:`Resolver`, which finds a recorded name the layer spells
+otherwise; the recorded name stays as it was (the diff getter resolves it the same way).
 A layer that tar-split cannot describe (GNU sparse entries, duplicate paths, files rewritten
 later in the same archive) is marked "not exactly reproducible" with the reason, and its diff
 falls back to the normal one.
@@ -369,6 +372,10 @@ def _gzip_compressor(level: int) -> Any:
 
 # ----- finishing a recording made during an apply --------------------------------------------
 
+#: ``resolve(root_fd, path)``: the stored spelling of a recorded *path* (relative, beneath
+#: ``root_fd``) that is not there as written, or None; the check then looks at that file
+Resolver = Callable[[int, str], str | None]
+
 
 @dataclass
 class Recording:
@@ -377,7 +384,8 @@ class Recording:
 
 
 def _check_file(root_fd: int, name: bytes, size: int, inodes: set[tuple[int, int]],
-                flags: int = os.O_PATH) -> tuple[int | None, str | None]:
+                flags: int = os.O_PATH,
+                resolve: Resolver | None = None) -> tuple[int | None, str | None]:
     """Open a stored file that must be a regular file of *size* bytes, and not the same file as
     an earlier entry's (a later entry wrote through it): (fd, None), or (None, why not)."""
     from .pathres import open_beneath
@@ -387,7 +395,10 @@ def _check_file(root_fd: int, name: bytes, size: int, inodes: set[tuple[int, int
     try:
         fd = open_beneath(root_fd, path, flags | os.O_NOFOLLOW)
     except OSError as exc:
-        return None, f"{shown!r} is not in the layer after the apply ({exc.strerror})"
+        stored = resolve(root_fd, path) if resolve is not None else None
+        if stored is None or stored == path:
+            return None, f"{shown!r} is not in the layer after the apply ({exc.strerror})"
+        return _check_file(root_fd, os.fsencode(stored), size, inodes, flags)
     try:
         st = os.fstat(fd)
     except BaseException:
@@ -409,10 +420,10 @@ def _check_file(root_fd: int, name: bytes, size: int, inodes: set[tuple[int, int
     return fd, None
 
 
-def _file_crc(root_fd: int, name: bytes, size: int,
-              inodes: set[tuple[int, int]]) -> tuple[int | None, str | None]:
+def _file_crc(root_fd: int, name: bytes, size: int, inodes: set[tuple[int, int]],
+              resolve: Resolver | None = None) -> tuple[int | None, str | None]:
     """CRC of a stored file that must be a regular file of *size* bytes; (None, why) if not."""
-    fd, why = _check_file(root_fd, name, size, inodes, os.O_RDONLY | os.O_NONBLOCK)
+    fd, why = _check_file(root_fd, name, size, inodes, os.O_RDONLY | os.O_NONBLOCK, resolve)
     if fd is None:
         return None, why
     try:
@@ -440,19 +451,23 @@ _native_pack: Callable[..., tuple[int, bytes, int, int, int]] | None = (
     _fastapply.pack_frames if _fastapply else None)
 
 
-def verify_packed(root_fd: int, packer: TarSplitPacker) -> str | None:
+def verify_packed(root_fd: int, packer: TarSplitPacker,
+                  resolve: Resolver | None = None) -> str | None:
     """_verify_files for what *packer* recorded: natively when built (~1 system call per file);
-    anything not plainly right is looked at, and told, the Python way."""
+    anything not plainly right is looked at, and told, the Python way (names not found as
+    written are handed to *resolve*)."""
     if _fastapply is not None and _fastapply.verify_files(root_fd, packer.file_records) == -1:
         return None
-    return _verify_files(root_fd, packer.files)
+    return _verify_files(root_fd, packer.files, resolve)
 
 
-def _verify_files(root_fd: int, files: list[tuple[bytes, int]]) -> str | None:
+def _verify_files(root_fd: int, files: list[tuple[bytes, int]],
+                  resolve: Resolver | None = None) -> str | None:
     """Why the applied layer does not hold *files* as recorded (None: it does).
 
     The same checks as :func:`_check_file`, at one ``fstatat`` per file: each directory is
     opened once beneath the root (no symlink on the way), the file looked up in it unfollowed.
+    A name not found as written is looked at by :func:`_check_file` (with *resolve*).
     """
     from .pathres import open_beneath
 
@@ -460,15 +475,22 @@ def _verify_files(root_fd: int, files: list[tuple[bytes, int]]) -> str | None:
     cur_dir: str | None = None
     dir_fd = -1
     stat_ = os.stat
+
+    def look_at(name: bytes, size: int) -> str | None:
+        """:func:`_check_file`'s word on one entry (None: it is right), its file closed."""
+        fd, why = _check_file(root_fd, name, size, inodes, resolve=resolve)
+        if fd is not None:
+            os.close(fd)
+        return why
+
     try:
         for name, size in files:
             path = name.decode("utf-8", "surrogateescape").lstrip("/")
             parent, _, base = path.rpartition("/")
             if base in ("", ".", ".."):
-                fd, why = _check_file(root_fd, name, size, inodes)
-                if fd is None:
+                why = look_at(name, size)
+                if why is not None:
                     return why
-                os.close(fd)
                 continue
             if parent != cur_dir:
                 if dir_fd >= 0:
@@ -478,21 +500,23 @@ def _verify_files(root_fd: int, files: list[tuple[bytes, int]]) -> str | None:
                 try:
                     dir_fd = open_beneath(root_fd, parent, os.O_PATH | os.O_DIRECTORY
                                           | os.O_NOFOLLOW)
-                except OSError as exc:
-                    shown = name.decode("utf-8", "replace")
-                    return f"{shown!r} is not in the layer after the apply ({exc.strerror})"
+                except OSError:
+                    why = look_at(name, size)  # not there as written: resolved, or why not
+                    if why is not None:
+                        return why
+                    continue
                 cur_dir = parent
             try:
                 st = stat_(base, dir_fd=dir_fd, follow_symlinks=False)
-            except OSError as exc:
-                shown = name.decode("utf-8", "replace")
-                return f"{shown!r} is not in the layer after the apply ({exc.strerror})"
+            except OSError:
+                why = look_at(name, size)
+                if why is not None:
+                    return why
+                continue
             ino = (st.st_dev, st.st_ino)
             if not stat.S_ISREG(st.st_mode) or st.st_size != size or ino in inodes:
-                fd, why = _check_file(root_fd, name, size, inodes)  # says which, in words
-                if fd is not None:
-                    os.close(fd)
-                return why or f"{name.decode('utf-8', 'replace')!r} changed during the check"
+                return look_at(name, size) or (  # says which, in words
+                    f"{name.decode('utf-8', 'replace')!r} changed during the check")
             inodes.add(ino)
     finally:
         if dir_fd >= 0:
@@ -515,11 +539,13 @@ def _open_root(root: str | os.PathLike[str] | int) -> int:
 
 
 def finalize_recording(raw: BinaryIO, root: str | os.PathLike[str] | int, out_path: Path,
-                       problem: str | None = None) -> Recording:
+                       problem: str | None = None,
+                       resolve: Resolver | None = None) -> Recording:
     """Turn the JSON lines the apply wrote (*raw*, plain or gzip'd, seekable) into ``out_path``
     (gzip'd), computing missing CRCs from the applied files beneath *root* and checking the
-    others' files.  When the layer cannot be reproduced exactly, writes
-    ``tar-split.unreproducible`` (the reason) beside *out_path* instead.
+    others' files (names not found as written are handed to *resolve*).  When the layer cannot
+    be reproduced exactly, writes ``tar-split.unreproducible`` (the reason) beside *out_path*
+    instead.
     """
     out_path = Path(out_path)
     marker = out_path.with_name(UNREPRODUCIBLE_NAME)
@@ -543,13 +569,15 @@ def finalize_recording(raw: BinaryIO, root: str | os.PathLike[str] | int, out_pa
                     for e in read_entries(src):
                         if e.type == FILE_TYPE and e.size > 0:
                             if e.payload is None:
-                                crc, why = _file_crc(root_fd, e.name, e.size, inodes)
+                                crc, why = _file_crc(root_fd, e.name, e.size, inodes,
+                                                     resolve)
                                 if crc is None:
                                     reason = why
                                     break
                                 e.payload = crc_bytes(crc)
                             else:
-                                fd, why = _check_file(root_fd, e.name, e.size, inodes)
+                                fd, why = _check_file(root_fd, e.name, e.size, inodes,
+                                                      resolve=resolve)
                                 if fd is None:
                                     reason = why
                                     break

@@ -26,10 +26,11 @@ Windows metadata (``MSWINDOWS.*`` PAX records, creation times, sub-second times)
 
 Semantics, and where they differ from moby:
 
-- ``create`` makes a read-only layer with an empty ``Files``; ``create_rw`` makes a sandbox: a
-  writable tree that starts as a copy (reflinks where the filesystem has them) of its parent's
-  view.  The chain in ``layerchain.json`` lists only parents with a ``Files`` directory, so a
-  sandbox parent (Docker's ``-init`` layer) is skipped, as in moby.
+- ``create`` makes a read-only layer with an empty ``Files``; ``create_rw`` makes a sandbox: as
+  root a copy-on-write overlay of its parent's layers' views (nothing of the image copied), else
+  a writable tree that starts as a copy (reflinks where the filesystem has them) of its
+  parent's view.  The chain in ``layerchain.json`` lists only parents with a ``Files``
+  directory, so a sandbox parent (Docker's ``-init`` layer) is skipped, as in moby.
 - ``size``: storage option keys are case-insensitive; the built-in default sandbox size is
   "127GB" (RAMInBytes: 127 GiB), recorded in the layer record and reported by ``status`` but
   not enforced (nothing to pay for on ext4).  A default the store is opened with
@@ -51,9 +52,11 @@ Semantics, and where they differ from moby:
   parent argument is ignored, as in moby.
 - ``diff`` of a read-only layer streams the Windows-format tar of the layer (archive/windows), every
   entry's PAX records as they were imported.  ``diff_size`` is the bytes of file data in the
-  layer.  For a sandbox, changes/diff/diff_size compare its tree with its parent's view (the
-  shared NaiveDiff; a plain Linux layer tar), since writes made through a mount have no Windows
-  metadata.
+  layer.  A copy-on-write sandbox's changes/diff/diff_size come from its upper directory, and
+  its diff is a Windows layer (archive/windows/sandbox.py: lower files' records kept, new
+  files BuildKit's defaults; never ``Hives/``, which only a running Windows registry changes);
+  a copied sandbox compares its tree with its parent's view (the shared NaiveDiff; a plain
+  Linux layer tar).
 - ``apply_diff`` imports a Windows layer tar into a read-only layer in a confined child (moby
   re-execs ``docker-windows-write-layer``): the import is a job of the runner every layer write
   goes through (archive/confine.py; the job is archive/winimport.py), handed the input, the
@@ -72,7 +75,9 @@ Semantics, and where they differ from moby:
   the directory that holds a layer; ``set_id`` writes ``layerID``.  Mounts are counted per
   resolved id, as moby's ``Get``/``Put`` do: an alias shares its target's view and count.
 - the diff getter matches a path as NTFS does: exactly, or else regardless of case where each
-  directory on the way holds one match (a tar naming ``Files/dir/a`` after ``Files/Dir``).
+  directory on the way holds one match (a tar naming ``Files/dir/a`` after ``Files/Dir``); the
+  tar-split check after an import matches recorded names the same way, so such a layer keeps
+  its exact diff (the recorded names are not changed).
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ from ..archive.apply import ApplyOptions, ApplyResult
 from ..archive.changes import Change, ChangeKind
 from ..archive.pathres import open_beneath
 from ..archive.windows.export import write_layer_tar
-from ..archive.windows.layout import walk_layer
+from ..archive.windows.layout import stored_path, walk_layer
 from ..archive.windows.metadata import read_tombstones
 from ..archive.windows.names import (
     CROSSLINKS,
@@ -571,6 +576,16 @@ class WindowsFilterDriver(LayerStore):
         atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(), mode=0o600)
         return result
 
+    def _tarsplit_end(self, rec: LayerRecord, raw_fd: int, packer: Any) -> None:
+        """The store's tar-split check, with names matched as NTFS matches them: a tar naming
+        ``Files/dir/a`` after ``Files/Dir`` stored ``Files/Dir/a``, and its exact diff reads
+        that file (the diff getter resolves the name the same way)."""
+        from ..exactdiff import finish_layer_recording
+
+        packer.close()
+        finish_layer_recording(self.meta.dir(rec.id), raw_fd, self._apply_target(rec), rec.id,
+                               packer, resolve=stored_path)
+
     def _quota_available(self) -> bool:
         return quota.image_supported() is None
 
@@ -643,30 +658,10 @@ class LayerFiles:
         try:
             return os.fdopen(open_beneath(self._fd, rel, os.O_RDONLY), "rb")
         except FileNotFoundError:
-            folded = self._fold_path(rel)
+            folded = stored_path(self._fd, rel)
             if folded is None:
                 raise
             return os.fdopen(open_beneath(self._fd, folded, os.O_RDONLY), "rb")
-
-    def _fold_path(self, rel: str) -> str | None:
-        """``rel`` as the layer spells it, matched name by name as NTFS does (regardless of
-        case) where each directory holds exactly one match; None where it does not."""
-        found: list[str] = []
-        for part in rel.split("/"):
-            try:
-                dfd = open_beneath(self._fd, "/".join(found), _DIR_FLAGS) if found else (
-                    os.dup(self._fd))
-            except OSError:
-                return None
-            try:
-                key = fold(part)
-                matches = [n for n in os.listdir(dfd) if fold(n) == key]
-            finally:
-                os.close(dfd)
-            if len(matches) != 1:
-                return None
-            found.append(matches[0])
-        return "/".join(found)
 
     def close(self) -> None:
         if self._fd >= 0:

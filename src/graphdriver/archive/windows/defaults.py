@@ -4,8 +4,12 @@ new file), as BuildKit's winlayers writes it: ``MSWINDOWS.fileattr`` 16 for a di
 ``MSWINDOWS.rawsd``, and ``LIBARCHIVE.creationtime`` = the modification time, well-formed
 (``sec[.frac]``, where BuildKit's ``%d.%d`` drops the leading zeros of the nanoseconds).
 go-containerregistry writes only a ``rawsd`` (owner and group BUILTIN\\Users); the fuller
-BuildKit set is what Windows needs to run the file.  Symbolic links get REPARSE_POINT (1024).
-Imports only ``names``."""
+BuildKit set is what Windows needs to run the file.  A symbolic link gets REPARSE_POINT (1024),
+and REPARSE_POINT|DIRECTORY (1040) with the directory descriptor when it points to a directory:
+the attributes go-winio's ``BasicInfoHeader`` writes for a symlink that hcsshim exported, which
+hcsshim's importer hands on as they are (``FileInfoFromHeader``; BuildKit writes none, which
+hcsshim reads as 0: a reparse point whose attributes lack REPARSE_POINT, and a directory link
+that would be made as a file).  Imports only ``names``."""
 
 from __future__ import annotations
 
@@ -97,11 +101,14 @@ def pax_time(ns: int) -> bytes:
 
 
 def new_file_records(kind: str, mtime_ns: int) -> dict[str, bytes]:
-    """The Windows records of a file made on Linux; ``kind`` is "dir", "file" or "symlink"."""
+    """The Windows records of a file made on Linux; ``kind`` is "dir", "file", "symlink" or
+    "dir-symlink" (a link to a directory)."""
     if kind == "dir":
         attrs, sd = FILE_ATTRIBUTE_DIRECTORY, DIRECTORY_SD
     elif kind == "symlink":
         attrs, sd = FILE_ATTRIBUTE_REPARSE_POINT, FILE_SD
+    elif kind == "dir-symlink":
+        attrs, sd = FILE_ATTRIBUTE_REPARSE_POINT | FILE_ATTRIBUTE_DIRECTORY, DIRECTORY_SD
     else:
         attrs, sd = FILE_ATTRIBUTE_ARCHIVE, FILE_SD
     return {HDR_FILE_ATTRIBUTES: b"%d" % attrs,

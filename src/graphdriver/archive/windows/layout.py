@@ -1,5 +1,6 @@
 """Windows layer tars: walking a stored layer in hcsshim's exporter's order (for diff, changes
-and size).  Never imports the importer or the exporter."""
+and size), and finding a path as the layer spells it (NTFS's case-insensitive match).  Never
+imports the importer or the exporter."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..pathres import open_beneath
 from .metadata import read_crosslinks, read_tombstones, read_win_xattrs
 from .names import DIR_FLAGS, TOP_DIRS, X_FILEATTR, X_STREAM_INDEX, fold
 
@@ -21,6 +23,28 @@ class LayerItem:
     st: os.stat_result | None = None
     streams: list[str] = field(default_factory=list)  # stored names of alternate streams
     link_to: str | None = None  # an earlier name of the same file (hard link)
+
+
+def stored_path(root_fd: int, rel: str) -> str | None:
+    """``rel`` (beneath ``root_fd``) as the layer spells it, matched name by name as NTFS
+    does (regardless of case) where each directory on the way holds exactly one match; None
+    where one does not (no match, or names that differ only in case)."""
+    found: list[str] = []
+    for part in rel.split("/"):
+        try:
+            dfd = open_beneath(root_fd, "/".join(found), DIR_FLAGS) if found else (
+                os.dup(root_fd))
+        except OSError:
+            return None
+        try:
+            key = fold(part)
+            matches = [n for n in os.listdir(dfd) if fold(n) == key]
+        finally:
+            os.close(dfd)
+        if len(matches) != 1:
+            return None
+        found.append(matches[0])
+    return "/".join(found)
 
 
 def stream_index(dfd: int, name: str) -> int:

@@ -12,9 +12,18 @@ BuildKit's ``winlayers``):
   ``LIBARCHIVE.creationtime``: a path the lower layers hold (modified) keeps the lower file's
   records byte for byte (its security descriptor, attributes, EAs, creation time; a record the
   lower file lacks gets the default below), and its
-  alternate data streams follow it as they are below (or as the sandbox rewrote them); a new
+  alternate data streams follow it as they are below (or as the sandbox rewrote them), with
+  the file's times as go-winio writes a stream's header; a new
   path gets :mod:`.defaults`; times are the sandbox file's, as Go's archive/tar writes them
-  (``atime``/``ctime`` always, ``mtime`` when it has a fraction);
+  (``atime``/``ctime`` always, ``mtime`` when it has a fraction).  Writing the diff must not
+  change it: the sandbox's directories are listed and its files read with ``O_NOATIME`` (a
+  second diff, e.g. after ``image commit`` read the first, gives the same bytes), and a
+  symbolic link's access time is its modification time (reading a link sets its access time,
+  and no flag prevents that);
+- a new symbolic link gets :mod:`.defaults`' link records, REPARSE_POINT|DIRECTORY and a
+  directory's mode bit (as go-winio writes a directory link) when its target, a path of the
+  sandbox's merged view, is a directory there (one level: a link to a link, a Windows-form or
+  an outside target is a file link);
 - a deletion (an overlayfs whiteout, or the lower contents of an opaque directory) is a ``.wh.``
   entry; a path whose type changed is a deletion plus an addition, and so is a rename;
 - two names of one directory that differ only in case cannot both exist on Windows: refused.
@@ -23,6 +32,7 @@ BuildKit's ``winlayers``):
 from __future__ import annotations
 
 import os
+import posixpath
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +47,8 @@ from .layout import stream_index
 from .metadata import read_linkmeta, read_win_xattrs, xattrs_to_pax
 from .names import (
     DIR_FLAGS,
+    FILE_ATTRIBUTE_DIRECTORY,
+    HDR_FILE_ATTRIBUTES,
     HDR_RAW_SECURITY_DESCRIPTOR,
     HDR_SECURITY_DESCRIPTOR,
     MODE_DIR,
@@ -56,6 +68,26 @@ class SandboxItem:
     st: os.stat_result | None = None  # of the sandbox's file
     lower: tuple[Source, os.stat_result] | None = None  # where a modified path comes from
     streams: list[tuple[str, Path, Source | None]] = field(default_factory=list)
+
+
+_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def _open_quietly(path: Path, flags: int) -> int:
+    """Open a sandbox file or directory without changing its access time, which its diff
+    carries (``O_NOATIME`` needs the file's owner or root: others open it plainly)."""
+    try:
+        return os.open(path, flags | _NOATIME)
+    except PermissionError:
+        return os.open(path, flags)
+
+
+def _list_quietly(path: Path) -> list[str]:
+    fd = _open_quietly(path, DIR_FLAGS)
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
 
 
 def _opaque(path: Path) -> bool:
@@ -79,7 +111,7 @@ def _walk_dir(upper: Path, sources: list[Source], rel: str, hidden: bool,
     d = upper / rel if rel else upper
     opaque = bool(rel) and _opaque(d)
     hidden = hidden or opaque
-    names = sorted(os.listdir(d), key=os.fsencode)
+    names = sorted(_list_quietly(d), key=os.fsencode)
     stats = {n: os.lstat(d / n) for n in names}
     gone: set[str] = {n for n in names if is_whiteout(stats[n])}
     present = [n for n in names if n not in gone]
@@ -151,7 +183,8 @@ def _refuse_case_twins(rel: str, names: list[str], below: list[str], name: str) 
 
 
 def _times(st: os.stat_result) -> dict[str, bytes]:
-    out = {"atime": pax_time(st.st_atime_ns), "ctime": pax_time(st.st_ctime_ns)}
+    atime = st.st_mtime_ns if stat.S_ISLNK(st.st_mode) else st.st_atime_ns
+    out = {"atime": pax_time(atime), "ctime": pax_time(st.st_ctime_ns)}
     if st.st_mtime_ns % 1_000_000_000:
         out["mtime"] = pax_time(st.st_mtime_ns)
     return out
@@ -178,13 +211,47 @@ def _lower_records(lower: tuple[Source, os.stat_result], rel: str, is_link: bool
     return {k: v for k, v in xattrs_to_pax(xattrs).items() if k not in TIME_KEYS}
 
 
-def item_records(item: SandboxItem) -> dict[str, bytes]:
+def _merged_lstat(upper: Path, sources: list[Source], rel: str) -> os.stat_result | None:
+    """What the sandbox's merged view holds at ``rel`` (no link followed), or None."""
+    parts = rel.split("/")
+    opaque = False
+    for i in range(1, len(parts) + 1):
+        pre = "/".join(parts[:i])
+        try:
+            st = os.lstat(upper / pre)
+        except (FileNotFoundError, NotADirectoryError):
+            found = None if opaque else lookup(sources, rel)
+            return found[1] if found is not None else None
+        if is_whiteout(st) or (i < len(parts) and not stat.S_ISDIR(st.st_mode)):
+            return None
+        if i == len(parts):
+            return st
+        opaque = opaque or _opaque(upper / pre)
+    return None
+
+
+def _link_to_directory(upper: Path, sources: list[Source], rel: str, target: str) -> bool:
+    """Whether the link ``rel`` of the sandbox points to a directory of its merged view."""
+    if "\\" in target or ":" in target:
+        return False  # a Windows path (C:\...): not resolved on Linux
+    joined = target if target.startswith("/") else posixpath.join(posixpath.dirname(rel), target)
+    path = posixpath.normpath("/" + joined).lstrip("/")
+    if posixpath.normpath(joined).startswith(".."):
+        return False  # above the container's C:\
+    if not path:
+        return True  # the root
+    st = _merged_lstat(upper, sources, path)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
+def item_records(item: SandboxItem, link_is_dir: bool = False) -> dict[str, bytes]:
     """The PAX records of an entry: the lower file's Windows records, or new ones, and times."""
     st = item.st
     assert st is not None
     rel = item.path[len("Files/"):] if item.path != "Files" else ""
     is_link = stat.S_ISLNK(st.st_mode)
-    kind = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if is_link else "file"
+    kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if not is_link
+            else "dir-symlink" if link_is_dir else "symlink")
     records = new_file_records(kind, st.st_mtime_ns)
     if item.lower is not None:
         lower = _lower_records(item.lower, rel, is_link)
@@ -207,16 +274,23 @@ def write_sandbox_tar(out_fd: int, upper: Path, sources: list[Source], name: str
             continue
         st = item.st
         assert st is not None
-        records = item_records(item)
+        rel = item.path[len("Files/"):] if item.path != "Files" else ""
+        full = upper / rel if rel else upper
         mtime = st.st_mtime_ns // 1_000_000_000
-        full = upper / item.path[len("Files/"):] if item.path != "Files" else upper
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(full)
+            records = item_records(item, item.lower is None
+                                   and _link_to_directory(upper, sources, rel, target))
+            attrs = records.get(HDR_FILE_ATTRIBUTES, b"")
+            dirbit = MODE_DIR if attrs.isdigit() and int(attrs) & FILE_ATTRIBUTE_DIRECTORY else 0
+            out.add(encode_sorted(bname, b"2", MODE_LNK | dirbit, 0, mtime, records,
+                                  os.fsencode(target)))
+            continue
+        records = item_records(item)
         if stat.S_ISDIR(st.st_mode):
             out.add(encode_sorted(bname, b"5", MODE_DIR, 0, mtime, records))
-        elif stat.S_ISLNK(st.st_mode):
-            out.add(encode_sorted(bname, b"2", MODE_LNK, 0, mtime, records,
-                                  os.fsencode(os.readlink(full))))
         else:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = _open_quietly(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 size = os.fstat(fd).st_size
                 out.add(encode_sorted(bname, b"0", MODE_REG, size, mtime, records))
@@ -230,17 +304,18 @@ def write_sandbox_tar(out_fd: int, upper: Path, sources: list[Source], name: str
 
 def _write_stream(out: TarOut, name: bytes, path: Path, src: Source | None,
                   main: os.stat_result) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = _open_quietly(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
+        records: dict[str, bytes] = {}
         if src is not None and src.layer is not None:
             lfd = os.open(src.layer, DIR_FLAGS)
             try:
-                records = xattrs_to_pax(read_win_xattrs(fd, lfd))
+                records = {k: v for k, v in xattrs_to_pax(read_win_xattrs(fd, lfd)).items()
+                           if k not in TIME_KEYS}
             finally:
                 os.close(lfd)
-        else:
-            records = _times(main)
+        records.update(_times(main))  # go-winio: a stream carries its file's times
         out.add(encode_sorted(name, b"0", MODE_REG, st.st_size, main.st_mtime_ns // 10**9,
                               records))
         out.file_data(fd, st.st_size)
