@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
     from ..archive.apply import ApplyOptions, ApplyResult
     from ..archive.changes import Change
+    from ..archive.recorded import RecordedLayer
 
 log = logging.getLogger("graphdriver")
 
@@ -434,19 +435,23 @@ class OverlayDriver(LayerStore):
         self._ensure_chain_images(layer_id)
         return [Path(os.path.realpath(self.home / p)) for p in self._lowers(layer_id)]
 
-    def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
+    def _parent_roots(self, rec: LayerRecord) -> list[Path] | None:
+        return self._lower_diffs(rec.id)
+
+    def _walk_changes(self, layer_id: str, parent: str | None) -> list[Change]:
         from ..archive.changes import overlay_changes
 
-        parent = self.resolve_parent(layer_id, parent)
         if not self._native(layer_id, parent):
-            return super().changes(layer_id, parent)
+            return super()._walk_changes(layer_id, parent)
         return overlay_changes(self._diff_dir(layer_id), self._lower_diffs(layer_id),
                                self.whiteout_format)
 
-    def diff_size(self, layer_id: str, parent: str | None = None) -> int:
-        parent = self.resolve_parent(layer_id, parent)
+    def _recorded_size(self, layer: RecordedLayer) -> int:
+        return layer.tree_size()  # what the walk of ``diff`` counts: all the layer holds
+
+    def _walk_size(self, layer_id: str, parent: str | None) -> int:
         if not self._native(layer_id, parent):
-            return super().diff_size(layer_id, parent)
+            return super()._walk_size(layer_id, parent)
         try:
             return directory_size(self._diff_dir(layer_id))
         except OSError as exc:
