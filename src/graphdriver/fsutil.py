@@ -1,5 +1,5 @@
-"""Filesystem helpers every driver shares: atomic writes, tree copies, tree removal, filesystem
-facts.  Mounts and their table are mount.py's."""
+"""Filesystem helpers every driver shares: atomic writes, tree copies, tree removal, the lstat
+walk of a tree (``walk_lstat``), filesystem facts.  Mounts and their table are mount.py's."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .idmap import real_root
 
 if TYPE_CHECKING:
     from array import array
+    from collections.abc import Iterator
     from typing import Any
 
 log = logging.getLogger("graphdriver")
@@ -288,6 +289,47 @@ def copy_tree(src: Path, dst: Path, copied: array[int] | None = None) -> None:
             dfd = _up(dfd, d_id)
     finally:
         for fd in {sfd, dfd, droot}:
+            os.close(fd)
+
+
+def walk_lstat(root: str | os.PathLike[str]) -> Iterator[os.stat_result]:
+    """lstat of every entry beneath *root* (not *root* itself), a directory before what it
+    holds; nothing followed, an entry gone meanwhile skipped.  Iterative and fd-based: one
+    directory fd open whatever the depth (down by name, up by a checked ``..``)."""
+    fd = os.open(root, _DIR_OPEN)
+    frames = [_names(fd)]
+    parents: list[tuple[int, int]] = []
+    try:
+        while frames:
+            pending = frames[-1]
+            down = None
+            while pending:
+                name = pending.pop()
+                try:
+                    st = os.lstat(name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                yield st
+                if stat.S_ISDIR(st.st_mode):
+                    down = name
+                    break
+            if down is not None:
+                ident = _ident(fd)
+                try:
+                    sub = os.open(down, _DIR_OPEN, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                os.close(fd)
+                fd = sub
+                frames.append(_names(fd))
+                parents.append(ident)
+                continue
+            frames.pop()
+            if parents:
+                below, fd = fd, -1
+                fd = _up(below, parents.pop())
+    finally:
+        if fd >= 0:
             os.close(fd)
 
 

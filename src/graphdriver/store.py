@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TypeVar
 
 from . import TYPE_CHECKING
 from .archive.whiteout import NAIVE, WhiteoutFormat
@@ -48,14 +47,15 @@ from .refcount import RefCounts, default_runroot
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-    from typing import Any, BinaryIO, ClassVar
+    from typing import Any, BinaryIO, ClassVar, TypeVar
 
     from .archive.apply import ApplyOptions, ApplyResult
     from .archive.recorded import RecordedLayer
     from .driver import Change, CreateOpts
 
+    _T = TypeVar("_T")
+
 log = logging.getLogger("graphdriver")
-_T = TypeVar("_T")
 
 #: written first in every home a store makes; its absence means "made by someone else"
 STORE_MARKER = ".graphdriver-store"

@@ -1,7 +1,8 @@
 """Change detection: what differs between a layer's tree and its parent's.
 
 - ``changes_dirs(new, old)``: moby's ChangesDirs rules exactly, result sorted by path.
-- ``changes_size(root, changes)``: moby's ChangesSize.
+- ``changes_size(root, changes)``: moby's ChangesSize; ``tree_size(root)``: moby's
+  directory.Size (an overlay layer's ``diff``); one size rule for both (``stats_size``).
 - ``overlay_changes(upper, lowers)``: the same answer for an overlay layer, read from its upper
   directory without walking the lowers.
 
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from enum import IntEnum
 from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import from_oserror
-from ..fsutil import raise_open_files_limit
+from ..fsutil import raise_open_files_limit, walk_lstat
 from ..idmap import IDENTITY, IDMap
 from .pathres import open_beneath
 from .whiteout import OVERLAY, WhiteoutFormat
@@ -284,25 +285,34 @@ def changes_dirs(
 
 def changes_size(root: str | Path, changes: list[Change]) -> int:
     """moby's ChangesSize: bytes of ADD/MODIFY non-directories, a hard-linked inode once."""
-    size = 0
-    seen: set[tuple[int, int]] = set()
     try:
         parents = _ParentDirs(root)
     except OSError as exc:
         raise from_oserror(exc, "diff size") from exc
     with parents:
-        for change in changes:
-            if change.kind == ChangeKind.DELETE:
+        return stats_size(parents.lstat(c.path) for c in changes if c.kind != ChangeKind.DELETE)
+
+
+def tree_size(root: str | Path) -> int:
+    """moby's directory.Size: bytes of every non-directory beneath *root*, an inode once."""
+    return stats_size(walk_lstat(root))
+
+
+def stats_size(stats: Iterable[os.stat_result | None]) -> int:
+    """Bytes of the non-directories among *stats* (None: unreadable, skipped), a
+    multiply-linked inode counted once: the one size rule of ``changes_size`` and
+    ``tree_size``."""
+    size = 0
+    seen: set[tuple[int, int]] = set()
+    for st in stats:
+        if st is None or stat.S_ISDIR(st.st_mode):
+            continue
+        if st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
                 continue
-            st = parents.lstat(change.path)
-            if st is None or stat.S_ISDIR(st.st_mode):
-                continue
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-            size += st.st_size
+            seen.add(key)
+        size += st.st_size
     return size
 
 

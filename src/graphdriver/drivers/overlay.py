@@ -36,10 +36,8 @@ The image is mounted again lazily whenever the layer (or a child of it) is used.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import stat
 from pathlib import Path
 
 from .. import TYPE_CHECKING, quota
@@ -452,8 +450,10 @@ class OverlayDriver(LayerStore):
     def _walk_size(self, layer_id: str, parent: str | None) -> int:
         if not self._native(layer_id, parent):
             return super()._walk_size(layer_id, parent)
+        from ..archive.changes import tree_size
+
         try:
-            return directory_size(self._diff_dir(layer_id))
+            return tree_size(self._diff_dir(layer_id))
         except OSError as exc:
             raise from_oserror(exc, f"overlay: size of layer {layer_id}") from exc
 
@@ -494,44 +494,6 @@ class OverlayDriver(LayerStore):
             meta["WorkDir"] = str(d / "work")
             meta["MergedDir"] = str(d / "merged")
         return meta
-
-
-def directory_size(root: Path) -> int:
-    """moby's directory.Size: bytes of every non-directory under *root*, an inode counted once."""
-    total = 0
-    seen: set[tuple[int, int]] = set()
-    stack = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)]
-    try:
-        while stack:
-            fd = stack.pop()
-            try:
-                with os.scandir(fd) as it:
-                    entries = list(it)
-                for e in entries:
-                    try:
-                        st = e.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if stat.S_ISDIR(st.st_mode):
-                        try:
-                            stack.append(os.open(e.name, os.O_RDONLY | os.O_DIRECTORY
-                                                 | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd))
-                        except OSError as exc:
-                            if exc.errno != errno.ENOENT:
-                                raise
-                        continue
-                    if st.st_nlink > 1:
-                        key = (st.st_dev, st.st_ino)
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                    total += st.st_size
-            finally:
-                os.close(fd)
-    finally:
-        for fd in stack:
-            os.close(fd)
-    return total
 
 
 DRIVER = OverlayDriver
