@@ -110,9 +110,9 @@ def _top_tar(rng: random.Random, kinds: dict[str, str]) -> bytes:
                 tb.hardlink(fresh(("h", "k")), rng.choice(pool), mtime=T0)
         elif roll < 0.77:
             tb.symlink(fresh(), rng.choice(("../elsewhere", "t")), mtime=rng.choice((T0, T0 + 1)))
-        elif roll < 0.82:
-            tb.tar.addfile(tb._info(fresh(), tarfile.CHRTYPE, 0o600, devmajor=1, devminor=3,
-                                    mtime=T0))
+        elif roll < 0.82:  # a device or a fifo
+            kind = rng.choice((tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE))
+            tb.tar.addfile(tb._info(fresh(), kind, 0o600, devmajor=1, devminor=3, mtime=T0))
         elif roll < 0.88:  # a file under a directory the layer does not list
             d = rng.choice(lower_dirs) if lower_dirs and rng.random() < 0.6 else fresh(("q",))
             leaf = f"{d}/{rng.choice(NAMES)}n"
@@ -227,3 +227,21 @@ def test_writable_and_other_parents_walk(store: Any) -> None:
     assert [str(c) for c in store.changes("rw")] == ["C /etc", "A /etc/y"]
     assert sorted(str(c) for c in store.changes("top", "")) == [
         "A /etc", "A /etc/os", "A /etc/x"]
+
+
+def test_record_sees_a_capability_and_a_same_stat_rewrite(store: Any) -> None:
+    """Alike by size, mtime, mode and owner: a capability added is a change, bytes rewritten
+    are a change (compared by content), the same bytes are none; the record says so as the walk
+    does."""
+    cap = (b"\x01\x00\x00\x02" + (1 << 13).to_bytes(4, "little") + bytes(12))
+    base = (TarBuilder().dir("bin", mtime=T0).file("bin/ping", b"ping", mtime=T0)
+            .file("bin/ls", b"lsls", mtime=T0).file("bin/cat", b"catt", mtime=T0).bytes())
+    top = (TarBuilder().dir("bin", mtime=T0)
+           .file("bin/ping", b"ping", mtime=T0, pax_headers={
+               "SCHILY.xattr.security.capability": cap.decode("utf-8", "surrogateescape")})
+           .file("bin/ls", b"LSLS", mtime=T0).file("bin/cat", b"catt", mtime=T0).bytes())
+    assert _apply(store, "base", None, base)
+    assert _apply(store, "top", "base", top)
+    got = [str(c) for c in store.changes("top")]
+    assert got == ["C /bin", "C /bin/ls", "C /bin/ping"]
+    assert [str(c) for c in _walked(store, "top")[0]] == got
