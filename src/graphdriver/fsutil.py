@@ -97,14 +97,10 @@ def remove_beneath(parent_fd: int, name: str) -> None:
         while True:
             child = _first_subdir_emptying(fd)
             if child is not None:
-                here = os.fstat(fd)
-                try:
-                    sub = os.open(child, _DIR_OPEN, dir_fd=fd)
-                except FileNotFoundError:
-                    continue
-                os.close(fd)
-                fd = sub
-                path.append((child, here.st_dev, here.st_ino))
+                went = _down(fd, child)
+                if went is not None:
+                    fd, (dev, ino) = went
+                    path.append((child, dev, ino))
                 continue
             if not path:
                 break
@@ -314,15 +310,11 @@ def walk_lstat(root: str | os.PathLike[str]) -> Iterator[os.stat_result]:
                     down = name
                     break
             if down is not None:
-                ident = _ident(fd)
-                try:
-                    sub = os.open(down, _DIR_OPEN, dir_fd=fd)
-                except FileNotFoundError:
-                    continue
-                os.close(fd)
-                fd = sub
-                frames.append(_names(fd))
-                parents.append(ident)
+                went = _down(fd, down)
+                if went is not None:
+                    fd, ident = went
+                    frames.append(_names(fd))
+                    parents.append(ident)
                 continue
             frames.pop()
             if parents:
@@ -342,6 +334,18 @@ def _names(fd: int) -> list[str]:
 def _ident(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
+
+
+def _down(fd: int, name: str) -> tuple[int, tuple[int, int]] | None:
+    """Into the directory *name* of directory *fd* (closed then): its fd and *fd*'s identity,
+    for the checked way back up (:func:`_up`); None, *fd* still open, when it is gone."""
+    ident = _ident(fd)
+    try:
+        sub = os.open(name, _DIR_OPEN, dir_fd=fd)
+    except FileNotFoundError:
+        return None
+    os.close(fd)
+    return sub, ident
 
 
 def _up(fd: int, expect: tuple[int, int]) -> int:
