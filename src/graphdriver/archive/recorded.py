@@ -37,6 +37,7 @@ from .tarstream import (
     REGULAR_TYPES,
     SYMLINK,
     TarEntry,
+    clean_name,
 )
 from .whiteout import WHITEOUT_META_PREFIX, WHITEOUT_OPAQUE, WHITEOUT_PREFIX
 
@@ -115,12 +116,15 @@ class _Layer:
                 prefix = path + "/"
                 for p in [p for p in self.nodes if p.startswith(prefix)]:
                     del self.nodes[p]
+                    self.implicit.discard(p)
+                self.implicit.discard(path)
             self.replaced.add(path)
         elif old is not None and not old.is_dir:
             self.replaced.add(path)
         if old is not None and old.is_dir and node.is_dir:
             old.mode, old.uid, old.gid = node.mode, node.uid, node.gid  # a directory re-listed
             old.mtime_ns, old.cap = node.mtime_ns, node.cap
+            self.implicit.discard(path)  # listed now: the layer's own
             return
         self.nodes[path] = node
 
@@ -147,7 +151,7 @@ def _replay(entries: Iterable[TarEntry], idmap: IDMap) -> _Layer:
             continue
         layer.ensure_parents(name)
         if e.type == HARDLINK:
-            target = e.linkname.strip("/")
+            target = clean_name(e.raw_linkname)
             node = layer.nodes.get(target)
             if node is None:
                 node = _Node(stat.S_IFREG, link=target)
