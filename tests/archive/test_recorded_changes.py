@@ -227,6 +227,7 @@ def test_writable_and_other_parents_walk(store: Any) -> None:
     assert [str(c) for c in store.changes("rw")] == ["C /etc", "A /etc/y"]
     assert sorted(str(c) for c in store.changes("top", "")) == [
         "A /etc", "A /etc/os", "A /etc/x"]
+    assert store.diff_size("top", "") == len(b"debian") + len(b"x")  # against no parent
 
 
 def test_record_sees_a_capability_and_a_same_stat_rewrite(store: Any) -> None:
