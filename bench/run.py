@@ -551,6 +551,7 @@ def build_workloads(ctx: Ctx) -> list[Workload]:
             raise Unavailable(f"n/a ({last[0][:120]})")
 
     wl.append(windows_sandbox_workload(ctx))
+    wl.append(recorded_changes_workload(ctx))
 
     wl.append(Workload(
         "start-up of `graphdriver exists`",
@@ -770,6 +771,50 @@ def windows_sandbox_workload(ctx: Ctx) -> Workload:
             ["cp", "-a", str(d.parent / "merged") + "/.", str(d / "out")]), cp_once,
             after=cp_after)],
         {"cp -a of its merged view": "<= 0.1"})
+
+
+def recorded_changes_workload(ctx: Ctx) -> Workload:
+    """vfs ``changes`` of a 10-file layer on a 10k-file parent: from the layer's tar-split
+    record (issue 15 rule 8: the listed paths only) against the walk of both trees (the same
+    layer with its record moved aside)."""
+    quick = ctx.cache.name == "quick"
+    files = 1_000 if quick else 10_000
+    parent_tar, top_tar = ctx.cache / f"parent-{files}.tar", ctx.cache / "top-10.tar"
+
+    def make_tars() -> None:
+        import io
+
+        for path, names in ((parent_tar, [f"d{i // 100}/f{i}" for i in range(files)]),
+                            (top_tar, [f"d{i}/new{i}" for i in range(10)])):
+            if path.exists():
+                continue
+            with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+                for name in names:
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime = 6, 1_700_000_000
+                    tf.addfile(info, io.BytesIO(b"data\n\n"))
+
+    def once(d: Path, walk: bool) -> None:
+        make_tars()
+        must_run(gd_cmd("prepare", "vfs", str(d / "root"), f"parent:-:{parent_tar}",
+                        f"top:parent:{top_tar}"), "prepare")
+        if walk:
+            sys.path.insert(0, str(REPO / "src"))
+            from graphdriver import open_driver
+
+            store = open_driver("vfs", d / "root", runroot=d / "root" / "run")
+            record = store.meta.dir("top") / "tar-split.json.gz"
+            record.rename(record.with_name("aside"))
+
+    def side(label: str, walk: bool) -> Side:
+        return Side(label, lambda d: Cmd(gd_cmd("changes", "vfs", str(d.parent / "root"), "top"),
+                                         internal=True),
+                    lambda d: once(d, walk), unavailable=ctx.gd_reason)
+
+    return Workload(f"vfs changes of a 10-file layer on a {files}-file parent",
+                    [side("graphdriver vfs changes (from the record)", False)],
+                    [side("graphdriver vfs changes (tree walk)", True)],
+                    {"graphdriver vfs changes (tree walk)": "<= 0.2"})
 
 
 # ---------------------------------------------------------------- running and reporting

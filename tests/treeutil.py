@@ -64,7 +64,7 @@ def _sparse_digest(path: str, st: os.stat_result) -> str:
 
 def snapshot(root: str | os.PathLike[str], *, mtimes: bool = True, dir_mtimes: bool = False,
              sparse: bool = False, whiteout_mtimes: bool = True, metadata: bool = True,
-             with_root: bool = False) -> dict[str, Entry]:
+             with_root: bool = False, mtime_seconds: bool = False) -> dict[str, Entry]:
     """path -> (kind, mode, uid, gid, size/target/digest/rdev, mtime, xattrs, link group).
 
     Hard-link groups are compared by the sorted list of names sharing an inode.  ``sparse``
@@ -72,7 +72,8 @@ def snapshot(root: str | os.PathLike[str], *, mtimes: bool = True, dir_mtimes: b
     leaves out the times of 0/0 character devices (overlay whiteouts, made at apply time);
     ``metadata=False`` keeps only kinds, contents, link targets and hard-link groups (no mode,
     owner or xattrs: what a format without Unix metadata, a Windows layer, carries);
-    ``with_root`` adds the root directory itself as ``"."``.
+    ``with_root`` adds the root directory itself as ``"."``; ``mtime_seconds`` keeps mtimes in
+    whole seconds (what a tar written with second times carries).
     """
     root = os.fspath(root)
     entries: dict[str, Entry] = {}
@@ -103,14 +104,15 @@ def snapshot(root: str | os.PathLike[str], *, mtimes: bool = True, dir_mtimes: b
             what = ("p",)
         else:
             what = ("?",)
+        mtime = st.st_mtime_ns // 10**9 if mtime_seconds else st.st_mtime_ns
         keep_mtime = (mtimes and not stat.S_ISLNK(mode)
                       and (dir_mtimes or not stat.S_ISDIR(mode))
                       and (whiteout_mtimes or what != ("c", 0, 0)))
         if metadata:
             entries[rel] = (what, stat.S_IMODE(mode), st.st_uid, st.st_gid,
-                            st.st_mtime_ns if keep_mtime else None, _xattrs(full))
+                            mtime if keep_mtime else None, _xattrs(full))
         else:
-            entries[rel] = (what, st.st_mtime_ns if keep_mtime else None)
+            entries[rel] = (what, mtime if keep_mtime else None)
 
     if with_root:
         record(root, ".")

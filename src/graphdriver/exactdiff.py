@@ -33,13 +33,16 @@ from .archive.tarsplit import (
     finalize_recording,
     mark_unreproducible,
     open_metadata,
+    recorded_headers,
     verify_packed,
 )
 from .errors import ExactDiffUnavailable, StoreCorrupt
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import BinaryIO
 
+    from .archive.tarstream import TarEntry
     from .store import LayerStore
 
 log = logging.getLogger("graphdriver")
@@ -121,6 +124,20 @@ def assemble_layer(meta_dir: Path, open_file: Opener, out: int | BinaryIO,
             return assemble(meta, open_file, out, f"layer {layer_id}")
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise StoreCorrupt(f"layer {layer_id}: reading its tar-split metadata: {exc}") from exc
+
+
+@contextlib.contextmanager
+def layer_headers(meta_dir: Path) -> Iterator[Iterator[TarEntry] | None]:
+    """The headers of the tar applied to a layer, in order, from its ``tar-split.json.gz``
+    (no file of the layer is read); None when the layer has no usable description."""
+    if not layer_status(meta_dir)[0]:
+        yield None
+        return
+    try:
+        with open_metadata(meta_dir / METADATA_NAME) as meta:
+            yield recorded_headers(meta)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise StoreCorrupt(f"{meta_dir.name}: reading its tar-split metadata: {exc}") from exc
 
 
 def exact_available(driver: LayerStore, layer_id: str,

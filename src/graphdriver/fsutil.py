@@ -1,5 +1,5 @@
-"""Filesystem helpers every driver shares: atomic writes, tree copies, tree removal, filesystem
-facts.  Mounts and their table are mount.py's."""
+"""Filesystem helpers every driver shares: atomic writes, tree copies, tree removal, the lstat
+walk of a tree (``walk_lstat``), filesystem facts.  Mounts and their table are mount.py's."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .idmap import real_root
 
 if TYPE_CHECKING:
     from array import array
+    from collections.abc import Iterator
     from typing import Any
 
 log = logging.getLogger("graphdriver")
@@ -96,14 +97,10 @@ def remove_beneath(parent_fd: int, name: str) -> None:
         while True:
             child = _first_subdir_emptying(fd)
             if child is not None:
-                here = os.fstat(fd)
-                try:
-                    sub = os.open(child, _DIR_OPEN, dir_fd=fd)
-                except FileNotFoundError:
-                    continue
-                os.close(fd)
-                fd = sub
-                path.append((child, here.st_dev, here.st_ino))
+                went = _down(fd, child)
+                if went is not None:
+                    fd, (dev, ino) = went
+                    path.append((child, dev, ino))
                 continue
             if not path:
                 break
@@ -291,6 +288,43 @@ def copy_tree(src: Path, dst: Path, copied: array[int] | None = None) -> None:
             os.close(fd)
 
 
+def walk_lstat(root: str | os.PathLike[str]) -> Iterator[os.stat_result]:
+    """lstat of every entry beneath *root* (not *root* itself), a directory before what it
+    holds; nothing followed, an entry gone meanwhile skipped.  Iterative and fd-based: one
+    directory fd open whatever the depth (down by name, up by a checked ``..``)."""
+    fd = os.open(root, _DIR_OPEN)
+    frames = [_names(fd)]
+    parents: list[tuple[int, int]] = []
+    try:
+        while frames:
+            pending = frames[-1]
+            down = None
+            while pending:
+                name = pending.pop()
+                try:
+                    st = os.lstat(name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                yield st
+                if stat.S_ISDIR(st.st_mode):
+                    down = name
+                    break
+            if down is not None:
+                went = _down(fd, down)
+                if went is not None:
+                    fd, ident = went
+                    frames.append(_names(fd))
+                    parents.append(ident)
+                continue
+            frames.pop()
+            if parents:
+                below, fd = fd, -1
+                fd = _up(below, parents.pop())
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def _names(fd: int) -> list[str]:
     names = os.listdir(fd)
     names.sort(reverse=True)  # popped from the end: copied in name order
@@ -300,6 +334,18 @@ def _names(fd: int) -> list[str]:
 def _ident(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
+
+
+def _down(fd: int, name: str) -> tuple[int, tuple[int, int]] | None:
+    """Into the directory *name* of directory *fd* (closed then): its fd and *fd*'s identity,
+    for the checked way back up (:func:`_up`); None, *fd* still open, when it is gone."""
+    ident = _ident(fd)
+    try:
+        sub = os.open(name, _DIR_OPEN, dir_fd=fd)
+    except FileNotFoundError:
+        return None
+    os.close(fd)
+    return sub, ident
 
 
 def _up(fd: int, expect: tuple[int, int]) -> int:

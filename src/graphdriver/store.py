@@ -47,10 +47,13 @@ from .refcount import RefCounts, default_runroot
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-    from typing import Any, BinaryIO, ClassVar
+    from typing import Any, BinaryIO, ClassVar, TypeVar
 
     from .archive.apply import ApplyOptions, ApplyResult
+    from .archive.recorded import RecordedLayer
     from .driver import Change, CreateOpts
+
+    _T = TypeVar("_T")
 
 log = logging.getLogger("graphdriver")
 
@@ -788,9 +791,14 @@ class LayerStore:
         return parent
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
+        parent = self.resolve_parent(layer_id, parent)
+        recorded = self._from_record(layer_id, parent, lambda layer: layer.changes())
+        return recorded if recorded is not None else self._walk_changes(layer_id, parent)
+
+    def _walk_changes(self, layer_id: str, parent: str | None) -> list[Change]:
+        """The changes found by walking the layer's tree against *parent*'s (resolved)."""
         from .archive.changes import changes_dirs
 
-        parent = self.resolve_parent(layer_id, parent)
         with self.mounted(layer_id) as root:
             if parent is None:
                 return changes_dirs(root, None, self.idmap)
@@ -803,10 +811,67 @@ class LayerStore:
         (inode, ctime ns) pairs (archive.changes.changes_dirs); else None."""
         return None
 
+    def _parent_roots(self, rec: LayerRecord) -> list[Path] | None:
+        """The read-only roots of the layer's parent view, nearest first, kept in the store's
+        whiteout format (empty for a base layer); None when the driver does not compare a
+        layer's recorded headers with them (archive/recorded.py)."""
+        return None
+
+    def _copied_from_parent(self, layer_id: str) -> bool:
+        """Whether the layer's tree began as a copy of its parent's (mtimes then compare to the
+        nanosecond, as ``_unchanged_copies`` makes the walk compare them)."""
+        return False
+
+    def _from_record(self, layer_id: str, parent: str | None,
+                     use: Callable[[RecordedLayer], _T]) -> _T | None:
+        """``use`` of the layer's recorded headers replayed against its own *parent* (issue 15
+        rule 8: exact, O(entries)); None where the walk must answer: no usable record, a
+        writable layer, another parent, not real root (the apply's rootless rules), or a
+        record the replay does not model."""
+        rec = self.record(layer_id)
+        if rec.writable or parent != rec.parent or not real_root():
+            return None
+        roots = self._parent_roots(rec)
+        if roots is None:
+            return None
+        from .archive.lowerview import LowerView
+        from .archive.recorded import RecordedLayer, Unmodelled
+        from .exactdiff import layer_headers
+
+        with layer_headers(self.meta.dir(layer_id)) as headers:
+            if headers is None:
+                return None
+            fds: list[int] = []
+            try:
+                for root in roots:
+                    fds.append(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+                view = LowerView(fds, self.whiteout_format) if fds else None
+                try:
+                    return use(RecordedLayer(headers, self.idmap, view,
+                                             self._apply_target(rec),
+                                             self._copied_from_parent(layer_id)))
+                except Unmodelled as why:
+                    log.debug("layer %s: changes from a walk (%s)", layer_id, why)
+                    return None
+            except OSError as exc:
+                raise from_oserror(exc, f"changes of layer {layer_id}") from exc
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
+        parent = self.resolve_parent(layer_id, parent)
+        size = self._from_record(layer_id, parent, self._recorded_size)
+        return size if size is not None else self._walk_size(layer_id, parent)
+
+    def _recorded_size(self, layer: RecordedLayer) -> int:
+        return layer.changes_size(layer.changes())
+
+    def _walk_size(self, layer_id: str, parent: str | None) -> int:
+        """moby's ChangesSize of the walked changes against *parent* (resolved)."""
         from .archive.changes import changes_size
 
-        changes = self.changes(layer_id, parent)
+        changes = self._walk_changes(layer_id, parent)
         with self.mounted(layer_id) as root:
             return changes_size(root, changes)
 
@@ -824,7 +889,6 @@ class LayerStore:
     def write_diff(self, out_fd: int, layer_id: str, parent: str | None = None,
                    progress: Callable[[int], None] | None = None) -> None:
         """Write the diff tar straight to a file descriptor (the command's fast path)."""
-        from .archive.changes import changes_dirs
         from .archive.export import write_changes, write_tree
 
         with self.mounted(layer_id) as root:
@@ -832,8 +896,9 @@ class LayerStore:
                 write_tree(out_fd, root, idmap=self.idmap, progress=progress)
                 return
             with self.mounted(parent) as proot:
-                changes = changes_dirs(root, proot, self.idmap,
-                                       self._unchanged_copies(layer_id, parent))
+                changes = self._from_record(layer_id, parent, lambda layer: layer.changes())
+                if changes is None:
+                    changes = self._walk_changes(layer_id, parent)
                 write_changes(out_fd, root, changes, idmap=self.idmap, progress=progress,
                               parent_root=proot)
 

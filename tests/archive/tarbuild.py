@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.treeutil import snapshot as tree_snapshot
 
 BLOCK = 512
 
@@ -114,12 +113,6 @@ def build(*parts: bytes) -> bytes:
 
 
 # ---- snapshots -------------------------------------------------------------------------------
-def snapshot(root: str | os.PathLike[str]) -> dict[str, Any]:
-    """Everything apply is responsible for, per path (root included as "."): type, mode, owner,
-    content, mtime (directories' too), symlink target, rdev, xattrs, hard-link group."""
-    return tree_snapshot(root, dir_mtimes=True, with_root=True)
-
-
 # ---- GNU tar and a rich source tree --------------------------------------------------------
 HAVE_GNU_TAR = shutil.which("tar") is not None and b"GNU tar" in subprocess.run(
     ["tar", "--version"], capture_output=True, check=False

@@ -8,12 +8,15 @@ import stat
 from pathlib import Path
 
 import pytest
-from tarbuild import build, header, member, needs_root, pad, pax_member, snapshot
-from tests.treeutil import diff_snapshots
+from tarbuild import build, header, member, needs_root, pad, pax_member
+from tests.treeutil import diff_snapshots, snapshot
 
 from graphdriver.archive import whiteout
 from graphdriver.archive.apply import SCRATCH_PREFIX, ApplyOptions, apply_tar
 from graphdriver.errors import InvalidArchive, InvalidArgument, UnsafeArchive
+
+#: every fact an apply is responsible for (the root and directory mtimes too)
+ALL_FACTS = {"dir_mtimes": True, "with_root": True}
 
 NAIVE = ApplyOptions()
 OVERLAY = ApplyOptions(whiteout_format=whiteout.OVERLAY)
@@ -307,18 +310,18 @@ BAD = header("bad", size=1, checksum=12345)
 
 def test_rollback_of_an_empty_target(target: Path) -> None:
     os.chmod(target, 0o711)
-    before = snapshot(target)
+    before = snapshot(target, **ALL_FACTS)
     data = build(d("./", mode=0o700), d("d"), f("d/f"), sym("s", "d"), f("g" * 10)) [:-1024]
     with pytest.raises(InvalidArchive, match="checksum"):
         apply(data + BAD, target)
     assert os.listdir(target) == []
-    assert snapshot(target) == before
+    assert snapshot(target, **ALL_FACTS) == before
 
 
 def test_rollback_of_a_non_empty_target(target: Path) -> None:
     lower(target)
     os.setxattr(target / "a", "user.keep", b"1")
-    before = snapshot(target)
+    before = snapshot(target, **ALL_FACTS)
     body = build(
         d("./", mode=0o700),
         d("a", mode=0o700, uid=5),
@@ -336,14 +339,14 @@ def test_rollback_of_a_non_empty_target(target: Path) -> None:
     )[:-1024]
     with pytest.raises(InvalidArchive):
         apply(body + BAD, target)
-    after = snapshot(target)
+    after = snapshot(target, **ALL_FACTS)
     assert not diff_snapshots(before, after), "\n".join(diff_snapshots(before, after))
     no_scratch(target)
 
 
 def test_keyboard_interrupt_rolls_back(target: Path) -> None:
     lower(target)
-    before = snapshot(target)
+    before = snapshot(target, **ALL_FACTS)
 
     def progress(n: int) -> None:
         raise KeyboardInterrupt
@@ -351,7 +354,7 @@ def test_keyboard_interrupt_rolls_back(target: Path) -> None:
     data = build(f("big", os.urandom(5 << 20)), f("a/x", b"changed"), f("more"))
     with pytest.raises(KeyboardInterrupt):
         apply(data, target, ApplyOptions(progress=progress))
-    assert not diff_snapshots(before, snapshot(target))
+    assert not diff_snapshots(before, snapshot(target, **ALL_FACTS))
 
 
 def test_success_leaves_no_scratch_and_sets_root_times(target: Path) -> None:

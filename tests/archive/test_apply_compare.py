@@ -14,11 +14,13 @@ from tarbuild import (
     make_rich_tree,
     needs_gnu_tar,
     needs_root,
-    snapshot,
 )
-from tests.treeutil import diff_snapshots
+from tests.treeutil import diff_snapshots, snapshot
 
 from graphdriver.archive.apply import ApplyOptions, apply_tar
+
+#: every fact an apply is responsible for (the root and directory mtimes too)
+ALL_FACTS = {"dir_mtimes": True, "with_root": True}
 
 pytestmark = [needs_gnu_tar, needs_root]
 
@@ -45,7 +47,7 @@ def _compare(work: Path, tar: Path, compress: str | None = None) -> None:
         result = apply_tar(fd, mine, ApplyOptions())
     finally:
         os.close(fd)
-    problems = diff_snapshots(snapshot(ex), snapshot(mine))
+    problems = diff_snapshots(snapshot(ex, **ALL_FACTS), snapshot(mine, **ALL_FACTS))
     assert not problems, "\n".join(problems[:20])
     if compress is None:
         assert result.diff_id == "sha256:" + hashlib.sha256(tar.read_bytes()).hexdigest()
@@ -97,7 +99,7 @@ def test_compressed_input(work: Path, kind: str) -> None:
     ex = work / "gnu"
     ex.mkdir()
     gnu_extract(ctar, ex)
-    problems = diff_snapshots(snapshot(ex), snapshot(mine))
+    problems = diff_snapshots(snapshot(ex, **ALL_FACTS), snapshot(mine, **ALL_FACTS))
     assert not problems, "\n".join(problems[:20])
     assert res.diff_id.startswith("sha256:")
 
@@ -133,7 +135,7 @@ def test_binary_stream_source(work: Path) -> None:
     gnu_extract(tar, ex)
     with open(tar, "rb") as f:
         apply_tar(f, mine, ApplyOptions())
-    assert not diff_snapshots(snapshot(ex), snapshot(mine))
+    assert not diff_snapshots(snapshot(ex, **ALL_FACTS), snapshot(mine, **ALL_FACTS))
 
 
 def test_directory_fd_target(work: Path) -> None:

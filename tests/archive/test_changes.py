@@ -19,6 +19,7 @@ from graphdriver.archive.changes import (
     changes_dirs,
     changes_size,
     stat_different,
+    tree_size,
 )
 from graphdriver.errors import NotFound
 
@@ -481,3 +482,27 @@ def test_deep_trees_do_not_hit_the_recursion_limit(tmp_path: Path) -> None:
     lower.mkdir()
     assert overlay_changes(new, [lower]) == changes_dirs(new, None)
     subprocess.run(["rm", "-rf", str(tmp_path / "old"), str(tmp_path / "new")], check=True)
+
+
+def test_tree_size_one_fd_at_any_width_and_depth(tmp_path: Path) -> None:
+    """moby's directory.Size: every non-directory once (a hard-linked inode once), walked with
+    one directory fd open whatever the tree's width or depth (the soft limit of open files is
+    lowered below the number of directories for the walk)."""
+    import resource
+
+    root = tmp_path / "t"
+    deep = root.joinpath(*["d"] * 200)
+    deep.mkdir(parents=True)
+    (deep / "f").write_bytes(b"12345")
+    os.link(deep / "f", root / "link")
+    for i in range(100):
+        (root / f"w{i}").mkdir()
+    (root / "w7" / "g").write_bytes(b"123")
+    (root / "s").symlink_to("ab")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        size = tree_size(root)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert size == 5 + 3 + 2

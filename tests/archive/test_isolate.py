@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tarbuild import build, gnu_tar, make_rich_tree, member, needs_gnu_tar, snapshot
+from tarbuild import build, gnu_tar, make_rich_tree, member, needs_gnu_tar
 from tests.childproc import children_of, feed_until_started, is_gone
-from tests.treeutil import diff_snapshots
+from tests.treeutil import diff_snapshots, snapshot
 
 from graphdriver.archive.apply import ApplyOptions, apply_tar
 from graphdriver.archive.confine import run_job
@@ -26,6 +26,9 @@ from graphdriver.errors import (
     NoSpace,
     UnsafeArchive,
 )
+
+#: every fact an apply is responsible for (the root and directory mtimes too)
+ALL_FACTS = {"dir_mtimes": True, "with_root": True}
 
 
 def children() -> list[int]:
@@ -80,7 +83,7 @@ def test_result_and_tree_equal_in_process(work: Path) -> None:
         rb = apply_confined(f.fileno(), b, ApplyOptions(progress=progress.append))
     assert ra == rb
     assert progress and progress[-1] > 0
-    assert not diff_snapshots(snapshot(a), snapshot(b))
+    assert not diff_snapshots(snapshot(a, **ALL_FACTS), snapshot(b, **ALL_FACTS))
     assert children() == []
 
 
@@ -88,13 +91,13 @@ def test_error_class_and_message_come_back(work: Path) -> None:
     t = work / "t"
     t.mkdir()
     (t / "keep").write_text("k")
-    before = snapshot(t)
+    before = snapshot(t, **ALL_FACTS)
     with pytest.raises(UnsafeArchive, match="absolute name '/etc/x'"):
         confined(build(member("ok", b"1"), member("/etc/x")), t)
-    assert snapshot(t) == before
+    assert snapshot(t, **ALL_FACTS) == before
     with pytest.raises(InvalidArchive, match="checksum"):
         confined(build(member("ok", b"1"), member("bad", checksum=7)), t)
-    assert snapshot(t) == before
+    assert snapshot(t, **ALL_FACTS) == before
     assert children() == []
 
 
@@ -170,7 +173,7 @@ def test_signal_to_the_parent_stops_the_child_and_rolls_back(work: Path, sig: in
     t = work / "t"
     t.mkdir()
     (t / "pre").write_text("existing")
-    before = snapshot(t)
+    before = snapshot(t, **ALL_FACTS)
     src = str(Path(__file__).resolve().parents[2] / "src")
     proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT.format(src=src), str(t)],
@@ -192,7 +195,7 @@ def test_signal_to_the_parent_stops_the_child_and_rolls_back(work: Path, sig: in
             proc.wait()
     assert b"Interrupted" in out, (out, err)
     assert proc.returncode == 130
-    assert snapshot(t) == before, err.decode(errors="replace")
+    assert snapshot(t, **ALL_FACTS) == before, err.decode(errors="replace")
     assert all(is_gone(pid) for pid in kids)
 
 
@@ -265,7 +268,7 @@ def test_read_only_lowers_reach_the_job_and_cannot_be_written_through(work: Path
     for i, low in enumerate(lowers):
         (low / "sub").mkdir(parents=True)
         (low / "f").write_text(f"lower {i}")
-    before = [snapshot(low) for low in lowers]
+    before = [snapshot(low, **ALL_FACTS) for low in lowers]
     ok = run_job("confine_jobs:lower_probe", target, {}, on_death=_no_death, lowers=lowers)
     assert ok["chrooted"] is True
     assert ok["root"] == ["inside"]  # the child's "/" is the target
@@ -273,7 +276,7 @@ def test_read_only_lowers_reach_the_job_and_cannot_be_written_through(work: Path
     for low in ok["lowers"]:
         assert low["names"] == ["f", "sub"]
         assert set(low["refused"].values()) == {"EROFS"}, low["refused"]
-    assert [snapshot(low) for low in lowers] == before
+    assert [snapshot(low, **ALL_FACTS) for low in lowers] == before
     assert children() == []
 
 
@@ -309,7 +312,7 @@ def test_the_child_of_a_killed_parent_dies_and_rolls_back(work: Path) -> None:
     t = work / "t"
     t.mkdir()
     (t / "pre").write_text("existing")
-    before = snapshot(t)
+    before = snapshot(t, **ALL_FACTS)
     src = str(Path(__file__).resolve().parents[2] / "src")
     proc = subprocess.Popen([sys.executable, "-c", KILLED_PARENT.format(src=src), str(t)],
                             stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -329,4 +332,4 @@ def test_the_child_of_a_killed_parent_dies_and_rolls_back(work: Path) -> None:
             proc.wait()
         if proc.stdin is not None:
             proc.stdin.close()
-    assert snapshot(t) == before  # PDEATHSIG is a SIGTERM: the child rolled back
+    assert snapshot(t, **ALL_FACTS) == before  # PDEATHSIG is a SIGTERM: the child rolled back

@@ -243,18 +243,15 @@ class Store:
         if d.exists(LAYER):
             d.remove(LAYER)
         d.create(LAYER, "base")
-        self.pristine = self.snapshot()
+        self.pristine = store_tree(self.root)
 
     def reset(self) -> None:
         """Before a case: the target layer exactly as created, nothing mounted."""
         d = open_driver(self.driver, self.root, runroot=self.run)
         while d.mount_count(LAYER):
             d.put(LAYER)
-        if diff_snapshots(self.pristine, self.snapshot()):
+        if diff_snapshots(self.pristine, store_tree(self.root)):
             self.fresh_layer()
-
-    def snapshot(self) -> dict[str, Any]:
-        return store_tree(self.root)
 
     def listing(self) -> list[str]:
         return list(open_driver(self.driver, self.root, runroot=self.run).layers())
@@ -295,12 +292,12 @@ def canary(shared: tuple[Store, Canary]) -> Canary:
 def _check_rejected(store: Store, canary: Canary, data: bytes, tmp: Path, what: str) -> str:
     path = tmp / f"{what}.tar"
     path.write_bytes(data)
-    before = store.snapshot()
+    before = store_tree(store.root)
     res = store.apply(path)
     line = assert_one_line_error(res.stderr, what)
     assert res.returncode != 0, f"{what}: accepted (stdout {res.stdout!r})"
     canary.check()
-    after = store.snapshot()
+    after = store_tree(store.root)
     assert not diff_snapshots(before, after), f"{what}: store changed: " + "; ".join(
         diff_snapshots(before, after)[:6])
     assert not list(store.tmp.glob("escaped*")), f"{what}: wrote outside the store"
@@ -351,10 +348,10 @@ def test_empty_archive_is_an_empty_layer_or_one_clear_error(store: Store, canary
     """moby applies an empty stream as an empty layer; a clean refusal is also acceptable."""
     path = tmp_path / "empty.tar"
     path.write_bytes(data)
-    before = store.snapshot()
+    before = store_tree(store.root)
     res = store.apply(path)
     assert "Traceback" not in res.stderr, res.stderr
-    changed = diff_snapshots(before, store.snapshot())
+    changed = diff_snapshots(before, store_tree(store.root))
     if res.returncode != 0:
         assert_one_line_error(res.stderr, "empty archive")
         assert not changed
@@ -370,13 +367,13 @@ def test_hardlink_to_etc_passwd_stays_in_the_layer(store: Store, canary: Canary,
     host = os.stat("/etc/passwd")
     path = tmp_path / "pw.tar"
     TarBuilder().hardlink("pw", "/etc/passwd").write(path)
-    before = store.snapshot()
+    before = store_tree(store.root)
     res = store.apply(path)
     assert os.stat("/etc/passwd").st_nlink == host.st_nlink
     canary.check()
     if res.returncode != 0:
         assert_one_line_error(res.stderr, "hardlink /etc/passwd")
-        assert not diff_snapshots(before, store.snapshot())
+        assert not diff_snapshots(before, store_tree(store.root))
         return
     mp = Path(cli_ok(store.root, store.run, store.driver, "mount", LAYER).strip())
     try:
@@ -492,11 +489,11 @@ def _go_corpus() -> list[str]:
                     reason=f"{GO_TESTDATA} missing (Debian package golang-src)")
 @pytest.mark.parametrize("name", _go_corpus() or ["none"])
 def test_go_testdata_corpus(name: str, store: Store, canary: Canary) -> None:
-    before = store.snapshot()
+    before = store_tree(store.root)
     res = store.apply(GO_TESTDATA / name)
     canary.check()
     layer_rel = str(store.layout.layer_tree(LAYER).relative_to(store.root))
-    after = store.snapshot()
+    after = store_tree(store.root)
     outside = [d for d in diff_snapshots(before, after)
                if layer_rel not in d and f"meta/{LAYER}/layer.json" not in d
                and f"meta/{LAYER}/tar-split." not in d]  # issue 6: the layer's tar-split

@@ -1,7 +1,8 @@
 """Change detection: what differs between a layer's tree and its parent's.
 
 - ``changes_dirs(new, old)``: moby's ChangesDirs rules exactly, result sorted by path.
-- ``changes_size(root, changes)``: moby's ChangesSize.
+- ``changes_size(root, changes)``: moby's ChangesSize; ``tree_size(root)``: moby's
+  directory.Size (an overlay layer's ``diff``); one size rule for both (``stats_size``).
 - ``overlay_changes(upper, lowers)``: the same answer for an overlay layer, read from its upper
   directory without walking the lowers.
 
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from enum import IntEnum
 from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import from_oserror
-from ..fsutil import raise_open_files_limit
+from ..fsutil import raise_open_files_limit, walk_lstat
 from ..idmap import IDENTITY, IDMap
 from .pathres import open_beneath
 from .whiteout import OVERLAY, WhiteoutFormat
@@ -59,7 +60,7 @@ _CAP_XATTR = "security.capability"
 _NS = 1_000_000_000
 
 
-def _same_fs_time(a_ns: int, b_ns: int) -> bool:
+def same_fs_time(a_ns: int, b_ns: int) -> bool:
     """moby's sameFsTime: equal, or the same second when either has no sub-second part."""
     return a_ns == b_ns or (
         a_ns // _NS == b_ns // _NS and (a_ns % _NS == 0 or b_ns % _NS == 0)
@@ -77,7 +78,7 @@ def stat_different(old: os.stat_result, new: os.stat_result) -> bool:
         return True
     if stat.S_ISDIR(old.st_mode):
         return False
-    return old.st_size != new.st_size or not _same_fs_time(old.st_mtime_ns, new.st_mtime_ns)
+    return old.st_size != new.st_size or not same_fs_time(old.st_mtime_ns, new.st_mtime_ns)
 
 
 _PROC_FD = os.path.isdir("/proc/self/fd")
@@ -113,7 +114,7 @@ def _rewritten(old: os.stat_result, new: os.stat_result, old_path: str, new_path
             and not same_content(old_path, new_path))
 
 
-def _capability(path: str) -> bytes:
+def capability(path: str) -> bytes:
     try:
         return os.getxattr(path, _CAP_XATTR, follow_symlinks=False)
     except OSError:
@@ -133,7 +134,7 @@ def _entry_stat(entry: os.DirEntry[str]) -> os.stat_result | None:
         return None
 
 
-def _sort(changes: list[Change]) -> list[Change]:
+def sort_changes(changes: list[Change]) -> list[Change]:
     changes.sort(key=lambda c: os.fsencode(c.path))
     return changes
 
@@ -201,9 +202,9 @@ def _compare_dirs(
         if ost is None:
             out.append(Change(child, ChangeKind.ADD))
             added = True
-        elif stat_different(ost, nst) or _capability(
+        elif stat_different(ost, nst) or capability(
             _at(old_fd, name, old_root + child)
-        ) != _capability(_at(new_fd, name, new_root + child)) or (
+        ) != capability(_at(new_fd, name, new_root + child)) or (
             copies is not None and not stat.S_ISDIR(nst.st_mode) and (
                 ost.st_mtime_ns != nst.st_mtime_ns
                 or ((nst.st_ino, nst.st_ctime_ns) not in copies and _rewritten(
@@ -279,30 +280,39 @@ def changes_dirs(
         os.close(new_fd)
         if old_fd is not None:
             os.close(old_fd)
-    return _sort(out)
+    return sort_changes(out)
 
 
 def changes_size(root: str | Path, changes: list[Change]) -> int:
     """moby's ChangesSize: bytes of ADD/MODIFY non-directories, a hard-linked inode once."""
-    size = 0
-    seen: set[tuple[int, int]] = set()
     try:
         parents = _ParentDirs(root)
     except OSError as exc:
         raise from_oserror(exc, "diff size") from exc
     with parents:
-        for change in changes:
-            if change.kind == ChangeKind.DELETE:
+        return stats_size(parents.lstat(c.path) for c in changes if c.kind != ChangeKind.DELETE)
+
+
+def tree_size(root: str | Path) -> int:
+    """moby's directory.Size: bytes of every non-directory beneath *root*, an inode once."""
+    return stats_size(walk_lstat(root))
+
+
+def stats_size(stats: Iterable[os.stat_result | None]) -> int:
+    """Bytes of the non-directories among *stats* (None: unreadable, skipped), a
+    multiply-linked inode counted once: the one size rule of ``changes_size`` and
+    ``tree_size``."""
+    size = 0
+    seen: set[tuple[int, int]] = set()
+    for st in stats:
+        if st is None or stat.S_ISDIR(st.st_mode):
+            continue
+        if st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
                 continue
-            st = parents.lstat(change.path)
-            if st is None or stat.S_ISDIR(st.st_mode):
-                continue
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-            size += st.st_size
+            seen.add(key)
+        size += st.st_size
     return size
 
 
@@ -426,7 +436,7 @@ def _compare_upper(
         if lower is None:
             out.append(Change(child, ChangeKind.ADD))
             added = True
-        elif stat_different(lower.st, ust) or _capability(lower.path) != _capability(
+        elif stat_different(lower.st, ust) or capability(lower.path) != capability(
             _at(upper_fd, name, upper_root + child)
         ) or _rewritten(lower.st, ust, lower.path, _at(upper_fd, name, upper_root + child)):
             out.append(Change(child, ChangeKind.MODIFY))
@@ -475,4 +485,4 @@ def overlay_changes(upper: str | Path, lowers: list[Path] | list[str],
         raise from_oserror(exc, "overlay changes") from exc
     finally:
         os.close(fd)
-    return _sort(out)
+    return sort_changes(out)

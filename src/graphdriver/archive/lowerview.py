@@ -77,12 +77,17 @@ class LowerView:
 
     def exists(self, path: str) -> bool:
         """Whether the merged view shows anything at *path*."""
+        return self.find(path) is not None
+
+    def find(self, path: str) -> tuple[os.stat_result, int] | None:
+        """What the merged view shows at *path*: its lstat and the root fd of the layer that
+        holds it (the path opens beneath that fd); None when it shows nothing there."""
         parent = path.rpartition("/")[0]
         for layer in self._stack(parent):
             st = _lstat(self.fds[layer], path)
             if st is not None:
-                return not self.whiteouts.is_whiteout(st)
-        return False
+                return None if self.whiteouts.is_whiteout(st) else (st, self.fds[layer])
+        return None
 
     def names(self, path: str) -> list[str]:
         """The names the merged view lists in directory *path*."""

@@ -46,11 +46,14 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import GraphDriverError, InvalidArchive, NotFound, StoreCorrupt
 from .crc64 import crc64
 from .native import native_module
+
+if TYPE_CHECKING:
+    from .tarstream import TarEntry
 
 log = logging.getLogger("graphdriver")
 
@@ -193,6 +196,50 @@ def open_metadata(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             yield f
     finally:
         f.close()
+
+
+class _RecordedTar(io.RawIOBase):
+    """The tar a description stands for, with every file entry's data read as zeros: what a
+    tar reader needs to see the headers again without the layer's files."""
+
+    def __init__(self, entries: Iterator[Entry]) -> None:
+        self._entries = entries
+        self._raw = b""  # the rest of the current segment
+        self._zeros = 0  # zero bytes still to give for the current file entry
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        mv = memoryview(buf).cast("B")
+        while not self._raw and not self._zeros:
+            e = next(self._entries, None)
+            if e is None:
+                return 0
+            if e.type == SEGMENT_TYPE:
+                self._raw = e.payload or b""
+            else:
+                self._zeros = e.size
+        if self._raw:
+            n = min(len(mv), len(self._raw))
+            mv[:n] = self._raw[:n]
+            self._raw = self._raw[n:]
+            return n
+        n = min(len(mv), self._zeros, len(_ZEROS))
+        mv[:n] = _ZEROS[:n]
+        self._zeros -= n
+        return n
+
+
+_ZEROS = bytes(_COPY)
+
+
+def recorded_headers(meta: BinaryIO) -> Iterator[TarEntry]:
+    """The entries (headers, PAX and GNU extensions applied) of the tar *meta* describes (plain
+    JSON lines), in archive order, read from its segments alone: no file data is opened."""
+    from .tarstream import TarReader  # the reader only for this: the packer never needs it
+
+    yield from TarReader(_RecordedTar(read_entries(meta)), digest=False)  # type: ignore[arg-type]
 
 
 # ----- writing ------------------------------------------------------------------------------

@@ -36,10 +36,8 @@ The image is mounted again lazily whenever the layer (or a child of it) is used.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import stat
 from pathlib import Path
 
 from .. import TYPE_CHECKING, quota
@@ -62,6 +60,7 @@ if TYPE_CHECKING:
 
     from ..archive.apply import ApplyOptions, ApplyResult
     from ..archive.changes import Change
+    from ..archive.recorded import RecordedLayer
 
 log = logging.getLogger("graphdriver")
 
@@ -434,21 +433,27 @@ class OverlayDriver(LayerStore):
         self._ensure_chain_images(layer_id)
         return [Path(os.path.realpath(self.home / p)) for p in self._lowers(layer_id)]
 
-    def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
+    def _parent_roots(self, rec: LayerRecord) -> list[Path] | None:
+        return self._lower_diffs(rec.id)
+
+    def _walk_changes(self, layer_id: str, parent: str | None) -> list[Change]:
         from ..archive.changes import overlay_changes
 
-        parent = self.resolve_parent(layer_id, parent)
         if not self._native(layer_id, parent):
-            return super().changes(layer_id, parent)
+            return super()._walk_changes(layer_id, parent)
         return overlay_changes(self._diff_dir(layer_id), self._lower_diffs(layer_id),
                                self.whiteout_format)
 
-    def diff_size(self, layer_id: str, parent: str | None = None) -> int:
-        parent = self.resolve_parent(layer_id, parent)
+    def _recorded_size(self, layer: RecordedLayer) -> int:
+        return layer.tree_size()  # what the walk of ``diff`` counts: all the layer holds
+
+    def _walk_size(self, layer_id: str, parent: str | None) -> int:
         if not self._native(layer_id, parent):
-            return super().diff_size(layer_id, parent)
+            return super()._walk_size(layer_id, parent)
+        from ..archive.changes import tree_size
+
         try:
-            return directory_size(self._diff_dir(layer_id))
+            return tree_size(self._diff_dir(layer_id))
         except OSError as exc:
             raise from_oserror(exc, f"overlay: size of layer {layer_id}") from exc
 
@@ -489,44 +494,6 @@ class OverlayDriver(LayerStore):
             meta["WorkDir"] = str(d / "work")
             meta["MergedDir"] = str(d / "merged")
         return meta
-
-
-def directory_size(root: Path) -> int:
-    """moby's directory.Size: bytes of every non-directory under *root*, an inode counted once."""
-    total = 0
-    seen: set[tuple[int, int]] = set()
-    stack = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)]
-    try:
-        while stack:
-            fd = stack.pop()
-            try:
-                with os.scandir(fd) as it:
-                    entries = list(it)
-                for e in entries:
-                    try:
-                        st = e.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if stat.S_ISDIR(st.st_mode):
-                        try:
-                            stack.append(os.open(e.name, os.O_RDONLY | os.O_DIRECTORY
-                                                 | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd))
-                        except OSError as exc:
-                            if exc.errno != errno.ENOENT:
-                                raise
-                        continue
-                    if st.st_nlink > 1:
-                        key = (st.st_dev, st.st_ino)
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                    total += st.st_size
-            finally:
-                os.close(fd)
-    finally:
-        for fd in stack:
-            os.close(fd)
-    return total
 
 
 DRIVER = OverlayDriver

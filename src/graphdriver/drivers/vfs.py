@@ -63,6 +63,12 @@ class VFSDriver(LayerStore):
             return None  # made before the record was kept: the plain comparison
         return frozenset(zip(copied[::2], copied[1::2], strict=True))
 
+    def _parent_roots(self, rec: LayerRecord) -> list[Path] | None:
+        return [self.dir / rec.parent] if rec.parent else []
+
+    def _copied_from_parent(self, layer_id: str) -> bool:
+        return (self.meta.dir(layer_id) / COPIED_FILES).exists()
+
     def _mount(self, rec: LayerRecord, mount_label: str) -> Path:
         return self.dir / rec.id
 
