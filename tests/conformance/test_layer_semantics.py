@@ -86,6 +86,30 @@ def test_whiteout_keeps_own_dir_and_makes_it_opaque(driver: Any, order: str) -> 
     assert diff_snapshots(listing(driver, "top"), listing(driver, "copy")) == []
 
 
+@pytest.mark.parametrize("order", ["entry-first", "whiteout-first"])
+@pytest.mark.parametrize("depth", ["x", "x/sub"])
+def test_whiteout_keeps_own_entries_under_an_implicit_dir(driver: Any, order: str,
+                                                          depth: str) -> None:
+    """The layer lists ``x/new`` (or ``x/sub/new``) but never ``x``: ``.wh.x`` still hides only
+    the lower ``x/old``; the layer's own entry beneath stays, in either order."""
+    lower = TarBuilder().dir("x").file("x/old", b"old").dir("x/sub").file("x/sub/old", b"o")
+    apply(driver, "base", None, lower.bytes())
+    t = TarBuilder()
+    if order == "entry-first":
+        t.file(f"{depth}/new", b"n").whiteout("x")
+    else:
+        t.whiteout("x").file(f"{depth}/new", b"n")
+    apply(driver, "top", "base", t.bytes())
+    tree = listing(driver, "top")
+    names = sorted(p for p in tree if p.startswith("x"))
+    expected = ["x", "x/new"] if depth == "x" else ["x", "x/sub", "x/sub/new"]
+    assert names == expected
+    with driver.diff("top") as s:
+        data = s.read()
+    apply(driver, "copy", "base", data)
+    assert diff_snapshots(tree, listing(driver, "copy")) == []
+
+
 def test_whiteout_in_a_base_layer_keeps_its_own_file(driver: Any) -> None:
     apply(driver, "base", None, TarBuilder().file("x", b"mine").whiteout("x").bytes())
     with driver.mounted("base") as root:

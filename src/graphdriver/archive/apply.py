@@ -279,6 +279,9 @@ class _Applier:
         # everything is the apply's own: 100k names would cost ~15 MB)
         self.created: set[str] = set()
         self.merged: set[str] = set()  # pre-existing directories the archive merged into
+        # pre-existing directories the layer does not list but put entries beneath: a whiteout
+        # of one hides only what was there before (layer.md), not this layer's own entries
+        self.holds_own: set[str] = set()
         self.archive_links: set[str] = set()  # symlinks this apply created
         self.journal: list[tuple[object, ...]] = []
         self.journal_fd = -1
@@ -350,6 +353,10 @@ class _Applier:
         if preal not in self.created:
             self._touch_dir(preal)
             self._log(("new", real))
+            up = preal
+            while up and up not in self.holds_own and up not in self.created:
+                self.holds_own.add(up)
+                up = up.rpartition("/")[0]
         self.created.add(real)
 
     def _clear_for_new(self, pfd: int, preal: str, base: str) -> None:
@@ -432,28 +439,31 @@ class _Applier:
                     if not stat.S_ISLNK(st.st_mode):
                         if not create:
                             return None
-                        raise InvalidArchive(
-                            f"cannot create {name!r}: parent {real!r} is not a directory"
-                        ) from exc
-                    if real in self.archive_links:
+                        if real not in self.whited:
+                            raise InvalidArchive(
+                                f"cannot create {name!r}: parent {real!r} is not a directory"
+                            ) from exc
+                        fd = self._recreate_over_whiteout(cur_fd, cur_real, comp)
+                    elif real in self.archive_links:
                         raise UnsafeArchive(
                             f"{name!r} crosses symlink {real!r} created by the archive"
                         ) from exc
-                    try:
-                        real = resolve_in_root(self.root_fd, real)
-                        fd = open_beneath(self.root_fd, real, _DIR_FLAGS)
-                    except OSError as exc2:
-                        if not create and exc2.errno == errno.ENOENT:
-                            return None
-                        raise InvalidArchive(
-                            f"cannot create {name!r}: symlink {_join(cur_real, comp)!r} does not "
-                            "lead to a directory inside the layer"
-                        ) from exc2
-                    if real.split("/", 1)[0] == self.scratch:
-                        os.close(fd)
-                        raise UnsafeArchive(
-                            f"{name!r} leads into the apply's scratch directory"
-                        ) from exc
+                    else:
+                        try:
+                            real = resolve_in_root(self.root_fd, real)
+                            fd = open_beneath(self.root_fd, real, _DIR_FLAGS)
+                        except OSError as exc2:
+                            if not create and exc2.errno == errno.ENOENT:
+                                return None
+                            raise InvalidArchive(
+                                f"cannot create {name!r}: symlink {_join(cur_real, comp)!r} "
+                                "does not lead to a directory inside the layer"
+                            ) from exc2
+                        if real.split("/", 1)[0] == self.scratch:
+                            os.close(fd)
+                            raise UnsafeArchive(
+                                f"{name!r} leads into the apply's scratch directory"
+                            ) from exc
                 st = os.fstat(fd)
                 if not self.empty_start and real not in self.created:
                     # a directory the layer does not list keeps its times (an entry may set them)
@@ -472,9 +482,19 @@ class _Applier:
                 os.close(cur_fd)
         return cur_fd, cur_real, cur_sgid
 
-    def _mkdir_parent(self, pfd: int, preal: str, base: str) -> None:
+    def _recreate_over_whiteout(self, pfd: int, preal: str, base: str) -> int:
+        """An entry beneath a path this layer whited out (deleted, then re-created by an entry
+        under it): a new directory, opaque, in place of the whiteout; its fd."""
+        self._remove(pfd, preal, base)
+        self._mkdir_parent(pfd, preal, base, copy_up=False)
+        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        self.whiteouts.mark_opaque(fd)
+        return fd
+
+    def _mkdir_parent(self, pfd: int, preal: str, base: str, copy_up: bool = True) -> None:
         real = _join(preal, base)
-        lower_fd = self.lowers.open_dir(real) if self.lowers is not None else None
+        lower_fd = (self.lowers.open_dir(real) if copy_up and self.lowers is not None
+                    else None)
         if lower_fd is not None:
             try:
                 self._copy_up_dir(pfd, preal, base, lower_fd)
@@ -575,6 +595,11 @@ class _Applier:
                 if stat.S_ISDIR(st.st_mode):
                     self._hide_below(pfd, real, target)
                 return
+            if st is not None and real in self.holds_own and stat.S_ISDIR(st.st_mode):
+                # a directory the layer does not list, with its own entries beneath: the lower
+                # part of it goes, what the layer put there stays
+                self._hide_below(pfd, real, target)
+                return
         if not self.overlay:
             if hit is not None:
                 self._remove(hit[0], hit[1], target)
@@ -652,7 +677,7 @@ class _Applier:
             real = _join(dreal, base)
             if not dreal and base == self.scratch:
                 continue
-            if real in self.created or real in self.merged:
+            if real in self.created or real in self.merged or real in self.holds_own:
                 if is_dir:
                     sub = os.open(base, _DIR_FLAGS, dir_fd=dfd)
                     try:
