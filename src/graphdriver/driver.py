@@ -27,6 +27,8 @@ class CreateOpts:
     storage_opt: dict[str, str] = field(default_factory=dict)
     #: who makes the layer: "user", "image" or "snapshotter" (kept in its record)
     made_by: str = "user"
+    #: a holder the layer is made with (as ``hold`` adds it, in the same record write)
+    holder: str | None = None
 
 
 class DiffGetter(Protocol):

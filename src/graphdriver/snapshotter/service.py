@@ -100,12 +100,12 @@ class Snapshots:
                     raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
                 parent_layer = prow.layer
             layer = LAYER_PREFIX + secrets.token_hex(16)
-            # A view is never written: no quota image for it (size 0 = no limit).
-            opts = CreateOpts(made_by=MADE_BY,
+            # A view is never written: no quota image for it (size 0 = no limit).  The holder
+            # is in the layer's first record: no second write.
+            opts = CreateOpts(made_by=MADE_BY, holder=holder_of(layer),
                               storage_opt={"size": "0"} if kind == VIEW else {})
             self.driver.create_rw(layer, parent_layer, opts)
             try:
-                self.driver.hold(layer, holder_of(layer))
                 now = time.time_ns()
                 snap = Snapshot(key, layer, kind, parent, dict(labels), now, now)
                 mounts = self._mounts(snap)
