@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import TYPE_CHECKING
 from .errors import InvalidArgument, StoreCorrupt
-from .fsutil import atomic_write
+from .fsutil import atomic_write, remove_tree
 
 if TYPE_CHECKING:
     from typing import Any
@@ -303,10 +303,14 @@ class MetaDir:
         the parent has no meta directory."""
         path = self.root / parent / self.CHILDREN
         if not ids:
+            if os.path.isdir(path) and not os.path.islink(path):
+                remove_tree(path)
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 os.unlink(path)
             return
         if os.path.isdir(self.root / parent):
+            if os.path.isdir(path) and not os.path.islink(path):
+                remove_tree(path)  # not ours to keep: the index is a file
             atomic_write(path, "".join(f"{i}\n" for i in sorted(set(ids))).encode())
 
     def indexed_children(self, parent: str) -> list[str]:
