@@ -429,7 +429,9 @@ class LayerStore:
 
     # ----- remove --------------------------------------------------------------------------
 
-    def remove(self, layer_id: str) -> None:
+    def remove(self, layer_id: str, *, releasing: str | None = None) -> None:
+        """Remove the layer; refused while it is mounted, has children or is held — by anyone
+        but *releasing*, whose hold goes with the layer (no separate ``release`` write)."""
         validate_id(layer_id)
         with self.layer_lock(layer_id):
             try:
@@ -442,8 +444,9 @@ class LayerStore:
                 raise NotFound(f"layer {layer_id} does not exist")
             if self.refs.get(layer_id) > 0:
                 raise InUse(f"layer {layer_id} is mounted ({self.refs.get(layer_id)} references)")
-            if rec.holders:
-                raise InUse(f"layer {layer_id} is held by {', '.join(rec.holders[:5])}")
+            holders = [h for h in rec.holders if h != releasing]
+            if holders:
+                raise InUse(f"layer {layer_id} is held by {', '.join(holders[:5])}")
             with self.store_lock():
                 kids = self.children(layer_id) + self.meta.staged_children(layer_id)
                 if kids:

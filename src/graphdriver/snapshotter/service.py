@@ -157,8 +157,7 @@ class Snapshots:
 
     def _drop_layer(self, layer: str) -> None:
         try:
-            self.driver.release(layer, holder_of(layer))
-            self.driver.remove(layer)
+            self.driver.remove(layer, releasing=holder_of(layer))  # the hold goes with it
         except NotFound:
             pass
         except GraphDriverError as exc:
