@@ -325,6 +325,28 @@ def test_a_row_whose_layer_is_gone_is_dropped_at_start(server: Served) -> None:
         s2.stop()
 
 
+def test_a_layer_whose_removal_failed_goes_at_cleanup(server: Served) -> None:
+    """Remove drops the row first; a layer that cannot go then (mounted by someone else) stays,
+    still held by its snapshot, and containerd's Cleanup removes it once it can."""
+    s = server
+    prepare(s, "busy")
+    prepare(s, "kept")
+    layer = layer_of(s, "busy")
+    store = open_store(s)
+    store.get(layer)  # mounted from outside the server: the removal is refused
+    try:
+        s.stub.Remove(pb.RemoveSnapshotRequest(key="busy"))
+        assert names(s) == ["kept"]
+        assert store.record(layer).holders == [f"snapshot:{layer}"]
+        s.stub.Cleanup(pb.CleanupRequest())
+        assert store.exists(layer)  # still mounted: it stays
+    finally:
+        store.put(layer)
+    s.stub.Cleanup(pb.CleanupRequest())
+    assert not store.exists(layer)
+    assert store.layers() == [layer_of(s, "kept")]
+
+
 def test_socket_mode_one_server_per_store_and_clean_stop(server: Served) -> None:
     s = server
     st = os.stat(s.sock)

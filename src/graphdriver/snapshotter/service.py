@@ -82,6 +82,10 @@ class Snapshots:
         self.driver = driver
         self.meta = metadata
         self._lock = threading.Lock()
+        #: whether a layer made here may have no row: until the first repair (a crash before
+        #: this process), and after a removal here failed; else each call's layer and row go
+        #: together under the lock, and Cleanup needs no scan of the store's layers
+        self._orphans_possible = True
         self._view_of_parent = driver.name in STACKED_DRIVERS
 
     # ----- creating ------------------------------------------------------------------------
@@ -161,7 +165,11 @@ class Snapshots:
         except NotFound:
             pass
         except GraphDriverError as exc:
+            self._orphans_possible = True
             log.warning("snapshotter: layer %s stays until the next cleanup: %s", layer, exc)
+        except BaseException:
+            self._orphans_possible = True
+            raise
 
     # ----- reading, updating ---------------------------------------------------------------
 
@@ -217,7 +225,8 @@ class Snapshots:
 
     def repair(self) -> None:
         """Drop rows whose layer is gone; remove layers made here that no row names (what a
-        crash between a layer and its row leaves).  Start-up and Cleanup run it."""
+        crash between a layer and its row leaves, or a removal that failed).  Start-up and
+        Cleanup run it; the scan of the store's layers only when orphans are possible."""
         with self._lock:
             rows = self.meta.all()
             gone = [s for s in rows if not self.driver.exists(s.layer)]
@@ -227,6 +236,9 @@ class Snapshots:
                         log.warning("repair: snapshot %r had no layer (%s); its record is dropped",
                                     snap.key, snap.layer)
                         self.meta.delete_layer(snap.layer)
+            if not self._orphans_possible:
+                return
+            self._orphans_possible = False  # a removal failing below sets it again
             named = {s.layer for s in rows}
             orphans = {layer for layer in self.driver.layers()
                        if layer not in named and self.driver.record(layer).made_by == MADE_BY}
