@@ -400,9 +400,10 @@ class LayerStore:
         """
         parent_rec = None
         if rec.parent is not None:
-            if not self.meta.exists(rec.parent):
-                raise NotFound(f"parent layer {rec.parent} does not exist")
-            parent_rec = self.record(rec.parent)
+            try:
+                parent_rec = self.record(rec.parent)
+            except NotFound:
+                raise NotFound(f"parent layer {rec.parent} does not exist") from None
         # Whatever an earlier crash left under this id goes first (we hold its lock).
         self._destroy_layer(rec.id, reason="leftover of an interrupted create")
         try:
