@@ -142,7 +142,7 @@ class LayerRecord:
         return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
 
     @classmethod
-    def from_json(cls, data: bytes, where: Path) -> LayerRecord:
+    def from_json(cls, data: bytes, where: Path | str) -> LayerRecord:
         import json
 
         try:
@@ -187,6 +187,7 @@ class MetaDir:
     def __init__(self, home: Path) -> None:
         self.root = home / "meta"
         self.root.mkdir(parents=True, exist_ok=True)
+        self._prefix = f"{self.root}/"  # the hot reads join strings, not Paths
 
     def dir(self, layer_id: str) -> Path:
         return self.root / layer_id
@@ -199,7 +200,7 @@ class MetaDir:
     def read(self, layer_id: str) -> LayerRecord | None:
         """The record (None: none); StoreCorrupt when it cannot be read or does not belong here
         (another id, itself as parent): that one layer is broken."""
-        path = self.record_path(layer_id)
+        path = f"{self._prefix}{layer_id}/{self.RECORD}"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
@@ -253,7 +254,7 @@ class MetaDir:
         (self.dir(layer_id) / self.NEXT).unlink(missing_ok=True)
 
     def is_incomplete(self, layer_id: str) -> bool:
-        return os.path.lexists(self.root / layer_id / self.INCOMPLETE)
+        return os.path.lexists(f"{self._prefix}{layer_id}/{self.INCOMPLETE}")
 
     def mark_incomplete(self, layer_id: str, why: str) -> None:
         atomic_write(self.root / layer_id / self.INCOMPLETE, f"{why} pid={os.getpid()}\n".encode())
@@ -262,7 +263,8 @@ class MetaDir:
         (self.root / layer_id / self.INCOMPLETE).unlink(missing_ok=True)
 
     def exists(self, layer_id: str) -> bool:
-        return self.record_path(layer_id).is_file() and not self.is_incomplete(layer_id)
+        return os.path.isfile(f"{self._prefix}{layer_id}/{self.RECORD}") \
+            and not self.is_incomplete(layer_id)
 
     # The children index: ``meta/<parent>/children`` names, one per line, every layer whose
     # record names that parent — written before the child's record and rewritten after the
@@ -275,7 +277,7 @@ class MetaDir:
     def child_ids(self, parent: str) -> list[str] | None:
         """The ids the parent's children index names; None when it is unreadable (the caller
         then scans the records)."""
-        path = self.root / parent / self.CHILDREN
+        path = f"{self._prefix}{parent}/{self.CHILDREN}"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
