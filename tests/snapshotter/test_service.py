@@ -290,7 +290,7 @@ def test_kill9_between_layer_and_row_is_repaired(server: Served) -> None:
         assert time.monotonic() < deadline, "the layer of the second Prepare never appeared"
         time.sleep(0.01)
     [lost] = set(store.layers()) - {kept}
-    time.sleep(0.2)  # the hold lands; the server now waits for the database
+    time.sleep(0.2)  # the layer completes, held from its first record; then the row waits
     s.proc.send_signal(signal.SIGKILL)
     s.proc.wait()
     call.join()
