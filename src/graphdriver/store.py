@@ -426,7 +426,17 @@ class LayerStore:
                     self.meta.clear_incomplete(rec.id)  # the commit point
         except BaseException:
             self._destroy_layer(rec.id, reason=None)
+            if not staged:
+                self._unindex_failed(rec.parent, rec.id)
             raise
+
+    def _unindex_failed(self, parent: str | None, layer_id: str) -> None:
+        """Drop the index entry of a layer whose create failed (the store is left as it was);
+        best effort: an entry left behind (a full disk) is checked away by readers and repair."""
+        if parent is None:
+            return
+        with contextlib.suppress(OSError, GraphDriverError), self.store_lock():
+            self.meta.drop_child(parent, layer_id)
 
     # ----- remove --------------------------------------------------------------------------
 
@@ -582,13 +592,17 @@ class LayerStore:
         self.meta.mark_incomplete(staged.id, f"{COMMIT_INTENT} {layer_id}")
         # Under the store lock from the index entry to the rename: repair (which rebuilds the
         # index from the records it lists) sees neither or both.
-        with self.store_lock():
-            if final.parent is not None:
-                self.meta.add_child(final.parent, layer_id)  # before the rename names it
-            self.meta.write(final, in_dir=staged.id)
-            self._rename_layer(staged.id, layer_id)
-            os.rename(self.meta.dir(staged.id), self.meta.dir(layer_id))
-        self.meta.clear_incomplete(layer_id)  # the commit point
+        try:
+            with self.store_lock():
+                if final.parent is not None:
+                    self.meta.add_child(final.parent, layer_id)  # before the rename names it
+                self.meta.write(final, in_dir=staged.id)
+                self._rename_layer(staged.id, layer_id)
+                os.rename(self.meta.dir(staged.id), self.meta.dir(layer_id))
+            self.meta.clear_incomplete(layer_id)  # the commit point
+        except BaseException:
+            self._unindex_failed(final.parent, layer_id)
+            raise
         staged.id = layer_id
 
     def _rename_aside(self, layer_id: str) -> list[Path]:
