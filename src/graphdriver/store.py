@@ -402,8 +402,8 @@ class LayerStore:
         if rec.parent is not None:
             try:
                 parent_rec = self.record(rec.parent)
-            except NotFound:
-                raise NotFound(f"parent layer {rec.parent} does not exist") from None
+            except NotFound as exc:
+                raise NotFound(f"parent layer {rec.parent} does not exist") from exc
         # Whatever an earlier crash left under this id goes first (we hold its lock).
         self._destroy_layer(rec.id, reason="leftover of an interrupted create")
         try:
