@@ -27,6 +27,8 @@ class CreateOpts:
     storage_opt: dict[str, str] = field(default_factory=dict)
     #: who makes the layer: "user", "image" or "snapshotter" (kept in its record)
     made_by: str = "user"
+    #: a holder the layer is made with (as ``hold`` adds it, in the same record write)
+    holder: str | None = None
 
 
 class DiffGetter(Protocol):
@@ -56,7 +58,7 @@ class Driver(Protocol):
         self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None
     ) -> None: ...
 
-    def remove(self, layer_id: str) -> None: ...
+    def remove(self, layer_id: str, *, releasing: str | None = None) -> None: ...
 
     def get(self, layer_id: str, mount_label: str = "") -> Path: ...
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import TYPE_CHECKING
 from .errors import InvalidArgument, StoreCorrupt
-from .fsutil import atomic_write
+from .fsutil import atomic_write, remove_tree
 
 if TYPE_CHECKING:
     from typing import Any
@@ -142,7 +142,7 @@ class LayerRecord:
         return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
 
     @classmethod
-    def from_json(cls, data: bytes, where: Path) -> LayerRecord:
+    def from_json(cls, data: bytes, where: Path | str) -> LayerRecord:
         import json
 
         try:
@@ -187,6 +187,7 @@ class MetaDir:
     def __init__(self, home: Path) -> None:
         self.root = home / "meta"
         self.root.mkdir(parents=True, exist_ok=True)
+        self._prefix = f"{self.root}/"  # the hot reads join strings, not Paths
 
     def dir(self, layer_id: str) -> Path:
         return self.root / layer_id
@@ -199,7 +200,7 @@ class MetaDir:
     def read(self, layer_id: str) -> LayerRecord | None:
         """The record (None: none); StoreCorrupt when it cannot be read or does not belong here
         (another id, itself as parent): that one layer is broken."""
-        path = self.record_path(layer_id)
+        path = f"{self._prefix}{layer_id}/{self.RECORD}"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
@@ -253,7 +254,7 @@ class MetaDir:
         (self.dir(layer_id) / self.NEXT).unlink(missing_ok=True)
 
     def is_incomplete(self, layer_id: str) -> bool:
-        return os.path.lexists(self.root / layer_id / self.INCOMPLETE)
+        return os.path.lexists(f"{self._prefix}{layer_id}/{self.INCOMPLETE}")
 
     def mark_incomplete(self, layer_id: str, why: str) -> None:
         atomic_write(self.root / layer_id / self.INCOMPLETE, f"{why} pid={os.getpid()}\n".encode())
@@ -262,7 +263,77 @@ class MetaDir:
         (self.root / layer_id / self.INCOMPLETE).unlink(missing_ok=True)
 
     def exists(self, layer_id: str) -> bool:
-        return self.record_path(layer_id).is_file() and not self.is_incomplete(layer_id)
+        return os.path.isfile(f"{self._prefix}{layer_id}/{self.RECORD}") \
+            and not self.is_incomplete(layer_id)
+
+    # The children index: ``meta/<parent>/children`` names, one per line, every layer whose
+    # record names that parent — written before the child's record and rewritten after the
+    # child's meta directory is gone, so it is a superset of the complete children (a crash
+    # leaves at most an entry too many, which a reader checks against the child's record and
+    # repair drops).  No file: no children.  Staging layers are never listed (their parent
+    # finds them by ``staged_children``).
+    CHILDREN = "children"
+
+    def child_ids(self, parent: str) -> list[str] | None:
+        """The ids the parent's children index names; None when it is unreadable (the caller
+        then scans the records)."""
+        path = f"{self._prefix}{parent}/{self.CHILDREN}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            data = os.read(fd, self.MAX_RECORD + 1)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        try:
+            ids = data.decode("ascii").split()
+        except UnicodeDecodeError:
+            return None
+        if len(data) > self.MAX_RECORD or not all(map(is_valid_id, ids)):
+            return None
+        return ids
+
+    def set_child_ids(self, parent: str, ids: list[str]) -> None:
+        """Rewrite the parent's children index (the caller holds the store lock); nothing when
+        the parent has no meta directory."""
+        path = self.root / parent / self.CHILDREN
+        if not ids:
+            if os.path.isdir(path) and not os.path.islink(path):
+                remove_tree(path)
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.unlink(path)
+            return
+        if os.path.isdir(self.root / parent):
+            if os.path.isdir(path) and not os.path.islink(path):
+                remove_tree(path)  # not ours to keep: the index is a file
+            atomic_write(path, "".join(f"{i}\n" for i in sorted(set(ids))).encode())
+
+    def indexed_children(self, parent: str) -> list[str]:
+        """The parent's children index, or, when that is unreadable, every record naming the
+        parent (complete or not): a superset of its complete children either way."""
+        ids = self.child_ids(parent)
+        if ids is None:
+            ids = [rec.id for rec in self.all_records() if rec.parent == parent]
+        return ids
+
+    def add_child(self, parent: str, child: str) -> None:
+        """Index *child* under *parent* before its record makes it a layer (store lock held)."""
+        ids = self.indexed_children(parent)
+        if child not in ids or self.child_ids(parent) is None:
+            self.set_child_ids(parent, [*ids, child])
+
+    def drop_child(self, parent: str, child: str) -> None:
+        """Unindex *child* once its meta directory is gone (store lock held)."""
+        ids = self.child_ids(parent)
+        if ids is not None and child in ids:
+            self.set_child_ids(parent, [i for i in ids if i != child])
 
     def ids(self) -> list[str]:
         """Every id with a meta directory (complete or not), removing leftovers excluded."""
@@ -309,12 +380,16 @@ class MetaDir:
 
     def records(self) -> list[LayerRecord]:
         """The complete layers' records; a broken one is left out (see ``broken``)."""
+        return [rec for rec in self.all_records() if not self.is_incomplete(rec.id)]
+
+    def all_records(self) -> list[LayerRecord]:
+        """The records of every layer, complete or not; a broken one is left out."""
         out = []
         for layer_id in self.ids():
             try:
                 rec = self.read(layer_id)
             except StoreCorrupt:
                 continue
-            if rec is not None and not self.is_incomplete(layer_id):
+            if rec is not None:
                 out.append(rec)
         return out

@@ -329,7 +329,17 @@ class LayerStore:
         return self.meta.broken()
 
     def children(self, layer_id: str) -> list[str]:
-        return [rec.id for rec in self.meta.records() if rec.parent == layer_id]
+        """The complete layers whose parent is *layer_id*: the children index's entries, each
+        checked against its own record (an entry may outlive its child by a crash)."""
+        return [kid for kid in self.meta.indexed_children(layer_id)
+                if self._is_child(kid, layer_id)]
+
+    def _is_child(self, layer_id: str, parent: str) -> bool:
+        try:
+            rec = self.meta.read(layer_id)
+        except StoreCorrupt:
+            return False  # broken: not listed, as records() leaves it out
+        return rec is not None and rec.parent == parent and not self.meta.is_incomplete(layer_id)
 
     def chain(self, layer_id: str) -> list[LayerRecord]:
         """The layer (a staged one too) and its ancestors, nearest first."""
@@ -353,7 +363,7 @@ class LayerStore:
             raise InvalidArgument(
                 f"{self.name}: storage options are supported only for writable layers (--rw)"
             )
-        self._create(layer_id, parent, "ro", None, _made_by(opts))
+        self._create(layer_id, parent, "ro", None, opts)
 
     def create_rw(
         self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None
@@ -363,18 +373,20 @@ class LayerStore:
         size = parse_size(storage["size"], self.name) if "size" in storage else self.default_size
         if size is not None and size > 0 and "size" in storage and not self.supports_quota:
             raise NotSupported(f"{self.name}: size quotas are not supported on {self.home}")
-        self._create(layer_id, parent, "rw", size or None, _made_by(opts))
+        self._create(layer_id, parent, "rw", size or None, opts)
 
     def _create(self, layer_id: str, parent: str | None, kind: str, size: int | None,
-                made_by: str) -> None:
+                opts: CreateOpts | None) -> None:
         validate_id(layer_id)
+        made_by = _made_by(opts)
+        holders = [_validate_holder(opts.holder)] if opts is not None and opts.holder else []
         parent = self._parent_arg(parent)
         locks = [self._lock_path(layer_id)] + ([self._lock_path(parent)] if parent else [])
         with LockSet(locks):
             if self.meta.read(layer_id) is not None and not self.meta.is_incomplete(layer_id):
                 raise AlreadyExists(f"layer {layer_id} already exists")
             rec = LayerRecord(id=layer_id, parent=parent, kind=kind, size_limit=size,
-                              made_by=made_by)
+                              made_by=made_by, holders=holders)
             self._create_locked(rec, staged=False)
 
     @staticmethod
@@ -391,9 +403,10 @@ class LayerStore:
         """
         parent_rec = None
         if rec.parent is not None:
-            if not self.meta.exists(rec.parent):
-                raise NotFound(f"parent layer {rec.parent} does not exist")
-            parent_rec = self.record(rec.parent)
+            try:
+                parent_rec = self.record(rec.parent)
+            except NotFound as exc:
+                raise NotFound(f"parent layer {rec.parent} does not exist") from exc
         # Whatever an earlier crash left under this id goes first (we hold its lock).
         self._destroy_layer(rec.id, reason="leftover of an interrupted create")
         try:
@@ -402,21 +415,37 @@ class LayerStore:
             if not staged:
                 self.meta.mark_incomplete(rec.id, CREATE_INTENT)
             with self.store_lock():
+                if rec.parent is not None and not staged:
+                    self.meta.add_child(rec.parent, rec.id)  # before the record names it
                 self.meta.write(rec)
+            intended = rec.to_json()
             self._make_layer(rec, parent_rec)
             if parent_rec is not None and not self.children(parent_rec.id):
                 self._on_first_child(parent_rec)
             if not staged:
                 with self.store_lock():
-                    self.meta.write(rec)  # as the driver completed it (e.g. a nominal size)
+                    if rec.to_json() != intended:
+                        self.meta.write(rec)  # as the driver completed it (a nominal size)
                     self.meta.clear_incomplete(rec.id)  # the commit point
         except BaseException:
             self._destroy_layer(rec.id, reason=None)
+            if not staged:
+                self._unindex_failed(rec.parent, rec.id)
             raise
+
+    def _unindex_failed(self, parent: str | None, layer_id: str) -> None:
+        """Drop the index entry of a layer whose create failed (the store is left as it was);
+        best effort: an entry left behind (a full disk) is checked away by readers and repair."""
+        if parent is None:
+            return
+        with contextlib.suppress(OSError, GraphDriverError), self.store_lock():
+            self.meta.drop_child(parent, layer_id)
 
     # ----- remove --------------------------------------------------------------------------
 
-    def remove(self, layer_id: str) -> None:
+    def remove(self, layer_id: str, *, releasing: str | None = None) -> None:
+        """Remove the layer; refused while it is mounted, has children or is held — by anyone
+        but *releasing*, whose hold goes with the layer (no separate ``release`` write)."""
         validate_id(layer_id)
         with self.layer_lock(layer_id):
             try:
@@ -429,8 +458,9 @@ class LayerStore:
                 raise NotFound(f"layer {layer_id} does not exist")
             if self.refs.get(layer_id) > 0:
                 raise InUse(f"layer {layer_id} is mounted ({self.refs.get(layer_id)} references)")
-            if rec.holders:
-                raise InUse(f"layer {layer_id} is held by {', '.join(rec.holders[:5])}")
+            holders = [h for h in rec.holders if h != releasing]
+            if holders:
+                raise InUse(f"layer {layer_id} is held by {', '.join(holders[:5])}")
             with self.store_lock():
                 kids = self.children(layer_id) + self.meta.staged_children(layer_id)
                 if kids:
@@ -440,6 +470,8 @@ class LayerStore:
                 meta_aside = self.meta.dir(layer_id).with_name(layer_id + REMOVING_SUFFIX)
                 remove_tree(meta_aside)
                 os.rename(self.meta.dir(layer_id), meta_aside)
+                if rec.parent is not None:
+                    self.meta.drop_child(rec.parent, layer_id)  # once the child is gone
             for path in [*aside, meta_aside]:
                 self._destroy(path)
             self._forget_mount(layer_id)
@@ -561,10 +593,19 @@ class LayerStore:
         fields.update(id=layer_id, holders=[holder] if holder else [])
         final = LayerRecord(**fields)
         self.meta.mark_incomplete(staged.id, f"{COMMIT_INTENT} {layer_id}")
-        self.meta.write(final, in_dir=staged.id)
-        self._rename_layer(staged.id, layer_id)
-        os.rename(self.meta.dir(staged.id), self.meta.dir(layer_id))
-        self.meta.clear_incomplete(layer_id)  # the commit point
+        # Under the store lock from the index entry to the rename: repair (which rebuilds the
+        # index from the records it lists) sees neither or both.
+        try:
+            with self.store_lock():
+                if final.parent is not None:
+                    self.meta.add_child(final.parent, layer_id)  # before the rename names it
+                self.meta.write(final, in_dir=staged.id)
+                self._rename_layer(staged.id, layer_id)
+                os.rename(self.meta.dir(staged.id), self.meta.dir(layer_id))
+            self.meta.clear_incomplete(layer_id)  # the commit point
+        except BaseException:
+            self._unindex_failed(final.parent, layer_id)
+            raise
         staged.id = layer_id
 
     def _rename_aside(self, layer_id: str) -> list[Path]:
@@ -612,6 +653,7 @@ class LayerStore:
             broken = self.meta.broken()
             for layer_id, why in sorted(broken.items()):
                 log.warning("layer %s is broken and quarantined (rm removes it): %s", layer_id, why)
+            kept: list[LayerRecord] = []  # the records still there after repair
             for layer_id in sorted(meta_ids | self._disk_ids()):
                 if layer_id in broken:
                     continue
@@ -620,9 +662,12 @@ class LayerStore:
                 except GraphDriverError:
                     continue  # broken since: left alone
                 if rec is not None and not self.meta.is_incomplete(layer_id):
+                    kept.append(rec)
                     continue
                 lock = self.layer_lock(layer_id)
                 if not lock.acquire(blocking=False):
+                    if rec is not None:
+                        kept.append(rec)
                     continue  # a live writer is creating or applying it
                 try:
                     # Re-check under the lock: the writer may have committed meanwhile.
@@ -631,8 +676,10 @@ class LayerStore:
                     except GraphDriverError:
                         continue
                     if rec is not None and not self.meta.is_incomplete(layer_id):
+                        kept.append(rec)
                         continue
                     if rec is not None and self._repair_apply(rec):
+                        kept.append(rec)
                         continue
                     if self.meta.is_incomplete(layer_id):
                         self._destroy_layer(layer_id, reason="interrupted create or commit")
@@ -640,7 +687,24 @@ class LayerStore:
                         self._quarantine(layer_id)
                 finally:
                     lock.release()
+            self._rebuild_children_index(meta_ids, kept)
         self._reconcile_counts()
+
+    def _rebuild_children_index(self, meta_ids: set[str], kept: list[LayerRecord]) -> None:
+        """Make every parent's children index name exactly the records that name it (what a
+        crash, an older graphdriver or a lost file left is corrected; the store lock is held).
+        *kept* includes the layers live writers are still making: their entries stay."""
+        kids: dict[str, list[str]] = {}
+        for rec in kept:
+            if rec.parent is not None:
+                kids.setdefault(rec.parent, []).append(rec.id)
+        for layer_id in sorted(meta_ids):
+            if not os.path.isdir(self.meta.dir(layer_id)):
+                continue
+            indexed = self.meta.child_ids(layer_id)
+            want = sorted(kids.get(layer_id, ()))
+            if indexed is None or sorted(indexed) != want:
+                self.meta.set_child_ids(layer_id, want)
 
     def _quarantine(self, layer_id: str) -> None:
         """What repair cannot explain (no intent record shows the store made it) is moved to

@@ -118,6 +118,23 @@ def test_hold_release_and_remove_refused_while_held(driver: Any) -> None:
         driver.hold("x", "two\nlines")
 
 
+def test_created_held_and_removed_releasing_its_holder(driver: Any) -> None:
+    """The snapshotter's pair: a layer made with its holder in the first record, removed with
+    that hold in one step; any other holder still refuses the removal."""
+    driver.create_rw("sn", None, CreateOpts(made_by="snapshotter", holder="snapshot:sn"))
+    assert driver.record("sn").holders == ["snapshot:sn"]
+    with pytest.raises(InUse, match="held by snapshot:sn"):
+        driver.remove("sn")
+    driver.hold("sn", "image:a")
+    with pytest.raises(InUse, match="held by image:a"):
+        driver.remove("sn", releasing="snapshot:sn")
+    driver.release("sn", "image:a")
+    driver.remove("sn", releasing="snapshot:sn")
+    assert not driver.exists("sn")
+    with pytest.raises(InvalidArgument):
+        driver.create("bad", None, CreateOpts(holder="two\nlines"))
+
+
 def test_commit_new_layer_base_and_child(driver: Any) -> None:
     data = layer_tar(driver)
     base, result = driver.commit_new_layer(None, io.BytesIO(data), layer_id_for=chain_id(None),

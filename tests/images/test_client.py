@@ -142,3 +142,27 @@ def test_bearer_token_flow(tmp_path: Path) -> None:
         tokens.stop()
 
 
+
+
+def test_the_pull_command_skips_what_the_sync_client_never_uses(tmp_path: Path) -> None:
+    """httpcore probes for trio and httpx imports its command-line tool (click, rich, pygments)
+    when installed; ``image pull`` marks them absent (-X importtime lists every module loaded)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a loopback port nobody listens on: the pull fails at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "graphdriver", "--root", str(tmp_path / "r"),
+         "--runroot", str(tmp_path / "run"), "--driver", "vfs", "image", "pull",
+         f"127.0.0.1:{port}/x:1"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": src}, check=False)
+    loaded = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
+              if line.startswith("import time:")}
+    assert proc.returncode != 0 and "httpx" in loaded, proc.stderr[-2000:]
+    # (a module marked absent is still listed, as a failed import of a few µs: its own
+    # imports show whether it was loaded)
+    assert not loaded & {"trio._core", "click.core", "pygments.lexers"}

@@ -290,7 +290,7 @@ def test_kill9_between_layer_and_row_is_repaired(server: Served) -> None:
         assert time.monotonic() < deadline, "the layer of the second Prepare never appeared"
         time.sleep(0.01)
     [lost] = set(store.layers()) - {kept}
-    time.sleep(0.2)  # the hold lands; the server now waits for the database
+    time.sleep(0.2)  # the layer completes, held from its first record; then the row waits
     s.proc.send_signal(signal.SIGKILL)
     s.proc.wait()
     call.join()
@@ -323,6 +323,28 @@ def test_a_row_whose_layer_is_gone_is_dropped_at_start(server: Served) -> None:
         assert rpc_error(stat_, s2, "gone").code() == NF
     finally:
         s2.stop()
+
+
+def test_a_layer_whose_removal_failed_goes_at_cleanup(server: Served) -> None:
+    """Remove drops the row first; a layer that cannot go then (mounted by someone else) stays,
+    still held by its snapshot, and containerd's Cleanup removes it once it can."""
+    s = server
+    prepare(s, "busy")
+    prepare(s, "kept")
+    layer = layer_of(s, "busy")
+    store = open_store(s)
+    store.get(layer)  # mounted from outside the server: the removal is refused
+    try:
+        s.stub.Remove(pb.RemoveSnapshotRequest(key="busy"))
+        assert names(s) == ["kept"]
+        assert store.record(layer).holders == [f"snapshot:{layer}"]
+        s.stub.Cleanup(pb.CleanupRequest())
+        assert store.exists(layer)  # still mounted: it stays
+    finally:
+        store.put(layer)
+    s.stub.Cleanup(pb.CleanupRequest())
+    assert not store.exists(layer)
+    assert store.layers() == [layer_of(s, "kept")]
 
 
 def test_socket_mode_one_server_per_store_and_clean_stop(server: Served) -> None:

@@ -106,6 +106,8 @@ class OverlayDriver(LayerStore):
                 "does not support d_type"
             )
         self.links.mkdir(exist_ok=True, mode=0o700)
+        #: short links (``l/<short>``) of layers known to have no quota image
+        self._imageless_links: set[str] = set()
         self.mount_extra: list[str] = []
         if self._xattr_namespace() == "user":  # made rootless (DESIGN.md rule 7)
             self.whiteout_format = OVERLAY_USERXATTR
@@ -228,9 +230,11 @@ class OverlayDriver(LayerStore):
             raise from_oserror(exc, f"overlay: removing {path}") from exc
 
     def _detach(self, path: Path) -> None:
-        unmount_all_under(path)
-        if os.path.isdir(path) and not os.path.islink(path):
-            quota.unmount_image(path)
+        if os.path.islink(path):
+            return  # a short link: nothing is mounted at or beneath a symlink's own path
+        unmount_all_under(path)  # the quota image's mount too
+        if os.path.isdir(path) and quota.has_image(path):
+            quota.unmount_image(path)  # and its loop device
 
     # ----- create --------------------------------------------------------------------------
 
@@ -319,8 +323,15 @@ class OverlayDriver(LayerStore):
     def _ensure_chain_images(self, layer_id: str) -> None:
         self._ensure_image(layer_id)
         for link in self._lowers(layer_id):
-            target = os.readlink(self.home / link)  # ../<id>/diff
-            self._ensure_image(target.split("/")[1])
+            if link in self._imageless_links:
+                continue
+            lower = os.readlink(self.home / link).split("/")[1]  # ../<id>/diff
+            if quota.has_image(self._dir(lower)):
+                self._ensure_image(lower)
+            else:
+                # A layer's image is made before its short link, and a link (random) is never
+                # reused: a link seen without an image stays without one.
+                self._imageless_links.add(link)
 
     def _diff_dir(self, layer_id: str) -> Path:
         """The real directory of the layer's files (the image's ``diff`` for a quota layer)."""

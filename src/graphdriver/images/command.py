@@ -136,7 +136,20 @@ def _creds(args: Any) -> Any:
     return parse_creds(args.creds) if args.creds else None
 
 
+#: what httpx and httpcore import whenever it is installed though a synchronous client never
+#: uses it: trio (httpcore's probe for an async backend, ~90 ms) and httpx's own command-line
+#: tool (click, rich, pygments, ~25 ms).  The command marks them absent before the client is
+#: imported (``_registry_client_imports``); a library user's process is left as it is.
+UNUSED_BY_THE_CLIENT = ("trio", "httpx._main")
+
+
+def _registry_client_imports() -> None:
+    for name in UNUSED_BY_THE_CLIENT:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # None: "not importable"
+
+
 def _pull(store: Any, args: Any) -> int:
+    _registry_client_imports()
     from .platform import parse
     from .pull import PullOptions, pull
 
@@ -147,6 +160,7 @@ def _pull(store: Any, args: Any) -> int:
 
 
 def _push(store: Any, args: Any) -> int:
+    _registry_client_imports()
     from .push import PushOptions, push
 
     digest = push(store, args.ref, args.dest, PushOptions(

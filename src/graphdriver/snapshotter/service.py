@@ -82,6 +82,10 @@ class Snapshots:
         self.driver = driver
         self.meta = metadata
         self._lock = threading.Lock()
+        #: whether a layer made here may have no row: until the first repair (a crash before
+        #: this process), and after a removal here failed; else each call's layer and row go
+        #: together under the lock, and Cleanup needs no scan of the store's layers
+        self._orphans_possible = True
         self._view_of_parent = driver.name in STACKED_DRIVERS
 
     # ----- creating ------------------------------------------------------------------------
@@ -100,12 +104,12 @@ class Snapshots:
                     raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
                 parent_layer = prow.layer
             layer = LAYER_PREFIX + secrets.token_hex(16)
-            # A view is never written: no quota image for it (size 0 = no limit).
-            opts = CreateOpts(made_by=MADE_BY,
+            # A view is never written: no quota image for it (size 0 = no limit).  The holder
+            # is in the layer's first record: no second write.
+            opts = CreateOpts(made_by=MADE_BY, holder=holder_of(layer),
                               storage_opt={"size": "0"} if kind == VIEW else {})
             self.driver.create_rw(layer, parent_layer, opts)
             try:
-                self.driver.hold(layer, holder_of(layer))
                 now = time.time_ns()
                 snap = Snapshot(key, layer, kind, parent, dict(labels), now, now)
                 mounts = self._mounts(snap)
@@ -157,12 +161,15 @@ class Snapshots:
 
     def _drop_layer(self, layer: str) -> None:
         try:
-            self.driver.release(layer, holder_of(layer))
-            self.driver.remove(layer)
+            self.driver.remove(layer, releasing=holder_of(layer))  # the hold goes with it
         except NotFound:
             pass
         except GraphDriverError as exc:
+            self._orphans_possible = True
             log.warning("snapshotter: layer %s stays until the next cleanup: %s", layer, exc)
+        except BaseException:
+            self._orphans_possible = True
+            raise
 
     # ----- reading, updating ---------------------------------------------------------------
 
@@ -218,7 +225,8 @@ class Snapshots:
 
     def repair(self) -> None:
         """Drop rows whose layer is gone; remove layers made here that no row names (what a
-        crash between a layer and its row leaves).  Start-up and Cleanup run it."""
+        crash between a layer and its row leaves, or a removal that failed).  Start-up and
+        Cleanup run it; the scan of the store's layers only when orphans are possible."""
         with self._lock:
             rows = self.meta.all()
             gone = [s for s in rows if not self.driver.exists(s.layer)]
@@ -228,6 +236,9 @@ class Snapshots:
                         log.warning("repair: snapshot %r had no layer (%s); its record is dropped",
                                     snap.key, snap.layer)
                         self.meta.delete_layer(snap.layer)
+            if not self._orphans_possible:
+                return
+            self._orphans_possible = False  # a removal failing below sets it again
             named = {s.layer for s in rows}
             orphans = {layer for layer in self.driver.layers()
                        if layer not in named and self.driver.record(layer).made_by == MADE_BY}
