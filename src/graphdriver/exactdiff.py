@@ -26,18 +26,18 @@ from .archive.tarsplit import (
     METADATA_NAME,
     UNREPRODUCIBLE_NAME,
     Opener,
+    PackedElsewhere,
     Recording,
     TarSplitPacker,
     assemble,
     finalize_recording,
     mark_unreproducible,
     open_metadata,
-    verify_packed,
 )
 from .errors import ExactDiffUnavailable, StoreCorrupt
 
 if TYPE_CHECKING:
-    from typing import BinaryIO
+    from typing import Any, BinaryIO
 
     from .store import LayerStore
 
@@ -55,28 +55,38 @@ def new_layer_packer(raw_fd: int) -> TarSplitPacker:
 
 
 def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLike[str],
-                           layer_id: str, packer: TarSplitPacker) -> Recording:
+                           layer_id: str,
+                           packer: TarSplitPacker | dict[str, Any] | None) -> Recording:
     """After a successful apply: turn ``meta_dir/tar-split.raw`` (on *raw_fd*) into the layer's
     ``tar-split.json.gz``, or mark the layer not exactly reproducible (and log why).
 
-    When the (closed) *packer* got every CRC, the raw file is already the final metadata: the
-    applied files are only checked (one stat each) and the file is renamed into place.
-    Otherwise the lines are re-read and missing CRCs computed from the files.
+    *packer* is the (closed) packer, or the summary of the one the confined child ran
+    (:meth:`TarSplitPacker.summary`, ``ApplyResult.recording``), or None when the apply packed
+    nothing.  When it got every CRC, the raw file is already the final metadata: the applied
+    files are only checked (one stat each; by the child, for its packer) and the file is renamed
+    into place.  Otherwise the lines are re-read and missing CRCs computed from the files.
     """
-    problem = packer.problem
-    if problem is not None:
+    packed: TarSplitPacker | PackedElsewhere | None = (
+        PackedElsewhere(packer) if isinstance(packer, dict) else packer)
+    problem = None if packed is None else packed.problem
+    if packed is None:
+        problem = "the apply recorded no description of the archive"
+    elif problem is not None:
         pass
     elif (meta_dir / METADATA_NAME).exists() or (meta_dir / UNREPRODUCIBLE_NAME).exists():
         problem = "more than one archive was applied to this layer"
-    elif os.fstat(raw_fd).st_size == 0 or packer.lines == 0:
+    elif os.fstat(raw_fd).st_size == 0 or packed.lines == 0:
         problem = "the apply recorded no description of the archive"
     out_path = meta_dir / METADATA_NAME
-    if problem is None and packer.compressed and not packer.missing:
-        root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            why = verify_packed(root_fd, packer)
-        finally:
-            os.close(root_fd)
+    if problem is None and packed is not None and packed.compressed and not packed.missing:
+        if isinstance(packed, PackedElsewhere):
+            why = packed.verify(-1)
+        else:
+            root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                why = packed.verify(root_fd)
+            finally:
+                os.close(root_fd)
         if why is None:
             os.fsync(raw_fd)
             os.replace(meta_dir / RAW_NAME, out_path)

@@ -66,79 +66,83 @@ def _corrupt(what: str) -> errors.InvalidArchive:
     return errors.InvalidArchive(f"recorder stream from the apply child is {what}")
 
 
+def replay_frames(buf: bytearray | bytes, start: int, end: int, recorder: Recorder) -> int:
+    """Replay the whole frames in ``buf[start:end]`` into *recorder*; returns how many bytes
+    they took (an unfinished frame at the end is left for the caller to complete)."""
+    file_done = getattr(recorder, "file_done", None)
+    # a packer that turns the common frames into its lines natively (TarSplitPacker.take_frames)
+    take = getattr(recorder, "take_frames", None)
+    seg_size, file_size, crc_size = _SEG_HDR.size, _FILE_HDR.size, _U64.size
+    pos = start
+    while pos < end:
+        avail = end - pos
+        if take is not None:
+            took = take(buf, pos, end)
+            if took:
+                pos += took
+                continue
+        kind = buf[pos]
+        if kind == 0x53:  # "S"
+            if avail < 1 + seg_size:
+                break
+            (n,) = _SEG_HDR.unpack_from(buf, pos + 1)
+            total = 1 + seg_size + n
+            if total > avail:
+                break
+            recorder.segment(bytes(buf[pos + 1 + seg_size : pos + total]))
+        elif kind == 0x46:  # "F"
+            if avail < 1 + file_size:
+                break
+            n, size, crc = _FILE_HDR.unpack_from(buf, pos + 1)
+            total = 1 + file_size + n
+            if total > avail:
+                break
+            name = bytes(buf[pos + 1 + file_size : pos + total])
+            recorder.file(name, size, None if crc < 0 else crc)
+        elif kind == 0x43:  # "C"
+            total = 1 + crc_size
+            if total > avail:
+                break
+            if file_done is not None:
+                file_done(_U64.unpack_from(buf, pos + 1)[0])
+        else:
+            raise _corrupt("corrupt")
+        pos += total
+    return pos - start
+
+
+def _frame_size(buf: bytearray, start: int, end: int) -> int:
+    """The size of the (unfinished) frame at ``buf[start:end]``, 0 while its header is not all
+    there."""
+    kind = buf[start]
+    if kind == 0x53 and end - start >= 1 + _SEG_HDR.size:
+        return 1 + _SEG_HDR.size + int(_SEG_HDR.unpack_from(buf, start + 1)[0])
+    if kind == 0x46 and end - start >= 1 + _FILE_HDR.size:
+        return 1 + _FILE_HDR.size + int(_FILE_HDR.unpack_from(buf, start + 1)[0])
+    return 0
+
+
 def replay_recorder_stream(fd: int, recorder: Recorder) -> None:
     """Replay the frames of a :class:`PipeRecorder` read from *fd* (then closed) into *recorder*.
 
     Frames are parsed in place from one large buffer (they are many and small)."""
-    file_done = getattr(recorder, "file_done", None)
-    # a packer that turns the common frames into its lines natively (TarSplitPacker.take_frames)
-    take = getattr(recorder, "take_frames", None)
-    segment = recorder.segment
-    file = recorder.file
-    seg_size, file_size, crc_size = _SEG_HDR.size, _FILE_HDR.size, _U64.size
-    seg_hdr, file_hdr, u64 = _SEG_HDR.unpack_from, _FILE_HDR.unpack_from, _U64.unpack_from
     buf = bytearray(_REPLAY_BUFFER)
     start = end = 0
-    eof = False
     with open(fd, "rb", buffering=0) as f:
         while True:
             avail = end - start
             # make room for at least one more read; keep an unfinished frame at the front
-            if eof:
-                if not avail:
-                    return
-            else:
-                if start and (avail < _REPLAY_MIN or end == len(buf)):
-                    buf[:avail] = buf[start:end]
-                    start, end = 0, avail
-                if end < len(buf):
-                    n = f.readinto(memoryview(buf)[end:])
-                    if n:
-                        end += n
-                    else:
-                        eof = True
-                    avail = end - start
-            progressed = False
-            while avail:
-                if take is not None:
-                    took = take(buf, start, end)
-                    if took:
-                        start += took
-                        avail -= took
-                        progressed = True
-                        continue
-                kind = buf[start]
-                if kind == 0x53:  # "S"
-                    if avail < 1 + seg_size:
-                        break
-                    (n,) = seg_hdr(buf, start + 1)
-                    total = 1 + seg_size + n
-                    if total > avail:
-                        if total > len(buf):
-                            buf.extend(bytes(total - len(buf)))
-                        break
-                    segment(bytes(buf[start + 1 + seg_size : start + total]))
-                elif kind == 0x46:  # "F"
-                    if avail < 1 + file_size:
-                        break
-                    n, size, crc = file_hdr(buf, start + 1)
-                    total = 1 + file_size + n
-                    if total > avail:
-                        if total > len(buf):
-                            buf.extend(bytes(total - len(buf)))
-                        break
-                    name = bytes(buf[start + 1 + file_size : start + total])
-                    file(name, size, None if crc < 0 else crc)
-                elif kind == 0x43:  # "C"
-                    total = 1 + crc_size
-                    if total > avail:
-                        break
-                    if file_done is not None:
-                        file_done(u64(buf, start + 1)[0])
-                else:
-                    raise _corrupt("corrupt")
-                start += total
-                avail -= total
-                progressed = True
-            if eof and avail and not progressed:
-                raise _corrupt("truncated")
+            if start and (avail < _REPLAY_MIN or end == len(buf)):
+                buf[:avail] = buf[start:end]
+                start, end = 0, avail
+            if avail:
+                need = _frame_size(buf, start, end)
+                if need > len(buf) - start:
+                    buf.extend(bytes(need - (len(buf) - start)))
+            n = f.readinto(memoryview(buf)[end:])
+            if not n:
+                if end > start and replay_frames(buf, start, end, recorder) != end - start:
+                    raise _corrupt("truncated")
+                return
+            end += n
+            start += replay_frames(buf, start, end, recorder)

@@ -48,6 +48,7 @@ from typing import Any, BinaryIO
 from ..errors import GraphDriverError, InvalidArchive, NotFound, StoreCorrupt
 from .crc64 import crc64
 from .native import native_module
+from .recframes import replay_frames
 
 log = logging.getLogger("graphdriver")
 
@@ -331,6 +332,27 @@ class TarSplitPacker:
                     self._drain()
         return int(took)
 
+    def write_frames(self, frames: bytes) -> None:
+        """Whole recorder frames (recframes.py) of a run of files the native apply wrote: the
+        packer runs beside the reader (in the confined child), and the frames never cross a
+        pipe."""
+        if replay_frames(frames, 0, len(frames), self) != len(frames):
+            raise InvalidArchive("tar-split: the native apply's frames end inside a frame")
+
+    def verify(self, root_fd: int) -> str | None:
+        """Why the applied layer beneath *root_fd* does not hold the recorded files as recorded
+        (None: it does).  Call once the apply is done."""
+        return verify_packed(root_fd, self)
+
+    def summary(self, root_fd: int) -> dict[str, Any]:
+        """What :func:`graphdriver.exactdiff.finish_layer_recording` needs of a closed packer
+        that ran elsewhere (the confined child), JSON-able; the recorded files are checked here
+        (beneath *root_fd*) when the lines are final."""
+        complete = self.problem is None and not self.missing and self.compressed
+        return {"problem": self.problem, "missing": self.missing, "lines": self._pos,
+                "compressed": self.compressed,
+                "unverified": self.verify(root_fd) if complete else None}
+
     def file_done(self, crc64: int) -> None:
         """The CRC-64 of the current file entry's whole data (from the tar reader)."""
         if self._pending is not None:
@@ -355,6 +377,21 @@ class TarSplitPacker:
             self._out.write(self._z.flush())
             self._z = None
         self._out.flush()
+
+
+class PackedElsewhere:
+    """A packer's :meth:`TarSplitPacker.summary` from the confined child, with the packer's
+    attributes that finishing a recording reads (the check of the files was done there)."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        self.problem: str | None = summary["problem"]
+        self.missing = int(summary["missing"])
+        self.lines = int(summary["lines"])
+        self.compressed = bool(summary["compressed"])
+        self._unverified: str | None = summary["unverified"]
+
+    def verify(self, root_fd: int) -> str | None:
+        return self._unverified
 
 
 def _gzip_compressor(level: int) -> Any:
