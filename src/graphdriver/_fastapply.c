@@ -941,13 +941,16 @@ fail:
 
 /* ---- the check of a recorded layer -------------------------------------------------------------
  *
- * verify_files(root_fd, records) -> int
+ * verify_files(root_fd, records, linked) -> int
  *
  * records: the regular files with data that tar-split recorded, as TarSplitPacker.file_records
  * holds them (u64 size, u32 name length, the name; native byte order), one after the other.
  * Each must be, beneath root_fd, a regular file of that size reached without any symlink on the
  * way (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS for its directory, then fstatat without
- * following), and no two of them may be the same inode.  Returns -1 when all of them are, else the
+ * following), and no two of them may be the same inode.  Only inodes with more than one link are
+ * remembered, in *linked* (a set of dev << 64 | ino, kept by the caller across calls over the
+ * records' chunks): two records meet at an inode with one link only through the same path, which
+ * the packer's duplicate-path rule refuses before any check.  Returns -1 when all of them are, else the
  * index of the first that is not or whose name needs Python's handling (".", "..", empty base):
  * tarsplit._verify_files then decides (and says why) the slow way.  -2: openat2 is missing. */
 #include <sys/syscall.h>
@@ -958,44 +961,27 @@ struct gd_open_how {
     uint64_t flags, mode, resolve;
 };
 
-struct ino_set {
-    uint64_t *slots; /* pairs (dev, ino + 1); 0 = empty */
-    size_t cap, used;
-};
-
-static int ino_insert(struct ino_set *set, uint64_t dev, uint64_t ino)
+/* Whether (dev, ino) was in *linked* already (1), else adds it (0); -1 on error. */
+static int linked_insert(PyObject *linked, uint64_t dev, uint64_t ino)
 {
-    size_t i;
-    if ((set->used + 1) * 2 > set->cap) {
-        size_t ncap = set->cap ? set->cap * 2 : 1024, k;
-        uint64_t *n = calloc(ncap * 2, sizeof(uint64_t));
-        if (n == NULL)
-            return -1;
-        for (k = 0; k < set->cap; k++) {
-            if (set->slots[2 * k + 1]) {
-                size_t j = (size_t)((set->slots[2 * k] * 0x9E3779B97F4A7C15ULL) ^
-                                    (set->slots[2 * k + 1] * 0xC2B2AE3D27D4EB4FULL)) & (ncap - 1);
-                while (n[2 * j + 1])
-                    j = (j + 1) & (ncap - 1);
-                n[2 * j] = set->slots[2 * k];
-                n[2 * j + 1] = set->slots[2 * k + 1];
-            }
-        }
-        free(set->slots);
-        set->slots = n;
-        set->cap = ncap;
-    }
-    ino += 1;
-    i = (size_t)((dev * 0x9E3779B97F4A7C15ULL) ^ (ino * 0xC2B2AE3D27D4EB4FULL)) & (set->cap - 1);
-    while (set->slots[2 * i + 1]) {
-        if (set->slots[2 * i] == dev && set->slots[2 * i + 1] == ino)
-            return 1; /* seen */
-        i = (i + 1) & (set->cap - 1);
-    }
-    set->slots[2 * i] = dev;
-    set->slots[2 * i + 1] = ino;
-    set->used++;
-    return 0;
+    PyObject *hi, *lo, *shift, *key, *sixtyfour;
+    int rc;
+    hi = PyLong_FromUnsignedLongLong(dev);
+    lo = PyLong_FromUnsignedLongLong(ino);
+    sixtyfour = PyLong_FromLong(64);
+    shift = hi && sixtyfour ? PyNumber_Lshift(hi, sixtyfour) : NULL;
+    key = shift && lo ? PyNumber_Or(shift, lo) : NULL;
+    Py_XDECREF(hi);
+    Py_XDECREF(lo);
+    Py_XDECREF(sixtyfour);
+    Py_XDECREF(shift);
+    if (key == NULL)
+        return -1;
+    rc = PySet_Contains(linked, key);
+    if (rc == 0 && PySet_Add(linked, key) < 0)
+        rc = -1;
+    Py_DECREF(key);
+    return rc;
 }
 
 static PyObject *verify_files(PyObject *self, PyObject *args)
@@ -1005,9 +991,9 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
     Py_ssize_t i, off, bad = -1;
     char cur[4097], path[4097];
     Py_ssize_t cur_n = -1;
-    struct ino_set seen = {NULL, 0, 0};
+    PyObject *linked;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iy*", &root_fd, &recs))
+    if (!PyArg_ParseTuple(args, "iy*O!", &root_fd, &recs, &PySet_Type, &linked))
         return NULL;
     for (i = 0, off = 0; off < recs.len; i++) {
         const char *name, *base;
@@ -1080,20 +1066,20 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
             bad = i;
             break;
         }
-        rc = ino_insert(&seen, (uint64_t)st.st_dev, (uint64_t)st.st_ino);
+        if (st.st_nlink < 2)
+            continue;
+        rc = linked_insert(linked, (uint64_t)st.st_dev, (uint64_t)st.st_ino);
         if (rc != 0) {
             if (rc < 0) {
-                free(seen.slots);
                 if (dir_fd >= 0)
                     close(dir_fd);
                 PyBuffer_Release(&recs);
-                return PyErr_NoMemory();
+                return NULL;
             }
             bad = i;
             break;
         }
     }
-    free(seen.slots);
     if (dir_fd >= 0)
         close(dir_fd);
     PyBuffer_Release(&recs);
@@ -1110,7 +1096,7 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
  * the common case only: a file name that is printable ASCII without '"', '\\', '<', '>', '&',
  * already clean after a leading "./" (relative, no empty, "." or ".." component, no trailing
  * '/') and whose clean form is not in *seen*
- * (the set of hash() of the names so far, which this call extends; *records* gets a record --
+ * (the packer's duplicate-path table, see seen_add, which this call extends; *records* gets a record --
  * size, name length, name -- of each file with data).  It stops before the first frame it does not handle this way -- and before a file whose
  * CRC frame is not buffered yet -- and the Python packer takes that frame.  Call it only when the
  * packer has no file waiting for its CRC. */
@@ -1164,6 +1150,90 @@ static int put_num(PyObject **out, Py_ssize_t *used, unsigned long long v)
     return put(out, used, tmp, n);
 }
 
+/* ---- the duplicate-path rule's table -----------------------------------------------------------
+ *
+ * A bytearray the packer keeps: a u64 count, then a power-of-two number of u64 slots, each the
+ * 64-bit FNV-1a hash of a clean path seen so far (0: an empty slot; a hash of 0 is kept as 1),
+ * found by linear probing and grown at 3/4 full: 16 bytes per path at most, flat in Python
+ * objects.  A collision (~1e-8 for a million paths) only costs a false "appears twice", i.e. a
+ * layer diffed without its tar-split metadata. */
+static uint64_t path_hash(const unsigned char *s, Py_ssize_t n)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        h ^= s[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h ? h : 1;
+}
+
+static void table_put(uint64_t *slots, uint64_t cap, uint64_t h)
+{
+    uint64_t i = (h ^ (h >> 29)) & (cap - 1);
+    while (slots[i])
+        i = (i + 1) & (cap - 1);
+    slots[i] = h;
+}
+
+/* 1: *h* is new (added), 0: seen before, -1: error (exception set). */
+static int seen_insert(PyObject *table, uint64_t h)
+{
+    uint64_t used, cap, i, *slots;
+    Py_ssize_t len = PyByteArray_GET_SIZE(table);
+    if (len < 16) {
+        if (PyByteArray_Resize(table, 8 + 1024 * 8) < 0)
+            return -1;
+        memset(PyByteArray_AS_STRING(table), 0, 8 + 1024 * 8);
+        len = PyByteArray_GET_SIZE(table);
+    }
+    memcpy(&used, PyByteArray_AS_STRING(table), 8);
+    cap = (uint64_t)(len - 8) / 8;
+    slots = (uint64_t *)(void *)(PyByteArray_AS_STRING(table) + 8);
+    for (i = (h ^ (h >> 29)) & (cap - 1); slots[i]; i = (i + 1) & (cap - 1))
+        if (slots[i] == h)
+            return 0;
+    if ((used + 1) * 4 > cap * 3) {
+        uint64_t ncap = cap * 2, k, *old = malloc((size_t)cap * 8);
+        if (old == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(old, slots, (size_t)cap * 8);
+        if (PyByteArray_Resize(table, (Py_ssize_t)(8 + ncap * 8)) < 0) {
+            free(old);
+            return -1;
+        }
+        slots = (uint64_t *)(void *)(PyByteArray_AS_STRING(table) + 8);
+        memset(slots, 0, (size_t)ncap * 8);
+        for (k = 0; k < cap; k++)
+            if (old[k])
+                table_put(slots, ncap, old[k]);
+        free(old);
+        cap = ncap;
+    }
+    table_put(slots, cap, h);
+    used++;
+    memcpy(PyByteArray_AS_STRING(table), &used, 8);
+    return 1;
+}
+
+/* seen_add(table, key) -> bool: True when the clean path *key* was not in the table (added). */
+static PyObject *seen_add(PyObject *self, PyObject *args)
+{
+    PyObject *table;
+    Py_buffer key;
+    int rc;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!y*", &PyByteArray_Type, &table, &key))
+        return NULL;
+    rc = seen_insert(table, path_hash((const unsigned char *)key.buf, key.len));
+    PyBuffer_Release(&key);
+    if (rc < 0)
+        return NULL;
+    return PyBool_FromLong(rc);
+}
+
 /* Printable ASCII that Go's JSON encoder writes as it is, and already what filepath.Clean gives:
  * relative, no empty, "." or ".." component, no trailing '/'. */
 static int plain_clean_name(const unsigned char *s, Py_ssize_t n)
@@ -1195,8 +1265,8 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
     PyObject *seen, *records, *lines, *result;
     const unsigned char *buf;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*nnKO!O!", &view, &start, &end, &position, &PySet_Type, &seen,
-                          &PyByteArray_Type, &records))
+    if (!PyArg_ParseTuple(args, "y*nnKO!O!", &view, &start, &end, &position, &PyByteArray_Type,
+                          &seen, &PyByteArray_Type, &records))
         return NULL;
     if (start < 0 || end > view.len || start > end) {
         PyBuffer_Release(&view);
@@ -1240,7 +1310,6 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
             uint32_t key_off;
             Py_ssize_t key_n;
             uint64_t crc_value = 0;
-            PyObject *key;
             if (end - p < 21)
                 break;
             memcpy(&name_n, buf + p + 1, 4);
@@ -1272,31 +1341,11 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
                     after += 9;
                 }
             }
-            {
-                PyObject *key_bytes = PyBytes_FromStringAndSize((const char *)name + key_off, key_n);
-                Py_hash_t h;
-                if (key_bytes == NULL)
-                    goto fail;
-                h = PyObject_Hash(key_bytes); /* what hash() gives the Python packer's key */
-                Py_DECREF(key_bytes);
-                if (h == -1 && PyErr_Occurred())
-                    goto fail;
-                key = PyLong_FromSsize_t(h);
-                if (key == NULL)
-                    goto fail;
-            }
-            rc = PySet_Contains(seen, key);
-            if (rc != 0) { /* a duplicate (or an error): the Python packer says so */
-                Py_DECREF(key);
-                if (rc < 0)
-                    goto fail;
-                break;
-            }
-            if (PySet_Add(seen, key) < 0) {
-                Py_DECREF(key);
+            rc = seen_insert(seen, path_hash(name + key_off, key_n));
+            if (rc < 0)
                 goto fail;
-            }
-            Py_DECREF(key);
+            if (rc == 0) /* a duplicate: the Python packer says so */
+                break;
             if (size > 0) { /* a record for the check after the apply: size, name length, name */
                 Py_ssize_t at = PyByteArray_GET_SIZE(records);
                 uint64_t sz = (uint64_t)size;
@@ -1359,6 +1408,7 @@ static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS, "Create, fill and finish one regular file."},
     {"files", files, METH_VARARGS, "Apply a run of plain regular files (see the comment)."},
     {"pack_frames", pack_frames, METH_VARARGS, "Recorder frames to tar-split lines (common case)."},
+    {"seen_add", seen_add, METH_VARARGS, "Add a clean path to a duplicate-path table (True: new)."},
     {"verify_files", verify_files, METH_VARARGS, "Check recorded files after an apply (-1: all good)."},
     {NULL, NULL, 0, NULL},
 };

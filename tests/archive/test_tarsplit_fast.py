@@ -289,3 +289,35 @@ def test_packer_without_crcs_falls_back_to_reading_files(tmp_path: Path) -> None
     finally:
         os.close(raw_fd)
     assert not rec.reproducible and "more than one archive" in str(rec.reason)
+
+
+def test_file_records_spill_and_are_checked_across_chunks(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The records of the files to check go to an unnamed file every _SPILL bytes (memory flat
+    in entries); the check reads them back chunk by chunk and still finds two entries that are
+    one inode (a hard link) in different chunks."""
+    monkeypatch.setattr(ts, "_SPILL", 64)
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    names = [f"d/file{i:03d}".encode() for i in range(40)]
+    (layer / "d").mkdir()
+    for n in names:
+        (layer / n.decode()).write_bytes(b"abc")
+    dir_fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        packer = ts.TarSplitPacker(io.BytesIO(), spill_dir_fd=dir_fd)  # type: ignore[arg-type]
+        for n in names:
+            packer.file(n, 3, 7)
+        assert packer._spilled and len(packer._spilled) > 2
+        assert [name for name, _ in packer.files] == names
+        assert os.listdir(layer) == ["d"]  # the spill file has no name
+        assert ts.verify_packed(dir_fd, packer) is None
+        # the last name becomes a hard link to the first: one inode, chunks apart
+        os.unlink(layer / names[-1].decode())
+        os.link(layer / names[0].decode(), layer / names[-1].decode())
+        why = ts.verify_packed(dir_fd, packer)
+        assert why is not None and "same file" in why, why
+        packer.release()
+        assert packer._spill_fd == -1
+    finally:
+        os.close(dir_fd)

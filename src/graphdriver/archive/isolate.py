@@ -147,7 +147,9 @@ def open_child_packer(ctx: ChildContext) -> TarSplitPacker | None:
     from .tarsplit import METADATA_LEVEL, TarSplitPacker
 
     out = io.FileIO(ctx.packer_fd, "wb", closefd=True)
-    return TarSplitPacker(out, compress=True, level=METADATA_LEVEL)  # type: ignore[arg-type]
+    # the records of the files to check spill to an unnamed file beside the layer's own
+    return TarSplitPacker(out, compress=True, level=METADATA_LEVEL,  # type: ignore[arg-type]
+                          spill_dir_fd=ctx.target_fd)
 
 
 def packer_summary(packer: TarSplitPacker | None, ctx: ChildContext) -> dict[str, Any]:
@@ -156,7 +158,10 @@ def packer_summary(packer: TarSplitPacker | None, ctx: ChildContext) -> dict[str
     if packer is None:
         return {}
     packer.close()
-    return {"recording": packer.summary(ctx.target_fd)}
+    try:
+        return {"recording": packer.summary(ctx.target_fd)}
+    finally:
+        packer.release()
 
 
 def apply_job(ctx: ChildContext) -> JobBody:

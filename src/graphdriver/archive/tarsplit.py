@@ -62,6 +62,7 @@ UNREPRODUCIBLE_NAME = "tar-split.unreproducible"
 METADATA_LEVEL = 1
 
 _COPY = 1 << 20
+_SPILL = 1 << 20  # bytes of file records kept in memory before they go to the spill file
 _MAX_LINE = 64 << 20  # a segment line: the reader flushes at most ~1 MiB of raw bytes at once
 
 
@@ -195,6 +196,10 @@ def open_metadata(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 
 # ----- writing ------------------------------------------------------------------------------
 
+_fastapply = native_module("_fastapply")
+#: the duplicate-path table's native insert (TarSplitPacker._first_time), if built
+_seen_add: Callable[[bytearray, bytes], bool] | None = _fastapply.seen_add if _fastapply else None
+
 
 _FILE_RECORD = struct.Struct("<QI")  # a file entry's size and name length (_fastapply.c too)
 
@@ -211,13 +216,15 @@ class TarSplitPacker:
     lists (name, size) of the file entries with data, for the check after an apply.
     """
 
-    def __init__(self, out: BinaryIO, compress: bool = False, level: int = 1) -> None:
+    def __init__(self, out: BinaryIO, compress: bool = False, level: int = 1,
+                 spill_dir_fd: int | None = None) -> None:
         self._out = out
         self._pos = 0
-        # hash() of each clean path so far (duplicate rule); a 64-bit hash, not the names: ~25
-        # MB less for 100k entries, and a collision (~1e-10) only costs a false "appears twice",
-        # i.e. a layer diffed without its tar-split metadata
-        self._seen: set[int] = set()
+        # a 64-bit hash of each clean path so far (duplicate rule), not the names: natively a
+        # flat table (_fastapply.seen_add, <= 16 bytes a path), else a set of hash(); a
+        # collision only costs a false "appears twice", i.e. a layer diffed without its
+        # tar-split metadata
+        self._seen: bytearray | set[int] = bytearray() if _seen_add is not None else set()
         self._pending: Entry | None = None
         self._crc: int | None = None
         self._buf = bytearray()
@@ -229,8 +236,13 @@ class TarSplitPacker:
         self.bytes_described = 0
         self.missing = 0
         # the file entries with data, for the check after an apply: records of _FILE_RECORD
-        # (size, name length) and the name, in one buffer (a list of tuples cost ~200 B each)
+        # (size, name length) and the name, in one buffer (a list of tuples cost ~200 B each);
+        # with *spill_dir_fd*, every _SPILL bytes of them go to an unnamed file made there
+        # (O_TMPFILE), so that memory stays flat in entries
         self.file_records = bytearray()
+        self._spill_dir_fd = spill_dir_fd
+        self._spill_fd = -1
+        self._spilled: list[int] = []  # sizes of the chunks in the spill file, in order
 
     @property
     def lines(self) -> int:
@@ -276,13 +288,52 @@ class TarSplitPacker:
             if len(b) >= _COPY:
                 self._drain()
 
+    def _first_time(self, key: bytes) -> bool:
+        """Whether the clean path *key* is new (the duplicate rule); remembers it."""
+        seen = self._seen
+        if isinstance(seen, bytearray):
+            return bool(_seen_add(seen, key))  # type: ignore[misc]
+        h = hash(key)
+        if h in seen:
+            return False
+        seen.add(h)
+        return True
+
+    def _spill(self) -> None:
+        """Move the file records to the spill file once they are big (see __init__)."""
+        recs = self.file_records
+        if len(recs) < _SPILL or self._spill_dir_fd is None:
+            return
+        try:
+            if self._spill_fd < 0:
+                self._spill_fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                                         dir_fd=self._spill_dir_fd)
+            done = 0
+            with memoryview(recs) as view:
+                while done < len(recs):
+                    done += os.write(self._spill_fd, view[done:])
+        except OSError as exc:
+            log.debug("tar-split: keeping the file records in memory (%s)", exc)
+            self._spill_dir_fd = None
+            return
+        self._spilled.append(len(recs))
+        recs.clear()
+
+    def record_chunks(self) -> Iterator[bytes | bytearray]:
+        """The file records (see ``file_records``) in order, spilled chunks first."""
+        off = 0
+        for size in self._spilled:
+            chunk = os.pread(self._spill_fd, size, off)
+            if len(chunk) != size:
+                raise StoreCorrupt("tar-split: the spilled file records are short")
+            off += size
+            yield chunk
+        yield self.file_records
+
     def file(self, name: bytes, size: int, payload_crc64: int | None) -> None:
         self._flush_pending()
-        key = clean_path(name)
-        h = hash(key)
-        if h in self._seen and self.problem is None:
+        if not self._first_time(clean_path(name)) and self.problem is None:
             self.problem = f"path {name.decode('utf-8', 'replace')!r} appears twice in the archive"
-        self._seen.add(h)
         self.bytes_described += size
         e = Entry(FILE_TYPE, bytes(name), size)
         if size <= 0:
@@ -290,6 +341,7 @@ class TarSplitPacker:
             return
         self.file_records += _FILE_RECORD.pack(size, len(e.name))
         self.file_records += e.name
+        self._spill()
         if payload_crc64 is not None:
             e.payload = crc_bytes(payload_crc64)
             self._emit(e)
@@ -301,26 +353,27 @@ class TarSplitPacker:
     def files(self) -> list[tuple[bytes, int]]:
         """(name, size) of the file entries with data, in archive order."""
         out: list[tuple[bytes, int]] = []
-        recs = self.file_records
-        pos, n, head = 0, len(recs), _FILE_RECORD.size
-        while pos < n:
-            size, length = _FILE_RECORD.unpack_from(recs, pos)
-            pos += head
-            out.append((bytes(recs[pos : pos + length]), size))
-            pos += length
+        for recs in self.record_chunks():
+            pos, n, head = 0, len(recs), _FILE_RECORD.size
+            while pos < n:
+                size, length = _FILE_RECORD.unpack_from(recs, pos)
+                pos += head
+                out.append((bytes(recs[pos : pos + length]), size))
+                pos += length
         return out
 
     def take_frames(self, buf: bytearray, start: int, end: int) -> int:
         """Turn the common-case recorder frames of a confined child (recframes.py) found
         in ``buf[start:end]`` into lines natively; returns how many bytes it took (0: the next
         frame is for the Python methods above).  Same lines as those methods write."""
-        if self._pending is not None or _native_pack is None:
+        if self._pending is not None or _native_pack is None or isinstance(self._seen, set):
             return 0
         took, lines, self._pos, described, missing = _native_pack(
             buf, start, end, self._pos, self._seen, self.file_records)
         if took:
             self.bytes_described += described
             self.missing += missing
+            self._spill()
             if len(lines) >= _COPY:  # a big batch goes out as it is, without a copy
                 self._drain()
                 out = self._z.compress(lines) if self._z is not None else lines
@@ -377,6 +430,13 @@ class TarSplitPacker:
             self._out.write(self._z.flush())
             self._z = None
         self._out.flush()
+
+    def release(self) -> None:
+        """Drop the spill file (after the check; the records are gone then)."""
+        if self._spill_fd >= 0:
+            os.close(self._spill_fd)
+            self._spill_fd = -1
+            self._spilled.clear()
 
 
 class PackedElsewhere:
@@ -471,17 +531,20 @@ def _file_crc(root_fd: int, name: bytes, size: int,
         os.close(fd)
 
 
-_fastapply = native_module("_fastapply")
 # the native line maker for the apply child's frames (TarSplitPacker.take_frames), if built
 _native_pack: Callable[..., tuple[int, bytes, int, int, int]] | None = (
     _fastapply.pack_frames if _fastapply else None)
 
 
 def verify_packed(root_fd: int, packer: TarSplitPacker) -> str | None:
-    """_verify_files for what *packer* recorded: natively when built (~1 system call per file);
-    anything not plainly right is looked at, and told, the Python way."""
-    if _fastapply is not None and _fastapply.verify_files(root_fd, packer.file_records) == -1:
-        return None
+    """_verify_files for what *packer* recorded: natively when built (~1 system call per file,
+    chunk by chunk of the records); anything not plainly right is looked at, and told, the
+    Python way."""
+    if _fastapply is not None:
+        linked: set[int] = set()  # inodes with more than one link, across the chunks
+        if all(_fastapply.verify_files(root_fd, chunk, linked) == -1
+               for chunk in packer.record_chunks()):
+            return None
     return _verify_files(root_fd, packer.files)
 
 
