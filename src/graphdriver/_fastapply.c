@@ -1095,9 +1095,8 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
  * tar-split JSON lines exactly as TarSplitPacker's segment/file/file_done calls write them, for
  * the common case only: a file name that is printable ASCII without '"', '\\', '<', '>', '&',
  * already clean after a leading "./" (relative, no empty, "." or ".." component, no trailing
- * '/') and whose clean form is not in *seen*
- * (the packer's duplicate-path table, see seen_add, which this call extends; *records* gets a record --
- * size, name length, name -- of each file with data).  It stops before the first frame it does not handle this way -- and before a file whose
+ * '/') (the hash of its clean form is appended to *seen*, see first_duplicate; *records* gets
+ * a record -- size, name length, name -- of each file with data).  It stops before the first frame it does not handle this way -- and before a file whose
  * CRC frame is not buffered yet -- and the Python packer takes that frame.  Call it only when the
  * packer has no file waiting for its CRC. */
 static const char b64chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -1150,14 +1149,13 @@ static int put_num(PyObject **out, Py_ssize_t *used, unsigned long long v)
     return put(out, used, tmp, n);
 }
 
-/* ---- the duplicate-path rule's table -----------------------------------------------------------
+/* ---- the duplicate-path rule ------------------------------------------------------------------
  *
- * A bytearray the packer keeps: a u64 count, then a power-of-two number of u64 slots, each the
- * 64-bit FNV-1a hash of a clean path seen so far (0: an empty slot; a hash of 0 is kept as 1),
- * found by linear probing and grown at 3/4 full: 16 bytes per path at most, flat in Python
- * objects.  A collision (~1e-8 for a million paths) only costs a false "appears twice", i.e. a
- * layer diffed without its tar-split metadata. */
-static uint64_t path_hash(const unsigned char *s, Py_ssize_t n)
+ * The packer keeps the 64-bit FNV-1a hash of every clean path, in archive order, in a bytearray
+ * (8 bytes a path, grown in place: no table, no second copy while it grows); when the recording
+ * ends, first_duplicate sorts them and looks for two alike.  A collision (~1e-8 for a million
+ * paths) only costs a false "appears twice", i.e. a layer diffed without its tar-split metadata. */
+static uint64_t fnv1a(const unsigned char *s, Py_ssize_t n)
 {
     uint64_t h = 0xcbf29ce484222325ULL;
     Py_ssize_t i;
@@ -1165,73 +1163,58 @@ static uint64_t path_hash(const unsigned char *s, Py_ssize_t n)
         h ^= s[i];
         h *= 0x100000001b3ULL;
     }
-    return h ? h : 1;
+    return h;
 }
 
-static void table_put(uint64_t *slots, uint64_t cap, uint64_t h)
+static int append_hash(PyObject *hashes, uint64_t h)
 {
-    uint64_t i = (h ^ (h >> 29)) & (cap - 1);
-    while (slots[i])
-        i = (i + 1) & (cap - 1);
-    slots[i] = h;
+    Py_ssize_t at = PyByteArray_GET_SIZE(hashes);
+    if (PyByteArray_Resize(hashes, at + 8) < 0)
+        return -1;
+    memcpy(PyByteArray_AS_STRING(hashes) + at, &h, 8);
+    return 0;
 }
 
-/* 1: *h* is new (added), 0: seen before, -1: error (exception set). */
-static int seen_insert(PyObject *table, uint64_t h)
+/* path_hash(key) -> int: the hash the duplicate-path rule keeps of a clean path. */
+static PyObject *path_hash(PyObject *self, PyObject *args)
 {
-    uint64_t used, cap, i, *slots;
-    Py_ssize_t len = PyByteArray_GET_SIZE(table);
-    if (len < 16) {
-        if (PyByteArray_Resize(table, 8 + 1024 * 8) < 0)
-            return -1;
-        memset(PyByteArray_AS_STRING(table), 0, 8 + 1024 * 8);
-        len = PyByteArray_GET_SIZE(table);
-    }
-    memcpy(&used, PyByteArray_AS_STRING(table), 8);
-    cap = (uint64_t)(len - 8) / 8;
-    slots = (uint64_t *)(void *)(PyByteArray_AS_STRING(table) + 8);
-    for (i = (h ^ (h >> 29)) & (cap - 1); slots[i]; i = (i + 1) & (cap - 1))
-        if (slots[i] == h)
-            return 0;
-    if ((used + 1) * 4 > cap * 3) {
-        uint64_t ncap = cap * 2, k, *old = malloc((size_t)cap * 8);
-        if (old == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        memcpy(old, slots, (size_t)cap * 8);
-        if (PyByteArray_Resize(table, (Py_ssize_t)(8 + ncap * 8)) < 0) {
-            free(old);
-            return -1;
-        }
-        slots = (uint64_t *)(void *)(PyByteArray_AS_STRING(table) + 8);
-        memset(slots, 0, (size_t)ncap * 8);
-        for (k = 0; k < cap; k++)
-            if (old[k])
-                table_put(slots, ncap, old[k]);
-        free(old);
-        cap = ncap;
-    }
-    table_put(slots, cap, h);
-    used++;
-    memcpy(PyByteArray_AS_STRING(table), &used, 8);
-    return 1;
-}
-
-/* seen_add(table, key) -> bool: True when the clean path *key* was not in the table (added). */
-static PyObject *seen_add(PyObject *self, PyObject *args)
-{
-    PyObject *table;
     Py_buffer key;
-    int rc;
+    uint64_t h;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!y*", &PyByteArray_Type, &table, &key))
+    if (!PyArg_ParseTuple(args, "y*", &key))
         return NULL;
-    rc = seen_insert(table, path_hash((const unsigned char *)key.buf, key.len));
+    h = fnv1a((const unsigned char *)key.buf, key.len);
     PyBuffer_Release(&key);
-    if (rc < 0)
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x, y;
+    memcpy(&x, a, 8);
+    memcpy(&y, b, 8);
+    return x < y ? -1 : x > y;
+}
+
+/* first_duplicate(hashes) -> int | None: sorts the hashes (in place) and returns one that occurs
+ * twice, or None. */
+static PyObject *first_duplicate(PyObject *self, PyObject *args)
+{
+    PyObject *hashes;
+    size_t n, i;
+    uint64_t *v;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!", &PyByteArray_Type, &hashes))
         return NULL;
-    return PyBool_FromLong(rc);
+    n = (size_t)PyByteArray_GET_SIZE(hashes) / 8;
+    v = (uint64_t *)(void *)PyByteArray_AS_STRING(hashes);
+    Py_BEGIN_ALLOW_THREADS
+    qsort(v, n, 8, cmp_u64);
+    Py_END_ALLOW_THREADS
+    for (i = 1; i < n; i++)
+        if (v[i] == v[i - 1])
+            return PyLong_FromUnsignedLongLong(v[i]);
+    Py_RETURN_NONE;
 }
 
 /* Printable ASCII that Go's JSON encoder writes as it is, and already what filepath.Clean gives:
@@ -1306,7 +1289,7 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
             int64_t crc;
             Py_ssize_t total, after;
             const unsigned char *name;
-            int have_crc = 0, rc;
+            int have_crc = 0;
             uint32_t key_off;
             Py_ssize_t key_n;
             uint64_t crc_value = 0;
@@ -1341,11 +1324,8 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
                     after += 9;
                 }
             }
-            rc = seen_insert(seen, path_hash(name + key_off, key_n));
-            if (rc < 0)
+            if (append_hash(seen, fnv1a(name + key_off, key_n)) < 0)
                 goto fail;
-            if (rc == 0) /* a duplicate: the Python packer says so */
-                break;
             if (size > 0) { /* a record for the check after the apply: size, name length, name */
                 Py_ssize_t at = PyByteArray_GET_SIZE(records);
                 uint64_t sz = (uint64_t)size;
@@ -1408,7 +1388,8 @@ static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS, "Create, fill and finish one regular file."},
     {"files", files, METH_VARARGS, "Apply a run of plain regular files (see the comment)."},
     {"pack_frames", pack_frames, METH_VARARGS, "Recorder frames to tar-split lines (common case)."},
-    {"seen_add", seen_add, METH_VARARGS, "Add a clean path to a duplicate-path table (True: new)."},
+    {"path_hash", path_hash, METH_VARARGS, "The duplicate-path rule's hash of a clean path."},
+    {"first_duplicate", first_duplicate, METH_VARARGS, "Sort path hashes; one seen twice, or None."},
     {"verify_files", verify_files, METH_VARARGS, "Check recorded files after an apply (-1: all good)."},
     {NULL, NULL, 0, NULL},
 };

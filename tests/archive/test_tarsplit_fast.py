@@ -308,7 +308,7 @@ def test_file_records_spill_and_are_checked_across_chunks(tmp_path: Path,
         packer = ts.TarSplitPacker(io.BytesIO(), spill_dir_fd=dir_fd)  # type: ignore[arg-type]
         for n in names:
             packer.file(n, 3, 7)
-        assert packer._spilled and len(packer._spilled) > 2
+        assert len(packer._records._sizes) > 2
         assert [name for name, _ in packer.files] == names
         assert os.listdir(layer) == ["d"]  # the spill file has no name
         assert ts.verify_packed(dir_fd, packer) is None
@@ -318,6 +318,32 @@ def test_file_records_spill_and_are_checked_across_chunks(tmp_path: Path,
         why = ts.verify_packed(dir_fd, packer)
         assert why is not None and "same file" in why, why
         packer.release()
-        assert packer._spill_fd == -1
+        assert packer._records._fd == -1
     finally:
         os.close(dir_fd)
+
+
+def test_duplicate_found_across_spilled_hashes(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The duplicate rule's hashes spill too; the path that appears twice is still found (and
+    named, from the lines read back) when the recording ends."""
+    monkeypatch.setattr(ts, "_SPILL", 64)
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        # the second time in another sorted run (merged at the end), in the same run (found
+        # when that run is sorted), in the part still in memory
+        for compress, count, again in ((False, 40, 3), (True, 40, 3), (True, 5, 2),
+                                       (False, 3, 0)):
+            packer = ts.TarSplitPacker(io.BytesIO(), compress=compress,  # type: ignore[arg-type]
+                                       spill_dir_fd=dir_fd)
+            for i in range(count):
+                packer.file(b"d/f%d" % i, 3, 7)
+            packer.file(b"./d//f%d" % again, 0, None)
+            for i in range(20):
+                packer.file(b"e/%d" % i, 1, 1)
+            packer.close()
+            assert packer.problem == f"path './d//f{again}' appears twice in the archive", count
+            packer.release()
+    finally:
+        os.close(dir_fd)
+    assert os.listdir(tmp_path) == []

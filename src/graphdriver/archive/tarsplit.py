@@ -28,11 +28,14 @@ falls back to the normal one.
 
 from __future__ import annotations
 
+import array
 import base64
 import binascii
 import contextlib
 import gzip
+import heapq
 import io
+import itertools
 import json
 import logging
 import os
@@ -63,6 +66,7 @@ METADATA_LEVEL = 1
 
 _COPY = 1 << 20
 _SPILL = 1 << 20  # bytes of file records kept in memory before they go to the spill file
+_RUN_READ = 64 << 10  # bytes read at a time from each sorted run of spilled hashes
 _MAX_LINE = 64 << 20  # a segment line: the reader flushes at most ~1 MiB of raw bytes at once
 
 
@@ -197,8 +201,11 @@ def open_metadata(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 # ----- writing ------------------------------------------------------------------------------
 
 _fastapply = native_module("_fastapply")
-#: the duplicate-path table's native insert (TarSplitPacker._first_time), if built
-_seen_add: Callable[[bytearray, bytes], bool] | None = _fastapply.seen_add if _fastapply else None
+#: the duplicate rule's native hash of a clean path and its check (TarSplitPacker), if built
+_path_hash: Callable[[bytes], int] | None = _fastapply.path_hash if _fastapply else None
+_first_duplicate: Callable[[bytearray], int | None] | None = (
+    _fastapply.first_duplicate if _fastapply else None)
+_U64 = struct.Struct("<Q")
 
 
 _FILE_RECORD = struct.Struct("<QI")  # a file entry's size and name length (_fastapply.c too)
@@ -220,11 +227,13 @@ class TarSplitPacker:
                  spill_dir_fd: int | None = None) -> None:
         self._out = out
         self._pos = 0
-        # a 64-bit hash of each clean path so far (duplicate rule), not the names: natively a
-        # flat table (_fastapply.seen_add, <= 16 bytes a path), else a set of hash(); a
+        # a 64-bit hash of each clean path so far (duplicate rule), not the names: natively 8
+        # bytes a path in one flat array, looked through once when the recording ends
+        # (_fastapply.first_duplicate); else a set of hash(), checked as the paths come.  A
         # collision only costs a false "appears twice", i.e. a layer diffed without its
         # tar-split metadata
-        self._seen: bytearray | set[int] = bytearray() if _seen_add is not None else set()
+        self._hashes = _SpillBuffer(spill_dir_fd, sorted_runs=True) if _path_hash else None
+        self._seen: set[int] = set()
         self._pending: Entry | None = None
         self._crc: int | None = None
         self._buf = bytearray()
@@ -237,12 +246,9 @@ class TarSplitPacker:
         self.missing = 0
         # the file entries with data, for the check after an apply: records of _FILE_RECORD
         # (size, name length) and the name, in one buffer (a list of tuples cost ~200 B each);
-        # with *spill_dir_fd*, every _SPILL bytes of them go to an unnamed file made there
-        # (O_TMPFILE), so that memory stays flat in entries
-        self.file_records = bytearray()
-        self._spill_dir_fd = spill_dir_fd
-        self._spill_fd = -1
-        self._spilled: list[int] = []  # sizes of the chunks in the spill file, in order
+        # with *spill_dir_fd*, they and the hashes above go to unnamed files made there
+        # (O_TMPFILE) every _SPILL bytes, so that memory stays flat in entries
+        self._records = _SpillBuffer(spill_dir_fd)
 
     @property
     def lines(self) -> int:
@@ -288,47 +294,87 @@ class TarSplitPacker:
             if len(b) >= _COPY:
                 self._drain()
 
+    @property
+    def file_records(self) -> bytearray:
+        """The file records not spilled yet (see __init__); :meth:`record_chunks` has all."""
+        return self._records.buf
+
     def _first_time(self, key: bytes) -> bool:
-        """Whether the clean path *key* is new (the duplicate rule); remembers it."""
-        seen = self._seen
-        if isinstance(seen, bytearray):
-            return bool(_seen_add(seen, key))  # type: ignore[misc]
+        """Whether the clean path *key* is new (the duplicate rule) as far as known now (the
+        native way finds out at :meth:`close`); remembers it."""
+        if self._hashes is not None:
+            self._hashes.buf += _U64.pack(_path_hash(key))  # type: ignore[misc]
+            self._hashes.spill()
+            return True
         h = hash(key)
-        if h in seen:
+        if h in self._seen:
             return False
-        seen.add(h)
+        self._seen.add(h)
         return True
 
-    def _spill(self) -> None:
-        """Move the file records to the spill file once they are big (see __init__)."""
-        recs = self.file_records
-        if len(recs) < _SPILL or self._spill_dir_fd is None:
+    def _check_duplicates(self) -> None:
+        """The duplicate rule over the hashes kept natively (see __init__), once at the end."""
+        if self._hashes is None or self.problem is not None:
             return
+        dup = self._hashes.first_duplicate()
+        self._hashes.release()
+        if dup is not None:
+            name = self._written_name(dup)
+            shown = "a path" if name is None else f"path {name.decode('utf-8', 'replace')!r}"
+            self.problem = f"{shown} appears twice in the archive"
+
+    def _written_name(self, h: int) -> bytes | None:
+        """The name of the second file entry whose clean path hashes to *h*, read back from
+        the lines written (None when the output cannot be read back)."""
+        found = 0
+        for line in self._written_lines():
+            if not line.startswith(b'{"type":1,'):
+                continue
+            try:
+                e = decode_entry(line)
+            except InvalidArchive:
+                return None
+            if _path_hash(clean_path(e.name)) == h:  # type: ignore[misc]
+                found += 1
+                if found == 2:
+                    return e.name
+        return None
+
+    def _written_lines(self) -> Iterator[bytes]:
+        """The lines written so far, read back (streamed) from an output that can be read:
+        a file opened for reading too, or a BytesIO; nothing otherwise."""
+        chunks: Iterator[bytes]
+        if isinstance(self._out, io.BytesIO):
+            chunks = iter((self._out.getvalue(),))
+        else:
+            try:
+                fd = self._out.fileno()
+                os.pread(fd, 1, 0)
+            except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+                return
+
+            def read_all() -> Iterator[bytes]:
+                off = 0
+                while chunk := os.pread(fd, _COPY, off):
+                    off += len(chunk)
+                    yield chunk
+
+            chunks = read_all()
+        z = zlib.decompressobj(31) if self.compressed else None
+        rest = b""
         try:
-            if self._spill_fd < 0:
-                self._spill_fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
-                                         dir_fd=self._spill_dir_fd)
-            done = 0
-            with memoryview(recs) as view:
-                while done < len(recs):
-                    done += os.write(self._spill_fd, view[done:])
-        except OSError as exc:
-            log.debug("tar-split: keeping the file records in memory (%s)", exc)
-            self._spill_dir_fd = None
+            for chunk in chunks:
+                data = rest + (z.decompress(chunk) if z is not None else chunk)
+                *lines, rest = data.split(b"\n")
+                yield from lines
+        except zlib.error:
             return
-        self._spilled.append(len(recs))
-        recs.clear()
+        if rest:
+            yield rest
 
     def record_chunks(self) -> Iterator[bytes | bytearray]:
         """The file records (see ``file_records``) in order, spilled chunks first."""
-        off = 0
-        for size in self._spilled:
-            chunk = os.pread(self._spill_fd, size, off)
-            if len(chunk) != size:
-                raise StoreCorrupt("tar-split: the spilled file records are short")
-            off += size
-            yield chunk
-        yield self.file_records
+        return self._records.chunks()
 
     def file(self, name: bytes, size: int, payload_crc64: int | None) -> None:
         self._flush_pending()
@@ -339,9 +385,10 @@ class TarSplitPacker:
         if size <= 0:
             self._emit(e)
             return
-        self.file_records += _FILE_RECORD.pack(size, len(e.name))
-        self.file_records += e.name
-        self._spill()
+        recs = self._records
+        recs.buf += _FILE_RECORD.pack(size, len(e.name))
+        recs.buf += e.name
+        recs.spill()
         if payload_crc64 is not None:
             e.payload = crc_bytes(payload_crc64)
             self._emit(e)
@@ -366,14 +413,15 @@ class TarSplitPacker:
         """Turn the common-case recorder frames of a confined child (recframes.py) found
         in ``buf[start:end]`` into lines natively; returns how many bytes it took (0: the next
         frame is for the Python methods above).  Same lines as those methods write."""
-        if self._pending is not None or _native_pack is None or isinstance(self._seen, set):
+        if self._pending is not None or _native_pack is None or self._hashes is None:
             return 0
         took, lines, self._pos, described, missing = _native_pack(
-            buf, start, end, self._pos, self._seen, self.file_records)
+            buf, start, end, self._pos, self._hashes.buf, self._records.buf)
         if took:
             self.bytes_described += described
             self.missing += missing
-            self._spill()
+            self._records.spill()
+            self._hashes.spill()
             if len(lines) >= _COPY:  # a big batch goes out as it is, without a copy
                 self._drain()
                 out = self._z.compress(lines) if self._z is not None else lines
@@ -430,13 +478,98 @@ class TarSplitPacker:
             self._out.write(self._z.flush())
             self._z = None
         self._out.flush()
+        self._check_duplicates()  # after the flush: the lines can be read back for the name
 
     def release(self) -> None:
-        """Drop the spill file (after the check; the records are gone then)."""
-        if self._spill_fd >= 0:
-            os.close(self._spill_fd)
-            self._spill_fd = -1
-            self._spilled.clear()
+        """Drop the spilled records (after the check: they are gone then)."""
+        self._records.release()
+        if self._hashes is not None:
+            self._hashes.release()
+
+
+class _SpillBuffer:
+    """A byte buffer that only grows (records, hashes), moved to an unnamed file (O_TMPFILE)
+    made in *dir_fd* every _SPILL bytes; kept in memory without *dir_fd* or if that fails.
+
+    With *sorted_runs* it holds u64 path hashes, and each chunk is sorted before it goes, so
+    that :meth:`first_duplicate` merges the runs with a few small buffers instead of loading
+    them all."""
+
+    def __init__(self, dir_fd: int | None, sorted_runs: bool = False) -> None:
+        self.buf = bytearray()
+        self._dir_fd = dir_fd
+        self._fd = -1
+        self._sizes: list[int] = []  # sizes of the chunks in the file, in order
+        self._sorted = sorted_runs
+        self._duplicate: int | None = None  # found inside a chunk while sorting it
+
+    def spill(self) -> None:
+        """Move the buffer to the file if it is big."""
+        buf = self.buf
+        if len(buf) < _SPILL or self._dir_fd is None:
+            return
+        if self._sorted:
+            dup = _first_duplicate(buf)  # type: ignore[misc]
+            if self._duplicate is None:
+                self._duplicate = dup
+        try:
+            if self._fd < 0:
+                self._fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                                   dir_fd=self._dir_fd)
+            done = 0
+            with memoryview(buf) as view:
+                while done < len(buf):
+                    done += os.write(self._fd, view[done:])
+        except OSError as exc:
+            log.debug("tar-split: keeping the records in memory (%s)", exc)
+            self._dir_fd = None
+            return
+        self._sizes.append(len(buf))
+        buf.clear()
+
+    def chunks(self) -> Iterator[bytes | bytearray]:
+        """Everything in order, spilled chunks first."""
+        off = 0
+        for size in self._sizes:
+            chunk = os.pread(self._fd, size, off)
+            if len(chunk) != size:
+                raise StoreCorrupt("tar-split: a spill file is short")
+            off += size
+            yield chunk
+        yield self.buf
+
+    def first_duplicate(self) -> int | None:
+        """A u64 that occurs twice among all those held, or None (*sorted_runs* only)."""
+        dup = _first_duplicate(self.buf)  # type: ignore[misc]
+        if self._duplicate is not None or dup is not None or not self._sizes:
+            return self._duplicate if self._duplicate is not None else dup
+        runs = [self._run(off, size) for off, size in zip(
+            itertools.accumulate(self._sizes, initial=0), self._sizes, strict=False)]
+        runs.append(iter(array.array("Q", self.buf)))
+        prev = None
+        for h in heapq.merge(*runs):
+            if h == prev:
+                return h
+            prev = h
+        return None
+
+    def _run(self, off: int, size: int) -> Iterator[int]:
+        """The sorted u64s of the spilled chunk at *off*, read 64 KiB at a time."""
+        end = off + size
+        while off < end:
+            piece = os.pread(self._fd, min(_RUN_READ, end - off), off)
+            if not piece or len(piece) % 8:
+                raise StoreCorrupt("tar-split: a spill file is short")
+            off += len(piece)
+            yield from array.array("Q", piece)
+
+    def release(self) -> None:
+        """Drop the file and the buffer."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._sizes.clear()
+        self.buf.clear()
 
 
 class PackedElsewhere:
