@@ -1101,54 +1101,6 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
  * packer has no file waiting for its CRC. */
 static const char b64chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-static int put_b64(PyObject **out, Py_ssize_t *used, const unsigned char *p, Py_ssize_t n)
-{
-    Py_ssize_t need = (n + 2) / 3 * 4, i;
-    char *d;
-    if (*used + need > PyBytes_GET_SIZE(*out)) {
-        Py_ssize_t want = PyBytes_GET_SIZE(*out) * 2;
-        if (want < *used + need)
-            want = *used + need;
-        if (_PyBytes_Resize(out, want) < 0)
-            return -1;
-    }
-    d = PyBytes_AS_STRING(*out) + *used;
-    for (i = 0; i + 3 <= n; i += 3) {
-        unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8) | p[i + 2];
-        *d++ = b64chars[v >> 18];
-        *d++ = b64chars[(v >> 12) & 63];
-        *d++ = b64chars[(v >> 6) & 63];
-        *d++ = b64chars[v & 63];
-    }
-    if (n - i == 1) {
-        unsigned v = (unsigned)p[i] << 16;
-        *d++ = b64chars[v >> 18];
-        *d++ = b64chars[(v >> 12) & 63];
-        *d++ = '=';
-        *d++ = '=';
-    } else if (n - i == 2) {
-        unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8);
-        *d++ = b64chars[v >> 18];
-        *d++ = b64chars[(v >> 12) & 63];
-        *d++ = b64chars[(v >> 6) & 63];
-        *d++ = '=';
-    }
-    *used += need;
-    return 0;
-}
-
-static int put_str(PyObject **out, Py_ssize_t *used, const char *s)
-{
-    return put(out, used, s, (Py_ssize_t)strlen(s));
-}
-
-static int put_num(PyObject **out, Py_ssize_t *used, unsigned long long v)
-{
-    char tmp[24];
-    int n = snprintf(tmp, sizeof(tmp), "%llu", v);
-    return put(out, used, tmp, n);
-}
-
 /* ---- the duplicate-path rule ------------------------------------------------------------------
  *
  * The packer keeps the 64-bit FNV-1a hash of every clean path, in archive order, in a bytearray
@@ -1164,15 +1116,6 @@ static uint64_t fnv1a(const unsigned char *s, Py_ssize_t n)
         h *= 0x100000001b3ULL;
     }
     return h;
-}
-
-static int append_hash(PyObject *hashes, uint64_t h)
-{
-    Py_ssize_t at = PyByteArray_GET_SIZE(hashes);
-    if (PyByteArray_Resize(hashes, at + 8) < 0)
-        return -1;
-    memcpy(PyByteArray_AS_STRING(hashes) + at, &h, 8);
-    return 0;
 }
 
 /* path_hash(key) -> int: the hash the duplicate-path rule keeps of a clean path. */
@@ -1240,30 +1183,101 @@ static int plain_clean_name(const unsigned char *s, Py_ssize_t n)
     return 1;
 }
 
-static PyObject *pack_frames(PyObject *self, PyObject *args)
+/* A growing C buffer: pack_frames fills these without the GIL. */
+struct cbuf {
+    char *p;
+    size_t used, cap;
+};
+
+static int cb_put(struct cbuf *b, const void *data, size_t n)
 {
-    Py_buffer view;
-    Py_ssize_t start, end, p, used = 0;
-    unsigned long long position, described = 0, missing = 0;
-    PyObject *seen, *records, *lines, *result;
-    const unsigned char *buf;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "y*nnKO!O!", &view, &start, &end, &position, &PyByteArray_Type,
-                          &seen, &PyByteArray_Type, &records))
-        return NULL;
-    if (start < 0 || end > view.len || start > end) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "pack_frames: bad buffer bounds");
-        return NULL;
+    if (b->used + n > b->cap) {
+        size_t want = b->cap ? b->cap * 2 : 4096;
+        char *q;
+        while (want < b->used + n)
+            want *= 2;
+        q = realloc(b->p, want);
+        if (q == NULL)
+            return -1;
+        b->p = q;
+        b->cap = want;
     }
-    /* base64 makes 4 of 3; a line adds < 100 bytes to each ~1 KiB of frames */
-    lines = PyBytes_FromStringAndSize(NULL, (end - start) / 3 * 4 + (end - start) / 8 + 4096);
-    if (lines == NULL) {
-        PyBuffer_Release(&view);
-        return NULL;
+    memcpy(b->p + b->used, data, n);
+    b->used += n;
+    return 0;
+}
+
+static int cb_str(struct cbuf *b, const char *s)
+{
+    return cb_put(b, s, strlen(s));
+}
+
+static int cb_num(struct cbuf *b, unsigned long long v)
+{
+    char tmp[24];
+    int n = snprintf(tmp, sizeof(tmp), "%llu", v);
+    return cb_put(b, tmp, (size_t)n);
+}
+
+static int cb_b64(struct cbuf *b, const unsigned char *p, size_t n)
+{
+    size_t need = (n + 2) / 3 * 4, i;
+    char *d;
+    if (b->used + need > b->cap) {
+        size_t want = b->cap ? b->cap * 2 : 4096;
+        char *q;
+        while (want < b->used + need)
+            want *= 2;
+        q = realloc(b->p, want);
+        if (q == NULL)
+            return -1;
+        b->p = q;
+        b->cap = want;
     }
-    buf = (const unsigned char *)view.buf;
-    p = start;
+    d = b->p + b->used;
+    for (i = 0; i + 3 <= n; i += 3) {
+        unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8) | p[i + 2];
+        *d++ = b64chars[v >> 18];
+        *d++ = b64chars[(v >> 12) & 63];
+        *d++ = b64chars[(v >> 6) & 63];
+        *d++ = b64chars[v & 63];
+    }
+    if (n - i == 1) {
+        unsigned v = (unsigned)p[i] << 16;
+        *d++ = b64chars[v >> 18];
+        *d++ = b64chars[(v >> 12) & 63];
+        *d++ = '=';
+        *d++ = '=';
+    } else if (n - i == 2) {
+        unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8);
+        *d++ = b64chars[v >> 18];
+        *d++ = b64chars[(v >> 12) & 63];
+        *d++ = b64chars[(v >> 6) & 63];
+        *d++ = '=';
+    }
+    b->used += need;
+    return 0;
+}
+
+static int append_bytearray(PyObject *ba, const struct cbuf *b)
+{
+    Py_ssize_t at = PyByteArray_GET_SIZE(ba);
+    if (!b->used)
+        return 0;
+    if (PyByteArray_Resize(ba, at + (Py_ssize_t)b->used) < 0)
+        return -1;
+    memcpy(PyByteArray_AS_STRING(ba) + at, b->p, b->used);
+    return 0;
+}
+
+/* The loop of pack_frames, on C buffers only: runs without the GIL.  Returns where it stopped;
+ * *oom is set when an allocation failed. */
+static Py_ssize_t pack_loop(const unsigned char *buf, Py_ssize_t start, Py_ssize_t end,
+                            unsigned long long *position, unsigned long long *described,
+                            unsigned long long *missing, struct cbuf *lines,
+                            struct cbuf *hashes, struct cbuf *records, int *oom)
+{
+    Py_ssize_t p = start;
     while (p < end) {
         unsigned char kind = buf[p];
         if (kind == 'S') {
@@ -1274,25 +1288,22 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
             if ((Py_ssize_t)n > end - p - 5)
                 break;
             if (n) {
-                if (put_str(&lines, &used, "{\"type\":2,\"payload\":\"") < 0 ||
-                    put_b64(&lines, &used, buf + p + 5, (Py_ssize_t)n) < 0 ||
-                    put_str(&lines, &used, "\",\"position\":") < 0 ||
-                    put_num(&lines, &used, position) < 0 || put_str(&lines, &used, "}\n") < 0)
-                    goto fail;
-                position++;
-                described += n;
+                if (cb_str(lines, "{\"type\":2,\"payload\":\"") < 0 ||
+                    cb_b64(lines, buf + p + 5, n) < 0 ||
+                    cb_str(lines, "\",\"position\":") < 0 || cb_num(lines, *position) < 0 ||
+                    cb_str(lines, "}\n") < 0)
+                    goto oom;
+                (*position)++;
+                *described += n;
             }
             p += 5 + (Py_ssize_t)n;
         } else if (kind == 'F') {
-            uint32_t name_n;
-            uint64_t size;
+            uint32_t name_n, key_off;
+            uint64_t size, crc_value = 0, h;
             int64_t crc;
-            Py_ssize_t total, after;
+            Py_ssize_t total, after, key_n;
             const unsigned char *name;
             int have_crc = 0;
-            uint32_t key_off;
-            Py_ssize_t key_n;
-            uint64_t crc_value = 0;
             if (end - p < 21)
                 break;
             memcpy(&name_n, buf + p + 1, 4);
@@ -1307,8 +1318,7 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
             key_n = (Py_ssize_t)name_n - key_off;
             if (key_n > 1 && name[name_n - 1] == '/') /* a directory's trailing '/' goes too */
                 key_n--;
-            if (!plain_clean_name(name + key_off, key_n) ||
-                size > MAX_SIZE)
+            if (!plain_clean_name(name + key_off, key_n) || size > MAX_SIZE)
                 break;
             after = p + total;
             if (crc >= 0) {
@@ -1324,42 +1334,38 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
                     after += 9;
                 }
             }
-            if (append_hash(seen, fnv1a(name + key_off, key_n)) < 0)
-                goto fail;
+            h = fnv1a(name + key_off, key_n);
+            if (cb_put(hashes, &h, 8) < 0)
+                goto oom;
             if (size > 0) { /* a record for the check after the apply: size, name length, name */
-                Py_ssize_t at = PyByteArray_GET_SIZE(records);
-                uint64_t sz = (uint64_t)size;
-                if (PyByteArray_Resize(records, at + 12 + (Py_ssize_t)name_n) < 0)
-                    goto fail;
-                memcpy(PyByteArray_AS_STRING(records) + at, &sz, 8);
-                memcpy(PyByteArray_AS_STRING(records) + at + 8, &name_n, 4);
-                memcpy(PyByteArray_AS_STRING(records) + at + 12, name, name_n);
+                if (cb_put(records, &size, 8) < 0 || cb_put(records, &name_n, 4) < 0 ||
+                    cb_put(records, name, name_n) < 0)
+                    goto oom;
             }
-            described += size;
-            if (put_str(&lines, &used, "{\"type\":1,\"name\":\"") < 0 ||
-                put(&lines, &used, name, (Py_ssize_t)name_n) < 0 || put_str(&lines, &used, "\"") < 0)
-                goto fail;
-            if (size && (put_str(&lines, &used, ",\"size\":") < 0 ||
-                         put_num(&lines, &used, (unsigned long long)size) < 0))
-                goto fail;
+            *described += size;
+            if (cb_str(lines, "{\"type\":1,\"name\":\"") < 0 || cb_put(lines, name, name_n) < 0 ||
+                cb_str(lines, "\"") < 0)
+                goto oom;
+            if (size && (cb_str(lines, ",\"size\":") < 0 || cb_num(lines, size) < 0))
+                goto oom;
             if (have_crc && size > 0) { /* an empty file's payload is null, CRC or not */
                 unsigned char be[8];
                 int k;
                 for (k = 0; k < 8; k++)
                     be[k] = (unsigned char)(crc_value >> (56 - 8 * k));
-                if (put_str(&lines, &used, ",\"payload\":\"") < 0 ||
-                    put_b64(&lines, &used, be, 8) < 0 || put_str(&lines, &used, "\"") < 0)
-                    goto fail;
+                if (cb_str(lines, ",\"payload\":\"") < 0 || cb_b64(lines, be, 8) < 0 ||
+                    cb_str(lines, "\"") < 0)
+                    goto oom;
             } else {
-                if (put_str(&lines, &used, ",\"payload\":null") < 0)
-                    goto fail;
+                if (cb_str(lines, ",\"payload\":null") < 0)
+                    goto oom;
                 if (size > 0)
-                    missing++;
+                    (*missing)++;
             }
-            if (put_str(&lines, &used, ",\"position\":") < 0 ||
-                put_num(&lines, &used, position) < 0 || put_str(&lines, &used, "}\n") < 0)
-                goto fail;
-            position++;
+            if (cb_str(lines, ",\"position\":") < 0 || cb_num(lines, *position) < 0 ||
+                cb_str(lines, "}\n") < 0)
+                goto oom;
+            (*position)++;
             p = after;
         } else if (kind == 'C') {
             /* a CRC with no file waiting for it: the packer ignores it */
@@ -1370,17 +1376,50 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
             break; /* corrupt: the Python side reports it */
         }
     }
-    if (_PyBytes_Resize(&lines, used) < 0) {
+    return p;
+oom:
+    *oom = 1;
+    return p;
+}
+
+static PyObject *pack_frames(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t start, end, p;
+    unsigned long long position, described = 0, missing = 0;
+    PyObject *seen, *records, *result = NULL;
+    struct cbuf lines = {NULL, 0, 0}, hashes = {NULL, 0, 0}, recs = {NULL, 0, 0};
+    int oom = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnKO!O!", &view, &start, &end, &position, &PyByteArray_Type,
+                          &seen, &PyByteArray_Type, &records))
+        return NULL;
+    if (start < 0 || end > view.len || start > end) {
         PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "pack_frames: bad buffer bounds");
         return NULL;
     }
-    result = Py_BuildValue("(nNKKK)", p - start, lines, position, described, missing);
+    /* base64 makes 4 of 3; a line adds < 100 bytes to each ~1 KiB of frames */
+    lines.cap = (size_t)((end - start) / 3 * 4 + (end - start) / 8 + 4096);
+    lines.p = malloc(lines.cap);
+    if (lines.p == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    p = pack_loop((const unsigned char *)view.buf, start, end, &position, &described, &missing,
+                  &lines, &hashes, &recs, &oom);
+    Py_END_ALLOW_THREADS
+    if (oom)
+        PyErr_NoMemory();
+    else if (append_bytearray(seen, &hashes) == 0 && append_bytearray(records, &recs) == 0)
+        result = Py_BuildValue("(ny#KKK)", p - start, lines.p, (Py_ssize_t)lines.used, position,
+                               described, missing);
+    free(lines.p);
+    free(hashes.p);
+    free(recs.p);
     PyBuffer_Release(&view);
     return result;
-fail:
-    Py_DECREF(lines);
-    PyBuffer_Release(&view);
-    return NULL;
 }
 
 static PyMethodDef methods[] = {

@@ -347,3 +347,32 @@ def test_duplicate_found_across_spilled_hashes(tmp_path: Path,
     finally:
         os.close(dir_fd)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("batch", [1, 100, 4096, 1 << 20])
+def test_buffered_recorder_packs_the_same_lines(batch: int) -> None:
+    """The confined child's way (frames kept in memory, replayed into the packer by a thread a
+    batch at a time, a batch ending anywhere between frames) writes the packer's own lines."""
+    from graphdriver.archive.recframes import BufferedRecorder
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(30):
+            info = tarfile.TarInfo(("d/" + "long" * 40 if i % 7 == 0 else "d/f") + str(i))
+            data = bytes([i]) * (i * 300)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    outputs = []
+    for buffered in (False, True):
+        out = io.BytesIO()
+        packer = ts.TarSplitPacker(out)  # type: ignore[arg-type]
+        rec = BufferedRecorder(packer, batch=batch, threaded=True) if buffered else packer
+        reader = TarReader(io.BytesIO(buf.getvalue()), rec)  # type: ignore[arg-type]
+        for _ in reader:
+            pass
+        if isinstance(rec, BufferedRecorder):
+            rec.close()
+        packer.close()
+        assert packer.problem is None and packer.missing == 0
+        outputs.append(out.getvalue())
+    assert outputs[0] == outputs[1]

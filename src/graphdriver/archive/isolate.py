@@ -39,6 +39,7 @@ from ..fsutil import empty_beneath
 from ..idmap import IDMap
 from .apply import ApplyOptions, ApplyResult
 from .confine import ChildContext, JobBody, run_job
+from .recframes import BufferedRecorder
 from .whiteout import FORMATS
 
 if TYPE_CHECKING:  # the parent's modules: the child does not import them (start-up time)
@@ -48,6 +49,8 @@ if TYPE_CHECKING:  # the parent's modules: the child does not import them (start
     from .tarsplit import TarSplitPacker
 
 APPLY_JOB = "graphdriver.archive.isolate:apply_job"
+#: bytes of recorder frames the child's packer thread takes at a time (small: memory)
+CHILD_BATCH = 256 << 10
 
 
 def _empty_dir(target: Path) -> None:
@@ -173,7 +176,8 @@ def apply_job(ctx: ChildContext) -> JobBody:
     packer = open_child_packer(ctx)
     ctx.on_interrupt = apply_mod.SIGNAL_GATE.interrupt
     params = ctx.params
-    recorder = ctx.recorder if packer is None else packer
+    recorder = ctx.recorder if packer is None else BufferedRecorder(
+        packer, batch=CHILD_BATCH, threaded=True)
 
     def body() -> dict[str, Any]:
         if ctx.chrooted:
@@ -185,6 +189,8 @@ def apply_job(ctx: ChildContext) -> JobBody:
                             lower_fds=ctx.lower_fds if params.get("lowers") else None)
         reader = TarReader(stream, recorder)
         result = apply_mod.apply_reader(reader, ctx.target_fd, opts)
+        if isinstance(recorder, BufferedRecorder):
+            recorder.close()
         return {"size": result.size, "diff_id": result.diff_id, **packer_summary(packer, ctx)}
 
     return body

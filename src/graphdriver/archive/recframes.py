@@ -16,7 +16,9 @@ root.
 from __future__ import annotations
 
 import os
+import queue
 import struct
+import threading
 from typing import TYPE_CHECKING, BinaryIO
 
 from .. import errors
@@ -31,35 +33,112 @@ _CRC_FRAME = struct.Struct("<cQ")
 _U64 = struct.Struct("<Q")
 _REPLAY_BUFFER = 1 << 20
 _REPLAY_MIN = 64 << 10
+_QUEUED = 2  # batches a threaded BufferedRecorder lets wait for its thread
 #: the frame pipe's capacity: the child's 1 MiB flushes go in without waiting for the parent
 PIPE_SIZE = 4 << 20
 _SEG_HDR = struct.Struct("<I")
 _FILE_HDR = struct.Struct("<IQq")
 
 
-class PipeRecorder:
+class _FrameWriter:
+    """A Recorder that encodes its calls as frames and hands them to :meth:`_put`."""
+
+    def _put(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def segment(self, raw: bytes) -> None:
+        self._put(_SEG + _SEG_HDR.pack(len(raw)) + raw)  # one piece: a batch ends between frames
+
+    def file(self, name: bytes, size: int, payload_crc64: int | None) -> None:
+        crc = -1 if payload_crc64 is None else payload_crc64
+        self._put(_FILE + _FILE_HDR.pack(len(name), size, crc) + name)
+
+    def file_done(self, crc64: int) -> None:
+        self._put(_CRC_FRAME.pack(_CRC, crc64))
+
+    def write_frames(self, frames: bytes) -> None:
+        """Frames already encoded (by the native apply of a run of files, _fastapply.files)."""
+        self._put(frames)
+
+
+class PipeRecorder(_FrameWriter):
     """A Recorder that frames its calls onto a file descriptor (the child's side)."""
 
     def __init__(self, fd: int) -> None:
         self._out: BinaryIO = os.fdopen(fd, "wb", buffering=1 << 20)
-
-    def segment(self, raw: bytes) -> None:
-        self._out.write(_SEG + _SEG_HDR.pack(len(raw)))
-        self._out.write(raw)
-
-    def file(self, name: bytes, size: int, payload_crc64: int | None) -> None:
-        crc = -1 if payload_crc64 is None else payload_crc64
-        self._out.write(_FILE + _FILE_HDR.pack(len(name), size, crc) + name)
-
-    def file_done(self, crc64: int) -> None:
-        self._out.write(_CRC_FRAME.pack(_CRC, crc64))
-
-    def write_frames(self, frames: bytes) -> None:
-        """Frames already encoded (by the native apply of a run of files, _fastapply.files)."""
-        self._out.write(frames)
+        self._put = self._out.write  # type: ignore[method-assign, assignment]
 
     def close(self) -> None:
         self._out.close()
+
+
+class BufferedRecorder(_FrameWriter):
+    """A Recorder whose frames are kept in memory and replayed into *recorder* (a packer) a
+    batch at a time: the confined child packs its tar-split lines so, beside its reader and
+    without a pipe -- the many small calls cost a frame each, and the packer turns a batch of
+    them into lines in one native call (TarSplitPacker.take_frames).
+
+    With *threaded*, the batches are replayed by a thread of their own, in order (the native
+    packing and the compressor release the GIL), off the reader's critical path; at most
+    _QUEUED batches wait.  Call :meth:`close` before using *recorder*: it replays what is left,
+    waits for the thread, and raises what the replay raised."""
+
+    def __init__(self, recorder: Recorder, batch: int = _REPLAY_BUFFER,
+                 threaded: bool = False) -> None:
+        self._rec = recorder
+        self._buf = bytearray()
+        self._batch = batch
+        self._queue: queue.Queue[bytearray | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        if threaded:
+            self._queue = queue.Queue(_QUEUED)
+            self._thread = threading.Thread(target=self._work, name="tar-split-packer",
+                                            daemon=True)
+            self._thread.start()
+
+    def _put(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        if len(buf) >= self._batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Replay every frame kept so far (hand them to the thread)."""
+        buf = self._buf
+        if not buf:
+            return
+        if self._queue is not None:
+            self._buf = bytearray()
+            self._queue.put(buf)
+            return
+        self._replay(buf)
+        buf.clear()
+
+    def _replay(self, batch: bytearray) -> None:
+        if replay_frames(batch, 0, len(batch), self._rec) != len(batch):
+            raise _corrupt("truncated")
+
+    def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            if self._error is None:
+                try:
+                    self._replay(batch)
+                except BaseException as exc:  # raised by close(), in the caller's thread
+                    self._error = exc
+
+    def close(self) -> None:
+        self.flush()
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+        if self._error is not None:
+            raise self._error
 
 
 def _corrupt(what: str) -> errors.InvalidArchive:

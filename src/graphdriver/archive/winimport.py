@@ -61,7 +61,8 @@ def import_windows_confined(source_fd: int, target: Path, opts: ApplyOptions, *,
 
 def import_job(ctx: ChildContext) -> JobBody:
     """The confined job: import the input Windows layer tar beneath the target."""
-    from .isolate import open_child_packer, open_warm_input, packer_summary
+    from .isolate import CHILD_BATCH, open_child_packer, open_warm_input, packer_summary
+    from .recframes import BufferedRecorder
     from .tarstream import TarReader
     from .windows.importer import import_layer
 
@@ -69,9 +70,13 @@ def import_job(ctx: ChildContext) -> JobBody:
     packer = open_child_packer(ctx)
 
     def body() -> dict[str, Any]:
-        reader = TarReader(stream, recorder=ctx.recorder if packer is None else packer)
+        recorder = ctx.recorder if packer is None else BufferedRecorder(
+            packer, batch=CHILD_BATCH, threaded=True)
+        reader = TarReader(stream, recorder=recorder)
         size = import_layer(reader, ctx.target_fd, ctx.lower_fds, ctx.progress)
         reader.drain()
+        if isinstance(recorder, BufferedRecorder):
+            recorder.close()
         return {"size": size, "diff_id": reader.diff_id, **packer_summary(packer, ctx)}
 
     return body
