@@ -1189,19 +1189,27 @@ struct cbuf {
     size_t used, cap;
 };
 
+/* Room for *n* more bytes; -1 when memory is short. */
+static int cb_reserve(struct cbuf *b, size_t n)
+{
+    size_t want = b->cap ? b->cap * 2 : 4096;
+    char *q;
+    if (b->used + n <= b->cap)
+        return 0;
+    while (want < b->used + n)
+        want *= 2;
+    q = realloc(b->p, want);
+    if (q == NULL)
+        return -1;
+    b->p = q;
+    b->cap = want;
+    return 0;
+}
+
 static int cb_put(struct cbuf *b, const void *data, size_t n)
 {
-    if (b->used + n > b->cap) {
-        size_t want = b->cap ? b->cap * 2 : 4096;
-        char *q;
-        while (want < b->used + n)
-            want *= 2;
-        q = realloc(b->p, want);
-        if (q == NULL)
-            return -1;
-        b->p = q;
-        b->cap = want;
-    }
+    if (cb_reserve(b, n) < 0)
+        return -1;
     memcpy(b->p + b->used, data, n);
     b->used += n;
     return 0;
@@ -1223,17 +1231,8 @@ static int cb_b64(struct cbuf *b, const unsigned char *p, size_t n)
 {
     size_t need = (n + 2) / 3 * 4, i;
     char *d;
-    if (b->used + need > b->cap) {
-        size_t want = b->cap ? b->cap * 2 : 4096;
-        char *q;
-        while (want < b->used + need)
-            want *= 2;
-        q = realloc(b->p, want);
-        if (q == NULL)
-            return -1;
-        b->p = q;
-        b->cap = want;
-    }
+    if (cb_reserve(b, need) < 0)
+        return -1;
     d = b->p + b->used;
     for (i = 0; i + 3 <= n; i += 3) {
         unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8) | p[i + 2];
