@@ -412,6 +412,8 @@ def build_workloads(ctx: Ctx) -> list[Workload]:
     big = L["big"]
     wl.append(Workload("apply 1 GB in 4 big files", [gd_apply(big), engine_apply(big)],
                        [gnutar_x(big), bsdtar_x(big)], {"GNU tar -x": "<= 1.0"}))
+    wl += whole_command_workloads(ctx)
+    wl.append(many_entries_workload(ctx, gd_apply, gnutar_x))
 
     # compressed apply rows: the target is against the fastest peer
     for key, title in (("rootfs", "rootfs"), ("npm", "npm tree")):
@@ -730,6 +732,93 @@ def make_windows_layer(path: Path, files: int, total: int) -> None:
             tf.addfile(info(f"Files/d{n // 100:04d}/f{n:05d}.dll", tarfile.REGTYPE, 32,
                             len(data)), io.BytesIO(data))
     tmp.rename(path)
+
+
+def _ustar(name: bytes, typ: bytes, mode: int, size: int) -> bytes:
+    """One ustar header block (uid/gid 0, a fixed mtime)."""
+    head = (name.ljust(100, b"\0") + b"%07o\0" % mode + b"0000000\0" * 2 + b"%011o\0" % size
+            + b"%011o\0" % 1_700_000_000 + b" " * 8 + typ + b"\0" * 100 + b"ustar\x0000"
+            + b"\0" * 247)
+    return head[:148] + b"%06o\0 " % sum(head) + head[156:]
+
+
+def make_many_entries_tar(path: Path, entries: int) -> None:
+    """A tar of *entries* entries: directories of 1000 files of 16 bytes each (what a layer of
+    a million small files looks like to the apply's per-entry bookkeeping)."""
+    tmp = path.with_suffix(".tmp")
+    data = b"0123456789abcdef".ljust(512, b"\0")
+    with open(tmp, "wb", buffering=1 << 20) as f:
+        n = 0
+        d = 0
+        while n < entries:
+            dname = b"d%04d/" % d
+            f.write(_ustar(dname, b"5", 0o755, 0))
+            n += 1
+            for i in range(min(999, entries - n)):
+                f.write(_ustar(dname + b"file-%04d.txt" % i, b"0", 0o644, 16))
+                f.write(data)
+                n += 1
+            d += 1
+        f.write(b"\0" * 1024)
+    tmp.rename(path)
+
+
+def many_entries_workload(ctx: Ctx, gd_apply: Callable[[Path], Side],
+                          gnutar_x: Callable[[Path], Side]) -> Workload:
+    """Issue 18's memory row: a layer of a million entries (20k in quick mode) applied through
+    the driver within the 60 MB budget (parent + child, the RSS columns), against GNU tar."""
+    entries = 20_000 if ctx.cache.name == "quick" else 1_000_000
+    tar = ctx.cache / f"many-{entries}.tar"
+
+    def once(d: Path) -> None:
+        if not tar.exists():
+            log(f"generating {tar}")
+            make_many_entries_tar(tar, entries)
+            warm([tar])
+
+    gd, peer = gd_apply(tar), gnutar_x(tar)
+    gd.once = peer.once = once
+    return Workload(f"apply {entries:,} entries (memory: <= 60 MB parent + child)",
+                    [gd], [peer], {"GNU tar -x": "<= 1.0"})
+
+
+def whole_command_workloads(ctx: Ctx) -> list[Workload]:
+    """Issue 18's whole-command rows: exactly ``graphdriver create L`` + ``graphdriver apply L
+    FILE`` as a user runs them (the installed console script, default options and driver, a
+    fresh process each, on a store made beforehand, untimed), against ``tar -xf FILE -C DIR`` on
+    the same filesystem.  Both run under ``bash -c``."""
+    script = Path(sys.executable).parent / "graphdriver"
+    rows: list[Workload] = []
+
+    def gd_per_run(tar: Path) -> Callable[[Path], Cmd]:
+        def per_run(d: Path) -> Cmd:
+            env = f"GRAPHDRIVER_ROOT={shlex.quote(str(d / 'root'))}"
+            must_run(["bash", "-c", f"{env} {shlex.quote(str(script))} create seed"],
+                     "store set-up")
+            gd = f"{env} {shlex.quote(str(script))}"
+            return Cmd(["bash", "-c", f"{gd} create L && {gd} apply L {shlex.quote(str(tar))}"
+                       " >/dev/null"])
+
+        return per_run
+
+    def tar_per_run(tar: Path) -> Callable[[Path], Cmd]:
+        def per_run(d: Path) -> Cmd:
+            (d / "out").mkdir()
+            return Cmd(["bash", "-c", f"tar -xf {shlex.quote(str(tar))} -C "
+                        f"{shlex.quote(str(d / 'out'))}"])
+
+        return per_run
+
+    for key, title in (("rootfs", "rootfs"), ("npm", "npm tree")):
+        tar = ctx.layers[key]
+        rows.append(Workload(
+            f"the whole command: create + apply, {title}",
+            [Side("graphdriver create L && graphdriver apply L FILE", gd_per_run(tar),
+                  unavailable=ctx.gd_reason if script.exists() else
+                  f"n/a ({script} is not installed)")],
+            [Side("tar -xf FILE -C DIR", tar_per_run(tar), needs="tar")],
+            {"tar -xf FILE -C DIR": "<= 1.0"}))
+    return rows
 
 
 def windows_sandbox_workload(ctx: Ctx) -> Workload:

@@ -74,7 +74,7 @@ def test_quick_bench(tmp_path: Path) -> None:
     assert len(rows) >= 20, r.stdout
     for needed in ("apply rootfs", "apply many small files", "apply 1 GB", "gzip", "zstd",
                    "changes: 10 changed files", "diff: 10 changed files", "export a whole rootfs",
-                   "-layer chain", "start-up"):
+                   "-layer chain", "start-up", "the whole command: create + apply", "entries"):
         assert any(needed in ln for ln in rows), needed
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
 
@@ -91,5 +91,9 @@ def test_quick_bench(tmp_path: Path) -> None:
         elif tool in PEERS:
             assert (row["peer_note"] or "").startswith("n/a"), row
     assert not any((row["peer_note"] or "").startswith("error") for row in table), table
+    # issue 18's rows: the command as a user runs it, and a layer of many entries
+    for row in table:
+        if "whole command" in row["workload"] or "entries" in row["workload"]:
+            assert row["graphdriver_median_s"] is not None, row
     if missing:
         print(f"peers not installed, their rows report n/a: {', '.join(missing)}")

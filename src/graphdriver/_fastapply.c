@@ -941,13 +941,16 @@ fail:
 
 /* ---- the check of a recorded layer -------------------------------------------------------------
  *
- * verify_files(root_fd, records) -> int
+ * verify_files(root_fd, records, linked) -> int
  *
  * records: the regular files with data that tar-split recorded, as TarSplitPacker.file_records
  * holds them (u64 size, u32 name length, the name; native byte order), one after the other.
  * Each must be, beneath root_fd, a regular file of that size reached without any symlink on the
  * way (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS for its directory, then fstatat without
- * following), and no two of them may be the same inode.  Returns -1 when all of them are, else the
+ * following), and no two of them may be the same inode.  Only inodes with more than one link are
+ * remembered, in *linked* (a set of dev << 64 | ino, kept by the caller across calls over the
+ * records' chunks): two records meet at an inode with one link only through the same path, which
+ * the packer's duplicate-path rule refuses before any check.  Returns -1 when all of them are, else the
  * index of the first that is not or whose name needs Python's handling (".", "..", empty base):
  * tarsplit._verify_files then decides (and says why) the slow way.  -2: openat2 is missing. */
 #include <sys/syscall.h>
@@ -958,44 +961,27 @@ struct gd_open_how {
     uint64_t flags, mode, resolve;
 };
 
-struct ino_set {
-    uint64_t *slots; /* pairs (dev, ino + 1); 0 = empty */
-    size_t cap, used;
-};
-
-static int ino_insert(struct ino_set *set, uint64_t dev, uint64_t ino)
+/* Whether (dev, ino) was in *linked* already (1), else adds it (0); -1 on error. */
+static int linked_insert(PyObject *linked, uint64_t dev, uint64_t ino)
 {
-    size_t i;
-    if ((set->used + 1) * 2 > set->cap) {
-        size_t ncap = set->cap ? set->cap * 2 : 1024, k;
-        uint64_t *n = calloc(ncap * 2, sizeof(uint64_t));
-        if (n == NULL)
-            return -1;
-        for (k = 0; k < set->cap; k++) {
-            if (set->slots[2 * k + 1]) {
-                size_t j = (size_t)((set->slots[2 * k] * 0x9E3779B97F4A7C15ULL) ^
-                                    (set->slots[2 * k + 1] * 0xC2B2AE3D27D4EB4FULL)) & (ncap - 1);
-                while (n[2 * j + 1])
-                    j = (j + 1) & (ncap - 1);
-                n[2 * j] = set->slots[2 * k];
-                n[2 * j + 1] = set->slots[2 * k + 1];
-            }
-        }
-        free(set->slots);
-        set->slots = n;
-        set->cap = ncap;
-    }
-    ino += 1;
-    i = (size_t)((dev * 0x9E3779B97F4A7C15ULL) ^ (ino * 0xC2B2AE3D27D4EB4FULL)) & (set->cap - 1);
-    while (set->slots[2 * i + 1]) {
-        if (set->slots[2 * i] == dev && set->slots[2 * i + 1] == ino)
-            return 1; /* seen */
-        i = (i + 1) & (set->cap - 1);
-    }
-    set->slots[2 * i] = dev;
-    set->slots[2 * i + 1] = ino;
-    set->used++;
-    return 0;
+    PyObject *hi, *lo, *shift, *key, *sixtyfour;
+    int rc;
+    hi = PyLong_FromUnsignedLongLong(dev);
+    lo = PyLong_FromUnsignedLongLong(ino);
+    sixtyfour = PyLong_FromLong(64);
+    shift = hi && sixtyfour ? PyNumber_Lshift(hi, sixtyfour) : NULL;
+    key = shift && lo ? PyNumber_Or(shift, lo) : NULL;
+    Py_XDECREF(hi);
+    Py_XDECREF(lo);
+    Py_XDECREF(sixtyfour);
+    Py_XDECREF(shift);
+    if (key == NULL)
+        return -1;
+    rc = PySet_Contains(linked, key);
+    if (rc == 0 && PySet_Add(linked, key) < 0)
+        rc = -1;
+    Py_DECREF(key);
+    return rc;
 }
 
 static PyObject *verify_files(PyObject *self, PyObject *args)
@@ -1005,9 +991,9 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
     Py_ssize_t i, off, bad = -1;
     char cur[4097], path[4097];
     Py_ssize_t cur_n = -1;
-    struct ino_set seen = {NULL, 0, 0};
+    PyObject *linked;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iy*", &root_fd, &recs))
+    if (!PyArg_ParseTuple(args, "iy*O!", &root_fd, &recs, &PySet_Type, &linked))
         return NULL;
     for (i = 0, off = 0; off < recs.len; i++) {
         const char *name, *base;
@@ -1080,20 +1066,20 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
             bad = i;
             break;
         }
-        rc = ino_insert(&seen, (uint64_t)st.st_dev, (uint64_t)st.st_ino);
+        if (st.st_nlink < 2)
+            continue;
+        rc = linked_insert(linked, (uint64_t)st.st_dev, (uint64_t)st.st_ino);
         if (rc != 0) {
             if (rc < 0) {
-                free(seen.slots);
                 if (dir_fd >= 0)
                     close(dir_fd);
                 PyBuffer_Release(&recs);
-                return PyErr_NoMemory();
+                return NULL;
             }
             bad = i;
             break;
         }
     }
-    free(seen.slots);
     if (dir_fd >= 0)
         close(dir_fd);
     PyBuffer_Release(&recs);
@@ -1109,59 +1095,69 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
  * tar-split JSON lines exactly as TarSplitPacker's segment/file/file_done calls write them, for
  * the common case only: a file name that is printable ASCII without '"', '\\', '<', '>', '&',
  * already clean after a leading "./" (relative, no empty, "." or ".." component, no trailing
- * '/') and whose clean form is not in *seen*
- * (the set of hash() of the names so far, which this call extends; *records* gets a record --
- * size, name length, name -- of each file with data).  It stops before the first frame it does not handle this way -- and before a file whose
+ * '/') (the hash of its clean form is appended to *seen*, see first_duplicate; *records* gets
+ * a record -- size, name length, name -- of each file with data).  It stops before the first frame it does not handle this way -- and before a file whose
  * CRC frame is not buffered yet -- and the Python packer takes that frame.  Call it only when the
  * packer has no file waiting for its CRC. */
 static const char b64chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-static int put_b64(PyObject **out, Py_ssize_t *used, const unsigned char *p, Py_ssize_t n)
+/* ---- the duplicate-path rule ------------------------------------------------------------------
+ *
+ * The packer keeps the 64-bit FNV-1a hash of every clean path, in archive order, in a bytearray
+ * (8 bytes a path, grown in place: no table, no second copy while it grows); when the recording
+ * ends, first_duplicate sorts them and looks for two alike.  A collision (~1e-8 for a million
+ * paths) only costs a false "appears twice", i.e. a layer diffed without its tar-split metadata. */
+static uint64_t fnv1a(const unsigned char *s, Py_ssize_t n)
 {
-    Py_ssize_t need = (n + 2) / 3 * 4, i;
-    char *d;
-    if (*used + need > PyBytes_GET_SIZE(*out)) {
-        Py_ssize_t want = PyBytes_GET_SIZE(*out) * 2;
-        if (want < *used + need)
-            want = *used + need;
-        if (_PyBytes_Resize(out, want) < 0)
-            return -1;
+    uint64_t h = 0xcbf29ce484222325ULL;
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        h ^= s[i];
+        h *= 0x100000001b3ULL;
     }
-    d = PyBytes_AS_STRING(*out) + *used;
-    for (i = 0; i + 3 <= n; i += 3) {
-        unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8) | p[i + 2];
-        *d++ = b64chars[v >> 18];
-        *d++ = b64chars[(v >> 12) & 63];
-        *d++ = b64chars[(v >> 6) & 63];
-        *d++ = b64chars[v & 63];
-    }
-    if (n - i == 1) {
-        unsigned v = (unsigned)p[i] << 16;
-        *d++ = b64chars[v >> 18];
-        *d++ = b64chars[(v >> 12) & 63];
-        *d++ = '=';
-        *d++ = '=';
-    } else if (n - i == 2) {
-        unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8);
-        *d++ = b64chars[v >> 18];
-        *d++ = b64chars[(v >> 12) & 63];
-        *d++ = b64chars[(v >> 6) & 63];
-        *d++ = '=';
-    }
-    *used += need;
-    return 0;
+    return h;
 }
 
-static int put_str(PyObject **out, Py_ssize_t *used, const char *s)
+/* path_hash(key) -> int: the hash the duplicate-path rule keeps of a clean path. */
+static PyObject *path_hash(PyObject *self, PyObject *args)
 {
-    return put(out, used, s, (Py_ssize_t)strlen(s));
+    Py_buffer key;
+    uint64_t h;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*", &key))
+        return NULL;
+    h = fnv1a((const unsigned char *)key.buf, key.len);
+    PyBuffer_Release(&key);
+    return PyLong_FromUnsignedLongLong(h);
 }
 
-static int put_num(PyObject **out, Py_ssize_t *used, unsigned long long v)
+static int cmp_u64(const void *a, const void *b)
 {
-    char tmp[24];
-    int n = snprintf(tmp, sizeof(tmp), "%llu", v);
-    return put(out, used, tmp, n);
+    uint64_t x, y;
+    memcpy(&x, a, 8);
+    memcpy(&y, b, 8);
+    return x < y ? -1 : x > y;
+}
+
+/* first_duplicate(hashes) -> int | None: sorts the hashes (in place) and returns one that occurs
+ * twice, or None. */
+static PyObject *first_duplicate(PyObject *self, PyObject *args)
+{
+    PyObject *hashes;
+    size_t n, i;
+    uint64_t *v;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!", &PyByteArray_Type, &hashes))
+        return NULL;
+    n = (size_t)PyByteArray_GET_SIZE(hashes) / 8;
+    v = (uint64_t *)(void *)PyByteArray_AS_STRING(hashes);
+    Py_BEGIN_ALLOW_THREADS
+    qsort(v, n, 8, cmp_u64);
+    Py_END_ALLOW_THREADS
+    for (i = 1; i < n; i++)
+        if (v[i] == v[i - 1])
+            return PyLong_FromUnsignedLongLong(v[i]);
+    Py_RETURN_NONE;
 }
 
 /* Printable ASCII that Go's JSON encoder writes as it is, and already what filepath.Clean gives:
@@ -1187,30 +1183,100 @@ static int plain_clean_name(const unsigned char *s, Py_ssize_t n)
     return 1;
 }
 
-static PyObject *pack_frames(PyObject *self, PyObject *args)
+/* A growing C buffer: pack_frames fills these without the GIL. */
+struct cbuf {
+    char *p;
+    size_t used, cap;
+};
+
+/* Room for *n* more bytes; -1 when memory is short. */
+static int cb_reserve(struct cbuf *b, size_t n)
 {
-    Py_buffer view;
-    Py_ssize_t start, end, p, used = 0;
-    unsigned long long position, described = 0, missing = 0;
-    PyObject *seen, *records, *lines, *result;
-    const unsigned char *buf;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "y*nnKO!O!", &view, &start, &end, &position, &PySet_Type, &seen,
-                          &PyByteArray_Type, &records))
-        return NULL;
-    if (start < 0 || end > view.len || start > end) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "pack_frames: bad buffer bounds");
-        return NULL;
+    size_t want = b->cap ? b->cap * 2 : 4096;
+    char *q;
+    if (b->used + n <= b->cap)
+        return 0;
+    while (want < b->used + n)
+        want *= 2;
+    q = realloc(b->p, want);
+    if (q == NULL)
+        return -1;
+    b->p = q;
+    b->cap = want;
+    return 0;
+}
+
+static int cb_put(struct cbuf *b, const void *data, size_t n)
+{
+    if (cb_reserve(b, n) < 0)
+        return -1;
+    memcpy(b->p + b->used, data, n);
+    b->used += n;
+    return 0;
+}
+
+static int cb_str(struct cbuf *b, const char *s)
+{
+    return cb_put(b, s, strlen(s));
+}
+
+static int cb_num(struct cbuf *b, unsigned long long v)
+{
+    char tmp[24];
+    int n = snprintf(tmp, sizeof(tmp), "%llu", v);
+    return cb_put(b, tmp, (size_t)n);
+}
+
+static int cb_b64(struct cbuf *b, const unsigned char *p, size_t n)
+{
+    size_t need = (n + 2) / 3 * 4, i;
+    char *d;
+    if (cb_reserve(b, need) < 0)
+        return -1;
+    d = b->p + b->used;
+    for (i = 0; i + 3 <= n; i += 3) {
+        unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8) | p[i + 2];
+        *d++ = b64chars[v >> 18];
+        *d++ = b64chars[(v >> 12) & 63];
+        *d++ = b64chars[(v >> 6) & 63];
+        *d++ = b64chars[v & 63];
     }
-    /* base64 makes 4 of 3; a line adds < 100 bytes to each ~1 KiB of frames */
-    lines = PyBytes_FromStringAndSize(NULL, (end - start) / 3 * 4 + (end - start) / 8 + 4096);
-    if (lines == NULL) {
-        PyBuffer_Release(&view);
-        return NULL;
+    if (n - i == 1) {
+        unsigned v = (unsigned)p[i] << 16;
+        *d++ = b64chars[v >> 18];
+        *d++ = b64chars[(v >> 12) & 63];
+        *d++ = '=';
+        *d++ = '=';
+    } else if (n - i == 2) {
+        unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8);
+        *d++ = b64chars[v >> 18];
+        *d++ = b64chars[(v >> 12) & 63];
+        *d++ = b64chars[(v >> 6) & 63];
+        *d++ = '=';
     }
-    buf = (const unsigned char *)view.buf;
-    p = start;
+    b->used += need;
+    return 0;
+}
+
+static int append_bytearray(PyObject *ba, const struct cbuf *b)
+{
+    Py_ssize_t at = PyByteArray_GET_SIZE(ba);
+    if (!b->used)
+        return 0;
+    if (PyByteArray_Resize(ba, at + (Py_ssize_t)b->used) < 0)
+        return -1;
+    memcpy(PyByteArray_AS_STRING(ba) + at, b->p, b->used);
+    return 0;
+}
+
+/* The loop of pack_frames, on C buffers only: runs without the GIL.  Returns where it stopped;
+ * *oom is set when an allocation failed. */
+static Py_ssize_t pack_loop(const unsigned char *buf, Py_ssize_t start, Py_ssize_t end,
+                            unsigned long long *position, unsigned long long *described,
+                            unsigned long long *missing, struct cbuf *lines,
+                            struct cbuf *hashes, struct cbuf *records, int *oom)
+{
+    Py_ssize_t p = start;
     while (p < end) {
         unsigned char kind = buf[p];
         if (kind == 'S') {
@@ -1221,26 +1287,22 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
             if ((Py_ssize_t)n > end - p - 5)
                 break;
             if (n) {
-                if (put_str(&lines, &used, "{\"type\":2,\"payload\":\"") < 0 ||
-                    put_b64(&lines, &used, buf + p + 5, (Py_ssize_t)n) < 0 ||
-                    put_str(&lines, &used, "\",\"position\":") < 0 ||
-                    put_num(&lines, &used, position) < 0 || put_str(&lines, &used, "}\n") < 0)
-                    goto fail;
-                position++;
-                described += n;
+                if (cb_str(lines, "{\"type\":2,\"payload\":\"") < 0 ||
+                    cb_b64(lines, buf + p + 5, n) < 0 ||
+                    cb_str(lines, "\",\"position\":") < 0 || cb_num(lines, *position) < 0 ||
+                    cb_str(lines, "}\n") < 0)
+                    goto oom;
+                (*position)++;
+                *described += n;
             }
             p += 5 + (Py_ssize_t)n;
         } else if (kind == 'F') {
-            uint32_t name_n;
-            uint64_t size;
+            uint32_t name_n, key_off;
+            uint64_t size, crc_value = 0, h;
             int64_t crc;
-            Py_ssize_t total, after;
+            Py_ssize_t total, after, key_n;
             const unsigned char *name;
-            int have_crc = 0, rc;
-            uint32_t key_off;
-            Py_ssize_t key_n;
-            uint64_t crc_value = 0;
-            PyObject *key;
+            int have_crc = 0;
             if (end - p < 21)
                 break;
             memcpy(&name_n, buf + p + 1, 4);
@@ -1255,8 +1317,7 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
             key_n = (Py_ssize_t)name_n - key_off;
             if (key_n > 1 && name[name_n - 1] == '/') /* a directory's trailing '/' goes too */
                 key_n--;
-            if (!plain_clean_name(name + key_off, key_n) ||
-                size > MAX_SIZE)
+            if (!plain_clean_name(name + key_off, key_n) || size > MAX_SIZE)
                 break;
             after = p + total;
             if (crc >= 0) {
@@ -1272,65 +1333,38 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
                     after += 9;
                 }
             }
-            {
-                PyObject *key_bytes = PyBytes_FromStringAndSize((const char *)name + key_off, key_n);
-                Py_hash_t h;
-                if (key_bytes == NULL)
-                    goto fail;
-                h = PyObject_Hash(key_bytes); /* what hash() gives the Python packer's key */
-                Py_DECREF(key_bytes);
-                if (h == -1 && PyErr_Occurred())
-                    goto fail;
-                key = PyLong_FromSsize_t(h);
-                if (key == NULL)
-                    goto fail;
-            }
-            rc = PySet_Contains(seen, key);
-            if (rc != 0) { /* a duplicate (or an error): the Python packer says so */
-                Py_DECREF(key);
-                if (rc < 0)
-                    goto fail;
-                break;
-            }
-            if (PySet_Add(seen, key) < 0) {
-                Py_DECREF(key);
-                goto fail;
-            }
-            Py_DECREF(key);
+            h = fnv1a(name + key_off, key_n);
+            if (cb_put(hashes, &h, 8) < 0)
+                goto oom;
             if (size > 0) { /* a record for the check after the apply: size, name length, name */
-                Py_ssize_t at = PyByteArray_GET_SIZE(records);
-                uint64_t sz = (uint64_t)size;
-                if (PyByteArray_Resize(records, at + 12 + (Py_ssize_t)name_n) < 0)
-                    goto fail;
-                memcpy(PyByteArray_AS_STRING(records) + at, &sz, 8);
-                memcpy(PyByteArray_AS_STRING(records) + at + 8, &name_n, 4);
-                memcpy(PyByteArray_AS_STRING(records) + at + 12, name, name_n);
+                if (cb_put(records, &size, 8) < 0 || cb_put(records, &name_n, 4) < 0 ||
+                    cb_put(records, name, name_n) < 0)
+                    goto oom;
             }
-            described += size;
-            if (put_str(&lines, &used, "{\"type\":1,\"name\":\"") < 0 ||
-                put(&lines, &used, name, (Py_ssize_t)name_n) < 0 || put_str(&lines, &used, "\"") < 0)
-                goto fail;
-            if (size && (put_str(&lines, &used, ",\"size\":") < 0 ||
-                         put_num(&lines, &used, (unsigned long long)size) < 0))
-                goto fail;
+            *described += size;
+            if (cb_str(lines, "{\"type\":1,\"name\":\"") < 0 || cb_put(lines, name, name_n) < 0 ||
+                cb_str(lines, "\"") < 0)
+                goto oom;
+            if (size && (cb_str(lines, ",\"size\":") < 0 || cb_num(lines, size) < 0))
+                goto oom;
             if (have_crc && size > 0) { /* an empty file's payload is null, CRC or not */
                 unsigned char be[8];
                 int k;
                 for (k = 0; k < 8; k++)
                     be[k] = (unsigned char)(crc_value >> (56 - 8 * k));
-                if (put_str(&lines, &used, ",\"payload\":\"") < 0 ||
-                    put_b64(&lines, &used, be, 8) < 0 || put_str(&lines, &used, "\"") < 0)
-                    goto fail;
+                if (cb_str(lines, ",\"payload\":\"") < 0 || cb_b64(lines, be, 8) < 0 ||
+                    cb_str(lines, "\"") < 0)
+                    goto oom;
             } else {
-                if (put_str(&lines, &used, ",\"payload\":null") < 0)
-                    goto fail;
+                if (cb_str(lines, ",\"payload\":null") < 0)
+                    goto oom;
                 if (size > 0)
-                    missing++;
+                    (*missing)++;
             }
-            if (put_str(&lines, &used, ",\"position\":") < 0 ||
-                put_num(&lines, &used, position) < 0 || put_str(&lines, &used, "}\n") < 0)
-                goto fail;
-            position++;
+            if (cb_str(lines, ",\"position\":") < 0 || cb_num(lines, *position) < 0 ||
+                cb_str(lines, "}\n") < 0)
+                goto oom;
+            (*position)++;
             p = after;
         } else if (kind == 'C') {
             /* a CRC with no file waiting for it: the packer ignores it */
@@ -1341,17 +1375,50 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
             break; /* corrupt: the Python side reports it */
         }
     }
-    if (_PyBytes_Resize(&lines, used) < 0) {
+    return p;
+oom:
+    *oom = 1;
+    return p;
+}
+
+static PyObject *pack_frames(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t start, end, p;
+    unsigned long long position, described = 0, missing = 0;
+    PyObject *seen, *records, *result = NULL;
+    struct cbuf lines = {NULL, 0, 0}, hashes = {NULL, 0, 0}, recs = {NULL, 0, 0};
+    int oom = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnKO!O!", &view, &start, &end, &position, &PyByteArray_Type,
+                          &seen, &PyByteArray_Type, &records))
+        return NULL;
+    if (start < 0 || end > view.len || start > end) {
         PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "pack_frames: bad buffer bounds");
         return NULL;
     }
-    result = Py_BuildValue("(nNKKK)", p - start, lines, position, described, missing);
+    /* base64 makes 4 of 3; a line adds < 100 bytes to each ~1 KiB of frames */
+    lines.cap = (size_t)((end - start) / 3 * 4 + (end - start) / 8 + 4096);
+    lines.p = malloc(lines.cap);
+    if (lines.p == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    p = pack_loop((const unsigned char *)view.buf, start, end, &position, &described, &missing,
+                  &lines, &hashes, &recs, &oom);
+    Py_END_ALLOW_THREADS
+    if (oom)
+        PyErr_NoMemory();
+    else if (append_bytearray(seen, &hashes) == 0 && append_bytearray(records, &recs) == 0)
+        result = Py_BuildValue("(ny#KKK)", p - start, lines.p, (Py_ssize_t)lines.used, position,
+                               described, missing);
+    free(lines.p);
+    free(hashes.p);
+    free(recs.p);
     PyBuffer_Release(&view);
     return result;
-fail:
-    Py_DECREF(lines);
-    PyBuffer_Release(&view);
-    return NULL;
 }
 
 static PyMethodDef methods[] = {
@@ -1359,6 +1426,8 @@ static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS, "Create, fill and finish one regular file."},
     {"files", files, METH_VARARGS, "Apply a run of plain regular files (see the comment)."},
     {"pack_frames", pack_frames, METH_VARARGS, "Recorder frames to tar-split lines (common case)."},
+    {"path_hash", path_hash, METH_VARARGS, "The duplicate-path rule's hash of a clean path."},
+    {"first_duplicate", first_duplicate, METH_VARARGS, "Sort path hashes; one seen twice, or None."},
     {"verify_files", verify_files, METH_VARARGS, "Check recorded files after an apply (-1: all good)."},
     {NULL, NULL, 0, NULL},
 };

@@ -26,6 +26,7 @@ from .archive.tarsplit import (
     METADATA_NAME,
     UNREPRODUCIBLE_NAME,
     Opener,
+    PackedElsewhere,
     Recording,
     Resolver,
     TarSplitPacker,
@@ -40,7 +41,7 @@ from .errors import ExactDiffUnavailable, StoreCorrupt
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from typing import BinaryIO
+    from typing import Any, BinaryIO
 
     from .archive.tarstream import TarEntry
     from .store import LayerStore
@@ -59,47 +60,66 @@ def new_layer_packer(raw_fd: int) -> TarSplitPacker:
 
 
 def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLike[str],
-                           layer_id: str, packer: TarSplitPacker,
+                           layer_id: str,
+                           packer: TarSplitPacker | dict[str, Any] | None,
                            resolve: Resolver | None = None) -> Recording:
     """After a successful apply: turn ``meta_dir/tar-split.raw`` (on *raw_fd*) into the layer's
     ``tar-split.json.gz``, or mark the layer not exactly reproducible (and log why).
     *resolve* finds a recorded name the layer spells otherwise (archive/tarsplit.py's
     ``Resolver``: windowsfilter matches names as NTFS does).
 
-    When the (closed) *packer* got every CRC, the raw file is already the final metadata: the
-    applied files are only checked (one stat each) and the file is renamed into place.
-    Otherwise the lines are re-read and missing CRCs computed from the files.
+    *packer* is the (closed) packer, or the summary of the one the confined child ran
+    (:meth:`TarSplitPacker.summary`, ``ApplyResult.recording``), or None when the apply packed
+    nothing.  When it got every CRC, the raw file is already the final metadata: the applied
+    files are only checked (one stat each; by the child, for its packer) and the file is renamed
+    into place.  Otherwise the lines are re-read and missing CRCs computed from the files.
     """
-    problem = packer.problem
-    if problem is not None:
+    packed: TarSplitPacker | PackedElsewhere | None = (
+        PackedElsewhere(packer) if isinstance(packer, dict) else packer)
+    problem = None if packed is None else packed.problem
+    if packed is None:
+        problem = "the apply recorded no description of the archive"
+    elif problem is not None:
         pass
     elif (meta_dir / METADATA_NAME).exists() or (meta_dir / UNREPRODUCIBLE_NAME).exists():
         problem = "more than one archive was applied to this layer"
-    elif os.fstat(raw_fd).st_size == 0 or packer.lines == 0:
+    elif os.fstat(raw_fd).st_size == 0 or packed.lines == 0:
         problem = "the apply recorded no description of the archive"
     out_path = meta_dir / METADATA_NAME
-    if problem is None and packer.compressed and not packer.missing:
-        root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            why = verify_packed(root_fd, packer, resolve)
-        finally:
-            os.close(root_fd)
+    if problem is None and packed is not None and packed.compressed and not packed.missing:
+        if isinstance(packed, PackedElsewhere):
+            why = packed.verify(-1)
+        else:
+            root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                why = verify_packed(root_fd, packed, resolve)
+            finally:
+                os.close(root_fd)
         if why is None:
             os.fsync(raw_fd)
             os.replace(meta_dir / RAW_NAME, out_path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(meta_dir / UNREPRODUCIBLE_NAME)
             rec = Recording(True)
+        elif resolve is not None and isinstance(packed, PackedElsewhere):
+            # the child checked the names as written: look again as this store spells them
+            rec = _finalize(raw_fd, target, out_path, None, resolve)
         else:
             rec = mark_unreproducible(out_path, why)
     else:
-        os.lseek(raw_fd, 0, os.SEEK_SET)
-        with io.FileIO(raw_fd, "rb", closefd=False) as raw:
-            rec = finalize_recording(raw, target, out_path, problem, resolve)
+        rec = _finalize(raw_fd, target, out_path, problem, resolve)
     if not rec.reproducible:
         log.warning("layer %s is not exactly reproducible (its diff will be a new tar): %s",
                     layer_id, rec.reason)
     return rec
+
+
+def _finalize(raw_fd: int, target: str | os.PathLike[str], out_path: Path, problem: str | None,
+              resolve: Resolver | None) -> Recording:
+    """The raw lines re-read from the start: missing CRCs computed, every file checked."""
+    os.lseek(raw_fd, 0, os.SEEK_SET)
+    with io.FileIO(raw_fd, "rb", closefd=False) as raw:
+        return finalize_recording(raw, target, out_path, problem, resolve)
 
 
 def layer_status(meta_dir: Path) -> tuple[bool, str]:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from .archive.apply import ApplyOptions, ApplyResult
     from .archive.recorded import RecordedLayer
+    from .archive.tarsplit import Resolver
     from .driver import Change, CreateOpts
 
     _T = TypeVar("_T")
@@ -1016,7 +1017,7 @@ class LayerStore:
                 # as_fd has checked the transport (a pump that failed after a clean entry
                 # boundary raised there): everything below may still roll the apply back.
                 if raw_fd is not None:
-                    self._tarsplit_end(rec, raw_fd, opts.recorder)
+                    self._tarsplit_end(rec, raw_fd, result)
                 self._decide_apply(rec, result)
             except BaseException as exc:
                 self._tarsplit_discard(layer_id, raw_fd)
@@ -1127,21 +1128,25 @@ class LayerStore:
         """Hand the apply a file for the raw stream description (archive/tarsplit.py)."""
         if not self.record_tarsplit or opts.recorder is not None:
             return None
-        from .exactdiff import RAW_NAME, new_layer_packer
+        from .exactdiff import RAW_NAME
 
         fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
                      os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        opts.recorder = new_layer_packer(fd)  # final lines, gzip'd, CRCs from the child's reader
+        opts.packer_fd = fd  # the confined child packs the final lines, gzip'd, into it
         return fd
 
-    def _tarsplit_end(self, rec: LayerRecord, raw_fd: int, packer: Any) -> None:
-        """Keep ``meta/<id>/tar-split.json.gz`` (the packer's file, once the applied files are
-        checked against it), or say why not."""
+    def _tarsplit_end(self, rec: LayerRecord, raw_fd: int, result: ApplyResult) -> None:
+        """Keep ``meta/<id>/tar-split.json.gz`` (the child packer's file, once the applied files
+        are checked against it), or say why not."""
         from .exactdiff import finish_layer_recording
 
-        packer.close()
         finish_layer_recording(self.meta.dir(rec.id), raw_fd, self._apply_target(rec), rec.id,
-                               packer)
+                               result.recording, self._tarsplit_resolver())
+
+    def _tarsplit_resolver(self) -> Resolver | None:
+        """How the check after an apply finds a recorded name the driver stores under another
+        spelling (archive/tarsplit.py's ``Resolver``); None: names are kept as written."""
+        return None
 
     # ----- facts ---------------------------------------------------------------------------
 

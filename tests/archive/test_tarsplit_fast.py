@@ -289,3 +289,90 @@ def test_packer_without_crcs_falls_back_to_reading_files(tmp_path: Path) -> None
     finally:
         os.close(raw_fd)
     assert not rec.reproducible and "more than one archive" in str(rec.reason)
+
+
+def test_file_records_spill_and_are_checked_across_chunks(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The records of the files to check go to an unnamed file every _SPILL bytes (memory flat
+    in entries); the check reads them back chunk by chunk and still finds two entries that are
+    one inode (a hard link) in different chunks."""
+    monkeypatch.setattr(ts, "_SPILL", 64)
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    names = [f"d/file{i:03d}".encode() for i in range(40)]
+    (layer / "d").mkdir()
+    for n in names:
+        (layer / n.decode()).write_bytes(b"abc")
+    dir_fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        packer = ts.TarSplitPacker(io.BytesIO(), spill_dir_fd=dir_fd)  # type: ignore[arg-type]
+        for n in names:
+            packer.file(n, 3, 7)
+        assert len(packer._records._sizes) > 2
+        assert [name for name, _ in packer.files] == names
+        assert os.listdir(layer) == ["d"]  # the spill file has no name
+        assert ts.verify_packed(dir_fd, packer) is None
+        # the last name becomes a hard link to the first: one inode, chunks apart
+        os.unlink(layer / names[-1].decode())
+        os.link(layer / names[0].decode(), layer / names[-1].decode())
+        why = ts.verify_packed(dir_fd, packer)
+        assert why is not None and "same file" in why, why
+        packer.release()
+        assert packer._records._fd == -1
+    finally:
+        os.close(dir_fd)
+
+
+def test_duplicate_found_across_spilled_hashes(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The duplicate rule's hashes spill too; the path that appears twice is still found (and
+    named, from the lines read back) when the recording ends."""
+    monkeypatch.setattr(ts, "_SPILL", 64)
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        # the second time in another sorted run (merged at the end), in the same run (found
+        # when that run is sorted), in the part still in memory
+        for compress, count, again in ((False, 40, 3), (True, 40, 3), (True, 5, 2),
+                                       (False, 3, 0)):
+            packer = ts.TarSplitPacker(io.BytesIO(), compress=compress,  # type: ignore[arg-type]
+                                       spill_dir_fd=dir_fd)
+            for i in range(count):
+                packer.file(b"d/f%d" % i, 3, 7)
+            packer.file(b"./d//f%d" % again, 0, None)
+            for i in range(20):
+                packer.file(b"e/%d" % i, 1, 1)
+            packer.close()
+            assert packer.problem == f"path './d//f{again}' appears twice in the archive", count
+            packer.release()
+    finally:
+        os.close(dir_fd)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("batch", [1, 100, 4096, 1 << 20])
+def test_buffered_recorder_packs_the_same_lines(batch: int) -> None:
+    """The confined child's way (frames kept in memory, replayed into the packer by a thread a
+    batch at a time, a batch ending anywhere between frames) writes the packer's own lines."""
+    from graphdriver.archive.recframes import BufferedRecorder
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(30):
+            info = tarfile.TarInfo(("d/" + "long" * 40 if i % 7 == 0 else "d/f") + str(i))
+            data = bytes([i]) * (i * 300)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    outputs = []
+    for buffered in (False, True):
+        out = io.BytesIO()
+        packer = ts.TarSplitPacker(out)  # type: ignore[arg-type]
+        rec = BufferedRecorder(packer, batch=batch, threaded=True) if buffered else packer
+        reader = TarReader(io.BytesIO(buf.getvalue()), rec)  # type: ignore[arg-type]
+        for _ in reader:
+            pass
+        if isinstance(rec, BufferedRecorder):
+            rec.close()
+        packer.close()
+        assert packer.problem is None and packer.missing == 0
+        outputs.append(out.getvalue())
+    assert outputs[0] == outputs[1]

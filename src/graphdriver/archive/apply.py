@@ -130,8 +130,8 @@ SIGNAL_GATE = _SignalGate()
 class ApplyOptions:
     """How an apply runs (keyword arguments; every field has a default)."""
 
-    __slots__ = ("idmap", "journal", "lower_fds", "progress", "recorder", "tarsplit_fd",
-                 "whiteout_format")
+    __slots__ = ("idmap", "journal", "lower_fds", "packer_fd", "progress", "recorder",
+                 "tarsplit_fd", "whiteout_format")
 
     def __init__(
         self,
@@ -142,6 +142,7 @@ class ApplyOptions:
         tarsplit_fd: int | None = None,
         journal: bool = False,
         lower_fds: Sequence[int] | None = None,
+        packer_fd: int | None = None,
     ) -> None:
         self.whiteout_format = whiteout_format
         self.idmap = idmap
@@ -157,9 +158,13 @@ class ApplyOptions:
         # None when they are unknown (then every whiteout is kept, and every implicit parent
         # is a plain 0755 directory).
         self.lower_fds = lower_fds
+        # For apply_confined, when no recorder is given: the child packs tar-split's final
+        # lines (gzip'd) into this file itself, beside its reader, and checks the applied files
+        # against them; ApplyResult.recording says what it found.
+        self.packer_fd = packer_fd
 
     _FIELDS = ("whiteout_format", "idmap", "recorder", "progress", "tarsplit_fd", "journal",
-               "lower_fds")
+               "lower_fds", "packer_fd")
 
     def _fields(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self._FIELDS)
@@ -178,13 +183,17 @@ class ApplyOptions:
 
 class ApplyResult:
     """What an apply did: ``size`` (bytes of regular-file data applied, moby's ApplyDiff return
-    value) and ``diff_id`` ("sha256:<hex>" of the uncompressed stream)."""
+    value) and ``diff_id`` ("sha256:<hex>" of the uncompressed stream); ``recording``: the
+    summary of the tar-split packer the confined child ran (``ApplyOptions.packer_fd``; see
+    ``TarSplitPacker.summary``), else None.  Equality is (size, diff_id)."""
 
-    __slots__ = ("diff_id", "size")
+    __slots__ = ("diff_id", "recording", "size")
 
-    def __init__(self, size: int, diff_id: str) -> None:
+    def __init__(self, size: int, diff_id: str,
+                 recording: dict[str, Any] | None = None) -> None:
         self.size = size
         self.diff_id = diff_id
+        self.recording = recording
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:

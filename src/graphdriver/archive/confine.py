@@ -134,6 +134,7 @@ def run_job(
     lowers_linkable: bool = False,
     recorder: Recorder | None = None,
     frames_fd: int | None = None,
+    packer_fd: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the job ``"module:function"`` confined to *target*; return its result.
@@ -141,7 +142,9 @@ def run_job(
     *input_fd* is handed to the child as it is (a duplicate sharing its offset); *lowers* are
     the parent chain's directories, nearest first (read-only, see the module docstring).  A
     *recorder* gets the calls of the child's ``ctx.recorder`` replayed in a thread; without one,
-    *frames_fd* (if given) receives the frame stream itself.  *on_death* makes the error raised
+    *frames_fd* (if given) receives the frame stream itself.  *packer_fd* is handed to the child
+    as it is, for the job to write into (``ctx.packer_fd``: the apply's tar-split lines).
+    *on_death* makes the error raised
     when the child exits without an answer (given why: "signal 9", "status 1").
     """
     import subprocess
@@ -192,11 +195,13 @@ def run_job(
             "target": os.fspath(target),
             "result_fd": res_w,
             "frames_fd": rec_w if rec_w >= 0 else None,
+            "packer_fd": packer_fd,
             "lower_fds": lower_fds,
             "progress": progress is not None,
             "log_level": logging.getLogger("graphdriver").getEffectiveLevel(),
         }
-        pass_fds = [fd for fd in (child_input, target_fd, res_w, rec_w) if fd >= 0] + lower_fds
+        pass_fds = [fd for fd in (child_input, target_fd, res_w, rec_w,
+                                  -1 if packer_fd is None else packer_fd) if fd >= 0] + lower_fds
         if in_main:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, _on_signal)
@@ -315,6 +320,9 @@ class ChildContext:
         #: frames the job's recorder calls to the parent (None: no recording wanted)
         self.recorder: PipeRecorder | None = (
             None if args["frames_fd"] is None else PipeRecorder(int(args["frames_fd"])))
+        #: a file the parent handed over for the job to write into (the apply's tar-split
+        #: lines), None when not asked for
+        self.packer_fd: int | None = args.get("packer_fd")
         #: whether the child is chrooted into the target (set when confined)
         self.chrooted = False
         #: what a SIGTERM/SIGINT does while the body runs: raise at once (the default), or a

@@ -6,7 +6,9 @@ as long as writing the files of a rootfs layer, so hashing inline makes an apply
 thread of its own (hashlib releases the GIL for updates of 2 KiB and more): the hash overlaps
 with parsing and writing.  The caller promises not to overwrite a handed-over region until
 :meth:`BackgroundDigest.wait` has returned; small regions are hashed inline when nothing is
-pending, which keeps the order.
+pending, which keeps the order.  Every region gets a sequence number, and
+:meth:`BackgroundDigest.wait_for` waits for the regions up to one of them only: a reader that
+reuses the front of its buffer waits for that part, not for the whole buffer.
 """
 
 from __future__ import annotations
@@ -29,21 +31,36 @@ class BackgroundDigest:
         self._cond = threading.Condition(threading.Lock())
         self._items: list[memoryview | None] = []
         self._pending = 0
+        self._handed = 0  # regions handed over so far (the last one's sequence number)
+        self._done = 0  # regions hashed so far (they are hashed in order)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
 
-    def update(self, region: memoryview) -> None:
-        """Hash *region* (later, in order); it must stay unchanged until :meth:`wait` returns."""
+    def update(self, region: memoryview) -> int:
+        """Hash *region* (later, in order); it must stay unchanged until :meth:`wait` returns,
+        or :meth:`wait_for` of the number returned (its sequence number)."""
+        self._handed += 1
         if self._pending == 0 and len(region) < INLINE_BELOW:
             self._hash.update(region)
-            return
+            self._done += 1
+            return self._handed
         if self._thread is None:
             self._start()
         with self._cond:
             self._items.append(region)
             self._pending += 1
             self._cond.notify_all()
+        return self._handed
+
+    def wait_for(self, seq: int) -> None:
+        """Return once the regions up to sequence number *seq* have been hashed."""
+        if self._done < seq:
+            with self._cond:
+                while self._done < seq and self._error is None:
+                    self._cond.wait()
+        if self._error is not None:
+            raise self._error
 
     def wait(self) -> None:
         """Return once every region handed over so far has been hashed (they may be reused)."""
@@ -79,6 +96,7 @@ class BackgroundDigest:
 
     def _done_one(self) -> None:
         self._pending -= 1
+        self._done += 1
 
 
 def _stop(cond: threading.Condition, items: list[memoryview | None]) -> None:

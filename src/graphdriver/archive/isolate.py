@@ -11,6 +11,9 @@ journalling it), so the apply rolls back.
 A recorder (tar-split, issue 6) works across the boundary: ``opts.recorder`` gets the calls of
 the child's tar reader replayed from the runner's frame pipe (:mod:`.recframes`);
 ``opts.tarsplit_fd``, when set and no recorder is given, receives that frame stream directly.
+With ``opts.packer_fd`` instead (the store's way), the child packs the tar-split lines itself,
+beside its reader, gzip'd into that file, and checks the applied files against them: only the
+summary comes back (``ApplyResult.recording``), no frame crosses a pipe.
 
 If the child dies without a result (SIGKILL, OOM), an empty target is emptied by the parent
 (GraphDriverError), while a non-empty one cannot be rolled back: ``StoreCorrupt`` is raised, and
@@ -26,6 +29,7 @@ plugin or the package root.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -35,13 +39,18 @@ from ..fsutil import empty_beneath
 from ..idmap import IDMap
 from .apply import ApplyOptions, ApplyResult
 from .confine import ChildContext, JobBody, run_job
+from .recframes import BufferedRecorder
 from .whiteout import FORMATS
 
 if TYPE_CHECKING:  # the parent's modules: the child does not import them (start-up time)
     from collections.abc import Sequence
     from pathlib import Path
 
+    from .tarsplit import TarSplitPacker
+
 APPLY_JOB = "graphdriver.archive.isolate:apply_job"
+#: bytes of recorder frames the child's packer thread takes at a time (small: memory)
+CHILD_BATCH = 256 << 10
 
 
 def _empty_dir(target: Path) -> None:
@@ -76,8 +85,13 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions, *,
               "journal": opts.journal, "lowers": lowers is not None}
     ok = run_job(APPLY_JOB, target, params, on_death=on_death, input_fd=source_fd,
                  lowers=lowers or (), recorder=opts.recorder, frames_fd=opts.tarsplit_fd,
-                 progress=opts.progress)
-    return ApplyResult(int(ok["size"]), str(ok["diff_id"]))
+                 packer_fd=child_packer_fd(opts), progress=opts.progress)
+    return ApplyResult(int(ok["size"]), str(ok["diff_id"]), ok.get("recording"))
+
+
+def child_packer_fd(opts: ApplyOptions) -> int | None:
+    """The file the child packs tar-split lines into: only when no recorder is given."""
+    return opts.packer_fd if opts.recorder is None and opts.tarsplit_fd is None else None
 
 
 # ---- the child -----------------------------------------------------------------------------------
@@ -122,9 +136,35 @@ def open_warm_input(ctx: ChildContext) -> BinaryIO:
         raise errors.InvalidArgument("a layer job needs an input stream")
     stream = open_decompressed(ctx.input_fd)
     _warm_up(stream_kind(stream))
-    if ctx.recorder is not None:
+    if ctx.recorder is not None or ctx.packer_fd is not None:
         from . import crc64  # noqa: F401  (loads anycrc's extension before the chroot)
     return stream
+
+
+def open_child_packer(ctx: ChildContext) -> TarSplitPacker | None:
+    """The tar-split packer of a layer job that was handed ``ctx.packer_fd`` (None: not
+    recording in the child): final lines, gzip'd, written as the reader goes.  Made before the
+    chroot (it imports the compressor)."""
+    if ctx.packer_fd is None:
+        return None
+    from .tarsplit import METADATA_LEVEL, TarSplitPacker
+
+    out = io.FileIO(ctx.packer_fd, "wb", closefd=True)
+    # the records of the files to check spill to an unnamed file beside the layer's own
+    return TarSplitPacker(out, compress=True, level=METADATA_LEVEL,  # type: ignore[arg-type]
+                          spill_dir_fd=ctx.target_fd)
+
+
+def packer_summary(packer: TarSplitPacker | None, ctx: ChildContext) -> dict[str, Any]:
+    """The result's ``recording`` entry for :func:`open_child_packer`'s packer (closed here,
+    once the job's work is done: the applied files are checked against what it recorded)."""
+    if packer is None:
+        return {}
+    packer.close()
+    try:
+        return {"recording": packer.summary(ctx.target_fd)}
+    finally:
+        packer.release()
 
 
 def apply_job(ctx: ChildContext) -> JobBody:
@@ -133,19 +173,24 @@ def apply_job(ctx: ChildContext) -> JobBody:
     from .tarstream import TarReader
 
     stream = open_warm_input(ctx)
+    packer = open_child_packer(ctx)
     ctx.on_interrupt = apply_mod.SIGNAL_GATE.interrupt
     params = ctx.params
+    recorder = ctx.recorder if packer is None else BufferedRecorder(
+        packer, batch=CHILD_BATCH, threaded=True)
 
     def body() -> dict[str, Any]:
         if ctx.chrooted:
             apply_mod.allow_chdir = True  # single-threaded and chrooted: chdir is safe
         opts = ApplyOptions(whiteout_format=FORMATS[params["whiteout_format"]],
                             idmap=IDMap.from_json(params["idmap"]),
-                            recorder=ctx.recorder, progress=ctx.progress,
+                            recorder=recorder, progress=ctx.progress,
                             journal=bool(params.get("journal")),
                             lower_fds=ctx.lower_fds if params.get("lowers") else None)
-        reader = TarReader(stream, ctx.recorder)
+        reader = TarReader(stream, recorder)
         result = apply_mod.apply_reader(reader, ctx.target_fd, opts)
-        return {"size": result.size, "diff_id": result.diff_id}
+        if isinstance(recorder, BufferedRecorder):
+            recorder.close()
+        return {"size": result.size, "diff_id": result.diff_id, **packer_summary(packer, ctx)}
 
     return body

@@ -16,7 +16,9 @@ root.
 from __future__ import annotations
 
 import os
+import queue
 import struct
+import threading
 from typing import TYPE_CHECKING, BinaryIO
 
 from .. import errors
@@ -31,114 +33,195 @@ _CRC_FRAME = struct.Struct("<cQ")
 _U64 = struct.Struct("<Q")
 _REPLAY_BUFFER = 1 << 20
 _REPLAY_MIN = 64 << 10
+_QUEUED = 2  # batches a threaded BufferedRecorder lets wait for its thread
 #: the frame pipe's capacity: the child's 1 MiB flushes go in without waiting for the parent
 PIPE_SIZE = 4 << 20
 _SEG_HDR = struct.Struct("<I")
 _FILE_HDR = struct.Struct("<IQq")
 
 
-class PipeRecorder:
+class _FrameWriter:
+    """A Recorder that encodes its calls as frames and hands them to :meth:`_put`."""
+
+    def _put(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def segment(self, raw: bytes) -> None:
+        self._put(_SEG + _SEG_HDR.pack(len(raw)) + raw)  # one piece: a batch ends between frames
+
+    def file(self, name: bytes, size: int, payload_crc64: int | None) -> None:
+        crc = -1 if payload_crc64 is None else payload_crc64
+        self._put(_FILE + _FILE_HDR.pack(len(name), size, crc) + name)
+
+    def file_done(self, crc64: int) -> None:
+        self._put(_CRC_FRAME.pack(_CRC, crc64))
+
+    def write_frames(self, frames: bytes) -> None:
+        """Frames already encoded (by the native apply of a run of files, _fastapply.files)."""
+        self._put(frames)
+
+
+class PipeRecorder(_FrameWriter):
     """A Recorder that frames its calls onto a file descriptor (the child's side)."""
 
     def __init__(self, fd: int) -> None:
         self._out: BinaryIO = os.fdopen(fd, "wb", buffering=1 << 20)
-
-    def segment(self, raw: bytes) -> None:
-        self._out.write(_SEG + _SEG_HDR.pack(len(raw)))
-        self._out.write(raw)
-
-    def file(self, name: bytes, size: int, payload_crc64: int | None) -> None:
-        crc = -1 if payload_crc64 is None else payload_crc64
-        self._out.write(_FILE + _FILE_HDR.pack(len(name), size, crc) + name)
-
-    def file_done(self, crc64: int) -> None:
-        self._out.write(_CRC_FRAME.pack(_CRC, crc64))
-
-    def write_frames(self, frames: bytes) -> None:
-        """Frames already encoded (by the native apply of a run of files, _fastapply.files)."""
-        self._out.write(frames)
+        self._put = self._out.write  # type: ignore[method-assign, assignment]
 
     def close(self) -> None:
         self._out.close()
+
+
+class BufferedRecorder(_FrameWriter):
+    """A Recorder whose frames are kept in memory and replayed into *recorder* (a packer) a
+    batch at a time: the confined child packs its tar-split lines so, beside its reader and
+    without a pipe -- the many small calls cost a frame each, and the packer turns a batch of
+    them into lines in one native call (TarSplitPacker.take_frames).
+
+    With *threaded*, the batches are replayed by a thread of their own, in order (the native
+    packing and the compressor release the GIL), off the reader's critical path; at most
+    _QUEUED batches wait.  Call :meth:`close` before using *recorder*: it replays what is left,
+    waits for the thread, and raises what the replay raised."""
+
+    def __init__(self, recorder: Recorder, batch: int = _REPLAY_BUFFER,
+                 threaded: bool = False) -> None:
+        self._rec = recorder
+        self._buf = bytearray()
+        self._batch = batch
+        self._queue: queue.Queue[bytearray | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        if threaded:
+            self._queue = queue.Queue(_QUEUED)
+            self._thread = threading.Thread(target=self._work, name="tar-split-packer",
+                                            daemon=True)
+            self._thread.start()
+
+    def _put(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        if len(buf) >= self._batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Replay every frame kept so far (hand them to the thread)."""
+        buf = self._buf
+        if not buf:
+            return
+        if self._queue is not None:
+            self._buf = bytearray()
+            self._queue.put(buf)
+            return
+        self._replay(buf)
+        buf.clear()
+
+    def _replay(self, batch: bytearray) -> None:
+        if replay_frames(batch, 0, len(batch), self._rec) != len(batch):
+            raise _corrupt("truncated")
+
+    def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            if self._error is None:
+                try:
+                    self._replay(batch)
+                except BaseException as exc:  # raised by close(), in the caller's thread
+                    self._error = exc
+
+    def close(self) -> None:
+        self.flush()
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+        if self._error is not None:
+            raise self._error
 
 
 def _corrupt(what: str) -> errors.InvalidArchive:
     return errors.InvalidArchive(f"recorder stream from the apply child is {what}")
 
 
+def replay_frames(buf: bytearray | bytes, start: int, end: int, recorder: Recorder) -> int:
+    """Replay the whole frames in ``buf[start:end]`` into *recorder*; returns how many bytes
+    they took (an unfinished frame at the end is left for the caller to complete)."""
+    file_done = getattr(recorder, "file_done", None)
+    # a packer that turns the common frames into its lines natively (TarSplitPacker.take_frames)
+    take = getattr(recorder, "take_frames", None)
+    seg_size, file_size, crc_size = _SEG_HDR.size, _FILE_HDR.size, _U64.size
+    pos = start
+    while pos < end:
+        avail = end - pos
+        if take is not None:
+            took = take(buf, pos, end)
+            if took:
+                pos += took
+                continue
+        kind = buf[pos]
+        if kind == 0x53:  # "S"
+            if avail < 1 + seg_size:
+                break
+            (n,) = _SEG_HDR.unpack_from(buf, pos + 1)
+            total = 1 + seg_size + n
+            if total > avail:
+                break
+            recorder.segment(bytes(buf[pos + 1 + seg_size : pos + total]))
+        elif kind == 0x46:  # "F"
+            if avail < 1 + file_size:
+                break
+            n, size, crc = _FILE_HDR.unpack_from(buf, pos + 1)
+            total = 1 + file_size + n
+            if total > avail:
+                break
+            name = bytes(buf[pos + 1 + file_size : pos + total])
+            recorder.file(name, size, None if crc < 0 else crc)
+        elif kind == 0x43:  # "C"
+            total = 1 + crc_size
+            if total > avail:
+                break
+            if file_done is not None:
+                file_done(_U64.unpack_from(buf, pos + 1)[0])
+        else:
+            raise _corrupt("corrupt")
+        pos += total
+    return pos - start
+
+
+def _frame_size(buf: bytearray, start: int, end: int) -> int:
+    """The size of the (unfinished) frame at ``buf[start:end]``, 0 while its header is not all
+    there."""
+    kind = buf[start]
+    if kind == 0x53 and end - start >= 1 + _SEG_HDR.size:
+        return 1 + _SEG_HDR.size + int(_SEG_HDR.unpack_from(buf, start + 1)[0])
+    if kind == 0x46 and end - start >= 1 + _FILE_HDR.size:
+        return 1 + _FILE_HDR.size + int(_FILE_HDR.unpack_from(buf, start + 1)[0])
+    return 0
+
+
 def replay_recorder_stream(fd: int, recorder: Recorder) -> None:
     """Replay the frames of a :class:`PipeRecorder` read from *fd* (then closed) into *recorder*.
 
     Frames are parsed in place from one large buffer (they are many and small)."""
-    file_done = getattr(recorder, "file_done", None)
-    # a packer that turns the common frames into its lines natively (TarSplitPacker.take_frames)
-    take = getattr(recorder, "take_frames", None)
-    segment = recorder.segment
-    file = recorder.file
-    seg_size, file_size, crc_size = _SEG_HDR.size, _FILE_HDR.size, _U64.size
-    seg_hdr, file_hdr, u64 = _SEG_HDR.unpack_from, _FILE_HDR.unpack_from, _U64.unpack_from
     buf = bytearray(_REPLAY_BUFFER)
     start = end = 0
-    eof = False
     with open(fd, "rb", buffering=0) as f:
         while True:
             avail = end - start
             # make room for at least one more read; keep an unfinished frame at the front
-            if eof:
-                if not avail:
-                    return
-            else:
-                if start and (avail < _REPLAY_MIN or end == len(buf)):
-                    buf[:avail] = buf[start:end]
-                    start, end = 0, avail
-                if end < len(buf):
-                    n = f.readinto(memoryview(buf)[end:])
-                    if n:
-                        end += n
-                    else:
-                        eof = True
-                    avail = end - start
-            progressed = False
-            while avail:
-                if take is not None:
-                    took = take(buf, start, end)
-                    if took:
-                        start += took
-                        avail -= took
-                        progressed = True
-                        continue
-                kind = buf[start]
-                if kind == 0x53:  # "S"
-                    if avail < 1 + seg_size:
-                        break
-                    (n,) = seg_hdr(buf, start + 1)
-                    total = 1 + seg_size + n
-                    if total > avail:
-                        if total > len(buf):
-                            buf.extend(bytes(total - len(buf)))
-                        break
-                    segment(bytes(buf[start + 1 + seg_size : start + total]))
-                elif kind == 0x46:  # "F"
-                    if avail < 1 + file_size:
-                        break
-                    n, size, crc = file_hdr(buf, start + 1)
-                    total = 1 + file_size + n
-                    if total > avail:
-                        if total > len(buf):
-                            buf.extend(bytes(total - len(buf)))
-                        break
-                    name = bytes(buf[start + 1 + file_size : start + total])
-                    file(name, size, None if crc < 0 else crc)
-                elif kind == 0x43:  # "C"
-                    total = 1 + crc_size
-                    if total > avail:
-                        break
-                    if file_done is not None:
-                        file_done(u64(buf, start + 1)[0])
-                else:
-                    raise _corrupt("corrupt")
-                start += total
-                avail -= total
-                progressed = True
-            if eof and avail and not progressed:
-                raise _corrupt("truncated")
+            if start and (avail < _REPLAY_MIN or end == len(buf)):
+                buf[:avail] = buf[start:end]
+                start, end = 0, avail
+            if avail:
+                need = _frame_size(buf, start, end)
+                if need > len(buf) - start:
+                    buf.extend(bytes(need - (len(buf) - start)))
+            n = f.readinto(memoryview(buf)[end:])
+            if not n:
+                if end > start and replay_frames(buf, start, end, recorder) != end - start:
+                    raise _corrupt("truncated")
+                return
+            end += n
+            start += replay_frames(buf, start, end, recorder)

@@ -31,11 +31,14 @@ falls back to the normal one.
 
 from __future__ import annotations
 
+import array
 import base64
 import binascii
 import contextlib
 import gzip
+import heapq
 import io
+import itertools
 import json
 import logging
 import os
@@ -51,6 +54,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from ..errors import GraphDriverError, InvalidArchive, NotFound, StoreCorrupt
 from .crc64 import crc64
 from .native import native_module
+from .recframes import replay_frames
 
 if TYPE_CHECKING:
     from .tarstream import TarEntry
@@ -67,6 +71,8 @@ UNREPRODUCIBLE_NAME = "tar-split.unreproducible"
 METADATA_LEVEL = 1
 
 _COPY = 1 << 20
+_SPILL = 1 << 20  # bytes of file records kept in memory before they go to the spill file
+_RUN_READ = 64 << 10  # bytes read at a time from each sorted run of spilled hashes
 _MAX_LINE = 64 << 20  # a segment line: the reader flushes at most ~1 MiB of raw bytes at once
 
 
@@ -244,6 +250,13 @@ def recorded_headers(meta: BinaryIO) -> Iterator[TarEntry]:
 
 # ----- writing ------------------------------------------------------------------------------
 
+_fastapply = native_module("_fastapply")
+#: the duplicate rule's native hash of a clean path and its check (TarSplitPacker), if built
+_path_hash: Callable[[bytes], int] | None = _fastapply.path_hash if _fastapply else None
+_first_duplicate: Callable[[bytearray], int | None] | None = (
+    _fastapply.first_duplicate if _fastapply else None)
+_U64 = struct.Struct("<Q")
+
 
 _FILE_RECORD = struct.Struct("<QI")  # a file entry's size and name length (_fastapply.c too)
 
@@ -260,12 +273,16 @@ class TarSplitPacker:
     lists (name, size) of the file entries with data, for the check after an apply.
     """
 
-    def __init__(self, out: BinaryIO, compress: bool = False, level: int = 1) -> None:
+    def __init__(self, out: BinaryIO, compress: bool = False, level: int = 1,
+                 spill_dir_fd: int | None = None) -> None:
         self._out = out
         self._pos = 0
-        # hash() of each clean path so far (duplicate rule); a 64-bit hash, not the names: ~25
-        # MB less for 100k entries, and a collision (~1e-10) only costs a false "appears twice",
-        # i.e. a layer diffed without its tar-split metadata
+        # a 64-bit hash of each clean path so far (duplicate rule), not the names: natively 8
+        # bytes a path in one flat array, looked through once when the recording ends
+        # (_fastapply.first_duplicate); else a set of hash(), checked as the paths come.  A
+        # collision only costs a false "appears twice", i.e. a layer diffed without its
+        # tar-split metadata
+        self._hashes = _SpillBuffer(spill_dir_fd, sorted_runs=True) if _path_hash else None
         self._seen: set[int] = set()
         self._pending: Entry | None = None
         self._crc: int | None = None
@@ -278,8 +295,10 @@ class TarSplitPacker:
         self.bytes_described = 0
         self.missing = 0
         # the file entries with data, for the check after an apply: records of _FILE_RECORD
-        # (size, name length) and the name, in one buffer (a list of tuples cost ~200 B each)
-        self.file_records = bytearray()
+        # (size, name length) and the name, in one buffer (a list of tuples cost ~200 B each);
+        # with *spill_dir_fd*, they and the hashes above go to unnamed files made there
+        # (O_TMPFILE) every _SPILL bytes, so that memory stays flat in entries
+        self._records = _SpillBuffer(spill_dir_fd)
 
     @property
     def lines(self) -> int:
@@ -325,20 +344,101 @@ class TarSplitPacker:
             if len(b) >= _COPY:
                 self._drain()
 
+    @property
+    def file_records(self) -> bytearray:
+        """The file records not spilled yet (see __init__); :meth:`record_chunks` has all."""
+        return self._records.buf
+
+    def _first_time(self, key: bytes) -> bool:
+        """Whether the clean path *key* is new (the duplicate rule) as far as known now (the
+        native way finds out at :meth:`close`); remembers it."""
+        if self._hashes is not None:
+            self._hashes.buf += _U64.pack(_path_hash(key))  # type: ignore[misc]
+            self._hashes.spill()
+            return True
+        h = hash(key)
+        if h in self._seen:
+            return False
+        self._seen.add(h)
+        return True
+
+    def _check_duplicates(self) -> None:
+        """The duplicate rule over the hashes kept natively (see __init__), once at the end."""
+        if self._hashes is None or self.problem is not None:
+            return
+        dup = self._hashes.first_duplicate()
+        self._hashes.release()
+        if dup is not None:
+            name = self._written_name(dup)
+            shown = "a path" if name is None else f"path {name.decode('utf-8', 'replace')!r}"
+            self.problem = f"{shown} appears twice in the archive"
+
+    def _written_name(self, h: int) -> bytes | None:
+        """The name of the second file entry whose clean path hashes to *h*, read back from
+        the lines written (None when the output cannot be read back)."""
+        found = 0
+        for line in self._written_lines():
+            if not line.startswith(b'{"type":1,'):
+                continue
+            try:
+                e = decode_entry(line)
+            except InvalidArchive:
+                return None
+            if _path_hash(clean_path(e.name)) == h:  # type: ignore[misc]
+                found += 1
+                if found == 2:
+                    return e.name
+        return None
+
+    def _written_lines(self) -> Iterator[bytes]:
+        """The lines written so far, read back (streamed) from an output that can be read:
+        a file opened for reading too, or a BytesIO; nothing otherwise."""
+        chunks: Iterator[bytes]
+        if isinstance(self._out, io.BytesIO):
+            chunks = iter((self._out.getvalue(),))
+        else:
+            try:
+                fd = self._out.fileno()
+                os.pread(fd, 1, 0)
+            except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+                return
+
+            def read_all() -> Iterator[bytes]:
+                off = 0
+                while chunk := os.pread(fd, _COPY, off):
+                    off += len(chunk)
+                    yield chunk
+
+            chunks = read_all()
+        z = zlib.decompressobj(31) if self.compressed else None
+        rest = b""
+        try:
+            for chunk in chunks:
+                data = rest + (z.decompress(chunk) if z is not None else chunk)
+                *lines, rest = data.split(b"\n")
+                yield from lines
+        except zlib.error:
+            return
+        if rest:
+            yield rest
+
+    def record_chunks(self) -> Iterator[bytes | bytearray]:
+        """The file records (see ``file_records``) in order, spilled chunks first."""
+        return self._records.chunks()
+
     def file(self, name: bytes, size: int, payload_crc64: int | None) -> None:
         self._flush_pending()
-        key = clean_path(name)
-        h = hash(key)
-        if h in self._seen and self.problem is None:
+        if not self._first_time(clean_path(name)) and self.problem is None:
             self.problem = f"path {name.decode('utf-8', 'replace')!r} appears twice in the archive"
-        self._seen.add(h)
         self.bytes_described += size
         e = Entry(FILE_TYPE, bytes(name), size)
         if size <= 0:
             self._emit(e)
             return
-        self.file_records += _FILE_RECORD.pack(size, len(e.name))
-        self.file_records += e.name
+        recs = self._records
+        recs.buf += _FILE_RECORD.pack(size, len(e.name))
+        recs.buf += e.name
+        recs.spill()
         if payload_crc64 is not None:
             e.payload = crc_bytes(payload_crc64)
             self._emit(e)
@@ -350,26 +450,28 @@ class TarSplitPacker:
     def files(self) -> list[tuple[bytes, int]]:
         """(name, size) of the file entries with data, in archive order."""
         out: list[tuple[bytes, int]] = []
-        recs = self.file_records
-        pos, n, head = 0, len(recs), _FILE_RECORD.size
-        while pos < n:
-            size, length = _FILE_RECORD.unpack_from(recs, pos)
-            pos += head
-            out.append((bytes(recs[pos : pos + length]), size))
-            pos += length
+        for recs in self.record_chunks():
+            pos, n, head = 0, len(recs), _FILE_RECORD.size
+            while pos < n:
+                size, length = _FILE_RECORD.unpack_from(recs, pos)
+                pos += head
+                out.append((bytes(recs[pos : pos + length]), size))
+                pos += length
         return out
 
     def take_frames(self, buf: bytearray, start: int, end: int) -> int:
         """Turn the common-case recorder frames of a confined child (recframes.py) found
         in ``buf[start:end]`` into lines natively; returns how many bytes it took (0: the next
         frame is for the Python methods above).  Same lines as those methods write."""
-        if self._pending is not None or _native_pack is None:
+        if self._pending is not None or _native_pack is None or self._hashes is None:
             return 0
         took, lines, self._pos, described, missing = _native_pack(
-            buf, start, end, self._pos, self._seen, self.file_records)
+            buf, start, end, self._pos, self._hashes.buf, self._records.buf)
         if took:
             self.bytes_described += described
             self.missing += missing
+            self._records.spill()
+            self._hashes.spill()
             if len(lines) >= _COPY:  # a big batch goes out as it is, without a copy
                 self._drain()
                 out = self._z.compress(lines) if self._z is not None else lines
@@ -380,6 +482,27 @@ class TarSplitPacker:
                 if len(self._buf) >= _COPY:
                     self._drain()
         return int(took)
+
+    def write_frames(self, frames: bytes) -> None:
+        """Whole recorder frames (recframes.py) of a run of files the native apply wrote: the
+        packer runs beside the reader (in the confined child), and the frames never cross a
+        pipe."""
+        if replay_frames(frames, 0, len(frames), self) != len(frames):
+            raise InvalidArchive("tar-split: the native apply's frames end inside a frame")
+
+    def verify(self, root_fd: int) -> str | None:
+        """Why the applied layer beneath *root_fd* does not hold the recorded files as recorded
+        (None: it does).  Call once the apply is done."""
+        return verify_packed(root_fd, self)
+
+    def summary(self, root_fd: int) -> dict[str, Any]:
+        """What :func:`graphdriver.exactdiff.finish_layer_recording` needs of a closed packer
+        that ran elsewhere (the confined child), JSON-able; the recorded files are checked here
+        (beneath *root_fd*) when the lines are final."""
+        complete = self.problem is None and not self.missing and self.compressed
+        return {"problem": self.problem, "missing": self.missing, "lines": self._pos,
+                "compressed": self.compressed,
+                "unverified": self.verify(root_fd) if complete else None}
 
     def file_done(self, crc64: int) -> None:
         """The CRC-64 of the current file entry's whole data (from the tar reader)."""
@@ -405,6 +528,113 @@ class TarSplitPacker:
             self._out.write(self._z.flush())
             self._z = None
         self._out.flush()
+        self._check_duplicates()  # after the flush: the lines can be read back for the name
+
+    def release(self) -> None:
+        """Drop the spilled records (after the check: they are gone then)."""
+        self._records.release()
+        if self._hashes is not None:
+            self._hashes.release()
+
+
+class _SpillBuffer:
+    """A byte buffer that only grows (records, hashes), moved to an unnamed file (O_TMPFILE)
+    made in *dir_fd* every _SPILL bytes; kept in memory without *dir_fd* or if that fails.
+
+    With *sorted_runs* it holds u64 path hashes, and each chunk is sorted before it goes, so
+    that :meth:`first_duplicate` merges the runs with a few small buffers instead of loading
+    them all."""
+
+    def __init__(self, dir_fd: int | None, sorted_runs: bool = False) -> None:
+        self.buf = bytearray()
+        self._dir_fd = dir_fd
+        self._fd = -1
+        self._sizes: list[int] = []  # sizes of the chunks in the file, in order
+        self._sorted = sorted_runs
+        self._duplicate: int | None = None  # found inside a chunk while sorting it
+
+    def spill(self) -> None:
+        """Move the buffer to the file if it is big."""
+        buf = self.buf
+        if len(buf) < _SPILL or self._dir_fd is None:
+            return
+        if self._sorted:
+            dup = _first_duplicate(buf)  # type: ignore[misc]
+            if self._duplicate is None:
+                self._duplicate = dup
+        try:
+            if self._fd < 0:
+                self._fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                                   dir_fd=self._dir_fd)
+            done = 0
+            with memoryview(buf) as view:
+                while done < len(buf):
+                    done += os.write(self._fd, view[done:])
+        except OSError as exc:
+            log.debug("tar-split: keeping the records in memory (%s)", exc)
+            self._dir_fd = None
+            return
+        self._sizes.append(len(buf))
+        buf.clear()
+
+    def chunks(self) -> Iterator[bytes | bytearray]:
+        """Everything in order, spilled chunks first."""
+        off = 0
+        for size in self._sizes:
+            chunk = os.pread(self._fd, size, off)
+            if len(chunk) != size:
+                raise StoreCorrupt("tar-split: a spill file is short")
+            off += size
+            yield chunk
+        yield self.buf
+
+    def first_duplicate(self) -> int | None:
+        """A u64 that occurs twice among all those held, or None (*sorted_runs* only)."""
+        dup = _first_duplicate(self.buf)  # type: ignore[misc]
+        if self._duplicate is not None or dup is not None or not self._sizes:
+            return self._duplicate if self._duplicate is not None else dup
+        runs = [self._run(off, size) for off, size in zip(
+            itertools.accumulate(self._sizes, initial=0), self._sizes, strict=False)]
+        runs.append(iter(array.array("Q", self.buf)))
+        prev = None
+        for h in heapq.merge(*runs):
+            if h == prev:
+                return h
+            prev = h
+        return None
+
+    def _run(self, off: int, size: int) -> Iterator[int]:
+        """The sorted u64s of the spilled chunk at *off*, read 64 KiB at a time."""
+        end = off + size
+        while off < end:
+            piece = os.pread(self._fd, min(_RUN_READ, end - off), off)
+            if not piece or len(piece) % 8:
+                raise StoreCorrupt("tar-split: a spill file is short")
+            off += len(piece)
+            yield from array.array("Q", piece)
+
+    def release(self) -> None:
+        """Drop the file and the buffer."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._sizes.clear()
+        self.buf.clear()
+
+
+class PackedElsewhere:
+    """A packer's :meth:`TarSplitPacker.summary` from the confined child, with the packer's
+    attributes that finishing a recording reads (the check of the files was done there)."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        self.problem: str | None = summary["problem"]
+        self.missing = int(summary["missing"])
+        self.lines = int(summary["lines"])
+        self.compressed = bool(summary["compressed"])
+        self._unverified: str | None = summary["unverified"]
+
+    def verify(self, root_fd: int) -> str | None:
+        return self._unverified
 
 
 def _gzip_compressor(level: int) -> Any:
@@ -492,7 +722,6 @@ def _file_crc(root_fd: int, name: bytes, size: int, inodes: set[tuple[int, int]]
         os.close(fd)
 
 
-_fastapply = native_module("_fastapply")
 # the native line maker for the apply child's frames (TarSplitPacker.take_frames), if built
 _native_pack: Callable[..., tuple[int, bytes, int, int, int]] | None = (
     _fastapply.pack_frames if _fastapply else None)
@@ -500,11 +729,14 @@ _native_pack: Callable[..., tuple[int, bytes, int, int, int]] | None = (
 
 def verify_packed(root_fd: int, packer: TarSplitPacker,
                   resolve: Resolver | None = None) -> str | None:
-    """_verify_files for what *packer* recorded: natively when built (~1 system call per file);
-    anything not plainly right is looked at, and told, the Python way (names not found as
-    written are handed to *resolve*)."""
-    if _fastapply is not None and _fastapply.verify_files(root_fd, packer.file_records) == -1:
-        return None
+    """_verify_files for what *packer* recorded: natively when built (~1 system call per file,
+    chunk by chunk of the records); anything not plainly right is looked at, and told, the
+    Python way (names not found as written are handed to *resolve*)."""
+    if _fastapply is not None:
+        linked: set[int] = set()  # inodes with more than one link, across the chunks
+        if all(_fastapply.verify_files(root_fd, chunk, linked) == -1
+               for chunk in packer.record_chunks()):
+            return None
     return _verify_files(root_fd, packer.files, resolve)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import posixpath
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Protocol
 
@@ -413,6 +414,10 @@ class TarReader:
         self._stream = stream
         self._recorder = recorder
         self._digest = BackgroundDigest() if digest else None
+        # regions of the buffer handed to the digest and maybe not hashed yet: (lap, start,
+        # sequence number), in hand-over order; a lap is one pass from the buffer's front
+        self._regions: deque[tuple[int, int, int]] = deque()
+        self._lap = 0
         self._buf = aligned_buffer(BUFFER_SIZE)
         self._mv = memoryview(self._buf)
         self._pos = 0
@@ -443,6 +448,7 @@ class TarReader:
         if need > size:
             if self._digest is not None:
                 self._digest.wait()
+                self._regions.clear()
             bigger = aligned_buffer(need)
             bigger[:avail] = self._mv[self._pos : self._end]
             self._mv.release()
@@ -453,8 +459,8 @@ class TarReader:
         # Reads go on at the end while there is room; the front is reused (after the digest
         # thread is done with it) when what is needed does not fit behind.
         if self._pos and (self._pos + need > size or (avail == 0 and size - self._end < _READ)):
-            if self._digest is not None:
-                self._digest.wait()
+            self._lap += 1
+            self._reuse(avail)
             if avail:
                 self._mv[:avail] = self._mv[self._pos : self._end]
             self._pos = 0
@@ -462,15 +468,34 @@ class TarReader:
         mv = self._mv
         while self._end - self._pos < need:
             end = self._end
-            n = self._stream.readinto(mv[end : min(end + _READ, size)])  # type: ignore[attr-defined]
+            stop = min(end + _READ, size)
+            self._reuse(stop)
+            n = self._stream.readinto(mv[end:stop])  # type: ignore[attr-defined]
             if not n:
                 self._eof = True
                 return False
             if self._digest is not None:
-                self._digest.update(mv[end : end + n])
+                self._regions.append((self._lap, end, self._digest.update(mv[end : end + n])))
             self._end = end + n
             self.bytes_read += n
         return True
+
+    def _reuse(self, upto: int) -> None:
+        """Before the buffer's bytes below *upto* are written again: wait until the digest has
+        hashed the regions of an earlier lap that start there (only those: the digest goes on
+        with the rest of the buffer while the reader fills its front)."""
+        regions = self._regions
+        last = -1  # the latest such region: the digest hashes in order, so earlier ones too
+        for i, (lap, start, _) in enumerate(regions):
+            if lap >= self._lap:
+                break
+            if start < upto:
+                last = i
+        if last < 0 or self._digest is None:
+            return
+        for _ in range(last):
+            regions.popleft()
+        self._digest.wait_for(regions.popleft()[2])
 
     def _take(self, n: int, what: str) -> bytes:
         if not self._fill(n):

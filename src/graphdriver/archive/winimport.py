@@ -41,10 +41,12 @@ def import_windows_confined(source_fd: int, target: Path, opts: ApplyOptions, *,
     """Import the (possibly compressed) Windows layer tar read from *source_fd* beneath
     *target* (an empty staging directory, or a clone of what the layer held) in a confined
     child.  *parents* are the parent layers' directories, nearest first.  ``opts.recorder``,
-    ``opts.tarsplit_fd`` and ``opts.progress`` work as for :func:`.isolate.apply_confined`;
-    the whiteout format and id mapping do not apply to Windows layers.  Returns hcsshim's
-    size (bytes of file data) and the diffID.  On any error the target is left as the child
-    left it: the caller discards it."""
+    ``opts.tarsplit_fd``, ``opts.packer_fd`` and ``opts.progress`` work as for
+    :func:`.isolate.apply_confined`; the whiteout format and id mapping do not apply to
+    Windows layers.  Returns hcsshim's size (bytes of file data) and the diffID.  On any
+    error the target is left as the child left it: the caller discards it."""
+
+    from .isolate import child_packer_fd
 
     def on_death(why: str) -> GraphDriverError:
         return GraphDriverError(
@@ -52,22 +54,29 @@ def import_windows_confined(source_fd: int, target: Path, opts: ApplyOptions, *,
 
     ok = run_job(IMPORT_JOB, target, {}, on_death=on_death, input_fd=source_fd,
                  lowers=parents, lowers_linkable=True, recorder=opts.recorder,
-                 frames_fd=opts.tarsplit_fd, progress=opts.progress)
-    return ApplyResult(int(ok["size"]), str(ok["diff_id"]))
+                 frames_fd=opts.tarsplit_fd, packer_fd=child_packer_fd(opts),
+                 progress=opts.progress)
+    return ApplyResult(int(ok["size"]), str(ok["diff_id"]), ok.get("recording"))
 
 
 def import_job(ctx: ChildContext) -> JobBody:
     """The confined job: import the input Windows layer tar beneath the target."""
-    from .isolate import open_warm_input
+    from .isolate import CHILD_BATCH, open_child_packer, open_warm_input, packer_summary
+    from .recframes import BufferedRecorder
     from .tarstream import TarReader
     from .windows.importer import import_layer
 
     stream = open_warm_input(ctx)
+    packer = open_child_packer(ctx)
 
     def body() -> dict[str, Any]:
-        reader = TarReader(stream, recorder=ctx.recorder)
+        recorder = ctx.recorder if packer is None else BufferedRecorder(
+            packer, batch=CHILD_BATCH, threaded=True)
+        reader = TarReader(stream, recorder=recorder)
         size = import_layer(reader, ctx.target_fd, ctx.lower_fds, ctx.progress)
         reader.drain()
-        return {"size": size, "diff_id": reader.diff_id}
+        if isinstance(recorder, BufferedRecorder):
+            recorder.close()
+        return {"size": size, "diff_id": reader.diff_id, **packer_summary(packer, ctx)}
 
     return body

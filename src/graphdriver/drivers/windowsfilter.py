@@ -96,6 +96,7 @@ from .. import quota
 from ..archive.apply import ApplyOptions, ApplyResult
 from ..archive.changes import Change, ChangeKind
 from ..archive.pathres import open_beneath
+from ..archive.tarsplit import Resolver
 from ..archive.windows.export import write_layer_tar
 from ..archive.windows.layout import stored_path, walk_layer
 from ..archive.windows.metadata import read_tombstones
@@ -576,15 +577,11 @@ class WindowsFilterDriver(LayerStore):
         atomic_write(d / LAYERCHAIN, json.dumps([str(p) for p in parents]).encode(), mode=0o600)
         return result
 
-    def _tarsplit_end(self, rec: LayerRecord, raw_fd: int, packer: Any) -> None:
-        """The store's tar-split check, with names matched as NTFS matches them: a tar naming
-        ``Files/dir/a`` after ``Files/Dir`` stored ``Files/Dir/a``, and its exact diff reads
-        that file (the diff getter resolves the name the same way)."""
-        from ..exactdiff import finish_layer_recording
-
-        packer.close()
-        finish_layer_recording(self.meta.dir(rec.id), raw_fd, self._apply_target(rec), rec.id,
-                               packer, resolve=stored_path)
+    def _tarsplit_resolver(self) -> Resolver:
+        """Names matched as NTFS matches them: a tar naming ``Files/dir/a`` after ``Files/Dir``
+        stored ``Files/Dir/a``, and its exact diff reads that file (the diff getter resolves the
+        name the same way)."""
+        return stored_path
 
     def _quota_available(self) -> bool:
         return quota.image_supported() is None
