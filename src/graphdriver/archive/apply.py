@@ -759,6 +759,12 @@ class _Applier:
             self._remove(dfd, dreal, base)
 
     # ---- entries -------------------------------------------------------------------------------
+    @staticmethod
+    def _check_ids(e: TarEntry) -> None:
+        """Ids no file can have: the reader hands them on as Go's does; the apply refuses."""
+        if not (0 <= e.uid <= ts.MAX_ID and 0 <= e.gid <= ts.MAX_ID):
+            raise InvalidArchive(f"{e.name!r}: uid/gid {e.uid}/{e.gid} out of range")
+
     def _ids(self, e: TarEntry) -> tuple[int, int]:
         if self.idmap.is_identity:
             return e.uid, e.gid
@@ -1197,6 +1203,7 @@ class _Applier:
             if e.type != ts.DIRECTORY:
                 raise InvalidArchive("the archive's root entry is not a directory")
             self._check_xattrs(e)
+            self._check_ids(e)
             self._dir_meta(e, self.root_fd, "", False, False)
             self.cache[""] = (self.root_fd, "", bool(e.mode & stat.S_ISGID))
             return
@@ -1215,6 +1222,7 @@ class _Applier:
             return
         if e.xattrs:
             self._check_xattrs(e)
+        self._check_ids(e)
         hit = self.cache.get(parent)
         if hit is None:
             hit = self._dir(parent, True, name)
