@@ -398,3 +398,21 @@ def test_dir_needed_beneath_a_whited_out_dir_is_made_anew(driver: Any) -> None:
         st = os.lstat(root / "a/x")
         assert (stat.S_IMODE(st.st_mode), st.st_uid, os.listxattr(root / "a/x")) == (
             0o755, 0, [])
+
+
+def test_hard_link_to_a_lower_file_survives_diff_and_apply(driver: Any,
+                                                           request: pytest.FixtureRequest) -> None:
+    """A layer that hard-links ``c`` to the lower ``b``: its ``diff`` applied again on the parent
+    gives ``b`` and ``c`` as one file.  overlay's diff carries the copied-up ``b``; vfs's lists
+    only ``c`` (moby's rule: links within the tar only) and the link is lost."""
+    if driver.name == "vfs":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "vfs: changes/diff do not carry the lower target of a new hard link (found by "
+            "test_layer_differential.py, seed 7; not fixed yet)")))
+    apply(driver, "base", None, TarBuilder().file("b", b"b").bytes())
+    apply(driver, "top", "base", TarBuilder().hardlink("c", "b").bytes())
+    with driver.diff("top") as s:
+        data = s.read()
+    apply(driver, "copy", "base", data)
+    with driver.mounted("copy") as root:
+        assert os.lstat(root / "b").st_ino == os.lstat(root / "c").st_ino
