@@ -276,6 +276,9 @@ class _Applier:
         self.lowers = (LowerView(opts.lower_fds, self.whiteouts)
                        if self.overlay and opts.lower_fds is not None else None)
         self.whited: set[str] = set()  # whiteouts this apply wrote (overlay)
+        # lower files copied up as hard-link targets (overlay): still the lower layers' paths,
+        # which this layer's whiteouts and opaque directories hide
+        self.copied_up: set[str] = set()
         self.idmap = opts.idmap
         self.identity = opts.idmap.is_identity
         self.euid = os.geteuid()
@@ -526,6 +529,26 @@ class _Applier:
         hit = self.lowers.find(real)
         return None if hit is None else hit[0]
 
+    def _refuse_lower_symlink(self, path: str, name: str) -> None:
+        """*name* (a whiteout or an opaque marker) is refused where a layer below shows a
+        symlink at *path* or above it and this layer has nothing of its own there (vfs refuses
+        it in its copy of the tree); the archive's own symlinks are ``_dir``'s to refuse."""
+        parts = path.split("/") if path else []
+        for i in range(1, len(parts) + 1):
+            up = "/".join(parts[:i])
+            try:
+                st = os.lstat(up, dir_fd=self.root_fd)
+            except FileNotFoundError:
+                shown = self._lower_shows(up)
+                if shown is not None and stat.S_ISLNK(shown.st_mode):
+                    raise UnsafeArchive(
+                        f"{name!r} lies beneath symlink {up!r} of a lower layer") from None
+                if shown is None or not stat.S_ISDIR(shown.st_mode):
+                    return
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                return
+
     def _mkdir_parent(self, pfd: int, preal: str, base: str, copy_up: bool = True,
                       name: str = "") -> None:
         """A directory the layer needs but does not list: overlayfs' copy-up of what the layers
@@ -611,6 +634,7 @@ class _Applier:
         self.created.discard(real)
         self.merged.discard(real)
         self.whited.discard(real)
+        self.copied_up.discard(real)
         # the times recorded for a directory stay with it: never set on what replaces it
         self.dir_times.pop(real, None)
         if is_dir:
@@ -637,9 +661,13 @@ class _Applier:
         if target in ("", ".", "..") or target.startswith(WHITEOUT_META_PREFIX[4:]):
             raise UnsafeArchive(f"whiteout {name!r} names no removable entry")
         hit = self._dir(parent, False, name)
+        if self.lowers is not None:
+            self._refuse_lower_symlink(parent, name)
         if hit is not None:
             pfd, preal, _ = hit
             real = _join(preal, target)
+            if real in self.copied_up:  # a lower file, copied up for a link: hidden
+                self._remove(pfd, preal, target)
             try:
                 st: os.stat_result | None = os.lstat(target, dir_fd=pfd)
             except FileNotFoundError:
@@ -692,6 +720,8 @@ class _Applier:
             if not parent:
                 self._opaque_root()
                 return
+            self._dir(parent, False, name)  # refuses a path through the archive's own symlink
+            self._refuse_lower_symlink(parent, name)
             shown = self._lower_shows(parent)
             if shown is None or not stat.S_ISDIR(shown.st_mode):
                 return  # no directory below to hide: no trace (nor beneath a non-directory)
@@ -707,9 +737,11 @@ class _Applier:
 
     def _drop_whiteouts_beneath(self, dreal: str) -> None:
         """The directory *dreal* became opaque: this layer's whiteouts beneath it hide nothing
-        now, and overlayfs would list them (a name readdir shows and lstat cannot find)."""
+        now, and overlayfs would list them (a name readdir shows and lstat cannot find); the
+        lower files copied up beneath it as link targets are hidden with the rest below."""
         below = dreal + "/" if dreal else ""
-        for real in sorted((w for w in self.whited if w.startswith(below)), reverse=True):
+        hidden = [w for w in self.whited | self.copied_up if w.startswith(below)]
+        for real in sorted(hidden, reverse=True):
             parent, _, base = real.rpartition("/")
             pfd = open_beneath(self.root_fd, parent)
             try:
@@ -725,6 +757,8 @@ class _Applier:
         for base in sorted(self.lowers.names("")):
             if base == self.scratch:
                 continue
+            if base in self.copied_up:
+                self._remove(self.root_fd, "", base)
             try:
                 st = os.lstat(base, dir_fd=self.root_fd)
             except FileNotFoundError:
@@ -1110,6 +1144,7 @@ class _Applier:
                 os.close(dst)
         finally:
             os.close(src)
+        self.copied_up.add(_join(preal, tbase))
 
     def _plnk_file(self, reader: TarReader, e: TarEntry) -> None:
         """Regular files under /.wh..wh.plnk are extracted aside to serve as link targets."""
