@@ -538,11 +538,11 @@ class _Applier:
             up = "/".join(parts[:i])
             try:
                 st = os.lstat(up, dir_fd=self.root_fd)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
                 shown = self._lower_shows(up)
                 if shown is not None and stat.S_ISLNK(shown.st_mode):
                     raise UnsafeArchive(
-                        f"{name!r} lies beneath symlink {up!r} of a lower layer") from None
+                        f"{name!r} lies beneath symlink {up!r} of a lower layer") from exc
                 if shown is None or not stat.S_ISDIR(shown.st_mode):
                     return
                 continue

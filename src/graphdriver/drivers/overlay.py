@@ -277,7 +277,8 @@ class OverlayDriver(LayerStore):
             if parent is not None:
                 # the root is every layer's implicit parent: it shows the parent's root (mode,
                 # owner, times, xattrs), as overlayfs' copy-up would (issue 15 rules 5 and 7)
-                copy_dir_attributes(self._dir(parent.id) / "diff", d / "diff",
+                copy_dir_attributes(self._diff_dir(parent.id),  # (quota images: their diff)
+                                    Path(os.path.realpath(d / "diff")),
                                     skip_xattrs=self.whiteout_format.xattr_prefix)
             short = _short_id()
             (d / "link").write_text(short, encoding="ascii")
