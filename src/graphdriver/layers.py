@@ -139,7 +139,9 @@ class LayerRecord:
     def to_json(self) -> bytes:
         import json
 
-        return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
+        # the values as they are (json only reads them): no copy, unlike ``asdict``
+        return json.dumps({name: getattr(self, name) for name in _RECORD_FIELDS},
+                          sort_keys=True).encode() + b"\n"
 
     @classmethod
     def from_json(cls, data: bytes, where: Path | str) -> LayerRecord:
