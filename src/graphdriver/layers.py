@@ -327,9 +327,10 @@ class MetaDir:
 
     def add_child(self, parent: str, child: str) -> None:
         """Index *child* under *parent* before its record makes it a layer (store lock held)."""
-        ids = self.indexed_children(parent)
-        if child not in ids or self.child_ids(parent) is None:
-            self.set_child_ids(parent, [*ids, child])
+        ids = self.child_ids(parent)  # one read when the index is readable
+        if ids is not None and child in ids:
+            return
+        self.set_child_ids(parent, [*(self.indexed_children(parent) if ids is None else ids), child])
 
     def drop_child(self, parent: str, child: str) -> None:
         """Unindex *child* once its meta directory is gone (store lock held)."""

@@ -330,17 +330,23 @@ def is_mounted(path: Path | str) -> bool:
     return p in _mount_points(data)
 
 
-def unmount_all_under(path: Path | str, *, include_self: bool = True) -> None:
-    """Detach every mount beneath *path* (and at it, with *include_self*), deepest first."""
-    p = os.fspath(path).rstrip("/")
-    prefix = p + "/"
+def unmount_all_under(*paths: Path | str, include_self: bool = True) -> None:
+    """Detach every mount beneath each of *paths* (and at it, with *include_self*), deepest
+    first; one read of the mount table for them all."""
+    if not paths:
+        return
     data = _mountinfo()
-    escaped = b" " + _escape(p)
-    if escaped + b"/" not in data and (not include_self or escaped + b" " not in data):
-        return  # nothing mounted at or beneath it: no parse
-    found = [mp for mp in _mount_points(data)
-             if (include_self and mp == p) or mp.startswith(prefix)]
-    for mp in sorted(set(found), key=len, reverse=True):
+    wanted: list[str] = []
+    for path in paths:
+        p = os.fspath(path).rstrip("/")
+        escaped = b" " + _escape(p)
+        if escaped + b"/" in data or (include_self and escaped + b" " in data):
+            wanted.append(p)  # else nothing is mounted at or beneath it: no parse
+    if not wanted:
+        return
+    found = {mp for mp in _mount_points(data) for p in wanted
+             if (include_self and mp == p) or mp.startswith(p + "/")}
+    for mp in sorted(found, key=len, reverse=True):
         unmount(Path(mp), detach=True)
 
 

@@ -239,6 +239,11 @@ class LayerStore:
         """Destroy one of a layer's paths (already renamed aside, or an orphan)."""
         remove_tree(path)
 
+    def _destroy_paths(self, paths: list[Path]) -> None:
+        """Destroy a layer's paths, in order (a driver that mounts reads its mounts once)."""
+        for path in paths:
+            self._destroy(path)
+
     def _detach(self, path: Path) -> None:
         """Undo the driver's mounts beneath one of a layer's paths (default: it mounts none)."""
 
@@ -472,8 +477,7 @@ class LayerStore:
                 os.rename(self.meta.dir(layer_id), meta_aside)
                 if rec.parent is not None:
                     self.meta.drop_child(rec.parent, layer_id)  # once the child is gone
-            for path in [*aside, meta_aside]:
-                self._destroy(path)
+            self._destroy_paths([*aside, meta_aside])
             self._forget_mount(layer_id)
             log.debug("removed layer %s", layer_id)
 

@@ -235,24 +235,34 @@ class OverlayDriver(LayerStore):
         return out
 
     def _destroy(self, path: Path) -> None:
-        """Unmount anything beneath (never follow a mount into another layer), then delete."""
+        self._destroy_paths([path])
+
+    def _destroy_paths(self, paths: list[Path]) -> None:
+        """Unmount anything beneath (never follow a mount into another layer), then delete; one
+        read of the mount table for all the paths."""
+        where = paths[0] if paths else self.home
         try:
-            self._detach(path)
-            if quota.is_subvolume(path):
-                for sub in os.listdir(path):
-                    remove_tree(path / sub)
-                quota.btrfs_delete_subvolume(path)
-                return
-            remove_tree(path)
+            self._detach_paths(paths)
+            for where in paths:
+                if quota.is_subvolume(where):
+                    for sub in os.listdir(where):
+                        remove_tree(where / sub)
+                    quota.btrfs_delete_subvolume(where)
+                else:
+                    remove_tree(where)
         except OSError as exc:
-            raise from_oserror(exc, f"overlay: removing {path}") from exc
+            raise from_oserror(exc, f"overlay: removing {where}") from exc
 
     def _detach(self, path: Path) -> None:
-        if os.path.islink(path):
-            return  # a short link: nothing is mounted at or beneath a symlink's own path
-        unmount_all_under(path)  # the quota image's mount too
-        if os.path.lexists(f"{path}/{quota.IMAGE_NAME}"):
-            quota.unmount_image(path)  # and its loop device
+        self._detach_paths([path])
+
+    def _detach_paths(self, paths: list[Path]) -> None:
+        # a short link: nothing is mounted at or beneath a symlink's own path
+        dirs = [p for p in paths if not os.path.islink(p)]
+        unmount_all_under(*dirs)  # the quota images' mounts too
+        for path in dirs:
+            if os.path.lexists(f"{path}/{quota.IMAGE_NAME}"):
+                quota.unmount_image(path)  # and its loop device
 
     # ----- create --------------------------------------------------------------------------
 
