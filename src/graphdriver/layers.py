@@ -330,7 +330,8 @@ class MetaDir:
         ids = self.child_ids(parent)  # one read when the index is readable
         if ids is not None and child in ids:
             return
-        self.set_child_ids(parent, [*(self.indexed_children(parent) if ids is None else ids), child])
+        known = self.indexed_children(parent) if ids is None else ids
+        self.set_child_ids(parent, [*known, child])
 
     def drop_child(self, parent: str, child: str) -> None:
         """Unindex *child* once its meta directory is gone (store lock held)."""
