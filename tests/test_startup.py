@@ -41,7 +41,7 @@ HEAVY = {
     "secrets",
     "tarfile",
     "signal",  # _signal is enough
-    "logging.handlers",
+    "logging",  # loaded only when a message is logged (graphdriver.logs)
     "graphdriver.archive",
     "graphdriver.driver",
     "graphdriver.plugin",
@@ -178,6 +178,10 @@ FAST = [
     ["ls", "--quiet", "--json"],
     ["ls", "--tree"],
     ["--json", "ls", "-q", "--tree"],
+    ["apply", "a", "layer.tar"],
+    ["apply", "a"],
+    ["--root", "/r", "apply", "a", "l.tar.gz", "--json"],
+    ["import", "a", "layer.tar"],
 ]
 
 SLOW = [
@@ -200,7 +204,9 @@ SLOW = [
     ["create", "n", "--rw"],
     ["create", "n", "-p", "base"],
     ["mount", "m", "--mount-label", "l"],
-    ["apply", "x"],
+    ["apply", "x", "-"],  # "-" is argparse's business
+    ["apply", "x", "f", "g"],
+    ["apply", "x", "f", "--parent", "p"],
     ["diff", "x"],
     ["serve"],
     ["nosuchcommand"],
@@ -211,7 +217,7 @@ SLOW = [
     ["ls", "--format=json"],
     ["ls", "--quiet=1"],
     ["exists", "x", "-q"],
-    ["import", "x", "f"],
+    ["import", "x"],
     ["completion", "bash"],
     ["man"],
     ["--version"],

@@ -1,17 +1,22 @@
 """Loggers that import :mod:`logging` only when a message is logged (start-up time).
 
 ``log = logs.get_logger(__name__)`` stands for ``logging.getLogger(__name__)``: the first
-attribute looked up (``log.debug``, ``log.warning``, ...) imports logging and hands over the real
-logger's attribute.  The confined child's imports (:mod:`graphdriver.archive.confine`) and the
-helpers it uses log through these, so a job that logs nothing never loads logging; the child
-sets :data:`on_first_use` to configure logging the moment it is needed.  A message logged where
-logging cannot be imported any more (the child after its chroot: the library is out of reach)
-is written to stderr as logging's default format would, at :data:`fallback_level` and above.
+attribute looked up (``log.warning``, ...) imports logging and hands over the real logger's
+attribute; a ``debug`` or ``info`` message while logging is not loaded at all is dropped (nobody
+can have asked for it: levels and handlers are set through logging).  The confined child's
+imports (:mod:`graphdriver.archive.confine`), the store, the drivers and the command log
+through these, so a command or a job that logs nothing never loads logging; the command and the
+child set :data:`on_first_use` to configure logging the moment it is needed.  A message logged
+where logging cannot be imported any more (the child after its chroot: the library is out of
+reach) is written to stderr as logging's default format would, at :data:`fallback_level` and
+above.
 
 A leaf: imports nothing of graphdriver, and logging only lazily.
 """
 
 from __future__ import annotations
+
+import sys
 
 from . import TYPE_CHECKING
 
@@ -49,7 +54,20 @@ class LazyLogger:
         return self._logger
 
     def __getattr__(self, attr: str) -> object:
+        if attr in _QUIET and self._logger is None and "logging" not in sys.modules \
+                and fallback_level > _QUIET[attr]:
+            # nobody loaded logging, so nobody set a level or a handler below WARNING: the
+            # message would go nowhere (logging's last resort shows WARNING and up)
+            return _drop
         return getattr(self._resolve(), attr)
+
+
+#: levels of the calls a lazy logger may drop while logging is not loaded
+_QUIET = {"debug": 10, "info": 20}
+
+
+def _drop(msg: str, *args: object, **kwargs: object) -> None:
+    pass
 
 
 class _StderrLogger:
@@ -60,8 +78,6 @@ class _StderrLogger:
         self._name = name
 
     def _emit(self, level: int, label: str, msg: str, args: tuple[object, ...]) -> None:
-        import sys
-
         if level >= fallback_level:
             sys.stderr.write(f"{label}:{self._name}:{msg % args if args else msg}\n")
 

@@ -16,8 +16,8 @@ The parent (:func:`run_job`):
 - spawns ``python -S -P -c CHILD_MAIN`` by exec (never a fork of a threaded process), with the
   file descriptors themselves (``pass_fds``, no copy through the parent): the input stream, the
   target directory, the result pipe, the recorder frame pipe (:mod:`.recframes`) and the
-  directories of the parent chain ("lowers"), and the job's parameters (``marshal``'d, in hex:
-  the child reads them without json);
+  directories of the parent chain ("lowers"), the job's name and its parameters (``marshal``'d,
+  in hex: the child reads them without json);
 - opens the lowers read-only: as root each is a detached read-only clone of its mount
   (:func:`graphdriver.mount.read_only_view`: writes through it fail with EROFS); without the
   privilege, a plain ``O_RDONLY`` directory fd.  A job that must hard-link the lowers' files
@@ -47,9 +47,9 @@ enum (``_signal``), inspect, dataclasses or pathlib, and logging only if a messa
 needs is imported while the job prepares.
 
 Owns the process boundary.  Imports :mod:`graphdriver.errors`, :mod:`graphdriver.logs`,
-:mod:`.recframes`, :mod:`.jsontext` and :mod:`.pipes`; the parent side imports :mod:`graphdriver.mount` (read-only views) when it has
-lowers.  It never imports a job module (the child does, by name), a driver, the store, the CLI,
-the plugin or the package root.
+:mod:`.recframes`, :mod:`.jsontext` and :mod:`.pipes`; the parent side imports
+:mod:`graphdriver.mount` (read-only views) when it has lowers.  It never imports a job module
+(the child does, by name), a driver, the store, the CLI, the plugin or the package root.
 """
 
 from __future__ import annotations
@@ -92,11 +92,15 @@ if TYPE_CHECKING:
 
 
 #: the child's command line after ``python -S -P -c`` (no runpy: ``-m`` imports importlib.util and
-#: contextlib); its one argument is the job's arguments, ``marshal``'d and hex-encoded
+#: contextlib); its arguments are the job's name (as ps shows it) and its parameters,
+#: ``marshal``'d and hex-encoded
 CHILD_MAIN = "from graphdriver.archive.confine import child_main; child_main()"
 
 
 def _parent_log_level() -> int:
+    """graphdriver's log level here: WARNING while logging is not loaded (nobody set one)."""
+    if "logging" not in sys.modules:
+        return 30
     import logging
 
     return logging.getLogger("graphdriver").getEffectiveLevel()
@@ -212,7 +216,6 @@ def run_job(
             fds_to_close += [rec_r, rec_w]
             grow_pipe(rec_w, PIPE_SIZE)
         args = {
-            "job": job,
             "params": params,
             "parent_pid": os.getpid(),
             "input_fd": child_input if child_input >= 0 else None,
@@ -231,7 +234,7 @@ def run_job(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, _on_signal)
         proc = subprocess.Popen(
-            [sys.executable, "-S", "-P", "-c", CHILD_MAIN, marshal.dumps(args).hex()],
+            [sys.executable, "-S", "-P", "-c", CHILD_MAIN, job, marshal.dumps(args).hex()],
             pass_fds=pass_fds,
             stdin=subprocess.DEVNULL,
             env=_child_env(),
@@ -417,7 +420,8 @@ def child_main() -> None:
 
 
 def _child_main(argv: list[str]) -> int:
-    args = marshal.loads(bytes.fromhex(argv[0]))
+    job = argv[0]
+    args = marshal.loads(bytes.fromhex(argv[1]))
     res = os.fdopen(int(args["result_fd"]), "w", buffering=1)
     level = int(args.get("log_level", 30))
     logs.fallback_level = level
@@ -434,7 +438,7 @@ def _child_main(argv: list[str]) -> int:
     ctx = ChildContext(args, send)
 
     def on_term(signum: int, frame: object) -> None:
-        exc = Interrupted(f"interrupted by {signame(signum)}; the {args['job']} job was "
+        exc = Interrupted(f"interrupted by {signame(signum)}; the {job} job was "
                           "rolled back")
         if ctx.preparing:
             ctx.pending = ctx.pending or exc
@@ -447,11 +451,11 @@ def _child_main(argv: list[str]) -> int:
     if os.getppid() != int(args["parent_pid"]):
         return 1  # the parent died before PDEATHSIG was set: nobody waits for the answer
     try:
-        body = _load_job(str(args["job"]))(ctx)
+        body = _load_job(job)(ctx)
         _confine(ctx, str(args["target"]))
         ctx.preparing = False
         if ctx.pending is not None:
-            raise Interrupted(f"interrupted before the {args['job']} job started; nothing was "
+            raise Interrupted(f"interrupted before the {job} job started; nothing was "
                               "done")
         result = body()
         if ctx.recorder is not None:
@@ -462,13 +466,13 @@ def _child_main(argv: list[str]) -> int:
         send({"error": {"class": type(exc).__name__, "message": str(exc)}})
     except KeyboardInterrupt:
         send({"error": {"class": "Interrupted",
-                        "message": f"interrupted; the {args['job']} job was rolled back"}})
+                        "message": f"interrupted; the {job} job was rolled back"}})
     except OSError as exc:
-        err = errors.from_oserror(exc, f"{args['job']} job")
+        err = errors.from_oserror(exc, f"{job} job")
         send({"error": {"class": type(err).__name__, "message": str(err)}})
     except Exception as exc:
         send({"error": {"class": "GraphDriverError",
-                        "message": f"{args['job']} job failed: {exc!r}"}})
+                        "message": f"{job} job failed: {exc!r}"}})
     finally:
         if ctx.recorder is not None:
             with contextlib.suppress(OSError):
