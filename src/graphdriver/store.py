@@ -8,7 +8,6 @@ reference counts, the naive diff/changes/apply built on ``get`` — is here, onc
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 from pathlib import Path
@@ -43,6 +42,7 @@ from .layers import (
     validate_id,
 )
 from .locking import FileLock, LockSet
+from .logs import get_logger
 from .refcount import RefCounts, default_runroot
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
     _T = TypeVar("_T")
 
-log = logging.getLogger("graphdriver")
+log = get_logger("graphdriver")
 
 #: written first in every home a store makes; its absence means "made by someone else"
 STORE_MARKER = ".graphdriver-store"

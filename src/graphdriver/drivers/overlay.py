@@ -36,7 +36,6 @@ The image is mounted again lazily whenever the layer (or a child of it) is used.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from ..fsutil import fs_name, remove_tree, supports_d_type
 from ..idmap import real_root
 from ..layers import REMOVING_SUFFIX, RESERVED_IDS, LayerRecord, is_valid_id
 from ..locking import FileLock
+from ..logs import get_logger
 from ..mount import OverlayOptions, is_mounted, mount_overlay, unmount, unmount_all_under
 from ..store import LayerStore
 
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from ..archive.changes import Change
     from ..archive.recorded import RecordedLayer
 
-log = logging.getLogger("graphdriver")
+log = get_logger("graphdriver")
 
 MAX_DEPTH = 128
 LINK_DIR = "l"
