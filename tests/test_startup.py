@@ -41,7 +41,7 @@ HEAVY = {
     "secrets",
     "tarfile",
     "signal",  # _signal is enough
-    "logging.handlers",
+    "logging",  # loaded only when a message is logged (graphdriver.logs)
     "graphdriver.archive",
     "graphdriver.driver",
     "graphdriver.plugin",
@@ -178,6 +178,10 @@ FAST = [
     ["ls", "--quiet", "--json"],
     ["ls", "--tree"],
     ["--json", "ls", "-q", "--tree"],
+    ["apply", "a", "layer.tar"],
+    ["apply", "a"],
+    ["--root", "/r", "apply", "a", "l.tar.gz", "--json"],
+    ["import", "a", "layer.tar"],
 ]
 
 SLOW = [
@@ -200,7 +204,9 @@ SLOW = [
     ["create", "n", "--rw"],
     ["create", "n", "-p", "base"],
     ["mount", "m", "--mount-label", "l"],
-    ["apply", "x"],
+    ["apply", "x", "-"],  # "-" is argparse's business
+    ["apply", "x", "f", "g"],
+    ["apply", "x", "f", "--parent", "p"],
     ["diff", "x"],
     ["serve"],
     ["nosuchcommand"],
@@ -211,7 +217,7 @@ SLOW = [
     ["ls", "--format=json"],
     ["ls", "--quiet=1"],
     ["exists", "x", "-q"],
-    ["import", "x", "f"],
+    ["import", "x"],
     ["completion", "bash"],
     ["man"],
     ["--version"],
@@ -245,3 +251,63 @@ def test_fast_path_agrees_with_argparse(argv: list[str]) -> None:
     fast = _fast_parse(argv)
     if fast is not None:
         assert vars(fast) == _argparse(argv)
+
+
+# ---------------------------------------------------------------- the confined child's imports
+
+# What the confined apply child may not import (issue 18): it starts once per layer, and each of
+# these costs milliseconds it has no use for.  logging is loaded only when a message is logged.
+CHILD_HEAVY = {"logging", "json", "re", "typing", "inspect", "dataclasses", "pathlib", "runpy",
+               "enum", "ast", "tokenize", "argparse", "subprocess", "tarfile", "urllib"}
+
+
+def _layer(path: Path) -> None:
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("etc/hello", b"hello\n"), ("etc/h\u00e9llo", b"x" * 5000)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        sub = tarfile.TarInfo("etc/sub")
+        sub.type = tarfile.DIRTYPE
+        sub.mode = 0o755
+        tar.addfile(sub)
+    path.write_bytes(raw.getvalue())
+
+
+def test_confined_child_imports_little(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capfd: pytest.CaptureFixture[str]) -> None:
+    """The real child of a real apply (the journal kept, tar-split packed in the child), its
+    imports listed by ``-X importtime`` (inherited through the environment).  The layer is not
+    compressed: isal's threaded gzip reader imports typing (and re) itself."""
+    from graphdriver.archive.apply import ApplyOptions, commit_journal
+    from graphdriver.archive.isolate import apply_confined
+
+    layer = tmp_path / "layer.tar"
+    _layer(layer)
+    target = tmp_path / "target"
+    target.mkdir()
+    packed = tmp_path / "tar-split.gz"
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    with open(layer, "rb") as src, open(packed, "wb") as out:
+        capfd.readouterr()
+        result = apply_confined(src.fileno(), target, ApplyOptions(journal=True,
+                                                                     packer_fd=out.fileno()))
+        err = capfd.readouterr().err
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        commit_journal(fd)
+    finally:
+        os.close(fd)
+    assert (target / "etc" / "h\u00e9llo").read_bytes() == b"x" * 5000
+    assert result.recording is not None and packed.stat().st_size > 0
+    # the child's lines: from its header on (this process does not time its imports)
+    child = err[err.index("import time: self [us]"):]
+    imported = {line.rsplit("|", 1)[1].strip() for line in child.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "graphdriver.archive.apply" in imported  # the test can fail: it sees the job's imports
+    heavy = sorted(m for m in imported if m.split(".")[0] in CHILD_HEAVY)
+    assert heavy == []

@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
 # to argparse, which then says what it always said.  tests/test_startup.py checks that both give
 # the same namespace.
 
-# command -> (positionals: 1 for "id", 0 for none, -1 for one or more "ids"; its defaults)
+# command -> (positionals: 1 for "id", 0 for none, -1 for one or more "ids", 2 for "id" and
+# "file" (apply's file may be left out: "-"); its defaults)
 _FAST_COMMANDS: dict[str, tuple[int, dict[str, object]]] = {
     "status": (0, {}),
     "ls": (0, {"quiet": False, "format": None, "tree": False}),
@@ -246,6 +247,8 @@ _FAST_COMMANDS: dict[str, tuple[int, dict[str, object]]] = {
     "changes": (1, {"parent": None}),
     "diff-size": (1, {"parent": None}),
     "create": (1, {"parent": None, "image": None, "rw": False, "size": None, "mount_label": ""}),
+    "apply": (2, {"parent": None}),
+    "import": (2, {"parent": None}),
 }
 _FAST_FLAGS = {"--json": "json", "--debug": "debug"}
 _FAST_VALUES = {"--root": "root", "--runroot": "runroot", "--driver": "driver", "-s": "driver",
@@ -313,6 +316,8 @@ def _fast_parse(argv: list[str]) -> Any:
     if command is None:
         return None
     count, defaults = _FAST_COMMANDS[command]
+    if count == 2 and command == "apply" and len(positionals) == 1:
+        positionals.append("-")
     if (len(positionals) != count) if count >= 0 else not positionals:
         return None
     # argparse: the subparser's namespace (its defaults, the options after the command, the
@@ -324,6 +329,8 @@ def _fast_parse(argv: list[str]) -> Any:
         args.__dict__["ids"] = positionals
     elif positionals:
         args.__dict__["id"] = positionals[0]
+        if count == 2:
+            args.__dict__["file"] = positionals[1]
     return args
 
 
@@ -431,10 +438,10 @@ def _enter_namespace(args: argparse.Namespace) -> None:
     except NotSupported as exc:
         if args.command == "unshare":
             raise
-        import logging
+        from .logs import get_logger
 
         # vfs works without a namespace (files then all become the user's)
-        logging.getLogger("graphdriver").warning("%s; going on without one", exc)
+        get_logger("graphdriver").warning("%s; going on without one", exc)
 
 
 def _unshare(args: argparse.Namespace) -> int:
@@ -878,6 +885,13 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _configure_logging(debug: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format=f"{PROG}: %(message)s")
+
+
 def _quiet_signals() -> None:
     """The operation is over (done or rolled back): a signal now must not turn the exit status
     into death by that signal."""
@@ -902,11 +916,13 @@ def main(argv: list[str] | None = None) -> int:
                 exc.prog = f"{PROG} {command}" if command else PROG
             sys.stderr.write(exc.line() + "\n")
             return 2
-    import logging
+    from . import logs
 
     debug = bool(getattr(args, "debug", False))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format=f"{PROG}: %(message)s")
+    if debug or args.command not in _FAST_COMMANDS:  # (serve, image, ... log through logging)
+        _configure_logging(debug)
+    else:  # the store, the drivers and archive/ log through logs: logging only when needed
+        logs.on_first_use = lambda: _configure_logging(debug)
     signal.signal(signal.SIGTERM, _terminate)  # roll back like SIGINT
     from .errors import GraphDriverError
 
@@ -920,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.exit_code == 130:  # Interrupted: as for KeyboardInterrupt below
             _quiet_signals()
         if debug and exc.__cause__ is not None:
-            logging.getLogger("graphdriver").debug("caused by: %r", exc.__cause__)
+            logs.get_logger("graphdriver").debug("caused by: %r", exc.__cause__)
         sys.stderr.write(f"{PROG}: {type(exc).__name__}: {exc}\n")
         return failed if exc.exit_code == 1 else exc.exit_code
     except KeyboardInterrupt:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
-import logging
 import os
 import zlib
 from pathlib import Path
@@ -38,6 +37,7 @@ from .archive.tarsplit import (
     verify_packed,
 )
 from .errors import ExactDiffUnavailable, StoreCorrupt
+from .logs import get_logger
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from .archive.tarstream import TarEntry
     from .store import LayerStore
 
-log = logging.getLogger("graphdriver")
+log = get_logger("graphdriver")
 
 #: where an apply records the raw description (in ``meta/<id>/``) until it is finished
 RAW_NAME = "tar-split.raw"

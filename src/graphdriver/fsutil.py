@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import resource
 import stat
-from pathlib import Path
 
 from . import TYPE_CHECKING
 from .idmap import real_root
+from .logs import get_logger
 
 if TYPE_CHECKING:
     from array import array
     from collections.abc import Iterator
+    from pathlib import Path
     from typing import Any
 
-log = logging.getLogger("graphdriver")
+log = get_logger("graphdriver")
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 _COPY_CHUNK = 1 << 30

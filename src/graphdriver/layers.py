@@ -139,7 +139,9 @@ class LayerRecord:
     def to_json(self) -> bytes:
         import json
 
-        return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
+        # the values as they are (json only reads them): no copy, unlike ``asdict``
+        return json.dumps({name: getattr(self, name) for name in _RECORD_FIELDS},
+                          sort_keys=True).encode() + b"\n"
 
     @classmethod
     def from_json(cls, data: bytes, where: Path | str) -> LayerRecord:
@@ -325,9 +327,11 @@ class MetaDir:
 
     def add_child(self, parent: str, child: str) -> None:
         """Index *child* under *parent* before its record makes it a layer (store lock held)."""
-        ids = self.indexed_children(parent)
-        if child not in ids or self.child_ids(parent) is None:
-            self.set_child_ids(parent, [*ids, child])
+        ids = self.child_ids(parent)  # one read when the index is readable
+        if ids is not None and child in ids:
+            return
+        known = self.indexed_children(parent) if ids is None else ids
+        self.set_child_ids(parent, [*known, child])
 
     def drop_child(self, parent: str, child: str) -> None:
         """Unindex *child* once its meta directory is gone (store lock held)."""

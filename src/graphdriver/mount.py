@@ -286,30 +286,68 @@ def _unescape(field_: str) -> str:
     return "".join(out)
 
 
+def _escape(path: str) -> bytes:
+    """*path* as mountinfo spells it: space, tab, newline and backslash in octal."""
+    raw = os.fsencode(path)
+    for ch in b"\\ \t\n":  # the backslash first: the others bring backslashes in
+        raw = raw.replace(bytes((ch,)), b"\\%03o" % ch)
+    return raw
+
+
+def _mountinfo() -> bytes:
+    """This process's ``/proc/self/mountinfo``, read whole (one pass of the kernel's seq file)."""
+    fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _mount_points(data: bytes) -> list[str]:
+    out = []
+    for line in data.decode("utf-8", "surrogateescape").splitlines():
+        fields = line.split(" ", 5)
+        if len(fields) >= 5:
+            out.append(_unescape(fields[4]))
+    return out
+
+
 def mount_points() -> list[str]:
     """Every mount point this process sees, in mount order."""
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split(" ", 5)
-            if len(fields) >= 5:
-                out.append(_unescape(fields[4]))
-    return out
+    return _mount_points(_mountinfo())
 
 
 def is_mounted(path: Path | str) -> bool:
     p = os.fspath(path)
-    return p in mount_points()
+    data = _mountinfo()
+    # A mount point is the fifth field, between spaces: a path found nowhere so is no mount
+    # point, and the table needs no parse (the common answer, on every removal).
+    if b" " + _escape(p) + b" " not in data:
+        return False
+    return p in _mount_points(data)
 
 
-def unmount_all_under(path: Path | str, *, include_self: bool = True) -> None:
-    """Detach every mount beneath *path* (and at it, with *include_self*), deepest first."""
-    p = os.fspath(path).rstrip("/")
-    prefix = p + "/"
-    found = [mp for mp in mount_points() if (include_self and mp == p) or mp.startswith(prefix)]
-    for mp in sorted(set(found), key=len, reverse=True):
+def unmount_all_under(*paths: Path | str, include_self: bool = True) -> None:
+    """Detach every mount beneath each of *paths* (and at it, with *include_self*), deepest
+    first; one read of the mount table for them all."""
+    if not paths:
+        return
+    data = _mountinfo()
+    wanted: list[str] = []
+    for path in paths:
+        p = os.fspath(path).rstrip("/")
+        escaped = b" " + _escape(p)
+        if escaped + b"/" in data or (include_self and escaped + b" " in data):
+            wanted.append(p)  # else nothing is mounted at or beneath it: no parse
+    if not wanted:
+        return
+    found = {mp for mp in _mount_points(data) for p in wanted
+             if (include_self and mp == p) or mp.startswith(p + "/")}
+    for mp in sorted(found, key=len, reverse=True):
         unmount(Path(mp), detach=True)
-
 
 
 SYS_MOUNT_SETATTR = 442

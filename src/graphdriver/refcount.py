@@ -8,15 +8,15 @@ cleared at boot; a store reconciles the counts with the mount table when it open
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from pathlib import Path
 
 from . import TYPE_CHECKING
 from .fsutil import atomic_write
+from .logs import get_logger
 
-log = logging.getLogger("graphdriver")
+log = get_logger("graphdriver")
 
 if TYPE_CHECKING:
     import hashlib

@@ -8,7 +8,6 @@ reference counts, the naive diff/changes/apply built on ``get`` — is here, onc
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 from pathlib import Path
@@ -43,6 +42,7 @@ from .layers import (
     validate_id,
 )
 from .locking import FileLock, LockSet
+from .logs import get_logger
 from .refcount import RefCounts, default_runroot
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
     _T = TypeVar("_T")
 
-log = logging.getLogger("graphdriver")
+log = get_logger("graphdriver")
 
 #: written first in every home a store makes; its absence means "made by someone else"
 STORE_MARKER = ".graphdriver-store"
@@ -240,6 +240,11 @@ class LayerStore:
         """Destroy one of a layer's paths (already renamed aside, or an orphan)."""
         remove_tree(path)
 
+    def _destroy_paths(self, paths: list[Path]) -> None:
+        """Destroy a layer's paths, in order (a driver that mounts reads its mounts once)."""
+        for path in paths:
+            self._destroy(path)
+
     def _detach(self, path: Path) -> None:
         """Undo the driver's mounts beneath one of a layer's paths (default: it mounts none)."""
 
@@ -335,6 +340,12 @@ class LayerStore:
         return [kid for kid in self.meta.indexed_children(layer_id)
                 if self._is_child(kid, layer_id)]
 
+    def _has_other_child(self, layer_id: str, but: str) -> bool:
+        """Whether the layer has a complete child other than *but* (the first one found ends the
+        look: a parent of many layers is not read whole for each new child)."""
+        return any(kid != but and self._is_child(kid, layer_id)
+                   for kid in self.meta.indexed_children(layer_id))
+
     def _is_child(self, layer_id: str, parent: str) -> bool:
         try:
             rec = self.meta.read(layer_id)
@@ -421,7 +432,7 @@ class LayerStore:
                 self.meta.write(rec)
             intended = rec.to_json()
             self._make_layer(rec, parent_rec)
-            if parent_rec is not None and not self.children(parent_rec.id):
+            if parent_rec is not None and not self._has_other_child(parent_rec.id, rec.id):
                 self._on_first_child(parent_rec)
             if not staged:
                 with self.store_lock():
@@ -469,12 +480,12 @@ class LayerStore:
                 # Rename every directory aside first, then drop the record (DESIGN.md rule 1).
                 aside = self._rename_aside(layer_id)
                 meta_aside = self.meta.dir(layer_id).with_name(layer_id + REMOVING_SUFFIX)
-                remove_tree(meta_aside)
+                if os.path.lexists(meta_aside):  # a crash's leftover
+                    remove_tree(meta_aside)
                 os.rename(self.meta.dir(layer_id), meta_aside)
                 if rec.parent is not None:
                     self.meta.drop_child(rec.parent, layer_id)  # once the child is gone
-            for path in [*aside, meta_aside]:
-                self._destroy(path)
+            self._destroy_paths([*aside, meta_aside])
             self._forget_mount(layer_id)
             log.debug("removed layer %s", layer_id)
 

@@ -15,15 +15,15 @@ or joined.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
 
 from .errors import NotSupported, PermissionDenied
 from .idmap import in_user_namespace, real_root
+from .logs import get_logger
 
-log = logging.getLogger("graphdriver")
+log = get_logger("graphdriver")
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWUSER = 0x10000000

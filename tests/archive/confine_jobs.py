@@ -5,10 +5,13 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graphdriver import errors
-from graphdriver.archive.confine import ChildContext, JobBody
+from graphdriver.archive.confine import ChildContext
+
+if TYPE_CHECKING:
+    from graphdriver.archive.confine import JobBody
 
 #: what the lower probe tries through each lower fd
 _ATTEMPTS: dict[str, Callable[[int], Any]] = {

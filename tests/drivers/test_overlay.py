@@ -441,6 +441,31 @@ def test_mount_point_with_space_and_unmount_all_under(tmp_path: Path) -> None:
     assert not is_mounted(top / "m 1") and not is_mounted(top / "m 1" / "inner")
 
 
+def test_mount_table_read_once_for_several_paths(tmp_path: Path) -> None:
+    """unmount_all_under(*paths) and is_mounted answer from mountinfo's escaped spelling
+    (backslash, tab, space) without a parse when a path is absent; a sibling that only shares
+    a name prefix ("m" / "m2") is not beneath."""
+    from graphdriver.mount import OverlayOptions, is_mounted, mount_overlay, unmount_all_under
+
+    top = tmp_path / "back\\slash\ttab"
+    for sub in ("l1", "l2", "m", "m2", "n x"):
+        (top / sub).mkdir(parents=True)
+    opts = OverlayOptions(lowers=[str(top / "l1"), str(top / "l2")], readonly=True)
+    try:
+        for sub in ("m", "m2", "n x"):
+            mount_overlay(top / sub, opts)
+        assert all(is_mounted(top / sub) for sub in ("m", "m2", "n x"))
+        assert not is_mounted(top) and not is_mounted(top / "l1")
+        unmount_all_under(top / "m", top / "n x", tmp_path / "nothing here")
+        assert not is_mounted(top / "m") and not is_mounted(top / "n x")
+        assert is_mounted(top / "m2")
+        unmount_all_under()  # no path: nothing read, nothing done
+        assert is_mounted(top / "m2")
+    finally:
+        unmount_all_under(tmp_path, include_self=False)
+    assert not is_mounted(top / "m2")
+
+
 def test_home_reached_through_a_symlink(tmp_path: Path, runroot: Path,
                                         mount_cleanup: Callable[[Path], None]) -> None:
     mount_cleanup(tmp_path)

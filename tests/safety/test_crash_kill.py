@@ -413,7 +413,8 @@ def _count(path: Path) -> int:
 
 
 def _apply_child(pgid: int, parent: int) -> int | None:
-    """The confined apply child of the command (``-m graphdriver.archive.isolate``)."""
+    """The confined apply child of the command (its job, ``graphdriver.archive.isolate:...``, is
+    on its command line)."""
     for pid in group_members(pgid):
         if pid == parent:
             continue

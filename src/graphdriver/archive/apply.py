@@ -46,11 +46,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import stat
 from collections.abc import Callable, Sequence
-from typing import Any, BinaryIO
 
 from ..errors import (
     GraphDriverError,
@@ -62,12 +60,14 @@ from ..errors import (
 )
 from ..fsutil import copy_file_data, empty_beneath, remove_beneath
 from ..idmap import IDENTITY, IDMap, real_root
+from ..logs import get_logger
 from . import tarstream as ts
 from .compression import decompress_stream, open_decompressed
+from .jsontext import dumps as json_text
 from .lowerview import LowerView
 from .native import native_module
 from .pathres import open_beneath
-from .tarstream import Recorder, TarEntry, TarReader
+from .tarstream import TarEntry, TarReader
 from .whiteout import (
     NAIVE,
     WHITEOUT_LINK_DIR,
@@ -77,12 +77,19 @@ from .whiteout import (
     WhiteoutFormat,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
+
+    from .tarstream import Recorder
+
 _fastapply = native_module("_fastapply")
 #: ``create_file``: one regular file of a run, created and written in C (as root only)
 _native_create: Callable[..., tuple[int, str] | None] | None = (
     _fastapply.create_file if _fastapply else None)
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: the real root (not a user namespace's): read at import, before the confined child chroots
 #: away from /proc
@@ -333,9 +340,7 @@ class _Applier:
         self._write_journal(["start", self.empty_start, _meta_json(self.root_meta), os.getpid()])
 
     def _write_journal(self, line: list[object]) -> None:
-        import json
-
-        data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
+        data = (json_text(line) + "\n").encode()
         view = memoryview(data)
         while view:
             view = view[os.write(self.journal_fd, view):]

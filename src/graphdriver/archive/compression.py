@@ -14,9 +14,13 @@ import contextlib
 import io
 import os
 from collections.abc import Callable
-from typing import BinaryIO
 
 from ..errors import InvalidArchive
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 # The decoders (isal, zstandard, lzma, bz2) are imported by _wrap for the kind a stream needs, so
 # that the confined apply child loads only one of them before its chroot.

@@ -13,11 +13,11 @@ runner calls once confined; the body's dict is the result handed back to the par
 
 The parent (:func:`run_job`):
 
-- spawns ``python -S -m graphdriver.archive.confine`` by exec (never a fork of a threaded
-  process), with the file descriptors themselves (``pass_fds``, no copy through the parent): the
-  input stream, the target directory, the result pipe, the recorder frame pipe
-  (:mod:`.recframes`) and the directories of the parent chain ("lowers"), and the job's JSON
-  parameters;
+- spawns ``python -S -P -c CHILD_MAIN`` by exec (never a fork of a threaded process), with the
+  file descriptors themselves (``pass_fds``, no copy through the parent): the input stream, the
+  target directory, the result pipe, the recorder frame pipe (:mod:`.recframes`) and the
+  directories of the parent chain ("lowers"), the job's name and its parameters (``marshal``'d,
+  in hex: the child reads them without json);
 - opens the lowers read-only: as root each is a detached read-only clone of its mount
   (:func:`graphdriver.mount.read_only_view`: writes through it fail with EROFS); without the
   privilege, a plain ``O_RDONLY`` directory fd.  A job that must hard-link the lowers' files
@@ -37,12 +37,19 @@ target and refuses to run the job when the chroot fails (an error, never a quiet
 not root it relies on dir-fd resolution (every path beneath the target fd, :mod:`.pathres`).
 
 Messages from the child are JSON lines on the result pipe: ``{"progress": n}`` now and then,
-then ``{"ok": {...}}`` or ``{"error": {"class": .., "message": ..}}``.
+then ``{"ok": {...}}`` or ``{"error": {"class": .., "message": ..}}``; the child writes them with
+:mod:`.jsontext`, the parent reads them with json (a child's answer is data, never code).
 
-Owns the process boundary.  Imports :mod:`graphdriver.errors`, :mod:`.recframes` and
-:mod:`.pipes`; the parent side imports :mod:`graphdriver.mount` (read-only views) when it has
-lowers.  It never imports a job module (the child does, by name), a driver, the store, the CLI,
-the plugin or the package root.
+The child starts once per layer, so it imports only what a job needs (issue 18;
+``tests/test_startup.py`` checks it): no runpy (``-c``, not ``-m``), no json, re, typing,
+enum (``_signal``), inspect, dataclasses or pathlib, and logging only if a message is logged
+(:mod:`graphdriver.logs`).  After the chroot nothing can be imported any more: what the body
+needs is imported while the job prepares.
+
+Owns the process boundary.  Imports :mod:`graphdriver.errors`, :mod:`graphdriver.logs`,
+:mod:`.recframes`, :mod:`.jsontext` and :mod:`.pipes`; the parent side imports
+:mod:`graphdriver.mount` (read-only views) when it has lowers.  It never imports a job module
+(the child does, by name), a driver, the store, the CLI, the plugin or the package root.
 """
 
 from __future__ import annotations
@@ -50,32 +57,53 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
-import json
-import logging
+import marshal
 import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
 
-from .. import errors
+from .. import errors, logs
 from ..errors import GraphDriverError, Interrupted
+from ..logs import get_logger
+from .jsontext import dumps as json_text
 from .pipes import grow_pipe
 from .recframes import PIPE_SIZE, PipeRecorder, replay_recorder_stream
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+
 if TYPE_CHECKING:  # the parent's modules: the child does not import them (start-up time)
+    import signal
     import subprocess
     import threading
+    from collections.abc import Callable, Sequence
     from pathlib import Path
+    from typing import Any
 
     from .tarstream import Recorder
+else:
+    import _signal as signal  # the same calls, without the enum wrappers (start-up time)
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-#: the body of a job, run once the child is confined; its dict is the job's result
-JobBody = Callable[[], dict[str, Any]]
+if TYPE_CHECKING:
+    #: the body of a job, run once the child is confined; its dict is the job's result
+    JobBody = Callable[[], dict[str, Any]]
+
+
+#: the child's command line after ``python -S -P -c`` (no runpy: ``-m`` imports importlib.util and
+#: contextlib); its arguments are the job's name (as ps shows it) and its parameters,
+#: ``marshal``'d and hex-encoded
+CHILD_MAIN = "from graphdriver.archive.confine import child_main; child_main()"
+
+
+def _parent_log_level() -> int:
+    """graphdriver's log level here: WARNING while logging is not loaded (nobody set one)."""
+    if "logging" not in sys.modules:
+        return 30
+    import logging
+
+    return logging.getLogger("graphdriver").getEffectiveLevel()
 
 
 def _error_class(name: str) -> type[GraphDriverError]:
@@ -147,6 +175,7 @@ def run_job(
     *on_death* makes the error raised
     when the child exits without an answer (given why: "signal 9", "status 1").
     """
+    import json
     import subprocess
     import threading
 
@@ -187,7 +216,6 @@ def run_job(
             fds_to_close += [rec_r, rec_w]
             grow_pipe(rec_w, PIPE_SIZE)
         args = {
-            "job": job,
             "params": params,
             "parent_pid": os.getpid(),
             "input_fd": child_input if child_input >= 0 else None,
@@ -198,7 +226,7 @@ def run_job(
             "packer_fd": packer_fd,
             "lower_fds": lower_fds,
             "progress": progress is not None,
-            "log_level": logging.getLogger("graphdriver").getEffectiveLevel(),
+            "log_level": _parent_log_level(),
         }
         pass_fds = [fd for fd in (child_input, target_fd, res_w, rec_w,
                                   -1 if packer_fd is None else packer_fd) if fd >= 0] + lower_fds
@@ -206,7 +234,7 @@ def run_job(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, _on_signal)
         proc = subprocess.Popen(
-            [sys.executable, "-S", "-m", "graphdriver.archive.confine", json.dumps(args)],
+            [sys.executable, "-S", "-P", "-c", CHILD_MAIN, job, marshal.dumps(args).hex()],
             pass_fds=pass_fds,
             stdin=subprocess.DEVNULL,
             env=_child_env(),
@@ -228,6 +256,8 @@ def run_job(
         with os.fdopen(res_r, "rb") as results:
             for line in results:
                 msg = json.loads(line)
+                if not isinstance(msg, dict):
+                    raise GraphDriverError(f"the {job} child answered {line[:80]!r}")
                 if "progress" in msg:
                     if progress is not None:
                         progress(int(msg["progress"]))
@@ -380,20 +410,35 @@ def _confine(ctx: ChildContext, target: str) -> None:
     ctx.chrooted = True
 
 
+def child_main() -> None:
+    """The confined child's entry point (:data:`CHILD_MAIN`)."""
+    status = _child_main(sys.argv[1:])
+    # Nothing is left to do: the result is sent, every file closed.  Skipping the interpreter's
+    # finalization (tens of ms for a big job's objects) lets the parent go on sooner.
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def _child_main(argv: list[str]) -> int:
-    args = json.loads(argv[0])
+    job = argv[0]
+    args = marshal.loads(bytes.fromhex(argv[1]))
     res = os.fdopen(int(args["result_fd"]), "w", buffering=1)
-    logging.basicConfig(level=int(args.get("log_level", logging.WARNING)), stream=sys.stderr)
+    level = int(args.get("log_level", 30))
+    logs.fallback_level = level
+    if level < 30:  # below WARNING: configure logging now, the parent wants the details
+        _configure_logging(level)
+    else:  # logging is imported if a message comes before the chroot
+        logs.on_first_use = lambda: _configure_logging(level)
 
     def send(msg: dict[str, Any]) -> None:
         # the parent may be gone (killed): the rollback has happened, nothing left to tell
         with contextlib.suppress(OSError, ValueError):
-            res.write(json.dumps(msg) + "\n")
+            res.write(json_text(msg) + "\n")
 
     ctx = ChildContext(args, send)
 
     def on_term(signum: int, frame: object) -> None:
-        exc = Interrupted(f"interrupted by {signame(signum)}; the {args['job']} job was "
+        exc = Interrupted(f"interrupted by {signame(signum)}; the {job} job was "
                           "rolled back")
         if ctx.preparing:
             ctx.pending = ctx.pending or exc
@@ -406,11 +451,11 @@ def _child_main(argv: list[str]) -> int:
     if os.getppid() != int(args["parent_pid"]):
         return 1  # the parent died before PDEATHSIG was set: nobody waits for the answer
     try:
-        body = _load_job(str(args["job"]))(ctx)
+        body = _load_job(job)(ctx)
         _confine(ctx, str(args["target"]))
         ctx.preparing = False
         if ctx.pending is not None:
-            raise Interrupted(f"interrupted before the {args['job']} job started; nothing was "
+            raise Interrupted(f"interrupted before the {job} job started; nothing was "
                               "done")
         result = body()
         if ctx.recorder is not None:
@@ -421,13 +466,13 @@ def _child_main(argv: list[str]) -> int:
         send({"error": {"class": type(exc).__name__, "message": str(exc)}})
     except KeyboardInterrupt:
         send({"error": {"class": "Interrupted",
-                        "message": f"interrupted; the {args['job']} job was rolled back"}})
+                        "message": f"interrupted; the {job} job was rolled back"}})
     except OSError as exc:
-        err = errors.from_oserror(exc, f"{args['job']} job")
+        err = errors.from_oserror(exc, f"{job} job")
         send({"error": {"class": type(err).__name__, "message": str(err)}})
     except Exception as exc:
         send({"error": {"class": "GraphDriverError",
-                        "message": f"{args['job']} job failed: {exc!r}"}})
+                        "message": f"{job} job failed: {exc!r}"}})
     finally:
         if ctx.recorder is not None:
             with contextlib.suppress(OSError):
@@ -437,9 +482,7 @@ def _child_main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    _status = _child_main(sys.argv[1:])
-    # Nothing is left to do: the result is sent, every file closed.  Skipping the interpreter's
-    # finalization (tens of ms for a big job's objects) lets the parent go on sooner.
-    sys.stderr.flush()
-    os._exit(_status)
+def _configure_logging(level: int) -> None:
+    import logging
+
+    logging.basicConfig(level=level, stream=sys.stderr)

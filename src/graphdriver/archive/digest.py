@@ -16,7 +16,11 @@ from __future__ import annotations
 import hashlib
 import threading
 import weakref
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+
+if TYPE_CHECKING:
+    from typing import Any
 
 #: below this, a region is hashed inline (if the thread has nothing pending): a hand-off costs
 #: more than hashing a few KiB

@@ -31,21 +31,24 @@ from __future__ import annotations
 
 import io
 import os
-from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .. import errors
 from ..errors import GraphDriverError
 from ..fsutil import empty_beneath
 from ..idmap import IDMap
 from .apply import ApplyOptions, ApplyResult
-from .confine import ChildContext, JobBody, run_job
+from .confine import ChildContext, run_job
 from .recframes import BufferedRecorder
 from .whiteout import FORMATS
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:  # the parent's modules: the child does not import them (start-up time)
     from collections.abc import Sequence
     from pathlib import Path
+    from typing import Any, BinaryIO
 
+    from .confine import JobBody
     from .tarsplit import TarSplitPacker
 
 APPLY_JOB = "graphdriver.archive.isolate:apply_job"

@@ -5,14 +5,15 @@ runs of plain files, tar-split frames and lines, the after-apply check) and
 :func:`native_module` is the one place that decides whether they are used: when built, unless
 ``GRAPHDRIVER_NO_NATIVE`` is set (non-empty).  Without them the pure-Python code does the same
 work, byte for byte (the tests compare both paths).  Imports nothing from graphdriver (the
-package root included: ``typing.TYPE_CHECKING``, as the archive package loads typing anyway).
+package root included), nor typing (the confined child's start-up).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from typing import TYPE_CHECKING  # the archive package loads typing anyway
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:
     from types import ModuleType

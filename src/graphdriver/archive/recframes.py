@@ -19,11 +19,14 @@ import os
 import queue
 import struct
 import threading
-from typing import TYPE_CHECKING, BinaryIO
 
 from .. import errors
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from .tarstream import Recorder
 
 _SEG = b"S"

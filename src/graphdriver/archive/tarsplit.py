@@ -32,34 +32,35 @@ falls back to the normal one.
 from __future__ import annotations
 
 import array
-import base64
 import binascii
 import contextlib
-import gzip
 import heapq
 import io
 import itertools
-import json
-import logging
 import os
 import posixpath
 import stat
 import struct
 import zlib
+from _json import scanstring
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import GraphDriverError, InvalidArchive, NotFound, StoreCorrupt
+from ..logs import get_logger
 from .crc64 import crc64
+from .jsontext import dumps as json_text
 from .native import native_module
 from .recframes import replay_frames
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+
 if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any, BinaryIO
+
     from .tarstream import TarEntry
 
-log = logging.getLogger("graphdriver")
+log = get_logger("graphdriver")
 
 FILE_TYPE = 1
 SEGMENT_TYPE = 2
@@ -84,13 +85,32 @@ def crc_bytes(crc: int) -> bytes:
 # ----- entries ------------------------------------------------------------------------------
 
 
-@dataclass
 class Entry:
-    type: int
-    name: bytes = b""
-    size: int = 0
-    payload: bytes | None = None
-    position: int = 0
+    """One tar-split line (a plain class, not a dataclass: the confined child packs with it and
+    dataclasses imports inspect)."""
+
+    __slots__ = ("name", "payload", "position", "size", "type")
+
+    def __init__(self, type: int, name: bytes = b"", size: int = 0,
+                 payload: bytes | None = None, position: int = 0) -> None:
+        self.type = type
+        self.name = name
+        self.size = size
+        self.payload = payload
+        self.position = position
+
+    def _fields(self) -> tuple[int, bytes, int, bytes | None, int]:
+        return (self.type, self.name, self.size, self.payload, self.position)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Entry) and self._fields() == other._fields()
+
+    # mutable, so unhashable (as the dataclass was)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"Entry(type={self.type!r}, name={self.name!r}, size={self.size!r}, "
+                f"payload={self.payload!r}, position={self.position!r})")
 
 
 def clean_path(name: bytes) -> bytes:
@@ -114,8 +134,8 @@ def _name_field(name: bytes) -> str:
     try:
         text = name.decode("utf-8")
     except UnicodeDecodeError:
-        return f',"name_raw":"{base64.b64encode(name).decode()}"'
-    quoted = json.dumps(text, ensure_ascii=False)
+        return f',"name_raw":"{binascii.b2a_base64(name, newline=False).decode()}"'
+    quoted = json_text(text, ensure_ascii=False)
     quoted = quoted.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return f',"name":{quoted}'
 
@@ -130,7 +150,7 @@ def encode_entry(e: Entry) -> bytes:
     if e.payload is None:
         parts.append(',"payload":null')
     else:
-        parts.append(f',"payload":"{base64.b64encode(e.payload).decode()}"')
+        parts.append(f',"payload":"{binascii.b2a_base64(e.payload, newline=False).decode()}"')
     parts.append(f',"position":{e.position}}}\n')
     return "".join(parts).encode("utf-8")
 
@@ -140,6 +160,11 @@ def _bad(msg: str) -> InvalidArchive:
 
 
 def decode_entry(line: bytes) -> Entry:
+    # imported here, not with the module: the confined child's packer never decodes (json's
+    # decoder and base64 import re)
+    import base64
+    import json
+
     try:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -165,6 +190,22 @@ def decode_entry(line: bytes) -> Entry:
     if not isinstance(size, int) or size < 0 or not isinstance(pos, int):
         raise _bad("bad size or position")
     return Entry(typ, name, size, data, pos)
+
+
+def _written_file_name(line: bytes) -> bytes | None:
+    """The name of a file line :func:`encode_entry` wrote (``name`` or ``name_raw`` comes right
+    after ``type``), read without json: the confined child packs, and may need it, after its
+    chroot (json's decoder imports re).  None: not such a line."""
+    for key, raw in ((b'{"type":1,"name":"', False), (b'{"type":1,"name_raw":"', True)):
+        if line.startswith(key):
+            try:
+                text, _ = scanstring(line.decode("utf-8"), len(key))
+                if raw:
+                    return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+                return text.encode("utf-8", "surrogateescape")
+            except (ValueError, UnicodeError):
+                return None
+    return b"" if line.startswith(b'{"type":1,') else None
 
 
 def read_entries(stream: BinaryIO) -> Iterator[Entry]:
@@ -196,6 +237,8 @@ def open_metadata(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         magic = f.read(2)
         f.seek(0)
         if magic == b"\x1f\x8b":
+            import gzip
+
             with gzip.GzipFile(fileobj=f, mode="rb") as gz:
                 yield gz  # type: ignore[misc]
         else:
@@ -380,14 +423,13 @@ class TarSplitPacker:
         for line in self._written_lines():
             if not line.startswith(b'{"type":1,'):
                 continue
-            try:
-                e = decode_entry(line)
-            except InvalidArchive:
+            name = _written_file_name(line)
+            if name is None:
                 return None
-            if _path_hash(clean_path(e.name)) == h:  # type: ignore[misc]
+            if _path_hash(clean_path(name)) == h:  # type: ignore[misc]
                 found += 1
                 if found == 2:
-                    return e.name
+                    return name
         return None
 
     def _written_lines(self) -> Iterator[bytes]:
@@ -654,10 +696,25 @@ def _gzip_compressor(level: int) -> Any:
 Resolver = Callable[[int, str], str | None]
 
 
-@dataclass
 class Recording:
-    reproducible: bool
-    reason: str | None = None
+    """Whether a layer's tar-split record reproduces its tar, and why not (a plain class: see
+    :class:`Entry`)."""
+
+    __slots__ = ("reason", "reproducible")
+
+    def __init__(self, reproducible: bool, reason: str | None = None) -> None:
+        self.reproducible = reproducible
+        self.reason = reason
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Recording) and (self.reproducible, self.reason) == (
+            other.reproducible, other.reason)
+
+    # mutable, so unhashable (as the dataclass was)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Recording(reproducible={self.reproducible!r}, reason={self.reason!r})"
 
 
 def _check_file(root_fd: int, name: bytes, size: int, inodes: set[tuple[int, int]],
@@ -826,6 +883,9 @@ def finalize_recording(raw: BinaryIO, root: str | os.PathLike[str] | int, out_pa
     be reproduced exactly, writes ``tar-split.unreproducible`` (the reason) beside *out_path*
     instead.
     """
+    import gzip
+    from pathlib import Path
+
     out_path = Path(out_path)
     marker = out_path.with_name(UNREPRODUCIBLE_NAME)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -882,7 +942,7 @@ def finalize_recording(raw: BinaryIO, root: str | os.PathLike[str] | int, out_pa
 
 # ----- re-assembly ------------------------------------------------------------------------------
 
-Opener = Callable[[str], BinaryIO]
+Opener = Callable[[str], "BinaryIO"]  # (a string: typing is not imported at run time)
 
 
 def _write_all(out: int | BinaryIO, data: bytes | memoryview) -> None:

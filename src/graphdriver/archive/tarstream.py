@@ -33,13 +33,17 @@ import posixpath
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO, Protocol
 
 from ..errors import InvalidArchive
 from .buffers import aligned_buffer
 from .crc64 import crc64
 from .digest import BackgroundDigest
 from .native import native_module
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO, Protocol
 
 _fastapply = native_module("_fastapply")
 _native_header: Callable[[Any, int, int], tuple[Any, ...] | None] | None = (
@@ -84,23 +88,23 @@ _HEADER_ONLY = frozenset((HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO)
 _V7, _USTAR, _GNU, _STAR = range(4)
 
 
-class Recorder(Protocol):
-    """Receives the archive byte-exactly (see the module docstring).
+if TYPE_CHECKING:  # the recorder's interface is the type checker's business only
 
-    Optional: a ``file_done(crc64: int) -> None`` method (see :class:`CrcRecorder`)."""
+    class Recorder(Protocol):
+        """Receives the archive byte-exactly (see the module docstring).
 
-    def segment(self, raw: bytes) -> None: ...
+        Optional: a ``file_done(crc64: int) -> None`` method (see :class:`CrcRecorder`)."""
 
-    def file(self, name: bytes, size: int, payload_crc64: int | None) -> None: ...
+        def segment(self, raw: bytes) -> None: ...
 
+        def file(self, name: bytes, size: int, payload_crc64: int | None) -> None: ...
 
-class CrcRecorder(Recorder, Protocol):
-    """A Recorder that also takes each data-carrying entry's CRC-64 once its data has passed."""
+    class CrcRecorder(Recorder, Protocol):
+        """A Recorder that also takes each data-carrying entry's CRC-64 once its data has passed."""
 
-    def file_done(self, crc64: int) -> None: ...
+        def file_done(self, crc64: int) -> None: ...
 
-
-CrcFunc = Callable[[Any, int], int]
+    CrcFunc = Callable[[Any, int], int]
 
 
 class TarEntry:

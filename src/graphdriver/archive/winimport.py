@@ -27,11 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import GraphDriverError
 from .apply import ApplyOptions, ApplyResult
-from .confine import ChildContext, JobBody, run_job
+from .confine import ChildContext, run_job
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
+
+    from .confine import JobBody
 
 IMPORT_JOB = "graphdriver.archive.winimport:import_job"
 

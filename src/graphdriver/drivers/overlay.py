@@ -36,7 +36,6 @@ The image is mounted again lazily whenever the layer (or a child of it) is used.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from ..fsutil import copy_dir_attributes, fs_name, remove_tree, supports_d_type
 from ..idmap import real_root
 from ..layers import REMOVING_SUFFIX, RESERVED_IDS, LayerRecord, is_valid_id
 from ..locking import FileLock
+from ..logs import get_logger
 from ..mount import OverlayOptions, is_mounted, mount_overlay, unmount, unmount_all_under
 from ..store import LayerStore
 
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from ..archive.changes import Change
     from ..archive.recorded import RecordedLayer
 
-log = logging.getLogger("graphdriver")
+log = get_logger("graphdriver")
 
 MAX_DEPTH = 128
 LINK_DIR = "l"
@@ -76,11 +76,24 @@ def _short_id() -> str:
     return base64.b32encode(secrets.token_bytes(16)).decode()[:SHORT_ID_LEN]
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path | str) -> str:
     try:
-        return path.read_text(encoding="utf-8").strip()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return ""
+    try:
+        return os.read(fd, 1 << 16).decode().strip()  # a lower list of 128 links is ~3.8 kB
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: str, text: str) -> None:
+    """A small file of a layer being made (the record, written after, is the commit point)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 class OverlayDriver(LayerStore):
@@ -106,6 +119,8 @@ class OverlayDriver(LayerStore):
                 "does not support d_type"
             )
         self.links.mkdir(exist_ok=True, mode=0o700)
+        #: ``<home>/``: the hot paths (create, remove, mount_spec) join strings, not Paths
+        self._prefix = f"{self.home}/"
         #: short links (``l/<short>``) of layers known to have no quota image
         self._imageless_links: set[str] = set()
         self.mount_extra: list[str] = []
@@ -179,18 +194,21 @@ class OverlayDriver(LayerStore):
         return self.home / layer_id
 
     def _short(self, layer_id: str) -> str:
-        return _read_text(self._dir(layer_id) / "link")
+        return _read_text(f"{self._prefix}{layer_id}/link")
 
     def _lowers(self, layer_id: str) -> list[str]:
         """Short links of the ancestors (``l/A``), nearest first."""
-        text = _read_text(self._dir(layer_id) / "lower")
+        text = _read_text(f"{self._prefix}{layer_id}/lower")
         return [p for p in text.split(":") if p] if text else []
 
+    def _has_image(self, layer_id: str) -> bool:
+        return os.path.lexists(f"{self._prefix}{layer_id}/{quota.IMAGE_NAME}")
+
     def _layer_paths(self, layer_id: str) -> list[Path]:
-        paths = [self._dir(layer_id)]
+        paths = [Path(f"{self._prefix}{layer_id}")]
         short = self._short(layer_id)
         if short and "/" not in short and short not in (".", ".."):
-            paths.insert(0, self.links / short)
+            paths.insert(0, Path(f"{self._prefix}{LINK_DIR}/{short}"))
         return paths
 
     def _disk_ids(self) -> set[str]:
@@ -217,29 +235,39 @@ class OverlayDriver(LayerStore):
         return out
 
     def _destroy(self, path: Path) -> None:
-        """Unmount anything beneath (never follow a mount into another layer), then delete."""
+        self._destroy_paths([path])
+
+    def _destroy_paths(self, paths: list[Path]) -> None:
+        """Unmount anything beneath (never follow a mount into another layer), then delete; one
+        read of the mount table for all the paths."""
+        where = paths[0] if paths else self.home
         try:
-            self._detach(path)
-            if quota.is_subvolume(path):
-                for sub in os.listdir(path):
-                    remove_tree(path / sub)
-                quota.btrfs_delete_subvolume(path)
-                return
-            remove_tree(path)
+            self._detach_paths(paths)
+            for where in paths:
+                if quota.is_subvolume(where):
+                    for sub in os.listdir(where):
+                        remove_tree(where / sub)
+                    quota.btrfs_delete_subvolume(where)
+                else:
+                    remove_tree(where)
         except OSError as exc:
-            raise from_oserror(exc, f"overlay: removing {path}") from exc
+            raise from_oserror(exc, f"overlay: removing {where}") from exc
 
     def _detach(self, path: Path) -> None:
-        if os.path.islink(path):
-            return  # a short link: nothing is mounted at or beneath a symlink's own path
-        unmount_all_under(path)  # the quota image's mount too
-        if os.path.isdir(path) and quota.has_image(path):
-            quota.unmount_image(path)  # and its loop device
+        self._detach_paths([path])
+
+    def _detach_paths(self, paths: list[Path]) -> None:
+        # a short link: nothing is mounted at or beneath a symlink's own path
+        dirs = [p for p in paths if not os.path.islink(p)]
+        unmount_all_under(*dirs)  # the quota images' mounts too
+        for path in dirs:
+            if os.path.lexists(f"{path}/{quota.IMAGE_NAME}"):
+                quota.unmount_image(path)  # and its loop device
 
     # ----- create --------------------------------------------------------------------------
 
     def _make_layer(self, rec: LayerRecord, parent: LayerRecord | None) -> None:
-        d = self._dir(rec.id)
+        d = f"{self._prefix}{rec.id}"
         lower = ""
         if parent is not None:
             pshort = self._short(parent.id)
@@ -261,38 +289,38 @@ class OverlayDriver(LayerStore):
         try:
             if size and self.quota_kind == "btrfs":
                 quota.btrfs_enable_quota(self.home)
-                quota.btrfs_create_subvolume(d)
+                quota.btrfs_create_subvolume(Path(d))
                 os.chmod(d, 0o700)
-                quota.btrfs_limit(d, size)
+                quota.btrfs_limit(Path(d), size)
             else:
                 os.mkdir(d, 0o700)
             if size and self.quota_kind == "image":
-                quota.create_image(d, size, uid, gid)
-                os.symlink(f"{quota.MOUNT_NAME}/diff", d / "diff")
-                os.symlink(f"{quota.MOUNT_NAME}/work", d / "work")
+                quota.create_image(Path(d), size, uid, gid)
+                os.symlink(f"{quota.MOUNT_NAME}/diff", f"{d}/diff")
+                os.symlink(f"{quota.MOUNT_NAME}/work", f"{d}/work")
             else:
-                os.mkdir(d / "diff", 0o755)
+                os.mkdir(f"{d}/diff", 0o755)
                 if (uid, gid) != (os.geteuid(), os.getegid()):
-                    os.chown(d / "diff", uid, gid)
+                    os.chown(f"{d}/diff", uid, gid)
             if parent is not None:
                 # the root is every layer's implicit parent: it shows the parent's root (mode,
                 # owner, times, xattrs), as overlayfs' copy-up would (issue 15 rules 5 and 7)
                 copy_dir_attributes(self._diff_dir(parent.id),  # (quota images: their diff)
-                                    Path(os.path.realpath(d / "diff")),
+                                    Path(os.path.realpath(f"{d}/diff")),
                                     skip_xattrs=self.whiteout_format.xattr_prefix)
             short = _short_id()
-            (d / "link").write_text(short, encoding="ascii")
+            _write_text(f"{d}/link", short)
             if lower:
-                (d / "lower").write_text(lower, encoding="ascii")
-                if not os.path.lexists(d / "work"):
-                    os.mkdir(d / "work", 0o700)
-                os.mkdir(d / "merged", 0o700)
-            os.symlink(f"../{rec.id}/diff", self.links / short)
+                _write_text(f"{d}/lower", lower)
+                if not os.path.lexists(f"{d}/work"):
+                    os.mkdir(f"{d}/work", 0o700)
+                os.mkdir(f"{d}/merged", 0o700)
+            os.symlink(f"../{rec.id}/diff", f"{self._prefix}{LINK_DIR}/{short}")
         except OSError as exc:
             raise from_oserror(exc, f"overlay: creating layer {rec.id}") from exc
 
     def _on_first_child(self, parent: LayerRecord) -> None:
-        (self._dir(parent.id) / "committed").write_bytes(b"")
+        _write_text(f"{self._prefix}{parent.id}/committed", "")
 
     def _rename_layer(self, old_id: str, new_id: str) -> None:
         """Rename the layer directory, then point its short link at the new name."""
@@ -313,11 +341,14 @@ class OverlayDriver(LayerStore):
 
     # ----- quota images --------------------------------------------------------------------
 
-    def _ensure_image(self, layer_id: str) -> None:
-        """Mount the layer's quota image if it has one and it is not mounted (lazy restore)."""
+    def _ensure_image(self, layer_id: str) -> bool:
+        """Mount the layer's quota image if it has one and it is not mounted (lazy restore);
+        whether it has one."""
+        if not self._has_image(layer_id):
+            return False
         d = self._dir(layer_id)
-        if not quota.has_image(d) or is_mounted(quota.image_mount_point(d)):
-            return
+        if is_mounted(quota.image_mount_point(d)):
+            return True
         with FileLock(d / "quota.lock"):
             try:
                 if quota.mount_image(d):
@@ -325,27 +356,32 @@ class OverlayDriver(LayerStore):
             except OSError as exc:
                 raise from_oserror(exc, f"overlay: mounting the quota image of {layer_id}") \
                     from exc
+        return True
 
-    def _ensure_chain_images(self, layer_id: str) -> None:
-        self._ensure_image(layer_id)
-        for link in self._lowers(layer_id):
+    def _ensure_chain_images(self, layer_id: str, lowers: list[str] | None = None) -> bool:
+        """Mount the quota images of the layer and its lowers (*lowers*: its ``_lowers``, when
+        read already); whether the layer itself has one."""
+        own = self._ensure_image(layer_id)
+        for link in self._lowers(layer_id) if lowers is None else lowers:
             if link in self._imageless_links:
                 continue
-            lower = os.readlink(self.home / link).split("/")[1]  # ../<id>/diff
-            if quota.has_image(self._dir(lower)):
+            lower = os.readlink(self._prefix + link).split("/")[1]  # ../<id>/diff
+            if self._has_image(lower):
                 self._ensure_image(lower)
             else:
                 # A layer's image is made before its short link, and a link (random) is never
                 # reused: a link seen without an image stays without one.
                 self._imageless_links.add(link)
+        return own
 
-    def _diff_dir(self, layer_id: str) -> Path:
-        """The real directory of the layer's files (the image's ``diff`` for a quota layer)."""
-        self._ensure_image(layer_id)
-        d = self._dir(layer_id)
-        if quota.has_image(d):
-            return quota.image_mount_point(d) / "diff"
-        return d / "diff"
+    def _diff_dir(self, layer_id: str, has_image: bool | None = None) -> Path:
+        """The real directory of the layer's files (the image's ``diff`` for a quota layer);
+        *has_image*: what ``_ensure_image`` said just before (else it is asked here)."""
+        if has_image is None:
+            has_image = self._ensure_image(layer_id)
+        if has_image:
+            return quota.image_mount_point(self._dir(layer_id)) / "diff"
+        return Path(f"{self._prefix}{layer_id}/diff")
 
     # ----- mounts --------------------------------------------------------------------------
 
@@ -366,19 +402,20 @@ class OverlayDriver(LayerStore):
             raise from_oserror(exc, f"overlay: mounting layer {rec.id}") from exc
         return merged
 
-    def _overlay_options(self, layer_id: str, readonly: bool) -> OverlayOptions:
+    def _overlay_options(self, layer_id: str, readonly: bool, lowers: list[str] | None = None,
+                         has_image: bool | None = None) -> OverlayOptions:
         """The overlay that assembles a layer with lowers: its ancestors' short links (absolute,
-        nearest first) under its own ``diff`` as the upper — or, read-only, as the top lower."""
-        rel = self._lowers(layer_id)
+        nearest first) under its own ``diff`` as the upper — or, read-only, as the top lower.
+        *lowers* and *has_image*: the layer's ``_lowers`` and image, when known already."""
+        rel = self._lowers(layer_id) if lowers is None else list(lowers)
         upper = work = None
         if readonly:
             rel.insert(0, f"{LINK_DIR}/{self._short(layer_id)}")
         else:
-            diff = self._diff_dir(layer_id)
-            upper = str(diff)
-            work = str(diff.parent / "work")
+            upper = str(self._diff_dir(layer_id, has_image))
+            work = upper.removesuffix("diff") + "work"
         return OverlayOptions(
-            lowers=[str(self.home / p) for p in rel], upper=upper, work=work,
+            lowers=[self._prefix + p for p in rel], upper=upper, work=work,
             relative_lowers=rel, relative_to=str(self.home),
             readonly=readonly, extra=list(self.mount_extra),
         )
@@ -389,10 +426,12 @@ class OverlayDriver(LayerStore):
         (``ro`` when *readonly*), else an ``overlay`` with ``lowerdir`` (absolute short links,
         so 128 fit one page) and, unless *readonly*, ``upperdir``/``workdir``."""
         self.record(layer_id)
-        self._ensure_chain_images(layer_id)
-        if not self._lowers(layer_id):
-            return "bind", str(self._diff_dir(layer_id)), ["ro" if readonly else "rw", "rbind"]
-        opts = self._overlay_options(layer_id, readonly)
+        lowers = self._lowers(layer_id)
+        has_image = self._ensure_chain_images(layer_id, lowers)
+        if not lowers:
+            return ("bind", str(self._diff_dir(layer_id, has_image)),
+                    ["ro" if readonly else "rw", "rbind"])
+        opts = self._overlay_options(layer_id, readonly, lowers, has_image)
         options = list(opts.extra)
         if opts.upper is not None:
             options += [f"workdir={opts.work}", f"upperdir={opts.upper}"]

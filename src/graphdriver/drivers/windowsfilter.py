@@ -85,7 +85,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -117,6 +116,7 @@ from ..errors import GraphDriverError, NotSupported, from_oserror
 from ..fsutil import atomic_write, copy_file_data, copy_tree, fs_name, remove_tree
 from ..idmap import real_root
 from ..layers import REMOVING_SUFFIX, LayerRecord, validate_id
+from ..logs import get_logger
 from ..mount import (
     MS_RDONLY,
     OverlayOptions,
@@ -128,7 +128,7 @@ from ..mount import (
 )
 from ..store import LayerStore, parse_size
 
-log = logging.getLogger("graphdriver")
+log = get_logger("graphdriver")
 
 DEFAULT_SANDBOX_SIZE = "127GB"
 LAYER_ID_FILE = "layerID"
