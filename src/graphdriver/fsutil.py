@@ -205,7 +205,7 @@ def copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:
         off += n
 
 
-def _copy_xattrs(src: str | int, dst: str | int, *, follow: bool) -> None:
+def _copy_xattrs(src: str | int, dst: str | int, *, follow: bool, skip: str = "") -> None:
     try:
         names = os.listxattr(src, follow_symlinks=follow)
     except OSError as exc:
@@ -213,6 +213,8 @@ def _copy_xattrs(src: str | int, dst: str | int, *, follow: bool) -> None:
             return
         raise
     for name in names:
+        if skip and name.startswith(skip):
+            continue
         try:
             value = os.getxattr(src, name, follow_symlinks=follow)
             os.setxattr(dst, name, value, follow_symlinks=follow)
@@ -425,14 +427,30 @@ def _copy_meta(s: str, d: str, st: os.stat_result, *, is_link: bool) -> None:
     os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def _copy_meta_fd(sfd: int, dfd: int, st: os.stat_result) -> None:
+def copy_dir_attributes(src: Path, dst: Path, *, skip_xattrs: str = "") -> None:
+    """The directory *src*'s owner, mode, xattrs (but those whose names start with
+    *skip_xattrs*) and times onto the directory *dst*, as overlayfs' copy-up gives them."""
+    sfd = os.open(src, _DIR_OPEN)
+    try:
+        dfd = os.open(dst, _DIR_OPEN)
+        try:
+            st = os.fstat(sfd)
+            _copy_meta_fd(sfd, dfd, st, skip_xattrs=skip_xattrs)
+            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _copy_meta_fd(sfd: int, dfd: int, st: os.stat_result, *, skip_xattrs: str = "") -> None:
     """Owner, xattrs and mode of an open directory or file (times: the caller's)."""
     try:
         os.fchown(dfd, st.st_uid, st.st_gid)
     except PermissionError:
         if real_root():
             raise
-    _copy_xattrs(sfd, dfd, follow=True)
+    _copy_xattrs(sfd, dfd, follow=True, skip=skip_xattrs)
     os.fchmod(dfd, stat.S_IMODE(st.st_mode))
 
 

@@ -1,12 +1,13 @@
 """Apply a layer tar onto a directory (moby's ``UnpackLayer`` semantics), in process.
 
 Every path is resolved beneath the target directory through directory file descriptors, never
-following a symlink the archive itself created; symlinks that were already in the target (a vfs
-layer's copy of its parent's ``/bin -> usr/bin``) are followed *inside* the target, as if it were
-``/``.  A failed apply, whatever the cause (including KeyboardInterrupt), leaves the target as it
-was: an empty target is emptied again; otherwise every replaced or removed path was renamed aside
-into a hidden scratch directory inside the target and is put back, created paths are removed, and
-metadata of merged directories and times of touched directories are restored.
+following a symlink: a path beneath a symlink, the archive's own or one a lower layer left (a vfs
+layer's copy of its parent's ``/bin -> usr/bin``, an overlay layer's lower chain), is refused
+(``UnsafeArchive``), as a layer must mean the same on every driver.  A failed apply, whatever
+the cause (including KeyboardInterrupt), leaves the target as it was: an empty target is emptied
+again; otherwise every replaced or removed path was renamed aside into a hidden scratch
+directory inside the target and is put back, created paths are removed, and metadata of merged
+directories and times of touched directories are restored.
 
 The OCI changeset rules (image-spec layer.md; tests/archive/test_layer_rules.py and
 tests/conformance/test_layer_semantics.py), where moby differs:
@@ -20,7 +21,14 @@ tests/conformance/test_layer_semantics.py), where moby differs:
   needs is made as overlayfs' copy-up makes it (the lower directory's owner, mode, times,
   xattrs); an opaque marker at the root, which overlayfs ignores there, whites out each lower
   entry instead.
-- A directory the layer does not list keeps its times (vfs: its copy in the target).
+- With the lower layers known, a path beneath a lower non-directory is refused as it is in one
+  tree; a whiteout or opaque marker beneath one (or beneath this layer's own file, or under a
+  directory this layer made opaque) hides nothing and leaves no trace; a directory made opaque
+  drops this layer's whiteouts beneath it (overlayfs would list them); a directory made over
+  this layer's own non-directory is opaque; a hard link to a lower file copies the file up
+  first (one inode in the merged view, as in one tree).
+- A directory the layer does not list, the root included, keeps its times (vfs: its copy in the
+  target); the times recorded for a directory never land on what replaces it.
 - An entry over an existing directory replaces its attributes, xattrs included.
 - The root's own entry (``./``) sets the target's mode, owner, times and xattrs.
 
@@ -50,7 +58,7 @@ from ..errors import (
     UnsafeArchive,
     from_oserror,
 )
-from ..fsutil import empty_beneath, remove_beneath
+from ..fsutil import copy_file_data, empty_beneath, remove_beneath
 from ..idmap import IDENTITY, IDMap, real_root
 from ..logs import get_logger
 from . import tarstream as ts
@@ -58,7 +66,7 @@ from .compression import decompress_stream, open_decompressed
 from .jsontext import dumps as json_text
 from .lowerview import LowerView
 from .native import native_module
-from .pathres import open_beneath, resolve_in_root
+from .pathres import open_beneath
 from .tarstream import TarEntry, TarReader
 from .whiteout import (
     NAIVE,
@@ -275,6 +283,9 @@ class _Applier:
         self.lowers = (LowerView(opts.lower_fds, self.whiteouts)
                        if self.overlay and opts.lower_fds is not None else None)
         self.whited: set[str] = set()  # whiteouts this apply wrote (overlay)
+        # lower files copied up as hard-link targets (overlay): still the lower layers' paths,
+        # which this layer's whiteouts and opaque directories hide
+        self.copied_up: set[str] = set()
         self.idmap = opts.idmap
         self.identity = opts.idmap.is_identity
         self.euid = os.geteuid()
@@ -303,7 +314,10 @@ class _Applier:
         self.journal_fd = -1
         self.touched: set[str] = set()
         self.merged_meta: set[str] = set()
-        self.dir_times: dict[str, tuple[int, int, int | None]] = {}
+        # directory -> times (and mode) to set at the end; the root, which the layer does not
+        # list unless it has a "./" entry, keeps its own (every layer's implicit parent)
+        self.dir_times: dict[str, tuple[int, int, int | None]] = {
+            "": (self.root_meta.atime_ns, self.root_meta.mtime_ns, None)}
         self.scratch = SCRATCH_PREFIX + f"{os.getpid()}-{os.urandom(6).hex()}"
         self.scratch_fd: int | None = None
         self.aside_count = 0
@@ -367,11 +381,15 @@ class _Applier:
         if preal not in self.created:
             self._touch_dir(preal)
             self._log(("new", real))
-            up = preal
-            while up and up not in self.holds_own and up not in self.created:
-                self.holds_own.add(up)
-                up = up.rpartition("/")[0]
+            self._hold_parents(preal)
         self.created.add(real)
+
+    def _hold_parents(self, preal: str) -> None:
+        """The pre-existing directories above an entry of this layer hold its own entries."""
+        up = preal
+        while up and up not in self.holds_own and up not in self.created:
+            self.holds_own.add(up)
+            up = up.rpartition("/")[0]
 
     def _clear_for_new(self, pfd: int, preal: str, base: str) -> None:
         """Write-ahead for a path about to be created in a target that held something: what is
@@ -444,7 +462,7 @@ class _Applier:
                 except FileNotFoundError:
                     if not create:
                         return None
-                    self._mkdir_parent(cur_fd, cur_real, comp)
+                    self._mkdir_parent(cur_fd, cur_real, comp, name=name)
                     fd = os.open(comp, _DIR_FLAGS, dir_fd=cur_fd)
                 except (NotADirectoryError, OSError) as exc:
                     if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
@@ -462,22 +480,10 @@ class _Applier:
                         raise UnsafeArchive(
                             f"{name!r} crosses symlink {real!r} created by the archive"
                         ) from exc
-                    else:
-                        try:
-                            real = resolve_in_root(self.root_fd, real)
-                            fd = open_beneath(self.root_fd, real, _DIR_FLAGS)
-                        except OSError as exc2:
-                            if not create and exc2.errno == errno.ENOENT:
-                                return None
-                            raise InvalidArchive(
-                                f"cannot create {name!r}: symlink {_join(cur_real, comp)!r} "
-                                "does not lead to a directory inside the layer"
-                            ) from exc2
-                        if real.split("/", 1)[0] == self.scratch:
-                            os.close(fd)
-                            raise UnsafeArchive(
-                                f"{name!r} leads into the apply's scratch directory"
-                            ) from exc
+                    else:  # a layer means the same on every driver: never through a symlink
+                        raise UnsafeArchive(
+                            f"{name!r} lies beneath symlink {real!r} of a lower layer"
+                        ) from exc
                 st = os.fstat(fd)
                 if not self.empty_start and real not in self.created:
                     # a directory the layer does not list keeps its times (an entry may set them)
@@ -505,10 +511,65 @@ class _Applier:
         self.whiteouts.mark_opaque(fd)
         return fd
 
-    def _mkdir_parent(self, pfd: int, preal: str, base: str, copy_up: bool = True) -> None:
+    def _lower_shows(self, real: str) -> os.stat_result | None:
+        """What the layers below show at *real* through this layer as the apply has left it so
+        far (overlayfs' rules: a non-directory or an opaque directory of this layer at *real* or
+        above it hides what lies below); None when nothing.  Overlay with known lowers only."""
+        assert self.lowers is not None
+        parts = real.split("/")
+        for i in range(1, len(parts) + 1):
+            up = "/".join(parts[:i])  # its parents were just found to be real directories
+            try:
+                st = os.lstat(up, dir_fd=self.root_fd)
+            except FileNotFoundError:
+                break
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+            fd = os.open(up, _DIR_FLAGS, dir_fd=self.root_fd)
+            try:
+                if self.whiteouts.is_opaque(fd):
+                    return None
+            finally:
+                os.close(fd)
+        hit = self.lowers.find(real)
+        return None if hit is None else hit[0]
+
+    def _refuse_lower_symlink(self, path: str, name: str) -> None:
+        """*name* (a whiteout or an opaque marker) is refused where a layer below shows a
+        symlink at *path* or above it and this layer has nothing of its own there (vfs refuses
+        it in its copy of the tree); the archive's own symlinks are ``_dir``'s to refuse."""
+        parts = path.split("/") if path else []
+        for i in range(1, len(parts) + 1):
+            up = "/".join(parts[:i])
+            try:
+                st = os.lstat(up, dir_fd=self.root_fd)
+            except FileNotFoundError as exc:
+                shown = self._lower_shows(up)
+                if shown is not None and stat.S_ISLNK(shown.st_mode):
+                    raise UnsafeArchive(
+                        f"{name!r} lies beneath symlink {up!r} of a lower layer") from exc
+                if shown is None or not stat.S_ISDIR(shown.st_mode):
+                    return
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                return
+
+    def _mkdir_parent(self, pfd: int, preal: str, base: str, copy_up: bool = True,
+                      name: str = "") -> None:
+        """A directory the layer needs but does not list: overlayfs' copy-up of what the layers
+        below show there (a lower non-directory is refused, as it would be in one tree)."""
         real = _join(preal, base)
-        lower_fd = (self.lowers.open_dir(real) if copy_up and self.lowers is not None
-                    else None)
+        lower_fd = None
+        if copy_up and self.lowers is not None:
+            shown = self._lower_shows(real)
+            if shown is not None and stat.S_ISLNK(shown.st_mode):
+                raise UnsafeArchive(f"{name!r} lies beneath symlink {real!r} of a lower layer")
+            if shown is not None and not stat.S_ISDIR(shown.st_mode):
+                raise InvalidArchive(f"cannot create {name!r}: parent {real!r} is not a "
+                                     "directory")
+            if shown is not None:
+                lower_fd = self.lowers.open_dir(real)
+        self._touch_dir(preal)  # before the parent's times change: a rollback restores them
         if lower_fd is not None:
             try:
                 self._copy_up_dir(pfd, preal, base, lower_fd)
@@ -578,6 +639,13 @@ class _Applier:
         self.created.discard(real)
         self.merged.discard(real)
         self.whited.discard(real)
+        self.copied_up.discard(real)
+        # the times recorded for a directory stay with it: never set on what replaces it
+        self.dir_times.pop(real, None)
+        if is_dir:
+            below = real + "/"
+            for key in [k for k in self.dir_times if k.startswith(below)]:
+                del self.dir_times[key]
 
     def _make_room(self, pfd: int, preal: str, base: str, new_is_dir: bool) -> bool:
         """Something exists at base: True to merge (dir over dir), else it is removed."""
@@ -598,9 +666,13 @@ class _Applier:
         if target in ("", ".", "..") or target.startswith(WHITEOUT_META_PREFIX[4:]):
             raise UnsafeArchive(f"whiteout {name!r} names no removable entry")
         hit = self._dir(parent, False, name)
+        if self.lowers is not None:
+            self._refuse_lower_symlink(parent, name)
         if hit is not None:
             pfd, preal, _ = hit
             real = _join(preal, target)
+            if real in self.copied_up:  # a lower file, copied up for a link: hidden
+                self._remove(pfd, preal, target)
             try:
                 st: os.stat_result | None = os.lstat(target, dir_fd=pfd)
             except FileNotFoundError:
@@ -619,7 +691,7 @@ class _Applier:
                 self._remove(hit[0], hit[1], target)
             return
         real = _join(hit[1] if hit is not None else parent, target)
-        if self.lowers is not None and not self.lowers.exists(real):
+        if self.lowers is not None and self._lower_shows(real) is None:
             if hit is not None:  # nothing below to hide: no whiteout, only what was here goes
                 self._remove(hit[0], hit[1], target)
             return
@@ -639,18 +711,25 @@ class _Applier:
         dfd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
         try:
             if self.overlay:
-                if self.lowers is not None and not self.lowers.exists(real):
+                if self.lowers is not None and self._lower_shows(real) is None:
                     return
                 self._save_dir_meta(dfd, real)
                 self.whiteouts.mark_opaque(dfd)
+                self._drop_whiteouts_beneath(real)
             self._prune(dfd, real)
         finally:
             os.close(dfd)
 
     def _opaque(self, parent: str, name: str) -> None:
-        if self.overlay and self.lowers is not None and not parent:
-            self._opaque_root()
-            return
+        if self.overlay and self.lowers is not None:
+            if not parent:
+                self._opaque_root()
+                return
+            self._dir(parent, False, name)  # refuses a path through the archive's own symlink
+            self._refuse_lower_symlink(parent, name)
+            shown = self._lower_shows(parent)
+            if shown is None or not stat.S_ISDIR(shown.st_mode):
+                return  # no directory below to hide: no trace (nor beneath a non-directory)
         hit = self._dir(parent, self.overlay, name)
         if hit is None:
             return
@@ -658,7 +737,22 @@ class _Applier:
         if self.overlay:
             self._save_dir_meta(dfd, dreal)
             self.whiteouts.mark_opaque(dfd)
+            self._drop_whiteouts_beneath(dreal)
         self._prune(dfd, dreal)
+
+    def _drop_whiteouts_beneath(self, dreal: str) -> None:
+        """The directory *dreal* became opaque: this layer's whiteouts beneath it hide nothing
+        now, and overlayfs would list them (a name readdir shows and lstat cannot find); the
+        lower files copied up beneath it as link targets are hidden with the rest below."""
+        below = dreal + "/" if dreal else ""
+        hidden = [w for w in self.whited | self.copied_up if w.startswith(below)]
+        for real in sorted(hidden, reverse=True):
+            parent, _, base = real.rpartition("/")
+            pfd = open_beneath(self.root_fd, parent)
+            try:
+                self._remove(pfd, parent, base)
+            finally:
+                os.close(pfd)
 
     def _opaque_root(self) -> None:
         """An opaque marker at the layer's root: overlayfs ignores the opaque xattr on a layer's
@@ -668,6 +762,8 @@ class _Applier:
         for base in sorted(self.lowers.names("")):
             if base == self.scratch:
                 continue
+            if base in self.copied_up:
+                self._remove(self.root_fd, "", base)
             try:
                 st = os.lstat(base, dir_fd=self.root_fd)
             except FileNotFoundError:
@@ -702,6 +798,12 @@ class _Applier:
             self._remove(dfd, dreal, base)
 
     # ---- entries -------------------------------------------------------------------------------
+    @staticmethod
+    def _check_ids(e: TarEntry) -> None:
+        """Ids no file can have: the reader hands them on as Go's does; the apply refuses."""
+        if not (0 <= e.uid <= ts.MAX_ID and 0 <= e.gid <= ts.MAX_ID):
+            raise InvalidArchive(f"{e.name!r}: uid/gid {e.uid}/{e.gid} out of range")
+
     def _ids(self, e: TarEntry) -> tuple[int, int]:
         if self.idmap.is_identity:
             return e.uid, e.gid
@@ -846,8 +948,14 @@ class _Applier:
         real = _join(preal, base)
         mode = e.mode
         mkmode = mode & 0o777 if self.is_root else (mode & 0o777) | 0o700
-        # deleted and re-created in this layer: the new directory hides the old contents
+        # deleted (or replaced by a non-directory) and re-created in this layer: the new
+        # directory hides the old contents
         replaces_whiteout = real in self.whited
+        replaces_own = False  # this layer's own non-directory (overlay with known lowers)
+        if self.overlay and not replaces_whiteout and self.lowers is not None:
+            with contextlib.suppress(FileNotFoundError):
+                replaces_own = not stat.S_ISDIR(os.lstat(base, dir_fd=pfd).st_mode)
+        self._touch_dir(preal)  # before the parent's times change: a rollback restores them
         try:
             os.mkdir(base, mkmode, dir_fd=pfd)
             created = True
@@ -861,6 +969,8 @@ class _Applier:
             self._note_new(preal, real)
         else:
             self.merged.add(real)
+            if not self.empty_start:
+                self._hold_parents(preal)
         key = _join(parent, base)
         hit = self.cache.get(key)
         if hit is None:
@@ -869,7 +979,9 @@ class _Applier:
                 raise InvalidArchive(f"directory {e.name!r} vanished while applying")
             hit = got
         self._dir_meta(e, hit[0], real, created, sgid)
-        if replaces_whiteout and created:
+        if created and (replaces_whiteout or (replaces_own and (
+                (shown := self._lower_shows(real)) is not None
+                and stat.S_ISDIR(shown.st_mode)))):
             self.whiteouts.mark_opaque(hit[0])
         # new files inherit the group of a setgid directory: remember the bit as it is now
         self.cache[key] = (hit[0], hit[1], bool(e.mode & stat.S_ISGID))
@@ -979,10 +1091,13 @@ class _Applier:
             tparent, _, tbase = target.rpartition("/")
             if tparent.split("/", 1)[0] == self.scratch or target == self.scratch:
                 raise UnsafeArchive(f"hard link {e.name!r} points into the scratch directory")
+            if self.lowers is not None:
+                self._copy_up_link_target(target, e.name)
             hit = self._dir(tparent, False, e.name)
             if hit is None:
                 raise InvalidArchive(f"hard link {e.name!r}: target {target!r} does not exist")
             src_fd, src_base = hit[0], tbase
+        self._touch_dir(preal)  # before the parent's times change: a rollback restores them
         for attempt in (0, 1):
             try:
                 os.link(src_base, base, src_dir_fd=src_fd, dst_dir_fd=pfd, follow_symlinks=False)
@@ -996,6 +1111,45 @@ class _Applier:
                     f"hard link {e.name!r} to {target!r}: {exc.strerror}"
                 ) from exc
         self._note_new(preal, _join(preal, base))
+
+    def _copy_up_link_target(self, target: str, name: str) -> None:
+        """A hard link to a file of the layers below: as overlayfs copies a file up before it
+        links to it, the file is copied into this layer first, so that the link and its target
+        are one file in the merged view (as in one tree)."""
+        assert self.lowers is not None
+        shown = self._lower_shows(target)
+        if shown is None or not stat.S_ISREG(shown.st_mode):
+            return  # this layer's own, or nothing to link to: the link decides
+        found = self.lowers.find(target)
+        assert found is not None
+        st, layer_fd = found
+        tparent, _, tbase = target.rpartition("/")
+        hit = self._dir(tparent, True, name)
+        assert hit is not None
+        pfd, preal, _ = hit
+        src = open_beneath(layer_fd, target, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            self._clear_for_new(pfd, preal, tbase)
+            dst = os.open(tbase, _FILE_FLAGS, 0o600, dir_fd=pfd)
+            try:
+                copy_file_data(src, dst, st.st_size)
+                try:
+                    os.fchown(dst, st.st_uid, st.st_gid)
+                except OSError as exc:
+                    self._soft_fail(f"chown {target!r}", exc)
+                os.fchmod(dst, stat.S_IMODE(st.st_mode))
+                for k in os.listxattr(src):
+                    if not self.whiteouts.is_private_xattr(k):
+                        try:
+                            os.setxattr(dst, k, os.getxattr(src, k))
+                        except OSError as exc:
+                            self._soft_fail(f"set xattr {k} on {target!r}", exc)
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        self.copied_up.add(_join(preal, tbase))
 
     def _plnk_file(self, reader: TarReader, e: TarEntry) -> None:
         """Regular files under /.wh..wh.plnk are extracted aside to serve as link targets."""
@@ -1089,6 +1243,7 @@ class _Applier:
             if e.type != ts.DIRECTORY:
                 raise InvalidArchive("the archive's root entry is not a directory")
             self._check_xattrs(e)
+            self._check_ids(e)
             self._dir_meta(e, self.root_fd, "", False, False)
             self.cache[""] = (self.root_fd, "", bool(e.mode & stat.S_ISGID))
             return
@@ -1107,6 +1262,7 @@ class _Applier:
             return
         if e.xattrs:
             self._check_xattrs(e)
+        self._check_ids(e)
         hit = self.cache.get(parent)
         if hit is None:
             hit = self._dir(parent, True, name)

@@ -14,8 +14,9 @@ A record this model cannot replay exactly (an entry type or whiteout name the ap
 hard link to nothing, a path beneath a non-directory) raises :class:`Unmodelled`: the caller
 walks the tree instead.
 
-Owns the replay of recorded headers.  Imports ``changes``, ``lowerview``, ``tarstream``,
-``whiteout`` and ``idmap``; never ``drivers/``, the store, ``exactdiff`` or the package root.
+Owns the replay of recorded headers.  Imports ``changes``, ``lowerview``, ``pathres``,
+``tarstream``, ``whiteout`` and ``idmap``; never ``drivers/``, the store, ``exactdiff`` or the
+package root.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from ..idmap import IDMap
 from .changes import Change, ChangeKind, capability, same_content, same_fs_time, sort_changes
 from .lowerview import LowerView
+from .pathres import open_beneath
 from .tarstream import (
     BLOCKDEV,
     CHARDEV,
@@ -77,6 +79,10 @@ class _Layer:
     opaque: set[str] = field(default_factory=set)
     replaced: set[str] = field(default_factory=set)  # paths once a non-directory of the layer
     implicit: set[str] = field(default_factory=set)  # directories the layer made unlisted
+    #: directories named only as the parents of whiteouts and opaque markers: the apply makes
+    #: none of them (a marker with nothing to hide leaves no trace), so each is the layer's only
+    #: where the apply left a directory
+    ghosts: set[str] = field(default_factory=set)
 
     def hides_below(self, path: str) -> bool:
         """Whether the directory *path* of the layer shows nothing of the parent's."""
@@ -88,7 +94,7 @@ class _Layer:
         node = self.nodes.get(path)
         return node is not None and node.is_dir
 
-    def ensure_parents(self, path: str) -> None:
+    def ensure_parents(self, path: str, *, marker: bool = False) -> None:
         parent = path.rpartition("/")[0]
         missing: list[str] = []
         while parent and parent not in self.nodes:
@@ -99,6 +105,12 @@ class _Layer:
         for p in missing:
             self.nodes[p] = _Node(0)
             self.implicit.add(p)
+        if marker:
+            self.ghosts.update(missing)
+        else:
+            while parent:  # an entry needs them all: made by the apply whatever was below
+                self.ghosts.discard(parent)
+                parent = parent.rpartition("/")[0]
 
     def check_hideable(self, path: str) -> None:
         """Before a whiteout or an opaque marker hides what lies below *path*: the appliers
@@ -138,13 +150,13 @@ def _replay(entries: Iterable[TarEntry], idmap: IDMap) -> _Layer:
         parent, _, base = name.rpartition("/")
         if base.startswith(WHITEOUT_PREFIX):
             if base == WHITEOUT_OPAQUE:
-                layer.ensure_parents(name)
+                layer.ensure_parents(name, marker=True)
                 layer.check_hideable(parent)
                 layer.opaque.add(parent)
             elif base.startswith(WHITEOUT_META_PREFIX) or base == WHITEOUT_PREFIX:
                 raise Unmodelled(f"whiteout name {name!r}")
             else:
-                layer.ensure_parents(name)
+                layer.ensure_parents(name, marker=True)
                 target = f"{parent}/{base[4:]}" if parent else base[4:]
                 layer.check_hideable(target)
                 layer.whiteouts.add(target)
@@ -183,6 +195,8 @@ class _Compare:
         self.root_fd = root_fd
         self.exact_mtime = exact_mtime
         self.links: dict[str, os.stat_result] = {}
+        #: the marker-only parents the apply did not make
+        self.absent = {p for p in layer.ghosts if not _is_dir_at(root_fd, p)}
 
     def find(self, path: str) -> tuple[os.stat_result, int] | None:
         return None if self.parent is None else self.parent.find(path)
@@ -241,17 +255,21 @@ class _Compare:
         layer = self.layer
         found: dict[str, ChangeKind] = {}
         for path, node in layer.nodes.items():
+            if path in self.absent:
+                continue
             hit = self.find(path)
             if hit is None:
                 found[path] = ChangeKind.ADD
             elif self.modified(path, node, hit):
                 found[path] = ChangeKind.MODIFY
         for path in layer.whiteouts:
-            if (path not in layer.nodes and layer.is_dir(path.rpartition("/")[0])
+            parent = path.rpartition("/")[0]
+            if (path not in layer.nodes and layer.is_dir(parent) and parent not in self.absent
                     and self.find(path) is not None):
                 found[path] = ChangeKind.DELETE
         if self.parent is not None:
-            for path in [""] + [p for p, n in layer.nodes.items() if n.is_dir]:
+            for path in [""] + [p for p, n in layer.nodes.items()
+                                if n.is_dir and p not in self.absent]:
                 if not ((layer.hides_below(path) and layer.is_dir(path))
                         or self.hidden_region(path)):
                     continue
@@ -277,6 +295,15 @@ class _Compare:
             seen.add(id(node))
             total += self.link_stat(node).st_size if node.link is not None else node.size
         return total
+
+
+def _is_dir_at(fd: int, path: str) -> bool:
+    """Whether *path* beneath *fd* is a directory, reached without following a symlink."""
+    try:
+        os.close(open_beneath(fd, path, _DIR_FLAGS))
+    except OSError:  # missing, beneath a non-directory, or through a symlink
+        return False
+    return True
 
 
 def _at(fd: int, path: str) -> str:

@@ -79,7 +79,6 @@ _GNU_LONGLINK = b"K"
 _GNU_SPARSE = b"S"
 _GNU_DUMPDIR = b"D"
 _GNU_VOLHDR = b"V"
-_GNU_MULTIVOL = b"M"
 _ZERO_BLOCK = bytes(BLOCK)
 _ZERO_24 = bytes(24)
 _OCTAL_DIGITS = b"01234567"
@@ -621,7 +620,12 @@ class TarReader:
         if size < 0 or size > MAX_META:
             raise _bad(f"{what} of {size} bytes (limit {MAX_META})")
         padded = (size + BLOCK - 1) & ~(BLOCK - 1)
-        data = self._take(padded, what)
+        if not self._fill(size):
+            raise _bad(f"archive truncated in {what}")
+        # an input that ends inside the padding ends there, as after an entry's data (Go)
+        n = padded if self._fill(padded) else self._end - self._pos
+        data = bytes(self._mv[self._pos : self._pos + n])
+        self._pos += n
         if self._recorder is not None:
             self._seg += data
         return data[:size]
@@ -809,8 +813,6 @@ class TarReader:
                 longname = _cstr(self._meta_data(size, "GNU long name"))
             elif typ == _GNU_LONGLINK:
                 longlink = _cstr(self._meta_data(size, "GNU long link name"))
-            elif typ == _GNU_MULTIVOL:
-                raise _bad("multi-volume archives are not supported")
             else:
                 return self._make_entry(blk, h, typ, pax, longname, longlink)
 
@@ -893,11 +895,10 @@ class TarReader:
             raw_name, size, data_size = self._pax_sparse(e, typ, pax, raw_name, size, data_size)
         if typ in _HEADER_ONLY:
             size = 0
-        elif typ == _GNU_DUMPDIR:
+        elif typ == _GNU_DUMPDIR:  # a directory; its data (a listing, sparse or not) skipped
             typ = DIRECTORY
             size = 0
-        if e.uid < 0 or e.uid > MAX_ID or e.gid < 0 or e.gid > MAX_ID:
-            raise _bad(f"uid/gid {e.uid}/{e.gid} out of range")
+            e.sparse = None
         e.type = typ
         e.raw_name = raw_name
         name = raw_name.decode("utf-8", "surrogateescape")

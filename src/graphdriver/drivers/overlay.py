@@ -47,7 +47,7 @@ from ..errors import (
     NotSupported,
     from_oserror,
 )
-from ..fsutil import fs_name, remove_tree, supports_d_type
+from ..fsutil import copy_dir_attributes, fs_name, remove_tree, supports_d_type
 from ..idmap import real_root
 from ..layers import REMOVING_SUFFIX, RESERVED_IDS, LayerRecord, is_valid_id
 from ..locking import FileLock
@@ -302,6 +302,12 @@ class OverlayDriver(LayerStore):
                 os.mkdir(f"{d}/diff", 0o755)
                 if (uid, gid) != (os.geteuid(), os.getegid()):
                     os.chown(f"{d}/diff", uid, gid)
+            if parent is not None:
+                # the root is every layer's implicit parent: it shows the parent's root (mode,
+                # owner, times, xattrs), as overlayfs' copy-up would (issue 15 rules 5 and 7)
+                copy_dir_attributes(self._diff_dir(parent.id),  # (quota images: their diff)
+                                    Path(os.path.realpath(f"{d}/diff")),
+                                    skip_xattrs=self.whiteout_format.xattr_prefix)
             short = _short_id()
             _write_text(f"{d}/link", short)
             if lower:
