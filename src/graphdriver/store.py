@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -869,7 +870,42 @@ class LayerStore:
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         parent = self.resolve_parent(layer_id, parent)
         recorded = self._from_record(layer_id, parent, lambda layer: layer.changes())
-        return recorded if recorded is not None else self._walk_changes(layer_id, parent)
+        changes = recorded if recorded is not None else self._walk_changes(layer_id, parent)
+        return self._with_link_groups(layer_id, changes)
+
+    def _with_link_groups(self, layer_id: str, changes: list[Change]) -> list[Change]:
+        """A changed file's other hard-link names in the layer are listed too (C), so that its
+        diff carries the whole group: a layer that links ``c`` to the parent's ``b`` keeps ``b``
+        and ``c`` one file when its diff is applied again (overlay's copy-up lists ``b``; a vfs
+        layer's ``b`` is a copy that only the new link changed).  The tree is walked only when a
+        changed file has names the list lacks."""
+        from .archive.changes import Change, ChangeKind, sort_changes
+
+        listed = {c.path for c in changes if c.kind is not ChangeKind.DELETE}
+        with self.mounted(layer_id) as root:
+            root_s = str(root)
+            wanted: dict[tuple[int, int], int] = {}
+            for path in listed:
+                try:
+                    st = os.lstat(root_s + path)
+                except FileNotFoundError:
+                    continue
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                    key = (st.st_dev, st.st_ino)
+                    wanted[key] = wanted.get(key, st.st_nlink) - 1
+            wanted = {k: n for k, n in wanted.items() if n > 0}
+            if not wanted:
+                return changes
+            added: list[Change] = []
+            for path, st in _walk_paths(root_s):
+                if (st.st_dev, st.st_ino) in wanted and path not in listed:
+                    added.append(Change(path, ChangeKind.MODIFY))
+                    up = path.rpartition("/")[0]
+                    while up and up not in listed:  # moby: a change's parents are listed
+                        listed.add(up)
+                        added.append(Change(up, ChangeKind.MODIFY))
+                        up = up.rpartition("/")[0]
+        return sort_changes(changes + added) if added else changes
 
     def _walk_changes(self, layer_id: str, parent: str | None) -> list[Change]:
         """The changes found by walking the layer's tree against *parent*'s (resolved)."""
@@ -975,6 +1011,7 @@ class LayerStore:
                 changes = self._from_record(layer_id, parent, lambda layer: layer.changes())
                 if changes is None:
                     changes = self._walk_changes(layer_id, parent)
+                changes = self._with_link_groups(layer_id, changes)
                 write_changes(out_fd, root, changes, idmap=self.idmap, progress=progress,
                               parent_root=proot)
 
@@ -1302,3 +1339,20 @@ def as_fd(stream: BinaryIO | int) -> Iterator[int]:
         thread.join()
     if failure:
         raise GraphDriverError(f"reading the layer stream: {failure[0]}") from failure[0]
+
+
+def _walk_paths(root: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Every path beneath *root* ("/a/b", absolute inside it) with its lstat; iterative."""
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(root + rel if rel else root) as it:
+                entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+        except OSError:
+            continue  # gone meanwhile, or a path too long to name: nothing to add there
+        for name, st in entries:
+            path = f"{rel}/{name}"
+            yield path, st
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(path)

@@ -400,15 +400,11 @@ def test_dir_needed_beneath_a_whited_out_dir_is_made_anew(driver: Any) -> None:
             0o755, 0, [])
 
 
-def test_hard_link_to_a_lower_file_survives_diff_and_apply(driver: Any,
-                                                           request: pytest.FixtureRequest) -> None:
+def test_hard_link_to_a_lower_file_survives_diff_and_apply(driver: Any) -> None:
     """A layer that hard-links ``c`` to the lower ``b``: its ``diff`` applied again on the parent
-    gives ``b`` and ``c`` as one file.  overlay's diff carries the copied-up ``b``; vfs's lists
-    only ``c`` (moby's rule: links within the tar only) and the link is lost."""
-    if driver.name == "vfs":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "vfs: changes/diff do not carry the lower target of a new hard link (found by "
-            "test_layer_differential.py, seed 7; not fixed yet)")))
+    gives ``b`` and ``c`` as one file: the diff carries the whole link group (overlay's copy-up
+    of ``b``; vfs's ``b``, a copy only the new link changed), found by test_layer_differential.py,
+    seed 7."""
     apply(driver, "base", None, TarBuilder().file("b", b"b").bytes())
     apply(driver, "top", "base", TarBuilder().hardlink("c", "b").bytes())
     with driver.diff("top") as s:
