@@ -882,29 +882,30 @@ class LayerStore:
         from .archive.changes import Change, ChangeKind, sort_changes
 
         listed = {c.path for c in changes if c.kind is not ChangeKind.DELETE}
-        with self.mounted(layer_id) as root:
-            root_s = str(root)
-            wanted: dict[tuple[int, int], int] = {}
-            for path in listed:
-                try:
-                    st = os.lstat(root_s + path)
-                except FileNotFoundError:
-                    continue
-                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                    key = (st.st_dev, st.st_ino)
-                    wanted[key] = wanted.get(key, st.st_nlink) - 1
-            wanted = {k: n for k, n in wanted.items() if n > 0}
-            if not wanted:
-                return changes
-            added: list[Change] = []
-            for path, st in _walk_paths(root_s):
-                if (st.st_dev, st.st_ino) in wanted and path not in listed:
-                    added.append(Change(path, ChangeKind.MODIFY))
-                    up = path.rpartition("/")[0]
-                    while up and up not in listed:  # moby: a change's parents are listed
-                        listed.add(up)
-                        added.append(Change(up, ChangeKind.MODIFY))
-                        up = up.rpartition("/")[0]
+        # the layer's own directory (overlay's diff, where every name of such an inode is), not
+        # a mount: ``changes`` answered from the record mounts nothing
+        root_s = str(self._apply_target(self.record(layer_id)))
+        wanted: dict[tuple[int, int], int] = {}
+        for path in listed:
+            try:
+                st = os.lstat(root_s + path)
+            except FileNotFoundError:
+                continue
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                wanted[key] = wanted.get(key, st.st_nlink) - 1
+        wanted = {k: n for k, n in wanted.items() if n > 0}
+        if not wanted:
+            return changes
+        added: list[Change] = []
+        for path, st in _walk_paths(root_s):
+            if (st.st_dev, st.st_ino) in wanted and path not in listed:
+                added.append(Change(path, ChangeKind.MODIFY))
+                up = path.rpartition("/")[0]
+                while up and up not in listed:  # moby: a change's parents are listed
+                    listed.add(up)
+                    added.append(Change(up, ChangeKind.MODIFY))
+                    up = up.rpartition("/")[0]
         return sort_changes(changes + added) if added else changes
 
     def _walk_changes(self, layer_id: str, parent: str | None) -> list[Change]:
