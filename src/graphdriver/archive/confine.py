@@ -18,6 +18,11 @@ The parent (:func:`run_job`):
   target directory, the result pipe, the recorder frame pipe (:mod:`.recframes`) and the
   directories of the parent chain ("lowers"), the job's name and its parameters (``marshal``'d,
   in hex: the child reads them without json);
+- or hands them to a child started earlier by :func:`prespawn` (a command does that before it
+  opens its store, so that the child's start-up and its job module's imports overlap the
+  parent's work): that child imported the job's module and waits on a unix socket; the same
+  parameters and file descriptors reach it in one message (``SCM_RIGHTS``).  A child nobody
+  takes is killed by :func:`discard_prespawned` before it was handed anything;
 - opens the lowers read-only: as root each is a detached read-only clone of its mount
   (:func:`graphdriver.mount.read_only_view`: writes through it fail with EROFS); without the
   privilege, a plain ``O_RDONLY`` directory fd.  A job that must hard-link the lowers' files
@@ -96,6 +101,18 @@ if TYPE_CHECKING:
 #: ``marshal``'d and hex-encoded
 CHILD_MAIN = "from graphdriver.archive.confine import child_main; child_main()"
 
+#: the child's second argument when it was started ahead of its job (:func:`prespawn`): its
+#: parameters come over the hand-over socket, whose fd and the parent's pid follow
+_WAIT = "wait"
+
+#: the largest hand-over message (marshal'd parameters) and fd count a waiting child accepts
+_HANDOVER_BYTES = 1 << 20
+_HANDOVER_FDS = 250
+
+#: children started ahead of their job, by job name: the process and the parent's end of the
+#: hand-over socket
+_waiting: dict[str, tuple[subprocess.Popen[bytes], Any]] = {}
+
 
 def _parent_log_level() -> int:
     """graphdriver's log level here: WARNING while logging is not loaded (nobody set one)."""
@@ -151,6 +168,78 @@ def _open_lowers(lowers: Sequence[Path], linkable: bool) -> list[int]:
     return fds
 
 
+def _spawn(job: str, arguments: list[str], pass_fds: Sequence[int]) -> subprocess.Popen[bytes]:
+    import subprocess
+
+    return subprocess.Popen(
+        [sys.executable, "-S", "-P", "-c", CHILD_MAIN, job, *arguments],
+        pass_fds=pass_fds,
+        stdin=subprocess.DEVNULL,
+        env=_child_env(),
+        close_fds=True,
+    )
+
+
+def prespawn(job: str) -> None:
+    """Start the child of the job *job* now, ahead of :func:`run_job`: it starts Python, imports
+    the job's module and waits for its parameters and file descriptors.  For a command that will
+    run the job once it has opened its store (the wait overlaps that work).  Call it from a
+    single-threaded process, after any namespace change (the child stays where it was
+    started).  A second call for the same job keeps the first child."""
+    import _socket
+
+    if job in _waiting:
+        return
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX,
+                                      _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    try:
+        proc = _spawn(job, [_WAIT, str(theirs.fileno()), str(os.getpid())], [theirs.fileno()])
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    _waiting[job] = (proc, ours)
+
+
+def discard_prespawned() -> None:
+    """Stop every child :func:`prespawn` started that no job took (it was handed nothing: it has
+    touched nothing), and reap it."""
+    while _waiting:
+        _, (proc, sock) = _waiting.popitem()
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _hand_over(job: str, args: dict[str, Any],
+               pass_fds: list[int]) -> subprocess.Popen[bytes] | None:
+    """Give *args* and *pass_fds* to the waiting child of *job* (None: there is none, or it is
+    gone).  *args* names the fds by the parent's numbers; the child maps them to its own."""
+    import _socket
+
+    waiting = _waiting.pop(job, None)
+    if waiting is None:
+        return None
+    proc, sock = waiting
+    try:
+        if proc.poll() is None:
+            sock.sendmsg([marshal.dumps({**args, "passed": pass_fds})],
+                         [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                           b"".join(fd.to_bytes(4, sys.byteorder, signed=True)
+                                    for fd in pass_fds))])
+            return proc
+    except OSError as exc:  # it died meanwhile (killed): a new child does the job
+        log.debug("the waiting %s child %d could not take the job: %s", job, proc.pid, exc)
+    finally:
+        sock.close()
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    return None
+
+
 def run_job(
     job: str,
     target: Path,
@@ -176,7 +265,6 @@ def run_job(
     when the child exits without an answer (given why: "signal 9", "status 1").
     """
     import json
-    import subprocess
     import threading
 
     fds_to_close: list[int] = []
@@ -233,13 +321,8 @@ def run_job(
         if in_main:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, _on_signal)
-        proc = subprocess.Popen(
-            [sys.executable, "-S", "-P", "-c", CHILD_MAIN, job, marshal.dumps(args).hex()],
-            pass_fds=pass_fds,
-            stdin=subprocess.DEVNULL,
-            env=_child_env(),
-            close_fds=True,
-        )
+        proc = _hand_over(job, args, pass_fds) or _spawn(job, [marshal.dumps(args).hex()],
+                                                         pass_fds)
         if signals:  # arrived while the child was being spawned
             proc.send_signal(signal.SIGTERM)
         # the child holds its own copies now; ours would keep the pipes from ending
@@ -419,9 +502,69 @@ def child_main() -> None:
     os._exit(status)
 
 
+def _receive(sock_fd: int) -> dict[str, Any] | None:
+    """The parameters a :func:`prespawn`'ed child is handed, its fds renumbered as received
+    (None: the parent closed the socket without a job)."""
+    import _socket
+
+    sock = _socket.socket(fileno=sock_fd)
+    try:
+        data, ancillary, flags, _ = sock.recvmsg(_HANDOVER_BYTES,
+                                                 _socket.CMSG_SPACE(4 * _HANDOVER_FDS))
+    finally:
+        sock.close()
+    received: list[int] = []
+    for level, kind, fds in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            received += memoryview(fds)[:len(fds) - len(fds) % 4].cast("i").tolist()
+    if not data:
+        for fd in received:
+            os.close(fd)
+        return None
+    if flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
+        raise errors.InvalidArgument("the confined job's parameters did not fit its message")
+    args: dict[str, Any] = marshal.loads(data)
+    mine = dict(zip(args.pop("passed"), received, strict=True))
+    for key in ("input_fd", "target_fd", "result_fd", "frames_fd", "packer_fd"):
+        if args[key] is not None:
+            args[key] = mine[args[key]]
+    args["lower_fds"] = [mine[fd] for fd in args["lower_fds"]]
+    return args
+
+
 def _child_main(argv: list[str]) -> int:
     job = argv[0]
-    args = marshal.loads(bytes.fromhex(argv[1]))
+    ctx: ChildContext | None = None
+    held: list[int] = []  # signals that came before the job's context existed
+
+    def on_term(signum: int, frame: object) -> None:
+        if ctx is None:
+            held.append(signum)
+            return
+        exc = Interrupted(f"interrupted by {signame(signum)}; the {job} job was "
+                          "rolled back")
+        if ctx.preparing:
+            ctx.pending = ctx.pending or exc
+            return
+        ctx.on_interrupt(exc)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    if argv[1] == _WAIT:  # started ahead of the job: import its module, then wait for it
+        _set_pdeathsig()
+        if os.getppid() != int(argv[3]):
+            return 1  # the parent died before PDEATHSIG was set
+        with contextlib.suppress(Exception):  # a failing import fails again below, answered
+            importlib.import_module(job.partition(":")[0])
+        received = _receive(int(argv[2]))
+        if received is None:
+            return 0  # not needed after all
+        args = received
+    else:
+        args = marshal.loads(bytes.fromhex(argv[1]))
+        _set_pdeathsig()
+        if os.getppid() != int(args["parent_pid"]):
+            return 1  # the parent died before PDEATHSIG was set: nobody waits for the answer
     res = os.fdopen(int(args["result_fd"]), "w", buffering=1)
     level = int(args.get("log_level", 30))
     logs.fallback_level = level
@@ -436,20 +579,9 @@ def _child_main(argv: list[str]) -> int:
             res.write(json_text(msg) + "\n")
 
     ctx = ChildContext(args, send)
-
-    def on_term(signum: int, frame: object) -> None:
-        exc = Interrupted(f"interrupted by {signame(signum)}; the {job} job was "
-                          "rolled back")
-        if ctx.preparing:
-            ctx.pending = ctx.pending or exc
-            return
-        ctx.on_interrupt(exc)
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    _set_pdeathsig()
-    if os.getppid() != int(args["parent_pid"]):
-        return 1  # the parent died before PDEATHSIG was set: nobody waits for the answer
+    if held:
+        ctx.pending = Interrupted(f"interrupted by {signame(held[0])}; the {job} job was "
+                                  "rolled back")
     try:
         body = _load_job(job)(ctx)
         _confine(ctx, str(args["target"]))

@@ -38,6 +38,7 @@ from ..fsutil import empty_beneath
 from ..idmap import IDMap
 from .apply import ApplyOptions, ApplyResult
 from .confine import ChildContext, run_job
+from .jobs import LINUX_APPLY
 from .recframes import BufferedRecorder
 from .whiteout import FORMATS
 
@@ -51,7 +52,7 @@ if TYPE_CHECKING:  # the parent's modules: the child does not import them (start
     from .confine import JobBody
     from .tarsplit import TarSplitPacker
 
-APPLY_JOB = "graphdriver.archive.isolate:apply_job"
+APPLY_JOB = LINUX_APPLY
 #: bytes of recorder frames the child's packer thread takes at a time (small: memory)
 CHILD_BATCH = 256 << 10
 
