@@ -57,3 +57,14 @@ def fail(ctx: ChildContext) -> JobBody:
         raise cls(ctx.params["message"])
 
     return body
+
+
+def whoami(ctx: ChildContext) -> JobBody:
+    """The child's pid, whether it is confined, and what its input fd reads."""
+
+    def body() -> dict[str, Any]:
+        data = os.read(ctx.input_fd, 100).decode() if ctx.input_fd is not None else None
+        return {"pid": os.getpid(), "chrooted": ctx.chrooted, "root": sorted(os.listdir("/")),
+                "input": data}
+
+    return body

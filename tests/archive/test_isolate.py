@@ -17,10 +17,12 @@ from tests.childproc import children_of, feed_until_started, is_gone
 from tests.treeutil import diff_snapshots, snapshot
 
 from graphdriver.archive.apply import ApplyOptions, apply_tar
-from graphdriver.archive.confine import run_job
+from graphdriver.archive.confine import discard_prespawned, prespawn, run_job
 from graphdriver.archive.isolate import apply_confined
+from graphdriver.archive.jobs import LINUX_APPLY
 from graphdriver.errors import (
     GraphDriverError,
+    Interrupted,
     InvalidArchive,
     InvalidArgument,
     NoSpace,
@@ -336,3 +338,129 @@ def test_the_child_of_a_killed_parent_dies_and_rolls_back(work: Path) -> None:
         if proc.stdin is not None:
             proc.stdin.close()
     assert snapshot(t, **ALL_FACTS) == before  # PDEATHSIG is a SIGTERM: the child rolled back
+
+
+# ---- a child started ahead of its job (prespawn), handed the job over a unix socket ----------
+
+
+def _whoami(target: Path, **kw: object) -> dict[str, object]:
+    r, w = os.pipe()
+    try:
+        os.write(w, b"through the handed-over fd")
+        os.close(w)
+        w = -1
+        return run_job("confine_jobs:whoami", target, {}, on_death=_no_death, input_fd=r,
+                       **kw)  # type: ignore[arg-type]
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_a_prespawned_child_takes_the_job_with_its_fds(work: Path) -> None:
+    target = work / "t"
+    (target / "inside").mkdir(parents=True)
+    pid = prespawn("confine_jobs:whoami")
+    assert prespawn("confine_jobs:whoami") == pid  # one waiting child per job
+    ok = _whoami(target)
+    assert ok["pid"] == pid  # the waiting child did it, not a new one
+    assert ok["input"] == "through the handed-over fd"
+    if os.geteuid() == 0:
+        assert ok["chrooted"] is True
+        assert ok["root"] == ["inside"]  # the target fd came across: it is the child's "/"
+    # taken: the next run spawns its own child
+    assert _whoami(target)["pid"] != pid
+    assert children() == []
+
+
+@needs_root
+def test_a_prespawned_child_gets_the_read_only_lowers(work: Path) -> None:
+    target = work / "t"
+    target.mkdir()
+    low = work / "l1"
+    low.mkdir()
+    (low / "f").write_text("lower 0")
+    prespawn("confine_jobs:lower_probe")
+    ok = run_job("confine_jobs:lower_probe", target, {}, on_death=_no_death, lowers=[low])
+    assert [lw["f"] for lw in ok["lowers"]] == ["lower 0"]
+    assert set(ok["lowers"][0]["refused"].values()) == {"EROFS"}
+    assert children() == []
+
+
+@needs_gnu_tar
+def test_an_apply_through_a_prespawned_child_equals_one_in_process(work: Path) -> None:
+    make_rich_tree(work / "src", devices=os.geteuid() == 0, xattrs=os.geteuid() == 0)
+    tar = work / "t.tar"
+    gnu_tar("--numeric-owner", "--format=pax", "--xattrs", "--xattrs-include=*", "-cf", tar,
+            "-C", work / "src", ".")
+    a, b = work / "a", work / "b"
+    a.mkdir()
+    b.mkdir()
+    with open(tar, "rb") as f:
+        ra = apply_tar(f.fileno(), a, ApplyOptions())
+    pid = prespawn(LINUX_APPLY)
+    with open(tar, "rb") as f:
+        rb = apply_confined(f.fileno(), b, ApplyOptions())
+    assert ra == rb
+    assert not diff_snapshots(snapshot(a, **ALL_FACTS), snapshot(b, **ALL_FACTS))
+    assert is_gone(pid) and children() == []
+
+
+def test_errors_come_back_from_a_prespawned_child(work: Path) -> None:
+    (work / "t").mkdir()
+    prespawn("confine_jobs:fail")
+    with pytest.raises(NoSpace, match="full: 0 left"):
+        run_job("confine_jobs:fail", work / "t", {"class": "NoSpace", "message": "full: 0 left"},
+                on_death=_no_death)
+    prespawn("confine_jobs")  # a module without the function: refused after the hand-over
+    with pytest.raises(InvalidArgument, match="not a confined job"):
+        run_job("confine_jobs", work / "t", {}, on_death=_no_death)
+    prespawn("no_such_module_here:job")  # its import fails while it waits: answered later
+    with pytest.raises(GraphDriverError, match="No module named 'no_such_module_here'"):
+        run_job("no_such_module_here:job", work / "t", {}, on_death=_no_death)
+    assert children() == []
+
+
+def test_an_unused_prespawned_child_is_stopped_and_reaped(work: Path) -> None:
+    (work / "t").mkdir()
+    pid = prespawn("confine_jobs:whoami")
+    assert children() == [pid]
+    discard_prespawned()
+    assert is_gone(pid) and children() == []
+    assert os.listdir(work / "t") == []
+    discard_prespawned()  # nothing waiting: nothing to do
+
+
+def test_a_prespawned_child_that_died_is_replaced(work: Path) -> None:
+    target = work / "t"
+    target.mkdir()
+    pid = prespawn("confine_jobs:whoami")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not is_gone(pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ok = _whoami(target)
+    assert ok["pid"] != pid and ok["input"] == "through the handed-over fd"
+    assert children() == []
+
+
+def _catches_sigterm(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_a_signal_to_a_waiting_child_stops_the_job_before_it_starts(work: Path) -> None:
+    target = work / "t"
+    target.mkdir()
+    pid = prespawn("confine_jobs:whoami")
+    deadline = time.monotonic() + 60
+    while not _catches_sigterm(pid):  # its handler is in place: it holds the signal
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGTERM)
+    with pytest.raises(Interrupted, match="before the confine_jobs:whoami job started"):
+        _whoami(target)
+    assert os.listdir(target) == []
+    assert children() == []

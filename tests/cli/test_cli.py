@@ -160,3 +160,41 @@ def test_apply_from_redirected_regular_file(gd: GD, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode().strip() == "4321"
     assert "d/f" in gd.out("changes", "fromfile").replace("A /", "")
+
+
+def _processes_marked(mark: str) -> list[int]:
+    """Live processes whose environment holds *mark* (the command's and its children's)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"{mark}=1".encode() in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_apply_and_import_leave_no_child_behind(gd: GD, tmp_path: Path) -> None:
+    """The confined child is started before the store opens: an apply that fails before it
+    reaches the child (no such layer, a terminal for stdin) stops it; one that runs uses it."""
+    tar = tmp_path / "layer.tar"
+    tar.write_bytes(TarBuilder().file("f", b"abc").bytes())
+    mark = f"GRAPHDRIVER_TEST_MARK_{os.getpid()}"
+    env = {**os.environ, mark: "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*gd.base, *args], env=env, capture_output=True, timeout=120,
+                              check=False)
+
+    failed = run("apply", "missing", str(tar))
+    assert failed.returncode == 1
+    assert failed.stderr.decode() == ("graphdriver: NotFound: layer missing does not exist\n")
+    assert _processes_marked(mark) == []
+    gd.run("create", "there")
+    applied = run("apply", "there", str(tar))
+    assert (applied.returncode, applied.stdout, applied.stderr) == (0, b"3\n", b"")
+    imported = run("import", "new", str(tar))
+    assert (imported.returncode, imported.stdout, imported.stderr) == (0, b"3\n", b"")
+    assert gd.run("diff", "--exact", "new").stdout == tar.read_bytes()
+    assert _processes_marked(mark) == []

@@ -180,16 +180,16 @@ def _spawn(job: str, arguments: list[str], pass_fds: Sequence[int]) -> subproces
     )
 
 
-def prespawn(job: str) -> None:
+def prespawn(job: str) -> int:
     """Start the child of the job *job* now, ahead of :func:`run_job`: it starts Python, imports
     the job's module and waits for its parameters and file descriptors.  For a command that will
     run the job once it has opened its store (the wait overlaps that work).  Call it from a
     single-threaded process, after any namespace change (the child stays where it was
-    started).  A second call for the same job keeps the first child."""
+    started).  A second call for the same job keeps the first child.  Returns its pid."""
     import _socket
 
     if job in _waiting:
-        return
+        return _waiting[job][0].pid
     ours, theirs = _socket.socketpair(_socket.AF_UNIX,
                                       _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
@@ -200,6 +200,7 @@ def prespawn(job: str) -> None:
     finally:
         theirs.close()
     _waiting[job] = (proc, ours)
+    return proc.pid
 
 
 def discard_prespawned() -> None:
