@@ -491,10 +491,12 @@ def _status(driver: Any, args: argparse.Namespace, as_json: bool) -> int:
 
 
 def _create(driver: Any, args: argparse.Namespace, as_json: bool) -> int:
-    from .driver import CreateOpts
+    opts = None  # the defaults (driver.py's dataclass is not imported for them: start-up time)
+    if args.size is not None or args.mount_label or getattr(args, "image", None) is not None:
+        from .driver import CreateOpts
 
-    storage = {"size": args.size} if args.size is not None else {}
-    opts = CreateOpts(mount_label=args.mount_label, storage_opt=storage)
+        storage = {"size": args.size} if args.size is not None else {}
+        opts = CreateOpts(mount_label=args.mount_label, storage_opt=storage)
     if getattr(args, "image", None) is not None:
         from .images.command import create_from_image
 

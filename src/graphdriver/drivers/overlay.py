@@ -71,9 +71,9 @@ SHORT_ID_LEN = 26
 
 def _short_id() -> str:
     import base64
-    import secrets
 
-    return base64.b32encode(secrets.token_bytes(16)).decode()[:SHORT_ID_LEN]
+    # os.urandom is what secrets.token_bytes returns; secrets would load hmac and OpenSSL
+    return base64.b32encode(os.urandom(16)).decode()[:SHORT_ID_LEN]
 
 
 def _read_text(path: Path | str) -> str:
