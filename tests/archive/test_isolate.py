@@ -445,22 +445,41 @@ def test_a_prespawned_child_that_died_is_replaced(work: Path) -> None:
     assert children() == []
 
 
-def _catches_sigterm(pid: int) -> bool:
+def _signal_mask(pid: int, field: str, sig: int) -> bool:
     with open(f"/proc/{pid}/status") as f:
-        caught = next(line for line in f if line.startswith("SigCgt:")).split()[1]
-    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+        mask = next(line for line in f if line.startswith(f"{field}:")).split()[1]
+    return bool(int(mask, 16) & (1 << (sig - 1)))
 
 
-def test_a_signal_to_a_waiting_child_stops_the_job_before_it_starts(work: Path) -> None:
+def _wait_until_waiting(pid: int) -> None:
+    """Until the child has its waiting handlers: SIGTERM caught (held), SIGINT ignored."""
+    deadline = time.monotonic() + 60
+    while not (_signal_mask(pid, "SigCgt", signal.SIGTERM)
+               and _signal_mask(pid, "SigIgn", signal.SIGINT)):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_sigterm_to_a_waiting_child_stops_the_job_before_it_starts(work: Path) -> None:
     target = work / "t"
     target.mkdir()
     pid = prespawn("confine_jobs:whoami")
-    deadline = time.monotonic() + 60
-    while not _catches_sigterm(pid):  # its handler is in place: it holds the signal
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_until_waiting(pid)
     os.kill(pid, signal.SIGTERM)
     with pytest.raises(Interrupted, match="before the confine_jobs:whoami job started"):
         _whoami(target)
     assert os.listdir(target) == []
+    assert children() == []
+
+
+def test_a_sigint_to_a_waiting_child_is_the_parents_to_act_on(work: Path) -> None:
+    """The terminal's SIGINT reaches the whole process group: while the child waits, what it
+    means is the parent's business (it forwards a SIGTERM once the job runs)."""
+    target = work / "t"
+    target.mkdir()
+    pid = prespawn("confine_jobs:whoami")
+    _wait_until_waiting(pid)
+    os.kill(pid, signal.SIGINT)
+    ok = _whoami(target)
+    assert ok["pid"] == pid and ok["input"] == "through the handed-over fd"
     assert children() == []

@@ -550,8 +550,11 @@ def _child_main(argv: list[str]) -> int:
         ctx.on_interrupt(exc)
 
     signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
     if argv[1] == _WAIT:  # started ahead of the job: import its module, then wait for it
+        # A SIGINT now is the terminal's, to the whole process group: the parent decides what it
+        # means (it may be committing something else); once the job is handed over, the parent
+        # forwards what stops the job as a SIGTERM.  A SIGTERM is held, as below.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _set_pdeathsig()
         if os.getppid() != int(argv[3]):
             return 1  # the parent died before PDEATHSIG was set
@@ -561,7 +564,9 @@ def _child_main(argv: list[str]) -> int:
         if received is None:
             return 0  # not needed after all
         args = received
+        signal.signal(signal.SIGINT, on_term)
     else:
+        signal.signal(signal.SIGINT, on_term)
         args = marshal.loads(bytes.fromhex(argv[1]))
         _set_pdeathsig()
         if os.getppid() != int(args["parent_pid"]):
