@@ -920,11 +920,14 @@ def _quiet_signals() -> None:
 def command() -> int:
     """The console script and ``python -m graphdriver``: :func:`main`, then out without the
     interpreter's finalization when nothing needs it (its teardown of every module is ~10 ms of
-    a short command).  By then the command has closed, written and reaped all it started; the
-    exit functions (logging's flush) run, and a thread that is not a daemon keeps the ordinary
-    exit, which joins it.  Returns only in that case, or when the last flush fails (the
-    ordinary exit reports that as Python does)."""
+    a short command).  Only for the command lines of the fast parser (light commands that write
+    to stdout and stderr only, and reap every child they start); the exit functions (logging's
+    flush) run; a thread that is not a daemon keeps the ordinary exit, which joins it.  Returns
+    (for the ordinary exit) in those cases, or when the last flush fails (the ordinary exit
+    reports that as Python does)."""
     status = main()
+    if _fast_parse(sys.argv[1:]) is None:
+        return status
     threading = sys.modules.get("threading")
     if threading is not None and any(t.is_alive() and not t.daemon for t in threading.enumerate()
                                      if t is not threading.main_thread()):
