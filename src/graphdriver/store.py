@@ -663,17 +663,21 @@ class LayerStore:
             for staged_id in self.meta.staged_ids():
                 self._repair_staged(staged_id)
             meta_ids = set(self.meta.ids())
-            broken = self.meta.broken()
-            for layer_id, why in sorted(broken.items()):
+            # every record read once (a store of hundreds of layers pays this at every open)
+            read: dict[str, LayerRecord | None] = {}
+            broken: dict[str, str] = {}
+            for layer_id in sorted(meta_ids):
+                try:
+                    read[layer_id] = self.meta.read(layer_id)
+                except StoreCorrupt as exc:
+                    broken[layer_id] = str(exc)
+            for layer_id, why in broken.items():
                 log.warning("layer %s is broken and quarantined (rm removes it): %s", layer_id, why)
             kept: list[LayerRecord] = []  # the records still there after repair
             for layer_id in sorted(meta_ids | self._disk_ids()):
                 if layer_id in broken:
                     continue
-                try:
-                    rec = self.meta.read(layer_id)
-                except GraphDriverError:
-                    continue  # broken since: left alone
+                rec = read.get(layer_id)  # none for a layer directory without a meta one
                 if rec is not None and not self.meta.is_incomplete(layer_id):
                     kept.append(rec)
                     continue
@@ -712,9 +716,7 @@ class LayerStore:
             if rec.parent is not None:
                 kids.setdefault(rec.parent, []).append(rec.id)
         for layer_id in sorted(meta_ids):
-            if not os.path.isdir(self.meta.dir(layer_id)):
-                continue
-            indexed = self.meta.child_ids(layer_id)
+            indexed = self.meta.child_ids(layer_id)  # [] when its meta dir is gone meanwhile
             want = sorted(kids.get(layer_id, ()))
             if indexed is None or sorted(indexed) != want:
                 self.meta.set_child_ids(layer_id, want)

@@ -70,7 +70,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 @needs_gnu_tar
-def test_result_and_tree_equal_in_process(work: Path) -> None:
+@pytest.mark.parametrize("prespawned", [False, True], ids=["spawned", "prespawned"])
+def test_result_and_tree_equal_in_process(work: Path, prespawned: bool) -> None:
+    """Also through a child started ahead of the job (confine.prespawn), as the command does."""
     make_rich_tree(work / "src", devices=os.geteuid() == 0, xattrs=os.geteuid() == 0)
     tar = work / "t.tar"
     gnu_tar("--numeric-owner", "--format=pax", "--xattrs", "--xattrs-include=*", "-czf", tar,
@@ -81,11 +83,13 @@ def test_result_and_tree_equal_in_process(work: Path) -> None:
     with open(tar, "rb") as f:
         ra = apply_tar(f.fileno(), a, ApplyOptions())
     progress: list[int] = []
+    pid = prespawn(LINUX_APPLY) if prespawned else None
     with open(tar, "rb") as f:
         rb = apply_confined(f.fileno(), b, ApplyOptions(progress=progress.append))
     assert ra == rb
     assert progress and progress[-1] > 0
     assert not diff_snapshots(snapshot(a, **ALL_FACTS), snapshot(b, **ALL_FACTS))
+    assert pid is None or is_gone(pid)
     assert children() == []
 
 
@@ -385,25 +389,6 @@ def test_a_prespawned_child_gets_the_read_only_lowers(work: Path) -> None:
     assert [lw["f"] for lw in ok["lowers"]] == ["lower 0"]
     assert set(ok["lowers"][0]["refused"].values()) == {"EROFS"}
     assert children() == []
-
-
-@needs_gnu_tar
-def test_an_apply_through_a_prespawned_child_equals_one_in_process(work: Path) -> None:
-    make_rich_tree(work / "src", devices=os.geteuid() == 0, xattrs=os.geteuid() == 0)
-    tar = work / "t.tar"
-    gnu_tar("--numeric-owner", "--format=pax", "--xattrs", "--xattrs-include=*", "-cf", tar,
-            "-C", work / "src", ".")
-    a, b = work / "a", work / "b"
-    a.mkdir()
-    b.mkdir()
-    with open(tar, "rb") as f:
-        ra = apply_tar(f.fileno(), a, ApplyOptions())
-    pid = prespawn(LINUX_APPLY)
-    with open(tar, "rb") as f:
-        rb = apply_confined(f.fileno(), b, ApplyOptions())
-    assert ra == rb
-    assert not diff_snapshots(snapshot(a, **ALL_FACTS), snapshot(b, **ALL_FACTS))
-    assert is_gone(pid) and children() == []
 
 
 def test_errors_come_back_from_a_prespawned_child(work: Path) -> None:

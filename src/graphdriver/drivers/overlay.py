@@ -212,25 +212,28 @@ class OverlayDriver(LayerStore):
         return paths
 
     def _disk_ids(self) -> set[str]:
-        out = set()
-        for name in os.listdir(self.home):
-            if name in RESERVED_IDS or name.startswith(".") or name.endswith(REMOVING_SUFFIX):
-                continue
-            if os.path.isdir(self.home / name) and not os.path.islink(self.home / name):
-                out.add(name)
-        return out
+        # the directory's own entry types (no stat per layer: every open repairs)
+        with os.scandir(self.home) as it:
+            return {e.name for e in it
+                    if not (e.name in RESERVED_IDS or e.name.startswith(".")
+                            or e.name.endswith(REMOVING_SUFFIX))
+                    and e.is_dir(follow_symlinks=False)}
 
     def _removing_leftovers(self) -> list[Path]:
-        out = [self.home / n for n in os.listdir(self.home) if n.endswith(REMOVING_SUFFIX)]
-        for name in os.listdir(self.links):
-            path = self.links / name
-            if name.endswith(REMOVING_SUFFIX):
+        names = set(os.listdir(self.home))
+        out = [self.home / n for n in sorted(names) if n.endswith(REMOVING_SUFFIX)]
+        with os.scandir(self.links) as it:
+            links = sorted(it, key=lambda e: e.name)
+        for entry in links:
+            path = self.links / entry.name
+            if entry.name.endswith(REMOVING_SUFFIX):
                 out.append(path)
                 continue
             # A link whose layer directory is gone (a crash between its steps).
-            target = os.readlink(path) if os.path.islink(path) else ""
+            target = os.readlink(path) if entry.is_symlink() else ""
             parts = target.split("/")
-            if len(parts) == 3 and parts[0] == ".." and not os.path.lexists(self.home / parts[1]):
+            if len(parts) == 3 and parts[0] == ".." and parts[1] not in names \
+                    and not os.path.lexists(self.home / parts[1]):
                 out.append(path)
         return out
 
