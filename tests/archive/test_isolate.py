@@ -468,3 +468,15 @@ def test_a_sigint_to_a_waiting_child_is_the_parents_to_act_on(work: Path) -> Non
     ok = _whoami(target)
     assert ok["pid"] == pid and ok["input"] == "through the handed-over fd"
     assert children() == []
+
+
+def test_more_fds_than_one_message_holds_go_to_a_new_child(work: Path) -> None:
+    target = work / "t"
+    target.mkdir()
+    lowers = [work / f"l{i}" for i in range(260)]
+    for low in lowers:
+        low.mkdir()
+    pid = prespawn("confine_jobs:whoami")
+    ok = _whoami(target, lowers=lowers)
+    assert ok["pid"] != pid and ok["input"] == "through the handed-over fd"
+    assert is_gone(pid) and children() == []

@@ -224,12 +224,14 @@ def _hand_over(job: str, args: dict[str, Any],
     if waiting is None:
         return None
     proc, sock = waiting
+    message = marshal.dumps({**args, "passed": pass_fds})
     try:
-        if proc.poll() is None:
-            sock.sendmsg([marshal.dumps({**args, "passed": pass_fds})],
-                         [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                           b"".join(fd.to_bytes(4, sys.byteorder, signed=True)
-                                    for fd in pass_fds))])
+        # more than one message holds (a deep parent chain's fds): a new child gets them
+        if proc.poll() is None and len(message) <= _HANDOVER_BYTES \
+                and len(pass_fds) <= _HANDOVER_FDS:
+            sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                      b"".join(fd.to_bytes(4, sys.byteorder, signed=True)
+                                               for fd in pass_fds))])
             return proc
     except OSError as exc:  # it died meanwhile (killed): a new child does the job
         log.debug("the waiting %s child %d could not take the job: %s", job, proc.pid, exc)
