@@ -22,13 +22,16 @@ def files(
     pos: int,
     end: int,
     dirs: dict[str, tuple[int, str, bool]],
+    dir_times: dict[str, tuple[int, int, int | None]],
+    links: set[str],
     euid: int,
     egid: int,
     umask: int,
+    cache_limit: int,
     seg: bytearray | bytes | None,
     crc: Any,
     /,
-) -> tuple[int, int, int, bytes | None, int, tuple[int, str, str] | None]: ...
+) -> tuple[int, int, int, bytes | None, int, tuple[int, str, str] | None, int]: ...
 def verify_files(root_fd: int, records: bytes | bytearray, linked: set[int], /) -> int: ...
 def path_hash(key: bytes, /) -> int: ...
 def first_duplicate(hashes: bytearray, /) -> int | None: ...

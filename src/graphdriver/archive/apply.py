@@ -1183,21 +1183,15 @@ class _Applier:
         next_progress = _PROGRESS_STEP
         regular = ts.REGULAR_TYPES
         gate = SIGNAL_GATE
-        # Runs of plain files go through the native loop (one call for many files) when this
-        # apply is the simple case: root, ids as they are, a target that was empty (nothing to
-        # journal: a rollback empties it).
+        # Runs of plain entries go through the native loop (one call for many entries) when
+        # this apply is the simple case: root, ids as they are, a target that was empty
+        # (nothing to journal: a rollback empties it).
         native = (self.native_create is not None and self.identity and self.empty_start
                   and reader.can_apply_files())
         entries = iter(reader)
         while True:
             if native:
-                gate.closed = True
-                try:
-                    self._native_files(reader)
-                finally:
-                    gate.closed = False
-                if gate.pending is not None:
-                    gate.open()
+                next_progress = self._native_files(reader, next_progress)
             e = next(entries, None)
             if e is None:
                 break
@@ -1214,20 +1208,39 @@ class _Applier:
         if progress is not None:
             progress(reader.bytes_read)
 
-    def _native_files(self, reader: TarReader) -> None:
-        """A run of plain files in one native call (TarReader.apply_files)."""
-        if self.graveyard:
-            self._bury()
-        count, size, error = reader.apply_files(self.cache, self.euid, self.egid, self.umask)
-        if not count:
-            return
-        self.size += size
-        if error is not None:  # as _regular_native reports it
-            err, step, real = error
-            exc = OSError(err, os.strerror(err))
-            if step == "chown":
-                self._soft_fail(f"chown {real!r}", exc)
-            raise exc
+    def _native_files(self, reader: TarReader, next_progress: int) -> int:
+        """Runs of plain entries in native calls (TarReader.apply_files), as long as the next
+        entry is of their kind: with the signal gate closed during a call, open while the next
+        entry is read; returns when the progress is next due."""
+        gate = SIGNAL_GATE
+        progress = self.opts.progress
+        while True:
+            if self.graveyard:
+                self._bury()
+            gate.closed = True
+            try:
+                _, size, error, need = reader.apply_files(
+                    self.cache, self.dir_times, self.archive_links, self.euid, self.egid,
+                    self.umask, _CACHE_LIMIT)
+                self.size += size
+                if error is not None:  # as _regular_native reports it
+                    err, step, real = error
+                    exc = OSError(err, os.strerror(err))
+                    if step == "chown":
+                        self._soft_fail(f"chown {real!r}", exc)
+                    raise exc
+            finally:
+                gate.closed = False
+            if gate.pending is not None:
+                gate.open()
+            if progress is not None and reader.bytes_read >= next_progress:
+                progress(reader.bytes_read)
+                next_progress = reader.bytes_read + _PROGRESS_STEP
+            if len(self.cache) > _CACHE_LIMIT:
+                self._evict_oldest()  # as _dir does before it caches one more
+                continue
+            if not need or not reader.prefetch(need):
+                return next_progress
 
     def _entry(self, reader: TarReader, e: TarEntry, regular: frozenset[bytes]) -> None:
         """Apply one entry (with the signal gate closed: see _SignalGate)."""
