@@ -1609,6 +1609,93 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
     return result;
 }
 
+/* ---- directory times at the end of an apply ---------------------------------------------------
+ *
+ * set_dir_times(root_fd, items) -> list[int]
+ *
+ * items: (real path, atime_ns, mtime_ns) of directories beneath root_fd (_Applier.finish's
+ * dir_times, those with no mode to set).  Each is opened beneath root_fd without crossing a
+ * symlink (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS, O_DIRECTORY | O_NOFOLLOW) and gets its
+ * times (futimens), without the GIL; a path that is gone (ENOENT) is skipped, as
+ * _Applier._set_dir_time skips it.  Returns the indices of the items it could not do so (a
+ * symlink or a non-directory on the way, openat2 missing, a failed futimens): the caller does
+ * them its own way. */
+static PyObject *set_dir_times(PyObject *self, PyObject *args)
+{
+    int root_fd;
+    PyObject *items, *seq = NULL, *paths = NULL, *rest = NULL;
+    Py_ssize_t i, n;
+    struct timespec *tms = NULL;
+    int *failed = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iO", &root_fd, &items))
+        return NULL;
+    seq = PySequence_Fast(items, "set_dir_times: items must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    n = PySequence_Fast_GET_SIZE(seq);
+    paths = PyList_New(n);
+    tms = PyMem_Calloc((size_t)n * 2 + 1, sizeof(*tms));
+    failed = PyMem_Calloc((size_t)n + 1, sizeof(*failed));
+    if (paths == NULL || tms == NULL || failed == NULL)
+        goto error;
+    for (i = 0; i < n; i++) {
+        PyObject *it = PySequence_Fast_GET_ITEM(seq, i), *path;
+        long long at, mt;
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 3) {
+            PyErr_SetString(PyExc_TypeError, "set_dir_times: (path, atime_ns, mtime_ns) items");
+            goto error;
+        }
+        at = PyLong_AsLongLong(PyTuple_GET_ITEM(it, 1));
+        mt = PyLong_AsLongLong(PyTuple_GET_ITEM(it, 2));
+        if (PyErr_Occurred() || !PyUnicode_FSConverter(PyTuple_GET_ITEM(it, 0), &path))
+            goto error;
+        PyList_SET_ITEM(paths, i, path);
+        ns_timespec(at, &tms[2 * i]);
+        ns_timespec(mt, &tms[2 * i + 1]);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n; i++) {
+        const char *p = PyBytes_AS_STRING(PyList_GET_ITEM(paths, i));
+        struct gd_open_how how;
+        int fd;
+        memset(&how, 0, sizeof(how));
+        how.flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
+        how.resolve = 0x08 | 0x04 | 0x02; /* BENEATH | NO_SYMLINKS | NO_MAGICLINKS */
+        do {
+            fd = (int)syscall(SYS_openat2, root_fd, *p ? p : ".", &how, sizeof(how));
+        } while (fd < 0 && (errno == EINTR || errno == EAGAIN));
+        if (fd < 0) {
+            failed[i] = errno != ENOENT;
+            continue;
+        }
+        failed[i] = futimens(fd, &tms[2 * i]) < 0;
+        close(fd);
+    }
+    Py_END_ALLOW_THREADS
+    rest = PyList_New(0);
+    if (rest == NULL)
+        goto error;
+    for (i = 0; i < n; i++) {
+        PyObject *k;
+        if (!failed[i])
+            continue;
+        k = PyLong_FromSsize_t(i);
+        if (k == NULL || PyList_Append(rest, k) < 0) {
+            Py_XDECREF(k);
+            Py_CLEAR(rest);
+            goto error;
+        }
+        Py_DECREF(k);
+    }
+error:
+    Py_XDECREF(seq);
+    Py_XDECREF(paths);
+    PyMem_Free(tms);
+    PyMem_Free(failed);
+    return rest;
+}
+
 static PyMethodDef methods[] = {
     {"header", header, METH_VARARGS, "Parse the next common-case tar header sequence, or None."},
     {"create_file", create_file, METH_VARARGS, "Create, fill and finish one regular file."},
@@ -1616,6 +1703,7 @@ static PyMethodDef methods[] = {
     {"pack_frames", pack_frames, METH_VARARGS, "Recorder frames to tar-split lines (common case)."},
     {"path_hash", path_hash, METH_VARARGS, "The duplicate-path rule's hash of a clean path."},
     {"first_duplicate", first_duplicate, METH_VARARGS, "Sort path hashes; one seen twice, or None."},
+    {"set_dir_times", set_dir_times, METH_VARARGS, "Directory times at the end of an apply."},
     {"verify_files", verify_files, METH_VARARGS, "Check recorded files after an apply (-1: all good)."},
     {NULL, NULL, 0, NULL},
 };

@@ -88,6 +88,9 @@ _fastapply = native_module("_fastapply")
 #: ``create_file``: one regular file of a run, created and written in C (as root only)
 _native_create: Callable[..., tuple[int, str] | None] | None = (
     _fastapply.create_file if _fastapply else None)
+#: ``set_dir_times``: the times of many directories at the end of an apply, in one call
+_native_dir_times: Callable[[int, list[tuple[str, int, int]]], list[int]] | None = (
+    _fastapply.set_dir_times if _fastapply else None)
 
 log = get_logger(__name__)
 
@@ -1301,7 +1304,17 @@ class _Applier:
         """Success: directory times (deepest last-seen first), scratch dir gone, fds closed."""
         self._clear_cache()
         self._bury()
-        for real, (at, mt, mode) in reversed(self.dir_times.items()):
+        times = self.dir_times
+        if _native_dir_times is not None:
+            # the directories with times only, in one native call (a mode, the root's entry and
+            # what the call could not do go the Python way, after it: times alone do not
+            # change another directory's)
+            plain = [(real, at, mt) for real, (at, mt, mode) in reversed(times.items())
+                     if real and mode is None]
+            for i in _native_dir_times(self.root_fd, plain):
+                self._set_dir_time(*plain[i], None)
+            times = {real: t for real, t in times.items() if not real or t[2] is not None}
+        for real, (at, mt, mode) in reversed(times.items()):
             self._set_dir_time(real, at, mt, mode)
         if self.journal_fd >= 0:
             # The caller commits or rolls back; the root's final times are restored then.
