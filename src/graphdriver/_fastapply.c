@@ -1699,7 +1699,7 @@ error:
 static PyMethodDef methods[] = {
     {"header", header, METH_VARARGS, "Parse the next common-case tar header sequence, or None."},
     {"create_file", create_file, METH_VARARGS, "Create, fill and finish one regular file."},
-    {"files", files, METH_VARARGS, "Apply a run of plain regular files (see the comment)."},
+    {"files", files, METH_VARARGS, "Apply a run of plain entries (see the comment)."},
     {"pack_frames", pack_frames, METH_VARARGS, "Recorder frames to tar-split lines (common case)."},
     {"path_hash", path_hash, METH_VARARGS, "The duplicate-path rule's hash of a clean path."},
     {"first_duplicate", first_duplicate, METH_VARARGS, "Sort path hashes; one seen twice, or None."},

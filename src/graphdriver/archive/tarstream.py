@@ -666,7 +666,7 @@ class TarReader:
 
     def _settle(self) -> None:
         """Finish the current entry: skip what is left of its data and padding, hand its CRC to
-        the recorder (before the next header, and before a native run of files)."""
+        the recorder (before the next header, and before a native run of entries)."""
         if self._remaining or self._pad:
             self._skip_current()
         if self._crc_on:
