@@ -1203,20 +1203,27 @@ class _Applier:
                 self._entry(reader, e, regular)
             finally:
                 gate.closed = False
-            if gate.pending is not None:
-                gate.open()
-            if progress is not None and reader.bytes_read >= next_progress:
-                progress(reader.bytes_read)
-                next_progress = reader.bytes_read + _PROGRESS_STEP
+            next_progress = self._step_done(reader, next_progress)
         if progress is not None:
             progress(reader.bytes_read)
+
+    def _step_done(self, reader: TarReader, next_progress: int) -> int:
+        """After an entry or a native run (the gate open again): an interrupt that waited is
+        raised now, and the progress is reported when due; returns the bytes read at which it
+        is next due."""
+        if SIGNAL_GATE.pending is not None:
+            SIGNAL_GATE.open()
+        progress = self.opts.progress
+        if progress is not None and reader.bytes_read >= next_progress:
+            progress(reader.bytes_read)
+            return reader.bytes_read + _PROGRESS_STEP
+        return next_progress
 
     def _native_files(self, reader: TarReader, next_progress: int) -> int:
         """Runs of plain entries in native calls (TarReader.apply_files), as long as the next
         entry is of their kind: with the signal gate closed during a call, open while the next
-        entry is read; returns when the progress is next due."""
+        entry is read; returns the bytes read at which the progress is next due (_step_done)."""
         gate = SIGNAL_GATE
-        progress = self.opts.progress
         while True:
             if self.graveyard:
                 self._bury()
@@ -1234,11 +1241,7 @@ class _Applier:
                     raise exc
             finally:
                 gate.closed = False
-            if gate.pending is not None:
-                gate.open()
-            if progress is not None and reader.bytes_read >= next_progress:
-                progress(reader.bytes_read)
-                next_progress = reader.bytes_read + _PROGRESS_STEP
+            next_progress = self._step_done(reader, next_progress)
             if len(self.cache) > _CACHE_LIMIT:
                 self._evict_oldest()  # as _dir does before it caches one more
                 continue
