@@ -168,21 +168,35 @@ def test_truncated_data_and_bad_checksum_fail_the_same_way(
     assert result[0] == "error"
 
 
-def test_a_gnu_tar_of_a_real_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_a_gnu_tar_of_a_real_tree(fmt: str, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     rng = random.Random(5)
     for d in range(8):
         sub = src / f"dir{d}" / "inner"
         sub.mkdir(parents=True)
+        (sub / ".hidden").mkdir()
         for i in range(40):
             p = (sub if i % 2 else sub.parent) / f"file{i}"
             p.write_bytes(rng.randbytes(rng.choice((0, 100, 10_000))))
             os.chmod(p, rng.choice((0o644, 0o755, 0o600)))
+            if i % 7 == 0:
+                (sub / ".hidden" / f"ln{i}").symlink_to(f"../file{i}")
+            if i % 9 == 0:
+                os.link(p, sub / ".hidden" / f"hard{i}")
+        os.chmod(sub, 0o2750)
+        os.utime(sub, ns=(1_000_000_123, 2_000_000_456))
     out = tmp_path / "layer.tar"
-    subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", src, "-cf", out, "."], check=True)
+    xattrs = ["--xattrs"] if fmt == "posix" else []  # GNU tar writes them in PAX only
+    subprocess.run(["tar", "--numeric-owner", *xattrs, f"--format={fmt}", "-C", src, "-cf",
+                    out, "."], check=True)
     (tmp_path / "w").mkdir()
+    NATIVE_FILES.clear()
     result = _same(out.read_bytes(), tmp_path / "w", monkeypatch)
-    assert result.size == sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    assert sum(NATIVE_FILES) > 8 * 45  # files, directories, symlinks and links
+    assert result.size == sum(p.stat().st_size for p in src.rglob("*")
+                              if p.is_file() and not p.is_symlink() and "hard" not in p.name)
 
 
 def _kinds_tar(seed: int) -> bytes:
