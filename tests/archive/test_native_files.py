@@ -23,7 +23,10 @@ from graphdriver.archive.recframes import PipeRecorder
 from graphdriver.errors import GraphDriverError
 
 native = pytest.importorskip("graphdriver._fastapply", reason="native extension not compiled")
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the native file loop is for root")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the native file loop is for root"),
+    pytest.mark.skipif(ts._fastapply is None, reason="GRAPHDRIVER_NO_NATIVE is set"),
+]
 
 
 NATIVE_FILES: list[int] = []
