@@ -1288,6 +1288,9 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
  * CRC frame is not buffered yet -- and the Python packer takes that frame.  Call it only when the
  * packer has no file waiting for its CRC. */
 static const char b64chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+/* the two characters of every 12-bit value (filled once, at the module's import): base64 of
+ * the tar-split payloads, two lookups per 3 bytes */
+static char b64pairs[4096][2];
 
 /* ---- the duplicate-path rule ------------------------------------------------------------------
  *
@@ -1424,10 +1427,9 @@ static int cb_b64(struct cbuf *b, const unsigned char *p, size_t n)
     d = b->p + b->used;
     for (i = 0; i + 3 <= n; i += 3) {
         unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8) | p[i + 2];
-        *d++ = b64chars[v >> 18];
-        *d++ = b64chars[(v >> 12) & 63];
-        *d++ = b64chars[(v >> 6) & 63];
-        *d++ = b64chars[v & 63];
+        memcpy(d, b64pairs[v >> 12], 2);
+        memcpy(d + 2, b64pairs[v & 0xFFF], 2);
+        d += 4;
     }
     if (n - i == 1) {
         unsigned v = (unsigned)p[i] << 16;
@@ -1715,5 +1717,10 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastapply(void)
 {
+    int i;
+    for (i = 0; i < 4096; i++) {
+        b64pairs[i][0] = b64chars[i >> 6];
+        b64pairs[i][1] = b64chars[i & 63];
+    }
     return PyModule_Create(&module);
 }
