@@ -556,33 +556,52 @@ static PyObject *create_file(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* ---- a run of plain files ----------------------------------------------------------------------
+/* ---- a run of plain entries --------------------------------------------------------------------
  *
- * files(buf, pos, end, dirs, euid, egid, umask, seg, crc)
+ * files(buf, pos, end, dirs, dir_times, links, euid, egid, umask, cache_limit, seg, crc)
  *
  * Applies, as root onto a target that was empty, the run of entries starting at buf[pos] that are
  * of the plainest kind: one ustar / GNU / v7 header (octal numbers, valid checksum), optionally
- * after a local PAX header of simple records (simple_pax: times, path, size, ids, names; no long
- * name), a regular file whose data is all buffered, a name that needs no normalization and is
- * not a whiteout (no component starting with '.', no "//"), in a directory that *dirs* (the
- * applier's cache: logical path -> (fd, real path, setgid)) holds.  The first entry that is not of
- * this kind, or whose create finds something in the way (EEXIST) or fails to open, stops the run
- * untouched: the Python code takes it from there.  Each file is what create_file makes.
+ * after a local PAX header of simple records (simple_pax: times, path, linkpath, size, ids,
+ * names; no xattrs, no sparse map), with a name that needs no normalization beyond one leading
+ * "./" and a directory's trailing '/' (plain_entry_name: no "." / ".." / empty component, a
+ * first component not starting with '.' -- AUFS metadata, the apply's scratch directory --, a
+ * last one not starting with ".wh." -- whiteouts), in a directory that *dirs* (the applier's
+ * cache: logical path -> (fd, real path, setgid)) holds, and of one of these kinds:
+ *
+ * - a regular file whose data is all buffered: what create_file makes;
+ * - a new directory: mkdir, then what _Applier._directory / _dir_meta do for one it created
+ *   (fchown when the owner differs or the parent is setgid, fchmod for set-id bits, bits the
+ *   umask took or a setgid parent); its fd and real path enter *dirs* as _dir puts them (the
+ *   setgid bit its mode says), and its times go (re-inserted last) into *dir_times* for finish;
+ *   not while *dirs* holds more than cache_limit entries (the caller evicts, then calls again);
+ * - a symlink: symlinkat, lchown as above, utimensat; its real path goes into *links* (the
+ *   applier's archive_links);
+ * - a hard link whose target is a plain name in a cached directory: linkat (no metadata).
+ *
+ * The first entry that is not of this kind, or whose create finds something in the way (EEXIST:
+ * a directory that exists, a replaced file) or fails at all, stops the run untouched: the Python
+ * code takes it from there.
  *
  * seg is None (no recorder), or the bytes the recorder still has to get before this run's first
- * header: the tar-split frames of the PipeRecorder (archive/isolate.py) are then built here, in
+ * header: the tar-split frames of the PipeRecorder (archive/recframes.py) are then built here, in
  * the order the Python reader makes them (segment, file, and the data's CRC-64 when crc -- the
- * reader's crc(data, previous) function -- is not None).
+ * reader's crc(data, previous) function -- is not None and the entry has data).
  *
- * Returns (pos, count, size, frames, pad, error): pos is just after the last applied entry's
- * data, its padding (pad bytes) not consumed; frames is bytes or None; error is None or (errno,
- * step, real path) for the last file, created but not finished.  (What a run created is not
- * listed: on an empty target everything there is the apply's own.) */
-/* The records of a local PAX header that the native loop can apply: times, path, size, ids and
- * names (numeric ids are what an apply uses).  -1 for anything else (xattrs, sparse maps, ...). */
+ * Returns (pos, count, size, frames, pad, error, need): pos is just after the last applied
+ * entry's data, its padding (pad bytes) not consumed; count the entries applied, size the bytes
+ * of the regular files among them; frames is bytes or None; error is None or (errno, step, real
+ * path) for the last entry, created but not finished.  need is 0, or -- when the run stopped only
+ * because the next entry (its headers and data) is not all buffered -- how many bytes from pos it
+ * takes: the caller may buffer them and call again.  (What a run created is not listed: on an
+ * empty target everything there is the apply's own.) */
+
+/* The records of a local PAX header that the native loop can apply: times, path, linkpath, size,
+ * ids and names (numeric ids are what an apply uses).  -1 for anything else (xattrs, sparse maps,
+ * an empty or NUL-holding path or link). */
 struct simple_pax {
-    const unsigned char *path;
-    Py_ssize_t path_n;
+    const unsigned char *path, *link;
+    Py_ssize_t path_n, link_n;
     int have_mtime, have_atime, have_size, have_uid, have_gid;
     long long mtime_ns, atime_ns;
     unsigned long long size, uid, gid;
@@ -614,6 +633,11 @@ static int simple_pax(const unsigned char *d, const unsigned char *dend, struct 
                 return -1;
             px->path = val;
             px->path_n = valn;
+        } else if (KEY("linkpath")) {
+            if (valn == 0 || memchr(val, 0, (size_t)valn) != NULL)
+                return -1;
+            px->link = val;
+            px->link_n = valn;
         } else if (KEY("size")) {
             if (decimal(val, valn, &px->size) < 0)
                 return -1;
@@ -633,6 +657,38 @@ static int simple_pax(const unsigned char *d, const unsigned char *dend, struct 
         }
 #undef KEY
     }
+    return 0;
+}
+
+/* A name as the native loop takes it (see files()): on success 0, with *s / *n the clean name
+ * (what clean_name gives), *base_at the offset of its last component in it. */
+static int plain_entry_name(const unsigned char *nm, Py_ssize_t nm_n, int is_dir,
+                            const unsigned char **s, Py_ssize_t *n, Py_ssize_t *base_at)
+{
+    const unsigned char *p = nm;
+    Py_ssize_t len = nm_n, i, comp = 0;
+    if (len >= 2 && p[0] == '.' && p[1] == '/') {
+        p += 2;
+        len -= 2;
+    }
+    if (is_dir && len > 0 && p[len - 1] == '/')
+        len--;
+    if (len == 0 || p[0] == '.' || memchr(p, 0, (size_t)len) != NULL)
+        return -1;
+    for (i = 0; i <= len; i++) {
+        if (i < len && p[i] != '/')
+            continue;
+        if (i == comp || (i - comp == 1 && p[comp] == '.') ||
+            (i - comp == 2 && p[comp] == '.' && p[comp + 1] == '.'))
+            return -1;
+        if (i < len)
+            comp = i + 1;
+    }
+    if (len - comp >= 4 && memcmp(p + comp, ".wh.", 4) == 0)
+        return -1;
+    *s = p;
+    *n = len;
+    *base_at = comp;
     return 0;
 }
 
@@ -665,24 +721,88 @@ static int put_u64(PyObject **out, Py_ssize_t *used, uint64_t v)
     return put(out, used, &v, 8);
 }
 
+/* A cached directory of *dirs*: 1 with its fd, real path (borrowed: *dirs* holds it) and setgid
+ * bit; 0 when it is not cached (or the entry is not of the cache's shape); -1 on error. */
+static int cached_dir(PyObject *dirs, const unsigned char *s, Py_ssize_t n, PyObject **tuple,
+                      int *fd, int *sgid)
+{
+    PyObject *key = decode(s, n), *hit;
+    long v;
+    if (key == NULL)
+        return -1;
+    hit = PyDict_GetItemWithError(dirs, key);
+    Py_DECREF(key);
+    if (hit == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) != 3 || !PyLong_Check(PyTuple_GET_ITEM(hit, 0)) ||
+        !PyUnicode_Check(PyTuple_GET_ITEM(hit, 1)))
+        return 0;
+    v = PyLong_AsLong(PyTuple_GET_ITEM(hit, 0));
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *sgid = PyObject_IsTrue(PyTuple_GET_ITEM(hit, 2));
+    if (*sgid < 0)
+        return -1;
+    *fd = (int)v;
+    *tuple = hit;
+    return 1;
+}
+
+/* "<parent real>/<base>" (or base alone under the root). */
+static PyObject *real_path(PyObject *parent_real, const unsigned char *base, Py_ssize_t base_n)
+{
+    PyObject *b = decode(base, base_n), *r;
+    if (b == NULL || PyUnicode_GET_LENGTH(parent_real) == 0)
+        return b;
+    r = PyUnicode_FromFormat("%U/%U", parent_real, b);
+    Py_DECREF(b);
+    return r;
+}
+
+/* A new directory's place in the applier's state: *dirs*[real] = (fd, real, setgid) and
+ * *dir_times*[real] = (atime, mtime, None), re-inserted last.  -1 on error. */
+static int note_directory(PyObject *dirs, PyObject *dir_times, PyObject *real, int fd, int sgid,
+                          long long atime_ns, long long mtime_ns)
+{
+    PyObject *entry, *times;
+    int rc;
+    entry = Py_BuildValue("(iOO)", fd, real, sgid ? Py_True : Py_False);
+    if (entry == NULL)
+        return -1;
+    rc = PyDict_SetItem(dirs, real, entry);
+    Py_DECREF(entry);
+    if (rc < 0)
+        return -1;
+    rc = PyDict_Contains(dir_times, real);
+    if (rc < 0 || (rc && PyDict_DelItem(dir_times, real) < 0))
+        return -1;
+    times = Py_BuildValue("(LLO)", atime_ns, mtime_ns, Py_None);
+    if (times == NULL)
+        return -1;
+    rc = PyDict_SetItem(dir_times, real, times);
+    Py_DECREF(times);
+    return rc;
+}
+
 static PyObject *files(PyObject *self, PyObject *args)
 {
     Py_buffer view, seg;
-    Py_ssize_t pos, end, start;
-    PyObject *dirs, *seg_obj, *frames = NULL, *error = NULL, *result;
+    Py_ssize_t pos, end, start, cache_limit;
+    PyObject *dirs, *dir_times, *links, *seg_obj, *frames = NULL, *error = NULL, *result;
     PyObject *cur_parent = NULL; /* bytes of the cached parent */
     int cur_fd = -1, cur_sgid = 0, euid, egid, umask_bits;
     PyObject *crcf;
     PyObject *cur_real = NULL;   /* borrowed from the dirs tuple, kept alive by cur_tuple */
     PyObject *cur_tuple = NULL;
-    Py_ssize_t used = 0, count = 0, last_pad = 0, prev_data_end;
+    Py_ssize_t used = 0, count = 0, last_pad = 0, prev_data_end, need_end = 0;
     unsigned long long total = 0;
     const unsigned char *buf;
     int have_seg = 0;
 
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*nnO!iiiOO", &view, &pos, &end, &PyDict_Type, &dirs, &euid,
-                          &egid, &umask_bits, &seg_obj, &crcf))
+    if (!PyArg_ParseTuple(args, "y*nnO!O!O!iiinOO", &view, &pos, &end, &PyDict_Type, &dirs,
+                          &PyDict_Type, &dir_times, &PySet_Type, &links, &euid, &egid,
+                          &umask_bits, &cache_limit, &seg_obj, &crcf))
         return NULL;
     if (pos < 0 || end > view.len || pos > end) {
         PyBuffer_Release(&view);
@@ -703,32 +823,35 @@ static PyObject *files(PyObject *self, PyObject *args)
     start = pos;
     prev_data_end = pos;
     for (;;) {
-        const unsigned char *b, *nm, *base;
-        unsigned char joined[256], cname[4097];
+        const unsigned char *b, *nm, *s, *base, *lk;
+        unsigned char joined[256], cname[4097], ctarget[4097];
         unsigned long long size, mode, uid, gid, mtime, padded;
-        long long mtime_ns, atime_ns;
-        Py_ssize_t nm_n, base_n, parent_n, i, data_at, hdr_at;
+        long long mtime_ns, atime_ns, chmod_mode;
+        Py_ssize_t nm_n, n, base_n, base_at, lk_n, data_at, hdr_at;
         struct simple_pax px;
         struct plain_header ph;
-        int have_pax;
-        int fd, err = 0, do_chown;
+        int have_pax, is_dir, fd, rc, err = 0, do_chown, tfd = -1, tsgid;
         const char *step = NULL;
         unsigned char typ;
-        PyObject *base_str, *real;
+        PyObject *real = NULL, *ttuple = NULL;
 
-        if (end - pos < BLOCK)
+        if (end - pos < BLOCK) {
+            need_end = pos + BLOCK;
             break;
+        }
         b = buf + pos;
         hdr_at = pos;
         have_pax = 0;
         if (b[156] == 'x') {
-            /* a local PAX header of the simple kind, then the file's own header */
+            /* a local PAX header of the simple kind, then the entry's own header */
             unsigned long long psize, ppadded;
             if (!pax_block_ok(b, &psize))
                 break;
             ppadded = (psize + BLOCK - 1) & ~(unsigned long long)(BLOCK - 1);
-            if ((unsigned long long)(end - pos) < BLOCK + ppadded + BLOCK)
+            if ((unsigned long long)(end - pos) < BLOCK + ppadded + BLOCK) {
+                need_end = pos + BLOCK + (Py_ssize_t)ppadded + BLOCK;
                 break;
+            }
             if (simple_pax(b + BLOCK, b + BLOCK + psize, &px) < 0)
                 break;
             have_pax = 1;
@@ -736,7 +859,7 @@ static PyObject *files(PyObject *self, PyObject *args)
             b = buf + hdr_at;
         }
         typ = b[156];
-        if (typ != '0' && typ != '7' && typ != 0)
+        if (typ != '0' && typ != '7' && typ != 0 && typ != '5' && typ != '2' && typ != '1')
             break;
         if (!checksum_ok(b))
             break;
@@ -749,6 +872,10 @@ static PyObject *files(PyObject *self, PyObject *args)
         mtime = ph.mtime;
         mtime_ns = (long long)mtime * 1000000000LL;
         atime_ns = mtime_ns;
+        nm = ph.name;
+        nm_n = ph.name_n;
+        lk = b + 157;
+        lk_n = (Py_ssize_t)strnlen((const char *)lk, 100);
         if (have_pax) {
             if (px.have_size)
                 size = px.size;
@@ -759,67 +886,46 @@ static PyObject *files(PyObject *self, PyObject *args)
             if (px.have_mtime)
                 mtime_ns = px.mtime_ns;
             atime_ns = px.have_atime && px.atime_ns >= mtime_ns ? px.atime_ns : mtime_ns;
+            if (px.path != NULL) {
+                nm = px.path;
+                nm_n = px.path_n;
+            }
+            if (px.link != NULL) {
+                lk = px.link;
+                lk_n = px.link_n;
+            }
         }
+        if (typ == 0) /* the old regular type: a directory if its final name ends in '/' */
+            typ = (nm_n > 0 && nm[nm_n - 1] == '/') ? '5' : '0';
+        is_dir = typ == '5';
+        if (typ != '0' && typ != '7')
+            size = 0; /* the types whose size carries no data (Go's header-only) */
         if (uid > MAX_ID || gid > MAX_ID || size > MAX_SIZE)
             break;
         padded = (size + BLOCK - 1) & ~(unsigned long long)(BLOCK - 1);
-        if ((unsigned long long)(end - hdr_at - BLOCK) < size)
-            break; /* the data is not all buffered */
-        nm = ph.name;
-        nm_n = ph.name_n;
-        if (have_pax && px.path != NULL) {
-            nm = px.path;
-            nm_n = px.path_n;
+        if ((unsigned long long)(end - hdr_at - BLOCK) < size) {
+            need_end = hdr_at + BLOCK + (Py_ssize_t)size; /* the data is not all buffered */
+            break;
         }
-        if (typ == 0 && nm_n > 0 && nm[nm_n - 1] == '/')
-            break; /* an old-style directory */
-        /* the name: "./" once at the front, then no component starting with '.' and no "//" */
+        if (plain_entry_name(nm, nm_n, is_dir, &s, &n, &base_at) < 0)
+            break;
+        base = s + base_at;
+        base_n = n - base_at;
+        if (base_n >= (Py_ssize_t)sizeof(cname))
+            break;
+        /* the parent directory, from the cache */
         {
-            const unsigned char *s = nm;
-            Py_ssize_t n = nm_n;
-            if (n >= 2 && s[0] == '.' && s[1] == '/') {
-                s += 2;
-                n -= 2;
-            }
-            if (n == 0 || s[0] == '.' || s[0] == '/' || s[n - 1] == '/')
-                break;
-            for (i = 0; i + 1 < n; i++)
-                if (s[i] == '/' && (s[i + 1] == '.' || s[i + 1] == '/'))
-                    break;
-            if (i + 1 < n)
-                break;
-            base = memrchr(s, '/', (size_t)n);
-            base = base ? base + 1 : s;
-            base_n = n - (base - s);
-            parent_n = base == s ? 0 : (base - s) - 1;
-            if (memchr(s, 0, (size_t)n) != NULL)
-                break;
-            /* the parent directory, from the cache */
+            Py_ssize_t parent_n = base_at ? base_at - 1 : 0;
             if (cur_parent == NULL || PyBytes_GET_SIZE(cur_parent) != parent_n ||
                 memcmp(PyBytes_AS_STRING(cur_parent), s, (size_t)parent_n) != 0) {
-                PyObject *key, *hit;
+                PyObject *hit = NULL;
                 Py_CLEAR(cur_parent);
                 Py_CLEAR(cur_tuple);
-                key = decode(s, parent_n);
-                if (key == NULL)
+                rc = cached_dir(dirs, s, parent_n, &hit, &cur_fd, &cur_sgid);
+                if (rc < 0)
                     goto fail;
-                hit = PyDict_GetItemWithError(dirs, key);
-                Py_DECREF(key);
-                if (hit == NULL) {
-                    if (PyErr_Occurred())
-                        goto fail;
+                if (rc == 0)
                     break;
-                }
-                if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) != 3 ||
-                    !PyLong_Check(PyTuple_GET_ITEM(hit, 0)) ||
-                    !PyUnicode_Check(PyTuple_GET_ITEM(hit, 1)))
-                    break;
-                cur_fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(hit, 0));
-                if (cur_fd == -1 && PyErr_Occurred())
-                    goto fail;
-                cur_sgid = PyObject_IsTrue(PyTuple_GET_ITEM(hit, 2));
-                if (cur_sgid < 0)
-                    goto fail;
                 cur_real = PyTuple_GET_ITEM(hit, 1);
                 cur_tuple = Py_NewRef(hit);
                 cur_parent = PyBytes_FromStringAndSize((const char *)s, parent_n);
@@ -827,44 +933,119 @@ static PyObject *files(PyObject *self, PyObject *args)
                     goto fail;
             }
         }
-        if (base_n >= (Py_ssize_t)sizeof(cname))
-            break;
         memcpy(cname, base, (size_t)base_n);
         cname[base_n] = 0;
         data_at = hdr_at + BLOCK;
         do_chown = uid != (unsigned long long)euid || gid != (unsigned long long)egid || cur_sgid;
-        Py_BEGIN_ALLOW_THREADS
-        do {
-            fd = openat(cur_fd, (const char *)cname,
-                        O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, (mode_t)(mode & 0777));
-        } while (fd < 0 && errno == EINTR);
-        if (fd >= 0)
-            step = finish_file(fd, buf + data_at, (size_t)size, do_chown, uid, gid,
-                               (mode & 07000) || (mode & (unsigned long long)umask_bits)
-                                   ? (long long)(mode & 07777) : -1,
-                               atime_ns, mtime_ns, &err);
-        Py_END_ALLOW_THREADS
-        if (fd < 0)
-            break; /* EEXIST (something in the way) or another error: Python redoes this one */
-        if (step) { /* created but not finished: its real path goes back with the error */
-            base_str = decode(base, base_n);
-            if (base_str == NULL)
+        if (typ == '1') {
+            /* a hard link: to a plain name (not the link's own) in a cached directory */
+            const unsigned char *ts_;
+            Py_ssize_t tn, tbase_at;
+            if (plain_entry_name(lk, lk_n, 0, &ts_, &tn, &tbase_at) < 0 ||
+                (tn == n && memcmp(ts_, s, (size_t)n) == 0) ||
+                tn - tbase_at >= (Py_ssize_t)sizeof(ctarget))
+                break;
+            rc = cached_dir(dirs, ts_, tbase_at ? tbase_at - 1 : 0, &ttuple, &tfd, &tsgid);
+            if (rc < 0)
                 goto fail;
-            if (PyUnicode_GET_LENGTH(cur_real) == 0) {
-                real = base_str;
-            } else {
-                real = PyUnicode_FromFormat("%U/%U", cur_real, base_str);
-                Py_DECREF(base_str);
-                if (real == NULL)
-                    goto fail;
+            if (rc == 0)
+                break;
+            memcpy(ctarget, ts_ + tbase_at, (size_t)(tn - tbase_at));
+            ctarget[tn - tbase_at] = 0;
+            Py_BEGIN_ALLOW_THREADS
+            rc = linkat(tfd, (const char *)ctarget, cur_fd, (const char *)cname, 0);
+            Py_END_ALLOW_THREADS
+            if (rc < 0)
+                break; /* in the way, no target, ...: Python redoes it and says why */
+        } else if (typ == '2') {
+            struct timespec tms[2];
+            if (lk_n == 0 || lk_n >= (Py_ssize_t)sizeof(ctarget))
+                break;
+            memcpy(ctarget, lk, (size_t)lk_n);
+            ctarget[lk_n] = 0;
+            ns_timespec(atime_ns, &tms[0]);
+            ns_timespec(mtime_ns, &tms[1]);
+            Py_BEGIN_ALLOW_THREADS
+            rc = symlinkat((const char *)ctarget, cur_fd, (const char *)cname);
+            if (rc == 0) {
+                if (do_chown && fchownat(cur_fd, (const char *)cname, (uid_t)uid, (gid_t)gid,
+                                         AT_SYMLINK_NOFOLLOW) < 0) {
+                    err = errno;
+                    step = "chown";
+                } else if (utimensat(cur_fd, (const char *)cname, tms, AT_SYMLINK_NOFOLLOW) < 0) {
+                    err = errno;
+                    step = "utime";
+                }
             }
+            Py_END_ALLOW_THREADS
+            if (rc < 0)
+                break;
+            real = real_path(cur_real, base, base_n);
+            if (real == NULL || PySet_Add(links, real) < 0)
+                goto fail_entry;
+        } else if (is_dir) {
+            int dfd = -1;
+            if (PyDict_GET_SIZE(dirs) > cache_limit)
+                break; /* the caller evicts the older half first, as _dir does */
+            chmod_mode = (mode & 07000) || (mode & (unsigned long long)umask_bits) || cur_sgid
+                             ? (long long)(mode & 07777) : -1;
+            Py_BEGIN_ALLOW_THREADS
+            rc = mkdirat(cur_fd, (const char *)cname, (mode_t)(mode & 0777));
+            if (rc == 0) {
+                dfd = openat(cur_fd, (const char *)cname,
+                             O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+                if (dfd < 0) {
+                    err = errno;
+                    step = "open";
+                } else if (do_chown && fchown(dfd, (uid_t)uid, (gid_t)gid) < 0) {
+                    err = errno;
+                    step = "chown";
+                } else if (chmod_mode >= 0 && fchmod(dfd, (mode_t)chmod_mode) < 0) {
+                    err = errno;
+                    step = "chmod";
+                }
+            }
+            Py_END_ALLOW_THREADS
+            if (rc < 0)
+                break; /* EEXIST: a directory to merge into, or something to replace */
+            real = real_path(cur_real, base, base_n);
+            if (real == NULL || (!step && note_directory(dirs, dir_times, real, dfd,
+                                                        (int)(mode & 02000), atime_ns,
+                                                        mtime_ns) < 0)) {
+                if (dfd >= 0)
+                    close(dfd);
+                goto fail_entry;
+            }
+            if (step && dfd >= 0)
+                close(dfd);
+        } else {
+            chmod_mode = (mode & 07000) || (mode & (unsigned long long)umask_bits)
+                             ? (long long)(mode & 07777) : -1;
+            Py_BEGIN_ALLOW_THREADS
+            do {
+                fd = openat(cur_fd, (const char *)cname,
+                            O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                            (mode_t)(mode & 0777));
+            } while (fd < 0 && errno == EINTR);
+            if (fd >= 0)
+                step = finish_file(fd, buf + data_at, (size_t)size, do_chown, uid, gid,
+                                   chmod_mode, atime_ns, mtime_ns, &err);
+            Py_END_ALLOW_THREADS
+            if (fd < 0)
+                break; /* EEXIST (something in the way) or another error: Python redoes it */
+        }
+        if (step) { /* created but not finished: its real path goes back with the error */
+            if (real == NULL && (real = real_path(cur_real, base, base_n)) == NULL)
+                goto fail;
             error = Py_BuildValue("(isN)", err, step, real);
+            real = NULL;
             if (error == NULL)
                 goto fail;
         }
+        Py_CLEAR(real);
         if (have_seg) {
             /* segment: what the recorder had pending (the first time) or the previous entry's
-             * padding, then this header; the file; the data's CRC */
+             * padding, then this header; the entry; its data's CRC */
             const unsigned char *sfrom = buf + prev_data_end;
             Py_ssize_t sn = data_at - prev_data_end;
             Py_ssize_t pre = count == 0 ? seg.len : 0;
@@ -907,9 +1088,15 @@ static PyObject *files(PyObject *self, PyObject *args)
         if (error != NULL)
             break;
         /* the next header comes after this entry's padding */
-        if (end - pos < last_pad + BLOCK)
+        if (end - pos < last_pad + BLOCK) {
+            need_end = pos + last_pad + BLOCK;
             break;
+        }
         pos += last_pad;
+        continue;
+    fail_entry:
+        Py_XDECREF(real);
+        goto fail;
     }
     if (count)
         pos = prev_data_end;
@@ -917,9 +1104,10 @@ static PyObject *files(PyObject *self, PyObject *args)
         pos = start;
     if (have_seg && _PyBytes_Resize(&frames, used) < 0)
         goto fail;
-    result = Py_BuildValue("(nnKNnN)", pos, count, total,
+    result = Py_BuildValue("(nnKNnNn)", pos, count, total,
                            have_seg ? frames : Py_NewRef(Py_None), count ? last_pad : 0,
-                           error ? error : Py_NewRef(Py_None));
+                           error ? error : Py_NewRef(Py_None),
+                           error == NULL && need_end > pos ? need_end - pos : (Py_ssize_t)0);
     if (!have_seg)
         Py_XDECREF(frames);
     Py_XDECREF(cur_parent);
@@ -1100,6 +1288,9 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
  * CRC frame is not buffered yet -- and the Python packer takes that frame.  Call it only when the
  * packer has no file waiting for its CRC. */
 static const char b64chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+/* the two characters of every 12-bit value (filled once, at the module's import): base64 of
+ * the tar-split payloads, two lookups per 3 bytes */
+static char b64pairs[4096][2];
 
 /* ---- the duplicate-path rule ------------------------------------------------------------------
  *
@@ -1236,10 +1427,9 @@ static int cb_b64(struct cbuf *b, const unsigned char *p, size_t n)
     d = b->p + b->used;
     for (i = 0; i + 3 <= n; i += 3) {
         unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8) | p[i + 2];
-        *d++ = b64chars[v >> 18];
-        *d++ = b64chars[(v >> 12) & 63];
-        *d++ = b64chars[(v >> 6) & 63];
-        *d++ = b64chars[v & 63];
+        memcpy(d, b64pairs[v >> 12], 2);
+        memcpy(d + 2, b64pairs[v & 0xFFF], 2);
+        d += 4;
     }
     if (n - i == 1) {
         unsigned v = (unsigned)p[i] << 16;
@@ -1421,13 +1611,101 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
     return result;
 }
 
+/* ---- directory times at the end of an apply ---------------------------------------------------
+ *
+ * set_dir_times(root_fd, items) -> list[int]
+ *
+ * items: (real path, atime_ns, mtime_ns) of directories beneath root_fd (_Applier.finish's
+ * dir_times, those with no mode to set).  Each is opened beneath root_fd without crossing a
+ * symlink (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS, O_DIRECTORY | O_NOFOLLOW) and gets its
+ * times (futimens), without the GIL; a path that is gone (ENOENT) is skipped, as
+ * _Applier._set_dir_time skips it.  Returns the indices of the items it could not do so (a
+ * symlink or a non-directory on the way, openat2 missing, a failed futimens): the caller does
+ * them its own way. */
+static PyObject *set_dir_times(PyObject *self, PyObject *args)
+{
+    int root_fd;
+    PyObject *items, *seq = NULL, *paths = NULL, *rest = NULL;
+    Py_ssize_t i, n;
+    struct timespec *tms = NULL;
+    int *failed = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iO", &root_fd, &items))
+        return NULL;
+    seq = PySequence_Fast(items, "set_dir_times: items must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    n = PySequence_Fast_GET_SIZE(seq);
+    paths = PyList_New(n);
+    tms = PyMem_Calloc((size_t)n * 2 + 1, sizeof(*tms));
+    failed = PyMem_Calloc((size_t)n + 1, sizeof(*failed));
+    if (paths == NULL || tms == NULL || failed == NULL)
+        goto error;
+    for (i = 0; i < n; i++) {
+        PyObject *it = PySequence_Fast_GET_ITEM(seq, i), *path;
+        long long at, mt;
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 3) {
+            PyErr_SetString(PyExc_TypeError, "set_dir_times: (path, atime_ns, mtime_ns) items");
+            goto error;
+        }
+        at = PyLong_AsLongLong(PyTuple_GET_ITEM(it, 1));
+        mt = PyLong_AsLongLong(PyTuple_GET_ITEM(it, 2));
+        if (PyErr_Occurred() || !PyUnicode_FSConverter(PyTuple_GET_ITEM(it, 0), &path))
+            goto error;
+        PyList_SET_ITEM(paths, i, path);
+        ns_timespec(at, &tms[2 * i]);
+        ns_timespec(mt, &tms[2 * i + 1]);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n; i++) {
+        const char *p = PyBytes_AS_STRING(PyList_GET_ITEM(paths, i));
+        struct gd_open_how how;
+        int fd;
+        memset(&how, 0, sizeof(how));
+        how.flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
+        how.resolve = 0x08 | 0x04 | 0x02; /* BENEATH | NO_SYMLINKS | NO_MAGICLINKS */
+        do {
+            fd = (int)syscall(SYS_openat2, root_fd, *p ? p : ".", &how, sizeof(how));
+        } while (fd < 0 && (errno == EINTR || errno == EAGAIN));
+        if (fd < 0) {
+            failed[i] = errno != ENOENT;
+            continue;
+        }
+        failed[i] = futimens(fd, &tms[2 * i]) < 0;
+        close(fd);
+    }
+    Py_END_ALLOW_THREADS
+    rest = PyList_New(0);
+    if (rest == NULL)
+        goto error;
+    for (i = 0; i < n; i++) {
+        PyObject *k;
+        if (!failed[i])
+            continue;
+        k = PyLong_FromSsize_t(i);
+        if (k == NULL || PyList_Append(rest, k) < 0) {
+            Py_XDECREF(k);
+            Py_CLEAR(rest);
+            goto error;
+        }
+        Py_DECREF(k);
+    }
+error:
+    Py_XDECREF(seq);
+    Py_XDECREF(paths);
+    PyMem_Free(tms);
+    PyMem_Free(failed);
+    return rest;
+}
+
 static PyMethodDef methods[] = {
     {"header", header, METH_VARARGS, "Parse the next common-case tar header sequence, or None."},
     {"create_file", create_file, METH_VARARGS, "Create, fill and finish one regular file."},
-    {"files", files, METH_VARARGS, "Apply a run of plain regular files (see the comment)."},
+    {"files", files, METH_VARARGS, "Apply a run of plain entries (see the comment)."},
     {"pack_frames", pack_frames, METH_VARARGS, "Recorder frames to tar-split lines (common case)."},
     {"path_hash", path_hash, METH_VARARGS, "The duplicate-path rule's hash of a clean path."},
     {"first_duplicate", first_duplicate, METH_VARARGS, "Sort path hashes; one seen twice, or None."},
+    {"set_dir_times", set_dir_times, METH_VARARGS, "Directory times at the end of an apply."},
     {"verify_files", verify_files, METH_VARARGS, "Check recorded files after an apply (-1: all good)."},
     {NULL, NULL, 0, NULL},
 };
@@ -1439,5 +1717,10 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastapply(void)
 {
+    int i;
+    for (i = 0; i < 4096; i++) {
+        b64pairs[i][0] = b64chars[i >> 6];
+        b64pairs[i][1] = b64chars[i & 63];
+    }
     return PyModule_Create(&module);
 }

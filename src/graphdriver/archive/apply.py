@@ -88,6 +88,9 @@ _fastapply = native_module("_fastapply")
 #: ``create_file``: one regular file of a run, created and written in C (as root only)
 _native_create: Callable[..., tuple[int, str] | None] | None = (
     _fastapply.create_file if _fastapply else None)
+#: ``set_dir_times``: the times of many directories at the end of an apply, in one call
+_native_dir_times: Callable[[int, list[tuple[str, int, int]]], list[int]] | None = (
+    _fastapply.set_dir_times if _fastapply else None)
 
 log = get_logger(__name__)
 
@@ -1183,21 +1186,15 @@ class _Applier:
         next_progress = _PROGRESS_STEP
         regular = ts.REGULAR_TYPES
         gate = SIGNAL_GATE
-        # Runs of plain files go through the native loop (one call for many files) when this
-        # apply is the simple case: root, ids as they are, a target that was empty (nothing to
-        # journal: a rollback empties it).
+        # Runs of plain entries go through the native loop (one call for many entries) when
+        # this apply is the simple case: root, ids as they are, a target that was empty
+        # (nothing to journal: a rollback empties it).
         native = (self.native_create is not None and self.identity and self.empty_start
                   and reader.can_apply_files())
         entries = iter(reader)
         while True:
             if native:
-                gate.closed = True
-                try:
-                    self._native_files(reader)
-                finally:
-                    gate.closed = False
-                if gate.pending is not None:
-                    gate.open()
+                next_progress = self._native_files(reader, next_progress)
             e = next(entries, None)
             if e is None:
                 break
@@ -1206,28 +1203,50 @@ class _Applier:
                 self._entry(reader, e, regular)
             finally:
                 gate.closed = False
-            if gate.pending is not None:
-                gate.open()
-            if progress is not None and reader.bytes_read >= next_progress:
-                progress(reader.bytes_read)
-                next_progress = reader.bytes_read + _PROGRESS_STEP
+            next_progress = self._step_done(reader, next_progress)
         if progress is not None:
             progress(reader.bytes_read)
 
-    def _native_files(self, reader: TarReader) -> None:
-        """A run of plain files in one native call (TarReader.apply_files)."""
-        if self.graveyard:
-            self._bury()
-        count, size, error = reader.apply_files(self.cache, self.euid, self.egid, self.umask)
-        if not count:
-            return
-        self.size += size
-        if error is not None:  # as _regular_native reports it
-            err, step, real = error
-            exc = OSError(err, os.strerror(err))
-            if step == "chown":
-                self._soft_fail(f"chown {real!r}", exc)
-            raise exc
+    def _step_done(self, reader: TarReader, next_progress: int) -> int:
+        """After an entry or a native run (the gate open again): an interrupt that waited is
+        raised now, and the progress is reported when due; returns the bytes read at which it
+        is next due."""
+        if SIGNAL_GATE.pending is not None:
+            SIGNAL_GATE.open()
+        progress = self.opts.progress
+        if progress is not None and reader.bytes_read >= next_progress:
+            progress(reader.bytes_read)
+            return reader.bytes_read + _PROGRESS_STEP
+        return next_progress
+
+    def _native_files(self, reader: TarReader, next_progress: int) -> int:
+        """Runs of plain entries in native calls (TarReader.apply_files), as long as the next
+        entry is of their kind: with the signal gate closed during a call, open while the next
+        entry is read; returns the bytes read at which the progress is next due (_step_done)."""
+        gate = SIGNAL_GATE
+        while True:
+            if self.graveyard:
+                self._bury()
+            gate.closed = True
+            try:
+                _, size, error, need = reader.apply_files(
+                    self.cache, self.dir_times, self.archive_links, self.euid, self.egid,
+                    self.umask, _CACHE_LIMIT)
+                self.size += size
+                if error is not None:  # as _regular_native reports it
+                    err, step, real = error
+                    exc = OSError(err, os.strerror(err))
+                    if step == "chown":
+                        self._soft_fail(f"chown {real!r}", exc)
+                    raise exc
+            finally:
+                gate.closed = False
+            next_progress = self._step_done(reader, next_progress)
+            if len(self.cache) > _CACHE_LIMIT:
+                self._evict_oldest()  # as _dir does before it caches one more
+                continue
+            if not need or not reader.prefetch(need):
+                return next_progress
 
     def _entry(self, reader: TarReader, e: TarEntry, regular: frozenset[bytes]) -> None:
         """Apply one entry (with the signal gate closed: see _SignalGate)."""
@@ -1288,7 +1307,17 @@ class _Applier:
         """Success: directory times (deepest last-seen first), scratch dir gone, fds closed."""
         self._clear_cache()
         self._bury()
-        for real, (at, mt, mode) in reversed(self.dir_times.items()):
+        times = self.dir_times
+        if _native_dir_times is not None:
+            # the directories with times only, in one native call (a mode, the root's entry and
+            # what the call could not do go the Python way, after it: times alone do not
+            # change another directory's)
+            plain = [(real, at, mt) for real, (at, mt, mode) in reversed(times.items())
+                     if real and mode is None]
+            for i in _native_dir_times(self.root_fd, plain):
+                self._set_dir_time(*plain[i], None)
+            times = {real: t for real, t in times.items() if not real or t[2] is not None}
+        for real, (at, mt, mode) in reversed(times.items()):
             self._set_dir_time(real, at, mt, mode)
         if self.journal_fd >= 0:
             # The caller commits or rolls back; the root's final times are restored then.

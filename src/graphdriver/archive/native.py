@@ -1,5 +1,5 @@
 """The optional compiled helpers of the tar engine: ``graphdriver._fastapply`` (apply: headers,
-runs of plain files, tar-split frames and lines, the after-apply check) and
+runs of plain entries, tar-split frames and lines, the after-apply check) and
 ``graphdriver._fastexport`` (export).
 
 :func:`native_module` is the one place that decides whether they are used: when built, unless

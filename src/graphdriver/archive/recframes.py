@@ -60,7 +60,7 @@ class _FrameWriter:
         self._put(_CRC_FRAME.pack(_CRC, crc64))
 
     def write_frames(self, frames: bytes) -> None:
-        """Frames already encoded (by the native apply of a run of files, _fastapply.files)."""
+        """Frames already encoded (by the native apply of a run of entries, _fastapply.files)."""
         self._put(frames)
 
 

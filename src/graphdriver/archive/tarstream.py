@@ -666,7 +666,7 @@ class TarReader:
 
     def _settle(self) -> None:
         """Finish the current entry: skip what is left of its data and padding, hand its CRC to
-        the recorder (before the next header, and before a native run of files)."""
+        the recorder (before the next header, and before a native run of entries)."""
         if self._remaining or self._pad:
             self._skip_current()
         if self._crc_on:
@@ -680,29 +680,42 @@ class TarReader:
         return _native_files is not None and (rec is None or hasattr(rec, "write_frames"))
 
     def apply_files(
-        self, dirs: dict[str, tuple[int, str, bool]], euid: int, egid: int, umask: int
-    ) -> tuple[int, int, tuple[int, str, str] | None]:
-        """Apply natively the run of plain regular files that starts here (see ``files`` in
-        _fastapply.c: root, an empty target, directories from *dirs*); the run ends at the first
+        self, dirs: dict[str, tuple[int, str, bool]],
+        dir_times: dict[str, tuple[int, int, int | None]], links: set[str], euid: int,
+        egid: int, umask: int, cache_limit: int,
+    ) -> tuple[int, int, tuple[int, str, str] | None, int]:
+        """Apply natively the run of plain entries that starts here (see ``files`` in
+        _fastapply.c: root, an empty target; regular files, new directories, symlinks, hard
+        links; parents from the applier's directory cache *dirs*, into which new directories
+        go, their times into *dir_times*, new symlinks into *links*); the run ends at the first
         entry of another kind, which the caller then reads as usual.
 
-        Returns (files applied, their bytes, error): error is (errno, step, real path) for the
-        last file, created but not finished.  Call only where the previous entry's data has been
-        consumed (between entries) and when :meth:`can_apply_files`."""
+        Returns (entries applied, bytes of their regular files, error, need): error is (errno,
+        step, real path) for the last entry, created but not finished; need is 0, or the bytes
+        the next entry takes when the run stopped only because they are not all buffered
+        (:meth:`prefetch` them, then call again).  Call only where the previous entry's data has
+        been consumed (between entries) and when :meth:`can_apply_files`."""
         if self._done:
-            return 0, 0, None
+            return 0, 0, None, 0
         self._settle()
         rec = self._recorder
-        pos, count, size, frames, pad, error = _native_files(  # type: ignore[misc]
-            self._buf, self._pos, self._end, dirs, euid, egid, umask,
-            None if rec is None else self._seg, self._crcf)
+        pos, count, size, frames, pad, error, need = _native_files(  # type: ignore[misc]
+            self._buf, self._pos, self._end, dirs, dir_times, links, euid, egid, umask,
+            cache_limit, None if rec is None else self._seg, self._crcf)
         if count:
             self._pos = pos
             self._pad = pad
+            self._first = False
             if rec is not None:
                 self._seg.clear()
                 rec.write_frames(frames)  # type: ignore[attr-defined]
-        return count, size, error
+        return count, size, error, need
+
+    def prefetch(self, need: int) -> bool:
+        """Buffer the next *need* bytes (from where :meth:`apply_files` stopped: the next entry,
+        headers and data, which it has to read anyway); False when they do not fit in the buffer
+        as it is, or the input ends first (the entry then goes the usual way)."""
+        return need <= len(self._buf) and self._fill(need)
 
     def __iter__(self) -> Iterator[TarEntry]:
         rec = self._recorder
