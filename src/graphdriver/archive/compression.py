@@ -4,23 +4,43 @@
 seeked), then returns a readable binary stream of the uncompressed tar.  Memory stays constant:
 every decoder works block by block.  gzip goes through isal's threaded reader (decompression in
 its own thread, overlapping with whatever the caller does with the bytes), zstd through
-``zstandard`` (all frames), xz through ``lzma`` and bzip2 through ``bz2``.  Any decoder failure
-(corrupt data, truncated stream) surfaces as :class:`~graphdriver.errors.InvalidArchive`.
+``zstandard`` (all frames; a thread of its own decodes ahead), xz through ``lzma`` and bzip2
+through ``bz2``.  Any decoder failure (corrupt data, truncated stream) surfaces as
+:class:`~graphdriver.errors.InvalidArchive`.
+
+``open_decoded(fd)`` is the confined apply child's way (issue 18): the decoder runs in a process
+of its own, a fork of the (still single-threaded) child, and writes the tar into a pipe the
+caller reads -- what ``zstd -dc | tar -x`` does.  The decoder never holds the reader's GIL, and
+the child itself imports no decoder library.  The decoder process keeps only its input, the pipe
+and an error channel, dies with the child (``PR_SET_PDEATHSIG``), ignores the SIGINT/SIGTERM
+the child answers by rolling back, and is reaped at the end of the stream or by ``close()``; its
+failure reaches the reader as the same one-line error as in process.
+
+Owns the formats' magic numbers and the decoders.  Imports only :mod:`graphdriver.errors`,
+:mod:`.buffers` and :mod:`.pipes` (and each decoder library, when a stream needs it); never
+the tar reader, a driver, the store or the package root.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 from collections.abc import Callable
 
-from ..errors import InvalidArchive
+from .. import errors
+from ..errors import GraphDriverError, InvalidArchive
+from .buffers import aligned_buffer
+from .pipes import grow_pipe
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:
-    from typing import BinaryIO
+    import signal
+    from typing import BinaryIO, NoReturn
+else:
+    import _signal as signal  # the same calls, without the enum wrappers (start-up time)
 
 # The decoders (isal, zstandard, lzma, bz2) are imported by _wrap for the kind a stream needs, so
 # that the confined apply child loads only one of them before its chroot.
@@ -34,6 +54,11 @@ _MAGICS: tuple[tuple[bytes, str], ...] = (
 
 HEAD_SIZE = 6
 _READ_SIZE = 1 << 20
+#: what the decoder process writes at a time: a quarter of its pipe, so that it decodes the next
+#: piece while the reader takes the last one
+_DECODED_CHUNK = 256 << 10
+#: how much decoded tar the pipe holds ahead of the reader (the kernel's pages, not the heap)
+_DECODED_PIPE = 1 << 20
 
 
 def detect(head: bytes) -> str:
@@ -294,27 +319,29 @@ def _read_head(fd: int) -> bytes:
     return head
 
 
-def _wrap(raw: _PrefixReader, kind: str) -> BinaryIO:
+def _wrap(raw: _PrefixReader, kind: str, *, ahead: bool = True) -> BinaryIO:
+    """The decoder of *kind* over *raw*; *ahead*: decoding in a thread of its own (gzip, zstd),
+    else in the caller's (the decoder process has nothing else to do)."""
     if kind == "none":
         return raw  # type: ignore[return-value]
     src = io.BufferedReader(_ZstdFrameCheck(raw) if kind == "zstd" else raw, _READ_SIZE)
     inner: BinaryIO | io.BufferedIOBase
     corrupt: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError)
     if kind == "gzip":
-        from isal import igzip_threaded, isal_zlib
+        from isal import igzip, igzip_threaded, isal_zlib
 
         inner = igzip_threaded.open(  # type: ignore[no-untyped-call]
             src, "rb", threads=1, block_size=_READ_SIZE
-        )
+        ) if ahead else igzip.open(src, "rb")  # type: ignore[no-untyped-call]
         isal_error: type[BaseException] = isal_zlib.IsalError  # type: ignore[assignment]
         corrupt += (isal_error,)  # corrupt data, e.g. "Invalid lookback distance"
     elif kind == "zstd":
         import zstandard
 
         dctx = zstandard.ZstdDecompressor()
-        inner = _DecodeAhead(  # type: ignore[assignment]
-            dctx.stream_reader(src, read_size=_READ_SIZE, read_across_frames=True), _READ_SIZE
-        )
+        inner = dctx.stream_reader(src, read_size=_READ_SIZE, read_across_frames=True)
+        if ahead:
+            inner = _DecodeAhead(inner, _READ_SIZE)  # type: ignore[assignment]
         corrupt += (zstandard.ZstdError,)
     elif kind == "xz":
         import lzma
@@ -326,11 +353,6 @@ def _wrap(raw: _PrefixReader, kind: str) -> BinaryIO:
 
         inner = bz2.BZ2File(src, "rb")
     return _Checked(inner, kind, corrupt)  # type: ignore[return-value]
-
-
-def stream_kind(stream: BinaryIO) -> str:
-    """The compression a stream from :func:`open_decompressed` decodes (``"none"`` if plain)."""
-    return stream._kind if isinstance(stream, _Checked) else "none"
 
 
 def open_decompressed(fd: int) -> BinaryIO:
@@ -360,3 +382,147 @@ def decompress_stream(stream: BinaryIO) -> BinaryIO:
             return len(data)
 
     return _wrap(_PrefixReader(readinto, head), detect(head))
+
+
+def open_decoded(fd: int, *, root_fd: int | None = None) -> BinaryIO:
+    """Like :func:`open_decompressed`, the decoder in a process of its own (a fork: call it while
+    this process has no thread but its main one).  As root, the decoder chroots into *root_fd*
+    (the directory the caller confines itself to) once its library is loaded.  The stream's
+    ``close()`` stops and reaps the decoder; at the stream's end it has exited."""
+    head = _read_head(fd)
+    kind = detect(head)
+    if kind == "none":
+        return _wrap(_PrefixReader(lambda view: os.readv(fd, [view]), head), kind)
+    return _DecoderProcess(fd, head, kind, root_fd)  # type: ignore[return-value]
+
+
+class _DecoderProcess(io.RawIOBase):
+    """The decoded tar read from the pipe a decoder process writes (:func:`open_decoded`)."""
+
+    def __init__(self, fd: int, head: bytes, kind: str, root_fd: int | None) -> None:
+        super().__init__()
+        self._kind = kind
+        self._pid: int | None = None
+        self._pipe, data_w = os.pipe2(os.O_CLOEXEC)
+        self._reports, report_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            grow_pipe(data_w, _DECODED_PIPE)
+            parent = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                _decoder_main(fd, head, kind, data_w, report_w, root_fd, parent)
+            self._pid = pid
+        finally:
+            os.close(data_w)
+            os.close(report_w)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._pid is None:
+            return 0
+        n = os.readv(self._pipe, [buf])
+        if not n:
+            self._reap()
+        return n
+
+    def _reap(self) -> None:
+        """At the pipe's end (the decoder has exited): its status, and what it failed with."""
+        report = b""
+        while chunk := os.read(self._reports, 4096):
+            report += chunk
+        assert self._pid is not None
+        _, status = os.waitpid(self._pid, 0)
+        self._pid = None
+        if report:
+            raise _reported_error(report)
+        code = os.waitstatus_to_exitcode(status)
+        if code:
+            how = f"signal {-code}" if code < 0 else f"status {code}"
+            raise GraphDriverError(f"the {self._kind} decoder process exited with {how}")
+
+    def close(self) -> None:
+        if self._pid is not None:  # the reader stopped before the end: the decoder goes too
+            os.kill(self._pid, signal.SIGKILL)
+            os.waitpid(self._pid, 0)
+            self._pid = None
+        for fd in (self._pipe, self._reports):
+            if fd >= 0:
+                os.close(fd)
+        self._pipe = self._reports = -1
+        super().close()
+
+
+def _decoder_main(fd: int, head: bytes, kind: str, out: int, report: int, root_fd: int | None,
+                  parent: int) -> NoReturn:
+    """The decoder process: *fd*'s stream (its first bytes already read: *head*) decoded into
+    the pipe *out*; a failure written to *report* as ``class\nmessage``.  Never returns."""
+    status = 1
+    try:
+        gc.disable()  # no finalizer of an object inherited from the reader runs here
+        # the reader's process answers these by rolling back; the decoder goes when it exits
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _die_with_parent(parent)
+        _close_all_but({fd, out, report} | (set() if root_fd is None else {root_fd}))
+        stream = _wrap(_PrefixReader(lambda view: os.readv(fd, [view]), head), kind,
+                       ahead=False)
+        if root_fd is not None and os.geteuid() == 0:
+            os.fchdir(root_fd)
+            os.chroot(".")
+        if root_fd is not None:
+            os.close(root_fd)
+        view = memoryview(aligned_buffer(_DECODED_CHUNK))
+        while n := stream.readinto(view):  # type: ignore[attr-defined]
+            done = 0
+            while done < n:
+                done += os.write(out, view[done:n])
+        status = 0
+    except BrokenPipeError:
+        status = 0  # the reader stopped reading (it failed or was interrupted): nothing to say
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.write(report, _report(exc, kind))
+    finally:
+        os._exit(status)
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL when the reader's process exits, whichever way (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    if os.getppid() != parent:  # it exited before the signal was set
+        os._exit(1)
+
+
+def _close_all_but(keep: set[int]) -> None:
+    """Close every descriptor above stdio but *keep*'s (the result pipe, the target, the
+    parent chain's: the decoder holds none of the reader's)."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def _report(exc: BaseException, kind: str) -> bytes:
+    """How the decoder process tells its failure: ``class\nmessage``, the class one of
+    :mod:`graphdriver.errors`' or ``errno N`` for an I/O error on the input."""
+    if isinstance(exc, GraphDriverError):
+        return f"{type(exc).__name__}\n{exc}".encode()
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"errno {exc.errno}\n{exc.strerror}".encode()
+    return f"GraphDriverError\nthe {kind} decoder failed: {exc!r}".encode()
+
+
+def _reported_error(report: bytes) -> Exception:
+    """The exception a decoder process's report (:func:`_report`) stands for."""
+    name, _, message = report.decode(errors="replace").partition("\n")
+    if name.startswith("errno "):
+        return OSError(int(name[6:]), message)
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, GraphDriverError)):
+        cls = GraphDriverError
+    return cls(message)
