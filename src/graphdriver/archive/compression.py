@@ -57,8 +57,9 @@ _READ_SIZE = 1 << 20
 #: what the decoder process writes at a time: a quarter of its pipe, so that it decodes the next
 #: piece while the reader takes the last one
 _DECODED_CHUNK = 256 << 10
-#: how much decoded tar the pipe holds ahead of the reader (the kernel's pages, not the heap)
-_DECODED_PIPE = 1 << 20
+#: how much decoded tar the pipe holds ahead of the reader (the kernel's pages, not the heap;
+#: 1 MiB when not root): slack for a decoder that was not scheduled for a while
+_DECODED_PIPE = 4 << 20
 
 
 def detect(head: bytes) -> str:
@@ -321,10 +322,14 @@ def _read_head(fd: int) -> bytes:
 
 def _wrap(raw: _PrefixReader, kind: str, *, ahead: bool = True) -> BinaryIO:
     """The decoder of *kind* over *raw*; *ahead*: decoding in a thread of its own (gzip, zstd),
-    else in the caller's (the decoder process has nothing else to do)."""
+    reading whole buffers of input.  Else decoding in the caller's thread (the decoder process
+    has nothing else to do) what has come so far: each read of the input returns what one
+    ``readv`` gives, so a stream that pauses is decoded up to where it paused."""
     if kind == "none":
         return raw  # type: ignore[return-value]
-    src = io.BufferedReader(_ZstdFrameCheck(raw) if kind == "zstd" else raw, _READ_SIZE)
+    checked: io.RawIOBase = _ZstdFrameCheck(raw) if kind == "zstd" else raw
+    src: BinaryIO = (io.BufferedReader(checked, _READ_SIZE)  # type: ignore[assignment]
+                     if ahead else checked)
     inner: BinaryIO | io.BufferedIOBase
     corrupt: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError)
     if kind == "gzip":
@@ -465,6 +470,10 @@ def _decoder_main(fd: int, head: bytes, kind: str, out: int, report: int, root_f
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _die_with_parent(parent)
+        # the reader's process is the critical path: a decoder waking up (room in the pipe)
+        # must not preempt it, only take what CPU is left (SCHED_BATCH: same share, no wake-up
+        # preemption)
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         _close_all_but({fd, out, report} | (set() if root_fd is None else {root_fd}))
         stream = _wrap(_PrefixReader(lambda view: os.readv(fd, [view]), head), kind,
                        ahead=False)
