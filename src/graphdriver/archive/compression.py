@@ -159,9 +159,19 @@ class _ZstdFrameCheck(io.RawIOBase):
         self._last = False
         self._checksum = False
         self._header_rest = 0
+        self._piece: memoryview | None = None  # read()'s buffer, made at its first call
 
     def readable(self) -> bool:
         return True
+
+    def read(self, size: int = -1) -> memoryview:  # type: ignore[override]
+        """One read of up to *size* bytes, as a view of a buffer the next call reuses: what
+        zstandard's stream reader asks for (it is done with a piece before it asks for the
+        next), without a fresh megabyte allocated, faulted in and copied at every read."""
+        size = size if size > 0 else _READ_SIZE
+        if self._piece is None or len(self._piece) < size:
+            self._piece = memoryview(aligned_buffer(size))
+        return self._piece[:self.readinto(self._piece[:size])]
 
     def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
         n = self._raw.readinto(buf)
