@@ -9,16 +9,19 @@ through ``bz2``.  Any decoder failure (corrupt data, truncated stream) surfaces 
 :class:`~graphdriver.errors.InvalidArchive`.
 
 ``open_decoded(fd)`` is the confined apply child's way (issue 18): the decoder runs in a process
-of its own, a fork of the (still single-threaded) child, and writes the tar into a pipe the
-caller reads -- what ``zstd -dc | tar -x`` does.  The decoder never holds the reader's GIL, and
-the child itself imports no decoder library.  The decoder process keeps only its input, the pipe
-and an error channel, dies with the child (``PR_SET_PDEATHSIG``), ignores the SIGINT/SIGTERM
-the child answers by rolling back, and is reaped at the end of the stream or by ``close()``; its
-failure reaches the reader as the same one-line error as in process.
+of its own, a fork of the (still single-threaded) child, as ``zstd -dc | tar -x`` does; it
+decodes into a ring of memory shared with the child, which copies each slot out into its tar
+reader's buffer (one copy, no pipe pages; two small pipes say which slot is full and which is
+free again).  The decoder never takes the reader's GIL or a core the reader wants on a wake-up
+(``SCHED_BATCH``), and the child itself imports no decoder library.  The decoder keeps only its
+input, its pipes and the target (it chroots there as root), dies with the child
+(``PR_SET_PDEATHSIG``), ignores the SIGINT/SIGTERM the child answers by rolling back, and is
+reaped at the end of the stream or by ``close()``; its failure reaches the reader as the same
+one-line error as in process.
 
-Owns the formats' magic numbers and the decoders.  Imports only :mod:`graphdriver.errors`,
-:mod:`.buffers` and :mod:`.pipes` (and each decoder library, when a stream needs it); never
-the tar reader, a driver, the store or the package root.
+Owns the formats' magic numbers and the decoders.  Imports only :mod:`graphdriver.errors` and
+:mod:`.buffers` (and each decoder library, when a stream needs it); never the tar reader, a
+driver, the store or the package root.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from collections.abc import Callable
 from .. import errors
 from ..errors import GraphDriverError, InvalidArchive
 from .buffers import aligned_buffer
-from .pipes import grow_pipe
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
@@ -54,12 +56,12 @@ _MAGICS: tuple[tuple[bytes, str], ...] = (
 
 HEAD_SIZE = 6
 _READ_SIZE = 1 << 20
-#: what the decoder process writes at a time: a quarter of its pipe, so that it decodes the next
-#: piece while the reader takes the last one
-_DECODED_CHUNK = 256 << 10
-#: how much decoded tar the pipe holds ahead of the reader (the kernel's pages, not the heap;
-#: 1 MiB when not root): slack for a decoder that was not scheduled for a while
-_DECODED_PIPE = 4 << 20
+#: a slot of the decoder process's ring: what it decodes at a time (the reader's own reads are
+#: this size: what it copies out is still in the cache)
+_SLOT = 256 << 10
+#: slots in the ring: how far the decoder runs ahead of the reader (4 MiB, the memory the decode
+#: thread's queue of megabyte chunks took), slack for a decoder not scheduled for a while
+_SLOTS = 16
 
 
 def detect(head: bytes) -> str:
@@ -412,38 +414,59 @@ def open_decoded(fd: int, *, root_fd: int | None = None) -> BinaryIO:
 
 
 class _DecoderProcess(io.RawIOBase):
-    """The decoded tar read from the pipe a decoder process writes (:func:`open_decoded`)."""
+    """The decoded tar from a decoder process (:func:`open_decoded`), handed over in a ring of
+    slots of memory shared by the two processes: the decoder decodes into a free slot and says
+    how much it holds (4 bytes on the *ready* pipe); the reader copies it out into its own
+    buffer and gives the slot back (a byte on the *free* pipe).  One copy of the decoded bytes,
+    as a pipe's write and read would make two, and no page of a pipe allocated and freed."""
 
     def __init__(self, fd: int, head: bytes, kind: str, root_fd: int | None) -> None:
         super().__init__()
         self._kind = kind
         self._pid: int | None = None
-        self._pipe, data_w = os.pipe2(os.O_CLOEXEC)
+        self._ring = memoryview(aligned_buffer(_SLOT * _SLOTS, shared=True))
+        self._next = 0  # the slot the decoder fills next
+        self._at = self._left = 0  # where in the ring the slot being read is, what is left of it
+        self._ready, ready_w = os.pipe2(os.O_CLOEXEC)
+        free_r, self._free = os.pipe2(os.O_CLOEXEC)
         self._reports, report_w = os.pipe2(os.O_CLOEXEC)
         try:
-            grow_pipe(data_w, _DECODED_PIPE)
             parent = os.getpid()
             pid = os.fork()
             if pid == 0:
-                _decoder_main(fd, head, kind, data_w, report_w, root_fd, parent)
+                _decoder_main(fd, head, kind, self._ring, (ready_w, free_r, report_w),
+                              root_fd, parent)
             self._pid = pid
         finally:
-            os.close(data_w)
-            os.close(report_w)
+            for end in (ready_w, free_r, report_w):
+                os.close(end)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
-        if self._pid is None:
-            return 0
-        n = os.readv(self._pipe, [buf])
-        if not n:
-            self._reap()
+        if not self._left:
+            if self._pid is None:
+                return 0
+            filled = os.read(self._ready, 4)
+            if not filled:
+                self._reap()
+                return 0
+            self._left = int.from_bytes(filled, "little")
+            self._at = self._next * _SLOT
+            self._next = (self._next + 1) % _SLOTS
+        n = min(len(buf), self._left)
+        memoryview(buf)[:n] = self._ring[self._at:self._at + n]
+        self._at += n
+        self._left -= n
+        if not self._left:
+            with contextlib.suppress(BrokenPipeError):  # the decoder is done: it has ended
+                os.write(self._free, b"\0")
         return n
 
     def _reap(self) -> None:
-        """At the pipe's end (the decoder has exited): its status, and what it failed with."""
+        """At the end of the ready pipe (the decoder has exited): its status, and what it
+        failed with."""
         report = b""
         while chunk := os.read(self._reports, 4096):
             report += chunk
@@ -462,17 +485,20 @@ class _DecoderProcess(io.RawIOBase):
             os.kill(self._pid, signal.SIGKILL)
             os.waitpid(self._pid, 0)
             self._pid = None
-        for fd in (self._pipe, self._reports):
+        for fd in (self._ready, self._free, self._reports):
             if fd >= 0:
                 os.close(fd)
-        self._pipe = self._reports = -1
+        self._ready = self._free = self._reports = -1
+        self._ring.release()
         super().close()
 
 
-def _decoder_main(fd: int, head: bytes, kind: str, out: int, report: int, root_fd: int | None,
-                  parent: int) -> NoReturn:
-    """The decoder process: *fd*'s stream (its first bytes already read: *head*) decoded into
-    the pipe *out*; a failure written to *report* as ``class\nmessage``.  Never returns."""
+def _decoder_main(fd: int, head: bytes, kind: str, ring: memoryview, pipes: tuple[int, int, int],
+                  root_fd: int | None, parent: int) -> NoReturn:
+    """The decoder process: *fd*'s stream (its first bytes already read: *head*) decoded into the
+    *ring*'s slots, each announced on the ready pipe once filled and reused once the free pipe
+    gives it back; a failure written to the report pipe as ``class\nmessage``.  Never returns."""
+    ready, free, report = pipes
     status = 1
     try:
         gc.disable()  # no finalizer of an object inherited from the reader runs here
@@ -480,11 +506,11 @@ def _decoder_main(fd: int, head: bytes, kind: str, out: int, report: int, root_f
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _die_with_parent(parent)
-        # the reader's process is the critical path: a decoder waking up (room in the pipe)
-        # must not preempt it, only take what CPU is left (SCHED_BATCH: same share, no wake-up
+        # the reader's process is the critical path: a decoder woken up (a slot given back) must
+        # not preempt it, only take what CPU is left (SCHED_BATCH: the same share, no wake-up
         # preemption)
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        _close_all_but({fd, out, report} | (set() if root_fd is None else {root_fd}))
+        _close_all_but({fd, *pipes} | (set() if root_fd is None else {root_fd}))
         stream = _wrap(_PrefixReader(lambda view: os.readv(fd, [view]), head), kind,
                        ahead=False)
         if root_fd is not None and os.geteuid() == 0:
@@ -492,14 +518,22 @@ def _decoder_main(fd: int, head: bytes, kind: str, out: int, report: int, root_f
             os.chroot(".")
         if root_fd is not None:
             os.close(root_fd)
-        view = memoryview(aligned_buffer(_DECODED_CHUNK))
-        while n := stream.readinto(view):  # type: ignore[attr-defined]
-            done = 0
-            while done < n:
-                done += os.write(out, view[done:n])
+        slot, free_slots = 0, _SLOTS
+        while True:
+            if not free_slots:
+                given_back = os.read(free, _SLOTS)
+                if not given_back:
+                    break  # the reader is gone (it failed or was interrupted): nothing to say
+                free_slots += len(given_back)
+            n = stream.readinto(ring[slot * _SLOT:(slot + 1) * _SLOT])  # type: ignore[attr-defined]
+            if not n:
+                break
+            os.write(ready, n.to_bytes(4, "little"))
+            slot = (slot + 1) % _SLOTS
+            free_slots -= 1
         status = 0
     except BrokenPipeError:
-        status = 0  # the reader stopped reading (it failed or was interrupted): nothing to say
+        status = 0  # the reader is gone: nothing to say
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.write(report, _report(exc, kind))
