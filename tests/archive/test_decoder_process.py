@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import zstandard
 from tarbuild import build, member
+from tests.childproc import children_of, is_gone, wait_until_gone
 
 from graphdriver.archive.compression import open_decoded
 from graphdriver.archive.tarstream import TarReader
@@ -168,18 +169,13 @@ def test_the_decoder_ignores_sigterm_and_dies_with_its_reader() -> None:
         proc.stdin.write(zstd_begun())
         proc.stdin.flush()
         assert proc.stdout.readline() == b"ready\n"
-        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as fh:
-            (decoder,) = (int(pid) for pid in fh.read().split())
+        (decoder,) = children_of(proc.pid)
         os.kill(decoder, signal.SIGTERM)
         time.sleep(0.2)
-        with open(f"/proc/{decoder}/stat") as fh:
-            assert fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # still there
+        assert not is_gone(decoder)
         proc.kill()  # the input stays open: only its reader's death can end it
         proc.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while os.path.exists(f"/proc/{decoder}"):  # reaped by init once killed
-            assert time.monotonic() < deadline, "the decoder outlived its reader"
-            time.sleep(0.05)
+        wait_until_gone([decoder], "the decoder outlived its reader", timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from tarbuild import build, gnu_tar, make_rich_tree, member, needs_gnu_tar
-from tests.childproc import children_of, feed_until_started, is_gone
+from tests.childproc import children_of, feed_until_started, is_gone, wait_until_gone
 from tests.treeutil import diff_snapshots, snapshot
 
 from graphdriver.archive.apply import ApplyOptions, apply_tar
@@ -348,10 +348,7 @@ def test_the_child_of_a_killed_parent_dies_and_rolls_back(work: Path) -> None:
             proc, b"".join(member(f"f{i}", os.urandom(100)) for i in range(50)), t / "f49")
         proc.kill()
         proc.wait(timeout=60)
-        deadline = time.monotonic() + 60
-        while not all(is_gone(pid) for pid in kids):  # reaped by init once it exits
-            assert time.monotonic() < deadline, "the child outlived its killed parent"
-            time.sleep(0.05)
+        wait_until_gone(kids, "the child outlived its killed parent")
     finally:
         if proc.poll() is None:
             proc.kill()
