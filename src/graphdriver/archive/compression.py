@@ -508,8 +508,9 @@ def _decoder_main(fd: int, head: bytes, kind: str, ring: memoryview, pipes: tupl
         _die_with_parent(parent)
         # the reader's process is the critical path: a decoder woken up (a slot given back) must
         # not preempt it, only take what CPU is left (SCHED_BATCH: the same share, no wake-up
-        # preemption)
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        # preemption); a hint: where it is refused (a seccomp filter), the decoder runs all the same
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         _close_all_but({fd, *pipes} | (set() if root_fd is None else {root_fd}))
         stream = _wrap(_PrefixReader(lambda view: os.readv(fd, [view]), head), kind,
                        ahead=False)
