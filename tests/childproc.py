@@ -34,15 +34,6 @@ def is_gone(pid: int) -> bool:
     return fields is None or fields[0] == "Z"
 
 
-def wait_until_gone(pids: list[int], why: str, timeout: float = 60) -> None:
-    """Wait until every process of *pids* has exited (reaped by init, when orphaned); fail with
-    *why* after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not all(is_gone(pid) for pid in pids):
-        assert time.monotonic() < deadline, why
-        time.sleep(0.05)
-
-
 def feed_until_started(proc: subprocess.Popen[bytes], data: bytes, started: Path) -> list[int]:
     """Write *data* to *proc*'s stdin and keep it open, wait until *started* exists (the job in
     *proc*'s child got that far), and return *proc*'s children (the job's child)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from tarbuild import build, gnu_tar, make_rich_tree, member, needs_gnu_tar
-from tests.childproc import children_of, feed_until_started, is_gone, wait_until_gone
+from tests.childproc import children_of, feed_until_started, is_gone
 from tests.treeutil import diff_snapshots, snapshot
 
 from graphdriver.archive.apply import ApplyOptions, apply_tar
@@ -177,26 +177,8 @@ print("finished", flush=True)
 """
 
 
-def _begun(packing: str, tar: bytes) -> bytes:
-    """*tar* as the first part of a stream that goes on (a gzip or zstd stream flushed, not
-    ended: the decoder hands on what it has and waits)."""
-    if packing == "gzip":
-        import zlib
-
-        gz = zlib.compressobj(wbits=31)
-        return gz.compress(tar) + gz.flush(zlib.Z_SYNC_FLUSH)
-    if packing == "zstd":
-        import zstandard
-
-        zs = zstandard.ZstdCompressor().compressobj()
-        return zs.compress(tar) + zs.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-    return tar
-
-
-@pytest.mark.parametrize("packing", ["plain", "gzip", "zstd"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_the_parent_stops_the_child_and_rolls_back(work: Path, sig: int,
-                                                             packing: str) -> None:
+def test_signal_to_the_parent_stops_the_child_and_rolls_back(work: Path, sig: int) -> None:
     t = work / "t"
     t.mkdir()
     (t / "pre").write_text("existing")
@@ -209,13 +191,8 @@ def test_signal_to_the_parent_stops_the_child_and_rolls_back(work: Path, sig: in
         stderr=subprocess.PIPE,
     )
     try:
-        tar = b"".join(member(f"f{i}", os.urandom(100)) for i in range(50))
-        if packing != "plain":  # isal's reader hands on whole buffers: one is filled
-            tar += member("filler", os.urandom(1 << 20))
-        kids = feed_until_started(proc, _begun(packing, tar), t / "f49")
-        decoders = [pid for kid in kids for pid in children_of(kid)]
-        assert len(decoders) == (packing != "plain")  # a compressed stream has its decoder
-        kids += decoders
+        kids = feed_until_started(
+            proc, b"".join(member(f"f{i}", os.urandom(100)) for i in range(50)), t / "f49")
         proc.send_signal(sig)
         # keep the input open until it is over (communicate() would close it at once, and the
         # child would finish the apply from the end of its input)
@@ -354,7 +331,10 @@ def test_the_child_of_a_killed_parent_dies_and_rolls_back(work: Path) -> None:
             proc, b"".join(member(f"f{i}", os.urandom(100)) for i in range(50)), t / "f49")
         proc.kill()
         proc.wait(timeout=60)
-        wait_until_gone(kids, "the child outlived its killed parent")
+        deadline = time.monotonic() + 60
+        while not all(is_gone(pid) for pid in kids):  # reaped by init once it exits
+            assert time.monotonic() < deadline, "the child outlived its killed parent"
+            time.sleep(0.05)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -4,8 +4,7 @@ Where a big I/O buffer starts matters on this machine kind: malloc puts a 1 MiB 
 16 bytes into an mmap'd block, and the kernel's copies into and out of a buffer so placed (read,
 write, readv of tar data) ran at about half speed -- applying a 1 GiB layer took 1.8-2.0 s,
 with a page-aligned buffer 1.2-1.3 s (GNU tar: 1.2 s).  The tar reader and the tar writer take
-their buffers from here, and the decoder process its ring shared with the reader
-(:func:`.compression.open_decoded`).  A leaf: it imports only the standard library.
+their buffers from here.
 """
 
 from __future__ import annotations
@@ -13,9 +12,7 @@ from __future__ import annotations
 import mmap
 
 
-def aligned_buffer(size: int, *, shared: bool = False) -> mmap.mmap:
-    """*size* bytes of anonymous memory, page-aligned, zero-filled, writable in place (slices,
-    memoryview, the buffer protocol); released when the last reference goes.  Private, or
-    *shared* with the processes forked after it is made (a decoder process's ring)."""
-    kind = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
-    return mmap.mmap(-1, size, flags=kind | mmap.MAP_ANONYMOUS)
+def aligned_buffer(size: int) -> mmap.mmap:
+    """*size* bytes of private anonymous memory, page-aligned, zero-filled, writable in place
+    (slices, memoryview, the buffer protocol); released when the last reference goes."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -4,45 +4,23 @@
 seeked), then returns a readable binary stream of the uncompressed tar.  Memory stays constant:
 every decoder works block by block.  gzip goes through isal's threaded reader (decompression in
 its own thread, overlapping with whatever the caller does with the bytes), zstd through
-``zstandard`` (all frames; a thread of its own decodes ahead), xz through ``lzma`` and bzip2
-through ``bz2``.  Any decoder failure (corrupt data, truncated stream) surfaces as
-:class:`~graphdriver.errors.InvalidArchive`.
-
-``open_decoded(fd)`` is the confined apply child's way (issue 18): the decoder runs in a process
-of its own, a fork of the (still single-threaded) child, as ``zstd -dc | tar -x`` does; it
-decodes into a ring of memory shared with the child, which copies each slot out into its tar
-reader's buffer (one copy, no pipe pages; two small pipes say which slot is full and which is
-free again).  The decoder never takes the reader's GIL or a core the reader wants on a wake-up
-(``SCHED_BATCH``), and the child itself imports no decoder library.  The decoder keeps only its
-input, its pipes and the target (it chroots there as root), dies with the child
-(``PR_SET_PDEATHSIG``), ignores the SIGINT/SIGTERM the child answers by rolling back, and is
-reaped at the end of the stream or by ``close()``; its failure reaches the reader as the same
-one-line error as in process.
-
-Owns the formats' magic numbers and the decoders.  Imports only :mod:`graphdriver.errors` and
-:mod:`.buffers` (and each decoder library, when a stream needs it); never the tar reader, a
-driver, the store or the package root.
+``zstandard`` (all frames), xz through ``lzma`` and bzip2 through ``bz2``.  Any decoder failure
+(corrupt data, truncated stream) surfaces as :class:`~graphdriver.errors.InvalidArchive`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import os
 from collections.abc import Callable
 
-from .. import errors
-from ..errors import GraphDriverError, InvalidArchive
-from .buffers import aligned_buffer
+from ..errors import InvalidArchive
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:
-    import signal
-    from typing import BinaryIO, NoReturn
-else:
-    import _signal as signal  # the same calls, without the enum wrappers (start-up time)
+    from typing import BinaryIO
 
 # The decoders (isal, zstandard, lzma, bz2) are imported by _wrap for the kind a stream needs, so
 # that the confined apply child loads only one of them before its chroot.
@@ -56,12 +34,6 @@ _MAGICS: tuple[tuple[bytes, str], ...] = (
 
 HEAD_SIZE = 6
 _READ_SIZE = 1 << 20
-#: a slot of the decoder process's ring: what it decodes at a time (the reader's own reads are
-#: this size: what it copies out is still in the cache)
-_SLOT = 256 << 10
-#: slots in the ring: how far the decoder runs ahead of the reader (4 MiB, the memory the decode
-#: thread's queue of megabyte chunks took), slack for a decoder not scheduled for a while
-_SLOTS = 16
 
 
 def detect(head: bytes) -> str:
@@ -161,19 +133,9 @@ class _ZstdFrameCheck(io.RawIOBase):
         self._last = False
         self._checksum = False
         self._header_rest = 0
-        self._piece: memoryview | None = None  # read()'s buffer, made at its first call
 
     def readable(self) -> bool:
         return True
-
-    def read(self, size: int = -1) -> memoryview:  # type: ignore[override]
-        """One read of up to *size* bytes, as a view of a buffer the next call reuses: what
-        zstandard's stream reader asks for (it is done with a piece before it asks for the
-        next), without a fresh megabyte allocated, faulted in and copied at every read."""
-        size = size if size > 0 else _READ_SIZE
-        if self._piece is None or len(self._piece) < size:
-            self._piece = memoryview(aligned_buffer(size))
-        return self._piece[:self.readinto(self._piece[:size])]
 
     def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
         n = self._raw.readinto(buf)
@@ -332,33 +294,27 @@ def _read_head(fd: int) -> bytes:
     return head
 
 
-def _wrap(raw: _PrefixReader, kind: str, *, ahead: bool = True) -> BinaryIO:
-    """The decoder of *kind* over *raw*; *ahead*: decoding in a thread of its own (gzip, zstd),
-    reading whole buffers of input.  Else decoding in the caller's thread (the decoder process
-    has nothing else to do) what has come so far: each read of the input returns what one
-    ``readv`` gives, so a stream that pauses is decoded up to where it paused."""
+def _wrap(raw: _PrefixReader, kind: str) -> BinaryIO:
     if kind == "none":
         return raw  # type: ignore[return-value]
-    checked: io.RawIOBase = _ZstdFrameCheck(raw) if kind == "zstd" else raw
-    src: BinaryIO = (io.BufferedReader(checked, _READ_SIZE)  # type: ignore[assignment]
-                     if ahead else checked)
+    src = io.BufferedReader(_ZstdFrameCheck(raw) if kind == "zstd" else raw, _READ_SIZE)
     inner: BinaryIO | io.BufferedIOBase
     corrupt: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError)
     if kind == "gzip":
-        from isal import igzip, igzip_threaded, isal_zlib
+        from isal import igzip_threaded, isal_zlib
 
         inner = igzip_threaded.open(  # type: ignore[no-untyped-call]
             src, "rb", threads=1, block_size=_READ_SIZE
-        ) if ahead else igzip.open(src, "rb")  # type: ignore[no-untyped-call]
+        )
         isal_error: type[BaseException] = isal_zlib.IsalError  # type: ignore[assignment]
         corrupt += (isal_error,)  # corrupt data, e.g. "Invalid lookback distance"
     elif kind == "zstd":
         import zstandard
 
         dctx = zstandard.ZstdDecompressor()
-        inner = dctx.stream_reader(src, read_size=_READ_SIZE, read_across_frames=True)
-        if ahead:
-            inner = _DecodeAhead(inner, _READ_SIZE)  # type: ignore[assignment]
+        inner = _DecodeAhead(  # type: ignore[assignment]
+            dctx.stream_reader(src, read_size=_READ_SIZE, read_across_frames=True), _READ_SIZE
+        )
         corrupt += (zstandard.ZstdError,)
     elif kind == "xz":
         import lzma
@@ -370,6 +326,11 @@ def _wrap(raw: _PrefixReader, kind: str, *, ahead: bool = True) -> BinaryIO:
 
         inner = bz2.BZ2File(src, "rb")
     return _Checked(inner, kind, corrupt)  # type: ignore[return-value]
+
+
+def stream_kind(stream: BinaryIO) -> str:
+    """The compression a stream from :func:`open_decompressed` decodes (``"none"`` if plain)."""
+    return stream._kind if isinstance(stream, _Checked) else "none"
 
 
 def open_decompressed(fd: int) -> BinaryIO:
@@ -399,184 +360,3 @@ def decompress_stream(stream: BinaryIO) -> BinaryIO:
             return len(data)
 
     return _wrap(_PrefixReader(readinto, head), detect(head))
-
-
-def open_decoded(fd: int, *, root_fd: int | None = None) -> BinaryIO:
-    """Like :func:`open_decompressed`, the decoder in a process of its own (a fork: call it while
-    this process has no thread but its main one).  As root, the decoder chroots into *root_fd*
-    (the directory the caller confines itself to) once its library is loaded.  The stream's
-    ``close()`` stops and reaps the decoder; at the stream's end it has exited."""
-    head = _read_head(fd)
-    kind = detect(head)
-    if kind == "none":
-        return _wrap(_PrefixReader(lambda view: os.readv(fd, [view]), head), kind)
-    return _DecoderProcess(fd, head, kind, root_fd)  # type: ignore[return-value]
-
-
-class _DecoderProcess(io.RawIOBase):
-    """The decoded tar from a decoder process (:func:`open_decoded`), handed over in a ring of
-    slots of memory shared by the two processes: the decoder decodes into a free slot and says
-    how much it holds (4 bytes on the *ready* pipe); the reader copies it out into its own
-    buffer and gives the slot back (a byte on the *free* pipe).  One copy of the decoded bytes,
-    as a pipe's write and read would make two, and no page of a pipe allocated and freed."""
-
-    def __init__(self, fd: int, head: bytes, kind: str, root_fd: int | None) -> None:
-        super().__init__()
-        self._kind = kind
-        self._pid: int | None = None
-        self._ring = memoryview(aligned_buffer(_SLOT * _SLOTS, shared=True))
-        self._next = 0  # the slot the decoder fills next
-        self._at = self._left = 0  # where in the ring the slot being read is, what is left of it
-        self._ready, ready_w = os.pipe2(os.O_CLOEXEC)
-        free_r, self._free = os.pipe2(os.O_CLOEXEC)
-        self._reports, report_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            parent = os.getpid()
-            pid = os.fork()
-            if pid == 0:
-                _decoder_main(fd, head, kind, self._ring, (ready_w, free_r, report_w),
-                              root_fd, parent)
-            self._pid = pid
-        finally:
-            for end in (ready_w, free_r, report_w):
-                os.close(end)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
-        if not self._left:
-            if self._pid is None:
-                return 0
-            filled = os.read(self._ready, 4)
-            if not filled:
-                self._reap()
-                return 0
-            self._left = int.from_bytes(filled, "little")
-            self._at = self._next * _SLOT
-            self._next = (self._next + 1) % _SLOTS
-        n = min(len(buf), self._left)
-        memoryview(buf)[:n] = self._ring[self._at:self._at + n]
-        self._at += n
-        self._left -= n
-        if not self._left:
-            with contextlib.suppress(BrokenPipeError):  # the decoder is done: it has ended
-                os.write(self._free, b"\0")
-        return n
-
-    def _reap(self) -> None:
-        """At the end of the ready pipe (the decoder has exited): its status, and what it
-        failed with."""
-        report = b""
-        while chunk := os.read(self._reports, 4096):
-            report += chunk
-        assert self._pid is not None
-        _, status = os.waitpid(self._pid, 0)
-        self._pid = None
-        if report:
-            raise _reported_error(report)
-        code = os.waitstatus_to_exitcode(status)
-        if code:
-            how = f"signal {-code}" if code < 0 else f"status {code}"
-            raise GraphDriverError(f"the {self._kind} decoder process exited with {how}")
-
-    def close(self) -> None:
-        if self._pid is not None:  # the reader stopped before the end: the decoder goes too
-            os.kill(self._pid, signal.SIGKILL)
-            os.waitpid(self._pid, 0)
-            self._pid = None
-        for fd in (self._ready, self._free, self._reports):
-            if fd >= 0:
-                os.close(fd)
-        self._ready = self._free = self._reports = -1
-        self._ring.release()
-        super().close()
-
-
-def _decoder_main(fd: int, head: bytes, kind: str, ring: memoryview, pipes: tuple[int, int, int],
-                  root_fd: int | None, parent: int) -> NoReturn:
-    """The decoder process: *fd*'s stream (its first bytes already read: *head*) decoded into the
-    *ring*'s slots, each announced on the ready pipe once filled and reused once the free pipe
-    gives it back; a failure written to the report pipe as ``class\nmessage``.  Never returns."""
-    ready, free, report = pipes
-    status = 1
-    try:
-        gc.disable()  # no finalizer of an object inherited from the reader runs here
-        # the reader's process answers these by rolling back; the decoder goes when it exits
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _die_with_parent(parent)
-        # the reader's process is the critical path: a decoder woken up (a slot given back) must
-        # not preempt it, only take what CPU is left (SCHED_BATCH: the same share, no wake-up
-        # preemption); a hint: where it is refused (a seccomp filter), the decoder runs all the same
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        _close_all_but({fd, *pipes} | (set() if root_fd is None else {root_fd}))
-        stream = _wrap(_PrefixReader(lambda view: os.readv(fd, [view]), head), kind,
-                       ahead=False)
-        if root_fd is not None and os.geteuid() == 0:
-            os.fchdir(root_fd)
-            os.chroot(".")
-        if root_fd is not None:
-            os.close(root_fd)
-        slot, free_slots = 0, _SLOTS
-        while True:
-            if not free_slots:
-                given_back = os.read(free, _SLOTS)
-                if not given_back:
-                    break  # the reader is gone (it failed or was interrupted): nothing to say
-                free_slots += len(given_back)
-            n = stream.readinto(ring[slot * _SLOT:(slot + 1) * _SLOT])  # type: ignore[attr-defined]
-            if not n:
-                break
-            os.write(ready, n.to_bytes(4, "little"))
-            slot = (slot + 1) % _SLOTS
-            free_slots -= 1
-        status = 0
-    except BrokenPipeError:
-        status = 0  # the reader is gone: nothing to say
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.write(report, _report(exc, kind))
-    finally:
-        os._exit(status)
-
-
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL when the reader's process exits, whichever way (PR_SET_PDEATHSIG)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-    if os.getppid() != parent:  # it exited before the signal was set
-        os._exit(1)
-
-
-def _close_all_but(keep: set[int]) -> None:
-    """Close every descriptor above stdio but *keep*'s (the result pipe, the target, the
-    parent chain's: the decoder holds none of the reader's)."""
-    low = 3
-    for fd in sorted(keep):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
-
-
-def _report(exc: BaseException, kind: str) -> bytes:
-    """How the decoder process tells its failure: ``class\nmessage``, the class one of
-    :mod:`graphdriver.errors`' or ``errno N`` for an I/O error on the input."""
-    if isinstance(exc, GraphDriverError):
-        return f"{type(exc).__name__}\n{exc}".encode()
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return f"errno {exc.errno}\n{exc.strerror}".encode()
-    return f"GraphDriverError\nthe {kind} decoder failed: {exc!r}".encode()
-
-
-def _reported_error(report: bytes) -> Exception:
-    """The exception a decoder process's report (:func:`_report`) stands for."""
-    name, _, message = report.decode(errors="replace").partition("\n")
-    if name.startswith("errno "):
-        return OSError(int(name[6:]), message)
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, GraphDriverError)):
-        cls = GraphDriverError
-    return cls(message)

@@ -2,12 +2,11 @@
 
 :func:`apply_confined` runs :func:`apply_job` through the runner of confined jobs
 (:mod:`.confine`: an exec'd child, chrooted into the target as root, signals forwarded, errors
-and progress carried back).  Before the child confines itself the job opens the input (a
-compressed stream is decoded by a process of its own, forked from the child while it is
-single-threaded: :func:`.compression.open_decoded`) and warms up what the apply needs (hashlib,
-openat2, anycrc for tar-split); confined, it runs :func:`.apply.apply_reader` on the target.  A
-SIGTERM goes through the apply's signal gate (never between creating a path and journalling
-it), so the apply rolls back.
+and progress carried back).  Before the child confines itself the job opens the input, picks its
+decoder from the stream's first bytes and warms up what the apply needs (isal, zstandard, lzma,
+bz2, hashlib, openat2, anycrc for tar-split); confined, it runs :func:`.apply.apply_reader` on the
+target.  A SIGTERM goes through the apply's signal gate (never between creating a path and
+journalling it), so the apply rolls back.
 
 A recorder (tar-split, issue 6) works across the boundary: ``opts.recorder`` gets the calls of
 the child's tar reader replayed from the runner's frame pipe (:mod:`.recframes`);
@@ -100,27 +99,47 @@ def child_packer_fd(opts: ApplyOptions) -> int | None:
 
 
 # ---- the child -----------------------------------------------------------------------------------
-def _warm_up() -> None:
-    """Import and exercise what the apply needs before the chroot takes the library files away
-    (the decoder of a compressed layer runs in a process of its own: :func:`.open_decoded`)."""
+def _warm_up(kind: str) -> None:
+    """Import and exercise what the apply needs (the stream's decoder only) before the chroot
+    takes the library files away."""
     import hashlib
+    import io
 
-    from . import pathres
+    from . import compression, pathres
 
     pathres.have_openat2()
     hashlib.sha256(b"").hexdigest()
+    blob = b""
+    if kind == "gzip":
+        from isal import igzip
+
+        blob = igzip.compress(b"x")
+    elif kind == "zstd":
+        import zstandard
+
+        blob = zstandard.ZstdCompressor().compress(b"x")
+    elif kind == "xz":
+        import lzma
+
+        blob = lzma.compress(b"x")
+    elif kind == "bzip2":
+        import bz2
+
+        blob = bz2.compress(b"x")
+    if blob:
+        with compression.decompress_stream(io.BytesIO(blob)) as s:
+            s.read()
 
 
 def open_warm_input(ctx: ChildContext) -> BinaryIO:
-    """The job's input stream, decompressed (by a decoder process, forked here while the child
-    has no other thread, confined to the target as the child is), what the apply needs (and
-    anycrc, when recording) imported and exercised before the chroot.  The caller closes it."""
-    from .compression import open_decoded
+    """The job's input stream, decompressed, its decoder (and anycrc, when recording) imported
+    and exercised before the chroot takes the library files away."""
+    from .compression import open_decompressed, stream_kind
 
     if ctx.input_fd is None:
         raise errors.InvalidArgument("a layer job needs an input stream")
-    stream = open_decoded(ctx.input_fd, root_fd=ctx.target_fd)
-    _warm_up()
+    stream = open_decompressed(ctx.input_fd)
+    _warm_up(stream_kind(stream))
     if ctx.recorder is not None or ctx.packer_fd is not None:
         from . import crc64  # noqa: F401  (loads anycrc's extension before the chroot)
     return stream
@@ -173,10 +192,7 @@ def apply_job(ctx: ChildContext) -> JobBody:
                             journal=bool(params.get("journal")),
                             lower_fds=ctx.lower_fds if params.get("lowers") else None)
         reader = TarReader(stream, recorder)
-        try:
-            result = apply_mod.apply_reader(reader, ctx.target_fd, opts)
-        finally:
-            stream.close()  # a decoder process is reaped (it has exited, unless this failed)
+        result = apply_mod.apply_reader(reader, ctx.target_fd, opts)
         if isinstance(recorder, BufferedRecorder):
             recorder.close()
         return {"size": result.size, "diff_id": result.diff_id, **packer_summary(packer, ctx)}

@@ -75,11 +75,8 @@ def import_job(ctx: ChildContext) -> JobBody:
         recorder = ctx.recorder if packer is None else BufferedRecorder(
             packer, batch=CHILD_BATCH, threaded=True)
         reader = TarReader(stream, recorder=recorder)
-        try:
-            size = import_layer(reader, ctx.target_fd, ctx.lower_fds, ctx.progress)
-            reader.drain()
-        finally:
-            stream.close()  # a decoder process is reaped (it has exited, unless this failed)
+        size = import_layer(reader, ctx.target_fd, ctx.lower_fds, ctx.progress)
+        reader.drain()
         if isinstance(recorder, BufferedRecorder):
             recorder.close()
         return {"size": size, "diff_id": reader.diff_id, **packer_summary(packer, ctx)}
