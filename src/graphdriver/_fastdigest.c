@@ -36,11 +36,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define NSLOTS 64
+#define NSLOTS 256
 /* below this a region is hashed by the caller when nothing is pending (a wake-up costs more) */
 #define INLINE_BELOW 4096
 /* a sleeping worker is woken once this much waits for it (the tar reader reads 256 KiB at a time
- * into a 1 MiB buffer: half of it), or when the caller waits */
+ * into a 1 MiB buffer: half of it), once half of the slots are taken, or when the caller waits */
 #define WAKE_AT (512 << 10)
 
 /* the EVP API of OpenSSL >= 1.1, by address (no headers needed) */
@@ -285,8 +285,8 @@ Digest_update(Digest *d, PyObject *region)
     atomic_store(&d->published, p + 1);
     if (!atomic_load(&d->worker_sleeping))
         d->unwoken = 0; /* awake: it sees this region without a wake-up */
-    else if ((d->unwoken += slot->len) >= WAKE_AT)
-        wake_worker(d);
+    else if ((d->unwoken += slot->len) >= WAKE_AT || p + 1 - d->released >= NSLOTS / 2)
+        wake_worker(d); /* (small regions, from a pipe: before the slots run out) */
     return PyLong_FromUnsignedLongLong(p + 1);
 }
 
