@@ -103,6 +103,10 @@ work(void *arg)
 {
     Digest *d = (Digest *)arg;
     uint64_t n = atomic_load(&d->done);
+#ifdef __GLIBC__
+    /* named by itself: naming another thread goes through /proc, absent after a chroot */
+    pthread_setname_np(pthread_self(), "layer-digest");
+#endif
 #ifdef SCHED_BATCH
     /* a batch thread does not preempt the reader when it is woken (only the tick does): on a
      * busy machine every wake-up would otherwise cost the reader a context switch */
@@ -148,9 +152,6 @@ start_worker(Digest *d)
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-#ifdef __GLIBC__
-    pthread_setname_np(d->thread, "layer-digest");
-#endif
     d->started = 1;
     return 0;
 }

@@ -35,6 +35,8 @@ if _native is not None:
     _INLINE[_native.Digest] = _native.INLINE_BELOW
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from graphdriver._fastdigest import Digest
 
     Worker = type[ThreadDigest] | type[Digest]
@@ -46,6 +48,12 @@ def _digest_threads() -> int:
     native = sum(1 for comm in Path("/proc/self/task").glob("*/comm")
                  if comm.read_text().strip() == "layer-digest")
     return python + native
+
+
+def _wait_for_threads(done: Callable[[int], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not done(_digest_threads()) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_the_native_worker_is_used_when_built() -> None:
@@ -130,12 +138,11 @@ def test_a_dropped_digest_stops_its_thread(worker: Worker) -> None:
     before = _digest_threads()
     d = worker()
     d.update(memoryview(bytes(1 << 20)))
+    _wait_for_threads(lambda n: n > before)  # a native thread names itself once running
     assert _digest_threads() == before + 1
     del d
     gc.collect()
-    deadline = time.monotonic() + 5
-    while _digest_threads() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_for_threads(lambda n: n <= before)
     assert _digest_threads() == before
 
 
@@ -176,9 +183,7 @@ def test_a_closed_digest_stops_its_thread(worker: Worker) -> None:
     d.update(memoryview(bytes(1 << 20)))
     d.wait()
     d.close()
-    deadline = time.monotonic() + 5
-    while _digest_threads() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_for_threads(lambda n: n <= before)
     assert _digest_threads() == before
 
 
