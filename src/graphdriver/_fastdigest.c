@@ -72,6 +72,7 @@ typedef struct {
     _Atomic int stop;
     _Atomic int failed;
     pthread_t thread;
+    pid_t owner;                 /* the process the worker runs in (a fork's child has none) */
     int started, joined, finished;
     char hex[65];
 } Digest;
@@ -152,6 +153,7 @@ start_worker(Digest *d)
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+    d->owner = getpid();
     d->started = 1;
     return 0;
 }
@@ -186,6 +188,11 @@ wait_done(Digest *d, uint64_t seq)
             PyErr_SetString(PyExc_ValueError, "wait on a digest that was closed");
             return -1;
         }
+        if (d->owner != getpid()) {
+            PyErr_SetString(PyExc_ValueError, "wait on a digest whose thread is in another "
+                                              "process (a fork)");
+            return -1;
+        }
         wake_worker(d); /* it may sleep with less than WAKE_AT pending */
         Py_BEGIN_ALLOW_THREADS
         while (atomic_load(&d->done) < seq) {
@@ -206,6 +213,10 @@ stop_worker(Digest *d)
 {
     if (!d->started || d->joined)
         return;
+    if (d->owner != getpid()) { /* a fork's child: the thread is not here, never to be joined */
+        d->joined = 1;
+        return;
+    }
     atomic_store(&d->stop, 1);
     wake_worker(d);
     Py_BEGIN_ALLOW_THREADS

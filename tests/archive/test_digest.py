@@ -24,12 +24,12 @@ from graphdriver.archive.native import native_module
 from graphdriver.archive.tarstream import TarReader
 
 _native = native_module("_fastdigest")
+_NOT_BUILT = "_fastdigest not compiled (or GRAPHDRIVER_NO_NATIVE set)"
 _WORKERS = [pytest.param(ThreadDigest, id="python")]
 if _native is not None:
     _WORKERS.append(pytest.param(_native.Digest, id="native"))
 else:
-    _WORKERS.append(pytest.param(None, id="native", marks=pytest.mark.skip(
-        reason="_fastdigest not compiled (or GRAPHDRIVER_NO_NATIVE set)")))
+    _WORKERS.append(pytest.param(None, id="native", marks=pytest.mark.skip(reason=_NOT_BUILT)))
 _INLINE = {ThreadDigest: INLINE_BELOW}
 if _native is not None:
     _INLINE[_native.Digest] = _native.INLINE_BELOW
@@ -203,3 +203,29 @@ def test_reader_diff_id_is_the_sha256_of_every_byte_read(
             assert entry.name
         assert names == 60
         assert reader.diff_id == "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+@pytest.mark.skipif(_native is None, reason=_NOT_BUILT)
+def test_a_forked_child_neither_waits_for_nor_joins_the_parents_thread() -> None:
+    assert _native is not None
+    d = _native.Digest()
+    data = bytes(1 << 20)
+    d.update(memoryview(data))
+    pid = os.fork()
+    if pid == 0:  # the worker thread is not in this process: waiting for it would never end
+        status = 1
+        try:
+            d.wait()
+        except ValueError:
+            del d  # nor may dropping it join a thread that is not here
+            status = 0
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + 10
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
+    assert d.hexdigest() == hashlib.sha256(data).hexdigest()
