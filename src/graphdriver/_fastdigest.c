@@ -28,7 +28,6 @@
 #include <link.h>
 #include <linux/futex.h>
 #include <pthread.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -107,12 +106,6 @@ work(void *arg)
 #ifdef __GLIBC__
     /* named by itself: naming another thread goes through /proc, absent after a chroot */
     pthread_setname_np(pthread_self(), "layer-digest");
-#endif
-#ifdef SCHED_BATCH
-    /* a batch thread does not preempt the reader when it is woken (only the tick does): on a
-     * busy machine every wake-up would otherwise cost the reader a context switch */
-    struct sched_param batch = {0};
-    pthread_setschedparam(pthread_self(), SCHED_BATCH, &batch);
 #endif
     for (;;) {
         if (atomic_load(&d->stop))
