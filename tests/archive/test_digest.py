@@ -1,5 +1,6 @@
 """The background sha256 (archive/digest.py) and the reader's use of it: the diffID must be the
-sha256 of every byte read, whatever the sizes of the reads and however the buffer is reused."""
+sha256 of every byte read, whatever the sizes of the reads and however the buffer is reused.
+Both workers are tested: the Python thread and the native one (when it is built)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,62 @@ import random
 import tarfile
 import threading
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from graphdriver.archive.digest import INLINE_BELOW, BackgroundDigest
+import pytest
+
+from graphdriver.archive import digest as digest_module
+from graphdriver.archive import tarstream
+from graphdriver.archive.digest import INLINE_BELOW, ThreadDigest
+from graphdriver.archive.native import native_module
 from graphdriver.archive.tarstream import TarReader
+
+_native = native_module("_fastdigest")
+_NOT_BUILT = "_fastdigest not compiled (or GRAPHDRIVER_NO_NATIVE set)"
+_WORKERS = [pytest.param(ThreadDigest, id="python")]
+if _native is not None:
+    _WORKERS.append(pytest.param(_native.Digest, id="native"))
+else:
+    _WORKERS.append(pytest.param(None, id="native", marks=pytest.mark.skip(reason=_NOT_BUILT)))
+_INLINE = {ThreadDigest: INLINE_BELOW}
+if _native is not None:
+    _INLINE[_native.Digest] = _native.INLINE_BELOW
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from graphdriver._fastdigest import Digest
+
+    Worker = type[ThreadDigest] | type[Digest]
 
 
 def _digest_threads() -> int:
-    return sum(1 for t in threading.enumerate() if t.name == "layer-digest")
+    """Threads named layer-digest: Python's, or native ones (their kernel name)."""
+    python = sum(1 for t in threading.enumerate() if t.name == "layer-digest")
+    native = sum(1 for comm in Path("/proc/self/task").glob("*/comm")
+                 if comm.read_text().strip() == "layer-digest")
+    return python + native
 
 
-def test_regions_of_every_size_hash_in_order() -> None:
+def _wait_for_threads(done: Callable[[int], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not done(_digest_threads()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_the_native_worker_is_used_when_built() -> None:
+    expected = ThreadDigest if _native is None else _native.Digest
+    assert digest_module.BackgroundDigest is expected
+
+
+@pytest.mark.parametrize("worker", _WORKERS)
+def test_regions_of_every_size_hash_in_order(worker: Worker) -> None:
     rng = random.Random(7)
     data = rng.randbytes(6 << 20)
-    sizes = [1, 100, INLINE_BELOW - 1, INLINE_BELOW, 3 << 20, 5, 2 << 10, 700_000]
-    d = BackgroundDigest()
+    inline = _INLINE[worker]
+    sizes = [1, 100, inline - 1, inline, 3 << 20, 5, 2 << 10, 700_000, 63, 64, 65, 0]
+    d = worker()
     pos = 0
     view = memoryview(data)
     for size in sizes * 2:
@@ -35,10 +78,53 @@ def test_regions_of_every_size_hash_in_order() -> None:
     assert d.hexdigest() == hashlib.sha256(data[:pos]).hexdigest()
 
 
-def test_wait_means_the_regions_may_be_overwritten() -> None:
+@pytest.mark.parametrize("worker", _WORKERS)
+def test_small_inputs_and_many_regions(worker: Worker) -> None:
+    rng = random.Random(11)
+    cases = [[], [0], [1], [63], [64], [65], [127, 128, 129], [1] * 3000, [64] * 500,
+             [rng.randint(0, 200) for _ in range(2000)], [5000] * 3000,  # more than the slots
+             [rng.choice((1, 64, 4095, 4096, 4097, 65_535, 65_536, 300_000)) for _ in range(400)]]
+    for sizes in cases:
+        data = rng.randbytes(sum(sizes))
+        view = memoryview(data)
+        d = worker()
+        pos = 0
+        for size in sizes:
+            d.update(view[pos : pos + size])
+            pos += size
+        assert d.hexdigest() == hashlib.sha256(data).hexdigest(), sizes[:8]
+
+
+@pytest.mark.parametrize("worker", _WORKERS)
+def test_wait_for_lets_the_front_be_reused(worker: Worker) -> None:
+    """The reader's pattern: regions of one buffer, its front overwritten after wait_for."""
+    rng = random.Random(5)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    expected = hashlib.sha256()
+    d = worker()
+    pending: list[tuple[int, int]] = []  # (end of the region in buf, its number)
+    pos = 0
+    for _ in range(600):
+        n = rng.choice((1, 100, 5000, 70_000, 256 << 10))
+        if pos + n > len(buf):
+            pos = 0
+        for end, seq in pending:
+            if pos < end:  # this region and the ones before it are about to be overwritten
+                d.wait_for(seq)
+        pending = [(end, seq) for end, seq in pending if end <= pos]
+        buf[pos : pos + n] = rng.randbytes(n)
+        expected.update(buf[pos : pos + n])
+        pending.append((pos + n, d.update(view[pos : pos + n])))
+        pos += n
+    assert d.hexdigest() == expected.hexdigest()
+
+
+@pytest.mark.parametrize("worker", _WORKERS)
+def test_wait_means_the_regions_may_be_overwritten(worker: Worker) -> None:
     buf = bytearray(os.urandom(1 << 20))
     expected = hashlib.sha256()
-    d = BackgroundDigest()
+    d = worker()
     for _ in range(20):
         d.update(memoryview(buf))
         expected.update(buf)
@@ -47,16 +133,16 @@ def test_wait_means_the_regions_may_be_overwritten() -> None:
     assert d.hexdigest() == expected.hexdigest()
 
 
-def test_a_dropped_digest_stops_its_thread() -> None:
+@pytest.mark.parametrize("worker", _WORKERS)
+def test_a_dropped_digest_stops_its_thread(worker: Worker) -> None:
     before = _digest_threads()
-    d = BackgroundDigest()
+    d = worker()
     d.update(memoryview(bytes(1 << 20)))
+    _wait_for_threads(lambda n: n > before)  # a native thread names itself once running
     assert _digest_threads() == before + 1
     del d
     gc.collect()
-    deadline = time.monotonic() + 5
-    while _digest_threads() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_for_threads(lambda n: n <= before)
     assert _digest_threads() == before
 
 
@@ -90,7 +176,22 @@ def _tar_bytes(seed: int) -> bytes:
     return out.getvalue() + b"trailing garbage after the end"
 
 
-def test_reader_diff_id_is_the_sha256_of_every_byte_read() -> None:
+@pytest.mark.parametrize("worker", _WORKERS)
+def test_a_closed_digest_stops_its_thread(worker: Worker) -> None:
+    before = _digest_threads()
+    d = worker()
+    d.update(memoryview(bytes(1 << 20)))
+    d.wait()
+    d.close()
+    _wait_for_threads(lambda n: n <= before)
+    assert _digest_threads() == before
+
+
+@pytest.mark.parametrize("worker", _WORKERS)
+def test_reader_diff_id_is_the_sha256_of_every_byte_read(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tarstream, "BackgroundDigest", worker)
     for seed in (1, 2, 3):
         blob = _tar_bytes(seed)
         reader = TarReader(_Trickle(blob, seed))  # type: ignore[arg-type]
@@ -102,3 +203,29 @@ def test_reader_diff_id_is_the_sha256_of_every_byte_read() -> None:
             assert entry.name
         assert names == 60
         assert reader.diff_id == "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+@pytest.mark.skipif(_native is None, reason=_NOT_BUILT)
+def test_a_forked_child_neither_waits_for_nor_joins_the_parents_thread() -> None:
+    assert _native is not None
+    d = _native.Digest()
+    data = bytes(1 << 20)
+    d.update(memoryview(data))
+    pid = os.fork()
+    if pid == 0:  # the worker thread is not in this process: waiting for it would never end
+        status = 1
+        try:
+            d.wait()
+        except ValueError:
+            del d  # nor may dropping it join a thread that is not here
+            status = 0
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + 10
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
+    assert d.hexdigest() == hashlib.sha256(data).hexdigest()

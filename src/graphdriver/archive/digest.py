@@ -2,13 +2,25 @@
 
 The tar reader hashes every byte it reads (the layer's diffID).  sha256 runs at ~1.4 GB/s here,
 as long as writing the files of a rootfs layer, so hashing inline makes an apply ~30% slower.
-:class:`BackgroundDigest` takes regions of the reader's buffer, in order, and hashes them in a
-thread of its own (hashlib releases the GIL for updates of 2 KiB and more): the hash overlaps
-with parsing and writing.  The caller promises not to overwrite a handed-over region until
-:meth:`BackgroundDigest.wait` has returned; small regions are hashed inline when nothing is
-pending, which keeps the order.  Every region gets a sequence number, and
-:meth:`BackgroundDigest.wait_for` waits for the regions up to one of them only: a reader that
-reuses the front of its buffer waits for that part, not for the whole buffer.
+:data:`BackgroundDigest` takes regions of the reader's buffer, in order, and hashes them in a
+thread of its own: the hash overlaps with parsing and writing.  The caller promises not to
+overwrite a handed-over region until :meth:`wait` has returned; small regions are hashed inline
+when nothing is pending, which keeps the order.  :meth:`update` returns a number for the region,
+and :meth:`wait_for` of it waits for the regions up to that one only: a reader that reuses the
+front of its buffer waits for that part, not for the whole buffer.  :meth:`hexdigest` stops the
+thread, as :meth:`close` does (without waiting) and as dropping the digest does; an error of the
+hash is raised by the next wait.
+
+Two workers keep that contract: ``_fastdigest.Digest`` (optional, compiled), a native thread
+that never takes the GIL, hashing with the libcrypto ``_hashlib`` loaded, handed regions through
+atomics (no system call while it is busy); and :class:`ThreadDigest`, a Python thread (hashlib
+releases the GIL for updates of 2 KiB and more, but the thread takes it back for every region,
+and the reader's every release of the GIL -- once per file in the native apply -- can hand it
+over: futex wake-ups on the reader's critical path).  :data:`BackgroundDigest` is the native one
+where :func:`.native.native_module` allows it.
+
+Owns the diffID hashing thread.  Imports only :mod:`.native` of graphdriver (a leaf otherwise);
+never typing at run time (the confined child's start-up).
 """
 
 from __future__ import annotations
@@ -17,18 +29,22 @@ import hashlib
 import threading
 import weakref
 
+from .native import native_module
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:
     from typing import Any
+
+    from .._fastdigest import Digest as _NativeDigest
 
 #: below this, a region is hashed inline (if the thread has nothing pending): a hand-off costs
 #: more than hashing a few KiB
 INLINE_BELOW = 64 << 10
 
 
-class BackgroundDigest:
-    """sha256 of the regions passed to :meth:`update`, hashed in order by a worker thread."""
+class ThreadDigest:
+    """sha256 of the regions passed to :meth:`update`, hashed in order by a Python thread."""
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
@@ -110,7 +126,7 @@ def _stop(cond: threading.Condition, items: list[memoryview | None]) -> None:
 
 
 def _work(h: Any, cond: threading.Condition, items: list[memoryview | None],
-          ref: weakref.ref[BackgroundDigest]) -> None:
+          ref: weakref.ref[ThreadDigest]) -> None:
     # the digest is only reached through a weak reference, so that dropping it stops the thread
     # (its finalizer posts the None that ends this loop)
     while True:
@@ -135,3 +151,10 @@ def _work(h: Any, cond: threading.Condition, items: list[memoryview | None],
                 digest._done_one()
                 del digest
             cond.notify_all()
+
+
+_fastdigest = native_module("_fastdigest")
+
+#: the diffID worker: the native thread when it is built and allowed, else the Python one
+BackgroundDigest: type[ThreadDigest] | type[_NativeDigest] = (
+    ThreadDigest if _fastdigest is None else _fastdigest.Digest)

@@ -1,6 +1,6 @@
 """The optional compiled helpers of the tar engine: ``graphdriver._fastapply`` (apply: headers,
-runs of plain entries, tar-split frames and lines, the after-apply check) and
-``graphdriver._fastexport`` (export).
+runs of plain entries, tar-split frames and lines, the after-apply check),
+``graphdriver._fastexport`` (export) and ``graphdriver._fastdigest`` (the diffID's sha256 thread).
 
 :func:`native_module` is the one place that decides whether they are used: when built, unless
 ``GRAPHDRIVER_NO_NATIVE`` is set (non-empty).  Without them the pure-Python code does the same

@@ -1,0 +1,445 @@
+/* Optional native helper of archive/digest.py: the layer's diffID sha256, hashed by a native
+ * thread that never takes the GIL.
+ *
+ * Digest() takes regions of the tar reader's buffer in order (update) and a POSIX thread hashes
+ * them with OpenSSL's SHA-256 (the libcrypto that Python's _hashlib already loaded, found with
+ * dl_iterate_phdr and opened with RTLD_NOLOAD: no OpenSSL headers at build time, and the same
+ * SHA-NI/AVX code hashlib runs).  The hand-over is a ring of slots and two counters:
+ *   published  regions handed to the worker (written by the caller, read by the worker)
+ *   done       regions the worker has hashed (written by the worker, read by the caller)
+ * Handing over costs no system call while the worker is busy.  The worker sleeps (a futex) only
+ * when it has caught up, and is woken once WAKE_AT bytes wait for it or when the caller needs a
+ * region hashed (wait_for: a reader about to reuse the front of its buffer) -- not for every
+ * region; the caller sleeps only in wait_for.  Either side announces its sleep in an atomic flag
+ * before re-checking the other side's counter (sequentially consistent: one of the two always
+ * sees the other), and the other side makes the system call only when that flag is set.
+ *
+ * Each slot keeps the region's Py_buffer (a reference to the exporter), released by the caller
+ * (it holds the GIL) once the worker is past it.  A region below INLINE_BELOW is hashed in the
+ * caller when the worker has nothing pending (waking it would cost more).  A dropped Digest stops
+ * and joins its thread.  Import fails (ImportError: archive/digest.py then uses its Python worker)
+ * where no libcrypto with the EVP API is loaded.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dlfcn.h>
+#include <limits.h>
+#include <link.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define NSLOTS 256
+/* below this a region is hashed by the caller when nothing is pending (a wake-up costs more) */
+#define INLINE_BELOW 4096
+/* a sleeping worker is woken once this much waits for it (the tar reader reads 256 KiB at a time
+ * into a 1 MiB buffer: half of it), once half of the slots are taken, or when the caller waits */
+#define WAKE_AT (512 << 10)
+
+/* the EVP API of OpenSSL >= 1.1, by address (no headers needed) */
+typedef void *(*md_ctx_new_fn)(void);
+typedef void (*md_ctx_free_fn)(void *);
+typedef const void *(*md_fn)(void);
+typedef int (*digest_init_fn)(void *, const void *, void *);
+typedef int (*digest_update_fn)(void *, const void *, size_t);
+typedef int (*digest_final_fn)(void *, unsigned char *, unsigned int *);
+
+static md_ctx_new_fn md_ctx_new;
+static md_ctx_free_fn md_ctx_free;
+static md_fn sha256_md;
+static digest_init_fn digest_init;
+static digest_update_fn digest_update;
+static digest_final_fn digest_final;
+
+typedef struct {
+    PyObject_HEAD
+    void *ctx;                   /* EVP_MD_CTX: the worker's while it runs, else the caller's */
+    Py_buffer slots[NSLOTS];
+    uint64_t released;           /* slots whose buffers were released (caller only) */
+    Py_ssize_t unwoken;          /* bytes handed over since the worker was last seen asleep */
+    _Atomic uint64_t published;
+    _Atomic uint64_t done;
+    _Atomic uint32_t worker_sleeping, caller_waiting;
+    _Atomic uint32_t work_word;  /* futex words: bumped by whoever wakes the other side */
+    _Atomic uint32_t done_word;
+    _Atomic int stop;
+    _Atomic int failed;
+    pthread_t thread;
+    pid_t owner;                 /* the process the worker runs in (a fork's child has none) */
+    int started, joined, finished;
+    char hex[65];
+} Digest;
+
+static void
+futex_wait(_Atomic uint32_t *word, uint32_t seen)
+{
+    /* returns at once if *word is no longer *seen* (a wake-up came in between) */
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+}
+
+static void
+futex_wake(_Atomic uint32_t *word)
+{
+    atomic_fetch_add(word, 1);
+    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+static void
+wake_worker(Digest *d)
+{
+    if (atomic_exchange(&d->worker_sleeping, 0))
+        futex_wake(&d->work_word);
+    d->unwoken = 0;
+}
+
+static void *
+work(void *arg)
+{
+    Digest *d = (Digest *)arg;
+    uint64_t n = atomic_load(&d->done);
+#ifdef __GLIBC__
+    /* named by itself: naming another thread goes through /proc, absent after a chroot */
+    pthread_setname_np(pthread_self(), "layer-digest");
+#endif
+    for (;;) {
+        if (atomic_load(&d->stop))
+            break;
+        uint64_t p = atomic_load_explicit(&d->published, memory_order_acquire);
+        if (n < p) {
+            Py_buffer *s = &d->slots[n % NSLOTS];
+            if (!atomic_load_explicit(&d->failed, memory_order_relaxed) &&
+                digest_update(d->ctx, s->buf, (size_t)s->len) != 1)
+                atomic_store(&d->failed, 1);
+            n++;
+            atomic_store(&d->done, n);
+            if (atomic_load(&d->caller_waiting) && atomic_exchange(&d->caller_waiting, 0))
+                futex_wake(&d->done_word);
+            continue;
+        }
+        uint32_t seen = atomic_load(&d->work_word);
+        atomic_store(&d->worker_sleeping, 1);
+        if (atomic_load(&d->published) == n && !atomic_load(&d->stop))
+            futex_wait(&d->work_word, seen);
+        atomic_store(&d->worker_sleeping, 0);
+    }
+    return NULL;
+}
+
+static int
+start_worker(Digest *d)
+{
+    sigset_t all, old;
+    int err;
+    /* the worker takes no signal: they go to the threads that handle them (Python's main) */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    err = pthread_create(&d->thread, NULL, work, d);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    d->owner = getpid();
+    d->started = 1;
+    return 0;
+}
+
+/* release the buffers of the regions the worker is done with (the caller, with the GIL) */
+static void
+release_done(Digest *d)
+{
+    uint64_t n = atomic_load_explicit(&d->done, memory_order_acquire);
+    while (d->released < n) {
+        PyBuffer_Release(&d->slots[d->released % NSLOTS]);
+        d->released++;
+    }
+}
+
+static int
+check_failed(Digest *d)
+{
+    if (atomic_load(&d->failed)) {
+        PyErr_SetString(PyExc_ValueError, "sha256 update failed in libcrypto");
+        return -1;
+    }
+    return 0;
+}
+
+/* wait (without the GIL) until the worker has hashed the regions up to *seq* */
+static int
+wait_done(Digest *d, uint64_t seq)
+{
+    if (atomic_load(&d->done) < seq) {
+        if (d->joined) {
+            PyErr_SetString(PyExc_ValueError, "wait on a digest that was closed");
+            return -1;
+        }
+        if (d->owner != getpid()) {
+            PyErr_SetString(PyExc_ValueError, "wait on a digest whose thread is in another "
+                                              "process (a fork)");
+            return -1;
+        }
+        wake_worker(d); /* it may sleep with less than WAKE_AT pending */
+        Py_BEGIN_ALLOW_THREADS
+        while (atomic_load(&d->done) < seq) {
+            uint32_t seen = atomic_load(&d->done_word);
+            atomic_store(&d->caller_waiting, 1);
+            if (atomic_load(&d->done) < seq)
+                futex_wait(&d->done_word, seen);
+            atomic_store(&d->caller_waiting, 0);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    release_done(d);
+    return check_failed(d);
+}
+
+static void
+stop_worker(Digest *d)
+{
+    if (!d->started || d->joined)
+        return;
+    if (d->owner != getpid()) { /* a fork's child: the thread is not here, never to be joined */
+        d->joined = 1;
+        return;
+    }
+    atomic_store(&d->stop, 1);
+    wake_worker(d);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(d->thread, NULL);
+    Py_END_ALLOW_THREADS
+    d->joined = 1;
+}
+
+static PyObject *
+Digest_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Digest *d;
+    if (PyTuple_GET_SIZE(args) || (kwds != NULL && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "Digest() takes no arguments");
+        return NULL;
+    }
+    d = (Digest *)type->tp_alloc(type, 0);
+    if (d == NULL)
+        return NULL;
+    d->ctx = md_ctx_new();
+    if (d->ctx == NULL || digest_init(d->ctx, sha256_md(), NULL) != 1) {
+        Py_DECREF(d);
+        PyErr_SetString(PyExc_ValueError, "sha256 cannot be set up in libcrypto");
+        return NULL;
+    }
+    return (PyObject *)d;
+}
+
+static void
+Digest_dealloc(Digest *d)
+{
+    uint64_t p = atomic_load(&d->published);
+    stop_worker(d);
+    while (d->released < p) {
+        PyBuffer_Release(&d->slots[d->released % NSLOTS]);
+        d->released++;
+    }
+    if (d->ctx != NULL)
+        md_ctx_free(d->ctx);
+    Py_TYPE(d)->tp_free((PyObject *)d);
+}
+
+static PyObject *
+Digest_update(Digest *d, PyObject *region)
+{
+    uint64_t p = atomic_load_explicit(&d->published, memory_order_relaxed);
+    Py_buffer *slot;
+    if (d->finished || d->joined) {
+        PyErr_SetString(PyExc_ValueError, "update of a digest that was closed");
+        return NULL;
+    }
+    release_done(d);
+    if (d->released == p) { /* nothing pending: the worker does not touch the context */
+        Py_buffer view;
+        if (PyObject_GetBuffer(region, &view, PyBUF_SIMPLE) < 0)
+            return NULL;
+        if (view.len < INLINE_BELOW) {
+            int ok = digest_update(d->ctx, view.buf, (size_t)view.len) == 1;
+            PyBuffer_Release(&view);
+            if (!ok) {
+                atomic_store(&d->failed, 1);
+                check_failed(d);
+                return NULL;
+            }
+            return PyLong_FromUnsignedLongLong(p);
+        }
+        PyBuffer_Release(&view);
+    }
+    if (p - d->released >= NSLOTS && wait_done(d, p - NSLOTS + 1) < 0)
+        return NULL;
+    slot = &d->slots[p % NSLOTS];
+    if (PyObject_GetBuffer(region, slot, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (!d->started && start_worker(d) < 0) {
+        PyBuffer_Release(slot);
+        return NULL;
+    }
+    atomic_store(&d->published, p + 1);
+    if (!atomic_load(&d->worker_sleeping))
+        d->unwoken = 0; /* awake: it sees this region without a wake-up */
+    else if ((d->unwoken += slot->len) >= WAKE_AT || p + 1 - d->released >= NSLOTS / 2)
+        wake_worker(d); /* (small regions, from a pipe: before the slots run out) */
+    return PyLong_FromUnsignedLongLong(p + 1);
+}
+
+static PyObject *
+Digest_wait_for(Digest *d, PyObject *arg)
+{
+    unsigned long long seq = PyLong_AsUnsignedLongLong(arg);
+    if (seq == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (seq > atomic_load(&d->published)) {
+        PyErr_SetString(PyExc_ValueError, "no region has that sequence number yet");
+        return NULL;
+    }
+    if (wait_done(d, seq) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Digest_wait(Digest *d, PyObject *Py_UNUSED(ignored))
+{
+    if (wait_done(d, atomic_load(&d->published)) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Digest_hexdigest(Digest *d, PyObject *Py_UNUSED(ignored))
+{
+    if (!d->finished) {
+        unsigned char md[32];
+        unsigned int n = 0;
+        int i;
+        if (d->joined) {
+            PyErr_SetString(PyExc_ValueError, "hexdigest of a digest that was closed");
+            return NULL;
+        }
+        if (wait_done(d, atomic_load(&d->published)) < 0)
+            return NULL;
+        stop_worker(d);
+        if (digest_final(d->ctx, md, &n) != 1 || n != sizeof(md)) {
+            PyErr_SetString(PyExc_ValueError, "sha256 final failed in libcrypto");
+            return NULL;
+        }
+        for (i = 0; i < 32; i++)
+            snprintf(d->hex + 2 * i, 3, "%02x", md[i]);
+        d->finished = 1;
+    }
+    return PyUnicode_FromStringAndSize(d->hex, 64);
+}
+
+static PyObject *
+Digest_close(Digest *d, PyObject *Py_UNUSED(ignored))
+{
+    stop_worker(d);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Digest_methods[] = {
+    {"update", (PyCFunction)Digest_update, METH_O,
+     "Hash a region later, in order; it stays unchanged until wait_for(the number returned)."},
+    {"wait_for", (PyCFunction)Digest_wait_for, METH_O,
+     "Return once the regions up to a number update returned are hashed."},
+    {"wait", (PyCFunction)Digest_wait, METH_NOARGS,
+     "Return once every region handed over is hashed (they may be reused)."},
+    {"hexdigest", (PyCFunction)Digest_hexdigest, METH_NOARGS,
+     "The sha256 of everything handed over; stops the worker thread."},
+    {"close", (PyCFunction)Digest_close, METH_NOARGS,
+     "Stop the worker thread (regions still pending are not hashed)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject DigestType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "graphdriver._fastdigest.Digest",
+    .tp_basicsize = sizeof(Digest),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "sha256 of the regions passed to update, hashed in order by a native thread.",
+    .tp_new = Digest_new,
+    .tp_dealloc = (destructor)Digest_dealloc,
+    .tp_methods = Digest_methods,
+};
+
+static int
+find_libcrypto(struct dl_phdr_info *info, size_t size, void *data)
+{
+    (void)size;
+    if (info->dlpi_name != NULL && strstr(info->dlpi_name, "/libcrypto.so") != NULL) {
+        *(void **)data = dlopen(info->dlpi_name, RTLD_NOW | RTLD_NOLOAD);
+        return *(void **)data != NULL;
+    }
+    return 0;
+}
+
+/* the EVP functions of the libcrypto _hashlib loaded; -1 with ImportError set if there is none */
+static int
+load_libcrypto(void)
+{
+    void *lib = NULL;
+    PyObject *hashlib = PyImport_ImportModule("_hashlib");
+    if (hashlib == NULL) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ImportError, "_hashlib (OpenSSL) is not available");
+        return -1;
+    }
+    Py_DECREF(hashlib);
+    dl_iterate_phdr(find_libcrypto, &lib);
+    if (lib == NULL) {
+        PyErr_SetString(PyExc_ImportError, "no libcrypto is loaded (a static _hashlib?)");
+        return -1;
+    }
+    md_ctx_new = (md_ctx_new_fn)dlsym(lib, "EVP_MD_CTX_new");
+    md_ctx_free = (md_ctx_free_fn)dlsym(lib, "EVP_MD_CTX_free");
+    sha256_md = (md_fn)dlsym(lib, "EVP_sha256");
+    digest_init = (digest_init_fn)dlsym(lib, "EVP_DigestInit_ex");
+    digest_update = (digest_update_fn)dlsym(lib, "EVP_DigestUpdate");
+    digest_final = (digest_final_fn)dlsym(lib, "EVP_DigestFinal_ex");
+    /* the handle stays open: the functions are used for the life of the process */
+    if (!md_ctx_new || !md_ctx_free || !sha256_md || !digest_init || !digest_update ||
+        !digest_final) {
+        PyErr_SetString(PyExc_ImportError, "the loaded libcrypto lacks the EVP API of OpenSSL 1.1+");
+        return -1;
+    }
+    return 0;
+}
+
+static struct PyModuleDef fastdigest_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_fastdigest",
+    .m_doc = "The diffID sha256 hashed by a native thread (optional; see archive/digest.py).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__fastdigest(void)
+{
+    PyObject *m;
+    if (load_libcrypto() < 0)
+        return NULL;
+    if (PyType_Ready(&DigestType) < 0)
+        return NULL;
+    m = PyModule_Create(&fastdigest_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "INLINE_BELOW", INLINE_BELOW) < 0 ||
+        PyModule_AddType(m, &DigestType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
