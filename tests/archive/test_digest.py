@@ -4,8 +4,8 @@ Both workers are tested: the Python thread and the native one (when it is built)
 
 from __future__ import annotations
 
-import gc
 import contextlib
+import gc
 import hashlib
 import io
 import os
