@@ -225,6 +225,19 @@ class LayerStore:
         """The driver's directories (or files) that make up a layer."""
         raise NotImplementedError
 
+    def _removal_in_progress(self, leftover: Path) -> bool:
+        """Whether a ``*-removing`` path belongs to a removal that is still running: ``remove``
+        renames a layer's paths aside under the store lock, then destroys them holding only the
+        layer's lock; a repair in another process must leave them to it."""
+        layer_id = leftover.name[: -len(REMOVING_SUFFIX)]
+        if not is_valid_id(layer_id):
+            return False
+        lock = self.layer_lock(layer_id)
+        if not lock.acquire(blocking=False):
+            return True
+        lock.release()
+        return False
+
     def _disk_ids(self) -> set[str]:
         """Ids for which the driver has something on disk (complete or not)."""
         raise NotImplementedError
@@ -658,6 +671,8 @@ class LayerStore:
         """Remove what a crash left; touch only what can be locked without waiting."""
         with self.store_lock():
             for path in self.meta.removing_leftovers() + self._removing_leftovers():
+                if self._removal_in_progress(path):
+                    continue  # a live remove destroys it: not a crash's leftover
                 log.warning("repair: destroying %s (interrupted removal)", path)
                 self._destroy(path)
             for staged_id in self.meta.staged_ids():

@@ -221,6 +221,27 @@ def test_staging_leftovers_are_removed_by_repair(driver: Any) -> None:
     assert not os.path.lexists(Path(driver.home) / "meta" / staged.id)
 
 
+def test_repair_leaves_a_running_removal_alone(driver: Any) -> None:
+    """remove() renames a layer aside under the store lock and destroys it holding only the
+    layer's lock: a store opened meanwhile (another process's repair) must not destroy what that
+    removal is destroying, and does destroy it once nobody holds the lock (a crash's leftover)."""
+    from graphdriver.layers import REMOVING_SUFFIX
+
+    driver.create("going")
+    meta_dir = Path(driver.home) / "meta" / "going"
+    aside = meta_dir.with_name("going" + REMOVING_SUFFIX)
+    lock = driver.layer_lock("going")
+    lock.acquire()
+    try:
+        os.rename(meta_dir, aside)  # where remove() is when it releases the store lock
+        type(driver)(driver.home, runroot=driver.runroot)
+        assert os.path.isdir(aside)
+    finally:
+        lock.release()
+    type(driver)(driver.home, runroot=driver.runroot)
+    assert not os.path.lexists(aside)
+
+
 def test_freeze_in_place(driver: Any) -> None:
     driver.create("base")
     driver.create_rw("work", "base")
