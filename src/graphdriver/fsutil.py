@@ -91,7 +91,10 @@ def remove_beneath(parent_fd: int, name: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         _unlink_at(parent_fd, name)
         return
-    fd = os.open(name, _DIR_OPEN, dir_fd=parent_fd)
+    try:
+        fd = os.open(name, _DIR_OPEN, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return  # gone since the lstat: missing is fine
     path: list[tuple[str, int, int]] = []  # names walked down, with their parent's identity
     try:
         while True:
