@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import AlreadyExists, InUse, InvalidArgument, NotFound
+from ..errors import AlreadyExists, GraphDriverError, InUse, InvalidArgument, NotFound
 from ..locking import FileLock
 from . import reference
 from .manifest import ImageConfig, chain_id, hex_of, parse_config
@@ -161,13 +161,25 @@ class ImageStore:
         """Hold the image's layers, then commit its record: returns the image ID."""
         check_os(config.os, self.driver.name)
         layers = [hex_of(c) for c in self._chain(config)]
+        holder = holder_for(config.id)
         with self._images_lock():  # an rm of this image cannot fall between hold and commit
-            for layer_id in layers:
-                self.driver.hold(layer_id, holder_for(config.id))
-            size = sum(self.layer_size(layer_id) for layer_id in layers)
-            rec = ImageRecord(config.id, config.raw, manifest, manifest_type, layers, size,
-                              time.time())
-            self.meta.add_image(rec, tags or [], repo_digests or [], blobs or [])
+            taken: list[str] = []  # the holds this call added (an image pulled again has some)
+            committed = False
+            try:
+                for layer_id in layers:
+                    if holder not in self.driver.record(layer_id).holders:
+                        taken.append(layer_id)
+                    self.driver.hold(layer_id, holder)
+                size = sum(self.layer_size(layer_id) for layer_id in layers)
+                rec = ImageRecord(config.id, config.raw, manifest, manifest_type, layers, size,
+                                  time.time())
+                self.meta.add_image(rec, tags or [], repo_digests or [], blobs or [])
+                committed = True
+            except BaseException:  # a SIGINT or a failed write: no image, so none of its holds
+                for layer_id in [] if committed else taken:
+                    with contextlib.suppress(GraphDriverError, OSError):
+                        self.driver.release(layer_id, holder)
+                raise
         return config.id
 
     @staticmethod
