@@ -229,14 +229,21 @@ class LayerStore:
         """Whether a ``*-removing`` path belongs to a removal that is still running: ``remove``
         renames a layer's paths aside under the store lock, then destroys them holding only the
         layer's lock; a repair in another process must leave them to it."""
-        layer_id = leftover.name[: -len(REMOVING_SUFFIX)]
-        if not is_valid_id(layer_id):
+        layer_id = self._removing_owner(leftover)
+        if layer_id is None:
             return False
         lock = self.layer_lock(layer_id)
         if not lock.acquire(blocking=False):
             return True
         lock.release()
         return False
+
+    def _removing_owner(self, leftover: Path) -> str | None:
+        """The layer a ``*-removing`` path was renamed aside from (None when it can't tell)."""
+        if not leftover.name.endswith(REMOVING_SUFFIX):
+            return None
+        layer_id = leftover.name[: -len(REMOVING_SUFFIX)]
+        return layer_id if is_valid_id(layer_id) else None
 
     def _disk_ids(self) -> set[str]:
         """Ids for which the driver has something on disk (complete or not)."""
@@ -670,11 +677,20 @@ class LayerStore:
     def repair(self) -> None:
         """Remove what a crash left; touch only what can be locked without waiting."""
         with self.store_lock():
-            for path in self.meta.removing_leftovers() + self._removing_leftovers():
+            driver_leftovers = self._removing_leftovers()
+            # remove() renames a layer's paths aside only once it has decided (not mounted, not
+            # held, no children), the record last: a path renamed aside whose record is still
+            # there is a removal a crash cut short, which repair finishes (never half a layer).
+            unfinished = sorted({owner for path in driver_leftovers
+                                 if (owner := self._removing_owner(path)) is not None
+                                 and os.path.lexists(self.meta.dir(owner))})
+            for path in self.meta.removing_leftovers() + driver_leftovers:
                 if self._removal_in_progress(path):
                     continue  # a live remove destroys it: not a crash's leftover
                 log.warning("repair: destroying %s (interrupted removal)", path)
                 self._destroy(path)
+            for layer_id in unfinished:
+                self._finish_removal(layer_id)
             for staged_id in self.meta.staged_ids():
                 self._repair_staged(staged_id)
             meta_ids = set(self.meta.ids())
@@ -721,6 +737,16 @@ class LayerStore:
                     lock.release()
             self._rebuild_children_index(meta_ids, kept)
         self._reconcile_counts()
+
+    def _finish_removal(self, layer_id: str) -> None:
+        """Finish the removal of a layer a crash left with some paths renamed aside."""
+        lock = self.layer_lock(layer_id)
+        if not lock.acquire(blocking=False):
+            return  # somebody works on it now: the next open looks again
+        try:
+            self._destroy_layer(layer_id, reason="interrupted removal")
+        finally:
+            lock.release()
 
     def _rebuild_children_index(self, meta_ids: set[str], kept: list[LayerRecord]) -> None:
         """Make every parent's children index name exactly the records that name it (what a

@@ -242,6 +242,31 @@ def test_repair_leaves_a_running_removal_alone(driver: Any) -> None:
     assert not os.path.lexists(aside)
 
 
+def test_repair_finishes_a_removal_cut_short(driver: Any) -> None:
+    """remove() renames the layer's paths aside one by one and its record last: a crash between
+    those renames leaves a record whose paths are (partly) gone. The next open finishes that
+    removal (the layer is gone, nothing renamed aside is left) and leaves its parent whole."""
+    from graphdriver.layers import REMOVING_SUFFIX
+
+    driver.create("base")
+    driver.apply_diff("base", None, io.BytesIO(layer_tar(driver)))
+    paths = [p for p in driver._layer_paths("base") if os.path.lexists(p)]
+    assert paths
+    for cut in range(1, len(paths) + 1):
+        driver.create("going", "base")
+        for path in driver._layer_paths("going")[:cut]:
+            os.rename(path, path.with_name(path.name + REMOVING_SUFFIX))
+        again = type(driver)(driver.home, runroot=driver.runroot)
+        assert again.layers() == ["base"], cut
+        assert again.children("base") == []
+        assert leftovers(again) == []
+        if driver.name == "overlay":
+            assert sorted(os.listdir(Path(driver.home) / "l")) == [driver._short("base")]
+        with again.mounted("base") as root:
+            assert os.listdir(root)
+        driver = again
+
+
 def test_freeze_in_place(driver: Any) -> None:
     driver.create("base")
     driver.create_rw("work", "base")

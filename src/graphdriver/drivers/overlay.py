@@ -219,6 +219,15 @@ class OverlayDriver(LayerStore):
                             or e.name.endswith(REMOVING_SUFFIX))
                     and e.is_dir(follow_symlinks=False)}
 
+    def _removing_owner(self, leftover: Path) -> str | None:
+        if leftover.parent != self.links:
+            return super()._removing_owner(leftover)
+        try:  # a link is named by its short id: its target names the layer (``../ID/diff``)
+            parts = os.readlink(leftover).split("/")
+        except OSError:
+            return None
+        return parts[1] if len(parts) == 3 and parts[0] == ".." and is_valid_id(parts[1]) else None
+
     def _removing_leftovers(self) -> list[Path]:
         names = set(os.listdir(self.home))
         out = [self.home / n for n in sorted(names) if n.endswith(REMOVING_SUFFIX)]
