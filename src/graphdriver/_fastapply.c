@@ -1140,7 +1140,16 @@ fail:
  * records' chunks): two records meet at an inode with one link only through the same path, which
  * the packer's duplicate-path rule refuses before any check.  Returns -1 when all of them are, else the
  * index of the first that is not or whose name needs Python's handling (".", "..", empty base):
- * tarsplit._verify_files then decides (and says why) the slow way.  -2: openat2 is missing. */
+ * tarsplit._verify_files then decides (and says why) the slow way.  -2: openat2 is missing.
+ *
+ * The check runs after the last entry, on the apply's critical path, when the other cores are
+ * idle: the records are cut into one run per online CPU (at most VF_THREADS, at least
+ * VF_MIN_RUN records each), each run checked by its own thread without the GIL (one openat2 per
+ * directory change, one fstatat per file; no Python call), its inodes with more than one link
+ * kept aside in order; then, holding the GIL again, those are put into *linked* in record order,
+ * so the answer is the one a single pass gives. */
+#include <pthread.h>
+#include <signal.h>
 #include <sys/syscall.h>
 #ifndef SYS_openat2
 #define SYS_openat2 437
@@ -1148,6 +1157,130 @@ fail:
 struct gd_open_how {
     uint64_t flags, mode, resolve;
 };
+
+#define VF_THREADS 4
+#define VF_MIN_RUN 512
+
+/* an inode with more than one link met at record *index* */
+struct vf_inode {
+    uint64_t dev, ino;
+    Py_ssize_t index;
+};
+
+/* one run of records and what its check found */
+struct vf_run {
+    int root_fd;
+    const char *buf;
+    Py_ssize_t len;
+    Py_ssize_t first;  /* the index of its first record among the call's */
+    Py_ssize_t bad;    /* -1: all good; -2: no openat2; else the index of the first not good */
+    struct vf_inode *linked;
+    size_t n_linked, cap_linked;
+    int nomem;
+    int started;
+    pthread_t thread;
+};
+
+/* Checks one run (no Python API: runs without the GIL, in any thread). */
+static void vf_check(struct vf_run *r)
+{
+    int dir_fd = -1, rc;
+    Py_ssize_t i, off;
+    char cur[4097], path[4097];
+    Py_ssize_t cur_n = -1;
+    r->bad = -1;
+    for (i = r->first, off = 0; off < r->len; i++) {
+        const char *name, *base;
+        Py_ssize_t name_n, parent_n, base_n;
+        uint64_t sz;
+        uint32_t len;
+        struct stat st;
+        if (r->len - off < 12) {
+            r->bad = i;
+            break;
+        }
+        memcpy(&sz, r->buf + off, 8);
+        memcpy(&len, r->buf + off + 8, 4);
+        if ((Py_ssize_t)len > r->len - off - 12) {
+            r->bad = i;
+            break;
+        }
+        name = r->buf + off + 12;
+        name_n = (Py_ssize_t)len;
+        off += 12 + (Py_ssize_t)len;
+        while (name_n && *name == '/') {
+            name++;
+            name_n--;
+        }
+        if (name_n >= (Py_ssize_t)sizeof(path) || memchr(name, 0, (size_t)name_n) != NULL) {
+            r->bad = i;
+            break;
+        }
+        base = memrchr(name, '/', (size_t)name_n);
+        base = base ? base + 1 : name;
+        base_n = name_n - (base - name);
+        parent_n = base == name ? 0 : (base - name) - 1;
+        if (base_n == 0 || (base_n == 1 && base[0] == '.') ||
+            (base_n == 2 && base[0] == '.' && base[1] == '.')) {
+            r->bad = i;
+            break;
+        }
+        if (parent_n != cur_n || memcmp(cur, name, (size_t)parent_n) != 0) {
+            struct gd_open_how how;
+            if (dir_fd >= 0)
+                close(dir_fd);
+            dir_fd = -1;
+            cur_n = -1;
+            memcpy(path, name, (size_t)parent_n);
+            path[parent_n] = 0;
+            memset(&how, 0, sizeof(how));
+            how.flags = O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
+            how.resolve = 0x08 | 0x04 | 0x02; /* BENEATH | NO_SYMLINKS | NO_MAGICLINKS */
+            do {
+                rc = (int)syscall(SYS_openat2, r->root_fd, parent_n ? path : ".", &how,
+                                  sizeof(how));
+            } while (rc < 0 && (errno == EINTR || errno == EAGAIN));
+            if (rc < 0) {
+                r->bad = errno == ENOSYS || errno == EPERM ? -2 : i;
+                break;
+            }
+            dir_fd = rc;
+            memcpy(cur, name, (size_t)parent_n);
+            cur_n = parent_n;
+        }
+        memcpy(path, base, (size_t)base_n);
+        path[base_n] = 0;
+        rc = fstatat(dir_fd, path, &st, AT_SYMLINK_NOFOLLOW);
+        if (rc < 0 || !S_ISREG(st.st_mode) || (unsigned long long)st.st_size != sz) {
+            r->bad = i;
+            break;
+        }
+        if (st.st_nlink < 2)
+            continue;
+        if (r->n_linked == r->cap_linked) {
+            size_t cap = r->cap_linked ? 2 * r->cap_linked : 64;
+            struct vf_inode *grown = realloc(r->linked, cap * sizeof(*grown));
+            if (grown == NULL) {
+                r->nomem = 1;
+                break;
+            }
+            r->linked = grown;
+            r->cap_linked = cap;
+        }
+        r->linked[r->n_linked].dev = (uint64_t)st.st_dev;
+        r->linked[r->n_linked].ino = (uint64_t)st.st_ino;
+        r->linked[r->n_linked].index = i;
+        r->n_linked++;
+    }
+    if (dir_fd >= 0)
+        close(dir_fd);
+}
+
+static void *vf_thread(void *arg)
+{
+    vf_check((struct vf_run *)arg);
+    return NULL;
+}
 
 /* Whether (dev, ino) was in *linked* already (1), else adds it (0); -1 on error. */
 static int linked_insert(PyObject *linked, uint64_t dev, uint64_t ino)
@@ -1172,105 +1305,108 @@ static int linked_insert(PyObject *linked, uint64_t dev, uint64_t ino)
     return rc;
 }
 
+/* Cuts records[0:len] into at most *want* runs of about the same size, at record boundaries
+ * (a malformed tail stays in the last run, which reports it); returns how many. */
+static int vf_cut(const char *buf, Py_ssize_t len, int want, int root_fd, struct vf_run *runs)
+{
+    Py_ssize_t off = 0, i = 0, start = 0, first = 0;
+    int n = 0;
+    while (n < want - 1 && off < len) {
+        uint32_t name_len;
+        Py_ssize_t goal = len / want * (n + 1);
+        while (off < goal && len - off >= 12) {
+            memcpy(&name_len, buf + off + 8, 4);
+            if ((Py_ssize_t)name_len > len - off - 12)
+                break;
+            off += 12 + (Py_ssize_t)name_len;
+            i++;
+        }
+        if (off < goal || off >= len)
+            break;  /* malformed, or the rest is too short to share */
+        runs[n].root_fd = root_fd;
+        runs[n].buf = buf + start;
+        runs[n].len = off - start;
+        runs[n].first = first;
+        n++;
+        start = off;
+        first = i;
+    }
+    runs[n].root_fd = root_fd;
+    runs[n].buf = buf + start;
+    runs[n].len = len - start;
+    runs[n].first = first;
+    return n + 1;
+}
+
 static PyObject *verify_files(PyObject *self, PyObject *args)
 {
-    int root_fd, dir_fd = -1, rc;
+    int root_fd, want, n, k;
+    long cpus;
     Py_buffer recs;
-    Py_ssize_t i, off, bad = -1;
-    char cur[4097], path[4097];
-    Py_ssize_t cur_n = -1;
+    Py_ssize_t bad = -1, approx;
+    struct vf_run runs[VF_THREADS];
     PyObject *linked;
+    sigset_t all, old;
     (void)self;
     if (!PyArg_ParseTuple(args, "iy*O!", &root_fd, &recs, &PySet_Type, &linked))
         return NULL;
-    for (i = 0, off = 0; off < recs.len; i++) {
-        const char *name, *base;
-        Py_ssize_t name_n, parent_n, base_n;
-        unsigned long long size;
-        uint64_t sz;
-        uint32_t len;
-        struct stat st;
-        if (recs.len - off < 12) {
-            bad = i;
-            break;
-        }
-        memcpy(&sz, (const char *)recs.buf + off, 8);
-        memcpy(&len, (const char *)recs.buf + off + 8, 4);
-        if ((Py_ssize_t)len > recs.len - off - 12) {
-            bad = i;
-            break;
-        }
-        size = (unsigned long long)sz;
-        name = (const char *)recs.buf + off + 12;
-        name_n = (Py_ssize_t)len;
-        off += 12 + (Py_ssize_t)len;
-        while (name_n && *name == '/') {
-            name++;
-            name_n--;
-        }
-        if (name_n >= (Py_ssize_t)sizeof(path) || memchr(name, 0, (size_t)name_n) != NULL) {
-            bad = i;
-            break;
-        }
-        base = memrchr(name, '/', (size_t)name_n);
-        base = base ? base + 1 : name;
-        base_n = name_n - (base - name);
-        parent_n = base == name ? 0 : (base - name) - 1;
-        if (base_n == 0 || (base_n == 1 && base[0] == '.') ||
-            (base_n == 2 && base[0] == '.' && base[1] == '.')) {
-            bad = i;
-            break;
-        }
-        if (parent_n != cur_n || memcmp(cur, name, (size_t)parent_n) != 0) {
-            struct gd_open_how how;
-            if (dir_fd >= 0)
-                close(dir_fd);
-            dir_fd = -1;
-            cur_n = -1;
-            memcpy(path, name, (size_t)parent_n);
-            path[parent_n] = 0;
-            memset(&how, 0, sizeof(how));
-            how.flags = O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
-            how.resolve = 0x08 | 0x04 | 0x02; /* BENEATH | NO_SYMLINKS | NO_MAGICLINKS */
-            Py_BEGIN_ALLOW_THREADS
-            do {
-                rc = (int)syscall(SYS_openat2, root_fd, parent_n ? path : ".", &how, sizeof(how));
-            } while (rc < 0 && (errno == EINTR || errno == EAGAIN));
-            Py_END_ALLOW_THREADS
-            if (rc < 0) {
-                bad = errno == ENOSYS || errno == EPERM ? -2 : i;
-                break;
-            }
-            dir_fd = rc;
-            memcpy(cur, name, (size_t)parent_n);
-            cur_n = parent_n;
-        }
-        memcpy(path, base, (size_t)base_n);
-        path[base_n] = 0;
-        Py_BEGIN_ALLOW_THREADS
-        rc = fstatat(dir_fd, path, &st, AT_SYMLINK_NOFOLLOW);
-        Py_END_ALLOW_THREADS
-        if (rc < 0 || !S_ISREG(st.st_mode) || (unsigned long long)st.st_size != size) {
-            bad = i;
-            break;
-        }
-        if (st.st_nlink < 2)
-            continue;
-        rc = linked_insert(linked, (uint64_t)st.st_dev, (uint64_t)st.st_ino);
-        if (rc != 0) {
-            if (rc < 0) {
-                if (dir_fd >= 0)
-                    close(dir_fd);
-                PyBuffer_Release(&recs);
-                return NULL;
-            }
-            bad = i;
-            break;
+    memset(runs, 0, sizeof(runs));
+    cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    want = cpus < 1 ? 1 : cpus > VF_THREADS ? VF_THREADS : (int)cpus;
+    approx = recs.len / 64; /* records are >= 13 bytes; a typical name is ~50 */
+    if (approx / VF_MIN_RUN < want)
+        want = approx / VF_MIN_RUN < 1 ? 1 : (int)(approx / VF_MIN_RUN);
+    n = vf_cut((const char *)recs.buf, recs.len, want, root_fd, runs);
+    Py_BEGIN_ALLOW_THREADS
+    /* the helper threads take no signal: they are for the main thread's handlers */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    for (k = 1; k < n; k++)
+        runs[k].started = pthread_create(&runs[k].thread, NULL, vf_thread, &runs[k]) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    vf_check(&runs[0]);
+    for (k = 1; k < n; k++) {
+        if (runs[k].started)
+            pthread_join(runs[k].thread, NULL);
+        else
+            vf_check(&runs[k]);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&recs);
+    for (k = 0; k < n; k++) {
+        if (runs[k].nomem) {
+            for (k = 0; k < n; k++)
+                free(runs[k].linked);
+            return PyErr_NoMemory();
         }
     }
-    if (dir_fd >= 0)
-        close(dir_fd);
-    PyBuffer_Release(&recs);
+    /* the first run that stopped decides (runs are in record order; -2 is openat2 missing) */
+    for (k = 0; k < n && bad == -1; k++)
+        bad = runs[k].bad;
+    /* the inodes with more than one link, in record order, up to the first bad record */
+    for (k = 0; k < n && bad != -2; k++) {
+        size_t j;
+        for (j = 0; j < runs[k].n_linked; j++) {
+            struct vf_inode *e = &runs[k].linked[j];
+            int rc;
+            if (bad >= 0 && e->index >= bad)
+                break;
+            rc = linked_insert(linked, e->dev, e->ino);
+            if (rc < 0) {
+                for (k = 0; k < n; k++)
+                    free(runs[k].linked);
+                return NULL;
+            }
+            if (rc) {
+                bad = e->index;
+                break;
+            }
+        }
+        if (bad >= 0 && (k + 1 >= n || runs[k + 1].first >= bad))
+            break;
+    }
+    for (k = 0; k < n; k++)
+        free(runs[k].linked);
     return PyLong_FromSsize_t(bad);
 }
 

@@ -377,6 +377,45 @@ def test_verify_files_agrees_with_the_python_check(tmp_path: Path,
         os.close(fd)
 
 
+def test_verify_files_in_threads_answers_as_one_pass(tmp_path: Path) -> None:
+    """Records enough for the check to cut them into runs, one thread each: the first record
+    that is not right is the answer wherever it falls, and two records at one inode are found
+    when they sit in different runs (the second one's index)."""
+    root = tmp_path / "layer"
+    names = [f"d{i // 100:02d}/f{i:04d}".encode() for i in range(4000)]
+    for i in range(40):
+        (root / f"d{i:02d}").mkdir(parents=True)
+    for n in names:
+        (root / n.decode()).write_bytes(b"abc")
+
+    def records(files: list[tuple[bytes, int]]) -> bytes:
+        return b"".join(struct.pack("<QI", size, len(name)) + name for name, size in files)
+
+    good = [(n, 3) for n in names]
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert native.verify_files(fd, records(good), set()) == -1
+        for bad in (0, 1999, 2000, 2001, 3999):
+            for why, wrong in (("size", (names[bad], 4)), ("missing", (b"d00/nope", 3)),
+                               ("dir", (b"d01", 3))):
+                files = [*good[:bad], wrong, *good[bad + 1:]]
+                assert native.verify_files(fd, records(files), set()) == bad, (bad, why)
+        # the last name becomes a hard link to the first: two runs, one inode
+        os.unlink(root / names[-1].decode())
+        os.link(root / names[0].decode(), root / names[-1].decode())
+        linked: set[int] = set()
+        assert native.verify_files(fd, records(good), linked) == len(names) - 1
+        # a wrong size before the second name of the inode is found first
+        files = [*good[:10], (names[10], 9), *good[11:]]
+        assert native.verify_files(fd, records(files), set()) == 10
+        # an inode met in an earlier call (chunk) counts too
+        linked = set()
+        assert native.verify_files(fd, records(good[:1]), linked) == -1
+        assert native.verify_files(fd, records(good[1:]), linked) == len(names) - 2
+    finally:
+        os.close(fd)
+
+
 PACKED: list[int] = []
 
 
