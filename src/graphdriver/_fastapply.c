@@ -1143,12 +1143,13 @@ fail:
  * tarsplit._verify_files then decides (and says why) the slow way.  -2: openat2 is missing.
  *
  * The check runs after the last entry, on the apply's critical path, when the other cores are
- * idle: the records are cut into one run per online CPU (at most VF_THREADS, at least
+ * idle: the records are cut into one run per CPU it may use (at most VF_THREADS, at least
  * VF_MIN_RUN records each), each run checked by its own thread without the GIL (one openat2 per
  * directory change, one fstatat per file; no Python call), its inodes with more than one link
  * kept aside in order; then, holding the GIL again, those are put into *linked* in record order,
  * so the answer is the one a single pass gives. */
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/syscall.h>
 #ifndef SYS_openat2
@@ -1347,11 +1348,13 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
     struct vf_run runs[VF_THREADS];
     PyObject *linked;
     sigset_t all, old;
+    cpu_set_t cpuset;
     (void)self;
     if (!PyArg_ParseTuple(args, "iy*O!", &root_fd, &recs, &PySet_Type, &linked))
         return NULL;
     memset(runs, 0, sizeof(runs));
-    cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    /* the CPUs this process may run on (a system call: the confined child has no /sys) */
+    cpus = sched_getaffinity(0, sizeof(cpuset), &cpuset) == 0 ? CPU_COUNT(&cpuset) : 1;
     want = cpus < 1 ? 1 : cpus > VF_THREADS ? VF_THREADS : (int)cpus;
     approx = recs.len / 64; /* records are >= 13 bytes; a typical name is ~50 */
     if (approx / VF_MIN_RUN < want)
