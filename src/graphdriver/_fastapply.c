@@ -1536,6 +1536,183 @@ static PyObject *first_duplicate(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* first_duplicate_runs(fd, sizes, hashes) -> int | None: one u64 that occurs twice among the
+ * sorted runs spilled one after the other to *fd* (their sizes in bytes, in order) and the
+ * hashes still in memory (a bytearray, sorted here in place), or None.  The runs are merged
+ * through a heap, RUN_READ bytes of each read at a time, without the GIL: memory is the runs'
+ * buffers, not the hashes.  EOFError: the file is shorter than *sizes* says. */
+#define RUN_READ (64 << 10)
+struct hrun {
+    uint64_t *buf;
+    size_t have, at;   /* values in buf, the next one's index */
+    off_t off, end;    /* the part of the file still to read */
+};
+
+/* The next value of run *r* into *out* (1), 0 at its end, -1 on a read error (errno set) or a
+ * short file (errno 0). */
+static int hrun_next(int fd, struct hrun *r, uint64_t *out)
+{
+    if (r->at == r->have) {
+        size_t want = (size_t)(r->end - r->off);
+        ssize_t got;
+        if (want == 0)
+            return 0;
+        if (want > RUN_READ)
+            want = RUN_READ;
+        do {
+            got = pread(fd, r->buf, want, r->off);
+        } while (got < 0 && errno == EINTR);
+        if (got <= 0 || got % 8) {
+            if (got >= 0)
+                errno = 0;
+            return -1;
+        }
+        r->off += got;
+        r->have = (size_t)got / 8;
+        r->at = 0;
+    }
+    *out = r->buf[r->at++];
+    return 1;
+}
+
+static PyObject *first_duplicate_runs(PyObject *self, PyObject *args)
+{
+    int fd, failed = 0, found = 0;
+    PyObject *sizes, *hashes, *seq;
+    Py_buffer tail;
+    Py_ssize_t k, nruns;
+    struct hrun *runs;
+    uint64_t *head;  /* heap of (value, run) pairs, by value */
+    size_t *who, n = 0;
+    uint64_t dup = 0, prev = 0;
+    int have_prev = 0;
+    off_t off = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iOO!", &fd, &sizes, &PyByteArray_Type, &hashes))
+        return NULL;
+    seq = PySequence_Fast(sizes, "sizes must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    nruns = PySequence_Fast_GET_SIZE(seq);
+    runs = PyMem_Calloc((size_t)nruns + 1, sizeof(*runs));
+    head = PyMem_Calloc((size_t)nruns + 1, sizeof(*head));
+    who = PyMem_Calloc((size_t)nruns + 1, sizeof(*who));
+    if (runs == NULL || head == NULL || who == NULL) {
+        Py_DECREF(seq);
+        PyMem_Free(runs);
+        PyMem_Free(head);
+        PyMem_Free(who);
+        return PyErr_NoMemory();
+    }
+    for (k = 0; k < nruns; k++) {
+        long long size = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, k));
+        if (size < 0 || size % 8) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a run's size is not a whole number of u64s");
+            failed = 1;
+            break;
+        }
+        runs[k].off = off;
+        runs[k].end = off + (off_t)size;
+        off += (off_t)size;
+        runs[k].buf = PyMem_Malloc(RUN_READ);
+        if (runs[k].buf == NULL) {
+            PyErr_NoMemory();
+            failed = 1;
+            break;
+        }
+    }
+    Py_DECREF(seq);
+    if (!failed && PyObject_GetBuffer(hashes, &tail, PyBUF_WRITABLE) < 0)
+        failed = 1;
+    if (failed) {
+        for (k = 0; k < nruns; k++)
+            PyMem_Free(runs[k].buf);
+        PyMem_Free(runs);
+        PyMem_Free(head);
+        PyMem_Free(who);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    /* the hashes in memory: one more run, sorted in place, "read" from memory */
+    sort_u64((uint64_t *)tail.buf, (size_t)tail.len / 8);
+    runs[nruns].buf = (uint64_t *)tail.buf;
+    runs[nruns].have = (size_t)tail.len / 8;
+    /* fill the heap with each run's first value, then pop the least, push its run's next */
+    for (k = 0; k <= nruns && !failed; k++) {
+        uint64_t v;
+        int rc = hrun_next(fd, &runs[k], &v);
+        if (rc < 0)
+            failed = errno ? errno : -1;
+        else if (rc) {
+            size_t at = n++;
+            while (at && head[(at - 1) / 2] > v) {
+                head[at] = head[(at - 1) / 2];
+                who[at] = who[(at - 1) / 2];
+                at = (at - 1) / 2;
+            }
+            head[at] = v;
+            who[at] = (size_t)k;
+        }
+    }
+    while (n && !failed) {
+        uint64_t v = head[0], next;
+        size_t r = who[0], at = 0;
+        int rc;
+        if (have_prev && v == prev) {
+            dup = v;
+            found = 1;
+            break;
+        }
+        prev = v;
+        have_prev = 1;
+        rc = hrun_next(fd, &runs[r], &next);
+        if (rc < 0) {
+            failed = errno ? errno : -1;
+            break;
+        }
+        if (!rc) {  /* the run is done: the heap's last pair sifts down from the top */
+            n--;
+            next = head[n];
+            r = who[n];
+        }
+        for (;;) {
+            size_t child = 2 * at + 1;
+            if (child >= n)
+                break;
+            if (child + 1 < n && head[child + 1] < head[child])
+                child++;
+            if (head[child] >= next)
+                break;
+            head[at] = head[child];
+            who[at] = who[child];
+            at = child;
+        }
+        if (n) {
+            head[at] = next;
+            who[at] = r;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&tail);
+    for (k = 0; k < nruns; k++)
+        PyMem_Free(runs[k].buf);
+    PyMem_Free(runs);
+    PyMem_Free(head);
+    PyMem_Free(who);
+    if (failed == -1) {
+        PyErr_SetString(PyExc_EOFError, "a spilled run is short");
+        return NULL;
+    }
+    if (failed) {
+        errno = failed;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (found)
+        return PyLong_FromUnsignedLongLong(dup);
+    Py_RETURN_NONE;
+}
+
 /* Printable ASCII that Go's JSON encoder writes as it is, and already what filepath.Clean gives:
  * relative, no empty, "." or ".." component, no trailing '/'. */
 static int plain_clean_name(const unsigned char *s, Py_ssize_t n)
@@ -1890,6 +2067,8 @@ static PyMethodDef methods[] = {
     {"pack_frames", pack_frames, METH_VARARGS, "Recorder frames to tar-split lines (common case)."},
     {"path_hash", path_hash, METH_VARARGS, "The duplicate-path rule's hash of a clean path."},
     {"first_duplicate", first_duplicate, METH_VARARGS, "Sort path hashes; one seen twice, or None."},
+    {"first_duplicate_runs", first_duplicate_runs, METH_VARARGS,
+     "Merge spilled sorted runs of path hashes and the rest; one seen twice, or None."},
     {"set_dir_times", set_dir_times, METH_VARARGS, "Directory times at the end of an apply."},
     {"verify_files", verify_files, METH_VARARGS, "Check recorded files after an apply (-1: all good)."},
     {NULL, NULL, 0, NULL},

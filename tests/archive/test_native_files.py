@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import random
 import struct
@@ -435,6 +436,45 @@ def test_first_duplicate_sorts_and_finds_one(n: int) -> None:
             twice = [*values, values[rng.randrange(n)]]
             buf = bytearray(array.array("Q", twice).tobytes())
             assert native.first_duplicate(buf) == twice[-1]
+
+
+def test_first_duplicate_runs_merges_spilled_runs(tmp_path: Path) -> None:
+    """The duplicate rule over sorted runs spilled to a file and the hashes still in memory:
+    a value twice is found in one run, across runs, in memory, between a run and memory; a
+    file shorter than the runs' sizes is EOFError."""
+    import array
+
+    rng = random.Random(7)
+    values = [rng.getrandbits(64) for _ in range(50_000)]
+    cuts = [0, 9000, 30_000, 41_000]  # three runs of different sizes, the rest in memory
+    runs = [sorted(values[a:b]) for a, b in itertools.pairwise(cuts)]
+
+    def spilled(runs: list[list[int]]) -> tuple[int, list[int]]:
+        path = tmp_path / "spill"
+        data = [array.array("Q", r).tobytes() for r in runs]
+        path.write_bytes(b"".join(data))
+        return os.open(path, os.O_RDONLY), [len(d) for d in data]
+
+    def rest(extra: list[int]) -> bytearray:
+        return bytearray(array.array("Q", values[cuts[-1]:] + extra).tobytes())
+
+    fd, sizes = spilled(runs)
+    try:
+        assert native.first_duplicate_runs(fd, sizes, rest([])) is None
+        assert native.first_duplicate_runs(fd, [], rest([])) is None
+        for twice in (values[0], values[20_000], values[-1]):  # a run's, a run's, memory's
+            assert native.first_duplicate_runs(fd, sizes, rest([twice])) == twice
+        with pytest.raises(EOFError):
+            native.first_duplicate_runs(fd, [*sizes, 8], rest([]))
+    finally:
+        os.close(fd)
+    for a, b in ((0, 0), (0, 2)):  # twice in one run; in two runs
+        twice = runs[a][5]
+        fd, sizes = spilled([sorted([*r, twice]) if i == b else r for i, r in enumerate(runs)])
+        try:
+            assert native.first_duplicate_runs(fd, sizes, rest([])) == twice
+        finally:
+            os.close(fd)
 
 
 PACKED: list[int] = []
