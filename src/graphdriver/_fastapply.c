@@ -1143,11 +1143,12 @@ fail:
  * tarsplit._verify_files then decides (and says why) the slow way.  -2: openat2 is missing.
  *
  * The check runs after the last entry, on the apply's critical path, when the other cores are
- * idle: the records are cut into one run per CPU it may use (at most VF_THREADS, at least
- * VF_MIN_RUN records each), each run checked by its own thread without the GIL (one openat2 per
- * directory change, one fstatat per file; no Python call), its inodes with more than one link
- * kept aside in order; then, holding the GIL again, those are put into *linked* in record order,
- * so the answer is the one a single pass gives. */
+ * idle: the records are cut into VF_SHARES runs per CPU it may use (at most VF_THREADS CPUs, at
+ * least VF_MIN_RUN records a run), which that many threads take one after the other without the
+ * GIL (so that none waits long for another at the end; one openat2 per directory change, one
+ * fstatat per file; no Python call), each run's inodes with more than one link kept aside in
+ * order; then, holding the GIL again, those are put into *linked* in record order, so the answer
+ * is the one a single pass gives. */
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -1160,7 +1161,8 @@ struct gd_open_how {
 };
 
 #define VF_THREADS 4
-#define VF_MIN_RUN 512
+#define VF_SHARES 4
+#define VF_MIN_RUN 256
 
 /* an inode with more than one link met at record *index* */
 struct vf_inode {
@@ -1178,8 +1180,6 @@ struct vf_run {
     struct vf_inode *linked;
     size_t n_linked, cap_linked;
     int nomem;
-    int started;
-    pthread_t thread;
 };
 
 /* Checks one run (no Python API: runs without the GIL, in any thread). */
@@ -1277,9 +1277,19 @@ static void vf_check(struct vf_run *r)
         close(dir_fd);
 }
 
-static void *vf_thread(void *arg)
+/* the runs of one call, taken by its threads one after the other */
+struct vf_pool {
+    struct vf_run *runs;
+    int n;
+    int next;  /* the next run to take (atomic) */
+};
+
+static void *vf_work(void *arg)
 {
-    vf_check((struct vf_run *)arg);
+    struct vf_pool *pool = arg;
+    int k;
+    while ((k = __atomic_fetch_add(&pool->next, 1, __ATOMIC_RELAXED)) < pool->n)
+        vf_check(&pool->runs[k]);
     return NULL;
 }
 
@@ -1341,11 +1351,14 @@ static int vf_cut(const char *buf, Py_ssize_t len, int want, int root_fd, struct
 
 static PyObject *verify_files(PyObject *self, PyObject *args)
 {
-    int root_fd, want, n, k;
+    int root_fd, threads, want, n, k;
     long cpus;
     Py_buffer recs;
     Py_ssize_t bad = -1, approx;
-    struct vf_run runs[VF_THREADS];
+    struct vf_run runs[VF_THREADS * VF_SHARES];
+    pthread_t helper[VF_THREADS];
+    int started[VF_THREADS];
+    struct vf_pool pool;
     PyObject *linked;
     sigset_t all, old;
     cpu_set_t cpuset;
@@ -1355,25 +1368,28 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
     memset(runs, 0, sizeof(runs));
     /* the CPUs this process may run on (a system call: the confined child has no /sys) */
     cpus = sched_getaffinity(0, sizeof(cpuset), &cpuset) == 0 ? CPU_COUNT(&cpuset) : 1;
-    want = cpus < 1 ? 1 : cpus > VF_THREADS ? VF_THREADS : (int)cpus;
+    threads = cpus < 1 ? 1 : cpus > VF_THREADS ? VF_THREADS : (int)cpus;
     approx = recs.len / 64; /* records are >= 13 bytes; a typical name is ~50 */
+    want = threads * VF_SHARES;
     if (approx / VF_MIN_RUN < want)
         want = approx / VF_MIN_RUN < 1 ? 1 : (int)(approx / VF_MIN_RUN);
     n = vf_cut((const char *)recs.buf, recs.len, want, root_fd, runs);
+    if (threads > n)
+        threads = n;
+    pool.runs = runs;
+    pool.n = n;
+    pool.next = 0;
     Py_BEGIN_ALLOW_THREADS
     /* the helper threads take no signal: they are for the main thread's handlers */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    for (k = 1; k < n; k++)
-        runs[k].started = pthread_create(&runs[k].thread, NULL, vf_thread, &runs[k]) == 0;
+    for (k = 1; k < threads; k++)
+        started[k] = pthread_create(&helper[k], NULL, vf_work, &pool) == 0;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    vf_check(&runs[0]);
-    for (k = 1; k < n; k++) {
-        if (runs[k].started)
-            pthread_join(runs[k].thread, NULL);
-        else
-            vf_check(&runs[k]);
-    }
+    vf_work(&pool);  /* when it returns every run is taken; the helpers finish theirs */
+    for (k = 1; k < threads; k++)
+        if (started[k])
+            pthread_join(helper[k], NULL);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&recs);
     for (k = 0; k < n; k++) {

@@ -379,9 +379,9 @@ def test_verify_files_agrees_with_the_python_check(tmp_path: Path,
 
 
 def test_verify_files_in_threads_answers_as_one_pass(tmp_path: Path) -> None:
-    """Records enough for the check to cut them into runs, one thread each: the first record
-    that is not right is the answer wherever it falls, and two records at one inode are found
-    when they sit in different runs (the second one's index)."""
+    """Records enough for the check to cut them into runs that its threads take in turn: the
+    first record that is not right is the answer wherever it falls, and two records at one
+    inode are found when they sit in different runs (the second one's index)."""
     root = tmp_path / "layer"
     names = [f"d{i // 100:02d}/f{i:04d}".encode() for i in range(4000)]
     for i in range(40):
@@ -396,7 +396,8 @@ def test_verify_files_in_threads_answers_as_one_pass(tmp_path: Path) -> None:
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         assert native.verify_files(fd, records(good), set()) == -1
-        for bad in (0, 1999, 2000, 2001, 3999):
+        for bad in sorted({0, 3999, *range(1, 4000, 197), *range(799, 4000, 800),
+                           *range(800, 4000, 800), *range(801, 4000, 800)}):
             for why, wrong in (("size", (names[bad], 4)), ("missing", (b"d00/nope", 3)),
                                ("dir", (b"d01", 3))):
                 files = [*good[:bad], wrong, *good[bad + 1:]]
