@@ -1140,7 +1140,18 @@ fail:
  * records' chunks): two records meet at an inode with one link only through the same path, which
  * the packer's duplicate-path rule refuses before any check.  Returns -1 when all of them are, else the
  * index of the first that is not or whose name needs Python's handling (".", "..", empty base):
- * tarsplit._verify_files then decides (and says why) the slow way.  -2: openat2 is missing. */
+ * tarsplit._verify_files then decides (and says why) the slow way.  -2: openat2 is missing.
+ *
+ * The check runs after the last entry, on the apply's critical path, when the other cores are
+ * idle: the records are cut into VF_SHARES runs per CPU it may use (at most VF_THREADS CPUs, at
+ * least VF_MIN_RUN records a run), which that many threads take one after the other without the
+ * GIL (so that none waits long for another at the end; one openat2 per directory change, one
+ * fstatat per file; no Python call), each run's inodes with more than one link kept aside in
+ * order; then, holding the GIL again, those are put into *linked* in record order, so the answer
+ * is the one a single pass gives. */
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
 #include <sys/syscall.h>
 #ifndef SYS_openat2
 #define SYS_openat2 437
@@ -1148,6 +1159,139 @@ fail:
 struct gd_open_how {
     uint64_t flags, mode, resolve;
 };
+
+#define VF_THREADS 4
+#define VF_SHARES 4
+#define VF_MIN_RUN 256
+
+/* an inode with more than one link met at record *index* */
+struct vf_inode {
+    uint64_t dev, ino;
+    Py_ssize_t index;
+};
+
+/* one run of records and what its check found */
+struct vf_run {
+    int root_fd;
+    const char *buf;
+    Py_ssize_t len;
+    Py_ssize_t first;  /* the index of its first record among the call's */
+    Py_ssize_t bad;    /* -1: all good; -2: no openat2; else the index of the first not good */
+    struct vf_inode *linked;
+    size_t n_linked, cap_linked;
+    int nomem;
+};
+
+/* Checks one run (no Python API: runs without the GIL, in any thread). */
+static void vf_check(struct vf_run *r)
+{
+    int dir_fd = -1, rc;
+    Py_ssize_t i, off;
+    char cur[4097], path[4097];
+    Py_ssize_t cur_n = -1;
+    r->bad = -1;
+    for (i = r->first, off = 0; off < r->len; i++) {
+        const char *name, *base;
+        Py_ssize_t name_n, parent_n, base_n;
+        uint64_t sz;
+        uint32_t len;
+        struct stat st;
+        if (r->len - off < 12) {
+            r->bad = i;
+            break;
+        }
+        memcpy(&sz, r->buf + off, 8);
+        memcpy(&len, r->buf + off + 8, 4);
+        if ((Py_ssize_t)len > r->len - off - 12) {
+            r->bad = i;
+            break;
+        }
+        name = r->buf + off + 12;
+        name_n = (Py_ssize_t)len;
+        off += 12 + (Py_ssize_t)len;
+        while (name_n && *name == '/') {
+            name++;
+            name_n--;
+        }
+        if (name_n >= (Py_ssize_t)sizeof(path) || memchr(name, 0, (size_t)name_n) != NULL) {
+            r->bad = i;
+            break;
+        }
+        base = memrchr(name, '/', (size_t)name_n);
+        base = base ? base + 1 : name;
+        base_n = name_n - (base - name);
+        parent_n = base == name ? 0 : (base - name) - 1;
+        if (base_n == 0 || (base_n == 1 && base[0] == '.') ||
+            (base_n == 2 && base[0] == '.' && base[1] == '.')) {
+            r->bad = i;
+            break;
+        }
+        if (parent_n != cur_n || memcmp(cur, name, (size_t)parent_n) != 0) {
+            struct gd_open_how how;
+            if (dir_fd >= 0)
+                close(dir_fd);
+            dir_fd = -1;
+            cur_n = -1;
+            memcpy(path, name, (size_t)parent_n);
+            path[parent_n] = 0;
+            memset(&how, 0, sizeof(how));
+            how.flags = O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
+            how.resolve = 0x08 | 0x04 | 0x02; /* BENEATH | NO_SYMLINKS | NO_MAGICLINKS */
+            do {
+                rc = (int)syscall(SYS_openat2, r->root_fd, parent_n ? path : ".", &how,
+                                  sizeof(how));
+            } while (rc < 0 && (errno == EINTR || errno == EAGAIN));
+            if (rc < 0) {
+                r->bad = errno == ENOSYS || errno == EPERM ? -2 : i;
+                break;
+            }
+            dir_fd = rc;
+            memcpy(cur, name, (size_t)parent_n);
+            cur_n = parent_n;
+        }
+        memcpy(path, base, (size_t)base_n);
+        path[base_n] = 0;
+        rc = fstatat(dir_fd, path, &st, AT_SYMLINK_NOFOLLOW);
+        if (rc < 0 || !S_ISREG(st.st_mode) || (unsigned long long)st.st_size != sz) {
+            r->bad = i;
+            break;
+        }
+        if (st.st_nlink < 2)
+            continue;
+        if (r->n_linked == r->cap_linked) {
+            size_t cap = r->cap_linked ? 2 * r->cap_linked : 64;
+            struct vf_inode *grown = realloc(r->linked, cap * sizeof(*grown));
+            if (grown == NULL) {
+                r->nomem = 1;
+                break;
+            }
+            r->linked = grown;
+            r->cap_linked = cap;
+        }
+        r->linked[r->n_linked].dev = (uint64_t)st.st_dev;
+        r->linked[r->n_linked].ino = (uint64_t)st.st_ino;
+        r->linked[r->n_linked].index = i;
+        r->n_linked++;
+    }
+    if (dir_fd >= 0)
+        close(dir_fd);
+}
+
+/* the runs of one call, taken by its threads one after the other */
+struct vf_pool {
+    struct vf_run *runs;
+    int n;
+    int next;  /* the next run to take (atomic) */
+};
+
+static void *vf_work(void *arg)
+{
+    struct vf_pool *pool = arg;
+    int k;
+    while ((k = __atomic_fetch_add(&pool->next, 1, __ATOMIC_RELAXED)) < pool->n)
+        vf_check(&pool->runs[k]);
+    return NULL;
+}
 
 /* Whether (dev, ino) was in *linked* already (1), else adds it (0); -1 on error. */
 static int linked_insert(PyObject *linked, uint64_t dev, uint64_t ino)
@@ -1172,105 +1316,116 @@ static int linked_insert(PyObject *linked, uint64_t dev, uint64_t ino)
     return rc;
 }
 
+/* Cuts records[0:len] into at most *want* runs of about the same size, at record boundaries
+ * (a malformed tail stays in the last run, which reports it); returns how many. */
+static int vf_cut(const char *buf, Py_ssize_t len, int want, int root_fd, struct vf_run *runs)
+{
+    Py_ssize_t off = 0, i = 0, start = 0, first = 0;
+    int n = 0;
+    while (n < want - 1 && off < len) {
+        uint32_t name_len;
+        Py_ssize_t goal = len / want * (n + 1);
+        while (off < goal && len - off >= 12) {
+            memcpy(&name_len, buf + off + 8, 4);
+            if ((Py_ssize_t)name_len > len - off - 12)
+                break;
+            off += 12 + (Py_ssize_t)name_len;
+            i++;
+        }
+        if (off < goal || off >= len)
+            break;  /* malformed, or the rest is too short to share */
+        runs[n].root_fd = root_fd;
+        runs[n].buf = buf + start;
+        runs[n].len = off - start;
+        runs[n].first = first;
+        n++;
+        start = off;
+        first = i;
+    }
+    runs[n].root_fd = root_fd;
+    runs[n].buf = buf + start;
+    runs[n].len = len - start;
+    runs[n].first = first;
+    return n + 1;
+}
+
 static PyObject *verify_files(PyObject *self, PyObject *args)
 {
-    int root_fd, dir_fd = -1, rc;
+    int root_fd, threads, want, n, k;
+    long cpus;
     Py_buffer recs;
-    Py_ssize_t i, off, bad = -1;
-    char cur[4097], path[4097];
-    Py_ssize_t cur_n = -1;
+    Py_ssize_t bad = -1, approx;
+    struct vf_run runs[VF_THREADS * VF_SHARES];
+    pthread_t helper[VF_THREADS];
+    int started[VF_THREADS];
+    struct vf_pool pool;
     PyObject *linked;
+    sigset_t all, old;
+    cpu_set_t cpuset;
     (void)self;
     if (!PyArg_ParseTuple(args, "iy*O!", &root_fd, &recs, &PySet_Type, &linked))
         return NULL;
-    for (i = 0, off = 0; off < recs.len; i++) {
-        const char *name, *base;
-        Py_ssize_t name_n, parent_n, base_n;
-        unsigned long long size;
-        uint64_t sz;
-        uint32_t len;
-        struct stat st;
-        if (recs.len - off < 12) {
-            bad = i;
-            break;
-        }
-        memcpy(&sz, (const char *)recs.buf + off, 8);
-        memcpy(&len, (const char *)recs.buf + off + 8, 4);
-        if ((Py_ssize_t)len > recs.len - off - 12) {
-            bad = i;
-            break;
-        }
-        size = (unsigned long long)sz;
-        name = (const char *)recs.buf + off + 12;
-        name_n = (Py_ssize_t)len;
-        off += 12 + (Py_ssize_t)len;
-        while (name_n && *name == '/') {
-            name++;
-            name_n--;
-        }
-        if (name_n >= (Py_ssize_t)sizeof(path) || memchr(name, 0, (size_t)name_n) != NULL) {
-            bad = i;
-            break;
-        }
-        base = memrchr(name, '/', (size_t)name_n);
-        base = base ? base + 1 : name;
-        base_n = name_n - (base - name);
-        parent_n = base == name ? 0 : (base - name) - 1;
-        if (base_n == 0 || (base_n == 1 && base[0] == '.') ||
-            (base_n == 2 && base[0] == '.' && base[1] == '.')) {
-            bad = i;
-            break;
-        }
-        if (parent_n != cur_n || memcmp(cur, name, (size_t)parent_n) != 0) {
-            struct gd_open_how how;
-            if (dir_fd >= 0)
-                close(dir_fd);
-            dir_fd = -1;
-            cur_n = -1;
-            memcpy(path, name, (size_t)parent_n);
-            path[parent_n] = 0;
-            memset(&how, 0, sizeof(how));
-            how.flags = O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
-            how.resolve = 0x08 | 0x04 | 0x02; /* BENEATH | NO_SYMLINKS | NO_MAGICLINKS */
-            Py_BEGIN_ALLOW_THREADS
-            do {
-                rc = (int)syscall(SYS_openat2, root_fd, parent_n ? path : ".", &how, sizeof(how));
-            } while (rc < 0 && (errno == EINTR || errno == EAGAIN));
-            Py_END_ALLOW_THREADS
-            if (rc < 0) {
-                bad = errno == ENOSYS || errno == EPERM ? -2 : i;
-                break;
-            }
-            dir_fd = rc;
-            memcpy(cur, name, (size_t)parent_n);
-            cur_n = parent_n;
-        }
-        memcpy(path, base, (size_t)base_n);
-        path[base_n] = 0;
-        Py_BEGIN_ALLOW_THREADS
-        rc = fstatat(dir_fd, path, &st, AT_SYMLINK_NOFOLLOW);
-        Py_END_ALLOW_THREADS
-        if (rc < 0 || !S_ISREG(st.st_mode) || (unsigned long long)st.st_size != size) {
-            bad = i;
-            break;
-        }
-        if (st.st_nlink < 2)
-            continue;
-        rc = linked_insert(linked, (uint64_t)st.st_dev, (uint64_t)st.st_ino);
-        if (rc != 0) {
-            if (rc < 0) {
-                if (dir_fd >= 0)
-                    close(dir_fd);
-                PyBuffer_Release(&recs);
-                return NULL;
-            }
-            bad = i;
-            break;
+    memset(runs, 0, sizeof(runs));
+    /* the CPUs this process may run on (a system call: the confined child has no /sys) */
+    cpus = sched_getaffinity(0, sizeof(cpuset), &cpuset) == 0 ? CPU_COUNT(&cpuset) : 1;
+    threads = cpus < 1 ? 1 : cpus > VF_THREADS ? VF_THREADS : (int)cpus;
+    approx = recs.len / 64; /* records are >= 13 bytes; a typical name is ~50 */
+    want = threads * VF_SHARES;
+    if (approx / VF_MIN_RUN < want)
+        want = approx / VF_MIN_RUN < 1 ? 1 : (int)(approx / VF_MIN_RUN);
+    n = vf_cut((const char *)recs.buf, recs.len, want, root_fd, runs);
+    if (threads > n)
+        threads = n;
+    pool.runs = runs;
+    pool.n = n;
+    pool.next = 0;
+    Py_BEGIN_ALLOW_THREADS
+    /* the helper threads take no signal: they are for the main thread's handlers */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    for (k = 1; k < threads; k++)
+        started[k] = pthread_create(&helper[k], NULL, vf_work, &pool) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    vf_work(&pool);  /* when it returns every run is taken; the helpers finish theirs */
+    for (k = 1; k < threads; k++)
+        if (started[k])
+            pthread_join(helper[k], NULL);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&recs);
+    for (k = 0; k < n; k++) {
+        if (runs[k].nomem) {
+            for (k = 0; k < n; k++)
+                free(runs[k].linked);
+            return PyErr_NoMemory();
         }
     }
-    if (dir_fd >= 0)
-        close(dir_fd);
-    PyBuffer_Release(&recs);
+    /* the first run that stopped decides (runs are in record order; -2 is openat2 missing) */
+    for (k = 0; k < n && bad == -1; k++)
+        bad = runs[k].bad;
+    /* the inodes with more than one link, in record order, up to the first bad record */
+    for (k = 0; k < n && bad != -2; k++) {
+        size_t j;
+        for (j = 0; j < runs[k].n_linked; j++) {
+            struct vf_inode *e = &runs[k].linked[j];
+            int rc;
+            if (bad >= 0 && e->index >= bad)
+                break;
+            rc = linked_insert(linked, e->dev, e->ino);
+            if (rc < 0) {
+                for (k = 0; k < n; k++)
+                    free(runs[k].linked);
+                return NULL;
+            }
+            if (rc) {
+                bad = e->index;
+                break;
+            }
+        }
+        if (bad >= 0 && (k + 1 >= n || runs[k + 1].first >= bad))
+            break;
+    }
+    for (k = 0; k < n; k++)
+        free(runs[k].linked);
     return PyLong_FromSsize_t(bad);
 }
 
@@ -1330,6 +1485,52 @@ static int cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* Sorts v[0:n] in place: a radix sort, a byte at a time from the lowest (the hashes are spread
+ * evenly: ~1 ms for 100k where qsort took ~10, at the end of an apply), through a scratch copy;
+ * qsort when there is no memory for that copy.  A byte all the values share is skipped. */
+static void sort_u64(uint64_t *v, size_t n)
+{
+    size_t (*count)[256], i;
+    uint64_t *tmp, *src = v, *dst;
+    int b;
+    if (n < 256) {
+        qsort(v, n, 8, cmp_u64);
+        return;
+    }
+    tmp = malloc(n * 8);
+    count = calloc(8, sizeof(*count));
+    if (tmp == NULL || count == NULL) {
+        free(tmp);
+        free(count);
+        qsort(v, n, 8, cmp_u64);
+        return;
+    }
+    dst = tmp;
+    for (i = 0; i < n; i++)
+        for (b = 0; b < 8; b++)
+            count[b][(v[i] >> (8 * b)) & 0xFF]++;
+    for (b = 0; b < 8; b++) {
+        size_t pos = 0, c, k;
+        uint64_t *swap;
+        if (count[b][(v[0] >> (8 * b)) & 0xFF] == n)
+            continue;  /* every value has this byte: already in order by it */
+        for (k = 0; k < 256; k++) {
+            c = count[b][k];
+            count[b][k] = pos;
+            pos += c;
+        }
+        for (i = 0; i < n; i++)
+            dst[count[b][(src[i] >> (8 * b)) & 0xFF]++] = src[i];
+        swap = src;
+        src = dst;
+        dst = swap;
+    }
+    if (src != v)
+        memcpy(v, src, n * 8);
+    free(tmp);
+    free(count);
+}
+
 /* first_duplicate(hashes) -> int | None: sorts the hashes (in place) and returns one that occurs
  * twice, or None. */
 static PyObject *first_duplicate(PyObject *self, PyObject *args)
@@ -1343,11 +1544,188 @@ static PyObject *first_duplicate(PyObject *self, PyObject *args)
     n = (size_t)PyByteArray_GET_SIZE(hashes) / 8;
     v = (uint64_t *)(void *)PyByteArray_AS_STRING(hashes);
     Py_BEGIN_ALLOW_THREADS
-    qsort(v, n, 8, cmp_u64);
+    sort_u64(v, n);
     Py_END_ALLOW_THREADS
     for (i = 1; i < n; i++)
         if (v[i] == v[i - 1])
             return PyLong_FromUnsignedLongLong(v[i]);
+    Py_RETURN_NONE;
+}
+
+/* first_duplicate_runs(fd, sizes, hashes) -> int | None: one u64 that occurs twice among the
+ * sorted runs spilled one after the other to *fd* (their sizes in bytes, in order) and the
+ * hashes still in memory (a bytearray, sorted here in place), or None.  The runs are merged
+ * through a heap, RUN_READ bytes of each read at a time, without the GIL: memory is the runs'
+ * buffers, not the hashes.  EOFError: the file is shorter than *sizes* says. */
+#define RUN_READ (64 << 10)
+struct hrun {
+    uint64_t *buf;
+    size_t have, at;   /* values in buf, the next one's index */
+    off_t off, end;    /* the part of the file still to read */
+};
+
+/* The next value of run *r* into *out* (1), 0 at its end, -1 on a read error (errno set) or a
+ * short file (errno 0). */
+static int hrun_next(int fd, struct hrun *r, uint64_t *out)
+{
+    if (r->at == r->have) {
+        size_t want = (size_t)(r->end - r->off);
+        ssize_t got;
+        if (want == 0)
+            return 0;
+        if (want > RUN_READ)
+            want = RUN_READ;
+        do {
+            got = pread(fd, r->buf, want, r->off);
+        } while (got < 0 && errno == EINTR);
+        if (got <= 0 || got % 8) {
+            if (got >= 0)
+                errno = 0;
+            return -1;
+        }
+        r->off += got;
+        r->have = (size_t)got / 8;
+        r->at = 0;
+    }
+    *out = r->buf[r->at++];
+    return 1;
+}
+
+static PyObject *first_duplicate_runs(PyObject *self, PyObject *args)
+{
+    int fd, failed = 0, found = 0;
+    PyObject *sizes, *hashes, *seq;
+    Py_buffer tail;
+    Py_ssize_t k, nruns;
+    struct hrun *runs;
+    uint64_t *head;  /* heap of (value, run) pairs, by value */
+    size_t *who, n = 0;
+    uint64_t dup = 0, prev = 0;
+    int have_prev = 0;
+    off_t off = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iOO!", &fd, &sizes, &PyByteArray_Type, &hashes))
+        return NULL;
+    seq = PySequence_Fast(sizes, "sizes must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    nruns = PySequence_Fast_GET_SIZE(seq);
+    runs = PyMem_Calloc((size_t)nruns + 1, sizeof(*runs));
+    head = PyMem_Calloc((size_t)nruns + 1, sizeof(*head));
+    who = PyMem_Calloc((size_t)nruns + 1, sizeof(*who));
+    if (runs == NULL || head == NULL || who == NULL) {
+        Py_DECREF(seq);
+        PyMem_Free(runs);
+        PyMem_Free(head);
+        PyMem_Free(who);
+        return PyErr_NoMemory();
+    }
+    for (k = 0; k < nruns; k++) {
+        long long size = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, k));
+        if (size < 0 || size % 8) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a run's size is not a whole number of u64s");
+            failed = 1;
+            break;
+        }
+        runs[k].off = off;
+        runs[k].end = off + (off_t)size;
+        off += (off_t)size;
+        runs[k].buf = PyMem_Malloc(RUN_READ);
+        if (runs[k].buf == NULL) {
+            PyErr_NoMemory();
+            failed = 1;
+            break;
+        }
+    }
+    Py_DECREF(seq);
+    if (!failed && PyObject_GetBuffer(hashes, &tail, PyBUF_WRITABLE) < 0)
+        failed = 1;
+    if (failed) {
+        for (k = 0; k < nruns; k++)
+            PyMem_Free(runs[k].buf);
+        PyMem_Free(runs);
+        PyMem_Free(head);
+        PyMem_Free(who);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    /* the hashes in memory: one more run, sorted in place, "read" from memory */
+    sort_u64((uint64_t *)tail.buf, (size_t)tail.len / 8);
+    runs[nruns].buf = (uint64_t *)tail.buf;
+    runs[nruns].have = (size_t)tail.len / 8;
+    /* fill the heap with each run's first value, then pop the least, push its run's next */
+    for (k = 0; k <= nruns && !failed; k++) {
+        uint64_t v;
+        int rc = hrun_next(fd, &runs[k], &v);
+        if (rc < 0)
+            failed = errno ? errno : -1;
+        else if (rc) {
+            size_t at = n++;
+            while (at && head[(at - 1) / 2] > v) {
+                head[at] = head[(at - 1) / 2];
+                who[at] = who[(at - 1) / 2];
+                at = (at - 1) / 2;
+            }
+            head[at] = v;
+            who[at] = (size_t)k;
+        }
+    }
+    while (n && !failed) {
+        uint64_t v = head[0], next;
+        size_t r = who[0], at = 0;
+        int rc;
+        if (have_prev && v == prev) {
+            dup = v;
+            found = 1;
+            break;
+        }
+        prev = v;
+        have_prev = 1;
+        rc = hrun_next(fd, &runs[r], &next);
+        if (rc < 0) {
+            failed = errno ? errno : -1;
+            break;
+        }
+        if (!rc) {  /* the run is done: the heap's last pair sifts down from the top */
+            n--;
+            next = head[n];
+            r = who[n];
+        }
+        for (;;) {
+            size_t child = 2 * at + 1;
+            if (child >= n)
+                break;
+            if (child + 1 < n && head[child + 1] < head[child])
+                child++;
+            if (head[child] >= next)
+                break;
+            head[at] = head[child];
+            who[at] = who[child];
+            at = child;
+        }
+        if (n) {
+            head[at] = next;
+            who[at] = r;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&tail);
+    for (k = 0; k < nruns; k++)
+        PyMem_Free(runs[k].buf);
+    PyMem_Free(runs);
+    PyMem_Free(head);
+    PyMem_Free(who);
+    if (failed == -1) {
+        PyErr_SetString(PyExc_EOFError, "a spilled run is short");
+        return NULL;
+    }
+    if (failed) {
+        errno = failed;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (found)
+        return PyLong_FromUnsignedLongLong(dup);
     Py_RETURN_NONE;
 }
 
@@ -1705,6 +2083,8 @@ static PyMethodDef methods[] = {
     {"pack_frames", pack_frames, METH_VARARGS, "Recorder frames to tar-split lines (common case)."},
     {"path_hash", path_hash, METH_VARARGS, "The duplicate-path rule's hash of a clean path."},
     {"first_duplicate", first_duplicate, METH_VARARGS, "Sort path hashes; one seen twice, or None."},
+    {"first_duplicate_runs", first_duplicate_runs, METH_VARARGS,
+     "Merge spilled sorted runs of path hashes and the rest; one seen twice, or None."},
     {"set_dir_times", set_dir_times, METH_VARARGS, "Directory times at the end of an apply."},
     {"verify_files", verify_files, METH_VARARGS, "Check recorded files after an apply (-1: all good)."},
     {NULL, NULL, 0, NULL},

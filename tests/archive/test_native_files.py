@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import random
 import struct
@@ -375,6 +376,106 @@ def test_verify_files_agrees_with_the_python_check(tmp_path: Path,
             assert (slow is None) == (index == -1), what
     finally:
         os.close(fd)
+
+
+def test_verify_files_in_threads_answers_as_one_pass(tmp_path: Path) -> None:
+    """Records enough for the check to cut them into runs that its threads take in turn: the
+    first record that is not right is the answer wherever it falls, and two records at one
+    inode are found when they sit in different runs (the second one's index)."""
+    root = tmp_path / "layer"
+    names = [f"d{i // 100:02d}/f{i:04d}".encode() for i in range(4000)]
+    for i in range(40):
+        (root / f"d{i:02d}").mkdir(parents=True)
+    for n in names:
+        (root / n.decode()).write_bytes(b"abc")
+
+    def records(files: list[tuple[bytes, int]]) -> bytes:
+        return b"".join(struct.pack("<QI", size, len(name)) + name for name, size in files)
+
+    good = [(n, 3) for n in names]
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert native.verify_files(fd, records(good), set()) == -1
+        for bad in sorted({0, 3999, *range(1, 4000, 197), *range(799, 4000, 800),
+                           *range(800, 4000, 800), *range(801, 4000, 800)}):
+            for why, wrong in (("size", (names[bad], 4)), ("missing", (b"d00/nope", 3)),
+                               ("dir", (b"d01", 3))):
+                files = [*good[:bad], wrong, *good[bad + 1:]]
+                assert native.verify_files(fd, records(files), set()) == bad, (bad, why)
+        # the last name becomes a hard link to the first: two runs, one inode
+        os.unlink(root / names[-1].decode())
+        os.link(root / names[0].decode(), root / names[-1].decode())
+        linked: set[int] = set()
+        assert native.verify_files(fd, records(good), linked) == len(names) - 1
+        # a wrong size before the second name of the inode is found first
+        files = [*good[:10], (names[10], 9), *good[11:]]
+        assert native.verify_files(fd, records(files), set()) == 10
+        # an inode met in an earlier call (chunk) counts too
+        linked = set()
+        assert native.verify_files(fd, records(good[:1]), linked) == -1
+        assert native.verify_files(fd, records(good[1:]), linked) == len(names) - 2
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 5000, 131072])
+def test_first_duplicate_sorts_and_finds_one(n: int) -> None:
+    """The duplicate rule's sort (a radix sort from 256 values on, through a scratch copy):
+    the hashes come out in order, and a value there twice is found wherever it is."""
+    import array
+
+    rng = random.Random(n)
+    for spread in (64, 10, 0):  # random; small values (high bytes alike); one high byte only
+        values = [rng.getrandbits(spread) << (56 if spread == 0 else 0) | rng.getrandbits(8)
+                  << (56 if spread == 0 else 0) for _ in range(n)]
+        once = len(set(values)) == len(values)
+        buf = bytearray(array.array("Q", values).tobytes())
+        found = native.first_duplicate(buf)
+        assert list(array.array("Q", bytes(buf))) == sorted(values)
+        assert (found is None) == once and (found is None or values.count(found) > 1)
+        if n and once:
+            twice = [*values, values[rng.randrange(n)]]
+            buf = bytearray(array.array("Q", twice).tobytes())
+            assert native.first_duplicate(buf) == twice[-1]
+
+
+def test_first_duplicate_runs_merges_spilled_runs(tmp_path: Path) -> None:
+    """The duplicate rule over sorted runs spilled to a file and the hashes still in memory:
+    a value twice is found in one run, across runs, in memory, between a run and memory; a
+    file shorter than the runs' sizes is EOFError."""
+    import array
+
+    rng = random.Random(7)
+    values = [rng.getrandbits(64) for _ in range(50_000)]
+    cuts = [0, 9000, 30_000, 41_000]  # three runs of different sizes, the rest in memory
+    runs = [sorted(values[a:b]) for a, b in itertools.pairwise(cuts)]
+
+    def spilled(runs: list[list[int]]) -> tuple[int, list[int]]:
+        path = tmp_path / "spill"
+        data = [array.array("Q", r).tobytes() for r in runs]
+        path.write_bytes(b"".join(data))
+        return os.open(path, os.O_RDONLY), [len(d) for d in data]
+
+    def rest(extra: list[int]) -> bytearray:
+        return bytearray(array.array("Q", values[cuts[-1]:] + extra).tobytes())
+
+    fd, sizes = spilled(runs)
+    try:
+        assert native.first_duplicate_runs(fd, sizes, rest([])) is None
+        assert native.first_duplicate_runs(fd, [], rest([])) is None
+        for twice in (values[0], values[20_000], values[-1]):  # a run's, a run's, memory's
+            assert native.first_duplicate_runs(fd, sizes, rest([twice])) == twice
+        with pytest.raises(EOFError):
+            native.first_duplicate_runs(fd, [*sizes, 8], rest([]))
+    finally:
+        os.close(fd)
+    for a, b in ((0, 0), (0, 2)):  # twice in one run; in two runs
+        twice = runs[a][5]
+        fd, sizes = spilled([sorted([*r, twice]) if i == b else r for i, r in enumerate(runs)])
+        try:
+            assert native.first_duplicate_runs(fd, sizes, rest([])) == twice
+        finally:
+            os.close(fd)
 
 
 PACKED: list[int] = []

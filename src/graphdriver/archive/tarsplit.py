@@ -31,12 +31,9 @@ falls back to the normal one.
 
 from __future__ import annotations
 
-import array
 import binascii
 import contextlib
-import heapq
 import io
-import itertools
 import os
 import posixpath
 import stat
@@ -73,7 +70,6 @@ METADATA_LEVEL = 1
 
 _COPY = 1 << 20
 _SPILL = 1 << 20  # bytes of file records kept in memory before they go to the spill file
-_RUN_READ = 64 << 10  # bytes read at a time from each sorted run of spilled hashes
 _MAX_LINE = 64 << 20  # a segment line: the reader flushes at most ~1 MiB of raw bytes at once
 
 
@@ -298,6 +294,8 @@ _fastapply = native_module("_fastapply")
 _path_hash: Callable[[bytes], int] | None = _fastapply.path_hash if _fastapply else None
 _first_duplicate: Callable[[bytearray], int | None] | None = (
     _fastapply.first_duplicate if _fastapply else None)
+_first_duplicate_runs: Callable[[int, list[int], bytearray], int | None] | None = (
+    _fastapply.first_duplicate_runs if _fastapply else None)
 _U64 = struct.Struct("<Q")
 
 
@@ -631,29 +629,16 @@ class _SpillBuffer:
         yield self.buf
 
     def first_duplicate(self) -> int | None:
-        """A u64 that occurs twice among all those held, or None (*sorted_runs* only)."""
-        dup = _first_duplicate(self.buf)  # type: ignore[misc]
-        if self._duplicate is not None or dup is not None or not self._sizes:
-            return self._duplicate if self._duplicate is not None else dup
-        runs = [self._run(off, size) for off, size in zip(
-            itertools.accumulate(self._sizes, initial=0), self._sizes, strict=False)]
-        runs.append(iter(array.array("Q", self.buf)))
-        prev = None
-        for h in heapq.merge(*runs):
-            if h == prev:
-                return h
-            prev = h
-        return None
-
-    def _run(self, off: int, size: int) -> Iterator[int]:
-        """The sorted u64s of the spilled chunk at *off*, read 64 KiB at a time."""
-        end = off + size
-        while off < end:
-            piece = os.pread(self._fd, min(_RUN_READ, end - off), off)
-            if not piece or len(piece) % 8:
-                raise StoreCorrupt("tar-split: a spill file is short")
-            off += len(piece)
-            yield from array.array("Q", piece)
+        """A u64 that occurs twice among all those held, or None (*sorted_runs* only): the
+        spilled runs merged with the rest natively, a few 64 KiB buffers at a time."""
+        if self._duplicate is not None:
+            return self._duplicate
+        if not self._sizes:
+            return _first_duplicate(self.buf)  # type: ignore[misc]
+        try:
+            return _first_duplicate_runs(self._fd, self._sizes, self.buf)  # type: ignore[misc]
+        except EOFError as exc:
+            raise StoreCorrupt("tar-split: a spill file is short") from exc
 
     def release(self) -> None:
         """Drop the file and the buffer."""
