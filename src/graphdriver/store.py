@@ -50,7 +50,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from typing import Any, BinaryIO, ClassVar, TypeVar
 
-    from .archive.apply import ApplyOptions, ApplyResult
+    from .archive.confine import Prespawned
+    from .archive.options import ApplyOptions, ApplyResult
     from .archive.recorded import RecordedLayer
     from .archive.tarsplit import Resolver
     from .driver import Change, CreateOpts
@@ -580,27 +581,32 @@ class LayerStore:
         rec = LayerRecord(id=staging_id, parent=parent, kind="ro", made_by=made_by)
         parent_locks = [self._lock_path(parent)] if parent else []
         staging_lock = FileLock(self._lock_path(staging_id))
-        with staging_lock:
-            try:
-                with LockSet(parent_locks):
-                    self._create_locked(rec, staged=True)
-                result = self._apply_locked(rec, stream, progress)
-                if expected_diff_id is not None and result.diff_id != expected_diff_id:
-                    raise InvalidArchive(f"the layer's diffID is {result.diff_id}, "
-                                         f"not the expected {expected_diff_id}")
-                layer_id = validate_id(layer_id_for(result.diff_id))
-                with LockSet([self._lock_path(layer_id), *parent_locks]):
-                    if self.meta.exists(layer_id):
-                        self._reuse(self.record(layer_id), rec, holder)
-                        self._destroy_layer(staging_id, reason=None)
-                    else:
-                        self._promote(rec, layer_id, holder)
-            except BaseException:
-                self._destroy_layer(staging_id, reason=None)
-                raise
-            finally:
-                # Nobody waits on a staging lock (repair only tries it): its file can go.
-                staging_lock.path.unlink(missing_ok=True)
+        child = self._start_apply_child()
+        try:
+            with staging_lock:
+                try:
+                    with LockSet(parent_locks):
+                        self._create_locked(rec, staged=True)
+                    result = self._apply_locked(rec, stream, progress, child)
+                    if expected_diff_id is not None and result.diff_id != expected_diff_id:
+                        raise InvalidArchive(f"the layer's diffID is {result.diff_id}, "
+                                             f"not the expected {expected_diff_id}")
+                    layer_id = validate_id(layer_id_for(result.diff_id))
+                    with LockSet([self._lock_path(layer_id), *parent_locks]):
+                        if self.meta.exists(layer_id):
+                            self._reuse(self.record(layer_id), rec, holder)
+                            self._destroy_layer(staging_id, reason=None)
+                        else:
+                            self._promote(rec, layer_id, holder)
+                except BaseException:
+                    self._destroy_layer(staging_id, reason=None)
+                    raise
+                finally:
+                    # Nobody waits on a staging lock (repair only tries it): its file can go.
+                    staging_lock.path.unlink(missing_ok=True)
+        finally:
+            if child is not None:
+                child.discard()  # refused before the hook took it: stopped and reaped now
         return layer_id, result
 
     def _reuse(self, existing: LayerRecord, staged: LayerRecord, holder: str | None) -> None:
@@ -1077,18 +1083,42 @@ class LayerStore:
     ) -> ApplyResult:
         """Apply a layer tar (plain or compressed) in a confined child; returns ApplyResult."""
         validate_id(layer_id)
-        with self.layer_lock(layer_id):
-            rec = self.applicable_record(layer_id, parent)
-            return self._apply_locked(rec, stream, progress)
+        child = self._start_apply_child()
+        try:
+            with self.layer_lock(layer_id):
+                rec = self.applicable_record(layer_id, parent)
+                return self._apply_locked(rec, stream, progress, child)
+        finally:
+            if child is not None:
+                child.discard()  # refused before the hook took it: stopped and reaped now
+
+    #: whether the apply hook runs the Linux apply's confined job (``apply_confined`` with the
+    #: store's options): its child is then started first thing in an apply
+    apply_child_ahead: ClassVar[bool] = True
+
+    def _start_apply_child(self) -> Prespawned | None:
+        """The apply hook's confined child, started before the lock, the record, the marker and
+        the parent's imports, so that its start-up (Python, the tar engine's imports) overlaps
+        them; the hook gets it as ``ApplyOptions.child``.  None: the hook runs no such child."""
+        if not self.apply_child_ahead:
+            return None
+        from .archive.confine import start_child
+        from .archive.jobs import LINUX_APPLY
+
+        return start_child(LINUX_APPLY)
 
     def _apply_locked(self, rec: LayerRecord, stream: BinaryIO | int,
-                      progress: Callable[[int], None] | None) -> ApplyResult:
-        """The apply and its commit (the caller holds the layer's lock)."""
-        from .archive.apply import ApplyOptions
+                      progress: Callable[[int], None] | None,
+                      child: Prespawned | None = None) -> ApplyResult:
+        """The apply and its commit (the caller holds the layer's lock); *child*: the hook's
+        confined child started ahead (:meth:`_start_apply_child`; the caller discards it if the
+        hook did not take it)."""
+        from .archive.options import ApplyOptions
 
         layer_id = rec.id
         opts = ApplyOptions(whiteout_format=self.whiteout_format,
-                            idmap=self.idmap, progress=progress)
+                            idmap=self.idmap, progress=progress, child=child,
+                            on_started=self._prepare_commit)
         opts = self._apply_options(rec, opts)
         opts.journal = self.apply_journal
         # SIGINT/SIGTERM are held from here to the commit, except while apply_confined runs:
@@ -1124,6 +1154,12 @@ class LayerStore:
     #: whether the apply hook keeps an undo journal (ApplyOptions.journal) for the store to
     #: commit or roll back; a driver whose hook swaps the layer in whole says False
     apply_journal: ClassVar[bool] = True
+
+    def _prepare_commit(self) -> None:
+        """While the child applies (``ApplyOptions.on_started``): import the journal's commit
+        and rollback (they live with the tar engine), so the commit after the apply does not."""
+        if self.apply_journal:
+            from .archive import apply  # noqa: F401
 
     def _decide_apply(self, rec: LayerRecord, result: ApplyResult) -> None:
         """The commit decision: the new record beside the old, then the marker says "commit"."""

@@ -9,7 +9,9 @@ A job is a function ``job(ctx: ChildContext) -> Callable[[], dict]`` named ``"mo
 imports that module, then calls the function *before* it confines itself: there the job reads
 its parameters, opens its input and imports and warms up everything it will need (the library
 files are out of reach after the chroot).  The function returns the job's body, which the
-runner calls once confined; the body's dict is the result handed back to the parent.
+runner calls once confined; the body's dict is the result handed back to the parent.  A job's
+module may define ``preload()``: a child started ahead of its job calls it while it waits, to
+import and warm what every run of the module's jobs needs (the parent meanwhile prepares).
 
 The parent (:func:`run_job`):
 
@@ -18,11 +20,14 @@ The parent (:func:`run_job`):
   target directory, the result pipe, the recorder frame pipe (:mod:`.recframes`) and the
   directories of the parent chain ("lowers"), the job's name and its parameters (``marshal``'d,
   in hex: the child reads them without json);
-- or hands them to a child started earlier by :func:`prespawn` (a command does that before it
-  opens its store, so that the child's start-up and its job module's imports overlap the
-  parent's work): that child imported the job's module and waits on a unix socket; the same
-  parameters and file descriptors reach it in one message (``SCM_RIGHTS``).  A child nobody
-  takes is killed by :func:`discard_prespawned` before it was handed anything;
+- or hands them to a child started earlier (a :class:`Prespawned`): the store starts the
+  apply's child first thing in an apply (:func:`start_child`), a command before it opens its
+  store (:func:`prespawn`), so that the child's start-up and its job module's imports overlap
+  the parent's work (locks, records, markers); that child imported the job's module and waits
+  on a unix socket; the same parameters and file descriptors reach it in one message
+  (``SCM_RIGHTS``).  A child nobody takes (the apply was refused) is stopped and reaped at once
+  (:meth:`Prespawned.discard`, :func:`discard_prespawned`) before it was handed anything.
+  No child is started ahead of a job that is not about to run, nor kept idle;
 - opens the lowers read-only: as root each is a detached read-only clone of its mount
   (:func:`graphdriver.mount.read_only_view`: writes through it fail with EROFS); without the
   privilege, a plain ``O_RDONLY`` directory fd.  A job that must hard-link the lowers' files
@@ -59,6 +64,7 @@ Owns the process boundary.  Imports :mod:`graphdriver.errors`, :mod:`graphdriver
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import importlib
@@ -109,9 +115,10 @@ _WAIT = "wait"
 _HANDOVER_BYTES = 1 << 20
 _HANDOVER_FDS = 250
 
-#: children started ahead of their job, by job name: the process and the parent's end of the
-#: hand-over socket
-_waiting: dict[str, tuple[subprocess.Popen[bytes], Any]] = {}
+#: children :func:`prespawn` started ahead of their job, by job name (the command's: one per job)
+_waiting: dict[str, Prespawned] = {}
+#: guards :data:`_waiting` (a library user may apply from several threads)
+_waiting_lock = _thread.allocate_lock()
 
 
 def _parent_log_level() -> int:
@@ -180,16 +187,71 @@ def _spawn(job: str, arguments: list[str], pass_fds: Sequence[int]) -> subproces
     )
 
 
-def prespawn(job: str) -> int:
-    """Start the child of the job *job* now, ahead of :func:`run_job`: it starts Python, imports
-    the job's module and waits for its parameters and file descriptors.  For a command that will
-    run the job once it has opened its store (the wait overlaps that work).  Call it from a
-    single-threaded process, after any namespace change (the child stays where it was
-    started).  A second call for the same job keeps the first child.  Returns its pid."""
+class Prespawned:
+    """A child started ahead of its job (:func:`start_child`, :func:`prespawn`): it started
+    Python, imports the job's module and waits on a unix socket for the job's parameters and
+    file descriptors.  :func:`run_job` hands it the job (``child=``); one nobody takes is stopped
+    by :meth:`discard`.  The thread that starts it must outlive it (``PR_SET_PDEATHSIG`` is
+    tied to the thread): the one that runs the job, or the command's main thread."""
+
+    __slots__ = ("job", "proc", "sock")
+
+    def __init__(self, job: str, proc: subprocess.Popen[bytes], sock: Any) -> None:
+        self.job = job
+        self.proc = proc
+        #: the parent's end of the hand-over socket; None once the child was handed its job
+        #: or discarded
+        self.sock: Any = sock
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def discard(self) -> None:
+        """Stop the child and reap it, unless it was handed its job (then :func:`run_job` owns
+        it).  It was handed nothing: it has touched nothing."""
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        sock.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def hand_over(self, args: dict[str, Any],
+                  pass_fds: list[int]) -> subprocess.Popen[bytes] | None:
+        """Give *args* and *pass_fds* to the child (None: it could not take them, it is gone:
+        it was stopped and reaped).  *args* names the fds by the parent's numbers; the child maps
+        them to its own."""
+        import _socket
+
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return None
+        proc = self.proc
+        message = marshal.dumps({**args, "passed": pass_fds})
+        try:
+            # more than one message holds (a deep parent chain's fds): a new child gets them
+            if proc.poll() is None and len(message) <= _HANDOVER_BYTES \
+                    and len(pass_fds) <= _HANDOVER_FDS:
+                sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                          b"".join(fd.to_bytes(4, sys.byteorder, signed=True)
+                                                   for fd in pass_fds))])
+                return proc
+        except OSError as exc:  # it died meanwhile (killed): a new child does the job
+            log.debug("the waiting %s child %d could not take the job: %s", self.job, proc.pid,
+                      exc)
+        finally:
+            sock.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        return None
+
+
+def _start_waiting(job: str) -> Prespawned:
     import _socket
 
-    if job in _waiting:
-        return _waiting[job][0].pid
     ours, theirs = _socket.socketpair(_socket.AF_UNIX,
                                       _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
@@ -199,48 +261,44 @@ def prespawn(job: str) -> int:
         raise
     finally:
         theirs.close()
-    _waiting[job] = (proc, ours)
-    return proc.pid
+    return Prespawned(job, proc, ours)
+
+
+def start_child(job: str) -> Prespawned:
+    """The child for the job *job* about to run in this thread: the command's waiting one
+    (:func:`prespawn`), else one started now, so that its start-up overlaps the caller's
+    preparation (the store calls it first thing in an apply).  The caller hands it to
+    :func:`run_job` (``child=``) or, if the job does not run after all, calls its
+    :meth:`~Prespawned.discard`.  It starts in this process's namespaces, where the job runs."""
+    with _waiting_lock:
+        waiting = _waiting.pop(job, None)
+    if waiting is not None and waiting.proc.poll() is None:
+        return waiting
+    if waiting is not None:
+        waiting.discard()  # it died (killed): reaped, and replaced
+    return _start_waiting(job)
+
+
+def prespawn(job: str) -> int:
+    """Start the child of the job *job* now, for a command that will run the job once it has
+    opened its store (:func:`start_child` takes it; the wait overlaps the open).  Call it after
+    any namespace change (the child stays where it was started), from the thread that will
+    run the job or outlives it.  A second call for the same job keeps the first child.  Returns
+    its pid."""
+    with _waiting_lock:
+        if job not in _waiting:
+            _waiting[job] = _start_waiting(job)
+        return _waiting[job].pid
 
 
 def discard_prespawned() -> None:
     """Stop every child :func:`prespawn` started that no job took (it was handed nothing: it has
     touched nothing), and reap it."""
-    while _waiting:
-        _, (proc, sock) = _waiting.popitem()
-        sock.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-def _hand_over(job: str, args: dict[str, Any],
-               pass_fds: list[int]) -> subprocess.Popen[bytes] | None:
-    """Give *args* and *pass_fds* to the waiting child of *job* (None: there is none, or it is
-    gone).  *args* names the fds by the parent's numbers; the child maps them to its own."""
-    import _socket
-
-    waiting = _waiting.pop(job, None)
-    if waiting is None:
-        return None
-    proc, sock = waiting
-    message = marshal.dumps({**args, "passed": pass_fds})
-    try:
-        # more than one message holds (a deep parent chain's fds): a new child gets them
-        if proc.poll() is None and len(message) <= _HANDOVER_BYTES \
-                and len(pass_fds) <= _HANDOVER_FDS:
-            sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                                      b"".join(fd.to_bytes(4, sys.byteorder, signed=True)
-                                               for fd in pass_fds))])
-            return proc
-    except OSError as exc:  # it died meanwhile (killed): a new child does the job
-        log.debug("the waiting %s child %d could not take the job: %s", job, proc.pid, exc)
-    finally:
-        sock.close()
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-    return None
+    with _waiting_lock:
+        waiting = list(_waiting.values())
+        _waiting.clear()
+    for child in waiting:
+        child.discard()
 
 
 def run_job(
@@ -256,6 +314,8 @@ def run_job(
     frames_fd: int | None = None,
     packer_fd: int | None = None,
     progress: Callable[[int], None] | None = None,
+    child: Prespawned | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run the job ``"module:function"`` confined to *target*; return its result.
 
@@ -264,8 +324,10 @@ def run_job(
     *recorder* gets the calls of the child's ``ctx.recorder`` replayed in a thread; without one,
     *frames_fd* (if given) receives the frame stream itself.  *packer_fd* is handed to the child
     as it is, for the job to write into (``ctx.packer_fd``: the apply's tar-split lines).
-    *on_death* makes the error raised
-    when the child exits without an answer (given why: "signal 9", "status 1").
+    *on_started* is called once the child has the job (the caller's work that should not delay
+    the child).  *child* (:func:`start_child`) takes the job if it can; without one, a child
+    :func:`prespawn` started for *job* does, else a new one is spawned.  *on_death* makes the
+    error raised when the child exits without an answer (given why: "signal 9", "status 1").
     """
     import json
     import threading
@@ -324,8 +386,14 @@ def run_job(
         if in_main:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, _on_signal)
-        proc = _hand_over(job, args, pass_fds) or _spawn(job, [marshal.dumps(args).hex()],
-                                                         pass_fds)
+        if child is None:
+            with _waiting_lock:
+                child = _waiting.pop(job, None)
+        elif child.job != job:
+            child.discard()
+            child = None
+        proc = (child.hand_over(args, pass_fds) if child is not None else None) \
+            or _spawn(job, [marshal.dumps(args).hex()], pass_fds)
         if signals:  # arrived while the child was being spawned
             proc.send_signal(signal.SIGTERM)
         # the child holds its own copies now; ours would keep the pipes from ending
@@ -337,6 +405,8 @@ def run_job(
         if recorder is not None:
             fds_to_close.remove(rec_r)
             replay = _start_replay(rec_r, recorder, replay_error)
+        if on_started is not None:
+            on_started()
         outcome: dict[str, Any] | None = None
         fds_to_close.remove(res_r)
         with os.fdopen(res_r, "rb") as results:
@@ -383,6 +453,8 @@ def run_job(
             log.debug("%s child %d exited with %s", job, proc.pid, proc.returncode)
         raise
     finally:
+        if child is not None:
+            child.discard()  # not handed the job (it failed before): stopped, reaped
         for fd in fds_to_close:
             os.close(fd)
         for sig, handler in old_handlers.items():
@@ -561,7 +633,9 @@ def _child_main(argv: list[str]) -> int:
         if os.getppid() != int(argv[3]):
             return 1  # the parent died before PDEATHSIG was set
         with contextlib.suppress(Exception):  # a failing import fails again below, answered
-            importlib.import_module(job.partition(":")[0])
+            preload = getattr(importlib.import_module(job.partition(":")[0]), "preload", None)
+            if callable(preload):
+                preload()
         received = _receive(int(argv[2]))
         if received is None:
             return 0  # not needed after all
