@@ -15,8 +15,11 @@ import and warm what every run of the module's jobs needs (the parent meanwhile 
 
 The parent (:func:`run_job`):
 
-- spawns ``python -S -P -c CHILD_MAIN`` by exec (never a fork of a threaded process), with the
-  file descriptors themselves (``pass_fds``, no copy through the parent): the input stream, the
+- spawns ``python -S -P -c CHILD_MAIN`` with ``posix_spawn`` (never a fork of a threaded
+  process; no subprocess module: its import is start-up time), with the file descriptors
+  themselves (dup2'd to numbers above every passed one, so no flag of the parent's is touched
+  and no other thread's child can inherit them; the child closes any other it inherited, as
+  ``close_fds`` would), no copy through the parent: the input stream, the
   target directory, the result pipe, the recorder frame pipe (:mod:`.recframes`) and the
   directories of the parent chain ("lowers"), the job's name and its parameters (``marshal``'d,
   in hex: the child reads them without json);
@@ -83,7 +86,6 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 
 if TYPE_CHECKING:  # the parent's modules: the child does not import them (start-up time)
     import signal
-    import subprocess
     import threading
     from collections.abc import Callable, Sequence
     from pathlib import Path
@@ -175,16 +177,85 @@ def _open_lowers(lowers: Sequence[Path], linkable: bool) -> list[int]:
     return fds
 
 
-def _spawn(job: str, arguments: list[str], pass_fds: Sequence[int]) -> subprocess.Popen[bytes]:
-    import subprocess
+class _Process:
+    """A spawned child: the part of ``subprocess.Popen`` the runner uses (pid, poll, wait,
+    send_signal, kill), on ``os.waitpid``."""
 
-    return subprocess.Popen(
-        [sys.executable, "-S", "-P", "-c", CHILD_MAIN, job, *arguments],
-        pass_fds=pass_fds,
-        stdin=subprocess.DEVNULL,
-        env=_child_env(),
-        close_fds=True,
-    )
+    __slots__ = ("pid", "returncode")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def _reap(self, options: int) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, options)
+            except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored): as Popen says
+                pid, status = self.pid, 0
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self) -> int:
+        code = self._reap(0)
+        assert code is not None
+        return code
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:  # never a signal to a reaped (maybe reused) pid
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _child_fds(pass_fds: Sequence[int]) -> dict[int, int]:
+    """The number each passed fd gets in the child: above every passed one (a dup2 never lands
+    on a source still to be copied), at least 3."""
+    first = max(3, max(pass_fds, default=2) + 1)
+    return {fd: first + i for i, fd in enumerate(pass_fds)}
+
+
+def _spawn(job: str, arguments: list[str], fds: dict[int, int]) -> _Process:
+    """Start the child with the fds *fds* (parent's number -> child's), stdin /dev/null, an
+    empty signal mask and SIGPIPE/SIGXFSZ at their defaults (as subprocess does)."""
+    actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_DUP2, src, dst)
+                                      for src, dst in fds.items()]
+    actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
+    pid = os.posix_spawn(sys.executable,
+                         [sys.executable, "-S", "-P", "-c", CHILD_MAIN, job, *arguments],
+                         _child_env(), file_actions=actions, setsigmask=(),
+                         setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+    return _Process(pid)
+
+
+def _renumber(args: dict[str, Any], fds: dict[int, int]) -> dict[str, Any]:
+    """*args* with its fds as the child numbers them (*fds*: parent's number -> child's)."""
+    args = dict(args)
+    for key in _FD_KEYS:
+        if args[key] is not None:
+            args[key] = fds[args[key]]
+    args["lower_fds"] = [fds[fd] for fd in args["lower_fds"]]
+    return args
+
+
+#: the parameters that name one fd (``lower_fds`` names several)
+_FD_KEYS = ("input_fd", "target_fd", "result_fd", "frames_fd", "packer_fd")
+
+
+def _close_inherited(keep: Sequence[int]) -> None:
+    """Close every fd above stderr but *keep*: what the child inherited beyond its own (an
+    fd the parent's process left inheritable), as ``close_fds`` would before the exec."""
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 class Prespawned:
@@ -196,7 +267,7 @@ class Prespawned:
 
     __slots__ = ("job", "proc", "sock")
 
-    def __init__(self, job: str, proc: subprocess.Popen[bytes], sock: Any) -> None:
+    def __init__(self, job: str, proc: _Process, sock: Any) -> None:
         self.job = job
         self.proc = proc
         #: the parent's end of the hand-over socket; None once the child was handed its job
@@ -219,7 +290,7 @@ class Prespawned:
         self.proc.wait()
 
     def hand_over(self, args: dict[str, Any],
-                  pass_fds: list[int]) -> subprocess.Popen[bytes] | None:
+                  pass_fds: list[int]) -> _Process | None:
         """Give *args* and *pass_fds* to the child (None: it could not take them, it is gone:
         it was stopped and reaped).  *args* names the fds by the parent's numbers; the child maps
         them to its own."""
@@ -255,7 +326,8 @@ def _start_waiting(job: str) -> Prespawned:
     ours, theirs = _socket.socketpair(_socket.AF_UNIX,
                                       _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
-        proc = _spawn(job, [_WAIT, str(theirs.fileno()), str(os.getpid())], [theirs.fileno()])
+        fds = _child_fds([theirs.fileno()])
+        proc = _spawn(job, [_WAIT, str(fds[theirs.fileno()]), str(os.getpid())], fds)
     except BaseException:
         ours.close()
         raise
@@ -341,7 +413,7 @@ def run_job(
     replay_error: list[BaseException] = []
     old_handlers: dict[signal.Signals, Any] = {}
     in_main = threading.current_thread() is threading.main_thread()
-    proc: subprocess.Popen[bytes] | None = None
+    proc: _Process | None = None
     signals: list[int] = []
 
     def _on_signal(signum: int, frame: object) -> None:
@@ -392,8 +464,10 @@ def run_job(
         elif child.job != job:
             child.discard()
             child = None
-        proc = (child.hand_over(args, pass_fds) if child is not None else None) \
-            or _spawn(job, [marshal.dumps(args).hex()], pass_fds)
+        proc = child.hand_over(args, pass_fds) if child is not None else None
+        if proc is None:
+            fds = _child_fds(pass_fds)
+            proc = _spawn(job, [marshal.dumps(_renumber(args, fds)).hex()], fds)
         if signals:  # arrived while the child was being spawned
             proc.send_signal(signal.SIGTERM)
         # the child holds its own copies now; ours would keep the pipes from ending
@@ -599,12 +673,7 @@ def _receive(sock_fd: int) -> dict[str, Any] | None:
     if flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
         raise errors.InvalidArgument("the confined job's parameters did not fit its message")
     args: dict[str, Any] = marshal.loads(data)
-    mine = dict(zip(args.pop("passed"), received, strict=True))
-    for key in ("input_fd", "target_fd", "result_fd", "frames_fd", "packer_fd"):
-        if args[key] is not None:
-            args[key] = mine[args[key]]
-    args["lower_fds"] = [mine[fd] for fd in args["lower_fds"]]
-    return args
+    return _renumber(args, dict(zip(args.pop("passed"), received, strict=True)))
 
 
 def _child_main(argv: list[str]) -> int:
@@ -625,6 +694,7 @@ def _child_main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     if argv[1] == _WAIT:  # started ahead of the job: import its module, then wait for it
+        _close_inherited([int(argv[2])])
         # A SIGINT now is the terminal's, to the whole process group: the parent decides what it
         # means (it may be committing something else); once the job is handed over, the parent
         # forwards what stops the job as a SIGTERM.  A SIGTERM is held, as below.
@@ -644,6 +714,8 @@ def _child_main(argv: list[str]) -> int:
     else:
         signal.signal(signal.SIGINT, on_term)
         args = marshal.loads(bytes.fromhex(argv[1]))
+        _close_inherited([args[key] for key in _FD_KEYS if args[key] is not None]
+                         + args["lower_fds"])
         _set_pdeathsig()
         if os.getppid() != int(args["parent_pid"]):
             return 1  # the parent died before PDEATHSIG was set: nobody waits for the answer
