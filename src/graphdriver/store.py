@@ -1112,7 +1112,8 @@ class LayerStore:
                       child: Prespawned | None = None) -> ApplyResult:
         """The apply and its commit (the caller holds the layer's lock); *child*: the hook's
         confined child started ahead (:meth:`_start_apply_child`; the caller discards it if the
-        hook did not take it)."""
+        hook did not take it).  A child that answered success exits while the commit is
+        written, and is reaped here, before the lock goes."""
         from .archive.options import ApplyOptions
 
         layer_id = rec.id
@@ -1142,6 +1143,8 @@ class LayerStore:
                     self._tarsplit_end(rec, raw_fd, result)
                 self._decide_apply(rec, result)
             except BaseException as exc:
+                if child is not None:
+                    child.discard()  # gone before the rollback
                 self._tarsplit_discard(layer_id, raw_fd)
                 self._roll_back_apply(rec, applied)
                 if isinstance(exc, OSError):
@@ -1149,6 +1152,8 @@ class LayerStore:
                 raise
             self._tarsplit_discard(layer_id, raw_fd)
             self._finish_apply(rec)
+            if child is not None:
+                child.discard()
         return result
 
     #: whether the apply hook keeps an undo journal (ApplyOptions.journal) for the store to

@@ -497,6 +497,8 @@ def test_the_child_holds_only_the_fds_it_was_handed(work: Path, ahead: bool) -> 
     try:
         child = start_child("confine_jobs:open_fds") if ahead else None
         ok = run_job("confine_jobs:open_fds", target, {}, on_death=_no_death, child=child)
+        if child is not None:
+            child.discard()  # it answered: reaped by its owner
     finally:
         os.close(low)
         os.close(high)
@@ -521,6 +523,7 @@ def test_start_child_takes_the_commands_waiting_child(work: Path) -> None:
     child = start_child("confine_jobs:whoami")
     assert child.pid == pid
     assert _whoami(target, child=child)["pid"] == pid
+    child.discard()  # it answered and exits by itself: its owner reaps it
     assert children() == []
 
 
@@ -538,6 +541,7 @@ def test_children_started_ahead_from_threads_each_run_their_own_job(work: Path) 
             target.mkdir()
             child = start_child("confine_jobs:whoami")
             results[i] = (child.pid, _whoami(target, child=child))
+            child.discard()
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -550,4 +554,23 @@ def test_children_started_ahead_from_threads_each_run_their_own_job(work: Path) 
     assert all(ok["pid"] == pid and ok["input"] == "through the handed-over fd"
                for pid, ok in results.values())
     assert len({pid for pid, _ in results.values()}) == 4
+    assert children() == []
+
+
+def test_a_child_that_answered_is_left_for_its_owner_to_reap(work: Path) -> None:
+    """Given its child, run_job returns once the child answered: the child's exit overlaps the
+    caller's commit, and the caller reaps it (Prespawned.discard) before it returns."""
+    target = work / "t"
+    target.mkdir()
+    child = start_child("confine_jobs:whoami")
+    assert _whoami(target, child=child)["pid"] == child.pid
+    assert child.exiting and child.proc.returncode is None  # not reaped by run_job
+    child.discard()
+    assert child.proc.returncode == 0 and not child.exiting
+    assert children() == []
+    with pytest.raises(NoSpace):  # a failed job: run_job waits for the child itself
+        child = start_child("confine_jobs:fail")
+        run_job("confine_jobs:fail", target, {"class": "NoSpace", "message": "full"},
+                on_death=_no_death, child=child)
+    assert not child.exiting and child.proc.returncode is not None
     assert children() == []

@@ -265,7 +265,7 @@ class Prespawned:
     by :meth:`discard`.  The thread that starts it must outlive it (``PR_SET_PDEATHSIG`` is
     tied to the thread): the one that runs the job, or the command's main thread."""
 
-    __slots__ = ("job", "proc", "sock")
+    __slots__ = ("exiting", "job", "proc", "sock")
 
     def __init__(self, job: str, proc: _Process, sock: Any) -> None:
         self.job = job
@@ -273,14 +273,21 @@ class Prespawned:
         #: the parent's end of the hand-over socket; None once the child was handed its job
         #: or discarded
         self.sock: Any = sock
+        #: the child did its job and answered, and is exiting: :meth:`discard` reaps it
+        self.exiting = False
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def discard(self) -> None:
-        """Stop the child and reap it, unless it was handed its job (then :func:`run_job` owns
-        it).  It was handed nothing: it has touched nothing."""
+        """Stop the child and reap it if it was handed nothing (it has touched nothing); reap
+        it if it did its job and answered (:func:`run_job` leaves that to the caller, who
+        commits meanwhile); else nothing (:func:`run_job` owns it)."""
+        if self.exiting:
+            self.exiting = False
+            self.proc.wait()
+            return
         sock, self.sock = self.sock, None
         if sock is None:
             return
@@ -397,7 +404,9 @@ def run_job(
     *frames_fd* (if given) receives the frame stream itself.  *packer_fd* is handed to the child
     as it is, for the job to write into (``ctx.packer_fd``: the apply's tar-split lines).
     *on_started* is called once the child has the job (the caller's work that should not delay
-    the child).  *child* (:func:`start_child`) takes the job if it can; without one, a child
+    the child).  *child* (:func:`start_child`) takes the job if it can, and once it answered
+    success it is left exiting for the caller to reap (:meth:`Prespawned.discard`, after its
+    commit: the child's answer comes after its last change and its fsync); without one, a child
     :func:`prespawn` started for *job* does, else a new one is spawned.  *on_death* makes the
     error raised when the child exits without an answer (given why: "signal 9", "status 1").
     """
@@ -460,11 +469,13 @@ def run_job(
                 old_handlers[sig] = signal.signal(sig, _on_signal)
         if child is None:
             with _waiting_lock:
-                child = _waiting.pop(job, None)
+                waiting = _waiting.pop(job, None)
+            proc = waiting.hand_over(args, pass_fds) if waiting is not None else None
         elif child.job != job:
             child.discard()
-            child = None
-        proc = child.hand_over(args, pass_fds) if child is not None else None
+            proc = None
+        else:
+            proc = child.hand_over(args, pass_fds)
         if proc is None:
             fds = _child_fds(pass_fds)
             proc = _spawn(job, [marshal.dumps(_renumber(args, fds)).hex()], fds)
@@ -493,7 +504,12 @@ def run_job(
                         progress(int(msg["progress"]))
                     continue
                 outcome = msg
-        rc = proc.wait()
+        if outcome is not None and "ok" in outcome and child is not None \
+                and proc is child.proc:
+            child.exiting = True  # the caller reaps it (its exit overlaps the commit)
+            rc = 0
+        else:
+            rc = proc.wait()
         if replay is not None:
             replay.join()
         if outcome is None and signals and rc == -signal.SIGTERM:
@@ -527,7 +543,7 @@ def run_job(
             log.debug("%s child %d exited with %s", job, proc.pid, proc.returncode)
         raise
     finally:
-        if child is not None:
+        if child is not None and not child.exiting:
             child.discard()  # not handed the job (it failed before): stopped, reaped
         for fd in fds_to_close:
             os.close(fd)
