@@ -344,7 +344,8 @@ print(open(f"{d.get('a')}/hello").read(), end="")
 
 #: what the parent of an apply may not have imported when its child takes the job
 APPLY_PARENT_HEAVY = {"graphdriver.archive.apply", "graphdriver.archive.tarstream",
-                      "graphdriver.archive.digest", "_hashlib", "subprocess"}
+                      "graphdriver.archive.digest", "_hashlib", "subprocess",
+                      "graphdriver.exactdiff", "graphdriver.archive.tarsplit", "anycrc"}
 
 
 def test_the_parent_of_an_apply_leaves_the_engine_to_its_child(tmp_path: Path) -> None:
@@ -359,3 +360,10 @@ def test_the_parent_of_an_apply_leaves_the_engine_to_its_child(tmp_path: Path) -
     mods = set(out.read_text().split())
     assert "graphdriver.archive.confine" in mods  # the test can fail: it saw the parent's
     assert sorted(mods & APPLY_PARENT_HEAVY) == []
+
+
+def test_the_store_names_the_raw_tarsplit_file_as_exactdiff_does() -> None:
+    from graphdriver.exactdiff import RAW_NAME
+    from graphdriver.store import TARSPLIT_RAW_NAME
+
+    assert TARSPLIT_RAW_NAME == RAW_NAME

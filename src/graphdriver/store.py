@@ -65,6 +65,9 @@ STORE_MARKER = ".graphdriver-store"
 STORE_FORMAT = 1
 #: where repair moves what it cannot explain
 LOST_FOUND = ".lost+found"
+#: ``exactdiff.RAW_NAME`` (a test checks they agree), spelled here: the apply opens it before its
+#: child has the job, and importing exactdiff (tar-split, the CRC-64) then would delay the child
+TARSPLIT_RAW_NAME = "tar-split.raw"
 
 
 def normalize_options(
@@ -1161,10 +1164,13 @@ class LayerStore:
     apply_journal: ClassVar[bool] = True
 
     def _prepare_commit(self) -> None:
-        """While the child applies (``ApplyOptions.on_started``): import the journal's commit
-        and rollback (they live with the tar engine), so the commit after the apply does not."""
+        """While the child applies (``ApplyOptions.on_started``): import what the commit after
+        it needs -- the journal's commit and rollback (they live with the tar engine), the
+        tar-split finishing (exactdiff) -- so that the commit does not."""
         if self.apply_journal:
             from .archive import apply  # noqa: F401
+        if self.record_tarsplit:
+            from . import exactdiff  # noqa: F401
 
     def _decide_apply(self, rec: LayerRecord, result: ApplyResult) -> None:
         """The commit decision: the new record beside the old, then the marker says "commit"."""
@@ -1249,7 +1255,7 @@ class LayerStore:
         if raw_fd is not None:
             os.close(raw_fd)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.meta.dir(layer_id) / "tar-split.raw")
+                os.unlink(self.meta.dir(layer_id) / TARSPLIT_RAW_NAME)
 
     def _apply_options(self, rec: LayerRecord, opts: Any) -> Any:
         return opts
@@ -1261,9 +1267,7 @@ class LayerStore:
         """Hand the apply a file for the raw stream description (archive/tarsplit.py)."""
         if not self.record_tarsplit or opts.recorder is not None:
             return None
-        from .exactdiff import RAW_NAME
-
-        fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
+        fd = os.open(self.meta.dir(layer_id) / TARSPLIT_RAW_NAME,
                      os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         opts.packer_fd = fd  # the confined child packs the final lines, gzip'd, into it
         return fd

@@ -59,10 +59,12 @@ enum (``_signal``), inspect, dataclasses or pathlib, and logging only if a messa
 (:mod:`graphdriver.logs`).  After the chroot nothing can be imported any more: what the body
 needs is imported while the job prepares.
 
-Owns the process boundary.  Imports :mod:`graphdriver.errors`, :mod:`graphdriver.logs`,
-:mod:`.recframes`, :mod:`.jsontext` and :mod:`.pipes`; the parent side imports
-:mod:`graphdriver.mount` (read-only views) when it has lowers.  It never imports a job module
-(the child does, by name), a driver, the store, the CLI, the plugin or the package root.
+Owns the process boundary.  Imports :mod:`graphdriver.errors`, :mod:`graphdriver.logs`;
+:mod:`.recframes` and :mod:`.pipes` when a job records through the frame pipe, :mod:`.jsontext`
+in the child; the parent side imports :mod:`graphdriver.mount` (read-only views) when it has
+lowers (what comes before a child's start is kept light: it delays the start).  It never
+imports a job module (the child does, by name), a driver, the store, the CLI, the plugin or the
+package root.
 """
 
 from __future__ import annotations
@@ -70,7 +72,6 @@ from __future__ import annotations
 import _thread
 import contextlib
 import errno
-import importlib
 import marshal
 import os
 import sys
@@ -78,9 +79,6 @@ import sys
 from .. import errors, logs
 from ..errors import GraphDriverError, Interrupted
 from ..logs import get_logger
-from .jsontext import dumps as json_text
-from .pipes import grow_pipe
-from .recframes import PIPE_SIZE, PipeRecorder, replay_recorder_stream
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
@@ -91,6 +89,7 @@ if TYPE_CHECKING:  # the parent's modules: the child does not import them (start
     from pathlib import Path
     from typing import Any
 
+    from .recframes import PipeRecorder
     from .tarstream import Recorder
 else:
     import _signal as signal  # the same calls, without the enum wrappers (start-up time)
@@ -448,6 +447,9 @@ def run_job(
         if recorder is not None:
             rec_r, rec_w = os.pipe2(os.O_CLOEXEC)
             fds_to_close += [rec_r, rec_w]
+            from .pipes import grow_pipe
+            from .recframes import PIPE_SIZE
+
             grow_pipe(rec_w, PIPE_SIZE)
         args = {
             "params": params,
@@ -555,6 +557,8 @@ def _start_replay(fd: int, recorder: Recorder,
                   replay_error: list[BaseException]) -> threading.Thread:
     import threading
 
+    from .recframes import replay_recorder_stream
+
     def _replay() -> None:
         try:
             replay_recorder_stream(fd, recorder)
@@ -596,8 +600,11 @@ class ChildContext:
         #: linkable ones
         self.lower_fds: list[int] = [int(fd) for fd in args["lower_fds"]]
         #: frames the job's recorder calls to the parent (None: no recording wanted)
-        self.recorder: PipeRecorder | None = (
-            None if args["frames_fd"] is None else PipeRecorder(int(args["frames_fd"])))
+        self.recorder: PipeRecorder | None = None
+        if args["frames_fd"] is not None:
+            from .recframes import PipeRecorder
+
+            self.recorder = PipeRecorder(int(args["frames_fd"]))
         #: a file the parent handed over for the job to write into (the apply's tar-split
         #: lines), None when not asked for
         self.packer_fd: int | None = args.get("packer_fd")
@@ -636,6 +643,8 @@ def _load_job(name: str) -> Callable[[ChildContext], JobBody]:
     module, _, func = name.partition(":")
     if not module or not func:
         raise errors.InvalidArgument(f"not a confined job: {name!r}")
+    import importlib
+
     job = getattr(importlib.import_module(module), func, None)
     if not callable(job):
         raise errors.InvalidArgument(f"not a confined job: {name!r}")
@@ -693,6 +702,8 @@ def _receive(sock_fd: int) -> dict[str, Any] | None:
 
 
 def _child_main(argv: list[str]) -> int:
+    from .jsontext import dumps as json_text
+
     job = argv[0]
     ctx: ChildContext | None = None
     held: list[int] = []  # signals that came before the job's context existed
@@ -718,6 +729,8 @@ def _child_main(argv: list[str]) -> int:
         _set_pdeathsig()
         if os.getppid() != int(argv[3]):
             return 1  # the parent died before PDEATHSIG was set
+        import importlib
+
         with contextlib.suppress(Exception):  # a failing import fails again below, answered
             preload = getattr(importlib.import_module(job.partition(":")[0]), "preload", None)
             if callable(preload):
