@@ -311,3 +311,59 @@ def test_confined_child_imports_little(tmp_path: Path, monkeypatch: pytest.Monke
     assert "graphdriver.archive.apply" in imported  # the test can fail: it sees the job's imports
     heavy = sorted(m for m in imported if m.split(".")[0] in CHILD_HEAVY)
     assert heavy == []
+
+
+# ---------------------------------------------------------------- the parent of a store's apply
+
+# Run a store's apply (vfs, a real child) and write the parent's sys.modules at the moment the
+# child has been handed the job: the parent's preparation ran before it, and must not have
+# imported the tar engine (the child runs it) nor subprocess (the child is posix_spawn'ed).
+_APPLY_RUNNER = """
+import io, sys, tarfile
+from graphdriver import open_driver
+from graphdriver.store import LayerStore
+out, root = sys.argv[1], sys.argv[2]
+prepare = LayerStore._prepare_commit
+def spy(self):
+    open(out, "w").write("\\n".join(sorted(sys.modules)))
+    prepare(self)
+LayerStore._prepare_commit = spy
+raw = io.BytesIO()
+with tarfile.open(fileobj=raw, mode="w") as tar:
+    info = tarfile.TarInfo("hello")
+    info.size = 6
+    tar.addfile(info, io.BytesIO(b"hello\\n"))
+layer = raw.getvalue()
+del tarfile, raw  # what the test itself needed
+sys.modules.pop("tarfile", None)
+d = open_driver("vfs", root, runroot=root + "/run")
+d.create("a")
+d.apply_diff("a", None, io.BytesIO(layer))
+print(open(f"{d.get('a')}/hello").read(), end="")
+"""
+
+#: what the parent of an apply may not have imported when its child takes the job
+APPLY_PARENT_HEAVY = {"graphdriver.archive.apply", "graphdriver.archive.tarstream",
+                      "graphdriver.archive.digest", "_hashlib", "subprocess",
+                      "graphdriver.exactdiff", "graphdriver.archive.tarsplit", "anycrc"}
+
+
+def test_the_parent_of_an_apply_leaves_the_engine_to_its_child(tmp_path: Path) -> None:
+    out = tmp_path / "modules.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = str(SRC)
+    proc = subprocess.run([sys.executable, "-c", _APPLY_RUNNER, str(out),
+                           str(tmp_path / "root")],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello\n"  # the child applied the layer
+    mods = set(out.read_text().split())
+    assert "graphdriver.archive.confine" in mods  # the test can fail: it saw the parent's
+    assert sorted(mods & APPLY_PARENT_HEAVY) == []
+
+
+def test_the_store_names_the_raw_tarsplit_file_as_exactdiff_does() -> None:
+    from graphdriver.exactdiff import RAW_NAME
+    from graphdriver.store import TARSPLIT_RAW_NAME
+
+    assert TARSPLIT_RAW_NAME == RAW_NAME

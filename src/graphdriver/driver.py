@@ -13,7 +13,7 @@ from .archive.changes import Change, ChangeKind
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from .archive.apply import ApplyResult
+    from .archive.options import ApplyResult
     from .layers import LayerRecord
 
 __all__ = ["Change", "ChangeKind", "CreateOpts", "DiffGetter", "Driver"]

@@ -50,7 +50,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from typing import Any, BinaryIO, ClassVar, TypeVar
 
-    from .archive.apply import ApplyOptions, ApplyResult
+    from .archive.confine import Prespawned
+    from .archive.options import ApplyOptions, ApplyResult
     from .archive.recorded import RecordedLayer
     from .archive.tarsplit import Resolver
     from .driver import Change, CreateOpts
@@ -64,6 +65,9 @@ STORE_MARKER = ".graphdriver-store"
 STORE_FORMAT = 1
 #: where repair moves what it cannot explain
 LOST_FOUND = ".lost+found"
+#: ``exactdiff.RAW_NAME`` (a test checks they agree), spelled here: the apply opens it before its
+#: child has the job, and importing exactdiff (tar-split, the CRC-64) then would delay the child
+TARSPLIT_RAW_NAME = "tar-split.raw"
 
 
 def normalize_options(
@@ -580,27 +584,32 @@ class LayerStore:
         rec = LayerRecord(id=staging_id, parent=parent, kind="ro", made_by=made_by)
         parent_locks = [self._lock_path(parent)] if parent else []
         staging_lock = FileLock(self._lock_path(staging_id))
-        with staging_lock:
-            try:
-                with LockSet(parent_locks):
-                    self._create_locked(rec, staged=True)
-                result = self._apply_locked(rec, stream, progress)
-                if expected_diff_id is not None and result.diff_id != expected_diff_id:
-                    raise InvalidArchive(f"the layer's diffID is {result.diff_id}, "
-                                         f"not the expected {expected_diff_id}")
-                layer_id = validate_id(layer_id_for(result.diff_id))
-                with LockSet([self._lock_path(layer_id), *parent_locks]):
-                    if self.meta.exists(layer_id):
-                        self._reuse(self.record(layer_id), rec, holder)
-                        self._destroy_layer(staging_id, reason=None)
-                    else:
-                        self._promote(rec, layer_id, holder)
-            except BaseException:
-                self._destroy_layer(staging_id, reason=None)
-                raise
-            finally:
-                # Nobody waits on a staging lock (repair only tries it): its file can go.
-                staging_lock.path.unlink(missing_ok=True)
+        child = self._start_apply_child()
+        try:
+            with staging_lock:
+                try:
+                    with LockSet(parent_locks):
+                        self._create_locked(rec, staged=True)
+                    result = self._apply_locked(rec, stream, progress, child)
+                    if expected_diff_id is not None and result.diff_id != expected_diff_id:
+                        raise InvalidArchive(f"the layer's diffID is {result.diff_id}, "
+                                             f"not the expected {expected_diff_id}")
+                    layer_id = validate_id(layer_id_for(result.diff_id))
+                    with LockSet([self._lock_path(layer_id), *parent_locks]):
+                        if self.meta.exists(layer_id):
+                            self._reuse(self.record(layer_id), rec, holder)
+                            self._destroy_layer(staging_id, reason=None)
+                        else:
+                            self._promote(rec, layer_id, holder)
+                except BaseException:
+                    self._destroy_layer(staging_id, reason=None)
+                    raise
+                finally:
+                    # Nobody waits on a staging lock (repair only tries it): its file can go.
+                    staging_lock.path.unlink(missing_ok=True)
+        finally:
+            if child is not None:
+                child.discard()  # refused before the hook took it: stopped and reaped now
         return layer_id, result
 
     def _reuse(self, existing: LayerRecord, staged: LayerRecord, holder: str | None) -> None:
@@ -1077,18 +1086,43 @@ class LayerStore:
     ) -> ApplyResult:
         """Apply a layer tar (plain or compressed) in a confined child; returns ApplyResult."""
         validate_id(layer_id)
-        with self.layer_lock(layer_id):
-            rec = self.applicable_record(layer_id, parent)
-            return self._apply_locked(rec, stream, progress)
+        child = self._start_apply_child()
+        try:
+            with self.layer_lock(layer_id):
+                rec = self.applicable_record(layer_id, parent)
+                return self._apply_locked(rec, stream, progress, child)
+        finally:
+            if child is not None:
+                child.discard()  # refused before the hook took it: stopped and reaped now
+
+    #: whether the apply hook runs the Linux apply's confined job (``apply_confined`` with the
+    #: store's options): its child is then started first thing in an apply
+    apply_child_ahead: ClassVar[bool] = True
+
+    def _start_apply_child(self) -> Prespawned | None:
+        """The apply hook's confined child, started before the lock, the record, the marker and
+        the parent's imports, so that its start-up (Python, the tar engine's imports) overlaps
+        them; the hook gets it as ``ApplyOptions.child``.  None: the hook runs no such child."""
+        if not self.apply_child_ahead:
+            return None
+        from .archive.confine import start_child
+        from .archive.jobs import LINUX_APPLY
+
+        return start_child(LINUX_APPLY)
 
     def _apply_locked(self, rec: LayerRecord, stream: BinaryIO | int,
-                      progress: Callable[[int], None] | None) -> ApplyResult:
-        """The apply and its commit (the caller holds the layer's lock)."""
-        from .archive.apply import ApplyOptions
+                      progress: Callable[[int], None] | None,
+                      child: Prespawned | None = None) -> ApplyResult:
+        """The apply and its commit (the caller holds the layer's lock); *child*: the hook's
+        confined child started ahead (:meth:`_start_apply_child`; the caller discards it if the
+        hook did not take it).  A child that answered success exits while the commit is
+        written, and is reaped here, before the lock goes."""
+        from .archive.options import ApplyOptions
 
         layer_id = rec.id
         opts = ApplyOptions(whiteout_format=self.whiteout_format,
-                            idmap=self.idmap, progress=progress)
+                            idmap=self.idmap, progress=progress, child=child,
+                            on_started=self._prepare_commit)
         opts = self._apply_options(rec, opts)
         opts.journal = self.apply_journal
         # SIGINT/SIGTERM are held from here to the commit, except while apply_confined runs:
@@ -1112,6 +1146,8 @@ class LayerStore:
                     self._tarsplit_end(rec, raw_fd, result)
                 self._decide_apply(rec, result)
             except BaseException as exc:
+                if child is not None:
+                    child.discard()  # gone before the rollback
                 self._tarsplit_discard(layer_id, raw_fd)
                 self._roll_back_apply(rec, applied)
                 if isinstance(exc, OSError):
@@ -1119,11 +1155,22 @@ class LayerStore:
                 raise
             self._tarsplit_discard(layer_id, raw_fd)
             self._finish_apply(rec)
+            if child is not None:
+                child.discard()
         return result
 
     #: whether the apply hook keeps an undo journal (ApplyOptions.journal) for the store to
     #: commit or roll back; a driver whose hook swaps the layer in whole says False
     apply_journal: ClassVar[bool] = True
+
+    def _prepare_commit(self) -> None:
+        """While the child applies (``ApplyOptions.on_started``): import what the commit after
+        it needs -- the journal's commit and rollback (they live with the tar engine), the
+        tar-split finishing (exactdiff) -- so that the commit does not."""
+        if self.apply_journal:
+            from .archive import apply  # noqa: F401
+        if self.record_tarsplit:
+            from . import exactdiff  # noqa: F401
 
     def _decide_apply(self, rec: LayerRecord, result: ApplyResult) -> None:
         """The commit decision: the new record beside the old, then the marker says "commit"."""
@@ -1208,7 +1255,7 @@ class LayerStore:
         if raw_fd is not None:
             os.close(raw_fd)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.meta.dir(layer_id) / "tar-split.raw")
+                os.unlink(self.meta.dir(layer_id) / TARSPLIT_RAW_NAME)
 
     def _apply_options(self, rec: LayerRecord, opts: Any) -> Any:
         return opts
@@ -1220,9 +1267,7 @@ class LayerStore:
         """Hand the apply a file for the raw stream description (archive/tarsplit.py)."""
         if not self.record_tarsplit or opts.recorder is not None:
             return None
-        from .exactdiff import RAW_NAME
-
-        fd = os.open(self.meta.dir(layer_id) / RAW_NAME,
+        fd = os.open(self.meta.dir(layer_id) / TARSPLIT_RAW_NAME,
                      os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         opts.packer_fd = fd  # the confined child packs the final lines, gzip'd, into it
         return fd

@@ -68,3 +68,22 @@ def whoami(ctx: ChildContext) -> JobBody:
                 "input": data}
 
     return body
+
+
+def open_fds(ctx: ChildContext) -> JobBody:
+    """What each fd the child holds names, read before it confines itself (/proc is gone
+    after the chroot), and which of them it was handed."""
+    names = {}
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            names[entry] = os.readlink(f"/proc/self/fd/{entry}")
+        except OSError:  # the listing's own fd, closed meanwhile
+            continue
+    handed = [ctx.target_fd, *ctx.lower_fds]
+    if ctx.input_fd is not None:
+        handed.append(ctx.input_fd)
+
+    def body() -> dict[str, Any]:
+        return {"names": names, "handed": handed}
+
+    return body

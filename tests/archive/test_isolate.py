@@ -17,7 +17,7 @@ from tests.childproc import children_of, feed_until_started, is_gone
 from tests.treeutil import diff_snapshots, snapshot
 
 from graphdriver.archive.apply import ApplyOptions, apply_tar
-from graphdriver.archive.confine import discard_prespawned, prespawn, run_job
+from graphdriver.archive.confine import discard_prespawned, prespawn, run_job, start_child
 from graphdriver.archive.isolate import apply_confined
 from graphdriver.archive.jobs import LINUX_APPLY
 from graphdriver.errors import (
@@ -480,3 +480,97 @@ def test_more_fds_than_one_message_holds_go_to_a_new_child(work: Path) -> None:
     ok = _whoami(target, lowers=lowers)
     assert ok["pid"] != pid and ok["input"] == "through the handed-over fd"
     assert is_gone(pid) and children() == []
+
+
+# ---- what the child inherits; a child started first thing in an operation (start_child) ------
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["spawned", "started-ahead"])
+def test_the_child_holds_only_the_fds_it_was_handed(work: Path, ahead: bool) -> None:
+    """An fd this process left inheritable does not reach the child (it would be a way out of
+    its chroot): the child closes what it inherited beyond its own, as close_fds would."""
+    target = work / "t"
+    target.mkdir()
+    low = os.open(work, os.O_RDONLY | os.O_DIRECTORY)  # below the handed fds' numbers
+    os.set_inheritable(low, True)
+    high = os.dup2(low, 1000)  # above them; dup2 makes it inheritable
+    try:
+        child = start_child("confine_jobs:open_fds") if ahead else None
+        ok = run_job("confine_jobs:open_fds", target, {}, on_death=_no_death, child=child)
+        if child is not None:
+            child.discard()  # it answered: reaped by its owner
+    finally:
+        os.close(low)
+        os.close(high)
+    names = ok["names"]
+    assert str(work) not in names.values()  # the stray directory did not come across
+    assert names[str(ok["handed"][0])] == str(target)  # the handed target did
+    assert children() == []
+
+
+def test_a_child_started_ahead_and_not_taken_is_stopped_and_reaped(work: Path) -> None:
+    child = start_child("confine_jobs:whoami")
+    assert children() == [child.pid]
+    child.discard()
+    assert is_gone(child.pid) and children() == []
+    child.discard()  # once is enough
+
+
+def test_start_child_takes_the_commands_waiting_child(work: Path) -> None:
+    target = work / "t"
+    target.mkdir()
+    pid = prespawn("confine_jobs:whoami")
+    child = start_child("confine_jobs:whoami")
+    assert child.pid == pid
+    assert _whoami(target, child=child)["pid"] == pid
+    child.discard()  # it answered and exits by itself: its owner reaps it
+    assert children() == []
+
+
+def test_children_started_ahead_from_threads_each_run_their_own_job(work: Path) -> None:
+    """Several threads, each with its own child (the store's applies from a library user's
+    threads): every job is done by the child its thread started, and every child is reaped."""
+    import threading
+
+    results: dict[int, tuple[int, dict[str, object]]] = {}
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            target = work / f"t{i}"
+            target.mkdir()
+            child = start_child("confine_jobs:whoami")
+            results[i] = (child.pid, _whoami(target, child=child))
+            child.discard()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(ok["pid"] == pid and ok["input"] == "through the handed-over fd"
+               for pid, ok in results.values())
+    assert len({pid for pid, _ in results.values()}) == 4
+    assert children() == []
+
+
+def test_a_child_that_answered_is_left_for_its_owner_to_reap(work: Path) -> None:
+    """Given its child, run_job returns once the child answered: the child's exit overlaps the
+    caller's commit, and the caller reaps it (Prespawned.discard) before it returns."""
+    target = work / "t"
+    target.mkdir()
+    child = start_child("confine_jobs:whoami")
+    assert _whoami(target, child=child)["pid"] == child.pid
+    assert child.exiting and child.proc.returncode is None  # not reaped by run_job
+    child.discard()
+    assert child.proc.returncode == 0 and not child.exiting
+    assert children() == []
+    with pytest.raises(NoSpace):  # a failed job: run_job waits for the child itself
+        child = start_child("confine_jobs:fail")
+        run_job("confine_jobs:fail", target, {"class": "NoSpace", "message": "full"},
+                on_death=_no_death, child=child)
+    assert not child.exiting and child.proc.returncode is not None
+    assert children() == []

@@ -48,7 +48,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from ..errors import (
     GraphDriverError,
@@ -59,17 +59,18 @@ from ..errors import (
     from_oserror,
 )
 from ..fsutil import copy_file_data, empty_beneath, remove_beneath
-from ..idmap import IDENTITY, IDMap, real_root
+from ..idmap import real_root
 from ..logs import get_logger
 from . import tarstream as ts
 from .compression import decompress_stream, open_decompressed
 from .jsontext import dumps as json_text
 from .lowerview import LowerView
 from .native import native_module
+from .options import ApplyOptions as ApplyOptions  # re-exported: where the classes were
+from .options import ApplyResult as ApplyResult
 from .pathres import open_beneath
 from .tarstream import TarEntry, TarReader
 from .whiteout import (
-    NAIVE,
     WHITEOUT_LINK_DIR,
     WHITEOUT_META_PREFIX,
     WHITEOUT_OPAQUE,
@@ -82,7 +83,6 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any, BinaryIO
 
-    from .tarstream import Recorder
 
 _fastapply = native_module("_fastapply")
 #: ``create_file``: one regular file of a run, created and written in C (as root only)
@@ -145,85 +145,6 @@ SIGNAL_GATE = _SignalGate()
 
 # The three classes below behave as the dataclasses they were (init, repr, eq), written out so
 # that the confined apply child does not import dataclasses (and inspect) at every apply.
-class ApplyOptions:
-    """How an apply runs (keyword arguments; every field has a default)."""
-
-    __slots__ = ("idmap", "journal", "lower_fds", "packer_fd", "progress", "recorder",
-                 "tarsplit_fd", "whiteout_format")
-
-    def __init__(
-        self,
-        whiteout_format: WhiteoutFormat = NAIVE,
-        idmap: IDMap = IDENTITY,
-        recorder: Recorder | None = None,
-        progress: Callable[[int], None] | None = None,
-        tarsplit_fd: int | None = None,
-        journal: bool = False,
-        lower_fds: Sequence[int] | None = None,
-        packer_fd: int | None = None,
-    ) -> None:
-        self.whiteout_format = whiteout_format
-        self.idmap = idmap
-        self.recorder = recorder
-        self.progress = progress  # bytes read so far, now and then
-        # For apply_confined: the child writes tar-split's raw stream description here.
-        self.tarsplit_fd = tarsplit_fd
-        # Keep the undo journal on disk (in the scratch directory, JOURNAL_NAME) as it grows,
-        # and leave it there on success: the caller commits (commit_journal) or rolls back
-        # (rollback_journal) later, e.g. after its own steps failed or after a crash.
-        self.journal = journal
-        # A format that keeps whiteouts: read-only fds of the layers below (nearest first), or
-        # None when they are unknown (then every whiteout is kept, and every implicit parent
-        # is a plain 0755 directory).
-        self.lower_fds = lower_fds
-        # For apply_confined, when no recorder is given: the child packs tar-split's final
-        # lines (gzip'd) into this file itself, beside its reader, and checks the applied files
-        # against them; ApplyResult.recording says what it found.
-        self.packer_fd = packer_fd
-
-    _FIELDS = ("whiteout_format", "idmap", "recorder", "progress", "tarsplit_fd", "journal",
-               "lower_fds", "packer_fd")
-
-    def _fields(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self._FIELDS)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._fields() == other._fields()  # type: ignore[attr-defined]
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
-        return f"ApplyOptions({inner})"
-
-
-class ApplyResult:
-    """What an apply did: ``size`` (bytes of regular-file data applied, moby's ApplyDiff return
-    value) and ``diff_id`` ("sha256:<hex>" of the uncompressed stream); ``recording``: the
-    summary of the tar-split packer the confined child ran (``ApplyOptions.packer_fd``; see
-    ``TarSplitPacker.summary``), else None.  Equality is (size, diff_id)."""
-
-    __slots__ = ("diff_id", "recording", "size")
-
-    def __init__(self, size: int, diff_id: str,
-                 recording: dict[str, Any] | None = None) -> None:
-        self.size = size
-        self.diff_id = diff_id
-        self.recording = recording
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return (self.size, self.diff_id) == (other.size, other.diff_id)  # type: ignore[attr-defined]
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"ApplyResult(size={self.size!r}, diff_id={self.diff_id!r})"
-
-
 class _DirMeta:
     """A directory's own metadata, as read before the apply changed it."""
 

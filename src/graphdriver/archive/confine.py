@@ -9,20 +9,28 @@ A job is a function ``job(ctx: ChildContext) -> Callable[[], dict]`` named ``"mo
 imports that module, then calls the function *before* it confines itself: there the job reads
 its parameters, opens its input and imports and warms up everything it will need (the library
 files are out of reach after the chroot).  The function returns the job's body, which the
-runner calls once confined; the body's dict is the result handed back to the parent.
+runner calls once confined; the body's dict is the result handed back to the parent.  A job's
+module may define ``preload()``: a child started ahead of its job calls it while it waits, to
+import and warm what every run of the module's jobs needs (the parent meanwhile prepares).
 
 The parent (:func:`run_job`):
 
-- spawns ``python -S -P -c CHILD_MAIN`` by exec (never a fork of a threaded process), with the
-  file descriptors themselves (``pass_fds``, no copy through the parent): the input stream, the
+- spawns ``python -S -P -c CHILD_MAIN`` with ``posix_spawn`` (never a fork of a threaded
+  process; no subprocess module: its import is start-up time), with the file descriptors
+  themselves (dup2'd to numbers above every passed one, so no flag of the parent's is touched
+  and no other thread's child can inherit them; the child closes any other it inherited, as
+  ``close_fds`` would), no copy through the parent: the input stream, the
   target directory, the result pipe, the recorder frame pipe (:mod:`.recframes`) and the
   directories of the parent chain ("lowers"), the job's name and its parameters (``marshal``'d,
   in hex: the child reads them without json);
-- or hands them to a child started earlier by :func:`prespawn` (a command does that before it
-  opens its store, so that the child's start-up and its job module's imports overlap the
-  parent's work): that child imported the job's module and waits on a unix socket; the same
-  parameters and file descriptors reach it in one message (``SCM_RIGHTS``).  A child nobody
-  takes is killed by :func:`discard_prespawned` before it was handed anything;
+- or hands them to a child started earlier (a :class:`Prespawned`): the store starts the
+  apply's child first thing in an apply (:func:`start_child`), a command before it opens its
+  store (:func:`prespawn`), so that the child's start-up and its job module's imports overlap
+  the parent's work (locks, records, markers); that child imported the job's module and waits
+  on a unix socket; the same parameters and file descriptors reach it in one message
+  (``SCM_RIGHTS``).  A child nobody takes (the apply was refused) is stopped and reaped at once
+  (:meth:`Prespawned.discard`, :func:`discard_prespawned`) before it was handed anything.
+  No child is started ahead of a job that is not about to run, nor kept idle;
 - opens the lowers read-only: as root each is a detached read-only clone of its mount
   (:func:`graphdriver.mount.read_only_view`: writes through it fail with EROFS); without the
   privilege, a plain ``O_RDONLY`` directory fd.  A job that must hard-link the lowers' files
@@ -51,17 +59,19 @@ enum (``_signal``), inspect, dataclasses or pathlib, and logging only if a messa
 (:mod:`graphdriver.logs`).  After the chroot nothing can be imported any more: what the body
 needs is imported while the job prepares.
 
-Owns the process boundary.  Imports :mod:`graphdriver.errors`, :mod:`graphdriver.logs`,
-:mod:`.recframes`, :mod:`.jsontext` and :mod:`.pipes`; the parent side imports
-:mod:`graphdriver.mount` (read-only views) when it has lowers.  It never imports a job module
-(the child does, by name), a driver, the store, the CLI, the plugin or the package root.
+Owns the process boundary.  Imports :mod:`graphdriver.errors`, :mod:`graphdriver.logs`;
+:mod:`.recframes` and :mod:`.pipes` when a job records through the frame pipe, :mod:`.jsontext`
+in the child; the parent side imports :mod:`graphdriver.mount` (read-only views) when it has
+lowers (what comes before a child's start is kept light: it delays the start).  It never
+imports a job module (the child does, by name), a driver, the store, the CLI, the plugin or the
+package root.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
-import importlib
 import marshal
 import os
 import sys
@@ -69,20 +79,17 @@ import sys
 from .. import errors, logs
 from ..errors import GraphDriverError, Interrupted
 from ..logs import get_logger
-from .jsontext import dumps as json_text
-from .pipes import grow_pipe
-from .recframes import PIPE_SIZE, PipeRecorder, replay_recorder_stream
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:  # the parent's modules: the child does not import them (start-up time)
     import signal
-    import subprocess
     import threading
     from collections.abc import Callable, Sequence
     from pathlib import Path
     from typing import Any
 
+    from .recframes import PipeRecorder
     from .tarstream import Recorder
 else:
     import _signal as signal  # the same calls, without the enum wrappers (start-up time)
@@ -109,9 +116,10 @@ _WAIT = "wait"
 _HANDOVER_BYTES = 1 << 20
 _HANDOVER_FDS = 250
 
-#: children started ahead of their job, by job name: the process and the parent's end of the
-#: hand-over socket
-_waiting: dict[str, tuple[subprocess.Popen[bytes], Any]] = {}
+#: children :func:`prespawn` started ahead of their job, by job name (the command's: one per job)
+_waiting: dict[str, Prespawned] = {}
+#: guards :data:`_waiting` (a library user may apply from several threads)
+_waiting_lock = _thread.allocate_lock()
 
 
 def _parent_log_level() -> int:
@@ -168,79 +176,207 @@ def _open_lowers(lowers: Sequence[Path], linkable: bool) -> list[int]:
     return fds
 
 
-def _spawn(job: str, arguments: list[str], pass_fds: Sequence[int]) -> subprocess.Popen[bytes]:
-    import subprocess
+class _Process:
+    """A spawned child: the part of ``subprocess.Popen`` the runner uses (pid, poll, wait,
+    send_signal, kill), on ``os.waitpid``."""
 
-    return subprocess.Popen(
-        [sys.executable, "-S", "-P", "-c", CHILD_MAIN, job, *arguments],
-        pass_fds=pass_fds,
-        stdin=subprocess.DEVNULL,
-        env=_child_env(),
-        close_fds=True,
-    )
+    __slots__ = ("pid", "returncode")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def _reap(self, options: int) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, options)
+            except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored): as Popen says
+                pid, status = self.pid, 0
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self) -> int:
+        code = self._reap(0)
+        assert code is not None
+        return code
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:  # never a signal to a reaped (maybe reused) pid
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
-def prespawn(job: str) -> int:
-    """Start the child of the job *job* now, ahead of :func:`run_job`: it starts Python, imports
-    the job's module and waits for its parameters and file descriptors.  For a command that will
-    run the job once it has opened its store (the wait overlaps that work).  Call it from a
-    single-threaded process, after any namespace change (the child stays where it was
-    started).  A second call for the same job keeps the first child.  Returns its pid."""
+def _child_fds(pass_fds: Sequence[int]) -> dict[int, int]:
+    """The number each passed fd gets in the child: above every passed one (a dup2 never lands
+    on a source still to be copied), at least 3."""
+    first = max(3, max(pass_fds, default=2) + 1)
+    return {fd: first + i for i, fd in enumerate(pass_fds)}
+
+
+def _spawn(job: str, arguments: list[str], fds: dict[int, int]) -> _Process:
+    """Start the child with the fds *fds* (parent's number -> child's), stdin /dev/null, an
+    empty signal mask and SIGPIPE/SIGXFSZ at their defaults (as subprocess does)."""
+    actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_DUP2, src, dst)
+                                      for src, dst in fds.items()]
+    actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
+    pid = os.posix_spawn(sys.executable,
+                         [sys.executable, "-S", "-P", "-c", CHILD_MAIN, job, *arguments],
+                         _child_env(), file_actions=actions, setsigmask=(),
+                         setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+    return _Process(pid)
+
+
+def _renumber(args: dict[str, Any], fds: dict[int, int]) -> dict[str, Any]:
+    """*args* with its fds as the child numbers them (*fds*: parent's number -> child's)."""
+    args = dict(args)
+    for key in _FD_KEYS:
+        if args[key] is not None:
+            args[key] = fds[args[key]]
+    args["lower_fds"] = [fds[fd] for fd in args["lower_fds"]]
+    return args
+
+
+#: the parameters that name one fd (``lower_fds`` names several)
+_FD_KEYS = ("input_fd", "target_fd", "result_fd", "frames_fd", "packer_fd")
+
+
+def _close_inherited(keep: Sequence[int]) -> None:
+    """Close every fd above stderr but *keep*: what the child inherited beyond its own (an
+    fd the parent's process left inheritable), as ``close_fds`` would before the exec."""
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+class Prespawned:
+    """A child started ahead of its job (:func:`start_child`, :func:`prespawn`): it started
+    Python, imports the job's module and waits on a unix socket for the job's parameters and
+    file descriptors.  :func:`run_job` hands it the job (``child=``); one nobody takes is stopped
+    by :meth:`discard`.  The thread that starts it must outlive it (``PR_SET_PDEATHSIG`` is
+    tied to the thread): the one that runs the job, or the command's main thread."""
+
+    __slots__ = ("exiting", "job", "proc", "sock")
+
+    def __init__(self, job: str, proc: _Process, sock: Any) -> None:
+        self.job = job
+        self.proc = proc
+        #: the parent's end of the hand-over socket; None once the child was handed its job
+        #: or discarded
+        self.sock: Any = sock
+        #: the child did its job and answered, and is exiting: :meth:`discard` reaps it
+        self.exiting = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def discard(self) -> None:
+        """Stop the child and reap it if it was handed nothing (it has touched nothing); reap
+        it if it did its job and answered (:func:`run_job` leaves that to the caller, who
+        commits meanwhile); else nothing (:func:`run_job` owns it)."""
+        if self.exiting:
+            self.exiting = False
+            self.proc.wait()
+            return
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        sock.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def hand_over(self, args: dict[str, Any],
+                  pass_fds: list[int]) -> _Process | None:
+        """Give *args* and *pass_fds* to the child (None: it could not take them, it is gone:
+        it was stopped and reaped).  *args* names the fds by the parent's numbers; the child maps
+        them to its own."""
+        import _socket
+
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return None
+        proc = self.proc
+        message = marshal.dumps({**args, "passed": pass_fds})
+        try:
+            # more than one message holds (a deep parent chain's fds): a new child gets them
+            if proc.poll() is None and len(message) <= _HANDOVER_BYTES \
+                    and len(pass_fds) <= _HANDOVER_FDS:
+                sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                          b"".join(fd.to_bytes(4, sys.byteorder, signed=True)
+                                                   for fd in pass_fds))])
+                return proc
+        except OSError as exc:  # it died meanwhile (killed): a new child does the job
+            log.debug("the waiting %s child %d could not take the job: %s", self.job, proc.pid,
+                      exc)
+        finally:
+            sock.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        return None
+
+
+def _start_waiting(job: str) -> Prespawned:
     import _socket
 
-    if job in _waiting:
-        return _waiting[job][0].pid
     ours, theirs = _socket.socketpair(_socket.AF_UNIX,
                                       _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
-        proc = _spawn(job, [_WAIT, str(theirs.fileno()), str(os.getpid())], [theirs.fileno()])
+        fds = _child_fds([theirs.fileno()])
+        proc = _spawn(job, [_WAIT, str(fds[theirs.fileno()]), str(os.getpid())], fds)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
-    _waiting[job] = (proc, ours)
-    return proc.pid
+    return Prespawned(job, proc, ours)
+
+
+def start_child(job: str) -> Prespawned:
+    """The child for the job *job* about to run in this thread: the command's waiting one
+    (:func:`prespawn`), else one started now, so that its start-up overlaps the caller's
+    preparation (the store calls it first thing in an apply).  The caller hands it to
+    :func:`run_job` (``child=``) or, if the job does not run after all, calls its
+    :meth:`~Prespawned.discard`.  It starts in this process's namespaces, where the job runs."""
+    with _waiting_lock:
+        waiting = _waiting.pop(job, None)
+    if waiting is not None and waiting.proc.poll() is None:
+        return waiting
+    if waiting is not None:
+        waiting.discard()  # it died (killed): reaped, and replaced
+    return _start_waiting(job)
+
+
+def prespawn(job: str) -> int:
+    """Start the child of the job *job* now, for a command that will run the job once it has
+    opened its store (:func:`start_child` takes it; the wait overlaps the open).  Call it after
+    any namespace change (the child stays where it was started), from the thread that will
+    run the job or outlives it.  A second call for the same job keeps the first child.  Returns
+    its pid."""
+    with _waiting_lock:
+        if job not in _waiting:
+            _waiting[job] = _start_waiting(job)
+        return _waiting[job].pid
 
 
 def discard_prespawned() -> None:
     """Stop every child :func:`prespawn` started that no job took (it was handed nothing: it has
     touched nothing), and reap it."""
-    while _waiting:
-        _, (proc, sock) = _waiting.popitem()
-        sock.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-def _hand_over(job: str, args: dict[str, Any],
-               pass_fds: list[int]) -> subprocess.Popen[bytes] | None:
-    """Give *args* and *pass_fds* to the waiting child of *job* (None: there is none, or it is
-    gone).  *args* names the fds by the parent's numbers; the child maps them to its own."""
-    import _socket
-
-    waiting = _waiting.pop(job, None)
-    if waiting is None:
-        return None
-    proc, sock = waiting
-    message = marshal.dumps({**args, "passed": pass_fds})
-    try:
-        # more than one message holds (a deep parent chain's fds): a new child gets them
-        if proc.poll() is None and len(message) <= _HANDOVER_BYTES \
-                and len(pass_fds) <= _HANDOVER_FDS:
-            sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                                      b"".join(fd.to_bytes(4, sys.byteorder, signed=True)
-                                               for fd in pass_fds))])
-            return proc
-    except OSError as exc:  # it died meanwhile (killed): a new child does the job
-        log.debug("the waiting %s child %d could not take the job: %s", job, proc.pid, exc)
-    finally:
-        sock.close()
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-    return None
+    with _waiting_lock:
+        waiting = list(_waiting.values())
+        _waiting.clear()
+    for child in waiting:
+        child.discard()
 
 
 def run_job(
@@ -256,6 +392,8 @@ def run_job(
     frames_fd: int | None = None,
     packer_fd: int | None = None,
     progress: Callable[[int], None] | None = None,
+    child: Prespawned | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run the job ``"module:function"`` confined to *target*; return its result.
 
@@ -264,8 +402,12 @@ def run_job(
     *recorder* gets the calls of the child's ``ctx.recorder`` replayed in a thread; without one,
     *frames_fd* (if given) receives the frame stream itself.  *packer_fd* is handed to the child
     as it is, for the job to write into (``ctx.packer_fd``: the apply's tar-split lines).
-    *on_death* makes the error raised
-    when the child exits without an answer (given why: "signal 9", "status 1").
+    *on_started* is called once the child has the job (the caller's work that should not delay
+    the child).  *child* (:func:`start_child`) takes the job if it can, and once it answered
+    success it is left exiting for the caller to reap (:meth:`Prespawned.discard`, after its
+    commit: the child's answer comes after its last change and its fsync); without one, a child
+    :func:`prespawn` started for *job* does, else a new one is spawned.  *on_death* makes the
+    error raised when the child exits without an answer (given why: "signal 9", "status 1").
     """
     import json
     import threading
@@ -279,7 +421,7 @@ def run_job(
     replay_error: list[BaseException] = []
     old_handlers: dict[signal.Signals, Any] = {}
     in_main = threading.current_thread() is threading.main_thread()
-    proc: subprocess.Popen[bytes] | None = None
+    proc: _Process | None = None
     signals: list[int] = []
 
     def _on_signal(signum: int, frame: object) -> None:
@@ -305,6 +447,9 @@ def run_job(
         if recorder is not None:
             rec_r, rec_w = os.pipe2(os.O_CLOEXEC)
             fds_to_close += [rec_r, rec_w]
+            from .pipes import grow_pipe
+            from .recframes import PIPE_SIZE
+
             grow_pipe(rec_w, PIPE_SIZE)
         args = {
             "params": params,
@@ -324,8 +469,18 @@ def run_job(
         if in_main:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, _on_signal)
-        proc = _hand_over(job, args, pass_fds) or _spawn(job, [marshal.dumps(args).hex()],
-                                                         pass_fds)
+        if child is None:
+            with _waiting_lock:
+                waiting = _waiting.pop(job, None)
+            proc = waiting.hand_over(args, pass_fds) if waiting is not None else None
+        elif child.job != job:
+            child.discard()
+            proc = None
+        else:
+            proc = child.hand_over(args, pass_fds)
+        if proc is None:
+            fds = _child_fds(pass_fds)
+            proc = _spawn(job, [marshal.dumps(_renumber(args, fds)).hex()], fds)
         if signals:  # arrived while the child was being spawned
             proc.send_signal(signal.SIGTERM)
         # the child holds its own copies now; ours would keep the pipes from ending
@@ -337,6 +492,8 @@ def run_job(
         if recorder is not None:
             fds_to_close.remove(rec_r)
             replay = _start_replay(rec_r, recorder, replay_error)
+        if on_started is not None:
+            on_started()
         outcome: dict[str, Any] | None = None
         fds_to_close.remove(res_r)
         with os.fdopen(res_r, "rb") as results:
@@ -349,7 +506,12 @@ def run_job(
                         progress(int(msg["progress"]))
                     continue
                 outcome = msg
-        rc = proc.wait()
+        if outcome is not None and "ok" in outcome and child is not None \
+                and proc is child.proc:
+            child.exiting = True  # the caller reaps it (its exit overlaps the commit)
+            rc = 0
+        else:
+            rc = proc.wait()
         if replay is not None:
             replay.join()
         if outcome is None and signals and rc == -signal.SIGTERM:
@@ -383,6 +545,8 @@ def run_job(
             log.debug("%s child %d exited with %s", job, proc.pid, proc.returncode)
         raise
     finally:
+        if child is not None and not child.exiting:
+            child.discard()  # not handed the job (it failed before): stopped, reaped
         for fd in fds_to_close:
             os.close(fd)
         for sig, handler in old_handlers.items():
@@ -392,6 +556,8 @@ def run_job(
 def _start_replay(fd: int, recorder: Recorder,
                   replay_error: list[BaseException]) -> threading.Thread:
     import threading
+
+    from .recframes import replay_recorder_stream
 
     def _replay() -> None:
         try:
@@ -434,8 +600,11 @@ class ChildContext:
         #: linkable ones
         self.lower_fds: list[int] = [int(fd) for fd in args["lower_fds"]]
         #: frames the job's recorder calls to the parent (None: no recording wanted)
-        self.recorder: PipeRecorder | None = (
-            None if args["frames_fd"] is None else PipeRecorder(int(args["frames_fd"])))
+        self.recorder: PipeRecorder | None = None
+        if args["frames_fd"] is not None:
+            from .recframes import PipeRecorder
+
+            self.recorder = PipeRecorder(int(args["frames_fd"]))
         #: a file the parent handed over for the job to write into (the apply's tar-split
         #: lines), None when not asked for
         self.packer_fd: int | None = args.get("packer_fd")
@@ -474,6 +643,8 @@ def _load_job(name: str) -> Callable[[ChildContext], JobBody]:
     module, _, func = name.partition(":")
     if not module or not func:
         raise errors.InvalidArgument(f"not a confined job: {name!r}")
+    import importlib
+
     job = getattr(importlib.import_module(module), func, None)
     if not callable(job):
         raise errors.InvalidArgument(f"not a confined job: {name!r}")
@@ -527,15 +698,12 @@ def _receive(sock_fd: int) -> dict[str, Any] | None:
     if flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
         raise errors.InvalidArgument("the confined job's parameters did not fit its message")
     args: dict[str, Any] = marshal.loads(data)
-    mine = dict(zip(args.pop("passed"), received, strict=True))
-    for key in ("input_fd", "target_fd", "result_fd", "frames_fd", "packer_fd"):
-        if args[key] is not None:
-            args[key] = mine[args[key]]
-    args["lower_fds"] = [mine[fd] for fd in args["lower_fds"]]
-    return args
+    return _renumber(args, dict(zip(args.pop("passed"), received, strict=True)))
 
 
 def _child_main(argv: list[str]) -> int:
+    from .jsontext import dumps as json_text
+
     job = argv[0]
     ctx: ChildContext | None = None
     held: list[int] = []  # signals that came before the job's context existed
@@ -553,6 +721,7 @@ def _child_main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     if argv[1] == _WAIT:  # started ahead of the job: import its module, then wait for it
+        _close_inherited([int(argv[2])])
         # A SIGINT now is the terminal's, to the whole process group: the parent decides what it
         # means (it may be committing something else); once the job is handed over, the parent
         # forwards what stops the job as a SIGTERM.  A SIGTERM is held, as below.
@@ -560,8 +729,12 @@ def _child_main(argv: list[str]) -> int:
         _set_pdeathsig()
         if os.getppid() != int(argv[3]):
             return 1  # the parent died before PDEATHSIG was set
+        import importlib
+
         with contextlib.suppress(Exception):  # a failing import fails again below, answered
-            importlib.import_module(job.partition(":")[0])
+            preload = getattr(importlib.import_module(job.partition(":")[0]), "preload", None)
+            if callable(preload):
+                preload()
         received = _receive(int(argv[2]))
         if received is None:
             return 0  # not needed after all
@@ -570,6 +743,8 @@ def _child_main(argv: list[str]) -> int:
     else:
         signal.signal(signal.SIGINT, on_term)
         args = marshal.loads(bytes.fromhex(argv[1]))
+        _close_inherited([args[key] for key in _FD_KEYS if args[key] is not None]
+                         + args["lower_fds"])
         _set_pdeathsig()
         if os.getppid() != int(args["parent_pid"]):
             return 1  # the parent died before PDEATHSIG was set: nobody waits for the answer

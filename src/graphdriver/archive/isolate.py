@@ -36,9 +36,9 @@ from .. import errors
 from ..errors import GraphDriverError
 from ..fsutil import empty_beneath
 from ..idmap import IDMap
-from .apply import ApplyOptions, ApplyResult
 from .confine import ChildContext, run_job
 from .jobs import LINUX_APPLY
+from .options import ApplyOptions, ApplyResult
 from .recframes import BufferedRecorder
 from .whiteout import FORMATS
 
@@ -89,7 +89,8 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions, *,
               "journal": opts.journal, "lowers": lowers is not None}
     ok = run_job(APPLY_JOB, target, params, on_death=on_death, input_fd=source_fd,
                  lowers=lowers or (), recorder=opts.recorder, frames_fd=opts.tarsplit_fd,
-                 packer_fd=child_packer_fd(opts), progress=opts.progress)
+                 packer_fd=child_packer_fd(opts), progress=opts.progress, child=opts.child,
+                 on_started=opts.on_started)
     return ApplyResult(int(ok["size"]), str(ok["diff_id"]), ok.get("recording"))
 
 
@@ -99,6 +100,19 @@ def child_packer_fd(opts: ApplyOptions) -> int | None:
 
 
 # ---- the child -----------------------------------------------------------------------------------
+def preload() -> None:
+    """What every apply job needs whatever its stream, imported and exercised by a child that
+    waits for its job (:mod:`.confine` calls it: it overlaps the parent's preparation): the tar
+    engine, the diffID's hash, openat2's probe, and the tar-split packer (the store's applies
+    record)."""
+    import hashlib
+
+    from . import apply, pathres, tarsplit  # noqa: F401
+
+    pathres.have_openat2()
+    hashlib.sha256(b"").hexdigest()
+
+
 def _warm_up(kind: str) -> None:
     """Import and exercise what the apply needs (the stream's decoder only) before the chroot
     takes the library files away."""

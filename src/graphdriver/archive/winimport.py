@@ -26,8 +26,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GraphDriverError
-from .apply import ApplyOptions, ApplyResult
 from .confine import ChildContext, run_job
+from .options import ApplyOptions, ApplyResult
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

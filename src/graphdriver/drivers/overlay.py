@@ -58,8 +58,8 @@ from ..store import LayerStore
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ..archive.apply import ApplyOptions, ApplyResult
     from ..archive.changes import Change
+    from ..archive.options import ApplyOptions, ApplyResult
     from ..archive.recorded import RecordedLayer
 
 log = get_logger("graphdriver")

@@ -92,8 +92,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import quota
-from ..archive.apply import ApplyOptions, ApplyResult
 from ..archive.changes import Change, ChangeKind
+from ..archive.options import ApplyOptions, ApplyResult
 from ..archive.pathres import open_beneath
 from ..archive.tarsplit import Resolver
 from ..archive.windows.export import write_layer_tar
@@ -154,6 +154,7 @@ class WindowsFilterDriver(LayerStore):
     supports_quota = True  # an explicit sandbox size, by quota.py's loop-mounted image
     mounts = True  # get() builds <id>/merged: counts are checked against it when a store opens
     apply_journal = False  # the import is swapped in whole (a clone of the layer, then a swap)
+    apply_child_ahead = False  # its hook runs the Windows import job, not the Linux apply
 
     # ----- setup ---------------------------------------------------------------------------
 
