@@ -3,8 +3,10 @@
 ``open_decompressed(fd)`` peeks at the first bytes of *fd* (which may be a pipe: nothing is
 seeked), then returns a readable binary stream of the uncompressed tar.  Memory stays constant:
 every decoder works block by block.  gzip goes through isal's threaded reader (decompression in
-its own thread, overlapping with whatever the caller does with the bytes), zstd through
-``zstandard`` (all frames), xz through ``lzma`` and bzip2 through ``bz2``.  Any decoder failure
+its own thread, overlapping with whatever the caller does with the bytes), zstd read from a
+descriptor through the native ``_fastzstd`` (libzstd in a thread that never takes the GIL,
+decoding into a ring the reader copies from) and otherwise through ``zstandard`` (all frames),
+xz through ``lzma`` and bzip2 through ``bz2``.  Any decoder failure
 (corrupt data, truncated stream) surfaces as :class:`~graphdriver.errors.InvalidArchive`.
 """
 
@@ -336,6 +338,13 @@ def stream_kind(stream: BinaryIO) -> str:
 def open_decompressed(fd: int) -> BinaryIO:
     """A readable raw stream of the uncompressed tar read from *fd* (which stays the caller's)."""
     head = _read_head(fd)
+    if detect(head) == "zstd":
+        from .native import native_module
+
+        fastzstd = native_module("_fastzstd")
+        if fastzstd is not None:
+            decoder = fastzstd.Decoder(fd, head)
+            return _Checked(decoder, "zstd", (OSError, fastzstd.Corrupt))  # type: ignore[arg-type,return-value]
 
     def readinto(view: memoryview) -> int:
         return os.readv(fd, [view])
