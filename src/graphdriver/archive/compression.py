@@ -145,7 +145,7 @@ class _ZstdFrameCheck(io.RawIOBase):
             return 0
         if n:
             self._walk(memoryview(buf).cast("B")[:n])
-        elif self._state != self._NEED_MAGIC or self._pending:
+        elif self._state != self._NEED_MAGIC or self._pending or self._skip:
             raise InvalidArchive("corrupt zstd stream: truncated frame")
         return n
 
