@@ -1,25 +1,33 @@
 /* Optional native helper of archive/compression.py: a zstd layer decoded by a native thread that
- * never takes the GIL, a ring ahead of the tar reader.
+ * never takes the GIL, ahead of the tar reader.
  *
  * Decoder(fd, head) reads the compressed stream from fd (after *head*, the bytes the caller
- * already read to detect it), decodes every frame with libzstd's ZSTD_decompressStream straight
- * into a ring buffer, and readinto() copies from the ring into the reader's buffer: one copy of
- * the decoded bytes, no Python object per chunk, no GIL hand-off.  The hand-over is two counters:
- *   written  bytes the worker has decoded into the ring (written by the worker)
- *   taken    bytes the caller has copied out (written by the caller)
+ * already read to detect it) and decodes every frame block by block with libzstd's buffer-less
+ * API (ZSTD_decompressContinue) straight into a ring that is at once the frame's window (the
+ * history later blocks copy from) and the queue to the reader: readinto() copies from the ring
+ * into the reader's buffer.  So the decoded bytes are copied once (libzstd's streaming API
+ * decodes into its own window, then copies out; python-zstandard adds a bytes object per chunk
+ * and a GIL hand-off).  A block that does not fit before the ring's end goes at its start (the
+ * "round buffer" use libzstd documents); the ring is the window plus RING_AHEAD, so the worker
+ * never overwrites history a later block may need.  The hand-over is counters:
+ *   written  ring bytes the worker has filled (written by the worker)
+ *   taken    ring bytes the caller has copied out (written by the caller)
+ *   gap      where the worker left the end of a lap unused (the caller skips to the next lap)
  * Either side sleeps (a futex) only when it must: the caller when the ring is empty, the worker
- * when the ring is full; the caller wakes a sleeping worker once half the ring is free (not for
- * every read), the worker wakes a sleeping caller when it publishes.  Each side announces its
- * sleep in an atomic flag before re-checking the other side's counter (sequentially consistent:
- * one of the two always sees the other), and the other side makes the system call only when
- * that flag is set.
+ * when it is full; the caller wakes a sleeping worker once half the ring is free (not for every
+ * read), the worker wakes a sleeping caller when it publishes.  Each side announces its sleep in
+ * an atomic flag before re-checking the other side's counter (sequentially consistent: one of
+ * the two always sees the other), and the other side makes the system call only when that flag
+ * is set.
  *
  * Unless fd is a regular file, the worker reads it after a poll() that also watches an eventfd,
- * so close() stops a worker waiting on a pipe that gives nothing more.  A stream cut short (input ends inside a frame) is
- * an error, like corrupt data: both raise Corrupt (a ValueError) once the bytes decoded before
- * it are read; a read error raises OSError with its errno.  libzstd is libzstd.so.1, opened at
+ * so close() stops a worker waiting on a pipe that gives nothing more.  Skippable frames are
+ * passed over; a frame whose window exceeds 128 MiB is refused (libzstd's default limit).  A
+ * stream cut short (the input ends inside a frame) is an error, like corrupt data (the frames'
+ * checksums are checked): both raise Corrupt (a ValueError) once the bytes decoded before it
+ * are read; a read error raises OSError with its errno.  libzstd is libzstd.so.1, opened at
  * import (before the confined child's chroot) with dlopen: no zstd headers at build time, the
- * declarations below are its stable ABI.  Import fails (ImportError: compression.py then uses
+ * declarations below are its ABI.  Import fails (ImportError: compression.py then uses
  * python-zstandard) where it is absent or older than 1.4.
  */
 #define PY_SSIZE_T_CLEAN
@@ -41,38 +49,49 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-/* the ring: 2 MiB (the tar reader takes 256 KiB at a time into its 1 MiB buffer) */
-#define RING (2u << 20)
-/* the worker decodes at most this much per call, then publishes it */
-#define STEP (256u << 10)
-/* the worker decodes once this much of the ring is free (no crumbs); one that found less sleeps
- * until RESUME_AT is free */
-#define MIN_ROOM (64u << 10)
-#define RESUME_AT (RING / 2)
+/* the ring holds a frame's window (libzstd decodes each block next to the history it refers to,
+ * wrapping to the start: its "round buffer" use of ZSTD_decompressContinue) and, beyond it, what
+ * the worker decodes ahead of the reader: at least RING_AHEAD */
+#define RING_AHEAD (1u << 20)
+#define RING_MIN (2u << 20)
+/* the largest window a frame may ask for (libzstd's own default limit, ZSTD_WINDOWLOG_LIMIT_DEFAULT:
+ * a larger one needs --long decoding, which the zstd command also refuses by default) */
+#define WINDOW_MAX (1ull << 27)
 /* compressed bytes per read (128 KiB stays in the L2 cache: 256 KiB reads cost 3x in the kernel) */
-#define IN_SIZE (128u << 10)
+#define IN_READ (128u << 10)
+/* the input buffer: a block (at most 128 KiB + its 3-byte header) must fit with a read behind it */
+#define IN_CAP (2 * IN_READ + 64)
 
-/* libzstd's stable ABI (zstd.h, v1.4+) */
+/* libzstd's ABI (zstd.h, v1.4+; the buffer-less functions are in its static-linking section, and
+ * exported by the shared library) */
 typedef struct {
-    const void *src;
-    size_t size;
-    size_t pos;
-} zin_t;
-typedef struct {
-    void *dst;
-    size_t size;
-    size_t pos;
-} zout_t;
+    unsigned long long frameContentSize;
+    unsigned long long windowSize;
+    unsigned blockSizeMax;
+    unsigned frameType; /* 0 a zstd frame, 1 a skippable frame */
+    unsigned headerSize;
+    unsigned dictID;
+    unsigned checksumFlag;
+    unsigned reserved[9]; /* room for fields a later libzstd may add */
+} zheader_t;
 typedef void *(*create_dctx_fn)(void);
 typedef size_t (*free_dctx_fn)(void *);
-typedef size_t (*decompress_stream_fn)(void *, zout_t *, zin_t *);
+typedef size_t (*get_header_fn)(zheader_t *, const void *, size_t);
+typedef size_t (*buffer_size_fn)(unsigned long long, unsigned long long);
+typedef size_t (*begin_fn)(void *);
+typedef size_t (*next_size_fn)(void *);
+typedef size_t (*continue_fn)(void *, void *, size_t, const void *, size_t);
 typedef unsigned (*is_error_fn)(size_t);
 typedef const char *(*error_name_fn)(size_t);
 typedef unsigned (*version_fn)(void);
 
 static create_dctx_fn create_dctx;
 static free_dctx_fn free_dctx;
-static decompress_stream_fn decompress_stream;
+static get_header_fn get_header;
+static buffer_size_fn buffer_size_min;
+static begin_fn decompress_begin;
+static next_size_fn next_src_size;
+static continue_fn decompress_continue;
 static is_error_fn is_error;
 static error_name_fn error_name;
 
@@ -84,11 +103,15 @@ typedef struct {
     int pollable;                /* not a regular file: poll it with stop_fd before reading */
     int stop_fd;                 /* eventfd written by close() */
     void *dctx;
-    unsigned char *ring;
+    unsigned char *ring;         /* replaced by the worker only when the caller took everything */
+    size_t ring_size;
     unsigned char *in;
-    size_t head_len;             /* bytes of *in* preloaded with the caller's head */
+    size_t in_pos, in_end;       /* the compressed bytes not decoded yet (the worker's) */
+    /* positions count the bytes the worker put in the ring, the unused end of a lap included
+     * (where a block did not fit before the ring's end): the caller skips it at gap */
     _Atomic uint64_t written;
     _Atomic uint64_t taken;
+    _Atomic uint64_t gap;
     _Atomic uint32_t worker_sleeping, caller_sleeping;
     _Atomic uint32_t worker_word, caller_word; /* futex words: bumped by whoever wakes */
     _Atomic int finished;        /* the worker is done: end of data, or an error below */
@@ -121,27 +144,37 @@ wake_caller(Decoder *d)
         futex_wake(&d->caller_word);
 }
 
-/* the worker: wait until at least *want* bytes of the ring are free; 0 if stopped */
+/* the worker: wait until at least *want* bytes of the ring are free; 0 if stopped.  The caller
+ * wakes it once half the ring is free, or all of it. */
 static int
 wait_room(Decoder *d, uint64_t w, uint64_t want)
 {
-    while (RING - (w - atomic_load(&d->taken)) < want) {
+    while (d->ring_size - (w - atomic_load(&d->taken)) < want) {
         if (atomic_load(&d->stop))
             return 0;
         uint32_t seen = atomic_load(&d->worker_word);
         atomic_store(&d->worker_sleeping, 1);
-        if (RING - (w - atomic_load(&d->taken)) < RESUME_AT && !atomic_load(&d->stop))
+        if (d->ring_size - (w - atomic_load(&d->taken)) < want && !atomic_load(&d->stop))
             futex_wait(&d->worker_word, seen);
         atomic_store(&d->worker_sleeping, 0);
     }
     return !atomic_load(&d->stop);
 }
 
-/* the worker: read compressed bytes into d->in; >0 read, 0 end of input, -1 error/stop */
+static void
+set_corrupt(Decoder *d, const char *msg)
+{
+    snprintf(d->err_msg, sizeof d->err_msg, "%s", msg);
+}
+
+/* the worker: read compressed bytes behind d->in's end; >0 read, 0 end of input, -1 error/stop */
 static ssize_t
 read_input(Decoder *d)
 {
     struct pollfd fds[2] = {{d->fd, POLLIN, 0}, {d->stop_fd, POLLIN, 0}};
+    size_t room = IN_CAP - d->in_end;
+    if (room > IN_READ)
+        room = IN_READ;
     for (;;) {
         if (atomic_load(&d->stop))
             return -1;
@@ -153,7 +186,9 @@ read_input(Decoder *d)
         }
         if (d->pollable && fds[1].revents)
             return -1;
-        ssize_t n = read(d->fd, d->in, IN_SIZE);
+        ssize_t n = read(d->fd, d->in + d->in_end, room);
+        if (n > 0)
+            d->in_end += (size_t)n;
         if (n >= 0)
             return n;
         if (errno != EINTR && errno != EAGAIN) {
@@ -163,62 +198,169 @@ read_input(Decoder *d)
     }
 }
 
-static void
-set_corrupt(Decoder *d, const char *msg)
+/* the worker: at least *need* compressed bytes at d->in + d->in_pos; 1, 0 if the input ends
+ * first, -1 on an error or a stop */
+static int
+need_input(Decoder *d, size_t need)
 {
-    snprintf(d->err_msg, sizeof d->err_msg, "%s", msg);
+    if (d->in_end - d->in_pos >= need)
+        return 1;
+    if (need > IN_CAP - IN_READ) {
+        set_corrupt(d, "block larger than the format allows");
+        return -1;
+    }
+    memmove(d->in, d->in + d->in_pos, d->in_end - d->in_pos);
+    d->in_end -= d->in_pos;
+    d->in_pos = 0;
+    while (d->in_end < need) {
+        ssize_t n = read_input(d);
+        if (n <= 0)
+            return (int)n;
+    }
+    return 1;
+}
+
+/* the worker: a ring for a frame whose window is *window* bytes (the caller took everything
+ * decoded before: the ring is replaced only then); 0 on an error or a stop */
+static int
+ring_for(Decoder *d, uint64_t w, const zheader_t *h)
+{
+    size_t least = buffer_size_min(h->windowSize, h->frameContentSize);
+    if (is_error(least)) {
+        set_corrupt(d, error_name(least));
+        return 0;
+    }
+    size_t size = least + RING_AHEAD;
+    if (size < RING_MIN)
+        size = RING_MIN;
+    if (d->ring && d->ring_size >= least + (RING_AHEAD >> 2))
+        return 1;
+    if (d->ring && !wait_room(d, w, d->ring_size))
+        return 0;
+    unsigned char *ring = malloc(size);
+    if (!ring) {
+        d->err_errno = ENOMEM;
+        return 0;
+    }
+    free(d->ring);
+    d->ring = ring;
+    d->ring_size = size;
+    return 1;
+}
+
+/* the worker: one frame's blocks decoded into the ring; 1 at its end, 0 on an error or a stop */
+static int
+decode_frame(Decoder *d, uint64_t *wp, const zheader_t *h)
+{
+    uint64_t w = *wp;
+    size_t block_max = h->blockSizeMax;
+    size_t r = decompress_begin(d->dctx);
+    if (is_error(r)) {
+        set_corrupt(d, error_name(r));
+        return 0;
+    }
+    for (;;) {
+        size_t need = next_src_size(d->dctx);
+        if (need == 0)
+            break;
+        int got = need_input(d, need);
+        if (got <= 0) {
+            if (got == 0)
+                set_corrupt(d, "truncated frame");
+            return 0;
+        }
+        size_t size = d->ring_size;
+        size_t off = (size_t)(w % size);
+        size_t skip = size - off < block_max ? size - off : 0;
+        if (!wait_room(d, w, skip + block_max))
+            return 0;
+        if (skip) {
+            /* the block would not fit before the ring's end: it goes at its start */
+            atomic_store(&d->gap, w);
+            w += skip;
+            off = 0;
+        }
+        size_t n = decompress_continue(d->dctx, d->ring + off, block_max, d->in + d->in_pos, need);
+        if (is_error(n)) {
+            set_corrupt(d, error_name(n));
+            return 0;
+        }
+        d->in_pos += need;
+        if (n || skip) {
+            w += n;
+            atomic_store(&d->written, w);
+            wake_caller(d);
+        }
+    }
+    *wp = w;
+    return 1;
+}
+
+/* the worker: a skippable frame's bytes passed over */
+static int
+skip_frame(Decoder *d, unsigned long long left)
+{
+    while (left) {
+        if (d->in_pos == d->in_end) {
+            d->in_pos = d->in_end = 0;
+            ssize_t n = read_input(d);
+            if (n <= 0) {
+                if (n == 0)
+                    set_corrupt(d, "truncated skippable frame");
+                return 0;
+            }
+        }
+        size_t take = d->in_end - d->in_pos;
+        if (take > left)
+            take = (size_t)left;
+        d->in_pos += take;
+        left -= take;
+    }
+    return 1;
 }
 
 static void *
 work(void *arg)
 {
     Decoder *d = (Decoder *)arg;
-    zin_t in = {d->in, d->head_len, 0};
     uint64_t w = 0;
-    size_t hint = 1; /* libzstd's: 0 when every frame begun is complete and flushed */
-    int at_end = 0;
 #ifdef __GLIBC__
     /* named by itself: naming another thread goes through /proc, absent after a chroot */
     pthread_setname_np(pthread_self(), "zstd-decode");
 #endif
     for (;;) {
-        if (in.pos == in.size && !at_end) {
-            ssize_t n = read_input(d);
-            if (n < 0)
+        /* a frame's header: the input may end cleanly here (between frames), nowhere else */
+        int got = need_input(d, 1);
+        if (got <= 0)
+            break;
+        zheader_t h;
+        size_t want;
+        memset(&h, 0, sizeof h);
+        while ((want = get_header(&h, d->in + d->in_pos, d->in_end - d->in_pos)) != 0) {
+            if (is_error(want)) {
+                set_corrupt(d, error_name(want));
+                goto done;
+            }
+            if ((got = need_input(d, want)) <= 0) {
+                if (got == 0)
+                    set_corrupt(d, "truncated frame");
+                goto done;
+            }
+        }
+        if (h.frameType == 1) {
+            d->in_pos += 8; /* its magic number and size (libzstd leaves headerSize 0 here) */
+            if (!skip_frame(d, h.frameContentSize))
                 break;
-            in.size = (size_t)n;
-            in.pos = 0;
-            at_end = n == 0;
+            continue;
         }
-        /* a call after the last frame's end would wait for another frame's header */
-        if (at_end && hint == 0)
-            break;
-        if (!wait_room(d, w, MIN_ROOM))
-            break;
-        size_t off = (size_t)(w % RING);
-        size_t room = RING - (size_t)(w - atomic_load(&d->taken));
-        size_t span = RING - off;
-        zout_t out = {d->ring + off, 0, 0};
-        out.size = room < span ? room : span;
-        if (out.size > STEP)
-            out.size = STEP;
-        hint = decompress_stream(d->dctx, &out, &in);
-        if (is_error(hint)) {
-            set_corrupt(d, error_name(hint));
+        if (h.windowSize > WINDOW_MAX) {
+            set_corrupt(d, "frame requires too much memory for decoding");
             break;
         }
-        if (out.pos) {
-            w += out.pos;
-            atomic_store(&d->written, w);
-            wake_caller(d);
-        }
-        /* at the end of the input, go on while libzstd still flushes what it holds */
-        if (at_end && out.pos < out.size) {
-            if (hint)
-                set_corrupt(d, "truncated frame");
+        if (!ring_for(d, w, &h) || !decode_frame(d, &w, &h))
             break;
-        }
     }
+done:
     atomic_store(&d->finished, 1);
     wake_caller(d);
     return NULL;
@@ -269,12 +411,12 @@ Decoder_init(Decoder *d, PyObject *args, PyObject *kwds)
     Py_buffer head;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "iy*:Decoder", kwlist, &fd, &head))
         return -1;
-    if (d->started || d->ring) {
+    if (d->started || d->in) {
         PyBuffer_Release(&head);
         PyErr_SetString(PyExc_ValueError, "Decoder is initialized once");
         return -1;
     }
-    if ((size_t)head.len > IN_SIZE) {
+    if ((size_t)head.len > IN_READ) {
         PyBuffer_Release(&head);
         PyErr_SetString(PyExc_ValueError, "head larger than the input buffer");
         return -1;
@@ -287,11 +429,10 @@ Decoder_init(Decoder *d, PyObject *args, PyObject *kwds)
     }
     d->fd = fd;
     d->pollable = !S_ISREG(st.st_mode);
-    d->ring = malloc(RING);
-    d->in = malloc(IN_SIZE);
+    d->in = malloc(IN_CAP);
     d->dctx = create_dctx();
     d->stop_fd = eventfd(0, EFD_CLOEXEC);
-    if (!d->ring || !d->in || !d->dctx || d->stop_fd < 0) {
+    if (!d->in || !d->dctx || d->stop_fd < 0) {
         int e = errno;
         PyBuffer_Release(&head);
         if (d->dctx) {
@@ -304,7 +445,7 @@ Decoder_init(Decoder *d, PyObject *args, PyObject *kwds)
         return -1;
     }
     memcpy(d->in, head.buf, (size_t)head.len);
-    d->head_len = (size_t)head.len;
+    d->in_end = (size_t)head.len;
     PyBuffer_Release(&head);
 
     sigset_t all, old;
@@ -333,6 +474,7 @@ Decoder_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(k
     if (d) {
         d->fd = -1;
         d->stop_fd = -1;
+        atomic_store(&d->gap, UINT64_MAX);
     }
     return (PyObject *)d;
 }
@@ -385,19 +527,51 @@ Decoder_readinto(Decoder *d, PyObject *arg)
         return NULL;
     uint64_t r = atomic_load(&d->taken);
     uint64_t w;
-    while ((w = atomic_load(&d->written)) == r && !atomic_load(&d->finished) && view.len) {
-        if (wait_data(d, r) < 0 && PyErr_CheckSignals() < 0) {
-            PyBuffer_Release(&view);
-            return NULL;
+    size_t n = 0;
+    while (view.len) {
+        while ((w = atomic_load(&d->written)) == r && !atomic_load(&d->finished)) {
+            if (wait_data(d, r) < 0 && PyErr_CheckSignals() < 0) {
+                PyBuffer_Release(&view);
+                return NULL;
+            }
         }
+        w = atomic_load(&d->written);
+        if (w == r)
+            break; /* finished, and everything decoded was read */
+        /* the ring and the gap are the worker's before it publishes *written* */
+        unsigned char *ring = d->ring;
+        size_t size = d->ring_size;
+        uint64_t gap = atomic_load(&d->gap);
+        while (n < (size_t)view.len && r < w) {
+            size_t off = (size_t)(r % size);
+            if (r == gap) {
+                r += size - off; /* the unused end of a lap */
+                continue;
+            }
+            uint64_t piece = w - r;
+            if (piece > size - off)
+                piece = size - off;
+            if (gap > r && piece > gap - r)
+                piece = gap - r;
+            if (piece > (size_t)view.len - n)
+                piece = (size_t)view.len - n;
+            memcpy((unsigned char *)view.buf + n, ring + off, (size_t)piece);
+            n += (size_t)piece;
+            r += piece;
+        }
+        atomic_store(&d->taken, r);
+        if (atomic_load(&d->worker_sleeping)) {
+            uint64_t free_bytes = size - (w - r);
+            if ((free_bytes >= size / 2 || free_bytes == size) &&
+                atomic_exchange(&d->worker_sleeping, 0))
+                futex_wake(&d->worker_word);
+        }
+        if (n)
+            break;
     }
-    w = atomic_load(&d->written);
-    size_t n = (size_t)(w - r);
-    if ((size_t)view.len < n)
-        n = (size_t)view.len;
+    PyBuffer_Release(&view);
     if (n == 0 && view.len) {
-        PyBuffer_Release(&view);
-        /* finished, and everything decoded was read: the end, or the worker's error */
+        /* the end, or the worker's error */
         if (d->err_errno) {
             errno = d->err_errno;
             return PyErr_SetFromErrno(PyExc_OSError);
@@ -406,19 +580,7 @@ Decoder_readinto(Decoder *d, PyObject *arg)
             PyErr_SetString(Corrupt, d->err_msg);
             return NULL;
         }
-        return PyLong_FromLong(0);
     }
-    size_t off = (size_t)(r % RING);
-    size_t first = RING - off < n ? RING - off : n;
-    memcpy(view.buf, d->ring + off, first);
-    if (first < n)
-        memcpy((unsigned char *)view.buf + first, d->ring, n - first);
-    PyBuffer_Release(&view);
-    r += n;
-    atomic_store(&d->taken, r);
-    if (atomic_load(&d->worker_sleeping) && RING - (w - r) >= RESUME_AT &&
-        atomic_exchange(&d->worker_sleeping, 0))
-        futex_wake(&d->worker_word);
     return PyLong_FromSize_t(n);
 }
 
@@ -468,12 +630,17 @@ load_libzstd(void)
     version_fn version = (version_fn)dlsym(lib, "ZSTD_versionNumber");
     create_dctx = (create_dctx_fn)dlsym(lib, "ZSTD_createDCtx");
     free_dctx = (free_dctx_fn)dlsym(lib, "ZSTD_freeDCtx");
-    decompress_stream = (decompress_stream_fn)dlsym(lib, "ZSTD_decompressStream");
+    get_header = (get_header_fn)dlsym(lib, "ZSTD_getFrameHeader");
+    buffer_size_min = (buffer_size_fn)dlsym(lib, "ZSTD_decodingBufferSize_min");
+    decompress_begin = (begin_fn)dlsym(lib, "ZSTD_decompressBegin");
+    next_src_size = (next_size_fn)dlsym(lib, "ZSTD_nextSrcSizeToDecompress");
+    decompress_continue = (continue_fn)dlsym(lib, "ZSTD_decompressContinue");
     is_error = (is_error_fn)dlsym(lib, "ZSTD_isError");
     error_name = (error_name_fn)dlsym(lib, "ZSTD_getErrorName");
-    if (!version || !create_dctx || !free_dctx || !decompress_stream || !is_error ||
+    if (!version || !create_dctx || !free_dctx || !get_header || !buffer_size_min ||
+        !decompress_begin || !next_src_size || !decompress_continue || !is_error ||
         !error_name || version() < 10400) {
-        PyErr_SetString(PyExc_ImportError, "libzstd.so.1 lacks the v1.4 streaming API");
+        PyErr_SetString(PyExc_ImportError, "libzstd.so.1 lacks the v1.4 API used here");
         return -1;
     }
     return 0;

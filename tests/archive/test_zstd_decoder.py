@@ -123,6 +123,28 @@ def test_a_stream_from_a_pipe(path_kind: str) -> None:
         os.close(r)
 
 
+def test_frames_with_growing_windows(tmp_path: Path, path_kind: str) -> None:
+    # a tiny frame (its window is its size), then frames whose windows outgrow the native ring
+    # (it is replaced between frames, once the reader took everything before), then a small one
+    parts = [_payload(3000, seed=7), _payload(6 << 20, seed=8), _payload(9 << 20, seed=9),
+             _payload(100_000, seed=10)]
+    blob = b""
+    for part, window_log in zip(parts, (10, 22, 23, 17), strict=True):
+        params = zstandard.ZstdCompressionParameters.from_level(
+            3, window_log=window_log, source_size=len(part))
+        blob += zstandard.ZstdCompressor(compression_params=params).compress(part)
+    assert _decode_file(tmp_path, blob) == b"".join(parts)
+
+
+def test_a_window_beyond_the_limit_is_refused(tmp_path: Path, path_kind: str) -> None:
+    # 256 MiB: libzstd's default limit (the zstd command's too) is 128 MiB
+    params = zstandard.ZstdCompressionParameters.from_level(1, window_log=28)
+    cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    blob = cobj.compress(b"x" * 1000) + cobj.flush()
+    with pytest.raises(InvalidArchive, match="corrupt zstd stream"):
+        _decode_file(tmp_path, blob)
+
+
 @pytest.mark.parametrize("where", ["in the header", "in a block", "before the checksum",
                                    "in the second frame"])
 def test_a_stream_cut_inside_a_frame_is_corrupt(
