@@ -80,6 +80,19 @@ def test_the_native_decoder_is_the_one_used() -> None:
         os.close(r)
 
 
+def test_warm_kind_names_the_decoder_still_to_load(path_kind: str) -> None:
+    r, w = os.pipe()
+    os.write(w, zstandard.ZstdCompressor().compress(b"x"))
+    os.close(w)
+    try:
+        s = compression.open_decompressed(r)
+        assert compression.stream_kind(s) == "zstd"
+        assert compression.warm_kind(s) == ("none" if path_kind == "native" else "zstd")
+        s.close()
+    finally:
+        os.close(r)
+
+
 @pytest.mark.parametrize("read_size", [1, 4096, 256 << 10, 3 << 20])
 def test_large_stream_many_frames_and_a_skippable_frame(
         tmp_path: Path, path_kind: str, read_size: int) -> None:

@@ -8,6 +8,8 @@ descriptor through the native ``_fastzstd`` (libzstd in a thread that never take
 decoding into a ring the reader copies from) and otherwise through ``zstandard`` (all frames),
 xz through ``lzma`` and bzip2 through ``bz2``.  Any decoder failure
 (corrupt data, truncated stream) surfaces as :class:`~graphdriver.errors.InvalidArchive`.
+Imports from graphdriver only ``errors`` and ``archive.native``, and only the decoder a stream
+needs (the confined child loads it before its chroot); never the tar engine or a driver.
 """
 
 from __future__ import annotations
@@ -333,6 +335,15 @@ def _wrap(raw: _PrefixReader, kind: str) -> BinaryIO:
 def stream_kind(stream: BinaryIO) -> str:
     """The compression a stream from :func:`open_decompressed` decodes (``"none"`` if plain)."""
     return stream._kind if isinstance(stream, _Checked) else "none"
+
+
+def warm_kind(stream: BinaryIO) -> str:
+    """The decoder a confined child must still import and exercise before its chroot to read
+    *stream*: its :func:`stream_kind`, or ``"none"`` when its decoder was loaded when the stream
+    was opened (the native zstd decoder: libzstd is opened at import)."""
+    if isinstance(stream, _Checked) and type(stream._inner).__module__ == "graphdriver._fastzstd":
+        return "none"
+    return stream_kind(stream)
 
 
 def open_decompressed(fd: int) -> BinaryIO:
