@@ -1,6 +1,7 @@
 """Build of the optional native helpers (src/graphdriver/_fastapply.c for apply and tar-split,
 src/graphdriver/_fastexport.c for export, src/graphdriver/_fastdigest.c for the diffID's sha256
-thread); the rest is pyproject.toml.
+thread, src/graphdriver/_fastzstd.c for zstd layers decoded by a native thread); the rest is
+pyproject.toml.
 
 They are optional: when one cannot be compiled the install goes on and graphdriver uses its
 pure-Python code for that part (also forced at run time with GRAPHDRIVER_NO_NATIVE=1; see
@@ -16,9 +17,10 @@ setup(
             [f"src/graphdriver/{name}.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
-            # the digest's worker thread; libcrypto is the one _hashlib loaded, found at run time
-            libraries=["pthread", "dl"] if name == "_fastdigest" else [],
+            # the worker threads; libcrypto (the one _hashlib loaded) and libzstd.so.1 are found at
+            # run time
+            libraries=["pthread", "dl"] if name in ("_fastdigest", "_fastzstd") else [],
         )
-        for name in ("_fastapply", "_fastexport", "_fastdigest")
+        for name in ("_fastapply", "_fastexport", "_fastdigest", "_fastzstd")
     ]
 )

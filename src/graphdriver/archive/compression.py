@@ -3,9 +3,13 @@
 ``open_decompressed(fd)`` peeks at the first bytes of *fd* (which may be a pipe: nothing is
 seeked), then returns a readable binary stream of the uncompressed tar.  Memory stays constant:
 every decoder works block by block.  gzip goes through isal's threaded reader (decompression in
-its own thread, overlapping with whatever the caller does with the bytes), zstd through
-``zstandard`` (all frames), xz through ``lzma`` and bzip2 through ``bz2``.  Any decoder failure
+its own thread, overlapping with whatever the caller does with the bytes), zstd read from a
+descriptor through the native ``_fastzstd`` (libzstd in a thread that never takes the GIL,
+decoding into a ring the reader copies from) and otherwise through ``zstandard`` (all frames),
+xz through ``lzma`` and bzip2 through ``bz2``.  Any decoder failure
 (corrupt data, truncated stream) surfaces as :class:`~graphdriver.errors.InvalidArchive`.
+Imports from graphdriver only ``errors`` and ``archive.native``, and only the decoder a stream
+needs (the confined child loads it before its chroot); never the tar engine or a driver.
 """
 
 from __future__ import annotations
@@ -143,7 +147,7 @@ class _ZstdFrameCheck(io.RawIOBase):
             return 0
         if n:
             self._walk(memoryview(buf).cast("B")[:n])
-        elif self._state != self._NEED_MAGIC or self._pending:
+        elif self._state != self._NEED_MAGIC or self._pending or self._skip:
             raise InvalidArchive("corrupt zstd stream: truncated frame")
         return n
 
@@ -333,9 +337,25 @@ def stream_kind(stream: BinaryIO) -> str:
     return stream._kind if isinstance(stream, _Checked) else "none"
 
 
+def warm_kind(stream: BinaryIO) -> str:
+    """The decoder a confined child must still import and exercise before its chroot to read
+    *stream*: its :func:`stream_kind`, or ``"none"`` when its decoder was loaded when the stream
+    was opened (the native zstd decoder: libzstd is opened at import)."""
+    if isinstance(stream, _Checked) and type(stream._inner).__module__ == "graphdriver._fastzstd":
+        return "none"
+    return stream_kind(stream)
+
+
 def open_decompressed(fd: int) -> BinaryIO:
     """A readable raw stream of the uncompressed tar read from *fd* (which stays the caller's)."""
     head = _read_head(fd)
+    if detect(head) == "zstd":
+        from .native import native_module
+
+        fastzstd = native_module("_fastzstd")
+        if fastzstd is not None:
+            decoder = fastzstd.Decoder(fd, head)
+            return _Checked(decoder, "zstd", (OSError, fastzstd.Corrupt))  # type: ignore[arg-type,return-value]
 
     def readinto(view: memoryview) -> int:
         return os.readv(fd, [view])
