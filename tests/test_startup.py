@@ -278,16 +278,26 @@ def _layer(path: Path) -> None:
     path.write_bytes(raw.getvalue())
 
 
+@pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_confined_child_imports_little(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       capfd: pytest.CaptureFixture[str]) -> None:
+                                       capfd: pytest.CaptureFixture[str],
+                                       compression: str) -> None:
     """The real child of a real apply (the journal kept, tar-split packed in the child), its
-    imports listed by ``-X importtime`` (inherited through the environment).  The layer is not
-    compressed: isal's threaded gzip reader imports typing (and re) itself."""
+    imports listed by ``-X importtime`` (inherited through the environment).  Not gzip: isal's
+    threaded gzip reader imports typing (and re) itself; zstd with the native decoder, whose
+    libzstd is loaded with the stream, imports no python-zstandard."""
     from graphdriver.archive.apply import ApplyOptions, commit_journal
     from graphdriver.archive.isolate import apply_confined
+    from graphdriver.archive.native import native_module
 
     layer = tmp_path / "layer.tar"
     _layer(layer)
+    if compression == "zstd":
+        if native_module("_fastzstd") is None:
+            pytest.skip("the native zstd decoder is not built")
+        import zstandard
+
+        layer.write_bytes(zstandard.ZstdCompressor().compress(layer.read_bytes()))
     target = tmp_path / "target"
     target.mkdir()
     packed = tmp_path / "tar-split.gz"

@@ -148,12 +148,12 @@ def _warm_up(kind: str) -> None:
 def open_warm_input(ctx: ChildContext) -> BinaryIO:
     """The job's input stream, decompressed, its decoder (and anycrc, when recording) imported
     and exercised before the chroot takes the library files away."""
-    from .compression import open_decompressed, stream_kind
+    from .compression import open_decompressed, warm_kind
 
     if ctx.input_fd is None:
         raise errors.InvalidArgument("a layer job needs an input stream")
     stream = open_decompressed(ctx.input_fd)
-    _warm_up(stream_kind(stream))
+    _warm_up(warm_kind(stream))  # nothing more for a decoder loaded with the stream
     if ctx.recorder is not None or ctx.packer_fd is not None:
         from . import crc64  # noqa: F401  (loads anycrc's extension before the chroot)
     return stream
