@@ -585,8 +585,12 @@ static PyObject *create_file(PyObject *self, PyObject *args)
  *
  * seg is None (no recorder), or the bytes the recorder still has to get before this run's first
  * header: the tar-split frames of the PipeRecorder (archive/recframes.py) are then built here, in
- * the order the Python reader makes them (segment, file, and the data's CRC-64 when crc -- the
- * reader's crc(data, previous) function -- is not None and the entry has data).
+ * a bytearray, in the order the Python reader makes them (segment, file, and the data's CRC-64
+ * when crc is not None and the entry has data).  crc is the reader's crc(data, previous)
+ * function, or a bytearray: the CRC frames are then left blank (zero), and the jobs that fill
+ * them are appended to it, three u64 each -- the data's offset in buf, its length, the offset of
+ * the CRC's 8 bytes in the frames -- for _fastdigest's crc_into (the digest thread checksums the
+ * data, off the reader's thread).
  *
  * Returns (pos, count, size, frames, pad, error, need): pos is just after the last applied
  * entry's data, its padding (pad bytes) not consumed; count the entries applied, size the bytes
@@ -698,15 +702,15 @@ static int plain_entry_name(const unsigned char *nm, Py_ssize_t nm_n, int is_dir
 
 static int put(PyObject **out, Py_ssize_t *used, const void *data, Py_ssize_t n)
 {
-    Py_ssize_t have = PyBytes_GET_SIZE(*out);
+    Py_ssize_t have = PyByteArray_GET_SIZE(*out);
     if (*used + n > have) {
         Py_ssize_t want = have * 2;
         if (want < *used + n)
             want = *used + n;
-        if (_PyBytes_Resize(out, want) < 0)
+        if (PyByteArray_Resize(*out, want) < 0)
             return -1;
     }
-    memcpy(PyBytes_AS_STRING(*out) + *used, data, (size_t)n);
+    memcpy(PyByteArray_AS_STRING(*out) + *used, data, (size_t)n);
     *used += n;
     return 0;
 }
@@ -791,7 +795,8 @@ static PyObject *files(PyObject *self, PyObject *args)
     PyObject *dirs, *dir_times, *links, *seg_obj, *frames = NULL, *error = NULL, *result;
     PyObject *cur_parent = NULL; /* bytes of the cached parent */
     int cur_fd = -1, cur_sgid = 0, euid, egid, umask_bits;
-    PyObject *crcf;
+    PyObject *crcf, *crc_jobs = NULL;
+    Py_ssize_t jobs_n = 0;
     PyObject *cur_real = NULL;   /* borrowed from the dirs tuple, kept alive by cur_tuple */
     PyObject *cur_tuple = NULL;
     Py_ssize_t used = 0, count = 0, last_pad = 0, prev_data_end, need_end = 0;
@@ -809,13 +814,19 @@ static PyObject *files(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "files: bad buffer bounds");
         return NULL;
     }
+    if (PyByteArray_Check(crcf)) {
+        crc_jobs = crcf;
+        jobs_n = PyByteArray_GET_SIZE(crc_jobs);
+    }
     if (seg_obj != Py_None) {
         if (PyObject_GetBuffer(seg_obj, &seg, PyBUF_SIMPLE) < 0) {
             PyBuffer_Release(&view);
             return NULL;
         }
         have_seg = 1;
-        frames = PyBytes_FromStringAndSize(NULL, 64 << 10);
+        /* room for the run's headers and padding (what lies between its data) and the frames'
+         * own bytes, so that it seldom grows: growing copies it */
+        frames = PyByteArray_FromStringAndSize(NULL, (end - pos) / 2 + seg.len + (64 << 10));
         if (frames == NULL)
             goto fail;
     }
@@ -1061,7 +1072,17 @@ static PyObject *files(PyObject *self, PyObject *args)
                 put_u64(&frames, &used, (uint64_t)size) < 0 ||
                 put_u64(&frames, &used, (uint64_t)-1) < 0 || put(&frames, &used, nm, nm_n) < 0)
                 goto fail;
-            if (crcf != Py_None && size) {
+            if (crc_jobs != NULL && size) {
+                /* a blank CRC frame, and the job that fills it (_fastdigest's crc_into) */
+                uint64_t job[3] = {(uint64_t)data_at, (uint64_t)size, (uint64_t)used + 1};
+                uint64_t blank = 0;
+                tag = FRAME_C;
+                if (put(&frames, &used, &tag, 1) < 0 || put_u64(&frames, &used, blank) < 0 ||
+                    PyByteArray_Resize(crc_jobs, jobs_n + 24) < 0)
+                    goto fail;
+                memcpy(PyByteArray_AS_STRING(crc_jobs) + jobs_n, job, 24);
+                jobs_n += 24;
+            } else if (crcf != Py_None && size) {
                 uint64_t c;
                 PyObject *mv, *r;
                 mv = PyMemoryView_FromMemory((char *)buf + data_at, (Py_ssize_t)size, PyBUF_READ);
@@ -1102,7 +1123,7 @@ static PyObject *files(PyObject *self, PyObject *args)
         pos = prev_data_end;
     else
         pos = start;
-    if (have_seg && _PyBytes_Resize(&frames, used) < 0)
+    if (have_seg && PyByteArray_Resize(frames, used) < 0)
         goto fail;
     result = Py_BuildValue("(nnKNnNn)", pos, count, total,
                            have_seg ? frames : Py_NewRef(Py_None), count ? last_pad : 0,

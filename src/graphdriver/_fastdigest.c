@@ -14,6 +14,14 @@
  * before re-checking the other side's counter (sequentially consistent: one of the two always
  * sees the other), and the other side makes the system call only when that flag is set.
  *
+ * A slot can also hold CRC jobs (crc_into): CRC-64/GO-ISO (tar-split's payload checksum) of
+ * ranges of the reader's buffer, each written (8 bytes, little-endian) at an offset of a frames
+ * bytearray -- the recorder frames of a native run of entries, whose CRC frames the native apply
+ * left blank.  The worker does them in order with the regions: a caller that waits for the slot's
+ * number knows both the ranges read (the buffer may be reused) and the CRCs written (the frames
+ * may be read).  The CRC is anycrc's (crc_params/crc_calc of its loaded extension, found as
+ * libcrypto is; crc_into is refused where it is not loaded).
+ *
  * Each slot keeps the region's Py_buffer (a reference to the exporter), released by the caller
  * (it holds the GIL) once the worker is past it.  A region below INLINE_BELOW is hashed in the
  * caller when the worker has nothing pending (waking it would cost more).  A dropped Digest stops
@@ -57,15 +65,27 @@ static digest_init_fn digest_init;
 static digest_update_fn digest_update;
 static digest_final_fn digest_final;
 
+/* anycrc's CRC (its crc-clmul library, C symbols of its extension): the parameters are an opaque
+ * block filled once by crc_params (returned by value: through a hidden pointer, whatever their
+ * size) and read by crc_calc, which continues a CRC (0 to start, as Go's crc64.Update) */
+typedef struct { _Alignas(64) unsigned char bytes[16384]; } crc_params_t;
+typedef crc_params_t (*crc_params_fn)(uint8_t, uint64_t, uint64_t, int, int, uint64_t, uint64_t,
+                                      uint8_t *);
+typedef uint64_t (*crc_calc_fn)(const crc_params_t *, uint64_t, const unsigned char *, uint64_t);
+static crc_calc_fn crc_calc;
+static crc_params_t *crc_iso; /* CRC-64/GO-ISO */
+
 typedef struct {
     PyObject_HEAD
     void *ctx;                   /* EVP_MD_CTX: the worker's while it runs, else the caller's */
     Py_buffer slots[NSLOTS];
+    Py_buffer frames[NSLOTS];    /* CRC job slots: the frames written into (else .obj NULL) */
+    Py_buffer jobs[NSLOTS];      /* CRC job slots: (u64 offset, u64 length, u64 at) triples */
     uint64_t released;           /* slots whose buffers were released (caller only) */
     Py_ssize_t unwoken;          /* bytes handed over since the worker was last seen asleep */
     _Atomic uint64_t published;
     _Atomic uint64_t done;
-    _Atomic uint32_t worker_sleeping, caller_waiting;
+    _Atomic uint32_t worker_sleeping, waiters; /* waiters: callers asleep in wait_done */
     _Atomic uint32_t work_word;  /* futex words: bumped by whoever wakes the other side */
     _Atomic uint32_t done_word;
     _Atomic int stop;
@@ -98,6 +118,20 @@ wake_worker(Digest *d)
     d->unwoken = 0;
 }
 
+/* the CRC jobs of a slot (crc_into checked their bounds) */
+static void
+crc_jobs(const Py_buffer *source, Py_buffer *frames, const Py_buffer *jobs)
+{
+    const unsigned char *src = (const unsigned char *)source->buf;
+    unsigned char *out = (unsigned char *)frames->buf;
+    const uint64_t *job = (const uint64_t *)jobs->buf;
+    Py_ssize_t i, n = jobs->len / 24;
+    for (i = 0; i < n; i++) {
+        uint64_t c = crc_calc(crc_iso, 0, src + job[3 * i], job[3 * i + 1]);
+        memcpy(out + job[3 * i + 2], &c, 8); /* little-endian hosts: the "<Q" of struct */
+    }
+}
+
 static void *
 work(void *arg)
 {
@@ -113,12 +147,14 @@ work(void *arg)
         uint64_t p = atomic_load_explicit(&d->published, memory_order_acquire);
         if (n < p) {
             Py_buffer *s = &d->slots[n % NSLOTS];
-            if (!atomic_load_explicit(&d->failed, memory_order_relaxed) &&
-                digest_update(d->ctx, s->buf, (size_t)s->len) != 1)
+            if (d->frames[n % NSLOTS].obj != NULL)
+                crc_jobs(s, &d->frames[n % NSLOTS], &d->jobs[n % NSLOTS]);
+            else if (!atomic_load_explicit(&d->failed, memory_order_relaxed) &&
+                     digest_update(d->ctx, s->buf, (size_t)s->len) != 1)
                 atomic_store(&d->failed, 1);
             n++;
             atomic_store(&d->done, n);
-            if (atomic_load(&d->caller_waiting) && atomic_exchange(&d->caller_waiting, 0))
+            if (atomic_load(&d->waiters))
                 futex_wake(&d->done_word);
             continue;
         }
@@ -151,15 +187,23 @@ start_worker(Digest *d)
     return 0;
 }
 
+static void
+release_slot(Digest *d, uint64_t n)
+{
+    PyBuffer_Release(&d->slots[n % NSLOTS]);
+    if (d->frames[n % NSLOTS].obj != NULL) {
+        PyBuffer_Release(&d->frames[n % NSLOTS]);
+        PyBuffer_Release(&d->jobs[n % NSLOTS]);
+    }
+}
+
 /* release the buffers of the regions the worker is done with (the caller, with the GIL) */
 static void
 release_done(Digest *d)
 {
     uint64_t n = atomic_load_explicit(&d->done, memory_order_acquire);
-    while (d->released < n) {
-        PyBuffer_Release(&d->slots[d->released % NSLOTS]);
-        d->released++;
-    }
+    while (d->released < n)
+        release_slot(d, d->released++);
 }
 
 static int
@@ -187,15 +231,20 @@ wait_done(Digest *d, uint64_t seq)
             return -1;
         }
         wake_worker(d); /* it may sleep with less than WAKE_AT pending */
+        /* the reader and the packer's thread (waiting for CRCs) may both wait */
         Py_BEGIN_ALLOW_THREADS
-        while (atomic_load(&d->done) < seq) {
+        atomic_fetch_add(&d->waiters, 1);
+        while (atomic_load(&d->done) < seq && !atomic_load(&d->stop)) {
             uint32_t seen = atomic_load(&d->done_word);
-            atomic_store(&d->caller_waiting, 1);
-            if (atomic_load(&d->done) < seq)
+            if (atomic_load(&d->done) < seq && !atomic_load(&d->stop))
                 futex_wait(&d->done_word, seen);
-            atomic_store(&d->caller_waiting, 0);
         }
+        atomic_fetch_sub(&d->waiters, 1);
         Py_END_ALLOW_THREADS
+        if (atomic_load(&d->done) < seq) {
+            PyErr_SetString(PyExc_ValueError, "wait on a digest that was closed");
+            return -1;
+        }
     }
     release_done(d);
     return check_failed(d);
@@ -212,6 +261,7 @@ stop_worker(Digest *d)
     }
     atomic_store(&d->stop, 1);
     wake_worker(d);
+    futex_wake(&d->done_word); /* another thread waiting (the packer's) gives up */
     Py_BEGIN_ALLOW_THREADS
     pthread_join(d->thread, NULL);
     Py_END_ALLOW_THREADS
@@ -243,14 +293,15 @@ Digest_dealloc(Digest *d)
 {
     uint64_t p = atomic_load(&d->published);
     stop_worker(d);
-    while (d->released < p) {
-        PyBuffer_Release(&d->slots[d->released % NSLOTS]);
-        d->released++;
-    }
+    while (d->released < p)
+        release_slot(d, d->released++);
     if (d->ctx != NULL)
         md_ctx_free(d->ctx);
     Py_TYPE(d)->tp_free((PyObject *)d);
 }
+
+static int free_slot(Digest *d, uint64_t p);
+static PyObject *publish(Digest *d, uint64_t p, Py_ssize_t bytes);
 
 static PyObject *
 Digest_update(Digest *d, PyObject *region)
@@ -278,21 +329,85 @@ Digest_update(Digest *d, PyObject *region)
         }
         PyBuffer_Release(&view);
     }
-    if (p - d->released >= NSLOTS && wait_done(d, p - NSLOTS + 1) < 0)
+    if (free_slot(d, p) < 0)
         return NULL;
     slot = &d->slots[p % NSLOTS];
     if (PyObject_GetBuffer(region, slot, PyBUF_SIMPLE) < 0)
         return NULL;
+    return publish(d, p, slot->len);
+}
+
+/* wait until slot p is free (the worker is past its previous use) */
+static int
+free_slot(Digest *d, uint64_t p)
+{
+    if (p - d->released >= NSLOTS && wait_done(d, p - NSLOTS + 1) < 0)
+        return -1;
+    return 0;
+}
+
+/* hand slot p (filled) to the worker; its number */
+static PyObject *
+publish(Digest *d, uint64_t p, Py_ssize_t bytes)
+{
     if (!d->started && start_worker(d) < 0) {
-        PyBuffer_Release(slot);
+        release_slot(d, p);
         return NULL;
     }
     atomic_store(&d->published, p + 1);
     if (!atomic_load(&d->worker_sleeping))
         d->unwoken = 0; /* awake: it sees this region without a wake-up */
-    else if ((d->unwoken += slot->len) >= WAKE_AT || p + 1 - d->released >= NSLOTS / 2)
+    else if ((d->unwoken += bytes) >= WAKE_AT || p + 1 - d->released >= NSLOTS / 2)
         wake_worker(d); /* (small regions, from a pipe: before the slots run out) */
     return PyLong_FromUnsignedLongLong(p + 1);
+}
+
+/* crc_into(source, frames, jobs) -> int: CRC jobs, done by the worker in order with the regions
+ * (see the top of the file); returns their number for wait_for, as update does. */
+static PyObject *
+Digest_crc_into(Digest *d, PyObject *args)
+{
+    PyObject *source, *frames, *jobs;
+    uint64_t p = atomic_load_explicit(&d->published, memory_order_relaxed);
+    const uint64_t *job;
+    Py_ssize_t i, n;
+    if (!PyArg_ParseTuple(args, "OOO", &source, &frames, &jobs))
+        return NULL;
+    if (crc_iso == NULL) {
+        PyErr_SetString(PyExc_ValueError, "crc_into: anycrc's CRC is not loaded");
+        return NULL;
+    }
+    if (d->finished || d->joined) {
+        PyErr_SetString(PyExc_ValueError, "crc_into of a digest that was closed");
+        return NULL;
+    }
+    release_done(d);
+    if (free_slot(d, p) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(source, &d->slots[p % NSLOTS], PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(frames, &d->frames[p % NSLOTS], PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&d->slots[p % NSLOTS]);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(jobs, &d->jobs[p % NSLOTS], PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&d->frames[p % NSLOTS]);
+        PyBuffer_Release(&d->slots[p % NSLOTS]);
+        return NULL;
+    }
+    job = (const uint64_t *)d->jobs[p % NSLOTS].buf;
+    n = d->jobs[p % NSLOTS].len / 24;
+    for (i = 0; i < n; i++) {
+        uint64_t off = job[3 * i], len = job[3 * i + 1], at = job[3 * i + 2];
+        if (d->jobs[p % NSLOTS].len % 24 || off > (uint64_t)d->slots[p % NSLOTS].len ||
+            len > (uint64_t)d->slots[p % NSLOTS].len - off ||
+            d->frames[p % NSLOTS].len < 8 || at > (uint64_t)d->frames[p % NSLOTS].len - 8) {
+            release_slot(d, p);
+            PyErr_SetString(PyExc_ValueError, "crc_into: a job out of its buffers' bounds");
+            return NULL;
+        }
+    }
+    return publish(d, p, 0);
 }
 
 static PyObject *
@@ -353,6 +468,8 @@ Digest_close(Digest *d, PyObject *Py_UNUSED(ignored))
 static PyMethodDef Digest_methods[] = {
     {"update", (PyCFunction)Digest_update, METH_O,
      "Hash a region later, in order; it stays unchanged until wait_for(the number returned)."},
+    {"crc_into", (PyCFunction)Digest_crc_into, METH_VARARGS,
+     "CRC-64 jobs (offset, length, at: u64 triples) of source written into frames, in order."},
     {"wait_for", (PyCFunction)Digest_wait_for, METH_O,
      "Return once the regions up to a number update returned are hashed."},
     {"wait", (PyCFunction)Digest_wait, METH_NOARGS,
@@ -418,6 +535,44 @@ load_libcrypto(void)
     return 0;
 }
 
+static int
+find_anycrc(struct dl_phdr_info *info, size_t size, void *data)
+{
+    (void)size;
+    if (info->dlpi_name != NULL && strstr(info->dlpi_name, "/anycrc/crc.") != NULL) {
+        *(void **)data = dlopen(info->dlpi_name, RTLD_NOW | RTLD_NOLOAD);
+        return *(void **)data != NULL;
+    }
+    return 0;
+}
+
+/* anycrc's CRC-64/GO-ISO where its extension is loaded (archive/crc64.py loads it before the
+ * digest); crc_into is refused otherwise */
+static void
+load_anycrc(void)
+{
+    void *lib = NULL;
+    crc_params_fn params;
+    uint8_t error = 0;
+    dl_iterate_phdr(find_anycrc, &lib);
+    if (lib == NULL)
+        return;
+    params = (crc_params_fn)dlsym(lib, "crc_params");
+    crc_calc = (crc_calc_fn)dlsym(lib, "crc_calc");
+    if (params == NULL || crc_calc == NULL)
+        return;
+    crc_iso = PyMem_RawMalloc(sizeof(*crc_iso));
+    if (crc_iso == NULL)
+        return;
+    /* Go's ISO table: width 64, poly 0x1b reflected, all ones in and out; its check value */
+    *crc_iso = params(64, 0x1b, UINT64_MAX, 1, 1, UINT64_MAX, 0xb90956c775a41001ULL, &error);
+    if (error || crc_calc(crc_iso, 0, (const unsigned char *)"123456789", 9) !=
+                     0xb90956c775a41001ULL) {
+        PyMem_RawFree(crc_iso);
+        crc_iso = NULL;
+    }
+}
+
 static struct PyModuleDef fastdigest_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_fastdigest",
@@ -431,12 +586,14 @@ PyInit__fastdigest(void)
     PyObject *m;
     if (load_libcrypto() < 0)
         return NULL;
+    load_anycrc();
     if (PyType_Ready(&DigestType) < 0)
         return NULL;
     m = PyModule_Create(&fastdigest_module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "INLINE_BELOW", INLINE_BELOW) < 0 ||
+        PyModule_AddIntConstant(m, "CRC", crc_iso != NULL) < 0 ||
         PyModule_AddType(m, &DigestType) < 0) {
         Py_DECREF(m);
         return NULL;

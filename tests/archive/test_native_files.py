@@ -425,3 +425,50 @@ def test_tar_split_lines_from_frames_match_the_python_packer(
     PACKED.clear()
     assert _replay(frames, True, monkeypatch) == _replay(frames, False, monkeypatch)
     assert sum(PACKED) > 0  # the native packer took part
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_crcs_from_the_digest_thread_give_the_same_lines(seed: int, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The confined child's recording (a threaded BufferedRecorder into the packer): the native
+    runs' CRCs computed by the digest thread (crc_into, filled into the frames the packer thread
+    reads later; the buffer not reused before) give the lines of the reader's own CRCs and of the
+    pure-Python apply, while the reader's buffer laps many times."""
+    from graphdriver.archive.recframes import BufferedRecorder
+    from graphdriver.archive.tarsplit import TarSplitPacker
+
+    if not ts.NATIVE_CRC:
+        pytest.skip("_fastdigest without anycrc's CRC: the reader computes the CRCs")
+    data = _files_tar(seed, 400)
+    assert len(data) > 8 * ts.BUFFER_SIZE
+    deferred: list[int] = []
+    crcs_later = ts.TarReader._crcs_later
+
+    def counting(self: ts.TarReader, *args: Any) -> Any:
+        deferred.append(1)
+        return crcs_later(self, *args)
+
+    monkeypatch.setattr(ts.TarReader, "_crcs_later", counting)
+    outputs = []
+    for how in ("digest thread", "reader", "python"):
+        deferred.clear()
+        monkeypatch.setattr(ts, "NATIVE_CRC", how == "digest thread")
+        monkeypatch.setattr(ts, "_native_files", None if how == "python" else native.files)
+        target = tmp_path / how.replace(" ", "-")
+        target.mkdir()
+        out = io.BytesIO()
+        packer = TarSplitPacker(out)  # type: ignore[arg-type]
+        rec = BufferedRecorder(packer, batch=64 << 10, threaded=True)
+        root = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            result = apply_reader(ts.TarReader(io.BytesIO(data), rec), root,
+                                  ApplyOptions(recorder=rec))
+            rec.close()
+            packer.close()
+        finally:
+            os.close(root)
+        assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+        assert packer.problem is None and packer.missing == 0
+        assert (len(deferred) > 10) == (how == "digest thread"), how
+        outputs.append(out.getvalue())
+    assert outputs[0] == outputs[1] == outputs[2]

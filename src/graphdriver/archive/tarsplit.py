@@ -525,10 +525,13 @@ class TarSplitPacker:
                     self._drain()
         return int(took)
 
-    def write_frames(self, frames: bytes) -> None:
+    def write_frames(self, frames: bytes | bytearray,
+                     ready: Callable[[], None] | None = None) -> None:
         """Whole recorder frames (recframes.py) of a run of files the native apply wrote: the
         packer runs beside the reader (in the confined child), and the frames never cross a
-        pipe."""
+        pipe.  With *ready*, they are complete once it has returned (recframes.py)."""
+        if ready is not None:
+            ready()
         if replay_frames(frames, 0, len(frames), self) != len(frames):
             raise InvalidArchive("tar-split: the native apply's frames end inside a frame")
 
