@@ -587,10 +587,11 @@ static PyObject *create_file(PyObject *self, PyObject *args)
  * header: the tar-split frames of the PipeRecorder (archive/recframes.py) are then built here, in
  * a bytearray, in the order the Python reader makes them (segment, file, and the data's CRC-64
  * when crc is not None and the entry has data).  crc is the reader's crc(data, previous)
- * function, or a bytearray: the CRC frames are then left blank (zero), and the jobs that fill
- * them are appended to it, three u64 each -- the data's offset in buf, its length, the offset of
- * the CRC's 8 bytes in the frames -- for _fastdigest's crc_into (the digest thread checksums the
- * data, off the reader's thread).
+ * function, or a bytearray: the header bytes of the segment frames and the CRCs are then left
+ * blank, and the jobs that fill them are appended to it, three u64 each -- the offset in buf,
+ * the length (bit 63 set: a copy, else the CRC of the range), the offset in the frames -- for
+ * _fastdigest's fill_frames (the digest thread copies and checksums what it has just hashed, off
+ * the reader's thread).
  *
  * Returns (pos, count, size, frames, pad, error, need): pos is just after the last applied
  * entry's data, its padding (pad bytes) not consumed; count the entries applied, size the bytes
@@ -700,6 +701,8 @@ static int plain_entry_name(const unsigned char *nm, Py_ssize_t nm_n, int is_dir
 #define FRAME_F 'F'
 #define FRAME_C 'C'
 
+/* n more bytes at the end of *out* (a bytearray, grown as needed): data's, or left as they are
+ * when data is NULL (a job fills them) */
 static int put(PyObject **out, Py_ssize_t *used, const void *data, Py_ssize_t n)
 {
     Py_ssize_t have = PyByteArray_GET_SIZE(*out);
@@ -710,8 +713,23 @@ static int put(PyObject **out, Py_ssize_t *used, const void *data, Py_ssize_t n)
         if (PyByteArray_Resize(*out, want) < 0)
             return -1;
     }
-    memcpy(PyByteArray_AS_STRING(*out) + *used, data, (size_t)n);
+    if (data != NULL)
+        memcpy(PyByteArray_AS_STRING(*out) + *used, data, (size_t)n);
     *used += n;
+    return 0;
+}
+
+/* a job's length with this bit: a copy of the range (else: its CRC-64); _fastdigest.c's too */
+#define COPY_JOB (1ULL << 63)
+
+/* one job for _fastdigest's fill_frames: (offset in buf, length, offset in the frames) */
+static int add_job(PyObject *jobs, Py_ssize_t *n, Py_ssize_t off, uint64_t len, Py_ssize_t at)
+{
+    uint64_t job[3] = {(uint64_t)off, len, (uint64_t)at};
+    if (PyByteArray_Resize(jobs, *n + 24) < 0)
+        return -1;
+    memcpy(PyByteArray_AS_STRING(jobs) + *n, job, 24);
+    *n += 24;
     return 0;
 }
 
@@ -795,7 +813,7 @@ static PyObject *files(PyObject *self, PyObject *args)
     PyObject *dirs, *dir_times, *links, *seg_obj, *frames = NULL, *error = NULL, *result;
     PyObject *cur_parent = NULL; /* bytes of the cached parent */
     int cur_fd = -1, cur_sgid = 0, euid, egid, umask_bits;
-    PyObject *crcf, *crc_jobs = NULL;
+    PyObject *crcf, *fill_jobs = NULL;
     Py_ssize_t jobs_n = 0;
     PyObject *cur_real = NULL;   /* borrowed from the dirs tuple, kept alive by cur_tuple */
     PyObject *cur_tuple = NULL;
@@ -815,8 +833,8 @@ static PyObject *files(PyObject *self, PyObject *args)
         return NULL;
     }
     if (PyByteArray_Check(crcf)) {
-        crc_jobs = crcf;
-        jobs_n = PyByteArray_GET_SIZE(crc_jobs);
+        fill_jobs = crcf;
+        jobs_n = PyByteArray_GET_SIZE(fill_jobs);
     }
     if (seg_obj != Py_None) {
         if (PyObject_GetBuffer(seg_obj, &seg, PyBUF_SIMPLE) < 0) {
@@ -1065,23 +1083,26 @@ static PyObject *files(PyObject *self, PyObject *args)
                 goto fail;
             if (pre && put(&frames, &used, seg.buf, pre) < 0)
                 goto fail;
-            if (put(&frames, &used, sfrom, sn) < 0)
+            if (fill_jobs != NULL) {
+                /* left blank: the digest thread copies the header bytes in (a job) */
+                if (add_job(fill_jobs, &jobs_n, prev_data_end, (uint64_t)sn | COPY_JOB, used) < 0 ||
+                    put(&frames, &used, NULL, sn) < 0)
+                    goto fail;
+            } else if (put(&frames, &used, sfrom, sn) < 0) {
                 goto fail;
+            }
             tag = FRAME_F;
             if (put(&frames, &used, &tag, 1) < 0 || put_u32(&frames, &used, (uint32_t)nm_n) < 0 ||
                 put_u64(&frames, &used, (uint64_t)size) < 0 ||
                 put_u64(&frames, &used, (uint64_t)-1) < 0 || put(&frames, &used, nm, nm_n) < 0)
                 goto fail;
-            if (crc_jobs != NULL && size) {
-                /* a blank CRC frame, and the job that fills it (_fastdigest's crc_into) */
-                uint64_t job[3] = {(uint64_t)data_at, (uint64_t)size, (uint64_t)used + 1};
-                uint64_t blank = 0;
+            if (fill_jobs != NULL && size) {
+                /* a blank CRC frame, and the job that fills it */
                 tag = FRAME_C;
-                if (put(&frames, &used, &tag, 1) < 0 || put_u64(&frames, &used, blank) < 0 ||
-                    PyByteArray_Resize(crc_jobs, jobs_n + 24) < 0)
+                if (put(&frames, &used, &tag, 1) < 0 ||
+                    add_job(fill_jobs, &jobs_n, data_at, size, used) < 0 ||
+                    put(&frames, &used, NULL, 8) < 0)
                     goto fail;
-                memcpy(PyByteArray_AS_STRING(crc_jobs) + jobs_n, job, 24);
-                jobs_n += 24;
             } else if (crcf != Py_None && size) {
                 uint64_t c;
                 PyObject *mv, *r;

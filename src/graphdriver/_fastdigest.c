@@ -14,13 +14,14 @@
  * before re-checking the other side's counter (sequentially consistent: one of the two always
  * sees the other), and the other side makes the system call only when that flag is set.
  *
- * A slot can also hold CRC jobs (crc_into): CRC-64/GO-ISO (tar-split's payload checksum) of
- * ranges of the reader's buffer, each written (8 bytes, little-endian) at an offset of a frames
- * bytearray -- the recorder frames of a native run of entries, whose CRC frames the native apply
- * left blank.  The worker does them in order with the regions: a caller that waits for the slot's
- * number knows both the ranges read (the buffer may be reused) and the CRCs written (the frames
- * may be read).  The CRC is anycrc's (crc_params/crc_calc of its loaded extension, found as
- * libcrypto is; crc_into is refused where it is not loaded).
+ * A slot can also hold the jobs that fill a frames bytearray (fill_frames) -- the recorder frames
+ * of a native run of entries, whose header bytes and CRCs the native apply left blank: a copy of
+ * a range of the reader's buffer (its headers), or the CRC-64/GO-ISO (tar-split's payload
+ * checksum) of one (a file's data), written as 8 bytes, little-endian.  The worker does them in
+ * order with the regions, on bytes it has just hashed: a caller that waits for the slot's number
+ * knows both the ranges read (the buffer may be reused) and the frames whole (they may be read).
+ * The CRC is anycrc's (crc_params/crc_calc of its loaded extension, found as libcrypto is;
+ * fill_frames is refused where it is not loaded).
  *
  * Each slot keeps the region's Py_buffer (a reference to the exporter), released by the caller
  * (it holds the GIL) once the worker is past it.  A region below INLINE_BELOW is hashed in the
@@ -79,8 +80,8 @@ typedef struct {
     PyObject_HEAD
     void *ctx;                   /* EVP_MD_CTX: the worker's while it runs, else the caller's */
     Py_buffer slots[NSLOTS];
-    Py_buffer frames[NSLOTS];    /* CRC job slots: the frames written into (else .obj NULL) */
-    Py_buffer jobs[NSLOTS];      /* CRC job slots: (u64 offset, u64 length, u64 at) triples */
+    Py_buffer frames[NSLOTS];    /* fill_frames slots: the frames written into (else .obj NULL) */
+    Py_buffer jobs[NSLOTS];      /* fill_frames slots: (u64 offset, u64 length, u64 at) triples */
     uint64_t released;           /* slots whose buffers were released (caller only) */
     Py_ssize_t unwoken;          /* bytes handed over since the worker was last seen asleep */
     _Atomic uint64_t published;
@@ -118,17 +119,25 @@ wake_worker(Digest *d)
     d->unwoken = 0;
 }
 
-/* the CRC jobs of a slot (crc_into checked their bounds) */
+/* a job's length with this bit: copy the range (else: its CRC) */
+#define COPY_JOB (1ULL << 63)
+
+/* the jobs of a fill_frames slot (which checked their bounds) */
 static void
-crc_jobs(const Py_buffer *source, Py_buffer *frames, const Py_buffer *jobs)
+fill_jobs(const Py_buffer *source, Py_buffer *frames, const Py_buffer *jobs)
 {
     const unsigned char *src = (const unsigned char *)source->buf;
     unsigned char *out = (unsigned char *)frames->buf;
     const uint64_t *job = (const uint64_t *)jobs->buf;
     Py_ssize_t i, n = jobs->len / 24;
     for (i = 0; i < n; i++) {
-        uint64_t c = crc_calc(crc_iso, 0, src + job[3 * i], job[3 * i + 1]);
-        memcpy(out + job[3 * i + 2], &c, 8); /* little-endian hosts: the "<Q" of struct */
+        uint64_t off = job[3 * i], len = job[3 * i + 1], at = job[3 * i + 2];
+        if (len & COPY_JOB) {
+            memcpy(out + at, src + off, (size_t)(len & ~COPY_JOB));
+        } else {
+            uint64_t c = crc_calc(crc_iso, 0, src + off, len);
+            memcpy(out + at, &c, 8); /* little-endian hosts: the "<Q" of struct */
+        }
     }
 }
 
@@ -148,7 +157,7 @@ work(void *arg)
         if (n < p) {
             Py_buffer *s = &d->slots[n % NSLOTS];
             if (d->frames[n % NSLOTS].obj != NULL)
-                crc_jobs(s, &d->frames[n % NSLOTS], &d->jobs[n % NSLOTS]);
+                fill_jobs(s, &d->frames[n % NSLOTS], &d->jobs[n % NSLOTS]);
             else if (!atomic_load_explicit(&d->failed, memory_order_relaxed) &&
                      digest_update(d->ctx, s->buf, (size_t)s->len) != 1)
                 atomic_store(&d->failed, 1);
@@ -362,10 +371,11 @@ publish(Digest *d, uint64_t p, Py_ssize_t bytes)
     return PyLong_FromUnsignedLongLong(p + 1);
 }
 
-/* crc_into(source, frames, jobs) -> int: CRC jobs, done by the worker in order with the regions
- * (see the top of the file); returns their number for wait_for, as update does. */
+/* fill_frames(source, frames, jobs) -> int: jobs that fill frames from source, done by the worker
+ * in order with the regions (see the top of the file); returns their number for wait_for, as
+ * update does. */
 static PyObject *
-Digest_crc_into(Digest *d, PyObject *args)
+Digest_fill_frames(Digest *d, PyObject *args)
 {
     PyObject *source, *frames, *jobs;
     uint64_t p = atomic_load_explicit(&d->published, memory_order_relaxed);
@@ -374,11 +384,11 @@ Digest_crc_into(Digest *d, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOO", &source, &frames, &jobs))
         return NULL;
     if (crc_iso == NULL) {
-        PyErr_SetString(PyExc_ValueError, "crc_into: anycrc's CRC is not loaded");
+        PyErr_SetString(PyExc_ValueError, "fill_frames: anycrc's CRC is not loaded");
         return NULL;
     }
     if (d->finished || d->joined) {
-        PyErr_SetString(PyExc_ValueError, "crc_into of a digest that was closed");
+        PyErr_SetString(PyExc_ValueError, "fill_frames of a digest that was closed");
         return NULL;
     }
     release_done(d);
@@ -398,12 +408,14 @@ Digest_crc_into(Digest *d, PyObject *args)
     job = (const uint64_t *)d->jobs[p % NSLOTS].buf;
     n = d->jobs[p % NSLOTS].len / 24;
     for (i = 0; i < n; i++) {
-        uint64_t off = job[3 * i], len = job[3 * i + 1], at = job[3 * i + 2];
+        uint64_t off = job[3 * i], len = job[3 * i + 1] & ~COPY_JOB, at = job[3 * i + 2];
+        uint64_t wrote = job[3 * i + 1] & COPY_JOB ? len : 8;
         if (d->jobs[p % NSLOTS].len % 24 || off > (uint64_t)d->slots[p % NSLOTS].len ||
             len > (uint64_t)d->slots[p % NSLOTS].len - off ||
-            d->frames[p % NSLOTS].len < 8 || at > (uint64_t)d->frames[p % NSLOTS].len - 8) {
+            (uint64_t)d->frames[p % NSLOTS].len < wrote ||
+            at > (uint64_t)d->frames[p % NSLOTS].len - wrote) {
             release_slot(d, p);
-            PyErr_SetString(PyExc_ValueError, "crc_into: a job out of its buffers' bounds");
+            PyErr_SetString(PyExc_ValueError, "fill_frames: a job out of its buffers' bounds");
             return NULL;
         }
     }
@@ -468,8 +480,9 @@ Digest_close(Digest *d, PyObject *Py_UNUSED(ignored))
 static PyMethodDef Digest_methods[] = {
     {"update", (PyCFunction)Digest_update, METH_O,
      "Hash a region later, in order; it stays unchanged until wait_for(the number returned)."},
-    {"crc_into", (PyCFunction)Digest_crc_into, METH_VARARGS,
-     "CRC-64 jobs (offset, length, at: u64 triples) of source written into frames, in order."},
+    {"fill_frames", (PyCFunction)Digest_fill_frames, METH_VARARGS,
+     "Jobs (offset, length, at: u64 triples) filling frames from source: a copy where length "
+     "has bit 63 set, else a CRC-64; done in order with the regions."},
     {"wait_for", (PyCFunction)Digest_wait_for, METH_O,
      "Return once the regions up to a number update returned are hashed."},
     {"wait", (PyCFunction)Digest_wait, METH_NOARGS,
@@ -547,7 +560,7 @@ find_anycrc(struct dl_phdr_info *info, size_t size, void *data)
 }
 
 /* anycrc's CRC-64/GO-ISO where its extension is loaded (archive/crc64.py loads it before the
- * digest); crc_into is refused otherwise */
+ * digest); fill_frames is refused otherwise */
 static void
 load_anycrc(void)
 {

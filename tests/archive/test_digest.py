@@ -236,34 +236,42 @@ def test_a_forked_child_neither_waits_for_nor_joins_the_parents_thread() -> None
 
 @pytest.mark.skipif(_native is None or not _native.CRC,
                     reason="_fastdigest (with anycrc) not built")
-def test_native_crc_jobs_in_order_with_the_regions() -> None:
-    """crc_into: CRC-64 jobs over a buffer, written into a frames bytearray by the worker in
-    order with the regions (waiting for its number means the CRCs are there); a bytearray in
-    use cannot be resized; jobs out of bounds are refused."""
+def test_native_frame_jobs_in_order_with_the_regions() -> None:
+    """fill_frames: jobs over a buffer -- CRC-64s, and copies (bit 63 of the length) -- written
+    into a frames bytearray by the worker in order with the regions (waiting for its number
+    means they are there); a bytearray in use cannot be resized; jobs out of bounds are
+    refused."""
     import struct
 
     from graphdriver.archive.crc64 import crc64
 
     assert _native is not None
+    copy = 1 << 63
     d = _native.Digest()
     src = bytearray(random.Random(7).randbytes(3 << 20))
-    frames = bytearray(8 * 40 + 3)
     spans = [(i * 70_001, 1 + i * 1_237) for i in range(40)]
+    frames = bytearray(3 + 8 * 40 + sum(n for _, n in spans))
     jobs = b"".join(struct.pack("<QQQ", off, n, 3 + 8 * i) for i, (off, n) in enumerate(spans))
+    at = 3 + 8 * 40
+    for off, n in spans:
+        jobs += struct.pack("<QQQ", off, n | copy, at)
+        at += n
     d.update(memoryview(src)[: 1 << 20])
-    seq = d.crc_into(src, frames, jobs)
+    seq = d.fill_frames(src, frames, jobs)
     with pytest.raises(BufferError):
         frames.append(0)  # the worker may be writing into it
     d.update(memoryview(src)[1 << 20 :])
     d.wait_for(seq)
     assert [struct.unpack_from("<Q", frames, 3 + 8 * i)[0] for i in range(40)] == [
         crc64(src[off : off + n]) for off, n in spans]
-    for bad in ((len(src) - 4, 5, 0), (0, 1, len(frames) - 7)):
+    assert frames[3 + 8 * 40 :] == b"".join(src[off : off + n] for off, n in spans)
+    for bad in ((len(src) - 4, 5, 0), (0, 1, len(frames) - 7),
+                (0, 10 | copy, len(frames) - 9), (len(src) - 4, 5 | copy, 0)):
         with pytest.raises(ValueError, match="out of its buffers' bounds"):
-            d.crc_into(src, frames, struct.pack("<QQQ", *bad))
+            d.fill_frames(src, frames, struct.pack("<QQQ", *bad))
     assert d.hexdigest() == hashlib.sha256(src).hexdigest()
     with pytest.raises(ValueError, match="closed"):
-        d.crc_into(src, frames, jobs)
+        d.fill_frames(src, frames, jobs)
 
 
 @pytest.mark.skipif(_native is None, reason=_NOT_BUILT)

@@ -431,7 +431,7 @@ def test_tar_split_lines_from_frames_match_the_python_packer(
 def test_crcs_from_the_digest_thread_give_the_same_lines(seed: int, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The confined child's recording (a threaded BufferedRecorder into the packer): the native
-    runs' CRCs computed by the digest thread (crc_into, filled into the frames the packer thread
+    runs' CRCs computed by the digest thread (fill_frames, filled into the frames the packer thread
     reads later; the buffer not reused before) give the lines of the reader's own CRCs and of the
     pure-Python apply, while the reader's buffer laps many times."""
     from graphdriver.archive.recframes import BufferedRecorder
@@ -442,13 +442,13 @@ def test_crcs_from_the_digest_thread_give_the_same_lines(seed: int, tmp_path: Pa
     data = _files_tar(seed, 400)
     assert len(data) > 8 * ts.BUFFER_SIZE
     deferred: list[int] = []
-    crcs_later = ts.TarReader._crcs_later
+    crcs_later = ts.TarReader._fill_later
 
     def counting(self: ts.TarReader, *args: Any) -> Any:
         deferred.append(1)
         return crcs_later(self, *args)
 
-    monkeypatch.setattr(ts.TarReader, "_crcs_later", counting)
+    monkeypatch.setattr(ts.TarReader, "_fill_later", counting)
     outputs = []
     for how in ("digest thread", "reader", "python"):
         deferred.clear()

@@ -66,8 +66,8 @@ class _FrameWriter:
     def write_frames(self, frames: bytes | bytearray,
                      ready: Callable[[], None] | None = None) -> None:
         """Frames already encoded (by the native apply of a run of entries, _fastapply.files);
-        with *ready*, their CRC frames are complete only once it has returned (the digest
-        thread fills them in: TarReader._crcs_later)."""
+        with *ready*, they are complete only once it has returned (the digest thread fills
+        them in: TarReader._fill_later)."""
         if ready is not None:
             ready()
         self._put(frames)
@@ -94,9 +94,9 @@ class BufferedRecorder(_FrameWriter):
     packing and the compressor release the GIL), off the reader's critical path; at most
     _QUEUED batches wait.  A native run's frames (:meth:`write_frames`) are then kept as they
     are, not copied, and their *ready* is called by that thread (``defers_frames``: the reader
-    lets the digest thread fill in their CRCs meanwhile).  Call :meth:`close` before using
-    *recorder*: it replays what is left, waits for the thread, and raises what the replay
-    raised."""
+    lets the digest thread fill in their header bytes and CRCs meanwhile).  Call :meth:`close`
+    before using *recorder*: it replays what is left, waits for the thread, and raises what the
+    replay raised."""
 
     def __init__(self, recorder: Recorder, batch: int = _REPLAY_BUFFER,
                  threaded: bool = False) -> None:

@@ -432,9 +432,10 @@ class TarReader:
         # CRC-64 of the current entry's data for a recorder with file_done (None: not wanted)
         self._file_done: Callable[[int], None] | None = getattr(recorder, "file_done", None)
         self._crcf: CrcFunc | None = crc64 if self._file_done is not None else None
-        # the native runs' CRCs computed by the digest thread (_fastdigest's crc_into), for a
-        # recorder that reads their frames later, on a thread of its own (BufferedRecorder)
-        self._crc_by_digest = (digest and NATIVE_CRC and self._crcf is not None
+        # the native runs' frames filled in by the digest thread (header bytes and CRCs:
+        # _fastdigest's fill_frames), for a recorder that reads them later, on a thread of its
+        # own (BufferedRecorder)
+        self._frames_by_digest = (digest and NATIVE_CRC and self._crcf is not None
                                and getattr(recorder, "defers_frames", False))
         self._crc_on = False  # the current entry's data is being checksummed
         self._crc = 0
@@ -703,7 +704,7 @@ class TarReader:
             return 0, 0, None, 0
         self._settle()
         rec = self._recorder
-        jobs = bytearray() if self._crc_by_digest else None
+        jobs = bytearray() if self._frames_by_digest else None
         pos, count, size, frames, pad, error, need = _native_files(  # type: ignore[misc]
             self._buf, self._pos, self._end, dirs, dir_times, links, euid, egid, umask,
             cache_limit, None if rec is None else self._seg, self._crcf if jobs is None else jobs)
@@ -715,19 +716,19 @@ class TarReader:
             if rec is not None:
                 self._seg.clear()
                 if jobs:
-                    rec.write_frames(frames, self._crcs_later(start, frames, jobs))  # type: ignore[attr-defined]
+                    rec.write_frames(frames, self._fill_later(start, frames, jobs))  # type: ignore[attr-defined]
                 else:
                     rec.write_frames(frames)  # type: ignore[attr-defined]
         return count, size, error, need
 
-    def _crcs_later(self, start: int, frames: bytearray, jobs: bytearray) -> Callable[[], None]:
-        """Hand the CRC jobs of a native run (its data from *start* on in the buffer) to the
-        digest thread, which writes them into *frames*; returns what waits until it has: the
-        recorder calls it before it reads the frames.  The buffer from *start* on is not reused
-        before then either (a region of the digest's, see _reuse)."""
+    def _fill_later(self, start: int, frames: bytearray, jobs: bytearray) -> Callable[[], None]:
+        """Hand the jobs of a native run (its entries from *start* on in the buffer) to the
+        digest thread, which fills *frames* in with their header bytes and CRCs; returns what
+        waits until it has: the recorder calls it before it reads the frames.  The buffer from
+        *start* on is not reused before then either (a region of the digest's, see _reuse)."""
         digest = self._digest
         assert digest is not None
-        seq = digest.crc_into(self._buf, frames, jobs)  # type: ignore[union-attr]
+        seq = digest.fill_frames(self._buf, frames, jobs)  # type: ignore[union-attr]
         self._regions.append((self._lap, start, seq))
         wait_for = digest.wait_for
 
