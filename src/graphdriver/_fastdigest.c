@@ -20,7 +20,8 @@
  * checksum) of one (a file's data), written as 8 bytes, little-endian.  The worker does them in
  * order with the regions, on bytes it has just hashed: a caller that waits for the slot's number
  * knows both the ranges read (the buffer may be reused) and the frames whole (they may be read).
- * The CRC is anycrc's (crc_params/crc_calc of its loaded extension, found as libcrypto is;
+ * A file whose data comes in pieces gets its CRC so too: each piece adds to a running CRC, and a
+ * last job writes it.  The CRC is anycrc's (crc_params/crc_calc of its loaded extension, found as libcrypto is;
  * fill_frames is refused where it is not loaded).
  *
  * Each slot keeps the region's Py_buffer (a reference to the exporter), released by the caller
@@ -82,6 +83,7 @@ typedef struct {
     Py_buffer slots[NSLOTS];
     Py_buffer frames[NSLOTS];    /* fill_frames slots: the frames written into (else .obj NULL) */
     Py_buffer jobs[NSLOTS];      /* fill_frames slots: (u64 offset, u64 length, u64 at) triples */
+    uint64_t running_crc;        /* the worker's: the CRC of a file's pieces so far (ADD_JOB) */
     uint64_t released;           /* slots whose buffers were released (caller only) */
     Py_ssize_t unwoken;          /* bytes handed over since the worker was last seen asleep */
     _Atomic uint64_t published;
@@ -119,23 +121,37 @@ wake_worker(Digest *d)
     d->unwoken = 0;
 }
 
-/* a job's length with this bit: copy the range (else: its CRC) */
+/* a job's length with one of these bits: copy the range; add the range to the running CRC (of a
+ * file that comes in pieces); write the running CRC and start a new one (the range is empty);
+ * with none: write the range's CRC */
 #define COPY_JOB (1ULL << 63)
+#define ADD_JOB (1ULL << 62)
+#define END_JOB (1ULL << 61)
+#define JOB_KINDS (COPY_JOB | ADD_JOB | END_JOB)
 
 /* the jobs of a fill_frames slot (which checked their bounds) */
 static void
-fill_jobs(const Py_buffer *source, Py_buffer *frames, const Py_buffer *jobs)
+fill_jobs(const Py_buffer *source, Py_buffer *frames, const Py_buffer *jobs, uint64_t *running)
 {
     const unsigned char *src = (const unsigned char *)source->buf;
     unsigned char *out = (unsigned char *)frames->buf;
     const uint64_t *job = (const uint64_t *)jobs->buf;
     Py_ssize_t i, n = jobs->len / 24;
     for (i = 0; i < n; i++) {
-        uint64_t off = job[3 * i], len = job[3 * i + 1], at = job[3 * i + 2];
-        if (len & COPY_JOB) {
-            memcpy(out + at, src + off, (size_t)(len & ~COPY_JOB));
+        uint64_t off = job[3 * i], kind = job[3 * i + 1] & JOB_KINDS;
+        uint64_t len = job[3 * i + 1] & ~JOB_KINDS, at = job[3 * i + 2], c;
+        if (kind == COPY_JOB) {
+            memcpy(out + at, src + off, (size_t)len);
+        } else if (kind == ADD_JOB) {
+            if (len)
+                *running = crc_calc(crc_iso, *running, src + off, len);
         } else {
-            uint64_t c = crc_calc(crc_iso, 0, src + off, len);
+            if (kind == END_JOB) {
+                c = *running;
+                *running = 0;
+            } else {
+                c = len ? crc_calc(crc_iso, 0, src + off, len) : 0;
+            }
             memcpy(out + at, &c, 8); /* little-endian hosts: the "<Q" of struct */
         }
     }
@@ -157,7 +173,7 @@ work(void *arg)
         if (n < p) {
             Py_buffer *s = &d->slots[n % NSLOTS];
             if (d->frames[n % NSLOTS].obj != NULL)
-                fill_jobs(s, &d->frames[n % NSLOTS], &d->jobs[n % NSLOTS]);
+                fill_jobs(s, &d->frames[n % NSLOTS], &d->jobs[n % NSLOTS], &d->running_crc);
             else if (!atomic_load_explicit(&d->failed, memory_order_relaxed) &&
                      digest_update(d->ctx, s->buf, (size_t)s->len) != 1)
                 atomic_store(&d->failed, 1);
@@ -408,8 +424,11 @@ Digest_fill_frames(Digest *d, PyObject *args)
     job = (const uint64_t *)d->jobs[p % NSLOTS].buf;
     n = d->jobs[p % NSLOTS].len / 24;
     for (i = 0; i < n; i++) {
-        uint64_t off = job[3 * i], len = job[3 * i + 1] & ~COPY_JOB, at = job[3 * i + 2];
-        uint64_t wrote = job[3 * i + 1] & COPY_JOB ? len : 8;
+        uint64_t off = job[3 * i], len = job[3 * i + 1] & ~JOB_KINDS, at = job[3 * i + 2];
+        uint64_t kind = job[3 * i + 1] & JOB_KINDS;
+        uint64_t wrote = kind == COPY_JOB ? len : kind == ADD_JOB ? 0 : 8;
+        if (kind != 0 && kind != COPY_JOB && kind != ADD_JOB && kind != END_JOB)
+            wrote = UINT64_MAX; /* two kinds at once: refused */
         if (d->jobs[p % NSLOTS].len % 24 || off > (uint64_t)d->slots[p % NSLOTS].len ||
             len > (uint64_t)d->slots[p % NSLOTS].len - off ||
             (uint64_t)d->frames[p % NSLOTS].len < wrote ||
@@ -481,8 +500,9 @@ static PyMethodDef Digest_methods[] = {
     {"update", (PyCFunction)Digest_update, METH_O,
      "Hash a region later, in order; it stays unchanged until wait_for(the number returned)."},
     {"fill_frames", (PyCFunction)Digest_fill_frames, METH_VARARGS,
-     "Jobs (offset, length, at: u64 triples) filling frames from source: a copy where length "
-     "has bit 63 set, else a CRC-64; done in order with the regions."},
+     "Jobs (offset, length, at: u64 triples) filling frames from source: bit 63 of length: a "
+     "copy; 62: add the range to the running CRC-64; 61: write the running CRC-64 (and reset "
+     "it); none: write the range's CRC-64. Done in order with the regions."},
     {"wait_for", (PyCFunction)Digest_wait_for, METH_O,
      "Return once the regions up to a number update returned are hashed."},
     {"wait", (PyCFunction)Digest_wait, METH_NOARGS,

@@ -265,7 +265,15 @@ def test_native_frame_jobs_in_order_with_the_regions() -> None:
     assert [struct.unpack_from("<Q", frames, 3 + 8 * i)[0] for i in range(40)] == [
         crc64(src[off : off + n]) for off, n in spans]
     assert frames[3 + 8 * 40 :] == b"".join(src[off : off + n] for off, n in spans)
-    for bad in ((len(src) - 4, 5, 0), (0, 1, len(frames) - 7),
+    # a CRC in pieces: added up (bit 62), then written (bit 61) and started again
+    pieces = bytearray(16)
+    add, end = 1 << 62, 1 << 61
+    seq = d.fill_frames(src, pieces, struct.pack("<9Q", 0, 1000 | add, 0, 1000, 77 | add, 0,
+                                                 0, end, 0))
+    seq = d.fill_frames(src, pieces, struct.pack("<6Q", 5, 3 | add, 0, 0, end, 8))
+    d.wait_for(seq)
+    assert struct.unpack("<QQ", pieces) == (crc64(src[:1077]), crc64(src[5:8]))
+    for bad in ((len(src) - 4, 5, 0), (0, 1, len(frames) - 7), (0, 1 | add | end, 0),
                 (0, 10 | copy, len(frames) - 9), (len(src) - 4, 5 | copy, 0)):
         with pytest.raises(ValueError, match="out of its buffers' bounds"):
             d.fill_frames(src, frames, struct.pack("<QQQ", *bad))
