@@ -525,22 +525,38 @@ static PyTypeObject DigestType = {
     .tp_methods = Digest_methods,
 };
 
+/* a loaded library whose path holds a name: what to look for, and the handle found */
+struct wanted_lib {
+    const char *part;
+    void *handle;
+};
+
 static int
-find_libcrypto(struct dl_phdr_info *info, size_t size, void *data)
+find_loaded(struct dl_phdr_info *info, size_t size, void *data)
 {
+    struct wanted_lib *want = data;
     (void)size;
-    if (info->dlpi_name != NULL && strstr(info->dlpi_name, "/libcrypto.so") != NULL) {
-        *(void **)data = dlopen(info->dlpi_name, RTLD_NOW | RTLD_NOLOAD);
-        return *(void **)data != NULL;
+    if (info->dlpi_name != NULL && strstr(info->dlpi_name, want->part) != NULL) {
+        want->handle = dlopen(info->dlpi_name, RTLD_NOW | RTLD_NOLOAD);
+        return want->handle != NULL;
     }
     return 0;
+}
+
+/* the handle of a loaded library whose path holds *part* (NULL: none is loaded) */
+static void *
+loaded_library(const char *part)
+{
+    struct wanted_lib want = {part, NULL};
+    dl_iterate_phdr(find_loaded, &want);
+    return want.handle;
 }
 
 /* the EVP functions of the libcrypto _hashlib loaded; -1 with ImportError set if there is none */
 static int
 load_libcrypto(void)
 {
-    void *lib = NULL;
+    void *lib;
     PyObject *hashlib = PyImport_ImportModule("_hashlib");
     if (hashlib == NULL) {
         PyErr_Clear();
@@ -548,7 +564,7 @@ load_libcrypto(void)
         return -1;
     }
     Py_DECREF(hashlib);
-    dl_iterate_phdr(find_libcrypto, &lib);
+    lib = loaded_library("/libcrypto.so");
     if (lib == NULL) {
         PyErr_SetString(PyExc_ImportError, "no libcrypto is loaded (a static _hashlib?)");
         return -1;
@@ -568,26 +584,14 @@ load_libcrypto(void)
     return 0;
 }
 
-static int
-find_anycrc(struct dl_phdr_info *info, size_t size, void *data)
-{
-    (void)size;
-    if (info->dlpi_name != NULL && strstr(info->dlpi_name, "/anycrc/crc.") != NULL) {
-        *(void **)data = dlopen(info->dlpi_name, RTLD_NOW | RTLD_NOLOAD);
-        return *(void **)data != NULL;
-    }
-    return 0;
-}
-
 /* anycrc's CRC-64/GO-ISO where its extension is loaded (archive/crc64.py loads it before the
  * digest); fill_frames is refused otherwise */
 static void
 load_anycrc(void)
 {
-    void *lib = NULL;
+    void *lib = loaded_library("/anycrc/crc.");
     crc_params_fn params;
     uint8_t error = 0;
-    dl_iterate_phdr(find_anycrc, &lib);
     if (lib == NULL)
         return;
     params = (crc_params_fn)dlsym(lib, "crc_params");

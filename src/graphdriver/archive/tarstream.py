@@ -20,7 +20,10 @@ Written for speed and for byte-exact accounting rather than for generality:
   region is announced by ``file()``.  Concatenating segments and entry data in call order gives
   back the input stream byte for byte (what tar-split needs).  A recorder that also has
   ``file_done(crc64)`` gets, after each entry with data, the CRC-64 (Go's ISO table) of that
-  data, computed as the data passes through the reader (whichever way it is consumed).
+  data, computed as the data passes through the reader (whichever way it is consumed).  A
+  recorder that takes frames later on a thread of its own (``defers_frames``: the confined
+  child's BufferedRecorder) gets the native runs' frames with their header bytes and CRCs, and
+  big entries' CRC frames, filled in by the digest thread instead (:meth:`TarReader._fill_later`).
 
 Any malformation (bad checksum, truncation, absurd numbers, broken PAX records) raises
 :class:`~graphdriver.errors.InvalidArchive` with one line of explanation.
