@@ -88,7 +88,11 @@ typedef struct {
     Py_ssize_t unwoken;          /* bytes handed over since the worker was last seen asleep */
     _Atomic uint64_t published;
     _Atomic uint64_t done;
-    _Atomic uint32_t worker_sleeping, waiters; /* waiters: callers asleep in wait_done */
+    _Atomic uint32_t worker_sleeping;
+    /* the lowest region number a caller asleep in wait_done needs (UINT64_MAX: none); the
+     * reader and the tar-split packer's thread may both wait: each lowers it to its own, the
+     * worker wakes them all when it gets there, and whoever needs more sets its number again */
+    _Atomic uint64_t wake_at;
     _Atomic uint32_t work_word;  /* futex words: bumped by whoever wakes the other side */
     _Atomic uint32_t done_word;
     _Atomic int stop;
@@ -179,8 +183,10 @@ work(void *arg)
                 atomic_store(&d->failed, 1);
             n++;
             atomic_store(&d->done, n);
-            if (atomic_load(&d->waiters))
+            if (n >= atomic_load(&d->wake_at)) {
+                atomic_store(&d->wake_at, UINT64_MAX);
                 futex_wake(&d->done_word);
+            }
             continue;
         }
         uint32_t seen = atomic_load(&d->work_word);
@@ -256,15 +262,16 @@ wait_done(Digest *d, uint64_t seq)
             return -1;
         }
         wake_worker(d); /* it may sleep with less than WAKE_AT pending */
-        /* the reader and the packer's thread (waiting for CRCs) may both wait */
+        /* the reader and the packer's thread (waiting for its frames) may both wait */
         Py_BEGIN_ALLOW_THREADS
-        atomic_fetch_add(&d->waiters, 1);
         while (atomic_load(&d->done) < seq && !atomic_load(&d->stop)) {
             uint32_t seen = atomic_load(&d->done_word);
+            uint64_t at = atomic_load(&d->wake_at);
+            while (seq < at && !atomic_compare_exchange_weak(&d->wake_at, &at, seq))
+                ;
             if (atomic_load(&d->done) < seq && !atomic_load(&d->stop))
                 futex_wait(&d->done_word, seen);
         }
-        atomic_fetch_sub(&d->waiters, 1);
         Py_END_ALLOW_THREADS
         if (atomic_load(&d->done) < seq) {
             PyErr_SetString(PyExc_ValueError, "wait on a digest that was closed");
@@ -304,6 +311,7 @@ Digest_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     d = (Digest *)type->tp_alloc(type, 0);
     if (d == NULL)
         return NULL;
+    atomic_store(&d->wake_at, UINT64_MAX);
     d->ctx = md_ctx_new();
     if (d->ctx == NULL || digest_init(d->ctx, sha256_md(), NULL) != 1) {
         Py_DECREF(d);
