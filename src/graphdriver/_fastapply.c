@@ -585,8 +585,13 @@ static PyObject *create_file(PyObject *self, PyObject *args)
  *
  * seg is None (no recorder), or the bytes the recorder still has to get before this run's first
  * header: the tar-split frames of the PipeRecorder (archive/recframes.py) are then built here, in
- * the order the Python reader makes them (segment, file, and the data's CRC-64 when crc -- the
- * reader's crc(data, previous) function -- is not None and the entry has data).
+ * a bytearray, in the order the Python reader makes them (segment, file, and the data's CRC-64
+ * when crc is not None and the entry has data).  crc is the reader's crc(data, previous)
+ * function, or a bytearray: the header bytes of the segment frames and the CRCs are then left
+ * blank, and the jobs that fill them are appended to it, three u64 each -- the offset in buf,
+ * the length (bit 63 set: a copy, else the CRC of the range), the offset in the frames -- for
+ * _fastdigest's fill_frames (the digest thread copies and checksums what it has just hashed, off
+ * the reader's thread).
  *
  * Returns (pos, count, size, frames, pad, error, need): pos is just after the last applied
  * entry's data, its padding (pad bytes) not consumed; count the entries applied, size the bytes
@@ -696,18 +701,35 @@ static int plain_entry_name(const unsigned char *nm, Py_ssize_t nm_n, int is_dir
 #define FRAME_F 'F'
 #define FRAME_C 'C'
 
+/* n more bytes at the end of *out* (a bytearray, grown as needed): data's, or left as they are
+ * when data is NULL (a job fills them) */
 static int put(PyObject **out, Py_ssize_t *used, const void *data, Py_ssize_t n)
 {
-    Py_ssize_t have = PyBytes_GET_SIZE(*out);
+    Py_ssize_t have = PyByteArray_GET_SIZE(*out);
     if (*used + n > have) {
         Py_ssize_t want = have * 2;
         if (want < *used + n)
             want = *used + n;
-        if (_PyBytes_Resize(out, want) < 0)
+        if (PyByteArray_Resize(*out, want) < 0)
             return -1;
     }
-    memcpy(PyBytes_AS_STRING(*out) + *used, data, (size_t)n);
+    if (data != NULL)
+        memcpy(PyByteArray_AS_STRING(*out) + *used, data, (size_t)n);
     *used += n;
+    return 0;
+}
+
+/* a job's length with this bit: a copy of the range (else: its CRC-64); _fastdigest.c's too */
+#define COPY_JOB (1ULL << 63)
+
+/* one job for _fastdigest's fill_frames: (offset in buf, length, offset in the frames) */
+static int add_job(PyObject *jobs, Py_ssize_t *n, Py_ssize_t off, uint64_t len, Py_ssize_t at)
+{
+    uint64_t job[3] = {(uint64_t)off, len, (uint64_t)at};
+    if (PyByteArray_Resize(jobs, *n + 24) < 0)
+        return -1;
+    memcpy(PyByteArray_AS_STRING(jobs) + *n, job, 24);
+    *n += 24;
     return 0;
 }
 
@@ -791,7 +813,8 @@ static PyObject *files(PyObject *self, PyObject *args)
     PyObject *dirs, *dir_times, *links, *seg_obj, *frames = NULL, *error = NULL, *result;
     PyObject *cur_parent = NULL; /* bytes of the cached parent */
     int cur_fd = -1, cur_sgid = 0, euid, egid, umask_bits;
-    PyObject *crcf;
+    PyObject *crcf, *fill_jobs = NULL;
+    Py_ssize_t jobs_n = 0;
     PyObject *cur_real = NULL;   /* borrowed from the dirs tuple, kept alive by cur_tuple */
     PyObject *cur_tuple = NULL;
     Py_ssize_t used = 0, count = 0, last_pad = 0, prev_data_end, need_end = 0;
@@ -809,13 +832,19 @@ static PyObject *files(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "files: bad buffer bounds");
         return NULL;
     }
+    if (PyByteArray_Check(crcf)) {
+        fill_jobs = crcf;
+        jobs_n = PyByteArray_GET_SIZE(fill_jobs);
+    }
     if (seg_obj != Py_None) {
         if (PyObject_GetBuffer(seg_obj, &seg, PyBUF_SIMPLE) < 0) {
             PyBuffer_Release(&view);
             return NULL;
         }
         have_seg = 1;
-        frames = PyBytes_FromStringAndSize(NULL, 64 << 10);
+        /* room for the run's headers and padding (what lies between its data) and the frames'
+         * own bytes, so that it seldom grows: growing copies it */
+        frames = PyByteArray_FromStringAndSize(NULL, (end - pos) / 2 + seg.len + (64 << 10));
         if (frames == NULL)
             goto fail;
     }
@@ -1054,14 +1083,27 @@ static PyObject *files(PyObject *self, PyObject *args)
                 goto fail;
             if (pre && put(&frames, &used, seg.buf, pre) < 0)
                 goto fail;
-            if (put(&frames, &used, sfrom, sn) < 0)
+            if (fill_jobs != NULL) {
+                /* left blank: the digest thread copies the header bytes in (a job) */
+                if (add_job(fill_jobs, &jobs_n, prev_data_end, (uint64_t)sn | COPY_JOB, used) < 0 ||
+                    put(&frames, &used, NULL, sn) < 0)
+                    goto fail;
+            } else if (put(&frames, &used, sfrom, sn) < 0) {
                 goto fail;
+            }
             tag = FRAME_F;
             if (put(&frames, &used, &tag, 1) < 0 || put_u32(&frames, &used, (uint32_t)nm_n) < 0 ||
                 put_u64(&frames, &used, (uint64_t)size) < 0 ||
                 put_u64(&frames, &used, (uint64_t)-1) < 0 || put(&frames, &used, nm, nm_n) < 0)
                 goto fail;
-            if (crcf != Py_None && size) {
+            if (fill_jobs != NULL && size) {
+                /* a blank CRC frame, and the job that fills it */
+                tag = FRAME_C;
+                if (put(&frames, &used, &tag, 1) < 0 ||
+                    add_job(fill_jobs, &jobs_n, data_at, size, used) < 0 ||
+                    put(&frames, &used, NULL, 8) < 0)
+                    goto fail;
+            } else if (crcf != Py_None && size) {
                 uint64_t c;
                 PyObject *mv, *r;
                 mv = PyMemoryView_FromMemory((char *)buf + data_at, (Py_ssize_t)size, PyBUF_READ);
@@ -1102,7 +1144,7 @@ static PyObject *files(PyObject *self, PyObject *args)
         pos = prev_data_end;
     else
         pos = start;
-    if (have_seg && _PyBytes_Resize(&frames, used) < 0)
+    if (have_seg && PyByteArray_Resize(frames, used) < 0)
         goto fail;
     result = Py_BuildValue("(nnKNnNn)", pos, count, total,
                            have_seg ? frames : Py_NewRef(Py_None), count ? last_pad : 0,
@@ -1433,6 +1475,8 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
  *
  * pack_frames(buf, start, end, position, seen, files) -> (consumed, lines, position, described,
  *                                                          missing)
+ *
+ * lines is a read-only memoryview of this thread's buffer: valid until the thread's next call.
  *
  * The frames (archive/isolate.py: S segment, F file, C crc) between start and end, turned into
  * tar-split JSON lines exactly as TarSplitPacker's segment/file/file_done calls write them, for
@@ -1949,13 +1993,16 @@ oom:
     return p;
 }
 
+/* pack_frames' lines, one buffer per thread (the packer's), never freed */
+static _Thread_local struct cbuf lines_scratch;
+
 static PyObject *pack_frames(PyObject *self, PyObject *args)
 {
     Py_buffer view;
     Py_ssize_t start, end, p;
     unsigned long long position, described = 0, missing = 0;
     PyObject *seen, *records, *result = NULL;
-    struct cbuf lines = {NULL, 0, 0}, hashes = {NULL, 0, 0}, recs = {NULL, 0, 0};
+    struct cbuf lines, hashes = {NULL, 0, 0}, recs = {NULL, 0, 0};
     int oom = 0;
     (void)self;
     if (!PyArg_ParseTuple(args, "y*nnKO!O!", &view, &start, &end, &position, &PyByteArray_Type,
@@ -1966,10 +2013,12 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "pack_frames: bad buffer bounds");
         return NULL;
     }
-    /* base64 makes 4 of 3; a line adds < 100 bytes to each ~1 KiB of frames */
-    lines.cap = (size_t)((end - start) / 3 * 4 + (end - start) / 8 + 4096);
-    lines.p = malloc(lines.cap);
-    if (lines.p == NULL) {
+    /* the lines go into this thread's buffer, kept from call to call (a fresh one every time
+     * cost its page faults: ~0.2 s of the packer's thread on the npm tree); base64 makes 4 of
+     * 3, a line adds < 100 bytes to each ~1 KiB of frames */
+    lines = lines_scratch;
+    lines.used = 0;
+    if (cb_reserve(&lines, (size_t)((end - start) / 3 * 4 + (end - start) / 8 + 4096)) < 0) {
         PyBuffer_Release(&view);
         return PyErr_NoMemory();
     }
@@ -1977,12 +2026,14 @@ static PyObject *pack_frames(PyObject *self, PyObject *args)
     p = pack_loop((const unsigned char *)view.buf, start, end, &position, &described, &missing,
                   &lines, &hashes, &recs, &oom);
     Py_END_ALLOW_THREADS
+    lines_scratch = lines; /* (grown, maybe) */
     if (oom)
         PyErr_NoMemory();
     else if (append_bytearray(seen, &hashes) == 0 && append_bytearray(records, &recs) == 0)
-        result = Py_BuildValue("(ny#KKK)", p - start, lines.p, (Py_ssize_t)lines.used, position,
-                               described, missing);
-    free(lines.p);
+        result = Py_BuildValue("(nNKKK)", p - start,
+                               PyMemoryView_FromMemory(lines.p, (Py_ssize_t)lines.used,
+                                                       PyBUF_READ),
+                               position, described, missing);
     free(hashes.p);
     free(recs.p);
     PyBuffer_Release(&view);

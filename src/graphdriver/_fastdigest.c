@@ -14,6 +14,16 @@
  * before re-checking the other side's counter (sequentially consistent: one of the two always
  * sees the other), and the other side makes the system call only when that flag is set.
  *
+ * A slot can also hold the jobs that fill a frames bytearray (fill_frames) -- the recorder frames
+ * of a native run of entries, whose header bytes and CRCs the native apply left blank: a copy of
+ * a range of the reader's buffer (its headers), or the CRC-64/GO-ISO (tar-split's payload
+ * checksum) of one (a file's data), written as 8 bytes, little-endian.  The worker does them in
+ * order with the regions, on bytes it has just hashed: a caller that waits for the slot's number
+ * knows both the ranges read (the buffer may be reused) and the frames whole (they may be read).
+ * A file whose data comes in pieces gets its CRC so too: each piece adds to a running CRC, and a
+ * last job writes it.  The CRC is anycrc's (crc_params/crc_calc of its loaded extension, found as libcrypto is;
+ * fill_frames is refused where it is not loaded).
+ *
  * Each slot keeps the region's Py_buffer (a reference to the exporter), released by the caller
  * (it holds the GIL) once the worker is past it.  A region below INLINE_BELOW is hashed in the
  * caller when the worker has nothing pending (waking it would cost more).  A dropped Digest stops
@@ -57,15 +67,32 @@ static digest_init_fn digest_init;
 static digest_update_fn digest_update;
 static digest_final_fn digest_final;
 
+/* anycrc's CRC (its crc-clmul library, C symbols of its extension): the parameters are an opaque
+ * block filled once by crc_params (returned by value: through a hidden pointer, whatever their
+ * size) and read by crc_calc, which continues a CRC (0 to start, as Go's crc64.Update) */
+typedef struct { _Alignas(64) unsigned char bytes[16384]; } crc_params_t;
+typedef crc_params_t (*crc_params_fn)(uint8_t, uint64_t, uint64_t, int, int, uint64_t, uint64_t,
+                                      uint8_t *);
+typedef uint64_t (*crc_calc_fn)(const crc_params_t *, uint64_t, const unsigned char *, uint64_t);
+static crc_calc_fn crc_calc;
+static crc_params_t *crc_iso; /* CRC-64/GO-ISO */
+
 typedef struct {
     PyObject_HEAD
     void *ctx;                   /* EVP_MD_CTX: the worker's while it runs, else the caller's */
     Py_buffer slots[NSLOTS];
+    Py_buffer frames[NSLOTS];    /* fill_frames slots: the frames written into (else .obj NULL) */
+    Py_buffer jobs[NSLOTS];      /* fill_frames slots: (u64 offset, u64 length, u64 at) triples */
+    uint64_t running_crc;        /* the worker's: the CRC of a file's pieces so far (ADD_JOB) */
     uint64_t released;           /* slots whose buffers were released (caller only) */
     Py_ssize_t unwoken;          /* bytes handed over since the worker was last seen asleep */
     _Atomic uint64_t published;
     _Atomic uint64_t done;
-    _Atomic uint32_t worker_sleeping, caller_waiting;
+    _Atomic uint32_t worker_sleeping;
+    /* the lowest region number a caller asleep in wait_done needs (UINT64_MAX: none); the
+     * reader and the tar-split packer's thread may both wait: each lowers it to its own, the
+     * worker wakes them all when it gets there, and whoever needs more sets its number again */
+    _Atomic uint64_t wake_at;
     _Atomic uint32_t work_word;  /* futex words: bumped by whoever wakes the other side */
     _Atomic uint32_t done_word;
     _Atomic int stop;
@@ -98,6 +125,42 @@ wake_worker(Digest *d)
     d->unwoken = 0;
 }
 
+/* a job's length with one of these bits: copy the range; add the range to the running CRC (of a
+ * file that comes in pieces); write the running CRC and start a new one (the range is empty);
+ * with none: write the range's CRC */
+#define COPY_JOB (1ULL << 63)
+#define ADD_JOB (1ULL << 62)
+#define END_JOB (1ULL << 61)
+#define JOB_KINDS (COPY_JOB | ADD_JOB | END_JOB)
+
+/* the jobs of a fill_frames slot (which checked their bounds) */
+static void
+fill_jobs(const Py_buffer *source, Py_buffer *frames, const Py_buffer *jobs, uint64_t *running)
+{
+    const unsigned char *src = (const unsigned char *)source->buf;
+    unsigned char *out = (unsigned char *)frames->buf;
+    const uint64_t *job = (const uint64_t *)jobs->buf;
+    Py_ssize_t i, n = jobs->len / 24;
+    for (i = 0; i < n; i++) {
+        uint64_t off = job[3 * i], kind = job[3 * i + 1] & JOB_KINDS;
+        uint64_t len = job[3 * i + 1] & ~JOB_KINDS, at = job[3 * i + 2], c;
+        if (kind == COPY_JOB) {
+            memcpy(out + at, src + off, (size_t)len);
+        } else if (kind == ADD_JOB) {
+            if (len)
+                *running = crc_calc(crc_iso, *running, src + off, len);
+        } else {
+            if (kind == END_JOB) {
+                c = *running;
+                *running = 0;
+            } else {
+                c = len ? crc_calc(crc_iso, 0, src + off, len) : 0;
+            }
+            memcpy(out + at, &c, 8); /* little-endian hosts: the "<Q" of struct */
+        }
+    }
+}
+
 static void *
 work(void *arg)
 {
@@ -113,13 +176,17 @@ work(void *arg)
         uint64_t p = atomic_load_explicit(&d->published, memory_order_acquire);
         if (n < p) {
             Py_buffer *s = &d->slots[n % NSLOTS];
-            if (!atomic_load_explicit(&d->failed, memory_order_relaxed) &&
-                digest_update(d->ctx, s->buf, (size_t)s->len) != 1)
+            if (d->frames[n % NSLOTS].obj != NULL)
+                fill_jobs(s, &d->frames[n % NSLOTS], &d->jobs[n % NSLOTS], &d->running_crc);
+            else if (!atomic_load_explicit(&d->failed, memory_order_relaxed) &&
+                     digest_update(d->ctx, s->buf, (size_t)s->len) != 1)
                 atomic_store(&d->failed, 1);
             n++;
             atomic_store(&d->done, n);
-            if (atomic_load(&d->caller_waiting) && atomic_exchange(&d->caller_waiting, 0))
+            if (n >= atomic_load(&d->wake_at)) {
+                atomic_store(&d->wake_at, UINT64_MAX);
                 futex_wake(&d->done_word);
+            }
             continue;
         }
         uint32_t seen = atomic_load(&d->work_word);
@@ -151,15 +218,23 @@ start_worker(Digest *d)
     return 0;
 }
 
+static void
+release_slot(Digest *d, uint64_t n)
+{
+    PyBuffer_Release(&d->slots[n % NSLOTS]);
+    if (d->frames[n % NSLOTS].obj != NULL) {
+        PyBuffer_Release(&d->frames[n % NSLOTS]);
+        PyBuffer_Release(&d->jobs[n % NSLOTS]);
+    }
+}
+
 /* release the buffers of the regions the worker is done with (the caller, with the GIL) */
 static void
 release_done(Digest *d)
 {
     uint64_t n = atomic_load_explicit(&d->done, memory_order_acquire);
-    while (d->released < n) {
-        PyBuffer_Release(&d->slots[d->released % NSLOTS]);
-        d->released++;
-    }
+    while (d->released < n)
+        release_slot(d, d->released++);
 }
 
 static int
@@ -187,15 +262,21 @@ wait_done(Digest *d, uint64_t seq)
             return -1;
         }
         wake_worker(d); /* it may sleep with less than WAKE_AT pending */
+        /* the reader and the packer's thread (waiting for its frames) may both wait */
         Py_BEGIN_ALLOW_THREADS
-        while (atomic_load(&d->done) < seq) {
+        while (atomic_load(&d->done) < seq && !atomic_load(&d->stop)) {
             uint32_t seen = atomic_load(&d->done_word);
-            atomic_store(&d->caller_waiting, 1);
-            if (atomic_load(&d->done) < seq)
+            uint64_t at = atomic_load(&d->wake_at);
+            while (seq < at && !atomic_compare_exchange_weak(&d->wake_at, &at, seq))
+                ;
+            if (atomic_load(&d->done) < seq && !atomic_load(&d->stop))
                 futex_wait(&d->done_word, seen);
-            atomic_store(&d->caller_waiting, 0);
         }
         Py_END_ALLOW_THREADS
+        if (atomic_load(&d->done) < seq) {
+            PyErr_SetString(PyExc_ValueError, "wait on a digest that was closed");
+            return -1;
+        }
     }
     release_done(d);
     return check_failed(d);
@@ -212,6 +293,7 @@ stop_worker(Digest *d)
     }
     atomic_store(&d->stop, 1);
     wake_worker(d);
+    futex_wake(&d->done_word); /* another thread waiting (the packer's) gives up */
     Py_BEGIN_ALLOW_THREADS
     pthread_join(d->thread, NULL);
     Py_END_ALLOW_THREADS
@@ -229,6 +311,7 @@ Digest_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     d = (Digest *)type->tp_alloc(type, 0);
     if (d == NULL)
         return NULL;
+    atomic_store(&d->wake_at, UINT64_MAX);
     d->ctx = md_ctx_new();
     if (d->ctx == NULL || digest_init(d->ctx, sha256_md(), NULL) != 1) {
         Py_DECREF(d);
@@ -243,14 +326,15 @@ Digest_dealloc(Digest *d)
 {
     uint64_t p = atomic_load(&d->published);
     stop_worker(d);
-    while (d->released < p) {
-        PyBuffer_Release(&d->slots[d->released % NSLOTS]);
-        d->released++;
-    }
+    while (d->released < p)
+        release_slot(d, d->released++);
     if (d->ctx != NULL)
         md_ctx_free(d->ctx);
     Py_TYPE(d)->tp_free((PyObject *)d);
 }
+
+static int free_slot(Digest *d, uint64_t p);
+static PyObject *publish(Digest *d, uint64_t p, Py_ssize_t bytes);
 
 static PyObject *
 Digest_update(Digest *d, PyObject *region)
@@ -278,21 +362,91 @@ Digest_update(Digest *d, PyObject *region)
         }
         PyBuffer_Release(&view);
     }
-    if (p - d->released >= NSLOTS && wait_done(d, p - NSLOTS + 1) < 0)
+    if (free_slot(d, p) < 0)
         return NULL;
     slot = &d->slots[p % NSLOTS];
     if (PyObject_GetBuffer(region, slot, PyBUF_SIMPLE) < 0)
         return NULL;
+    return publish(d, p, slot->len);
+}
+
+/* wait until slot p is free (the worker is past its previous use) */
+static int
+free_slot(Digest *d, uint64_t p)
+{
+    if (p - d->released >= NSLOTS && wait_done(d, p - NSLOTS + 1) < 0)
+        return -1;
+    return 0;
+}
+
+/* hand slot p (filled) to the worker; its number */
+static PyObject *
+publish(Digest *d, uint64_t p, Py_ssize_t bytes)
+{
     if (!d->started && start_worker(d) < 0) {
-        PyBuffer_Release(slot);
+        release_slot(d, p);
         return NULL;
     }
     atomic_store(&d->published, p + 1);
     if (!atomic_load(&d->worker_sleeping))
         d->unwoken = 0; /* awake: it sees this region without a wake-up */
-    else if ((d->unwoken += slot->len) >= WAKE_AT || p + 1 - d->released >= NSLOTS / 2)
+    else if ((d->unwoken += bytes) >= WAKE_AT || p + 1 - d->released >= NSLOTS / 2)
         wake_worker(d); /* (small regions, from a pipe: before the slots run out) */
     return PyLong_FromUnsignedLongLong(p + 1);
+}
+
+/* fill_frames(source, frames, jobs) -> int: jobs that fill frames from source, done by the worker
+ * in order with the regions (see the top of the file); returns their number for wait_for, as
+ * update does. */
+static PyObject *
+Digest_fill_frames(Digest *d, PyObject *args)
+{
+    PyObject *source, *frames, *jobs;
+    uint64_t p = atomic_load_explicit(&d->published, memory_order_relaxed);
+    const uint64_t *job;
+    Py_ssize_t i, n;
+    if (!PyArg_ParseTuple(args, "OOO", &source, &frames, &jobs))
+        return NULL;
+    if (crc_iso == NULL) {
+        PyErr_SetString(PyExc_ValueError, "fill_frames: anycrc's CRC is not loaded");
+        return NULL;
+    }
+    if (d->finished || d->joined) {
+        PyErr_SetString(PyExc_ValueError, "fill_frames of a digest that was closed");
+        return NULL;
+    }
+    release_done(d);
+    if (free_slot(d, p) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(source, &d->slots[p % NSLOTS], PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(frames, &d->frames[p % NSLOTS], PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&d->slots[p % NSLOTS]);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(jobs, &d->jobs[p % NSLOTS], PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&d->frames[p % NSLOTS]);
+        PyBuffer_Release(&d->slots[p % NSLOTS]);
+        return NULL;
+    }
+    job = (const uint64_t *)d->jobs[p % NSLOTS].buf;
+    n = d->jobs[p % NSLOTS].len / 24;
+    for (i = 0; i < n; i++) {
+        uint64_t off = job[3 * i], len = job[3 * i + 1] & ~JOB_KINDS, at = job[3 * i + 2];
+        uint64_t kind = job[3 * i + 1] & JOB_KINDS;
+        uint64_t wrote = kind == COPY_JOB ? len : kind == ADD_JOB ? 0 : 8;
+        if (kind != 0 && kind != COPY_JOB && kind != ADD_JOB && kind != END_JOB)
+            wrote = UINT64_MAX; /* two kinds at once: refused */
+        if (d->jobs[p % NSLOTS].len % 24 || off > (uint64_t)d->slots[p % NSLOTS].len ||
+            len > (uint64_t)d->slots[p % NSLOTS].len - off ||
+            (uint64_t)d->frames[p % NSLOTS].len < wrote ||
+            at > (uint64_t)d->frames[p % NSLOTS].len - wrote) {
+            release_slot(d, p);
+            PyErr_SetString(PyExc_ValueError, "fill_frames: a job out of its buffers' bounds");
+            return NULL;
+        }
+    }
+    return publish(d, p, 0);
 }
 
 static PyObject *
@@ -353,6 +507,10 @@ Digest_close(Digest *d, PyObject *Py_UNUSED(ignored))
 static PyMethodDef Digest_methods[] = {
     {"update", (PyCFunction)Digest_update, METH_O,
      "Hash a region later, in order; it stays unchanged until wait_for(the number returned)."},
+    {"fill_frames", (PyCFunction)Digest_fill_frames, METH_VARARGS,
+     "Jobs (offset, length, at: u64 triples) filling frames from source: bit 63 of length: a "
+     "copy; 62: add the range to the running CRC-64; 61: write the running CRC-64 (and reset "
+     "it); none: write the range's CRC-64. Done in order with the regions."},
     {"wait_for", (PyCFunction)Digest_wait_for, METH_O,
      "Return once the regions up to a number update returned are hashed."},
     {"wait", (PyCFunction)Digest_wait, METH_NOARGS,
@@ -375,22 +533,38 @@ static PyTypeObject DigestType = {
     .tp_methods = Digest_methods,
 };
 
+/* a loaded library whose path holds a name: what to look for, and the handle found */
+struct wanted_lib {
+    const char *part;
+    void *handle;
+};
+
 static int
-find_libcrypto(struct dl_phdr_info *info, size_t size, void *data)
+find_loaded(struct dl_phdr_info *info, size_t size, void *data)
 {
+    struct wanted_lib *want = data;
     (void)size;
-    if (info->dlpi_name != NULL && strstr(info->dlpi_name, "/libcrypto.so") != NULL) {
-        *(void **)data = dlopen(info->dlpi_name, RTLD_NOW | RTLD_NOLOAD);
-        return *(void **)data != NULL;
+    if (info->dlpi_name != NULL && strstr(info->dlpi_name, want->part) != NULL) {
+        want->handle = dlopen(info->dlpi_name, RTLD_NOW | RTLD_NOLOAD);
+        return want->handle != NULL;
     }
     return 0;
+}
+
+/* the handle of a loaded library whose path holds *part* (NULL: none is loaded) */
+static void *
+loaded_library(const char *part)
+{
+    struct wanted_lib want = {part, NULL};
+    dl_iterate_phdr(find_loaded, &want);
+    return want.handle;
 }
 
 /* the EVP functions of the libcrypto _hashlib loaded; -1 with ImportError set if there is none */
 static int
 load_libcrypto(void)
 {
-    void *lib = NULL;
+    void *lib;
     PyObject *hashlib = PyImport_ImportModule("_hashlib");
     if (hashlib == NULL) {
         PyErr_Clear();
@@ -398,7 +572,7 @@ load_libcrypto(void)
         return -1;
     }
     Py_DECREF(hashlib);
-    dl_iterate_phdr(find_libcrypto, &lib);
+    lib = loaded_library("/libcrypto.so");
     if (lib == NULL) {
         PyErr_SetString(PyExc_ImportError, "no libcrypto is loaded (a static _hashlib?)");
         return -1;
@@ -418,6 +592,32 @@ load_libcrypto(void)
     return 0;
 }
 
+/* anycrc's CRC-64/GO-ISO where its extension is loaded (archive/crc64.py loads it before the
+ * digest); fill_frames is refused otherwise */
+static void
+load_anycrc(void)
+{
+    void *lib = loaded_library("/anycrc/crc.");
+    crc_params_fn params;
+    uint8_t error = 0;
+    if (lib == NULL)
+        return;
+    params = (crc_params_fn)dlsym(lib, "crc_params");
+    crc_calc = (crc_calc_fn)dlsym(lib, "crc_calc");
+    if (params == NULL || crc_calc == NULL)
+        return;
+    crc_iso = PyMem_RawMalloc(sizeof(*crc_iso));
+    if (crc_iso == NULL)
+        return;
+    /* Go's ISO table: width 64, poly 0x1b reflected, all ones in and out; its check value */
+    *crc_iso = params(64, 0x1b, UINT64_MAX, 1, 1, UINT64_MAX, 0xb90956c775a41001ULL, &error);
+    if (error || crc_calc(crc_iso, 0, (const unsigned char *)"123456789", 9) !=
+                     0xb90956c775a41001ULL) {
+        PyMem_RawFree(crc_iso);
+        crc_iso = NULL;
+    }
+}
+
 static struct PyModuleDef fastdigest_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_fastdigest",
@@ -431,12 +631,14 @@ PyInit__fastdigest(void)
     PyObject *m;
     if (load_libcrypto() < 0)
         return NULL;
+    load_anycrc();
     if (PyType_Ready(&DigestType) < 0)
         return NULL;
     m = PyModule_Create(&fastdigest_module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "INLINE_BELOW", INLINE_BELOW) < 0 ||
+        PyModule_AddIntConstant(m, "CRC", crc_iso != NULL) < 0 ||
         PyModule_AddType(m, &DigestType) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -232,3 +232,86 @@ def test_a_forked_child_neither_waits_for_nor_joins_the_parents_thread() -> None
         os.waitpid(pid, 0)
     assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
     assert d.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.skipif(_native is None or not _native.CRC,
+                    reason="_fastdigest (with anycrc) not built")
+def test_native_frame_jobs_in_order_with_the_regions() -> None:
+    """fill_frames: jobs over a buffer -- CRC-64s, and copies (bit 63 of the length) -- written
+    into a frames bytearray by the worker in order with the regions (waiting for its number
+    means they are there); a bytearray in use cannot be resized; jobs out of bounds are
+    refused."""
+    import struct
+
+    from graphdriver.archive.crc64 import crc64
+
+    assert _native is not None
+    copy = 1 << 63
+    d = _native.Digest()
+    src = bytearray(random.Random(7).randbytes(3 << 20))
+    spans = [(i * 70_001, 1 + i * 1_237) for i in range(40)]
+    frames = bytearray(3 + 8 * 40 + sum(n for _, n in spans))
+    jobs = b"".join(struct.pack("<QQQ", off, n, 3 + 8 * i) for i, (off, n) in enumerate(spans))
+    at = 3 + 8 * 40
+    for off, n in spans:
+        jobs += struct.pack("<QQQ", off, n | copy, at)
+        at += n
+    d.update(memoryview(src)[: 1 << 20])
+    seq = d.fill_frames(src, frames, jobs)
+    with pytest.raises(BufferError):
+        frames.append(0)  # the worker may be writing into it
+    d.update(memoryview(src)[1 << 20 :])
+    d.wait_for(seq)
+    assert [struct.unpack_from("<Q", frames, 3 + 8 * i)[0] for i in range(40)] == [
+        crc64(src[off : off + n]) for off, n in spans]
+    assert frames[3 + 8 * 40 :] == b"".join(src[off : off + n] for off, n in spans)
+    # a CRC in pieces: added up (bit 62), then written (bit 61) and started again
+    pieces = bytearray(16)
+    add, end = 1 << 62, 1 << 61
+    seq = d.fill_frames(src, pieces, struct.pack("<9Q", 0, 1000 | add, 0, 1000, 77 | add, 0,
+                                                 0, end, 0))
+    seq = d.fill_frames(src, pieces, struct.pack("<6Q", 5, 3 | add, 0, 0, end, 8))
+    d.wait_for(seq)
+    assert struct.unpack("<QQ", pieces) == (crc64(src[:1077]), crc64(src[5:8]))
+    for bad in ((len(src) - 4, 5, 0), (0, 1, len(frames) - 7), (0, 1 | add | end, 0),
+                (0, 10 | copy, len(frames) - 9), (len(src) - 4, 5 | copy, 0)):
+        with pytest.raises(ValueError, match="out of its buffers' bounds"):
+            d.fill_frames(src, frames, struct.pack("<QQQ", *bad))
+    assert d.hexdigest() == hashlib.sha256(src).hexdigest()
+    with pytest.raises(ValueError, match="closed"):
+        d.fill_frames(src, frames, jobs)
+
+
+@pytest.mark.skipif(_native is None, reason=_NOT_BUILT)
+def test_a_second_waiting_thread_is_woken_and_released() -> None:
+    """wait_for from two threads at once (the reader's and the tar-split packer's): both return
+    once the worker is past their regions; a thread still waiting when the digest is closed gets
+    an error instead of sleeping for ever."""
+    assert _native is not None
+    d = _native.Digest()
+    data = bytes(8 << 20)
+    seqs = [d.update(memoryview(data)[i << 20 : (i + 1) << 20]) for i in range(8)]
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(d.wait_for(seqs[-1])))
+    t.start()
+    d.wait_for(seqs[3])
+    t.join(10)
+    assert got == [None]
+    # a waiter on a region never handed over: not possible (refused); on one pending when closed
+    d2 = _native.Digest()
+    errors: list[BaseException] = []
+
+    def wait_long() -> None:
+        try:
+            for _ in range(2000):
+                d2.wait_for(s)
+        except ValueError as exc:
+            errors.append(exc)
+
+    big = bytes(64 << 20)
+    s = d2.update(memoryview(big))
+    t2 = threading.Thread(target=wait_long)
+    t2.start()
+    d2.close()
+    t2.join(10)
+    assert not t2.is_alive()

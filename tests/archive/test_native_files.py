@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from tarbuild import build, header, member, pad, pax_member  # type: ignore[import-not-found]
+from tarbuild import end as tarbuild_end  # type: ignore[import-not-found]
 from tests.treeutil import diff_snapshots, snapshot
 
 from graphdriver.archive import tarstream as ts
@@ -526,3 +527,59 @@ def test_tar_split_lines_from_frames_match_the_python_packer(
     PACKED.clear()
     assert _replay(frames, True, monkeypatch) == _replay(frames, False, monkeypatch)
     assert sum(PACKED) > 0  # the native packer took part
+
+
+@pytest.mark.parametrize(("seed", "later_from"), [(5, 1 << 20), (6, 1 << 20), (7, 600)])
+def test_crcs_from_the_digest_thread_give_the_same_lines(seed: int, later_from: int,
+                                                         tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The confined child's recording (a threaded BufferedRecorder into the packer): the native
+    runs' frames filled in by the digest thread (fill_frames: header bytes and CRCs, in frames
+    the packer thread reads later; the buffer not reused before), and the CRCs of the entries
+    the Python code reads from CRC_LATER_FROM bytes on (a file bigger than the buffer; with a
+    small limit, every such entry), give the lines of the reader's own CRCs and of the
+    pure-Python apply, while the reader's buffer laps many times."""
+    from graphdriver.archive.recframes import BufferedRecorder
+    from graphdriver.archive.tarsplit import TarSplitPacker
+
+    if not ts.NATIVE_CRC:
+        pytest.skip("_fastdigest without anycrc's CRC: the reader computes the CRCs")
+    monkeypatch.setattr(ts, "CRC_LATER_FROM", later_from)
+    tail = member("big", random.Random(seed).randbytes(3 * ts.BUFFER_SIZE + 5), mode=0o644)
+    data = _files_tar(seed, 400)
+    end = len(tarbuild_end())
+    data = data[:-end] + tail + data[-end:]  # before the end-of-archive blocks
+    assert len(data) > 8 * ts.BUFFER_SIZE
+    deferred: list[int] = []  # the kind bits of each job list's first job
+    fill_later = ts.TarReader._fill_later
+
+    def counting(self: ts.TarReader, start: int, frames: bytearray, jobs: bytes) -> Any:
+        deferred.append(struct.unpack_from("<QQQ", jobs)[1] >> 61)
+        return fill_later(self, start, frames, jobs)
+
+    monkeypatch.setattr(ts.TarReader, "_fill_later", counting)
+    outputs = []
+    for how in ("digest thread", "reader", "python"):
+        deferred.clear()
+        monkeypatch.setattr(ts, "NATIVE_CRC", how == "digest thread")
+        monkeypatch.setattr(ts, "_native_files", None if how == "python" else native.files)
+        target = tmp_path / how.replace(" ", "-")
+        target.mkdir()
+        out = io.BytesIO()
+        packer = TarSplitPacker(out)  # type: ignore[arg-type]
+        rec = BufferedRecorder(packer, batch=64 << 10, threaded=True)
+        root = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            result = apply_reader(ts.TarReader(io.BytesIO(data), rec), root,
+                                  ApplyOptions(recorder=rec))
+            rec.close()
+            packer.close()
+        finally:
+            os.close(root)
+        assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+        assert packer.problem is None and packer.missing == 0
+        assert (len(deferred) > 10) == (how == "digest thread"), how
+        if deferred:  # pieces of the big file added up, and their CRC written
+            assert 0b010 in deferred and 0b001 in deferred
+        outputs.append(out.getvalue())
+    assert outputs[0] == outputs[1] == outputs[2]

@@ -19,8 +19,13 @@ and the reader's every release of the GIL -- once per file in the native apply -
 over: futex wake-ups on the reader's critical path).  :data:`BackgroundDigest` is the native one
 where :func:`.native.native_module` allows it.
 
-Owns the diffID hashing thread.  Imports only :mod:`.native` of graphdriver (a leaf otherwise);
-never typing at run time (the confined child's start-up).
+The native worker also fills in the tar-split frames of the native apply's runs
+(``fill_frames``, :data:`NATIVE_CRC`): their header bytes copied and their files' CRC-64s
+computed beside the sha256, on bytes it has just hashed, rather than on the reader's thread; with
+anycrc's CRC (so :mod:`.crc64` is imported first: _fastdigest finds anycrc's extension loaded).
+
+Owns the diffID hashing thread.  Imports only :mod:`.native` and :mod:`.crc64` of graphdriver
+(a leaf otherwise); never typing at run time (the confined child's start-up).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import hashlib
 import threading
 import weakref
 
+from . import crc64 as _crc64  # noqa: F401  (anycrc's extension, loaded before _fastdigest)
 from .native import native_module
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
@@ -158,3 +164,6 @@ _fastdigest = native_module("_fastdigest")
 #: the diffID worker: the native thread when it is built and allowed, else the Python one
 BackgroundDigest: type[ThreadDigest] | type[_NativeDigest] = (
     ThreadDigest if _fastdigest is None else _fastdigest.Digest)
+#: whether BackgroundDigest also fills in the native apply's tar-split frames (``fill_frames``:
+#: header bytes and payload CRC-64s, anycrc's, loaded before this module)
+NATIVE_CRC = _fastdigest is not None and bool(_fastdigest.CRC)

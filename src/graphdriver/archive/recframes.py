@@ -25,9 +25,13 @@ from .. import errors
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import BinaryIO
 
     from .tarstream import Recorder
+
+    #: frames with what to wait for before they are read (None: nothing)
+    Part = tuple[bytes | bytearray, Callable[[], None] | None]
 
 _SEG = b"S"
 _FILE = b"F"
@@ -46,7 +50,7 @@ _FILE_HDR = struct.Struct("<IQq")
 class _FrameWriter:
     """A Recorder that encodes its calls as frames and hands them to :meth:`_put`."""
 
-    def _put(self, data: bytes) -> None:
+    def _put(self, data: bytes | bytearray) -> None:
         raise NotImplementedError
 
     def segment(self, raw: bytes) -> None:
@@ -59,8 +63,13 @@ class _FrameWriter:
     def file_done(self, crc64: int) -> None:
         self._put(_CRC_FRAME.pack(_CRC, crc64))
 
-    def write_frames(self, frames: bytes) -> None:
-        """Frames already encoded (by the native apply of a run of entries, _fastapply.files)."""
+    def write_frames(self, frames: bytes | bytearray,
+                     ready: Callable[[], None] | None = None) -> None:
+        """Frames already encoded (by the native apply of a run of entries, _fastapply.files);
+        with *ready*, they are complete only once it has returned (the digest thread fills
+        them in: TarReader._fill_later)."""
+        if ready is not None:
+            ready()
         self._put(frames)
 
 
@@ -83,54 +92,85 @@ class BufferedRecorder(_FrameWriter):
 
     With *threaded*, the batches are replayed by a thread of their own, in order (the native
     packing and the compressor release the GIL), off the reader's critical path; at most
-    _QUEUED batches wait.  Call :meth:`close` before using *recorder*: it replays what is left,
-    waits for the thread, and raises what the replay raised."""
+    _QUEUED batches wait.  A native run's frames (:meth:`write_frames`) are then kept as they
+    are, not copied, and their *ready* is called by that thread (``defers_frames``: the reader
+    lets the digest thread fill in their header bytes and CRCs meanwhile).  Call :meth:`close`
+    before using *recorder*: it replays what is left, waits for the thread, and raises what the
+    replay raised."""
 
     def __init__(self, recorder: Recorder, batch: int = _REPLAY_BUFFER,
                  threaded: bool = False) -> None:
         self._rec = recorder
         self._buf = bytearray()
+        self._parts: list[Part] = []  # frames before _buf, in order (threaded only)
+        self._held = 0  # bytes in _parts
         self._batch = batch
-        self._queue: queue.Queue[bytearray | None] | None = None
+        self._queue: queue.Queue[list[Part] | None] | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.defers_frames = threaded
         if threaded:
             self._queue = queue.Queue(_QUEUED)
             self._thread = threading.Thread(target=self._work, name="tar-split-packer",
                                             daemon=True)
             self._thread.start()
 
-    def _put(self, data: bytes) -> None:
+    def _put(self, data: bytes | bytearray) -> None:
         buf = self._buf
         buf += data
-        if len(buf) >= self._batch:
+        if len(buf) + self._held >= self._batch:
+            self.flush()
+
+    def write_frames(self, frames: bytes | bytearray,
+                     ready: Callable[[], None] | None = None) -> None:
+        if self._queue is None:
+            super().write_frames(frames, ready)
+            return
+        if self._buf:
+            self._parts.append((self._buf, None))
+            self._held += len(self._buf)
+            self._buf = bytearray()
+        self._parts.append((frames, ready))
+        self._held += len(frames)
+        if self._held >= self._batch:
             self.flush()
 
     def flush(self) -> None:
         """Replay every frame kept so far (hand them to the thread)."""
         buf = self._buf
-        if not buf:
-            return
         if self._queue is not None:
-            self._buf = bytearray()
-            self._queue.put(buf)
+            parts = self._parts
+            if buf:
+                parts.append((buf, None))
+                self._buf = bytearray()
+            if parts:
+                self._parts = []
+                self._held = 0
+                self._queue.put(parts)
+            return
+        if not buf:
             return
         self._replay(buf)
         buf.clear()
 
-    def _replay(self, batch: bytearray) -> None:
+    def _replay(self, batch: bytes | bytearray) -> None:
         if replay_frames(batch, 0, len(batch), self._rec) != len(batch):
             raise _corrupt("truncated")
 
     def _work(self) -> None:
         assert self._queue is not None
         while True:
-            batch = self._queue.get()
-            if batch is None:
+            parts = self._queue.get()
+            if parts is None:
                 return
             if self._error is None:
                 try:
-                    self._replay(batch)
+                    # the last wait covers the earlier ones (the digest thread works in order)
+                    last = next((r for _, r in reversed(parts) if r is not None), None)
+                    if last is not None:
+                        last()
+                    for frames, _ in parts:
+                        self._replay(frames)
                 except BaseException as exc:  # raised by close(), in the caller's thread
                     self._error = exc
 

@@ -512,7 +512,9 @@ class TarSplitPacker:
             self.missing += missing
             self._records.spill()
             self._hashes.spill()
-            if len(lines) >= _COPY:  # a big batch goes out as it is, without a copy
+            # lines is the native packer's own buffer (valid until its next call): compressed
+            # from there, or written when big, without a copy
+            if self._z is not None or len(lines) >= _COPY:
                 self._drain()
                 out = self._z.compress(lines) if self._z is not None else lines
                 if out:
@@ -523,10 +525,13 @@ class TarSplitPacker:
                     self._drain()
         return int(took)
 
-    def write_frames(self, frames: bytes) -> None:
+    def write_frames(self, frames: bytes | bytearray,
+                     ready: Callable[[], None] | None = None) -> None:
         """Whole recorder frames (recframes.py) of a run of files the native apply wrote: the
         packer runs beside the reader (in the confined child), and the frames never cross a
-        pipe."""
+        pipe.  With *ready*, they are complete once it has returned (recframes.py)."""
+        if ready is not None:
+            ready()
         if replay_frames(frames, 0, len(frames), self) != len(frames):
             raise InvalidArchive("tar-split: the native apply's frames end inside a frame")
 
@@ -765,7 +770,7 @@ def _file_crc(root_fd: int, name: bytes, size: int, inodes: set[tuple[int, int]]
 
 
 # the native line maker for the apply child's frames (TarSplitPacker.take_frames), if built
-_native_pack: Callable[..., tuple[int, bytes, int, int, int]] | None = (
+_native_pack: Callable[..., tuple[int, memoryview, int, int, int]] | None = (
     _fastapply.pack_frames if _fastapply else None)
 
 

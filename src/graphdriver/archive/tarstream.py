@@ -20,7 +20,10 @@ Written for speed and for byte-exact accounting rather than for generality:
   region is announced by ``file()``.  Concatenating segments and entry data in call order gives
   back the input stream byte for byte (what tar-split needs).  A recorder that also has
   ``file_done(crc64)`` gets, after each entry with data, the CRC-64 (Go's ISO table) of that
-  data, computed as the data passes through the reader (whichever way it is consumed).
+  data, computed as the data passes through the reader (whichever way it is consumed).  A
+  recorder that takes frames later on a thread of its own (``defers_frames``: the confined
+  child's BufferedRecorder) gets the native runs' frames with their header bytes and CRCs, and
+  big entries' CRC frames, filled in by the digest thread instead (:meth:`TarReader._fill_later`).
 
 Any malformation (bad checksum, truncation, absurd numbers, broken PAX records) raises
 :class:`~graphdriver.errors.InvalidArchive` with one line of explanation.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import struct
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -37,7 +41,7 @@ from collections.abc import Callable, Iterator
 from ..errors import InvalidArchive
 from .buffers import aligned_buffer
 from .crc64 import crc64
-from .digest import BackgroundDigest
+from .digest import NATIVE_CRC, BackgroundDigest
 from .native import native_module
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
@@ -52,6 +56,13 @@ _native_files: Callable[..., tuple[Any, ...]] | None = _fastapply.files if _fast
 
 BLOCK = 512
 BUFFER_SIZE = 1 << 20
+#: an entry of this much data or more (that the Python code reads: bigger than the buffer) has
+#: its CRC computed by the digest thread, piece by piece, when the recorder takes frames later
+CRC_LATER_FROM = 1 << 20
+# a job of _fastdigest's fill_frames: offset, length (with a kind: bits 62, 61), where to write
+_CRC_END = struct.Struct("<QQQ")
+_ADD_JOB = 1 << 62
+_END_JOB = 1 << 61
 # One read.  Small enough that what was read is still in the CPU's cache when it is parsed,
 # hashed and written (a 256 KiB readv from the page cache is ~2.5x faster per byte than 1 MiB
 # here); a quarter of the buffer, so the digest thread hashes a region while the next is read.
@@ -432,8 +443,15 @@ class TarReader:
         # CRC-64 of the current entry's data for a recorder with file_done (None: not wanted)
         self._file_done: Callable[[int], None] | None = getattr(recorder, "file_done", None)
         self._crcf: CrcFunc | None = crc64 if self._file_done is not None else None
+        # the native runs' frames filled in by the digest thread (header bytes and CRCs:
+        # _fastdigest's fill_frames), for a recorder that reads them later, on a thread of its
+        # own (BufferedRecorder)
+        self._frames_by_digest = (digest and NATIVE_CRC and self._crcf is not None
+                               and getattr(recorder, "defers_frames", False))
         self._crc_on = False  # the current entry's data is being checksummed
         self._crc = 0
+        # a big entry's CRC frame, filled in by the digest thread (None: the CRC is _crc)
+        self._crc_frame: bytearray | None = None
         self._done = False
         self._first = True  # no entry read yet: bad bytes here mean "not a tar archive"
         self.bytes_read = 0
@@ -510,13 +528,13 @@ class TarReader:
     def _skip_current(self) -> None:
         """Consume what is left of the current entry's data and its padding."""
         rem = self._remaining
-        crcf = self._crcf if self._crc_on else None
+        crc_on = self._crc_on
         while rem:
             if self._pos == self._end and not self._fill(1):
                 raise _bad("archive truncated in entry data")
             n = min(rem, self._end - self._pos)
-            if crcf is not None:
-                self._crc = crcf(self._mv[self._pos : self._pos + n], self._crc)
+            if crc_on:
+                self._checksum(self._pos, n)
             self._pos += n
             rem -= n
         self._remaining = 0
@@ -544,10 +562,9 @@ class TarReader:
             self._pos += n
             self._remaining -= n
             rem -= n
-            view = self._mv[start : start + n]
             if self._crc_on:
-                self._crc = self._crcf(view, self._crc)  # type: ignore[misc]
-            yield view
+                self._checksum(start, n)
+            yield self._mv[start : start + n]
 
     def read_data(self, entry: TarEntry, limit: int = MAX_META) -> bytes:
         """The whole (small) data of the current entry; InvalidArchive beyond *limit*."""
@@ -564,10 +581,9 @@ class TarReader:
             return None
         self._pos = pos + rem
         self._remaining = 0
-        view = self._mv[pos : pos + rem]
         if self._crc_on:
-            self._crc = self._crcf(view, self._crc)  # type: ignore[misc]
-        return view
+            self._checksum(pos, rem)
+        return self._mv[pos : pos + rem]
 
     def copy_data(self, entry: TarEntry, fd: int) -> int:
         """Write the current entry's file content to *fd* (holes seeked over); returns its size."""
@@ -578,9 +594,9 @@ class TarReader:
             if self._end - pos >= rem:  # all of it is buffered already: one write
                 self._pos = pos + rem
                 self._remaining = 0
-                chunk = self._mv[pos : pos + rem]
                 if self._crc_on:
-                    self._crc = self._crcf(chunk, self._crc)  # type: ignore[misc]
+                    self._checksum(pos, rem)
+                chunk = self._mv[pos : pos + rem]
                 while chunk:
                     n = write(fd, chunk)
                     chunk = chunk[n:]
@@ -671,7 +687,22 @@ class TarReader:
             self._skip_current()
         if self._crc_on:
             self._crc_on = False
-            self._file_done(self._crc)  # type: ignore[misc]
+            frame = self._crc_frame
+            if frame is None:
+                self._file_done(self._crc)  # type: ignore[misc]
+            else:  # the digest thread writes the CRC of the pieces it added up (_checksum)
+                self._crc_frame = None
+                self._recorder.write_frames(  # type: ignore[union-attr]
+                    frame, self._fill_later(self._pos, frame, _CRC_END.pack(0, _END_JOB, 1)))
+
+    def _checksum(self, start: int, n: int) -> None:
+        """The current entry's data at ``buffer[start:start + n]`` goes into its CRC: now, or
+        (a big entry, for a recorder that takes frames later) by the digest thread."""
+        frame = self._crc_frame
+        if frame is None:
+            self._crc = self._crcf(self._mv[start : start + n], self._crc)  # type: ignore[misc]
+        elif n:
+            self._fill_later(start, frame, _CRC_END.pack(start, n | _ADD_JOB, 0))
 
     def can_apply_files(self) -> bool:
         """Whether :meth:`apply_files` can work here: the native helper is built, and the
@@ -699,17 +730,40 @@ class TarReader:
             return 0, 0, None, 0
         self._settle()
         rec = self._recorder
+        jobs = bytearray() if self._frames_by_digest else None
         pos, count, size, frames, pad, error, need = _native_files(  # type: ignore[misc]
             self._buf, self._pos, self._end, dirs, dir_times, links, euid, egid, umask,
-            cache_limit, None if rec is None else self._seg, self._crcf)
+            cache_limit, None if rec is None else self._seg, self._crcf if jobs is None else jobs)
         if count:
+            start = self._pos
             self._pos = pos
             self._pad = pad
             self._first = False
             if rec is not None:
                 self._seg.clear()
-                rec.write_frames(frames)  # type: ignore[attr-defined]
+                if jobs:
+                    rec.write_frames(frames, self._fill_later(start, frames, jobs))  # type: ignore[attr-defined]
+                else:
+                    rec.write_frames(frames)  # type: ignore[attr-defined]
         return count, size, error, need
+
+    def _fill_later(self, start: int, frames: bytearray,
+                    jobs: bytes | bytearray) -> Callable[[], None]:
+        """Hand *jobs* (a native run's, its entries from *start* on in the buffer; a big
+        entry's CRC) to the digest thread, which fills *frames* in with header bytes and CRCs;
+        returns what waits until it has: the recorder calls it before it reads the frames.  The
+        buffer from *start* on is not reused before then either (a region of the digest's, see
+        _reuse)."""
+        digest = self._digest
+        assert digest is not None
+        seq = digest.fill_frames(self._buf, frames, jobs)  # type: ignore[union-attr]
+        self._regions.append((self._lap, start, seq))
+        wait_for = digest.wait_for
+
+        def ready() -> None:
+            wait_for(seq)
+
+        return ready
 
     def prefetch(self, need: int) -> bool:
         """Buffer the next *need* bytes (from where :meth:`apply_files` stopped: the next entry,
@@ -733,6 +787,8 @@ class TarReader:
                 if done is not None and entry.data_size:
                     self._crc_on = True
                     self._crc = 0
+                    if self._frames_by_digest and entry.data_size >= CRC_LATER_FROM:
+                        self._crc_frame = bytearray(b"C" + bytes(8))
             self._first = False
             yield entry
 
