@@ -17,6 +17,7 @@ setup(
             [f"src/graphdriver/{name}.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
+            depends=["src/graphdriver/_nativethread.h"],  # futexes and worker threads, shared
             # the worker threads; libcrypto (the one _hashlib loaded) and libzstd.so.1 are found at
             # run time
             libraries=["pthread", "dl"] if name in ("_fastdigest", "_fastzstd") else [],

@@ -17,6 +17,8 @@
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include "_nativethread.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -1402,7 +1404,6 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
     int started[VF_THREADS];
     struct vf_pool pool;
     PyObject *linked;
-    sigset_t all, old;
     cpu_set_t cpuset;
     (void)self;
     if (!PyArg_ParseTuple(args, "iy*O!", &root_fd, &recs, &PySet_Type, &linked))
@@ -1422,12 +1423,8 @@ static PyObject *verify_files(PyObject *self, PyObject *args)
     pool.n = n;
     pool.next = 0;
     Py_BEGIN_ALLOW_THREADS
-    /* the helper threads take no signal: they are for the main thread's handlers */
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
     for (k = 1; k < threads; k++)
-        started[k] = pthread_create(&helper[k], NULL, vf_work, &pool) == 0;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+        started[k] = start_signalless_thread(&helper[k], vf_work, &pool) == 0;
     vf_work(&pool);  /* when it returns every run is taken; the helpers finish theirs */
     for (k = 1; k < threads; k++)
         if (started[k])

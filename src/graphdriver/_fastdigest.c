@@ -33,6 +33,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "_nativethread.h"
+
 #include <dlfcn.h>
 #include <limits.h>
 #include <link.h>
@@ -102,20 +104,6 @@ typedef struct {
     int started, joined, finished;
     char hex[65];
 } Digest;
-
-static void
-futex_wait(_Atomic uint32_t *word, uint32_t seen)
-{
-    /* returns at once if *word is no longer *seen* (a wake-up came in between) */
-    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
-}
-
-static void
-futex_wake(_Atomic uint32_t *word)
-{
-    atomic_fetch_add(word, 1);
-    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-}
 
 static void
 wake_worker(Digest *d)
@@ -201,13 +189,7 @@ work(void *arg)
 static int
 start_worker(Digest *d)
 {
-    sigset_t all, old;
-    int err;
-    /* the worker takes no signal: they go to the threads that handle them (Python's main) */
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    err = pthread_create(&d->thread, NULL, work, d);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int err = start_signalless_thread(&d->thread, work, d);
     if (err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);

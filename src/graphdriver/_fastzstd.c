@@ -33,6 +33,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "_nativethread.h"
+
 #include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
@@ -122,20 +124,6 @@ typedef struct {
     pid_t owner;                 /* the process the worker runs in (a fork's child has none) */
     int started, joined;
 } Decoder;
-
-static void
-futex_wait(_Atomic uint32_t *word, uint32_t seen)
-{
-    /* returns at once if *word is no longer *seen* (a wake-up came in between) */
-    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
-}
-
-static void
-futex_wake(_Atomic uint32_t *word)
-{
-    atomic_fetch_add(word, 1);
-    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-}
 
 static void
 wake_caller(Decoder *d)
@@ -448,12 +436,7 @@ Decoder_init(Decoder *d, PyObject *args, PyObject *kwds)
     d->in_end = (size_t)head.len;
     PyBuffer_Release(&head);
 
-    sigset_t all, old;
-    sigfillset(&all);
-    /* the worker takes no signal: they go to the threads that handle them (Python's main) */
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    int err = pthread_create(&d->thread, NULL, work, d);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int err = start_signalless_thread(&d->thread, work, d);
     if (err) {
         free_dctx(d->dctx);
         d->dctx = NULL;
