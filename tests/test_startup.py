@@ -374,6 +374,6 @@ def test_the_parent_of_an_apply_leaves_the_engine_to_its_child(tmp_path: Path) -
 
 def test_the_store_names_the_raw_tarsplit_file_as_exactdiff_does() -> None:
     from graphdriver.exactdiff import RAW_NAME
-    from graphdriver.store import TARSPLIT_RAW_NAME
+    from graphdriver.layers import MetaDir
 
-    assert TARSPLIT_RAW_NAME == RAW_NAME
+    assert MetaDir.TARSPLIT_RAW == RAW_NAME

@@ -37,6 +37,7 @@ from .archive.tarsplit import (
     verify_packed,
 )
 from .errors import ExactDiffUnavailable, StoreCorrupt
+from .layers import MetaDir
 from .logs import get_logger
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 log = get_logger("graphdriver")
 
 #: where an apply records the raw description (in ``meta/<id>/``) until it is finished
-RAW_NAME = "tar-split.raw"
+RAW_NAME = MetaDir.TARSPLIT_RAW
 
 
 def new_layer_packer(raw_fd: int) -> TarSplitPacker:

@@ -185,6 +185,10 @@ class MetaDir:
 
     RECORD = "layer.json"
     INCOMPLETE = "incomplete"
+    #: the raw tar-split stream description an apply writes (exactdiff finishes it): named here
+    #: so that the store opens it without importing exactdiff (tar-split, the CRC-64) before
+    #: its apply's child has the job
+    TARSPLIT_RAW = "tar-split.raw"
 
     def __init__(self, home: Path) -> None:
         self.root = home / "meta"

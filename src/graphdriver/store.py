@@ -65,9 +65,6 @@ STORE_MARKER = ".graphdriver-store"
 STORE_FORMAT = 1
 #: where repair moves what it cannot explain
 LOST_FOUND = ".lost+found"
-#: ``exactdiff.RAW_NAME`` (a test checks they agree), spelled here: the apply opens it before its
-#: child has the job, and importing exactdiff (tar-split, the CRC-64) then would delay the child
-TARSPLIT_RAW_NAME = "tar-split.raw"
 
 
 def normalize_options(
@@ -584,32 +581,27 @@ class LayerStore:
         rec = LayerRecord(id=staging_id, parent=parent, kind="ro", made_by=made_by)
         parent_locks = [self._lock_path(parent)] if parent else []
         staging_lock = FileLock(self._lock_path(staging_id))
-        child = self._start_apply_child()
-        try:
-            with staging_lock:
-                try:
-                    with LockSet(parent_locks):
-                        self._create_locked(rec, staged=True)
-                    result = self._apply_locked(rec, stream, progress, child)
-                    if expected_diff_id is not None and result.diff_id != expected_diff_id:
-                        raise InvalidArchive(f"the layer's diffID is {result.diff_id}, "
-                                             f"not the expected {expected_diff_id}")
-                    layer_id = validate_id(layer_id_for(result.diff_id))
-                    with LockSet([self._lock_path(layer_id), *parent_locks]):
-                        if self.meta.exists(layer_id):
-                            self._reuse(self.record(layer_id), rec, holder)
-                            self._destroy_layer(staging_id, reason=None)
-                        else:
-                            self._promote(rec, layer_id, holder)
-                except BaseException:
-                    self._destroy_layer(staging_id, reason=None)
-                    raise
-                finally:
-                    # Nobody waits on a staging lock (repair only tries it): its file can go.
-                    staging_lock.path.unlink(missing_ok=True)
-        finally:
-            if child is not None:
-                child.discard()  # refused before the hook took it: stopped and reaped now
+        with self._apply_child() as child, staging_lock:
+            try:
+                with LockSet(parent_locks):
+                    self._create_locked(rec, staged=True)
+                result = self._apply_locked(rec, stream, progress, child)
+                if expected_diff_id is not None and result.diff_id != expected_diff_id:
+                    raise InvalidArchive(f"the layer's diffID is {result.diff_id}, "
+                                         f"not the expected {expected_diff_id}")
+                layer_id = validate_id(layer_id_for(result.diff_id))
+                with LockSet([self._lock_path(layer_id), *parent_locks]):
+                    if self.meta.exists(layer_id):
+                        self._reuse(self.record(layer_id), rec, holder)
+                        self._destroy_layer(staging_id, reason=None)
+                    else:
+                        self._promote(rec, layer_id, holder)
+            except BaseException:
+                self._destroy_layer(staging_id, reason=None)
+                raise
+            finally:
+                # Nobody waits on a staging lock (repair only tries it): its file can go.
+                staging_lock.path.unlink(missing_ok=True)
         return layer_id, result
 
     def _reuse(self, existing: LayerRecord, staged: LayerRecord, holder: str | None) -> None:
@@ -1086,35 +1078,37 @@ class LayerStore:
     ) -> ApplyResult:
         """Apply a layer tar (plain or compressed) in a confined child; returns ApplyResult."""
         validate_id(layer_id)
-        child = self._start_apply_child()
-        try:
-            with self.layer_lock(layer_id):
-                rec = self.applicable_record(layer_id, parent)
-                return self._apply_locked(rec, stream, progress, child)
-        finally:
-            if child is not None:
-                child.discard()  # refused before the hook took it: stopped and reaped now
+        with self._apply_child() as child, self.layer_lock(layer_id):
+            rec = self.applicable_record(layer_id, parent)
+            return self._apply_locked(rec, stream, progress, child)
 
     #: whether the apply hook runs the Linux apply's confined job (``apply_confined`` with the
     #: store's options): its child is then started first thing in an apply
     apply_child_ahead: ClassVar[bool] = True
 
-    def _start_apply_child(self) -> Prespawned | None:
+    @contextlib.contextmanager
+    def _apply_child(self) -> Iterator[Prespawned | None]:
         """The apply hook's confined child, started before the lock, the record, the marker and
         the parent's imports, so that its start-up (Python, the tar engine's imports) overlaps
-        them; the hook gets it as ``ApplyOptions.child``.  None: the hook runs no such child."""
+        them; the hook gets it as ``ApplyOptions.child``.  None: the hook runs no such child.
+        One the hook never took (the apply was refused) is stopped and reaped on the way out."""
         if not self.apply_child_ahead:
-            return None
+            yield None
+            return
         from .archive.confine import start_child
         from .archive.jobs import LINUX_APPLY
 
-        return start_child(LINUX_APPLY)
+        child = start_child(LINUX_APPLY)
+        try:
+            yield child
+        finally:
+            child.discard()
 
     def _apply_locked(self, rec: LayerRecord, stream: BinaryIO | int,
                       progress: Callable[[int], None] | None,
                       child: Prespawned | None = None) -> ApplyResult:
         """The apply and its commit (the caller holds the layer's lock); *child*: the hook's
-        confined child started ahead (:meth:`_start_apply_child`; the caller discards it if the
+        confined child started ahead (:meth:`_apply_child`, which discards it if the
         hook did not take it).  A child that answered success exits while the commit is
         written, and is reaped here, before the lock goes."""
         from .archive.options import ApplyOptions
@@ -1255,7 +1249,7 @@ class LayerStore:
         if raw_fd is not None:
             os.close(raw_fd)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.meta.dir(layer_id) / TARSPLIT_RAW_NAME)
+                os.unlink(self.meta.dir(layer_id) / MetaDir.TARSPLIT_RAW)
 
     def _apply_options(self, rec: LayerRecord, opts: Any) -> Any:
         return opts
@@ -1267,7 +1261,7 @@ class LayerStore:
         """Hand the apply a file for the raw stream description (archive/tarsplit.py)."""
         if not self.record_tarsplit or opts.recorder is not None:
             return None
-        fd = os.open(self.meta.dir(layer_id) / TARSPLIT_RAW_NAME,
+        fd = os.open(self.meta.dir(layer_id) / MetaDir.TARSPLIT_RAW,
                      os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         opts.packer_fd = fd  # the confined child packs the final lines, gzip'd, into it
         return fd

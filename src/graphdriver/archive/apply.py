@@ -143,8 +143,8 @@ class _SignalGate:
 SIGNAL_GATE = _SignalGate()
 
 
-# The three classes below behave as the dataclasses they were (init, repr, eq), written out so
-# that the confined apply child does not import dataclasses (and inspect) at every apply.
+# A plain class with slots, not a dataclass: the confined apply child does not import
+# dataclasses (and inspect) at every apply (ApplyOptions and ApplyResult, in .options, too).
 class _DirMeta:
     """A directory's own metadata, as read before the apply changed it."""
 

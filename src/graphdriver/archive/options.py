@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from .tarstream import Recorder
 
 
+# The two classes behave as the dataclasses they were (init, repr, eq), written out so that the
+# confined apply child does not import dataclasses (and inspect) at every apply.
 class ApplyOptions:
     """How an apply runs (keyword arguments; every field has a default)."""
 

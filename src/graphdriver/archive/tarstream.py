@@ -31,6 +31,7 @@ Any malformation (bad checksum, truncation, absurd numbers, broken PAX records) 
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import struct
@@ -758,12 +759,7 @@ class TarReader:
         assert digest is not None
         seq = digest.fill_frames(self._buf, frames, jobs)  # type: ignore[union-attr]
         self._regions.append((self._lap, start, seq))
-        wait_for = digest.wait_for
-
-        def ready() -> None:
-            wait_for(seq)
-
-        return ready
+        return functools.partial(digest.wait_for, seq)
 
     def prefetch(self, need: int) -> bool:
         """Buffer the next *need* bytes (from where :meth:`apply_files` stopped: the next entry,
