@@ -86,11 +86,15 @@ def openat2(dir_fd: int, path: str, flags: int, mode: int = 0, resolve: int = 0)
 def have_openat2() -> bool:
     global _have_openat2
     if _have_openat2 is None:
+        # (the probe's fd of "/" is closed: the confined child makes it before its chroot)
+        root = os.open("/", os.O_PATH | os.O_CLOEXEC)
         try:
-            os.close(openat2(os.open("/", os.O_PATH | os.O_CLOEXEC), ".", os.O_PATH))
+            os.close(openat2(root, ".", os.O_PATH))
             _have_openat2 = True
         except OSError as exc:
             _have_openat2 = exc.errno not in (errno.ENOSYS, errno.EPERM)
+        finally:
+            os.close(root)
     return _have_openat2
 
 
