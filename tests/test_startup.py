@@ -278,18 +278,43 @@ def _layer(path: Path) -> None:
     path.write_bytes(raw.getvalue())
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+#: ... and, where the native helpers are built, none of these either: the standard library's
+#: pure-Python packages whose work a C module or a native helper does in the child (contextlib,
+#: collections, functools: try/except and _collections/_functools; threading, queue: the packer's
+#: thread on _thread and _queue; hashlib, weakref: the native digest loads _hashlib itself;
+#: ctypes: openat2 and PR_SET_PDEATHSIG in _fastapply; importlib: __import__; anycrc's Python
+#: module: its extension loaded as a library by _fastdigest), with what only they imported
+CHILD_HEAVY_NATIVE = {"contextlib", "collections", "functools", "threading", "queue", "heapq",
+                      "hashlib", "_blake2", "weakref", "ctypes", "importlib", "warnings", "anycrc",
+                      "bitarray", "types", "operator", "keyword", "reprlib", "itertools",
+                      "encodings.ascii"}
+
+
+@pytest.mark.parametrize(("compression", "native", "ahead"), [
+    pytest.param("none", True, False, id="native-spawned"),
+    pytest.param("none", True, True, id="native-ahead"),
+    pytest.param("zstd", True, True, id="native-ahead-zstd"),
+    pytest.param("none", False, False, id="python-spawned"),
+    pytest.param("none", False, True, id="python-ahead")])
 def test_confined_child_imports_little(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        capfd: pytest.CaptureFixture[str],
-                                       compression: str) -> None:
+                                       compression: str, native: bool, ahead: bool) -> None:
     """The real child of a real apply (the journal kept, tar-split packed in the child), its
-    imports listed by ``-X importtime`` (inherited through the environment).  Not gzip: isal's
-    threaded gzip reader imports typing (and re) itself; zstd with the native decoder, whose
-    libzstd is loaded with the stream, imports no python-zstandard."""
+    imports listed by ``-X importtime`` (inherited through the environment), started for the
+    job or ahead of it (the store's way: it preloads while it waits); with the native helpers,
+    and without them (``GRAPHDRIVER_NO_NATIVE``: the Python fallbacks' modules must then be in
+    before the chroot, and the apply works).  Not gzip: isal's threaded gzip reader imports
+    typing (and re) itself; zstd with the native decoder, whose libzstd is loaded with the
+    stream, imports no python-zstandard."""
     from graphdriver.archive.apply import ApplyOptions, commit_journal
-    from graphdriver.archive.isolate import apply_confined
+    from graphdriver.archive.confine import start_child
+    from graphdriver.archive.isolate import APPLY_JOB, apply_confined
     from graphdriver.archive.native import native_module
 
+    if native and native_module("_fastapply") is None:
+        pytest.skip("the native helpers are not built")
+    if not native:
+        monkeypatch.setenv("GRAPHDRIVER_NO_NATIVE", "1")  # the child's (this process has loaded)
     layer = tmp_path / "layer.tar"
     _layer(layer)
     if compression == "zstd":
@@ -304,8 +329,13 @@ def test_confined_child_imports_little(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
     with open(layer, "rb") as src, open(packed, "wb") as out:
         capfd.readouterr()
-        result = apply_confined(src.fileno(), target, ApplyOptions(journal=True,
-                                                                     packer_fd=out.fileno()))
+        child = start_child(APPLY_JOB) if ahead else None
+        try:
+            result = apply_confined(src.fileno(), target, ApplyOptions(
+                journal=True, packer_fd=out.fileno(), child=child))
+        finally:
+            if child is not None:
+                child.discard()
         err = capfd.readouterr().err
     fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -315,12 +345,18 @@ def test_confined_child_imports_little(tmp_path: Path, monkeypatch: pytest.Monke
     assert (target / "etc" / "h\u00e9llo").read_bytes() == b"x" * 5000
     assert result.recording is not None and packed.stat().st_size > 0
     # the child's lines: from its header on (this process does not time its imports)
-    child = err[err.index("import time: self [us]"):]
-    imported = {line.rsplit("|", 1)[1].strip() for line in child.splitlines()
+    child_err = err[err.index("import time: self [us]"):]
+    imported = {line.rsplit("|", 1)[1].strip() for line in child_err.splitlines()
                 if line.startswith("import time:") and "|" in line}
     assert "graphdriver.archive.apply" in imported  # the test can fail: it sees the job's imports
     heavy = sorted(m for m in imported if m.split(".")[0] in CHILD_HEAVY)
     assert heavy == []
+    if native:
+        heavy = sorted(m for m in imported
+                       if m in CHILD_HEAVY_NATIVE or m.split(".")[0] in CHILD_HEAVY_NATIVE)
+        assert heavy == []
+    else:  # the test can fail: the fallbacks' modules are seen
+        assert {"ctypes", "hashlib", "anycrc"} <= imported
 
 
 # ---------------------------------------------------------------- the parent of a store's apply

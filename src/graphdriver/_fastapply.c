@@ -1196,6 +1196,7 @@ fail:
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #ifndef SYS_openat2
 #define SYS_openat2 437
@@ -2124,6 +2125,53 @@ error:
     return rest;
 }
 
+/* ---- system calls the confined child makes before its job runs --------------------------------
+ *
+ * openat2(dir_fd, path, flags, mode, resolve) -> fd: the openat2 system call (O_CLOEXEC added),
+ * OSError as os.open raises it (ENOSYS where the kernel lacks it); archive/pathres.py's, without
+ * ctypes (its import is a few ms of every confined child's start).
+ * set_parent_death_signal(signum): prctl(PR_SET_PDEATHSIG), archive/confine.py's, likewise. */
+static PyObject *openat2_call(PyObject *self, PyObject *args)
+{
+    int dir_fd, flags, fd;
+    unsigned long long mode, resolve;
+    PyObject *name, *path;
+    struct gd_open_how how;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iOiKK", &dir_fd, &name, &flags, &mode, &resolve) ||
+        !PyUnicode_FSConverter(name, &path))
+        return NULL;
+    memset(&how, 0, sizeof(how));
+    how.flags = (uint64_t)(unsigned int)(flags | O_CLOEXEC);
+    how.mode = mode;
+    how.resolve = resolve;
+    Py_BEGIN_ALLOW_THREADS
+    do {
+        fd = (int)syscall(SYS_openat2, dir_fd, PyBytes_AS_STRING(path), &how, sizeof(how));
+    } while (fd < 0 && errno == EINTR);
+    Py_END_ALLOW_THREADS
+    if (fd < 0) {
+        int err = errno;
+        Py_DECREF(path);
+        errno = err;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        return NULL;
+    }
+    Py_DECREF(path);
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *set_parent_death_signal(PyObject *self, PyObject *args)
+{
+    int signum;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "i", &signum))
+        return NULL;
+    if (prctl(PR_SET_PDEATHSIG, (unsigned long)signum, 0UL, 0UL, 0UL) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"header", header, METH_VARARGS, "Parse the next common-case tar header sequence, or None."},
     {"create_file", create_file, METH_VARARGS, "Create, fill and finish one regular file."},
@@ -2135,6 +2183,9 @@ static PyMethodDef methods[] = {
      "Merge spilled sorted runs of path hashes and the rest; one seen twice, or None."},
     {"set_dir_times", set_dir_times, METH_VARARGS, "Directory times at the end of an apply."},
     {"verify_files", verify_files, METH_VARARGS, "Check recorded files after an apply (-1: all good)."},
+    {"openat2", openat2_call, METH_VARARGS, "The openat2 system call (O_CLOEXEC added)."},
+    {"set_parent_death_signal", set_parent_death_signal, METH_VARARGS,
+     "prctl(PR_SET_PDEATHSIG, signum)."},
     {NULL, NULL, 0, NULL},
 };
 

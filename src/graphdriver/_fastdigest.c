@@ -21,8 +21,9 @@
  * order with the regions, on bytes it has just hashed: a caller that waits for the slot's number
  * knows both the ranges read (the buffer may be reused) and the frames whole (they may be read).
  * A file whose data comes in pieces gets its CRC so too: each piece adds to a running CRC, and a
- * last job writes it.  The CRC is anycrc's (crc_params/crc_calc of its loaded extension, found as libcrypto is;
- * fill_frames is refused where it is not loaded).
+ * last job writes it.  The CRC is anycrc's (crc_params/crc_calc of its extension: one already
+ * loaded, found as libcrypto is, or the file load_crc is given, opened as a plain library);
+ * fill_frames and crc64 are refused where it is not loaded.
  *
  * Each slot keeps the region's Py_buffer (a reference to the exporter), released by the caller
  * (it holds the GIL) once the worker is past it.  A region below INLINE_BELOW is hashed in the
@@ -574,16 +575,13 @@ load_libcrypto(void)
     return 0;
 }
 
-/* anycrc's CRC-64/GO-ISO where its extension is loaded (archive/crc64.py loads it before the
- * digest); fill_frames is refused otherwise */
+/* anycrc's CRC-64/GO-ISO from its extension's handle *lib*; crc_iso stays NULL (and fill_frames
+ * is refused) if it is not the library expected */
 static void
-load_anycrc(void)
+use_anycrc(void *lib)
 {
-    void *lib = loaded_library("/anycrc/crc.");
     crc_params_fn params;
     uint8_t error = 0;
-    if (lib == NULL)
-        return;
     params = (crc_params_fn)dlsym(lib, "crc_params");
     crc_calc = (crc_calc_fn)dlsym(lib, "crc_calc");
     if (params == NULL || crc_calc == NULL)
@@ -600,20 +598,76 @@ load_anycrc(void)
     }
 }
 
+/* load_crc(path) -> bool: anycrc's extension at *path* (archive/crc64.py finds the file) opened
+ * as a plain library, its Python module not run (anycrc's import is milliseconds of the
+ * confined child's start-up), and its CRC taken (CRC is then 1), unless an imported anycrc's
+ * already was; whether the CRC is there */
+static PyObject *
+load_crc(PyObject *module, PyObject *arg)
+{
+    PyObject *path;
+    void *lib;
+    if (crc_iso == NULL) {
+        if (!PyUnicode_FSConverter(arg, &path))
+            return NULL;
+        lib = dlopen(PyBytes_AS_STRING(path), RTLD_NOW | RTLD_LOCAL);
+        Py_DECREF(path);
+        if (lib != NULL) {
+            use_anycrc(lib);
+            if (crc_iso == NULL)
+                dlclose(lib);
+        }
+        if (crc_iso != NULL && PyModule_AddIntConstant(module, "CRC", 1) < 0)
+            return NULL;
+    }
+    return PyBool_FromLong(crc_iso != NULL);
+}
+
+/* crc64(data, crc=0) -> int: CRC-64/GO-ISO continued over *data* (crc 0 starts one, as Go's
+ * crc64.Update): anycrc's calc, for the tar reader's own checksums */
+static PyObject *
+crc64_update(PyObject *module, PyObject *args)
+{
+    Py_buffer data;
+    unsigned long long crc = 0;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "y*|K", &data, &crc))
+        return NULL;
+    if (crc_iso == NULL) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "crc64: anycrc's CRC is not loaded");
+        return NULL;
+    }
+    if (data.len) /* (as anycrc's calc: an empty piece leaves the CRC as it is) */
+        crc = crc_calc(crc_iso, crc, data.buf, (uint64_t)data.len);
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLongLong(crc);
+}
+
+static PyMethodDef fastdigest_methods[] = {
+    {"load_crc", load_crc, METH_O, "Take anycrc's CRC from its extension's file (see the comment)."},
+    {"crc64", crc64_update, METH_VARARGS, "CRC-64/GO-ISO continued over data (0 starts one)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef fastdigest_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_fastdigest",
     .m_doc = "The diffID sha256 hashed by a native thread (optional; see archive/digest.py).",
     .m_size = -1,
+    .m_methods = fastdigest_methods,
 };
 
 PyMODINIT_FUNC
 PyInit__fastdigest(void)
 {
     PyObject *m;
+    void *lib;
     if (load_libcrypto() < 0)
         return NULL;
-    load_anycrc();
+    lib = loaded_library("/anycrc/crc."); /* an anycrc imported already */
+    if (lib != NULL)
+        use_anycrc(lib);
     if (PyType_Ready(&DigestType) < 0)
         return NULL;
     m = PyModule_Create(&fastdigest_module);

@@ -24,10 +24,8 @@ from .archive.tarsplit import (
     METADATA_LEVEL,
     METADATA_NAME,
     UNREPRODUCIBLE_NAME,
-    Opener,
     PackedElsewhere,
     Recording,
-    Resolver,
     TarSplitPacker,
     assemble,
     finalize_recording,
@@ -44,6 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Any, BinaryIO
 
+    from .archive.tarsplit import Opener, Resolver
     from .archive.tarstream import TarEntry
     from .store import LayerStore
 

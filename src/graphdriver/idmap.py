@@ -22,7 +22,7 @@ _INITIAL_MAP = [(0, 0, 4294967295)]
 def namespace_uid_map(pid: str = "self") -> list[tuple[int, int, int]]:
     """``(inside, outside, count)`` lines of a process's ``/proc/PID/uid_map``."""
     try:
-        with open(f"/proc/{pid}/uid_map", encoding="ascii") as f:
+        with open(f"/proc/{pid}/uid_map", "rb") as f:  # bytes: no codec to load (start-up time)
             text = f.read()
     except FileNotFoundError:  # no /proc, or no user namespaces: the initial namespace
         return list(_INITIAL_MAP)

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
+from . import TYPE_CHECKING
 from .errors import NotSupported, PermissionDenied
 from .idmap import in_user_namespace, real_root
 from .logs import get_logger
+
+if TYPE_CHECKING:  # (pathlib is start-up time of every command, which asks needs_namespace)
+    from pathlib import Path
 
 log = get_logger("graphdriver")
 

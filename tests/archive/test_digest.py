@@ -14,7 +14,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -315,3 +315,44 @@ def test_a_second_waiting_thread_is_woken_and_released() -> None:
     d2.close()
     t2.join(10)
     assert not t2.is_alive()
+
+
+# ---- the CRC-64 of tar-split payloads (archive/crc64.py) --------------------------------------
+
+_CRC_PROBE = """
+import json, os, sys
+from graphdriver.archive.crc64 import crc64
+from graphdriver.archive.native import native_module
+fast = native_module("_fastdigest")
+data = bytes(range(256)) * 4099
+print(json.dumps({"modules": sorted(m for m in sys.modules if m.startswith("anycrc")),
+                  "native": fast is not None and crc64 is fast.crc64,
+                  "crcs": [crc64(b""), crc64(b"123456789"), crc64(data), crc64(data[7:], 99),
+                           crc64(memoryview(bytearray(data))[3:70000])]}))
+"""
+
+
+def _crc_probe(native: bool) -> dict[str, Any]:
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GRAPHDRIVER_NO_NATIVE"}
+    if not native:
+        env["GRAPHDRIVER_NO_NATIVE"] = "1"
+    out = subprocess.run([sys.executable, "-c", _CRC_PROBE], env=env, capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+@pytest.mark.skipif(_native is None, reason=_NOT_BUILT)
+def test_the_native_crc_is_anycrcs_without_its_module() -> None:
+    """Where _fastdigest is built, crc64 is its function over anycrc's crc_calc, the extension
+    loaded as a library (anycrc's Python modules never run: start-up time of the confined
+    child), and it gives what anycrc's own Model gives -- Go's CRC-64/ISO check value, a CRC
+    continued from another, any buffer."""
+    native, python = _crc_probe(True), _crc_probe(False)
+    assert native["native"] and native["modules"] == []
+    assert not python["native"] and "anycrc" in python["modules"]  # the test can fail
+    assert native["crcs"] == python["crcs"]
+    assert native["crcs"][:2] == [0, 0xB90956C775A41001]

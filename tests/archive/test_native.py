@@ -7,6 +7,7 @@ the same error: the native parser only ever declines (returns None) and lets Pyt
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import random
@@ -187,3 +188,36 @@ def test_native_create_refuses_an_existing_name(tmp_path: Path) -> None:
     assert (tmp_path / "x").read_text() == "keep" and (tmp_path / "y").read_bytes() == b"abc"
     assert st.st_mode & 0o7777 == 0o640 and st.st_mtime_ns == 7 * 10**9 + 5
     assert st.st_atime_ns == 5 * 10**9
+
+
+def test_openat2_natively_as_through_ctypes(tmp_path: Path) -> None:
+    """archive/pathres.py's openat2: _fastapply's (no ctypes in the confined child) answers as
+    the ctypes call does -- a path beneath opened, a symlink or ".." on the way refused with the
+    same errno, a missing name FileNotFoundError naming it, O_CLOEXEC always added."""
+    from graphdriver.archive import pathres
+
+    slow = pathres._ctypes_openat2()
+    assert slow is not None
+    if not pathres.have_openat2():
+        pytest.skip("the kernel has no openat2")
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "link").symlink_to("d")
+    beneath = pathres.RESOLVE_BENEATH | pathres.RESOLVE_NO_SYMLINKS
+    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for call in (native.openat2, slow):
+            fd = call(root, "d/e", os.O_RDONLY | os.O_DIRECTORY, 0, beneath)
+            try:
+                assert os.path.samestat(os.fstat(fd), os.stat(tmp_path / "d" / "e"))
+                assert not os.get_inheritable(fd)
+            finally:
+                os.close(fd)
+            errnos = []
+            for path in ("link/e", "../" + tmp_path.name, "nope"):
+                with pytest.raises(OSError) as caught:
+                    call(root, path, os.O_RDONLY, 0, beneath)
+                errnos.append(caught.value.errno)
+                assert caught.value.filename == path
+            assert errnos == [errno.ELOOP, errno.EXDEV, errno.ENOENT]
+    finally:
+        os.close(root)

@@ -44,11 +44,9 @@ Choices where moby and GNU tar differ (documented here, tested in tests/archive)
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
-from collections.abc import Callable
 
 from ..errors import (
     GraphDriverError,
@@ -81,6 +79,7 @@ from .whiteout import (
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, BinaryIO
 
 
@@ -169,8 +168,10 @@ def _read_meta(fd: int) -> _DirMeta:
     xattrs: dict[str, bytes] = {}
     try:
         for k in os.listxattr(fd):
-            with contextlib.suppress(OSError):
+            try:
                 xattrs[k] = os.getxattr(fd, k)
+            except OSError:
+                pass
     except OSError:
         pass
     return _DirMeta(
@@ -186,11 +187,15 @@ def _write_meta(fd: int, m: _DirMeta) -> None:
     except OSError:
         current = set()
     for k in current - set(m.xattrs):
-        with contextlib.suppress(OSError):
+        try:
             os.removexattr(fd, k)
+        except OSError:
+            pass
     for k, v in m.xattrs.items():
-        with contextlib.suppress(OSError):
+        try:
             os.setxattr(fd, k, v)
+        except OSError:
+            pass
     os.utime(fd, ns=(m.atime_ns, m.mtime_ns))
 
 
@@ -877,8 +882,10 @@ class _Applier:
         replaces_whiteout = real in self.whited
         replaces_own = False  # this layer's own non-directory (overlay with known lowers)
         if self.overlay and not replaces_whiteout and self.lowers is not None:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 replaces_own = not stat.S_ISDIR(os.lstat(base, dir_fd=pfd).st_mode)
+            except FileNotFoundError:
+                pass
         self._touch_dir(preal)  # before the parent's times change: a rollback restores them
         try:
             os.mkdir(base, mkmode, dir_fd=pfd)
@@ -1301,8 +1308,10 @@ class _Applier:
         if self.scratch_fd is not None:
             os.close(self.scratch_fd)
             self.scratch_fd = None
-            with contextlib.suppress(OSError):
+            try:
                 remove_beneath(self.root_fd, self.scratch)
+            except OSError:
+                pass
         _write_meta(self.root_fd, self.root_meta)
 
 

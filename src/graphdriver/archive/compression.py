@@ -14,16 +14,15 @@ needs (the confined child loads it before its chroot); never the tar engine or a
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-from collections.abc import Callable
 
 from ..errors import InvalidArchive
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import BinaryIO
 
 # The decoders (isal, zstandard, lzma, bz2) are imported by _wrap for the kind a stream needs, so
@@ -113,8 +112,10 @@ class _Checked(io.RawIOBase):
         joins its worker when closed, and a join run by the garbage collector inside another
         thread's start-up deadlocks (seen with a corrupt stream the caller never closed)."""
         self._spent = True
-        with contextlib.suppress(Exception):
+        try:
             self._inner.close()
+        except Exception:
+            pass
 
     def close(self) -> None:
         self._release()
@@ -283,8 +284,10 @@ class _DecodeAhead(io.RawIOBase):
             self._queue.get_nowait()
         self._thread.join(1.0)
         if not self._thread.is_alive():
-            with contextlib.suppress(Exception):
+            try:
                 self._inner.close()
+            except Exception:
+                pass
         super().close()
 
 

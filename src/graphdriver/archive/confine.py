@@ -70,7 +70,6 @@ package root.
 from __future__ import annotations
 
 import _thread
-import contextlib
 import errno
 import marshal
 import os
@@ -630,7 +629,15 @@ class ChildContext:
 
 
 def _set_pdeathsig() -> None:
+    """SIGTERM when the parent's thread that spawned us ends: the native helper's prctl where it
+    is built, else libc's through ctypes (a few ms of imports)."""
+    from .native import native_module
+
+    fast = native_module("_fastapply")
     try:
+        if fast is not None:
+            fast.set_parent_death_signal(signal.SIGTERM)
+            return
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
@@ -639,13 +646,18 @@ def _set_pdeathsig() -> None:
         pass
 
 
+def _import(module: str) -> Any:
+    """The module named *module* (absolute), imported: importlib.import_module's work without
+    importlib (start-up time)."""
+    __import__(module)
+    return sys.modules[module]
+
+
 def _load_job(name: str) -> Callable[[ChildContext], JobBody]:
     module, _, func = name.partition(":")
     if not module or not func:
         raise errors.InvalidArgument(f"not a confined job: {name!r}")
-    import importlib
-
-    job = getattr(importlib.import_module(module), func, None)
+    job = getattr(_import(module), func, None)
     if not callable(job):
         raise errors.InvalidArgument(f"not a confined job: {name!r}")
     return job  # type: ignore[no-any-return]
@@ -729,12 +741,12 @@ def _child_main(argv: list[str]) -> int:
         _set_pdeathsig()
         if os.getppid() != int(argv[3]):
             return 1  # the parent died before PDEATHSIG was set
-        import importlib
-
-        with contextlib.suppress(Exception):  # a failing import fails again below, answered
-            preload = getattr(importlib.import_module(job.partition(":")[0]), "preload", None)
+        try:
+            preload = getattr(_import(job.partition(":")[0]), "preload", None)
             if callable(preload):
                 preload()
+        except Exception:  # a failing import fails again below, answered
+            pass
         received = _receive(int(argv[2]))
         if received is None:
             return 0  # not needed after all
@@ -757,9 +769,10 @@ def _child_main(argv: list[str]) -> int:
         logs.on_first_use = lambda: _configure_logging(level)
 
     def send(msg: dict[str, Any]) -> None:
-        # the parent may be gone (killed): the rollback has happened, nothing left to tell
-        with contextlib.suppress(OSError, ValueError):
+        try:
             res.write(json_text(msg) + "\n")
+        except (OSError, ValueError):
+            pass  # the parent may be gone (killed): the rollback has happened, nothing to tell
 
     ctx = ChildContext(args, send)
     if held:
@@ -790,10 +803,14 @@ def _child_main(argv: list[str]) -> int:
                         "message": f"{job} job failed: {exc!r}"}})
     finally:
         if ctx.recorder is not None:
-            with contextlib.suppress(OSError):
+            try:
                 ctx.recorder.close()
-        with contextlib.suppress(OSError, ValueError):
+            except OSError:
+                pass
+        try:
             res.close()
+        except (OSError, ValueError):
+            pass
     return 0
 
 

@@ -1,20 +1,32 @@
 """CRC-64 with the ISO polynomial, as Go's ``hash/crc64`` computes it for tar-split's payloads.
 
-Owns the one CRC-64 implementation graphdriver uses: anycrc's (a declared dependency, ~1 GB/s).
-A leaf: imports nothing from graphdriver.  Import it before a chroot (the confined child does):
-it loads anycrc's extension when first imported.
+Owns the one CRC-64 implementation graphdriver uses: anycrc's (a declared dependency, ~1 GB/s,
+its crc-clmul library).  Import it before a chroot (the confined child does): it loads anycrc's
+extension when first imported.
 
-anycrc's extension (Cython, limited API) reads a few ``CO_*`` code flags from :mod:`inspect`
-when it loads, and inspect costs ~6 ms of imports (ast, dis, tokenize) that nothing else of an
-apply needs: unless inspect is already loaded, anycrc sees a stand-in holding CPython's values
-of those flags (any other name loads the real inspect and answers from it), removed once
-anycrc is in.
+Where the native digest helper is built (:mod:`.native`), the extension is loaded as a plain
+library by ``_fastdigest.load_crc`` -- its file found by the import system's path finder, its
+Python module not run (anycrc's import, ~2 ms with its models table and functools, is start-up
+time of every confined child) -- and :func:`crc64` is ``_fastdigest.crc64`` (the same
+``crc_calc``).  Otherwise anycrc is imported: its extension (Cython, limited API) reads a few
+``CO_*`` code flags from :mod:`inspect` when it loads, and inspect costs ~6 ms of imports (ast,
+dis, tokenize) that nothing else of an apply needs: unless inspect is already loaded, anycrc sees
+a stand-in holding CPython's values of those flags (any other name loads the real inspect and
+answers from it), removed once anycrc is in.
+
+Imports only :mod:`.native` of graphdriver.
 """
 
 from __future__ import annotations
 
 import sys
-from types import ModuleType
+
+from .native import native_module
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+
+if TYPE_CHECKING:
+    from typing import Any
 
 #: CPython's code flags (Include/cpython/code.h; inspect's CO_* names), stable across versions
 _CODE_FLAGS = {"CO_OPTIMIZED": 0x1, "CO_NEWLOCALS": 0x2, "CO_VARARGS": 0x4,
@@ -23,34 +35,62 @@ _CODE_FLAGS = {"CO_OPTIMIZED": 0x1, "CO_NEWLOCALS": 0x2, "CO_VARARGS": 0x4,
                "CO_ASYNC_GENERATOR": 0x200}
 
 
-class _InspectFlags(ModuleType):
-    """What anycrc's loading reads of inspect; anything else comes from the real module."""
+def _load_anycrc() -> Any:
+    """anycrc, imported (its extension run as a Python module)."""
+    from types import ModuleType
 
-    def __getattr__(self, name: str) -> object:
-        if name in _CODE_FLAGS:
-            return _CODE_FLAGS[name]
-        if sys.modules.get("inspect") is self:
-            del sys.modules["inspect"]
-        import inspect
+    class InspectFlags(ModuleType):
+        """What anycrc's loading reads of inspect; anything else comes from the real module."""
 
-        return getattr(inspect, name)
+        def __getattr__(self, name: str) -> object:
+            if name in _CODE_FLAGS:
+                return _CODE_FLAGS[name]
+            if sys.modules.get("inspect") is self:
+                del sys.modules["inspect"]
+            import inspect
 
+            return getattr(inspect, name)
 
-def _load_anycrc() -> ModuleType:
     if "inspect" in sys.modules:
         import anycrc  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
-        return anycrc  # type: ignore[no-any-return, unused-ignore]
-    sys.modules["inspect"] = _InspectFlags("inspect")
+        return anycrc
+    sys.modules["inspect"] = InspectFlags("inspect")
     try:
         import anycrc  # type: ignore[import-not-found, import-untyped, unused-ignore]
     finally:
-        if isinstance(sys.modules.get("inspect"), _InspectFlags):
+        if isinstance(sys.modules.get("inspect"), InspectFlags):
             del sys.modules["inspect"]
-    return anycrc  # type: ignore[no-any-return, unused-ignore]
+    return anycrc
 
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+def _extension_file() -> str | None:
+    """The file of anycrc's extension (``anycrc.crc``), found as ``import anycrc.crc`` would
+    find it but without running either module (None: not found)."""
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        if find_spec is None:
+            continue
+        package = find_spec("anycrc", None)
+        if package is None:
+            continue
+        if not package.submodule_search_locations:
+            return None
+        spec = find_spec("anycrc.crc", package.submodule_search_locations)
+        return spec.origin if spec is not None and spec.has_location else None
+    return None
+
+
+def _native_crc() -> Any:
+    """``_fastdigest.crc64`` once it holds anycrc's CRC, else None."""
+    fast = native_module("_fastdigest")
+    if fast is None:
+        return None
+    if fast.CRC:  # anycrc was imported before
+        return fast.crc64
+    path = _extension_file()
+    return fast.crc64 if path is not None and fast.load_crc(path) else None
+
 
 if TYPE_CHECKING:
 
@@ -58,5 +98,5 @@ if TYPE_CHECKING:
         """Continue a running CRC-64/GO-ISO (``crc``, 0 to start) over ``data``."""
 
 else:
-    # anycrc's method itself, not a wrapper: the tar reader calls it once per file
-    crc64 = _load_anycrc().Model("CRC64-GO-ISO").calc
+    # a C function itself, not a wrapper: the tar reader calls it once per file
+    crc64 = _native_crc() or _load_anycrc().Model("CRC64-GO-ISO").calc

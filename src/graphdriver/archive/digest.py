@@ -22,24 +22,24 @@ where :func:`.native.native_module` allows it.
 The native worker also fills in the tar-split frames of the native apply's runs
 (``fill_frames``, :data:`NATIVE_CRC`): their header bytes copied and their files' CRC-64s
 computed beside the sha256, on bytes it has just hashed, rather than on the reader's thread; with
-anycrc's CRC (so :mod:`.crc64` is imported first: _fastdigest finds anycrc's extension loaded).
+anycrc's CRC (so :mod:`.crc64` is imported first: it hands _fastdigest anycrc's extension).
 
 Owns the diffID hashing thread.  Imports only :mod:`.native` and :mod:`.crc64` of graphdriver
-(a leaf otherwise); never typing at run time (the confined child's start-up).
+(a leaf otherwise); never typing at run time, nor hashlib, threading or weakref where the
+native worker is used (the confined child's start-up: _fastdigest loads ``_hashlib`` itself).
+:func:`warm_up` exercises the worker (what it loads is then loaded, before a chroot).
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
-import weakref
-
-from . import crc64 as _crc64  # noqa: F401  (anycrc's extension, loaded before _fastdigest)
+from . import crc64 as _crc64  # noqa: F401  (anycrc's CRC, handed to _fastdigest)
 from .native import native_module
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:
+    import threading
+    import weakref
     from typing import Any
 
     from .._fastdigest import Digest as _NativeDigest
@@ -53,6 +53,12 @@ class ThreadDigest:
     """sha256 of the regions passed to :meth:`update`, hashed in order by a Python thread."""
 
     def __init__(self) -> None:
+        # imported here, not with the module: only this worker needs them (all three, so that a
+        # confined child has them once it made one, before its chroot: see warm_up)
+        import hashlib
+        import threading
+        import weakref  # noqa: F401  (for _start)
+
         self._hash = hashlib.sha256()
         self._cond = threading.Condition(threading.Lock())
         self._items: list[memoryview | None] = []
@@ -112,6 +118,9 @@ class ThreadDigest:
                 self._cond.notify_all()
 
     def _start(self) -> None:
+        import threading
+        import weakref
+
         thread = threading.Thread(
             target=_work, args=(self._hash, self._cond, self._items, weakref.ref(self)),
             name="layer-digest", daemon=True)
@@ -167,3 +176,9 @@ BackgroundDigest: type[ThreadDigest] | type[_NativeDigest] = (
 #: whether BackgroundDigest also fills in the native apply's tar-split frames (``fill_frames``:
 #: header bytes and payload CRC-64s, anycrc's, loaded before this module)
 NATIVE_CRC = _fastdigest is not None and bool(_fastdigest.CRC)
+
+
+def warm_up() -> None:
+    """Hash nothing with :data:`BackgroundDigest`: what the worker imports, and what libcrypto
+    loads for sha256, are then loaded (the confined child calls it before its chroot)."""
+    BackgroundDigest().hexdigest()

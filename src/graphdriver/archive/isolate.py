@@ -4,9 +4,9 @@
 (:mod:`.confine`: an exec'd child, chrooted into the target as root, signals forwarded, errors
 and progress carried back).  Before the child confines itself the job opens the input, picks its
 decoder from the stream's first bytes and warms up what the apply needs (isal, zstandard, lzma,
-bz2, hashlib, openat2, anycrc for tar-split); confined, it runs :func:`.apply.apply_reader` on the
-target.  A SIGTERM goes through the apply's signal gate (never between creating a path and
-journalling it), so the apply rolls back.
+bz2, the diffID's sha256 worker, openat2, anycrc for tar-split); confined, it runs
+:func:`.apply.apply_reader` on the target.  A SIGTERM goes through the apply's signal gate
+(never between creating a path and journalling it), so the apply rolls back.
 
 A recorder (tar-split, issue 6) works across the boundary: ``opts.recorder`` gets the calls of
 the child's tar reader replayed from the runner's frame pipe (:mod:`.recframes`);
@@ -103,26 +103,29 @@ def child_packer_fd(opts: ApplyOptions) -> int | None:
 def preload() -> None:
     """What every apply job needs whatever its stream, imported and exercised by a child that
     waits for its job (:mod:`.confine` calls it: it overlaps the parent's preparation): the tar
-    engine, the diffID's hash, openat2's probe, and the tar-split packer (the store's applies
-    record)."""
-    import hashlib
+    engine, the diffID's worker, openat2's probe, and the tar-split packer with its compressor
+    (the store's applies record)."""
+    from . import apply, tarsplit  # noqa: F401
 
-    from . import apply, pathres, tarsplit  # noqa: F401
+    _warm_engine()
+    tarsplit.load_compressor()
+
+
+def _warm_engine() -> None:
+    """openat2's probe and the diffID's worker exercised: what they load is then loaded (cheap
+    when done already)."""
+    from . import digest, pathres
 
     pathres.have_openat2()
-    hashlib.sha256(b"").hexdigest()
+    digest.warm_up()
 
 
 def _warm_up(kind: str) -> None:
     """Import and exercise what the apply needs (the stream's decoder only) before the chroot
     takes the library files away."""
-    import hashlib
-    import io
+    from . import compression
 
-    from . import compression, pathres
-
-    pathres.have_openat2()
-    hashlib.sha256(b"").hexdigest()
+    _warm_engine()
     blob = b""
     if kind == "gzip":
         from isal import igzip

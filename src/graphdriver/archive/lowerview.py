@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
 
 from .whiteout import WhiteoutFormat
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CACHE_LIMIT = 4096

@@ -5,13 +5,13 @@ runs of plain entries, tar-split frames and lines, the after-apply check),
 :func:`native_module` is the one place that decides whether they are used: when built, unless
 ``GRAPHDRIVER_NO_NATIVE`` is set (non-empty).  Without them the pure-Python code does the same
 work, byte for byte (the tests compare both paths).  Imports nothing from graphdriver (the
-package root included), nor typing (the confined child's start-up).
+package root included), nor typing or importlib (the confined child's start-up).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
+import sys
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
@@ -23,7 +23,9 @@ def native_module(name: str) -> ModuleType | None:
     """``graphdriver.<name>`` if it is built and allowed, else None."""
     if os.environ.get("GRAPHDRIVER_NO_NATIVE"):
         return None
+    full = f"graphdriver.{name}"
     try:
-        return importlib.import_module(f"graphdriver.{name}")
+        __import__(full)  # importlib.import_module's work for an absolute name, without importlib
     except ImportError:  # not compiled: the pure-Python code does everything
         return None
+    return sys.modules[full]

@@ -7,15 +7,26 @@
   the root were "/"* (``RESOLVE_IN_ROOT`` semantics: absolute targets are relative to the root,
   ".." stops at the root).  It returns the symlink-free relative path, which the caller then opens
   with :func:`open_beneath` (so a race that swaps a component for a symlink fails, never escapes).
+
+openat2 is ``_fastapply.openat2`` where the native helpers are built, else a ctypes call (ctypes
+is imported only then: it is a few ms of the confined child's start-up).  Imports only
+:mod:`.native` of graphdriver (a leaf otherwise).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-from collections import deque
-from collections.abc import Callable
+
+from .native import native_module
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+
+if TYPE_CHECKING:
+    from collections import deque
+    from collections.abc import Callable
+else:
+    from _collections import deque  # the same, without the collections package (start-up time)
 
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -28,48 +39,62 @@ _PATH_MAX = 4096  # bytes of a path a system call takes, its NUL included
 _BENEATH = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 _MAX_LINKS = 40
 
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+_fastapply = native_module("_fastapply")
 
 
-_libc: ctypes.CDLL | None
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _syscall = _libc.syscall
-    _syscall.restype = ctypes.c_long
-except (OSError, AttributeError):  # pragma: no cover - no libc: use the fallback
-    _libc = None
+def _ctypes_openat2() -> Callable[[int, str, int, int, int], int] | None:
+    """The openat2 system call through ctypes (None: no libc), where the native helper is not
+    built: ctypes is imported only then (its import is start-up time of the confined child)."""
+    import ctypes
 
-_have_openat2: bool | None = None if _libc is not None else False
+    class OpenHow(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                    ("resolve", ctypes.c_uint64)]
+
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):  # pragma: no cover - no libc: use the fallback
+        return None
+    syscall.restype = ctypes.c_long
+
+    def call(dir_fd: int, path: str, flags: int, mode: int, resolve: int) -> int:
+        how = OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+        fd = syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dir_fd),
+                     ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how),
+                     ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+        return int(fd)
+
+    return call
+
+
+_openat2: Callable[[int, str, int, int, int], int] | None = (
+    _fastapply.openat2 if _fastapply is not None else _ctypes_openat2())
+
+_have_openat2: bool | None = None if _openat2 is not None else False
 
 
 def openat2(dir_fd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
-    """The openat2 system call; OSError(ENOSYS) when the kernel lacks it."""
-    if _libc is None:
+    """The openat2 system call (O_CLOEXEC added); OSError(ENOSYS) when the kernel lacks it."""
+    if _openat2 is None:
         raise OSError(errno.ENOSYS, "openat2 unavailable")
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    fd = _syscall(
-        ctypes.c_long(_SYS_OPENAT2),
-        ctypes.c_int(dir_fd),
-        ctypes.c_char_p(os.fsencode(path)),
-        ctypes.byref(how),
-        ctypes.c_size_t(ctypes.sizeof(how)),
-    )
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return int(fd)
+    return _openat2(dir_fd, path, flags, mode, resolve)
 
 
 def have_openat2() -> bool:
     global _have_openat2
     if _have_openat2 is None:
+        # (the probe's fd of "/" is closed: the confined child makes it before its chroot)
+        root = os.open("/", os.O_PATH | os.O_CLOEXEC)
         try:
-            os.close(openat2(os.open("/", os.O_PATH | os.O_CLOEXEC), ".", os.O_PATH))
+            os.close(openat2(root, ".", os.O_PATH))
             _have_openat2 = True
         except OSError as exc:
             _have_openat2 = exc.errno not in (errno.ENOSYS, errno.EPERM)
+        finally:
+            os.close(root)
     return _have_openat2
 
 

@@ -32,7 +32,6 @@ falls back to the normal one.
 from __future__ import annotations
 
 import binascii
-import contextlib
 import io
 import os
 import posixpath
@@ -40,7 +39,6 @@ import stat
 import struct
 import zlib
 from _json import scanstring
-from collections.abc import Callable, Iterator
 
 from ..errors import GraphDriverError, InvalidArchive, NotFound, StoreCorrupt
 from ..logs import get_logger
@@ -52,6 +50,8 @@ from .recframes import replay_frames
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from contextlib import AbstractContextManager
     from pathlib import Path
     from typing import Any, BinaryIO
 
@@ -225,9 +225,15 @@ def read_entries(stream: BinaryIO) -> Iterator[Entry]:
         yield e
 
 
-@contextlib.contextmanager
-def open_metadata(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Open tar-split metadata, gzip'd or plain."""
+def open_metadata(path: str | os.PathLike[str]) -> AbstractContextManager[BinaryIO]:
+    """Open tar-split metadata, gzip'd or plain (a context manager: contextlib is imported by
+    the store's side only, never by the confined child's packer)."""
+    import contextlib
+
+    return contextlib.contextmanager(_metadata_stream)(path)
+
+
+def _metadata_stream(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     f = open(path, "rb")  # noqa: SIM115
     try:
         magic = f.read(2)
@@ -679,11 +685,18 @@ def _gzip_compressor(level: int) -> Any:
         return zlib.compressobj(level, zlib.DEFLATED, 31)
 
 
+def load_compressor() -> None:
+    """Import the compressor of a packer that gzips its lines (before a confined child's chroot,
+    ahead of its job: the packer is made once the job has come)."""
+    _gzip_compressor(METADATA_LEVEL)
+
+
 # ----- finishing a recording made during an apply --------------------------------------------
 
-#: ``resolve(root_fd, path)``: the stored spelling of a recorded *path* (relative, beneath
-#: ``root_fd``) that is not there as written, or None; the check then looks at that file
-Resolver = Callable[[int, str], str | None]
+if TYPE_CHECKING:
+    #: ``resolve(root_fd, path)``: the stored spelling of a recorded *path* (relative, beneath
+    #: ``root_fd``) that is not there as written, or None; the check then looks at that file
+    Resolver = Callable[[int, str], str | None]
 
 
 class Recording:
@@ -852,8 +865,10 @@ def _verify_files(root_fd: int, files: list[tuple[bytes, int]],
 
 def mark_unreproducible(out_path: Path, reason: str, *leftovers: Path) -> Recording:
     for p in (*leftovers, out_path):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(p)
+        except FileNotFoundError:
+            pass
     out_path.with_name(UNREPRODUCIBLE_NAME).write_text(reason + "\n")
     return Recording(False, reason)
 
@@ -873,6 +888,7 @@ def finalize_recording(raw: BinaryIO, root: str | os.PathLike[str] | int, out_pa
     be reproduced exactly, writes ``tar-split.unreproducible`` (the reason) beside *out_path*
     instead.
     """
+    import contextlib
     import gzip
     from pathlib import Path
 
@@ -932,7 +948,8 @@ def finalize_recording(raw: BinaryIO, root: str | os.PathLike[str] | int, out_pa
 
 # ----- re-assembly ------------------------------------------------------------------------------
 
-Opener = Callable[[str], "BinaryIO"]  # (a string: typing is not imported at run time)
+if TYPE_CHECKING:
+    Opener = Callable[[str], BinaryIO]
 
 
 def _write_all(out: int | BinaryIO, data: bytes | memoryview) -> None:

@@ -36,6 +36,7 @@ The image is mounted again lazily whenever the layer (or a child of it) is used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 
@@ -133,12 +134,17 @@ class OverlayDriver(LayerStore):
                                "another --root")
         self._probe_mount()
         self.quota_kind = "btrfs" if self.backing_fs == "btrfs" else "image"
-        self.quota_problem = (quota.btrfs_supported() if self.quota_kind == "btrfs"
-                              else quota.image_supported())
         if self.default_size:
             quota.check_size(self.default_size, self.name)
             if self.quota_problem:
                 raise NotSupported(f"overlay: the size option: {self.quota_problem}")
+
+    @functools.cached_property
+    def quota_problem(self) -> str | None:
+        """None when size quotas work here, else why not: looked up when first needed (a
+        size, the status), not at every open (its PATH walk and shutil's import are ~2 ms of
+        every command)."""
+        return quota.btrfs_supported() if self.quota_kind == "btrfs" else quota.image_supported()
 
     def _probe_mount(self) -> None:
         """Real test mounts in the home (cached there per kernel, like moby's probes).

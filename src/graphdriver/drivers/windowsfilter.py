@@ -89,13 +89,12 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .. import quota
 from ..archive.changes import Change, ChangeKind
 from ..archive.options import ApplyOptions, ApplyResult
 from ..archive.pathres import open_beneath
-from ..archive.tarsplit import Resolver
 from ..archive.windows.export import write_layer_tar
 from ..archive.windows.layout import stored_path, walk_layer
 from ..archive.windows.metadata import read_tombstones
@@ -127,6 +126,9 @@ from ..mount import (
     unmount_all_under,
 )
 from ..store import LayerStore, parse_size
+
+if TYPE_CHECKING:
+    from ..archive.tarsplit import Resolver
 
 log = get_logger("graphdriver")
 
