@@ -21,8 +21,11 @@
  * order with the regions, on bytes it has just hashed: a caller that waits for the slot's number
  * knows both the ranges read (the buffer may be reused) and the frames whole (they may be read).
  * A file whose data comes in pieces gets its CRC so too: each piece adds to a running CRC, and a
- * last job writes it.  The CRC is anycrc's (crc_params/crc_calc of its loaded extension, found as libcrypto is;
- * fill_frames is refused where it is not loaded).
+ * last job writes it.  A piece whose CRC the caller computed itself (a big file's, while the
+ * worker was behind: see pending) joins the running CRC by the combination of two CRCs (the
+ * running one shifted over the piece's length, in GF(2) modulo the polynomial).  The CRC is
+ * anycrc's (crc_params/crc_calc of its loaded extension, found as libcrypto is; fill_frames is
+ * refused where it is not loaded).
  *
  * Each slot keeps the region's Py_buffer (a reference to the exporter), released by the caller
  * (it holds the GIL) once the worker is past it.  A region below INLINE_BELOW is hashed in the
@@ -115,11 +118,56 @@ wake_worker(Digest *d)
 
 /* a job's length with one of these bits: copy the range; add the range to the running CRC (of a
  * file that comes in pieces); write the running CRC and start a new one (the range is empty);
- * with none: write the range's CRC */
+ * join to the running CRC a piece's CRC computed by the caller (the offset field holds it, the
+ * length is the piece's); with none: write the range's CRC */
 #define COPY_JOB (1ULL << 63)
 #define ADD_JOB (1ULL << 62)
 #define END_JOB (1ULL << 61)
-#define JOB_KINDS (COPY_JOB | ADD_JOB | END_JOB)
+#define JOIN_JOB (1ULL << 60)
+#define JOB_KINDS (COPY_JOB | ADD_JOB | END_JOB | JOIN_JOB)
+
+/* CRC-64/GO-ISO's polynomial, bit-reflected (bit 63 is x^0, as the CRC's register holds it) */
+#define ISO_REFLECTED 0xD800000000000000ULL
+/* shift_by[k]: x^(2^k) modulo the polynomial (k up to 3 + 63: a byte count of up to 2^64) */
+static uint64_t shift_by[67];
+
+/* a(x) * b(x) modulo the polynomial, both reflected */
+static uint64_t
+mul_mod(uint64_t a, uint64_t b)
+{
+    uint64_t product = 0;
+    int i;
+    for (i = 63; i >= 0; i--) { /* a's bit i is the coefficient of x^(63 - i) */
+        if (a >> i & 1)
+            product ^= b;
+        b = b & 1 ? (b >> 1) ^ ISO_REFLECTED : b >> 1; /* b *= x */
+    }
+    return product;
+}
+
+static void
+fill_shift_by(void)
+{
+    int k;
+    shift_by[0] = 1ULL << 62; /* x^1 */
+    for (k = 1; k < 67; k++)
+        shift_by[k] = mul_mod(shift_by[k - 1], shift_by[k - 1]);
+}
+
+/* the CRC of A then B from crc(A), crc(B) and B's length: crc(A) times x^(8 len) modulo the
+ * polynomial, plus crc(B) (the all-ones start and end of the CRC cancel out in the sum) */
+static uint64_t
+crc_join(uint64_t crc_a, uint64_t crc_b, uint64_t len_b)
+{
+    int k = 3; /* x^(8 len) = product of x^(2^k) over the bits of len, shifted by 3 */
+    while (len_b) {
+        if (len_b & 1)
+            crc_a = mul_mod(shift_by[k], crc_a);
+        len_b >>= 1;
+        k++;
+    }
+    return crc_a ^ crc_b;
+}
 
 /* the jobs of a fill_frames slot (which checked their bounds) */
 static void
@@ -134,6 +182,8 @@ fill_jobs(const Py_buffer *source, Py_buffer *frames, const Py_buffer *jobs, uin
         uint64_t len = job[3 * i + 1] & ~JOB_KINDS, at = job[3 * i + 2], c;
         if (kind == COPY_JOB) {
             memcpy(out + at, src + off, (size_t)len);
+        } else if (kind == JOIN_JOB) {
+            *running = crc_join(*running, off, len);
         } else if (kind == ADD_JOB) {
             if (len)
                 *running = crc_calc(crc_iso, *running, src + off, len);
@@ -417,7 +467,9 @@ Digest_fill_frames(Digest *d, PyObject *args)
         uint64_t off = job[3 * i], len = job[3 * i + 1] & ~JOB_KINDS, at = job[3 * i + 2];
         uint64_t kind = job[3 * i + 1] & JOB_KINDS;
         uint64_t wrote = kind == COPY_JOB ? len : kind == ADD_JOB ? 0 : 8;
-        if (kind != 0 && kind != COPY_JOB && kind != ADD_JOB && kind != END_JOB)
+        if (kind == JOIN_JOB)
+            off = len = wrote = 0; /* a CRC and a length: nothing read or written */
+        else if (kind != 0 && kind != COPY_JOB && kind != ADD_JOB && kind != END_JOB)
             wrote = UINT64_MAX; /* two kinds at once: refused */
         if (d->jobs[p % NSLOTS].len % 24 || off > (uint64_t)d->slots[p % NSLOTS].len ||
             len > (uint64_t)d->slots[p % NSLOTS].len - off ||
@@ -444,6 +496,14 @@ Digest_wait_for(Digest *d, PyObject *arg)
     if (wait_done(d, seq) < 0)
         return NULL;
     Py_RETURN_NONE;
+}
+
+/* pending() -> int: the regions and fill_frames slots handed over and not done yet (a caller
+ * that finds the worker behind does some of its work itself) */
+static PyObject *
+Digest_pending(Digest *d, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLongLong(atomic_load(&d->published) - atomic_load(&d->done));
 }
 
 static PyObject *
@@ -492,7 +552,10 @@ static PyMethodDef Digest_methods[] = {
     {"fill_frames", (PyCFunction)Digest_fill_frames, METH_VARARGS,
      "Jobs (offset, length, at: u64 triples) filling frames from source: bit 63 of length: a "
      "copy; 62: add the range to the running CRC-64; 61: write the running CRC-64 (and reset "
-     "it); none: write the range's CRC-64. Done in order with the regions."},
+     "it); 60: join to the running CRC-64 the CRC-64 in offset of a piece of that length; none: "
+     "write the range's CRC-64. Done in order with the regions."},
+    {"pending", (PyCFunction)Digest_pending, METH_NOARGS,
+     "The regions and fill_frames slots handed over and not done yet."},
     {"wait_for", (PyCFunction)Digest_wait_for, METH_O,
      "Return once the regions up to a number update returned are hashed."},
     {"wait", (PyCFunction)Digest_wait, METH_NOARGS,
@@ -614,6 +677,7 @@ PyInit__fastdigest(void)
     if (load_libcrypto() < 0)
         return NULL;
     load_anycrc();
+    fill_shift_by();
     if (PyType_Ready(&DigestType) < 0)
         return NULL;
     m = PyModule_Create(&fastdigest_module);

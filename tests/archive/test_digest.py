@@ -8,6 +8,7 @@ import contextlib
 import gc
 import hashlib
 import io
+import itertools
 import os
 import random
 import tarfile
@@ -280,6 +281,48 @@ def test_native_frame_jobs_in_order_with_the_regions() -> None:
     assert d.hexdigest() == hashlib.sha256(src).hexdigest()
     with pytest.raises(ValueError, match="closed"):
         d.fill_frames(src, frames, jobs)
+
+
+@pytest.mark.skipif(_native is None or not _native.CRC,
+                    reason="_fastdigest (with anycrc) not built")
+def test_a_piece_crc_computed_by_the_caller_joins_the_running_one() -> None:
+    """fill_frames' join job (bit 60: the offset field holds a piece's CRC-64, the length is
+    the piece's): pieces added by the worker and pieces the caller computed, in any order and
+    of any length (empty, first, last), give the CRC-64 of the whole."""
+    import struct
+
+    from graphdriver.archive.crc64 import crc64
+
+    assert _native is not None
+    add, end, join = 1 << 62, 1 << 61, 1 << 60
+    rng = random.Random(60)
+    src = bytearray(rng.randbytes(1 << 20))
+    d = _native.Digest()
+    for trial in range(100):
+        cuts = sorted(rng.sample(range(len(src)), rng.randrange(1, 6)))
+        bounds = [0, *cuts, len(src)] if trial % 2 else [cuts[0], *cuts, cuts[-1]]
+        jobs = b""
+        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+            if (i + trial) % 2:
+                jobs += struct.pack("<QQQ", crc64(src[a:b]), (b - a) | join, 0)
+            else:
+                jobs += struct.pack("<QQQ", a, (b - a) | add, 0)
+        out = bytearray(8)
+        d.wait_for(d.fill_frames(src, out, jobs + struct.pack("<QQQ", 0, end, 0)))
+        assert struct.unpack("<Q", out)[0] == crc64(src[bounds[0] : bounds[-1]]), trial
+    d.close()
+
+
+@pytest.mark.parametrize("worker", _WORKERS)
+def test_pending_counts_what_the_worker_has_not_done(worker: Worker) -> None:
+    """pending: the regions handed over and not done yet (0 once waited for)."""
+    d = worker()
+    big = bytes(8 << 20)
+    seqs = [d.update(memoryview(big)) for _ in range(3)]
+    assert 0 <= d.pending() <= 3
+    d.wait_for(seqs[-1])
+    assert d.pending() == 0
+    d.close()
 
 
 @pytest.mark.skipif(_native is None, reason=_NOT_BUILT)

@@ -7,9 +7,10 @@ thread of its own: the hash overlaps with parsing and writing.  The caller promi
 overwrite a handed-over region until :meth:`wait` has returned; small regions are hashed inline
 when nothing is pending, which keeps the order.  :meth:`update` returns a number for the region,
 and :meth:`wait_for` of it waits for the regions up to that one only: a reader that reuses the
-front of its buffer waits for that part, not for the whole buffer.  :meth:`hexdigest` stops the
-thread, as :meth:`close` does (without waiting) and as dropping the digest does; an error of the
-hash is raised by the next wait.
+front of its buffer waits for that part, not for the whole buffer; :meth:`pending` says how
+many are still to do (a reader that finds the worker behind does some of its work itself).
+:meth:`hexdigest` stops the thread, as :meth:`close` does (without waiting) and as dropping the
+digest does; an error of the hash is raised by the next wait.
 
 Two workers keep that contract: ``_fastdigest.Digest`` (optional, compiled), a native thread
 that never takes the GIL, hashing with the libcrypto ``_hashlib`` loaded, handed regions through
@@ -87,6 +88,11 @@ class ThreadDigest:
                     self._cond.wait()
         if self._error is not None:
             raise self._error
+
+    def pending(self) -> int:
+        """The regions handed over and not hashed yet (the worker is behind when they are
+        many)."""
+        return self._pending
 
     def wait(self) -> None:
         """Return once every region handed over so far has been hashed (they may be reused)."""
