@@ -24,6 +24,9 @@ The native worker also fills in the tar-split frames of the native apply's runs
 (``fill_frames``, :data:`NATIVE_CRC`): their header bytes copied and their files' CRC-64s
 computed beside the sha256, on bytes it has just hashed, rather than on the reader's thread; with
 anycrc's CRC (so :mod:`.crc64` is imported first: _fastdigest finds anycrc's extension loaded).
+On a CPU with the SHA extensions (:data:`FUSED_CRC`) its sha256 is its own, which folds a big
+file's CRC-64 into the pass that hashes the same bytes (``GRAPHDRIVER_NO_SHA_NI`` set, non-empty:
+libcrypto's sha256 and anycrc's CRC instead, as on other CPUs).
 
 Owns the diffID hashing thread.  Imports only :mod:`.native` and :mod:`.crc64` of graphdriver
 (a leaf otherwise); never typing at run time (the confined child's start-up).
@@ -173,3 +176,6 @@ BackgroundDigest: type[ThreadDigest] | type[_NativeDigest] = (
 #: whether BackgroundDigest also fills in the native apply's tar-split frames (``fill_frames``:
 #: header bytes and payload CRC-64s, anycrc's, loaded before this module)
 NATIVE_CRC = _fastdigest is not None and bool(_fastdigest.CRC)
+#: whether it folds a big file's CRC-64 in the pass that hashes its bytes (SHA-NI): that CRC
+#: then costs nothing where it is computed, and the reader leaves it there
+FUSED_CRC = NATIVE_CRC and bool(_fastdigest.FUSED)  # type: ignore[union-attr]
