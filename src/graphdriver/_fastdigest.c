@@ -4,7 +4,9 @@
  * Digest() takes regions of the tar reader's buffer in order (update) and a POSIX thread hashes
  * them with OpenSSL's SHA-256 (the libcrypto that Python's _hashlib already loaded, found with
  * dl_iterate_phdr and opened with RTLD_NOLOAD: no OpenSSL headers at build time, and the same
- * SHA-NI/AVX code hashlib runs).  The hand-over is a ring of slots and two counters:
+ * SHA-NI/AVX code hashlib runs), or with its own SHA-NI code (below: where the CRC is fused; the
+ * environment's GRAPHDRIVER_NO_SHA_NI, non-empty at import, keeps OpenSSL's).  The hand-over is
+ * a ring of slots and two counters:
  *   published  regions handed to the worker (written by the caller, read by the worker)
  *   done       regions the worker has hashed (written by the worker, read by the caller)
  * Handing over costs no system call while the worker is busy.  The worker sleeps (a futex) only
