@@ -975,8 +975,9 @@ PyInit__fastdigest(void)
     load_anycrc();
     fill_shift_by();
 #ifdef HAVE_SHA_NI_BUILD
-    /* the fused CRC needs anycrc's for what is not a whole number of blocks */
-    use_sha_ni = crc_iso != NULL && cpu_has_sha_ni() && !getenv("GRAPHDRIVER_NO_SHA_NI");
+    /* (the fused CRC also takes anycrc's, for what is not a whole number of blocks: it comes
+     * only with fill_frames' jobs, which are refused where anycrc's is not loaded) */
+    use_sha_ni = cpu_has_sha_ni() && !getenv("GRAPHDRIVER_NO_SHA_NI");
     crc_fold512 = _mm_set_epi64x((long long)x_power(511), (long long)x_power(575));
 #endif
     if (PyType_Ready(&DigestType) < 0)

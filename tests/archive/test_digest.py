@@ -315,7 +315,7 @@ def test_a_piece_crc_computed_by_the_caller_joins_the_running_one() -> None:
     d.close()
 
 
-@pytest.mark.skipif(_native is None or not _native.FUSED,
+@pytest.mark.skipif(_native is None or not _native.FUSED or not _native.CRC,
                     reason="_fastdigest without the SHA extensions (or anycrc)")
 def test_a_crc_job_over_a_region_is_folded_into_its_hash() -> None:
     """A region, then a fill_frames slot of one job adding a range of it to the running CRC,
@@ -349,7 +349,7 @@ def test_a_crc_job_over_a_region_is_folded_into_its_hash() -> None:
     assert fused > 40  # the worker was busy when the two came, most times
 
 
-@pytest.mark.skipif(_native is None or not _native.FUSED,
+@pytest.mark.skipif(_native is None or not _native.FUSED or not _native.CRC,
                     reason="_fastdigest without the SHA extensions (or anycrc)")
 def test_libcrypto_is_used_where_sha_ni_is_refused(tmp_path: Path) -> None:
     """GRAPHDRIVER_NO_SHA_NI: libcrypto's sha256 (and anycrc's CRC, never fused), as on a CPU
