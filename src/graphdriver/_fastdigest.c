@@ -4,7 +4,9 @@
  * Digest() takes regions of the tar reader's buffer in order (update) and a POSIX thread hashes
  * them with OpenSSL's SHA-256 (the libcrypto that Python's _hashlib already loaded, found with
  * dl_iterate_phdr and opened with RTLD_NOLOAD: no OpenSSL headers at build time, and the same
- * SHA-NI/AVX code hashlib runs).  The hand-over is a ring of slots and two counters:
+ * SHA-NI/AVX code hashlib runs), or with its own SHA-NI code (below: where the CRC is fused; the
+ * environment's GRAPHDRIVER_NO_SHA_NI, non-empty at import, keeps OpenSSL's).  The hand-over is
+ * a ring of slots and two counters:
  *   published  regions handed to the worker (written by the caller, read by the worker)
  *   done       regions the worker has hashed (written by the worker, read by the caller)
  * Handing over costs no system call while the worker is busy.  The worker sleeps (a futex) only
@@ -21,9 +23,22 @@
  * order with the regions, on bytes it has just hashed: a caller that waits for the slot's number
  * knows both the ranges read (the buffer may be reused) and the frames whole (they may be read).
  * A file whose data comes in pieces gets its CRC so too: each piece adds to a running CRC, and a
- * last job writes it.  The CRC is anycrc's (crc_params/crc_calc of its extension: one already
- * loaded, found as libcrypto is, or the file load_crc is given, opened as a plain library);
- * fill_frames and crc64 are refused where it is not loaded.
+ * last job writes it.  A piece whose CRC the caller computed itself (a big file's, while the
+ * worker was behind: see pending) joins the running CRC by the combination of two CRCs (the
+ * running one shifted over the piece's length, in GF(2) modulo the polynomial).  The CRC is
+ * anycrc's (crc_params/crc_calc of its extension: one already loaded, found as libcrypto is,
+ * or the file load_crc is given, opened as a plain library); fill_frames and crc64 are refused
+ * where it is not loaded.
+ *
+ * Where the CPU has the SHA extensions and carry-less multiplication (x86-64: SHA-NI, PCLMULQDQ),
+ * the sha256 is this file's own (sha_blocks: the SHA-NI rounds), so that a region and a CRC job
+ * over it come in one pass: the SHA rounds are one long dependency chain that leaves the vector
+ * units mostly idle, and folding the CRC-64 of the same 64 bytes with carry-less multiplications
+ * (four 128-bit lanes, each folded 512 bits on per block) fills them: on the 1 GiB layer the
+ * CRC then costs the worker nothing (~100 ms otherwise).  The worker fuses a region with the
+ * fill_frames slot right after it when that slot is one job adding a range of the region to the
+ * running CRC (a big file's piece, published before the worker got to the region: it was
+ * behind).  Elsewhere the sha256 is libcrypto's and the CRC anycrc's.
  *
  * Each slot keeps the region's Py_buffer (a reference to the exporter), released by the caller
  * (it holds the GIL) once the worker is past it.  A region below INLINE_BELOW is hashed in the
@@ -38,6 +53,11 @@
 
 #include <dlfcn.h>
 #include <limits.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define HAVE_SHA_NI_BUILD 1
+#endif
 #include <link.h>
 #include <linux/futex.h>
 #include <pthread.h>
@@ -80,9 +100,21 @@ typedef uint64_t (*crc_calc_fn)(const crc_params_t *, uint64_t, const unsigned c
 static crc_calc_fn crc_calc;
 static crc_params_t *crc_iso; /* CRC-64/GO-ISO */
 
+/* this file's sha256 (use_sha_ni): the state, the bytes hashed, a block not complete yet */
+typedef struct {
+    uint32_t h[8];
+    uint64_t bytes;
+    unsigned char part[64];
+    size_t npart;
+} sha_state;
+
 typedef struct {
     PyObject_HEAD
     void *ctx;                   /* EVP_MD_CTX: the worker's while it runs, else the caller's */
+    sha_state own;               /* the sha256 when use_sha_ni (ctx is then NULL), likewise */
+    uint64_t fused_next;         /* the worker's: the fill_frames slot it did with the region
+                                  * before it (its number + 1; 0: none) */
+    uint64_t fused_bytes;        /* the worker's: bytes whose CRC went with their sha256 */
     Py_buffer slots[NSLOTS];
     Py_buffer frames[NSLOTS];    /* fill_frames slots: the frames written into (else .obj NULL) */
     Py_buffer jobs[NSLOTS];      /* fill_frames slots: (u64 offset, u64 length, u64 at) triples */
@@ -116,11 +148,240 @@ wake_worker(Digest *d)
 
 /* a job's length with one of these bits: copy the range; add the range to the running CRC (of a
  * file that comes in pieces); write the running CRC and start a new one (the range is empty);
- * with none: write the range's CRC */
+ * join to the running CRC a piece's CRC computed by the caller (the offset field holds it, the
+ * length is the piece's); with none: write the range's CRC */
 #define COPY_JOB (1ULL << 63)
 #define ADD_JOB (1ULL << 62)
 #define END_JOB (1ULL << 61)
-#define JOB_KINDS (COPY_JOB | ADD_JOB | END_JOB)
+#define JOIN_JOB (1ULL << 60)
+#define JOB_KINDS (COPY_JOB | ADD_JOB | END_JOB | JOIN_JOB)
+
+/* CRC-64/GO-ISO's polynomial, bit-reflected (bit 63 is x^0, as the CRC's register holds it) */
+#define ISO_REFLECTED 0xD800000000000000ULL
+/* shift_by[k]: x^(2^k) modulo the polynomial (k up to 3 + 63: a byte count of up to 2^64) */
+static uint64_t shift_by[67];
+
+/* a(x) * b(x) modulo the polynomial, both reflected */
+static uint64_t
+mul_mod(uint64_t a, uint64_t b)
+{
+    uint64_t product = 0;
+    int i;
+    for (i = 63; i >= 0; i--) { /* a's bit i is the coefficient of x^(63 - i) */
+        if (a >> i & 1)
+            product ^= b;
+        b = b & 1 ? (b >> 1) ^ ISO_REFLECTED : b >> 1; /* b *= x */
+    }
+    return product;
+}
+
+static void
+fill_shift_by(void)
+{
+    int k;
+    shift_by[0] = 1ULL << 62; /* x^1 */
+    for (k = 1; k < 67; k++)
+        shift_by[k] = mul_mod(shift_by[k - 1], shift_by[k - 1]);
+}
+
+/* the CRC of A then B from crc(A), crc(B) and B's length: crc(A) times x^(8 len) modulo the
+ * polynomial, plus crc(B) (the all-ones start and end of the CRC cancel out in the sum) */
+static uint64_t
+crc_join(uint64_t crc_a, uint64_t crc_b, uint64_t len_b)
+{
+    int k = 3; /* x^(8 len) = product of x^(2^k) over the bits of len, shifted by 3 */
+    while (len_b) {
+        if (len_b & 1)
+            crc_a = mul_mod(shift_by[k], crc_a);
+        len_b >>= 1;
+        k++;
+    }
+    return crc_a ^ crc_b;
+}
+
+/* x^n modulo the polynomial, reflected */
+static uint64_t
+x_power(uint64_t n)
+{
+    uint64_t p = 1ULL << 63; /* x^0 */
+    int k = 0;
+    while (n) {
+        if (n & 1)
+            p = mul_mod(shift_by[k], p);
+        n >>= 1;
+        k++;
+    }
+    return p;
+}
+
+static const uint32_t sha_initial[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                        0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+/* whether this file's sha256 (and the fused CRC) is used: the CPU has what sha_blocks needs */
+static int use_sha_ni;
+
+#ifdef HAVE_SHA_NI_BUILD
+/* sha256's round constants (the cube roots of the first 64 primes, their fractions' 32 bits) */
+static const uint32_t sha_k[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+    0xc67178f2};
+/* the CRC's fold over 512 bits: x^(512 + 64 - 1) for a lane's first (higher) half, x^(512 - 1)
+ * for its second (a carry-less product of reflected values comes one degree short) */
+static __m128i crc_fold512;
+
+#define SHA_TARGET __attribute__((target("sha,sse4.1,pclmul")))
+
+/* one 128-bit lane of the CRC carried 512 bits on, plus the 16 bytes it meets there */
+#define FOLD(lane, data)                                                                      \
+    _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(lane, crc_fold512, 0x00),               \
+                                _mm_clmulepi64_si128(lane, crc_fold512, 0x11)), data)
+
+/* *blocks* 64-byte blocks into the state h (A..H); with *lanes*, the CRC folded over the same
+ * bytes in the same pass */
+SHA_TARGET static void
+sha_blocks(uint32_t h[8], const unsigned char *p, size_t blocks, __m128i *lanes)
+{
+    const __m128i swap = _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL);
+    __m128i cdab = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[0]), 0xB1);
+    __m128i hgfe = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[4]), 0x1B);
+    __m128i abef = _mm_alignr_epi8(cdab, hgfe, 8); /* the instructions' layout of the state */
+    __m128i cdgh = _mm_blend_epi16(hgfe, cdab, 0xF0);
+    __m128i l0 = _mm_setzero_si128(), l1 = l0, l2 = l0, l3 = l0;
+    if (lanes != NULL) {
+        l0 = lanes[0];
+        l1 = lanes[1];
+        l2 = lanes[2];
+        l3 = lanes[3];
+    }
+    while (blocks--) {
+        __m128i abef_in = abef, cdgh_in = cdgh, w[4], k;
+        __m128i d0 = _mm_loadu_si128((const __m128i *)p);
+        __m128i d1 = _mm_loadu_si128((const __m128i *)(p + 16));
+        __m128i d2 = _mm_loadu_si128((const __m128i *)(p + 32));
+        __m128i d3 = _mm_loadu_si128((const __m128i *)(p + 48));
+        if (lanes != NULL) {
+            l0 = FOLD(l0, d0);
+            l1 = FOLD(l1, d1);
+            l2 = FOLD(l2, d2);
+            l3 = FOLD(l3, d3);
+        }
+        w[0] = _mm_shuffle_epi8(d0, swap); /* the message words, big-endian */
+        w[1] = _mm_shuffle_epi8(d1, swap);
+        w[2] = _mm_shuffle_epi8(d2, swap);
+        w[3] = _mm_shuffle_epi8(d3, swap);
+        _Pragma("GCC unroll 16") for (int g = 0; g < 16; g++) {
+            if (g >= 4) { /* words 4g..4g+3 from words 4g-16.. (w[g & 3] holds those) */
+                __m128i m = _mm_sha256msg1_epu32(w[g & 3], w[(g + 1) & 3]);
+                m = _mm_add_epi32(m, _mm_alignr_epi8(w[(g + 3) & 3], w[(g + 2) & 3], 4));
+                w[g & 3] = _mm_sha256msg2_epu32(m, w[(g + 3) & 3]);
+            }
+            k = _mm_add_epi32(w[g & 3], _mm_loadu_si128((const __m128i *)&sha_k[4 * g]));
+            cdgh = _mm_sha256rnds2_epu32(cdgh, abef, k); /* two rounds: the roles swap */
+            abef = _mm_sha256rnds2_epu32(abef, cdgh, _mm_shuffle_epi32(k, 0x0E));
+        }
+        abef = _mm_add_epi32(abef, abef_in);
+        cdgh = _mm_add_epi32(cdgh, cdgh_in);
+        p += 64;
+    }
+    if (lanes != NULL) {
+        lanes[0] = l0;
+        lanes[1] = l1;
+        lanes[2] = l2;
+        lanes[3] = l3;
+    }
+    __m128i feba = _mm_shuffle_epi32(abef, 0x1B);
+    __m128i hgdc = _mm_shuffle_epi32(cdgh, 0xB1);
+    _mm_storeu_si128((__m128i *)&h[0], _mm_blend_epi16(feba, hgdc, 0xF0));
+    _mm_storeu_si128((__m128i *)&h[4], _mm_alignr_epi8(hgdc, feba, 8));
+}
+
+/* the CRC-64 of *blocks* (>= 1) blocks at p, continuing crc, hashed into s in the same pass
+ * (s has no partial block) */
+SHA_TARGET static uint64_t
+sha_blocks_crc(sha_state *s, const unsigned char *p, size_t blocks, uint64_t crc)
+{
+    __m128i lanes[4];
+    unsigned char folded[64];
+    int j;
+    /* the lanes start as the first block, the CRC's register (all ones over crc) on its front */
+    for (j = 0; j < 4; j++)
+        lanes[j] = _mm_loadu_si128((const __m128i *)(p + 16 * j));
+    lanes[0] = _mm_xor_si128(lanes[0], _mm_cvtsi64_si128((long long)~crc));
+    sha_blocks(s->h, p, 1, NULL);
+    sha_blocks(s->h, p + 64, blocks - 1, lanes);
+    s->bytes += 64 * blocks;
+    /* the lanes are a 64-byte message with the data's remainder: its CRC from a zero register
+     * (a CRC of ~0 before it) is the data's */
+    memcpy(folded, lanes, sizeof folded);
+    return crc_calc(crc_iso, UINT64_MAX, folded, sizeof folded);
+}
+
+/* whether the CPU has what sha_blocks needs */
+static int
+cpu_has_sha_ni(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_SSE4_1) || !(c & bit_PCLMUL) ||
+        !(c & bit_SSSE3))
+        return 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return 0;
+    return (b & bit_SHA) != 0;
+}
+#endif
+
+static void
+sha_update(sha_state *s, const unsigned char *p, size_t n)
+{
+#ifdef HAVE_SHA_NI_BUILD
+    if (s->npart) {
+        size_t take = 64 - s->npart < n ? 64 - s->npart : n;
+        memcpy(s->part + s->npart, p, take);
+        s->npart += take;
+        p += take;
+        n -= take;
+        if (s->npart < 64)
+            return;
+        sha_blocks(s->h, s->part, 1, NULL);
+        s->bytes += 64;
+        s->npart = 0;
+    }
+    if (n >= 64) {
+        sha_blocks(s->h, p, n / 64, NULL);
+        s->bytes += n & ~(size_t)63;
+        p += n & ~(size_t)63;
+        n &= 63;
+    }
+    memcpy(s->part, p, n);
+    s->npart = n;
+#else
+    (void)s, (void)p, (void)n;
+#endif
+}
+
+static void
+sha_final(sha_state *s, unsigned char md[32])
+{
+    unsigned char pad[72] = {0x80};
+    uint64_t bits = (s->bytes + s->npart) * 8;
+    size_t n = (s->npart < 56 ? 56 : 120) - s->npart, i;
+    for (i = 0; i < 8; i++)
+        pad[n + i] = (unsigned char)(bits >> (56 - 8 * i));
+    sha_update(s, pad, n + 8);
+    for (i = 0; i < 8; i++) {
+        md[4 * i] = (unsigned char)(s->h[i] >> 24);
+        md[4 * i + 1] = (unsigned char)(s->h[i] >> 16);
+        md[4 * i + 2] = (unsigned char)(s->h[i] >> 8);
+        md[4 * i + 3] = (unsigned char)s->h[i];
+    }
+}
 
 /* the jobs of a fill_frames slot (which checked their bounds) */
 static void
@@ -135,6 +396,8 @@ fill_jobs(const Py_buffer *source, Py_buffer *frames, const Py_buffer *jobs, uin
         uint64_t len = job[3 * i + 1] & ~JOB_KINDS, at = job[3 * i + 2], c;
         if (kind == COPY_JOB) {
             memcpy(out + at, src + off, (size_t)len);
+        } else if (kind == JOIN_JOB) {
+            *running = crc_join(*running, off, len);
         } else if (kind == ADD_JOB) {
             if (len)
                 *running = crc_calc(crc_iso, *running, src + off, len);
@@ -148,6 +411,64 @@ fill_jobs(const Py_buffer *source, Py_buffer *frames, const Py_buffer *jobs, uin
             memcpy(out + at, &c, 8); /* little-endian hosts: the "<Q" of struct */
         }
     }
+}
+
+/* the worker's sha256 of n bytes (the caller's when nothing is pending); 0 on a failure */
+static int
+hash_update(Digest *d, const unsigned char *p, size_t n)
+{
+    if (use_sha_ni) {
+        sha_update(&d->own, p, n);
+        return 1;
+    }
+    return digest_update(d->ctx, p, n) == 1;
+}
+
+/* the region's sha256 and, in the same pass, its range [off, off + len) added to the running
+ * CRC-64 (see the top of the file) */
+static void
+hash_with_crc(Digest *d, const unsigned char *p, size_t n, size_t off, size_t len)
+{
+    const unsigned char *q = p + off;
+    size_t lead, blocks;
+    hash_update(d, p, off);
+    lead = d->own.npart ? 64 - d->own.npart : 0; /* up to a block's start in the hash's stream */
+    if (lead > len)
+        lead = len;
+    hash_update(d, q, lead);
+    d->running_crc = crc_calc(crc_iso, d->running_crc, q, lead);
+    q += lead;
+    len -= lead;
+    blocks = len / 64;
+#ifdef HAVE_SHA_NI_BUILD
+    if (blocks >= 2) {
+        d->running_crc = sha_blocks_crc(&d->own, q, blocks, d->running_crc);
+        d->fused_bytes += 64 * blocks;
+        q += 64 * blocks;
+        len -= 64 * blocks;
+    }
+#endif
+    d->running_crc = crc_calc(crc_iso, d->running_crc, q, len);
+    hash_update(d, q, (size_t)(p + n - q));
+}
+
+/* the fill_frames slot *m* (published) as one job adding a range of region *s* to the running
+ * CRC: its offset in s and its length (0: not such a slot) */
+static size_t
+crc_job_inside(Digest *d, uint64_t m, const Py_buffer *s, size_t *off)
+{
+    const Py_buffer *jobs = &d->jobs[m % NSLOTS], *src = &d->slots[m % NSLOTS];
+    const uint64_t *job = (const uint64_t *)jobs->buf;
+    const unsigned char *start, *region = (const unsigned char *)s->buf;
+    uint64_t len;
+    if (d->frames[m % NSLOTS].obj == NULL || jobs->len != 24 || (job[1] & JOB_KINDS) != ADD_JOB)
+        return 0;
+    start = (const unsigned char *)src->buf + job[0];
+    len = job[1] & ~JOB_KINDS;
+    if (start < region || start + len > region + s->len)
+        return 0;
+    *off = (size_t)(start - region);
+    return (size_t)len;
 }
 
 static void *
@@ -165,11 +486,17 @@ work(void *arg)
         uint64_t p = atomic_load_explicit(&d->published, memory_order_acquire);
         if (n < p) {
             Py_buffer *s = &d->slots[n % NSLOTS];
-            if (d->frames[n % NSLOTS].obj != NULL)
-                fill_jobs(s, &d->frames[n % NSLOTS], &d->jobs[n % NSLOTS], &d->running_crc);
-            else if (!atomic_load_explicit(&d->failed, memory_order_relaxed) &&
-                     digest_update(d->ctx, s->buf, (size_t)s->len) != 1)
+            size_t off, len;
+            if (d->frames[n % NSLOTS].obj != NULL) {
+                if (d->fused_next != n + 1) /* else done with the region before it */
+                    fill_jobs(s, &d->frames[n % NSLOTS], &d->jobs[n % NSLOTS], &d->running_crc);
+            } else if (use_sha_ni && n + 1 < p && (len = crc_job_inside(d, n + 1, s, &off))) {
+                hash_with_crc(d, (const unsigned char *)s->buf, (size_t)s->len, off, len);
+                d->fused_next = n + 2;
+            } else if (!atomic_load_explicit(&d->failed, memory_order_relaxed) &&
+                       !hash_update(d, (const unsigned char *)s->buf, (size_t)s->len)) {
                 atomic_store(&d->failed, 1);
+            }
             n++;
             atomic_store(&d->done, n);
             if (n >= atomic_load(&d->wake_at)) {
@@ -295,6 +622,10 @@ Digest_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (d == NULL)
         return NULL;
     atomic_store(&d->wake_at, UINT64_MAX);
+    if (use_sha_ni) {
+        memcpy(d->own.h, sha_initial, sizeof sha_initial);
+        return (PyObject *)d;
+    }
     d->ctx = md_ctx_new();
     if (d->ctx == NULL || digest_init(d->ctx, sha256_md(), NULL) != 1) {
         Py_DECREF(d);
@@ -334,7 +665,7 @@ Digest_update(Digest *d, PyObject *region)
         if (PyObject_GetBuffer(region, &view, PyBUF_SIMPLE) < 0)
             return NULL;
         if (view.len < INLINE_BELOW) {
-            int ok = digest_update(d->ctx, view.buf, (size_t)view.len) == 1;
+            int ok = hash_update(d, (const unsigned char *)view.buf, (size_t)view.len);
             PyBuffer_Release(&view);
             if (!ok) {
                 atomic_store(&d->failed, 1);
@@ -418,7 +749,9 @@ Digest_fill_frames(Digest *d, PyObject *args)
         uint64_t off = job[3 * i], len = job[3 * i + 1] & ~JOB_KINDS, at = job[3 * i + 2];
         uint64_t kind = job[3 * i + 1] & JOB_KINDS;
         uint64_t wrote = kind == COPY_JOB ? len : kind == ADD_JOB ? 0 : 8;
-        if (kind != 0 && kind != COPY_JOB && kind != ADD_JOB && kind != END_JOB)
+        if (kind == JOIN_JOB)
+            off = len = wrote = 0; /* a CRC and a length: nothing read or written */
+        else if (kind != 0 && kind != COPY_JOB && kind != ADD_JOB && kind != END_JOB)
             wrote = UINT64_MAX; /* two kinds at once: refused */
         if (d->jobs[p % NSLOTS].len % 24 || off > (uint64_t)d->slots[p % NSLOTS].len ||
             len > (uint64_t)d->slots[p % NSLOTS].len - off ||
@@ -447,6 +780,24 @@ Digest_wait_for(Digest *d, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* pending() -> int: the regions and fill_frames slots handed over and not done yet (a caller
+ * that finds the worker behind does some of its work itself) */
+static PyObject *
+Digest_pending(Digest *d, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLongLong(atomic_load(&d->published) - atomic_load(&d->done));
+}
+
+static PyObject *
+Digest_fused_bytes(Digest *d, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t n;
+    if (wait_done(d, atomic_load(&d->published)) < 0) /* the worker's counter: once it is idle */
+        return NULL;
+    n = d->fused_bytes;
+    return PyLong_FromUnsignedLongLong(n);
+}
+
 static PyObject *
 Digest_wait(Digest *d, PyObject *Py_UNUSED(ignored))
 {
@@ -469,7 +820,10 @@ Digest_hexdigest(Digest *d, PyObject *Py_UNUSED(ignored))
         if (wait_done(d, atomic_load(&d->published)) < 0)
             return NULL;
         stop_worker(d);
-        if (digest_final(d->ctx, md, &n) != 1 || n != sizeof(md)) {
+        if (use_sha_ni) {
+            sha_final(&d->own, md);
+            n = sizeof(md);
+        } else if (digest_final(d->ctx, md, &n) != 1 || n != sizeof(md)) {
             PyErr_SetString(PyExc_ValueError, "sha256 final failed in libcrypto");
             return NULL;
         }
@@ -493,7 +847,12 @@ static PyMethodDef Digest_methods[] = {
     {"fill_frames", (PyCFunction)Digest_fill_frames, METH_VARARGS,
      "Jobs (offset, length, at: u64 triples) filling frames from source: bit 63 of length: a "
      "copy; 62: add the range to the running CRC-64; 61: write the running CRC-64 (and reset "
-     "it); none: write the range's CRC-64. Done in order with the regions."},
+     "it); 60: join to the running CRC-64 the CRC-64 in offset of a piece of that length; none: "
+     "write the range's CRC-64. Done in order with the regions."},
+    {"fused_bytes", (PyCFunction)Digest_fused_bytes, METH_NOARGS,
+     "Bytes whose CRC-64 the worker folded in the pass that hashed them (see FUSED)."},
+    {"pending", (PyCFunction)Digest_pending, METH_NOARGS,
+     "The regions and fill_frames slots handed over and not done yet."},
     {"wait_for", (PyCFunction)Digest_wait_for, METH_O,
      "Return once the regions up to a number update returned are hashed."},
     {"wait", (PyCFunction)Digest_wait, METH_NOARGS,
@@ -668,6 +1027,13 @@ PyInit__fastdigest(void)
     lib = loaded_library("/anycrc/crc."); /* an anycrc imported already */
     if (lib != NULL)
         use_anycrc(lib);
+    fill_shift_by();
+#ifdef HAVE_SHA_NI_BUILD
+    /* (the fused CRC also takes anycrc's, for what is not a whole number of blocks: it comes
+     * only with fill_frames' jobs, which are refused where anycrc's is not loaded) */
+    use_sha_ni = cpu_has_sha_ni() && !getenv("GRAPHDRIVER_NO_SHA_NI");
+    crc_fold512 = _mm_set_epi64x((long long)x_power(511), (long long)x_power(575));
+#endif
     if (PyType_Ready(&DigestType) < 0)
         return NULL;
     m = PyModule_Create(&fastdigest_module);
@@ -675,6 +1041,7 @@ PyInit__fastdigest(void)
         return NULL;
     if (PyModule_AddIntConstant(m, "INLINE_BELOW", INLINE_BELOW) < 0 ||
         PyModule_AddIntConstant(m, "CRC", crc_iso != NULL) < 0 ||
+        PyModule_AddIntConstant(m, "FUSED", use_sha_ni) < 0 ||
         PyModule_AddType(m, &DigestType) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -8,8 +8,11 @@ import contextlib
 import gc
 import hashlib
 import io
+import itertools
 import os
 import random
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -280,6 +283,106 @@ def test_native_frame_jobs_in_order_with_the_regions() -> None:
     assert d.hexdigest() == hashlib.sha256(src).hexdigest()
     with pytest.raises(ValueError, match="closed"):
         d.fill_frames(src, frames, jobs)
+
+
+@pytest.mark.skipif(_native is None or not _native.CRC,
+                    reason="_fastdigest (with anycrc) not built")
+def test_a_piece_crc_computed_by_the_caller_joins_the_running_one() -> None:
+    """fill_frames' join job (bit 60: the offset field holds a piece's CRC-64, the length is
+    the piece's): pieces added by the worker and pieces the caller computed, in any order and
+    of any length (empty, first, last), give the CRC-64 of the whole."""
+    import struct
+
+    from graphdriver.archive.crc64 import crc64
+
+    assert _native is not None
+    add, end, join = 1 << 62, 1 << 61, 1 << 60
+    rng = random.Random(60)
+    src = bytearray(rng.randbytes(1 << 20))
+    d = _native.Digest()
+    for trial in range(100):
+        cuts = sorted(rng.sample(range(len(src)), rng.randrange(1, 6)))
+        bounds = [0, *cuts, len(src)] if trial % 2 else [cuts[0], *cuts, cuts[-1]]
+        jobs = b""
+        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+            if (i + trial) % 2:
+                jobs += struct.pack("<QQQ", crc64(src[a:b]), (b - a) | join, 0)
+            else:
+                jobs += struct.pack("<QQQ", a, (b - a) | add, 0)
+        out = bytearray(8)
+        d.wait_for(d.fill_frames(src, out, jobs + struct.pack("<QQQ", 0, end, 0)))
+        assert struct.unpack("<Q", out)[0] == crc64(src[bounds[0] : bounds[-1]]), trial
+    d.close()
+
+
+@pytest.mark.skipif(_native is None or not _native.FUSED or not _native.CRC,
+                    reason="_fastdigest without the SHA extensions (or anycrc)")
+def test_a_crc_job_over_a_region_is_folded_into_its_hash() -> None:
+    """A region, then a fill_frames slot of one job adding a range of it to the running CRC,
+    both waiting while the worker is busy: the worker does them in one pass (fused_bytes), at
+    any offset of the hash's stream and of the region, and the sha256 and the CRC-64 are those
+    of hashlib and anycrc."""
+    import struct
+
+    from graphdriver.archive.crc64 import crc64
+
+    assert _native is not None
+    add, end = 1 << 62, 1 << 61
+    rng = random.Random(64)
+    fused = 0
+    for trial in range(60):
+        d = _native.Digest()
+        busy = rng.randbytes(rng.randrange(1 << 20, 3 << 20))  # the worker hashes it meanwhile
+        lead = rng.randbytes(rng.randrange(0, 130))  # the hash's stream off a block's start
+        src = bytearray(rng.randbytes(rng.randrange(64, 400_000)))
+        a = rng.randrange(0, len(src))
+        b = rng.randrange(a, len(src) + 1)
+        for region in (busy, lead, src):
+            if region:
+                d.update(memoryview(region))
+        frame = bytearray(8)
+        d.fill_frames(src, frame, struct.pack("<QQQ", a, (b - a) | add, 0))
+        d.wait_for(d.fill_frames(src, frame, struct.pack("<QQQ", 0, end, 0)))
+        assert struct.unpack("<Q", frame)[0] == crc64(bytes(src[a:b])), trial
+        fused += d.fused_bytes() > 0
+        assert d.hexdigest() == hashlib.sha256(busy + lead + src).hexdigest(), trial
+    assert fused > 40  # the worker was busy when the two came, most times
+
+
+@pytest.mark.skipif(_native is None or not _native.FUSED or not _native.CRC,
+                    reason="_fastdigest without the SHA extensions (or anycrc)")
+def test_libcrypto_is_used_where_sha_ni_is_refused(tmp_path: Path) -> None:
+    """GRAPHDRIVER_NO_SHA_NI: libcrypto's sha256 (and anycrc's CRC, never fused), as on a CPU
+    without the SHA extensions; the same digests."""
+    script = (
+        "import hashlib, struct\n"
+        "from graphdriver.archive import digest\n"
+        "from graphdriver.archive.crc64 import crc64\n"
+        "assert digest.NATIVE_CRC and not digest.FUSED_CRC\n"
+        "d = digest.BackgroundDigest()\n"
+        "src = bytes(range(256)) * 4099\n"
+        "frame = bytearray(8)\n"
+        "d.update(memoryview(src))\n"
+        "d.wait_for(d.fill_frames(src, frame, struct.pack('<QQQ', 7, (len(src) - 9) | 1 << 62,"
+        " 0) + struct.pack('<QQQ', 0, 1 << 61, 0)))\n"
+        "assert struct.unpack('<Q', frame)[0] == crc64(src[7:-2])\n"
+        "assert d.fused_bytes() == 0\n"
+        "assert d.hexdigest() == hashlib.sha256(src).hexdigest()\n"
+    )
+    env = {**os.environ, "GRAPHDRIVER_NO_SHA_NI": "1"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
+
+
+@pytest.mark.parametrize("worker", _WORKERS)
+def test_pending_counts_what_the_worker_has_not_done(worker: Worker) -> None:
+    """pending: the regions handed over and not done yet (0 once waited for)."""
+    d = worker()
+    big = bytes(8 << 20)
+    seqs = [d.update(memoryview(big)) for _ in range(3)]
+    assert 0 <= d.pending() <= 3
+    d.wait_for(seqs[-1])
+    assert d.pending() == 0
+    d.close()
 
 
 @pytest.mark.skipif(_native is None, reason=_NOT_BUILT)

@@ -529,22 +529,31 @@ def test_tar_split_lines_from_frames_match_the_python_packer(
     assert sum(PACKED) > 0  # the native packer took part
 
 
-@pytest.mark.parametrize(("seed", "later_from"), [(5, 1 << 20), (6, 1 << 20), (7, 600)])
+# the kinds of _fastdigest's fill_frames jobs, as the first job's length bits 63-60 give them
+_ADD, _END, _JOIN = 0b0100, 0b0010, 0b0001
+
+
+@pytest.mark.parametrize(("seed", "later_from", "behind"),
+                         [(5, 1 << 20, 1 << 30), (6, 1 << 20, 1 << 30), (7, 600, 1 << 30),
+                          (8, 1 << 20, -1), (9, 600, -1)])
 def test_crcs_from_the_digest_thread_give_the_same_lines(seed: int, later_from: int,
-                                                         tmp_path: Path,
+                                                         behind: int, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The confined child's recording (a threaded BufferedRecorder into the packer): the native
     runs' frames filled in by the digest thread (fill_frames: header bytes and CRCs, in frames
     the packer thread reads later; the buffer not reused before), and the CRCs of the entries
     the Python code reads from CRC_LATER_FROM bytes on (a file bigger than the buffer; with a
-    small limit, every such entry), give the lines of the reader's own CRCs and of the
-    pure-Python apply, while the reader's buffer laps many times."""
+    small limit, every such entry) -- added up by the digest thread, or (the digest thread
+    behind: _DIGEST_BEHIND -1) computed piece by piece by the reader and joined to the digest
+    thread's -- give the lines of the reader's own CRCs and of the pure-Python apply, while the
+    reader's buffer laps many times."""
     from graphdriver.archive.recframes import BufferedRecorder
     from graphdriver.archive.tarsplit import TarSplitPacker
 
     if not ts.NATIVE_CRC:
         pytest.skip("_fastdigest without anycrc's CRC: the reader computes the CRCs")
     monkeypatch.setattr(ts, "CRC_LATER_FROM", later_from)
+    monkeypatch.setattr(ts, "_DIGEST_BEHIND", behind)
     tail = member("big", random.Random(seed).randbytes(3 * ts.BUFFER_SIZE + 5), mode=0o644)
     data = _files_tar(seed, 400)
     end = len(tarbuild_end())
@@ -554,7 +563,7 @@ def test_crcs_from_the_digest_thread_give_the_same_lines(seed: int, later_from: 
     fill_later = ts.TarReader._fill_later
 
     def counting(self: ts.TarReader, start: int, frames: bytearray, jobs: bytes) -> Any:
-        deferred.append(struct.unpack_from("<QQQ", jobs)[1] >> 61)
+        deferred.append(struct.unpack_from("<QQQ", jobs)[1] >> 60)
         return fill_later(self, start, frames, jobs)
 
     monkeypatch.setattr(ts.TarReader, "_fill_later", counting)
@@ -579,7 +588,8 @@ def test_crcs_from_the_digest_thread_give_the_same_lines(seed: int, later_from: 
         assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
         assert packer.problem is None and packer.missing == 0
         assert (len(deferred) > 10) == (how == "digest thread"), how
-        if deferred:  # pieces of the big file added up, and their CRC written
-            assert 0b010 in deferred and 0b001 in deferred
+        if deferred:  # pieces of the big file added up (or joined), and their CRC written
+            assert (_ADD in deferred) == (behind > 0) and (_JOIN in deferred) == (behind < 0)
+            assert _END in deferred
         outputs.append(out.getvalue())
     assert outputs[0] == outputs[1] == outputs[2]

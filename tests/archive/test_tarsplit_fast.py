@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import io
 import os
+import random
 import shutil
 import subprocess
 import tarfile
@@ -64,6 +65,51 @@ def test_stored_crcs_come_from_the_stream_and_reassemble(store: object, tmp_path
     ed.write_exact_diff(store, "a", out)
     assert hashlib.sha256(out.getvalue()).digest() == hashlib.sha256(tar.read_bytes()).digest()
     assert not (meta / ed.RAW_NAME).exists()
+
+
+def test_big_entries_record_and_reassemble(store: object, tmp_path: Path) -> None:
+    """Entries around and above the reader's buffer (one byte under it, at it, one over, odd
+    sizes, all zeros, the archive's last entry): the confined apply's CRCs (the digest thread's
+    and the reader's, joined when the digest thread is behind), its diffID, the files and the
+    exact re-export."""
+    from graphdriver.archive.tarstream import BUFFER_SIZE
+
+    rng = random.Random(18)
+    blobs = {"b/under": rng.randbytes(BUFFER_SIZE - 1), "b/at": rng.randbytes(BUFFER_SIZE),
+             "b/over": rng.randbytes(BUFFER_SIZE + 1), "b/small": b"xyz",
+             "b/odd": rng.randbytes(2 * BUFFER_SIZE + 511), "b/zeros": bytes(3 << 20),
+             "b/odd2": rng.randbytes(5 * BUFFER_SIZE + 12_345),
+             "last": rng.randbytes(BUFFER_SIZE + 7)}
+    tar = _tar(tmp_path, [("b", None, None), *((n, d, None) for n, d in blobs.items())])
+    store.create("a", None)  # type: ignore[attr-defined]
+    with open(tar, "rb") as f:
+        applied = store.apply_diff_result("a", None, f)  # type: ignore[attr-defined]
+    assert applied.diff_id == "sha256:" + hashlib.sha256(tar.read_bytes()).hexdigest()
+    with store.mounted("a") as m:  # type: ignore[attr-defined]
+        for name, data in blobs.items():
+            assert Path(m, name).read_bytes() == data, name
+    meta = store.meta.dir("a")  # type: ignore[attr-defined]
+    with gzip.open(meta / ts.METADATA_NAME) as g:
+        entries = [ts.decode_entry(x) for x in g.read().splitlines()]
+    crcs = {e.name: e.payload for e in entries if e.type == ts.FILE_TYPE and e.size}
+    assert crcs == {n.encode(): ts.crc_bytes(crc64(d)) for n, d in blobs.items()}
+    out = io.BytesIO()
+    ed.write_exact_diff(store, "a", out)
+    assert out.getvalue() == tar.read_bytes()
+
+
+def test_archive_cut_inside_a_big_entry_is_refused(store: object, tmp_path: Path) -> None:
+    """An input that ends inside a big entry's data (past the reader's buffer): refused as
+    truncated, the layer left empty."""
+    big = os.urandom(5 << 20)
+    tar = _tar(tmp_path, [("a", b"abc", None), ("big", big, None)])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(tar.read_bytes()[: 1536 + (3 << 20) + 1000])
+    store.create("a", None)  # type: ignore[attr-defined]
+    with open(cut, "rb") as f, pytest.raises(InvalidArchive, match="truncated"):
+        store.apply_diff("a", None, f)  # type: ignore[attr-defined]
+    with store.mounted("a") as m:  # type: ignore[attr-defined]
+        assert os.listdir(m) == []
 
 
 def test_file_deleted_later_in_the_archive_is_not_reproducible(store: object,

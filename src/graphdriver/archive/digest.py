@@ -7,9 +7,10 @@ thread of its own: the hash overlaps with parsing and writing.  The caller promi
 overwrite a handed-over region until :meth:`wait` has returned; small regions are hashed inline
 when nothing is pending, which keeps the order.  :meth:`update` returns a number for the region,
 and :meth:`wait_for` of it waits for the regions up to that one only: a reader that reuses the
-front of its buffer waits for that part, not for the whole buffer.  :meth:`hexdigest` stops the
-thread, as :meth:`close` does (without waiting) and as dropping the digest does; an error of the
-hash is raised by the next wait.
+front of its buffer waits for that part, not for the whole buffer; :meth:`pending` says how
+many are still to do (a reader that finds the worker behind does some of its work itself).
+:meth:`hexdigest` stops the thread, as :meth:`close` does (without waiting) and as dropping the
+digest does; an error of the hash is raised by the next wait.
 
 Two workers keep that contract: ``_fastdigest.Digest`` (optional, compiled), a native thread
 that never takes the GIL, hashing with the libcrypto ``_hashlib`` loaded, handed regions through
@@ -23,6 +24,9 @@ The native worker also fills in the tar-split frames of the native apply's runs
 (``fill_frames``, :data:`NATIVE_CRC`): their header bytes copied and their files' CRC-64s
 computed beside the sha256, on bytes it has just hashed, rather than on the reader's thread; with
 anycrc's CRC (so :mod:`.crc64` is imported first: it hands _fastdigest anycrc's extension).
+On a CPU with the SHA extensions (:data:`FUSED_CRC`) its sha256 is its own, which folds a big
+file's CRC-64 into the pass that hashes the same bytes (``GRAPHDRIVER_NO_SHA_NI`` set, non-empty:
+libcrypto's sha256 and anycrc's CRC instead, as on other CPUs).
 
 Owns the diffID hashing thread.  Imports only :mod:`.native` and :mod:`.crc64` of graphdriver
 (a leaf otherwise); never typing at run time, nor hashlib, threading or weakref where the
@@ -93,6 +97,11 @@ class ThreadDigest:
                     self._cond.wait()
         if self._error is not None:
             raise self._error
+
+    def pending(self) -> int:
+        """The regions handed over and not hashed yet (the worker is behind when they are
+        many)."""
+        return self._pending
 
     def wait(self) -> None:
         """Return once every region handed over so far has been hashed (they may be reused)."""
@@ -176,6 +185,9 @@ BackgroundDigest: type[ThreadDigest] | type[_NativeDigest] = (
 #: whether BackgroundDigest also fills in the native apply's tar-split frames (``fill_frames``:
 #: header bytes and payload CRC-64s, anycrc's, loaded before this module)
 NATIVE_CRC = _fastdigest is not None and bool(_fastdigest.CRC)
+#: whether it folds a big file's CRC-64 in the pass that hashes its bytes (SHA-NI): that CRC
+#: then costs nothing where it is computed, and the reader leaves it there
+FUSED_CRC = NATIVE_CRC and bool(_fastdigest.FUSED)  # type: ignore[union-attr]
 
 
 def warm_up() -> None:

@@ -39,7 +39,7 @@ import zlib
 from ..errors import InvalidArchive
 from .buffers import aligned_buffer
 from .crc64 import crc64
-from .digest import NATIVE_CRC, BackgroundDigest
+from .digest import FUSED_CRC, NATIVE_CRC, BackgroundDigest
 from .native import native_module
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
@@ -65,10 +65,16 @@ BUFFER_SIZE = 1 << 20
 #: an entry of this much data or more (that the Python code reads: bigger than the buffer) has
 #: its CRC computed by the digest thread, piece by piece, when the recorder takes frames later
 CRC_LATER_FROM = 1 << 20
-# a job of _fastdigest's fill_frames: offset, length (with a kind: bits 62, 61), where to write
+# a job of _fastdigest's fill_frames: offset, length (with a kind: bits 62, 61, 60), where to write
 _CRC_END = struct.Struct("<QQQ")
 _ADD_JOB = 1 << 62
 _END_JOB = 1 << 61
+_JOIN_JOB = 1 << 60
+#: a big entry's piece has its CRC computed by the reader (then joined to the digest thread's)
+#: when the digest thread has more than this many slots to do: it is the slower one (the sha256
+#: of a region takes ~8 times its CRC), and the reader would soon wait for it -- unless the
+#: digest thread folds that CRC into its sha256's pass (FUSED_CRC: there it costs nothing)
+_DIGEST_BEHIND = (1 << 62) if FUSED_CRC else 3
 # One read.  Small enough that what was read is still in the CPU's cache when it is parsed,
 # hashed and written (a 256 KiB readv from the page cache is ~2.5x faster per byte than 1 MiB
 # here); a quarter of the buffer, so the digest thread hashes a region while the next is read.
@@ -703,12 +709,19 @@ class TarReader:
 
     def _checksum(self, start: int, n: int) -> None:
         """The current entry's data at ``buffer[start:start + n]`` goes into its CRC: now, or
-        (a big entry, for a recorder that takes frames later) by the digest thread."""
+        (a big entry, for a recorder that takes frames later) by the digest thread -- unless it
+        is behind (the sha256 is the slower half of an apply of big files): the reader then
+        computes the piece's CRC, which the digest thread joins to its running one (where the
+        digest thread's CRC is free, _DIGEST_BEHIND is never reached)."""
         frame = self._crc_frame
         if frame is None:
             self._crc = self._crcf(self._mv[start : start + n], self._crc)  # type: ignore[misc]
         elif n:
-            self._fill_later(start, frame, _CRC_END.pack(start, n | _ADD_JOB, 0))
+            if self._digest.pending() > _DIGEST_BEHIND:  # type: ignore[union-attr]  # not None
+                crc = self._crcf(self._mv[start : start + n], 0)  # type: ignore[misc]
+                self._fill_later(start, frame, _CRC_END.pack(crc, n | _JOIN_JOB, 0))
+            else:
+                self._fill_later(start, frame, _CRC_END.pack(start, n | _ADD_JOB, 0))
 
     def can_apply_files(self) -> bool:
         """Whether :meth:`apply_files` can work here: the native helper is built, and the
