@@ -90,6 +90,8 @@ def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLik
     if problem is None and packed is not None and packed.compressed and not packed.missing:
         if isinstance(packed, PackedElsewhere):
             why = packed.verify(-1)
+            log.debug("layer %s: the recorded files were %s", layer_id,
+                      "checked after the apply" if packed.checked else "vouched for by the apply")
         else:
             root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:

@@ -540,14 +540,16 @@ class TarSplitPacker:
         (None: it does).  Call once the apply is done."""
         return verify_packed(root_fd, self)
 
-    def summary(self, root_fd: int) -> dict[str, Any]:
+    def summary(self, root_fd: int, vouched: bool = False) -> dict[str, Any]:
         """What :func:`graphdriver.exactdiff.finish_layer_recording` needs of a closed packer
         that ran elsewhere (the confined child), JSON-able; the recorded files are checked here
-        (beneath *root_fd*) when the lines are final."""
-        complete = self.problem is None and not self.missing and self.compressed
+        (beneath *root_fd*) when the lines are final, unless the apply *vouched* for them (it
+        proved by construction that the check would pass: ``ApplyResult.vouched``).
+        ``checked`` says whether the check ran."""
+        checked = self.problem is None and not self.missing and self.compressed and not vouched
         return {"problem": self.problem, "missing": self.missing, "lines": self._pos,
-                "compressed": self.compressed,
-                "unverified": self.verify(root_fd) if complete else None}
+                "compressed": self.compressed, "checked": checked,
+                "unverified": self.verify(root_fd) if checked else None}
 
     def file_done(self, crc64: int) -> None:
         """The CRC-64 of the current file entry's whole data (from the tar reader)."""
@@ -663,6 +665,8 @@ class PackedElsewhere:
         self.missing = int(summary["missing"])
         self.lines = int(summary["lines"])
         self.compressed = bool(summary["compressed"])
+        #: whether the child checked the recorded files (False: the apply vouched for them)
+        self.checked = bool(summary.get("checked", True))
         self._unverified: str | None = summary["unverified"]
 
     def verify(self, root_fd: int) -> str | None:
