@@ -99,10 +99,9 @@ def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLik
             finally:
                 os.close(root_fd)
         if why is None:
+            # no marker to remove: there was none (problem would say so), the lock is held
             os.fsync(raw_fd)
             os.replace(meta_dir / RAW_NAME, out_path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(meta_dir / UNREPRODUCIBLE_NAME)
             rec = Recording(True)
         elif resolve is not None and isinstance(packed, PackedElsewhere):
             # the child checked the names as written: look again as this store spells them
