@@ -72,8 +72,9 @@ def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLik
     *packer* is the (closed) packer, or the summary of the one the confined child ran
     (:meth:`TarSplitPacker.summary`, ``ApplyResult.recording``), or None when the apply packed
     nothing.  When it got every CRC, the raw file is already the final metadata: the applied
-    files are only checked (one stat each; by the child, for its packer) and the file is renamed
-    into place.  Otherwise the lines are re-read and missing CRCs computed from the files.
+    files are only checked (one stat each; by the child, for its packer, unless the apply
+    vouched for them) and the file is renamed into place.  Otherwise the lines are re-read and
+    missing CRCs computed from the files.
     """
     packed: TarSplitPacker | PackedElsewhere | None = (
         PackedElsewhere(packer) if isinstance(packer, dict) else packer)

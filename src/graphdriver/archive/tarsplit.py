@@ -20,7 +20,9 @@ finished file is then renamed into place (graphdriver.exactdiff), with no second
 When a recorder is never told a CRC, the entry is written with a ``null`` payload and
 :func:`finalize_recording` computes the CRCs from the files as the apply left them — the very
 files :func:`assemble` reads back later.  Either way every file entry with data is checked
-against the applied layer (a regular file of that size, not the same file as another entry).
+against the applied layer (a regular file of that size, not the same file as another entry),
+unless the apply vouches for them (``ApplyResult.vouched``: it only created, on an empty target,
+so the check provably passes; :meth:`TarSplitPacker.summary` then skips it).
 A store whose names are matched as another filesystem matches them (windowsfilter: NTFS, regardless
 of case) hands the check a :data:`Resolver`, which finds a recorded name the layer spells
 otherwise; the recorded name stays as it was (the diff getter resolves it the same way).
