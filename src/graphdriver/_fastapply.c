@@ -583,7 +583,10 @@ static PyObject *create_file(PyObject *self, PyObject *args)
  *
  * The first entry that is not of this kind, or whose create finds something in the way (EEXIST:
  * a directory that exists, a replaced file) or fails at all, stops the run untouched: the Python
- * code takes it from there.
+ * code takes it from there.  So the loop only ever creates, never removes, renames, truncates or
+ * writes through a path that was there: apply.py's _Applier.vouched (the proof that the
+ * recorded files need no check after the apply) relies on it, and leaves the flag as it is
+ * across a run.  Whatever this loop learns to do over an existing path must end the run there.
  *
  * seg is None (no recorder), or the bytes the recorder still has to get before this run's first
  * header: the tar-split frames of the PipeRecorder (archive/recframes.py) are then built here, in

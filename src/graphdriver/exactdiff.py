@@ -71,8 +71,9 @@ def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLik
     *packer* is the (closed) packer, or the summary of the one the confined child ran
     (:meth:`TarSplitPacker.summary`, ``ApplyResult.recording``), or None when the apply packed
     nothing.  When it got every CRC, the raw file is already the final metadata: the applied
-    files are only checked (one stat each; by the child, for its packer) and the file is renamed
-    into place.  Otherwise the lines are re-read and missing CRCs computed from the files.
+    files are only checked (one stat each; by the child, for its packer, unless the apply
+    vouched for them) and the file is renamed into place.  Otherwise the lines are re-read and
+    missing CRCs computed from the files.
     """
     packed: TarSplitPacker | PackedElsewhere | None = (
         PackedElsewhere(packer) if isinstance(packer, dict) else packer)
@@ -89,6 +90,8 @@ def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLik
     if problem is None and packed is not None and packed.compressed and not packed.missing:
         if isinstance(packed, PackedElsewhere):
             why = packed.verify(-1)
+            log.debug("layer %s: the recorded files were %s", layer_id,
+                      "checked after the apply" if packed.checked else "vouched for by the apply")
         else:
             root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -96,10 +99,9 @@ def finish_layer_recording(meta_dir: Path, raw_fd: int, target: str | os.PathLik
             finally:
                 os.close(root_fd)
         if why is None:
+            # no marker to remove: there was none (problem would say so), the lock is held
             os.fsync(raw_fd)
             os.replace(meta_dir / RAW_NAME, out_path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(meta_dir / UNREPRODUCIBLE_NAME)
             rec = Recording(True)
         elif resolve is not None and isinstance(packed, PackedElsewhere):
             # the child checked the names as written: look again as this store spells them

@@ -226,6 +226,15 @@ class _Applier:
         self.root_uid, self.root_gid = opts.idmap.root_pair()
         with os.scandir(root_fd) as it:
             self.empty_start = next(iter(it), None) is None
+        # Whether this apply can vouch for the files it wrote: proof by construction that each
+        # regular file with data is, at the apply's end, where its entry named it, a regular
+        # file of the entry's size and no other entry's file -- what the check after an apply
+        # (tarsplit.verify_packed) would otherwise stat each recorded file for.  It holds while
+        # every entry is a create that met nothing in the way, on a target that was empty; the
+        # first entry that is anything else (see _entry) and every removal (_remove) end it,
+        # for good.  The native loop (_fastapply.files) only ever creates (O_EXCL, mkdirat,
+        # symlinkat, linkat: what is in the way stops it) and leaves it as it is.
+        self.vouched = self.empty_start
         self.root_meta = _read_meta(root_fd)
         # logical dir path -> (fd, real path, setgid)
         self.cache: dict[str, tuple[int, str, bool]] = {
@@ -542,6 +551,7 @@ class _Applier:
 
     # ---- removal -------------------------------------------------------------------------------
     def _remove(self, pfd: int, preal: str, base: str, st: os.stat_result | None = None) -> None:
+        self.vouched = False  # whatever goes may be (or hold) a file this apply wrote
         real = _join(preal, base)
         if st is None:
             try:
@@ -799,7 +809,9 @@ class _Applier:
                                  f"filesystem it is applied to ({self.fs_size} bytes)")
 
     def _regular(self, reader: TarReader, e: TarEntry, pfd: int, preal: str, sgid: bool,
-                 base: str) -> None:
+                 base: str) -> bool:
+        """A regular file; True when it was created anew with all its data (nothing in the
+        way, not sparse: see ``vouched``)."""
         mode = e.mode
         if e.sparse is not None:
             self._check_sparse_size(e)
@@ -807,14 +819,15 @@ class _Applier:
         if create is not None and e.sparse is None and not e.xattrs:
             data = reader.take_buffered() if e.data_size else b""
             if data is not None:
-                self._regular_native(create, e, data, pfd, preal, sgid, base)
-                return
+                return self._regular_native(create, e, data, pfd, preal, sgid, base)
         self._clear_for_new(pfd, preal, base)
+        fresh = e.sparse is None
         try:
             fd = os.open(base, _FILE_FLAGS, mode & 0o777, dir_fd=pfd)
         except FileExistsError:
             self._make_room(pfd, preal, base, False)
             fd = os.open(base, _FILE_FLAGS, mode & 0o777, dir_fd=pfd)
+            fresh = False
         try:
             real = f"{preal}/{base}" if preal else base
             self._note_new(preal, real)
@@ -844,10 +857,11 @@ class _Applier:
             os.utime(fd, ns=((at if at is not None and at >= mt else mt), mt))
         finally:
             os.close(fd)
+        return fresh
 
     def _regular_native(self, create: Callable[..., tuple[int, str] | None], e: TarEntry,
                         data: memoryview | bytes, pfd: int, preal: str, sgid: bool,
-                        base: str) -> None:
+                        base: str) -> bool:
         """_regular's steps in one native call (the data is in the reader's buffer)."""
         mode = e.mode
         uid, gid = (e.uid, e.gid) if self.identity else self._ids(e)
@@ -857,11 +871,13 @@ class _Applier:
                 mode if mode & 0o7000 or mode & self.umask else -1,
                 at if at is not None and at >= mt else mt, mt)
         self._clear_for_new(pfd, preal, base)
+        fresh = True
         try:
             failed = create(pfd, base, *args)
         except FileExistsError:
             self._make_room(pfd, preal, base, False)
             failed = create(pfd, base, *args)
+            fresh = False
         real = f"{preal}/{base}" if preal else base
         self._note_new(preal, real)
         self.size += e.size
@@ -871,9 +887,12 @@ class _Applier:
             if step == "chown":
                 self._soft_fail(f"chown {e.name!r}", exc)
             raise exc
+        return fresh
 
     def _directory(self, e: TarEntry, parent: str, pfd: int, preal: str, sgid: bool,
-                   base: str) -> None:
+                   base: str) -> bool:
+        """A directory; True when it was created anew, or merged into one that was there
+        (which moves no file), and made no file's way opaque."""
         real = _join(preal, base)
         mode = e.mode
         mkmode = mode & 0o777 if self.is_root else (mode & 0o777) | 0o700
@@ -887,6 +906,7 @@ class _Applier:
             except FileNotFoundError:
                 pass
         self._touch_dir(preal)  # before the parent's times change: a rollback restores them
+        fresh = not replaces_whiteout
         try:
             os.mkdir(base, mkmode, dir_fd=pfd)
             created = True
@@ -896,6 +916,7 @@ class _Applier:
             else:
                 os.mkdir(base, mkmode, dir_fd=pfd)
                 created = True
+                fresh = False  # over what was removed
         if created:
             self._note_new(preal, real)
         else:
@@ -916,6 +937,7 @@ class _Applier:
             self.whiteouts.mark_opaque(hit[0])
         # new files inherit the group of a setgid directory: remember the bit as it is now
         self.cache[key] = (hit[0], hit[1], bool(e.mode & stat.S_ISGID))
+        return fresh
 
     def _dir_meta(self, e: TarEntry, dfd: int, real: str, created: bool, sgid: bool) -> None:
         if not created:
@@ -959,13 +981,16 @@ class _Applier:
         self.merged_meta.add(real)
         self._log(("meta", real, _read_meta(dfd)))
 
-    def _symlink(self, e: TarEntry, pfd: int, preal: str, sgid: bool, base: str) -> None:
+    def _symlink(self, e: TarEntry, pfd: int, preal: str, sgid: bool, base: str) -> bool:
+        """A symlink; True when it was created with nothing in the way."""
         self._clear_for_new(pfd, preal, base)
+        fresh = True
         try:
             os.symlink(e.linkname, base, dir_fd=pfd)
         except FileExistsError:
             self._make_room(pfd, preal, base, False)
             os.symlink(e.linkname, base, dir_fd=pfd)
+            fresh = False
         real = _join(preal, base)
         self._note_new(preal, real)
         self.archive_links.add(real)
@@ -973,8 +998,11 @@ class _Applier:
         self._chown_path(pfd, base, uid, gid, sgid, e)
         self._set_xattrs_path(pfd, base, e)
         os.utime(base, ns=self._times(e), dir_fd=pfd, follow_symlinks=False)
+        return fresh
 
-    def _node(self, e: TarEntry, pfd: int, preal: str, sgid: bool, base: str) -> None:
+    def _node(self, e: TarEntry, pfd: int, preal: str, sgid: bool, base: str) -> bool:
+        """A device node or a FIFO; True when it was created with nothing in the way (or,
+        not root, skipped: nothing was touched)."""
         if e.type == ts.FIFO:
             kind = stat.S_IFIFO
             dev = 0
@@ -996,7 +1024,7 @@ class _Applier:
                 self._make_room(pfd, preal, base, False)
             except PermissionError as exc:
                 self._soft_fail(f"create device {e.name!r}", exc)
-                return
+                return not attempt
         self._note_new(preal, _join(preal, base))
         uid, gid = self._ids(e)
         self._chown_path(pfd, base, uid, gid, sgid, e)
@@ -1004,8 +1032,13 @@ class _Applier:
             os.chmod(base, e.mode, dir_fd=pfd)
         self._set_xattrs_path(pfd, base, e)
         os.utime(base, ns=self._times(e), dir_fd=pfd, follow_symlinks=False)
+        return not attempt
 
-    def _hardlink(self, e: TarEntry, pfd: int, preal: str, base: str) -> None:
+    def _hardlink(self, e: TarEntry, pfd: int, preal: str, base: str) -> bool:
+        """A hard link; True when it is a new name for a file of this layer's own, made with
+        nothing in the way (a link changes no existing name, type or size, and its entry has
+        no data: it is not among the files the check looks at)."""
+        fresh = True
         raw = e.raw_linkname
         target = ts.clean_name(raw)
         if not target or target == ".." or target.startswith("../"):
@@ -1016,14 +1049,15 @@ class _Applier:
                 raise InvalidArchive(f"hard link {e.name!r} to unknown AUFS link {target!r}")
             src_fd = self._scratch_fd()
             src_base = aside
+            fresh = False
         else:
             if target == e.name:  # moby's link(2) onto the removed path fails: refuse it too
                 raise InvalidArchive(f"hard link {e.name!r} names itself")
             tparent, _, tbase = target.rpartition("/")
             if tparent.split("/", 1)[0] == self.scratch or target == self.scratch:
                 raise UnsafeArchive(f"hard link {e.name!r} points into the scratch directory")
-            if self.lowers is not None:
-                self._copy_up_link_target(target, e.name)
+            if self.lowers is not None and self._copy_up_link_target(target, e.name):
+                fresh = False
             hit = self._dir(tparent, False, e.name)
             if hit is None:
                 raise InvalidArchive(f"hard link {e.name!r}: target {target!r} does not exist")
@@ -1037,20 +1071,22 @@ class _Applier:
                 if attempt:
                     raise
                 self._make_room(pfd, preal, base, False)
+                fresh = False
             except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
                 raise InvalidArchive(
                     f"hard link {e.name!r} to {target!r}: {exc.strerror}"
                 ) from exc
         self._note_new(preal, _join(preal, base))
+        return fresh
 
-    def _copy_up_link_target(self, target: str, name: str) -> None:
+    def _copy_up_link_target(self, target: str, name: str) -> bool:
         """A hard link to a file of the layers below: as overlayfs copies a file up before it
         links to it, the file is copied into this layer first, so that the link and its target
-        are one file in the merged view (as in one tree)."""
+        are one file in the merged view (as in one tree).  True when it did."""
         assert self.lowers is not None
         shown = self._lower_shows(target)
         if shown is None or not stat.S_ISREG(shown.st_mode):
-            return  # this layer's own, or nothing to link to: the link decides
+            return False  # this layer's own, or nothing to link to: the link decides
         found = self.lowers.find(target)
         assert found is not None
         st, layer_fd = found
@@ -1081,6 +1117,7 @@ class _Applier:
         finally:
             os.close(src)
         self.copied_up.add(_join(preal, tbase))
+        return True
 
     def _plnk_file(self, reader: TarReader, e: TarEntry) -> None:
         """Regular files under /.wh..wh.plnk are extracted aside to serve as link targets."""
@@ -1177,7 +1214,18 @@ class _Applier:
                 return next_progress
 
     def _entry(self, reader: TarReader, e: TarEntry, regular: frozenset[bytes]) -> None:
-        """Apply one entry (with the signal gate closed: see _SignalGate)."""
+        """Apply one entry (with the signal gate closed: see _SignalGate); the apply no longer
+        vouches for its files (``vouched``) unless the entry was a plain create: one of the
+        kinds :meth:`_apply_entry` says True for, under the name the archive gives it (which
+        is where the check looks), with data only when it is a regular file."""
+        fresh = self._apply_entry(reader, e, regular)
+        if fresh is not True or (e.data_size and e.type not in regular) \
+                or not _plain_name(e):
+            self.vouched = False
+
+    def _apply_entry(self, reader: TarReader, e: TarEntry, regular: frozenset[bytes]) -> bool:
+        """Apply one entry; True only when it was a create that met nothing in the way (see
+        the handlers): any other outcome, a path that returns nothing included, is not."""
         if self.graveyard:
             self._bury()
         name = e.name
@@ -1193,20 +1241,20 @@ class _Applier:
             self._check_ids(e)
             self._dir_meta(e, self.root_fd, "", False, False)
             self.cache[""] = (self.root_fd, "", bool(e.mode & stat.S_ISGID))
-            return
+            return True  # the root's own metadata: no file moves
         if name.startswith(self.scratch) and name.split("/", 1)[0] == self.scratch:
             raise UnsafeArchive(f"{name!r} names the apply's scratch directory")
         if name.startswith(WHITEOUT_META_PREFIX) and name != WHITEOUT_OPAQUE:
             # AUFS metadata at the top; plnk files are kept aside as hard link targets
             if name.startswith(_PLNK_PREFIX) and e.type in regular:
                 self._plnk_file(reader, e)
-            return
+            return False  # recorded, but not put where it is named
         if base.startswith(WHITEOUT_PREFIX):
             if base == WHITEOUT_OPAQUE:
                 self._opaque(parent, name)
             else:
                 self._whiteout(parent, base[len(WHITEOUT_PREFIX):], name)
-            return
+            return False
         if e.xattrs:
             self._check_xattrs(e)
         self._check_ids(e)
@@ -1217,19 +1265,18 @@ class _Applier:
         pfd, preal, sgid = hit
         typ = e.type
         if typ in regular:
-            self._regular(reader, e, pfd, preal, sgid, base)
-        elif typ == ts.DIRECTORY:
-            self._directory(e, parent, pfd, preal, sgid, base)
-        elif typ == ts.SYMLINK:
-            self._symlink(e, pfd, preal, sgid, base)
-        elif typ == ts.HARDLINK:
-            self._hardlink(e, pfd, preal, base)
-        elif typ in (ts.CHARDEV, ts.BLOCKDEV, ts.FIFO):
-            self._node(e, pfd, preal, sgid, base)
-        elif typ == b"V":
-            return
-        else:
-            raise InvalidArchive(f"{name!r} has unsupported entry type {typ!r}")
+            return self._regular(reader, e, pfd, preal, sgid, base)
+        if typ == ts.DIRECTORY:
+            return self._directory(e, parent, pfd, preal, sgid, base)
+        if typ == ts.SYMLINK:
+            return self._symlink(e, pfd, preal, sgid, base)
+        if typ == ts.HARDLINK:
+            return self._hardlink(e, pfd, preal, base)
+        if typ in (ts.CHARDEV, ts.BLOCKDEV, ts.FIFO):
+            return self._node(e, pfd, preal, sgid, base)
+        if typ == b"V":
+            return False  # skipped: a volume label's data (if any) lands nowhere
+        raise InvalidArchive(f"{name!r} has unsupported entry type {typ!r}")
 
     def finish(self) -> None:
         """Success: directory times (deepest last-seen first), scratch dir gone, fds closed."""
@@ -1313,6 +1360,19 @@ class _Applier:
             except OSError:
                 pass
         _write_meta(self.root_fd, self.root_meta)
+
+
+def _plain_name(e: TarEntry) -> bool:
+    """Whether the archive's own name of *e* (one leading ``./`` and a directory's trailing
+    ``/`` aside) is the path the apply used: no ``.``, ``..`` or empty component that
+    cleaning took away, so that the check after the apply, which looks a recorded name up as
+    the archive spells it, would find the very path the apply created."""
+    raw = e.raw_name
+    if raw.startswith(b"./"):
+        raw = raw[2:]
+    if raw.endswith(b"/") and e.type == ts.DIRECTORY:
+        raw = raw[:-1]
+    return raw.decode("utf-8", "surrogateescape") == e.name
 
 
 def _undo_step(root_fd: int, scratch_fd: int | None, step: tuple[object, ...]) -> None:
@@ -1529,7 +1589,7 @@ def apply_reader(reader: TarReader, root_fd: int, opts: ApplyOptions) -> ApplyRe
             # a path, link target or xattr name from a PAX record holding a NUL
             raise InvalidArchive("invalid tar: a name in the archive holds a NUL byte") from exc
         raise
-    return ApplyResult(applier.size, reader.diff_id)
+    return ApplyResult(applier.size, reader.diff_id, vouched=applier.vouched)
 
 
 def apply_tar(

@@ -176,14 +176,16 @@ def open_child_packer(ctx: ChildContext) -> TarSplitPacker | None:
                           spill_dir_fd=ctx.target_fd)
 
 
-def packer_summary(packer: TarSplitPacker | None, ctx: ChildContext) -> dict[str, Any]:
+def packer_summary(packer: TarSplitPacker | None, ctx: ChildContext,
+                   vouched: bool = False) -> dict[str, Any]:
     """The result's ``recording`` entry for :func:`open_child_packer`'s packer (closed here,
-    once the job's work is done: the applied files are checked against what it recorded)."""
+    once the job's work is done: the applied files are checked against what it recorded,
+    unless the apply *vouched* for them: ``ApplyResult.vouched``)."""
     if packer is None:
         return {}
     packer.close()
     try:
-        return {"recording": packer.summary(ctx.target_fd)}
+        return {"recording": packer.summary(ctx.target_fd, vouched)}
     finally:
         packer.release()
 
@@ -212,6 +214,7 @@ def apply_job(ctx: ChildContext) -> JobBody:
         result = apply_mod.apply_reader(reader, ctx.target_fd, opts)
         if isinstance(recorder, BufferedRecorder):
             recorder.close()
-        return {"size": result.size, "diff_id": result.diff_id, **packer_summary(packer, ctx)}
+        return {"size": result.size, "diff_id": result.diff_id,
+                **packer_summary(packer, ctx, result.vouched)}
 
     return body

@@ -93,15 +93,19 @@ class ApplyResult:
     """What an apply did: ``size`` (bytes of regular-file data applied, moby's ApplyDiff return
     value) and ``diff_id`` ("sha256:<hex>" of the uncompressed stream); ``recording``: the
     summary of the tar-split packer the confined child ran (``ApplyOptions.packer_fd``; see
-    ``TarSplitPacker.summary``), else None.  Equality is (size, diff_id)."""
+    ``TarSplitPacker.summary``), else None; ``vouched``: the apply proves by construction that
+    every regular file it wrote is where its entry named it, as written (it only created, on an
+    empty target: see ``apply._Applier.vouched``), so the check of the recorded files after it
+    is redundant.  Equality is (size, diff_id)."""
 
-    __slots__ = ("diff_id", "recording", "size")
+    __slots__ = ("diff_id", "recording", "size", "vouched")
 
     def __init__(self, size: int, diff_id: str,
-                 recording: dict[str, Any] | None = None) -> None:
+                 recording: dict[str, Any] | None = None, vouched: bool = False) -> None:
         self.size = size
         self.diff_id = diff_id
         self.recording = recording
+        self.vouched = vouched
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:

@@ -20,7 +20,9 @@ finished file is then renamed into place (graphdriver.exactdiff), with no second
 When a recorder is never told a CRC, the entry is written with a ``null`` payload and
 :func:`finalize_recording` computes the CRCs from the files as the apply left them — the very
 files :func:`assemble` reads back later.  Either way every file entry with data is checked
-against the applied layer (a regular file of that size, not the same file as another entry).
+against the applied layer (a regular file of that size, not the same file as another entry),
+unless the apply vouches for them (``ApplyResult.vouched``: it only created, on an empty target,
+so the check provably passes; :meth:`TarSplitPacker.summary` then skips it).
 A store whose names are matched as another filesystem matches them (windowsfilter: NTFS, regardless
 of case) hands the check a :data:`Resolver`, which finds a recorded name the layer spells
 otherwise; the recorded name stays as it was (the diff getter resolves it the same way).
@@ -546,14 +548,16 @@ class TarSplitPacker:
         (None: it does).  Call once the apply is done."""
         return verify_packed(root_fd, self)
 
-    def summary(self, root_fd: int) -> dict[str, Any]:
+    def summary(self, root_fd: int, vouched: bool = False) -> dict[str, Any]:
         """What :func:`graphdriver.exactdiff.finish_layer_recording` needs of a closed packer
         that ran elsewhere (the confined child), JSON-able; the recorded files are checked here
-        (beneath *root_fd*) when the lines are final."""
-        complete = self.problem is None and not self.missing and self.compressed
+        (beneath *root_fd*) when the lines are final, unless the apply *vouched* for them (it
+        proved by construction that the check would pass: ``ApplyResult.vouched``).
+        ``checked`` says whether the check ran."""
+        checked = self.problem is None and not self.missing and self.compressed and not vouched
         return {"problem": self.problem, "missing": self.missing, "lines": self._pos,
-                "compressed": self.compressed,
-                "unverified": self.verify(root_fd) if complete else None}
+                "compressed": self.compressed, "checked": checked,
+                "unverified": self.verify(root_fd) if checked else None}
 
     def file_done(self, crc64: int) -> None:
         """The CRC-64 of the current file entry's whole data (from the tar reader)."""
@@ -669,6 +673,8 @@ class PackedElsewhere:
         self.missing = int(summary["missing"])
         self.lines = int(summary["lines"])
         self.compressed = bool(summary["compressed"])
+        #: whether the child checked the recorded files (False: the apply vouched for them)
+        self.checked = bool(summary.get("checked", True))
         self._unverified: str | None = summary["unverified"]
 
     def verify(self, root_fd: int) -> str | None:
