@@ -1866,9 +1866,12 @@ static int cb_str(struct cbuf *b, const char *s)
 
 static int cb_num(struct cbuf *b, unsigned long long v)
 {
-    char tmp[24];
-    int n = snprintf(tmp, sizeof(tmp), "%llu", v);
-    return cb_put(b, tmp, (size_t)n);
+    char tmp[24], *d = tmp + sizeof(tmp);
+    do { /* (snprintf cost a tenth of the packer's thread: a number on every line) */
+        *--d = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return cb_put(b, d, (size_t)(tmp + sizeof(tmp) - d));
 }
 
 static int cb_b64(struct cbuf *b, const unsigned char *p, size_t n)
@@ -1878,7 +1881,18 @@ static int cb_b64(struct cbuf *b, const unsigned char *p, size_t n)
     if (cb_reserve(b, need) < 0)
         return -1;
     d = b->p + b->used;
-    for (i = 0; i + 3 <= n; i += 3) {
+    /* 6 bytes at a time from one 8-byte load (its top 48 bits, big-endian): 4 pairs */
+    for (i = 0; i + 8 <= n; i += 6) {
+        uint64_t v;
+        memcpy(&v, p + i, 8);
+        v = __builtin_bswap64(v);
+        memcpy(d, b64pairs[v >> 52], 2);
+        memcpy(d + 2, b64pairs[(v >> 40) & 0xFFF], 2);
+        memcpy(d + 4, b64pairs[(v >> 28) & 0xFFF], 2);
+        memcpy(d + 6, b64pairs[(v >> 16) & 0xFFF], 2);
+        d += 8;
+    }
+    for (; i + 3 <= n; i += 3) {
         unsigned v = ((unsigned)p[i] << 16) | ((unsigned)p[i + 1] << 8) | p[i + 2];
         memcpy(d, b64pairs[v >> 12], 2);
         memcpy(d + 2, b64pairs[v & 0xFFF], 2);
