@@ -529,6 +529,23 @@ def test_tar_split_lines_from_frames_match_the_python_packer(
     assert sum(PACKED) > 0  # the native packer took part
 
 
+def _recorded_apply(data: bytes, target: Path, packer: Any, rec: Any) -> None:
+    """Apply *data* onto *target* (made here) recording into *rec*, then close it (when it is
+    not the *packer* itself) and the packer; the diffID is the data's, the recording whole."""
+    target.mkdir()
+    root = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        result = apply_reader(ts.TarReader(io.BytesIO(data), rec), root,
+                              ApplyOptions(recorder=rec))
+        if rec is not packer:
+            rec.close()
+        packer.close()
+    finally:
+        os.close(root)
+    assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert packer.problem is None and packer.missing == 0
+
+
 @pytest.mark.parametrize(("seed", "later_from"), [(5, 1 << 20), (6, 1 << 20), (7, 600)])
 def test_crcs_from_the_digest_thread_give_the_same_lines(seed: int, later_from: int,
                                                          tmp_path: Path,
@@ -563,21 +580,10 @@ def test_crcs_from_the_digest_thread_give_the_same_lines(seed: int, later_from: 
         deferred.clear()
         monkeypatch.setattr(ts, "NATIVE_CRC", how == "digest thread")
         monkeypatch.setattr(ts, "_native_files", None if how == "python" else native.files)
-        target = tmp_path / how.replace(" ", "-")
-        target.mkdir()
         out = io.BytesIO()
         packer = TarSplitPacker(out)  # type: ignore[arg-type]
-        rec = BufferedRecorder(packer, batch=64 << 10, threaded=True)
-        root = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            result = apply_reader(ts.TarReader(io.BytesIO(data), rec), root,
-                                  ApplyOptions(recorder=rec))
-            rec.close()
-            packer.close()
-        finally:
-            os.close(root)
-        assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
-        assert packer.problem is None and packer.missing == 0
+        _recorded_apply(data, tmp_path / how.replace(" ", "-"), packer,
+                        BufferedRecorder(packer, batch=64 << 10, threaded=True))
         assert (len(deferred) > 10) == (how == "digest thread"), how
         if deferred:  # pieces of the big file added up, and their CRC written
             assert 0b010 in deferred and 0b001 in deferred
@@ -586,7 +592,8 @@ def test_crcs_from_the_digest_thread_give_the_same_lines(seed: int, later_from: 
 
 
 @pytest.mark.parametrize("batch", [1024, 4096, 64 << 10])
-def test_lent_frame_buffers_give_the_same_lines(batch: int, tmp_path: Path) -> None:
+def test_lent_frame_buffers_give_the_same_lines(batch: int, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The native runs write their frames into the threaded BufferedRecorder's buffers, reused
     and never resized: a run whose next entry's frames do not fit stops, the buffer is handed
     on and the run goes on in the next one (an entry that fits in no buffer -- 1.5 KiB here for
@@ -603,26 +610,13 @@ def test_lent_frame_buffers_give_the_same_lines(batch: int, tmp_path: Path) -> N
         stops.append(r[-1])
         return r
 
+    monkeypatch.setattr(ts, "_native_files", files)
     outputs = []
     for lent in (True, False):
-        target = tmp_path / str(lent)
-        target.mkdir()
         out = io.BytesIO()
         packer = TarSplitPacker(out)  # type: ignore[arg-type]
         rec: Any = BufferedRecorder(packer, batch=batch, threaded=True) if lent else packer
-        root = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(ts, "_native_files", files)
-                reader = ts.TarReader(io.BytesIO(data), rec)
-                result = apply_reader(reader, root, ApplyOptions(recorder=rec))
-            if lent:
-                rec.close()
-            packer.close()
-        finally:
-            os.close(root)
-        assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
-        assert packer.problem is None and packer.missing == 0
+        _recorded_apply(data, tmp_path / str(lent), packer, rec)
         outputs.append(out.getvalue())
         if lent:
             if batch <= 4096:
