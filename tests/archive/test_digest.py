@@ -46,11 +46,19 @@ if TYPE_CHECKING:
     Worker = type[ThreadDigest] | type[Digest]
 
 
+def _comm(path: Path) -> str:
+    """A thread's kernel name ("" for one that ended since its task directory was listed)."""
+    try:
+        return path.read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def _digest_threads() -> int:
     """Threads named layer-digest: Python's, or native ones (their kernel name)."""
     python = sum(1 for t in threading.enumerate() if t.name == "layer-digest")
     native = sum(1 for comm in Path("/proc/self/task").glob("*/comm")
-                 if comm.read_text().strip() == "layer-digest")
+                 if _comm(comm) == "layer-digest")
     return python + native
 
 

@@ -53,8 +53,10 @@ if TYPE_CHECKING:  # the parent's modules: the child does not import them (start
     from .tarsplit import TarSplitPacker
 
 APPLY_JOB = LINUX_APPLY
-#: bytes of recorder frames the child's packer thread takes at a time (small: memory)
-CHILD_BATCH = 256 << 10
+#: bytes of recorder frames the child's packer thread takes at a time: each batch costs that
+#: thread a few GIL round trips (which the reader's per-file GIL re-takes wait on), and the
+#: BufferedRecorder keeps at most four buffers of 1.5 batches (memory)
+CHILD_BATCH = 512 << 10
 
 
 def _empty_dir(target: Path) -> None:

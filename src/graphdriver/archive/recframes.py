@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 
     from .tarstream import Recorder
 
-    #: frames with what to wait for before they are read (None: nothing)
-    Part = tuple[bytes | bytearray, Callable[[], None] | None]
+    #: a threaded BufferedRecorder's batch: its parts (frames, start, end), what to wait for
+    #: before they are read (None: nothing), the lent buffer to hand back after (None: none)
+    Batch = tuple[list[tuple[bytes | bytearray, int, int]], Callable[[], None] | None,
+                  bytearray | None]
 
 _SEG = b"S"
 _FILE = b"F"
@@ -95,25 +97,34 @@ class BufferedRecorder(_FrameWriter):
     With *threaded*, the batches are replayed by a thread of their own, in order (the native
     packing and the compressor release the GIL), off the reader's critical path; at most
     _QUEUED batches wait (a batch takes one of _QUEUED slots, which the thread gives back as it
-    takes the batch).  A native run's frames (:meth:`write_frames`) are then kept as they
-    are, not copied, and their *ready* is called by that thread (``defers_frames``: the reader
-    lets the digest thread fill in their header bytes and CRCs meanwhile).  Call :meth:`close`
-    before using *recorder*: it replays what is left, waits for the thread, and raises what the
-    replay raised."""
+    takes the batch).  The frames then go into buffers of a fixed size that the thread hands
+    back once it has replayed them (no buffer is made, grown or faulted in per batch): the
+    reader's native runs write theirs straight into the current one (:meth:`lend_frames`,
+    :meth:`frames_lent`), and their *ready* -- the digest thread fills in their header bytes and
+    CRCs meanwhile (``defers_frames``) -- is called by that thread; a batch is one contiguous
+    region of a buffer, packed in one native call.  Frames made elsewhere (:meth:`write_frames`)
+    are kept as they are, not copied.  Call :meth:`close` before using *recorder*: it replays
+    what is left, waits for the thread, and raises what the replay raised."""
 
     def __init__(self, recorder: Recorder, batch: int = _REPLAY_BUFFER,
                  threaded: bool = False) -> None:
         self._rec = recorder
-        self._buf = bytearray()
-        self._parts: list[Part] = []  # frames before _buf, in order (threaded only)
-        self._held = 0  # bytes in _parts
+        self._buf = bytearray()  # the frames kept (unthreaded), or the current lent buffer
         self._batch = batch
-        self._queue: SimpleQueue[list[Part] | None] | None = None
+        self._queue: SimpleQueue[Batch | None] | None = None
         self._slots: SimpleQueue[None] = SimpleQueue()
         self._running: _thread.LockType | None = None  # held while the thread runs
         self._error: BaseException | None = None
         self.defers_frames = threaded
         if threaded:
+            # a buffer's room: a batch and half of one more, so that a run seldom stops for it
+            self._size = batch + batch // 2
+            self._free: list[bytearray] = []  # buffers the thread is done with
+            self._buf = bytearray(self._size)
+            self._at = 0  # where the frames end in _buf
+            self._mark = 0  # where those not in _parts yet start
+            self._parts: list[tuple[bytes | bytearray, int, int]] = []  # (frames, start, end)
+            self._ready: Callable[[], None] | None = None  # covers every earlier one (in order)
             self._queue = SimpleQueue()
             for _ in range(_QUEUED):
                 self._slots.put(None)
@@ -122,9 +133,38 @@ class BufferedRecorder(_FrameWriter):
             _thread.start_new_thread(self._work, ())
 
     def _put(self, data: bytes | bytearray) -> None:
-        buf = self._buf
-        buf += data
-        if len(buf) + self._held >= self._batch:
+        if self._queue is None:
+            buf = self._buf
+            buf += data
+            if len(buf) >= self._batch:
+                self.flush()
+            return
+        n = len(data)
+        if self._at + n > self._size:
+            self.flush()
+            if n > self._size:  # a big segment: a part of its own
+                self._parts.append((data, 0, n))
+                self.flush()
+                return
+        at = self._at
+        self._buf[at : at + n] = data  # the same length: never resized
+        self._at = at + n
+        if self._at >= self._batch:
+            self.flush()
+
+    def lend_frames(self) -> tuple[bytearray, int]:
+        """(buffer, offset): where the next frames go (threaded only); the reader writes them
+        there (never resizing it) and says where they end with :meth:`frames_lent`, or asks
+        for room with :meth:`flush`."""
+        return self._buf, self._at
+
+    def frames_lent(self, end: int, ready: Callable[[], None] | None = None) -> None:
+        """The frames lent out by :meth:`lend_frames` now end at *end*; with *ready*, they are
+        complete only once it has returned (it waits for every earlier one too)."""
+        self._at = end
+        if ready is not None:
+            self._ready = ready
+        if end >= self._batch:
             self.flush()
 
     def write_frames(self, frames: bytes | bytearray,
@@ -132,36 +172,41 @@ class BufferedRecorder(_FrameWriter):
         if self._queue is None:
             super().write_frames(frames, ready)
             return
-        if self._buf:
-            self._parts.append((self._buf, None))
-            self._held += len(self._buf)
-            self._buf = bytearray()
-        self._parts.append((frames, ready))
-        self._held += len(frames)
-        if self._held >= self._batch:
-            self.flush()
+        self._cut()
+        self._parts.append((frames, 0, len(frames)))
+        if ready is not None:
+            self._ready = ready
+
+    def _cut(self) -> None:
+        """The current buffer's frames so far become a part (threaded)."""
+        if self._at > self._mark:
+            self._parts.append((self._buf, self._mark, self._at))
+            self._mark = self._at
 
     def flush(self) -> None:
-        """Replay every frame kept so far (hand them to the thread)."""
-        buf = self._buf
+        """Replay every frame kept so far (hand them to the thread, with the current buffer:
+        the next frames go into another)."""
         if self._queue is not None:
-            parts = self._parts
-            if buf:
-                parts.append((buf, None))
-                self._buf = bytearray()
-            if parts:
-                self._parts = []
-                self._held = 0
-                self._slots.get()
-                self._queue.put(parts)
+            self._cut()
+            if not self._parts:
+                return
+            lent = self._buf if self._at else None
+            self._slots.get()
+            self._queue.put((self._parts, self._ready, lent))
+            self._parts = []
+            self._ready = None
+            if lent is not None:
+                self._buf = self._free.pop() if self._free else bytearray(self._size)
+                self._at = self._mark = 0
             return
+        buf = self._buf
         if not buf:
             return
-        self._replay(buf)
+        self._replay(buf, 0, len(buf))
         buf.clear()
 
-    def _replay(self, batch: bytes | bytearray) -> None:
-        if replay_frames(batch, 0, len(batch), self._rec) != len(batch):
+    def _replay(self, frames: bytes | bytearray, start: int, end: int) -> None:
+        if replay_frames(frames, start, end, self._rec) != end - start:
             raise _corrupt("truncated")
 
     def _work(self) -> None:
@@ -171,22 +216,23 @@ class BufferedRecorder(_FrameWriter):
         finally:
             self._running.release()
 
-    def _replay_batches(self, batches: SimpleQueue[list[Part] | None]) -> None:
+    def _replay_batches(self, batches: SimpleQueue[Batch | None]) -> None:
         while True:
-            parts = batches.get()
-            if parts is None:
+            item = batches.get()
+            if item is None:
                 return
             self._slots.put(None)
+            parts, ready, lent = item
             if self._error is None:
                 try:
-                    # the last wait covers the earlier ones (the digest thread works in order)
-                    last = next((r for _, r in reversed(parts) if r is not None), None)
-                    if last is not None:
-                        last()
-                    for frames, _ in parts:
-                        self._replay(frames)
+                    if ready is not None:
+                        ready()
+                    for frames, start, end in parts:
+                        self._replay(frames, start, end)
                 except BaseException as exc:  # raised by close(), in the caller's thread
                     self._error = exc
+            if lent is not None:
+                self._free.append(lent)  # (list.append and pop are atomic)
 
     def close(self) -> None:
         self.flush()

@@ -744,27 +744,47 @@ class TarReader:
         step, real path) for the last entry, created but not finished; need is 0, or the bytes
         the next entry takes when the run stopped only because they are not all buffered
         (:meth:`prefetch` them, then call again).  Call only where the previous entry's data has
-        been consumed (between entries) and when :meth:`can_apply_files`."""
+        been consumed (between entries) and when :meth:`can_apply_files`.
+
+        A recorder that lends its frame buffers (``lend_frames``: the threaded BufferedRecorder)
+        gets the frames written into them, a full one handed on (``flush``) and the run taken
+        up again in the next."""
         if self._done:
             return 0, 0, None, 0
-        self._settle()
-        rec = self._recorder
-        jobs = bytearray() if self._frames_by_digest else None
-        pos, count, size, frames, pad, error, need = _native_files(  # type: ignore[misc]
-            self._buf, self._pos, self._end, dirs, dir_times, links, euid, egid, umask,
-            cache_limit, None if rec is None else self._seg, self._crcf if jobs is None else jobs)
-        if count:
-            start = self._pos
-            self._pos = pos
-            self._pad = pad
-            self._first = False
-            if rec is not None:
-                self._seg.clear()
-                if jobs:
-                    rec.write_frames(frames, self._fill_later(start, frames, jobs))  # type: ignore[attr-defined]
-                else:
-                    rec.write_frames(frames)  # type: ignore[attr-defined]
-        return count, size, error, need
+        rec: Any = self._recorder  # (the frames' methods are not the Recorder protocol's)
+        lend: Callable[[], tuple[bytearray, int]] | None = getattr(rec, "lend_frames", None)
+        applied = total = 0
+        while True:
+            self._settle()
+            jobs = bytearray() if self._frames_by_digest else None
+            lent = None if lend is None else lend()
+            pos, count, size, frames, pad, error, need = _native_files(  # type: ignore[misc]
+                self._buf, self._pos, self._end, dirs, dir_times, links, euid, egid, umask,
+                cache_limit, None if rec is None else self._seg,
+                self._crcf if jobs is None else jobs, *(lent or ()))
+            applied += count
+            total += size
+            if count:
+                start = self._pos
+                self._pos = pos
+                self._pad = pad
+                self._first = False
+                if rec is not None:
+                    self._seg.clear()
+                    ready = None
+                    if jobs:
+                        ready = self._fill_later(start, frames if lent is None else lent[0], jobs)
+                    if lent is None:
+                        rec.write_frames(frames, ready)
+                    else:
+                        rec.frames_lent(frames, ready)  # frames: where they end in lent[0]
+            if need >= 0 or lent is None:
+                return applied, total, error, need
+            # the lent buffer is full: on in another one, unless it was empty (an entry whose
+            # frames fit in none goes the usual way)
+            if not lent[1] and not count:
+                return applied, total, error, 0
+            rec.flush()
 
     def _fill_later(self, start: int, frames: bytearray,
                     jobs: bytes | bytearray) -> Callable[[], None]:
