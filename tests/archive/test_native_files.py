@@ -571,6 +571,7 @@ def test_crcs_from_the_digest_thread_give_the_same_lines(seed: int, later_from: 
         pytest.skip("_fastdigest without anycrc's CRC: the reader computes the CRCs")
     monkeypatch.setattr(ts, "CRC_LATER_FROM", later_from)
     monkeypatch.setattr(ts, "_DIGEST_BEHIND", behind)
+    monkeypatch.setattr(ts, "BUFFER_SIZE", 1 << 20)  # the readers made here: many laps
     tail = member("big", random.Random(seed).randbytes(3 * ts.BUFFER_SIZE + 5), mode=0o644)
     data = _files_tar(seed, 400)
     end = len(tarbuild_end())

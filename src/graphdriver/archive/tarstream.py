@@ -61,7 +61,12 @@ _native_header: Callable[[Any, int, int], tuple[Any, ...] | None] | None = (
 _native_files: Callable[..., tuple[Any, ...]] | None = _fastapply.files if _fastapply else None
 
 BLOCK = 512
-BUFFER_SIZE = 1 << 20
+#: the reader's buffer.  4 MiB, not 1: the digest thread may lag that far behind the reader
+#: before the reader waits to reuse a region (_reuse), and an entry of up to that much data goes
+#: through the native runs (rootfs.tar: the reader's waits for the digest 16 -> 4 ms, its
+#: futex sleeps halved; the driver's apply 0.93 of 1 MiB's in a 21-run same-run A/B; 8 MiB
+#: was slower: the digest then hashes bytes gone from the CPU's cache)
+BUFFER_SIZE = 1 << 22
 #: an entry of this much data or more (that the Python code reads: bigger than the buffer) has
 #: its CRC computed by the digest thread, piece by piece, when the recorder takes frames later
 CRC_LATER_FROM = 1 << 20
@@ -77,7 +82,7 @@ _JOIN_JOB = 1 << 60
 _DIGEST_BEHIND = (1 << 62) if FUSED_CRC else 3
 # One read.  Small enough that what was read is still in the CPU's cache when it is parsed,
 # hashed and written (a 256 KiB readv from the page cache is ~2.5x faster per byte than 1 MiB
-# here); a quarter of the buffer, so the digest thread hashes a region while the next is read.
+# here); a sixteenth of the buffer, so the digest thread hashes a region while the next is read.
 _READ = 256 << 10
 MAX_META = 1 << 20  # cap on a PAX header, a GNU long name/link, a sparse map
 MAX_SIZE = (1 << 63) - 1
