@@ -182,6 +182,17 @@ class UnixServer:
         self._lock = threading.RLock()  # stop() may run in a signal handler on this thread
         self._active: dict[socket.socket, threading.Thread] = {}
         self._closed = False
+        self._previous_wakeup_fd: int | None = None  # set while signals wake this server
+
+    def wake_on_signals(self) -> None:
+        """Make any signal with a Python handler wake ``serve_forever`` (main thread only).
+
+        The kernel may deliver a process's signal to any thread that does not block it, one of
+        the connections' among them; the handler then runs only when the main thread next runs
+        Python code, and a main thread asleep in poll() with no client to wake it would never
+        stop.  With the wake pipe as the wake-up descriptor, the signal's byte wakes the poll.
+        Undone when the server closes, before the pipe does."""
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -281,6 +292,9 @@ class UnixServer:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:  # threads still serving (past the grace) no longer wake anyone
             self._closed = True
+            if self._previous_wakeup_fd is not None:
+                signal.set_wakeup_fd(self._previous_wakeup_fd)
+                self._previous_wakeup_fd = None
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -296,6 +310,7 @@ def serve_until_signalled(server: UnixServer) -> None:
         server.stop()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server.wake_on_signals()
     try:
         server.serve_forever()
     finally:

@@ -112,14 +112,17 @@ def plugin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Cli
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(10)
+            ended = f"exited with {proc.returncode} after SIGTERM"
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            ended = "killed: still running 10 s after SIGTERM"
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         from graphdriver.mount import unmount_all_under
 
         with contextlib.suppress(OSError):
             unmount_all_under(tmp_path)
-    assert not sock.exists(), "the socket is removed on exit"
+    assert not sock.exists(), f"the socket is removed on exit; the server {ended}: {err[-1500:]}"
 
 
 def make_layer_tar(tmp_path: Path, name: str, files: dict[str, bytes]) -> Path:

@@ -210,6 +210,46 @@ def test_sigterm_with_clients_connected_exits_within_2s(
     assert not sock.exists(), "its own socket is removed on exit"
 
 
+_CAUGHT_BY_A_THREAD = """
+import signal, sys, threading, time
+from graphdriver.serving import UnixServer, serve_until_signalled
+
+def handle(conn):
+    # The signal is this connection's thread's, once the main thread is back asleep in poll().
+    time.sleep(0.5)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+    conn.recv(1)  # until the server shuts the connection
+
+serve_until_signalled(UnixServer(sys.argv[1], handle))
+"""
+
+
+def test_a_signal_caught_by_a_connections_thread_stops_the_server(tmp_path: Path) -> None:
+    """The kernel may hand a process's SIGTERM to any of its threads: the server still stops
+    while that thread's client stays connected, and removes its socket."""
+    sock = tmp_path / "gd.sock"
+    proc = subprocess.Popen([sys.executable, "-c", _CAUGHT_BY_A_THREAD, str(sock)],
+                            env=dict(os.environ, PYTHONPATH=SRC), stderr=subprocess.PIPE)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        for _ in range(200):
+            if sock.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        client.connect(str(sock))  # its thread signals itself, then waits on this client
+        try:
+            proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a signal taken by a connection's thread left the server running")
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert not sock.exists(), "its own socket is removed on exit"
+
+
 def test_refuses_a_live_socket_and_never_removes_another_servers(
         server: tuple[subprocess.Popen[bytes], Path], tmp_path: Path) -> None:
     proc, sock = server
