@@ -5,7 +5,8 @@
  * them with OpenSSL's SHA-256 (the libcrypto that Python's _hashlib already loaded, found with
  * dl_iterate_phdr and opened with RTLD_NOLOAD: no OpenSSL headers at build time, and the same
  * SHA-NI/AVX code hashlib runs), or with its own SHA-NI code (below: where the CRC is fused; the
- * environment's GRAPHDRIVER_NO_SHA_NI, non-empty at import, keeps OpenSSL's).  The hand-over is
+ * environment's GRAPHDRIVER_NO_SHA_NI, non-empty at import, keeps OpenSSL's).  _hashlib, and so
+ * libcrypto, is imported only where OpenSSL's SHA-256 is the one used.  The hand-over is
  * a ring of slots and two counters:
  *   published  regions handed to the worker (written by the caller, read by the worker)
  *   done       regions the worker has hashed (written by the worker, read by the caller)
@@ -1022,18 +1023,20 @@ PyInit__fastdigest(void)
 {
     PyObject *m;
     void *lib;
-    if (load_libcrypto() < 0)
-        return NULL;
-    lib = loaded_library("/anycrc/crc."); /* an anycrc imported already */
-    if (lib != NULL)
-        use_anycrc(lib);
-    fill_shift_by();
+    fill_shift_by(); /* before x_power */
 #ifdef HAVE_SHA_NI_BUILD
     /* (the fused CRC also takes anycrc's, for what is not a whole number of blocks: it comes
      * only with fill_frames' jobs, which are refused where anycrc's is not loaded) */
     use_sha_ni = cpu_has_sha_ni() && !getenv("GRAPHDRIVER_NO_SHA_NI");
     crc_fold512 = _mm_set_epi64x((long long)x_power(511), (long long)x_power(575));
 #endif
+    /* OpenSSL only where its sha256 is the one used: importing _hashlib loads libcrypto, ~2.5 ms
+     * of every confined child's start-up */
+    if (!use_sha_ni && load_libcrypto() < 0)
+        return NULL;
+    lib = loaded_library("/anycrc/crc."); /* an anycrc imported already */
+    if (lib != NULL)
+        use_anycrc(lib);
     if (PyType_Ready(&DigestType) < 0)
         return NULL;
     m = PyModule_Create(&fastdigest_module);

@@ -30,7 +30,8 @@ libcrypto's sha256 and anycrc's CRC instead, as on other CPUs).
 
 Owns the diffID hashing thread.  Imports only :mod:`.native` and :mod:`.crc64` of graphdriver
 (a leaf otherwise); never typing at run time, nor hashlib, threading or weakref where the
-native worker is used (the confined child's start-up: _fastdigest loads ``_hashlib`` itself).
+native worker is used (the confined child's start-up: _fastdigest loads ``_hashlib`` itself,
+and only where it hashes with OpenSSL's sha256, not its own SHA-NI one).
 :func:`warm_up` exercises the worker (what it loads is then loaded, before a chroot).
 """
 
