@@ -57,6 +57,13 @@ def _start(tmp_path: Path, sock: Path, fds: int = SERVER_FDS) -> subprocess.Pope
     return proc
 
 
+def _must_exit(proc: subprocess.Popen[bytes], seconds: float, why: str) -> None:
+    try:
+        proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        pytest.fail(why)
+
+
 def _inode(path: Path) -> int | None:
     try:
         return os.lstat(path).st_ino
@@ -199,9 +206,7 @@ def test_sigterm_with_clients_connected_exits_within_2s(
     start = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(2.0)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the server did not stop within 2 s of SIGTERM")
+        _must_exit(proc, 2.0, "the server did not stop within 2 s of SIGTERM")
     finally:
         slow.close()
         for s in conns:
@@ -237,10 +242,7 @@ def test_a_signal_caught_by_a_connections_thread_stops_the_server(tmp_path: Path
                 break
             time.sleep(0.05)
         client.connect(str(sock))  # its thread signals itself, then waits on this client
-        try:
-            proc.wait(5.0)
-        except subprocess.TimeoutExpired:
-            pytest.fail("a signal taken by a connection's thread left the server running")
+        _must_exit(proc, 5.0, "a signal taken by a connection's thread left the server running")
     finally:
         client.close()
         if proc.poll() is None:
