@@ -59,7 +59,8 @@ enum (``_signal``), inspect, dataclasses or pathlib, and logging only if a messa
 (:mod:`graphdriver.logs`).  After the chroot nothing can be imported any more: what the body
 needs is imported while the job prepares.
 
-Owns the process boundary.  Imports :mod:`graphdriver.errors`, :mod:`graphdriver.logs`;
+Owns the process boundary.  Imports :mod:`graphdriver.errors`, :mod:`graphdriver.logs`,
+:mod:`.native` (a leaf: the job's module is imported by name with its ``import_module``);
 :mod:`.recframes` and :mod:`.pipes` when a job records through the frame pipe, :mod:`.jsontext`
 in the child; the parent side imports :mod:`graphdriver.mount` (read-only views) when it has
 lowers (what comes before a child's start is kept light: it delays the start).  It never
@@ -78,6 +79,7 @@ import sys
 from .. import errors, logs
 from ..errors import GraphDriverError, Interrupted
 from ..logs import get_logger
+from .native import import_module, native_module
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
@@ -631,8 +633,6 @@ class ChildContext:
 def _set_pdeathsig() -> None:
     """SIGTERM when the parent's thread that spawned us ends: the native helper's prctl where it
     is built, else libc's through ctypes (a few ms of imports)."""
-    from .native import native_module
-
     fast = native_module("_fastapply")
     try:
         if fast is not None:
@@ -646,18 +646,11 @@ def _set_pdeathsig() -> None:
         pass
 
 
-def _import(module: str) -> Any:
-    """The module named *module* (absolute), imported: importlib.import_module's work without
-    importlib (start-up time)."""
-    __import__(module)
-    return sys.modules[module]
-
-
 def _load_job(name: str) -> Callable[[ChildContext], JobBody]:
     module, _, func = name.partition(":")
     if not module or not func:
         raise errors.InvalidArgument(f"not a confined job: {name!r}")
-    job = getattr(_import(module), func, None)
+    job = getattr(import_module(module), func, None)
     if not callable(job):
         raise errors.InvalidArgument(f"not a confined job: {name!r}")
     return job  # type: ignore[no-any-return]
@@ -742,7 +735,7 @@ def _child_main(argv: list[str]) -> int:
         if os.getppid() != int(argv[3]):
             return 1  # the parent died before PDEATHSIG was set
         try:
-            preload = getattr(_import(job.partition(":")[0]), "preload", None)
+            preload = getattr(import_module(job.partition(":")[0]), "preload", None)
             if callable(preload):
                 preload()
         except Exception:  # a failing import fails again below, answered

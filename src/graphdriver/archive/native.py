@@ -19,13 +19,18 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 
+def import_module(name: str) -> ModuleType:
+    """The module named *name* (absolute), imported: importlib.import_module's work for an
+    absolute name, without importlib (the confined child's start-up)."""
+    __import__(name)
+    return sys.modules[name]
+
+
 def native_module(name: str) -> ModuleType | None:
     """``graphdriver.<name>`` if it is built and allowed, else None."""
     if os.environ.get("GRAPHDRIVER_NO_NATIVE"):
         return None
-    full = f"graphdriver.{name}"
     try:
-        __import__(full)  # importlib.import_module's work for an absolute name, without importlib
+        return import_module(f"graphdriver.{name}")
     except ImportError:  # not compiled: the pure-Python code does everything
         return None
-    return sys.modules[full]
