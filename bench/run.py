@@ -4,7 +4,8 @@ containers-storage, on the layers built by bench/make_layers.py.
 
 Every row is run ``--runs`` times (interleaved: graphdriver, then each peer, per round), in a
 work directory on tmpfs (``--workdir``, default /dev/shm/graphdriver-bench) and, with
-``--also-ext4``, again on ext4.  Each run's output is removed between runs (not timed).
+``--also-ext4``, again on ext4.  Each run's output is removed between runs and written back
+(``sync``) before the next run starts (not timed).
 graphdriver operations run in a child process (bench/gdtask.py) and report the time of the
 operation alone; peers are timed as whole commands.  Peak RSS is measured for every run over the
 whole process tree: ``ru_maxrss`` from wait4 (the largest single process in the tree, children
@@ -962,6 +963,9 @@ def run_workload(w: Workload, workdir: Path, runs: int) -> dict[str, SideResult]
                 run_dir = bases[id(s)] / "run"
                 clean_dir(run_dir)
                 run_dir.mkdir()
+                # the previous run's dirty pages and its removal go to disk now, not during
+                # this run: on ext4 the side timed after a 75k-entry tree pays its writeback
+                os.sync()
                 try:
                     r.samples.append(measure(s.per_run(run_dir)))
                 except Unavailable as exc:
