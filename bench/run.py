@@ -4,8 +4,8 @@ containers-storage, on the layers built by bench/make_layers.py.
 
 Every row is run ``--runs`` times (interleaved: graphdriver, then each peer, per round), in a
 work directory on tmpfs (``--workdir``, default /dev/shm/graphdriver-bench) and, with
-``--also-ext4``, again on ext4.  Each run's output is removed between runs and written back
-(``sync``) before the next run starts (not timed).
+``--also-ext4``, again on ext4.  Each run's output is removed, and the removal synced to disk,
+before the next run starts (not timed).
 graphdriver operations run in a child process (bench/gdtask.py) and report the time of the
 operation alone; peers are timed as whole commands.  Peak RSS is measured for every run over the
 whole process tree: ``ru_maxrss`` from wait4 (the largest single process in the tree, children
