@@ -127,3 +127,44 @@ def test_one_rule_says_which_driver_a_home_belongs_to(tmp_path: Path) -> None:
     (home / "l").mkdir()
     assert drivers_using(lambda _n: home) == ["overlay"]
     assert drivers_using(lambda _n: home, ["vfs"]) == []
+
+
+@pytest.mark.parametrize("inside_an_operation", [False, True], ids=["apply", "pull"])
+def test_a_signal_during_a_layers_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture,
+                                         inside_an_operation: bool) -> None:
+    """SIGINT while a layer commits: the commit completes either way.  A lone apply then
+    returns (the signal is logged and dropped: its work is done); inside
+    ``signals_redelivered`` (a pull's or load's layers) the signal is delivered once the commit
+    is done and stops the operation."""
+    import io
+    import signal
+    import tarfile
+
+    from graphdriver.store import LayerStore, signals_redelivered
+
+    d = open_driver("vfs", tmp_path / "root", runroot=tmp_path / "run")
+    d.create("a")
+    finish = LayerStore._finish_apply
+
+    def finish_after_a_signal(self: LayerStore, rec: object) -> None:
+        signal.raise_signal(signal.SIGINT)  # held: the commit is under way
+        finish(self, rec)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LayerStore, "_finish_apply", finish_after_a_signal)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("hello")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"hi\n"))
+    buf.seek(0)
+    if inside_an_operation:
+        with pytest.raises(KeyboardInterrupt), signals_redelivered():
+            d.apply_diff("a", None, buf)
+    else:
+        d.apply_diff("a", None, buf)
+        assert "arrived while the layer was being committed" in caplog.text
+    assert d.exists("a")
+    with d.mounted("a") as root:
+        assert (Path(root) / "hello").read_bytes() == b"hi\n"
+    d.cleanup()

@@ -1352,12 +1352,31 @@ def _validate_holder(holder: object) -> str:
     return holder
 
 
+#: how many :func:`signals_redelivered` blocks are open (main thread only, as the hold is)
+_redelivering = 0
+
+
+@contextlib.contextmanager
+def signals_redelivered() -> Iterator[None]:
+    """Within the block, a SIGINT/SIGTERM held over a layer's commit (:func:`_signals_deferred`)
+    is delivered again once the commit is done, to the handler in place before, instead of
+    dropped.  For an operation that goes on after a commit (a pull's or load's next layer, an
+    image's record): a signal that came during one layer's commit must still stop it."""
+    global _redelivering
+    _redelivering += 1
+    try:
+        yield
+    finally:
+        _redelivering -= 1
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM until the block is done (main thread only; elsewhere a no-op).
 
-    The block is a commit that must not be cut in half; a signal that arrives meanwhile is
-    logged and dropped: the operation it would have interrupted has completed.
+    The block is a commit that must not be cut in half.  A signal that arrives meanwhile is
+    logged and dropped, since the operation it would have interrupted has completed; inside
+    :func:`signals_redelivered` it is raised again instead, once the commit is done.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -1372,7 +1391,11 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if got:
+        if got and _redelivering:
+            log.debug("signal %d arrived while the layer was being committed; delivered now",
+                      got[0])
+            signal.raise_signal(got[0])  # its handler runs (and may raise) here
+        elif got:
             log.warning("signal %d arrived while the layer was being committed; it was committed",
                         got[0])
 

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 from ..errors import AlreadyExists, GraphDriverError, InUse, InvalidArgument, NotFound
 from ..locking import FileLock
+from ..store import signals_redelivered
 from . import reference
 from .manifest import ImageConfig, chain_id, hex_of, parse_config
 from .metadata import BlobSource, ImageRecord, MetadataStore
@@ -66,8 +67,10 @@ class ImageStore:
     @contextlib.contextmanager
     def producing(self) -> Iterator[None]:
         """Held (shared) while a pull, load or commit makes layers not yet held by an image, so
-        that ``prune`` (exclusive) never takes them from under it."""
-        with FileLock(self.home / "gc.lock", shared=True):
+        that ``prune`` (exclusive) never takes them from under it.  A SIGINT/SIGTERM that comes
+        while one of its layers commits stops the operation once that commit is done (the
+        layer store would otherwise drop it and the operation would go on)."""
+        with FileLock(self.home / "gc.lock", shared=True), signals_redelivered():
             yield
 
     def _images_lock(self) -> FileLock:
