@@ -289,14 +289,12 @@ class TokenServer:
         self.httpd.server_close()
 
 
-class CuttingProxy:
-    """A loopback TCP proxy that cuts the first blob download of more than *cut_after* bytes
-    once, mid-body, so the client must resume (Range)."""
+class TcpProxy:
+    """A loopback TCP proxy in front of *target_port*: requests go up as they come, and what the
+    server sends back goes through :meth:`downstream` (a subclass cuts or paces it)."""
 
-    def __init__(self, target_port: int, cut_after: int) -> None:
+    def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.cut_after = cut_after
-        self.cuts = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -326,11 +324,8 @@ class CuttingProxy:
         sent = 0
         try:
             while data := upstream.recv(65536):
-                if self.cuts == 0 and sent + len(data) > self.cut_after:
-                    self.cuts += 1
-                    client.sendall(data[: self.cut_after - sent])
+                if not self.downstream(client, data, sent):
                     break
-                client.sendall(data)
                 sent += len(data)
         except OSError:
             pass
@@ -340,9 +335,53 @@ class CuttingProxy:
             client.close()
             upstream.close()
 
+    def downstream(self, client: socket.socket, data: bytes, sent: int) -> bool:
+        """Forward *data* (the connection has sent *sent* bytes before it); False cuts it."""
+        client.sendall(data)
+        return True
+
     def stop(self) -> None:
         self._stop = True
         self.sock.close()
+
+
+class CuttingProxy(TcpProxy):
+    """Cuts the first blob download of more than *cut_after* bytes once, mid-body, so the
+    client must resume (Range)."""
+
+    def __init__(self, target_port: int, cut_after: int) -> None:
+        self.cut_after = cut_after
+        self.cuts = 0
+        super().__init__(target_port)
+
+    def downstream(self, client: socket.socket, data: bytes, sent: int) -> bool:
+        if self.cuts == 0 and sent + len(data) > self.cut_after:
+            self.cuts += 1
+            client.sendall(data[: self.cut_after - sent])
+            return False
+        client.sendall(data)
+        return True
+
+
+class PacedProxy(TcpProxy):
+    """Forwards the server's answers at no more than *rate* bytes a second (all connections
+    together), so that a transfer is still going when a test acts on it; ``forwarded`` counts
+    the bytes sent so far."""
+
+    def __init__(self, target_port: int, rate: int) -> None:
+        self.rate = rate
+        self.forwarded = 0
+        self._lock = threading.Lock()
+        self._start = time.monotonic()
+        super().__init__(target_port)
+
+    def downstream(self, client: socket.socket, data: bytes, sent: int) -> bool:
+        client.sendall(data)
+        with self._lock:
+            self.forwarded += len(data)
+            due = self._start + self.forwarded / self.rate
+        time.sleep(max(0.0, due - time.monotonic()))
+        return True
 
 
 def htpasswd_auth(workdir: Path, user: str, password: str) -> dict[str, Any]:
