@@ -168,3 +168,34 @@ def test_a_signal_during_a_layers_commit(tmp_path: Path, monkeypatch: pytest.Mon
     with d.mounted("a") as root:
         assert (Path(root) / "hello").read_bytes() == b"hi\n"
     d.cleanup()
+
+
+def test_a_signal_during_a_failing_commit_leaves_the_error(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGINT while a layer's commit fails, inside ``signals_redelivered``: the apply is rolled
+    back and its own error stops the operation (not KeyboardInterrupt)."""
+    import errno
+    import io
+    import signal
+    import tarfile
+
+    from graphdriver.errors import GraphDriverError
+    from graphdriver.store import LayerStore, signals_redelivered
+
+    d = open_driver("vfs", tmp_path / "root", runroot=tmp_path / "run")
+    d.create("a")
+
+    def decide_fails(self: LayerStore, rec: object, result: object) -> None:
+        signal.raise_signal(signal.SIGINT)  # held: the commit is under way
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LayerStore, "_decide_apply", decide_fails)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.addfile(tarfile.TarInfo("empty"), io.BytesIO())
+    buf.seek(0)
+    with pytest.raises(GraphDriverError, match="space"), signals_redelivered():
+        d.apply_diff("a", None, buf)
+    with d.mounted("a") as root:
+        assert not (Path(root) / "empty").exists()  # rolled back
+    d.cleanup()

@@ -1376,7 +1376,8 @@ def _signals_deferred() -> Iterator[None]:
 
     The block is a commit that must not be cut in half.  A signal that arrives meanwhile is
     logged and dropped, since the operation it would have interrupted has completed; inside
-    :func:`signals_redelivered` it is raised again instead, once the commit is done.
+    :func:`signals_redelivered` it is raised again instead, once the commit is done.  When the
+    block fails, its error stops the operation and the signal is dropped.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -1388,6 +1389,9 @@ def _signals_deferred() -> Iterator[None]:
     old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in sigs}
     try:
         yield
+    except BaseException:
+        got.clear()  # the block failed: its error stops the operation and says why
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)
