@@ -4,7 +4,8 @@ Owns images (config, manifest, the store layer ids = chain IDs), tags, repo dige
 compressed blob produced which layer.  Every change is one SQLite transaction: the commit point
 (WAL journal, ``synchronous=FULL``), so a crash leaves each image absent or complete and a tag
 never points at a missing image.  Several processes share the file (SQLite's own locking, a
-busy timeout).  Imports only ``errors``; never a driver, never the network.
+busy timeout; the opening serialised by a file lock).  Imports only ``errors`` and
+``locking``; never a driver, never the network.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GraphDriverError, InvalidArgument, NotFound
+from ..locking import FileLock
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -78,11 +80,16 @@ class MetadataStore:
         self.home = home
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = home / "images.db"
-        self._db = self._connect()
-        try:
-            self._db.executescript(SCHEMA)  # idempotent; executescript commits by itself
-        except sqlite3.DatabaseError as exc:
-            raise GraphDriverError(f"image metadata {self.path}: {exc}") from exc
+        # Processes open the database one at a time: a new one switches to WAL from the
+        # rollback journal, where SQLite answers a second process that wants to write "database
+        # is locked" at once (its deadlock rule: no busy wait), e.g. two first pulls together.
+        with FileLock(home / "images.db.lock"):
+            self._db = self._connect()
+            try:
+                self._db.executescript(SCHEMA)  # idempotent; executescript commits by itself
+            except sqlite3.DatabaseError as exc:
+                self._db.close()
+                raise GraphDriverError(f"image metadata {self.path}: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
         try:
