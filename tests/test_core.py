@@ -138,11 +138,13 @@ def test_a_signal_during_a_layers_commit(tmp_path: Path, monkeypatch: pytest.Mon
     ``signals_redelivered`` (a pull's or load's layers) the signal is delivered once the commit
     is done and stops the operation."""
     import io
+    import logging
     import signal
     import tarfile
 
     from graphdriver.store import LayerStore, signals_redelivered
 
+    caplog.set_level(logging.WARNING, logger="graphdriver")
     d = open_driver("vfs", tmp_path / "root", runroot=tmp_path / "run")
     d.create("a")
     finish = LayerStore._finish_apply
