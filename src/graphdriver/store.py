@@ -1352,7 +1352,7 @@ def _validate_holder(holder: object) -> str:
     return holder
 
 
-#: how many :func:`signals_redelivered` blocks are open (main thread only, as the hold is)
+#: how many :func:`signals_redelivered` blocks the main thread has open
 _redelivering = 0
 
 
@@ -1361,8 +1361,13 @@ def signals_redelivered() -> Iterator[None]:
     """Within the block, a SIGINT/SIGTERM held over a layer's commit (:func:`_signals_deferred`)
     is delivered again once the commit is done, to the handler in place before, instead of
     dropped.  For an operation that goes on after a commit (a pull's or load's next layer, an
-    image's record): a signal that came during one layer's commit must still stop it."""
+    image's record): a signal that came during one layer's commit must still stop it.  Main
+    thread only, as the hold is (elsewhere a no-op: another thread's block does not change
+    what the main thread's own applies do)."""
     global _redelivering
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _redelivering += 1
     try:
         yield
