@@ -1,21 +1,30 @@
-"""Registry selection, locks, reference counts and ids: the shared machinery on its own."""
+"""Registry selection, locks, reference counts, ids, signals over a commit: the shared
+machinery on its own."""
 
 from __future__ import annotations
 
+import errno
+import io
+import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from graphdriver import InvalidArgument, NotSupported, open_driver
+from graphdriver.errors import GraphDriverError
 from graphdriver.layers import validate_id
 from graphdriver.locking import FileLock
 from graphdriver.refcount import RefCounts
 from graphdriver.registry import names
+from graphdriver.store import LayerStore, signals_redelivered
+from tests.treeutil import TarBuilder
 
 
 def test_registry_prefers_overlay_then_vfs_and_never_windowsfilter() -> None:
@@ -129,6 +138,12 @@ def test_one_rule_says_which_driver_a_home_belongs_to(tmp_path: Path) -> None:
     assert drivers_using(lambda _n: home, ["vfs"]) == []
 
 
+def _vfs_with_layer(tmp_path: Path) -> Any:
+    d = open_driver("vfs", tmp_path / "root", runroot=tmp_path / "run")
+    d.create("a")
+    return d
+
+
 @pytest.mark.parametrize("inside_an_operation", [False, True], ids=["apply", "pull"])
 def test_a_signal_during_a_layers_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          caplog: pytest.LogCaptureFixture,
@@ -137,16 +152,8 @@ def test_a_signal_during_a_layers_commit(tmp_path: Path, monkeypatch: pytest.Mon
     returns (the signal is logged and dropped: its work is done); inside
     ``signals_redelivered`` (a pull's or load's layers) the signal is delivered once the commit
     is done and stops the operation."""
-    import io
-    import logging
-    import signal
-    import tarfile
-
-    from graphdriver.store import LayerStore, signals_redelivered
-
     caplog.set_level(logging.WARNING, logger="graphdriver")
-    d = open_driver("vfs", tmp_path / "root", runroot=tmp_path / "run")
-    d.create("a")
+    d = _vfs_with_layer(tmp_path)
     finish = LayerStore._finish_apply
 
     def finish_after_a_signal(self: LayerStore, rec: object) -> None:
@@ -154,17 +161,12 @@ def test_a_signal_during_a_layers_commit(tmp_path: Path, monkeypatch: pytest.Mon
         finish(self, rec)  # type: ignore[arg-type]
 
     monkeypatch.setattr(LayerStore, "_finish_apply", finish_after_a_signal)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        info = tarfile.TarInfo("hello")
-        info.size = 3
-        tf.addfile(info, io.BytesIO(b"hi\n"))
-    buf.seek(0)
+    layer = io.BytesIO(TarBuilder().file("hello", b"hi\n").bytes())
     if inside_an_operation:
         with pytest.raises(KeyboardInterrupt), signals_redelivered():
-            d.apply_diff("a", None, buf)
+            d.apply_diff("a", None, layer)
     else:
-        d.apply_diff("a", None, buf)
+        d.apply_diff("a", None, layer)
         assert "arrived while the layer was being committed" in caplog.text
     assert d.exists("a")
     with d.mounted("a") as root:
@@ -176,28 +178,16 @@ def test_a_signal_during_a_failing_commit_leaves_the_error(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGINT while a layer's commit fails, inside ``signals_redelivered``: the apply is rolled
     back and its own error stops the operation (not KeyboardInterrupt)."""
-    import errno
-    import io
-    import signal
-    import tarfile
-
-    from graphdriver.errors import GraphDriverError
-    from graphdriver.store import LayerStore, signals_redelivered
-
-    d = open_driver("vfs", tmp_path / "root", runroot=tmp_path / "run")
-    d.create("a")
+    d = _vfs_with_layer(tmp_path)
 
     def decide_fails(self: LayerStore, rec: object, result: object) -> None:
         signal.raise_signal(signal.SIGINT)  # held: the commit is under way
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(LayerStore, "_decide_apply", decide_fails)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        tf.addfile(tarfile.TarInfo("empty"), io.BytesIO())
-    buf.seek(0)
+    layer = io.BytesIO(TarBuilder().file("empty").bytes())
     with pytest.raises(GraphDriverError, match="space"), signals_redelivered():
-        d.apply_diff("a", None, buf)
+        d.apply_diff("a", None, layer)
     with d.mounted("a") as root:
         assert not (Path(root) / "empty").exists()  # rolled back
     d.cleanup()
