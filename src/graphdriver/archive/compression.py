@@ -1,21 +1,25 @@
 """Detect a layer's compression by its magic bytes and decompress it as a stream.
 
 ``open_decompressed(fd)`` peeks at the first bytes of *fd* (which may be a pipe: nothing is
-seeked), then returns a readable binary stream of the uncompressed tar.  Memory stays constant:
-every decoder works block by block.  gzip goes through isal's threaded reader (decompression in
-its own thread, overlapping with whatever the caller does with the bytes), zstd read from a
-descriptor through the native ``_fastzstd`` (libzstd in a thread that never takes the GIL,
-decoding into a ring the reader copies from) and otherwise through ``zstandard`` (all frames),
-xz through ``lzma`` and bzip2 through ``bz2``.  Any decoder failure
-(corrupt data, truncated stream) surfaces as :class:`~graphdriver.errors.InvalidArchive`.
-Imports from graphdriver only ``errors`` and ``archive.native``, and only the decoder a stream
-needs (the confined child loads it before its chroot); never the tar engine or a driver.
+seeked), then returns a readable binary stream of the uncompressed tar.  With ``mappable=True``
+(the confined child) an uncompressed regular file can also be mapped instead of read
+(:meth:`_PlainFile.mapping`): the tar reader then copies nothing into a buffer of its own.
+Memory stays constant: every decoder works block by block.  gzip goes through isal's threaded
+reader (decompression in its own thread, overlapping with whatever the caller does with the bytes),
+zstd read from a descriptor through the native ``_fastzstd`` (libzstd in a thread that never takes
+the GIL, decoding into a ring the reader copies from) and otherwise through ``zstandard`` (all
+frames), xz through ``lzma`` and bzip2 through ``bz2``.  Any decoder failure (corrupt data,
+truncated stream) surfaces as :class:`~graphdriver.errors.InvalidArchive`.  Imports from
+graphdriver only ``errors`` and ``archive.native``, and only the decoder a stream needs (the
+confined child loads it before its chroot); never the tar engine or a driver.
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import os
+import stat
 
 from ..errors import InvalidArchive
 
@@ -349,9 +353,56 @@ def warm_kind(stream: BinaryIO) -> str:
     return stream_kind(stream)
 
 
-def open_decompressed(fd: int) -> BinaryIO:
-    """A readable raw stream of the uncompressed tar read from *fd* (which stays the caller's)."""
+class _PlainFile(_PrefixReader):
+    """An uncompressed regular file: read like any stream, or mapped (:meth:`mapping`)."""
+
+    def __init__(self, fd: int, head: bytes, start: int) -> None:
+        super().__init__(lambda view: os.readv(fd, [view]), head)
+        self._fd = fd
+        self._start = start  # the file offset where the stream began (before its head)
+        self._head_len = len(head)
+        # where the map starts in the file (an offset mmap accepts)
+        self._first = start - start % mmap.ALLOCATIONGRANULARITY
+
+    def mapping(self) -> tuple[mmap.mmap, int] | None:
+        """The file from the stream's start on, mapped read-only (to its size now), and where in
+        the map the stream starts; None when the stream was read already, or when the file
+        cannot be mapped (the stream is then read).  The map's pages are the file's page
+        cache: a file cut shorter while it is mapped kills the reader with SIGBUS (only the
+        confined child maps: its death is the parent's error)."""
+        if len(self._prefix) != self._head_len:
+            return None
+        try:
+            size = os.fstat(self._fd).st_size
+            if size - self._start <= self._head_len:
+                return None
+            m = mmap.mmap(self._fd, size - self._first, mmap.MAP_SHARED, mmap.PROT_READ,
+                          offset=self._first)
+        except (OSError, ValueError, OverflowError):
+            return None
+        return m, self._start - self._first
+
+    def mapped_to(self, offset: int) -> None:
+        """The map was read up to *offset* (in the map): the file's offset goes there, as the
+        reads would have left it."""
+        os.lseek(self._fd, self._first + offset, os.SEEK_SET)
+
+
+def open_decompressed(fd: int, *, mappable: bool = False) -> BinaryIO:
+    """A readable raw stream of the uncompressed tar read from *fd* (which stays the caller's).
+    *mappable*: an uncompressed regular file may be mapped by the tar reader instead of read
+    (its stream has ``mapping()``); only where a SIGBUS (the file cut shorter meanwhile) may
+    kill the process: the confined child."""
+    start = -1
+    if mappable:
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                start = os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError:
+            start = -1
     head = _read_head(fd)
+    if start >= 0 and detect(head) == "none":
+        return _PlainFile(fd, head, start)  # type: ignore[return-value]
     if detect(head) == "zstd":
         from .native import native_module
 

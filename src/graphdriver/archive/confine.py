@@ -520,7 +520,7 @@ def run_job(
             # before it touches the target: nothing was done.
             raise Interrupted(f"interrupted by {signame(signals[0])}; nothing was done")
         if outcome is None:
-            raise on_death(f"signal {-rc}" if rc < 0 else f"status {rc}")
+            raise on_death(_death(rc))
         if "error" in outcome:
             err = outcome["error"]
             if err["class"] == "Interrupted" and signals:
@@ -576,6 +576,18 @@ def _start_replay(fd: int, recorder: Recorder,
 
 #: names for messages, looked up without the enum machinery (it runs in signal handlers)
 _SIGNAL_NAMES = {int(signal.SIGINT): "SIGINT", int(signal.SIGTERM): "SIGTERM"}
+
+
+def _death(rc: int) -> str:
+    """How a child that sent no answer ended (its exit status, as ``Popen.returncode``), for
+    its caller's ``on_death``."""
+    if rc >= 0:
+        return f"status {rc}"
+    if -rc == signal.SIGBUS:
+        # a layer job maps an uncompressed input file (tarstream's _fill_mapped): the pages
+        # past the file's new end are gone
+        return "SIGBUS (its input file was cut shorter while it read it?)"
+    return f"signal {-rc}"
 
 
 def signame(signum: int) -> str:

@@ -157,7 +157,7 @@ def open_warm_input(ctx: ChildContext) -> BinaryIO:
 
     if ctx.input_fd is None:
         raise errors.InvalidArgument("a layer job needs an input stream")
-    stream = open_decompressed(ctx.input_fd)
+    stream = open_decompressed(ctx.input_fd, mappable=True)
     _warm_up(warm_kind(stream))  # nothing more for a decoder loaded with the stream
     if ctx.recorder is not None or ctx.packer_fd is not None:
         from . import crc64  # noqa: F401  (loads anycrc's extension before the chroot)

@@ -11,7 +11,9 @@ store); it owns only the reading of tar streams.
 Written for speed and for byte-exact accounting rather than for generality:
 
 - one large reusable buffer; headers are parsed by slicing, entry data is handed out as
-  memoryviews into that buffer (no per-chunk copies);
+  memoryviews into that buffer (no per-chunk copies); or, for a stream that can be mapped (an
+  uncompressed regular file in the confined child), the file's own pages, mapped: nothing is
+  copied in, and the pages far enough behind the reader and the digest are dropped again;
 - every byte read from the input is hashed (``diff_id``), including the end-of-archive blocks and
   anything after them: the reader always reads its input to EOF; the hashing runs in a thread of
   its own (:mod:`.digest`), overlapping with whatever the consumer does with the entries;
@@ -31,6 +33,7 @@ Any malformation (bad checksum, truncation, absurd numbers, broken PAX records) 
 
 from __future__ import annotations
 
+import mmap
 import os
 import posixpath
 import struct
@@ -84,6 +87,12 @@ _DIGEST_BEHIND = (1 << 62) if FUSED_CRC else 3
 # hashed and written (a 256 KiB readv from the page cache is ~2.5x faster per byte than 1 MiB
 # here); a sixteenth of the buffer, so the digest thread hashes a region while the next is read.
 _READ = 256 << 10
+#: a mapped input (_fill_mapped): made available at least this much at a time; the digest may
+#: lag this far behind (a buffer's worth, as when reading); pages this far behind both the
+#: reader and the digest are dropped from the process, this much at a time
+MAP_STEP = 1 << 20
+MAP_LAG = BUFFER_SIZE
+MAP_KEEP = 4 << 20
 MAX_META = 1 << 20  # cap on a PAX header, a GNU long name/link, a sparse map
 MAX_SIZE = (1 << 63) - 1
 MAX_ID = (1 << 32) - 1
@@ -449,10 +458,19 @@ class TarReader:
         # sequence number), in hand-over order; a lap is one pass from the buffer's front
         self._regions: deque[tuple[int, int, int]] = deque()
         self._lap = 0
-        self._buf = aligned_buffer(BUFFER_SIZE)
-        self._mv = memoryview(self._buf)
         self._pos = 0
-        self._end = 0
+        # a stream that can be mapped is (_fill_mapped): the map is the buffer, never written
+        mapping: Callable[[], tuple[Any, int] | None] | None = getattr(stream, "mapping", None)
+        mapped = mapping() if mapping is not None else None
+        #: whether the input is read through a map of its file
+        self.mapped = mapped is not None
+        self._released = 0  # the map's pages below this were dropped (MADV_DONTNEED)
+        if mapped is not None:
+            self._buf, self._pos = mapped
+        else:
+            self._buf = aligned_buffer(BUFFER_SIZE)
+        self._mv = memoryview(self._buf)
+        self._end = self._pos
         self._eof = False
         self._remaining = 0  # data bytes of the current entry not yet consumed
         self._pad = 0  # padding after the current entry's data
@@ -482,6 +500,8 @@ class TarReader:
             return True
         if self._eof:
             return False
+        if self.mapped:
+            return self._fill_mapped(need)
         size = len(self._buf)
         if need > size:
             if self._digest is not None:
@@ -517,6 +537,36 @@ class TarReader:
             self._end = end + n
             self.bytes_read += n
         return True
+
+    def _fill_mapped(self, need: int) -> bool:
+        """:meth:`_fill` from the map: at least the next MAP_STEP bytes become available and go
+        to the digest (in _READ regions).  The digest may lag MAP_LAG behind them, as it may
+        lag a buffer behind the reads (the reader waits past that); the pages MAP_KEEP behind
+        both the reader and the digest leave the process (its RSS stays flat in the layer's
+        size; the file's page cache stays)."""
+        end, size = self._end, len(self._buf)
+        stop = min(max(end + MAP_STEP, self._pos + need), size)
+        regions = self._regions
+        digest = self._digest
+        if digest is not None:
+            while regions and regions[0][1] < stop - MAP_LAG:
+                digest.wait_for(regions.popleft()[2])
+            mv = self._mv
+            for at in range(end, stop, _READ):
+                regions.append((0, at, digest.update(mv[at : min(at + _READ, stop)])))
+        self.bytes_read += stop - end
+        self._end = stop
+        # below what the digest may still read (the regions not known to be done: a native
+        # run's frame jobs start where the run did, below the reads handed over before them)
+        low = min(self._pos, min((r[1] for r in regions), default=self._pos)) - MAP_KEEP
+        low -= low % mmap.PAGESIZE
+        if low - self._released >= MAP_KEEP:
+            self._buf.madvise(mmap.MADV_DONTNEED, self._released, low - self._released)
+            self._released = low
+        if stop == size:
+            self._eof = True
+            self._stream.mapped_to(size)  # type: ignore[attr-defined]
+        return stop - self._pos >= need
 
     def _reuse(self, upto: int) -> None:
         """Before the buffer's bytes below *upto* are written again: wait until the digest has
@@ -808,7 +858,7 @@ class TarReader:
         """Buffer the next *need* bytes (from where :meth:`apply_files` stopped: the next entry,
         headers and data, which it has to read anyway); False when they do not fit in the buffer
         as it is, or the input ends first (the entry then goes the usual way)."""
-        return need <= len(self._buf) and self._fill(need)
+        return need <= BUFFER_SIZE and self._fill(need)
 
     def __iter__(self) -> Iterator[TarEntry]:
         rec = self._recorder
