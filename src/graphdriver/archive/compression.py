@@ -382,6 +382,10 @@ class _PlainFile(_PrefixReader):
             return None
         return m, self._start - self._first
 
+    def pread_into(self, view: memoryview, offset: int) -> int:
+        """Read into *view* from *offset* in the map (the file's offset does not move)."""
+        return os.preadv(self._fd, [view], self._first + offset)
+
     def mapped_to(self, offset: int) -> None:
         """The map was read up to *offset* (in the map): the file's offset goes there, as the
         reads would have left it."""

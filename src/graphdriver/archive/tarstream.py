@@ -93,6 +93,9 @@ _READ = 256 << 10
 MAP_STEP = 1 << 20
 MAP_LAG = BUFFER_SIZE
 MAP_KEEP = 4 << 20
+#: a mapped reader reads a big entry's next piece (instead of mapping it) while the digest has
+#: more than this many regions to do (~1 MiB)
+_MAP_BEHIND = 4
 MAX_META = 1 << 20  # cap on a PAX header, a GNU long name/link, a sparse map
 MAX_SIZE = (1 << 63) - 1
 MAX_ID = (1 << 32) - 1
@@ -465,6 +468,12 @@ class TarReader:
         #: whether the input is read through a map of its file
         self.mapped = mapped is not None
         self._released = 0  # the map's pages below this were dropped (MADV_DONTNEED)
+        # a mapped reader's own buffer for big data (_read_piece), made when first needed,
+        # and the digest's last job that reads each _READ part of it
+        self._bounce: memoryview | None = None
+        self._bounce_seqs: list[int] = []
+        self._bounce_slot = 0
+        self._last_seq = -1  # the digest's last job handed over
         if mapped is not None:
             self._buf, self._pos = mapped
         else:
@@ -622,8 +631,19 @@ class TarReader:
         """The current entry's raw data region, as views valid until the next call."""
         rem = self._remaining if limit is None else min(limit, self._remaining)
         while rem:
-            if self._pos == self._end and not self._fill(1):
-                raise _bad("archive truncated in entry data")
+            if self._pos == self._end:
+                # a mapped reader's big data goes the read way while the digest is behind (it
+                # is the slower half of big files: it then hashes what the read just brought
+                # into the cache, and no page of the map is faulted in, then dropped), the
+                # mapped way while it keeps up (the reader's copy is then the critical one)
+                if (self.mapped and rem > MAP_STEP and self._digest is not None
+                        and self._digest.pending() > _MAP_BEHIND):
+                    view = self._read_piece(min(rem, _READ))
+                    rem -= len(view)
+                    yield view
+                    continue
+                if not self._fill(1):
+                    raise _bad("archive truncated in entry data")
             n = min(rem, self._end - self._pos)
             start = self._pos
             self._pos += n
@@ -632,6 +652,42 @@ class TarReader:
             if self._crc_on:
                 self._checksum(start, n)
             yield self._mv[start : start + n]
+
+    def _read_piece(self, n: int) -> memoryview:
+        """A mapped reader's next *n* (<= _READ) bytes of entry data (none of them available
+        yet), read into a buffer of the reader's own instead of taken from the map, as
+        :meth:`chunks` hands them out; see there for when."""
+        if self._bounce is None:
+            self._bounce = memoryview(aligned_buffer(BUFFER_SIZE))
+            self._bounce_seqs = [-1] * (BUFFER_SIZE // _READ)
+        seqs = self._bounce_seqs
+        slot = self._bounce_slot
+        self._bounce_slot = (slot + 1) % len(seqs)
+        digest = self._digest
+        at = self._end
+        n = min(n, len(self._buf) - at)
+        if n <= 0:
+            raise _bad("archive truncated in entry data")
+        start = slot * _READ
+        if digest is not None and seqs[slot] >= 0:
+            digest.wait_for(seqs[slot])  # the digest is done with this part
+        view = self._bounce[start : start + n]
+        got = 0
+        while got < n:
+            k = self._stream.pread_into(view[got:], at + got)  # type: ignore[attr-defined]
+            if not k:
+                raise _bad("archive truncated in entry data")
+            got += k
+        if digest is not None:
+            self._last_seq = digest.update(view)
+        if self._crc_on:
+            self._checksum(start, n, self._bounce)
+        if digest is not None:
+            seqs[slot] = self._last_seq
+        self.bytes_read += n
+        self._pos = self._end = at + n
+        self._remaining -= n
+        return view
 
     def read_data(self, entry: TarEntry, limit: int = MAX_META) -> bytes:
         """The whole (small) data of the current entry; InvalidArchive beyond *limit*."""
@@ -762,21 +818,23 @@ class TarReader:
                 self._recorder.write_frames(  # type: ignore[union-attr]
                     frame, self._fill_later(self._pos, frame, _CRC_END.pack(0, _END_JOB, 1)))
 
-    def _checksum(self, start: int, n: int) -> None:
-        """The current entry's data at ``buffer[start:start + n]`` goes into its CRC: now, or
+    def _checksum(self, start: int, n: int, source: memoryview | None = None) -> None:
+        """The current entry's data at ``buffer[start:start + n]`` (or *source*'s: a mapped
+        reader's own buffer) goes into its CRC: now, or
         (a big entry, for a recorder that takes frames later) by the digest thread -- unless it
         is behind (the sha256 is the slower half of an apply of big files): the reader then
         computes the piece's CRC, which the digest thread joins to its running one (where the
         digest thread's CRC is free, _DIGEST_BEHIND is never reached)."""
         frame = self._crc_frame
+        data = self._mv if source is None else source
         if frame is None:
-            self._crc = self._crcf(self._mv[start : start + n], self._crc)  # type: ignore[misc]
+            self._crc = self._crcf(data[start : start + n], self._crc)  # type: ignore[misc]
         elif n:
             if self._digest.pending() > _DIGEST_BEHIND:  # type: ignore[union-attr]  # not None
-                crc = self._crcf(self._mv[start : start + n], 0)  # type: ignore[misc]
-                self._fill_later(start, frame, _CRC_END.pack(crc, n | _JOIN_JOB, 0))
+                crc = self._crcf(data[start : start + n], 0)  # type: ignore[misc]
+                self._fill_later(start, frame, _CRC_END.pack(crc, n | _JOIN_JOB, 0), source)
             else:
-                self._fill_later(start, frame, _CRC_END.pack(start, n | _ADD_JOB, 0))
+                self._fill_later(start, frame, _CRC_END.pack(start, n | _ADD_JOB, 0), source)
 
     def can_apply_files(self) -> bool:
         """Whether :meth:`apply_files` can work here: the native helper is built, and the
@@ -841,17 +899,21 @@ class TarReader:
                 return applied, total, error, 0
             rec.flush()
 
-    def _fill_later(self, start: int, frames: bytearray,
-                    jobs: bytes | bytearray) -> Callable[[], None]:
+    def _fill_later(self, start: int, frames: bytearray, jobs: bytes | bytearray,
+                    source: memoryview | None = None) -> Callable[[], None]:
         """Hand *jobs* (a native run's, its entries from *start* on in the buffer; a big
         entry's CRC) to the digest thread, which fills *frames* in with header bytes and CRCs;
         returns what waits until it has: the recorder calls it before it reads the frames.  The
         buffer from *start* on is not reused before then either (a region of the digest's, see
-        _reuse)."""
+        _reuse).  *source*: the jobs read that instead (:meth:`_read_piece`'s buffer, which
+        keeps its own account)."""
         digest = self._digest
         assert digest is not None
-        seq = digest.fill_frames(self._buf, frames, jobs)  # type: ignore[union-attr]
-        self._regions.append((self._lap, start, seq))
+        seq = digest.fill_frames(  # type: ignore[union-attr]
+            self._buf if source is None else source, frames, jobs)
+        if source is None:
+            self._regions.append((self._lap, start, seq))
+        self._last_seq = seq
         return partial(digest.wait_for, seq)
 
     def prefetch(self, need: int) -> bool:
