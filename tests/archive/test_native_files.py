@@ -580,9 +580,10 @@ def test_crcs_from_the_digest_thread_give_the_same_lines(seed: int, later_from: 
     deferred: list[int] = []  # the kind bits of each job list's first job
     fill_later = ts.TarReader._fill_later
 
-    def counting(self: ts.TarReader, start: int, frames: bytearray, jobs: bytes) -> Any:
+    def counting(self: ts.TarReader, start: int, frames: bytearray, jobs: bytes,
+                 source: Any = None) -> Any:
         deferred.append(struct.unpack_from("<QQQ", jobs)[1] >> 60)
-        return fill_later(self, start, frames, jobs)
+        return fill_later(self, start, frames, jobs, source)
 
     monkeypatch.setattr(ts.TarReader, "_fill_later", counting)
     outputs = []
