@@ -93,9 +93,6 @@ _READ = 256 << 10
 MAP_STEP = 1 << 20
 MAP_LAG = BUFFER_SIZE
 MAP_KEEP = 4 << 20
-#: a mapped reader reads a big entry's next piece (instead of mapping it) while the digest has
-#: more than this many regions to do (~1 MiB)
-_MAP_BEHIND = 4
 MAX_META = 1 << 20  # cap on a PAX header, a GNU long name/link, a sparse map
 MAX_SIZE = (1 << 63) - 1
 MAX_ID = (1 << 32) - 1
@@ -632,12 +629,10 @@ class TarReader:
         rem = self._remaining if limit is None else min(limit, self._remaining)
         while rem:
             if self._pos == self._end:
-                # a mapped reader's big data goes the read way while the digest is behind (it
-                # is the slower half of big files: it then hashes what the read just brought
-                # into the cache, and no page of the map is faulted in, then dropped), the
-                # mapped way while it keeps up (the reader's copy is then the critical one)
-                if (self.mapped and rem > MAP_STEP and self._digest is not None
-                        and self._digest.pending() > _MAP_BEHIND):
+                # a mapped reader's big data goes the read way: the digest is the slower half of
+                # big files, and it then hashes what the read just brought into the cache (no
+                # page of the map is faulted in, then dropped)
+                if self.mapped and rem > MAP_STEP and self._digest is not None:
                     view = self._read_piece(min(rem, _READ))
                     rem -= len(view)
                     yield view
@@ -655,8 +650,8 @@ class TarReader:
 
     def _read_piece(self, n: int) -> memoryview:
         """A mapped reader's next *n* (<= _READ) bytes of entry data (none of them available
-        yet), read into a buffer of the reader's own instead of taken from the map, as
-        :meth:`chunks` hands them out; see there for when."""
+        yet), read into a buffer of the reader's own instead of taken from the map (big
+        entries' data: see :meth:`chunks`), as :meth:`chunks` hands them out."""
         if self._bounce is None:
             self._bounce = memoryview(aligned_buffer(BUFFER_SIZE))
             self._bounce_seqs = [-1] * (BUFFER_SIZE // _READ)
