@@ -356,27 +356,25 @@ def warm_kind(stream: BinaryIO) -> str:
 class _PlainFile(_PrefixReader):
     """An uncompressed regular file: read like any stream, or mapped (:meth:`mapping`)."""
 
-    def __init__(self, fd: int, head: bytes, start: int) -> None:
+    def __init__(self, fd: int, head: bytes, start: int, size: int) -> None:
         super().__init__(lambda view: os.readv(fd, [view]), head)
         self._fd = fd
         self._start = start  # the file offset where the stream began (before its head)
+        self._size = size  # the file's size when it was opened: what is mapped
         self._head_len = len(head)
         # where the map starts in the file (an offset mmap accepts)
         self._first = start - start % mmap.ALLOCATIONGRANULARITY
 
     def mapping(self) -> tuple[mmap.mmap, int] | None:
-        """The file from the stream's start on, mapped read-only (to its size now), and where in
-        the map the stream starts; None when the stream was read already, or when the file
-        cannot be mapped (the stream is then read).  The map's pages are the file's page
-        cache: a file cut shorter while it is mapped kills the reader with SIGBUS (only the
-        confined child maps: its death is the parent's error)."""
-        if len(self._prefix) != self._head_len:
+        """The file from the stream's start on, mapped read-only (to its size when it was
+        opened), and where in the map the stream starts; None when the stream was read already,
+        or when the file cannot be mapped (the stream is then read).  The map's pages are the
+        file's page cache: a file cut shorter while it is mapped kills the reader with SIGBUS
+        (only the confined child maps: its death is the parent's error)."""
+        if len(self._prefix) != self._head_len or self._size - self._start <= self._head_len:
             return None
         try:
-            size = os.fstat(self._fd).st_size
-            if size - self._start <= self._head_len:
-                return None
-            m = mmap.mmap(self._fd, size - self._first, mmap.MAP_SHARED, mmap.PROT_READ,
+            m = mmap.mmap(self._fd, self._size - self._first, mmap.MAP_SHARED, mmap.PROT_READ,
                           offset=self._first)
         except (OSError, ValueError, OverflowError):
             return None
@@ -397,16 +395,17 @@ def open_decompressed(fd: int, *, mappable: bool = False) -> BinaryIO:
     *mappable*: an uncompressed regular file may be mapped by the tar reader instead of read
     (its stream has ``mapping()``); only where a SIGBUS (the file cut shorter meanwhile) may
     kill the process: the confined child."""
-    start = -1
+    start = size = -1
     if mappable:
         try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                start = os.lseek(fd, 0, os.SEEK_CUR)
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                start, size = os.lseek(fd, 0, os.SEEK_CUR), st.st_size
         except OSError:
             start = -1
     head = _read_head(fd)
     if start >= 0 and detect(head) == "none":
-        return _PlainFile(fd, head, start)  # type: ignore[return-value]
+        return _PlainFile(fd, head, start, size)  # type: ignore[return-value]
     if detect(head) == "zstd":
         from .native import native_module
 

@@ -632,7 +632,7 @@ class TarReader:
                 # a mapped reader's big data goes the read way: the digest is the slower half of
                 # big files, and it then hashes what the read just brought into the cache (no
                 # page of the map is faulted in, then dropped)
-                if self.mapped and rem > MAP_STEP and self._digest is not None:
+                if self.mapped and rem > MAP_STEP:
                     view = self._read_piece(min(rem, _READ))
                     rem -= len(view)
                     yield view
