@@ -19,8 +19,8 @@ PROTOS = ("mount.proto", "snapshots.proto")
 
 
 def main() -> int:
-    import grpc_tools  # type: ignore[import-untyped]
-    from grpc_tools import protoc  # type: ignore[import-untyped]
+    import grpc_tools  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    from grpc_tools import protoc  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     for plugin in ("protoc-gen-mypy", "protoc-gen-mypy_grpc"):
