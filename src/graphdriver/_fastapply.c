@@ -827,11 +827,317 @@ static int note_directory(PyObject *dirs, PyObject *dir_times, PyObject *real, i
     return rc;
 }
 
+/* ---- the file writer -----------------------------------------------------------------------
+ *
+ * Writer() -> a native thread that finishes the regular files of files()' runs (apply_files in
+ * archive/tarstream.py, for a reader whose input is mapped: the data stays where it is until the
+ * map goes).  The run still creates each file itself (openat, on the caller's thread: the tree's
+ * names, order and errors stay the caller's), then hands the rest to the writer -- the data (a
+ * range of the run's buffer), fchown, fchmod, futimens, close: finish_file, as the run does it
+ * without a writer.  Writing is most of an apply's system time (the filesystem's page allocation
+ * and the copy; futimens and close), and a layer of many small files leaves a second core mostly
+ * idle (the diffID's thread hashes few bytes per file): there the writing then runs beside the
+ * parsing and the creation of the next files.  Where that core is busy (big files: the sha256 is
+ * the slower half), the writer falls behind, and the run finishes the files itself whenever the
+ * writer has WR_SLOTS files or WR_BYTES of data pending: no side waits for the other.
+ *
+ * The hand-over is a ring of WR_SLOTS jobs and two counters, as in _fastdigest.c: published (the
+ * caller's) and done (the writer's).  The caller wakes a sleeping writer once WR_WAKE_BYTES or
+ * WR_WAKE_JOBS wait for it, and at the end of each run; it sleeps (without the GIL) only in
+ * wait().  A job keeps a reference to its parent directory's real path (for the error's
+ * message), dropped by the caller (it holds the GIL) once the writer is past the job.  The first
+ * failure stops the writing: the writer then only closes the files of the jobs after it;
+ * check() returns (errno, step, real path) of the failed one (files() made it already: the
+ * caller's rollback removes it with the rest), as files() returns its own.  wait() returns once
+ * every job is done (and check()'s answer); close() stops the writer (the pending jobs' files
+ * closed unwritten) and joins it; a dropped Writer is closed.  The pending files hold WR_SLOTS
+ * descriptors at most; a run whose openat finds no descriptor left waits for them and tries
+ * again. */
+#define WR_SLOTS 128
+#define WR_BYTES (2 << 20)
+#define WR_WAKE_BYTES (256 << 10)
+#define WR_WAKE_JOBS 32
+#define WR_NAME 256
+
+struct wr_job {
+    const unsigned char *p;
+    size_t len;
+    unsigned long long uid, gid;
+    long long chmod_mode, atime_ns, mtime_ns;
+    PyObject *parent_real;
+    int fd, do_chown;
+    Py_ssize_t base_n;
+    unsigned char base[WR_NAME];
+};
+
+typedef struct {
+    PyObject_HEAD
+    struct wr_job jobs[WR_SLOTS];
+    uint64_t released;           /* jobs whose references were dropped (caller only) */
+    uint64_t bytes_put;          /* data bytes handed over (caller only) */
+    uint64_t unwoken_jobs, unwoken_bytes; /* handed over since the writer was last woken */
+    PyObject *error;             /* check()'s answer once known (caller only) */
+    _Atomic uint64_t published;
+    _Atomic uint64_t done;
+    _Atomic uint64_t bytes_done;
+    _Atomic uint32_t work_word, done_word;
+    _Atomic uint32_t worker_sleeping, caller_waiting;
+    _Atomic int stop;
+    _Atomic int failed;
+    int err;                     /* the failure: written by the writer before failed is set */
+    const char *step;
+    uint64_t failed_at;
+    pthread_t thread;
+    pid_t owner;
+    int started, joined;
+} Writer;
+
+static void *wr_work(void *arg)
+{
+    Writer *w = (Writer *)arg;
+    uint64_t n = atomic_load(&w->done);
+#ifdef __GLIBC__
+    pthread_setname_np(pthread_self(), "layer-writer");
+#endif
+    for (;;) {
+        uint64_t p = atomic_load_explicit(&w->published, memory_order_acquire);
+        if (n < p) {
+            struct wr_job *j = &w->jobs[n % WR_SLOTS];
+            size_t len = j->len;
+            if (atomic_load(&w->stop) || atomic_load_explicit(&w->failed, memory_order_relaxed)) {
+                close(j->fd);
+            } else {
+                int err = 0;
+                const char *step = finish_file(j->fd, j->p, len, j->do_chown, j->uid, j->gid,
+                                               j->chmod_mode, j->atime_ns, j->mtime_ns, &err);
+                if (step != NULL) {
+                    w->err = err;
+                    w->step = step;
+                    w->failed_at = n;
+                    atomic_store_explicit(&w->failed, 1, memory_order_release);
+                }
+            }
+            n++;
+            atomic_fetch_add(&w->bytes_done, len);
+            atomic_store_explicit(&w->done, n, memory_order_release);
+            if (atomic_load(&w->caller_waiting))
+                futex_wake(&w->done_word);
+            continue;
+        }
+        if (atomic_load(&w->stop))
+            break;
+        uint32_t seen = atomic_load(&w->work_word);
+        atomic_store(&w->worker_sleeping, 1);
+        if (atomic_load(&w->published) == n && !atomic_load(&w->stop))
+            futex_wait(&w->work_word, seen);
+        atomic_store(&w->worker_sleeping, 0);
+    }
+    return NULL;
+}
+
+static void wr_wake(Writer *w)
+{
+    w->unwoken_jobs = w->unwoken_bytes = 0;
+    if (atomic_exchange(&w->worker_sleeping, 0))
+        futex_wake(&w->work_word);
+}
+
+/* Sleep (the caller, without the GIL) until the writer has done more than *seen_done* jobs or
+ * stopped. */
+static void wr_sleep(Writer *w, uint64_t seen_done)
+{
+    uint32_t seen = atomic_load(&w->done_word);
+    atomic_store(&w->caller_waiting, 1);
+    if (atomic_load(&w->done) == seen_done)
+        futex_wait(&w->done_word, seen);
+    atomic_store(&w->caller_waiting, 0);
+}
+
+/* Drop the references of the jobs the writer is past (with the GIL). */
+static void wr_release_done(Writer *w)
+{
+    uint64_t d = atomic_load_explicit(&w->done, memory_order_acquire);
+    if (atomic_load_explicit(&w->failed, memory_order_acquire) && w->error == NULL &&
+        w->released <= w->failed_at && w->failed_at < d) {
+        struct wr_job *j = &w->jobs[w->failed_at % WR_SLOTS];
+        PyObject *real = real_path(j->parent_real, j->base, j->base_n);
+        if (real != NULL)
+            w->error = Py_BuildValue("(isN)", w->err, w->step, real);
+        if (w->error == NULL) { /* no memory for the message: the failure still stands */
+            PyErr_Clear();
+            w->error = Py_BuildValue("(iss)", w->err, w->step, "?");
+        }
+    }
+    while (w->released < d) {
+        Py_CLEAR(w->jobs[w->released % WR_SLOTS].parent_real);
+        w->released++;
+    }
+}
+
+/* Whether the writer takes a file of *len* bytes now (else the run finishes it itself). */
+static int wr_has_room(Writer *w, size_t len)
+{
+    uint64_t pub = atomic_load_explicit(&w->published, memory_order_relaxed);
+    uint64_t d = atomic_load_explicit(&w->done, memory_order_acquire);
+    if (atomic_load_explicit(&w->failed, memory_order_relaxed) || pub - d >= WR_SLOTS)
+        return 0;
+    return pub == d || w->bytes_put - atomic_load(&w->bytes_done) + len <= WR_BYTES;
+}
+
+/* Hand a created file's rest to the writer (with the GIL; after wr_has_room said yes).  -1 with
+ * an exception set (its thread could not start): fd is then still the caller's. */
+static int wr_put(Writer *w, int fd, const unsigned char *p, size_t len, int do_chown,
+                  unsigned long long uid, unsigned long long gid, long long chmod_mode,
+                  long long atime_ns, long long mtime_ns, PyObject *parent_real,
+                  const unsigned char *base, Py_ssize_t base_n)
+{
+    uint64_t pub = atomic_load_explicit(&w->published, memory_order_relaxed);
+    struct wr_job *j;
+    if (!w->started) {
+        int err = start_signalless_thread(&w->thread, wr_work, w);
+        if (err) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        w->owner = getpid();
+        w->started = 1;
+    }
+    wr_release_done(w); /* the slot's previous job is done (wr_has_room): its reference goes */
+    j = &w->jobs[pub % WR_SLOTS];
+    j->p = p;
+    j->len = len;
+    j->uid = uid;
+    j->gid = gid;
+    j->chmod_mode = chmod_mode;
+    j->atime_ns = atime_ns;
+    j->mtime_ns = mtime_ns;
+    j->parent_real = Py_NewRef(parent_real);
+    j->fd = fd;
+    j->do_chown = do_chown;
+    j->base_n = base_n;
+    memcpy(j->base, base, (size_t)base_n);
+    w->bytes_put += len;
+    atomic_store_explicit(&w->published, pub + 1, memory_order_release);
+    w->unwoken_jobs++;
+    w->unwoken_bytes += len;
+    if (w->unwoken_jobs >= WR_WAKE_JOBS || w->unwoken_bytes >= WR_WAKE_BYTES)
+        wr_wake(w);
+    return 0;
+}
+
+/* Wait (the caller, without the GIL) until every job handed over is done. */
+static void wr_drain(Writer *w)
+{
+    uint64_t pub = atomic_load(&w->published);
+    if (!w->started || w->joined || w->owner != getpid())
+        return;
+    wr_wake(w);
+    for (;;) {
+        uint64_t d = atomic_load_explicit(&w->done, memory_order_acquire);
+        if (d >= pub)
+            break;
+        wr_sleep(w, d);
+    }
+}
+
+static void wr_stop(Writer *w)
+{
+    if (!w->started || w->joined)
+        return;
+    if (w->owner != getpid()) { /* a fork's child: the thread is not here */
+        w->joined = 1;
+        return;
+    }
+    atomic_store(&w->stop, 1);
+    wr_wake(w);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(w->thread, NULL);
+    Py_END_ALLOW_THREADS
+    w->joined = 1;
+}
+
+static PyObject *Writer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) || (kwds != NULL && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "Writer() takes no arguments");
+        return NULL;
+    }
+    return type->tp_alloc(type, 0);
+}
+
+static void Writer_dealloc(Writer *w)
+{
+    wr_stop(w);
+    while (w->released < atomic_load(&w->published)) {
+        Py_CLEAR(w->jobs[w->released % WR_SLOTS].parent_real);
+        w->released++;
+    }
+    Py_CLEAR(w->error);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+static PyObject *Writer_check(Writer *w, PyObject *Py_UNUSED(ignored))
+{
+    wr_release_done(w);
+    return Py_NewRef(w->error != NULL ? w->error : Py_None);
+}
+
+static PyObject *Writer_wait(Writer *w, PyObject *Py_UNUSED(ignored))
+{
+    Py_BEGIN_ALLOW_THREADS
+    wr_drain(w);
+    Py_END_ALLOW_THREADS
+    return Writer_check(w, NULL);
+}
+
+static PyObject *Writer_close(Writer *w, PyObject *Py_UNUSED(ignored))
+{
+    wr_stop(w);
+    wr_release_done(w);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Writer_pending(Writer *w, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLongLong(atomic_load(&w->published) - atomic_load(&w->done));
+}
+
+static PyObject *Writer_handed(Writer *w, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLongLong(atomic_load(&w->published));
+}
+
+static PyMethodDef Writer_methods[] = {
+    {"check", (PyCFunction)Writer_check, METH_NOARGS,
+     "(errno, step, real path) of the first file that failed, else None."},
+    {"wait", (PyCFunction)Writer_wait, METH_NOARGS,
+     "Return once every file handed over is finished (check()'s answer)."},
+    {"close", (PyCFunction)Writer_close, METH_NOARGS,
+     "Stop the thread: files still pending are closed unwritten."},
+    {"pending", (PyCFunction)Writer_pending, METH_NOARGS, "Files handed over, not done yet."},
+    {"handed", (PyCFunction)Writer_handed, METH_NOARGS, "Files handed over so far."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject WriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "graphdriver._fastapply.Writer",
+    .tp_basicsize = sizeof(Writer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A native thread that finishes the regular files of files()' runs.",
+    .tp_new = Writer_new,
+    .tp_dealloc = (destructor)Writer_dealloc,
+    .tp_methods = Writer_methods,
+};
+
 static PyObject *files(PyObject *self, PyObject *args)
 {
     Py_buffer view, seg;
     Py_ssize_t pos, end, start, cache_limit;
     PyObject *dirs, *dir_times, *links, *seg_obj, *lent = Py_None, *error = NULL, *result;
+    PyObject *writer_obj = Py_None;
+    Writer *wr = NULL;
     struct frames_out fo = {NULL, 0, 0};
     PyObject *cur_parent = NULL; /* bytes of the cached parent */
     int cur_fd = -1, cur_sgid = 0, euid, egid, umask_bits;
@@ -845,10 +1151,19 @@ static PyObject *files(PyObject *self, PyObject *args)
     int have_seg = 0, full = 0;
 
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*nnO!O!O!iiinOO|On", &view, &pos, &end, &PyDict_Type, &dirs,
+    if (!PyArg_ParseTuple(args, "y*nnO!O!O!iiinOO|OnO", &view, &pos, &end, &PyDict_Type, &dirs,
                           &PyDict_Type, &dir_times, &PySet_Type, &links, &euid, &egid,
-                          &umask_bits, &cache_limit, &seg_obj, &crcf, &lent, &lent_at))
+                          &umask_bits, &cache_limit, &seg_obj, &crcf, &lent, &lent_at,
+                          &writer_obj))
         return NULL;
+    if (writer_obj != Py_None) {
+        if (!PyObject_TypeCheck(writer_obj, &WriterType)) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_TypeError, "files: writer must be a Writer or None");
+            return NULL;
+        }
+        wr = (Writer *)writer_obj;
+    }
     if (pos < 0 || end > view.len || pos > end ||
         (lent != Py_None && (!PyByteArray_Check(lent) || lent_at < 0 ||
                              lent_at > PyByteArray_GET_SIZE(lent)))) {
@@ -1087,18 +1402,33 @@ static PyObject *files(PyObject *self, PyObject *args)
         } else {
             chmod_mode = (mode & 07000) || (mode & (unsigned long long)umask_bits)
                              ? (long long)(mode & 07777) : -1;
+            /* with a writer (that has not failed), the rest of the file is its job */
+            int to_writer = wr != NULL && base_n < WR_NAME && wr_has_room(wr, (size_t)size);
             Py_BEGIN_ALLOW_THREADS
-            do {
+            for (;;) {
                 fd = openat(cur_fd, (const char *)cname,
                             O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
                             (mode_t)(mode & 0777));
-            } while (fd < 0 && errno == EINTR);
-            if (fd >= 0)
+                if (fd >= 0 || errno != EINTR) {
+                    /* out of descriptors while the writer holds some: once they are closed */
+                    if (fd >= 0 || (errno != EMFILE && errno != ENFILE) || wr == NULL ||
+                        atomic_load(&wr->published) == atomic_load(&wr->done))
+                        break;
+                    wr_drain(wr);
+                }
+            }
+            if (fd >= 0 && !to_writer)
                 step = finish_file(fd, buf + data_at, (size_t)size, do_chown, uid, gid,
                                    chmod_mode, atime_ns, mtime_ns, &err);
             Py_END_ALLOW_THREADS
             if (fd < 0)
                 break; /* EEXIST (something in the way) or another error: Python redoes it */
+            if (to_writer && wr_put(wr, fd, buf + data_at, (size_t)size, do_chown, uid, gid,
+                                    chmod_mode, atime_ns, mtime_ns, cur_real, base,
+                                    base_n) < 0) {
+                close(fd);
+                goto fail;
+            }
         }
         if (step) { /* created but not finished: its real path goes back with the error */
             if (real == NULL && (real = real_path(cur_real, base, base_n)) == NULL)
@@ -1177,6 +1507,8 @@ static PyObject *files(PyObject *self, PyObject *args)
         Py_XDECREF(real);
         goto fail;
     }
+    if (wr != NULL && (wr->unwoken_jobs || wr->unwoken_bytes))
+        wr_wake(wr); /* what is pending goes on while the caller reads the next entry */
     if (count)
         pos = prev_data_end;
     else
@@ -1198,6 +1530,8 @@ static PyObject *files(PyObject *self, PyObject *args)
     PyBuffer_Release(&view);
     return result;
 fail:
+    if (wr != NULL && (wr->unwoken_jobs || wr->unwoken_bytes))
+        wr_wake(wr);
     Py_XDECREF(fo.ba);
     Py_XDECREF(error);
     Py_XDECREF(cur_parent);
@@ -2248,9 +2582,19 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__fastapply(void)
 {
     int i;
+    PyObject *m;
     for (i = 0; i < 4096; i++) {
         b64pairs[i][0] = b64chars[i >> 6];
         b64pairs[i][1] = b64chars[i & 63];
     }
-    return PyModule_Create(&module);
+    if (PyType_Ready(&WriterType) < 0)
+        return NULL;
+    m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

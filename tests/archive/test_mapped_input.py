@@ -210,7 +210,9 @@ def test_the_store_applies_a_mapped_file_exactly(store: Any, tar_file: tuple[Pat
 
 def test_a_file_cut_shorter_during_the_apply(store: Any, work: Path) -> None:
     """The layer file is truncated while the confined child maps it: the child dies of
-    SIGBUS, the apply fails with one line that says so, and the layer holds nothing."""
+    SIGBUS (its reader touched a page that is gone), or its file writer's write from the map
+    fails with EFAULT (the kernel did), whichever comes first; the apply fails with one line that
+    says the file was cut shorter, and the layer holds nothing."""
     rng = random.Random(3)
     data = build(*[member(f"f{i:02d}", rng.randbytes(2 * MiB)) for i in range(40)])
     path = work / "shrinking.tar"
@@ -227,7 +229,7 @@ def test_a_file_cut_shorter_during_the_apply(store: Any, work: Path) -> None:
         store.apply_diff("layer", None, f, progress=progress)
     assert cut, "the apply reported no progress before it ended"
     message = str(info.value)
-    assert "SIGBUS" in message and "\n" not in message
+    assert "cut shorter" in message and "\n" not in message
     with store.mounted("layer") as root:
         assert os.listdir(root) == []
     assert store.exists("layer") and not store.meta.is_incomplete("layer")

@@ -1169,6 +1169,9 @@ class _Applier:
             finally:
                 gate.closed = False
             next_progress = self._step_done(reader, next_progress)
+        error = reader.finish_writes()
+        if error is not None:
+            self._native_error(error, reader)
         if progress is not None:
             progress(reader.bytes_read)
 
@@ -1198,12 +1201,8 @@ class _Applier:
                     self.cache, self.dir_times, self.archive_links, self.euid, self.egid,
                     self.umask, _CACHE_LIMIT)
                 self.size += size
-                if error is not None:  # as _regular_native reports it
-                    err, step, real = error
-                    exc = OSError(err, os.strerror(err))
-                    if step == "chown":
-                        self._soft_fail(f"chown {real!r}", exc)
-                    raise exc
+                if error is not None:
+                    self._native_error(error, reader)
             finally:
                 gate.closed = False
             next_progress = self._step_done(reader, next_progress)
@@ -1212,6 +1211,20 @@ class _Applier:
                 continue
             if not need or not reader.prefetch(need):
                 return next_progress
+
+    def _native_error(self, error: tuple[int, str, str], reader: TarReader) -> None:
+        """Raise a native run's error, (errno, step, real path), or its file writer's: as
+        _regular_native reports it.  A write from a map that fails with EFAULT read a page the
+        input file no longer has (it was cut shorter: the reader's own reads there are a
+        SIGBUS)."""
+        err, step, real = error
+        if err == errno.EFAULT and step == "write" and reader.mapped:
+            raise GraphDriverError(f"writing {real!r}: its data is gone from the input file "
+                                   "(it was cut shorter while it was read?)")
+        exc = OSError(err, os.strerror(err))
+        if step == "chown":
+            self._soft_fail(f"chown {real!r}", exc)
+        raise exc
 
     def _entry(self, reader: TarReader, e: TarEntry, regular: frozenset[bytes]) -> None:
         """Apply one entry (with the signal gate closed: see _SignalGate); the apply no longer
@@ -1575,6 +1588,7 @@ def apply_reader(reader: TarReader, root_fd: int, opts: ApplyOptions) -> ApplyRe
     except BaseException as exc:
         SIGNAL_GATE.closed = True  # a second signal must not cut the rollback short
         try:
+            reader.stop_writes()  # no file is written any more while the rollback runs
             applier.rollback()
         except Exception as rb:  # pragma: no cover - reported, the original error wins
             log.error("rollback failed: %r", rb)

@@ -62,6 +62,10 @@ _fastapply = native_module("_fastapply")
 _native_header: Callable[[Any, int, int], tuple[Any, ...] | None] | None = (
     _fastapply.header if _fastapply else None)
 _native_files: Callable[..., tuple[Any, ...]] | None = _fastapply.files if _fastapply else None
+#: the native thread that finishes the native runs' regular files (their data, owner, mode,
+#: times, close) beside the reader, for a mapped reader (see _fastapply.c's Writer): the map
+#: stays whole until the reader is closed, so the data it hands over needs no keeping
+_FileWriter: Callable[[], Any] | None = getattr(_fastapply, "Writer", None)
 
 BLOCK = 512
 #: the reader's buffer.  4 MiB, not 1: the digest thread may lag that far behind the reader
@@ -471,6 +475,9 @@ class TarReader:
         self._bounce_seqs: list[int] = []
         self._bounce_slot = 0
         self._last_seq = -1  # the digest's last job handed over
+        # the native runs' file writer (a mapped reader's, made at the first run; see
+        # finish_writes and stop_writes)
+        self._writer: Any = None
         if mapped is not None:
             self._buf, self._pos = mapped
         else:
@@ -861,6 +868,9 @@ class TarReader:
             return 0, 0, None, 0
         rec: Any = self._recorder  # (the frames' methods are not the Recorder protocol's)
         lend: Callable[[], tuple[bytearray, int]] | None = getattr(rec, "lend_frames", None)
+        writer = self._writer
+        if writer is None and self.mapped and _FileWriter is not None:
+            writer = self._writer = _FileWriter()
         applied = total = 0
         while True:
             self._settle()
@@ -869,7 +879,9 @@ class TarReader:
             pos, count, size, frames, pad, error, need = _native_files(  # type: ignore[misc]
                 self._buf, self._pos, self._end, dirs, dir_times, links, euid, egid, umask,
                 cache_limit, None if rec is None else self._seg,
-                self._crcf if jobs is None else jobs, *(lent or ()))
+                self._crcf if jobs is None else jobs, *(lent or (None, 0)), writer)
+            if error is None and writer is not None:
+                error = writer.check()  # an earlier file of this run or of one before
             applied += count
             total += size
             if count:
@@ -893,6 +905,26 @@ class TarReader:
             if not lent[1] and not count:
                 return applied, total, error, 0
             rec.flush()
+
+    def finish_writes(self) -> tuple[int, str, str] | None:
+        """Wait until the file writer has finished every file the native runs handed it, and
+        stop it; returns (errno, step, real path) of the first that failed (as apply_files
+        does), else None.  Call at the end of an apply, before anything looks at the files."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return None
+        try:
+            error: tuple[int, str, str] | None = writer.wait()
+        finally:
+            writer.close()
+        return error
+
+    def stop_writes(self) -> None:
+        """Stop the file writer at once (an apply that fails): the files still pending are
+        closed unwritten; it reads the map no more."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
 
     def _fill_later(self, start: int, frames: bytearray, jobs: bytes | bytearray,
                     source: memoryview | None = None) -> Callable[[], None]:

@@ -1,0 +1,158 @@
+"""The native runs' file writer (``_fastapply.Writer``): a mapped reader's runs create each
+regular file and hand the rest of it (data, owner, mode, times, close) to a thread of its own.
+
+The confined child's apply maps an uncompressed layer file; these tests map one in process too
+(``open_decompressed(fd, mappable=True)``) so that they can see the writer take files.  Each
+compares with GNU tar's extraction of the same archive, or fails the apply for real (a full
+tmpfs), and checks that the writer was handed files: a test that passed without it would prove
+nothing about it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tarbuild import gnu_extract, gnu_tar, make_rich_tree, needs_gnu_tar, needs_root
+from tests.treeutil import diff_snapshots, snapshot
+
+from graphdriver.archive import tarstream
+from graphdriver.archive.apply import ApplyOptions, apply_reader
+from graphdriver.archive.compression import open_decompressed
+from graphdriver.archive.tarstream import TarReader
+from graphdriver.errors import GraphDriverError, NoSpace
+
+pytestmark = [needs_gnu_tar, needs_root,
+              pytest.mark.skipif(tarstream._FileWriter is None,
+                                 reason="the native helpers are not built")]
+
+ALL_FACTS = {"dir_mtimes": True, "with_root": True}
+
+
+@pytest.fixture
+def writers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every Writer the readers make during the test, kept (they stay readable once closed)."""
+    made: list[Any] = []
+    real = tarstream._FileWriter
+    assert real is not None
+
+    def make() -> Any:
+        w = real()
+        made.append(w)
+        return w
+
+    monkeypatch.setattr(tarstream, "_FileWriter", make)
+    return made
+
+
+def _apply_mapped(tar: Path, target: Path) -> Any:
+    """Apply *tar* onto *target* in process, through a map of the file (as the child does)."""
+    fd = os.open(tar, os.O_RDONLY)
+    root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        stream = open_decompressed(fd, mappable=True)
+        try:
+            reader = TarReader(stream)
+            assert reader.mapped
+            return apply_reader(reader, root_fd, ApplyOptions())
+        finally:
+            stream.close()
+    finally:
+        os.close(root_fd)
+        os.close(fd)
+
+
+def _many_files(src: Path, count: int, size: int) -> None:
+    """*count* files of *size* bytes in a few directories, with owners, modes and times of
+    their own, and hard links to some (a link to a file the writer may still be writing)."""
+    for i in range(count):
+        d = src / f"d{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        f = d / f"f{i:05d}"
+        f.write_bytes(bytes([i % 251]) * (size + i % 977))
+        os.chown(f, i % 5, i % 3)
+        os.chmod(f, (0o4755, 0o2750, 0o1644, 0o600, 0o644)[i % 5])
+        t = 1_600_000_000_000_000_000 + i * 1_000_003
+        os.utime(f, ns=(t, t))
+        if i % 97 == 0:
+            os.link(f, d / f"link{i:05d}")
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar"])
+def test_same_tree_as_gnu_tar(work: Path, writers: list[Any], fmt: str) -> None:
+    src = work / "src"
+    make_rich_tree(src, **({} if fmt == "pax" else {"xattrs": False, "long_names": False}))
+    _many_files(src / "many", 600, 3000)
+    tar = work / "layer.tar"
+    gnu_tar("--numeric-owner", f"--format={fmt}",
+            *(["--xattrs", "--xattrs-include=*"] if fmt == "pax" else []),
+            "-cf", tar, "-C", src, ".")
+    ex, mine = work / "gnu", work / "mine"
+    ex.mkdir()
+    mine.mkdir()
+    gnu_extract(tar, ex)
+    _apply_mapped(tar, mine)
+    problems = diff_snapshots(snapshot(ex, **ALL_FACTS), snapshot(mine, **ALL_FACTS))
+    assert not problems, "\n".join(problems[:20])
+    assert writers and writers[0].handed() > 0, "the writer finished no file"
+
+
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                   check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def test_a_full_disk_fails_the_apply_and_leaves_nothing(work: Path, writers: list[Any]) -> None:
+    """The writer's writes meet ENOSPC: the apply fails with NoSpace, no file is written after
+    the failure, and the rollback empties the target (the writer stopped first)."""
+    src = work / "src"
+    _many_files(src, 2000, 8000)
+    tar = work / "layer.tar"
+    gnu_tar("--numeric-owner", "--format=pax", "-cf", tar, "-C", src, ".")
+    with _small_tmpfs(work / "small", "6m") as target:
+        with pytest.raises(NoSpace):
+            _apply_mapped(tar, target)
+        assert os.listdir(target) == []
+    assert writers and writers[0].handed() > 0
+    assert writers[0].pending() == 0  # stopped: every file it held was closed
+
+
+def test_an_error_after_many_files_rolls_back_their_writes(work: Path,
+                                                          writers: list[Any]) -> None:
+    """An unsafe entry after a run of files the writer took: the apply stops it, then rolls
+    back; nothing is left, and a later apply of a good layer onto the same target works."""
+    src = work / "src"
+    _many_files(src, 800, 20_000)
+    good = work / "good.tar"
+    gnu_tar("--numeric-owner", "--format=pax", "-cf", good, "-C", src, ".")
+    bad = work / "bad.tar"
+    body = good.read_bytes().rstrip(b"\0")
+    body += b"\0" * (-len(body) % 512)
+    with open(bad, "wb") as f:  # the good entries, then one that leaves the layer
+        f.write(body)
+    subprocess.run(["tar", "--format=pax", "-rf", str(bad), "--absolute-names",
+                    "--transform", "s,^.*$,../escape,", str(src / "d0" / "f00000")],
+                   check=True, capture_output=True)
+    target = work / "target"
+    target.mkdir()
+    with pytest.raises(GraphDriverError):
+        _apply_mapped(bad, target)
+    assert os.listdir(target) == []
+    assert writers and writers[0].handed() > 0
+    ex = work / "gnu"
+    ex.mkdir()
+    gnu_extract(good, ex)
+    _apply_mapped(good, target)
+    problems = diff_snapshots(snapshot(ex, **ALL_FACTS), snapshot(target, **ALL_FACTS))
+    assert not problems, "\n".join(problems[:20])
