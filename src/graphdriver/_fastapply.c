@@ -830,8 +830,9 @@ static int note_directory(PyObject *dirs, PyObject *dir_times, PyObject *real, i
 /* ---- the file writer -----------------------------------------------------------------------
  *
  * Writer() -> a native thread that finishes the regular files of files()' runs (apply_files in
- * archive/tarstream.py, for a reader whose input is mapped: the data stays where it is until the
- * map goes).  The run still creates each file itself (openat, on the caller's thread: the tree's
+ * archive/tarstream.py: the reader keeps the part of its buffer a file's data is in unchanged
+ * until the writer is past that file, wait_for(handed() after the run); a map stays whole until
+ * it goes).  The run still creates each file itself (openat, on the caller's thread: the tree's
  * names, order and errors stay the caller's), then hands the rest to the writer -- the data (a
  * range of the run's buffer), fchown, fchmod, futimens, close: finish_file, as the run does it
  * without a writer.  Writing is most of an apply's system time (the filesystem's page allocation
@@ -1091,6 +1092,30 @@ static PyObject *Writer_wait(Writer *w, PyObject *Py_UNUSED(ignored))
     return Writer_check(w, NULL);
 }
 
+static PyObject *Writer_wait_for(Writer *w, PyObject *arg)
+{
+    unsigned long long seq = PyLong_AsUnsignedLongLong(arg);
+    if (seq == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (seq > atomic_load(&w->published)) {
+        PyErr_SetString(PyExc_ValueError, "no file has that number yet");
+        return NULL;
+    }
+    if (w->started && !w->joined && w->owner == getpid()) {
+        Py_BEGIN_ALLOW_THREADS
+        wr_wake(w);
+        for (;;) {
+            uint64_t d = atomic_load_explicit(&w->done, memory_order_acquire);
+            if (d >= seq)
+                break;
+            wr_sleep(w, d);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    wr_release_done(w);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Writer_close(Writer *w, PyObject *Py_UNUSED(ignored))
 {
     wr_stop(w);
@@ -1117,6 +1142,8 @@ static PyMethodDef Writer_methods[] = {
      "Stop the thread: files still pending are closed unwritten."},
     {"pending", (PyCFunction)Writer_pending, METH_NOARGS, "Files handed over, not done yet."},
     {"handed", (PyCFunction)Writer_handed, METH_NOARGS, "Files handed over so far."},
+    {"wait_for", (PyCFunction)Writer_wait_for, METH_O,
+     "Return once the first n files handed over (n: a number handed() gave) are finished."},
     {NULL, NULL, 0, NULL},
 };
 

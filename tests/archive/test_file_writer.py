@@ -1,11 +1,12 @@
-"""The native runs' file writer (``_fastapply.Writer``): a mapped reader's runs create each
-regular file and hand the rest of it (data, owner, mode, times, close) to a thread of its own.
+"""The native runs' file writer (``_fastapply.Writer``): the runs create each regular file and
+hand the rest of it (data, owner, mode, times, close) to a thread of its own.
 
 The confined child's apply maps an uncompressed layer file; these tests map one in process too
-(``open_decompressed(fd, mappable=True)``) so that they can see the writer take files.  Each
-compares with GNU tar's extraction of the same archive, or fails the apply for real (a full
-tmpfs), and checks that the writer was handed files: a test that passed without it would prove
-nothing about it.
+(``open_decompressed(fd, mappable=True)``), or read a file, a pipe or a compressed stream into
+the reader's buffer (whose front the reader reuses only once the writer is past the files in
+it), so that they can see the writer take files.  Each compares with GNU tar's extraction of the
+same archive, or fails the apply for real (a full tmpfs), and checks that the writer was handed
+files: a test that passed without it would prove nothing about it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from tarbuild import gnu_extract, gnu_tar, make_rich_tree, needs_gnu_tar, needs_
 from tests.treeutil import diff_snapshots, snapshot
 
 from graphdriver.archive import tarstream
-from graphdriver.archive.apply import ApplyOptions, apply_reader
+from graphdriver.archive.apply import ApplyOptions, apply_reader, apply_tar
 from graphdriver.archive.compression import open_decompressed
 from graphdriver.archive.tarstream import TarReader
 from graphdriver.errors import GraphDriverError, NoSpace
@@ -100,6 +102,51 @@ def test_same_tree_as_gnu_tar(work: Path, writers: list[Any], fmt: str) -> None:
     problems = diff_snapshots(snapshot(ex, **ALL_FACTS), snapshot(mine, **ALL_FACTS))
     assert not problems, "\n".join(problems[:20])
     assert writers and writers[0].handed() > 0, "the writer finished no file"
+
+
+@pytest.mark.parametrize("source", ["file", "pipe", "gzip", "zstd"])
+def test_buffered_streams_give_the_same_tree(work: Path, writers: list[Any],
+                                            source: str) -> None:
+    """Unmapped input: the reader's 4 MiB buffer goes round many times (30 MB of files), and
+    its front is read into again while the writer may still hold files in it."""
+    src = work / "src"
+    _many_files(src, 3000, 9000)
+    make_rich_tree(src / "rich")
+    tar = work / ("layer.tar" + {"gzip": ".gz", "zstd": ".zst"}.get(source, ""))
+    gnu_tar("--numeric-owner", "--format=pax", "--xattrs", "--xattrs-include=*",
+            *{"gzip": ["-z"], "zstd": ["--zstd"]}.get(source, []), "-cf", tar, "-C", src, ".")
+    ex, mine = work / "gnu", work / "mine"
+    ex.mkdir()
+    mine.mkdir()
+    gnu_extract(tar, ex)
+    if source == "pipe":
+        r, w = os.pipe()
+        feeder = threading.Thread(target=_feed, args=(tar, w))
+        feeder.start()
+        try:
+            apply_tar(r, mine, ApplyOptions())
+        finally:
+            os.close(r)
+            feeder.join()
+    else:
+        fd = os.open(tar, os.O_RDONLY)
+        try:
+            apply_tar(fd, mine, ApplyOptions())
+        finally:
+            os.close(fd)
+    problems = diff_snapshots(snapshot(ex, **ALL_FACTS), snapshot(mine, **ALL_FACTS))
+    assert not problems, "\n".join(problems[:20])
+    assert writers and writers[0].handed() > 1000, "the writer finished few files"
+
+
+def _feed(path: Path, fd: int) -> None:
+    """Write the file into the pipe in odd-sized pieces, then close it."""
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(70_001):
+                os.write(fd, chunk)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -63,8 +63,9 @@ _native_header: Callable[[Any, int, int], tuple[Any, ...] | None] | None = (
     _fastapply.header if _fastapply else None)
 _native_files: Callable[..., tuple[Any, ...]] | None = _fastapply.files if _fastapply else None
 #: the native thread that finishes the native runs' regular files (their data, owner, mode,
-#: times, close) beside the reader, for a mapped reader (see _fastapply.c's Writer): the map
-#: stays whole until the reader is closed, so the data it hands over needs no keeping
+#: times, close) beside the reader (see _fastapply.c's Writer): a map stays whole until the
+#: reader is closed; the part of the buffer a run's files are in is not written again before
+#: the writer is past them (_reuse)
 _FileWriter: Callable[[], Any] | None = getattr(_fastapply, "Writer", None)
 
 BLOCK = 512
@@ -475,9 +476,13 @@ class TarReader:
         self._bounce_seqs: list[int] = []
         self._bounce_slot = 0
         self._last_seq = -1  # the digest's last job handed over
-        # the native runs' file writer (a mapped reader's, made at the first run; see
-        # finish_writes and stop_writes)
+        # the native runs' file writer (made at the first run; see finish_writes and
+        # stop_writes), and the runs that handed it files, as (lap, start, the files handed up
+        # to the run's end), in order: an unmapped buffer's part is not reused before the
+        # writer is past the files in it (_reuse)
         self._writer: Any = None
+        self._wruns: deque[tuple[int, int, int]] = deque()
+        self._handed = 0
         if mapped is not None:
             self._buf, self._pos = mapped
         else:
@@ -520,6 +525,9 @@ class TarReader:
             if self._digest is not None:
                 self._digest.wait()
                 self._regions.clear()
+            if self._wruns:  # the old buffer goes: the writer must be done with it
+                self._writer.wait_for(self._wruns[-1][2])
+                self._wruns.clear()
             bigger = aligned_buffer(need)
             bigger[:avail] = self._mv[self._pos : self._end]
             self._mv.release()
@@ -584,7 +592,20 @@ class TarReader:
     def _reuse(self, upto: int) -> None:
         """Before the buffer's bytes below *upto* are written again: wait until the digest has
         hashed the regions of an earlier lap that start there (only those: the digest goes on
-        with the rest of the buffer while the reader fills its front)."""
+        with the rest of the buffer while the reader fills its front), and until the file
+        writer is past the files of an earlier lap's runs that start there."""
+        runs = self._wruns
+        if runs and runs[0][0] < self._lap:
+            last = -1  # the latest such run: the writer finishes files in order
+            for i, (lap, start, _) in enumerate(runs):
+                if lap >= self._lap:
+                    break
+                if start < upto:
+                    last = i
+            if last >= 0:
+                for _ in range(last):
+                    runs.popleft()
+                self._writer.wait_for(runs.popleft()[2])
         regions = self._regions
         last = -1  # the latest such region: the digest hashes in order, so earlier ones too
         for i, (lap, start, _) in enumerate(regions):
@@ -869,19 +890,26 @@ class TarReader:
         rec: Any = self._recorder  # (the frames' methods are not the Recorder protocol's)
         lend: Callable[[], tuple[bytearray, int]] | None = getattr(rec, "lend_frames", None)
         writer = self._writer
-        if writer is None and self.mapped and _FileWriter is not None:
+        if writer is None and _FileWriter is not None:
             writer = self._writer = _FileWriter()
         applied = total = 0
         while True:
             self._settle()
             jobs = bytearray() if self._frames_by_digest else None
             lent = None if lend is None else lend()
+            run_start = self._pos
             pos, count, size, frames, pad, error, need = _native_files(  # type: ignore[misc]
                 self._buf, self._pos, self._end, dirs, dir_times, links, euid, egid, umask,
                 cache_limit, None if rec is None else self._seg,
                 self._crcf if jobs is None else jobs, *(lent or (None, 0)), writer)
-            if error is None and writer is not None:
-                error = writer.check()  # an earlier file of this run or of one before
+            if writer is not None:
+                handed = writer.handed()
+                if handed != self._handed:
+                    self._handed = handed
+                    if not self.mapped:
+                        self._wruns.append((self._lap, run_start, handed))
+                if error is None:
+                    error = writer.check()  # an earlier file of this run or of one before
             applied += count
             total += size
             if count:
@@ -911,6 +939,7 @@ class TarReader:
         stop it; returns (errno, step, real path) of the first that failed (as apply_files
         does), else None.  Call at the end of an apply, before anything looks at the files."""
         writer, self._writer = self._writer, None
+        self._wruns.clear()
         if writer is None:
             return None
         try:
@@ -923,6 +952,7 @@ class TarReader:
         """Stop the file writer at once (an apply that fails): the files still pending are
         closed unwritten; it reads the map no more."""
         writer, self._writer = self._writer, None
+        self._wruns.clear()
         if writer is not None:
             writer.close()
 
