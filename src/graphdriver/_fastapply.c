@@ -1027,19 +1027,24 @@ static int wr_put(Writer *w, int fd, const unsigned char *p, size_t len, int do_
     return 0;
 }
 
-/* Wait (the caller, without the GIL) until every job handed over is done. */
-static void wr_drain(Writer *w)
+/* Wait (the caller, without the GIL) until the first *seq* jobs handed over are done. */
+static void wr_wait_done(Writer *w, uint64_t seq)
 {
-    uint64_t pub = atomic_load(&w->published);
     if (!w->started || w->joined || w->owner != getpid())
         return;
     wr_wake(w);
     for (;;) {
         uint64_t d = atomic_load_explicit(&w->done, memory_order_acquire);
-        if (d >= pub)
+        if (d >= seq)
             break;
         wr_sleep(w, d);
     }
+}
+
+/* Wait (the caller, without the GIL) until every job handed over is done. */
+static void wr_drain(Writer *w)
+{
+    wr_wait_done(w, atomic_load(&w->published));
 }
 
 static void wr_stop(Writer *w)
@@ -1101,17 +1106,9 @@ static PyObject *Writer_wait_for(Writer *w, PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "no file has that number yet");
         return NULL;
     }
-    if (w->started && !w->joined && w->owner == getpid()) {
-        Py_BEGIN_ALLOW_THREADS
-        wr_wake(w);
-        for (;;) {
-            uint64_t d = atomic_load_explicit(&w->done, memory_order_acquire);
-            if (d >= seq)
-                break;
-            wr_sleep(w, d);
-        }
-        Py_END_ALLOW_THREADS
-    }
+    Py_BEGIN_ALLOW_THREADS
+    wr_wait_done(w, seq);
+    Py_END_ALLOW_THREADS
     wr_release_done(w);
     Py_RETURN_NONE;
 }

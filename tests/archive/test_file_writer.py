@@ -11,16 +11,15 @@ files: a test that passed without it would prove nothing about it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tarbuild import gnu_extract, gnu_tar, make_rich_tree, needs_gnu_tar, needs_root
+from tests.safety.safetyutil import tmpfs
 from tests.treeutil import diff_snapshots, snapshot
 
 from graphdriver.archive import tarstream
@@ -149,17 +148,6 @@ def _feed(path: Path, fd: int) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                   check=True, capture_output=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
-
-
 def test_a_full_disk_fails_the_apply_and_leaves_nothing(work: Path, writers: list[Any]) -> None:
     """The writer's writes meet ENOSPC: the apply fails with NoSpace, no file is written after
     the failure, and the rollback empties the target (the writer stopped first)."""
@@ -167,7 +155,7 @@ def test_a_full_disk_fails_the_apply_and_leaves_nothing(work: Path, writers: lis
     _many_files(src, 2000, 8000)
     tar = work / "layer.tar"
     gnu_tar("--numeric-owner", "--format=pax", "-cf", tar, "-C", src, ".")
-    with _small_tmpfs(work / "small", "6m") as target:
+    with tmpfs(work / "small", "6m") as target:
         with pytest.raises(NoSpace):
             _apply_mapped(tar, target)
         assert os.listdir(target) == []
