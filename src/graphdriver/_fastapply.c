@@ -920,7 +920,9 @@ static void *wr_work(void *arg)
             }
             n++;
             atomic_fetch_add(&w->bytes_done, len);
-            atomic_store_explicit(&w->done, n, memory_order_release);
+            /* sequentially consistent, as the caller's flag and its re-check of done in
+             * wr_sleep: one of the two sides always sees the other */
+            atomic_store(&w->done, n);
             if (atomic_load(&w->caller_waiting))
                 futex_wake(&w->done_word);
             continue;
