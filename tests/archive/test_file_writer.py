@@ -11,9 +11,12 @@ files: a test that passed without it would prove nothing about it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +110,10 @@ def test_same_tree_as_gnu_tar(work: Path, writers: list[Any], fmt: str) -> None:
 def test_buffered_streams_give_the_same_tree(work: Path, writers: list[Any],
                                             source: str) -> None:
     """Unmapped input: the reader's 4 MiB buffer goes round many times (30 MB of files), and
-    its front is read into again while the writer may still hold files in it."""
+    its front is read into again while the writer still holds files in it.  On two idle CPUs
+    the writer keeps up, and a reader that did not wait for it would seldom be caught; so the
+    writer is starved here (_starved_writer) for the first second of the apply, and the reader
+    goes round its buffer while the writer holds files in it."""
     src = work / "src"
     _many_files(src, 3000, 9000)
     make_rich_tree(src / "rich")
@@ -118,24 +124,68 @@ def test_buffered_streams_give_the_same_tree(work: Path, writers: list[Any],
     ex.mkdir()
     mine.mkdir()
     gnu_extract(tar, ex)
-    if source == "pipe":
-        r, w = os.pipe()
-        feeder = threading.Thread(target=_feed, args=(tar, w))
-        feeder.start()
-        try:
-            apply_tar(r, mine, ApplyOptions())
-        finally:
-            os.close(r)
-            feeder.join()
-    else:
-        fd = os.open(tar, os.O_RDONLY)
-        try:
-            apply_tar(fd, mine, ApplyOptions())
-        finally:
-            os.close(fd)
+    with _starved_writer():
+        if source == "pipe":
+            r, w = os.pipe()
+            feeder = threading.Thread(target=_feed, args=(tar, w))
+            feeder.start()
+            try:
+                apply_tar(r, mine, ApplyOptions())
+            finally:
+                os.close(r)
+                feeder.join()
+        else:
+            fd = os.open(tar, os.O_RDONLY)
+            try:
+                apply_tar(fd, mine, ApplyOptions())
+            finally:
+                os.close(fd)
     problems = diff_snapshots(snapshot(ex, **ALL_FACTS), snapshot(mine, **ALL_FACTS))
     assert not problems, "\n".join(problems[:20])
     assert writers and writers[0].handed() > 1000, "the writer finished few files"
+
+
+@contextlib.contextmanager
+def _starved_writer(seconds: float = 1.0) -> Iterator[None]:
+    """While in the block: this thread (and the threads it starts) on one CPU; a process
+    spinning at nice -20 for *seconds* on another, where each file writer thread is moved, in
+    the idle scheduling class, as it appears: it gets next to no CPU until the spinner ends."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs to starve the writer on one of them")
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", f"import time\nend = time.monotonic() + {seconds}\n"
+         "while time.monotonic() < end: pass"],
+        preexec_fn=lambda: (os.sched_setaffinity(0, {cpus[1]}), os.nice(-20)))
+    stop = threading.Event()
+
+    def starve() -> None:
+        done: set[str] = set()
+        while not stop.wait(0.0002):
+            for tid in os.listdir("/proc/self/task"):
+                if tid in done:
+                    continue
+                try:
+                    with open(f"/proc/self/task/{tid}/comm") as f:
+                        if f.read().strip() != "layer-writer":
+                            continue
+                    os.sched_setaffinity(int(tid), {cpus[1]})
+                    os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+                done.add(tid)
+
+    os.sched_setaffinity(0, {cpus[0]})
+    starver = threading.Thread(target=starve)
+    starver.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        starver.join()
+        os.sched_setaffinity(0, cpus)
+        spinner.kill()
+        spinner.wait()
 
 
 def _feed(path: Path, fd: int) -> None:

@@ -477,12 +477,11 @@ class TarReader:
         self._bounce_slot = 0
         self._last_seq = -1  # the digest's last job handed over
         # the native runs' file writer (made at the first run; see finish_writes and
-        # stop_writes), and the runs that handed it files, as (lap, start, the files handed up
-        # to the run's end), in order: an unmapped buffer's part is not reused before the
-        # writer is past the files in it (_reuse)
+        # stop_writes), and an unmapped reader's runs, as (lap, start, the files handed over
+        # up to the run's end), in order: a part of the buffer is not reused before the writer
+        # is past the files in it (_reuse)
         self._writer: Any = None
         self._wruns: deque[tuple[int, int, int]] = deque()
-        self._handed = 0
         if mapped is not None:
             self._buf, self._pos = mapped
         else:
@@ -594,30 +593,28 @@ class TarReader:
         hashed the regions of an earlier lap that start there (only those: the digest goes on
         with the rest of the buffer while the reader fills its front), and until the file
         writer is past the files of an earlier lap's runs that start there."""
-        runs = self._wruns
-        if runs and runs[0][0] < self._lap:
-            last = -1  # the latest such run: the writer finishes files in order
-            for i, (lap, start, _) in enumerate(runs):
-                if lap >= self._lap:
-                    break
-                if start < upto:
-                    last = i
-            if last >= 0:
-                for _ in range(last):
-                    runs.popleft()
-                self._writer.wait_for(runs.popleft()[2])
-        regions = self._regions
-        last = -1  # the latest such region: the digest hashes in order, so earlier ones too
-        for i, (lap, start, _) in enumerate(regions):
+        seq = self._earlier(self._wruns, upto)
+        if seq is not None:
+            self._writer.wait_for(seq)
+        seq = self._earlier(self._regions, upto)
+        if seq is not None and self._digest is not None:
+            self._digest.wait_for(seq)
+
+    def _earlier(self, queue: deque[tuple[int, int, int]], upto: int) -> int | None:
+        """Of *queue*'s (lap, start, sequence number) in hand-over order, the number of the
+        latest of an earlier lap that starts below *upto* -- its worker does them in order, so
+        waiting for it covers those before it, which leave the queue with it -- or None."""
+        last = -1
+        for i, (lap, start, _) in enumerate(queue):
             if lap >= self._lap:
                 break
             if start < upto:
                 last = i
-        if last < 0 or self._digest is None:
-            return
+        if last < 0:
+            return None
         for _ in range(last):
-            regions.popleft()
-        self._digest.wait_for(regions.popleft()[2])
+            queue.popleft()
+        return queue.popleft()[2]
 
     def _take(self, n: int, what: str) -> bytes:
         if not self._fill(n):
@@ -903,11 +900,8 @@ class TarReader:
                 cache_limit, None if rec is None else self._seg,
                 self._crcf if jobs is None else jobs, *(lent or (None, 0)), writer)
             if writer is not None:
-                handed = writer.handed()
-                if handed != self._handed:
-                    self._handed = handed
-                    if not self.mapped:
-                        self._wruns.append((self._lap, run_start, handed))
+                if count and not self.mapped:
+                    self._wruns.append((self._lap, run_start, writer.handed()))
                 if error is None:
                     error = writer.check()  # an earlier file of this run or of one before
             applied += count
