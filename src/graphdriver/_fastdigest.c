@@ -53,6 +53,8 @@
 #include "_nativethread.h"
 
 #include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
@@ -65,6 +67,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -109,10 +112,16 @@ typedef struct {
     size_t npart;
 } sha_state;
 
+/* a sha256 under way: this file's own (use_sha_ni; ctx is then NULL) or libcrypto's */
+typedef struct {
+    sha_state own;
+    void *ctx; /* EVP_MD_CTX */
+} sha256_t;
+
 typedef struct {
     PyObject_HEAD
-    void *ctx;                   /* EVP_MD_CTX: the worker's while it runs, else the caller's */
-    sha_state own;               /* the sha256 when use_sha_ni (ctx is then NULL), likewise */
+    sha256_t sha;                /* the worker's while it runs, else the caller's */
+    int hashing;                 /* 0: Digest(sha256=False): regions are only counted */
     uint64_t fused_next;         /* the worker's: the fill_frames slot it did with the region
                                   * before it (its number + 1; 0: none) */
     uint64_t fused_bytes;        /* the worker's: bytes whose CRC went with their sha256 */
@@ -414,15 +423,65 @@ fill_jobs(const Py_buffer *source, Py_buffer *frames, const Py_buffer *jobs, uin
     }
 }
 
+/* a sha256 started (its context made); -1 with a Python error set */
+static int
+sha256_begin(sha256_t *h)
+{
+    if (use_sha_ni) {
+        memcpy(h->own.h, sha_initial, sizeof sha_initial);
+        return 0;
+    }
+    h->ctx = md_ctx_new();
+    if (h->ctx == NULL || digest_init(h->ctx, sha256_md(), NULL) != 1) {
+        PyErr_SetString(PyExc_ValueError, "sha256 cannot be set up in libcrypto");
+        return -1;
+    }
+    return 0;
+}
+
+/* n more bytes into the sha256; 0 on a failure (libcrypto's) */
+static int
+sha256_add(sha256_t *h, const unsigned char *p, size_t n)
+{
+    if (use_sha_ni) {
+        sha_update(&h->own, p, n);
+        return 1;
+    }
+    return digest_update(h->ctx, p, n) == 1;
+}
+
+/* the sha256's end, in hex; -1 with a Python error set */
+static int
+sha256_hex(sha256_t *h, char hex[65])
+{
+    unsigned char md[32];
+    unsigned int n = 0;
+    int i;
+    if (use_sha_ni) {
+        sha_final(&h->own, md);
+        n = sizeof(md);
+    } else if (digest_final(h->ctx, md, &n) != 1 || n != sizeof(md)) {
+        PyErr_SetString(PyExc_ValueError, "sha256 final failed in libcrypto");
+        return -1;
+    }
+    for (i = 0; i < 32; i++)
+        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    return 0;
+}
+
+static void
+sha256_free(sha256_t *h)
+{
+    if (h->ctx != NULL)
+        md_ctx_free(h->ctx);
+    h->ctx = NULL;
+}
+
 /* the worker's sha256 of n bytes (the caller's when nothing is pending); 0 on a failure */
 static int
 hash_update(Digest *d, const unsigned char *p, size_t n)
 {
-    if (use_sha_ni) {
-        sha_update(&d->own, p, n);
-        return 1;
-    }
-    return digest_update(d->ctx, p, n) == 1;
+    return !d->hashing || sha256_add(&d->sha, p, n);
 }
 
 /* the region's sha256 and, in the same pass, its range [off, off + len) added to the running
@@ -433,7 +492,7 @@ hash_with_crc(Digest *d, const unsigned char *p, size_t n, size_t off, size_t le
     const unsigned char *q = p + off;
     size_t lead, blocks;
     hash_update(d, p, off);
-    lead = d->own.npart ? 64 - d->own.npart : 0; /* up to a block's start in the hash's stream */
+    lead = d->sha.own.npart ? 64 - d->sha.own.npart : 0; /* up to a block's start in the hash's stream */
     if (lead > len)
         lead = len;
     hash_update(d, q, lead);
@@ -443,7 +502,7 @@ hash_with_crc(Digest *d, const unsigned char *p, size_t n, size_t off, size_t le
     blocks = len / 64;
 #ifdef HAVE_SHA_NI_BUILD
     if (blocks >= 2) {
-        d->running_crc = sha_blocks_crc(&d->own, q, blocks, d->running_crc);
+        d->running_crc = sha_blocks_crc(&d->sha.own, q, blocks, d->running_crc);
         d->fused_bytes += 64 * blocks;
         q += 64 * blocks;
         len -= 64 * blocks;
@@ -491,7 +550,8 @@ work(void *arg)
             if (d->frames[n % NSLOTS].obj != NULL) {
                 if (d->fused_next != n + 1) /* else done with the region before it */
                     fill_jobs(s, &d->frames[n % NSLOTS], &d->jobs[n % NSLOTS], &d->running_crc);
-            } else if (use_sha_ni && n + 1 < p && (len = crc_job_inside(d, n + 1, s, &off))) {
+            } else if (use_sha_ni && d->hashing && n + 1 < p &&
+                       (len = crc_job_inside(d, n + 1, s, &off))) {
                 hash_with_crc(d, (const unsigned char *)s->buf, (size_t)s->len, off, len);
                 d->fused_next = n + 2;
             } else if (!atomic_load_explicit(&d->failed, memory_order_relaxed) &&
@@ -611,26 +671,24 @@ stop_worker(Digest *d)
     d->joined = 1;
 }
 
+/* Digest(sha256=True); sha256=False: the regions are taken in order as ever (wait_for, pending)
+ * but not hashed -- the diffID is hashed elsewhere (FileHash, in the parent of a confined apply)
+ * and the worker only does the fill_frames jobs */
 static PyObject *
 Digest_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"sha256", NULL};
     Digest *d;
-    if (PyTuple_GET_SIZE(args) || (kwds != NULL && PyDict_GET_SIZE(kwds))) {
-        PyErr_SetString(PyExc_TypeError, "Digest() takes no arguments");
+    int hashing = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$p:Digest", kwlist, &hashing))
         return NULL;
-    }
     d = (Digest *)type->tp_alloc(type, 0);
     if (d == NULL)
         return NULL;
     atomic_store(&d->wake_at, UINT64_MAX);
-    if (use_sha_ni) {
-        memcpy(d->own.h, sha_initial, sizeof sha_initial);
-        return (PyObject *)d;
-    }
-    d->ctx = md_ctx_new();
-    if (d->ctx == NULL || digest_init(d->ctx, sha256_md(), NULL) != 1) {
+    d->hashing = hashing;
+    if (hashing && sha256_begin(&d->sha) < 0) {
         Py_DECREF(d);
-        PyErr_SetString(PyExc_ValueError, "sha256 cannot be set up in libcrypto");
         return NULL;
     }
     return (PyObject *)d;
@@ -643,8 +701,7 @@ Digest_dealloc(Digest *d)
     stop_worker(d);
     while (d->released < p)
         release_slot(d, d->released++);
-    if (d->ctx != NULL)
-        md_ctx_free(d->ctx);
+    sha256_free(&d->sha);
     Py_TYPE(d)->tp_free((PyObject *)d);
 }
 
@@ -810,10 +867,11 @@ Digest_wait(Digest *d, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Digest_hexdigest(Digest *d, PyObject *Py_UNUSED(ignored))
 {
+    if (!d->hashing) {
+        PyErr_SetString(PyExc_ValueError, "hexdigest of a digest made with sha256=False");
+        return NULL;
+    }
     if (!d->finished) {
-        unsigned char md[32];
-        unsigned int n = 0;
-        int i;
         if (d->joined) {
             PyErr_SetString(PyExc_ValueError, "hexdigest of a digest that was closed");
             return NULL;
@@ -821,18 +879,42 @@ Digest_hexdigest(Digest *d, PyObject *Py_UNUSED(ignored))
         if (wait_done(d, atomic_load(&d->published)) < 0)
             return NULL;
         stop_worker(d);
-        if (use_sha_ni) {
-            sha_final(&d->own, md);
-            n = sizeof(md);
-        } else if (digest_final(d->ctx, md, &n) != 1 || n != sizeof(md)) {
-            PyErr_SetString(PyExc_ValueError, "sha256 final failed in libcrypto");
+        if (sha256_hex(&d->sha, d->hex) < 0)
             return NULL;
-        }
-        for (i = 0; i < 32; i++)
-            snprintf(d->hex + 2 * i, 3, "%02x", md[i]);
         d->finished = 1;
     }
     return PyUnicode_FromStringAndSize(d->hex, 64);
+}
+
+/* resume(state): a Digest(sha256=False) hashes from now on, from *state* (handoff_take's: the
+ * sha256 of the stream's first bytes, hashed in the parent); the regions handed over before
+ * were not hashed, and are done with (the caller waited); the next ones are the stream's bytes
+ * after the state's */
+static PyObject *
+Digest_resume(Digest *d, PyObject *arg)
+{
+    Py_buffer state;
+    if (d->hashing || d->finished || d->joined || !use_sha_ni) {
+        PyErr_SetString(PyExc_ValueError, "resume of a digest that hashes, was closed, or not "
+                                          "with the SHA-NI sha256");
+        return NULL;
+    }
+    if (atomic_load(&d->done) != atomic_load(&d->published)) {
+        PyErr_SetString(PyExc_ValueError, "resume of a digest with regions pending");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(arg, &state, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (state.len != (Py_ssize_t)sizeof(sha_state) ||
+        ((const sha_state *)state.buf)->npart >= 64) {
+        PyBuffer_Release(&state);
+        PyErr_SetString(PyExc_ValueError, "resume: not a sha256 state");
+        return NULL;
+    }
+    memcpy(&d->sha.own, state.buf, sizeof(sha_state));
+    PyBuffer_Release(&state);
+    d->hashing = 1; /* the worker is idle: it reads this at its next region */
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -860,6 +942,8 @@ static PyMethodDef Digest_methods[] = {
      "Return once every region handed over is hashed (they may be reused)."},
     {"hexdigest", (PyCFunction)Digest_hexdigest, METH_NOARGS,
      "The sha256 of everything handed over; stops the worker thread."},
+    {"resume", (PyCFunction)Digest_resume, METH_O,
+     "Hash from now on (a Digest(sha256=False)), on from a state handoff_take returned."},
     {"close", (PyCFunction)Digest_close, METH_NOARGS,
      "Stop the worker thread (regions still pending are not hashed)."},
     {NULL, NULL, 0, NULL},
@@ -875,6 +959,309 @@ static PyTypeObject DigestType = {
     .tp_dealloc = (destructor)Digest_dealloc,
     .tp_methods = Digest_methods,
 };
+
+/* FileHash(fd, offset, page=None): the sha256 of a file from *offset* to its end, read and
+ * hashed by a native thread that starts at once and never takes the GIL: the parent of a
+ * confined apply hashes a plain layer file so while its child starts and applies it
+ * (archive/inputdigest.py).  The thread reads a duplicate of *fd* with pread (the file's offset
+ * stays the caller's, and the child's), FILE_CHUNK at a time into a buffer of its own -- never a
+ * map: a file cut shorter meanwhile would kill this process with SIGBUS -- until a read returns
+ * nothing.  result() waits for it and returns (hex digest, bytes hashed, handed over).
+ *
+ * *page* (a writable buffer of HANDOFF_BYTES: a memfd's page, mapped here and in the child) is
+ * where the thread says how far it got (after every chunk) and where the child may ask it to
+ * stop (handoff_take): the thread then leaves its sha256 state there and ends, and the child
+ * hashes the rest itself (Digest.resume), from the map it applies from, in the pass that also
+ * does its big files' CRCs.  The child takes over when this thread falls behind its reader
+ * (layers of big files, whose writes go faster than a copy out of the page cache and a sha256
+ * here); while it keeps ahead (layers of many small files), it hashes everything.  The state
+ * written there is this file's own sha256's (SHA-NI), so a page is taken only where that is the
+ * sha256 used (FUSED).  cancel() stops the thread (as dropping it does). */
+#define FILE_CHUNK (256 << 10) /* within L2: the copy out of the page cache stays there */
+
+/* the hand-off page (its first bytes: the rest is padding) */
+typedef struct {
+    _Atomic uint32_t stop;   /* the child's: stop, leave the state */
+    _Atomic uint32_t done;   /* the thread's: the state is there (a futex word, shared) */
+    _Atomic uint64_t hashed; /* the thread's: bytes hashed so far */
+    sha_state state;         /* the thread's, once done: its sha256 after *hashed* bytes */
+    int32_t error;           /* the thread's, once done: a read's errno (-1: other), or 0 */
+    uint32_t at_end;         /* the thread's, once done: it had hashed to the file's end */
+} handoff_t;
+#define HANDOFF_BYTES 4096
+
+typedef struct {
+    PyObject_HEAD
+    sha256_t sha;
+    int fd;             /* the duplicate (-1: closed) */
+    uint64_t offset;
+    uint64_t bytes;     /* the worker's: hashed so far */
+    int error;          /* the worker's: a read's errno, or -1 (libcrypto's sha256 failed) */
+    int eof;            /* the worker's: it read to the end */
+    int handed;         /* the worker's: it stopped on the child's request */
+    _Atomic int stop;
+    Py_buffer page;     /* the hand-off page (.obj NULL: none) */
+    pthread_t thread;
+    pid_t owner;
+    int joined;
+    char hex[65];
+} FileHash;
+
+static void
+handoff_publish(handoff_t *page, const sha256_t *sha, int error, int at_end)
+{
+    page->state = sha->own;
+    page->error = error;
+    page->at_end = (uint32_t)at_end;
+    atomic_store(&page->done, 1);
+    /* not FUTEX_PRIVATE: the child waits on its own map of the page */
+    syscall(SYS_futex, &page->done, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static void *
+file_hash_work(void *arg)
+{
+    FileHash *h = (FileHash *)arg;
+    handoff_t *page = h->page.obj != NULL ? (handoff_t *)h->page.buf : NULL;
+    unsigned char *buf = NULL;
+#ifdef __GLIBC__
+    pthread_setname_np(pthread_self(), "input-digest");
+#endif
+    if (posix_memalign((void **)&buf, 4096, FILE_CHUNK) != 0)
+        h->error = ENOMEM;
+    while (buf != NULL && !atomic_load_explicit(&h->stop, memory_order_relaxed)) {
+        ssize_t n;
+        if (page != NULL && atomic_load(&page->stop)) {
+            h->handed = 1;
+            break;
+        }
+        n = pread(h->fd, buf, FILE_CHUNK, (off_t)(h->offset + h->bytes));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            h->error = errno;
+            break;
+        }
+        if (n == 0) {
+            h->eof = 1;
+            break;
+        }
+        if (!sha256_add(&h->sha, buf, (size_t)n)) {
+            h->error = -1;
+            break;
+        }
+        h->bytes += (uint64_t)n;
+        if (page != NULL)
+            atomic_store_explicit(&page->hashed, h->bytes, memory_order_release);
+    }
+    free(buf);
+    if (page != NULL)
+        handoff_publish(page, &h->sha, h->error, h->eof);
+    return NULL;
+}
+
+/* wait for the thread; the page is then let go (its map may be closed) */
+static void
+file_hash_join(FileHash *h)
+{
+    if (!h->joined) {
+        h->joined = 1;
+        if (h->owner == getpid()) { /* (a fork's child: the thread is not here) */
+            Py_BEGIN_ALLOW_THREADS
+            pthread_join(h->thread, NULL);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    if (h->page.obj != NULL)
+        PyBuffer_Release(&h->page);
+}
+
+static PyObject *
+FileHash_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "offset", "page", NULL};
+    FileHash *h;
+    PyObject *page = Py_None;
+    int fd, err;
+    long long offset;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iL|O:FileHash", kwlist, &fd, &offset, &page))
+        return NULL;
+    if (offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "FileHash: a negative offset");
+        return NULL;
+    }
+    if (page != Py_None && !use_sha_ni) {
+        PyErr_SetString(PyExc_ValueError, "FileHash: a hand-off page needs the SHA-NI sha256");
+        return NULL;
+    }
+    h = (FileHash *)type->tp_alloc(type, 0);
+    if (h == NULL)
+        return NULL;
+    h->fd = -1;
+    h->joined = 1; /* until the thread runs */
+    h->offset = (uint64_t)offset;
+    if (page != Py_None) {
+        if (PyObject_GetBuffer(page, &h->page, PyBUF_WRITABLE) < 0) {
+            Py_DECREF(h);
+            return NULL;
+        }
+        if (h->page.len < HANDOFF_BYTES || (uintptr_t)h->page.buf % 64) {
+            PyErr_SetString(PyExc_ValueError, "FileHash: the hand-off page is too small");
+            Py_DECREF(h);
+            return NULL;
+        }
+        memset(h->page.buf, 0, sizeof(handoff_t));
+    }
+    if (sha256_begin(&h->sha) < 0) {
+        Py_DECREF(h);
+        return NULL;
+    }
+    h->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (h->fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(h);
+        return NULL;
+    }
+    err = start_signalless_thread(&h->thread, file_hash_work, h);
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(h);
+        return NULL;
+    }
+    h->owner = getpid();
+    h->joined = 0;
+    return (PyObject *)h;
+}
+
+static void
+FileHash_dealloc(FileHash *h)
+{
+    atomic_store(&h->stop, 1);
+    file_hash_join(h);
+    if (h->fd >= 0)
+        close(h->fd);
+    sha256_free(&h->sha);
+    Py_TYPE(h)->tp_free((PyObject *)h);
+}
+
+static PyObject *
+FileHash_result(FileHash *h, PyObject *Py_UNUSED(ignored))
+{
+    file_hash_join(h);
+    if (h->error > 0) {
+        errno = h->error;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (h->error < 0) {
+        PyErr_SetString(PyExc_ValueError, "sha256 update failed in libcrypto");
+        return NULL;
+    }
+    if (h->handed)
+        return Py_BuildValue("(sKO)", "", (unsigned long long)h->bytes, Py_True);
+    if (!h->eof) {
+        PyErr_SetString(PyExc_ValueError, "result of a file hash that was cancelled");
+        return NULL;
+    }
+    if (!h->hex[0] && sha256_hex(&h->sha, h->hex) < 0)
+        return NULL;
+    return Py_BuildValue("(s#KO)", h->hex, (Py_ssize_t)64, (unsigned long long)h->bytes,
+                         Py_False);
+}
+
+static PyObject *
+FileHash_cancel(FileHash *h, PyObject *Py_UNUSED(ignored))
+{
+    atomic_store(&h->stop, 1);
+    file_hash_join(h);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef FileHash_methods[] = {
+    {"result", (PyCFunction)FileHash_result, METH_NOARGS,
+     "Wait for the thread: (the sha256's hex digest, the bytes hashed, whether it handed the "
+     "rest to the child: the digest is then ''); OSError of a read."},
+    {"cancel", (PyCFunction)FileHash_cancel, METH_NOARGS, "Stop the thread and wait for it."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FileHashType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "graphdriver._fastdigest.FileHash",
+    .tp_basicsize = sizeof(FileHash),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "sha256 of a file from an offset to its end, read and hashed by a native thread.",
+    .tp_new = FileHash_new,
+    .tp_dealloc = (destructor)FileHash_dealloc,
+    .tp_methods = FileHash_methods,
+};
+
+/* the hand-off page in *obj* (the child's map of it); NULL with an error set */
+static handoff_t *
+handoff_page(PyObject *obj, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (view->len < HANDOFF_BYTES || (uintptr_t)view->buf % 64) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "not a hand-off page");
+        return NULL;
+    }
+    return (handoff_t *)view->buf;
+}
+
+/* handoff_hashed(page) -> (bytes hashed so far, whether the thread is done) */
+static PyObject *
+handoff_hashed(PyObject *module, PyObject *obj)
+{
+    Py_buffer view;
+    handoff_t *page = handoff_page(obj, &view);
+    uint64_t hashed;
+    int done;
+    (void)module;
+    if (page == NULL)
+        return NULL;
+    hashed = atomic_load_explicit(&page->hashed, memory_order_acquire);
+    done = (int)atomic_load(&page->done);
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(KO)", (unsigned long long)hashed, done ? Py_True : Py_False);
+}
+
+/* handoff_take(page) -> (state, bytes): stop the parent's thread (if it still runs) and wait
+ * for its state: Digest.resume's argument, and the bytes it covers; OSError of the parent's
+ * failed read */
+static PyObject *
+handoff_take(PyObject *module, PyObject *obj)
+{
+    Py_buffer view;
+    handoff_t *page = handoff_page(obj, &view);
+    PyObject *state;
+    int error;
+    (void)module;
+    if (page == NULL)
+        return NULL;
+    atomic_store(&page->stop, 1);
+    Py_BEGIN_ALLOW_THREADS
+    while (!atomic_load(&page->done)) {
+        /* a second at a time: the parent's thread publishes within a chunk's read and hash */
+        struct timespec second = {1, 0};
+        syscall(SYS_futex, &page->done, FUTEX_WAIT, 0, &second, NULL, 0);
+    }
+    Py_END_ALLOW_THREADS
+    error = page->error;
+    state = PyBytes_FromStringAndSize((const char *)&page->state, sizeof(sha_state));
+    PyBuffer_Release(&view);
+    if (state == NULL)
+        return NULL;
+    if (error) {
+        Py_DECREF(state);
+        errno = error > 0 ? error : EIO;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return Py_BuildValue("(NK)", state,
+                         (unsigned long long)(((const sha_state *)PyBytes_AS_STRING(state))->bytes +
+                                              ((const sha_state *)PyBytes_AS_STRING(state))->npart));
+}
 
 /* a loaded library whose path holds a name: what to look for, and the handle found */
 struct wanted_lib {
@@ -1007,6 +1394,10 @@ crc64_update(PyObject *module, PyObject *args)
 static PyMethodDef fastdigest_methods[] = {
     {"load_crc", load_crc, METH_O, "Take anycrc's CRC from its extension's file (see the comment)."},
     {"crc64", crc64_update, METH_VARARGS, "CRC-64/GO-ISO continued over data (0 starts one)."},
+    {"handoff_hashed", handoff_hashed, METH_O,
+     "A hand-off page's (bytes the parent's FileHash hashed so far, whether it is done)."},
+    {"handoff_take", handoff_take, METH_O,
+     "Stop the parent's FileHash and wait for its state: (Digest.resume's state, its bytes)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1037,7 +1428,7 @@ PyInit__fastdigest(void)
     lib = loaded_library("/anycrc/crc."); /* an anycrc imported already */
     if (lib != NULL)
         use_anycrc(lib);
-    if (PyType_Ready(&DigestType) < 0)
+    if (PyType_Ready(&DigestType) < 0 || PyType_Ready(&FileHashType) < 0)
         return NULL;
     m = PyModule_Create(&fastdigest_module);
     if (m == NULL)
@@ -1045,7 +1436,8 @@ PyInit__fastdigest(void)
     if (PyModule_AddIntConstant(m, "INLINE_BELOW", INLINE_BELOW) < 0 ||
         PyModule_AddIntConstant(m, "CRC", crc_iso != NULL) < 0 ||
         PyModule_AddIntConstant(m, "FUSED", use_sha_ni) < 0 ||
-        PyModule_AddType(m, &DigestType) < 0) {
+        PyModule_AddIntConstant(m, "HANDOFF_BYTES", HANDOFF_BYTES) < 0 ||
+        PyModule_AddType(m, &DigestType) < 0 || PyModule_AddType(m, &FileHashType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
