@@ -1603,7 +1603,8 @@ def apply_reader(reader: TarReader, root_fd: int, opts: ApplyOptions) -> ApplyRe
             # a path, link target or xattr name from a PAX record holding a NUL
             raise InvalidArchive("invalid tar: a name in the archive holds a NUL byte") from exc
         raise
-    return ApplyResult(applier.size, reader.diff_id, vouched=applier.vouched)
+    return ApplyResult(applier.size, reader.diff_id if reader.hashes else "",
+                       vouched=applier.vouched)
 
 
 def apply_tar(

@@ -248,7 +248,7 @@ def _renumber(args: dict[str, Any], fds: dict[int, int]) -> dict[str, Any]:
 
 
 #: the parameters that name one fd (``lower_fds`` names several)
-_FD_KEYS = ("input_fd", "target_fd", "result_fd", "frames_fd", "packer_fd")
+_FD_KEYS = ("input_fd", "target_fd", "result_fd", "frames_fd", "packer_fd", "digest_fd")
 
 
 def _close_inherited(keep: Sequence[int]) -> None:
@@ -396,6 +396,7 @@ def run_job(
     recorder: Recorder | None = None,
     frames_fd: int | None = None,
     packer_fd: int | None = None,
+    digest_fd: int | None = None,
     progress: Callable[[int], None] | None = None,
     child: Prespawned | None = None,
     on_started: Callable[[], None] | None = None,
@@ -406,7 +407,9 @@ def run_job(
     the parent chain's directories, nearest first (read-only, see the module docstring).  A
     *recorder* gets the calls of the child's ``ctx.recorder`` replayed in a thread; without one,
     *frames_fd* (if given) receives the frame stream itself.  *packer_fd* is handed to the child
-    as it is, for the job to write into (``ctx.packer_fd``: the apply's tar-split lines).
+    as it is, for the job to write into (``ctx.packer_fd``: the apply's tar-split lines), and
+    *digest_fd* for the job to map (``ctx.digest_fd``: the hand-off page of the apply's input
+    digest, see :mod:`.inputdigest`).
     *on_started* is called once the child has the job (the caller's work that should not delay
     the child).  *child* (:func:`start_child`) takes the job if it can, and once it answered
     success it is left exiting for the caller to reap (:meth:`Prespawned.discard`, after its
@@ -465,12 +468,14 @@ def run_job(
             "result_fd": res_w,
             "frames_fd": rec_w if rec_w >= 0 else None,
             "packer_fd": packer_fd,
+            "digest_fd": digest_fd,
             "lower_fds": lower_fds,
             "progress": progress is not None,
             "log_level": _parent_log_level(),
         }
         pass_fds = [fd for fd in (child_input, target_fd, res_w, rec_w,
-                                  -1 if packer_fd is None else packer_fd) if fd >= 0] + lower_fds
+                                  -1 if packer_fd is None else packer_fd,
+                                  -1 if digest_fd is None else digest_fd) if fd >= 0] + lower_fds
         if in_main:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, _on_signal)
@@ -625,6 +630,9 @@ class ChildContext:
         #: a file the parent handed over for the job to write into (the apply's tar-split
         #: lines), None when not asked for
         self.packer_fd: int | None = args.get("packer_fd")
+        #: a page shared with the parent for the job to map (the apply's input digest's hand-off
+        #: page: see :mod:`.inputdigest`), None when there is none
+        self.digest_fd: int | None = args.get("digest_fd")
         #: whether the child is chrooted into the target (set when confined)
         self.chrooted = False
         #: what a SIGTERM/SIGINT does while the body runs: raise at once (the default), or a

@@ -191,6 +191,32 @@ NATIVE_CRC = _fastdigest is not None and bool(_fastdigest.CRC)
 FUSED_CRC = NATIVE_CRC and bool(_fastdigest.FUSED)  # type: ignore[union-attr]
 
 
+def frames_worker() -> _NativeDigest:
+    """A native worker that takes regions and frames as BackgroundDigest does but hashes none
+    of the regions until it is told to go on from a hash of the bytes before them (``resume``,
+    with :func:`take_hash_over`'s state): the diffID is hashed in the parent meanwhile
+    (:mod:`.inputdigest`).  Needs :data:`FUSED_CRC`."""
+    assert _fastdigest is not None
+    worker: _NativeDigest = _fastdigest.Digest(sha256=False)
+    return worker
+
+
+def hash_progress(page: Any) -> tuple[int, bool]:
+    """The parent's hash of the input (:mod:`.inputdigest`), from its hand-off *page*: the
+    bytes it hashed so far, and whether it is done (to the end, or failed)."""
+    assert _fastdigest is not None
+    progress: tuple[int, bool] = _fastdigest.handoff_hashed(page)
+    return progress
+
+
+def take_hash_over(page: Any) -> tuple[bytes, int]:
+    """Stop the parent's hash (:mod:`.inputdigest`) and wait for its state: what the worker's
+    ``resume`` takes, and how many bytes it covers; OSError if the parent could not read."""
+    assert _fastdigest is not None
+    state: tuple[bytes, int] = _fastdigest.handoff_take(page)
+    return state
+
+
 def warm_up() -> None:
     """Hash nothing with :data:`BackgroundDigest`: what the worker imports, and what libcrypto
     loads for sha256, are then loaded (the confined child calls it before its chroot)."""

@@ -15,6 +15,11 @@ With ``opts.packer_fd`` instead (the store's way), the child packs the tar-split
 beside its reader, gzip'd into that file, and checks the applied files against them: only the
 summary comes back (``ApplyResult.recording``), no frame crosses a pipe.
 
+A plain layer file's diffID is hashed in the parent (:mod:`.inputdigest`) from the moment the
+apply starts, while the child starts and applies it; the child then hashes nothing (its digest
+worker only fills in the tar-split frames) and says what it read, which the parent checks
+against what it hashed.  Any other input is hashed in the child, as it reads it.
+
 If the child dies without a result (SIGKILL, OOM), an empty target is emptied by the parent
 (GraphDriverError), while a non-empty one cannot be rolled back: ``StoreCorrupt`` is raised, and
 the caller must keep the layer incomplete.  SIGINT or SIGTERM to the parent (while it runs
@@ -22,9 +27,9 @@ the caller must keep the layer incomplete.  SIGINT or SIGTERM to the parent (whi
 then raises :class:`~graphdriver.errors.Interrupted`.
 
 Owns the apply job.  Imports :mod:`.confine`, :mod:`.apply`, :mod:`.compression`,
-:mod:`.pathres`, :mod:`.tarstream` and the helpers :mod:`graphdriver.errors`,
-:mod:`graphdriver.fsutil` and :mod:`graphdriver.idmap`; never a driver, the store, the CLI, the
-plugin or the package root.
+:mod:`.inputdigest`, :mod:`.pathres`, :mod:`.tarstream` and the helpers
+:mod:`graphdriver.errors`, :mod:`graphdriver.fsutil` and :mod:`graphdriver.idmap`; never a
+driver, the store, the CLI, the plugin or the package root.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from .. import errors
 from ..errors import GraphDriverError
 from ..fsutil import empty_beneath
 from ..idmap import IDMap
+from . import inputdigest
 from .confine import ChildContext, run_job
 from .jobs import LINUX_APPLY
 from .options import ApplyOptions, ApplyResult
@@ -87,13 +93,22 @@ def apply_confined(source_fd: int, target: Path, opts: ApplyOptions, *,
             f"the apply child exited with {why} without a result; the target may be partly "
             "applied")
 
+    # a plain layer file is hashed here, from now on, while the child starts (inputdigest)
+    digest = inputdigest.start(source_fd)
     params = {"whiteout_format": opts.whiteout_format.name, "idmap": opts.idmap.to_json(),
               "journal": opts.journal, "lowers": lowers is not None}
-    ok = run_job(APPLY_JOB, target, params, on_death=on_death, input_fd=source_fd,
-                 lowers=lowers or (), recorder=opts.recorder, frames_fd=opts.tarsplit_fd,
-                 packer_fd=child_packer_fd(opts), progress=opts.progress, child=opts.child,
-                 on_started=opts.on_started)
-    return ApplyResult(int(ok["size"]), str(ok["diff_id"]), ok.get("recording"))
+    try:
+        ok = run_job(APPLY_JOB, target, params, on_death=on_death, input_fd=source_fd,
+                     lowers=lowers or (), recorder=opts.recorder, frames_fd=opts.tarsplit_fd,
+                     packer_fd=child_packer_fd(opts),
+                     digest_fd=None if digest is None else digest.page_fd,
+                     progress=opts.progress, child=opts.child, on_started=opts.on_started)
+        diff_id = str(ok["diff_id"]) if digest is None else \
+            digest.diff_id(ok["diff_id"], *ok["read"])
+    finally:
+        if digest is not None:
+            digest.close()
+    return ApplyResult(int(ok["size"]), diff_id, ok.get("recording"))
 
 
 def child_packer_fd(opts: ApplyOptions) -> int | None:
@@ -195,10 +210,13 @@ def packer_summary(packer: TarSplitPacker | None, ctx: ChildContext,
 def apply_job(ctx: ChildContext) -> JobBody:
     """The confined job: apply the input tar onto the target (see the module docstring)."""
     from . import apply as apply_mod
+    from .compression import stream_kind
     from .tarstream import TarReader
 
     stream = open_warm_input(ctx)
     packer = open_child_packer(ctx)
+    # the page of the parent's hash of the input, mapped before the chroot
+    handoff = None if ctx.digest_fd is None else inputdigest.open_page(ctx.digest_fd)
     ctx.on_interrupt = apply_mod.SIGNAL_GATE.interrupt
     params = ctx.params
     recorder = ctx.recorder if packer is None else BufferedRecorder(
@@ -212,11 +230,13 @@ def apply_job(ctx: ChildContext) -> JobBody:
                             recorder=recorder, progress=ctx.progress,
                             journal=bool(params.get("journal")),
                             lower_fds=ctx.lower_fds if params.get("lowers") else None)
-        reader = TarReader(stream, recorder)
+        reader = TarReader(stream, recorder, handoff=handoff)
         result = apply_mod.apply_reader(reader, ctx.target_fd, opts)
         if isinstance(recorder, BufferedRecorder):
             recorder.close()
-        return {"size": result.size, "diff_id": result.diff_id,
+        # what was read, for the parent that hashed it (inputdigest); no diffID if it did it all
+        read = (stream_kind(stream), reader.bytes_read)
+        return {"size": result.size, "diff_id": result.diff_id or None, "read": read,
                 **packer_summary(packer, ctx, result.vouched)}
 
     return body

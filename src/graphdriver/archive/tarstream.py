@@ -42,7 +42,14 @@ import zlib
 from ..errors import InvalidArchive
 from .buffers import aligned_buffer
 from .crc64 import crc64
-from .digest import FUSED_CRC, NATIVE_CRC, BackgroundDigest
+from .digest import (
+    FUSED_CRC,
+    NATIVE_CRC,
+    BackgroundDigest,
+    frames_worker,
+    hash_progress,
+    take_hash_over,
+)
 from .native import native_module
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
@@ -52,6 +59,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from functools import partial
     from typing import Any, BinaryIO, Protocol
+
+    from .._fastdigest import Digest as NativeDigest
+    from .digest import ThreadDigest
 else:
     # the same classes from their C modules: the collections and functools packages are ~3 ms
     # of the confined child's start-up, for nothing else it needs
@@ -98,6 +108,10 @@ _READ = 256 << 10
 MAP_STEP = 1 << 20
 MAP_LAG = BUFFER_SIZE
 MAP_KEEP = 4 << 20
+#: a reader with the parent's hash (TarReader's *handoff*) takes it over once it got this far
+#: ahead of it: the parent then reads and hashes slower than the apply goes (a layer of big
+#: files), and the hash is done here, in the pass that also does the big files' CRCs
+HANDOFF_BEHIND = 8 << 20
 MAX_META = 1 << 20  # cap on a PAX header, a GNU long name/link, a sparse map
 MAX_SIZE = (1 << 63) - 1
 MAX_ID = (1 << 32) - 1
@@ -454,11 +468,28 @@ class TarReader:
     """Iterate the entries of an uncompressed tar stream; read each entry's data before the next."""
 
     def __init__(
-        self, stream: BinaryIO, recorder: Recorder | None = None, digest: bool = True
+        self, stream: BinaryIO, recorder: Recorder | None = None, digest: bool = True,
+        handoff: Any = None,
     ) -> None:
+        """*digest*: hash what is read (:attr:`diff_id`).  *handoff*: the page of a hash of
+        the input that the parent of a confined apply runs (:mod:`.inputdigest`): the reader
+        hashes nothing while that hash keeps ahead of it, and takes it over when it falls
+        behind (:meth:`_take_over`); its :attr:`diff_id` is then the whole stream's."""
         self._stream = stream
         self._recorder = recorder
-        self._digest = BackgroundDigest() if digest else None
+        #: whether the reader hashes what it reads (its diff_id); False while the parent's
+        #: hash does (see *handoff*), and for good with digest=False
+        # (without this side's own sha256, whose state is what moves over, the parent's hash
+        # runs to its end and the reader hashes it all: its diffID is the one taken)
+        self._handoff = handoff if digest and FUSED_CRC else None
+        self.hashes = digest and self._handoff is None
+        self._digest: ThreadDigest | NativeDigest | None = None
+        if self.hashes:
+            self._digest = BackgroundDigest()
+        elif digest:  # fills in the frames until it takes the hash over (resume)
+            self._digest = frames_worker()
+        # a map offset below which the bytes were hashed by the parent (_take_over)
+        self._hash_from = 0
         # regions of the buffer handed to the digest and maybe not hashed yet: (lap, start,
         # sequence number), in hand-over order; a lap is one pass from the buffer's front
         self._regions: deque[tuple[int, int, int]] = deque()
@@ -486,6 +517,14 @@ class TarReader:
             self._buf, self._pos = mapped
         else:
             self._buf = aligned_buffer(BUFFER_SIZE)
+        self._map_start = self._pos  # where the stream starts in the map (0 if not mapped)
+        if self._handoff is not None and not self.mapped:
+            # the parent's hash stops; this reader hashes it all (the part the parent hashed
+            # is gone from its buffer by the time it would take over)
+            take_hash_over(self._handoff)
+            self._handoff = None
+            self._digest = BackgroundDigest()
+            self.hashes = True
         self._mv = memoryview(self._buf)
         self._end = self._pos
         self._eof = False
@@ -564,6 +603,8 @@ class TarReader:
         lag a buffer behind the reads (the reader waits past that); the pages MAP_KEEP behind
         both the reader and the digest leave the process (its RSS stays flat in the layer's
         size; the file's page cache stays)."""
+        if self._handoff is not None:
+            self._check_handoff()
         end, size = self._end, len(self._buf)
         stop = min(max(end + MAP_STEP, self._pos + need), size)
         regions = self._regions
@@ -572,7 +613,7 @@ class TarReader:
             while regions and regions[0][1] < stop - MAP_LAG:
                 digest.wait_for(regions.popleft()[2])
             mv = self._mv
-            for at in range(end, stop, _READ):
+            for at in range(max(end, self._hash_from), stop, _READ):
                 regions.append((0, at, digest.update(mv[at : min(at + _READ, stop)])))
         self.bytes_read += stop - end
         self._end = stop
@@ -587,6 +628,33 @@ class TarReader:
             self._eof = True
             self._stream.mapped_to(size)  # type: ignore[attr-defined]
         return stop - self._pos >= need
+
+    def _check_handoff(self) -> None:
+        """Take the parent's hash over (:meth:`_take_over`) if it fell HANDOFF_BEHIND behind
+        the reads; forget it once it is done (it hashed the whole input, or failed: its
+        result says)."""
+        hashed, done = hash_progress(self._handoff)
+        if done:
+            self._handoff = None
+        elif self._map_start + hashed + HANDOFF_BEHIND < self._end:
+            self._take_over()
+
+    def _take_over(self) -> None:
+        """Stop the parent's hash and hash on from where it got: its state goes into the
+        digest's worker (which only filled in frames so far), the bytes it had not hashed
+        below the reads go to the worker now, from the map, and the reads from here on as
+        they come (from its stop on, if it was ahead of them after all)."""
+        state, hashed = take_hash_over(self._handoff)
+        self._handoff = None
+        digest = self._digest
+        assert digest is not None
+        digest.wait()  # every region handed over so far is done with, unhashed
+        digest.resume(state)  # type: ignore[union-attr]  # the native worker
+        self.hashes = True
+        self._hash_from = self._map_start + hashed
+        mv = self._mv
+        for at in range(self._hash_from, self._end, _READ):
+            self._regions.append((0, at, digest.update(mv[at : min(at + _READ, self._end)])))
 
     def _reuse(self, upto: int) -> None:
         """Before the buffer's bytes below *upto* are written again: wait until the digest has
@@ -677,6 +745,8 @@ class TarReader:
         """A mapped reader's next *n* (<= _READ) bytes of entry data (none of them available
         yet), read into a buffer of the reader's own instead of taken from the map (big
         entries' data: see :meth:`chunks`), as :meth:`chunks` hands them out."""
+        if self._handoff is not None:
+            self._check_handoff()
         if self._bounce is None:
             self._bounce = memoryview(aligned_buffer(BUFFER_SIZE))
             self._bounce_seqs = [-1] * (BUFFER_SIZE // _READ)
@@ -698,8 +768,8 @@ class TarReader:
             if not k:
                 raise _bad("archive truncated in entry data")
             got += k
-        if digest is not None:
-            self._last_seq = digest.update(view)
+        if digest is not None:  # (from where the parent's hash stopped, if it is ahead)
+            self._last_seq = digest.update(view[min(max(self._hash_from - at, 0), n):])
         if self._crc_on:
             self._checksum(start, n, self._bounce)
         if digest is not None:
@@ -807,13 +877,17 @@ class TarReader:
                 break
         self._flush_segment()
         self._done = True
-        if self._digest is not None:
-            self._diff_id = "sha256:" + self._digest.hexdigest()
+        digest = self._digest
+        if digest is not None and self.hashes:
+            self._diff_id = "sha256:" + digest.hexdigest()
+        elif digest is not None:  # the frames' worker: done once every job is
+            digest.wait()
+            digest.close()
 
     @property
     def diff_id(self) -> str:
-        if self._digest is None:
-            raise ValueError("TarReader was created with digest=False")
+        if not self.hashes:
+            raise ValueError("TarReader was created with digest=False or sha256=False")
         if self._diff_id is None:
             raise ValueError("diff_id is known once the archive has been read to its end")
         return self._diff_id
