@@ -477,11 +477,11 @@ class TarReader:
         behind (:meth:`_take_over`); its :attr:`diff_id` is then the whole stream's."""
         self._stream = stream
         self._recorder = recorder
-        #: whether the reader hashes what it reads (its diff_id); False while the parent's
-        #: hash does (see *handoff*), and for good with digest=False
         # (without this side's own sha256, whose state is what moves over, the parent's hash
         # runs to its end and the reader hashes it all: its diffID is the one taken)
         self._handoff = handoff if digest and FUSED_CRC else None
+        #: whether the reader hashes what it reads (its diff_id); False while the parent's
+        #: hash does (see *handoff*), and for good with digest=False
         self.hashes = digest and self._handoff is None
         self._digest: ThreadDigest | NativeDigest | None = None
         if self.hashes:
@@ -887,7 +887,8 @@ class TarReader:
     @property
     def diff_id(self) -> str:
         if not self.hashes:
-            raise ValueError("TarReader was created with digest=False or sha256=False")
+            raise ValueError("TarReader was created with digest=False, or the parent's hash "
+                             "of its input was not taken over")
         if self._diff_id is None:
             raise ValueError("diff_id is known once the archive has been read to its end")
         return self._diff_id
