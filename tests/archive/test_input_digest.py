@@ -196,6 +196,35 @@ def test_the_reader_takes_the_hash_over_where_the_parent_stopped(
 
 @needs_gnu_tar
 @needs_root
+def test_a_big_entry_takes_the_hash_over_at_once(
+        layer: Path, expected: dict[str, Any], stalled: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first entry with HANDOFF_ENTRY bytes of data left takes the parent's hash over,
+    however far ahead of the reads the parent is (it never falls behind here)."""
+    monkeypatch.setattr(tarstream, "HANDOFF_BEHIND", 1 << 40)
+    monkeypatch.setattr(tarstream, "HANDOFF_ENTRY", 2 * MIB)
+    took = []
+    real = TarReader._take_over
+
+    def take_over(self: TarReader) -> None:
+        took.append(self._remaining)
+        real(self)
+
+    monkeypatch.setattr(TarReader, "_take_over", take_over)
+    at = layer.stat().st_size - 5 * MIB  # ahead of the reads until near the end
+    reader, result, _ = _apply(layer, tmp_path / "mine", stalled(layer, at))
+    assert len(took) == 1 and took[0] >= 2 * MIB
+    assert reader.hashes and result.diff_id == _sha(layer)
+    problems = diff_snapshots(expected, snapshot(tmp_path / "mine", **ALL_FACTS))
+    assert not problems, "\n".join(problems[:20])
+    monkeypatch.setattr(tarstream, "HANDOFF_ENTRY", 1 << 40)  # no entry that big: no take-over
+    took.clear()
+    reader, result, _ = _apply(layer, tmp_path / "mine2", stalled(layer, at))
+    assert took == [] and not reader.hashes
+
+
+@needs_gnu_tar
+@needs_root
 def test_a_parent_ahead_of_the_reads_keeps_the_hash(layer: Path, expected: dict[str, Any],
                                                     tmp_path: Path) -> None:
     """The parent's hash done before the reads get anywhere: the reader hashes nothing, has
@@ -215,6 +244,36 @@ def test_a_parent_ahead_of_the_reads_keeps_the_hash(layer: Path, expected: dict[
         reader.diff_id  # noqa: B018
     problems = diff_snapshots(expected, snapshot(tmp_path / "mine", **ALL_FACTS))
     assert not problems, "\n".join(problems[:20])
+
+
+@needs_root
+def test_an_unmapped_reader_hashes_it_all(layer: Path, tmp_path: Path) -> None:
+    """A reader that could not map the file (here: it reads a pipe) stops the parent's hash
+    at once and hashes everything itself (what the parent hashed is gone from its buffer by
+    the time it would take over)."""
+    page = mmap.mmap(-1, fastdigest.HANDOFF_BYTES)
+    fd = os.open(layer, os.O_RDONLY)
+    r, w = os.pipe()
+    feeder = threading.Thread(target=lambda: (os.write(w, layer.read_bytes()), os.close(w)))
+    try:
+        h = fastdigest.FileHash(fd, 0, page)
+        feeder.start()
+        stream = open_decompressed(r)
+        reader = TarReader(stream, handoff=page)
+        assert not reader.mapped and reader.hashes
+        assert fastdigest.handoff_hashed(page)[1]  # the parent's thread was stopped
+        h.result()
+        (tmp_path / "t").mkdir()
+        root = os.open(tmp_path / "t", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            result = apply_reader(reader, root, ApplyOptions())
+        finally:
+            os.close(root)
+        assert result.diff_id == _sha(layer)
+    finally:
+        feeder.join()
+        os.close(r)
+        os.close(fd)
 
 
 def test_the_parent_hashes_only_a_plain_regular_file(layer: Path, tmp_path: Path,
