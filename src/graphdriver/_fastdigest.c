@@ -1060,7 +1060,8 @@ file_hash_work(void *arg)
     return NULL;
 }
 
-/* wait for the thread; the page is then let go (its map may be closed) */
+/* wait for the thread; its fd is then closed and the page let go (its map may be closed):
+ * nothing of the file stays open after result() or cancel(), whoever keeps the object */
 static void
 file_hash_join(FileHash *h)
 {
@@ -1071,6 +1072,10 @@ file_hash_join(FileHash *h)
             pthread_join(h->thread, NULL);
             Py_END_ALLOW_THREADS
         }
+    }
+    if (h->fd >= 0) {
+        close(h->fd);
+        h->fd = -1;
     }
     if (h->page.obj != NULL)
         PyBuffer_Release(&h->page);
@@ -1139,8 +1144,6 @@ FileHash_dealloc(FileHash *h)
 {
     atomic_store(&h->stop, 1);
     file_hash_join(h);
-    if (h->fd >= 0)
-        close(h->fd);
     sha256_free(&h->sha);
     Py_TYPE(h)->tp_free((PyObject *)h);
 }

@@ -343,6 +343,24 @@ def test_a_child_that_read_other_bytes_fails_the_apply(layer: Path, kind: str,
         os.close(fd)
 
 
+def test_nothing_of_the_file_stays_open(layer: Path) -> None:
+    """The thread's duplicate of the fd is closed once it ended (result or cancel), and the
+    page is let go (its map can be closed), while the object is still kept (a traceback's
+    frame may keep it after a failed apply)."""
+    fd = os.open(layer, os.O_RDONLY)
+    try:
+        before = sorted(os.listdir("/proc/self/fd"))
+        for stop in ("result", "cancel"):
+            page = mmap.mmap(-1, fastdigest.HANDOFF_BYTES)
+            h = fastdigest.FileHash(fd, 0, page)
+            getattr(h, stop)()
+            assert sorted(os.listdir("/proc/self/fd")) == before, stop
+            page.close()  # no BufferError: the object let the page go
+            del h
+    finally:
+        os.close(fd)
+
+
 def test_a_child_that_took_over_gives_the_diff_id(layer: Path) -> None:
     """The child's diffID (it went on from the parent's state) is the layer's; the parent's
     thread, stopped by then, is not waited for."""
