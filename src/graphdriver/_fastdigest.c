@@ -960,7 +960,7 @@ static PyTypeObject DigestType = {
     .tp_methods = Digest_methods,
 };
 
-/* FileHash(fd, offset, page=None): the sha256 of a file from *offset* to its end, read and
+/* FileHash(fd, offset, page): the sha256 of a file from *offset* to its end, read and
  * hashed by a native thread that starts at once and never takes the GIL: the parent of a
  * confined apply hashes a plain layer file so while its child starts and applies it
  * (archive/inputdigest.py).  The thread reads a duplicate of *fd* with pread (the file's offset
@@ -972,11 +972,12 @@ static PyTypeObject DigestType = {
  * where the thread says how far it got (after every chunk) and where the child may ask it to
  * stop (handoff_take): the thread then leaves its sha256 state there and ends, and the child
  * hashes the rest itself (Digest.resume), from the map it applies from, in the pass that also
- * does its big files' CRCs.  The child takes over when this thread falls behind its reader
- * (layers of big files, whose writes go faster than a copy out of the page cache and a sha256
- * here); while it keeps ahead (layers of many small files), it hashes everything.  The state
- * written there is this file's own sha256's (SHA-NI), so a page is taken only where that is the
- * sha256 used (FUSED).  cancel() stops the thread (as dropping it does). */
+ * does its big files' CRCs.  The child takes over when this thread falls behind its reader, or
+ * at an entry of 32 MiB or more (layers of big files, whose writes go faster than a copy out of
+ * the page cache and a sha256 here); while it keeps ahead (layers of many small files), it
+ * hashes everything.  The state written there is this file's own sha256's (SHA-NI), so
+ * FileHash is refused where that is not the sha256 used (FUSED).  cancel() stops the thread
+ * (as dropping it does). */
 #define FILE_CHUNK (256 << 10) /* within L2: the copy out of the page cache stays there */
 
 /* the hand-off page (its first bytes: the rest is padding) */
@@ -986,7 +987,6 @@ typedef struct {
     _Atomic uint64_t hashed; /* the thread's: bytes hashed so far */
     sha_state state;         /* the thread's, once done: its sha256 after *hashed* bytes */
     int32_t error;           /* the thread's, once done: a read's errno (-1: other), or 0 */
-    uint32_t at_end;         /* the thread's, once done: it had hashed to the file's end */
 } handoff_t;
 #define HANDOFF_BYTES 4096
 
@@ -1008,11 +1008,10 @@ typedef struct {
 } FileHash;
 
 static void
-handoff_publish(handoff_t *page, const sha256_t *sha, int error, int at_end)
+handoff_publish(handoff_t *page, const sha256_t *sha, int error)
 {
     page->state = sha->own;
     page->error = error;
-    page->at_end = (uint32_t)at_end;
     atomic_store(&page->done, 1);
     /* not FUTEX_PRIVATE: the child waits on its own map of the page */
     syscall(SYS_futex, &page->done, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
@@ -1022,7 +1021,7 @@ static void *
 file_hash_work(void *arg)
 {
     FileHash *h = (FileHash *)arg;
-    handoff_t *page = h->page.obj != NULL ? (handoff_t *)h->page.buf : NULL;
+    handoff_t *page = (handoff_t *)h->page.buf;
     unsigned char *buf = NULL;
 #ifdef __GLIBC__
     pthread_setname_np(pthread_self(), "input-digest");
@@ -1031,7 +1030,7 @@ file_hash_work(void *arg)
         h->error = ENOMEM;
     while (buf != NULL && !atomic_load_explicit(&h->stop, memory_order_relaxed)) {
         ssize_t n;
-        if (page != NULL && atomic_load(&page->stop)) {
+        if (atomic_load(&page->stop)) {
             h->handed = 1;
             break;
         }
@@ -1051,12 +1050,10 @@ file_hash_work(void *arg)
             break;
         }
         h->bytes += (uint64_t)n;
-        if (page != NULL)
-            atomic_store_explicit(&page->hashed, h->bytes, memory_order_release);
+        atomic_store_explicit(&page->hashed, h->bytes, memory_order_release);
     }
     free(buf);
-    if (page != NULL)
-        handoff_publish(page, &h->sha, h->error, h->eof);
+    handoff_publish(page, &h->sha, h->error);
     return NULL;
 }
 
@@ -1086,16 +1083,16 @@ FileHash_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd", "offset", "page", NULL};
     FileHash *h;
-    PyObject *page = Py_None;
+    PyObject *page;
     int fd, err;
     long long offset;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iL|O:FileHash", kwlist, &fd, &offset, &page))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iLO:FileHash", kwlist, &fd, &offset, &page))
         return NULL;
     if (offset < 0) {
         PyErr_SetString(PyExc_ValueError, "FileHash: a negative offset");
         return NULL;
     }
-    if (page != Py_None && !use_sha_ni) {
+    if (!use_sha_ni) {
         PyErr_SetString(PyExc_ValueError, "FileHash: a hand-off page needs the SHA-NI sha256");
         return NULL;
     }
@@ -1105,18 +1102,16 @@ FileHash_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     h->fd = -1;
     h->joined = 1; /* until the thread runs */
     h->offset = (uint64_t)offset;
-    if (page != Py_None) {
-        if (PyObject_GetBuffer(page, &h->page, PyBUF_WRITABLE) < 0) {
-            Py_DECREF(h);
-            return NULL;
-        }
-        if (h->page.len < HANDOFF_BYTES || (uintptr_t)h->page.buf % 64) {
-            PyErr_SetString(PyExc_ValueError, "FileHash: the hand-off page is too small");
-            Py_DECREF(h);
-            return NULL;
-        }
-        memset(h->page.buf, 0, sizeof(handoff_t));
+    if (PyObject_GetBuffer(page, &h->page, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(h);
+        return NULL;
     }
+    if (h->page.len < HANDOFF_BYTES || (uintptr_t)h->page.buf % 64) {
+        PyErr_SetString(PyExc_ValueError, "FileHash: the hand-off page is too small");
+        Py_DECREF(h);
+        return NULL;
+    }
+    memset(h->page.buf, 0, sizeof(handoff_t));
     if (sha256_begin(&h->sha) < 0) {
         Py_DECREF(h);
         return NULL;
@@ -1239,6 +1234,7 @@ handoff_take(PyObject *module, PyObject *obj)
     Py_buffer view;
     handoff_t *page = handoff_page(obj, &view);
     PyObject *state;
+    uint64_t bytes;
     int error;
     (void)module;
     if (page == NULL)
@@ -1252,6 +1248,7 @@ handoff_take(PyObject *module, PyObject *obj)
     }
     Py_END_ALLOW_THREADS
     error = page->error;
+    bytes = page->state.bytes + page->state.npart;
     state = PyBytes_FromStringAndSize((const char *)&page->state, sizeof(sha_state));
     PyBuffer_Release(&view);
     if (state == NULL)
@@ -1261,9 +1258,7 @@ handoff_take(PyObject *module, PyObject *obj)
         errno = error > 0 ? error : EIO;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    return Py_BuildValue("(NK)", state,
-                         (unsigned long long)(((const sha_state *)PyBytes_AS_STRING(state))->bytes +
-                                              ((const sha_state *)PyBytes_AS_STRING(state))->npart));
+    return Py_BuildValue("(NK)", state, (unsigned long long)bytes);
 }
 
 /* a loaded library whose path holds a name: what to look for, and the handle found */

@@ -13,7 +13,8 @@ The two meet on a page of shared memory (a sealed memfd, mapped here and in the 
 child cannot shrink it under the parent's map).  The parent's thread says there how far it got;
 the child's reader hashes nothing while that thread keeps ahead of it -- a layer of many small
 files, whose apply is system calls -- and takes the hash over when the thread falls behind
-(``tarstream.HANDOFF_BEHIND``): a layer of big files, which the child writes faster than the
+(``tarstream.HANDOFF_BEHIND``), or at once at an entry of 32 MiB or more of data
+(``tarstream.HANDOFF_ENTRY``): a layer of big files, which the child writes faster than the
 parent can copy out of the page cache and hash, and whose CRC-64s the child's sha256 pass does
 for nothing.  The child asks on the page; the thread stops, leaves its sha256 state there and
 ends; the child's digest goes on from that state, over the bytes after it (from its map).
