@@ -139,6 +139,38 @@ def raise_open_files_limit() -> None:
             log.debug("open files limit stays %d: %s", soft, exc)
 
 
+#: the descriptor table an apply wants ready (:func:`reserve_fd_table`): the file writer's 128
+#: open files and the directory cache's 256 fds, with the lower layers' and room to spare
+FD_TABLE_SLOTS = 1024
+
+
+def reserve_fd_table(slots: int = FD_TABLE_SLOTS) -> None:
+    """Grow this process's table of file descriptors to *slots* (at most its open files limit)
+    now, while the process has one thread.
+
+    Linux grows the table on demand, and in a process of several threads each growth waits for
+    an RCU grace period (``expand_fdtable`` calls ``synchronize_rcu`` when the table is
+    shared): 10-20 ms on a small VM, during which an apply's other threads soon wait too, for
+    the one that opened its 65th, 129th or 257th file.  The table never shrinks, and growing it
+    with one thread costs an allocation.  A process with threads already is left as it is (a
+    growth now would wait as well), and so is one without /proc to tell."""
+    try:
+        if len(os.listdir("/proc/self/task")) != 1:
+            return
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        top = slots if soft == resource.RLIM_INFINITY else min(slots, soft)
+        fd = os.open("/", os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        # the lowest free descriptor at or above top - 1: none in use is touched
+        os.close(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top - 1))
+    except OSError:  # the limit moved meanwhile: the kernel grows the table when needed
+        pass
+    finally:
+        os.close(fd)
+
+
 def _first_subdir_emptying(fd: int) -> str | None:
     """Unlink every non-directory in *fd*; return one subdirectory's name (None: it is empty)."""
     with os.scandir(fd) as it:

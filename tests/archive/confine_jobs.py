@@ -87,3 +87,15 @@ def open_fds(ctx: ChildContext) -> JobBody:
         return {"names": names, "handed": handed}
 
     return body
+
+
+def fd_table(ctx: ChildContext) -> JobBody:
+    """The size of the child's descriptor table, read before it confines itself (/proc is
+    gone after the chroot)."""
+    with open("/proc/self/status") as f:
+        size = next(int(line.split()[1]) for line in f if line.startswith("FDSize:"))
+
+    def body() -> dict[str, Any]:
+        return {"fd_size": size}
+
+    return body

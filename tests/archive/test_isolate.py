@@ -508,6 +508,24 @@ def test_the_child_holds_only_the_fds_it_was_handed(work: Path, ahead: bool) -> 
     assert children() == []
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["spawned", "started-ahead"])
+def test_the_child_grows_its_descriptor_table_before_its_threads(work: Path, ahead: bool) -> None:
+    """Linux grows a descriptor table on demand, and in a process with threads each growth waits
+    for an RCU grace period (10-20 ms here) while the apply's threads wait for the one that
+    opened the 65th or 129th file: the child grows its table before it has any thread."""
+    import resource
+
+    target = work / "t"
+    target.mkdir()
+    child = start_child("confine_jobs:fd_table") if ahead else None
+    ok = run_job("confine_jobs:fd_table", target, {}, on_death=_no_death, child=child)
+    if child is not None:
+        child.discard()
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert ok["fd_size"] >= min(1024, soft)
+    assert children() == []
+
+
 def test_a_child_started_ahead_and_not_taken_is_stopped_and_reaped(work: Path) -> None:
     child = start_child("confine_jobs:whoami")
     assert children() == [child.pid]

@@ -56,7 +56,7 @@ from ..errors import (
     UnsafeArchive,
     from_oserror,
 )
-from ..fsutil import copy_file_data, empty_beneath, remove_beneath
+from ..fsutil import copy_file_data, empty_beneath, remove_beneath, reserve_fd_table
 from ..idmap import real_root
 from ..logs import get_logger
 from . import tarstream as ts
@@ -1611,6 +1611,7 @@ def apply_tar(
     source: int | BinaryIO, target: str | os.PathLike[str] | int, opts: ApplyOptions
 ) -> ApplyResult:
     """Apply a (possibly compressed) layer tar onto a directory path or fd, in process."""
+    reserve_fd_table()  # before the reader's threads start, if the caller has none
     root_fd, owned = _open_target(target)
     try:
         stream = open_decompressed(source) if isinstance(source, int) else decompress_stream(source)

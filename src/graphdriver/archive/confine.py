@@ -731,8 +731,12 @@ def _receive(sock_fd: int) -> dict[str, Any] | None:
 
 
 def _child_main(argv: list[str]) -> int:
+    from ..fsutil import reserve_fd_table
     from .jsontext import dumps as json_text
 
+    # before any thread: a job's threads would otherwise all wait for an RCU grace period each
+    # time the table grows (an apply's file writer holds up to 128 files open)
+    reserve_fd_table()
     job = argv[0]
     ctx: ChildContext | None = None
     held: list[int] = []  # signals that came before the job's context existed
