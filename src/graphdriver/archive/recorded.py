@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from ..idmap import IDMap
 from .changes import Change, ChangeKind, capability, same_content, same_fs_time, sort_changes
@@ -70,19 +69,23 @@ class _Node:
         return self.mode == 0 or stat.S_ISDIR(self.mode)
 
 
-@dataclass
 class _Layer:
-    """The final shape of the layer: its paths, and where it hides what lies below."""
+    """The final shape of the layer: its paths, and where it hides what lies below.  (A plain
+    class: the dataclasses import, with inspect and ast, cost the first ``changes`` of a
+    process ~8 ms.)"""
 
-    nodes: dict[str, _Node] = field(default_factory=dict)
-    whiteouts: set[str] = field(default_factory=set)
-    opaque: set[str] = field(default_factory=set)
-    replaced: set[str] = field(default_factory=set)  # paths once a non-directory of the layer
-    implicit: set[str] = field(default_factory=set)  # directories the layer made unlisted
-    #: directories named only as the parents of whiteouts and opaque markers: the apply makes
-    #: none of them (a marker with nothing to hide leaves no trace), so each is the layer's only
-    #: where the apply left a directory
-    ghosts: set[str] = field(default_factory=set)
+    __slots__ = ("ghosts", "implicit", "nodes", "opaque", "replaced", "whiteouts")
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, _Node] = {}
+        self.whiteouts: set[str] = set()
+        self.opaque: set[str] = set()
+        self.replaced: set[str] = set()  # paths once a non-directory of the layer
+        self.implicit: set[str] = set()  # directories the layer made unlisted
+        #: directories named only as the parents of whiteouts and opaque markers: the apply
+        #: makes none of them (a marker with nothing to hide leaves no trace), so each is the
+        #: layer's only where the apply left a directory
+        self.ghosts: set[str] = set()
 
     def hides_below(self, path: str) -> bool:
         """Whether the directory *path* of the layer shows nothing of the parent's."""
