@@ -72,7 +72,7 @@ class _Node:
 class _Layer:
     """The final shape of the layer: its paths, and where it hides what lies below.  (A plain
     class: the dataclasses import, with inspect and ast, cost the first ``changes`` of a
-    process ~8 ms.)"""
+    process ~6 ms.)"""
 
     __slots__ = ("ghosts", "implicit", "nodes", "opaque", "replaced", "whiteouts")
 
