@@ -972,10 +972,8 @@ static PyTypeObject DigestType = {
  * where the thread says how far it got (after every chunk) and where the child may ask it to
  * stop (handoff_take): the thread then leaves its sha256 state there and ends, and the child
  * hashes the rest itself (Digest.resume), from the map it applies from, in the pass that also
- * does its big files' CRCs.  The child takes over when this thread falls behind its reader, or
- * at an entry of 32 MiB or more (layers of big files, whose writes go faster than a copy out of
- * the page cache and a sha256 here); while it keeps ahead (layers of many small files), it
- * hashes everything.  The state written there is this file's own sha256's (SHA-NI), so
+ * does its big files' CRCs.  The child takes over at its reader's first read (this thread hashes
+ * while the child starts), unless this thread is done by then.  The state written there is this file's own sha256's (SHA-NI), so
  * FileHash is refused where that is not the sha256 used (FUSED).  cancel() stops the thread
  * (as dropping it does). */
 #define FILE_CHUNK (256 << 10) /* within L2: the copy out of the page cache stays there */

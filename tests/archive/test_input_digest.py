@@ -5,12 +5,12 @@ The reader is run in process here, on a map of the file as the confined child's 
 ``FileHash`` with its hand-off page: a real one that hashed the whole file (the reader must
 never take it over), or one stalled at a chosen offset (it hashed a file of the layer's first
 bytes; the page says "running" until the reader asks it to stop, then "done", as the parent's
-thread does), so that the reader takes over wherever the parent may stop: at 0, inside a block,
-in a header, in a big file's data, behind the reads or ahead of them.  Each apply's diffID must
-be the file's sha256, its tree GNU tar's, and its tar-split recording the one of an apply that
-hashed everything itself.  Then the store's apply with its real confined child, on layers of
-small files (the parent hashes it all) and of big files (the child takes over), and the rule
-that a child which read other bytes than the parent hashed fails the apply.
+thread does), so that the reader takes over wherever the parent may have got to by its first
+read: at 0, inside a block, in a header, in a big file's data.  Each apply's diffID must be the
+file's sha256, its tree GNU tar's, and its tar-split recording the one of an apply that hashed
+everything itself.  Then the store's apply with its real confined child, on layers of small
+files and of big files, and the rule that a child which read other bytes than the parent
+hashed fails the apply.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import pytest
 from tarbuild import gnu_extract, gnu_tar, make_rich_tree, needs_gnu_tar, needs_root
 from tests.treeutil import diff_snapshots, snapshot
 
-from graphdriver.archive import inputdigest, tarstream
+from graphdriver.archive import inputdigest
 from graphdriver.archive.apply import ApplyOptions, apply_reader
 from graphdriver.archive.compression import open_decompressed
 from graphdriver.archive.native import native_module
@@ -163,30 +163,26 @@ def _apply(layer: Path, target: Path, handoff: Any = None, recorded: bool = Fals
 @needs_root
 @pytest.mark.parametrize("where", ["start", "inside a block", "early", "in a big file",
                                    "half", "near the end"])
-@pytest.mark.parametrize("behind", ["behind the reads", "ahead of them"])
-def test_the_reader_takes_the_hash_over_where_the_parent_stopped(
+def test_the_reader_takes_the_hash_over_at_its_first_read(
         layer: Path, expected: dict[str, Any], stalled: Any, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, where: str, behind: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Wherever the parent got to while the child started, the reader stops it before it
+    reads anything and hashes on from its state: from where it stopped, ahead of the reads."""
     size = layer.stat().st_size
     data = layer.read_bytes()
     big = data.index(b"big0400") + 2048  # in the data of a big file (after its headers)
     at = {"start": 0, "inside a block": 1000, "early": 4 * MIB + 7, "in a big file": big,
           "half": size // 2 + 3, "near the end": size - 3 * MIB + 5}[where]
-    # taken over once the reads get past the parent (behind), or at the first read: the
-    # parent is then ahead of the reads, which are hashed from where it stopped
-    monkeypatch.setattr(tarstream, "HANDOFF_BEHIND", 0 if behind == "behind the reads"
-                        else -(1 << 40))
     took = []
     real = TarReader._take_over
 
     def take_over(self: TarReader) -> None:
-        took.append(self._end - self._map_start)
         real(self)
+        took.append((self._end - self._map_start, self._hash_from - self._map_start))
 
     monkeypatch.setattr(TarReader, "_take_over", take_over)
     reader, result, lines = _apply(layer, tmp_path / "mine", stalled(layer, at), recorded=True)
-    assert len(took) == 1, "the reader did not take the parent's hash over"
-    assert (took[0] > at) == (behind == "behind the reads")
+    assert took == [(0, at)], "the reader did not take the parent's hash over at its start"
     assert reader.hashes and result.diff_id == _sha(layer)
     problems = diff_snapshots(expected, snapshot(tmp_path / "mine", **ALL_FACTS))
     assert not problems, "\n".join(problems[:20])
@@ -196,39 +192,10 @@ def test_the_reader_takes_the_hash_over_where_the_parent_stopped(
 
 @needs_gnu_tar
 @needs_root
-def test_a_big_entry_takes_the_hash_over_at_once(
-        layer: Path, expected: dict[str, Any], stalled: Any, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first entry with HANDOFF_ENTRY bytes of data left takes the parent's hash over,
-    however far ahead of the reads the parent is (it never falls behind here)."""
-    monkeypatch.setattr(tarstream, "HANDOFF_BEHIND", 1 << 40)
-    monkeypatch.setattr(tarstream, "HANDOFF_ENTRY", 2 * MIB)
-    took = []
-    real = TarReader._take_over
-
-    def take_over(self: TarReader) -> None:
-        took.append(self._remaining)
-        real(self)
-
-    monkeypatch.setattr(TarReader, "_take_over", take_over)
-    at = layer.stat().st_size - 5 * MIB  # ahead of the reads until near the end
-    reader, result, _ = _apply(layer, tmp_path / "mine", stalled(layer, at))
-    assert len(took) == 1 and took[0] >= 2 * MIB
-    assert reader.hashes and result.diff_id == _sha(layer)
-    problems = diff_snapshots(expected, snapshot(tmp_path / "mine", **ALL_FACTS))
-    assert not problems, "\n".join(problems[:20])
-    monkeypatch.setattr(tarstream, "HANDOFF_ENTRY", 1 << 40)  # no entry that big: no take-over
-    took.clear()
-    reader, result, _ = _apply(layer, tmp_path / "mine2", stalled(layer, at))
-    assert took == [] and not reader.hashes
-
-
-@needs_gnu_tar
-@needs_root
-def test_a_parent_ahead_of_the_reads_keeps_the_hash(layer: Path, expected: dict[str, Any],
-                                                    tmp_path: Path) -> None:
-    """The parent's hash done before the reads get anywhere: the reader hashes nothing, has
-    no diffID of its own, and the parent's is the file's."""
+def test_a_parent_done_before_the_reads_keeps_the_hash(layer: Path, expected: dict[str, Any],
+                                                       tmp_path: Path) -> None:
+    """The parent's hash done before the reads get anywhere (a small layer, a slow start):
+    the reader hashes nothing, has no diffID of its own, and the parent's is the file's."""
     page = mmap.mmap(-1, fastdigest.HANDOFF_BYTES)
     fd = os.open(layer, os.O_RDONLY)
     try:
@@ -387,10 +354,9 @@ def test_a_child_that_took_over_gives_the_diff_id(layer: Path) -> None:
 @needs_root
 @pytest.mark.parametrize("shape", ["small files", "big files"])
 def test_the_store_apply_gives_the_files_sha256(shape: str, tmp_path: Path) -> None:
-    """Through the store and its confined child: a layer of small files (the parent keeps
-    ahead of the child and hashes it all) and one of big files (the child, which writes them
-    faster than the parent reads and hashes them, usually takes over; when it does is not up
-    to the test): the file's sha256 either way, and the files applied."""
+    """Through the store and its confined child: a layer of small files and one of big
+    files (the child takes the hash over unless the parent was done by its first read, which
+    is not up to the test): the file's sha256 either way, and the files applied."""
     from graphdriver import open_driver
 
     src = tmp_path / "src"

@@ -16,11 +16,10 @@ beside its reader, gzip'd into that file, and checks the applied files against t
 summary comes back (``ApplyResult.recording``), no frame crosses a pipe.
 
 A plain layer file's diffID is hashed in the parent (:mod:`.inputdigest`) from the moment the
-apply starts, while the child starts and applies it; the child's reader hashes nothing (its
-digest worker only fills in the tar-split frames) unless that hash falls behind its reads, when
-it takes it over from the parent's state (a hand-off page the two share).  The child says what
-it read, which the parent checks against what it hashed, and its diffID if it took over.  Any
-other input is hashed in the child, as it reads it.
+apply starts, while the child starts; the child's reader takes that hash over at its first
+read, from the parent's state (a hand-off page the two share), unless it is done.  The child
+says what it read, which the parent checks against what it hashed, and its diffID if it took
+over.  Any other input is hashed in the child, as it reads it.
 
 If the child dies without a result (SIGKILL, OOM), an empty target is emptied by the parent
 (GraphDriverError), while a non-empty one cannot be rolled back: ``StoreCorrupt`` is raised, and
