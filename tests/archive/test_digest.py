@@ -431,19 +431,31 @@ def test_a_second_waiting_thread_is_woken_and_released() -> None:
 # ---- the CRC-64 of tar-split payloads (archive/crc64.py) --------------------------------------
 
 _CRC_PROBE = """
-import json, os, sys
-from graphdriver.archive.crc64 import crc64
+import json, os, random, sys
 from graphdriver.archive.native import native_module
 fast = native_module("_fastdigest")
+if sys.argv[1] == "anycrc":  # its extension's CRC taken first: crc64 is then anycrc's
+    from importlib.machinery import PathFinder
+    where = PathFinder.find_spec("anycrc").submodule_search_locations
+    assert fast.load_crc(PathFinder.find_spec("anycrc.crc", where).origin)
+from graphdriver.archive.crc64 import crc64
 data = bytes(range(256)) * 4099
-print(json.dumps({"modules": sorted(m for m in sys.modules if m.startswith("anycrc")),
+rng = random.Random(64)
+lengths = [*range(300), 511, 512, 513, 1023, 4095, 4096, 4097, 65537, 1 << 20]
+blobs = [rng.randbytes(n) for n in lengths]
+maps = open("/proc/self/maps").read()
+packages = ("anycrc", "isal")
+print(json.dumps({"modules": sorted(m for m in sys.modules if m.split(".")[0] in packages),
                   "native": fast is not None and crc64 is fast.crc64,
+                  "isal": "/isal/isal_zlib." in maps, "anycrc": "/anycrc/crc." in maps,
                   "crcs": [crc64(b""), crc64(b"123456789"), crc64(data), crc64(data[7:], 99),
-                           crc64(memoryview(bytearray(data))[3:70000])]}))
+                           crc64(memoryview(bytearray(data))[3:70000])]
+                          + [crc64(b) for b in blobs]
+                          + [crc64(b[len(b) // 3 :], crc64(b[: len(b) // 3])) for b in blobs]}))
 """
 
 
-def _crc_probe(native: bool) -> dict[str, Any]:
+def _crc_probe(native: bool, first: str = "") -> dict[str, Any]:
     import json
     import subprocess
     import sys
@@ -451,19 +463,23 @@ def _crc_probe(native: bool) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != "GRAPHDRIVER_NO_NATIVE"}
     if not native:
         env["GRAPHDRIVER_NO_NATIVE"] = "1"
-    out = subprocess.run([sys.executable, "-c", _CRC_PROBE], env=env, capture_output=True,
-                         text=True, check=True, timeout=60).stdout
+    out = subprocess.run([sys.executable, "-c", _CRC_PROBE, first], env=env,
+                         capture_output=True, text=True, check=True, timeout=60).stdout
     return json.loads(out)  # type: ignore[no-any-return]
 
 
 @pytest.mark.skipif(_native is None, reason=_NOT_BUILT)
-def test_the_native_crc_is_anycrcs_without_its_module() -> None:
-    """Where _fastdigest is built, crc64 is its function over anycrc's crc_calc, the extension
-    loaded as a library (anycrc's Python modules never run: start-up time of the confined
-    child), and it gives what anycrc's own Model gives -- Go's CRC-64/ISO check value, a CRC
-    continued from another, any buffer."""
+def test_the_native_crc_is_isals_or_anycrcs_without_their_modules() -> None:
+    """Where _fastdigest is built, crc64 is its function over ISA-L's crc64_iso_refl (isal's
+    extension loaded as a library: ~4x anycrc's speed), or over anycrc's crc_calc when that
+    is the extension it was given; neither package's Python modules run (start-up time of the
+    confined child); and each gives what anycrc's own Model gives -- Go's CRC-64/ISO check
+    value, a CRC continued from another, buffers of every length up to a few blocks."""
     native, python = _crc_probe(True), _crc_probe(False)
-    assert native["native"] and native["modules"] == []
+    anycrc = _crc_probe(True, "anycrc")
+    assert native["native"] and native["modules"] == [] and native["isal"]
+    assert anycrc["native"] and anycrc["modules"] == [] and anycrc["anycrc"]
+    assert not anycrc["isal"]  # the test can tell the two apart
     assert not python["native"] and "anycrc" in python["modules"]  # the test can fail
-    assert native["crcs"] == python["crcs"]
+    assert native["crcs"] == python["crcs"] == anycrc["crcs"]
     assert native["crcs"][:2] == [0, 0xB90956C775A41001]

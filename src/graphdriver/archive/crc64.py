@@ -1,18 +1,19 @@
 """CRC-64 with the ISO polynomial, as Go's ``hash/crc64`` computes it for tar-split's payloads.
 
-Owns the one CRC-64 implementation graphdriver uses: anycrc's (a declared dependency, ~1 GB/s,
-its crc-clmul library).  Import it before a chroot (the confined child does): it loads anycrc's
-extension when first imported.
+Owns the CRC-64 graphdriver uses: ISA-L's (``crc64_iso_refl`` in the extension of isal, a
+declared dependency for gzip: ~50 GB/s on large buffers with VPCLMULQDQ, ~4x anycrc's) where the
+native digest helper is built, else anycrc's (a declared dependency, its crc-clmul library).
+Import it before a chroot (the confined child does): it loads the extension when first imported.
 
 Where the native digest helper is built (:mod:`.native`), the extension is loaded as a plain
 library by ``_fastdigest.load_crc`` -- its file found by the import system's path finder, its
 Python module not run (anycrc's import, ~2 ms with its models table and functools, is start-up
-time of every confined child) -- and :func:`crc64` is ``_fastdigest.crc64`` (the same
-``crc_calc``).  Otherwise anycrc is imported: its extension (Cython, limited API) reads a few
-``CO_*`` code flags from :mod:`inspect` when it loads, and inspect costs ~6 ms of imports (ast,
-dis, tokenize) that nothing else of an apply needs: unless inspect is already loaded, anycrc sees
-a stand-in holding CPython's values of those flags (any other name loads the real inspect and
-answers from it), removed once anycrc is in.
+time of every confined child) -- and :func:`crc64` is ``_fastdigest.crc64`` (the same CRC as
+the digest worker's frames).  Otherwise anycrc is imported: its extension (Cython, limited API)
+reads a few ``CO_*`` code flags from :mod:`inspect` when it loads, and inspect costs ~6 ms of
+imports (ast, dis, tokenize) that nothing else of an apply needs: unless inspect is already
+loaded, anycrc sees a stand-in holding CPython's values of those flags (any other name loads
+the real inspect and answers from it), removed once anycrc is in.
 
 Imports only :mod:`.native` of graphdriver.
 """
@@ -64,32 +65,36 @@ def _load_anycrc() -> Any:
     return anycrc
 
 
-def _extension_file() -> str | None:
-    """The file of anycrc's extension (``anycrc.crc``), found as ``import anycrc.crc`` would
-    find it but without running either module (None: not found)."""
+def _extension_file(package_name: str, module: str) -> str | None:
+    """The file of a package's extension module (``anycrc.crc``), found as an import would
+    find it but without running the package or the module (None: not found)."""
     for finder in sys.meta_path:
         find_spec = getattr(finder, "find_spec", None)
         if find_spec is None:
             continue
-        package = find_spec("anycrc", None)
+        package = find_spec(package_name, None)
         if package is None:
             continue
         if not package.submodule_search_locations:
             return None
-        spec = find_spec("anycrc.crc", package.submodule_search_locations)
+        spec = find_spec(f"{package_name}.{module}", package.submodule_search_locations)
         return spec.origin if spec is not None and spec.has_location else None
     return None
 
 
 def _native_crc() -> Any:
-    """``_fastdigest.crc64`` once it holds anycrc's CRC, else None."""
+    """``_fastdigest.crc64`` once it holds ISA-L's CRC (isal's extension) or anycrc's, else
+    None."""
     fast = native_module("_fastdigest")
     if fast is None:
         return None
-    if fast.CRC:  # anycrc was imported before
+    if fast.CRC:  # isal or anycrc was imported before
         return fast.crc64
-    path = _extension_file()
-    return fast.crc64 if path is not None and fast.load_crc(path) else None
+    for package, module in (("isal", "isal_zlib"), ("anycrc", "crc")):
+        path = _extension_file(package, module)
+        if path is not None and fast.load_crc(path):
+            return fast.crc64
+    return None
 
 
 if TYPE_CHECKING:
