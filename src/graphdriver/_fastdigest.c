@@ -859,6 +859,18 @@ Digest_pending(Digest *d, PyObject *Py_UNUSED(ignored))
     return PyLong_FromUnsignedLongLong(atomic_load(&d->published) - atomic_load(&d->done));
 }
 
+/* is_done(n) -> bool: whether the region (or fill_frames slot) of number n (update's, as
+ * wait_for takes it) is done, without waiting (a mapped reader lets go of the pages of the
+ * regions done) */
+static PyObject *
+Digest_is_done(Digest *d, PyObject *arg)
+{
+    unsigned long long n = PyLong_AsUnsignedLongLong(arg);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    return PyBool_FromLong(n <= atomic_load_explicit(&d->done, memory_order_acquire));
+}
+
 static PyObject *
 Digest_fused_bytes(Digest *d, PyObject *Py_UNUSED(ignored))
 {
@@ -949,6 +961,8 @@ static PyMethodDef Digest_methods[] = {
      "Bytes whose CRC-64 the worker folded in the pass that hashed them (see FUSED)."},
     {"pending", (PyCFunction)Digest_pending, METH_NOARGS,
      "The regions and fill_frames slots handed over and not done yet."},
+    {"is_done", (PyCFunction)Digest_is_done, METH_O,
+     "Whether the region (or fill_frames slot) of a number update returned is done (no wait)."},
     {"wait_for", (PyCFunction)Digest_wait_for, METH_O,
      "Return once the regions up to a number update returned are hashed."},
     {"wait", (PyCFunction)Digest_wait, METH_NOARGS,

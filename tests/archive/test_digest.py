@@ -382,6 +382,20 @@ def test_libcrypto_is_used_where_sha_ni_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("worker", _WORKERS)
+def test_is_done_says_without_waiting_whether_a_region_is_hashed(worker: Worker) -> None:
+    """is_done(n): True once the region numbered n is hashed (after wait_for(n) at the
+    latest), and for every region before it; never for a number not handed over yet."""
+    d = worker()
+    data = random.Random(5).randbytes(3 << 20)
+    seqs = [d.update(memoryview(data)[i : i + (256 << 10)]) for i in range(0, len(data), 256 << 10)]
+    assert not d.is_done(seqs[-1] + 1000)
+    d.wait_for(seqs[-1])
+    assert all(d.is_done(n) for n in seqs)
+    assert not d.is_done(seqs[-1] + 1000)
+    assert d.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("worker", _WORKERS)
 def test_pending_counts_what_the_worker_has_not_done(worker: Worker) -> None:
     """pending: the regions handed over and not done yet (0 once waited for)."""
     d = worker()

@@ -99,6 +99,10 @@ class ThreadDigest:
         if self._error is not None:
             raise self._error
 
+    def is_done(self, seq: int) -> bool:
+        """Whether the region of sequence number *seq* has been hashed (no wait)."""
+        return self._done >= seq
+
     def pending(self) -> int:
         """The regions handed over and not hashed yet (the worker is behind when they are
         many)."""

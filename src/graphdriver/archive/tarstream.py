@@ -611,6 +611,8 @@ class TarReader:
         regions = self._regions
         digest = self._digest
         if digest is not None:
+            while regions and digest.is_done(regions[0][2]):  # their pages may go
+                regions.popleft()
             while regions and regions[0][1] < stop - MAP_LAG:
                 digest.wait_for(regions.popleft()[2])
             mv = self._mv
