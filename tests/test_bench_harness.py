@@ -1,0 +1,69 @@
+"""bench/run.py's runner: each run starts with the layer it reads in the page cache (a file in
+the cache directory that the run's command line names is read through first, untimed), and
+only that one: another layer of the cache stays where it was."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import run as bench  # noqa: E402
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _resident_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache (mincore over a private map)."""
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        buf = (ctypes.c_char * size).from_buffer(m)
+        try:
+            done = _libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size),
+                                 vec)
+        finally:
+            del buf
+    if done != 0:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return sum(b & 1 for b in vec)
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_run_starts_with_the_layer_it_names_in_the_page_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    named, other, longer = cache / "layer.tar", cache / "other.tar", cache / "layer.tar.gz"
+    for p in (named, other, longer):
+        p.write_bytes(os.urandom(4 << 20))
+        _evict(p)
+    if _resident_pages(named) > 64:
+        pytest.skip("this filesystem keeps the file's pages in memory (tmpfs?)")
+    seen: list[int] = []
+
+    def per_run(d: Path) -> bench.Cmd:
+        seen.append(_resident_pages(named))  # the command is made before the file is read
+        return bench.Cmd(["true", str(named)])
+
+    w = bench.Workload("warm", [bench.Side("gd", per_run)], [])
+    res = bench.run_workload(w, tmp_path / "work", 2, cache)
+    (result,) = res.values()
+    assert len(result.samples) == 2 and result.note is None
+    assert _resident_pages(named) == (4 << 20) // mmap.PAGESIZE
+    assert _resident_pages(other) < 64 and _resident_pages(longer) < 64
+    assert seen[0] < 64  # it was out before the first run: the runner read it in
