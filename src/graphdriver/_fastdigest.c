@@ -1252,7 +1252,9 @@ handoff_hashed(PyObject *module, PyObject *obj)
 
 /* handoff_take(page) -> (state, bytes): stop the parent's thread (if it still runs) and wait
  * for its state: Digest.resume's argument, and the bytes it covers; OSError of the parent's
- * failed read */
+ * failed read, or ESRCH if the parent died meanwhile (its thread with it: nothing would ever
+ * answer).  A signal's Python handler runs while it waits (the confined child's SIGTERM, which
+ * is also its parent-death signal: this wait must not keep a child whose parent was killed) */
 static PyObject *
 handoff_take(PyObject *module, PyObject *obj)
 {
@@ -1261,17 +1263,33 @@ handoff_take(PyObject *module, PyObject *obj)
     PyObject *state;
     uint64_t bytes;
     int error;
+    pid_t parent = getppid();
     (void)module;
     if (page == NULL)
         return NULL;
     atomic_store(&page->stop, 1);
-    Py_BEGIN_ALLOW_THREADS
     while (!atomic_load(&page->done)) {
-        /* a second at a time: the parent's thread publishes within a chunk's read and hash */
-        struct timespec second = {1, 0};
-        syscall(SYS_futex, &page->done, FUTEX_WAIT, 0, &second, NULL, 0);
+        int interrupted = 0;
+        Py_BEGIN_ALLOW_THREADS
+        while (!atomic_load(&page->done) && !interrupted && getppid() == parent) {
+            /* a tenth of a second at a time: the parent's thread publishes within a chunk's
+             * read and hash, and wakes this wait */
+            struct timespec tick = {0, 100 * 1000 * 1000};
+            interrupted = syscall(SYS_futex, &page->done, FUTEX_WAIT, 0, &tick, NULL, 0) < 0 &&
+                          errno == EINTR;
+        }
+        Py_END_ALLOW_THREADS
+        if (atomic_load(&page->done))
+            break;
+        if (PyErr_CheckSignals() < 0 || (getppid() != parent && !atomic_load(&page->done))) {
+            PyBuffer_Release(&view);
+            if (!PyErr_Occurred()) {
+                errno = ESRCH;
+                PyErr_SetFromErrnoWithFilename(PyExc_OSError, "the parent's hash of the input");
+            }
+            return NULL;
+        }
     }
-    Py_END_ALLOW_THREADS
     error = page->error;
     bytes = page->state.bytes + page->state.npart;
     state = PyBytes_FromStringAndSize((const char *)&page->state, sizeof(sha_state));

@@ -21,9 +21,12 @@ import io
 import mmap
 import os
 import random
+import signal
 import struct
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -211,6 +214,68 @@ def test_a_parent_done_before_the_reads_keeps_the_hash(layer: Path, expected: di
         reader.diff_id  # noqa: B018
     problems = diff_snapshots(expected, snapshot(tmp_path / "mine", **ALL_FACTS))
     assert not problems, "\n".join(problems[:20])
+
+
+_WAITER = """
+import mmap, os, signal, sys
+from graphdriver.archive.native import native_module
+fast = native_module("_fastdigest")
+page = mmap.mmap(-1, fast.HANDOFF_BYTES)  # a parent's hash that never answers
+def on_term(signum, frame):
+    raise SystemExit(42)
+signal.signal(signal.SIGTERM, on_term)
+print(os.getpid(), flush=True)
+try:
+    fast.handoff_take(page)
+except OSError as exc:
+    print(exc, flush=True)
+    sys.exit(43)
+"""
+
+
+def test_a_wait_for_the_parents_hash_takes_the_childs_signals() -> None:
+    """The confined child's SIGTERM (its parent-death signal too) is handled while it waits
+    for the parent's hash to stop: the wait does not keep it alive."""
+    proc = subprocess.Popen([sys.executable, "-c", _WAITER], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip().isdigit()
+        time.sleep(0.3)  # in its wait by now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 42
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_wait_for_a_dead_parents_hash_fails() -> None:
+    """The parent killed while its child waits for its hash to stop (its thread died with it:
+    nothing would ever answer): the wait fails (ESRCH) instead of keeping the child."""
+    middle = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; p = subprocess.Popen([sys.executable, "
+         "'-c', sys.argv[1]], stdout=subprocess.PIPE); print(p.stdout.readline().decode().strip(),"
+         " flush=True); print(p.stdout.readline().decode().strip(), flush=True); "
+         "sys.exit(p.wait())", _WAITER], stdout=subprocess.PIPE)
+    try:
+        assert middle.stdout is not None
+        pid = int(middle.stdout.readline())
+        time.sleep(0.3)
+        middle.kill()  # SIGKILL: no parent-death signal was set for this waiter
+        middle.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                        break
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the waiter outlived its parent")
+    finally:
+        middle.kill()
+        middle.wait()
 
 
 @needs_root
