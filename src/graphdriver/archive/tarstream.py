@@ -601,9 +601,9 @@ class TarReader:
     def _fill_mapped(self, need: int) -> bool:
         """:meth:`_fill` from the map: at least the next MAP_STEP bytes become available and go
         to the digest (in _READ regions).  The digest may lag MAP_LAG behind them (the reader
-        waits past that); the pages MAP_KEEP behind
-        both the reader and the digest leave the process (its RSS stays flat in the layer's
-        size; the file's page cache stays)."""
+        waits past that); the pages MAP_KEEP behind both the reader and the digest -- the
+        regions it is done with no longer count -- leave the process (its RSS stays flat in
+        the layer's size; the file's page cache stays)."""
         if self._handoff is not None:
             self._take_over()
         end, size = self._end, len(self._buf)
