@@ -1000,9 +1000,9 @@ static PyTypeObject DigestType = {
  * stop (handoff_take): the thread then leaves its sha256 state there and ends, and the child
  * hashes the rest itself (Digest.resume), from the map it applies from, in the pass that also
  * does its big files' CRCs.  The child takes over at its reader's first read (this thread hashes
- * while the child starts), unless this thread is done by then.  The state written there is this file's own sha256's (SHA-NI), so
- * FileHash is refused where that is not the sha256 used (FUSED).  cancel() stops the thread
- * (as dropping it does). */
+ * while the child starts), unless this thread is done by then.  The state written there is this
+ * file's own sha256's (SHA-NI), so FileHash is refused where that is not the sha256 used (FUSED).
+ * cancel() stops the thread (as dropping it does). */
 #define FILE_CHUNK (256 << 10) /* within L2: the copy out of the page cache stays there */
 
 /* the hand-off page (its first bytes: the rest is padding) */
@@ -1281,7 +1281,7 @@ handoff_take(PyObject *module, PyObject *obj)
         Py_END_ALLOW_THREADS
         if (atomic_load(&page->done))
             break;
-        if (PyErr_CheckSignals() < 0 || (getppid() != parent && !atomic_load(&page->done))) {
+        if (PyErr_CheckSignals() < 0 || getppid() != parent) {
             PyBuffer_Release(&view);
             if (!PyErr_Occurred()) {
                 errno = ESRCH;
