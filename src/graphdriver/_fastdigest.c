@@ -1269,14 +1269,13 @@ handoff_take(PyObject *module, PyObject *obj)
         return NULL;
     atomic_store(&page->stop, 1);
     while (!atomic_load(&page->done)) {
-        int interrupted = 0;
+        /* a tenth of a second at a time: the parent's thread publishes within a chunk's read
+         * and hash, and wakes this wait; between two, the signals that came are handled (one
+         * that came just before the wait did not interrupt it) */
         Py_BEGIN_ALLOW_THREADS
-        while (!atomic_load(&page->done) && !interrupted && getppid() == parent) {
-            /* a tenth of a second at a time: the parent's thread publishes within a chunk's
-             * read and hash, and wakes this wait */
+        if (!atomic_load(&page->done) && getppid() == parent) {
             struct timespec tick = {0, 100 * 1000 * 1000};
-            interrupted = syscall(SYS_futex, &page->done, FUTEX_WAIT, 0, &tick, NULL, 0) < 0 &&
-                          errno == EINTR;
+            syscall(SYS_futex, &page->done, FUTEX_WAIT, 0, &tick, NULL, 0);
         }
         Py_END_ALLOW_THREADS
         if (atomic_load(&page->done))

@@ -224,6 +224,8 @@ page = mmap.mmap(-1, fast.HANDOFF_BYTES)  # a parent's hash that never answers
 def on_term(signum, frame):
     raise SystemExit(42)
 signal.signal(signal.SIGTERM, on_term)
+# as the confined child is spawned (an empty mask), whatever the test process had blocked
+signal.pthread_sigmask(signal.SIG_SETMASK, [])
 print(os.getpid(), flush=True)
 try:
     fast.handoff_take(page)
@@ -233,13 +235,15 @@ except OSError as exc:
 """
 
 
-def test_a_wait_for_the_parents_hash_takes_the_childs_signals() -> None:
+@pytest.mark.parametrize("delay", [0.15, 0.2, 0.25, 0.3, 0.4])
+def test_a_wait_for_the_parents_hash_takes_the_childs_signals(delay: float) -> None:
     """The confined child's SIGTERM (its parent-death signal too) is handled while it waits
-    for the parent's hash to stop: the wait does not keep it alive."""
+    for the parent's hash to stop, whenever in the wait it comes (one that came just before a
+    futex wait did not interrupt it): the wait does not keep it alive."""
     proc = subprocess.Popen([sys.executable, "-c", _WAITER], stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip().isdigit()
-        time.sleep(0.3)  # in its wait by now
+        time.sleep(delay)  # in its wait by now
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 42
     finally:
