@@ -1272,11 +1272,10 @@ handoff_take(PyObject *module, PyObject *obj)
         /* a tenth of a second at a time: the parent's thread publishes within a chunk's read
          * and hash, and wakes this wait; between two, the signals that came are handled (one
          * that came just before the wait did not interrupt it) */
+        struct timespec tick = {0, 100 * 1000 * 1000};
         Py_BEGIN_ALLOW_THREADS
-        if (!atomic_load(&page->done) && getppid() == parent) {
-            struct timespec tick = {0, 100 * 1000 * 1000};
-            syscall(SYS_futex, &page->done, FUTEX_WAIT, 0, &tick, NULL, 0);
-        }
+        /* (returns at once if done is no longer 0) */
+        syscall(SYS_futex, &page->done, FUTEX_WAIT, 0, &tick, NULL, 0);
         Py_END_ALLOW_THREADS
         if (atomic_load(&page->done))
             break;
