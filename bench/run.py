@@ -947,13 +947,20 @@ def named(path: Path, arg: str) -> bool:
 
 
 def run_workload(w: Workload, workdir: Path, runs: int,
-                 cache: Path | None = None) -> dict[str, SideResult]:
+                 cache: Path | None = None, warmup: int = 0) -> dict[str, SideResult]:
     """The files in *cache* (the layers, and those a side's set-up made there: the 1M-entry
     layer) are read through just before every run whose command line names one, untimed, so
     that every run starts with its input in the page cache: this machine's DAMON pages out
     what it sees idle for a minute (the npm layer was found a third out of the cache after an
     hour of bench runs), and a run that reads part of its layer from the disk is timed for it,
-    whichever side it is."""
+    whichever side it is.
+
+    The sides run in turn, in the reverse order every other round, so that no side is always
+    the one right after a given other.  The first *warmup* rounds run every side as the others
+    do, and are not counted: on a filesystem whose cost per new file depends on what was
+    removed in the last minutes (ext4 without a journal: see :func:`default_warmup`), the first
+    side of a row's first round would otherwise be timed in other conditions than every run
+    after it."""
     sides = [*w.gd, *w.peers]
     results = {id(s): SideResult(s.label) for s in sides}
     bases: dict[int, Path] = {}
@@ -978,8 +985,8 @@ def run_workload(w: Workload, workdir: Path, runs: int,
     inputs = [] if cache is None else sorted(
         p for p in cache.iterdir() if p.is_file() and p.stat().st_size < (2 << 30))
     try:
-        for _ in range(runs):
-            for s in sides:
+        for round_ in range(warmup + runs):
+            for s in (sides if round_ % 2 == 0 else sides[::-1]):
                 r = results[id(s)]
                 if r.note:
                     continue
@@ -992,7 +999,9 @@ def run_workload(w: Workload, workdir: Path, runs: int,
                 try:
                     cmd = s.per_run(run_dir)
                     warm([p for p in inputs if any(named(p, a) for a in cmd.argv)])
-                    r.samples.append(measure(cmd))
+                    sample = measure(cmd)
+                    if round_ >= warmup:
+                        r.samples.append(sample)
                 except Unavailable as exc:
                     r.note = str(exc)
                 except Failed as exc:
@@ -1074,6 +1083,16 @@ def tool_version(argv: list[str]) -> str | None:
     return text.splitlines()[0] if text else None
 
 
+def default_warmup(fs: str) -> int:
+    """Untimed rounds before a row's timed ones: one where the work dir is not tmpfs.  On ext4
+    without a journal, every new inode is searched for past the free inodes whose deletion
+    is under a minute old (five while their inode table block is dirty: the kernel's
+    ``recently_deleted``), and each run removes the tree it made: a row's first run, after a
+    pause, made its files in 0.3 s where the runs after it took 3.6-4.7 s (the rootfs layer),
+    and it is always the graphdriver side's.  tmpfs has no such state."""
+    return 0 if fs == "tmpfs" else 1
+
+
 def fs_type(path: Path) -> str:
     r = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(path)], capture_output=True,
                        text=True, check=False)
@@ -1133,6 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ext4-workdir", type=Path, default=DEFAULT_EXT4)
     ap.add_argument("--only", default=None, help="regex: run only workloads whose name matches")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed rounds before each row's runs (default: 0 on tmpfs, else 1)")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
                     help="print the tables of an earlier --json file and exit")
     args = ap.parse_args(argv)
@@ -1162,6 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
         made = not workdir.exists()
         workdir.mkdir(parents=True, exist_ok=True)
         fs = fs_type(workdir)
+        warmup = default_warmup(fs) if args.warmup is None else args.warmup
         try:
             gd_driver, gd_reason = probe_gd(workdir)
             cs_driver = probe_cstorage(workdir)
@@ -1169,16 +1191,17 @@ def main(argv: list[str] | None = None) -> int:
                       chain_depth=5 if args.quick else 20)
             log(f"work dir {workdir} ({fs}); graphdriver driver: {gd_driver}"
                 f"{' ' + gd_reason if gd_reason else ''}; containers-storage driver: "
-                f"{cs_driver or 'none'}; {runs} run(s) per row")
+                f"{cs_driver or 'none'}; {runs} run(s) per row"
+                f"{f' after {warmup} untimed' if warmup else ''}")
             rows: list[dict[str, Any]] = []
             for w in build_workloads(ctx):
                 if pattern and not pattern.search(w.name):
                     continue
                 log(f"running: {w.name}")
-                res = run_workload(w, workdir, runs, cache)
+                res = run_workload(w, workdir, runs, cache, warmup)
                 rows += table_rows(w, res)
                 report["results"].append({
-                    "workdir": str(workdir), "fs": fs, "workload": w.name,
+                    "workdir": str(workdir), "fs": fs, "workload": w.name, "warmup": warmup,
                     "graphdriver_driver": gd_driver, "containers_storage_driver": cs_driver,
                     "sides": [r.as_json() for r in res.values()],
                 })
@@ -1190,7 +1213,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  {r['graphdriver']}: {gm} | {r['peer']}: {pm}")
                 if args.json:  # written after every row, so a long run that is cut short
                     args.json.write_text(json.dumps(report, indent=1) + "\n")  # still has its rows
-            print_table(f"{fs} ({workdir}), medians of {runs} run(s)", rows)
+            print_table(f"{fs} ({workdir}), medians of {runs} run(s)"
+                        f"{f' after {warmup} untimed round(s)' if warmup else ''}", rows)
         finally:
             if made:
                 clean_dir(workdir)
