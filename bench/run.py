@@ -1184,6 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         fs = fs_type(workdir)
         warmup = default_warmup(fs) if args.warmup is None else args.warmup
+        after = f" after {warmup} untimed round(s)" if warmup else ""
         try:
             gd_driver, gd_reason = probe_gd(workdir)
             cs_driver = probe_cstorage(workdir)
@@ -1191,8 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
                       chain_depth=5 if args.quick else 20)
             log(f"work dir {workdir} ({fs}); graphdriver driver: {gd_driver}"
                 f"{' ' + gd_reason if gd_reason else ''}; containers-storage driver: "
-                f"{cs_driver or 'none'}; {runs} run(s) per row"
-                f"{f' after {warmup} untimed' if warmup else ''}")
+                f"{cs_driver or 'none'}; {runs} run(s) per row{after}")
             rows: list[dict[str, Any]] = []
             for w in build_workloads(ctx):
                 if pattern and not pattern.search(w.name):
@@ -1213,8 +1213,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  {r['graphdriver']}: {gm} | {r['peer']}: {pm}")
                 if args.json:  # written after every row, so a long run that is cut short
                     args.json.write_text(json.dumps(report, indent=1) + "\n")  # still has its rows
-            print_table(f"{fs} ({workdir}), medians of {runs} run(s)"
-                        f"{f' after {warmup} untimed round(s)' if warmup else ''}", rows)
+            print_table(f"{fs} ({workdir}), medians of {runs} run(s){after}", rows)
         finally:
             if made:
                 clean_dir(workdir)
