@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -833,9 +834,9 @@ static int note_directory(PyObject *dirs, PyObject *dir_times, PyObject *real, i
  * archive/tarstream.py: the reader keeps the part of its buffer a file's data is in unchanged
  * until the writer is past that file, wait_for(handed() after the run); a map stays whole until
  * it goes).  The run still creates each file itself (openat, on the caller's thread: the tree's
- * names, order and errors stay the caller's), then hands the rest to the writer -- the data (a
- * range of the run's buffer), fchown, fchmod, futimens, close: finish_file, as the run does it
- * without a writer.  Writing is most of an apply's system time (the filesystem's page allocation
+ * names, order and errors stay the caller's; but see create_files() below), then hands the rest
+ * to the writer -- the data (a range of the run's buffer), fchown, fchmod, futimens, close:
+ * finish_file, as the run does it without a writer.  Writing is most of an apply's system time (the filesystem's page allocation
  * and the copy; futimens and close), and a layer of many small files leaves a second core mostly
  * idle (the diffID's thread hashes few bytes per file): there the writing then runs beside the
  * parsing and the creation of the next files.  Where that core is busy (big files: the sha256 is
@@ -853,7 +854,21 @@ static int note_directory(PyObject *dirs, PyObject *dir_times, PyObject *real, i
  * every job is done (and check()'s answer); close() stops the writer (the pending jobs' files
  * closed unwritten) and joins it; a dropped Writer is closed.  The pending files hold WR_SLOTS
  * descriptors at most; a run whose openat finds no descriptor left waits for them and tries
- * again. */
+ * again.
+ *
+ * After create_files(), the runs hand the writer whole files too: the writer then creates the
+ * file (openat O_CREAT|O_EXCL|O_NOFOLLOW beneath the run's cached directory, whose fd the caller
+ * keeps open until wait() returned) before the rest.  Where a new inode is slow to make (ext4
+ * without a journal searches past every inode freed in the last minute, ~0.5 ms a file after a
+ * tree was removed) two threads then make them side by side: the run makes the files the writer
+ * has no room for.  Only a name nothing of the apply has touched yet goes to the writer: the
+ * runs put every name they meet, and the caller (note()) every name it applies itself and
+ * their parents, into a Bloom filter; a run that meets a name seen before (or a false positive)
+ * first waits until the writer is past its pending files, as it does before a hard link (its
+ * target may be one of them), and the caller waits so before each entry it applies itself
+ * (wait()).  So everything is made in archive order, and the writer's O_EXCL never meets what
+ * the archive put there; what it does meet fails the apply ("create").  The caller turns this on
+ * only for an apply onto an empty target, where nothing else is in the way. */
 #define WR_SLOTS 128
 #define WR_BYTES (2 << 20)
 #define WR_WAKE_BYTES (256 << 10)
@@ -867,9 +882,15 @@ struct wr_job {
     long long chmod_mode, atime_ns, mtime_ns;
     PyObject *parent_real;
     int fd, do_chown;
+    int dir_fd;                  /* fd -1: the writer creates base (NUL-ended) beneath dir_fd */
+    mode_t perm;
     Py_ssize_t base_n;
     unsigned char base[WR_NAME];
 };
+
+/* The names a writer that creates files has seen (a blocked Bloom filter of the clean paths:
+ * 2 MiB, its pages touched as it fills; one word of four bits a name). */
+#define WR_SEEN_WORDS (1 << 18)
 
 typedef struct {
     PyObject_HEAD
@@ -891,7 +912,12 @@ typedef struct {
     pthread_t thread;
     pid_t owner;
     int started, joined;
+    int creates;                 /* create_files() was called: the writer creates files too */
+    uint64_t *seen;              /* then: the names seen (WR_SEEN_WORDS words; caller only) */
+    uint64_t handed_whole;       /* files handed over to be created too (caller only) */
 } Writer;
+
+static uint64_t fnv1a(const unsigned char *s, Py_ssize_t n);
 
 static void *wr_work(void *arg)
 {
@@ -906,11 +932,23 @@ static void *wr_work(void *arg)
             struct wr_job *j = &w->jobs[n % WR_SLOTS];
             size_t len = j->len;
             if (atomic_load(&w->stop) || atomic_load_explicit(&w->failed, memory_order_relaxed)) {
-                close(j->fd);
+                if (j->fd >= 0)
+                    close(j->fd);
             } else {
-                int err = 0;
-                const char *step = finish_file(j->fd, j->p, len, j->do_chown, j->uid, j->gid,
-                                               j->chmod_mode, j->atime_ns, j->mtime_ns, &err);
+                int err = 0, fd = j->fd;
+                const char *step = NULL;
+                while (fd < 0) {
+                    fd = openat(j->dir_fd, (const char *)j->base,
+                                O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, j->perm);
+                    if (fd < 0 && errno != EINTR) {
+                        err = errno;
+                        step = "create";
+                        break;
+                    }
+                }
+                if (step == NULL)
+                    step = finish_file(fd, j->p, len, j->do_chown, j->uid, j->gid,
+                                       j->chmod_mode, j->atime_ns, j->mtime_ns, &err);
                 if (step != NULL) {
                     w->err = err;
                     w->step = step;
@@ -987,12 +1025,13 @@ static int wr_has_room(Writer *w, size_t len)
     return pub == d || w->bytes_put - atomic_load(&w->bytes_done) + len <= WR_BYTES;
 }
 
-/* Hand a created file's rest to the writer (with the GIL; after wr_has_room said yes).  -1 with
- * an exception set (its thread could not start): fd is then still the caller's. */
-static int wr_put(Writer *w, int fd, const unsigned char *p, size_t len, int do_chown,
-                  unsigned long long uid, unsigned long long gid, long long chmod_mode,
-                  long long atime_ns, long long mtime_ns, PyObject *parent_real,
-                  const unsigned char *base, Py_ssize_t base_n)
+/* Hand a created file's rest to the writer (with the GIL; after wr_has_room said yes), or with
+ * fd -1 the whole file: the writer then creates base beneath dir_fd with perm first.  -1 with an
+ * exception set (its thread could not start): fd is then still the caller's. */
+static int wr_put(Writer *w, int fd, int dir_fd, mode_t perm, const unsigned char *p,
+                  size_t len, int do_chown, unsigned long long uid, unsigned long long gid,
+                  long long chmod_mode, long long atime_ns, long long mtime_ns,
+                  PyObject *parent_real, const unsigned char *base, Py_ssize_t base_n)
 {
     uint64_t pub = atomic_load_explicit(&w->published, memory_order_relaxed);
     struct wr_job *j;
@@ -1017,9 +1056,14 @@ static int wr_put(Writer *w, int fd, const unsigned char *p, size_t len, int do_
     j->mtime_ns = mtime_ns;
     j->parent_real = Py_NewRef(parent_real);
     j->fd = fd;
+    j->dir_fd = dir_fd;
+    j->perm = perm;
     j->do_chown = do_chown;
     j->base_n = base_n;
     memcpy(j->base, base, (size_t)base_n);
+    j->base[base_n] = 0;
+    if (fd < 0)
+        w->handed_whole++;
     w->bytes_put += len;
     atomic_store_explicit(&w->published, pub + 1, memory_order_release);
     w->unwoken_jobs++;
@@ -1047,6 +1091,37 @@ static void wr_wait_done(Writer *w, uint64_t seq)
 static void wr_drain(Writer *w)
 {
     wr_wait_done(w, atomic_load(&w->published));
+}
+
+/* Whether *n* bytes at *s* (a clean path) were seen before by a writer that creates files;
+ * they are seen from now on.  False positives only (a name taken for seen: the caller then
+ * creates the file itself, after the writer's pending files). */
+static int wr_seen(Writer *w, const unsigned char *s, Py_ssize_t n)
+{
+    uint64_t h = fnv1a(s, n), bits, *word;
+    /* FNV-1a's high bits mix poorly: fold them (murmur3's finalizer) before taking bits */
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    h ^= h >> 33;
+    word = &w->seen[h >> 46]; /* the top 18 bits: WR_SEEN_WORDS */
+    bits = (1ULL << (h & 63)) | (1ULL << ((h >> 6) & 63)) | (1ULL << ((h >> 12) & 63)) |
+           (1ULL << ((h >> 18) & 63));
+    if ((*word & bits) == bits)
+        return 1;
+    *word |= bits;
+    return 0;
+}
+
+/* Wait (with the GIL, which it lets go) until the writer is past every job handed over. */
+static void wr_settle(Writer *w)
+{
+    if (atomic_load(&w->published) == atomic_load(&w->done))
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    wr_drain(w);
+    Py_END_ALLOW_THREADS
 }
 
 static void wr_stop(Writer *w)
@@ -1082,6 +1157,8 @@ static void Writer_dealloc(Writer *w)
         w->released++;
     }
     Py_CLEAR(w->error);
+    free(w->seen);
+    w->seen = NULL;
     Py_TYPE(w)->tp_free((PyObject *)w);
 }
 
@@ -1132,6 +1209,40 @@ static PyObject *Writer_handed(Writer *w, PyObject *Py_UNUSED(ignored))
     return PyLong_FromUnsignedLongLong(atomic_load(&w->published));
 }
 
+static PyObject *Writer_handed_whole(Writer *w, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLongLong(w->handed_whole);
+}
+
+static PyObject *Writer_create_files(Writer *w, PyObject *Py_UNUSED(ignored))
+{
+    if (!w->creates) {
+        w->seen = calloc(WR_SEEN_WORDS, sizeof(uint64_t));
+        if (w->seen == NULL)
+            return PyErr_NoMemory();
+        w->creates = 1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Writer_note(Writer *w, PyObject *arg)
+{
+    const unsigned char *s;
+    Py_ssize_t n, i;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "note: the path must be bytes");
+        return NULL;
+    }
+    if (!w->creates)
+        Py_RETURN_NONE;
+    s = (const unsigned char *)PyBytes_AS_STRING(arg);
+    n = PyBytes_GET_SIZE(arg);
+    for (i = 1; i <= n; i++)
+        if (i == n || s[i] == '/')
+            wr_seen(w, s, i);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Writer_methods[] = {
     {"check", (PyCFunction)Writer_check, METH_NOARGS,
      "(errno, step, real path) of the first file that failed, else None."},
@@ -1143,6 +1254,12 @@ static PyMethodDef Writer_methods[] = {
     {"handed", (PyCFunction)Writer_handed, METH_NOARGS, "Files handed over so far."},
     {"wait_for", (PyCFunction)Writer_wait_for, METH_O,
      "Return once the first n files handed over (n: a number handed() gave) are finished."},
+    {"create_files", (PyCFunction)Writer_create_files, METH_NOARGS,
+     "From now on the runs hand the writer new files to create as well."},
+    {"handed_whole", (PyCFunction)Writer_handed_whole, METH_NOARGS,
+     "Files handed over so far for the writer to create as well."},
+    {"note", (PyCFunction)Writer_note, METH_O,
+     "A clean path (bytes) and its parents were made or touched outside the runs."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1230,7 +1347,7 @@ static PyObject *files(PyObject *self, PyObject *args)
         Py_ssize_t nm_n, n, base_n, base_at, lk_n, data_at, hdr_at;
         struct simple_pax px;
         struct plain_header ph;
-        int have_pax, is_dir, fd, rc, err = 0, do_chown, tfd = -1, tsgid;
+        int have_pax, is_dir, fd, rc, err = 0, do_chown, tfd = -1, tsgid, seen;
         const char *step = NULL;
         unsigned char typ;
         PyObject *real = NULL, *ttuple = NULL;
@@ -1344,6 +1461,9 @@ static PyObject *files(PyObject *self, PyObject *args)
         memcpy(cname, base, (size_t)base_n);
         cname[base_n] = 0;
         do_chown = uid != (unsigned long long)euid || gid != (unsigned long long)egid || cur_sgid;
+        /* a writer that creates files: a name seen before may be one of its pending files,
+         * so whatever is done to it waits for them (see the writer's comment) */
+        seen = wr != NULL && wr->creates && wr_seen(wr, s, n);
         if (typ == '1') {
             /* a hard link: to a plain name (not the link's own) in a cached directory */
             const unsigned char *ts_;
@@ -1359,6 +1479,8 @@ static PyObject *files(PyObject *self, PyObject *args)
                 break;
             memcpy(ctarget, ts_ + tbase_at, (size_t)(tn - tbase_at));
             ctarget[tn - tbase_at] = 0;
+            if (wr != NULL && wr->creates)
+                wr_settle(wr); /* the target may be a file the writer has yet to create */
             Py_BEGIN_ALLOW_THREADS
             rc = linkat(tfd, (const char *)ctarget, cur_fd, (const char *)cname, 0);
             Py_END_ALLOW_THREADS
@@ -1370,6 +1492,8 @@ static PyObject *files(PyObject *self, PyObject *args)
                 break;
             memcpy(ctarget, lk, (size_t)lk_n);
             ctarget[lk_n] = 0;
+            if (seen)
+                wr_settle(wr);
             ns_timespec(atime_ns, &tms[0]);
             ns_timespec(mtime_ns, &tms[1]);
             Py_BEGIN_ALLOW_THREADS
@@ -1396,6 +1520,8 @@ static PyObject *files(PyObject *self, PyObject *args)
                 break; /* the caller evicts the older half first, as _dir does */
             chmod_mode = (mode & 07000) || (mode & (unsigned long long)umask_bits) || cur_sgid
                              ? (long long)(mode & 07777) : -1;
+            if (seen)
+                wr_settle(wr);
             Py_BEGIN_ALLOW_THREADS
             rc = mkdirat(cur_fd, (const char *)cname, (mode_t)(mode & 0777));
             if (rc == 0) {
@@ -1428,32 +1554,43 @@ static PyObject *files(PyObject *self, PyObject *args)
         } else {
             chmod_mode = (mode & 07000) || (mode & (unsigned long long)umask_bits)
                              ? (long long)(mode & 07777) : -1;
-            /* with a writer (that has not failed), the rest of the file is its job */
-            int to_writer = wr != NULL && base_n < WR_NAME && wr_has_room(wr, (size_t)size);
-            Py_BEGIN_ALLOW_THREADS
-            for (;;) {
-                fd = openat(cur_fd, (const char *)cname,
-                            O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                            (mode_t)(mode & 0777));
-                if (fd >= 0 || errno != EINTR) {
-                    /* out of descriptors while the writer holds some: once they are closed */
-                    if (fd >= 0 || (errno != EMFILE && errno != ENFILE) || wr == NULL ||
-                        atomic_load(&wr->published) == atomic_load(&wr->done))
-                        break;
-                    wr_drain(wr);
+            /* with a writer (that has not failed), the rest of the file is its job; the whole
+             * file, for a writer that creates files, when the name is new */
+            int to_writer;
+            if (seen)
+                wr_settle(wr);
+            to_writer = wr != NULL && base_n < WR_NAME && wr_has_room(wr, (size_t)size);
+            if (to_writer && wr->creates && !seen) {
+                if (wr_put(wr, -1, cur_fd, (mode_t)(mode & 0777), buf + data_at, (size_t)size,
+                           do_chown, uid, gid, chmod_mode, atime_ns, mtime_ns, cur_real, base,
+                           base_n) < 0)
+                    goto fail;
+            } else {
+                Py_BEGIN_ALLOW_THREADS
+                for (;;) {
+                    fd = openat(cur_fd, (const char *)cname,
+                                O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                                (mode_t)(mode & 0777));
+                    if (fd >= 0 || errno != EINTR) {
+                        /* out of descriptors while the writer holds some: once they are closed */
+                        if (fd >= 0 || (errno != EMFILE && errno != ENFILE) || wr == NULL ||
+                            atomic_load(&wr->published) == atomic_load(&wr->done))
+                            break;
+                        wr_drain(wr);
+                    }
                 }
-            }
-            if (fd >= 0 && !to_writer)
-                step = finish_file(fd, buf + data_at, (size_t)size, do_chown, uid, gid,
-                                   chmod_mode, atime_ns, mtime_ns, &err);
-            Py_END_ALLOW_THREADS
-            if (fd < 0)
-                break; /* EEXIST (something in the way) or another error: Python redoes it */
-            if (to_writer && wr_put(wr, fd, buf + data_at, (size_t)size, do_chown, uid, gid,
-                                    chmod_mode, atime_ns, mtime_ns, cur_real, base,
-                                    base_n) < 0) {
-                close(fd);
-                goto fail;
+                if (fd >= 0 && !to_writer)
+                    step = finish_file(fd, buf + data_at, (size_t)size, do_chown, uid, gid,
+                                       chmod_mode, atime_ns, mtime_ns, &err);
+                Py_END_ALLOW_THREADS
+                if (fd < 0)
+                    break; /* EEXIST (something in the way) or another error: Python redoes it */
+                if (to_writer && wr_put(wr, fd, -1, 0, buf + data_at, (size_t)size, do_chown, uid,
+                                        gid, chmod_mode, atime_ns, mtime_ns, cur_real, base,
+                                        base_n) < 0) {
+                    close(fd);
+                    goto fail;
+                }
             }
         }
         if (step) { /* created but not finished: its real path goes back with the error */
@@ -2583,6 +2720,19 @@ static PyObject *set_parent_death_signal(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* fs_type(fd) -> the f_type of fstatfs(fd): which filesystem a file is on (TMPFS_MAGIC, ...). */
+static PyObject *fs_type(PyObject *self, PyObject *args)
+{
+    int fd;
+    struct statfs st;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    if (fstatfs(fd, &st) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromUnsignedLong((unsigned long)st.f_type);
+}
+
 static PyMethodDef methods[] = {
     {"header", header, METH_VARARGS, "Parse the next common-case tar header sequence, or None."},
     {"create_file", create_file, METH_VARARGS, "Create, fill and finish one regular file."},
@@ -2597,6 +2747,7 @@ static PyMethodDef methods[] = {
     {"openat2", openat2_call, METH_VARARGS, "The openat2 system call (O_CLOEXEC added)."},
     {"set_parent_death_signal", set_parent_death_signal, METH_VARARGS,
      "prctl(PR_SET_PDEATHSIG, signum)."},
+    {"fs_type", fs_type, METH_VARARGS, "fstatfs(fd).f_type: the filesystem's magic number."},
     {NULL, NULL, 0, NULL},
 };
 

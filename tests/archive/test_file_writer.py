@@ -21,11 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tarbuild import gnu_extract, gnu_tar, make_rich_tree, needs_gnu_tar, needs_root
+from tarbuild import (
+    build,
+    gnu_extract,
+    gnu_tar,
+    make_rich_tree,
+    member,
+    needs_gnu_tar,
+    needs_root,
+    pax_member,
+)
 from tests.safety.safetyutil import tmpfs
 from tests.treeutil import diff_snapshots, snapshot
 
-from graphdriver.archive import tarstream
+from graphdriver.archive import apply, tarstream
 from graphdriver.archive.apply import ApplyOptions, apply_reader, apply_tar
 from graphdriver.archive.compression import open_decompressed
 from graphdriver.archive.tarstream import TarReader
@@ -36,6 +45,15 @@ pytestmark = [needs_gnu_tar, needs_root,
                                  reason="the native helpers are not built")]
 
 ALL_FACTS = {"dir_mtimes": True, "with_root": True}
+
+
+@pytest.fixture(autouse=True, params=["runs create", "writer creates"])
+def creation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test twice: the runs create every file (the writer finishes them), and the writer
+    creates the files it is handed too (what an apply does off tmpfs; ``work`` is on tmpfs)."""
+    monkeypatch.setenv("GRAPHDRIVER_WRITER_CREATES", "1" if request.param == "writer creates"
+                       else "0")
+    return str(request.param)
 
 
 @pytest.fixture
@@ -241,3 +259,123 @@ def test_an_error_after_many_files_rolls_back_their_writes(work: Path,
     _apply_mapped(good, target)
     problems = diff_snapshots(snapshot(ex, **ALL_FACTS), snapshot(target, **ALL_FACTS))
     assert not problems, "\n".join(problems[:20])
+
+
+def test_which_writer_creates_files(work: Path, writers: list[Any], creation: str,
+                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """GRAPHDRIVER_WRITER_CREATES says whether the writer is handed whole files; unset, it is
+    where new inodes are not cheap: not on tmpfs, yes on the test's own disk (when that is not
+    tmpfs or ramfs)."""
+    src = work / "src"
+    _many_files(src, 300, 100)
+    tar = work / "layer.tar"
+    gnu_tar("--numeric-owner", "--format=pax", "-cf", tar, "-C", src, ".")
+    first = work / "first"
+    first.mkdir()
+    _apply_mapped(tar, first)
+    assert writers[-1].handed() > 0
+    if creation == "writer creates":
+        assert writers[-1].handed_whole() > 0, "the writer created no file"
+    else:
+        assert writers[-1].handed_whole() == 0
+    monkeypatch.delenv("GRAPHDRIVER_WRITER_CREATES")
+    on_tmpfs = work / "tmpfs-target"
+    on_tmpfs.mkdir()
+    _apply_mapped(tar, on_tmpfs)  # work is on tmpfs (or the tmp dir: see below)
+    fd = os.open(on_tmpfs, os.O_RDONLY)
+    try:
+        cheap = apply._native_fs_type is not None and \
+            apply._native_fs_type(fd) in apply._CHEAP_INODES
+        disk_cheap = apply._native_fs_type is not None and \
+            apply._native_fs_type(os.open(tmp_path, os.O_RDONLY)) in apply._CHEAP_INODES
+    finally:
+        os.close(fd)
+    assert (writers[-1].handed_whole() > 0) == (not cheap)
+    if disk_cheap:
+        pytest.skip("the test's tmp dir is on tmpfs too: no disk to apply onto here")
+    on_disk = tmp_path / "disk-target"
+    on_disk.mkdir()
+    _apply_mapped(tar, on_disk)
+    assert writers[-1].handed_whole() > 0
+    problems = diff_snapshots(snapshot(first, **ALL_FACTS), snapshot(on_disk, **ALL_FACTS))
+    assert not problems, "\n".join(problems[:20])
+
+
+def _names_met_again() -> bytes:
+    """A layer that names paths again after the runs met them (possibly while the writer still
+    had them to create): files replaced by files, symlinks, directories; a hard link to a file
+    just handed over; entries the Python code applies (an xattr, a whiteout, parents it makes
+    itself) before or after plain entries of the same names; and more directories than the
+    applier keeps open."""
+    # first, more directories than the applier keeps open: files in the oldest, then more
+    # directories, so that those are closed while the (starved) writer has files to make there
+    # (the writer's thread, started by the first file, is starved by the time the others come)
+    parts = [member("m/", type=b"5"), member("m/first", b"starts the writer")]
+    parts += [member(f"m/d{i:03d}/", type=b"5") for i in range(200)]
+    parts += [member(f"m/d{i:03d}/f", b"%d" % i) for i in range(100)]
+    parts += [member(f"m/d{i:03d}/", type=b"5") for i in range(200, 320)]
+    parts += [member("a/", type=b"5", mode=0o755)]
+    parts += [member(f"a/f{i:03d}", b"%d" % i * 50) for i in range(300)]
+    parts += [
+        member("a/f005", b"second"),                               # a file again
+        member("a/f007", type=b"2", linkname="f008"),              # a file, now a symlink
+        member("a/f010/", type=b"5", mode=0o700),                  # a file, now a directory
+        member("a/f010/in", b"inside"),
+        member("a/h", type=b"1", linkname="a/f299"),               # a link to the last file
+        member("b/", type=b"5"),
+        member("b/s", type=b"2", linkname="x"),
+        member("b/s", b"a file where the symlink was"),
+        pax_member([("SCHILY.xattr.user.k", b"v")]), member("c/p", b"xattr"),  # Python's
+        member("c/p", b"plain again"),
+        pax_member([("SCHILY.xattr.user.k", b"v")]), member("e/q/r", b"deep"),  # makes e, e/q
+        member("e/z", b"beside"),
+        member("g/", type=b"5"),
+        member("g/.wh.w1"),
+        member("g/w1", b"after its whiteout"),
+        member("a/new1", b"plain first"),                          # Python's, a file just made
+        pax_member([("SCHILY.xattr.user.k", b"v")]), member("a/new1", b"with an xattr"),
+        member("a/new2", b"a link's target"),
+        member("n/deep/l", type=b"1", linkname="a/new2"),          # Python's (n, n/deep made)
+    ]
+    parts += [member(f"a/f{i:03d}", b"late %d" % i) for i in range(0, 300, 37)]
+    return build(*parts)
+
+
+def test_names_met_again_keep_the_archive_order(work: Path, writers: list[Any],
+                                                creation: str) -> None:
+    """Whoever creates the files, each later entry of a name wins as it does when one thread
+    makes everything: the same tree as the apply where the runs create every file (and the
+    starved writer still holds files when the names come again)."""
+    tar = work / "again.tar"
+    tar.write_bytes(_names_met_again())
+    mine, ref = work / "mine", work / "ref"
+    mine.mkdir()
+    ref.mkdir()
+    with _starved_writer(0.5):
+        _apply_mapped(tar, mine)
+    os.environ["GRAPHDRIVER_WRITER_CREATES"] = "0"  # (the fixture's monkeypatch restores it)
+    _apply_mapped(tar, ref)
+    assert writers[-1].handed_whole() == 0
+    # (the directories the apply makes itself, c, e and e/q, get the time they were made)
+    problems = diff_snapshots(snapshot(ref, with_root=True), snapshot(mine, with_root=True))
+    assert not problems, "\n".join(problems[:20])
+    assert (mine / "a" / "f005").read_bytes() == b"second"
+    assert (mine / "c" / "p").read_bytes() == b"plain again"
+    assert os.path.islink(mine / "a" / "f007")
+    if creation == "writer creates":
+        assert writers[0].handed_whole() > 0
+
+
+def test_no_inode_left_fails_the_apply_and_leaves_nothing(work: Path,
+                                                          writers: list[Any]) -> None:
+    """Creates that fail (ENOSPC: a tmpfs with few inodes), whichever thread meets it: the
+    apply fails with NoSpace and the rollback empties the target."""
+    src = work / "src"
+    _many_files(src, 1500, 10)
+    tar = work / "layer.tar"
+    gnu_tar("--numeric-owner", "--format=pax", "-cf", tar, "-C", src, ".")
+    with tmpfs(work / "small", "64m,nr_inodes=600") as target:
+        with pytest.raises(NoSpace):
+            _apply_mapped(tar, target)
+        assert os.listdir(target) == []
+    assert writers and writers[0].pending() == 0

@@ -90,6 +90,10 @@ _native_create: Callable[..., tuple[int, str] | None] | None = (
 #: ``set_dir_times``: the times of many directories at the end of an apply, in one call
 _native_dir_times: Callable[[int, list[tuple[str, int, int]]], list[int]] | None = (
     _fastapply.set_dir_times if _fastapply else None)
+#: ``fs_type``: fstatfs's f_type (see _writer_creates)
+_native_fs_type: Callable[[int], int] | None = getattr(_fastapply, "fs_type", None)
+#: the filesystems where a new inode costs next to nothing (f_type: TMPFS_MAGIC, RAMFS_MAGIC)
+_CHEAP_INODES = frozenset((0x01021994, 0x858458F6))
 
 log = get_logger(__name__)
 
@@ -103,6 +107,23 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 _CACHE_LIMIT = 256
 _PROGRESS_STEP = 4 << 20
 _PLNK_PREFIX = WHITEOUT_LINK_DIR + "/"
+
+
+def _writer_creates(root_fd: int) -> bool:
+    """Whether the native runs' file writer creates files too (beside the runs, which make the
+    rest): where making an inode costs time of its own -- ext4 without a journal searches past
+    every inode freed in the last minute for each new one, which two threads do side by side --
+    but not on tmpfs, where it is cheap and the second thread's time is better spent writing.
+    ``GRAPHDRIVER_WRITER_CREATES`` = 1 or 0 says so instead (tests, A/B runs)."""
+    forced = os.environ.get("GRAPHDRIVER_WRITER_CREATES")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if _native_fs_type is None:
+        return False
+    try:
+        return _native_fs_type(root_fd) not in _CHEAP_INODES
+    except OSError:
+        return False
 
 # Set by the confined child (isolate.py): it may chdir (single-threaded, chrooted), which is how
 # xattrs are set on symlinks and device nodes when /proc is not there.
@@ -235,6 +256,8 @@ class _Applier:
         # for good.  The native loop (_fastapply.files) only ever creates (O_EXCL, mkdirat,
         # symlinkat, linkat: what is in the way stops it) and leaves it as it is.
         self.vouched = self.empty_start
+        # whether the native runs' file writer creates files (set in run: _writer_creates)
+        self.creates_elsewhere = False
         self.root_meta = _read_meta(root_fd)
         # logical dir path -> (fd, real path, setgid)
         self.cache: dict[str, tuple[int, str, bool]] = {
@@ -1156,6 +1179,10 @@ class _Applier:
         # (nothing to journal: a rollback empties it).
         native = (self.native_create is not None and self.identity and self.empty_start
                   and reader.can_apply_files())
+        if native:
+            # (where the writer creates files, the entries applied here wait for it: _settle)
+            self.creates_elsewhere = _writer_creates(self.root_fd)
+            reader.prepare_writes(self.creates_elsewhere)
         entries = iter(reader)
         while True:
             if native:
@@ -1194,6 +1221,7 @@ class _Applier:
         gate = SIGNAL_GATE
         while True:
             if self.graveyard:
+                self._settle(reader, None)  # the writer may still create files in them
                 self._bury()
             gate.closed = True
             try:
@@ -1212,6 +1240,25 @@ class _Applier:
             if not need or not reader.prefetch(need):
                 return next_progress
 
+    def _settle(self, reader: TarReader, e: TarEntry | None) -> None:
+        """Where the file writer creates files (``creates_elsewhere``): wait until it has made
+        every file handed to it, before entry *e* is applied here or cached directories are
+        closed (None); *e*'s name, its parents and what it whites out are then noted, so that
+        no later run hands a file of those names to the writer."""
+        if not self.creates_elsewhere:
+            return
+        error = reader.settle_writes()
+        if error is not None:
+            self._native_error(error, reader)
+        if e is None:
+            return
+        name = e.name
+        reader.note_applied(name)
+        parent, _, base = name.rpartition("/")
+        if base.startswith(WHITEOUT_PREFIX) and base != WHITEOUT_OPAQUE:
+            hidden = base[len(WHITEOUT_PREFIX):]
+            reader.note_applied(f"{parent}/{hidden}" if parent else hidden)
+
     def _native_error(self, error: tuple[int, str, str], reader: TarReader) -> None:
         """Raise a native run's error, (errno, step, real path), or its file writer's: as
         _regular_native reports it.  A write from a map that fails with EFAULT read a page the
@@ -1221,6 +1268,8 @@ class _Applier:
         if err == errno.EFAULT and step == "write" and reader.mapped:
             raise GraphDriverError(f"writing {real!r}: its data is gone from the input file "
                                    "(it was cut shorter while it was read?)")
+        if step == "create":  # the file writer's: it made nothing
+            raise OSError(err, os.strerror(err), real)
         exc = OSError(err, os.strerror(err))
         if step == "chown":
             self._soft_fail(f"chown {real!r}", exc)
@@ -1239,6 +1288,7 @@ class _Applier:
     def _apply_entry(self, reader: TarReader, e: TarEntry, regular: frozenset[bytes]) -> bool:
         """Apply one entry; True only when it was a create that met nothing in the way (see
         the handlers): any other outcome, a path that returns nothing included, is not."""
+        self._settle(reader, e)
         if self.graveyard:
             self._bury()
         name = e.name

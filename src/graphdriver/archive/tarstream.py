@@ -514,6 +514,7 @@ class TarReader:
         # is past the files in it (_reuse)
         self._writer: Any = None
         self._wruns: deque[tuple[int, int, int]] = deque()
+        self._writer_creates = False  # prepare_writes(True): the writer creates files too
         if mapped is not None:
             self._buf, self._pos = mapped
         else:
@@ -956,6 +957,8 @@ class TarReader:
         writer = self._writer
         if writer is None and _FileWriter is not None:
             writer = self._writer = _FileWriter()
+            if self._writer_creates:
+                writer.create_files()
         applied = total = 0
         while True:
             self._settle()
@@ -994,6 +997,32 @@ class TarReader:
             if not lent[1] and not count:
                 return applied, total, error, 0
             rec.flush()
+
+    def prepare_writes(self, creates: bool) -> None:
+        """Before the first native run of an apply onto an empty target: with *creates*, the
+        file writer creates the runs' new files as well (see _fastapply.c's Writer), and every
+        entry the caller applies itself must then come after :meth:`settle_writes` and be
+        named to :meth:`note_applied`."""
+        self._writer_creates = creates and _FileWriter is not None
+        if self._writer_creates and self._writer is None and _FileWriter is not None:
+            self._writer = _FileWriter()  # now: the names noted before the first run count
+            self._writer.create_files()
+
+    def settle_writes(self) -> tuple[int, str, str] | None:
+        """Where the writer creates files: wait until it is past every file handed to it
+        (before the caller applies an entry itself, or closes a directory the runs had);
+        returns the first failure, as :meth:`apply_files` does."""
+        writer = self._writer
+        if not self._writer_creates or writer is None or not writer.pending():
+            return None
+        error: tuple[int, str, str] | None = writer.wait()
+        return error
+
+    def note_applied(self, name: str) -> None:
+        """Where the writer creates files: *name* (a clean path) and its parents were made or
+        changed outside the native runs, so no run hands a file of that name to the writer."""
+        if self._writer_creates and self._writer is not None:
+            self._writer.note(name.encode("utf-8", "surrogateescape"))
 
     def finish_writes(self) -> tuple[int, str, str] | None:
         """Wait until the file writer has finished every file the native runs handed it, and
