@@ -124,11 +124,13 @@ def test_same_tree_as_gnu_tar(work: Path, writers: list[Any], fmt: str) -> None:
     assert writers and writers[0].handed() > 0, "the writer finished no file"
 
 
-@pytest.mark.parametrize("source", ["file", "pipe", "gzip", "zstd"])
+@pytest.mark.parametrize("source", ["file", "pipe", "gzip", "zstd", "map"])
 def test_buffered_streams_give_the_same_tree(work: Path, writers: list[Any],
                                             source: str) -> None:
     """Unmapped input: the reader's 4 MiB buffer goes round many times (30 MB of files), and
-    its front is read into again while the writer still holds files in it.  On two idle CPUs
+    its front is read into again while the writer still holds files in it.  Mapped input: the
+    reader gets WRITER_LAG ahead of the writer's oldest file and waits, the map's pages of the
+    files the writer has yet to write stay in the process, the rest go.  On two idle CPUs
     the writer keeps up, and a reader that did not wait for it would seldom be caught; so the
     writer is starved here (_starved_writer) for the first second of the apply, and the reader
     goes round its buffer while the writer holds files in it."""
@@ -152,6 +154,11 @@ def test_buffered_streams_give_the_same_tree(work: Path, writers: list[Any],
             finally:
                 os.close(r)
                 feeder.join()
+        elif source == "map":
+            peak = _peak_mapped_rss_kb(tar, lambda: _apply_mapped(tar, mine))
+            bound = (2 * tarstream.MAP_KEEP + max(tarstream.MAP_LAG, tarstream.WRITER_LAG)
+                     + 2 * tarstream.MAP_STEP) // 1024
+            assert 0 < peak <= bound, (peak, bound)
         else:
             fd = os.open(tar, os.O_RDONLY)
             try:
@@ -161,6 +168,28 @@ def test_buffered_streams_give_the_same_tree(work: Path, writers: list[Any],
     problems = diff_snapshots(snapshot(ex, **ALL_FACTS), snapshot(mine, **ALL_FACTS))
     assert not problems, "\n".join(problems[:20])
     assert writers and writers[0].handed() > 1000, "the writer finished few files"
+
+
+def _peak_mapped_rss_kb(path: Path, work: Any) -> int:
+    """Run *work*; the most of *path* this process had mapped in meanwhile (kB)."""
+    from tests.archive.test_mapped_input import _mapped_rss_kb
+
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.002):
+            peak = max(peak, _mapped_rss_kb(path))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        work()
+    finally:
+        done.set()
+        sampler.join()
+    return peak
 
 
 @contextlib.contextmanager

@@ -113,6 +113,10 @@ MAP_STEP = 1 << 20
 #: the lag: 42 MB at most for the rootfs instead of 31, nothing where the reader is the slower)
 MAP_LAG = 16 << 20
 MAP_KEEP = 4 << 20
+#: how far the file writer's oldest pending file may lag behind a mapped reader (which waits
+#: past that): where the writer creates files too, it is often that far behind, and the pages
+#: of its files stay mapped until it wrote them
+WRITER_LAG = 8 << 20
 MAX_META = 1 << 20  # cap on a PAX header, a GNU long name/link, a sparse map
 MAX_SIZE = (1 << 63) - 1
 MAX_ID = (1 << 32) - 1
@@ -509,9 +513,9 @@ class TarReader:
         self._bounce_slot = 0
         self._last_seq = -1  # the digest's last job handed over
         # the native runs' file writer (made at the first run; see finish_writes and
-        # stop_writes), and an unmapped reader's runs, as (lap, start, the files handed over
-        # up to the run's end), in order: a part of the buffer is not reused before the writer
-        # is past the files in it (_reuse)
+        # stop_writes), and the runs, as (lap, start, the files handed over up to the run's
+        # end), in order: a part of the buffer is not reused before the writer is past the
+        # files in it (_reuse); a map's pages are not dropped before then (_fill_mapped)
         self._writer: Any = None
         self._wruns: deque[tuple[int, int, int]] = deque()
         self._writer_creates = False  # prepare_writes(True): the writer creates files too
@@ -604,11 +608,21 @@ class TarReader:
         to the digest (in _READ regions).  The digest may lag MAP_LAG behind them (the reader
         waits past that); the pages MAP_KEEP behind both the reader and the digest -- the
         regions it is done with no longer count -- leave the process (its RSS stays flat in
-        the layer's size; the file's page cache stays)."""
+        the layer's size; the file's page cache stays).  The file writer's files count as the
+        digest's regions do: it may lag WRITER_LAG behind, and the pages of the runs it has still
+        files of stay (were they dropped, its writes would fault them in again, to stay)."""
         if self._handoff is not None:
             self._take_over()
         end, size = self._end, len(self._buf)
         stop = min(max(end + MAP_STEP, self._pos + need), size)
+        wruns = self._wruns
+        if wruns:
+            writer = self._writer
+            done = writer.handed() - writer.pending()
+            while wruns and wruns[0][2] <= done:
+                wruns.popleft()
+            while wruns and wruns[0][1] < stop - WRITER_LAG:
+                writer.wait_for(wruns.popleft()[2])
         regions = self._regions
         digest = self._digest
         if digest is not None:
@@ -623,7 +637,8 @@ class TarReader:
         self._end = stop
         # below what the digest may still read (the regions not known to be done: a native
         # run's frame jobs start where the run did, below the reads handed over before them)
-        low = min(self._pos, min((r[1] for r in regions), default=self._pos)) - MAP_KEEP
+        low = min(self._pos, min((r[1] for r in regions), default=self._pos),
+                  wruns[0][1] if wruns else self._pos) - MAP_KEEP
         low -= low % mmap.PAGESIZE
         if low - self._released >= MAP_KEEP:
             self._buf.madvise(mmap.MADV_DONTNEED, self._released, low - self._released)
@@ -970,7 +985,7 @@ class TarReader:
                 cache_limit, None if rec is None else self._seg,
                 self._crcf if jobs is None else jobs, *(lent or (None, 0)), writer)
             if writer is not None:
-                if count and not self.mapped:
+                if count:
                     self._wruns.append((self._lap, run_start, writer.handed()))
                 if error is None:
                     error = writer.check()  # an earlier file of this run or of one before
