@@ -245,14 +245,20 @@ def _feed(path: Path, fd: int) -> None:
         os.close(fd)
 
 
-def test_a_full_disk_fails_the_apply_and_leaves_nothing(work: Path, writers: list[Any]) -> None:
-    """The writer's writes meet ENOSPC: the apply fails with NoSpace, no file is written after
-    the failure, and the rollback empties the target (the writer stopped first)."""
+@pytest.mark.parametrize(("files", "size", "options"),
+                         [(2000, 8000, "6m"), (1500, 10, "64m,nr_inodes=600")],
+                         ids=["no-space", "no-inode"])
+def test_a_full_disk_fails_the_apply_and_leaves_nothing(work: Path, writers: list[Any],
+                                                        files: int, size: int,
+                                                        options: str) -> None:
+    """The writes meet ENOSPC, or the creates do (a tmpfs with few inodes), whichever thread
+    meets it: the apply fails with NoSpace, no file is written after the failure, and the
+    rollback empties the target (the writer stopped first)."""
     src = work / "src"
-    _many_files(src, 2000, 8000)
+    _many_files(src, files, size)
     tar = work / "layer.tar"
     gnu_tar("--numeric-owner", "--format=pax", "-cf", tar, "-C", src, ".")
-    with tmpfs(work / "small", "6m") as target:
+    with tmpfs(work / "small", options) as target:
         with pytest.raises(NoSpace):
             _apply_mapped(tar, target)
         assert os.listdir(target) == []
@@ -393,18 +399,3 @@ def test_names_met_again_keep_the_archive_order(work: Path, writers: list[Any],
     assert os.path.islink(mine / "a" / "f007")
     if creation == "writer creates":
         assert writers[0].handed_whole() > 0
-
-
-def test_no_inode_left_fails_the_apply_and_leaves_nothing(work: Path,
-                                                          writers: list[Any]) -> None:
-    """Creates that fail (ENOSPC: a tmpfs with few inodes), whichever thread meets it: the
-    apply fails with NoSpace and the rollback empties the target."""
-    src = work / "src"
-    _many_files(src, 1500, 10)
-    tar = work / "layer.tar"
-    gnu_tar("--numeric-owner", "--format=pax", "-cf", tar, "-C", src, ".")
-    with tmpfs(work / "small", "64m,nr_inodes=600") as target:
-        with pytest.raises(NoSpace):
-            _apply_mapped(tar, target)
-        assert os.listdir(target) == []
-    assert writers and writers[0].pending() == 0
