@@ -1170,9 +1170,7 @@ static PyObject *Writer_check(Writer *w, PyObject *Py_UNUSED(ignored))
 
 static PyObject *Writer_wait(Writer *w, PyObject *Py_UNUSED(ignored))
 {
-    Py_BEGIN_ALLOW_THREADS
-    wr_drain(w);
-    Py_END_ALLOW_THREADS
+    wr_settle(w);
     return Writer_check(w, NULL);
 }
 

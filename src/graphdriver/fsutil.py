@@ -525,7 +525,11 @@ def fs_magic(path: Path) -> int:
 
 def fs_name(path: Path) -> str:
     """The backing filesystem's name, as moby's status reports it ("extfs", "btrfs", ...)."""
-    magic = fs_magic(path)
+    return fs_name_of(fs_magic(path))
+
+
+def fs_name_of(magic: int) -> str:
+    """The name of the filesystem whose statfs f_type is *magic* (see fs_name)."""
     return _FS_MAGIC.get(magic, f"<unknown 0x{magic:x}>")
 
 

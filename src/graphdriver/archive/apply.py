@@ -56,7 +56,7 @@ from ..errors import (
     UnsafeArchive,
     from_oserror,
 )
-from ..fsutil import copy_file_data, empty_beneath, remove_beneath, reserve_fd_table
+from ..fsutil import copy_file_data, empty_beneath, fs_name_of, remove_beneath, reserve_fd_table
 from ..idmap import real_root
 from ..logs import get_logger
 from . import tarstream as ts
@@ -90,10 +90,11 @@ _native_create: Callable[..., tuple[int, str] | None] | None = (
 #: ``set_dir_times``: the times of many directories at the end of an apply, in one call
 _native_dir_times: Callable[[int, list[tuple[str, int, int]]], list[int]] | None = (
     _fastapply.set_dir_times if _fastapply else None)
-#: ``fs_type``: fstatfs's f_type (see _writer_creates)
+#: ``fs_type``: fstatfs's f_type of an fd (see _writer_creates; fsutil.fs_magic takes a path,
+#: through ctypes, which the confined child does not import)
 _native_fs_type: Callable[[int], int] | None = getattr(_fastapply, "fs_type", None)
-#: the filesystems where a new inode costs next to nothing (f_type: TMPFS_MAGIC, RAMFS_MAGIC)
-_CHEAP_INODES = frozenset((0x01021994, 0x858458F6))
+#: the filesystems where a new inode costs next to nothing
+_CHEAP_INODES = ("tmpfs", "ramfs")
 
 log = get_logger(__name__)
 
@@ -121,7 +122,7 @@ def _writer_creates(root_fd: int) -> bool:
     if _native_fs_type is None:
         return False
     try:
-        return _native_fs_type(root_fd) not in _CHEAP_INODES
+        return fs_name_of(_native_fs_type(root_fd)) not in _CHEAP_INODES
     except OSError:
         return False
 

@@ -518,7 +518,6 @@ class TarReader:
         # files in it (_reuse); a map's pages are not dropped before then (_fill_mapped)
         self._writer: Any = None
         self._wruns: deque[tuple[int, int, int]] = deque()
-        self._writer_creates = False  # prepare_writes(True): the writer creates files too
         if mapped is not None:
             self._buf, self._pos = mapped
         else:
@@ -972,8 +971,6 @@ class TarReader:
         writer = self._writer
         if writer is None and _FileWriter is not None:
             writer = self._writer = _FileWriter()
-            if self._writer_creates:
-                writer.create_files()
         applied = total = 0
         while True:
             self._settle()
@@ -1018,8 +1015,7 @@ class TarReader:
         file writer creates the runs' new files as well (see _fastapply.c's Writer), and every
         entry the caller applies itself must then come after :meth:`settle_writes` and be
         named to :meth:`note_applied`."""
-        self._writer_creates = creates and _FileWriter is not None
-        if self._writer_creates and self._writer is None and _FileWriter is not None:
+        if creates and self._writer is None and _FileWriter is not None:
             self._writer = _FileWriter()  # now: the names noted before the first run count
             self._writer.create_files()
 
@@ -1028,7 +1024,7 @@ class TarReader:
         (before the caller applies an entry itself, or closes a directory the runs had);
         returns the first failure, as :meth:`apply_files` does."""
         writer = self._writer
-        if not self._writer_creates or writer is None or not writer.pending():
+        if writer is None or not writer.pending():
             return None
         error: tuple[int, str, str] | None = writer.wait()
         return error
@@ -1036,7 +1032,7 @@ class TarReader:
     def note_applied(self, name: str) -> None:
         """Where the writer creates files: *name* (a clean path) and its parents were made or
         changed outside the native runs, so no run hands a file of that name to the writer."""
-        if self._writer_creates and self._writer is not None:
+        if self._writer is not None:  # (a writer that does not create ignores it)
             self._writer.note(name.encode("utf-8", "surrogateescape"))
 
     def finish_writes(self) -> tuple[int, str, str] | None:
