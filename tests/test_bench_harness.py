@@ -91,3 +91,20 @@ def test_warmup_rounds_are_not_counted_and_the_order_turns_each_round(tmp_path: 
 def test_one_untimed_round_where_the_work_dir_is_not_tmpfs() -> None:
     assert bench.default_warmup("tmpfs") == 0
     assert bench.default_warmup("ext4") == 1
+
+
+def test_a_target_set_for_one_filesystem_is_marked_on_another() -> None:
+    """Issue 7's targets against containers-storage are tmpfs's, issue 18's whole command is
+    ext4's: elsewhere the ratio is shown and the target marked, not held against the row."""
+
+    def result(label: str, seconds: float) -> bench.SideResult:
+        return bench.SideResult(label, [bench.Sample(seconds, seconds, 0, 0, 0)])
+
+    w = bench.Workload("apply", [bench.Side("gd", lambda d: bench.Cmd(["true"]))],
+                       [bench.Side(p, lambda d: bench.Cmd(["true"])) for p in ("cs", "tar")],
+                       {"cs": "<= 0.3", "tar": "<= 1.0"}, target_fs={"cs": "tmpfs"})
+    res = {"gd": result("gd", 1.0), "cs": result("cs", 2.0), "tar": result("tar", 1.25)}
+    on = {fs: {r["peer"]: (r["target"], r["ratio"]) for r in bench.table_rows(w, res, fs)}
+          for fs in ("tmpfs", "ext4")}
+    assert on["tmpfs"] == {"cs": ("<= 0.3", 0.5), "tar": ("<= 1.0", 0.8)}
+    assert on["ext4"] == {"cs": ("(tmpfs only)", 0.5), "tar": ("<= 1.0", 0.8)}
