@@ -796,7 +796,7 @@ def whole_command_workloads(ctx: Ctx) -> list[Workload]:
     fresh process each, on a store made beforehand, untimed), against ``tar -xf FILE -C DIR`` on
     the same filesystem.  Both run under ``bash -c``.  The issue sets their target on ext4 (a
     user's disk), where the apply's seconds dwarf two interpreters' start-up; on tmpfs the row
-    is measured and shown without one."""
+    is measured and its target cell says "(ext4 only)"."""
     script = Path(sys.executable).parent / "graphdriver"
     rows: list[Workload] = []
 
