@@ -836,12 +836,13 @@ static int note_directory(PyObject *dirs, PyObject *dir_times, PyObject *real, i
  * it goes).  The run still creates each file itself (openat, on the caller's thread: the tree's
  * names, order and errors stay the caller's; but see create_files() below), then hands the rest
  * to the writer -- the data (a range of the run's buffer), fchown, fchmod, futimens, close:
- * finish_file, as the run does it without a writer.  Writing is most of an apply's system time (the filesystem's page allocation
- * and the copy; futimens and close), and a layer of many small files leaves a second core mostly
- * idle (the diffID's thread hashes few bytes per file): there the writing then runs beside the
- * parsing and the creation of the next files.  Where that core is busy (big files: the sha256 is
- * the slower half), the writer falls behind, and the run finishes the files itself whenever the
- * writer has WR_SLOTS files or WR_BYTES of data pending: no side waits for the other.
+ * finish_file, as the run does it without a writer.  Writing is most of an apply's system time
+ * (the filesystem's page allocation and the copy; futimens and close), and a layer of many
+ * small files leaves a second core mostly idle (the diffID's thread hashes few bytes per file):
+ * there the writing then runs beside the parsing and the creation of the next files.  Where
+ * that core is busy (big files: the sha256 is the slower half), the writer falls behind, and
+ * the run finishes the files itself whenever the writer has WR_SLOTS files or WR_BYTES of data
+ * pending: no side waits for the other.
  *
  * The hand-over is a ring of WR_SLOTS jobs and two counters, as in _fastdigest.c: published (the
  * caller's) and done (the writer's).  The caller wakes a sleeping writer once WR_WAKE_BYTES or

@@ -34,7 +34,7 @@ from tarbuild import (
 from tests.safety.safetyutil import tmpfs
 from tests.treeutil import diff_snapshots, snapshot
 
-from graphdriver.archive import tarstream
+from graphdriver.archive import tarstream, whiteout
 from graphdriver.archive.apply import ApplyOptions, apply_reader, apply_tar
 from graphdriver.archive.compression import open_decompressed
 from graphdriver.archive.tarstream import TarReader
@@ -73,7 +73,7 @@ def writers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return made
 
 
-def _apply_mapped(tar: Path, target: Path) -> Any:
+def _apply_mapped(tar: Path, target: Path, opts: ApplyOptions | None = None) -> Any:
     """Apply *tar* onto *target* in process, through a map of the file (as the child does)."""
     fd = os.open(tar, os.O_RDONLY)
     root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
@@ -82,7 +82,7 @@ def _apply_mapped(tar: Path, target: Path) -> Any:
         try:
             reader = TarReader(stream)
             assert reader.mapped
-            return apply_reader(reader, root_fd, ApplyOptions())
+            return apply_reader(reader, root_fd, opts or ApplyOptions())
         finally:
             stream.close()
     finally:
@@ -371,20 +371,26 @@ def _names_met_again() -> bytes:
     return build(*parts)
 
 
+@pytest.mark.parametrize("whiteouts", ["naive", "overlay"])
 def test_names_met_again_keep_the_archive_order(work: Path, writers: list[Any],
-                                                creation: str) -> None:
+                                                creation: str, whiteouts: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Whoever creates the files, each later entry of a name wins as it does when one thread
     makes everything: the same tree as the apply where the runs create every file (and the
-    starved writer still holds files when the names come again)."""
+    starved writer still holds files when the names come again).  In overlay's format a
+    whiteout leaves its marker where the name it hides goes: the layer's own file of that name,
+    after it, replaces the marker."""
+    opts = ApplyOptions(whiteout_format=whiteout.NAIVE if whiteouts == "naive"
+                        else whiteout.OVERLAY)
     tar = work / "again.tar"
     tar.write_bytes(_names_met_again())
     mine, ref = work / "mine", work / "ref"
     mine.mkdir()
     ref.mkdir()
     with _starved_writer(0.5):
-        _apply_mapped(tar, mine)
-    os.environ["GRAPHDRIVER_WRITER_CREATES"] = "0"  # (the fixture's monkeypatch restores it)
-    _apply_mapped(tar, ref)
+        _apply_mapped(tar, mine, opts)
+    monkeypatch.setenv("GRAPHDRIVER_WRITER_CREATES", "0")
+    _apply_mapped(tar, ref, opts)
     assert writers[-1].handed_whole() == 0
     # (the directories the apply makes itself, c, e and e/q, get the time they were made)
     problems = diff_snapshots(snapshot(ref, with_root=True), snapshot(mine, with_root=True))

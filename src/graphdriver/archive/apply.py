@@ -1244,21 +1244,15 @@ class _Applier:
     def _settle(self, reader: TarReader, e: TarEntry | None) -> None:
         """Where the file writer creates files (``creates_elsewhere``): wait until it has made
         every file handed to it, before entry *e* is applied here or cached directories are
-        closed (None); *e*'s name, its parents and what it whites out are then noted, so that
-        no later run hands a file of those names to the writer."""
+        closed (None); *e*'s name and its parents are then noted, so that no later run hands a
+        file of those names to the writer (what a whiteout hides: _apply_entry)."""
         if not self.creates_elsewhere:
             return
         error = reader.settle_writes()
         if error is not None:
             self._native_error(error, reader)
-        if e is None:
-            return
-        name = e.name
-        reader.note_applied(name)
-        parent, _, base = name.rpartition("/")
-        if base.startswith(WHITEOUT_PREFIX) and base != WHITEOUT_OPAQUE:
-            hidden = base[len(WHITEOUT_PREFIX):]
-            reader.note_applied(f"{parent}/{hidden}" if parent else hidden)
+        if e is not None:
+            reader.note_applied(e.name)
 
     def _native_error(self, error: tuple[int, str, str], reader: TarReader) -> None:
         """Raise a native run's error, (errno, step, real path), or its file writer's: as
@@ -1317,7 +1311,10 @@ class _Applier:
             if base == WHITEOUT_OPAQUE:
                 self._opaque(parent, name)
             else:
-                self._whiteout(parent, base[len(WHITEOUT_PREFIX):], name)
+                hidden = base[len(WHITEOUT_PREFIX):]
+                if self.creates_elsewhere:  # nor of the name it hides (see _settle)
+                    reader.note_applied(f"{parent}/{hidden}" if parent else hidden)
+                self._whiteout(parent, hidden, name)
             return False
         if e.xattrs:
             self._check_xattrs(e)
